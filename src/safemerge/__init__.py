@@ -1,0 +1,27 @@
+"""safemerge: merge and fine-tune LLMs without losing their safety alignment.
+
+The package is import-light: ``import safemerge`` does not import torch. The public
+API functions are imported lazily from their modules on first attribute access.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "merge": "safemerge.api",
+    "merge_in_memory": "safemerge.api",
+    "open_checkpoint": "safemerge.io.checkpoint",
+    "load_adapter": "safemerge.io.adapter",
+    "SafemergeError": "safemerge.errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'safemerge' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

@@ -1,0 +1,100 @@
+"""The ``safemerge`` command line: a thin layer over the Python API.
+
+Each command lives in its own module (``cli/<name>_cmd.py``) that registers on :data:`app`.
+Command modules import only typer at module level and import torch lazily inside the
+command body, so ``safemerge --help`` stays fast. Errors are handled in :func:`main`:
+:class:`~safemerge.errors.SafemergeError` → one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from safemerge import __version__
+
+app = typer.Typer(
+    name="safemerge",
+    help="Merge and fine-tune LLMs without losing their safety alignment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_STATE = {"debug": False}
+
+# Command modules, registered in this order (each one adds its commands to ``app``).
+COMMAND_MODULES = [
+    "safemerge.cli.merge_cmd",
+    "safemerge.cli.convert_cmd",
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"safemerge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+) -> None:
+    """Merge and fine-tune LLMs without losing their safety alignment."""
+    _STATE["debug"] = debug or os.environ.get("SAFEMERGE_DEBUG") == "1"
+
+
+for _mod in COMMAND_MODULES:
+    importlib.import_module(_mod)
+
+
+def _fail(message: str, hint: str | None, code: int) -> None:
+    sys.stderr.write(f"error: {message}\n")
+    if hint:
+        sys.stderr.write(f"hint: {hint}\n")
+    sys.stderr.flush()
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point. Turns user errors into one-line messages and exit code 2."""
+    import click
+
+    from safemerge.errors import SafemergeError
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("SAFEMERGE_DEBUG") == "1"
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="safemerge")
+        if isinstance(rv, int) and rv:
+            raise SystemExit(rv)
+    except SafemergeError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.hint, exc.exit_code)
+    except click.exceptions.Exit as exc:
+        raise SystemExit(exc.exit_code)
+    except click.exceptions.Abort:
+        _fail("aborted", None, 130)
+    except click.ClickException as exc:
+        if debug:
+            raise
+        _fail(exc.format_message().splitlines()[0], "run with --help for usage", 2)
+    except KeyboardInterrupt:
+        _fail("interrupted; partial output was discarded", None, 130)
+    except MemoryError:
+        if debug:
+            raise
+        _fail("out of memory", "lower -j, use a smaller --out-shard-size or merge on a larger machine", 1)
+    except Exception as exc:  # noqa: BLE001 - last-resort handler
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", "rerun with --debug and report the traceback", 1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

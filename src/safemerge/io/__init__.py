@@ -1,0 +1,1 @@
+"""Input/output: lazy checkpoints, PEFT adapters, GGUF import, atomic output directories."""

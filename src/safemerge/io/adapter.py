@@ -1,0 +1,345 @@
+"""PEFT LoRA adapters: read lazily, write in the PEFT on-disk format, apply while streaming.
+
+On disk an adapter is ``adapter_config.json`` + ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` (r × in) and ``….lora_B.weight`` (out × r).
+The update of one module is (Hu et al. 2021, LoRA, Eq. 3)::
+
+    ΔW = s · B A,   s = lora_alpha / r   (rsLoRA, Kalajdzievski 2023: s = lora_alpha / √r)
+
+with ``rank_pattern``/``alpha_pattern`` overriding ``r``/``lora_alpha`` per module and
+``fan_in_fan_out`` storing the weight transposed (GPT-2 ``Conv1D``). Embedding LoRAs
+(``lora_embedding_A``: r × vocab, ``lora_embedding_B``: dim × r) give ΔW = s · (B A)ᵀ.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import CheckpointError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$"
+)
+
+
+@dataclass
+class LoraModule:
+    """One adapted module: ``ΔW = scaling · B @ A`` (transposed for fan_in_fan_out / embeddings).
+
+    Attributes:
+        name: module path in the base model, e.g. ``model.layers.3.self_attn.q_proj``.
+        A: down-projection, shape (r, in).
+        B: up-projection, shape (out, r).
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / √r`` for rsLoRA).
+        transpose: the base weight is stored as (in, out) (fan_in_fan_out or an embedding).
+    """
+
+    name: str
+    A: Any
+    B: Any
+    scaling: float
+    transpose: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def weight_name(self) -> str:
+        """Name of the base tensor this module updates."""
+        return f"{self.name}.weight"
+
+    def delta(self, dtype: Any = None):
+        """The dense update ΔW in the base weight's layout (float32 unless ``dtype``)."""
+        import torch
+
+        dt = dtype or torch.float32
+        d = (self.B.to(dt) @ self.A.to(dt)) * self.scaling
+        return d.T.contiguous() if self.transpose else d
+
+    def scaled_factors(self, dtype: Any = None):
+        """``(A, s·B)``: factors whose plain product is ΔW (in the out × in orientation)."""
+        import torch
+
+        dt = dtype or torch.float32
+        return self.A.to(dt), self.B.to(dt) * self.scaling
+
+
+def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module whose path ends in it."""
+    if not patterns:
+        return default
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+class LoraAdapter(Mapping):
+    """A lazy mapping ``module path → LoraModule`` over a PEFT LoRA adapter directory."""
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        cfg_path = self.path / ADAPTER_CONFIG
+        if not self.path.is_dir():
+            raise CheckpointError(f"adapter path {str(self.path)!r} does not exist or is not a directory", "pass a PEFT adapter directory")
+        if not cfg_path.exists():
+            raise CheckpointError(f"{self.path} is not a PEFT adapter (no {ADAPTER_CONFIG})", "pass a directory written by save_pretrained")
+        try:
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})", "fix or re-save the adapter") from exc
+        ptype = str(self.config.get("peft_type", "LORA")).upper()
+        if ptype != "LORA":
+            raise CheckpointError(f"{self.path} is a {ptype} adapter; only LoRA adapters are supported", "use a LoRA adapter")
+        if self.config.get("use_dora"):
+            raise CheckpointError(f"{self.path} is a DoRA adapter, which is not supported", "use a plain LoRA adapter")
+        r = self.config.get("r", 8)
+        if not isinstance(r, int) or r <= 0:
+            raise CheckpointError(f"{cfg_path}: r must be a positive integer, got {r!r}", "fix adapter_config.json")
+        from safemerge.io.checkpoint import Checkpoint
+
+        wfile = self.path / ADAPTER_WEIGHTS
+        pfile = self.path / ADAPTER_PICKLE
+        if wfile.exists():
+            self._tensors = Checkpoint(wfile)
+        elif pfile.exists():
+            self._tensors = Checkpoint(pfile, allow_pickle=allow_pickle)
+        else:
+            raise CheckpointError(f"{self.path} has no {ADAPTER_WEIGHTS}", "re-save the adapter with save_pretrained")
+        self._index: dict[str, dict[str, str]] = {}
+        self.extra_weights: dict[str, str] = {}
+        for key in self._tensors.names():
+            k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+            m = _LORA_KEY.match(k)
+            if m:
+                self._index.setdefault(m.group("module"), {})[m.group("kind")] = key
+            else:
+                # modules_to_save: full replacement weights, e.g. lm_head.modules_to_save.default.weight
+                self.extra_weights[k.replace(".modules_to_save.default", "").replace(".original_module", "")] = key
+        for mod, kinds in self._index.items():
+            if not ({"lora_A", "lora_B"} <= kinds.keys() or {"lora_embedding_A", "lora_embedding_B"} <= kinds.keys()):
+                raise CheckpointError(f"{self.path}: module {mod} has only {sorted(kinds)}", "the adapter is incomplete; re-save it")
+        if not self._index:
+            raise CheckpointError(f"{self.path} contains no LoRA weights", "check that this is a trained LoRA adapter")
+
+    @property
+    def r(self) -> int:
+        return int(self.config.get("r", 8))
+
+    @property
+    def lora_alpha(self) -> float:
+        return float(self.config.get("lora_alpha", self.r))
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    @property
+    def base_model_name_or_path(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def scaling(self, module: str) -> float:
+        """Per-module scale: ``alpha/r`` or rsLoRA ``alpha/√r``, honouring rank/alpha patterns."""
+        r = _pattern_value(self.config.get("rank_pattern"), module, self.r)
+        alpha = _pattern_value(self.config.get("alpha_pattern"), module, self.lora_alpha)
+        return float(alpha) / (math.sqrt(r) if self.use_rslora else float(r))
+
+    def rank_of(self, module: str) -> int:
+        return int(_pattern_value(self.config.get("rank_pattern"), module, self.r))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, module: str) -> LoraModule:
+        kinds = self._index[module]
+        if "lora_A" in kinds:
+            A = self._tensors[kinds["lora_A"]]
+            B = self._tensors[kinds["lora_B"]]
+            transpose = bool(self.config.get("fan_in_fan_out", False))
+        else:
+            A = self._tensors[kinds["lora_embedding_A"]]
+            B = self._tensors[kinds["lora_embedding_B"]]
+            transpose = True
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
+            raise CheckpointError(
+                f"{self.path}: module {module} has inconsistent LoRA shapes A{tuple(A.shape)} B{tuple(B.shape)}",
+                "re-save the adapter",
+            )
+        return LoraModule(module, A, B, self.scaling(module), transpose)
+
+    @cached_property
+    def weight_names(self) -> dict[str, str]:
+        """Base tensor name → module path for every adapted module."""
+        return {f"{m}.weight": m for m in self._index}
+
+    def __repr__(self) -> str:
+        return f"LoraAdapter({str(self.path)!r}, modules={len(self)}, r={self.r})"
+
+
+def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
+    """Open a PEFT LoRA adapter directory lazily."""
+    return LoraAdapter(path, allow_pickle=allow_pickle)
+
+
+class AdaptedCheckpoint(Mapping):
+    """``base + adapter`` as one lazy checkpoint: each target weight gets ``+ΔW`` as it is read.
+
+    No merged copy of the model exists on disk or in memory; the extra cost is one r-rank
+    product per adapted tensor, computed in float32.
+    """
+
+    def __init__(self, base: Any, adapter: LoraAdapter) -> None:
+        self.base = base
+        self.adapter = adapter
+        self.path = base.path
+        missing = [w for w in adapter.weight_names if w not in base]
+        if missing:
+            raise CheckpointError(
+                f"adapter {adapter.path} targets {missing[0]!r}, which is not in the base model {base.path}",
+                "apply the adapter to the model it was trained on",
+            )
+        for w, m in adapter.weight_names.items():
+            mod = adapter[m]
+            shape = tuple(base.shape(w))
+            want = (mod.B.shape[0], mod.A.shape[1])
+            if mod.transpose:
+                want = want[::-1]
+            if shape != want:
+                raise CheckpointError(
+                    f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {shape}",
+                    "apply the adapter to the model it was trained on",
+                )
+        for w in adapter.extra_weights:
+            if w not in base:
+                raise CheckpointError(f"adapter {adapter.path} saves {w!r}, which is not in the base model", "check the base model")
+
+    # Metadata is the base model's.
+    config = property(lambda self: self.base.config)
+    aliases = property(lambda self: self.base.aliases)
+    num_layers = property(lambda self: self.base.num_layers)
+    architecture = property(lambda self: self.base.architecture)
+    tie_word_embeddings = property(lambda self: self.base.tie_word_embeddings)
+    embedding_name = property(lambda self: self.base.embedding_name)
+    format = property(lambda self: self.base.format)
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.base.shape(name)
+
+    def dtype_name(self, name: str) -> str:
+        return self.base.dtype_name(name)
+
+    def nbytes(self, name: str) -> int:
+        return self.base.nbytes(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.base
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, name: str):
+        return self.get(name, dtype=None)
+
+    def get(self, name: str, dtype: Any = "float32", device: str = "cpu"):  # type: ignore[override]
+        """Base tensor plus the adapter's ΔW (computed in float32, then cast to ``dtype``)."""
+        import torch
+
+        real = self.base.aliases.get(name, name)
+        if real in self.adapter.extra_weights:
+            t = self.adapter._tensors.get(self.adapter.extra_weights[real], dtype=None)
+        elif real in self.adapter.weight_names:
+            stored = self.base.dtype_name(real)
+            w = self.base.get(real, dtype=torch.float32) + self.adapter[self.adapter.weight_names[real]].delta()
+            t = w if dtype is not None else w.to(getattr(torch, stored))
+        else:
+            t = self.base.get(real, dtype=None)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return t.to(device) if device != "cpu" else t
+
+
+def save_adapter(
+    path: str | Path,
+    modules: Mapping[str, tuple[Any, Any]],
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str = "CAUSAL_LM",
+    fan_in_fan_out: bool = False,
+    extra_config: Mapping[str, Any] | None = None,
+    dtype: Any = None,
+) -> None:
+    """Write a PEFT LoRA adapter whose module ``m`` has ``ΔW = B @ A`` exactly (scaling 1).
+
+    Args:
+        path: output directory (created; callers wanting atomicity pass a temporary directory).
+        modules: module path → ``(A, B)`` with A (r × in) and B (out × r); scales must already
+            be folded into the factors. Ranks may differ per module (``rank_pattern``).
+        base_model_name_or_path: recorded in the config.
+        dtype: storage dtype of the factors (default: float32).
+
+    Every module gets ``lora_alpha == r`` so that PEFT's scaling is exactly 1 (no rsLoRA).
+    The file is loadable with ``peft.PeftModel.from_pretrained``.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    if not modules:
+        raise CheckpointError("refusing to write an adapter with no modules", "check the layer selection")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = {m: int(A.shape[0]) for m, (A, B) in modules.items()}
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    r0 = max(sorted(counts), key=lambda r: counts[r])
+    pattern = {re.escape(m): r for m, r in sorted(ranks.items()) if r != r0}
+    tensors: dict[str, Any] = {}
+    dt = dtype or torch.float32
+    for m, (A, B) in sorted(modules.items()):
+        if A.shape[0] != B.shape[1]:
+            raise CheckpointError(f"module {m}: A{tuple(A.shape)} and B{tuple(B.shape)} ranks differ", "internal shape error")
+        tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = A.detach().to(dt).contiguous()
+        tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = B.detach().to(dt).contiguous()
+    config: dict[str, Any] = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r0,
+        "lora_alpha": r0,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": fan_in_fan_out,
+        "target_modules": sorted(modules),
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    if extra_config:
+        config.update(extra_config)
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,367 @@
+"""Lazy, memory-mapped ``name → tensor`` views of Hugging Face model directories.
+
+A :class:`Checkpoint` never loads a whole model: it reads the safetensors headers (single
+``model.safetensors`` or shards listed in ``model.safetensors.index.json``), and each
+:meth:`Checkpoint.get` call reads exactly one tensor from the memory-mapped file and casts it
+(by default to float32). Tied embeddings (``tie_word_embeddings``) expose ``lm_head.weight``
+as an alias of the input embedding. Pickle checkpoints (``.bin``/``.pt``) are refused unless
+``allow_pickle=True``, and then read with ``torch.load(weights_only=True)``.
+
+Layer structure is discovered from tensor names (``<prefix>.<index>.<rest>``), so Llama,
+Mistral, Qwen2 (with q/k/v biases), Gemma and Phi-3 layouts all work without a table.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import CheckpointError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = ("pytorch_model.bin", "model.bin", "model.pt", "pytorch_model.pt")
+
+_LAYER_RE = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_GENERIC_LAYER_RE = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+
+_ST_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """Split ``model.layers.3.self_attn.q_proj.weight`` into ``("model.layers", 3, "self_attn.q_proj.weight")``.
+
+    Returns ``None`` for tensors outside the repeated blocks (embeddings, final norm, head).
+    """
+    m = _LAYER_RE.match(name) or _GENERIC_LAYER_RE.match(name)
+    if m is None:
+        return None
+    return m.group("prefix"), int(m.group("idx")), m.group("rest")
+
+
+def layer_index(name: str) -> int | None:
+    """The transformer-block index a tensor belongs to, or ``None``."""
+    parts = split_layer_name(name)
+    return None if parts is None else parts[1]
+
+
+def _read_safetensors_header(path: Path) -> dict[str, Any]:
+    """Read and validate a safetensors header without touching tensor data.
+
+    Checks that the header parses and that every tensor's byte range lies inside the file,
+    so truncated files are reported at open time instead of half-way through a merge.
+    """
+    import struct
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError("header length exceeds the file size")
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is not a valid safetensors file ({exc})",
+            "re-download or re-save the checkpoint; it may be truncated or corrupted",
+        ) from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} has a malformed safetensors header", "re-download or re-save the checkpoint")
+    data_len = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            _ = info["dtype"], info["shape"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"{path}: malformed header entry for tensor {key!r}", "re-save the checkpoint") from exc
+        if end > data_len or start > end:
+            raise CheckpointError(
+                f"{path} is truncated: tensor {key!r} ends at byte {end} but the file holds {data_len} data bytes",
+                "re-download or re-save the checkpoint",
+            )
+    return header
+
+
+class Checkpoint(Mapping):
+    """A lazy mapping from tensor name to tensor over one Hugging Face model directory.
+
+    Args:
+        path: a model directory (``config.json`` + safetensors), or a single ``.safetensors`` file.
+        allow_pickle: permit ``.bin``/``.pt`` checkpoints (read with ``weights_only=True``).
+
+    ``ckpt[name]`` returns the tensor in its stored dtype; :meth:`get` casts (float32 by default).
+    """
+
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
+        self.path = Path(path)
+        self.allow_pickle = allow_pickle
+        if not self.path.exists():
+            raise CheckpointError(f"model path {str(self.path)!r} does not exist", "check the path")
+        self._lock = threading.Lock()
+        self._handles: dict[Path, Any] = {}
+        self._pickled: dict[Path, dict[str, Any]] = {}
+        self._weight_map: dict[str, Path] = {}
+        self._headers: dict[Path, dict[str, Any]] = {}
+        self.format = "safetensors"
+        self._discover()
+        self.aliases: dict[str, str] = {}
+        if self.tie_word_embeddings and "lm_head.weight" not in self._weight_map:
+            emb = self.embedding_name
+            if emb is not None:
+                self.aliases["lm_head.weight"] = emb
+
+    # ------------------------------------------------------------------ discovery
+    def _discover(self) -> None:
+        p = self.path
+        if p.is_file():
+            if p.suffix == ".safetensors":
+                self._add_safetensors(p)
+                return
+            if p.suffix in (".bin", ".pt", ".pth"):
+                self._add_pickle(p)
+                return
+            if p.suffix == ".gguf":
+                raise CheckpointError(f"{p} is a GGUF file", f"convert it first: safemerge convert {p} OUT_DIR")
+            raise CheckpointError(f"{p} is not a model directory or a .safetensors file", "pass a Hugging Face model directory")
+        idx = p / SAFETENSORS_INDEX
+        if idx.exists():
+            try:
+                index = json.loads(idx.read_text())
+                wm = index["weight_map"]
+                if not isinstance(wm, dict):
+                    raise TypeError("weight_map is not an object")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{idx} is malformed ({exc})", "re-save the checkpoint") from exc
+            shards = sorted(set(wm.values()))
+            for shard in shards:
+                sp = p / shard
+                if not sp.exists():
+                    raise CheckpointError(f"shard {shard} listed in {idx.name} is missing from {p}", "re-download the checkpoint")
+                self._add_safetensors(sp)
+            missing = [k for k, v in wm.items() if k not in self._headers[p / v]]
+            if missing:
+                raise CheckpointError(f"{idx.name} lists tensor {missing[0]!r} but its shard does not contain it", "re-save the checkpoint")
+            return
+        single = p / SAFETENSORS_SINGLE
+        if single.exists():
+            self._add_safetensors(single)
+            return
+        others = sorted(p.glob("*.safetensors"))
+        if others and not (p / "adapter_config.json").exists():
+            for sp in others:
+                self._add_safetensors(sp)
+            return
+        pidx = p / PICKLE_INDEX
+        pickles = [p / n for n in PICKLE_SINGLE if (p / n).exists()]
+        if pidx.exists() or pickles:
+            if pidx.exists():
+                try:
+                    wm = json.loads(pidx.read_text())["weight_map"]
+                except (OSError, ValueError, KeyError) as exc:
+                    raise CheckpointError(f"{pidx} is malformed ({exc})", "re-save the checkpoint") from exc
+                for shard in sorted(set(wm.values())):
+                    self._add_pickle(p / shard)
+            else:
+                self._add_pickle(pickles[0])
+            return
+        if (p / "adapter_config.json").exists():
+            raise CheckpointError(
+                f"{p} is a LoRA adapter, not a model",
+                f"reference it together with its base model as BASE+{p}",
+            )
+        if any(p.glob("*.gguf")):
+            raise CheckpointError(f"{p} holds a GGUF file, not safetensors", "convert it first with: safemerge convert FILE.gguf OUT_DIR")
+        raise CheckpointError(f"{p} is not a model directory (no model.safetensors or index found)", "pass a Hugging Face model directory")
+
+    def _add_safetensors(self, path: Path) -> None:
+        header = _read_safetensors_header(path)
+        self._headers[path] = header
+        for k in header:
+            if k != "__metadata__":
+                self._weight_map.setdefault(k, path)
+
+    def _add_pickle(self, path: Path) -> None:
+        if not self.allow_pickle:
+            raise CheckpointError(
+                f"{path} is a pickle checkpoint, which can execute code when loaded",
+                "convert it to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)",
+            )
+        if not path.exists():
+            raise CheckpointError(f"pickle shard {path} is missing", "re-download the checkpoint")
+        import torch
+
+        self.format = "pickle"
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types here
+            raise CheckpointError(f"cannot load {path} with weights_only=True ({type(exc).__name__})", "convert the checkpoint to safetensors") from exc
+        if not isinstance(sd, dict):
+            raise CheckpointError(f"{path} does not hold a state dict", "pass a checkpoint saved with save_pretrained")
+        self._pickled[path] = sd
+        self._headers[path] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sd.items() if hasattr(v, "shape")}
+        for k in self._headers[path]:
+            self._weight_map.setdefault(k, path)
+
+    # ------------------------------------------------------------------ metadata
+    @cached_property
+    def config(self) -> dict[str, Any]:
+        """The parsed ``config.json`` (empty when absent)."""
+        cfg = self.path / "config.json" if self.path.is_dir() else self.path.parent / "config.json"
+        if not cfg.exists():
+            return {}
+        try:
+            data = json.loads(cfg.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{cfg} is not valid JSON ({exc})", "fix or re-save config.json") from exc
+        return data if isinstance(data, dict) else {}
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        cfg = self.config
+        tie = cfg.get("tie_word_embeddings")
+        if tie is None and isinstance(cfg.get("text_config"), dict):
+            tie = cfg["text_config"].get("tie_word_embeddings")
+        return bool(tie) if tie is not None else False
+
+    @cached_property
+    def embedding_name(self) -> str | None:
+        """Name of the input embedding matrix (``*embed_tokens.weight``, ``*wte.weight`` …)."""
+        for n in self._weight_map:
+            if n.endswith(("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight")):
+                return n
+        return None
+
+    @property
+    def architecture(self) -> str | None:
+        archs = self.config.get("architectures") or []
+        return archs[0] if archs else None
+
+    @cached_property
+    def num_layers(self) -> int:
+        """Number of repeated blocks, from ``num_hidden_layers`` or the tensor names."""
+        n = self.config.get("num_hidden_layers")
+        if isinstance(n, int):
+            return n
+        idx = [layer_index(k) for k in self._weight_map]
+        idx = [i for i in idx if i is not None]
+        return max(idx) + 1 if idx else 0
+
+    def names(self) -> list[str]:
+        """Stored tensor names in file order (aliases such as a tied ``lm_head`` excluded)."""
+        return list(self._weight_map)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._weight_map or name in self.aliases
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weight_map)
+
+    def __len__(self) -> int:
+        return len(self._weight_map)
+
+    def _resolve(self, name: str) -> tuple[str, Path]:
+        real = self.aliases.get(name, name)
+        try:
+            return real, self._weight_map[real]
+        except KeyError:
+            raise CheckpointError(f"tensor {name!r} not found in {self.path}", "check that all models share one architecture") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        real, f = self._resolve(name)
+        return tuple(self._headers[f][real]["shape"])
+
+    def dtype_name(self, name: str) -> str:
+        """Stored dtype as a torch dtype name (``float32``, ``bfloat16`` …)."""
+        real, f = self._resolve(name)
+        d = self._headers[f][real]["dtype"]
+        return _ST_DTYPES.get(d, d.replace("torch.", ""))
+
+    def nbytes(self, name: str) -> int:
+        import math
+
+        sizes = {"float64": 8, "float32": 4, "int64": 8, "int32": 4, "float16": 2, "bfloat16": 2, "int16": 2}
+        return math.prod(self.shape(name)) * sizes.get(self.dtype_name(name), 1)
+
+    # ------------------------------------------------------------------ tensors
+    def _handle(self, path: Path):
+        h = self._handles.get(path)
+        if h is None:
+            from safetensors import safe_open
+
+            with self._lock:
+                h = self._handles.get(path)
+                if h is None:
+                    try:
+                        h = safe_open(str(path), framework="pt", device="cpu")
+                    except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError
+                        raise CheckpointError(f"cannot open {path} ({exc})", "re-download or re-save the checkpoint") from exc
+                    self._handles[path] = h
+        return h
+
+    def __getitem__(self, name: str):
+        real, f = self._resolve(name)
+        if f in self._pickled:
+            return self._pickled[f][real]
+        try:
+            return self._handle(f).get_tensor(real)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"cannot read tensor {real!r} from {f} ({exc})", "the file may be corrupted; re-download it") from exc
+
+    def get(self, name: str, dtype: Any = "float32", device: str = "cpu"):  # type: ignore[override]
+        """Read one tensor and cast it (float32 by default; ``dtype=None`` keeps the stored dtype)."""
+        import torch
+
+        t = self[name]
+        if dtype is not None:
+            td = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+            if t.is_floating_point():
+                t = t.to(td)
+        if device != "cpu":
+            t = t.to(device)
+        return t
+
+    def close(self) -> None:
+        self._handles.clear()
+        self._pickled.clear()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r}, tensors={len(self)})"
+
+
+def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False):
+    """Open a model reference: a directory, a ``.safetensors`` file, or ``MODEL+ADAPTER``.
+
+    ``MODEL+ADAPTER`` (mergekit syntax) returns an :class:`~safemerge.io.adapter.AdaptedCheckpoint`
+    that adds the LoRA update to each target weight as it is read, one tensor at a time.
+    """
+    base, adapter = split_model_ref(str(ref))
+    ckpt = Checkpoint(base, allow_pickle=allow_pickle)
+    if adapter is None:
+        return ckpt
+    from safemerge.io.adapter import AdaptedCheckpoint, load_adapter
+
+    return AdaptedCheckpoint(ckpt, load_adapter(adapter, allow_pickle=allow_pickle))
+
+
+def split_model_ref(ref: str) -> tuple[str, str | None]:
+    """Split mergekit's ``model+adapter`` reference. A path that exists as written is never split."""
+    if Path(ref).exists() or "+" not in ref:
+        return ref, None
+    base, _, adapter = ref.rpartition("+")
+    return base, adapter

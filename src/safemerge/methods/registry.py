@@ -1,0 +1,161 @@
+"""The registry of merge methods: pure tensor functions, looked up by their YAML name.
+
+A method is a function::
+
+    fn(tensors: list[Tensor], base: Tensor | None, *, per_model: dict[str, list], params: dict,
+       generator: torch.Generator | None) -> Tensor
+
+* ``tensors`` — the float32 tensors of the non-base input models for ONE weight, in config order.
+* ``base`` — the base model's float32 tensor (``None`` when the config has no base model).
+* ``per_model`` — per-model parameter values, each a list aligned with ``tensors``
+  (e.g. ``{"weight": [0.5, 0.5], "density": [0.7, 0.7]}``), defaults already filled in.
+* ``params`` — global parameter values (``normalize``, ``lambda``, ``t`` …), defaults filled in.
+* ``generator`` — a seeded RNG for stochastic methods (DARE, DELLA); deterministic methods ignore it.
+
+Methods do no I/O and know nothing about configs or files; the engine, the safety layer and the
+optimizer all call them the same way. Parameters are declared with :class:`Param` so the config
+layer can validate names, types, ranges and required values before any tensor is read.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from safemerge.errors import ConfigError
+
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """A method parameter.
+
+    Attributes:
+        name: the YAML name (mergekit's).
+        default: default value, or :data:`REQUIRED`.
+        per_model: read once per input model (``models[].parameters``) rather than globally.
+        kind: ``float``, ``int`` or ``bool``.
+        low, high: inclusive numeric bounds (``None`` = unbounded).
+        low_open: the lower bound is exclusive (e.g. density ∈ (0, 1]).
+        help: one-line description for docs and error hints.
+    """
+
+    name: str
+    default: Any = REQUIRED
+    per_model: bool = False
+    kind: type = float
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def check(self, value: Any, where: str) -> Any:
+        """Validate and coerce one value; raises :class:`ConfigError` naming ``where`` and the fix."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            raise ConfigError(f"{where}: parameter {self.name!r} must be true or false, got {value!r}", self.help or None)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(f"{where}: parameter {self.name!r} must be a number, got {value!r}", self.help or None) from None
+            else:
+                raise ConfigError(f"{where}: parameter {self.name!r} must be a number, got {value!r}", self.help or None)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}: parameter {self.name!r} must be finite, got {value!r}", self.help or None)
+        if self.kind is int:
+            if int(value) != value:
+                raise ConfigError(f"{where}: parameter {self.name!r} must be an integer, got {value!r}", self.help or None)
+            value = int(value)
+        lo_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        hi_bad = self.high is not None and value > self.high
+        if lo_bad or hi_bad:
+            lo = "-inf" if self.low is None else f"{self.low:g}"
+            hi = "inf" if self.high is None else f"{self.high:g}"
+            rng = f"{'(' if self.low_open else '['}{lo}, {hi}]"
+            raise ConfigError(f"{where}: parameter {self.name!r} = {value!r} is outside {rng}", self.help or f"use a value in {rng}")
+        return value
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered merge method.
+
+    Attributes:
+        name: YAML ``merge_method`` name.
+        fn: the tensor function (see module docstring).
+        params: declared parameters.
+        base: whether a base model is ``required``, ``optional`` or unused (``none``).
+        min_models / max_models: bounds on the number of non-base inputs.
+        stochastic: uses the RNG (DARE, DELLA) — ``--seed`` makes it reproducible.
+        reference: the paper (authors, year, equation) the function implements.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    params: tuple[Param, ...] = ()
+    base: Literal["required", "optional", "none"] = "none"
+    min_models: int = 1
+    max_models: int | None = None
+    stochastic: bool = False
+    reference: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def per_model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def global_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
+
+
+_REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(method: MergeMethod) -> MergeMethod:
+    """Add a method to the registry (names are unique)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_all() -> None:
+    import importlib
+
+    for mod in ("safemerge.methods.builtin", "safemerge.safety.methods"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look up a method by name; raises :class:`ConfigError` listing the known names."""
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known methods: {', '.join(sorted(_REGISTRY))}"
+        raise ConfigError(f"unknown merge_method {name!r}", hint) from None
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    """Every registered method, by name."""
+    _load_all()
+    return dict(_REGISTRY)
