@@ -30,7 +30,6 @@ _STATE = {"debug": False}
 # Command modules, registered in this order (each one adds its commands to ``app``).
 COMMAND_MODULES = [
     "safemerge.cli.merge_cmd",
-    "safemerge.cli.convert_cmd",
 ]
 
 

@@ -1,0 +1,194 @@
+"""Public Python API for merging: :func:`merge` (to disk) and :func:`merge_in_memory`.
+
+The CLI's ``safemerge merge`` is a thin wrapper around :func:`merge`.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from safemerge.engine.run import merge_in_memory  # noqa: F401  (re-exported)
+from safemerge.errors import ConfigError
+
+_CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = {"chatml": _CHATML}
+
+
+def parse_size(text: str | int | float) -> int:
+    """Parse ``5GB``, ``500MB``, ``2G``, ``1B`` (billion, mergekit style) or a plain byte count."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = str(text).strip().upper().replace(" ", "")
+    units = [("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 10**9)]
+    for suf, mul in units:
+        if s.endswith(suf):
+            num = s[: -len(suf)]
+            break
+    else:
+        num, mul = s, 1
+    try:
+        val = float(num)
+    except ValueError:
+        raise ConfigError(f"cannot parse size {text!r}", "use e.g. 5GB, 500MB or a number of bytes") from None
+    if val <= 0:
+        raise ConfigError(f"size must be positive, got {text!r}", "use e.g. 5GB")
+    return int(val * mul)
+
+
+def _model_dir(ckpt: Any) -> Path:
+    p = Path(ckpt.path)
+    return p if p.is_dir() else p.parent
+
+
+def _read_template(model_dir: Path) -> str | None:
+    f = model_dir / "chat_template.jinja"
+    if f.exists():
+        return f.read_text()
+    tc = model_dir / "tokenizer_config.json"
+    if tc.exists():
+        try:
+            t = json.loads(tc.read_text()).get("chat_template")
+        except ValueError:
+            return None
+        return t if isinstance(t, str) else None
+    return None
+
+
+def _apply_chat_template(setting: str, out: Path, model_dirs: list[Path]) -> None:
+    if setting == "auto":
+        counts: dict[str, int] = {}
+        for d in model_dirs:
+            t = _read_template(d)
+            if t:
+                counts[t] = counts.get(t, 0) + 1
+        if not counts:
+            return
+        template = max(counts, key=lambda k: counts[k])
+    elif setting in BUILTIN_TEMPLATES:
+        template = BUILTIN_TEMPLATES[setting]
+    elif "{{" in setting or "{%" in setting:
+        template = setting
+    else:
+        raise ConfigError(f"unknown chat_template {setting!r}", f"use 'auto', one of {sorted(BUILTIN_TEMPLATES)} or a Jinja template string")
+    (out / "chat_template.jinja").write_text(template)
+    tc = out / "tokenizer_config.json"
+    if tc.exists():
+        data = json.loads(tc.read_text())
+        if "chat_template" in data:
+            data.pop("chat_template")
+            tc.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _fence(text: str) -> str:
+    run = max((len(r) for r in __import__("re").findall(r"`+", text)), default=0)
+    f = "`" * max(3, run + 1)
+    return f"{f}yaml\n{text.rstrip()}\n{f}"
+
+
+def merge(
+    config: Any,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    jobs: int | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+    out_shard_size: int | str = 5_000_000_000,
+    progress: bool = True,
+    copy_tokenizer: bool = True,
+    checkpoints: Mapping[str, Any] | None = None,
+    extra_card_sections: Callable[[Path], list[tuple[str, str]]] | None = None,
+) -> Path:
+    """Run a merge described by a mergekit-compatible config and write a Hugging Face model.
+
+    Args:
+        config: YAML path, YAML text, dict or :class:`~safemerge.config.MergeConfig`.
+        out_dir: output directory (written atomically; refused if it exists unless ``force``).
+        seed: seed for stochastic methods (DARE, DELLA); outputs are byte-identical per seed.
+        jobs: worker threads (reading, computing and writing overlap); default = CPU count.
+        device: ``cpu`` or ``cuda`` for the arithmetic.
+        allow_pickle: allow ``.bin``/``.pt`` inputs (loaded with ``weights_only=True``).
+        allow_nonfinite: merge inputs that contain NaN/Inf instead of refusing them.
+        out_shard_size: maximum shard size (bytes or ``"5GB"``).
+        extra_card_sections: called with the finished temporary directory; returns extra
+            ``(heading, markdown)`` sections for the model card (e.g. an evaluation report).
+
+    Returns:
+        The output path.
+    """
+    from safemerge.config import load_config
+    from safemerge.engine.plan import plan_merge
+    from safemerge.engine.run import execute_plan, open_all
+    from safemerge.io.output import ShardWriter, atomic_output, check_output_path, copy_model_files, md_escape, write_model_card
+
+    cfg = load_config(config)
+    check_output_path(out_dir, force=force)
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was requested but no CUDA device is available", "use --device cpu")
+    max_shard = parse_size(out_shard_size)
+    ckpts = open_all(cfg, allow_pickle=allow_pickle, checkpoints=checkpoints)
+    plan = plan_merge(cfg, ckpts)
+    ref_dir = _model_dir(ckpts[plan.reference])
+    tok_src = cfg.effective_tokenizer_source
+    if tok_src in (None, "base"):
+        tok_dir = ref_dir
+    else:
+        if tok_src not in ckpts:
+            from safemerge.io.checkpoint import open_checkpoint
+
+            ckpts[tok_src] = open_checkpoint(tok_src, allow_pickle=allow_pickle)
+        tok_dir = _model_dir(ckpts[tok_src])
+    with atomic_output(out_dir, force=force) as tmp:
+        writer = ShardWriter(
+            tmp,
+            max_shard_bytes=max_shard,
+            plan=[(j.out_name, j.shape) for j in plan.jobs],
+            plan_dtypes={j.out_name: j.out_dtype for j in plan.jobs},
+            metadata={"producer": "safemerge"},
+        )
+        execute_plan(plan, ckpts, lambda job, t: writer.add(job.out_name, t), seed=seed, jobs=jobs, device=device, allow_nonfinite=allow_nonfinite, progress=progress)
+        writer.finish()
+        updates = dict(plan.config_updates)
+        float_dtypes = {j.out_dtype for j in plan.jobs if not j.passthrough}
+        if len(float_dtypes) == 1:
+            dt = next(iter(float_dtypes))
+            ref_cfg = ckpts[plan.reference].config
+            keys = [k for k in ("dtype", "torch_dtype") if k in ref_cfg] or ["dtype"]
+            for k in keys:
+                updates[k] = dt
+        copy_model_files(ref_dir, tmp, tokenizer_dir=tok_dir if copy_tokenizer else Path("/nonexistent"), config_updates=updates)
+        if cfg.chat_template:
+            _apply_chat_template(cfg.chat_template, tmp, [_model_dir(c) for c in ckpts.values()])
+        yaml_text = cfg.to_yaml()
+        (tmp / "safemerge_config.yml").write_text(yaml_text)
+        models = [r for r in cfg.referenced_models()]
+        lines = [f"- `{md_escape(m)}`" + (" (base)" if m == cfg.base_model else "") for m in models]
+        sections = [
+            ("Merge details", f"Merged with [safemerge](https://github.com/) using **{md_escape(plan.method.name)}**"
+             + (f" — {md_escape(plan.method.reference)}" if plan.method.reference else "") + f".\n\nSeed: {seed}. Output layers: {plan.num_layers}."),
+            ("Models merged", "\n".join(lines)),
+            ("Configuration", _fence(yaml_text)),
+        ]
+        if extra_card_sections is not None:
+            sections += list(extra_card_sections(tmp))
+        write_model_card(
+            tmp,
+            title=f"Merged model ({plan.method.name})",
+            base_model=cfg.base_model,
+            tags=("safemerge", "merge"),
+            front_matter={"merge_method": plan.method.name, "seed": seed},
+            sections=sections,
+        )
+    return Path(out_dir)

@@ -1,0 +1,81 @@
+"""``safemerge merge CONFIG OUT``: run a mergekit-compatible merge."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from safemerge.cli import app
+
+
+@app.command("merge")
+def merge_command(
+    config: Path = typer.Argument(..., help="Merge configuration (mergekit-compatible YAML)."),
+    out: Path = typer.Argument(..., help="Output directory for the merged Hugging Face model."),
+    jobs: int = typer.Option(None, "-j", "--jobs", help="Worker threads (read, merge and write overlap). Default: CPU count.", min=1),
+    seed: int = typer.Option(0, "--seed", help="Seed for stochastic methods (DARE, DELLA); outputs are byte-identical per seed."),
+    device: str = typer.Option("cpu", "--device", help="Device for the arithmetic: cpu or cuda."),
+    out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Maximum size of one output shard (e.g. 5GB, 500MB)."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs containing NaN/Inf instead of refusing them."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and inputs and print the plan; write nothing."),
+    eval_: bool = typer.Option(False, "--eval", help="Evaluate the merged model (builtin harmful/benign sets) and put the report in its model card."),
+    eval_harmful: str = typer.Option("builtin:harmful", "--eval-harmful", help="Harmful prompt set for --eval."),
+    eval_benign: str = typer.Option("builtin:benign", "--eval-benign", help="Benign look-alike set for --eval (over-refusal)."),
+    eval_utility: str = typer.Option(None, "--eval-utility", help="Utility set for --eval (e.g. builtin:arithmetic)."),
+    eval_judge: str = typer.Option("keyword", "--eval-judge", help="Judge for --eval (keyword, llamaguard:PATH, …)."),
+    eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate at most N prompts per set."),
+) -> None:
+    """Merge models as described by CONFIG (mergekit YAML) into OUT, one tensor at a time."""
+    from safemerge.api import merge, parse_size
+
+    if dry_run:
+        _dry_run(config, allow_pickle)
+        return
+    extra = None
+    if eval_:
+        def extra(tmp: Path):  # noqa: ANN202
+            from safemerge.evaluate.api import evaluate
+            from safemerge.evaluate.report import results_markdown
+
+            res = evaluate(str(tmp), harmful=eval_harmful, benign=eval_benign, utility=eval_utility, judge=eval_judge, limit=eval_limit, out_dir=str(tmp / "eval"))
+            return [("Safety report", results_markdown(res))]
+    path = merge(
+        config,
+        out,
+        seed=seed,
+        jobs=jobs,
+        device=device,
+        force=force,
+        allow_pickle=allow_pickle,
+        allow_nonfinite=allow_nonfinite,
+        out_shard_size=parse_size(out_shard_size),
+        progress=not no_progress,
+        extra_card_sections=extra,
+    )
+    typer.echo(f"wrote {path}", err=True)
+
+
+def _dry_run(config: Path, allow_pickle: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from safemerge.config import load_config
+    from safemerge.engine.plan import plan_merge
+    from safemerge.engine.run import open_all
+    from safemerge.progress import human_bytes
+
+    cfg = load_config(config)
+    ckpts = open_all(cfg, allow_pickle=allow_pickle)
+    plan = plan_merge(cfg, ckpts)
+    table = Table(title=f"{plan.method.name}: {len(plan.jobs)} tensors, {plan.num_layers} layers, {human_bytes(plan.total_bytes)}")
+    for col in ("tensor", "shape", "inputs", "parameters"):
+        table.add_column(col)
+    for j in plan.jobs[:40]:
+        params = {**j.params, **j.per_model}
+        table.add_row(j.out_name, "×".join(map(str, j.shape)), str(len(j.inputs)), ", ".join(f"{k}={v}" for k, v in params.items()))
+    Console().print(table)
+    if len(plan.jobs) > 40:
+        Console().print(f"… and {len(plan.jobs) - 40} more tensors")

@@ -1,0 +1,292 @@
+"""Planning: turn a :class:`~safemerge.config.MergeConfig` into one job per output tensor.
+
+Everything that can be checked from safetensors headers and the config is checked here,
+before a single tensor is read: architectures, layer ranges, tensor presence, shapes,
+vocabulary sizes, parameter names, types, ranges and required values.
+
+Semantics follow mergekit 0.1.5:
+* ``models:`` becomes one slice whose sources are the listed models over all their layers;
+  a ``base_model`` that is not listed is appended as the last source.
+* Output layer ``i`` of a slice of ``n`` layers uses gradient position ``t = i/(n−1)``
+  (``t = 1`` when ``n = 1``); embeddings and other non-layer tensors use ``t = 0`` and take
+  their inputs from the first (embeddings) or last (norm, head) slice.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from safemerge.config.models import MergeConfig
+from safemerge.config.params import resolve
+from safemerge.errors import CheckpointError, ConfigError
+from safemerge.io.checkpoint import split_layer_name
+from safemerge.methods.registry import MergeMethod, get_method
+
+
+@dataclass
+class TensorJob:
+    """Everything needed to produce one output tensor.
+
+    Attributes:
+        out_name: output tensor name.
+        inputs: ``(model_ref, tensor_name)`` for each entry of ``tensors`` passed to the method.
+        base: ``(model_ref, tensor_name)`` of the base tensor, or ``None``.
+        per_model: per-model parameter lists aligned with ``inputs``.
+        params: resolved global parameters.
+        shape: output shape.
+        out_dtype: storage dtype name.
+    """
+
+    out_name: str
+    inputs: list[tuple[str, str]]
+    base: tuple[str, str] | None
+    per_model: dict[str, list[Any]]
+    params: dict[str, Any]
+    shape: tuple[int, ...]
+    out_dtype: str
+    passthrough: bool = False
+
+
+@dataclass
+class MergePlan:
+    """The ordered list of tensor jobs plus what the writer needs."""
+
+    config: MergeConfig
+    method: MergeMethod
+    jobs: list[TensorJob]
+    reference: str
+    num_layers: int
+    compute_dtype: str | None
+    config_updates: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        import math
+
+        sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+        return sum(math.prod(j.shape) * sizes.get(j.out_dtype, 4) for j in self.jobs)
+
+
+@dataclass
+class _Source:
+    ref: str
+    start: int
+    end: int
+    params: Mapping[str, Any] | None
+
+
+@dataclass
+class _Slice:
+    sources: list[_Source]
+    base: str | None
+    params: Mapping[str, Any] | None
+
+
+def _layers(ckpt: Any) -> int:
+    return int(ckpt.num_layers)
+
+
+def _normalize(config: MergeConfig, ckpts: Mapping[str, Any]) -> list[_Slice]:
+    if config.models is not None:
+        srcs = [_Source(m.model, 0, _layers(ckpts[m.model]), m.parameters) for m in config.models]
+        if config.base_model and config.base_model not in [m.model for m in config.models]:
+            srcs.append(_Source(config.base_model, 0, _layers(ckpts[config.base_model]), None))
+        return [_Slice(srcs, config.base_model, None)]
+    out = []
+    for i, s in enumerate(config.slices or []):
+        srcs = []
+        for src in s.sources:
+            n = _layers(ckpts[src.model])
+            if src.layer_range[1] > n:
+                raise ConfigError(
+                    f"slices[{i}]: layer_range {list(src.layer_range)} exceeds the {n} layers of {src.model}",
+                    f"use an end of at most {n}",
+                )
+            srcs.append(_Source(src.model, src.layer_range[0], src.layer_range[1], src.parameters))
+        out.append(_Slice(srcs, s.base_model or config.base_model, s.parameters))
+    return out
+
+
+def _check_params_known(config: MergeConfig, method: MergeMethod) -> None:
+    known = {p.name for p in method.params}
+    scopes: list[tuple[str, Mapping[str, Any] | None]] = [("parameters", config.parameters)]
+    for i, m in enumerate(config.models or []):
+        scopes.append((f"models[{i}].parameters", m.parameters))
+    for i, s in enumerate(config.slices or []):
+        scopes.append((f"slices[{i}].parameters", s.parameters))
+        for j, src in enumerate(s.sources):
+            scopes.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+    for where, scope in scopes:
+        for key in scope or {}:
+            if key not in known:
+                import difflib
+
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"{method.name} accepts: {', '.join(sorted(known)) or 'no parameters'}"
+                raise ConfigError(f"{where}: unknown parameter {key!r} for merge_method {method.name!r}", hint)
+
+
+def _check_compatible(config: MergeConfig, ckpts: Mapping[str, Any]) -> None:
+    archs = {ref: c.architecture for ref, c in ckpts.items() if c.architecture}
+    if len(set(archs.values())) > 1:
+        items = list(archs.items())
+        a, b = items[0], next(x for x in items if x[1] != items[0][1])
+        raise CheckpointError(
+            f"architectures differ: {a[0]} is {a[1]} but {b[0]} is {b[1]}",
+            "merge models of the same architecture",
+        )
+
+
+def _base_in_tensors(method: MergeMethod) -> bool:
+    return bool(method.extra.get("base_in_tensors", method.base == "none"))
+
+
+def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any]) -> MergePlan:
+    """Validate ``config`` against the opened checkpoints and build the tensor jobs.
+
+    Args:
+        config: the merge configuration.
+        ckpts: model reference → opened checkpoint (see :func:`safemerge.io.checkpoint.open_checkpoint`).
+    """
+    method = get_method(config.merge_method)
+    _check_params_known(config, method)
+    _check_compatible(config, ckpts)
+    slices = _normalize(config, ckpts)
+    reference = config.base_model or slices[0].sources[0].ref
+    ref_ckpt = ckpts[reference]
+    compute_dtype = config.dtype
+
+    in_tensors = _base_in_tensors(method)
+    jobs: list[TensorJob] = []
+
+    def out_dtype_for(ref: str, name: str) -> str:
+        if config.out_dtype:
+            return config.out_dtype
+        if config.dtype:
+            return config.dtype
+        d = ckpts[ref].dtype_name(name)
+        return d if d in ("float32", "float16", "bfloat16", "float64") else "float32"
+
+    def make_job(out_name: str, sl: _Slice, layer_in: list[int | None], t: float) -> TensorJob:
+        base_ref = sl.base
+        names: list[tuple[str, str]] = []
+        for src, idx in zip(sl.sources, layer_in):
+            if idx is None:
+                nm = out_name
+            else:
+                pre, _, rest = split_layer_name(out_name)  # type: ignore[misc]
+                nm = f"{pre}.{idx}.{rest}"
+            if nm not in ckpts[src.ref]:
+                raise CheckpointError(
+                    f"tensor {nm!r} is missing from {src.ref}",
+                    "all inputs must share one architecture and layer layout",
+                )
+            names.append((src.ref, nm))
+        shapes = {ref: tuple(ckpts[ref].shape(nm)) for ref, nm in names}
+        if len(set(shapes.values())) > 1:
+            items = list(shapes.items())
+            a, b = items[0], next(x for x in items if x[1] != items[0][1])
+            is_vocab = ckpts[a[0]].embedding_name == names[0][1] or out_name.endswith("lm_head.weight")
+            if is_vocab:
+                raise CheckpointError(
+                    f"vocabularies differ: {out_name} has {a[1][0]} rows in {a[0]} but {b[1][0]} in {b[0]}",
+                    "merge models that share a tokenizer (vocabulary-permuting merges are not supported yet)",
+                )
+            raise CheckpointError(f"shape mismatch for {out_name}: {a[0]} has {a[1]} but {b[0]} has {b[1]}", "merge models of the same size")
+        shape = next(iter(shapes.values()))
+        base: tuple[str, str] | None = None
+        if base_ref is not None and not in_tensors:
+            base = next(((r, n) for r, n in names if r == base_ref), None)
+            if base is None and method.base == "required":
+                raise ConfigError(
+                    f"base_model {base_ref!r} is not among the sources of a slice",
+                    "add the base model to every slice's sources",
+                )
+        if method.base == "required" and base is None:
+            raise ConfigError(f"merge_method {method.name!r} needs a base_model", "add 'base_model: <path>' to the config")
+        entries = names if (in_tensors or base is None) else [(r, n) for r, n in names if r != base_ref]
+
+        n_in = len(entries)
+        if n_in < method.min_models:
+            raise ConfigError(
+                f"merge_method {method.name!r} needs at least {method.min_models} input model(s) besides the base, got {n_in}",
+                "add models to the config",
+            )
+        if method.max_models is not None and n_in > method.max_models:
+            raise ConfigError(
+                f"merge_method {method.name!r} takes at most {method.max_models} input model(s) besides the base, got {n_in}",
+                "remove models from the config",
+            )
+        # global parameters: slice → top level
+        gscopes = (sl.params, config.parameters)
+        params: dict[str, Any] = {}
+        for p in method.global_params:
+            v = resolve(p.name, gscopes, tensor_name=out_name, t=t, validate=lambda x: x)
+            if v is None:
+                if p.required:
+                    raise ConfigError(f"missing required parameter {p.name!r} for tensor {out_name}", f"add '{p.name}:' under parameters")
+                v = p.default
+            params[p.name] = p.check(v, f"parameter {p.name} ({out_name})") if v is not None else None
+        per_model: dict[str, list[Any]] = {p.name: [] for p in method.per_model_params}
+        src_by_ref = {s.ref: s for s in sl.sources}
+        for ref, nm in entries:
+            scopes = (src_by_ref[ref].params, sl.params, config.parameters)
+            for p in method.per_model_params:
+                v = resolve(p.name, scopes, tensor_name=nm, t=t, validate=lambda x: x)
+                if v is None:
+                    if p.required:
+                        raise ConfigError(
+                            f"missing required parameter {p.name!r} for model {ref} (tensor {nm})",
+                            f"add '{p.name}:' under that model's parameters",
+                        )
+                    v = p.default
+                per_model[p.name].append(p.check(v, f"{ref}: parameter {p.name}") if v is not None else None)
+        dtype_name = ckpts[names[0][0]].dtype_name(names[0][1])
+        passthrough = dtype_name not in ("float32", "float16", "bfloat16", "float64")
+        return TensorJob(out_name, entries, base, per_model, params, shape, out_dtype_for(names[0][0], names[0][1]) if not passthrough else dtype_name, passthrough)
+
+    # non-layer tensors of the reference model
+    ref_names = [n for n in ref_ckpt.names() if split_layer_name(n) is None]
+    emb = ref_ckpt.embedding_name
+    pre = [n for n in ref_names if n == emb or "embed" in n or n.endswith(("wte.weight", "wpe.weight"))]
+    post = [n for n in ref_names if n not in pre]
+    for n in pre:
+        jobs.append(make_job(n, slices[0], [None] * len(slices[0].sources), 0.0))
+    out_layer = 0
+    for sl in slices:
+        n_layers = sl.sources[0].end - sl.sources[0].start
+        first = sl.sources[0]
+        for off in range(n_layers):
+            t = off / (n_layers - 1) if n_layers > 1 else 1.0
+            rests = _layer_rests(ckpts[first.ref], first.start + off)
+            if not rests:
+                raise CheckpointError(f"{first.ref} has no tensors for layer {first.start + off}", "check layer_range")
+            for prefix, rest in rests:
+                out_name = f"{prefix}.{out_layer}.{rest}"
+                layer_in = [s.start + off for s in sl.sources]
+                job = make_job(out_name, sl, layer_in, t)
+                jobs.append(job)
+            out_layer += 1
+    for n in post:
+        jobs.append(make_job(n, slices[-1], [None] * len(slices[-1].sources), 0.0))
+    updates: dict[str, Any] = {}
+    if "num_hidden_layers" in ref_ckpt.config and out_layer != ref_ckpt.config.get("num_hidden_layers"):
+        updates["num_hidden_layers"] = out_layer
+    return MergePlan(config, method, jobs, reference, out_layer, compute_dtype, updates)
+
+
+def _layer_rests(ckpt: Any, idx: int) -> list[tuple[str, str]]:
+    """``(prefix, rest)`` of every tensor of block ``idx`` in a checkpoint, in name order."""
+    cache = getattr(ckpt, "_sm_layer_cache", None)
+    if cache is None:
+        cache = {}
+        for n in ckpt.names():
+            parts = split_layer_name(n)
+            if parts is not None:
+                cache.setdefault(parts[1], []).append((parts[0], parts[2]))
+        try:
+            ckpt._sm_layer_cache = cache
+        except AttributeError:
+            pass
+    return sorted(cache.get(idx, []))

@@ -1,0 +1,180 @@
+"""Execution: read → merge → write one output tensor at a time on a small thread pool.
+
+Reading (memory-mapped), computing (float32) and writing (``pwrite`` at planned offsets)
+overlap across ``jobs`` worker threads; at most ``2·jobs`` tensors are in flight, so peak
+memory is a few tensors regardless of model size. Stochastic methods get a generator seeded
+from ``(seed, tensor name)``, and torch's intra-op parallelism is pinned to one thread while
+merging, so outputs are byte-identical for any ``jobs`` value.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from typing import Any
+
+from safemerge.engine.plan import MergePlan, TensorJob
+from safemerge.errors import CheckpointError, SafemergeError
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed derived from the run seed and the tensor name (order-independent)."""
+    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+@contextmanager
+def _single_intraop_thread():
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str):
+    import torch
+
+    t = ckpts[ref].get(name, dtype=None)
+    if t.is_floating_point():
+        if compute_dtype is not None:
+            t = t.to(getattr(torch, compute_dtype))
+        t = t.to(device=device, dtype=torch.float32)
+        if not allow_nonfinite and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+            raise CheckpointError(
+                f"tensor {name!r} of {ref} contains {bad} values",
+                "fix the checkpoint, or pass --allow-nonfinite to merge it anyway",
+            )
+    return t
+
+
+def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: int, allow_nonfinite: bool = False, device: str = "cpu"):
+    """Compute one output tensor (float32 on ``device``; non-float tensors pass through)."""
+    import torch
+
+    if job.passthrough:
+        ref, name = job.base or job.inputs[0]
+        return ckpts[ref].get(name, dtype=None)
+    tensors = [_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device) for r, n in job.inputs]
+    base = None
+    if job.base is not None:
+        in_inputs = next((i for i, rn in enumerate(job.inputs) if rn == job.base), None)
+        base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device)
+    gen = None
+    if plan.method.stochastic:
+        gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
+    try:
+        out = plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
+    except SafemergeError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
+    if out is None:
+        raise SafemergeError(f"{plan.method.name} produced no output for tensor {job.out_name}", "check the config")
+    if tuple(out.shape) != tuple(job.shape):
+        raise SafemergeError(f"{plan.method.name} produced shape {tuple(out.shape)} for {job.out_name}, expected {job.shape}", "report this as a bug")
+    if not allow_nonfinite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
+        raise SafemergeError(f"the merge produced NaN/Inf in tensor {job.out_name}", "check weights/densities (e.g. normalisation by a zero weight sum)")
+    return out
+
+
+def execute_plan(
+    plan: MergePlan,
+    ckpts: Mapping[str, Any],
+    sink: Callable[[TensorJob, Any], None],
+    *,
+    seed: int = 0,
+    jobs: int | None = None,
+    device: str = "cpu",
+    allow_nonfinite: bool = False,
+    progress: bool = True,
+    description: str = "merging",
+) -> None:
+    """Run every job of ``plan`` and hand each result to ``sink(job, tensor)`` (called from worker threads)."""
+    n_workers = max(1, int(jobs or os.cpu_count() or 1))
+    total_bytes = plan.total_bytes
+    from safemerge.progress import progress_bar
+
+    with _single_intraop_thread(), progress_bar(description, total=len(plan.jobs), total_bytes=total_bytes, enabled=progress) as bar:
+
+        def work(job: TensorJob) -> None:
+            out = run_job(job, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite, device=device)
+            sink(job, out)
+            bar.advance(job)
+
+        if n_workers == 1:
+            for job in plan.jobs:
+                work(job)
+            return
+        pending: set[Future] = set()
+        it = iter(plan.jobs)
+        stop = threading.Event()
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="safemerge") as pool:
+            try:
+                for job in it:
+                    if len(pending) >= 2 * n_workers:
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for f in done:
+                            f.result()
+                    pending.add(pool.submit(work, job))
+                done, _ = wait(pending)
+                for f in done:
+                    f.result()
+            except BaseException:
+                stop.set()
+                for f in pending:
+                    f.cancel()
+                raise
+
+
+def open_all(config: Any, *, allow_pickle: bool = False, checkpoints: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Open every model referenced by ``config`` (reusing ``checkpoints`` where given)."""
+    from safemerge.io.checkpoint import open_checkpoint
+
+    out: dict[str, Any] = {}
+    for ref in config.referenced_models():
+        if checkpoints is not None and ref in checkpoints:
+            out[ref] = checkpoints[ref]
+        else:
+            out[ref] = open_checkpoint(ref, allow_pickle=allow_pickle)
+    return out
+
+
+def merge_in_memory(
+    config: Any,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    checkpoints: Mapping[str, Any] | None = None,
+    jobs: int | None = 1,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    allow_nonfinite: bool = False,
+) -> dict[str, Any]:
+    """Run a merge without touching disk; returns ``{name: float32 tensor}``.
+
+    ``checkpoints`` maps model references to already-open (possibly in-RAM) mappings so that
+    repeated merges (e.g. CMA-ES candidates) do not re-open files.
+    """
+    from safemerge.config import load_config
+    from safemerge.engine.plan import plan_merge
+
+    cfg = load_config(config)
+    ckpts = open_all(cfg, allow_pickle=allow_pickle, checkpoints=checkpoints)
+    plan = plan_merge(cfg, ckpts)
+    result: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def sink(job: TensorJob, t: Any) -> None:
+        with lock:
+            result[job.out_name] = t
+
+    execute_plan(plan, ckpts, sink, seed=seed, jobs=jobs, device=device, allow_nonfinite=allow_nonfinite, progress=progress)
+    return {j.out_name: result[j.out_name] for j in plan.jobs}

@@ -1,0 +1,121 @@
+"""Small tensor helpers shared by the merge methods (no I/O, no configs).
+
+Everything here works on float32 and allocates at most a couple of tensor-sized temporaries.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from safemerge.errors import ConfigError
+
+
+def f32(t: torch.Tensor) -> torch.Tensor:
+    """Return ``t`` as float32 (no copy when it already is)."""
+    return t if t.dtype == torch.float32 else t.to(torch.float32)
+
+
+def check_inputs(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    base_policy: str,
+    min_models: int,
+    max_models: int | None,
+) -> None:
+    """Validate the number of inputs and their shapes; raise :class:`ConfigError` on misuse."""
+    n = len(tensors)
+    if base_policy == "required" and base is None:
+        raise ConfigError(f"merge method {method!r} needs a base model", "set base_model: in the config")
+    if n < min_models or (max_models is not None and n > max_models):
+        if max_models == min_models:
+            want = f"exactly {min_models}"
+        elif max_models is None:
+            want = f"at least {min_models}"
+        else:
+            want = f"between {min_models} and {max_models}"
+        what = "non-base models" if base_policy in ("required", "optional") else "input models (base included)"
+        raise ConfigError(
+            f"merge method {method!r} needs {want} {what}, got {n}",
+            "list the right number of models under models: (the base_model is passed separately)"
+            if base_policy in ("required", "optional")
+            else "list the right number of models (a base_model is counted as one of the inputs)",
+        )
+    shapes = {tuple(t.shape) for t in tensors}
+    if base is not None:
+        shapes.add(tuple(base.shape))
+    if len(shapes) > 1:
+        raise ConfigError(
+            f"merge method {method!r}: input tensors have different shapes {sorted(shapes)}",
+            "merge models of the same architecture, or align vocabularies with tokenizer: first",
+        )
+
+
+def per_model_list(method: str, per_model: dict, name: str, n: int) -> list:
+    """Fetch the per-model values of parameter ``name`` and check there is one per input."""
+    values = per_model.get(name)
+    if values is None:
+        raise ConfigError(f"merge method {method!r}: missing required parameter {name!r}", f"give every model a {name!r} under parameters:")
+    values = list(values)
+    if len(values) != n:
+        raise ConfigError(
+            f"merge method {method!r}: parameter {name!r} has {len(values)} values for {n} models",
+            f"give each input model exactly one {name!r}",
+        )
+    if any(v is None for v in values):
+        raise ConfigError(f"merge method {method!r}: missing required parameter {name!r} for some model", f"give every model a {name!r} under parameters:")
+    return values
+
+
+def rank_window_mask(values: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """Boolean mask of the elements whose ascending rank lies in ``[start, start + count)``.
+
+    Ranks come from a stable ascending sort of the flattened tensor (ties are ordered by flat
+    index), so the mask always has exactly ``count`` true entries and is deterministic. Instead of
+    a full ``argsort`` this uses two ``torch.kthvalue`` selections (O(n)) and only enumerates
+    the elements tied with the two boundary values.
+
+    Used by TIES top-k trimming (Yadav et al. 2023, Sec. 3 "Trim"), Model Breadcrumbs
+    (Davari & Belilovsky 2024, Sec. 3) and SCE's variance selection (Wan et al. 2024).
+    """
+    flat = values.reshape(-1)
+    n = flat.numel()
+    start = max(0, int(start))
+    count = min(int(count), n - start)
+    if count <= 0 or n == 0:
+        return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
+    if start == 0 and count == n:
+        return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    lo = torch.kthvalue(flat, start + 1).values
+    hi = torch.kthvalue(flat, start + count).values
+    mask = (flat > lo) & (flat < hi)
+    end = start + count
+    for v in (lo, hi) if not torch.equal(lo, hi) else (lo,):
+        tied = torch.nonzero(flat == v).squeeze(1)
+        first_rank = int((flat < v).sum())
+        ranks = torch.arange(first_rank, first_rank + tied.numel(), device=flat.device)
+        mask[tied[(ranks >= start) & (ranks < end)]] = True
+    return mask.reshape(values.shape)
+
+
+def masked_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+    """Zero the entries where ``mask`` is 0/False; optionally restore the original L1 norm.
+
+    DARE (Yu et al. 2024, Eq. 2) rescales survivors by ``1/p``; mergekit — and we — instead
+    rescale the masked tensor to the *exact* L1 norm of the unmasked one,
+    ``m ⊙ δ · ‖δ‖₁ / ‖m ⊙ δ‖₁``, which equals ``1/p`` in expectation. No rescaling when either
+    norm is below ``eps``.
+    """
+    if mask.dtype == torch.bool:
+        masked = torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    else:
+        masked = tensor * mask
+    if not rescale:
+        return masked
+    before = tensor.abs().sum()
+    after = masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked.mul_(before / after)

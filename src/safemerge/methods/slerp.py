@@ -1,0 +1,127 @@
+"""Spherical linear interpolation: ``slerp`` (base ↔ one model) and ``nuslerp`` (two models,
+weights → t, optionally on task vectors, per row or flattened)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from safemerge.methods._tensor import check_inputs, f32, per_model_list
+
+#: |cos θ| above this → the inputs are treated as collinear and linearly interpolated.
+DOT_THRESHOLD = 0.9995
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8) -> torch.Tensor:
+    """SLERP of two whole tensors (flattened), Shoemake 1985, "Animating rotation with
+    quaternion curves", Eq. (slerp): ``slerp(v0, v1; t) = sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1``
+    with ``cos Ω = ⟨v0/‖v0‖, v1/‖v1‖⟩``.
+
+    The coefficients multiply the *unnormalised* tensors (mergekit's convention). Falls back to
+    ``(1−t)·v0 + t·v1`` when ``|cos Ω| > 0.9995`` (nearly collinear or antipodal). A norm
+    below ``eps`` is replaced by 1. ``t = 0`` gives ``v0`` (the base), ``t = 1`` gives ``v1``.
+    Uses dot products (no normalised copies), so the only temporaries are the two scaled terms.
+    """
+    a, b = f32(v0), f32(v1)
+    if a.numel() == 0:
+        return torch.lerp(a, b, float(t))
+    af, bf = a.reshape(-1), b.reshape(-1)
+    na = torch.linalg.vector_norm(af)
+    nb = torch.linalg.vector_norm(bf)
+    na = torch.where(na > eps, na, torch.ones_like(na))
+    nb = torch.where(nb > eps, nb, torch.ones_like(nb))
+    dot = (torch.dot(af, bf) / na / nb).clamp(-1, 1)
+    tt = torch.tensor(float(t), dtype=torch.float32)
+    if dot.abs() > dot_threshold:
+        ca, cb = 1 - tt, tt
+    else:
+        theta = torch.acos(dot)
+        sin_theta = torch.sin(theta)
+        ca = torch.sin((1 - tt) * theta) / sin_theta
+        cb = torch.sin(tt * theta) / sin_theta
+    out = a * ca
+    return out.add_(b * cb)
+
+
+def slerp_fn(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Registry entry for ``slerp``: ``slerp(t, base, other)`` (exactly one non-base model)."""
+    check_inputs("slerp", tensors, base, base_policy="required", min_models=1, max_models=1)
+    assert base is not None
+    return slerp(float(params["t"]), base, tensors[0])
+
+
+def nuslerp(
+    t: float,
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    *,
+    row_wise: bool = False,
+    flatten: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """SLERP (Shoemake 1985) applied to the whole tensor (``flatten``) or to each vector slice.
+
+    With ``flatten=False`` every slice along the last dimension (each row of an ``[out, in]``
+    matrix) is interpolated separately; with ``row_wise=True`` the slices are taken along
+    dimension 0 instead (mergekit's ``nuslerp_row_wise``). Slices whose unit vectors satisfy
+    ``1 − cos²Ω ≤ eps²`` are linearly interpolated. Norms are clamped at 1e-7.
+    """
+    a, b = f32(v0), f32(v1)
+    shape = a.shape
+    if flatten or a.dim() == 0:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    elif row_wise:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    if a.shape[-1] == 0:
+        return torch.lerp(f32(v0), f32(v1), float(t))
+    na = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_(min=1e-7)
+    nb = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp_(min=1e-7)
+    cos = ((a * b).sum(dim=-1, keepdim=True) / (na * nb)).clamp_(-1, 1)
+    collinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(collinear, torch.zeros_like(cos), cos))
+    sin_theta = torch.where(collinear, torch.ones_like(theta), torch.sin(theta))
+    t = float(t)
+    ca = torch.where(collinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin_theta)
+    cb = torch.where(collinear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta)
+    out = a * ca
+    out.add_(b * cb)
+    if not flatten and row_wise and out.dim() > 0:
+        out = out.transpose(0, -1)
+    return out.reshape(shape).contiguous()
+
+
+def nuslerp_weights_to_t(w0: float, w1: float) -> float:
+    """``t = w₁ / (w₀ + w₁)``; 0.5 when ``|w₀ + w₁| < 1e-6`` (mergekit ``nuslerp``)."""
+    total = float(w0) + float(w1)
+    return 0.5 if abs(total) < 1e-6 else float(w1) / total
+
+
+def nuslerp_fn(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Registry entry for ``nuslerp``: two models, ``t`` from their weights; with a base, SLERP
+    of the task vectors ``θᵢ − θ_base`` added back to the base."""
+    check_inputs("nuslerp", tensors, base, base_policy="optional", min_models=2, max_models=2)
+    w = per_model_list("nuslerp", per_model, "weight", 2)
+    t = nuslerp_weights_to_t(w[0], w[1])
+    row_wise = bool(params.get("nuslerp_row_wise", False))
+    flatten = bool(params.get("nuslerp_flatten", True))
+    if base is None:
+        return nuslerp(t, tensors[0], tensors[1], row_wise=row_wise, flatten=flatten)
+    b = f32(base)
+    out = nuslerp(t, f32(tensors[0]) - b, f32(tensors[1]) - b, row_wise=row_wise, flatten=flatten)
+    return out.add_(b)
+

@@ -1,0 +1,186 @@
+"""The task-arithmetic family: task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs,
+breadcrumbs_ties, della, della_linear.
+
+All are one computation (mergekit's "generalized task arithmetic"):
+
+1. task vectors ``δᵢ = θᵢ − θ_base`` (Ilharco et al. 2023, "Editing Models with Task
+   Arithmetic", Eq. 1);
+2. optional sparsification of each ``δᵢ`` (magnitude / random / magnitude_outliers /
+   della_magprune, see :mod:`safemerge.methods.sparsify`), optionally rescaled to its L1 norm;
+3. weighting ``wᵢ·δᵢ``;
+4. optional sign consensus (TIES "Elect" + "Disjoint merge", Yadav et al. 2023, Eq. in Sec. 3:
+   ``γ = sgn(Σᵢ wᵢδᵢ)``; only entries whose sign agrees with ``γ`` are summed);
+5. optional normalisation by the sum of the (agreeing) weights, scaling by ``λ``;
+6. ``θ = θ_base + λ·δ``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Callable
+
+import torch
+
+from safemerge.methods._tensor import check_inputs, f32, per_model_list
+from safemerge.methods import sparsify as sp
+
+Sparsifier = Callable[..., torch.Tensor]
+
+#: name -> (sparsification, consensus, normalize default, rescale default), as in mergekit 0.1.5.
+FAMILY: dict[str, tuple[str | None, bool, bool, bool]] = {
+    "task_arithmetic": (None, False, False, False),
+    "ties": ("magnitude", True, True, False),
+    "dare_ties": ("random", True, False, True),
+    "dare_linear": ("random", False, False, True),
+    "breadcrumbs": ("magnitude_outliers", False, False, False),
+    "breadcrumbs_ties": ("magnitude_outliers", True, False, False),
+    "della": ("della_magprune", True, True, True),
+    "della_linear": ("della_magprune", False, False, True),
+}
+
+
+def sparsify_delta(
+    delta: torch.Tensor,
+    method: str | None,
+    *,
+    density: float,
+    rescale: bool,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Apply the named sparsifier to one task vector (``None`` = keep everything)."""
+    if method is None:
+        return delta
+    if method == "magnitude":
+        return sp.magnitude(delta, density, rescale=rescale)
+    if method == "random":
+        return sp.random_drop(delta, density, rescale=rescale, generator=generator)
+    if method == "magnitude_outliers":
+        return sp.magnitude_outliers(delta, density, gamma, rescale=rescale)
+    if method == "della_magprune":
+        return sp.della_magprune(delta, density, epsilon, rescale=rescale, generator=generator)
+    raise ValueError(f"unknown sparsification method {method!r}")
+
+
+def majority_sign_positive(weighted_deltas: Sequence[torch.Tensor]) -> torch.Tensor:
+    """TIES sign election (Yadav et al. 2023, Sec. 3 "Elect"): ``γ = sgn(Σᵢ wᵢδᵢ)``, ties → +.
+
+    Returns a boolean tensor, ``True`` where the elected sign is positive (sum ≥ 0).
+    """
+    total = weighted_deltas[0].clone()
+    for d in weighted_deltas[1:]:
+        total.add_(d)
+    return total.ge_(0).to(torch.bool)
+
+
+def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Entries whose sign equals the elected sign (zeros never agree)."""
+    return torch.where(positive, delta > 0, delta < 0)
+
+
+def generalized_task_arithmetic(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    weights: Sequence[float],
+    *,
+    sparsification: str | None = None,
+    consensus: bool = False,
+    densities: Sequence[float] | None = None,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    normalize: bool = False,
+    rescale: bool = False,
+    lam: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``θ_base + λ · merge(wᵢ · sparsify(θᵢ − θ_base))`` — see the module docstring for the steps.
+
+    Without consensus the weighted deltas are accumulated one at a time (O(1) temporaries); with
+    consensus the N weighted deltas are kept until the sign is elected. The normaliser is
+    ``Σ wᵢ`` (replaced by 1 when ``|Σ wᵢ| < 1e-8``) without consensus, and the per-entry sum of
+    the agreeing weights (1 where none agree) with consensus, exactly as mergekit 0.1.5.
+    """
+    base = f32(base)
+    n = len(tensors)
+    if n == 0:
+        return base.clone()
+    densities = list(densities) if densities is not None else [1.0] * n
+    gammas = list(gammas) if gammas is not None else [0.01] * n
+    epsilons = list(epsilons) if epsilons is not None else [0.15] * n
+    w32 = torch.tensor([float(w) for w in weights], dtype=torch.float32)
+
+    def weighted_delta(i: int) -> torch.Tensor:
+        delta = f32(tensors[i]) - base
+        delta = sparsify_delta(
+            delta, sparsification, density=float(densities[i]), rescale=rescale,
+            gamma=float(gammas[i]), epsilon=float(epsilons[i]), generator=generator,
+        )
+        return delta.mul_(w32[i])
+
+    if not consensus:
+        mixed = weighted_delta(0)
+        for i in range(1, n):
+            mixed.add_(weighted_delta(i))
+        if normalize:
+            divisor = w32.sum()
+            if divisor.abs() < 1e-8:
+                divisor = torch.ones((), dtype=torch.float32)
+            mixed.div_(divisor)
+    else:
+        deltas = [weighted_delta(i) for i in range(n)]
+        positive = majority_sign_positive(deltas)
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base) if normalize else None
+        for i in range(n):
+            keep = agrees(deltas[i], positive)
+            mixed.add_(torch.where(keep, deltas[i], 0.0))
+            if divisor is not None:
+                divisor.add_(keep.to(torch.float32).mul_(w32[i]))
+            deltas[i] = None  # type: ignore[call-overload]  # free as we go
+        if divisor is not None:
+            divisor[divisor == 0] = 1
+            mixed.div_(divisor)
+    if lam != 1:
+        mixed.mul_(float(lam))
+    return mixed.add_(base)
+
+
+def task_arithmetic_family_fn(name: str) -> Callable[..., torch.Tensor]:
+    """The registry function (``fn(tensors, base, *, per_model, params, generator)``) for ``name``."""
+    return partial(_family_entry, name)
+
+
+def _family_entry(
+    name: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    sparsification, consensus, normalize_default, rescale_default = FAMILY[name]
+    check_inputs(name, tensors, base, base_policy="required", min_models=0, max_models=None)
+    assert base is not None
+    n = len(tensors)
+    if n == 0:
+        return f32(base).clone()
+    weights = per_model_list(name, per_model, "weight", n)
+    densities = per_model.get("density") or [1.0] * n
+    gammas = per_model.get("gamma") if sparsification == "magnitude_outliers" else None
+    epsilons = per_model.get("epsilon") if sparsification == "della_magprune" else None
+    return generalized_task_arithmetic(
+        tensors,
+        base,
+        weights,
+        sparsification=sparsification,
+        consensus=consensus,
+        densities=densities,
+        gammas=gammas,
+        epsilons=epsilons,
+        normalize=bool(params.get("normalize", normalize_default)),
+        rescale=bool(params.get("rescale", rescale_default)),
+        lam=float(params.get("lambda", 1.0)),
+        generator=generator,
+    )

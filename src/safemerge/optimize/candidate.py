@@ -1,0 +1,177 @@
+"""Scoring merge candidates in memory: merge → copy into one resident model → objective.
+
+Each candidate configuration is merged with :func:`safemerge.engine.merge_in_memory` from
+checkpoints opened once (lazy, memory-mapped), the float32 result is copied into the parameters
+of a single resident Hugging Face model (no disk round-trip, no model re-instantiation), and the
+answer-token objective of :mod:`safemerge.optimize.objective` is computed on the fixed sample.
+This is mergekit-evolve's ``InMemoryMergeEvaluator`` design, with a data objective in place of
+lm-eval tasks (Hammoud et al. 2024, §4.4).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import CheckpointError, ConfigError
+from safemerge.optimize.config import DataSection, OptimizeConfig
+from safemerge.optimize.genome import Genome
+
+SAFETY_TYPES = {"safety", "alignment", None}
+EXPERT_TYPES = {"domain", "task", "expert", None}
+
+
+def load_objective_data(data: DataSection) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Read ``data.safety`` / ``data.expert`` files and draw the fixed samples.
+
+    A file may hold both kinds: records with a ``type`` field are kept only in the matching set
+    (``safety``/``alignment`` vs ``domain``/``task``/``expert``). Samples are drawn with seeds
+    ``data.seed`` (safety) and ``data.seed + 1`` (expert).
+    """
+    from safemerge.optimize.objective import sample_records
+    from safemerge.synth.common import read_records
+
+    def read(paths: Sequence[str], types: set[Any]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for p in paths:
+            out.extend(r for r in read_records(p) if r.get("type") in types)
+        return out
+
+    safety = read(data.safety, SAFETY_TYPES)
+    expert = read(data.expert, EXPERT_TYPES)
+    if data.safety and not safety:
+        raise ConfigError("data.safety: no safety records found", "give JSONL records {prompt, response} (type: safety)")
+    if data.expert and not expert:
+        raise ConfigError("data.expert: no domain records found", "give JSONL records {prompt, response} (type: domain)")
+    return sample_records(safety, data.n_safety, data.seed), sample_records(expert, data.n_expert, data.seed + 1)
+
+
+def build_genome(cfg: OptimizeConfig, base_ckpt: Any) -> Genome:
+    """The genome of ``cfg.genome`` for the architecture of ``base_ckpt`` (layer count and prefix)."""
+    from safemerge.io.checkpoint import split_layer_name
+
+    prefix, n_layers = "model.layers", 0
+    for name in base_ckpt.names() if hasattr(base_ckpt, "names") else list(base_ckpt):
+        parts = split_layer_name(name)
+        if parts is not None:
+            prefix = parts[0]
+            n_layers = max(n_layers, parts[1] + 1)
+    g = cfg.genome
+    return Genome(g.merge_method, g.models, base_model=g.base_model, num_layers=max(1, n_layers), layer_prefix=prefix,
+                  layer_granularity=g.layer_granularity, filters=g.filters, normalize=g.normalize,
+                  allow_negative_weights=g.allow_negative_weights, parameters=g.parameters,
+                  tokenizer_source=g.tokenizer_source, dtype=g.dtype)
+
+
+class CandidateEvaluator:
+    """Holds the opened checkpoints, one resident model and the objective; scores candidates.
+
+    Args:
+        cfg: the optimize configuration.
+        device: ``cpu`` or ``cuda`` (model and merge arithmetic).
+        allow_pickle: allow ``.bin``/``.pt`` model checkpoints.
+        trust_remote_code: passed to transformers when loading the resident model.
+        num_threads: ``torch.set_num_threads`` for this process (``None`` = unchanged).
+    """
+
+    def __init__(self, cfg: OptimizeConfig, *, device: str = "cpu", allow_pickle: bool = False,
+                 trust_remote_code: bool = False, num_threads: int | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from safemerge.io.checkpoint import open_checkpoint, split_model_ref
+        from safemerge.optimize.objective import AnswerCEObjective
+
+        if num_threads:
+            torch.set_num_threads(int(num_threads))
+        self.cfg = cfg
+        self.device = device
+        self.seed = cfg.seed
+        refs = list(dict.fromkeys([*([cfg.genome.base_model] if cfg.genome.base_model else []), *cfg.genome.models]))
+        self.checkpoints = {r: open_checkpoint(r, allow_pickle=allow_pickle) for r in refs}
+        anchor = cfg.genome.base_model or cfg.genome.models[0]
+        self.genome = build_genome(cfg, self.checkpoints[anchor])
+        model_dir = split_model_ref(anchor)[0]
+        tok_dir = split_model_ref(cfg.genome.tokenizer_source)[0] if cfg.genome.tokenizer_source and cfg.genome.tokenizer_source not in ("base", "union") else model_dir
+        if not (Path(model_dir) / "config.json").is_file():
+            raise CheckpointError(f"{model_dir} has no config.json", "the base model must be a Hugging Face model directory")
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        self.model.to(device).eval()
+        self._params = dict(self.model.named_parameters(remove_duplicate=False))
+        safety, expert = load_objective_data(cfg.data)
+        self.n_safety, self.n_expert = len(safety), len(expert)
+        o = cfg.objective
+        self.objective = AnswerCEObjective(self.tokenizer, safety, expert, alpha=o.alpha, batch_size=o.batch_size, max_length=o.max_length)
+
+    # ------------------------------------------------------------------ merging
+    def merge(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Merge ``config`` in memory (float32 tensors by name), reusing the opened checkpoints."""
+        from safemerge.engine import merge_in_memory
+
+        return merge_in_memory(config, seed=self.seed, device=self.device, checkpoints=self.checkpoints, jobs=1)
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Copy tensors into the resident model's parameters (tied parameters are written once per alias)."""
+        import torch
+
+        missing = {n for n, p in self.model.named_parameters()}  # deduplicated names
+        with torch.no_grad():
+            for name, t in state.items():
+                p = self._params.get(name)
+                if p is None:
+                    continue
+                if tuple(p.shape) != tuple(t.shape):
+                    raise CheckpointError(f"merged tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}",
+                                          "all models of the pool must share the base model's architecture")
+                p.copy_(t.to(dtype=p.dtype, device=p.device))
+                missing.discard(name)
+        missing = {n for n in missing if not (n == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False))}
+        if missing:
+            raise CheckpointError(f"the merge produced no tensor for {sorted(missing)[0]} ({len(missing)} missing)",
+                                  "check that the pool models have the base model's architecture")
+
+    def load_model(self, ref: str) -> None:
+        """Copy one pool model's own weights into the resident model (LM-Cocktail scores each model)."""
+        ck = self.checkpoints[ref]
+        self.load_state({n: ck.get(n) for n in (ck.names() if hasattr(ck, "names") else list(ck)) if n in self._params})
+
+    # ------------------------------------------------------------------ scoring
+    def score_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Merge, load and score one configuration: loss parts plus merge/score seconds."""
+        t0 = time.perf_counter()
+        state = self.merge(config)
+        self.load_state(state)
+        del state
+        t1 = time.perf_counter()
+        parts = self.objective(self.model)
+        t2 = time.perf_counter()
+        return {**parts.as_dict(), "merge_s": round(t1 - t0, 4), "score_s": round(t2 - t1, 4)}
+
+    def score_vector(self, x: Sequence[float]) -> dict[str, Any]:
+        """Score the genome vector ``x``."""
+        return self.score_config(self.genome.to_config(list(x)))
+
+    def score_model(self, ref: str) -> dict[str, Any]:
+        """Score one pool model as it is."""
+        t0 = time.perf_counter()
+        self.load_model(ref)
+        parts = self.objective(self.model)
+        return {**parts.as_dict(), "merge_s": 0.0, "score_s": round(time.perf_counter() - t0, 4)}
+
+
+class SerialBackend:
+    """Evaluates candidates one after another in this process."""
+
+    def __init__(self, evaluator: CandidateEvaluator) -> None:
+        self.evaluator = evaluator
+
+    def score_vectors(self, xs: Sequence[Sequence[float]]) -> list[dict[str, Any]]:
+        return [self.evaluator.score_vector(x) for x in xs]
+
+    def score_models(self, refs: Sequence[str]) -> list[dict[str, Any]]:
+        return [self.evaluator.score_model(r) for r in refs]
+
+    def close(self) -> None:
+        pass

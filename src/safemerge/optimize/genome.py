@@ -1,0 +1,218 @@
+"""The search space of evolutionary merging: a flat gene vector ↔ a mergekit configuration.
+
+Genes follow mergekit-evolve's genotype (Akiba et al. 2024, "Evolutionary optimization of model
+merging recipes"; used by Hammoud et al. 2024, §4.4): one value per
+``(layer group, model, parameter set, parameter)``:
+
+* parameters per method: ``linear``/``task_arithmetic`` → ``weight``; ``ties``/``dare_ties`` →
+  ``weight``, ``density``; ``slerp`` → ``t`` (one global value per group, no per-model axis);
+* parameter sets: one per entry of ``filters`` (e.g. ``self_attn``, ``mlp``) plus the rest;
+* layer groups: with ``layer_granularity = k > 0`` the blocks are cut into ``⌈L/k⌉`` groups of
+  ``k`` consecutive blocks, plus one extra group for the tensors outside the blocks (embeddings,
+  final norm, LM head); with ``k = 0`` a single group covers the whole network.
+
+Decoding (mergekit-evolve's conventions): ``weight = |x|`` unless negative weights are allowed,
+``density = clip(|x|, 0.01, 1)`` (DARE/TIES need a positive density), ``t = clip(x, 0, 1)``.
+The start point is ``weight = 1/N``, ``density = 1``, ``t = 0.5``.
+
+A decoded genome is written as an ordinary mergekit configuration: per-block values become
+conditional parameters with filters ``"<prefix>.<i>.<filter>"`` / ``"<prefix>.<i>."`` (mergekit
+matches filters as substrings; the trailing dot keeps block 1 from matching block 10), and the
+outside-block value is the unconditional default. Values that are equal everywhere collapse to a
+scalar. So ``best.yml`` merges with ``safemerge merge`` or mergekit itself.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from safemerge.errors import ConfigError
+
+METHOD_PARAMS: dict[str, tuple[str, ...]] = {
+    "linear": ("weight",),
+    "task_arithmetic": ("weight",),
+    "ties": ("weight", "density"),
+    "dare_ties": ("weight", "density"),
+    "slerp": ("t",),
+}
+MIN_DENSITY = 0.01
+
+
+@dataclass(frozen=True)
+class Gene:
+    """One coordinate of the genome.
+
+    ``group`` is the layer-group index, or ``-1`` for the outside-block group; ``model`` indexes
+    ``Genome.models`` (``-1`` for slerp's global ``t``); ``filter`` is the parameter set
+    (``None`` = the rest).
+    """
+
+    group: int
+    model: int
+    filter: str | None
+    param: str
+
+
+class Genome:
+    """Genes of one merge method over a model pool, and their decoding into a merge config.
+
+    Args:
+        merge_method: one of :data:`METHOD_PARAMS`.
+        models: the pool (for slerp: the base model and one other).
+        base_model: the base (required except for ``linear``).
+        num_layers: number of transformer blocks of the architecture.
+        layer_prefix: tensor-name prefix of the blocks (``"model.layers"``).
+        layer_granularity: blocks per group (0 = whole network).
+        filters: sub-module names directly after the block index (e.g. ``self_attn``, ``mlp``).
+        normalize, allow_negative_weights: mergekit-evolve's options.
+        parameters: fixed global parameters written into every config.
+        tokenizer_source, dtype: passed through to the config.
+    """
+
+    def __init__(self, merge_method: str, models: Sequence[str], *, base_model: str | None, num_layers: int,
+                 layer_prefix: str = "model.layers", layer_granularity: int = 0, filters: Sequence[str] = (),
+                 normalize: bool = False, allow_negative_weights: bool = False, parameters: dict[str, Any] | None = None,
+                 tokenizer_source: str | None = None, dtype: str = "float32") -> None:
+        if merge_method not in METHOD_PARAMS:
+            raise ConfigError(f"merge_method {merge_method!r} cannot be optimised",
+                              f"use one of: {', '.join(METHOD_PARAMS)}")
+        if layer_granularity < 0:
+            raise ConfigError("layer_granularity must be ≥ 0", "use 0 (whole network) or a positive block count")
+        if num_layers < 1:
+            raise ConfigError("the model has no transformer blocks", "check the base model")
+        for f in filters:
+            if not f.strip("."):
+                raise ConfigError(f"genome filter {f!r} is not a sub-module name", "use names such as self_attn or mlp")
+        self.method = merge_method
+        self.models = list(models)
+        self.base_model = base_model
+        self.num_layers = int(num_layers)
+        self.layer_prefix = layer_prefix
+        self.granularity = int(layer_granularity)
+        self.filters = [f.strip(".") for f in filters]
+        self.normalize = normalize
+        self.allow_negative_weights = allow_negative_weights
+        self.parameters = dict(parameters or {})
+        self.tokenizer_source = tokenizer_source
+        self.dtype = dtype
+        self.params = METHOD_PARAMS[merge_method]
+        self.genes = self._layout()
+        self._index = {g: i for i, g in enumerate(self.genes)}
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def n_layer_groups(self) -> int:
+        return 1 if self.granularity == 0 else -(-self.num_layers // self.granularity)
+
+    def group_of_layer(self, layer: int) -> int:
+        return 0 if self.granularity == 0 else layer // self.granularity
+
+    @property
+    def _model_axis(self) -> list[int]:
+        return [-1] if self.method == "slerp" else list(range(len(self.models)))
+
+    def _layout(self) -> list[Gene]:
+        genes: list[Gene] = []
+        sets: list[str | None] = [*self.filters, None]
+        for g in range(self.n_layer_groups):
+            for m in self._model_axis:
+                for f in sets:
+                    for p in self.params:
+                        genes.append(Gene(g, m, f, p))
+        if self.granularity > 0:
+            for m in self._model_axis:
+                for p in self.params:
+                    genes.append(Gene(-1, m, None, p))
+        return genes
+
+    def __len__(self) -> int:
+        return len(self.genes)
+
+    # ------------------------------------------------------------------ values
+    def x0(self, *, random_init: bool = False, seed: int = 0) -> np.ndarray:
+        """Start point: weight 1/N, density 1, t 0.5 (mergekit-evolve), or uniform in [0, 1] when ``random_init``."""
+        if random_init:
+            return np.random.default_rng(seed).uniform(0.0, 1.0, size=len(self.genes))
+        start = {"weight": 1.0 / max(1, len(self.models)), "density": 1.0, "t": 0.5}
+        return np.array([start[g.param] for g in self.genes], dtype=np.float64)
+
+    @staticmethod
+    def transform(param: str, x: float, *, allow_negative_weights: bool = False) -> float:
+        """Gene value → parameter value (see module docstring)."""
+        x = float(x)
+        if param == "weight":
+            return x if allow_negative_weights else abs(x)
+        if param == "density":
+            return min(1.0, max(MIN_DENSITY, abs(x)))
+        if param == "t":
+            return min(1.0, max(0.0, x))
+        raise ValueError(param)
+
+    def decode(self, x: Sequence[float]) -> dict[Gene, float]:
+        """Parameter value of every gene."""
+        if len(x) != len(self.genes):
+            raise ValueError(f"genome has {len(self.genes)} genes, got a vector of {len(x)}")
+        return {g: round(self.transform(g.param, v, allow_negative_weights=self.allow_negative_weights), 10)
+                for g, v in zip(self.genes, x)}
+
+    def uniform_vector(self, values: dict[str, float]) -> np.ndarray:
+        """A gene vector giving every gene of parameter ``p`` the value ``values[p]`` (grid search)."""
+        return np.array([float(values[g.param]) for g in self.genes], dtype=np.float64)
+
+    # ------------------------------------------------------------------ config
+    def _value_list(self, vals: dict[Gene, float], model: int, param: str) -> Any:
+        """Conditional parameter list (or scalar) for one model and parameter."""
+        entries: list[dict[str, Any]] = []
+        if self.granularity == 0:
+            for f in self.filters:
+                entries.append({"filter": f, "value": vals[Gene(0, model, f, param)]})
+            default = vals[Gene(0, model, None, param)]
+        else:
+            for layer in range(self.num_layers):
+                g = self.group_of_layer(layer)
+                for f in self.filters:
+                    entries.append({"filter": f"{self.layer_prefix}.{layer}.{f}", "value": vals[Gene(g, model, f, param)]})
+                entries.append({"filter": f"{self.layer_prefix}.{layer}.", "value": vals[Gene(g, model, None, param)]})
+            default = vals[Gene(-1, model, None, param)]
+        if all(e["value"] == default for e in entries):
+            return default
+        return entries + [{"value": default}]
+
+    def to_config(self, x: Sequence[float]) -> dict[str, Any]:
+        """The mergekit configuration (a YAML-ready dict) of gene vector ``x``."""
+        vals = self.decode(x)
+        cfg: dict[str, Any] = {"merge_method": self.method}
+        if self.base_model:
+            cfg["base_model"] = self.base_model
+        glob: dict[str, Any] = {}
+        if self.method == "slerp":
+            other = [m for m in self.models if m != self.base_model]
+            cfg["models"] = [{"model": self.base_model}, {"model": other[0]}]
+            glob["t"] = self._value_list(vals, -1, "t")
+        else:
+            cfg["models"] = [
+                {"model": m, "parameters": {p: self._value_list(vals, i, p) for p in self.params}}
+                for i, m in enumerate(self.models)
+            ]
+            if self.method in ("linear", "ties", "dare_ties"):
+                glob["normalize"] = self.normalize
+        glob.update(self.parameters)
+        if glob:
+            cfg["parameters"] = glob
+        if self.tokenizer_source:
+            cfg["tokenizer_source"] = self.tokenizer_source
+        cfg["dtype"] = self.dtype
+        return cfg
+
+    def summary(self, x: Sequence[float]) -> dict[str, Any]:
+        """Compact, JSON-ready view of the decoded values (for the trace)."""
+        out: dict[str, Any] = {}
+        for g, v in self.decode(x).items():
+            who = "t" if g.model < 0 else self.models[g.model].rstrip("/").split("/")[-1]
+            grp = "all" if self.granularity == 0 else ("outside" if g.group < 0 else f"g{g.group}")
+            key = "/".join(s for s in (who, grp, g.filter or "", g.param if g.model >= 0 else "") if s)
+            out[key] = v
+        return out

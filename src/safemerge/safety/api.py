@@ -1,0 +1,406 @@
+"""Public Python API of the safety core.
+
+::
+
+    from safemerge.safety import api
+    scores = api.scan("base/", "aligned/", ["task-lora/"], tau=0.35)
+    res = api.safemerge_adapters(base="base/", aligned="aligned/", finetuned="task-lora/",
+                                 safety="safety-lora/", out="merged/")
+    api.safelora(base=..., aligned=..., finetuned=..., out=..., mode="number", num_layers=10)
+    api.resta(unaligned=..., aligned=..., finetuned=..., out=..., beta=0.5)
+    api.mergealign(pretrained=..., domain=..., aligned=..., out=..., lambda_domain=0.5, lambda_aligned=0.5)
+
+Paths are model directories, PEFT adapter directories, or (RESTA/MergeAlign) ``MODEL+ADAPTER``
+references. Every writer is atomic (temporary sibling directory, renamed when complete) and
+refuses an existing output unless ``force=True``. All computation is float32; outputs are
+stored in the input's dtype unless ``dtype`` is given.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import ConfigError, SafemergeError
+from safemerge.safety.selection import LayerScore
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``; the CLI turns it into a rich progress bar."""
+
+
+def _noop(stage: str, done: int, total: int) -> None:  # pragma: no cover - trivial
+    return None
+
+
+def _as_list(x: Any) -> list[Any]:
+    if isinstance(x, (str, Path)):
+        return [x]
+    return list(x)
+
+
+# --------------------------------------------------------------------------- scan
+def scan(
+    base: str | Path,
+    aligned: str | Path,
+    targets: str | Path | Sequence[str | Path],
+    *,
+    tau: float = 0.35,
+    target_modules: Sequence[str] | None = None,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> list[LayerScore]:
+    """Per-layer safety similarity ρ of one or more fine-tuned adapters/models (SafeLoRA Eq. 2).
+
+    Args:
+        base: unaligned base model directory.
+        aligned: aligned model directory (the adapters' base).
+        targets: adapter directories and/or full fine-tuned model directories; all are scored
+            in one pass over the safety vectors.
+        tau: SafeMERGE threshold; ``merged`` is set where ``ρ < τ``.
+        target_modules: restrict to modules whose path ends in one of these names
+            (e.g. ``["q_proj", "v_proj"]``); full models default to every 2-D block weight.
+
+    Returns a flat list of :class:`LayerScore` (``source`` names the input), in input order,
+    then model order.
+    """
+    from safemerge.safety.deltas import open_deltas
+    from safemerge.safety.scoring import score_sources
+    from safemerge.safety.selection import check_tau, mark, select_below
+    from safemerge.safety.subspace import SafetySubspace
+
+    tau = check_tau(tau)
+    paths = _as_list(targets)
+    if not paths:
+        raise SafemergeError("nothing to scan", "pass at least one adapter or fine-tuned model")
+    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle)
+    tm = list(target_modules) if target_modules else None
+    sources = [open_deltas(p, sub, targets=tm, allow_pickle=allow_pickle, role="input") for p in paths]
+    labels = [s.label for s in sources]
+    if len(set(labels)) != len(labels):
+        for s in sources:
+            s.label_override = str(s.path)  # type: ignore[attr-defined]
+    total = len({m for s in sources for m in s.modules})
+    cb = progress or _noop
+    done = [0]
+
+    def tick(_m: str) -> None:
+        done[0] += 1
+        cb("scan", done[0], total)
+
+    per_source = score_sources(sub, sources, on_module=tick)
+    out: list[LayerScore] = []
+    for src, scores in zip(sources, per_source):
+        if getattr(src, "label_override", None):
+            for s in scores:
+                s.source = src.label_override  # type: ignore[attr-defined]
+        mark(scores, select_below(scores, tau, strict=True))
+        out.extend(scores)
+    return out
+
+
+# --------------------------------------------------------------------------- SafeMERGE
+@dataclass
+class SafeMergeResult:
+    """What :func:`safemerge_adapters` wrote.
+
+    Attributes:
+        out: output directory.
+        output: ``"adapter"`` or ``"model"``.
+        scores: one :class:`LayerScore` per fine-tuned module (``merged`` = ρ < τ).
+        reconstruction_error: module → ‖ΔW − B A‖_F/‖ΔW‖_F for SVD-truncated layers.
+        ignored_safety_modules: safety-adapter modules the fine-tuned update does not touch.
+    """
+
+    out: Path
+    output: str
+    scores: list[LayerScore]
+    tau: float
+    alpha: float
+    strategy: str
+    compat: str | None = None
+    seed: int | None = None
+    density: float | None = None
+    reconstruction_error: dict[str, float] = field(default_factory=dict)
+    ignored_safety_modules: list[str] = field(default_factory=list)
+    evaluation: Any = None
+
+    @property
+    def merged(self) -> list[str]:
+        return [s.module for s in self.scores if s.merged]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "safemerge",
+            "output": self.output,
+            "tau": self.tau,
+            "alpha": self.alpha,
+            "strategy": self.strategy,
+            "compat": self.compat,
+            "seed": self.seed,
+            "density": self.density,
+            "merged": len(self.merged),
+            "layers": [s.to_dict() | ({"reconstruction_error": self.reconstruction_error[s.module]} if s.module in self.reconstruction_error else {}) for s in self.scores],
+            "ignored_safety_modules": self.ignored_safety_modules,
+        }
+
+
+def safemerge_adapters(
+    *,
+    base: str | Path,
+    aligned: str | Path,
+    finetuned: str | Path,
+    safety: str | Path,
+    out: str | Path,
+    tau: float = 0.35,
+    alpha: float = 0.8,
+    strategy: str = "linear",
+    compat: str | None = None,
+    merge_into: str | Path | None = None,
+    seed: int | None = None,
+    density: float = 0.5,
+    dtype: str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    evaluate: Callable[[Path], tuple[Any, str]] | None = None,
+    progress: Progress | None = None,
+) -> SafeMergeResult:
+    """SafeMERGE (Djuhera et al. 2025): merge the safety update into the layers that drift from safety.
+
+    Layer i becomes ``α ΔW_f + (1−α) ΔW_s`` when ``ρ_i < τ`` and keeps ``ΔW_f`` otherwise
+    (see :mod:`safemerge.safety.safemerge` for the strategies and ``compat="reference"``).
+
+    Args:
+        base, aligned: unaligned base and aligned model directories (the safety subspace).
+        finetuned, safety: the task and safety updates — PEFT adapters trained on ``aligned``,
+            or full fine-tuned model directories.
+        out: output directory (adapter, or full model with ``merge_into`` / full-model inputs).
+        tau: ρ threshold ∈ [−1, 1] (default 0.35, the reference code's).
+        alpha: weight of the task update ∈ [0, 1] (default 0.8).
+        strategy: ``linear`` | ``dare_linear`` | ``ties`` | ``dare_ties``.
+        compat: ``"reference"`` for PEFT 0.14 factor-wise mixing (linear only, equal ranks).
+        merge_into: write a full model: this model's tensors plus the merged update.
+        seed: RNG seed for DARE (per-layer generators; default 0).
+        density: keep fraction for DARE/TIES.
+        dtype: storage dtype of the output (default: the inputs').
+        evaluate: optional ``evaluate(out_tmp_dir) -> (results, markdown)``; the markdown goes
+            into the model card.
+
+    Returns a :class:`SafeMergeResult`.
+    """
+    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.safety.deltas import AdapterDeltas, open_deltas
+    from safemerge.safety.safemerge import check_strategy
+    from safemerge.safety.scoring import score_sources
+    from safemerge.safety.selection import check_tau, check_unit, mark, select_below
+    from safemerge.safety.subspace import SafetySubspace, open_model
+    from safemerge.safety.writing import torch_dtype
+
+    tau = check_tau(tau)
+    alpha = check_unit(alpha, "--alpha", "0.8")
+    check_strategy(strategy, compat)
+    if strategy != "linear":
+        density = check_unit(density, "--density", "0.5")
+        if density == 0.0:
+            raise ConfigError("--density must be > 0", "use a keep fraction in (0, 1], e.g. 0.5")
+    torch_dtype(dtype)
+    check_output_path(out, force=force)
+    cb = progress or _noop
+
+    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle)
+    ft = open_deltas(finetuned, sub, allow_pickle=allow_pickle, role="--finetuned")
+    sf = open_deltas(safety, sub, targets=None, allow_pickle=allow_pickle, role="--safety")
+    target = open_model(merge_into, allow_pickle=allow_pickle, role="merge-into") if merge_into is not None else None
+
+    both_adapters = isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
+    if compat is not None and not both_adapters:
+        raise ConfigError("--compat reference needs two LoRA adapters", "pass adapter directories for --finetuned and --safety")
+    if target is None and not isinstance(ft, AdapterDeltas):
+        output = "model"  # full fine-tune: the output is the fine-tuned model with merged layers
+    elif target is not None:
+        output = "model"
+    else:
+        output = "adapter"
+        if not isinstance(sf, AdapterDeltas) and strategy == "linear":
+            pass  # dense safety delta: SVD back to an adapter below
+        if isinstance(ft, AdapterDeltas) and ft.transposed:
+            raise SafemergeError(
+                f"{ft.path} has fan_in_fan_out/embedding modules, which cannot be written back as a merged adapter",
+                "pass --merge-into MODEL to write a full model instead",
+            )
+    if output == "adapter" and not isinstance(sf, AdapterDeltas):
+        raise SafemergeError(
+            "a full-model --safety update cannot be merged into an adapter",
+            "pass --merge-into MODEL (e.g. the aligned model) to write a full model",
+        )
+    if compat is not None and target is not None:
+        pass  # allowed: merged compat adapter added into a model
+
+    n_mod = len(ft.modules)
+    done = [0]
+
+    def tick(_m: str) -> None:
+        done[0] += 1
+        cb("score", done[0], n_mod)
+
+    scores = score_sources(sub, [ft], on_module=tick)[0]
+    mark(scores, select_below(scores, tau, strict=True))
+    merged = {s.module for s in scores if s.merged}
+    ignored = sorted(set(sf.modules) - set(ft.modules))
+    if compat is not None:
+        _check_equal_ranks(ft, sf)
+
+    result = SafeMergeResult(
+        out=Path(out), output=output, scores=scores, tau=tau, alpha=alpha, strategy=strategy, compat=compat,
+        seed=seed, density=density if strategy != "linear" else None, ignored_safety_modules=ignored,
+    )
+    from safemerge.safety.safemerge_io import build_layer_update, write_safemerge_output
+
+    with atomic_output(out, force=force) as tmp:
+        write_safemerge_output(
+            tmp, result, ft=ft, sf=sf, merged=merged, target=target, aligned=sub.aligned, dtype=dtype,
+            update_fn=build_layer_update(ft, sf, merged, alpha=alpha, strategy=strategy, compat=compat,
+                                         density=density, seed=seed),
+            progress=cb, finetuned=finetuned, safety=safety, base=base, aligned_path=aligned,
+            evaluate=evaluate,
+        )
+    return result
+
+
+def _check_equal_ranks(ft: Any, sf: Any) -> None:
+    for m in ft.modules:
+        if m in sf.modules and ft.rank(m) != sf.rank(m):
+            raise SafemergeError(
+                f"--compat reference needs adapters of equal rank, but {m} has r_f={ft.rank(m)} and r_s={sf.rank(m)}",
+                "PEFT's factor-wise linear merge requires one rank; drop --compat to merge exactly at rank r_f + r_s",
+            )
+
+
+# --------------------------------------------------------------------------- SafeLoRA
+@dataclass
+class SafeLoRAResult:
+    """What :func:`safelora` wrote: scores (``merged`` = projected), mode and threshold used."""
+
+    out: Path
+    output: str
+    scores: list[LayerScore]
+    mode: str
+    tau: float
+    num_layers: int | None = None
+
+    @property
+    def projected(self) -> list[str]:
+        return [s.module for s in self.scores if s.merged]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "safelora", "output": self.output, "mode": self.mode, "tau": self.tau,
+                "num_layers": self.num_layers, "projected": len(self.projected),
+                "layers": [s.to_dict() for s in self.scores]}
+
+
+def safelora(
+    *,
+    base: str | Path,
+    aligned: str | Path,
+    finetuned: str | Path,
+    out: str | Path,
+    mode: str = "threshold",
+    tau: float = 0.5,
+    num_layers: int = 10,
+    merge_into: str | Path | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> SafeLoRAResult:
+    """SafeLoRA (Hsu et al., NeurIPS 2024, Eq. 3): project ``B ← C B`` on low-ρ layers.
+
+    ``C B = V (Vᵀ B)/‖V‖_F`` (unnormalised, as published; never an out × out matrix). Layers are
+    chosen by ``ρ ≤ τ`` (``mode="threshold"``, τ = 0.5) or as the ``num_layers`` lowest ρ
+    (``mode="number"``, K = 10; ties at the K-th value included). Each layer is projected at most
+    once (the reference PEFT port's double projection is avoided by projecting from the original
+    factors in a single pass). A full fine-tuned model gets ``ΔW ← C ΔW`` on the chosen layers.
+    """
+    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.safety.safelora import run_safelora
+    from safemerge.safety.selection import check_tau
+    from safemerge.safety.writing import torch_dtype
+
+    if mode not in ("threshold", "number"):
+        raise ConfigError(f"unknown SafeLoRA mode {mode!r}", "use --mode threshold or --mode number")
+    tau = check_tau(tau)
+    torch_dtype(dtype)
+    check_output_path(out, force=force)
+    with atomic_output(out, force=force) as tmp:
+        res = run_safelora(
+            tmp, base=base, aligned=aligned, finetuned=finetuned, mode=mode, tau=tau, num_layers=num_layers,
+            merge_into=merge_into, dtype=dtype, allow_pickle=allow_pickle, progress=progress or _noop,
+        )
+    res.out = Path(out)
+    return res
+
+
+# --------------------------------------------------------------------------- RESTA
+def resta(
+    *,
+    unaligned: str | Path,
+    aligned: str | Path,
+    finetuned: str | Path,
+    out: str | Path,
+    beta: float = 0.5,
+    dare_density: float | None = None,
+    seed: int | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """RESTA (Bhardwaj et al., ACL 2024, §3): ``θ = θ_ft + β (θ_aligned − θ_unaligned)``.
+
+    With ``dare_density = p`` the fine-tuning delta is first sparsified by DARE (Yu et al. 2024):
+    ``θ = θ_aligned + DARE_p(θ_ft − θ_aligned) + β (θ_aligned − θ_unaligned)``. ``finetuned`` may
+    be a full model, a LoRA adapter directory (applied to ``aligned``) or ``MODEL+ADAPTER``.
+    Writes a full model; returns its path.
+    """
+    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.safety.resta import run_resta
+    from safemerge.safety.writing import torch_dtype
+
+    torch_dtype(dtype)
+    check_output_path(out, force=force)
+    with atomic_output(out, force=force) as tmp:
+        run_resta(tmp, unaligned=unaligned, aligned=aligned, finetuned=finetuned, beta=beta,
+                  dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle,
+                  progress=progress or _noop)
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- MergeAlign
+def mergealign(
+    *,
+    pretrained: str | Path,
+    domain: str | Path,
+    aligned: str | Path,
+    out: str | Path,
+    lambda_domain: float = 0.5,
+    lambda_aligned: float = 0.5,
+    dtype: str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: Progress | None = None,
+) -> Path:
+    """MergeAlign (arXiv 2411.06824): ``θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)``.
+
+    ``domain`` / ``aligned`` may be full models, adapter directories (applied to ``pretrained``)
+    or ``MODEL+ADAPTER`` references. Writes a full model; returns its path.
+    """
+    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.safety.mergealign import run_mergealign
+    from safemerge.safety.writing import torch_dtype
+
+    torch_dtype(dtype)
+    check_output_path(out, force=force)
+    with atomic_output(out, force=force) as tmp:
+        run_mergealign(tmp, pretrained=pretrained, domain=domain, aligned=aligned, lambda_domain=lambda_domain,
+                       lambda_aligned=lambda_aligned, dtype=dtype, allow_pickle=allow_pickle, progress=progress or _noop)
+    return Path(out)

@@ -1,0 +1,162 @@
+"""Fine-tuning updates ΔW per target module, from a LoRA adapter or a full fine-tuned model.
+
+* A PEFT LoRA adapter gives ``ΔW = s·B A`` (Hu et al. 2021, Eq. 3; rsLoRA ``s = α/√r``),
+  kept as factors so that every safety computation stays low rank.
+* A full fine-tuned model gives the dense ``ΔW = W_ft − W_aligned`` per 2-D weight inside the
+  repeated blocks, read one tensor at a time.
+
+Both are matched to the safety subspace **by module path** and validated against the aligned
+model's shapes before any arithmetic (a wrong base model is a user error, not a crash).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.safety.subspace import SafetySubspace
+
+
+def _matches(module: str, targets: list[str] | None) -> bool:
+    """PEFT-style target matching: a target names the last path component(s) of the module."""
+    if not targets:
+        return True
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+class DeltaSource:
+    """Common interface: ``modules``, :meth:`dense`, :meth:`lowrank` (``None`` for dense sources)."""
+
+    path: Path
+    kind: str
+    modules: list[str]
+
+    def dense(self, module: str) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def lowrank(self, module: str) -> tuple[Any, Any] | None:
+        return None
+
+    def rank(self, module: str) -> int | None:
+        return None
+
+    @property
+    def label(self) -> str:
+        return self.path.name or str(self.path)
+
+
+class AdapterDeltas(DeltaSource):
+    """A LoRA adapter as ``module → (A, s·B)`` with ``ΔW = (s·B) @ A`` in the weight's layout."""
+
+    kind = "adapter"
+
+    def __init__(self, path: str | Path, subspace: SafetySubspace, *, allow_pickle: bool = False, role: str = "adapter") -> None:
+        from safemerge.io.adapter import load_adapter
+
+        self.path = Path(path)
+        self.adapter = load_adapter(self.path, allow_pickle=allow_pickle)
+        self.role = role
+        self.modules = sorted(self.adapter, key=_module_sort_key)
+        for m in self.modules:
+            out_dim, in_dim = subspace.shape(m)
+            mod = self.adapter[m]
+            want = (int(mod.B.shape[0]), int(mod.A.shape[1]))
+            if mod.transpose:
+                want = want[::-1]
+            if want != (out_dim, in_dim):
+                raise CheckpointError(
+                    f"{role} {self.path}: module {m} gives ΔW of shape {want} but the model's weight is {(out_dim, in_dim)}",
+                    "use the adapter with the model it was trained on (check --aligned)",
+                )
+
+    @property
+    def transposed(self) -> bool:
+        return any(self.adapter[m].transpose for m in self.modules)
+
+    def lowrank(self, module: str) -> tuple[Any, Any]:
+        """``(A, s·B)`` in the base weight's orientation (transposed modules are flipped)."""
+        mod = self.adapter[module]
+        A, sB = mod.scaled_factors()
+        if mod.transpose:  # ΔW_stored = (sBA)ᵀ = Aᵀ (sB)ᵀ
+            return sB.T.contiguous(), A.T.contiguous()
+        return A, sB
+
+    def dense(self, module: str) -> Any:
+        A, sB = self.lowrank(module)
+        return sB @ A
+
+    def rank(self, module: str) -> int:
+        return self.adapter[module].rank
+
+    def scaling(self, module: str) -> float:
+        return self.adapter[module].scaling
+
+
+class ModelDeltas(DeltaSource):
+    """A full fine-tuned model: ``ΔW = W_ft − W_aligned`` for each 2-D block weight (dense)."""
+
+    kind = "model"
+
+    def __init__(
+        self,
+        path: str | Path,
+        subspace: SafetySubspace,
+        *,
+        targets: list[str] | None = None,
+        allow_pickle: bool = False,
+        role: str = "model",
+    ) -> None:
+        from safemerge.io.checkpoint import Checkpoint
+
+        self.path = Path(path)
+        self.ckpt = Checkpoint(self.path, allow_pickle=allow_pickle)
+        self.aligned = subspace.aligned
+        self.modules = []
+        for m in subspace.linear_modules():
+            if not _matches(m, targets):
+                continue
+            w = f"{m}.weight"
+            if w not in self.ckpt:
+                raise CheckpointError(f"{role} {self.path} has no tensor {w!r}", "the fine-tuned model must share the aligned model's architecture")
+            if tuple(self.ckpt.shape(w)) != tuple(self.aligned.shape(w)):
+                raise CheckpointError(
+                    f"{w} has shape {tuple(self.ckpt.shape(w))} in {self.path} but {tuple(self.aligned.shape(w))} in the aligned model",
+                    "the fine-tuned model must share the aligned model's architecture",
+                )
+            subspace.weight_name(m)
+            self.modules.append(m)
+        self.modules.sort(key=_module_sort_key)
+        if not self.modules:
+            raise SafemergeError(f"no target weights found in {self.path}", "check --targets (e.g. q_proj,v_proj)")
+
+    def dense(self, module: str) -> Any:
+        w = f"{module}.weight"
+        return self.ckpt.get(w) - self.aligned.get(w)
+
+
+def _module_sort_key(module: str) -> tuple:
+    """Sort modules by block index, then name (deterministic, model order)."""
+    from safemerge.io.checkpoint import layer_index
+
+    idx = layer_index(module + ".weight")
+    return (idx if idx is not None else -1, module)
+
+
+def open_deltas(
+    path: str | Path,
+    subspace: SafetySubspace,
+    *,
+    targets: list[str] | None = None,
+    allow_pickle: bool = False,
+    role: str = "fine-tuned",
+) -> DeltaSource:
+    """An adapter directory (``adapter_config.json``) or a full model directory, as a :class:`DeltaSource`."""
+    p = Path(str(path))
+    if not p.exists():
+        raise SafemergeError(f"{role} path {str(p)!r} does not exist", "check the path")
+    if (p / "adapter_config.json").exists():
+        src: DeltaSource = AdapterDeltas(p, subspace, allow_pickle=allow_pickle, role=role)
+        if targets:
+            src.modules = [m for m in src.modules if _matches(m, targets)]
+        return src
+    return ModelDeltas(p, subspace, targets=targets, allow_pickle=allow_pickle, role=role)

@@ -1,0 +1,184 @@
+"""SafeMERGE per-layer updates and output writing (adapter or full model + model card).
+
+The math lives in :mod:`safemerge.safety.safemerge`; this module decides, per fine-tuned module,
+which realisation applies and streams the result into the output directory.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import CheckpointError
+from safemerge.safety.deltas import AdapterDeltas, DeltaSource
+
+
+@dataclass
+class LayerUpdate:
+    """The final ΔW of one module: exact factors ``(A, B)`` (ΔW = B A) or a dense tensor."""
+
+    factors: tuple[Any, Any] | None = None
+    dense: Any = None
+    svd_rank: int | None = None
+
+    def as_dense(self) -> Any:
+        if self.dense is not None:
+            return self.dense
+        A, B = self.factors  # type: ignore[misc]
+        return B @ A
+
+
+def build_layer_update(
+    ft: DeltaSource, sf: DeltaSource, merged: set[str], *, alpha: float, strategy: str, compat: str | None,
+    density: float, seed: int | None,
+) -> Callable[[str], LayerUpdate]:
+    """Return ``module → LayerUpdate`` implementing SafeMERGE's rule for one strategy.
+
+    Merged modules (ρ < τ) get ``α ΔW_f + (1−α) ΔW_s`` (``ΔW_s = 0`` where the safety adapter
+    does not adapt the module, as PEFT's weighted merge does); others keep ``ΔW_f``.
+    """
+    import torch
+
+    from safemerge.safety.safemerge import merge_dense, merge_linear_factors, merge_reference_factors
+
+    sf_mods = set(sf.modules)
+
+    def raw(src: AdapterDeltas, m: str) -> tuple[Any, Any, float]:
+        mod = src.adapter[m]
+        return mod.A.float(), mod.B.float(), mod.scaling
+
+    def update(m: str) -> LayerUpdate:
+        has_s = m in sf_mods
+        if compat == "reference":
+            assert isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
+            A_f, B_f, s_f = raw(ft, m)
+            if has_s:
+                A_s, B_s, s_s = raw(sf, m)
+            else:
+                A_s, B_s, s_s = torch.zeros_like(A_f), torch.zeros_like(B_f), 0.0
+            w_f, w_s = (alpha, 1.0 - alpha) if m in merged else (1.0, 0.0)
+            return LayerUpdate(factors=merge_reference_factors(A_f, B_f, s_f, A_s, B_s, s_s, w_f, w_s))
+        lr_f = ft.lowrank(m)
+        if m not in merged:
+            return LayerUpdate(factors=lr_f) if lr_f is not None else LayerUpdate(dense=ft.dense(m))
+        lr_s = sf.lowrank(m) if has_s else None
+        if strategy == "linear" and lr_f is not None and (lr_s is not None or not has_s):
+            A_f, sB_f = lr_f
+            if lr_s is None:
+                return LayerUpdate(factors=(A_f, sB_f * alpha))
+            return LayerUpdate(factors=merge_linear_factors(A_f, sB_f, lr_s[0], lr_s[1], alpha))
+        D_f = ft.dense(m)
+        D_s = sf.dense(m) if has_s else torch.zeros_like(D_f)
+        D = merge_dense(D_f, D_s, alpha=alpha, strategy=strategy, density=density, module=m, seed=seed)
+        r = (ft.rank(m) or 0) + ((sf.rank(m) or 0) if has_s else 0)
+        return LayerUpdate(dense=D, svd_rank=r or None)
+
+    return update
+
+
+def _card(result: Any, *, finetuned: Any, safety: Any, base: Any, aligned: Any, merge_into: Any, eval_md: str | None) -> tuple[dict, list]:
+    from safemerge.io.output import md_escape
+    from safemerge.safety.writing import params_markdown, scores_table_markdown
+
+    params = [
+        ("method", "SafeMERGE (Djuhera et al. 2025)"),
+        ("tau (merge where ρ < τ)", result.tau),
+        ("alpha (weight of the task update)", result.alpha),
+        ("strategy", result.strategy),
+        ("compat", result.compat or "none (exact α ΔW_f + (1−α) ΔW_s)"),
+        ("seed", result.seed),
+        ("density", result.density),
+        ("base (unaligned)", str(base)),
+        ("aligned", str(aligned)),
+        ("fine-tuned", str(finetuned)),
+        ("safety", str(safety)),
+        ("merge-into", str(merge_into) if merge_into is not None else "none"),
+        ("layers merged", f"{len(result.merged)} of {len(result.scores)}"),
+    ]
+    sections = [
+        ("SafeMERGE", "Layers whose safety similarity ρ = cos(C ΔW_f, ΔW_f), C = V Vᵀ/‖V‖_F, "
+         "V = W_aligned − W_base, is below τ were replaced by α ΔW_f + (1−α) ΔW_s; all other layers keep ΔW_f.\n\n"
+         + params_markdown(params)),
+        ("Per-layer similarity", scores_table_markdown(result.scores, decision="merged")),
+    ]
+    if result.reconstruction_error:
+        rows = ["| module | rank | relative error ‖ΔW − BA‖_F/‖ΔW‖_F |", "|---|---:|---:|"]
+        for m, e in result.reconstruction_error.items():
+            rows.append(f"| {md_escape(m)} | {result.svd_ranks.get(m, '')} | {e:.3e} |")
+        sections.append(("Truncated-SVD reconstruction", "Dense merged layers were written back as LoRA factors "
+                         "by truncated SVD at rank r_f + r_s.\n\n" + "\n".join(rows)))
+    if result.ignored_safety_modules:
+        sections.append(("Ignored safety modules", "The safety adapter adapts modules the fine-tuned adapter does not; "
+                         "they were left out (ΔW_f = 0 there, ρ is undefined):\n\n"
+                         + "\n".join(f"- {md_escape(m)}" for m in result.ignored_safety_modules)))
+    if eval_md:
+        sections.append(("Evaluation", eval_md))
+    fm = {"safemerge": {"method": "safemerge", "tau": result.tau, "alpha": result.alpha, "strategy": result.strategy,
+                        "compat": result.compat, "seed": result.seed, "merged_layers": len(result.merged)}}
+    return fm, sections
+
+
+def write_safemerge_output(
+    tmp: Path, result: Any, *, ft: DeltaSource, sf: DeltaSource, merged: set[str], target: Any, aligned: Any,
+    dtype: str | None, update_fn: Callable[[str], LayerUpdate], progress: Callable[[str, int, int], None],
+    finetuned: Any, safety: Any, base: Any, aligned_path: Any, evaluate: Any = None,
+) -> None:
+    """Write the adapter (exact factors / truncated SVD) or the full model, then the model card."""
+    from safemerge.io.adapter import save_adapter
+    from safemerge.io.output import write_model_card
+    from safemerge.safety.safemerge import truncate_svd
+    from safemerge.safety.writing import copy_adapter_side_files, torch_dtype, write_full_model, write_json
+
+    result.svd_ranks = {}
+    mods = list(ft.modules)
+    if result.output == "adapter":
+        factors: dict[str, tuple[Any, Any]] = {}
+        for i, m in enumerate(mods):
+            upd = update_fn(m)
+            if upd.factors is not None:
+                A, B = upd.factors
+            else:
+                A, B, err = truncate_svd(upd.dense, upd.svd_rank or 1)
+                result.reconstruction_error[m] = err
+                result.svd_ranks[m] = int(A.shape[0])
+            factors[m] = (A.contiguous(), B.contiguous())
+            progress("write", i + 1, len(mods))
+        base_name = ft.adapter.base_model_name_or_path if isinstance(ft, AdapterDeltas) else None
+        save_adapter(tmp, factors, base_model_name_or_path=base_name or str(aligned_path), dtype=torch_dtype(dtype))
+        copy_adapter_side_files(Path(str(finetuned)), tmp)
+        base_model_card = base_name or str(aligned_path)
+    else:
+        write_onto_ft = target is None  # full fine-tuned model: stream it, replace merged layers
+        model = ft.ckpt if write_onto_ft else target  # type: ignore[attr-defined]
+        for m in mods:
+            w = f"{m}.weight"
+            if w not in model:
+                raise CheckpointError(f"--merge-into model {model.path} has no tensor {w!r}", "merge into the model the adapters were trained on")
+            if tuple(model.shape(w)) != tuple(aligned.shape(w)):
+                raise CheckpointError(
+                    f"{w} has shape {tuple(model.shape(w))} in {model.path} but {tuple(aligned.shape(w))} in the aligned model",
+                    "merge into the model the adapters were trained on",
+                )
+        wanted = {f"{m}.weight": m for m in mods}
+
+        def upd(name: str, t: Any) -> Any:
+            m = wanted.get(name)
+            if m is None:
+                return None
+            if write_onto_ft:
+                if m not in merged:
+                    return None
+                return t + (update_fn(m).as_dense() - ft.dense(m))
+            return t + update_fn(m).as_dense()
+
+        write_full_model(tmp, model, upd, dtype=dtype, progress=lambda d, n: progress("write", d, n))
+        base_model_card = str(model.path)
+    eval_md = None
+    if evaluate is not None:
+        result.evaluation, eval_md = evaluate(tmp)
+    fm, sections = _card(result, finetuned=finetuned, safety=safety, base=base, aligned=aligned_path,
+                         merge_into=None if target is None else target.path, eval_md=eval_md)
+    write_model_card(tmp, title="SafeMERGE merge", base_model=base_model_card, tags=["safemerge", "safety", "lora" if result.output == "adapter" else "merge"],
+                     front_matter=fm, sections=sections, library_name="peft" if result.output == "adapter" else "transformers")
+    write_json(tmp / "safemerge.json", result.to_dict())

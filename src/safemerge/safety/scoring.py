@@ -1,0 +1,74 @@
+"""Score fine-tuning updates against the safety subspace in one streamed pass over V.
+
+For every target module the safety vector ``V = W_aligned − W_base`` is read once and every
+input that adapts that module is scored with ρ = cos(C ΔW, ΔW) (Hsu et al. 2024, Eq. 2):
+low-rank traces for adapters, the dense projection for full fine-tunes
+(:mod:`safemerge.safety.similarity`).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from safemerge.safety.deltas import DeltaSource, _module_sort_key
+from safemerge.safety.selection import LayerScore
+from safemerge.safety.similarity import rho_dense, rho_lowrank
+from safemerge.safety.subspace import SafetySubspace
+
+
+def _block_name(module: str) -> tuple[int | None, str]:
+    from safemerge.io.checkpoint import split_layer_name
+
+    parts = split_layer_name(module + ".weight")
+    if parts is None:
+        return None, module
+    return parts[1], parts[2][: -len(".weight")]
+
+
+def delta_norm_lowrank(A, sB) -> float:
+    """``‖sBA‖_F = sqrt(tr(BᵀB · AAᵀ))`` (r × r; Hu et al. 2021 factors)."""
+    a = A.double()
+    b = sB.double()
+    val = float(((b.T @ b) * (a @ a.T)).sum())  # tr(XY) = Σ X∘Yᵀ and AAᵀ is symmetric
+    return max(val, 0.0) ** 0.5
+
+
+def score_sources(
+    subspace: SafetySubspace,
+    sources: Sequence[DeltaSource],
+    *,
+    on_module: Callable[[str], None] | None = None,
+) -> list[list[LayerScore]]:
+    """ρ for every module of every source, reading each ``V_i`` once.
+
+    Returns one list of :class:`LayerScore` per source, in model order (block, then name).
+    ``on_module`` is called after each module (progress reporting).
+    """
+    import torch
+
+    modules = sorted({m for s in sources for m in s.modules}, key=_module_sort_key)
+    members = [set(s.modules) for s in sources]
+    results: list[list[LayerScore]] = [[] for _ in sources]
+    for module in modules:
+        sv = subspace.vector(module)
+        layer, name = _block_name(module)
+        for i, src in enumerate(sources):
+            if module not in members[i]:
+                continue
+            lr = src.lowrank(module)
+            if lr is not None:
+                A, sB = lr
+                rho = rho_lowrank(sv.V, A, sB, v_norm=sv.norm)
+                dn = delta_norm_lowrank(A, sB)
+            else:
+                D = src.dense(module)
+                rho = rho_dense(sv.V, D, v_norm=sv.norm)
+                dn = float(torch.linalg.vector_norm(D))
+                del D
+            results[i].append(
+                LayerScore(module=module, layer=layer, name=name, rho=rho, delta_norm=dn, v_norm=sv.norm,
+                           source=src.label, rank=src.rank(module))
+            )
+        del sv
+        if on_module is not None:
+            on_module(module)
+    return results
