@@ -29,7 +29,9 @@ _STATE = {"debug": False}
 
 # Command modules, registered in this order (each one adds its commands to ``app``).
 COMMAND_MODULES = [
+    "safemerge.cli.convert_cmd",
     "safemerge.cli.merge_cmd",
+    "safemerge.cli.safety_cmd",
 ]
 
 

@@ -29,8 +29,11 @@ ADAPTER_PICKLE = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."
 
 _LORA_KEY = re.compile(
-    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_\-]+)?(?:\.weight)?$"
+    r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
+    r"(?:\.(?!weight$|bias$)[A-Za-z0-9_\-]+)?(?P<param>\.weight|\.bias)?$"
 )
+# Adapter tensors that are neither LoRA factors nor full weights and that we cannot apply.
+_UNSUPPORTED_KEY = re.compile(r"\.(lora_magnitude_vector|lora_E|ia3_l|hada_w|lokr_w|oft_r|boft_R)\b")
 
 
 @dataclass
@@ -123,11 +126,21 @@ class LoraAdapter(Mapping):
         for key in self._tensors.names():
             k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             m = _LORA_KEY.match(k)
+            if m and m.group("param") == ".bias":
+                raise CheckpointError(
+                    f"{self.path}: {k} is a LoRA bias (lora_bias=True), which is not supported",
+                    "train the adapter with lora_bias=False",
+                )
             if m:
                 self._index.setdefault(m.group("module"), {})[m.group("kind")] = key
+            elif _UNSUPPORTED_KEY.search(k):
+                raise CheckpointError(f"{self.path}: tensor {k} is not a plain LoRA weight", "use a plain LoRA adapter")
             else:
-                # modules_to_save: full replacement weights, e.g. lm_head.modules_to_save.default.weight
-                self.extra_weights[k.replace(".modules_to_save.default", "").replace(".original_module", "")] = key
+                # Full replacement weights: modules_to_save (``lm_head.weight``, in memory
+                # ``lm_head.modules_to_save.default.weight``) and, for embedding LoRAs, the saved
+                # embedding matrix (``embed_tokens.base_layer.weight``, save_embedding_layers=True).
+                name = k.replace(".modules_to_save.default", "").replace(".original_module", "").replace(".base_layer", "")
+                self.extra_weights[name] = key
         for mod, kinds in self._index.items():
             if not ({"lora_A", "lora_B"} <= kinds.keys() or {"lora_embedding_A", "lora_embedding_B"} <= kinds.keys()):
                 raise CheckpointError(f"{self.path}: module {mod} has only {sorted(kinds)}", "the adapter is incomplete; re-save it")
@@ -180,6 +193,11 @@ class LoraAdapter(Mapping):
                 f"{self.path}: module {module} has inconsistent LoRA shapes A{tuple(A.shape)} B{tuple(B.shape)}",
                 "re-save the adapter",
             )
+        if A.shape[0] != self.rank_of(module):
+            raise CheckpointError(
+                f"{self.path}: module {module} has rank {A.shape[0]} but adapter_config.json says r={self.rank_of(module)}",
+                "the config does not belong to these weights; re-save the adapter",
+            )
         return LoraModule(module, A, B, self.scaling(module), transpose)
 
     @cached_property
@@ -213,9 +231,12 @@ class AdaptedCheckpoint(Mapping):
                 f"adapter {adapter.path} targets {missing[0]!r}, which is not in the base model {base.path}",
                 "apply the adapter to the model it was trained on",
             )
+        for w in adapter.extra_weights:
+            if w not in base:
+                raise CheckpointError(f"adapter {adapter.path} saves {w!r}, which is not in the base model", "check the base model")
         for w, m in adapter.weight_names.items():
             mod = adapter[m]
-            shape = tuple(base.shape(w))
+            shape = self.shape(w)
             want = (mod.B.shape[0], mod.A.shape[1])
             if mod.transpose:
                 want = want[::-1]
@@ -224,9 +245,6 @@ class AdaptedCheckpoint(Mapping):
                     f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {shape}",
                     "apply the adapter to the model it was trained on",
                 )
-        for w in adapter.extra_weights:
-            if w not in base:
-                raise CheckpointError(f"adapter {adapter.path} saves {w!r}, which is not in the base model", "check the base model")
 
     # Metadata is the base model's.
     config = property(lambda self: self.base.config)
@@ -240,14 +258,22 @@ class AdaptedCheckpoint(Mapping):
     def names(self) -> list[str]:
         return self.base.names()
 
+    def _replacement(self, name: str) -> str | None:
+        """Adapter key of a full replacement weight for base tensor ``name`` (modules_to_save)."""
+        extra = self.adapter.extra_weights
+        return extra.get(name) or extra.get(self.base.aliases.get(name, name))
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return self.base.shape(name)
+        key = self._replacement(name)
+        return tuple(self.adapter._tensors.shape(key)) if key else tuple(self.base.shape(name))
 
     def dtype_name(self, name: str) -> str:
-        return self.base.dtype_name(name)
+        key = self._replacement(name)
+        return self.adapter._tensors.dtype_name(key) if key else self.base.dtype_name(name)
 
     def nbytes(self, name: str) -> int:
-        return self.base.nbytes(name)
+        key = self._replacement(name)
+        return self.adapter._tensors.nbytes(key) if key else self.base.nbytes(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self.base
@@ -266,14 +292,14 @@ class AdaptedCheckpoint(Mapping):
         import torch
 
         real = self.base.aliases.get(name, name)
-        if real in self.adapter.extra_weights:
-            t = self.adapter._tensors.get(self.adapter.extra_weights[real], dtype=None)
-        elif real in self.adapter.weight_names:
-            stored = self.base.dtype_name(real)
-            w = self.base.get(real, dtype=torch.float32) + self.adapter[self.adapter.weight_names[real]].delta()
+        key = self._replacement(name)
+        source, source_name = (self.adapter._tensors, key) if key else (self.base, real)
+        if real in self.adapter.weight_names:
+            stored = source.dtype_name(source_name)
+            w = source.get(source_name, dtype=torch.float32) + self.adapter[self.adapter.weight_names[real]].delta()
             t = w if dtype is not None else w.to(getattr(torch, stored))
         else:
-            t = self.base.get(real, dtype=None)
+            t = source.get(source_name, dtype=None)
         if dtype is not None and t.is_floating_point():
             t = t.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return t.to(device) if device != "cpu" else t

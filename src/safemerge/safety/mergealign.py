@@ -1,6 +1,6 @@
-"""MergeAlign (arXiv 2411.06824, "Merging by Matching Models in Task Parameter Subspaces"-style
-task arithmetic for alignment; ACL 2025 Short): interpolate a domain vector and an alignment
-vector and add them back to the pre-trained model::
+"""MergeAlign ("Combining Domain and Alignment Vectors … Knowledge-Safety Trade-offs in LLMs",
+arXiv 2411.06824; ACL 2025 Short): interpolate the domain vector ``τ_D = θ_domain − θ_pre`` and
+the alignment vector ``τ_A = θ_aligned − θ_pre`` and add them back to the pre-trained model::
 
     θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)       (MergeAlign)
 

@@ -1,0 +1,258 @@
+"""Safety commands: ``scan``, ``safemerge``, ``safelora``, ``resta``, ``mergealign``.
+
+Thin wrappers over :mod:`safemerge.safety.api`; torch is imported inside the command bodies.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import typer
+
+from safemerge.cli import app
+
+_BASE_HELP = "Unaligned base model (pre-trained), used with --aligned to build the safety subspace V = W_aligned − W_base."
+_ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the chat/instruct model)."
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar on stderr driven by ``cb(stage, done, total)`` (one task per stage)."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    tasks: dict[str, Any] = {}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as p:
+        def cb(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = p.add_task(stage, total=total)
+            p.update(tasks[stage], completed=done, total=total)
+
+        yield cb
+
+
+def _print_scores(scores: list, tau: float | None, decision: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    multi = len({s.source for s in scores}) > 1
+    title = f"safety similarity ρ = cos(CΔW, ΔW)" + (f", τ = {tau:g}" if tau is not None else "")
+    table = Table(title=title)
+    if multi:
+        table.add_column("input")
+    for col in ("layer", "module", "ρ", "‖ΔW‖_F", decision):
+        table.add_column(col, justify="right" if col in ("layer", "ρ", "‖ΔW‖_F") else "left")
+    for s in scores:
+        row = ["" if s.layer is None else str(s.layer), s.name, f"{s.rho:.5f}", f"{s.delta_norm:.4g}", "yes" if s.merged else "no"]
+        table.add_row(*([s.source] if multi else []), *row)
+    Console().print(table)
+    n = sum(s.merged for s in scores)
+    typer.echo(f"{n} of {len(scores)} layers {decision}", err=True)
+
+
+def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, harmful: str, benign: str, utility: str | None,
+               judge: str, limit: int | None) -> Callable[[Path], tuple[Any, str]] | None:
+    """``--eval``: run :func:`safemerge.evaluate.api.evaluate` on the finished output (before renaming)."""
+    if not enabled:
+        return None
+
+    def run(tmp: Path) -> tuple[Any, str]:
+        import inspect
+
+        from safemerge.errors import SafemergeError
+
+        try:
+            from safemerge.evaluate.api import evaluate
+            from safemerge.evaluate.report import results_markdown
+        except ImportError as exc:
+            raise SafemergeError("--eval needs the evaluation harness, which is not installed", "run without --eval") from exc
+        kw: dict[str, Any] = dict(harmful=harmful, benign=benign, utility=utility, judge=judge, limit=limit, out_dir=str(tmp / "eval"))
+        model = str(tmp)
+        if output_is_adapter:
+            if "adapter" in inspect.signature(evaluate).parameters:
+                model, kw["adapter"] = str(aligned), str(tmp)
+            else:
+                model = f"{aligned}+{tmp}"
+        res = evaluate(model, **kw)
+        return res, results_markdown(res)
+
+    return run
+
+
+@app.command("scan")
+def scan_command(
+    inputs: list[Path] = typer.Argument(..., help="Fine-tuned LoRA adapter directories and/or full fine-tuned model directories."),
+    base: Path = typer.Option(..., "--base", help=_BASE_HELP),
+    aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
+    tau: float = typer.Option(0.35, "--tau", help="Threshold τ ∈ [-1, 1]; layers with ρ < τ are marked as merged (SafeMERGE)."),
+    targets: str = typer.Option(None, "--targets", help="Comma-separated module names to score (e.g. q_proj,v_proj). Default: all adapted modules / all block weights."),
+    json_out: Path = typer.Option(None, "--json", help="Write the per-layer records as a JSON list."),
+    csv_out: Path = typer.Option(None, "--csv", help="Write the per-layer records as CSV."),
+    plot: Path = typer.Option(None, "--plot", help="Write a heatmap PNG (layers × modules, coloured by ρ, cells below τ marked)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the table."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+) -> None:
+    """Per-layer safety similarity ρ = cos(CΔW, ΔW), C = VVᵀ/‖V‖_F (SafeLoRA/SafeMERGE), without forming C.
+
+    Example: safemerge scan --base base/ --aligned chat/ task-lora/ --json rho.json --plot rho.png
+    """
+    from safemerge.safety.api import scan
+    from safemerge.safety.report import write_csv, write_json_records
+
+    tm = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    for p in (json_out, csv_out, plot):
+        if p is not None and p.parent and not p.parent.exists():
+            from safemerge.errors import SafemergeError
+
+            raise SafemergeError(f"directory {str(p.parent)!r} does not exist", "create it or choose another output path")
+    with _progress(not no_progress) as cb:
+        scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle, progress=cb)
+    if not quiet:
+        _print_scores(scores, tau, "merged")
+    if json_out is not None:
+        write_json_records(json_out, scores)
+    if csv_out is not None:
+        write_csv(csv_out, scores)
+    if plot is not None:
+        from safemerge.safety.plots import heatmap
+
+        heatmap(scores, plot, tau=tau)
+    for p in (json_out, csv_out, plot):
+        if p is not None:
+            typer.echo(f"wrote {p}", err=True)
+
+
+@app.command("safemerge")
+def safemerge_command(
+    finetuned: Path = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model) trained on --aligned."),
+    safety: Path = typer.Option(..., "--safety", help="Safety LoRA adapter (or full model) trained on --aligned."),
+    base: Path = typer.Option(..., "--base", help=_BASE_HELP),
+    aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
+    tau: float = typer.Option(0.35, "--tau", help="Merge layers with ρ < τ (τ ∈ [-1, 1]; reference default 0.35)."),
+    alpha: float = typer.Option(0.8, "--alpha", help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1])."),
+    strategy: str = typer.Option("linear", "--strategy", help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense per layer)."),
+    compat: str = typer.Option(None, "--compat", help="'reference': reproduce PEFT 0.14 factor-wise mixing of the released SafeMERGE code (cross terms included; equal ranks)."),
+    merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
+    density: float = typer.Option(0.5, "--density", help="Keep fraction for dare_linear/ties/dare_ties."),
+    seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-layer generators; outputs byte-identical per seed)."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs')."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+    eval_: bool = typer.Option(False, "--eval", help="Evaluate the output and put the safety report into its model card."),
+    eval_harmful: str = typer.Option("builtin:harmful", "--eval-harmful", help="Harmful prompt set for --eval."),
+    eval_benign: str = typer.Option("builtin:benign", "--eval-benign", help="Benign look-alike set for --eval (over-refusal)."),
+    eval_utility: str = typer.Option(None, "--eval-utility", help="Utility set for --eval (e.g. builtin:arithmetic)."),
+    eval_judge: str = typer.Option("keyword", "--eval-judge", help="Judge for --eval (keyword, llamaguard:PATH, …)."),
+    eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate at most N prompts per set."),
+) -> None:
+    """SafeMERGE: layers whose update drifts from the safety subspace (ρ < τ) become α ΔW_f + (1−α) ΔW_s.
+
+    Example: safemerge safemerge --base base/ --aligned chat/ --finetuned task-lora/ --safety safety-lora/ -o merged/
+    """
+    from safemerge.safety.api import safemerge_adapters
+
+    output_is_adapter = merge_into is None and (finetuned / "adapter_config.json").exists()
+    ev = _evaluator(eval_, aligned, output_is_adapter, eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit)
+    with _progress(not no_progress) as cb:
+        res = safemerge_adapters(
+            base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
+            strategy=strategy, compat=compat, merge_into=merge_into, seed=seed, density=density, dtype=dtype,
+            force=force, allow_pickle=allow_pickle, evaluate=ev, progress=cb,
+        )
+    if not quiet:
+        _print_scores(res.scores, res.tau, "merged")
+    if res.reconstruction_error:
+        worst = max(res.reconstruction_error.items(), key=lambda kv: kv[1])
+        typer.echo(f"truncated SVD: max relative reconstruction error {worst[1]:.3e} ({worst[0]})", err=True)
+    typer.echo(f"wrote {res.output} to {res.out}", err=True)
+
+
+@app.command("safelora")
+def safelora_command(
+    finetuned: Path = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model) trained on --aligned."),
+    base: Path = typer.Option(..., "--base", help=_BASE_HELP),
+    aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
+    mode: str = typer.Option("threshold", "--mode", help="threshold: project layers with ρ ≤ τ; number: project the K lowest-ρ layers."),
+    tau: float = typer.Option(0.5, "--tau", help="Threshold for --mode threshold (τ ∈ [-1, 1], default 0.5)."),
+    num_layers: int = typer.Option(10, "--num-layers", "-k", help="K for --mode number (default 10)."),
+    merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the projected update."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs')."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+) -> None:
+    """SafeLoRA: replace B by C·B = V(VᵀB)/‖V‖_F on low-similarity layers (Hsu et al. 2024).
+
+    Example: safemerge safelora --base base/ --aligned chat/ --finetuned task-lora/ --mode number -k 10 -o safe-lora/
+    """
+    from safemerge.safety.api import safelora
+
+    with _progress(not no_progress) as cb:
+        res = safelora(base=base, aligned=aligned, finetuned=finetuned, out=out, mode=mode, tau=tau, num_layers=num_layers,
+                       merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+    if not quiet:
+        _print_scores(res.scores, res.tau, "projected")
+    typer.echo(f"wrote {res.output} to {res.out}", err=True)
+
+
+@app.command("resta")
+def resta_command(
+    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model, LoRA adapter (applied to --aligned) or MODEL+ADAPTER."),
+    aligned: str = typer.Option(..., "--aligned", help="Safety-aligned model."),
+    unaligned: str = typer.Option(..., "--unaligned", "--base", help="Unaligned model (base, or the aligned model fine-tuned on harmful data)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
+    beta: float = typer.Option(0.5, "--beta", help="Scale β of the safety vector θ_aligned − θ_unaligned."),
+    dare_density: float = typer.Option(None, "--dare-density", help="Apply DARE with this keep fraction ∈ (0, 1] to θ_ft − θ_aligned first."),
+    seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-tensor generators)."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs')."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+) -> None:
+    """RESTA: θ = θ_ft + β (θ_aligned − θ_unaligned), optionally with DARE on the fine-tuning delta (Bhardwaj et al. 2024).
+
+    Example: safemerge resta --unaligned base/ --aligned chat/ --finetuned task-lora/ --beta 0.5 -o resta/
+    """
+    from safemerge.safety.api import resta
+
+    with _progress(not no_progress) as cb:
+        path = resta(unaligned=unaligned, aligned=aligned, finetuned=finetuned, out=out, beta=beta, dare_density=dare_density,
+                     seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+    typer.echo(f"wrote {path}", err=True)
+
+
+@app.command("mergealign")
+def mergealign_command(
+    pretrained: str = typer.Option(..., "--pretrained", "--base", help="Pre-trained model both others derive from."),
+    domain: str = typer.Option(..., "--domain", help="Domain expert model (or adapter applied to --pretrained)."),
+    aligned: str = typer.Option(..., "--aligned", help="General instruct / preference-aligned model."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
+    lambda_domain: float = typer.Option(0.5, "--lambda-domain", help="λ_D, weight of θ_domain − θ_pre."),
+    lambda_aligned: float = typer.Option(0.5, "--lambda-aligned", help="λ_A, weight of θ_aligned − θ_pre."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs')."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+) -> None:
+    """MergeAlign: θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre) (arXiv 2411.06824).
+
+    Example: safemerge mergealign --pretrained base/ --domain med/ --aligned chat/ -o merged/
+    """
+    from safemerge.safety.api import mergealign
+
+    with _progress(not no_progress) as cb:
+        path = mergealign(pretrained=pretrained, domain=domain, aligned=aligned, out=out, lambda_domain=lambda_domain,
+                          lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+    typer.echo(f"wrote {path}", err=True)

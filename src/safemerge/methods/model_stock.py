@@ -1,0 +1,63 @@
+"""Model Stock: interpolate between the base and the average of the fine-tuned models, with the
+ratio set by the angle between their task vectors."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from safemerge.methods._tensor import check_inputs, f32
+
+
+def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
+    """``θ = t·θ_avg + (1 − t)·θ_base`` with ``t = N·cos θ / (1 + (N − 1)·cos θ)``.
+
+    Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models", Sec. 3 (the
+    interpolation ratio for N fine-tuned models): ``cos θ`` is the mean pairwise cosine of the
+    task vectors ``θᵢ − θ_base`` (each clamped to [−1, 1], norms products clamped at 1e-6),
+    ``θ_avg = (1/N) Σᵢ θᵢ``. ``filter_wise`` computes one ``t`` per slice along the last
+    dimension (per row of a matrix; a 1-D tensor is one slice) instead of one per tensor. Where
+    ``|1 + (N − 1)·cos θ| < 1e-6`` there is no finite estimate and ``t = 0`` (keep the base).
+    Keeps the N task vectors (needed for the pairwise cosines).
+    """
+    w0 = f32(base)
+    shape = w0.shape
+    if filter_wise:
+        view = (lambda x: x.reshape(1, -1)) if w0.dim() <= 1 else (lambda x: x)
+    else:
+        view = lambda x: x.reshape(-1)  # noqa: E731
+    b = view(w0)
+    offsets = [view(f32(t)) - b for t in tensors]
+    n = len(offsets)
+    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
+    cosines = []
+    for i in range(n):
+        for j in range(i + 1, n):
+            dots = torch.dot(offsets[i], offsets[j]) if offsets[i].dim() == 1 else (offsets[i] * offsets[j]).sum(dim=-1)
+            cosines.append((dots / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    del offsets
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    den = 1 + (n - 1) * cos
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(den), den))
+    avg = f32(tensors[0]).clone()
+    for x in tensors[1:]:
+        avg.add_(f32(x))
+    avg = view(avg.div_(n))
+    out = avg.mul_(t).add_(b * (1 - t))
+    return out.reshape(shape)
+
+
+def model_stock_fn(
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    *,
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Registry entry for ``model_stock`` (base + at least two models)."""
+    check_inputs("model_stock", tensors, base, base_policy="required", min_models=2, max_models=None)
+    assert base is not None
+    return model_stock(base, tensors, filter_wise=bool(params.get("filter_wise", False)))

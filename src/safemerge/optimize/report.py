@@ -1,0 +1,93 @@
+"""Reports of safety-aware merging: a Table-1-shaped markdown table and the optimisation trace plot.
+
+The table has the shape of Hammoud et al. 2024, Table 1: one row per (merging method, data the
+method used — "–" for data-free grid search, ``D_exp`` or ``D_exp ∪ D_safe``) with the alignment
+(% of answers to harmful prompts judged safe), the refusal rate and the domain accuracy, as
+produced by :func:`safemerge.evaluate.api.evaluate`.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def _pct(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100.0 * float(v):.1f}"
+
+
+def row_from_eval(method: str, data: str, result: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
+    """A table row from an evaluation-harness result (``harmful.harmful_rate``/``refusal_rate``, ``utility.accuracy``)."""
+    harmful = result.get("harmful") or {}
+    utility = result.get("utility") or {}
+    hr = harmful.get("harmful_rate")
+    return {
+        "method": method,
+        "data": data,
+        "alignment": None if hr is None else 1.0 - float(hr),
+        "refusal_rate": harmful.get("refusal_rate"),
+        "accuracy": utility.get("accuracy"),
+        **extra,
+    }
+
+
+def table1_markdown(rows: Sequence[Mapping[str, Any]], *, domain: str = "domain") -> str:
+    """Markdown table: Method | Data | Align (%) | Refusal (%) | Acc (%) [| extra numeric columns]."""
+    extra_cols = [k for k in (rows[0].keys() if rows else []) if k not in ("method", "data", "alignment", "refusal_rate", "accuracy")]
+    head = ["Method", "Data", "Align (% safe)", "Refusal (%)", f"Acc {domain} (%)", *extra_cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r.get("method", "")), str(r.get("data", "–")), _pct(r.get("alignment")), _pct(r.get("refusal_rate")), _pct(r.get("accuracy"))]
+        for k in extra_cols:
+            v = r.get(k)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else ("–" if v is None else str(v)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_trace(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: str = "optimisation trace") -> Path:
+    """PNG of every evaluation's loss (dots, with the safety/expert parts) and the best-so-far curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [int(r.get("eval", i)) for i, r in enumerate(rows)]
+    loss = [float(r["loss"]) for r in rows]
+    best, cur = [], math.inf
+    for v in loss:
+        cur = min(cur, v)
+        best.append(cur)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
+    ax.scatter(xs, loss, s=10, alpha=0.6, label="L = L_safety + α·L_expert")
+    for key, lab in (("safety_loss", "L_safety"), ("expert_loss", "L_expert")):
+        vals = [r.get(key) for r in rows]
+        if any(v is not None for v in vals):
+            ax.scatter([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], s=6, alpha=0.4, label=lab)
+    ax.plot(xs, best, color="black", linewidth=1.5, label="best so far")
+    ax.set_xlabel("evaluation")
+    ax.set_ylabel("answer-token cross-entropy")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    p = Path(path)
+    fig.savefig(p)
+    plt.close(fig)
+    return p
+
+
+def run_report_markdown(summary: Mapping[str, Any], best_config: Mapping[str, Any]) -> str:
+    """``report.md`` of one optimize run: summary numbers, the best config and the trace plot."""
+    import yaml
+
+    lines = [f"# safemerge optimize — {summary.get('strategy')}", ""]
+    for k, v in summary.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{kk}: {vv:.4g}" if isinstance(vv, float) else f"{kk}: {vv}" for kk, vv in v.items())
+        lines.append(f"- **{k}**: {v}")
+    lines += ["", "## Best configuration (`best.yml`)", "", "```yaml", yaml.safe_dump(dict(best_config), sort_keys=False).rstrip(), "```", "",
+              "![trace](trace.png)", ""]
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""``safemerge optimize``: run a strategy, checkpoint, and write the output directory.
+
+Output directory ``OUT`` (assembled in the hidden sibling ``.OUT.safemerge-optimize`` and
+renamed into place when complete):
+
+* ``best.yml`` — the best candidate as a mergekit-compatible merge config;
+* ``trace.jsonl`` — one line per evaluation (loss parts, timings, decoded parameters);
+* ``trace.png`` — the optimisation trace; ``report.md`` and ``summary.json`` — the run summary;
+* ``model/`` — the merged model (``safemerge merge best.yml``), unless ``save_model=False``.
+
+An interrupted EvoMM run leaves the work directory with ``cma_state.pkl``; rerunning the same
+command with ``resume=True`` continues the same run (the config must be unchanged).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import SafemergeError
+from safemerge.optimize.config import OptimizeConfig, load_optimize_config
+from safemerge.optimize.trace import Trace
+
+WORK_SUFFIX = ".safemerge-optimize"
+
+
+def work_dir_for(out: Path) -> Path:
+    """The hidden sibling where an optimize run is assembled (and can be resumed from)."""
+    return out.parent / f".{out.name}{WORK_SUFFIX}"
+
+
+def _prepare_work(out: Path, run_key: dict[str, Any], *, resume: bool, force: bool) -> tuple[Path, bool]:
+    if out.exists() and not force:
+        raise SafemergeError(f"output {str(out)!r} already exists", "pass --force to replace it, or choose another path")
+    work = work_dir_for(out)
+    resumed = False
+    if work.exists():
+        prev = None
+        try:
+            prev = json.loads((work / "run.json").read_text())
+        except (OSError, ValueError):
+            prev = None
+        if resume:
+            if prev != run_key:
+                raise SafemergeError(f"the interrupted run in {work} used a different config or strategy",
+                                     "rerun with the original config, or pass --force to start over")
+            resumed = True
+        elif force:
+            shutil.rmtree(work)
+        else:
+            raise SafemergeError(f"an interrupted run of this output exists ({work})",
+                                 "pass --resume to continue it, or --force to start over")
+    elif resume:
+        raise SafemergeError(f"there is no interrupted run to resume for {str(out)!r}", "run without --resume")
+    if not resumed:
+        work.mkdir(parents=True)
+        (work / "run.json").write_text(json.dumps(run_key, indent=1, sort_keys=True))
+    return work, resumed
+
+
+def _finalize(work: Path, out: Path, *, force: bool) -> None:
+    if out.exists():
+        if not force:
+            raise SafemergeError(f"output {str(out)!r} appeared while working", "pass --force to replace it")
+        old = out.parent / f".{out.name}.safemerge-old-{os.getpid()}"
+        os.replace(out, old)
+        os.replace(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(work, out)
+
+
+def run_optimize(
+    config: str | Path | dict[str, Any] | OptimizeConfig,
+    out: str | Path,
+    *,
+    strategy: str | None = None,
+    ray: bool = False,
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    resume: bool = False,
+    force: bool = False,
+    save_model: bool = True,
+    device: str = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    on_generation: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Run safety-aware data-driven merging and write ``out`` (see module docstring).
+
+    Args:
+        config: optimize YAML path, dict or parsed config.
+        out: output directory.
+        strategy: ``evomm`` | ``cocktail`` | ``grid`` (overrides the config's ``strategy``).
+        ray / ray_address / ray_workers: evaluate candidates on Ray actors.
+        resume: continue an interrupted run of the same config into the same ``out``.
+        force: replace an existing output (and discard an interrupted run).
+        save_model: also write the merged model to ``out/model``.
+        on_generation: EvoMM hook ``(generation, evals)`` called after each checkpoint.
+
+    Returns:
+        The summary dict (also written to ``out/summary.json``).
+    """
+    import yaml
+
+    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.optimize import report
+    from safemerge.optimize.candidate import CandidateEvaluator, SerialBackend, build_genome
+    from safemerge.progress import progress_bar
+
+    cfg = load_optimize_config(config)
+    if strategy:
+        if strategy not in ("evomm", "cocktail", "grid"):
+            raise SafemergeError(f"unknown strategy {strategy!r}", "use --strategy evomm, cocktail or grid")
+        cfg = cfg.model_copy(update={"strategy": strategy})
+    use_ray = bool(ray or ray_address)
+    out_p = Path(out).expanduser().absolute()
+    run_key = {"config": cfg.model_dump(mode="json"), "strategy": cfg.strategy}
+    work, resumed = _prepare_work(out_p, run_key, resume=resume, force=force)
+    trace = Trace(work / "trace.jsonl")
+
+    t_setup = time.perf_counter()
+    if use_ray:
+        from safemerge.optimize.ray_backend import RayBackend
+
+        anchor = cfg.genome.base_model or cfg.genome.models[0]
+        genome = build_genome(cfg, open_checkpoint(anchor, allow_pickle=allow_pickle))
+        r = cfg.ray
+        backend: Any = RayBackend(cfg.model_dump(mode="json"), workers=ray_workers or r.workers, address=ray_address or r.address,
+                                  cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker, device=device,
+                                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        n_safety = n_expert = None
+    else:
+        ev = CandidateEvaluator(cfg, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        genome, backend = ev.genome, SerialBackend(ev)
+        n_safety, n_expert = ev.n_safety, ev.n_expert
+    setup_s = time.perf_counter() - t_setup
+
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    try:
+        if cfg.strategy == "evomm":
+            from safemerge.optimize.evomm import default_popsize, run_evomm
+
+            pop = cfg.cma.popsize or default_popsize(max(2, len(genome)))
+            total = max(1, -(-cfg.cma.max_evals // pop)) * pop
+            with progress_bar("optimize (CMA-ES)", total=total, enabled=progress, unit="candidates") as bar:
+                done = [0]
+
+                def _tick(evals: int, _total: int) -> None:
+                    bar.advance(n=evals - done[0])
+                    done[0] = evals
+
+                res = run_evomm(genome, backend, cfg.cma, work, trace, resume=resumed, on_generation=on_generation, progress=_tick)
+            best_cfg = genome.to_config(res["x"])
+            extra = {"generations": res["generations"], "popsize": res["popsize"], "final_sigma": res["sigma"]}
+        elif cfg.strategy == "grid":
+            from safemerge.optimize.grid import grid_points, run_grid
+
+            trace.truncate(0)
+            with progress_bar("optimize (grid)", total=len(grid_points(genome, cfg.grid)), enabled=progress, unit="candidates") as bar:
+                res = run_grid(genome, backend, cfg.grid, trace, progress=lambda i, n: bar.advance(n=1))
+            best_cfg = genome.to_config(res["x"])
+            extra = {"grid_point": res["point"]}
+        else:
+            from safemerge.optimize.cocktail import cocktail_config, run_cocktail
+
+            trace.truncate(0)
+            pool = list(dict.fromkeys(cfg.genome.models))
+            res = run_cocktail(pool, backend, cfg.cocktail.temperature, trace)
+            best_cfg = cocktail_config(pool, res["weights"], dtype=cfg.genome.dtype, tokenizer_source=cfg.genome.tokenizer_source)
+            res["loss"] = None
+            extra = {"model_losses": dict(zip(pool, res["losses"])), "weights": dict(zip(pool, res["weights"])),
+                     "temperature": cfg.cocktail.temperature}
+    finally:
+        backend.close()
+    search_s = time.perf_counter() - t0
+
+    (work / "best.yml").write_text(yaml.safe_dump(best_cfg, sort_keys=False), encoding="utf-8")
+    rows = trace.read()
+    per_cand = [float(r.get("merge_s", 0)) + float(r.get("score_s", 0)) for r in rows]
+    summary: dict[str, Any] = {
+        "strategy": cfg.strategy,
+        "merge_method": best_cfg["merge_method"] if cfg.strategy == "cocktail" else cfg.genome.merge_method,
+        "genes": len(genome) if cfg.strategy != "cocktail" else len(cfg.genome.models),
+        "evaluations": len(rows),
+        "best_loss": res.get("loss"),
+        "best_eval": res.get("eval"),
+        "n_safety": n_safety,
+        "n_expert": n_expert,
+        "alpha": cfg.objective.alpha,
+        "resumed": resumed,
+        "ray": use_ray,
+        "setup_seconds": round(setup_s, 3),
+        "search_seconds_this_session": round(search_s, 3),
+        "seconds_per_candidate": round(sum(per_cand) / len(per_cand), 4) if per_cand else None,
+        "candidates_per_hour": round(3600 * len(per_cand) / sum(per_cand), 1) if per_cand and sum(per_cand) > 0 else None,
+        **extra,
+    }
+    if rows:
+        report.plot_trace(rows, work / "trace.png", title=f"{cfg.strategy} ({summary['merge_method']})")
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (work / "report.md").write_text(report.run_report_markdown(summary, best_cfg), encoding="utf-8")
+    (work / "cma_state.pkl").unlink(missing_ok=True)
+    if save_model:
+        from safemerge.api import merge
+
+        merge(best_cfg, work / "model", seed=cfg.seed, device=device, allow_pickle=allow_pickle, progress=progress, jobs=1)
+    _finalize(work, out_p, force=force)
+    return summary
