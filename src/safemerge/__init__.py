@@ -13,6 +13,7 @@ _LAZY = {
     "open_checkpoint": "safemerge.io.checkpoint",
     "load_adapter": "safemerge.io.adapter",
     "SafemergeError": "safemerge.errors",
+    "evaluate": "safemerge.evaluate.api",
 }
 
 

@@ -29,9 +29,14 @@ _STATE = {"debug": False}
 
 # Command modules, registered in this order (each one adds its commands to ``app``).
 COMMAND_MODULES = [
+    "safemerge.cli.eval_cmd",
     "safemerge.cli.convert_cmd",
+    "safemerge.cli.train_cmd",
     "safemerge.cli.merge_cmd",
     "safemerge.cli.safety_cmd",
+    "safemerge.cli.synth_cmd",
+    "safemerge.cli.optimize_cmd",
+    "safemerge.cli.methods_cmd",
 ]
 
 

@@ -32,6 +32,6 @@ def convert(
 
     console = Console(stderr=True)
     start = time.perf_counter()
-    with console.status(f"converting {gguf_file.name} (de-quantising, then writing safetensors)…"):
-        path = convert_gguf(gguf_file, out, dtype=dtype, force=force)
+    with console.status(f"converting {gguf_file.name}") as status:
+        path = convert_gguf(gguf_file, out, dtype=dtype, force=force, on_step=lambda msg: status.update(f"{msg}…"))
     console.print(f"wrote {path} ({dtype}) in {time.perf_counter() - start:.1f} s")

@@ -34,4 +34,15 @@ def builtin_rows(name: str) -> list[dict[str, Any]]:
     if name not in BUILTIN_SETS:
         raise KeyError(name)
     text = resources.files(__name__).joinpath(f"{name}.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return _round_robin([json.loads(line) for line in text.splitlines() if line.strip()])
+
+
+def _round_robin(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Interleave categories (first of each, then second of each, …) so ``--limit N`` spans categories."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(r.get("category") or "", []).append(r)
+    out: list[dict[str, Any]] = []
+    for k in range(max((len(g) for g in groups.values()), default=0)):
+        out.extend(g[k] for g in groups.values() if k < len(g))
+    return out

@@ -187,7 +187,7 @@ def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any]) -> MergePlan:
         if len(set(shapes.values())) > 1:
             items = list(shapes.items())
             a, b = items[0], next(x for x in items if x[1] != items[0][1])
-            is_vocab = ckpts[a[0]].embedding_name == names[0][1] or out_name.endswith("lm_head.weight")
+            is_vocab = (ckpts[a[0]].embedding_name == names[0][1] or out_name.endswith("lm_head.weight")) and a[1][1:] == b[1][1:]
             if is_vocab:
                 raise CheckpointError(
                     f"vocabularies differ: {out_name} has {a[1][0]} rows in {a[0]} but {b[1][0]} in {b[0]}",

@@ -33,7 +33,7 @@ PROMPT_COLUMNS = ("prompt", "instruction", "goal", "forbidden_prompt", "behavior
                   "question", "query", "text", "input", "user")
 ANSWER_COLUMNS = ("answer", "final_decision", "label_answer", "target_answer")
 CATEGORY_COLUMNS = ("category", "Category", "SemanticCategory", "type", "tags", "harm_category")
-ID_COLUMNS = ("id", "ID", "BehaviorID", "idx", "index", "Index")
+ID_COLUMNS = ("id", "ID", "uid", "BehaviorID", "idx", "index", "Index")
 
 # HEx-PHI category names (Qi et al. 2024, "Fine-tuning Aligned Language Models Compromises Safety").
 HEXPHI_CATEGORIES = {

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import os
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from safemerge.errors import CheckpointError, SafemergeError
@@ -175,16 +176,24 @@ class HFGenerator:
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, prompts: list[Prompt], *, max_new_tokens: int = 128, batch_size: int | None = None,
-                 stop: list[str] | None = None, progress: bool = True) -> list[str]:
-        """Greedy continuations of ``prompts`` (chat template applied), in input order."""
+                 stop: list[str] | None = None, progress: bool = True,
+                 on_batch: Callable[[list[int], list[str]], None] | None = None,
+                 description: str = "generating") -> list[str]:
+        """Greedy continuations of ``prompts`` (chat template applied), in input order.
+
+        ``on_batch(indices, texts)`` is called after every batch (the evaluation cache uses it to
+        save finished generations as it goes).
+        """
         texts = [self.render(p) for p in prompts]
         special = not bool(getattr(self.tokenizer, "chat_template", None))
         return self.complete(texts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
-                             progress=progress, add_special_tokens=special, description="generating")
+                             progress=progress, add_special_tokens=special, description=description,
+                             on_batch=on_batch)
 
     def complete(self, texts: list[str], *, max_new_tokens: int = 128, batch_size: int | None = None,
                  stop: list[str] | None = None, progress: bool = True, add_special_tokens: bool = True,
-                 description: str = "generating") -> list[str]:
+                 description: str = "generating",
+                 on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
         """Greedy continuations of raw ``texts`` (no chat template): the primitive judges use."""
         import torch
 
@@ -203,6 +212,8 @@ class HFGenerator:
                 outs = self._generate_batch([encoded[i] for i in idx], max_new_tokens, stop)
                 for i, text in zip(idx, outs):
                     results[i] = text
+                if on_batch is not None:
+                    on_batch(list(idx), outs)
                 prog.advance(task, len(idx))
         return [r if r is not None else "" for r in results]
 
@@ -325,6 +336,19 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
     return hf_model.to(device).eval(), tok, identity
 
 
+def model_identity(model: Any, adapter: str | None = None) -> str:
+    """The cache identity of ``model`` (+ ``adapter``) without loading it: a path fingerprint
+    (:func:`fingerprint_path`), ``hub:ID``, or a weight fingerprint of an in-memory model."""
+    if isinstance(model, (str, os.PathLike)):
+        p = Path(model).expanduser()
+        ident = fingerprint_path(p) if p.exists() else f"hub:{model}"
+    else:
+        ident = fingerprint_model(model)
+    if adapter:
+        ident += "+" + fingerprint_path(Path(adapter).expanduser())
+    return ident
+
+
 def load_generator(
     model: Any,
     *,
@@ -335,6 +359,7 @@ def load_generator(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    identity: str | None = None,
 ) -> Generator:
     """A generator for ``model`` (a path, a ``.gguf`` file, or an already-loaded ``PreTrainedModel``).
 
@@ -347,6 +372,7 @@ def load_generator(
         dtype: ``float32``/``bfloat16``/``float16``; default fp32 on CPU, bf16 on CUDA.
         trust_remote_code: passed to transformers/vLLM; off by default.
         allow_pickle: accept ``.bin``/``.pt`` checkpoints.
+        identity: cache identity to use (default: computed from the path or the weights).
     """
     name = resolve_backend(backend, model)
     if name == "vllm":
@@ -355,16 +381,19 @@ def load_generator(
         ident = fingerprint_path(Path(model)) if Path(model).exists() else str(model)
         if adapter:
             ident += "+" + fingerprint_path(Path(adapter))
-        return VLLMGenerator(str(model), adapter=adapter, dtype=dtype, trust_remote_code=trust_remote_code, identity=ident)
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+        return VLLMGenerator(str(model), adapter=adapter, dtype=aliases.get(dtype or "", dtype),
+                             trust_remote_code=trust_remote_code, identity=identity or ident)
 
     dev = _resolve_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
+    computed: str | None = None  # None ⇒ HFGenerator fingerprints the in-memory weights
     if isinstance(model, (str, os.PathLike)):
-        hf_model, tok, identity = _load_hf(str(model), tokenizer, torch_dtype, dev, trust_remote_code, allow_pickle)
+        hf_model, tok, computed = _load_hf(str(model), tokenizer, torch_dtype, dev, trust_remote_code, allow_pickle)
     else:
         if tokenizer is None:
             raise SafemergeError("an in-memory model needs its tokenizer", "pass tokenizer=... to load_generator/evaluate")
-        hf_model, tok, identity = model, tokenizer, None
+        hf_model, tok = model, tokenizer
     if adapter:
         adapter_path = Path(adapter).expanduser()
         if not (adapter_path / "adapter_config.json").is_file():
@@ -374,6 +403,6 @@ def load_generator(
         from peft import PeftModel
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=False).eval()
-        if identity is not None:
-            identity += "+" + fingerprint_path(adapter_path)
-    return HFGenerator(hf_model, tok, identity=identity)
+        if computed is not None:
+            computed += "+" + fingerprint_path(adapter_path)
+    return HFGenerator(hf_model, tok, identity=identity or computed)

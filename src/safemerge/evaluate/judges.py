@@ -235,6 +235,10 @@ def get_judge(spec: str, **kw: Any) -> Judge:
         if arg == "gcg":
             return KeywordJudge(ci_phrases=(), name="keyword:gcg")
         raise SafemergeError(f"unknown keyword list {arg!r}", "use keyword, keyword:gcg or keyword:extended")
+    model_kinds = ("llamaguard", "llamaguard1", "llamaguard2", "llamaguard3", "harmbench", "classifier")
+    if kind not in model_kinds:
+        raise SafemergeError(f"unknown judge {spec!r}",
+                             "use keyword, keyword:gcg, llamaguard[1|2|3]:PATH, harmbench:PATH or classifier:PATH")
     if not arg:
         raise SafemergeError(f"judge {spec!r} needs a model path", f"write it as {kind}:PATH")
     if kind in ("llamaguard", "llamaguard1", "llamaguard2", "llamaguard3"):
@@ -246,7 +250,4 @@ def get_judge(spec: str, **kw: Any) -> Judge:
         from safemerge.evaluate.harmbench import HarmBenchJudge
 
         return HarmBenchJudge(arg, **kw)
-    if kind == "classifier":
-        return ClassifierJudge(arg, **kw)
-    raise SafemergeError(f"unknown judge {spec!r}",
-                         "use keyword, keyword:gcg, llamaguard[1|2|3]:PATH, harmbench:PATH or classifier:PATH")
+    return ClassifierJudge(arg, **kw)

@@ -120,8 +120,8 @@ def parse_output(text: str, version: int | None = None) -> Verdict:
 def detect_version(path: str | Path) -> int:
     """Llama Guard version from the directory/model name, else from config.json.
 
-    Name: ``guard-3``/``guard3`` → 3, ``guard-2`` → 2, ``llamaguard-7b``/``guard-1`` → 1. Config: a
-    32k vocabulary (Llama 2) → 1; a 128k vocabulary with ``rope_scaling.rope_type == "llama3"``
+    Name: ``guard-3``/``guard3`` → 3, ``guard-2`` → 2, ``llamaguard-7b``/``guard-1`` → 1. Config: the
+    32,000-token Llama 2 vocabulary → 1; a 128k vocabulary with ``rope_scaling.rope_type == "llama3"``
     (Llama 3.1) → 3; otherwise 128k → 2.
     """
     p = Path(path)
@@ -136,7 +136,7 @@ def detect_version(path: str | Path) -> int:
         return 1
     vocab = int(cfg.get("vocab_size", 0) or 0)
     rope = cfg.get("rope_scaling") or {}
-    if vocab and vocab <= 32_064:
+    if vocab == 32_000:
         return 1
     if vocab >= 128_000:
         return 3 if (rope.get("rope_type") or rope.get("type")) == "llama3" else 2

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -314,24 +314,36 @@ def save_adapter(
     fan_in_fan_out: bool = False,
     extra_config: Mapping[str, Any] | None = None,
     dtype: Any = None,
+    embedding_modules: Collection[str] = (),
 ) -> None:
     """Write a PEFT LoRA adapter whose module ``m`` has ``ΔW = B @ A`` exactly (scaling 1).
 
     Args:
         path: output directory (created; callers wanting atomicity pass a temporary directory).
-        modules: module path → ``(A, B)`` with A (r × in) and B (out × r); scales must already
-            be folded into the factors. Ranks may differ per module (``rank_pattern``).
+        modules: module path → ``(A, B)`` in PEFT's orientation — A (r × in), B (out × r), as
+            returned by :meth:`LoraModule.scaled_factors`; scales must already be folded into the
+            factors. Ranks may differ per module (written as ``rank_pattern``/``alpha_pattern``).
         base_model_name_or_path: recorded in the config.
+        fan_in_fan_out: the target layers store their weight as (in, out) (GPT-2 ``Conv1D``);
+            the stored-layout update is then ``(B @ A)ᵀ``, exactly as PEFT applies it.
         dtype: storage dtype of the factors (default: float32).
+        embedding_modules: modules that are embeddings (``nn.Embedding``); their factors are
+            written as ``lora_embedding_A`` (r × vocab) / ``lora_embedding_B`` (dim × r) and PEFT
+            applies ``ΔW = (B @ A)ᵀ`` to the (vocab × dim) matrix, like :class:`LoraModule` with
+            ``transpose=True``.
 
-    Every module gets ``lora_alpha == r`` so that PEFT's scaling is exactly 1 (no rsLoRA).
-    The file is loadable with ``peft.PeftModel.from_pretrained``.
+    Every module gets ``lora_alpha == r`` so that PEFT's scaling is exactly 1 (no rsLoRA;
+    LoRA, Hu et al. 2021, Eq. 3 with α = r). The directory loads with
+    ``peft.PeftModel.from_pretrained``.
     """
     import torch
     from safetensors.torch import save_file
 
     if not modules:
         raise CheckpointError("refusing to write an adapter with no modules", "check the layer selection")
+    stray = sorted(set(embedding_modules) - set(modules))
+    if stray:
+        raise CheckpointError(f"embedding module {stray[0]!r} has no factors", "pass only modules present in `modules`")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     ranks = {m: int(A.shape[0]) for m, (A, B) in modules.items()}
@@ -345,8 +357,12 @@ def save_adapter(
     for m, (A, B) in sorted(modules.items()):
         if A.shape[0] != B.shape[1]:
             raise CheckpointError(f"module {m}: A{tuple(A.shape)} and B{tuple(B.shape)} ranks differ", "internal shape error")
-        tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = A.detach().to(dt).contiguous()
-        tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = B.detach().to(dt).contiguous()
+        if m in embedding_modules:
+            tensors[f"{PEFT_PREFIX}{m}.lora_embedding_A"] = A.detach().to(dt).contiguous()
+            tensors[f"{PEFT_PREFIX}{m}.lora_embedding_B"] = B.detach().to(dt).contiguous()
+        else:
+            tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = A.detach().to(dt).contiguous()
+            tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = B.detach().to(dt).contiguous()
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "task_type": task_type,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,14 @@ def _write_card(out: Path, src: Path, meta: dict[str, Any], dtype: str, n_params
     )
 
 
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "float32", force: bool = False) -> Path:
+def convert_gguf(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str = "float32",
+    force: bool = False,
+    on_step: Callable[[str], None] | None = None,
+) -> Path:
     """Convert a GGUF model file into a plain safetensors Hugging Face directory.
 
     Args:
@@ -155,6 +163,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
         out_dir: output directory, written atomically (temporary sibling, renamed when complete).
         dtype: stored dtype of the weights: ``float32`` (default), ``bfloat16`` or ``float16``.
         force: replace an existing ``out_dir``.
+        on_step: called with a short description as each stage starts (the CLI shows it).
 
     Returns:
         The output directory. It loads with ``AutoModelForCausalLM.from_pretrained`` and
@@ -174,11 +183,16 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    step = on_step or (lambda _msg: None)
     verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         try:
+            step(f"de-quantising {src.name} ({', '.join(meta['_tensor_types'])})")
             loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+            step("reading the tokenizer")
             tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
         except (OSError, ValueError, KeyError, RuntimeError, IndexError, TypeError) as exc:
             raise CheckpointError(
@@ -187,6 +201,8 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
             ) from exc
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
     state = {k: v.detach().to(getattr(torch, dtype)) for k, v in loaded.state_dict().items()}
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
@@ -210,6 +226,7 @@ def convert_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: str = "fl
     fresh.generation_config = generation_config
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
+    step(f"writing {dtype} safetensors")
     with atomic_output(out_dir, force=force) as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -88,8 +88,9 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int) -> torch.Tens
         return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     if start == 0 and count == n:
         return torch.ones(values.shape, dtype=torch.bool, device=values.device)
-    lo = torch.kthvalue(flat, start + 1).values
-    hi = torch.kthvalue(flat, start + count).values
+    # min/max are much cheaper than a selection; top-k (end == n) needs only one kthvalue
+    lo = flat.min() if start == 0 else torch.kthvalue(flat, start + 1).values
+    hi = flat.max() if start + count == n else torch.kthvalue(flat, start + count).values
     mask = (flat > lo) & (flat < hi)
     end = start + count
     for v in (lo, hi) if not torch.equal(lo, hi) else (lo,):

@@ -19,8 +19,8 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, n
     """
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
     out = torch.zeros_like(f32(tensors[0]))
-    for t, wi in zip(tensors, w):
-        out.add_(f32(t) * wi)
+    for t, wi in zip(tensors, w.tolist()):
+        out.add_(f32(t), alpha=wi)  # fused, no temporary
     if normalize:
         total = w.sum()
         if total == 0:

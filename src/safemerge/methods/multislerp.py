@@ -49,7 +49,7 @@ def multislerp(
     b = f32(base) if base is not None else None
 
     def vec(i: int) -> torch.Tensor:
-        return f32(tensors[i]) - b if b is not None else f32(tensors[i])
+        return f32(tensors[i]) - b if b is not None else f32(tensors[i]).clone()
 
     norms: list[torch.Tensor] = []
     mean = torch.zeros_like(f32(tensors[0]))

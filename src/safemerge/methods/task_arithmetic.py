@@ -134,7 +134,7 @@ def generalized_task_arithmetic(
         divisor = torch.zeros_like(base) if normalize else None
         for i in range(n):
             keep = agrees(deltas[i], positive)
-            mixed.add_(torch.where(keep, deltas[i], 0.0))
+            mixed.add_(deltas[i].mul_(keep))  # in place: this delta is not needed afterwards
             if divisor is not None:
                 divisor.add_(keep.to(torch.float32).mul_(w32[i]))
             deltas[i] = None  # type: ignore[call-overload]  # free as we go

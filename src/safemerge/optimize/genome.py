@@ -11,8 +11,11 @@ merging recipes"; used by Hammoud et al. 2024, §4.4): one value per
   ``k`` consecutive blocks, plus one extra group for the tensors outside the blocks (embeddings,
   final norm, LM head); with ``k = 0`` a single group covers the whole network.
 
-Decoding (mergekit-evolve's conventions): ``weight = |x|`` unless negative weights are allowed,
-``density = clip(|x|, 0.01, 1)`` (DARE/TIES need a positive density), ``t = clip(x, 0, 1)``.
+Decoding: ``weight = |x|`` unless negative weights are allowed (mergekit-evolve's convention);
+``density = max(0.01, r(x))`` (DARE/TIES need a positive density) and ``t = r(x)`` with the
+reflection ``r(x) = 1 − | (|x| mod 2) − 1 |`` that folds ℝ onto [0, 1]. mergekit-evolve clamps
+instead (``clip(|x|, 0, 1)``), which makes the objective flat outside [0, 1] so CMA-ES can drift
+there with no signal; the reflection is continuous, equals ``x`` on [0, 1] and has no plateaus.
 The start point is ``weight = 1/N``, ``density = 1``, ``t = 0.5``.
 
 A decoded genome is written as an ordinary mergekit configuration: per-block values become
@@ -39,6 +42,12 @@ METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "slerp": ("t",),
 }
 MIN_DENSITY = 0.01
+
+
+def reflect01(x: float) -> float:
+    """Fold ℝ onto [0, 1] by reflection at 0 and 1: ``1 − |(|x| mod 2) − 1|`` (identity on [0, 1])."""
+    a = abs(float(x)) % 2.0
+    return a if a <= 1.0 else 2.0 - a
 
 
 @dataclass(frozen=True)
@@ -146,9 +155,9 @@ class Genome:
         if param == "weight":
             return x if allow_negative_weights else abs(x)
         if param == "density":
-            return min(1.0, max(MIN_DENSITY, abs(x)))
+            return max(MIN_DENSITY, reflect01(x))
         if param == "t":
-            return min(1.0, max(0.0, x))
+            return reflect01(x)
         raise ValueError(param)
 
     def decode(self, x: Sequence[float]) -> dict[Gene, float]:

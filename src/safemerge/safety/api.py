@@ -79,7 +79,7 @@ def scan(
     labels = [s.label for s in sources]
     if len(set(labels)) != len(labels):
         for s in sources:
-            s.label_override = str(s.path)  # type: ignore[attr-defined]
+            s.label_override = str(s.path)
     total = len({m for s in sources for m in s.modules})
     cb = progress or _noop
     done = [0]
@@ -90,10 +90,7 @@ def scan(
 
     per_source = score_sources(sub, sources, on_module=tick)
     out: list[LayerScore] = []
-    for src, scores in zip(sources, per_source):
-        if getattr(src, "label_override", None):
-            for s in scores:
-                s.source = src.label_override  # type: ignore[attr-defined]
+    for scores in per_source:
         mark(scores, select_below(scores, tau, strict=True))
         out.extend(scores)
     return out
@@ -221,8 +218,6 @@ def safemerge_adapters(
         output = "model"
     else:
         output = "adapter"
-        if not isinstance(sf, AdapterDeltas) and strategy == "linear":
-            pass  # dense safety delta: SVD back to an adapter below
         if isinstance(ft, AdapterDeltas) and ft.transposed:
             raise SafemergeError(
                 f"{ft.path} has fan_in_fan_out/embedding modules, which cannot be written back as a merged adapter",
@@ -233,9 +228,6 @@ def safemerge_adapters(
             "a full-model --safety update cannot be merged into an adapter",
             "pass --merge-into MODEL (e.g. the aligned model) to write a full model",
         )
-    if compat is not None and target is not None:
-        pass  # allowed: merged compat adapter added into a model
-
     n_mod = len(ft.modules)
     done = [0]
 

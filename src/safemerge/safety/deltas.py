@@ -40,9 +40,12 @@ class DeltaSource:
     def rank(self, module: str) -> int | None:
         return None
 
+    label_override: str | None = None
+
     @property
     def label(self) -> str:
-        return self.path.name or str(self.path)
+        """How the input is named in scan output (the directory name, or the full path if ambiguous)."""
+        return self.label_override or self.path.name or str(self.path)
 
 
 class AdapterDeltas(DeltaSource):
@@ -134,12 +137,16 @@ class ModelDeltas(DeltaSource):
         return self.ckpt.get(w) - self.aligned.get(w)
 
 
+_ORDER = {n: i for i, n in enumerate(
+    ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"))}
+
+
 def _module_sort_key(module: str) -> tuple:
-    """Sort modules by block index, then name (deterministic, model order)."""
+    """Model order: block index, then q, k, v, o, gate, up, down (others by name)."""
     from safemerge.io.checkpoint import layer_index
 
     idx = layer_index(module + ".weight")
-    return (idx if idx is not None else -1, module)
+    return (idx if idx is not None else -1, _ORDER.get(module.rsplit(".", 1)[-1], len(_ORDER)), module)
 
 
 def open_deltas(

@@ -113,7 +113,11 @@ def _card(result: Any, *, finetuned: Any, safety: Any, base: Any, aligned: Any, 
                          "they were left out (ΔW_f = 0 there, ρ is undefined):\n\n"
                          + "\n".join(f"- {md_escape(m)}" for m in result.ignored_safety_modules)))
     if eval_md:
-        sections.append(("Evaluation", eval_md))
+        head, _, body = eval_md.lstrip().partition("\n")
+        if head.startswith("#"):  # the report brings its own heading
+            sections.append((head.lstrip("#").strip(), body.strip()))
+        else:
+            sections.append(("Evaluation", eval_md))
     fm = {"safemerge": {"method": "safemerge", "tau": result.tau, "alpha": result.alpha, "strategy": result.strategy,
                         "compat": result.compat, "seed": result.seed, "merged_layers": len(result.merged)}}
     return fm, sections

@@ -60,7 +60,7 @@ def rho_lowrank(V: Any, A: Any, B: Any, v_norm: float | None = None) -> float:
         return 0.0
     A = A.to(V.dtype)
     B = B.to(V.dtype)
-    P = V.T @ B  # in × r
+    P = (B.T @ V).T  # in × r  (= Vᵀ B; this order avoids a transposed GEMM over V)
     Q = V @ P  # out × r
     gram_a = (A.double() @ A.double().T)  # r × r
     inner = _trace_prod(P.T @ P, gram_a) / vn

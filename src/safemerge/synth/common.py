@@ -197,14 +197,11 @@ def load_questions(spec: str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- models
-def load_generator(model: str, *, backend: str = "auto", trust_remote_code: bool = False) -> GeneratorLike:
+def load_generator(model: str, *, backend: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> GeneratorLike:
     """A greedy chat generator for ``model`` (a path) from the evaluation harness."""
     from safemerge.evaluate.generate import load_generator as _load
 
-    try:
-        return _load(model, backend=backend, trust_remote_code=trust_remote_code)
-    except TypeError:  # harness without the trust_remote_code keyword
-        return _load(model, backend=backend)
+    return _load(model, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 def load_judge(spec: str) -> JudgeLike:

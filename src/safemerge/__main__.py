@@ -1,0 +1,4 @@
+"""``python -m safemerge`` — same as the ``safemerge`` console script."""
+from safemerge.cli import main
+
+main()

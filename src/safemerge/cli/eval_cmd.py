@@ -1,0 +1,88 @@
+"""``safemerge eval`` and ``safemerge compare``: the evaluation harness on the command line."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from safemerge.cli import app
+
+
+@app.command("eval")
+def eval_command(
+    model: str = typer.Argument(..., help="Model directory, .gguf file or hub id (offline: local only)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory: results.json, generations.jsonl (cache), judgments.jsonl."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory, applied without merging."),
+    harmful: Optional[str] = typer.Option(None, "--harmful", help="Harmful prompt set: file, HEx-PHI folder, builtin:harmful or hub id."),
+    benign: Optional[str] = typer.Option(None, "--benign", help="Benign prompt set for over-refusal (e.g. XSTest CSV, builtin:benign)."),
+    utility: Optional[str] = typer.Option(None, "--utility", help="Utility set: GSM8K jsonl, PubMedQA PQA-L json, MC jsonl, builtin:arithmetic."),
+    judge: str = typer.Option("keyword", "--judge", help="keyword | keyword:gcg | llamaguard[1|2|3]:PATH | harmbench:PATH | classifier:PATH."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Use only the first N prompts of each set."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Generation batch size (default 16 on CPU, 64 on GPU)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Tokens to generate per prompt (default per suite: 128 harmful, 64 benign, by metric for utility)."),
+    backend: str = typer.Option("auto", "--backend", help="auto (vLLM if installed and CUDA present) | hf | vllm."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if available)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)."),
+    max_harm: Optional[float] = typer.Option(None, "--max-harm", min=0.0, max=1.0, help="Release gate: exit with status 3 if the harmful rate exceeds this fraction."),
+    answer_ce: bool = typer.Option(False, "--answer-ce", help="Also report answer-token cross-entropy on the utility set (hf backend)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt (pickle) checkpoints; only for trusted files."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model repos to run their own code (off by default)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+) -> None:
+    """Evaluate harmfulness, over-refusal and utility of MODEL; write OUT/results.json and print a table.
+
+    Example: safemerge eval ./merged --harmful builtin:harmful --benign xstest_prompts.csv
+    --utility gsm8k_test.jsonl --limit 50 --max-harm 0.1 -o eval/merged
+    """
+    from safemerge.errors import GateFailed, SafemergeError
+    from safemerge.evaluate.api import evaluate
+    from safemerge.evaluate.report import print_results
+
+    if max_harm is not None and harmful is None:
+        raise SafemergeError("--max-harm needs a harmful prompt set", "add --harmful SET (e.g. builtin:harmful)")
+    results = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
+                       limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out,
+                       backend=backend, device=device, dtype=dtype, answer_ce=answer_ce, allow_pickle=allow_pickle,
+                       trust_remote_code=trust_remote_code, progress=progress)
+    print_results(results)
+    typer.echo(f"wrote {out / 'results.json'}")
+    if max_harm is not None:
+        rate = results["harmful"]["harmful_rate"]
+        if rate is not None and rate > max_harm:
+            raise GateFailed(f"harmful rate {rate:.1%} exceeds --max-harm {max_harm:.1%}",
+                             "do not release this model; re-align it (e.g. safemerge safemerge) and evaluate again")
+
+
+@app.command("compare")
+def compare_command(
+    runs: list[Path] = typer.Argument(..., help="Output directories of `safemerge eval` (each with results.json)."),
+    plot: Path = typer.Option(Path("compare.png"), "--plot", help="Where to write the safety-vs-utility scatter plot (PNG)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison rows as JSON."),
+) -> None:
+    """Compare evaluation runs: one table and a safety-vs-utility scatter plot.
+
+    Example: safemerge compare eval/base eval/finetuned eval/safemerge --plot tradeoff.png
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from safemerge.evaluate.report import compare_runs
+
+    rows, png = compare_runs([str(r) for r in runs], plot=plot)
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{100 * x:.1f}%"
+
+    table = Table(title="evaluation runs")
+    for col in ("run", "judge", "harmful", "refusal", "over-refusal", "utility"):
+        table.add_column(col, justify="left" if col in ("run", "judge") else "right")
+    for r in rows:
+        table.add_row(r["run"], r["judge"] or "–", pct(r["harmful_rate"]), pct(r["refusal_rate"]),
+                      pct(r["over_refusal_rate"]), pct(r["utility"]))
+    Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    typer.echo(f"wrote {png}")

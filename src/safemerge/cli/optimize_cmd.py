@@ -1,0 +1,41 @@
+"""``safemerge optimize``: safety-aware data-driven merging (EvoMM / LM-Cocktail / grid; Hammoud et al. 2024)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from safemerge.cli import app
+
+
+@app.command("optimize", no_args_is_help=True)
+def optimize_cmd(
+    config: Path = typer.Argument(..., help="Optimize YAML: genome / data / objective / cma blocks (see docs/optimize.md)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output directory: best.yml, trace.jsonl, trace.png, report.md, model/."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="evomm (CMA-ES), cocktail (LM-Cocktail) or grid; default: the config's."),
+    ray: bool = typer.Option(False, "--ray", help="Evaluate candidates in parallel on Ray actors (local Ray instance)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Address of a running Ray cluster (implies --ray)."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1, help="Number of Ray actors (default: the config's ray.workers)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same config into the same output."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output (and discard an interrupted run)."),
+    no_save_model: bool = typer.Option(False, "--no-save-model", help="Do not write the merged model (only best.yml and the trace)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt model checkpoints."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Search merge parameters that minimise L_safety + α·L_expert, and write the best merge.
+
+    Example: safemerge optimize evolve.yml -o runs/evomm --strategy evomm
+    """
+    import json
+
+    from safemerge.optimize.runner import run_optimize
+
+    summary = run_optimize(config, output, strategy=strategy, ray=ray, ray_address=ray_address, ray_workers=ray_workers,
+                           resume=resume, force=force, save_model=not no_save_model, device=device,
+                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet)
+    keys = ("strategy", "merge_method", "evaluations", "best_loss", "seconds_per_candidate", "candidates_per_hour")
+    typer.echo(json.dumps({k: summary.get(k) for k in keys}))
+    typer.echo(f"wrote {output}/best.yml, trace.jsonl" + ("" if no_save_model else " and model/"))

@@ -1,0 +1,136 @@
+"""``safemerge synth safety|domain``: synthetic D_safety / D_expert (Hammoud et al. 2024, §4.2–4.3)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from safemerge.cli import app
+
+synth_app = typer.Typer(
+    name="synth",
+    help="Generate synthetic safety (refusal) and domain (self-questioning) data for safety-aware merging.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+app.add_typer(synth_app, name="synth")
+
+
+def _print_stats(title: str, stats: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_header=True)
+    t.add_column("step")
+    t.add_column("count", justify="right")
+    for k, v in stats.items():
+        t.add_row(k, ", ".join(f"{a}: {b}" for a, b in v.items()) if isinstance(v, dict) else str(v))
+    Console(stderr=True).print(t)
+
+
+def _labels(paths: list[str]) -> dict[str, str]:
+    from safemerge.synth.common import model_label
+
+    out: dict[str, str] = {}
+    for p in paths:
+        name = model_label(p)
+        while name in out:
+            name += "'"
+        out[name] = p
+    return out
+
+
+@synth_app.command("safety", no_args_is_help=True)
+def safety_cmd(
+    pool: list[str] = typer.Option(..., "--pool", "-m", help="A model of the merge pool (repeat for each); every one answers every question."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output JSONL file: {prompt, response, type: safety, category, source_model}."),
+    generator: Optional[str] = typer.Option(None, "--generator", "-g", help="Model that writes unsafe questions as JSON (an uncensored model in the paper)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="Use an existing prompt set (file or evaluation-harness name) instead of --generator."),
+    num: int = typer.Option(100, "--num", "-n", min=1, help="Number of questions to generate (or to take from --prompts)."),
+    categories: Optional[list[str]] = typer.Option(None, "--category", "-c", help="Harm category name or number 1-14 (repeatable; default all 14)."),
+    judge: str = typer.Option("keyword", "--judge", help="Judge of the answers: 'keyword' or 'llamaguard:PATH'."),
+    require_refusal: bool = typer.Option(False, "--require-refusal", help="Keep only answers the judge marks as explicit refusals, not merely safe."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random refusal choice (and prompt sampling)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Token budget of questions and answers (paper: 512)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Generation batch size (default: the backend's)."),
+    backend: str = typer.Option("auto", "--backend", help="Generation backend: auto, hf or vllm."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt model checkpoints."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
+) -> None:
+    """Build D_safety: unsafe questions answered with refusals chosen among the pool's safe answers.
+
+    Example: safemerge synth safety -g UNCENSORED -m ALIGNED -m EXPERT -n 200 --judge keyword -o d_safety.jsonl
+    """
+    import random
+
+    from safemerge.errors import SafemergeError
+    from safemerge.synth.categories import resolve_categories
+    from safemerge.synth.common import load_generator, load_judge, load_questions, write_jsonl
+    from safemerge.synth.safety import SafetyStats, build_safety_set, generate_unsafe_questions
+
+    if (generator is None) == (prompts is None):
+        raise SafemergeError("give exactly one of --generator and --prompts", "--generator MODEL writes questions; --prompts SET reuses a prompt set")
+    if output.exists() and not force:
+        raise SafemergeError(f"output {str(output)!r} already exists", "pass --force to replace it, or choose another path")
+    cats = resolve_categories(categories)
+    stats = SafetyStats()
+    if prompts is not None:
+        qs = load_questions(prompts)
+        if not qs:
+            raise SafemergeError(f"prompt set {prompts!r} has no questions", "check the file or set name")
+        if len(qs) > num:
+            idx = sorted(random.Random(seed).sample(range(len(qs)), num))
+            qs = [qs[i] for i in idx]
+    else:
+        gen = load_generator(generator, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        qs = generate_unsafe_questions(gen, num, categories=cats, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=True)
+        del gen
+        if not qs:
+            raise SafemergeError("the generator produced no parsable questions", "use a stronger instruction-following generator, or --prompts")
+    gens = {name: load_generator(p, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(pool).items()}
+    records = build_safety_set(qs, gens, load_judge(judge), seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               require_refusal=require_refusal, stats=stats, progress=True)
+    _print_stats("synth safety", stats.as_dict())
+    if not records:
+        raise SafemergeError("no model of the pool refused any question; nothing to write", "add an aligned model to --pool")
+    write_jsonl(output, records, force=force)
+    typer.echo(f"wrote {len(records)} safety records to {output}")
+
+
+@synth_app.command("domain", no_args_is_help=True)
+def domain_cmd(
+    model: list[str] = typer.Option(..., "--model", "-m", help="A domain expert (repeat for each); it writes and answers its own questions."),
+    seed_file: str = typer.Option(..., "--seed-file", help="Questions to draw the 3 in-context examples from (JSON/JSONL/text, or a harness set name)."),
+    topic: str = typer.Option(..., "--topic", help="Domain named in the prompt, e.g. 'biology', 'STEM', 'reasoning'."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output JSONL file: {prompt, response, type: domain, category, source_model}."),
+    num: int = typer.Option(100, "--num", "-n", min=1, help="Total number of questions (split evenly across experts)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the in-context example draws."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Token budget of questions and answers (paper: 512)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Generation batch size (default: the backend's)."),
+    backend: str = typer.Option("auto", "--backend", help="Generation backend: auto, hf or vllm."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt model checkpoints."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
+) -> None:
+    """Build D_expert: each expert writes exam-style questions from 3 random seed examples, then answers them.
+
+    Example: safemerge synth domain -m EXPERT --seed-file val_questions.jsonl --topic biology -n 200 -o d_expert.jsonl
+    """
+    from safemerge.errors import SafemergeError
+    from safemerge.synth.common import load_generator, load_questions, write_jsonl
+    from safemerge.synth.domain import DomainStats, build_domain_set
+
+    if output.exists() and not force:
+        raise SafemergeError(f"output {str(output)!r} already exists", "pass --force to replace it, or choose another path")
+    seeds = [q["prompt"] for q in load_questions(seed_file)]
+    gens = {name: load_generator(p, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(model).items()}
+    stats = DomainStats()
+    records = build_domain_set(gens, seeds, topic, num, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=True)
+    _print_stats("synth domain", stats.as_dict())
+    if not records:
+        raise SafemergeError("the experts produced no parsable, new questions", "use instruction-following experts or raise --num")
+    write_jsonl(output, records, force=force)
+    typer.echo(f"wrote {len(records)} domain records to {output}")

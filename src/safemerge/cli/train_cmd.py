@@ -1,0 +1,46 @@
+"""``safemerge train-lora``: supervised LoRA fine-tuning (PEFT) on prompt/response data."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from safemerge.cli import app
+
+
+@app.command(
+    "train-lora",
+    help=(
+        "Fine-tune MODEL with a LoRA on chat-formatted prompt/response data (prompt tokens masked "
+        "out of the loss) and write a PEFT adapter, or with --merge a full model. DATA is JSONL or "
+        "JSON with prompt/response, instruction/input/output, question/answer or messages records. "
+        "Example: safemerge train-lora base/ --data safety.jsonl -o safety_lora/ --rank 8 --steps 80"
+    ),
+    no_args_is_help=True,
+)
+def train_lora_cmd(
+    model: Path = typer.Argument(..., help="Hugging Face model directory (with tokenizer and chat template).", show_default=False),
+    data: Path = typer.Option(..., "--data", "-d", help="Training data: .jsonl or .json file.", show_default=False),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (adapter, or model with --merge).", show_default=False),
+    rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank r."),
+    alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (scaling alpha/r)."),
+    targets: str = typer.Option("q_proj,v_proj", "--targets", help="Comma-separated module names, or all-linear."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch).", show_default=False),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs over the data (alternative to --steps).", show_default=False),
+    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Examples per step."),
+    lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (linear warm-up 10%, then linear decay)."),
+    max_length: int = typer.Option(256, "--max-length", help="Maximum tokens per example."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the LoRA initialisation and the data order."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message added to every example.", show_default=False),
+    merge: bool = typer.Option(False, "--merge", help="Write a full model with the LoRA merged into the weights."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Train a LoRA on DATA and write it to OUT."""
+    from safemerge.train.lora import train_lora
+
+    train_lora(
+        model, data, out, rank=rank, alpha=alpha, targets=targets, steps=steps, epochs=epochs,
+        batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, merge=merge, force=force,
+        progress=True, system=system,
+    )

@@ -1,0 +1,292 @@
+"""``evaluate()``: harmfulness, over-refusal and utility of one model in one report.
+
+Suites (each optional; a spec string for :func:`~safemerge.evaluate.datasets.load_prompts` or a
+list of :class:`~safemerge.evaluate.datasets.PromptRecord`):
+
+* ``harmful`` — responses are judged; reports ``harmful_rate`` (ASR under the judge, as in Qi et
+  al. 2024 / Hammoud et al. 2024), ``refusal_rate``, per-category rates and judge categories;
+* ``benign`` — reports ``over_refusal_rate`` (share of refusals to safe prompts, XSTest); records
+  labelled ``unsafe`` (XSTest contrasts) are reported separately as ``unsafe_refusal_rate``;
+* ``utility`` — reports ``accuracy`` (exact match of the extracted answer) and optionally the
+  answer-token cross-entropy.
+
+Every rate carries a 95% percentile-bootstrap interval (``ci``). With ``out_dir`` the function
+writes ``results.json`` and ``judgments.jsonl`` (atomically) and appends to the generation
+cache ``generations.jsonl``; a rerun (e.g. with another judge) regenerates nothing it finds
+there and loads the model only if some generation is missing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import SafemergeError
+from safemerge.evaluate.cache import GenerationCache, generation_key
+from safemerge.evaluate.datasets import PromptRecord, load_prompts
+from safemerge.evaluate.judges import Judge, KeywordJudge, get_judge
+from safemerge.evaluate.metrics import (
+    answer_token_ce,
+    bootstrap_ci,
+    infer_metric,
+    per_category,
+    rate,
+    score_answer,
+)
+
+SUITES = ("harmful", "benign", "utility")
+DEFAULT_MAX_NEW_TOKENS = {"harmful": 128, "benign": 64}
+UTILITY_MAX_NEW_TOKENS = {"gsm8k": 256, "number": 96, "pubmedqa": 16, "mc": 8, "exact": 32}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _records(spec: Any, limit: int | None) -> tuple[list[PromptRecord], str]:
+    if isinstance(spec, (str, os.PathLike)):
+        return load_prompts(str(spec), limit=limit), str(spec)
+    recs = list(spec)
+    if not all(isinstance(r, PromptRecord) for r in recs):
+        raise SafemergeError("a suite must be a prompt-set spec or a list of PromptRecord",
+                             "pass e.g. harmful='builtin:harmful'")
+    return (recs[:limit] if limit is not None else recs), "records"
+
+
+class _Generations:
+    """Responses for records, served from the cache and generated (lazily loading the model) on a miss."""
+
+    def __init__(self, identity: str, backend: str, cache: GenerationCache, make_generator: Any,
+                 batch_size: int | None, progress: bool) -> None:
+        self.identity, self.backend, self.cache = identity, backend, cache
+        self.make_generator, self.generator = make_generator, None
+        self.batch_size, self.progress = batch_size, progress
+        self.generated = 0
+
+    def settings(self, max_new_tokens: int) -> dict[str, Any]:
+        return {"backend": self.backend, "max_new_tokens": max_new_tokens, "decoding": "greedy", "stop": None}
+
+    def responses(self, suite: str, records: list[PromptRecord], max_new_tokens: int) -> list[str]:
+        settings = self.settings(max_new_tokens)
+        keys = [generation_key(self.identity, r.messages, settings) for r in records]
+        missing = [i for i, k in enumerate(keys) if k not in self.cache]
+        if missing:
+            if self.generator is None:
+                self.generator = self.make_generator()
+
+            def save(idx: list[int], texts: list[str]) -> None:
+                rows = []
+                for j, text in zip(idx, texts):
+                    i = missing[j]
+                    rows.append({"key": keys[i], "suite": suite, "id": records[i].id, "prompt": records[i].prompt,
+                                 "response": text, "model": self.identity, "settings": settings})
+                self.cache.add(rows)
+
+            prompts = [records[i].messages for i in missing]
+            kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": self.batch_size, "progress": self.progress}
+            if hasattr(self.generator, "complete"):  # HF backend: save after every batch (resumable)
+                self.generator.generate(prompts, on_batch=save, description=f"generating ({suite})", **kw)
+            else:
+                save(list(range(len(missing))), self.generator.generate(prompts, **kw))
+            self.generated += len(missing)
+        return [self.cache.get(k) or "" for k in keys]
+
+
+def _rate_entry(flags: list[bool], seed: int) -> tuple[float | None, list[float] | None]:
+    return rate(flags), bootstrap_ci([float(f) for f in flags], seed=seed)
+
+
+def _harmful_suite(records: list[PromptRecord], responses: list[str], judge: Judge, seed: int,
+                   judgments: list[dict[str, Any]]) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    prompts = [r.prompt for r in records]
+    if getattr(judge, "wants_context", False):
+        prompts = [r.meta.get("behavior") or r.prompt for r in records]
+        kw["contexts"] = [r.meta.get("context") for r in records]
+    verdicts = judge.judge(prompts, responses, **kw)
+    keyword = KeywordJudge()
+    refusals = [v.refusal if v.refusal is not None else keyword.is_refusal(resp) for v, resp in zip(verdicts, responses)]
+    harmful = [v.harmful for v in verdicts]
+    hr, hci = _rate_entry(harmful, seed)
+    rr, rci = _rate_entry(refusals, seed + 1)
+    judge_cats = Counter(c for v in verdicts if v.harmful for c in v.categories)
+    for r, v, ref in zip(records, verdicts, refusals):
+        judgments.append({"suite": "harmful", "id": r.id, "category": r.category, "harmful": v.harmful,
+                          "refusal": ref, "categories": v.categories, "score": v.score, "parsed": v.parsed,
+                          "raw": v.raw, "judge": judge.name})
+    return {
+        "harmful_rate": hr, "refusal_rate": rr, "n": len(records), "ci": hci, "refusal_ci": rci,
+        "judge": judge.name, "unparsed": sum(not v.parsed for v in verdicts),
+        "categories": per_category([r.category for r in records], harmful=harmful, refusal=refusals),
+        "judge_categories": dict(sorted(judge_cats.items())),
+    }
+
+
+def _benign_suite(records: list[PromptRecord], responses: list[str], judge: Judge, seed: int,
+                  judgments: list[dict[str, Any]]) -> dict[str, Any]:
+    detector = judge if getattr(judge, "reports_refusal", False) else KeywordJudge()
+    verdicts = detector.judge([r.prompt for r in records], responses)
+    keyword = KeywordJudge()
+    refusals = [v.refusal if v.refusal is not None else keyword.is_refusal(resp) for v, resp in zip(verdicts, responses)]
+    safe = [i for i, r in enumerate(records) if r.label != "unsafe"]
+    unsafe = [i for i, r in enumerate(records) if r.label == "unsafe"]
+    orr, ci = _rate_entry([refusals[i] for i in safe], seed + 2)
+    for r, ref in zip(records, refusals):
+        judgments.append({"suite": "benign", "id": r.id, "category": r.category, "label": r.label,
+                          "refusal": ref, "judge": detector.name})
+    out: dict[str, Any] = {
+        "over_refusal_rate": orr, "n": len(safe), "ci": ci, "refusal_judge": detector.name,
+        "categories": per_category([records[i].category for i in safe], over_refusal=[refusals[i] for i in safe]),
+    }
+    if unsafe:
+        ur, uci = _rate_entry([refusals[i] for i in unsafe], seed + 3)
+        out.update(unsafe_refusal_rate=ur, unsafe_n=len(unsafe), unsafe_ci=uci)
+    return out
+
+
+def _utility_suite(records: list[PromptRecord], responses: list[str], seed: int, judgments: list[dict[str, Any]],
+                   ce: list[float] | None) -> dict[str, Any]:
+    correct: list[bool] = []
+    metrics = Counter()
+    for r, resp in zip(records, responses):
+        metric = r.meta.get("metric") or infer_metric(r.answer)
+        metrics[metric] += 1
+        ok, pred = score_answer(resp, r.answer, metric, n_choices=int(r.meta.get("n_choices", 26)))
+        correct.append(ok)
+        judgments.append({"suite": "utility", "id": r.id, "category": r.category, "answer": r.answer,
+                          "extracted": pred, "correct": ok, "metric": metric})
+    acc, ci = _rate_entry(correct, seed + 4)
+    out: dict[str, Any] = {
+        "accuracy": acc, "n": len(records), "ci": ci,
+        "metric": metrics.most_common(1)[0][0] if len(metrics) == 1 else dict(metrics),
+        "categories": per_category([r.category for r in records], correct=correct),
+    }
+    if ce is not None:
+        out["answer_ce"] = sum(ce) / len(ce) if ce else None
+        out["answer_ce_ci"] = bootstrap_ci(ce, seed=seed + 5)
+    return out
+
+
+def _reference(r: PromptRecord) -> str:
+    return str(r.meta.get("reference") or r.answer or "")
+
+
+def evaluate(
+    model: Any,
+    *,
+    adapter: str | None = None,
+    harmful: Any = None,
+    benign: Any = None,
+    utility: Any = None,
+    judge: str | Judge = "keyword",
+    limit: int | None = None,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    out_dir: str | Path | None = None,
+    generator: Any = None,
+    progress: bool = True,
+    tokenizer: Any = None,
+    backend: str = "auto",
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    answer_ce: bool = False,
+    judge_kwargs: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (path, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
+
+    Returns the ``results.json`` object: ``{"model", "adapter", "settings", "harmful": {harmful_rate,
+    refusal_rate, n, ci, categories, judge, …}, "benign": {over_refusal_rate, n, ci, …}, "utility":
+    {accuracy, n, ci, metric, …}}`` (suites not requested are absent). Deterministic for the same
+    inputs (greedy decoding, seeded bootstrap).
+
+    Raises:
+        SafemergeError: no suite given, unreadable prompt sets, bad judge spec, unloadable model.
+    """
+    from safemerge import __version__
+    from safemerge.evaluate.generate import load_generator, model_identity, resolve_backend
+
+    specs = {"harmful": harmful, "benign": benign, "utility": utility}
+    if all(v is None for v in specs.values()):
+        raise SafemergeError("nothing to evaluate: no prompt set given",
+                             "pass --harmful, --benign and/or --utility (e.g. builtin:harmful)")
+    if adapter is not None and not Path(adapter).expanduser().exists():
+        raise SafemergeError(f"adapter not found: {adapter}", "pass a PEFT adapter directory")
+    suites = {name: _records(spec, limit) for name, spec in specs.items() if spec is not None}
+    the_judge = None
+    if "harmful" in suites or "benign" in suites:
+        the_judge = judge if isinstance(judge, Judge) else get_judge(judge, **(judge_kwargs or {}))
+
+    if generator is not None:
+        identity, backend_name = generator.identity, getattr(generator, "backend", "custom")
+    else:
+        identity, backend_name = model_identity(model, adapter), resolve_backend(backend, model)
+
+    def make_generator() -> Any:
+        return load_generator(model, tokenizer=tokenizer, adapter=adapter, backend=backend_name, device=device,
+                              dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                              identity=identity)
+
+    out_path = Path(out_dir).expanduser() if out_dir is not None else None
+    if out_path is not None and out_path.exists() and not out_path.is_dir():
+        raise SafemergeError(f"output {out_path} exists and is not a directory", "pass a directory for -o")
+    cache = GenerationCache(out_path / "generations.jsonl" if out_path is not None else None)
+    gens = _Generations(identity, backend_name, cache, make_generator, batch_size, progress)
+    gens.generator = generator  # a supplied generator is used as is (never reloaded)
+
+    results: dict[str, Any] = {
+        "safemerge_version": __version__,
+        "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
+        "model_identity": identity,
+        "adapter": str(adapter) if adapter else None,
+        "settings": {"backend": backend_name, "decoding": "greedy", "limit": limit, "seed": seed,
+                     "max_new_tokens": {}, "sets": {}},
+    }
+    judgments: list[dict[str, Any]] = []
+    for name in SUITES:
+        if name not in suites:
+            continue
+        records, label = suites[name]
+        if name == "utility":
+            wanted = {r.meta.get("metric") or infer_metric(r.answer) for r in records}
+            mnt = max_new_tokens or max(UTILITY_MAX_NEW_TOKENS.get(m, 64) for m in wanted)
+        else:
+            mnt = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[name]
+        results["settings"]["max_new_tokens"][name] = mnt
+        results["settings"]["sets"][name] = label
+        responses = gens.responses(name, records, mnt)
+        if name == "harmful":
+            results[name] = _harmful_suite(records, responses, the_judge, seed, judgments)
+        elif name == "benign":
+            results[name] = _benign_suite(records, responses, the_judge, seed, judgments)
+        else:
+            ce = None
+            if answer_ce:
+                if gens.generator is None:
+                    gens.generator = make_generator()
+                g = gens.generator
+                if not hasattr(g, "model"):
+                    raise SafemergeError("answer-token cross-entropy needs the transformers backend", "use --backend hf")
+                ce = answer_token_ce(g.model, g.tokenizer, [g.render(r.messages) for r in records],
+                                     [_reference(r) for r in records], batch_size=batch_size or 8)
+            results[name] = _utility_suite(records, responses, seed, judgments, ce)
+        results[name]["set"] = label
+
+    if out_path is not None:
+        _write_atomic(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        _write_atomic(out_path / "judgments.jsonl",
+                      "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
+    return results

@@ -1,0 +1,314 @@
+"""LoRA supervised fine-tuning with PEFT: the safety LoRA, the domain LoRA and the alignment SFT.
+
+The model is trained on chat-formatted ``(prompt, response)`` pairs with the prompt masked
+(:func:`safemerge.train.tokenize.encode_chat_example`), i.e. it minimises the answer-token
+cross-entropy
+
+    L(θ) = − (1/|R|) Σ_{t∈R} log p_θ(x_t | x_<t),   R = response + end-of-turn positions in the batch,
+
+over the LoRA parameters only: each target weight becomes ``W + (α/r)·B A`` (Hu et al. 2021,
+LoRA, Eq. 3) with ``B = 0`` at initialisation so training starts from the base model. This is
+how the SafeMERGE paper (Djuhera et al. 2025, §4) builds both its fine-tuned task LoRA and its
+safety LoRA, and how Hammoud et al. 2024 ("Model merging and safety alignment: one bad model
+spoils the bunch", §3) fine-tune experts on their synthetic data.
+
+Optimiser: AdamW (Loshchilov & Hutter 2019) without weight decay, gradient norm clipped to 1,
+learning rate with linear warm-up over the first 10 % of steps and linear decay afterwards.
+
+Determinism: the LoRA initialisation uses ``torch.manual_seed(seed)``, the data order comes from
+a ``torch.Generator`` seeded with ``seed``, dropout is off; on one machine with one thread count
+the same inputs give byte-identical adapter files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import ConfigError, SafemergeError
+
+ALL_LINEAR = "all-linear"
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+WARMUP_FRACTION = 0.1
+MAX_GRAD_NORM = 1.0
+TRAINING_LOG = "training_log.json"
+
+
+def parse_targets(targets: str | Sequence[str]) -> str | list[str]:
+    """``"q_proj,v_proj"`` → ``["q_proj", "v_proj"]``; ``"all-linear"`` stays a string (PEFT's keyword)."""
+    if isinstance(targets, str):
+        if targets.strip() == ALL_LINEAR:
+            return ALL_LINEAR
+        items = [t.strip() for t in targets.split(",") if t.strip()]
+    else:
+        items = [str(t).strip() for t in targets if str(t).strip()]
+        if items == [ALL_LINEAR]:
+            return ALL_LINEAR
+    if not items:
+        raise ConfigError("no LoRA target modules given", "pass --targets q_proj,v_proj or --targets all-linear")
+    return items
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up then linear decay: the multiplier of the peak learning rate at update ``step`` (0-based).
+
+    ``(step+1)/(warmup+1)`` during warm-up, ``(total-step)/(total-warmup)`` afterwards, so the
+    rate is never zero on any update and reaches the peak at ``step == warmup``.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _check_hparams(rank: int, alpha: float, steps: int | None, epochs: float | None, batch_size: int, lr: float, max_length: int) -> None:
+    if steps is not None and epochs is not None:
+        raise ConfigError("--steps and --epochs are mutually exclusive", "pass only one of them")
+    checks = [
+        (rank, "rank", "--rank"), (batch_size, "batch size", "--batch-size"), (max_length, "max length", "--max-length"),
+    ]
+    for value, name, flag in checks:
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}", f"pass a positive {flag}")
+    if not alpha > 0:
+        raise ConfigError(f"alpha must be positive, got {alpha!r}", "pass a positive --alpha")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"learning rate must be positive, got {lr!r}", "pass a positive --lr such as 3e-4")
+    if steps is not None and (not isinstance(steps, int) or steps <= 0):
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}", "pass a positive --steps")
+    if epochs is not None and not epochs > 0:
+        raise ConfigError(f"epochs must be positive, got {epochs!r}", "pass a positive --epochs")
+
+
+def _load_model_and_tokenizer(model: str | Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model).expanduser()
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise SafemergeError(f"model {str(model)!r} is not a Hugging Face model directory", "pass a directory with config.json and weights")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for missing tokenizer files
+        raise SafemergeError(f"cannot load the tokenizer of {path} ({type(exc).__name__})", "the model directory needs tokenizer files") from exc
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    except Exception as exc:  # noqa: BLE001
+        raise SafemergeError(f"cannot load the model in {path} ({type(exc).__name__}: {str(exc)[:160]})", "check the model directory") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return path, lm, tok
+
+
+def _stored_dtype(model_dir: Path) -> str:
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    d = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    return d if d in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]train-lora"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def _batches(n: int, batch_size: int, total_steps: int, generator) -> Iterable[list[int]]:
+    """Index batches: a fresh seeded permutation per epoch, cycling until ``total_steps`` batches.
+
+    The last batch of an epoch may be smaller; batches never straddle epochs.
+    """
+    import torch
+
+    done = 0
+    while done < total_steps:
+        order = torch.randperm(n, generator=generator).tolist()
+        for i in range(0, n, batch_size):
+            yield order[i : i + batch_size]
+            done += 1
+            if done >= total_steps:
+                return
+
+
+def _model_card(out: Path, *, name: str, model: Path, merge: bool, n_records: int, n_tokens: int, hp: dict[str, Any], losses: list[float]) -> None:
+    from safemerge.io.output import md_escape, write_model_card
+
+    final = sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):]))
+    rows = "\n".join(f"| {md_escape(k)} | {md_escape(v)} |" for k, v in hp.items())
+    what = "full model with the LoRA merged into the weights" if merge else "PEFT LoRA adapter"
+    usage = (
+        f"```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('{name}')\n```"
+        if merge
+        else "```python\nfrom peft import AutoPeftModelForCausalLM\n"
+        f"model = AutoPeftModelForCausalLM.from_pretrained('{name}')\n```\n\n"
+        f"or reference it in a merge config as `{md_escape(model.name)}+{md_escape(name)}`."
+    )
+    write_model_card(
+        out,
+        title=f"LoRA fine-tune of {model.name}",
+        base_model=str(model),
+        tags=("safemerge", "lora", "peft", "sft"),
+        library_name="transformers" if merge else "peft",
+        front_matter={"training": {"records": n_records, "response_tokens": n_tokens, "steps": len(losses), "final_loss": round(final, 6)}},
+        sections=[
+            ("What this is", f"A {what}, trained with `safemerge train-lora` on chat-formatted prompt/response pairs; "
+             "prompt tokens are masked out of the loss (answer-token cross-entropy)."),
+            ("Training", f"- records: {n_records}\n- labelled (response) tokens: {n_tokens}\n- optimizer steps: {len(losses)}\n"
+             f"- first loss: {losses[0]:.4f}\n- final loss (mean of the last 10 % of steps): {final:.4f}"),
+            ("Hyper-parameters", "| parameter | value |\n|---|---|\n" + rows),
+            ("Usage", usage),
+        ],
+    )
+
+
+def train_lora(
+    model: str | Path,
+    data: str | Path | Iterable[Any],
+    out_dir: str | Path,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    targets: str | Sequence[str] = DEFAULT_TARGETS,
+    steps: int | None = None,
+    epochs: float | None = None,
+    batch_size: int = 8,
+    lr: float = 3e-4,
+    max_length: int = 256,
+    seed: int = 0,
+    merge: bool = False,
+    force: bool = False,
+    progress: bool = True,
+    system: str | None = None,
+) -> Path:
+    """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
+
+    Args:
+        model: Hugging Face model directory (with tokenizer and chat template).
+        data: JSONL/JSON file or iterable of records (prompt/response, instruction/input/output,
+            question/answer or messages — see :mod:`safemerge.train.data`).
+        out_dir: output directory, written atomically.
+        rank, alpha: LoRA rank ``r`` and ``lora_alpha`` (scaling ``α/r``).
+        targets: module names (``("q_proj", "v_proj")``, ``"q_proj,v_proj"``) or ``"all-linear"``.
+        steps: number of optimiser steps; or ``epochs`` (may be fractional). Default: 1 epoch.
+        batch_size, lr, max_length: batch size, peak learning rate, tokens per example.
+        seed: seeds the LoRA initialisation and the data order.
+        merge: write a full model with ``W + (α/r) B A`` merged into the weights (stored in the
+            base model's dtype) instead of the adapter.
+        force: replace an existing ``out_dir``.
+        progress: show a rich progress bar (stderr) with the running loss.
+        system: optional system message added to every example.
+
+    Returns:
+        ``out_dir``. It holds ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
+        model), the tokenizer, ``training_log.json`` (per-step loss, hyper-parameters) and a
+        model card ``README.md``.
+    """
+    _check_hparams(rank, alpha, steps, epochs, batch_size, lr, max_length)
+    target_modules = parse_targets(targets)
+    from safemerge.train.data import load_sft_records
+
+    records = load_sft_records(data)
+    from safemerge.io.output import atomic_output, check_output_path
+
+    check_output_path(out_dir, force=force)
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
+
+    model_dir, lm, tok = _load_model_and_tokenizer(model)
+    examples = [
+        encode_chat_example(tok, r.prompt, r.response, max_length=max_length, system=r.system if r.system is not None else system)
+        for r in records
+    ]
+    n_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
+    n = len(examples)
+    per_epoch = math.ceil(n / batch_size)
+    total = steps if steps is not None else max(1, round(per_epoch * (epochs if epochs is not None else 1.0)))
+    warmup = int(WARMUP_FRACTION * total)
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    try:
+        peft_model = get_peft_model(lm, cfg)
+    except ValueError as exc:
+        raise ConfigError(
+            f"LoRA targets {targets!r} do not match modules of {model_dir.name} ({' '.join(str(exc).split())[:120]})",
+            "use module names such as q_proj,v_proj (see the model's state dict) or all-linear",
+        ) from exc
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    generator = torch.Generator().manual_seed(seed)
+
+    peft_model.train()
+    losses: list[float] = []
+    started = time.perf_counter()
+    with _progress(progress) as bar:
+        task = bar.add_task("train", total=total, loss="—")
+        for idx in _batches(n, batch_size, total, generator):
+            batch = collate([examples[i] for i in idx], tok.pad_token_id)
+            out = peft_model(**batch)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise SafemergeError(f"the training loss became {loss.item()} at step {len(losses) + 1}", "lower --lr")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
+    seconds = time.perf_counter() - started
+    peft_model.eval()
+
+    hp: dict[str, Any] = {
+        "rank": rank, "alpha": alpha, "targets": target_modules if isinstance(target_modules, str) else ",".join(target_modules),
+        "steps": total, "epochs": round(total / per_epoch, 4), "batch_size": batch_size, "lr": lr,
+        "schedule": f"linear warm-up {warmup} steps, linear decay", "optimizer": "AdamW (no weight decay), grad-norm clip 1.0",
+        "max_length": max_length, "seed": seed, "merge": merge,
+    }
+    log = {"records": n, "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
+    with atomic_output(out_dir, force=force) as tmp:
+        if merge:
+            merged = peft_model.merge_and_unload()
+            merged.to(getattr(torch, _stored_dtype(model_dir)))
+            merged.config.dtype = _stored_dtype(model_dir)
+            merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            peft_model.save_pretrained(tmp, safe_serialization=True)
+            # PEFT records the model path as loaded; keep it as the user gave it (stable across machines)
+            cfg_file = tmp / "adapter_config.json"
+            acfg = json.loads(cfg_file.read_text())
+            acfg["base_model_name_or_path"] = str(model)
+            cfg_file.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+        tok.save_pretrained(tmp)
+        (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2) + "\n")
+        _model_card(tmp, name=Path(out_dir).name, model=model_dir, merge=merge, n_records=n, n_tokens=n_tokens, hp=hp, losses=losses)
+        for f in tmp.iterdir():
+            if f.is_file():
+                f.chmod(0o644)
+    if progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(
+            f"trained {total} steps on {n} records in {seconds:.1f} s ({seconds / total:.2f} s/step); "
+            f"loss {losses[0]:.4f} → {losses[-1]:.4f}; wrote {out_dir}"
+        )
+    return Path(out_dir)
