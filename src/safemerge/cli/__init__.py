@@ -67,12 +67,32 @@ def _fail(message: str, hint: str | None, code: int) -> None:
     raise SystemExit(code)
 
 
+def _click_modules() -> list:
+    """click exception namespaces in use: typer >= 0.20 vendors click as ``typer._click``."""
+    mods = []
+    try:
+        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
+
+        mods.append(vendored)
+    except ImportError:
+        pass
+    try:
+        from click import exceptions as upstream
+
+        mods.append(upstream)
+    except ImportError:
+        pass
+    return mods
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Turns user errors into one-line messages and exit code 2."""
-    import click
-
     from safemerge.errors import SafemergeError
 
+    mods = _click_modules()
+    exit_types = tuple({typer.Exit, *(getattr(m, "Exit") for m in mods if hasattr(m, "Exit"))})
+    abort_types = tuple({typer.Abort, *(getattr(m, "Abort") for m in mods if hasattr(m, "Abort"))})
+    click_types = tuple(getattr(m, "ClickException") for m in mods if hasattr(m, "ClickException"))
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("SAFEMERGE_DEBUG") == "1"
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="safemerge")
@@ -82,14 +102,20 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(exc.message, exc.hint, exc.exit_code)
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code)
-    except click.exceptions.Abort:
+    except exit_types as exc:
+        raise SystemExit(getattr(exc, "exit_code", 0))
+    except abort_types:
         _fail("aborted", None, 130)
-    except click.ClickException as exc:
+    except click_types as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
+            sys.stdout.write(exc.ctx.get_help() + "\n")
+            raise SystemExit(0)
         if debug:
             raise
-        _fail(exc.format_message().splitlines()[0], "run with --help for usage", 2)
+        msg = exc.format_message().splitlines()[0] if exc.format_message() else type(exc).__name__
+        ctx = getattr(exc, "ctx", None)
+        cmd = f"safemerge {ctx.info_name} --help" if ctx is not None and ctx.info_name and ctx.info_name != "safemerge" else "safemerge --help"
+        _fail(msg, f"run '{cmd}' for usage", 2)
     except KeyboardInterrupt:
         _fail("interrupted; partial output was discarded", None, 130)
     except MemoryError:
