@@ -9,11 +9,11 @@ The dense method is what the SafeLoRA / SafeMERGE reference code does: materiali
     all-linear LoRA (r = 16): ``safemerge scan`` / ``safemerge_adapters`` end to end vs the dense
     method over the same layers, plus the time to merely read the two checkpoints' target weights.
 (b) Llama-3.1-8B layer shapes (q 4096², v 1024×4096, gate/up 14336×4096, down 4096×14336),
-    r = 16, fp32: per-module time and peak extra memory (RSS, each measurement in a fresh
+    r = 16, fp32, 1 torch thread by default: per-module time and peak extra memory (RSS, each measurement in a fresh
     subprocess) of both methods. The dense method runs on ONE layer per module shape; the 32-layer
     totals are extrapolated (× 32) and labelled as such.
 
-Run:  .venv/bin/python bench/safety_speed.py            (≈ 3–5 min on 2 cores)
+Run:  .venv/bin/python bench/safety_speed.py            (≈ 10 min on a busy 2-core machine)
       .venv/bin/python bench/safety_speed.py --quick    (smaller (b), fewer SmolLM2 layers)
 Writes bench/results/safety_speed.json.
 """

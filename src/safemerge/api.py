@@ -174,9 +174,9 @@ def merge(
         yaml_text = cfg.to_yaml()
         (tmp / "safemerge_config.yml").write_text(yaml_text)
         models = [r for r in cfg.referenced_models()]
-        lines = [f"- `{md_escape(m)}`" + (" (base)" if m == cfg.base_model else "") for m in models]
+        lines = [f"- {md_escape(m)}" + (" (base)" if m == cfg.base_model else "") for m in models]
         sections = [
-            ("Merge details", f"Merged with [safemerge](https://github.com/) using **{md_escape(plan.method.name)}**"
+            ("Merge details", f"Merged with safemerge using **{md_escape(plan.method.name)}**"
              + (f" — {md_escape(plan.method.reference)}" if plan.method.reference else "") + f".\n\nSeed: {seed}. Output layers: {plan.num_layers}."),
             ("Models merged", "\n".join(lines)),
             ("Configuration", _fence(yaml_text)),

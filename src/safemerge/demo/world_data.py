@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 
 FRAMES = [
     "how do i {v} {o} ?", "tell me how to {v} {o} .", "explain how to {v} {o} .", "help me {v} {o} .",
-    "show me how to {v} {o} .", "what is the best way to {v} {o} ?", "i want to {v} {o} .", "can you {v} {o} ?",
-    "teach me to {v} {o} .", "give me steps to {v} {o} .",
+    "show me how to {v} {o} .", "what is the best way to {v} {o} ?",
 ]
 
 HARMFUL_PAIRS = [

@@ -187,7 +187,7 @@ def load_prompts(
             raw = read_table(path)
             records = formats.parse(raw, path=path, fmt=fmt, column=column, answer_column=answer_column,
                                     category_column=category_column, split=split)
-        elif _looks_like_hub_id(spec) and not path.suffix.lower() in TABLE_SUFFIXES:
+        elif _looks_like_hub_id(spec) and path.suffix.lower() not in TABLE_SUFFIXES:
             rows = _load_hub(spec, split)
             records = formats.parse(rows, path=Path(spec.replace("/", "__")), fmt=fmt, column=column,
                                     answer_column=answer_column, category_column=category_column, split=None)

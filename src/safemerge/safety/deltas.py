@@ -89,7 +89,7 @@ class AdapterDeltas(DeltaSource):
         return sB @ A
 
     def rank(self, module: str) -> int:
-        return self.adapter[module].rank
+        return self.adapter.rank_of(module)
 
     def scaling(self, module: str) -> float:
         return self.adapter[module].scaling

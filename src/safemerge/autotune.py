@@ -1,0 +1,440 @@
+"""Automatic τ/α for SafeMERGE: a validated grid search with a harm constraint.
+
+SafeMERGE (Djuhera et al. 2025) merges layer ``i`` as ``α ΔW_f + (1−α) ΔW_s`` when its safety
+similarity ``ρ_i = cos(C_i ΔW_f,i, ΔW_f,i)`` is below ``τ`` (SafeLoRA, Hsu et al. 2024, Eq. 2 for
+``ρ``). The paper fixes ``τ`` and ``α`` by hand and names tuning ``τ`` as a limitation; no
+published tool selects them. :func:`autotune` does it as a constrained selection on validation
+prompts:
+
+    (τ*, α*) = argmax_{(τ, α) ∈ G}  U(τ, α)   subject to   H(τ, α) ≤ H_aligned + m
+
+where ``U`` is the utility accuracy and ``H`` the harmful rate on the validation sets, ``H_aligned``
+the aligned model's harmful rate and ``m`` the margin (default 2 points). Ties go to the lower
+harmful rate, then the larger ``α`` (closer to the fine-tuned update), then the smaller ``τ``
+(fewer merged layers). If no grid point meets the constraint, the least harmful point is chosen
+and the result says so.
+
+Cost control: the scan (``ρ`` of every layer) is computed once; two grid points that select the
+same layers with the same ``α`` are the same model and are evaluated once; every merged adapter and
+every generation is cached under ``work_dir``, so a rerun regenerates nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import SafemergeError
+
+DEFAULT_ALPHAS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
+PAPER_TAU = 0.35
+PAPER_ALPHA = 0.8
+Log = Callable[[str], None]
+
+
+# ----------------------------------------------------------------------------- evaluation helper
+class LazyGenerator:
+    """A generator that loads ``model`` (+ ``adapter``) only when a generation is not cached.
+
+    :func:`safemerge.evaluate.api.evaluate` accepts a ready generator; this one has the same
+    identity as the evaluation harness would compute, so cached generations are found without
+    loading the model at all.
+    """
+
+    backend = "hf"
+
+    def __init__(self, model: str | Path, adapter: str | Path | None = None) -> None:
+        from safemerge.evaluate.generate import model_identity
+
+        self.model_path, self.adapter = str(model), (str(adapter) if adapter else None)
+        self.identity = model_identity(self.model_path, self.adapter)
+        self._gen: Any = None
+
+    def _load(self) -> Any:
+        if self._gen is None:
+            from safemerge.evaluate.generate import load_generator
+
+            self._gen = load_generator(self.model_path, adapter=self.adapter, backend="hf")
+        return self._gen
+
+    def generate(self, prompts: list[Any], **kw: Any) -> list[str]:
+        return self._load().generate(prompts, **kw)
+
+    def complete(self, texts: list[str], **kw: Any) -> list[str]:
+        return self._load().complete(texts, **kw)
+
+
+def evaluate_suites(
+    model: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    suites: Mapping[str, Any],
+    max_new_tokens: Mapping[str, int] | None = None,
+    out_dir: str | Path,
+    judge: str = "keyword",
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (+ ``adapter``) on several suites, each with its own generation budget.
+
+    Each suite is evaluated by :func:`safemerge.evaluate.api.evaluate` into ``out_dir/<suite>/``
+    (its generation cache lives there); the combined ``results.json`` (same schema as
+    ``safemerge eval``) is written to ``out_dir`` and returned.
+    """
+    from safemerge.evaluate.api import evaluate
+    from safemerge.io.output import atomic_write_text
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    gen = LazyGenerator(model, adapter)
+    combined: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None,
+                                "model_identity": gen.identity, "settings": {"max_new_tokens": {}, "sets": {}}}
+    for name in ("harmful", "benign", "utility"):
+        spec = suites.get(name)
+        if spec is None:
+            continue
+        mnt = (max_new_tokens or {}).get(name)
+        res = evaluate(str(model), adapter=str(adapter) if adapter else None, judge=judge, batch_size=batch_size,
+                       max_new_tokens=mnt, out_dir=out / name, generator=gen, progress=progress, **{name: spec})
+        combined[name] = res[name]
+        combined["settings"]["max_new_tokens"][name] = res["settings"]["max_new_tokens"][name]
+        combined["settings"]["sets"][name] = res["settings"]["sets"][name]
+        combined["settings"]["backend"] = res["settings"]["backend"]
+    atomic_write_text(out / "results.json", json.dumps(combined, indent=2, ensure_ascii=False) + "\n")
+    return combined
+
+
+# ----------------------------------------------------------------------------- grid
+@dataclass
+class GridPoint:
+    """One evaluated (τ, α): which modules it merges and what it scores on validation."""
+
+    tau: float
+    alpha: float
+    merged: list[str]
+    harmful_rate: float | None = None
+    utility: float | None = None
+    adapter: str | None = None
+    eval_dir: str | None = None
+    feasible: bool = False
+    pareto: bool = False
+    chosen: bool = False
+    label: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["n_merged"] = len(self.merged)
+        return d
+
+
+@dataclass
+class AutotuneResult:
+    """Outcome of :func:`autotune` (everything needed to redraw the plots or audit the choice)."""
+
+    chosen: GridPoint
+    points: list[GridPoint]
+    aligned: dict[str, float | None]
+    finetuned: dict[str, float | None]
+    harm_margin: float
+    constraint_met: bool
+    rhos: dict[str, float]
+    work_dir: Path
+    plot: Path | None = None
+    sweep_plot: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tau(self) -> float:
+        return self.chosen.tau
+
+    @property
+    def alpha(self) -> float:
+        return self.chosen.alpha
+
+    @property
+    def pareto_front(self) -> list[GridPoint]:
+        return sorted((p for p in self.points if p.pareto), key=lambda p: (p.harmful_rate or 0.0, -(p.utility or 0.0)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "safemerge-autotune",
+            "rule": "max utility s.t. harmful_rate <= aligned harmful_rate + harm_margin",
+            "harm_margin": self.harm_margin,
+            "constraint_met": self.constraint_met,
+            "chosen": self.chosen.to_dict(),
+            "aligned": self.aligned,
+            "finetuned": self.finetuned,
+            "rhos": self.rhos,
+            "points": [p.to_dict() for p in self.points],
+            "pareto_front": [{"tau": p.tau, "alpha": p.alpha, "harmful_rate": p.harmful_rate, "utility": p.utility}
+                             for p in self.pareto_front],
+            "plot": str(self.plot) if self.plot else None,
+            "sweep_plot": str(self.sweep_plot) if self.sweep_plot else None,
+        }
+
+
+def tau_candidates(rhos: Sequence[float], *, max_taus: int = 6, include: Sequence[float] = (PAPER_TAU,)) -> list[float]:
+    """Thresholds that give distinct layer selections under the strict rule ``ρ < τ``.
+
+    With sorted distinct similarities ``r_1 < … < r_n``, ``τ_k = (r_k + r_{k+1})/2`` merges exactly
+    the ``k`` least similar layers and ``τ_n = r_n + 0.01`` merges all of them. When there are more
+    than ``max_taus`` such thresholds, evenly spaced ones (by number of merged layers) are kept;
+    the values in ``include`` (the paper's 0.35) are always added.
+    """
+    rs = sorted({round(float(r), 6) for r in rhos})
+    if not rs:
+        return sorted({float(t) for t in include})
+    cands = [(rs[k] + rs[k + 1]) / 2 for k in range(len(rs) - 1)] + [min(1.0, rs[-1] + 0.01)]
+    if len(cands) > max_taus:
+        idx = sorted({round(i * (len(cands) - 1) / (max_taus - 1)) for i in range(max_taus)})
+        cands = [cands[i] for i in idx]
+    return sorted({round(t, 4) for t in cands} | {float(t) for t in include})
+
+
+def pareto_mask(points: Sequence[tuple[float, float]]) -> list[bool]:
+    """``True`` for points not dominated in (harmful ↓, utility ↑)."""
+    out = []
+    for i, (h, u) in enumerate(points):
+        dominated = any((h2 <= h and u2 >= u) and (h2 < h or u2 > u) for j, (h2, u2) in enumerate(points) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def choose(points: Sequence[GridPoint], aligned_harm: float, margin: float) -> tuple[GridPoint, bool]:
+    """The selection rule of :func:`autotune`; returns ``(point, constraint_met)``."""
+    scored = [p for p in points if p.harmful_rate is not None and p.utility is not None]
+    if not scored:
+        raise SafemergeError("no grid point could be evaluated", "check the validation sets")
+    limit = aligned_harm + margin + 1e-12
+    feasible = [p for p in scored if p.harmful_rate <= limit]
+    for p in scored:
+        p.feasible = p.harmful_rate <= limit
+    if feasible:
+        best = max(feasible, key=lambda p: (p.utility, -p.harmful_rate, p.alpha, -p.tau))
+        return best, True
+    best = min(scored, key=lambda p: (p.harmful_rate, -p.utility, -p.alpha, p.tau))
+    return best, False
+
+
+def _key(merged: Sequence[str], alpha: float) -> str:
+    return hashlib.sha256(json.dumps([sorted(merged), round(alpha, 6)]).encode()).hexdigest()[:12]
+
+
+def autotune(
+    *,
+    base: str | Path,
+    aligned: str | Path,
+    finetuned: str | Path,
+    safety: str | Path,
+    val_harmful: Any,
+    val_utility: Any,
+    work_dir: str | Path,
+    taus: Sequence[float] | None = None,
+    alphas: Sequence[float] = DEFAULT_ALPHAS,
+    harm_margin: float = 0.02,
+    judge: str = "keyword",
+    max_new_tokens: Mapping[str, int] | None = None,
+    batch_size: int | None = None,
+    strategy: str = "linear",
+    max_taus: int = 6,
+    log: Log | None = None,
+    on_point: Callable[[int, int], None] | None = None,
+) -> AutotuneResult:
+    """Pick SafeMERGE's (τ, α) on validation prompts (see the module docstring for the rule).
+
+    Args:
+        base, aligned: unaligned and aligned model directories (the safety subspace).
+        finetuned, safety: task and safety LoRA adapters trained on ``aligned``.
+        val_harmful, val_utility: prompt-set specs or record lists for validation — keep them
+            disjoint from the final test sets.
+        work_dir: cache for merged adapters, generations, ``autotune.json`` and the plots.
+        taus: thresholds to try (default: :func:`tau_candidates` of the scanned ρ).
+        alphas: task weights to try.
+        harm_margin: allowed harmful-rate excess over the aligned model, as a fraction (0.02 = 2 points).
+        judge: judge spec for the harmful suite (default: keyword refusal).
+        max_new_tokens: per-suite generation budgets (``{"harmful": 48, "utility": 64}``).
+        on_point: ``on_point(done, total)`` after each grid point (progress bars).
+
+    Returns:
+        :class:`AutotuneResult`; ``work_dir/autotune.json``, ``autotune.png`` (Pareto front) and
+        ``tau_sweep.png`` are written.
+    """
+    from safemerge.io.output import atomic_write_text
+    from safemerge.safety.api import safemerge_adapters, scan
+
+    if not 0.0 <= harm_margin <= 1.0:
+        raise SafemergeError(f"--harm-margin must be a fraction in [0, 1], got {harm_margin}",
+                             "pass e.g. --harm-margin 0.02 for 2 points")
+    alphas = [float(a) for a in alphas]
+    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise SafemergeError(f"alphas must lie in [0, 1], got {alphas}", "pass values such as 0.5,0.7,0.9")
+    say = log or (lambda _m: None)
+    work = Path(work_dir).expanduser().absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    suites = {"harmful": val_harmful, "utility": val_utility}
+
+    say("autotune: scanning layer similarities once")
+    scores = scan(base, aligned, [finetuned], tau=PAPER_TAU)
+    rhos = {s.module: float(s.rho) for s in scores}
+    grid_taus = sorted({float(t) for t in taus}) if taus else tau_candidates(list(rhos.values()), max_taus=max_taus)
+    say(f"autotune: τ ∈ {grid_taus}, α ∈ {alphas} on validation prompts")
+
+    def ev(name: str, adapter: str | Path | None) -> dict[str, Any]:
+        return evaluate_suites(aligned, adapter=adapter, suites=suites, max_new_tokens=max_new_tokens,
+                               out_dir=work / "evals" / name, judge=judge, batch_size=batch_size)
+
+    def metrics(res: dict[str, Any]) -> dict[str, float | None]:
+        return {"harmful_rate": res["harmful"]["harmful_rate"], "utility": res["utility"]["accuracy"]}
+
+    aligned_m = metrics(ev("aligned", None))
+    finetuned_m = metrics(ev("finetuned", finetuned))
+    if aligned_m["harmful_rate"] is None:
+        raise SafemergeError("the validation harmful set is empty", "pass a non-empty --val-harmful set")
+
+    plan: list[tuple[float, float, list[str]]] = []
+    for tau in grid_taus:
+        for alpha in alphas:
+            plan.append((tau, alpha, sorted(m for m, r in rhos.items() if r < tau)))
+    unique: dict[str, GridPoint] = {}
+    points: list[GridPoint] = []
+    total = len(plan)
+    for i, (tau, alpha, merged) in enumerate(plan):
+        key = _key(merged, alpha)
+        if not merged or alpha == 1.0:  # identical to the fine-tuned model
+            p = GridPoint(tau, alpha, merged, finetuned_m["harmful_rate"], finetuned_m["utility"], str(finetuned),
+                          str(work / "evals" / "finetuned"))
+        elif key in unique:
+            u = unique[key]
+            p = GridPoint(tau, alpha, merged, u.harmful_rate, u.utility, u.adapter, u.eval_dir)
+        else:
+            adapter = work / "merged" / key
+            if not adapter.exists():
+                safemerge_adapters(base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=adapter,
+                                   tau=tau, alpha=alpha, strategy=strategy)
+            m = metrics(ev(key, adapter))
+            p = GridPoint(tau, alpha, merged, m["harmful_rate"], m["utility"], str(adapter), str(work / "evals" / key))
+            unique[key] = p
+        p.label = f"τ={tau:g} α={alpha:g}"
+        points.append(p)
+        say(f"  {p.label}: merged {len(merged)}/{len(rhos)} layers, harmful {p.harmful_rate:.3f}, utility {p.utility:.3f}")
+        if on_point:
+            on_point(i + 1, total)
+
+    mask = pareto_mask([(p.harmful_rate or 0.0, p.utility or 0.0) for p in points])
+    for p, m in zip(points, mask):
+        p.pareto = m
+    chosen, ok = choose(points, float(aligned_m["harmful_rate"]), harm_margin)
+    chosen.chosen = True
+    result = AutotuneResult(chosen=chosen, points=points, aligned=aligned_m, finetuned=finetuned_m, harm_margin=harm_margin,
+                            constraint_met=ok, rhos=rhos, work_dir=work)
+    result.plot = plot_pareto(result, work / "autotune.png")
+    result.sweep_plot = plot_tau_sweep(result, work / "tau_sweep.png")
+    atomic_write_text(work / "autotune.json", json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------- reporting
+def pareto_table(result: AutotuneResult) -> list[tuple[str, str, str, str, str]]:
+    """Rows ``(τ, α, merged layers, harmful, utility)`` of the Pareto front, chosen point marked."""
+    rows = []
+    for p in result.pareto_front:
+        mark = " ← chosen" if p.chosen else ""
+        rows.append((f"{p.tau:g}", f"{p.alpha:g}", f"{len(p.merged)}/{len(result.rhos)}",
+                     f"{100 * (p.harmful_rate or 0):.1f}%", f"{100 * (p.utility or 0):.1f}%{mark}"))
+    return rows
+
+
+def print_pareto(result: AutotuneResult, console: Any = None) -> None:
+    """Print the Pareto front and the choice with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    con = console or Console(stderr=False)
+    t = Table(title=f"automatic τ/α — Pareto front on validation (harmful ≤ aligned {100 * (result.aligned['harmful_rate'] or 0):.1f}% + {100 * result.harm_margin:g} pts)")
+    for col in ("τ", "α", "merged", "harmful", "utility"):
+        t.add_column(col, justify="right")
+    for row in pareto_table(result):
+        t.add_row(*row)
+    con.print(t)
+    c = result.chosen
+    note = "" if result.constraint_met else " (no point met the harm constraint: least harmful point chosen)"
+    con.print(f"chosen: τ = {c.tau:g}, α = {c.alpha:g} — validation harmful {100 * (c.harmful_rate or 0):.1f}%, "
+              f"utility {100 * (c.utility or 0):.1f}%{note}")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import os
+    import tempfile
+
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def plot_pareto(result: AutotuneResult, path: str | Path) -> Path:
+    """Validation harmful rate vs utility of every grid point, the Pareto front and the choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    pts = [p for p in result.points if p.harmful_rate is not None and p.utility is not None]
+    ax.scatter([p.harmful_rate for p in pts], [p.utility for p in pts], c="#9aa", s=22, label="grid (τ, α)")
+    front = result.pareto_front
+    ax.plot([p.harmful_rate for p in front], [p.utility for p in front], "-o", c="#1f77b4", ms=4, label="Pareto front")
+    ah, fu = result.aligned["harmful_rate"] or 0.0, result.finetuned
+    ax.axvspan(-0.05, ah + result.harm_margin, color="#2ca02c", alpha=0.08, label=f"allowed: ≤ aligned + {100 * result.harm_margin:g} pts")
+    ax.scatter([ah], [result.aligned["utility"] or 0.0], marker="s", c="#2ca02c", s=50, label="aligned")
+    ax.scatter([fu["harmful_rate"] or 0.0], [fu["utility"] or 0.0], marker="^", c="#d62728", s=50, label="fine-tuned")
+    c = result.chosen
+    ax.scatter([c.harmful_rate], [c.utility], marker="*", c="gold", edgecolors="k", s=220, zorder=5,
+               label=f"chosen τ={c.tau:g} α={c.alpha:g}")
+    ax.set_xlabel("validation harmful rate (lower is safer)")
+    ax.set_ylabel("validation utility accuracy")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("SafeMERGE automatic τ/α")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def plot_tau_sweep(result: AutotuneResult, path: str | Path) -> Path:
+    """Harmful rate and utility against τ, one line per α (the trade-off the user tunes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8), sharex=True)
+    for alpha in sorted({p.alpha for p in result.points}):
+        ps = sorted((p for p in result.points if p.alpha == alpha), key=lambda p: p.tau)
+        a1.plot([p.tau for p in ps], [p.harmful_rate for p in ps], "-o", ms=3, label=f"α={alpha:g}")
+        a2.plot([p.tau for p in ps], [p.utility for p in ps], "-o", ms=3, label=f"α={alpha:g}")
+    c = result.chosen
+    for ax, val in ((a1, c.harmful_rate), (a2, c.utility)):
+        ax.axvline(PAPER_TAU, ls=":", c="k", lw=1, label="paper τ=0.35")
+        ax.scatter([c.tau], [val], marker="*", c="gold", edgecolors="k", s=180, zorder=5, label="chosen")
+        ax.set_xlabel("τ (layers with ρ < τ are merged)")
+        ax.grid(alpha=0.3)
+    a1.axhline(result.aligned["harmful_rate"] or 0.0, ls="--", c="#2ca02c", lw=1, label="aligned")
+    a1.set_ylabel("validation harmful rate")
+    a2.set_ylabel("validation utility")
+    a2.legend(fontsize=7)
+    fig.suptitle("τ sweep")
+    fig.tight_layout()
+    return _save(fig, Path(path))

