@@ -51,7 +51,7 @@ def test_tiny_prompt_masked_response_labelled(tiny_tok):
     assert ex["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert all(l != IGNORE_INDEX for l in ex["labels"][n_prompt:])
     assert tiny_tok.convert_ids_to_tokens(_labelled(ex)) == ["fine", ",", "you", "?", "<|im_end|>"]
-    assert toks[n_prompt - 3 : n_prompt] == ["<|im_start|>", "assistant", "\n"]
+    assert toks[n_prompt - 2 : n_prompt] == ["<|im_start|>", "assistant"]  # the generation header is masked
     # labels are the token ids themselves (the model shifts them)
     assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
 
@@ -69,7 +69,7 @@ def test_truncation_keeps_generation_header_and_some_response(tiny_tok):
     assert len(ex["input_ids"]) == 32
     toks = tiny_tok.convert_ids_to_tokens(ex["input_ids"])
     n_masked = sum(l == IGNORE_INDEX for l in ex["labels"])
-    assert toks[n_masked - 3 : n_masked] == ["<|im_start|>", "assistant", "\n"]
+    assert toks[n_masked - 2 : n_masked] == ["<|im_start|>", "assistant"]
     assert 8 <= len(_labelled(ex)) <= 24
 
 

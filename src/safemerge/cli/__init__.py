@@ -37,6 +37,7 @@ COMMAND_MODULES = [
     "safemerge.cli.synth_cmd",
     "safemerge.cli.optimize_cmd",
     "safemerge.cli.methods_cmd",
+    "safemerge.cli.demo_cmd",
 ]
 
 

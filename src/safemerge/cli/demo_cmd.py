@@ -41,8 +41,14 @@ def demo_command(
     cores; cached: minutes. --fast runs the same pipeline on a tiny world in about a minute.
     """
     import sys
+    import warnings
 
     from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the demo shows its own progress; silence per-load bars and notices
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     from safemerge.demo.pipeline import print_table, run_demo
 

@@ -79,9 +79,10 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a malformed safetensors header", "re-download or re-save the checkpoint")
+    header["__data_start__"] = 8 + n
     data_len = size - 8 - n
     for key, info in header.items():
-        if key == "__metadata__":
+        if key in ("__metadata__", "__data_start__"):
             continue
         try:
             start, end = info["data_offsets"]
@@ -191,7 +192,7 @@ class Checkpoint(Mapping):
         header = _read_safetensors_header(path)
         self._headers[path] = header
         for k in header:
-            if k != "__metadata__":
+            if k not in ("__metadata__", "__data_start__"):
                 self._weight_map.setdefault(k, path)
 
     def _add_pickle(self, path: Path) -> None:
@@ -297,27 +298,61 @@ class Checkpoint(Mapping):
         return math.prod(self.shape(name)) * sizes.get(self.dtype_name(name), 1)
 
     # ------------------------------------------------------------------ tensors
-    def _handle(self, path: Path):
-        h = self._handles.get(path)
-        if h is None:
-            from safetensors import safe_open
+    def _mmap(self, path: Path):
+        mm = self._handles.get(path)
+        if mm is None:
+            import mmap
 
             with self._lock:
-                h = self._handles.get(path)
-                if h is None:
+                mm = self._handles.get(path)
+                if mm is None:
                     try:
-                        h = safe_open(str(path), framework="pt", device="cpu")
-                    except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError
-                        raise CheckpointError(f"cannot open {path} ({exc})", "re-download or re-save the checkpoint") from exc
-                    self._handles[path] = h
-        return h
+                        with path.open("rb") as fh:
+                            mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+                    except (OSError, ValueError) as exc:
+                        raise CheckpointError(f"cannot open {path} ({exc})", "check the file and its permissions") from exc
+                    self._handles[path] = mm
+        return mm
+
+    def _read_safetensors(self, path: Path, name: str):
+        """Copy one tensor out of the memory-mapped file, then release the mapped pages.
+
+        The pages stay in the OS page cache (a second read is free), but they no longer count
+        towards this process's resident memory, so streaming a 100 GB model keeps RSS at the
+        size of the tensors in flight.
+        """
+        import mmap
+
+        import numpy as np
+        import torch
+
+        info = self._headers[path][name]
+        begin, end = info["data_offsets"]
+        off = self._headers[path]["__data_start__"] + begin
+        nbytes = end - begin
+        dt_name = _ST_DTYPES.get(info["dtype"])
+        if dt_name is None:
+            raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {info['dtype']}", "convert the checkpoint to float32/bfloat16/float16")
+        dtype = getattr(torch, dt_name)
+        shape = tuple(info["shape"])
+        out = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            mm = self._mmap(path)
+            out.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=off)
+            page = mmap.PAGESIZE
+            a = off - off % page
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, a, off + nbytes - a)
+            except (OSError, ValueError, AttributeError):  # pragma: no cover - platform without madvise
+                pass
+        return out.view(dtype).reshape(shape)
 
     def __getitem__(self, name: str):
         real, f = self._resolve(name)
         if f in self._pickled:
             return self._pickled[f][real]
         try:
-            return self._handle(f).get_tensor(real)
+            return self._read_safetensors(f, real)
         except CheckpointError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -337,6 +372,11 @@ class Checkpoint(Mapping):
         return t
 
     def close(self) -> None:
+        for mm in self._handles.values():
+            try:
+                mm.close()
+            except (BufferError, ValueError):
+                pass
         self._handles.clear()
         self._pickled.clear()
 

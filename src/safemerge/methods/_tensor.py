@@ -120,3 +120,25 @@ def masked_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps
     if before < eps or after < eps:
         return masked
     return masked.mul_(before / after)
+
+
+_DOT_CHUNK = 1 << 16
+
+
+def dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """⟨a, b⟩ over all elements, accumulated in float64 chunk by chunk (0-d float64 tensor).
+
+    A float32 BLAS dot over millions of elements is off by ~1e-6 relative, which ``acos`` in
+    SLERP / Karcher amplifies for nearly parallel weights; float64 accumulation makes the angle
+    exact to float32 precision while the temporaries stay at one 64 Ki-element chunk.
+    """
+    af, bf = a.reshape(-1), b.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for i in range(0, af.numel(), _DOT_CHUNK):
+        total += torch.dot(af[i : i + _DOT_CHUNK].to(torch.float64), bf[i : i + _DOT_CHUNK].to(torch.float64))
+    return total
+
+
+def norm64(a: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm over all elements, accumulated in float64 (0-d float64 tensor)."""
+    return dot64(a, a).sqrt()

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, f32
+from safemerge.methods._tensor import check_inputs, dot64, f32
 
 
 def karcher_mean(
@@ -54,7 +54,7 @@ def karcher_mean(
         mflat = mean.reshape(-1)
         for i in valid:
             u = unit(i)
-            dot = torch.dot(mflat, u.reshape(-1)).clamp(-1.0, 1.0)
+            dot = dot64(mflat, u).float().clamp(-1.0, 1.0)  # float64 accumulation
             theta = torch.arccos(dot)
             if theta.item() < tol:
                 continue

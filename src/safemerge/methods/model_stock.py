@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, f32
+from safemerge.methods._tensor import check_inputs, dot64, f32, norm64
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
@@ -30,11 +30,13 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
     b = view(w0)
     offsets = [view(f32(t)) - b for t in tensors]
     n = len(offsets)
-    norms = [torch.linalg.vector_norm(o, dim=-1) for o in offsets]
+    flat = offsets[0].dim() == 1
+    # whole-tensor cosines: float64 accumulation (see dot64); per-row ones: short float32 sums
+    norms = [norm64(o).float() if flat else torch.linalg.vector_norm(o, dim=-1) for o in offsets]
     cosines = []
     for i in range(n):
         for j in range(i + 1, n):
-            dots = torch.dot(offsets[i], offsets[j]) if offsets[i].dim() == 1 else (offsets[i] * offsets[j]).sum(dim=-1)
+            dots = dot64(offsets[i], offsets[j]).float() if flat else (offsets[i] * offsets[j]).sum(dim=-1)
             cosines.append((dots / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
     del offsets
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, f32, per_model_list
+from safemerge.methods._tensor import check_inputs, dot64, f32, norm64, per_model_list
 
 #: |cos θ| above this → the inputs are treated as collinear and linearly interpolated.
 DOT_THRESHOLD = 0.9995
@@ -21,25 +21,25 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float 
     The coefficients multiply the *unnormalised* tensors (mergekit's convention). Falls back to
     ``(1−t)·v0 + t·v1`` when ``|cos Ω| > 0.9995`` (nearly collinear or antipodal). A norm
     below ``eps`` is replaced by 1. ``t = 0`` gives ``v0`` (the base), ``t = 1`` gives ``v1``.
-    Uses dot products (no normalised copies), so the only temporaries are the two scaled terms.
+    Norms and the dot product are accumulated in float64 (chunked, see :func:`dot64`), so the
+    angle is accurate even for nearly parallel multi-million-element tensors; the only
+    tensor-sized temporaries are the two scaled terms.
     """
     a, b = f32(v0), f32(v1)
     if a.numel() == 0:
         return torch.lerp(a, b, float(t))
-    af, bf = a.reshape(-1), b.reshape(-1)
-    na = torch.linalg.vector_norm(af)
-    nb = torch.linalg.vector_norm(bf)
+    na, nb = norm64(a), norm64(b)
     na = torch.where(na > eps, na, torch.ones_like(na))
     nb = torch.where(nb > eps, nb, torch.ones_like(nb))
-    dot = (torch.dot(af, bf) / na / nb).clamp(-1, 1)
-    tt = torch.tensor(float(t), dtype=torch.float32)
+    dot = (dot64(a, b) / na / nb).clamp(-1, 1)
+    tt = float(t)
     if dot.abs() > dot_threshold:
         ca, cb = 1 - tt, tt
     else:
         theta = torch.acos(dot)
         sin_theta = torch.sin(theta)
-        ca = torch.sin((1 - tt) * theta) / sin_theta
-        cb = torch.sin(tt * theta) / sin_theta
+        ca = float(torch.sin((1 - tt) * theta) / sin_theta)
+        cb = float(torch.sin(tt * theta) / sin_theta)
     out = a * ca
     return out.add_(b * cb)
 

@@ -63,6 +63,12 @@ class SafetySubspace:
     def __init__(self, base: Any, aligned: Any, *, allow_pickle: bool = False) -> None:
         self.base = open_model(base, allow_pickle=allow_pickle, role="base")
         self.aligned = open_model(aligned, allow_pickle=allow_pickle, role="aligned")
+        ab, aa = self.base.architecture, self.aligned.architecture
+        if ab and aa and ab != aa:
+            raise CheckpointError(
+                f"architectures differ: the base model {self.base.path} is {ab} but the aligned model {self.aligned.path} is {aa}",
+                "--base must be the pre-trained model that --aligned was aligned from",
+            )
 
     def weight_name(self, module: str) -> str:
         """The tensor name of ``module``, checked to exist as a 2-D weight of equal shape in both models."""

@@ -1,0 +1,86 @@
+"""Reproduce SafeMERGE's main table at 135M scale on real data (issue 5, item 4).
+
+The same pipeline as ``safemerge demo`` (SmolLM2-135M-Instruct zoo → scan → SafeMERGE, SafeLoRA,
+RESTA, automatic τ/α → evaluation), with every role filled from ``../shared/datasets``:
+
+* safety SFT (``aligned``) and safety LoRA: two disjoint slices of Bianchi et al.'s
+  ``bianchi_safety_only.json`` (a training split), mixed with benign look-alikes self-distilled
+  from the base model;
+* task LoRA: GSM8K train (640 problems, worked solutions ending in "The answer is N.");
+* harmfulness: Bianchi malicious instructions (held out); over-refusal: XSTest (safe prompts;
+  the unsafe half is reported as ``unsafe_refusal_rate``); utility: GSM8K test (first 100);
+* automatic τ/α: validation on held-out Bianchi safety-only prompts and unused GSM8K train problems.
+
+Prints the measured table beside the paper's (secondary-source) numbers and writes
+``bench/results/reproduce_safemerge.json``. Runs ~30+ minutes on 2 CPU cores on the first call;
+models and generations are cached (``--cache-dir``), so reruns only re-assemble the report.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_safemerge.py --data-dir ../shared/datasets
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# SafeMERGE v3, Llama-3.1-8B-Instruct / GSM8K (safemerge_safelora.md §3; secondary sources, % harmful on DirectHarm4).
+PAPER = {
+    "aligned": {"utility": 73.80, "harmful": 11.30},
+    "fine-tuned": {"utility": 78.24, "harmful": 28.30},
+    "RESTA": {"utility": 74.20, "harmful": 11.90},
+    "SafeLoRA": {"utility": 77.90, "harmful": 15.10},
+    "SafeMERGE": {"utility": 78.50, "harmful": 8.80},
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    here = Path(__file__).resolve().parent
+    ap.add_argument("--data-dir", type=Path, default=here.parent.parent / "shared" / "datasets")
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("-o", "--out", type=Path, default=here / "results" / "reproduce_safemerge_out")
+    ap.add_argument("--json", type=Path, default=here / "results" / "reproduce_safemerge.json")
+    args = ap.parse_args(argv)
+
+    from rich.console import Console
+
+    from safemerge.autotune import print_pareto
+    from safemerge.demo.pipeline import print_table, run_demo
+
+    err = Console(stderr=True)
+    t0 = time.perf_counter()
+    res = run_demo(out=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    wall = time.perf_counter() - t0
+    con = Console()
+    print_table(res, con)
+    print_pareto(res.autotune, con)
+    rows = [r.to_dict() for r in res.rows]
+    print("\nmeasured (135M, keyword judge) vs paper (Llama-3.1-8B, Llama-Guard-3):")
+    print(f"{'row':<18} {'harmful %':>10} {'paper':>7} {'utility %':>10} {'paper':>7} {'over-refusal %':>15}")
+    for r in rows:
+        p = PAPER.get(r["name"], {})
+        f = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
+        print(f"{r['name']:<18} {f(r['harmful_rate']):>10} {p.get('harmful', '—')!s:>7} {f(r['utility']):>10} "
+              f"{p.get('utility', '—')!s:>7} {f(r['over_refusal_rate']):>15}")
+    out = {
+        "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_safemerge.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "wall_s": round(wall, 1),
+        "timings_s": {k: round(v, 1) for k, v in res.timings.items()},
+        "rows": rows,
+        "paper": PAPER,
+        "checks": res.checks,
+        "autotune": res.autotune.to_dict(),
+        "report": str(args.out / "report.md"),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
