@@ -156,3 +156,19 @@ def test_edge_cases_match_mergekit() -> None:
         ours = call_ours(name, tensors, b, pm, pa, None)
         theirs = call_mergekit(name, tensors, b, pm, pa, None)
         torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=1e-6, msg=lambda m, n=name, p=pa: f"{n} {p}: {m}")
+
+
+def test_ties_breaks_exact_ties_like_mergekit() -> None:
+    """Quantised weights produce many exactly equal |δ| at the top-k cut-off; which of them
+    survive must match mergekit (whose unstable sort decides), not just the count."""
+    import torch
+    from mergekit.sparsify import magnitude as mk_magnitude
+    from mergekit.sparsify import magnitude_outliers as mk_outliers
+
+    from safemerge.methods.sparsify import magnitude, magnitude_outliers
+
+    g = torch.Generator().manual_seed(0)
+    delta = (torch.randint(-40, 41, (300, 257), generator=g).float() / 64.0)  # a coarse grid: ties everywhere
+    for density in (0.1, 0.37, 0.5, 0.9):
+        assert torch.equal(magnitude(delta, density), mk_magnitude(delta, density))
+        assert torch.equal(magnitude_outliers(delta, density, 0.05), mk_outliers(delta, density, gamma=0.05))

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from collections.abc import Callable  # noqa: F401
+
 import torch
 
 from safemerge.errors import ConfigError
@@ -69,7 +71,7 @@ def per_model_list(method: str, per_model: dict, name: str, n: int) -> list:
     return values
 
 
-def rank_window_mask(values: torch.Tensor, start: int, count: int) -> torch.Tensor:
+def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
     """Boolean mask of the elements whose ascending rank lies in ``[start, start + count)``.
 
     Ranks come from a stable ascending sort of the flattened tensor (ties are ordered by flat
@@ -79,6 +81,12 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int) -> torch.Tens
 
     Used by TIES top-k trimming (Yadav et al. 2023, Sec. 3 "Trim"), Model Breadcrumbs
     (Davari & Belilovsky 2024, Sec. 3) and SCE's variance selection (Wan et al. 2024).
+
+    ``tie_select`` (optional) decides the rare case where a group of exactly equal values
+    straddles a window boundary, so that *which* of the tied entries survive is a matter of
+    convention: it receives the flattened values and returns the selected flat indices. The
+    merge methods pass the selection rule mergekit uses (a full sort), so outputs stay
+    bit-compatible with mergekit even then; without it, ties are ordered by flat index.
     """
     flat = values.reshape(-1)
     n = flat.numel()
@@ -93,6 +101,14 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int) -> torch.Tens
     hi = flat.max() if start + count == n else torch.kthvalue(flat, start + count).values
     mask = (flat > lo) & (flat < hi)
     end = start + count
+    if tie_select is not None:
+        for v in (lo, hi):
+            n_below = int((flat < v).sum())
+            n_tied = int((flat == v).sum())
+            if n_tied > 1 and (n_below < start < n_below + n_tied or n_below < end < n_below + n_tied):
+                sel = torch.zeros(n, dtype=torch.bool, device=flat.device)
+                sel[tie_select(flat)] = True
+                return sel.reshape(values.shape)
     for v in (lo, hi) if not torch.equal(lo, hi) else (lo,):
         tied = torch.nonzero(flat == v).squeeze(1)
         first_rank = int((flat < v).sum())

@@ -34,7 +34,7 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
         else:
             var = torch.var(tvs, dim=0, correction=0)
             k = int(int(torch.count_nonzero(var)) * select_topk)
-            keep = rank_window_mask(var, var.numel() - k, k)
+            keep = rank_window_mask(var, var.numel() - k, k, tie_select=lambda f: torch.topk(f, k=k, largest=True).indices)
             del var
             tvs.mul_(keep)
     weights = torch.stack([tvs[i].square().mean() for i in range(n)])

@@ -27,7 +27,8 @@ def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> 
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    mask = rank_window_mask(delta.abs(), n - k, k)
+    # exact ties at the cut-off: keep the entries mergekit keeps (argsort, descending)
+    mask = rank_window_mask(delta.abs(), n - k, k, tie_select=lambda f: torch.argsort(f, descending=True)[:k])
     return masked_rescaled(delta, mask, rescale)
 
 
@@ -46,7 +47,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, res
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    mask = rank_window_mask(delta.abs(), n_bot, target)
+    mask = rank_window_mask(delta.abs(), n_bot, target, tie_select=lambda f: torch.sort(f, descending=False).indices[n_bot : n_bot + target])
     return masked_rescaled(delta, mask, rescale)
 
 
