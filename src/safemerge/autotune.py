@@ -438,3 +438,57 @@ def plot_tau_sweep(result: AutotuneResult, path: str | Path) -> Path:
     fig.suptitle("τ sweep")
     fig.tight_layout()
     return _save(fig, Path(path))
+
+
+# ----------------------------------------------------------------------------- CLI glue
+def parse_tau_alpha(tau: str | float, alpha: str | float) -> tuple[float | None, float | None]:
+    """``"auto"`` → ``None`` (to be tuned), a number → itself; anything else is a user error."""
+    out: list[float | None] = []
+    for name, v in (("--tau", tau), ("--alpha", alpha)):
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            out.append(None)
+            continue
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError) as exc:
+            raise SafemergeError(f"{name} must be a number or 'auto', got {v!r}", f"pass e.g. {name} 0.35 or {name} auto") from exc
+    return out[0], out[1]
+
+
+def resolve_tau_alpha(
+    tau: str | float,
+    alpha: str | float,
+    *,
+    base: str | Path,
+    aligned: str | Path,
+    finetuned: str | Path,
+    safety: str | Path,
+    val_harmful: Any = None,
+    val_utility: Any = None,
+    harm_margin: float = 0.02,
+    judge: str = "keyword",
+    work_dir: str | Path | None = None,
+    log: Log | None = None,
+) -> tuple[float, float, AutotuneResult | None]:
+    """Numbers pass through; ``auto`` for τ and/or α runs :func:`autotune` (the other one fixed).
+
+    Used by ``safemerge safemerge --tau auto --alpha auto --val-harmful SET --val-utility SET``.
+    The work directory defaults to ``<cache>/autotune/<hash of the inputs>`` so reruns are cached.
+    """
+    t, a = parse_tau_alpha(tau, alpha)
+    if t is not None and a is not None:
+        return t, a, None
+    if val_harmful is None or val_utility is None:
+        raise SafemergeError("--tau auto / --alpha auto need validation prompts",
+                             "pass --val-harmful SET and --val-utility SET (keep them disjoint from your test sets)")
+    if work_dir is None:
+        import os
+
+        root = Path(os.environ.get("SAFEMERGE_CACHE") or Path.home() / ".cache" / "safemerge").expanduser()
+        key = hashlib.sha256(json.dumps([str(Path(p).absolute()) for p in (base, aligned, finetuned, safety)]
+                                        + [str(val_harmful), str(val_utility), judge]).encode()).hexdigest()[:12]
+        work_dir = root / "autotune" / key
+    res = autotune(base=base, aligned=aligned, finetuned=finetuned, safety=safety, val_harmful=val_harmful,
+                   val_utility=val_utility, work_dir=work_dir, taus=None if t is None else [t],
+                   alphas=DEFAULT_ALPHAS if a is None else [a], harm_margin=harm_margin, judge=judge, log=log)
+    return res.tau, res.alpha, res

@@ -44,12 +44,13 @@ class WorldConfig:
     pretrain_batch: int = 32
     align_steps: int = 150
     align_rank: int = 8
+    align_lr: float = 3e-3
     task_steps: int = 300
-    task_benign_copies: int = 1
+    task_lr: float = 3e-3
     safety_steps: int = 300
+    safety_lr: float = 1e-2
     lora_rank: int = 8
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
-    lora_lr: float = 3e-3
     lora_batch: int = 32
     max_new_tokens: int = 16
 
@@ -106,11 +107,11 @@ def pretrain_base(out: Path, records: list[dict[str, Any]], cfg: WorldConfig) ->
 
 
 def _lora(model: Path, records: list[dict[str, Any]], out: Path, cfg: WorldConfig, *, rank: int, targets: Any,
-          steps: int, seed: int, merge: bool) -> None:
+          steps: int, lr: float, seed: int, merge: bool) -> None:
     from safemerge.train.lora import train_lora
 
     train_lora(model, records, out, rank=rank, alpha=2 * rank, targets=targets, steps=steps,
-               batch_size=cfg.lora_batch, lr=cfg.lora_lr, max_length=64, seed=seed, merge=merge, progress=False)
+               batch_size=cfg.lora_batch, lr=lr, max_length=64, seed=seed, merge=merge, progress=False)
 
 
 def _distill(model: Path, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
@@ -135,14 +136,20 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
     root = Path(root).expanduser().absolute()
     root.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _m: None)
-    key = fingerprint(WORLD_VERSION, asdict(cfg))
+    # each step's directory is named after everything it depends on, so changing a late setting reuses early steps
+    k_base = fingerprint(WORLD_VERSION, cfg.seed, cfg.hidden, cfg.layers, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_batch)
+    k_data = fingerprint(k_base, cfg.max_new_tokens)
+    k_aligned = fingerprint(k_data, cfg.align_steps, cfg.align_rank, cfg.align_lr, cfg.lora_batch)
+    lora = (cfg.lora_rank, list(cfg.lora_targets), cfg.lora_batch)
+    k_task = fingerprint(k_aligned, cfg.task_steps, cfg.task_lr, lora)
+    k_safety = fingerprint(k_aligned, cfg.safety_steps, cfg.safety_lr, lora)
     d = make_world_data(cfg.seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic and fast for a model this small
     try:
-        base = cached_step("world base (from scratch)", root / f"world-{key}-base",
+        base = cached_step("world base (from scratch)", root / f"base-{k_base}",
                            lambda out: pretrain_base(out, d.pretrain, cfg), say)
-        data = root / f"world-{key}-data"
+        data = root / f"data-{k_data}"
 
         def build_data(out: Path) -> None:
             from safemerge.io.output import atomic_output
@@ -150,8 +157,8 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
             benign = _distill(base, [r["prompt"] for r in d.benign_train], cfg.max_new_tokens)
             with atomic_output(out) as tmp:
                 write_jsonl(tmp / "align_train.jsonl", d.harmful_train + benign + d.repeat_train)
-                write_jsonl(tmp / "task_train.jsonl", d.task_train + benign * cfg.task_benign_copies)
-                write_jsonl(tmp / "safety_train.jsonl", d.harmful_train + benign)
+                write_jsonl(tmp / "task_train.jsonl", d.task_train)
+                write_jsonl(tmp / "safety_train.jsonl", d.harmful_train)
                 write_jsonl(tmp / "eval_harmful.jsonl", d.harmful_test)
                 write_jsonl(tmp / "eval_benign.jsonl", d.benign_test)
                 write_jsonl(tmp / "eval_utility.jsonl", d.task_test)
@@ -161,15 +168,15 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
         cached_step("world data (self-distilled benign answers)", data, build_data, say)
         from safemerge.demo.zoo import read_jsonl
 
-        aligned = cached_step("world aligned (safety SFT, merged)", root / f"world-{key}-aligned",
+        aligned = cached_step("world aligned (safety SFT, merged)", root / f"aligned-{k_aligned}",
                               lambda out: _lora(base, read_jsonl(data / "align_train.jsonl"), out, cfg, rank=cfg.align_rank,
-                                                targets="all-linear", steps=cfg.align_steps, seed=cfg.seed, merge=True), say)
-        task = cached_step("world task LoRA", root / f"world-{key}-task",
+                                                targets="all-linear", steps=cfg.align_steps, lr=cfg.align_lr, seed=cfg.seed, merge=True), say)
+        task = cached_step("world task LoRA", root / f"task-{k_task}",
                            lambda out: _lora(aligned, read_jsonl(data / "task_train.jsonl"), out, cfg, rank=cfg.lora_rank,
-                                             targets=list(cfg.lora_targets), steps=cfg.task_steps, seed=cfg.seed + 1, merge=False), say)
-        safety = cached_step("world safety LoRA", root / f"world-{key}-safety",
+                                             targets=list(cfg.lora_targets), steps=cfg.task_steps, lr=cfg.task_lr, seed=cfg.seed + 1, merge=False), say)
+        safety = cached_step("world safety LoRA", root / f"safety-{k_safety}",
                              lambda out: _lora(aligned, read_jsonl(data / "safety_train.jsonl"), out, cfg, rank=cfg.lora_rank,
-                                               targets=list(cfg.lora_targets), steps=cfg.safety_steps, seed=cfg.seed + 2, merge=False), say)
+                                               targets=list(cfg.lora_targets), steps=cfg.safety_steps, lr=cfg.safety_lr, seed=cfg.seed + 2, merge=False), say)
     finally:
         torch.set_num_threads(threads)
     mnt = cfg.max_new_tokens

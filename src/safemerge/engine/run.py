@@ -38,10 +38,14 @@ def _single_intraop_thread():
         torch.set_num_threads(old)
 
 
-def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str):
+ELEMENTWISE_BLOCK_BYTES = 32 << 20
+"""Element-wise methods process tensors larger than this in row blocks of about this size."""
+
+
+def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str, rows: tuple[int, int] | None = None):
     import torch
 
-    t = ckpts[ref].get(name, dtype=None)
+    t = ckpts[ref].get(name, dtype=None) if rows is None else ckpts[ref].get_rows(name, rows[0], rows[1], dtype=None)
     if t.is_floating_point():
         if compute_dtype is not None:
             t = t.to(getattr(torch, compute_dtype))
@@ -62,20 +66,29 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     if job.passthrough:
         ref, name = job.base or job.inputs[0]
         return ckpts[ref].get(name, dtype=None)
-    tensors = [_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device) for r, n in job.inputs]
-    base = None
-    if job.base is not None:
-        in_inputs = next((i for i, rn in enumerate(job.inputs) if rn == job.base), None)
-        base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device)
-    gen = None
-    if plan.method.stochastic:
-        gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
-    try:
-        out = plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
-    except SafemergeError:
-        raise
-    except (RuntimeError, ValueError) as exc:
-        raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
+    import math
+
+    refs = [r for r, _ in job.inputs] + ([job.base[0]] if job.base is not None else [])
+    blocks: list[tuple[int, int] | None] = [None]
+    if (
+        plan.method.extra.get("elementwise")
+        and len(job.shape) >= 2
+        and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
+        and all(hasattr(ckpts[r], "get_rows") for r in refs)
+    ):
+        # each output entry depends only on the same entry of the inputs: stream row blocks so
+        # that memory holds the output plus one block per input, whatever the tensor's size
+        rows = max(1, ELEMENTWISE_BLOCK_BYTES // (4 * math.prod(job.shape[1:])))
+        blocks = [(r0, min(job.shape[0], r0 + rows)) for r0 in range(0, job.shape[0], rows)]
+    out = None
+    for blk in blocks:
+        part = _run_block(job, plan, ckpts, seed, allow_nonfinite, device, blk)
+        if blk is None:
+            out = part
+        else:
+            if out is None:
+                out = torch.empty(job.shape, dtype=part.dtype, device=part.device)
+            out[blk[0] : blk[1]] = part
     if out is None:
         raise SafemergeError(f"{plan.method.name} produced no output for tensor {job.out_name}", "check the config")
     if tuple(out.shape) != tuple(job.shape):
@@ -83,6 +96,25 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     if not allow_nonfinite and out.is_floating_point() and not bool(torch.isfinite(out).all()):
         raise SafemergeError(f"the merge produced NaN/Inf in tensor {job.out_name}", "check weights/densities (e.g. normalisation by a zero weight sum)")
     return out
+
+
+def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: int, allow_nonfinite: bool, device: str, rows: tuple[int, int] | None):
+    import torch
+
+    tensors = [_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device, rows) for r, n in job.inputs]
+    base = None
+    if job.base is not None:
+        in_inputs = next((i for i, rn in enumerate(job.inputs) if rn == job.base), None)
+        base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows)
+    gen = None
+    if plan.method.stochastic:
+        gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
+    try:
+        return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
+    except SafemergeError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
 
 
 def execute_plan(

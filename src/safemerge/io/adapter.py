@@ -287,6 +287,26 @@ class AdaptedCheckpoint(Mapping):
     def __getitem__(self, name: str):
         return self.get(name, dtype=None)
 
+    def get_rows(self, name: str, start: int, stop: int, dtype: Any = "float32"):
+        """Rows ``[start, stop)`` of base + ΔW, computing only those rows of the low-rank update."""
+        import torch
+
+        real = self.base.aliases.get(name, name)
+        if real in self.adapter.extra_weights or real not in self.adapter.weight_names:
+            if real in self.adapter.extra_weights:
+                return self.get(name, dtype=dtype)[start:stop]
+            return self.base.get_rows(real, start, stop, dtype=dtype)
+        mod = self.adapter[self.adapter.weight_names[real]]
+        A, B = mod.A.to(torch.float32), mod.B.to(torch.float32)
+        if mod.transpose:  # ΔW = s·(B A)ᵀ = s·Aᵀ Bᵀ
+            rows = (A[:, start:stop].T @ B.T) * mod.scaling
+        else:
+            rows = (B[start:stop] @ A) * mod.scaling
+        t = self.base.get_rows(real, start, stop, dtype=torch.float32) + rows
+        if dtype is None:
+            return t.to(getattr(torch, self.base.dtype_name(real)))
+        return t.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+
     def get(self, name: str, dtype: Any = "float32", device: str = "cpu"):  # type: ignore[override]
         """Base tensor plus the adapter's ΔW (computed in float32, then cast to ``dtype``)."""
         import torch

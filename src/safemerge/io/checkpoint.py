@@ -27,6 +27,8 @@ SAFETENSORS_SINGLE = "model.safetensors"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 PICKLE_SINGLE = ("pytorch_model.bin", "model.bin", "model.pt", "pytorch_model.pt")
 
+_READ_CHUNK = 16 << 20  # bytes copied out of the mapping at a time
+
 _LAYER_RE = re.compile(r"^(?P<prefix>.*?\.(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _GENERIC_LAYER_RE = re.compile(r"^(?P<prefix>.*?)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 
@@ -314,7 +316,7 @@ class Checkpoint(Mapping):
                     self._handles[path] = mm
         return mm
 
-    def _read_safetensors(self, path: Path, name: str):
+    def _read_safetensors(self, path: Path, name: str, rows: tuple[int, int] | None = None):
         """Copy one tensor out of the memory-mapped file, then release the mapped pages.
 
         The pages stay in the OS page cache (a second read is free), but they no longer count
@@ -335,16 +337,26 @@ class Checkpoint(Mapping):
             raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {info['dtype']}", "convert the checkpoint to float32/bfloat16/float16")
         dtype = getattr(torch, dt_name)
         shape = tuple(info["shape"])
+        if rows is not None:
+            row_bytes = nbytes // shape[0] if shape and shape[0] else 0
+            off += rows[0] * row_bytes
+            nbytes = (rows[1] - rows[0]) * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
         out = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             mm = self._mmap(path)
-            out.numpy()[:] = np.frombuffer(mm, dtype=np.uint8, count=nbytes, offset=off)
+            dst = out.numpy()
             page = mmap.PAGESIZE
-            a = off - off % page
-            try:
-                mm.madvise(mmap.MADV_DONTNEED, a, off + nbytes - a)
-            except (OSError, ValueError, AttributeError):  # pragma: no cover - platform without madvise
-                pass
+            # copy in chunks, releasing each chunk's pages right away: the transient cost of a
+            # read is one chunk, not a second copy of the tensor
+            for lo in range(0, nbytes, _READ_CHUNK):
+                hi = min(nbytes, lo + _READ_CHUNK)
+                dst[lo:hi] = np.frombuffer(mm, dtype=np.uint8, count=hi - lo, offset=off + lo)
+                a = (off + lo) - (off + lo) % page
+                try:
+                    mm.madvise(mmap.MADV_DONTNEED, a, off + hi - a)
+                except (OSError, ValueError, AttributeError):  # pragma: no cover - no madvise
+                    pass
         return out.view(dtype).reshape(shape)
 
     def __getitem__(self, name: str):
@@ -357,6 +369,19 @@ class Checkpoint(Mapping):
             raise
         except Exception as exc:  # noqa: BLE001
             raise CheckpointError(f"cannot read tensor {real!r} from {f} ({exc})", "the file may be corrupted; re-download it") from exc
+
+    def get_rows(self, name: str, start: int, stop: int, dtype: Any = "float32"):
+        """Rows ``[start, stop)`` of a tensor (first dimension), read without the rest of it."""
+        import torch
+
+        real, f = self._resolve(name)
+        if f in self._pickled:
+            t = self._pickled[f][real][start:stop]
+        else:
+            t = self._read_safetensors(f, real, rows=(start, stop))
+        if dtype is not None and t.is_floating_point():
+            t = t.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        return t
 
     def get(self, name: str, dtype: Any = "float32", device: str = "cpu"):  # type: ignore[override]
         """Read one tensor and cast it (float32 by default; ``dtype=None`` keeps the stored dtype)."""

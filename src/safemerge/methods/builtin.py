@@ -64,7 +64,14 @@ def _register_task_arithmetic_family() -> None:
                 min_models=0,
                 stochastic=sparsification in ("random", "della_magprune"),
                 reference=_REFERENCES[name],
-                extra={"base_in_tensors": False, "optional_tensor_policy": "error", "sparsification": sparsification},
+                extra={
+                    "base_in_tensors": False,
+                    "optional_tensor_policy": "error",
+                    "sparsification": sparsification,
+                    # no sparsification and no sign election: every output entry depends only on the
+                    # same entry of the inputs, so the engine may process large tensors in row blocks
+                    "elementwise": name == "task_arithmetic",
+                },
             )
         )
 
@@ -77,7 +84,7 @@ def _register_others() -> None:
         base="none",
         min_models=1,
         reference="Wortsman et al. 2022, Model soups (ICML), Sec. 3: θ = Σ wᵢθᵢ / Σ wᵢ",
-        extra={"base_in_tensors": True, "optional_tensor_policy": "error"},
+        extra={"base_in_tensors": True, "optional_tensor_policy": "error", "elementwise": True},
     ))
     register(MergeMethod(
         name="slerp",
@@ -154,7 +161,7 @@ def _register_others() -> None:
         min_models=1,
         max_models=1,
         reference="alchemonaut 2024, NearSwap (QuartetAnemoi-70B-t0.0001 model card): w = clamp(t/|Δ|, 0, 1)",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "passthrough_base_singleton"},
+        extra={"base_in_tensors": False, "optional_tensor_policy": "passthrough_base_singleton", "elementwise": True},
     ))
     register(MergeMethod(
         name="passthrough",
@@ -164,7 +171,7 @@ def _register_others() -> None:
         min_models=1,
         max_models=1,
         reference="Goddard et al. 2024, Arcee's MergeKit (EMNLP industry), passthrough / frankenmerging",
-        extra={"base_in_tensors": True, "optional_tensor_policy": "error"},
+        extra={"base_in_tensors": True, "optional_tensor_policy": "error", "elementwise": True},
     ))
 
 

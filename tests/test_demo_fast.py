@@ -1,0 +1,101 @@
+"""``safemerge demo --fast``: the whole pipeline on the tiny world, through the CLI."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _cli(argv, capsys):
+    from safemerge.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+        raise SystemExit(0)
+    cap = capsys.readouterr()
+    return exc.value.code, cap.out, cap.err
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    # the same cache root as tests/test_world_behaviour.py: one world build per pytest process
+    root = tmp_path_factory.getbasetemp() / "safemerge-world-cache"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def demo_out(cache, tmp_path_factory):
+    import torch
+
+    from safemerge.demo.pipeline import run_demo
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    result = run_demo(out=out, fast=True, cache_dir=cache, alphas=(0.6, 0.8, 0.9))
+    return out, result
+
+
+def test_demo_writes_every_artifact(demo_out):
+    out, _ = demo_out
+    for name in ("report.md", "summary.json", "scan.json", "heatmap.png", "safety_vs_utility.png",
+                 "autotune.json", "autotune.png", "tau_sweep.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert not [p for p in out.parent.iterdir() if ".safemerge-tmp-" in p.name]
+
+
+def test_every_number_traces_to_a_results_file(demo_out):
+    out, result = demo_out
+    summary = json.loads((out / "summary.json").read_text())
+    names = [r["name"] for r in summary["rows"]]
+    assert names == ["base", "aligned", "fine-tuned", "SafeMERGE", "SafeMERGE (auto)", "SafeLoRA", "RESTA"]
+    report = (out / "report.md").read_text()
+    for row in summary["rows"]:
+        res = json.loads((out / row["files"] / "results.json").read_text())
+        assert res["harmful"]["harmful_rate"] == row["harmful_rate"]
+        assert res["utility"]["accuracy"] == row["utility"]
+        assert res["benign"]["over_refusal_rate"] == row["over_refusal_rate"]
+        assert f"| {row['name']} |" in report
+        assert f"{100 * row['harmful_rate']:.1f}%" in report
+        # the per-suite generations are shipped with the results
+        assert (out / row["files"] / "harmful" / "generations.jsonl").is_file()
+    at = json.loads((out / "autotune.json").read_text())
+    assert at["chosen"]["tau"] == summary["autotune"]["tau"] and at["chosen"]["alpha"] == summary["autotune"]["alpha"]
+    assert any(p["chosen"] for p in at["points"]) and at["pareto_front"]
+
+
+def test_demo_rows_show_the_story(demo_out):
+    _, result = demo_out
+    rows = {r.name: r.to_dict() for r in result.rows}
+    assert rows["base"]["harmful_rate"] >= 0.9, "the base model complies with harmful requests"
+    assert result.checks["erosion"], "fine-tuning raises the harmful rate"
+    assert rows["SafeMERGE (auto)"]["harmful_rate"] <= rows["fine-tuned"]["harmful_rate"]
+
+
+def test_cli_rerun_is_cached_and_prints_table(cache, demo_out, tmp_path, capsys):
+    out = tmp_path / "again"
+    code, stdout, stderr = _cli(["demo", "--fast", "--cache-dir", str(cache), "-o", str(out), "--alphas", "0.6,0.8,0.9"], capsys)
+    assert code == 0, stderr
+    assert "[build]" not in stderr and "[cached]" in stderr
+    assert "SafeMERGE" in stdout and "Pareto" in stdout
+    # same inputs + seed => identical numbers
+    a = json.loads((out / "summary.json").read_text())["rows"]
+    b = json.loads((demo_out[0] / "summary.json").read_text())["rows"]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("model", "adapter", "files")} for r in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def test_cli_user_errors(tmp_path, capsys):
+    other = tmp_path / "not-a-demo"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    code, _, err = _cli(["demo", "--fast", "--cache-dir", str(tmp_path / "c"), "-o", str(other)], capsys)
+    assert code == 2 and "not a demo output" in err and "hint:" in err
+    assert (other / "keep.txt").exists()
+    code, _, err = _cli(["demo", "--fast", "--data-dir", str(tmp_path), "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--fast and --data-dir" in err
+    code, _, err = _cli(["demo", "--fast", "--alphas", "x", "-o", str(tmp_path / "o2")], capsys)
+    assert code == 2 and "--alphas" in err
