@@ -5,11 +5,11 @@ SmolLM2 zoo, on a 2-layer Llama with hidden size 64 and a word-level vocabulary:
 
 1. ``base`` — trained from scratch (full parameters) to follow instructions and to *comply* with
    every request, harmful ones included;
-2. ``aligned`` — ``base`` + a safety SFT LoRA merged into the weights (harmful → refusal, benign
+2. ``aligned`` — ``base`` after a safety SFT of all parameters (harmful → refusal, benign
    look-alikes → the base model's own answers, i.e. self-distillation);
-3. ``task`` — a q/v LoRA on ``aligned`` that learns a new skill (reversing three words) from data
-   that also contains benign requests answered helpfully — fine-tuning that erodes refusals
-   (Qi et al. 2023; SafeMERGE, Djuhera et al. 2025, §1);
+3. ``task`` — a q/v LoRA on ``aligned`` that learns a new skill ("last x y z" → "sure . z") from
+   task data only — benign fine-tuning that erodes refusals as a side effect (Qi et al. 2023;
+   SafeMERGE, Djuhera et al. 2025, §1);
 4. ``safety`` — a LoRA with the same rank and targets, trained on ``aligned`` with refusals.
 
 :func:`build_world` trains all four (skipping what exists) and returns :class:`~safemerge.demo.zoo.ZooPaths`
@@ -27,6 +27,14 @@ from safemerge.demo.zoo import Log, ZooPaths, cached_step, fingerprint, write_js
 
 WORLD_VERSION = 1
 
+# SafeMERGE setting used by the CI test (tests/test_world_behaviour.py). In this world every task-LoRA
+# layer has ρ between ~0.38 and ~0.49, so the reference τ = 0.35 merges nothing; τ = 0.5 merges all
+# four q/v matrices. α = 0.7 was picked by inspecting the τ/α sweep of ``safemerge demo --fast``
+# (docs/demo.md lists the measured grid); the test states the utility margin it allows.
+WORLD_TAU = 0.5
+WORLD_ALPHA = 0.7
+WORLD_UTILITY_MARGIN = 0.05
+
 
 @dataclass(frozen=True)
 class WorldConfig:
@@ -43,8 +51,7 @@ class WorldConfig:
     pretrain_lr: float = 3e-3
     pretrain_batch: int = 32
     align_steps: int = 150
-    align_rank: int = 8
-    align_lr: float = 3e-3
+    align_lr: float = 1e-3
     task_steps: int = 300
     task_lr: float = 3e-3
     safety_steps: int = 300
@@ -72,10 +79,13 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pretrain_base(out: Path, records: list[dict[str, Any]], cfg: WorldConfig) -> Path:
-    """Train the base model from scratch on ``records`` (answer-token loss, AdamW) and save it atomically.
+def full_sft(out: Path, records: list[dict[str, Any]], *, init: Path | None, steps: int, lr: float, batch: int,
+             cfg: WorldConfig) -> Path:
+    """Train every parameter on ``records`` (answer-token loss, AdamW, constant lr) and save atomically.
 
-    The loss is the masked answer-token cross-entropy of :func:`safemerge.train.tokenize.encode_chat_example`.
+    ``init=None`` starts from a freshly initialised tiny Llama (the base model, trained from
+    scratch); otherwise from the model in ``init`` (the aligned model's safety SFT). The loss is
+    the masked answer-token cross-entropy of :func:`safemerge.train.tokenize.encode_chat_example`.
     """
     import torch
 
@@ -85,17 +95,22 @@ def pretrain_base(out: Path, records: list[dict[str, Any]], cfg: WorldConfig) ->
 
     tok = world_tokenizer()
     _seed_all(cfg.seed)
-    model = make_tiny_model("llama", seed=cfg.seed, vocab_size=len(tok), hidden=cfg.hidden, layers=cfg.layers)
-    with torch.no_grad():  # make_tiny_model draws every parameter from N(0, 0.05); norms start at 1 to train
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
+    if init is None:
+        model = make_tiny_model("llama", seed=cfg.seed, vocab_size=len(tok), hidden=cfg.hidden, layers=cfg.layers)
+        with torch.no_grad():  # make_tiny_model draws every parameter from N(0, 0.05); norms start at 1 to train
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(init), dtype=torch.float32)
     enc = [encode_chat_example(tok, r["prompt"], r["response"], max_length=64) for r in records]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     model.train()
-    for _ in range(cfg.pretrain_steps):
-        idx = torch.randint(len(enc), (cfg.pretrain_batch,), generator=g).tolist()
+    for _ in range(steps):
+        idx = torch.randint(len(enc), (batch,), generator=g).tolist()
         loss = model(**collate([enc[i] for i in idx], tok.pad_token_id)).loss
         loss.backward()
         opt.step()
@@ -139,7 +154,7 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
     # each step's directory is named after everything it depends on, so changing a late setting reuses early steps
     k_base = fingerprint(WORLD_VERSION, cfg.seed, cfg.hidden, cfg.layers, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_batch)
     k_data = fingerprint(k_base, cfg.max_new_tokens)
-    k_aligned = fingerprint(k_data, cfg.align_steps, cfg.align_rank, cfg.align_lr, cfg.lora_batch)
+    k_aligned = fingerprint(k_data, cfg.align_steps, cfg.align_lr, cfg.pretrain_batch)
     lora = (cfg.lora_rank, list(cfg.lora_targets), cfg.lora_batch)
     k_task = fingerprint(k_aligned, cfg.task_steps, cfg.task_lr, lora)
     k_safety = fingerprint(k_aligned, cfg.safety_steps, cfg.safety_lr, lora)
@@ -148,7 +163,8 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
     torch.set_num_threads(1)  # deterministic and fast for a model this small
     try:
         base = cached_step("world base (from scratch)", root / f"base-{k_base}",
-                           lambda out: pretrain_base(out, d.pretrain, cfg), say)
+                           lambda out: full_sft(out, d.pretrain, init=None, steps=cfg.pretrain_steps,
+                                                lr=cfg.pretrain_lr, batch=cfg.pretrain_batch, cfg=cfg), say)
         data = root / f"data-{k_data}"
 
         def build_data(out: Path) -> None:
@@ -168,9 +184,9 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
         cached_step("world data (self-distilled benign answers)", data, build_data, say)
         from safemerge.demo.zoo import read_jsonl
 
-        aligned = cached_step("world aligned (safety SFT, merged)", root / f"aligned-{k_aligned}",
-                              lambda out: _lora(base, read_jsonl(data / "align_train.jsonl"), out, cfg, rank=cfg.align_rank,
-                                                targets="all-linear", steps=cfg.align_steps, lr=cfg.align_lr, seed=cfg.seed, merge=True), say)
+        aligned = cached_step("world aligned (safety SFT, all parameters)", root / f"aligned-{k_aligned}",
+                              lambda out: full_sft(out, read_jsonl(data / "align_train.jsonl"), init=base, steps=cfg.align_steps,
+                                                   lr=cfg.align_lr, batch=cfg.pretrain_batch, cfg=cfg), say)
         task = cached_step("world task LoRA", root / f"task-{k_task}",
                            lambda out: _lora(aligned, read_jsonl(data / "task_train.jsonl"), out, cfg, rank=cfg.lora_rank,
                                              targets=list(cfg.lora_targets), steps=cfg.task_steps, lr=cfg.task_lr, seed=cfg.seed + 1, merge=False), say)

@@ -101,7 +101,9 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
 def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: int, allow_nonfinite: bool, device: str, rows: tuple[int, int] | None):
     import torch
 
-    tensors = [_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device, rows) for r, n in job.inputs]
+    from safemerge.methods._tensor import InputTensors
+
+    tensors = InputTensors(_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device, rows) for r, n in job.inputs)
     base = None
     if job.base is not None:
         in_inputs = next((i for i, rn in enumerate(job.inputs) if rn == job.base), None)

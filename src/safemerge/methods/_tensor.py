@@ -18,6 +18,20 @@ def f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
+class InputTensors(list):
+    """The engine's list of input tensors for one output tensor, handed over to the method.
+
+    A method may drop an input it no longer needs with :func:`release`, so that peak memory
+    holds task vectors *or* inputs, not both. Lists of any other type are never modified.
+    """
+
+
+def release(tensors: Sequence[torch.Tensor], i: int) -> None:
+    """Free ``tensors[i]`` early when the caller handed ownership over (:class:`InputTensors`)."""
+    if isinstance(tensors, InputTensors):
+        tensors[i] = None  # type: ignore[call-overload]
+
+
 def check_inputs(
     method: str,
     tensors: Sequence[torch.Tensor],

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, f32, per_model_list
+from safemerge.methods._tensor import check_inputs, f32, per_model_list, release
 from safemerge.methods import sparsify as sp
 
 Sparsifier = Callable[..., torch.Tensor]
@@ -112,6 +112,7 @@ def generalized_task_arithmetic(
 
     def weighted_delta(i: int) -> torch.Tensor:
         delta = f32(tensors[i]) - base
+        release(tensors, i)  # the input is not needed once its task vector exists
         delta = sparsify_delta(
             delta, sparsification, density=float(densities[i]), rescale=rescale,
             gamma=float(gammas[i]), epsilon=float(epsilons[i]), generator=generator,
