@@ -8,6 +8,7 @@ importable and a CUDA device it also times vLLM against transformers on the GPU;
 comparison is skipped with a note.
 
     .venv/bin/python bench/eval_speed.py [--prompts 64] [--new-tokens 64] [--batch-sizes 16 64] [--threads 2]
+                                         [--single-prompts N]
 
 Writes ``bench/results/eval_speed.json``.
 """
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--single-prompts", type=int, default=None,
+                    help="time batch_size=1 on only the first N prompts (a rate, so comparable); default: all")
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "safemerge-bench")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_speed.json")
     args = ap.parse_args(argv)
@@ -82,21 +85,22 @@ def main(argv: list[str] | None = None) -> dict:
         "python": sys.version.split()[0], "torch": torch.__version__,
         "prompts": len(prompts), "max_new_tokens": args.new_tokens, "runs": [],
     }
-    single, t_single = _time_run(gen, prompts, args.new_tokens, 1)
+    n_sub = min(len(prompts), args.single_prompts or len(prompts))
+    single, t_single = _time_run(gen, prompts[:n_sub], args.new_tokens, 1)
     n_single = _count_tokens(tok, single)
-    res["runs"].append({"batch_size": 1, "seconds": round(t_single, 3), "new_tokens": n_single,
+    res["runs"].append({"batch_size": 1, "prompts": n_sub, "seconds": round(t_single, 3), "new_tokens": n_single,
                         "tokens_per_s": round(n_single / t_single, 2)})
     print(f"batch_size=1   {t_single:8.2f} s  {n_single / t_single:8.1f} tok/s", flush=True)
     for bs in args.batch_sizes:
         outs, t = _time_run(gen, prompts, args.new_tokens, bs)
         n = _count_tokens(tok, outs)
         same = sum(a == b for a, b in zip(outs, single))
-        run = {"batch_size": bs, "seconds": round(t, 3), "new_tokens": n, "tokens_per_s": round(n / t, 2),
-               "speedup_vs_single": round((n / t) / (n_single / t_single), 2),
-               "outputs_equal_to_single": f"{same}/{len(prompts)}"}
+        run = {"batch_size": bs, "prompts": len(prompts), "seconds": round(t, 3), "new_tokens": n,
+               "tokens_per_s": round(n / t, 2), "speedup_vs_single": round((n / t) / (n_single / t_single), 2),
+               "outputs_equal_to_single": f"{same}/{n_sub}"}
         res["runs"].append(run)
         print(f"batch_size={bs:<3} {t:8.2f} s  {n / t:8.1f} tok/s  speed-up {run['speedup_vs_single']:.2f}x  "
-              f"equal outputs {same}/{len(prompts)}", flush=True)
+              f"equal outputs {same}/{n_sub}", flush=True)
     res["peak_rss_mib"] = round(_peak_rss_mib(), 1)
     res["peak_rss_before_model_mib"] = round(rss_before, 1)
     print(f"peak RSS {res['peak_rss_mib']:.0f} MiB (before loading the model: {rss_before:.0f} MiB)")

@@ -47,13 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from rich.console import Console
+    from rich.markup import escape
 
     from safemerge.autotune import print_pareto
     from safemerge.demo.pipeline import print_table, run_demo
 
     err = Console(stderr=True)
     t0 = time.perf_counter()
-    res = run_demo(out=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+    res = run_demo(out=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
     wall = time.perf_counter() - t0
     con = Console()
     print_table(res, con)

@@ -99,3 +99,34 @@ def test_cli_user_errors(tmp_path, capsys):
     assert code == 2 and "--fast and --data-dir" in err
     code, _, err = _cli(["demo", "--fast", "--alphas", "x", "-o", str(tmp_path / "o2")], capsys)
     assert code == 2 and "--alphas" in err
+
+
+def test_safemerge_cli_tau_alpha_auto(cache, demo_out, tmp_path, capsys):
+    """`safemerge safemerge --tau auto --alpha auto` on the world: picks, prints and plots the front."""
+    from safemerge.demo.world import build_world
+
+    w = build_world(cache / "world")
+    out = tmp_path / "merged"
+    argv = ["safemerge", "--base", str(w.base), "--aligned", str(w.aligned), "--finetuned", str(w.task),
+            "--safety", str(w.safety), "-o", str(out), "--tau", "auto", "--alpha", "auto",
+            "--val-harmful", w.val_sets["harmful"], "--val-utility", w.val_sets["utility"], "-q", "--no-progress"]
+    os.environ["SAFEMERGE_CACHE"] = str(cache)
+    try:
+        code, stdout, stderr = _cli(argv, capsys)
+    finally:
+        del os.environ["SAFEMERGE_CACHE"]
+    assert code == 0, stderr
+    assert "Pareto" in stdout and "chosen: τ =" in stdout
+    at = json.loads((out / "autotune.json").read_text())
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and (out / "autotune.png").is_file()
+    # the same rule as the demo's automatic row
+    demo_at = json.loads((demo_out[0] / "autotune.json").read_text())
+    assert at["chosen"]["harmful_rate"] <= at["aligned"]["harmful_rate"] + 0.02 or not at["constraint_met"]
+    assert at["rhos"] == demo_at["rhos"]
+    code, _, err = _cli(["safemerge", "--base", str(w.base), "--aligned", str(w.aligned), "--finetuned", str(w.task),
+                         "--safety", str(w.safety), "-o", str(tmp_path / "m2"), "--tau", "auto"], capsys)
+    assert code == 2 and "--val-harmful" in err
+    code, _, err = _cli(["safemerge", "--base", str(w.base), "--aligned", str(w.aligned), "--finetuned", str(w.task),
+                         "--safety", str(w.safety), "-o", str(tmp_path / "m3"), "--tau", "x"], capsys)
+    assert code == 2 and "--tau must be a number or 'auto'" in err

@@ -105,6 +105,7 @@ def merge(
     copy_tokenizer: bool = True,
     checkpoints: Mapping[str, Any] | None = None,
     extra_card_sections: Callable[[Path], list[tuple[str, str]]] | None = None,
+    mergekit_tie_break: bool = False,
 ) -> Path:
     """Run a merge described by a mergekit-compatible config and write a Hugging Face model.
 
@@ -119,6 +120,8 @@ def merge(
         out_shard_size: maximum shard size (bytes or ``"5GB"``).
         extra_card_sections: called with the finished temporary directory; returns extra
             ``(heading, markdown)`` sections for the model card (e.g. an evaluation report).
+        mergekit_tie_break: at top-k cut-offs with exactly equal magnitudes, keep the entries
+            mergekit keeps (bit-identical output; slower on tensors with such ties).
 
     Returns:
         The output path.
@@ -128,8 +131,11 @@ def merge(
     from safemerge.engine.run import execute_plan, open_all
     from safemerge.io.output import ShardWriter, atomic_output, check_output_path, copy_model_files, md_escape, write_model_card
 
+    from safemerge.methods._tensor import set_tie_break
+
     cfg = load_config(config)
     check_output_path(out_dir, force=force)
+    set_tie_break("mergekit" if mergekit_tie_break else "index")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
     if device.startswith("cuda"):

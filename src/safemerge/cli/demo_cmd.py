@@ -44,6 +44,7 @@ def demo_command(
     import warnings
 
     from rich.console import Console
+    from rich.markup import escape
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # the demo shows its own progress; silence per-load bars and notices
@@ -54,7 +55,7 @@ def demo_command(
 
     err = Console(stderr=True)
     result = run_demo(out=out, fast=fast, cache_dir=cache_dir, data_dir=data_dir, alphas=_alphas(alphas),
-                      harm_margin=harm_margin, log=lambda m: err.print(f"[dim]{m}[/dim]"))
+                      harm_margin=harm_margin, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
     con = Console()
     print_table(result, con)
     from safemerge.autotune import print_pareto

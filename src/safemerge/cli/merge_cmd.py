@@ -20,6 +20,7 @@ def merge_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs containing NaN/Inf instead of refusing them."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+    mergekit_tie_break: bool = typer.Option(False, "--mergekit-tie-break", help="Break exact ties at top-k cut-offs (TIES, Breadcrumbs, SCE) as mergekit does: bit-identical to mergekit, slower."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and inputs and print the plan; write nothing."),
     eval_: bool = typer.Option(False, "--eval", help="Evaluate the merged model (builtin harmful/benign sets) and put the report in its model card."),
     eval_harmful: str = typer.Option("builtin:harmful", "--eval-harmful", help="Harmful prompt set for --eval."),
@@ -54,6 +55,7 @@ def merge_command(
         out_shard_size=parse_size(out_shard_size),
         progress=not no_progress,
         extra_card_sections=extra,
+        mergekit_tie_break=mergekit_tie_break,
     )
     typer.echo(f"wrote {path}", err=True)
 

@@ -136,8 +136,11 @@ def safemerge_command(
     base: Path = typer.Option(..., "--base", help=_BASE_HELP),
     aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
-    tau: float = typer.Option(0.35, "--tau", help="Merge layers with ρ < τ (τ ∈ [-1, 1]; reference default 0.35)."),
-    alpha: float = typer.Option(0.8, "--alpha", help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1])."),
+    tau: str = typer.Option("0.35", "--tau", help="Merge layers with ρ < τ (τ ∈ [-1, 1]; reference default 0.35), or 'auto' (needs --val-harmful/--val-utility)."),
+    alpha: str = typer.Option("0.8", "--alpha", help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1]), or 'auto'."),
+    val_harmful: str = typer.Option(None, "--val-harmful", help="Validation harmful prompts for --tau/--alpha auto (disjoint from your test set)."),
+    val_utility: str = typer.Option(None, "--val-utility", help="Validation utility set for --tau/--alpha auto (e.g. a held-out GSM8K slice)."),
+    harm_margin: float = typer.Option(0.02, "--harm-margin", help="auto: allowed harmful-rate excess over the aligned model (fraction; 0.02 = 2 points)."),
     strategy: str = typer.Option("linear", "--strategy", help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense per layer)."),
     compat: str = typer.Option(None, "--compat", help="'reference': reproduce PEFT 0.14 factor-wise mixing of the released SafeMERGE code (cross terms included; equal ranks)."),
     merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
@@ -160,7 +163,15 @@ def safemerge_command(
     Example: safemerge safemerge --base base/ --aligned chat/ --finetuned task-lora/ --safety safety-lora/ -o merged/
     """
     from safemerge.safety.api import safemerge_adapters
+    from safemerge.autotune import print_pareto, resolve_tau_alpha
+    from safemerge.io.output import check_output_path
 
+    check_output_path(out, force=force)  # fail before a (possibly long) automatic τ/α search
+    tau, alpha, tuned = resolve_tau_alpha(tau, alpha, base=base, aligned=aligned, finetuned=finetuned, safety=safety,
+                                          val_harmful=val_harmful, val_utility=val_utility, harm_margin=harm_margin,
+                                          log=lambda m: typer.echo(m, err=True))
+    if tuned is not None:
+        print_pareto(tuned)
     output_is_adapter = merge_into is None and (finetuned / "adapter_config.json").exists()
     ev = _evaluator(eval_, aligned, output_is_adapter, eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit)
     with _progress(not no_progress) as cb:
@@ -175,6 +186,12 @@ def safemerge_command(
         worst = max(res.reconstruction_error.items(), key=lambda kv: kv[1])
         typer.echo(f"truncated SVD: max relative reconstruction error {worst[1]:.3e} ({worst[0]})", err=True)
     typer.echo(f"wrote {res.output} to {res.out}", err=True)
+    if tuned is not None:
+        import shutil
+
+        for name in ("autotune.json", "autotune.png", "tau_sweep.png"):
+            shutil.copy2(tuned.work_dir / name, res.out / name)
+        typer.echo(f"automatic τ/α: Pareto front plot {res.out / 'autotune.png'}", err=True)
 
 
 @app.command("safelora")

@@ -183,7 +183,7 @@ def run_demo(
 
     rows = [
         Row("base", "unaligned model (safety-subspace reference)", str(zoo.base), None),
-        Row("aligned", "base + safety SFT (LoRA merged)", str(zoo.aligned), None),
+        Row("aligned", zoo.info.get("aligned_how", "base + safety SFT"), str(zoo.aligned), None),
         Row("fine-tuned", "aligned + task LoRA", str(zoo.aligned), str(zoo.task)),
         Row("SafeMERGE", f"τ = {PAPER_TAU}, α = {PAPER_ALPHA} (reference defaults)", str(zoo.aligned), str(sm_paper)),
         Row("SafeMERGE (auto)", f"τ = {at.tau:g}, α = {at.alpha:g} (chosen on validation)", str(zoo.aligned),

@@ -203,5 +203,6 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
         val_sets={"harmful": str(data / "val_harmful.jsonl"), "utility": str(data / "val_utility.jsonl")},
         max_new_tokens={"harmful": mnt, "benign": mnt, "utility": mnt},
         info={"model": f"tiny world Llama (hidden {cfg.hidden}, {cfg.layers} layers), trained from scratch",
-              "data": "synthetic instruction language (safemerge.demo.world_data)", "config": asdict(cfg)},
+              "data": "synthetic instruction language (safemerge.demo.world_data)", "config": asdict(cfg),
+              "aligned_how": "base + safety SFT (all parameters)"},
     )

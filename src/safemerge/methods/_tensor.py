@@ -18,6 +18,20 @@ def f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
+TIE_BREAK = {"mode": "index"}
+"""How exactly-equal values straddling a top-k cut-off are resolved: ``index`` (default; the
+earlier flat index ranks lower — O(n), deterministic) or ``mergekit`` (the selection mergekit's
+full sort makes — bit-identical to mergekit, O(n log n) on tensors that have such ties).
+Set with :func:`set_tie_break` / ``safemerge merge --mergekit-tie-break``."""
+
+
+def set_tie_break(mode: str) -> None:
+    """Choose the tie-breaking rule at top-k cut-offs (``index`` or ``mergekit``)."""
+    if mode not in ("index", "mergekit"):
+        raise ValueError(f"unknown tie-break mode {mode!r}")
+    TIE_BREAK["mode"] = mode
+
+
 class InputTensors(list):
     """The engine's list of input tensors for one output tensor, handed over to the method.
 
@@ -96,11 +110,11 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
     Used by TIES top-k trimming (Yadav et al. 2023, Sec. 3 "Trim"), Model Breadcrumbs
     (Davari & Belilovsky 2024, Sec. 3) and SCE's variance selection (Wan et al. 2024).
 
-    ``tie_select`` (optional) decides the rare case where a group of exactly equal values
-    straddles a window boundary, so that *which* of the tied entries survive is a matter of
-    convention: it receives the flattened values and returns the selected flat indices. The
-    merge methods pass the selection rule mergekit uses (a full sort), so outputs stay
-    bit-compatible with mergekit even then; without it, ties are ordered by flat index.
+    ``tie_select`` (optional) decides the case where a group of exactly equal values straddles a
+    window boundary, so that *which* of the tied entries survive is a matter of convention: it
+    receives the flattened values and returns the selected flat indices. The merge methods pass
+    the selection rule mergekit uses (a full sort); it is applied only in ``mergekit`` tie-break
+    mode (:data:`TIE_BREAK`), otherwise ties are ordered by flat index.
     """
     flat = values.reshape(-1)
     n = flat.numel()
@@ -115,7 +129,7 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
     hi = flat.max() if start + count == n else torch.kthvalue(flat, start + count).values
     mask = (flat > lo) & (flat < hi)
     end = start + count
-    if tie_select is not None:
+    if tie_select is not None and TIE_BREAK["mode"] == "mergekit":
         for v in (lo, hi):
             n_below = int((flat < v).sum())
             n_tied = int((flat == v).sum())
