@@ -26,6 +26,7 @@ def test_tau_candidates_subsample():
 def test_pareto_mask():
     pts = [(0.1, 0.5), (0.2, 0.9), (0.3, 0.8), (0.1, 0.4), (0.0, 0.1)]
     assert pareto_mask(pts) == [True, True, False, False, True]
+    assert pareto_mask([(0.1, 0.5), (0.1, 0.5), (0.2, 0.9)]) == [True, False, True]  # duplicates listed once
 
 
 def _p(tau, alpha, h, u):

@@ -315,3 +315,15 @@ def test_magnitude_keeps_exactly_k_and_the_largest() -> None:
     assert kept.sum().item() == int(0.25 * delta.numel())
     assert delta.abs()[kept].min() >= delta.abs()[~kept].max()
     assert (magnitude(delta, 1e-9) != 0).sum().item() == 1  # at least one survives
+
+
+def test_kth_smallest_is_exact() -> None:
+    """The bracketed selection equals torch.kthvalue, including heavy ties and extremes."""
+    import torch
+
+    from safemerge.methods._tensor import kth_smallest
+
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.randn(1 << 21, generator=g), torch.randint(0, 50, (3_000_000,), generator=g).float() / 7, torch.zeros(1 << 20)):
+        for k in (1, 2, 1000, x.numel() // 2, 2 * x.numel() // 3, x.numel() - 1, x.numel()):
+            assert torch.equal(kth_smallest(x, k), torch.kthvalue(x, k).values), k

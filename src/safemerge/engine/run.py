@@ -26,6 +26,32 @@ def tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
+_ALLOCATOR_TUNED = False
+
+
+def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
+    """Serve allocations ≥ ``mmap_threshold`` with mmap so freed tensors go back to the OS.
+
+    glibc's default *dynamic* threshold grows to 32 MB after large frees, after which
+    tensor-sized buffers are carved from per-thread arenas and retained; with a fixed 1 MB
+    threshold peak RSS follows the tensors actually alive (measured on the SmolLM2 TIES
+    benchmark: 1.55 GB → 1.18 GB with -j 2). No-op on other C libraries.
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_mmap_threshold = -3
+        _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold)))
+    except (OSError, AttributeError):
+        _ALLOCATOR_TUNED = False
+    return _ALLOCATOR_TUNED
+
+
 @contextmanager
 def _single_intraop_thread():
     import torch
@@ -133,6 +159,7 @@ def execute_plan(
 ) -> None:
     """Run every job of ``plan`` and hand each result to ``sink(job, tensor)`` (called from worker threads)."""
     n_workers = max(1, int(jobs or os.cpu_count() or 1))
+    tune_allocator()
     total_bytes = plan.total_bytes
     from safemerge.progress import progress_bar
 

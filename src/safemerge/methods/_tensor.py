@@ -99,6 +99,37 @@ def per_model_list(method: str, per_model: dict, name: str, n: int) -> list:
     return values
 
 
+def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th smallest element (1-based) of a 1-D tensor, as a 0-d tensor — exactly.
+
+    ``torch.kthvalue`` on a large tensor allocates a float copy plus an int64 index buffer
+    (three tensor-sized buffers). For large inputs we first bracket the answer with the
+    ``kthvalue`` of a strided sample (≈2¹⁸ elements), count the elements below and inside the
+    bracket (boolean temporaries only), and select within the few candidates inside it. The
+    bracket is verified by the counts, so the result is exact; if it misses (it should not,
+    with a ±6σ margin) or values are NaN, we fall back to ``torch.kthvalue``.
+    """
+    import math
+
+    n = flat.numel()
+    if n < (1 << 20) or bool(torch.isnan(flat).any()):
+        return torch.kthvalue(flat, k).values
+    step = max(1, n // (1 << 18))
+    sample = flat[::step]
+    m = sample.numel()
+    q = (k - 0.5) / n
+    d = 6.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+    r_lo = min(m, max(1, int(math.floor((q - d) * m))))
+    r_hi = min(m, max(1, int(math.ceil((q + d) * m))))
+    lo_v = torch.kthvalue(sample, r_lo).values if q - d > 0 else flat.min()
+    hi_v = torch.kthvalue(sample, r_hi).values if q + d < 1 else flat.max()
+    below = int((flat < lo_v).sum())
+    inside = (flat >= lo_v) & (flat <= hi_v)
+    if below < k <= below + int(inside.sum()):
+        return torch.kthvalue(flat[inside], k - below).values
+    return torch.kthvalue(flat, k).values
+
+
 def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
     """Boolean mask of the elements whose ascending rank lies in ``[start, start + count)``.
 
@@ -125,8 +156,8 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
     if start == 0 and count == n:
         return torch.ones(values.shape, dtype=torch.bool, device=values.device)
     # min/max are much cheaper than a selection; top-k (end == n) needs only one kthvalue
-    lo = flat.min() if start == 0 else torch.kthvalue(flat, start + 1).values
-    hi = flat.max() if start + count == n else torch.kthvalue(flat, start + count).values
+    lo = flat.min() if start == 0 else kth_smallest(flat, start + 1)
+    hi = flat.max() if start + count == n else kth_smallest(flat, start + count)
     mask = (flat > lo) & (flat < hi)
     end = start + count
     if tie_select is not None and TIE_BREAK["mode"] == "mergekit":
@@ -145,7 +176,7 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
     return mask.reshape(values.shape)
 
 
-def masked_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+def masked_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7, *, inplace: bool = False) -> torch.Tensor:
     """Zero the entries where ``mask`` is 0/False; optionally restore the original L1 norm.
 
     DARE (Yu et al. 2024, Eq. 2) rescales survivors by ``1/p``; mergekit — and we — instead
@@ -153,13 +184,19 @@ def masked_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps
     ``m ⊙ δ · ‖δ‖₁ / ‖m ⊙ δ‖₁``, which equals ``1/p`` in expectation. No rescaling when either
     norm is below ``eps``.
     """
-    if mask.dtype == torch.bool:
-        masked = torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    if inplace and mask.dtype == torch.bool:  # the caller owns ``tensor``: no extra full-size buffer
+        before = tensor.abs().sum() if rescale else None
+        masked = tensor.masked_fill_(~mask, 0)
+        if not rescale:
+            return masked
     else:
-        masked = tensor * mask
-    if not rescale:
-        return masked
-    before = tensor.abs().sum()
+        if mask.dtype == torch.bool:
+            masked = torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+        else:
+            masked = tensor * mask
+        if not rescale:
+            return masked
+        before = tensor.abs().sum()
     after = masked.abs().sum()
     if before < eps or after < eps:
         return masked

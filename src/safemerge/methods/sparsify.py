@@ -14,7 +14,7 @@ from safemerge.errors import ConfigError
 from safemerge.methods._tensor import masked_rescaled, rank_window_mask
 
 
-def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False, inplace: bool = False) -> torch.Tensor:
     """Keep the ``k = max(1, ⌊density·n⌋)`` largest-magnitude entries (TIES "Trim").
 
     Yadav et al. 2023, "TIES-Merging", Sec. 3, step 1: ``τ̂ = keep_topk_reset_rest_to_zero(τ, k)``.
@@ -29,10 +29,10 @@ def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> 
     k = max(1, int(density * n))
     # exact ties at the cut-off: keep the entries mergekit keeps (argsort, descending)
     mask = rank_window_mask(delta.abs(), n - k, k, tie_select=lambda f: torch.argsort(f, descending=True)[:k])
-    return masked_rescaled(delta, mask, rescale)
+    return masked_rescaled(delta, mask, rescale, inplace=inplace)
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False) -> torch.Tensor:
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False, inplace: bool = False) -> torch.Tensor:
     """Model Breadcrumbs mask: drop the top ``γ`` fraction by magnitude, then the smallest ones.
 
     Davari & Belilovsky 2024, "Model Breadcrumbs", Sec. 3 (Eq. 1–2): entries are sorted by
@@ -48,7 +48,7 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, res
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
     mask = rank_window_mask(delta.abs(), n_bot, target, tie_select=lambda f: torch.sort(f, descending=False).indices[n_bot : n_bot + target])
-    return masked_rescaled(delta, mask, rescale)
+    return masked_rescaled(delta, mask, rescale, inplace=inplace)
 
 
 def random_drop(

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, f32, per_model_list, release
+from safemerge.methods._tensor import InputTensors, check_inputs, f32, per_model_list, release
 from safemerge.methods import sparsify as sp
 
 Sparsifier = Callable[..., torch.Tensor]
@@ -48,16 +48,19 @@ def sparsify_delta(
     gamma: float = 0.01,
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
-    """Apply the named sparsifier to one task vector (``None`` = keep everything)."""
+    """Apply the named sparsifier to one task vector (``None`` = keep everything).
+
+    ``inplace``: the caller owns ``delta`` and it may be masked in place (saves a buffer)."""
     if method is None:
         return delta
     if method == "magnitude":
-        return sp.magnitude(delta, density, rescale=rescale)
+        return sp.magnitude(delta, density, rescale=rescale, inplace=inplace)
     if method == "random":
         return sp.random_drop(delta, density, rescale=rescale, generator=generator)
     if method == "magnitude_outliers":
-        return sp.magnitude_outliers(delta, density, gamma, rescale=rescale)
+        return sp.magnitude_outliers(delta, density, gamma, rescale=rescale, inplace=inplace)
     if method == "della_magprune":
         return sp.della_magprune(delta, density, epsilon, rescale=rescale, generator=generator)
     raise ValueError(f"unknown sparsification method {method!r}")
@@ -110,12 +113,16 @@ def generalized_task_arithmetic(
     epsilons = list(epsilons) if epsilons is not None else [0.15] * n
     w32 = torch.tensor([float(w) for w in weights], dtype=torch.float32)
 
+    owned = isinstance(tensors, InputTensors)
+
     def weighted_delta(i: int) -> torch.Tensor:
-        delta = f32(tensors[i]) - base
-        release(tensors, i)  # the input is not needed once its task vector exists
+        t = f32(tensors[i])
+        # an input handed over by the engine becomes its own task vector (no second buffer)
+        delta = t.sub_(base) if owned and t is tensors[i] and t is not base else t - base
+        release(tensors, i)
         delta = sparsify_delta(
             delta, sparsification, density=float(densities[i]), rescale=rescale,
-            gamma=float(gammas[i]), epsilon=float(epsilons[i]), generator=generator,
+            gamma=float(gammas[i]), epsilon=float(epsilons[i]), generator=generator, inplace=True,
         )
         return delta.mul_(w32[i])
 
@@ -130,8 +137,13 @@ def generalized_task_arithmetic(
             mixed.div_(divisor)
     else:
         deltas = [weighted_delta(i) for i in range(n)]
-        positive = majority_sign_positive(deltas)
-        mixed = torch.zeros_like(base)
+        # sign election (Yadav et al. 2023, "Elect"): γ = sgn(Σᵢ wᵢτ̂ᵢ), ties → +; the sum is
+        # accumulated in the output buffer, which is then reused for the disjoint mean
+        mixed = deltas[0].clone()
+        for d in deltas[1:]:
+            mixed.add_(d)
+        positive = mixed.ge(0)
+        mixed.zero_()
         divisor = torch.zeros_like(base) if normalize else None
         for i in range(n):
             keep = agrees(deltas[i], positive)

@@ -1,0 +1,89 @@
+"""Zoo mechanics: cache location, skip-if-exists steps, stable fingerprints, data-dir validation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from safemerge.demo import zoo as Z
+from safemerge.errors import SafemergeError
+
+
+def test_cache_root_precedence(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAFEMERGE_CACHE", str(tmp_path / "env"))
+    assert Z.cache_root() == tmp_path / "env"
+    assert Z.cache_root(tmp_path / "flag") == tmp_path / "flag"  # --cache-dir wins
+    monkeypatch.delenv("SAFEMERGE_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert Z.cache_root() == tmp_path / "home" / ".cache" / "safemerge"
+
+
+def test_cache_root_unwritable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SafemergeError) as exc:
+        Z.cache_root(blocker / "sub")
+    assert exc.value.hint and "--cache-dir" in exc.value.hint
+
+
+def test_cached_step_skips_existing_and_builds_missing(tmp_path):
+    calls, said = [], []
+
+    def build(out: Path) -> None:
+        calls.append(out)
+        out.mkdir()
+
+    out = tmp_path / "step"
+    Z.cached_step("s", out, build, said.append)
+    Z.cached_step("s", out, build, said.append)
+    assert calls == [out]
+    assert said[0].startswith("[build]") and said[1].startswith("[cached]")
+
+
+def test_interrupted_step_leaves_nothing(tmp_path):
+    from safemerge.io.output import atomic_output
+
+    def build(out: Path) -> None:
+        with atomic_output(out) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Z.cached_step("s", tmp_path / "step", build)
+    assert not (tmp_path / "step").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_fingerprint_is_stable_and_sensitive():
+    assert Z.fingerprint({"a": 1, "b": [1, 2]}) == Z.fingerprint({"b": [1, 2], "a": 1})
+    assert Z.fingerprint(Z.asdict(Z.TASK_RECIPE)) != Z.fingerprint(Z.asdict(Z.SAFETY_RECIPE))
+
+
+def test_safety_lora_matches_task_lora_rank_and_targets():
+    # SafeMERGE merges layer-wise: the safety LoRA must adapt the same modules with the same rank
+    assert (Z.TASK_RECIPE.rank, Z.TASK_RECIPE.targets) == (Z.SAFETY_RECIPE.rank, Z.SAFETY_RECIPE.targets)
+
+
+def test_project_data_sets_are_disjoint_roles():
+    s = Z.project_data_sets()
+    assert s["eval_harmful"] == "builtin:harmful" and s["eval_benign"] == "builtin:benign"
+    train = {r["prompt"] for r in s["harmful_train"]}
+    assert not train & {r["prompt"] for r in s["val_harmful"]}
+    assert {r["prompt"] for r in s["safety_train"]} <= train
+    assert not {r["prompt"] for r in s["task_train"]} & {r["prompt"] for r in s["eval_utility"]}
+
+
+def test_real_data_dir_is_validated(tmp_path):
+    with pytest.raises(SafemergeError) as exc:
+        Z.real_data_sets(tmp_path)
+    assert "bianchi_safety_only.json" in exc.value.message and exc.value.hint
+
+
+def test_real_data_sets_from_shared_datasets():
+    d = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+    if not (d / "gsm8k_train.jsonl").exists():
+        pytest.skip("../shared/datasets not present")
+    s = Z.real_data_sets(d)
+    assert len(s["harmful_train"]) == 240 and len(s["task_train"]) == 640 and len(s["eval_utility"]) == 100
+    assert all(r["response"].rstrip().endswith(".") and "The answer is" in r["response"] for r in s["task_train"][:20])
+    assert not {r["prompt"] for r in s["harmful_train"]} & {r["prompt"] for r in s["safety_train"]}
+    assert not {r["prompt"] for r in s["val_harmful"]} & {r["prompt"] for r in s["harmful_train"] + s["safety_train"]}
