@@ -42,7 +42,9 @@ def merge_command(
             from safemerge.evaluate.report import results_markdown
 
             res = evaluate(str(tmp), harmful=eval_harmful, benign=eval_benign, utility=eval_utility, judge=eval_judge, limit=eval_limit, out_dir=str(tmp / "eval"))
-            return [("Safety report", results_markdown(res))]
+            md = results_markdown(res).strip()
+            heading, _, body = md.partition("\n") if md.startswith("## ") else ("## Safety evaluation", "", md)
+            return [(heading.removeprefix("## ").strip(), body.strip())]
     path = merge(
         config,
         out,
