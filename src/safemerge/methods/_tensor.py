@@ -112,9 +112,11 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     import math
 
     n = flat.numel()
-    if n < (1 << 20) or bool(torch.isnan(flat).any()):
+    if n < (1 << 15):
         return torch.kthvalue(flat, k).values
-    step = max(1, n // (1 << 18))
+    # (NaN needs no special case: NaNs are neither below nor inside the bracket, so a bracket
+    # that does not account for the k-th element fails the count check and falls back)
+    step = max(1, n // min(1 << 18, max(1 << 12, n // 32)))
     sample = flat[::step]
     m = sample.numel()
     q = (k - 0.5) / n
@@ -155,6 +157,21 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
         return torch.zeros(values.shape, dtype=torch.bool, device=values.device)
     if start == 0 and count == n:
         return torch.ones(values.shape, dtype=torch.bool, device=values.device)
+    if start + count == n:  # top-``count`` (TIES, SCE): one threshold, ties only at the bottom
+        lo = kth_smallest(flat, start + 1)
+        mask = flat > lo
+        need = count - int(mask.sum())  # entries equal to ``lo`` that survive (≥ 1)
+        eq = flat == lo
+        n_eq = int(eq.sum())
+        if need == n_eq:
+            return mask.logical_or_(eq).reshape(values.shape)
+        if tie_select is not None and TIE_BREAK["mode"] == "mergekit":
+            sel = torch.zeros(n, dtype=torch.bool, device=flat.device)
+            sel[tie_select(flat)] = True
+            return sel.reshape(values.shape)
+        tied = torch.nonzero(eq).squeeze(1)  # ascending flat index = ascending rank among ties
+        mask[tied[n_eq - need :]] = True
+        return mask.reshape(values.shape)
     # min/max are much cheaper than a selection; top-k (end == n) needs only one kthvalue
     lo = flat.min() if start == 0 else kth_smallest(flat, start + 1)
     hi = flat.max() if start + count == n else kth_smallest(flat, start + count)
