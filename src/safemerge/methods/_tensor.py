@@ -125,9 +125,9 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     r_hi = min(m, max(1, int(math.ceil((q + d) * m))))
     lo_v = torch.kthvalue(sample, r_lo).values if q - d > 0 else flat.min()
     hi_v = torch.kthvalue(sample, r_hi).values if q + d < 1 else flat.max()
-    below = int((flat < lo_v).sum())
+    below = int(torch.count_nonzero(flat < lo_v))
     inside = (flat >= lo_v) & (flat <= hi_v)
-    if below < k <= below + int(inside.sum()):
+    if below < k <= below + int(torch.count_nonzero(inside)):
         return torch.kthvalue(flat[inside], k - below).values
     return torch.kthvalue(flat, k).values
 
@@ -160,9 +160,9 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
     if start + count == n:  # top-``count`` (TIES, SCE): one threshold, ties only at the bottom
         lo = kth_smallest(flat, start + 1)
         mask = flat > lo
-        need = count - int(mask.sum())  # entries equal to ``lo`` that survive (≥ 1)
+        need = count - int(torch.count_nonzero(mask))  # entries equal to ``lo`` that survive (≥ 1)
         eq = flat == lo
-        n_eq = int(eq.sum())
+        n_eq = int(torch.count_nonzero(eq))
         if need == n_eq:
             return mask.logical_or_(eq).reshape(values.shape)
         if tie_select is not None and TIE_BREAK["mode"] == "mergekit":
@@ -179,15 +179,15 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
     end = start + count
     if tie_select is not None and TIE_BREAK["mode"] == "mergekit":
         for v in (lo, hi):
-            n_below = int((flat < v).sum())
-            n_tied = int((flat == v).sum())
+            n_below = int(torch.count_nonzero(flat < v))
+            n_tied = int(torch.count_nonzero(flat == v))
             if n_tied > 1 and (n_below < start < n_below + n_tied or n_below < end < n_below + n_tied):
                 sel = torch.zeros(n, dtype=torch.bool, device=flat.device)
                 sel[tie_select(flat)] = True
                 return sel.reshape(values.shape)
     for v in (lo, hi) if not torch.equal(lo, hi) else (lo,):
         tied = torch.nonzero(flat == v).squeeze(1)
-        first_rank = int((flat < v).sum())
+        first_rank = int(torch.count_nonzero(flat < v))
         ranks = torch.arange(first_rank, first_rank + tied.numel(), device=flat.device)
         mask[tied[(ranks >= start) & (ranks < end)]] = True
     return mask.reshape(values.shape)
@@ -203,7 +203,7 @@ def masked_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps
     """
     if inplace and mask.dtype == torch.bool:  # the caller owns ``tensor``: no extra full-size buffer
         before = tensor.abs().sum() if rescale else None
-        masked = tensor.masked_fill_(~mask, 0)
+        masked = tensor.mul_(mask)  # (4× faster than masked_fill_(~mask, 0); zeros may be −0.0)
         if not rescale:
             return masked
     else:

@@ -142,15 +142,20 @@ def generalized_task_arithmetic(
         mixed = deltas[0].clone()
         for d in deltas[1:]:
             mixed.add_(d)
-        positive = mixed.ge(0)
+        sign = mixed.ge(0).to(torch.float32).mul_(2).sub_(1)  # elected sign γ as ±1 (0 → +)
         mixed.zero_()
         divisor = torch.zeros_like(base) if normalize else None
         for i in range(n):
-            keep = agrees(deltas[i], positive)
-            mixed.add_(deltas[i].mul_(keep))  # in place: this delta is not needed afterwards
+            # "Disjoint merge": keep the entries whose sign equals γ. With δ·γ the agreeing
+            # entries become |δ| (> 0) and the others ≤ 0, so one clamp selects them; summing
+            # magnitudes and restoring γ afterwards is exact (negation commutes with rounding).
+            d = deltas[i].mul_(sign)  # in place: this delta is not needed afterwards
             if divisor is not None:
-                divisor.add_(keep.to(torch.float32).mul_(w32[i]))
+                divisor.add_(d > 0, alpha=float(w32[i]))
+            mixed.add_(d.clamp_(min=0))
             deltas[i] = None  # type: ignore[call-overload]  # free as we go
+        mixed.mul_(sign)
+        del sign
         if divisor is not None:
             divisor[divisor == 0] = 1
             mixed.div_(divisor)
