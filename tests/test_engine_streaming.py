@@ -48,3 +48,29 @@ def test_get_rows_matches_slices(inputs) -> None:
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
         full = ck.get(name)
         torch.testing.assert_close(ck.get_rows(name, 3, 11), full[3:11], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("density", [0.3, 1.0])
+def test_two_pass_ties_equals_whole_tensor(inputs, tmp_path, monkeypatch, density) -> None:
+    """TIES on large tensors (thresholds first, election in row blocks) is bit-identical."""
+    import torch
+
+    from safemerge.testing import perturb_model, save_model
+
+    a, b = inputs["a"], inputs["b"]
+    c = save_model(perturb_model(__import__("safemerge.testing", fromlist=["x"]).make_tiny_model("llama", seed=0), seed=5), tmp_path / "c")
+    # quantise one model so that exact ties straddle the top-k cut-off
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(c / "model.safetensors")
+    sd = {k: (v * 64).round() / 64 for k, v in sd.items()}
+    save_file(sd, str(c / "model.safetensors"), metadata={"format": "pt"})
+    cfg = (
+        f"merge_method: ties\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.7, density: {density}}}\n"
+        f"  - model: {c}\n    parameters: {{weight: [0.2, 0.6], density: 0.5}}\n  - model: {a}+{inputs['lora']}\n    parameters: {{weight: 0.4, density: 0.25}}\n"
+    )
+    merge(cfg, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(engine_run, "ELEMENTWISE_BLOCK_BYTES", 900)
+    merge(cfg, tmp_path / "blocks", progress=False)
+    x, y = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "blocks" / "model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

@@ -120,6 +120,26 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
         rows = max(1, ELEMENTWISE_BLOCK_BYTES // (4 * math.prod(job.shape[1:])))
         blocks = [(r0, min(job.shape[0], r0 + rows)) for r0 in range(0, job.shape[0], rows)]
     out = None
+    two_pass = plan.method.extra.get("two_pass")
+    if (
+        two_pass is not None
+        and job.base is not None
+        and len(job.shape) >= 2
+        and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
+        and all(hasattr(ckpts[r], "get_rows") for r in refs)
+    ):
+        from safemerge.methods._tensor import TIE_BREAK
+
+        if TIE_BREAK["mode"] == "index":
+            def load(i: int, rows: tuple[int, int] | None):  # noqa: ANN202
+                return _load(ckpts, *job.inputs[i], plan.compute_dtype, allow_nonfinite, device, rows)
+
+            def load_base(rows: tuple[int, int] | None):  # noqa: ANN202
+                return _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows)  # type: ignore[misc]
+
+            out = two_pass(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params, ELEMENTWISE_BLOCK_BYTES)
+            if out is not None:
+                blocks = []
     for blk in blocks:
         part = _run_block(job, plan, ckpts, seed, allow_nonfinite, device, blk)
         if blk is None:

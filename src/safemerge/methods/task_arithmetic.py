@@ -137,31 +137,116 @@ def generalized_task_arithmetic(
             mixed.div_(divisor)
     else:
         deltas = [weighted_delta(i) for i in range(n)]
-        # sign election (Yadav et al. 2023, "Elect"): γ = sgn(Σᵢ wᵢτ̂ᵢ), ties → +; the sum is
-        # accumulated in the output buffer, which is then reused for the disjoint mean
-        mixed = deltas[0].clone()
-        for d in deltas[1:]:
-            mixed.add_(d)
-        sign = mixed.ge(0).to(torch.float32).mul_(2).sub_(1)  # elected sign γ as ±1 (0 → +)
-        mixed.zero_()
-        divisor = torch.zeros_like(base) if normalize else None
-        for i in range(n):
-            # "Disjoint merge": keep the entries whose sign equals γ. With δ·γ the agreeing
-            # entries become |δ| (> 0) and the others ≤ 0, so one clamp selects them; summing
-            # magnitudes and restoring γ afterwards is exact (negation commutes with rounding).
-            d = deltas[i].mul_(sign)  # in place: this delta is not needed afterwards
-            if divisor is not None:
-                divisor.add_(d > 0, alpha=float(w32[i]))
-            mixed.add_(d.clamp_(min=0))
-            deltas[i] = None  # type: ignore[call-overload]  # free as we go
-        mixed.mul_(sign)
-        del sign
-        if divisor is not None:
-            divisor[divisor == 0] = 1
-            mixed.div_(divisor)
+        mixed = disjoint_merge(deltas, w32, normalize)
     if lam != 1:
         mixed.mul_(float(lam))
     return mixed.add_(base)
+
+
+def disjoint_merge(deltas: list[torch.Tensor], w32: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """TIES "Elect" + "Disjoint merge" (Yadav et al. 2023, Sec. 3) of weighted task vectors.
+
+    Elect: ``γ = sgn(Σᵢ wᵢτ̂ᵢ)`` (0 → +). Disjoint merge: the mean of the entries whose sign is
+    ``γ``, normalised by the per-entry sum of the agreeing weights (1 where none agree) when
+    ``normalize``, exactly as mergekit 0.1.5. Consumes ``deltas`` (entries become ``None``).
+    """
+    n = len(deltas)
+    # the election sum is accumulated in the output buffer, which is then reused for the mean
+    mixed = deltas[0].clone()
+    for d in deltas[1:]:
+        mixed.add_(d)
+    sign = mixed.ge(0).to(torch.float32).mul_(2).sub_(1)  # elected sign γ as ±1 (0 → +)
+    mixed.zero_()
+    divisor = torch.zeros_like(mixed) if normalize else None
+    for i in range(n):
+        # with δ·γ the agreeing entries become |δ| (> 0) and the others ≤ 0, so one clamp selects
+        # them; summing magnitudes and restoring γ afterwards is exact (negation commutes with
+        # rounding)
+        d = deltas[i].mul_(sign)  # in place: this delta is not needed afterwards
+        if divisor is not None:
+            divisor.add_(d > 0, alpha=float(w32[i]))
+        mixed.add_(d.clamp_(min=0))
+        deltas[i] = None  # type: ignore[call-overload]  # free as we go
+    mixed.mul_(sign)
+    del sign
+    if divisor is not None:
+        divisor[divisor == 0] = 1
+        mixed.div_(divisor)
+    return mixed
+
+
+def ties_two_pass(
+    load: Callable[[int, tuple[int, int] | None], torch.Tensor],
+    load_base: Callable[[tuple[int, int] | None], torch.Tensor],
+    n: int,
+    shape: tuple[int, ...],
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    block_bytes: int = 32 << 20,
+) -> torch.Tensor | None:
+    """TIES (Yadav et al. 2023, Alg. 1) for large tensors in two passes, bit-identical to the
+    whole-tensor computation with index-ordered ties.
+
+    Pass 1 reads one model at a time and keeps only its top-k threshold (and, when exactly equal
+    magnitudes straddle the cut-off, the flat index from which tied entries survive). Pass 2
+    recomputes the task vectors in row blocks, masks them with the thresholds and runs the
+    sign election and disjoint merge block by block. Peak memory is the base plus one task
+    vector and its selection temporaries, instead of the base plus all N task vectors.
+    ``load(i, rows)`` / ``load_base(rows)`` return float32 tensors (rows ``None`` = all).
+    Returns ``None`` (caller falls back) for settings it does not cover (``rescale``).
+    """
+    import math
+
+    from safemerge.methods._tensor import kth_smallest
+
+    if n == 0 or bool(params.get("rescale", False)) or len(shape) < 2:
+        return None
+    numel = math.prod(shape)
+    weights = per_model_list("ties", per_model, "weight", n)
+    densities = [float(d) for d in (per_model.get("density") or [1.0] * n)]
+    w32 = torch.tensor([float(w) for w in weights], dtype=torch.float32)
+    cuts: list[tuple[torch.Tensor, int] | None] = []
+    base = load_base(None)
+    for i in range(n):
+        if densities[i] >= 1:
+            cuts.append(None)
+            continue
+        a = load(i, None).sub_(base).abs_().reshape(-1)
+        k = max(1, int(densities[i] * numel))
+        lo = kth_smallest(a, numel - k + 1)
+        need = k - int(torch.count_nonzero(a > lo))
+        eq = a == lo
+        n_eq = int(torch.count_nonzero(eq))
+        first_kept = 0 if need == n_eq else int(torch.nonzero(eq).squeeze(1)[n_eq - need])
+        cuts.append((lo, first_kept))
+        del a, eq
+    del base
+    cols = math.prod(shape[1:])
+    rows = max(1, block_bytes // (4 * cols))
+    out = torch.empty(shape, dtype=torch.float32)
+    lam = float(params.get("lambda", 1.0))
+    for r0 in range(0, shape[0], rows):
+        blk = (r0, min(shape[0], r0 + rows))
+        b = load_base(blk)
+        deltas = []
+        for i in range(n):
+            d = load(i, blk).sub_(b)
+            if cuts[i] is not None:
+                lo, first_kept = cuts[i]
+                a = d.abs()
+                keep = a > lo
+                if first_kept:
+                    idx = torch.arange(blk[0] * cols, blk[1] * cols, dtype=torch.int64).view(d.shape)
+                    keep |= (a == lo) & (idx >= first_kept)
+                else:
+                    keep |= a == lo
+                d.mul_(keep)
+            deltas.append(d.mul_(w32[i]))
+        mixed = disjoint_merge(deltas, w32, bool(params.get("normalize", True)))
+        if lam != 1:
+            mixed.mul_(lam)
+        out[blk[0] : blk[1]] = mixed.add_(b)
+    return out
 
 
 def task_arithmetic_family_fn(name: str) -> Callable[..., torch.Tensor]:
