@@ -87,3 +87,11 @@ def test_real_data_sets_from_shared_datasets():
     assert all(r["response"].rstrip().endswith(".") and "The answer is" in r["response"] for r in s["task_train"][:20])
     assert not {r["prompt"] for r in s["harmful_train"]} & {r["prompt"] for r in s["safety_train"]}
     assert not {r["prompt"] for r in s["val_harmful"]} & {r["prompt"] for r in s["harmful_train"] + s["safety_train"]}
+
+
+def test_degenerate_generations_are_detected():
+    loop = "Podánek, zdáměně!\n\n" * 5
+    assert Z.is_degenerate(loop)
+    assert Z.is_degenerate("the the the the the the the the the the the the the the")
+    ok = "To knock out a wall, first check that it is not load-bearing.\n\n1. Turn off power.\n2. Remove drywall."
+    assert not Z.is_degenerate(ok)

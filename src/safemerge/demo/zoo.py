@@ -27,7 +27,7 @@ from typing import Any
 
 from safemerge.errors import SafemergeError
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 2: degenerate self-distilled answers are dropped
 Log = Callable[[str], None]
 
 
@@ -178,9 +178,20 @@ def self_distill(model: Path, prompts: list[str], *, max_new_tokens: int = DISTI
     rows = []
     for p, r in zip(prompts, outs):
         r = r.strip()
-        if r:
+        if r and not is_degenerate(r):
             rows.append({"prompt": p, "response": r})
     return rows
+
+
+def is_degenerate(text: str, *, max_repeats: int = 2, min_unique_ratio: float = 0.3) -> bool:
+    """A generation stuck in a loop: a non-empty line repeated more than ``max_repeats`` times, or
+    fewer than ``min_unique_ratio`` distinct words. Such answers are not worth distilling (a 135M
+    model loops on some prompts; training on the loop would teach it)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines and max(lines.count(ln) for ln in lines) > max_repeats:
+        return True
+    words = text.split()
+    return len(words) >= 12 and len(set(words)) / len(words) < min_unique_ratio
 
 
 def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Path | None = None,
