@@ -35,16 +35,7 @@ def merge_command(
     if dry_run:
         _dry_run(config, allow_pickle)
         return
-    extra = None
-    if eval_:
-        def extra(tmp: Path):  # noqa: ANN202
-            from safemerge.evaluate.api import evaluate
-            from safemerge.evaluate.report import results_markdown
-
-            res = evaluate(str(tmp), harmful=eval_harmful, benign=eval_benign, utility=eval_utility, judge=eval_judge, limit=eval_limit, out_dir=str(tmp / "eval"))
-            md = results_markdown(res).strip()
-            heading, _, body = md.partition("\n") if md.startswith("## ") else ("## Safety evaluation", "", md)
-            return [(heading.removeprefix("## ").strip(), body.strip())]
+    extra = _eval_card_sections(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit) if eval_ else None
     path = merge(
         config,
         out,
@@ -60,6 +51,20 @@ def merge_command(
         mergekit_tie_break=mergekit_tie_break,
     )
     typer.echo(f"wrote {path}", err=True)
+
+
+def _eval_card_sections(harmful: str, benign: str, utility: str | None, judge: str, limit: int | None):  # noqa: ANN202
+    """``--eval``: evaluate the finished (temporary) output and return its model-card section."""
+
+    def sections(tmp: Path) -> list[tuple[str, str]]:
+        from safemerge.evaluate.api import evaluate
+        from safemerge.evaluate.report import results_markdown
+        from safemerge.io.output import markdown_section
+
+        res = evaluate(str(tmp), harmful=harmful, benign=benign, utility=utility, judge=judge, limit=limit, out_dir=str(tmp / "eval"))
+        return [markdown_section(results_markdown(res), "Safety evaluation")]
+
+    return sections
 
 
 def _dry_run(config: Path, allow_pickle: bool) -> None:

@@ -42,7 +42,7 @@ def _print_scores(scores: list, tau: float | None, decision: str) -> None:
     from rich.table import Table
 
     multi = len({s.source for s in scores}) > 1
-    title = f"safety similarity ρ = cos(CΔW, ΔW)" + (f", τ = {tau:g}" if tau is not None else "")
+    title = "safety similarity ρ = cos(CΔW, ΔW)" + (f", τ = {tau:g}" if tau is not None else "")
     table = Table(title=title)
     if multi:
         table.add_column("input")
@@ -63,23 +63,13 @@ def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, harmful: s
         return None
 
     def run(tmp: Path) -> tuple[Any, str]:
-        import inspect
+        from safemerge.evaluate.api import evaluate
+        from safemerge.evaluate.report import results_markdown
 
-        from safemerge.errors import SafemergeError
-
-        try:
-            from safemerge.evaluate.api import evaluate
-            from safemerge.evaluate.report import results_markdown
-        except ImportError as exc:
-            raise SafemergeError("--eval needs the evaluation harness, which is not installed", "run without --eval") from exc
-        kw: dict[str, Any] = dict(harmful=harmful, benign=benign, utility=utility, judge=judge, limit=limit, out_dir=str(tmp / "eval"))
-        model = str(tmp)
-        if output_is_adapter:
-            if "adapter" in inspect.signature(evaluate).parameters:
-                model, kw["adapter"] = str(aligned), str(tmp)
-            else:
-                model = f"{aligned}+{tmp}"
-        res = evaluate(model, **kw)
+        # an adapter output is evaluated on the aligned model it belongs to, applied unmerged
+        model, adapter = (str(aligned), str(tmp)) if output_is_adapter else (str(tmp), None)
+        res = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
+                       limit=limit, out_dir=str(tmp / "eval"))
         return res, results_markdown(res)
 
     return run

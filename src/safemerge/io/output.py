@@ -107,18 +107,24 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
         raise SafemergeError(f"cannot create {tmp.parent} ({exc.strerror})", "choose an output location you can write to") from exc
     try:
         yield tmp
-        if out.exists():
-            if not force:
-                raise SafemergeError(f"output {str(path)!r} appeared while working", "pass --force to replace it")
-            old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{token}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        promote_directory(tmp, out, force=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def promote_directory(tmp: Path, out: Path, *, force: bool) -> None:
+    """Rename a finished temporary directory to ``out``; with ``force`` an existing ``out`` is
+    moved aside first and deleted after the rename, so ``out`` is never half-written."""
+    if out.exists():
+        if not force:
+            raise SafemergeError(f"output {str(out)!r} appeared while working", "pass --force to replace it")
+        old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -312,6 +318,15 @@ def copy_model_files(src_dir: str | Path, out_dir: str | Path, *, tokenizer_dir:
         f = tok / name
         if f.exists():
             shutil.copyfile(f, out / name)
+
+
+def markdown_section(md: str, default_heading: str = "Evaluation") -> tuple[str, str]:
+    """Split a Markdown report that may start with its own ``#`` heading into ``(heading, body)``
+    for :func:`write_model_card`."""
+    head, _, body = md.strip().partition("\n")
+    if head.startswith("#"):
+        return head.lstrip("#").strip(), body.strip()
+    return default_heading, md.strip()
 
 
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|])")

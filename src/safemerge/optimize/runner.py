@@ -14,7 +14,6 @@ command with ``resume=True`` continues the same run (the config must be unchange
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -63,15 +62,9 @@ def _prepare_work(out: Path, run_key: dict[str, Any], *, resume: bool, force: bo
 
 
 def _finalize(work: Path, out: Path, *, force: bool) -> None:
-    if out.exists():
-        if not force:
-            raise SafemergeError(f"output {str(out)!r} appeared while working", "pass --force to replace it")
-        old = out.parent / f".{out.name}.safemerge-old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(work, out)
+    from safemerge.io.output import promote_directory
+
+    promote_directory(work, out, force=force)
 
 
 def run_optimize(

@@ -78,7 +78,7 @@ def build_layer_update(
 
 
 def _card(result: Any, *, finetuned: Any, safety: Any, base: Any, aligned: Any, merge_into: Any, eval_md: str | None) -> tuple[dict, list]:
-    from safemerge.io.output import md_escape
+    from safemerge.io.output import markdown_section, md_escape
     from safemerge.safety.writing import params_markdown, scores_table_markdown
 
     params = [
@@ -113,11 +113,7 @@ def _card(result: Any, *, finetuned: Any, safety: Any, base: Any, aligned: Any, 
                          "they were left out (ΔW_f = 0 there, ρ is undefined):\n\n"
                          + "\n".join(f"- {md_escape(m)}" for m in result.ignored_safety_modules)))
     if eval_md:
-        head, _, body = eval_md.lstrip().partition("\n")
-        if head.startswith("#"):  # the report brings its own heading
-            sections.append((head.lstrip("#").strip(), body.strip()))
-        else:
-            sections.append(("Evaluation", eval_md))
+        sections.append(markdown_section(eval_md))
     fm = {"safemerge": {"method": "safemerge", "tau": result.tau, "alpha": result.alpha, "strategy": result.strategy,
                         "compat": result.compat, "seed": result.seed, "merged_layers": len(result.merged)}}
     return fm, sections
