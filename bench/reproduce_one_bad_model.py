@@ -53,7 +53,7 @@ def log(msg: str) -> None:
 
 
 def sft(model_dir: Path, out_dir: Path, pairs: list[tuple[str, str]], *, bs: int, lr: float, seed: int) -> Path:
-    """One epoch of full fine-tuning on answer tokens (AdamW, float32); saves a HF model dir."""
+    """One epoch of full fine-tuning on answer tokens (AdamW, float32); saves a HF model dir atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,8 +78,11 @@ def sft(model_dir: Path, out_dir: Path, pairs: list[tuple[str, str]], *, bs: int
         if (i // bs) % 5 == 0:
             log(f"  sft {out_dir.name} step {i // bs}: loss {float(loss.detach()):.3f}")
     model.eval()
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    from safemerge.io.output import atomic_output
+
+    with atomic_output(out_dir, force=True) as tmp:  # an interrupted save never looks like a finished model
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out_dir
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import typer
 
 from safemerge.cli import app
+from safemerge.cli.options import force_option
 
 
 @app.command(
@@ -21,7 +22,7 @@ def convert(
     gguf_file: Path = typer.Argument(..., help="The .gguf model file to import.", show_default=False),
     out: Path = typer.Argument(..., help="Output directory (written atomically).", show_default=False),
     dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32, bfloat16 or float16."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = force_option(),
 ) -> None:
     """Convert GGUF_FILE into the Hugging Face model directory OUT."""
     import time

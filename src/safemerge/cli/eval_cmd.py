@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
+from safemerge.cli.options import allow_pickle_option
 
 
 @app.command("eval")
@@ -26,7 +27,7 @@ def eval_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)."),
     max_harm: Optional[float] = typer.Option(None, "--max-harm", min=0.0, max=1.0, help="Release gate: exit with status 3 if the harmful rate exceeds this fraction."),
     answer_ce: bool = typer.Option(False, "--answer-ce", help="Also report answer-token cross-entropy on the utility set (hf backend)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin/.pt (pickle) checkpoints; only for trusted files."),
+    allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model repos to run their own code (off by default)."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
 ) -> None:

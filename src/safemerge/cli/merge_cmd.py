@@ -6,6 +6,18 @@ from pathlib import Path
 import typer
 
 from safemerge.cli import app
+from safemerge.cli.options import (
+    EvalSets,
+    allow_pickle_option,
+    eval_benign_option,
+    eval_flag_option,
+    eval_harmful_option,
+    eval_judge_option,
+    eval_limit_option,
+    eval_utility_option,
+    force_option,
+    no_progress_option,
+)
 
 
 @app.command("merge")
@@ -16,18 +28,18 @@ def merge_command(
     seed: int = typer.Option(0, "--seed", help="Seed for stochastic methods (DARE, DELLA); outputs are byte-identical per seed."),
     device: str = typer.Option("cpu", "--device", help="Device for the arithmetic: cpu or cuda."),
     out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Maximum size of one output shard (e.g. 5GB, 500MB)."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    force: bool = force_option(),
+    allow_pickle: bool = allow_pickle_option(),
     allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs containing NaN/Inf instead of refusing them."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+    no_progress: bool = no_progress_option(),
     mergekit_tie_break: bool = typer.Option(False, "--mergekit-tie-break", help="Break exact ties at top-k cut-offs (TIES, Breadcrumbs, SCE) as mergekit does: bit-identical to mergekit, slower."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and inputs and print the plan; write nothing."),
-    eval_: bool = typer.Option(False, "--eval", help="Evaluate the merged model (builtin harmful/benign sets) and put the report in its model card."),
-    eval_harmful: str = typer.Option("builtin:harmful", "--eval-harmful", help="Harmful prompt set for --eval."),
-    eval_benign: str = typer.Option("builtin:benign", "--eval-benign", help="Benign look-alike set for --eval (over-refusal)."),
-    eval_utility: str = typer.Option(None, "--eval-utility", help="Utility set for --eval (e.g. builtin:arithmetic)."),
-    eval_judge: str = typer.Option("keyword", "--eval-judge", help="Judge for --eval (keyword, llamaguard:PATH, …)."),
-    eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate at most N prompts per set."),
+    eval_: bool = eval_flag_option("Evaluate the merged model (builtin harmful/benign sets) and put the report in its model card."),
+    eval_harmful: str = eval_harmful_option(),
+    eval_benign: str = eval_benign_option(),
+    eval_utility: str = eval_utility_option(),
+    eval_judge: str = eval_judge_option(),
+    eval_limit: int = eval_limit_option(),
 ) -> None:
     """Merge models as described by CONFIG (mergekit YAML) into OUT, one tensor at a time."""
     from safemerge.api import merge, parse_size
@@ -35,7 +47,7 @@ def merge_command(
     if dry_run:
         _dry_run(config, allow_pickle)
         return
-    extra = _eval_card_sections(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit) if eval_ else None
+    extra = _eval_card_sections(EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit)) if eval_ else None
     path = merge(
         config,
         out,
@@ -53,7 +65,7 @@ def merge_command(
     typer.echo(f"wrote {path}", err=True)
 
 
-def _eval_card_sections(harmful: str, benign: str, utility: str | None, judge: str, limit: int | None):  # noqa: ANN202
+def _eval_card_sections(sets: EvalSets):  # noqa: ANN202
     """``--eval``: evaluate the finished (temporary) output and return its model-card section."""
 
     def sections(tmp: Path) -> list[tuple[str, str]]:
@@ -61,7 +73,7 @@ def _eval_card_sections(harmful: str, benign: str, utility: str | None, judge: s
         from safemerge.evaluate.report import results_markdown
         from safemerge.io.output import markdown_section
 
-        res = evaluate(str(tmp), harmful=harmful, benign=benign, utility=utility, judge=judge, limit=limit, out_dir=str(tmp / "eval"))
+        res = evaluate(str(tmp), **sets.kwargs(), out_dir=str(tmp / "eval"))
         return [markdown_section(results_markdown(res), "Safety evaluation")]
 
     return sections

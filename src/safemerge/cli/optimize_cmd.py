@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
+from safemerge.cli.options import allow_pickle_option, force_option
 
 
 @app.command("optimize", no_args_is_help=True)
@@ -18,10 +19,10 @@ def optimize_cmd(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Address of a running Ray cluster (implies --ray)."),
     ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1, help="Number of Ray actors (default: the config's ray.workers)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same config into the same output."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output (and discard an interrupted run)."),
+    force: bool = force_option("Replace an existing output (and discard an interrupted run)."),
     no_save_model: bool = typer.Option(False, "--no-save-model", help="Do not write the merged model (only best.yml and the trace)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt model checkpoints."),
+    allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:

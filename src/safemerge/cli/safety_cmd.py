@@ -12,6 +12,19 @@ from typing import Any, Callable
 import typer
 
 from safemerge.cli import app
+from safemerge.cli.options import (
+    EvalSets,
+    allow_pickle_option,
+    dtype_option,
+    eval_benign_option,
+    eval_flag_option,
+    eval_harmful_option,
+    eval_judge_option,
+    eval_limit_option,
+    eval_utility_option,
+    force_option,
+    no_progress_option,
+)
 
 _BASE_HELP = "Unaligned base model (pre-trained), used with --aligned to build the safety subspace V = W_aligned − W_base."
 _ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the chat/instruct model)."
@@ -56,8 +69,7 @@ def _print_scores(scores: list, tau: float | None, decision: str) -> None:
     typer.echo(f"{n} of {len(scores)} layers {decision}", err=True)
 
 
-def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, harmful: str, benign: str, utility: str | None,
-               judge: str, limit: int | None) -> Callable[[Path], tuple[Any, str]] | None:
+def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, sets: EvalSets) -> Callable[[Path], tuple[Any, str]] | None:
     """``--eval``: run :func:`safemerge.evaluate.api.evaluate` on the finished output (before renaming)."""
     if not enabled:
         return None
@@ -68,8 +80,7 @@ def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, harmful: s
 
         # an adapter output is evaluated on the aligned model it belongs to, applied unmerged
         model, adapter = (str(aligned), str(tmp)) if output_is_adapter else (str(tmp), None)
-        res = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
-                       limit=limit, out_dir=str(tmp / "eval"))
+        res = evaluate(model, adapter=adapter, **sets.kwargs(), out_dir=str(tmp / "eval"))
         return res, results_markdown(res)
 
     return run
@@ -85,9 +96,9 @@ def scan_command(
     json_out: Path = typer.Option(None, "--json", help="Write the per-layer records as a JSON list."),
     csv_out: Path = typer.Option(None, "--csv", help="Write the per-layer records as CSV."),
     plot: Path = typer.Option(None, "--plot", help="Write a heatmap PNG (layers × modules, coloured by ρ, cells below τ marked)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    allow_pickle: bool = allow_pickle_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the table."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+    no_progress: bool = no_progress_option(),
 ) -> None:
     """Per-layer safety similarity ρ = cos(CΔW, ΔW), C = VVᵀ/‖V‖_F (SafeLoRA/SafeMERGE), without forming C.
 
@@ -136,17 +147,17 @@ def safemerge_command(
     merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
     density: float = typer.Option(0.5, "--density", help="Keep fraction for dare_linear/ties/dare_ties."),
     seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-layer generators; outputs byte-identical per seed)."),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs')."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    dtype: str = dtype_option(),
+    force: bool = force_option(),
+    allow_pickle: bool = allow_pickle_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
-    eval_: bool = typer.Option(False, "--eval", help="Evaluate the output and put the safety report into its model card."),
-    eval_harmful: str = typer.Option("builtin:harmful", "--eval-harmful", help="Harmful prompt set for --eval."),
-    eval_benign: str = typer.Option("builtin:benign", "--eval-benign", help="Benign look-alike set for --eval (over-refusal)."),
-    eval_utility: str = typer.Option(None, "--eval-utility", help="Utility set for --eval (e.g. builtin:arithmetic)."),
-    eval_judge: str = typer.Option("keyword", "--eval-judge", help="Judge for --eval (keyword, llamaguard:PATH, …)."),
-    eval_limit: int = typer.Option(None, "--eval-limit", help="Evaluate at most N prompts per set."),
+    no_progress: bool = no_progress_option(),
+    eval_: bool = eval_flag_option("Evaluate the output and put the safety report into its model card."),
+    eval_harmful: str = eval_harmful_option(),
+    eval_benign: str = eval_benign_option(),
+    eval_utility: str = eval_utility_option(),
+    eval_judge: str = eval_judge_option(),
+    eval_limit: int = eval_limit_option(),
 ) -> None:
     """SafeMERGE: layers whose update drifts from the safety subspace (ρ < τ) become α ΔW_f + (1−α) ΔW_s.
 
@@ -163,7 +174,7 @@ def safemerge_command(
     if tuned is not None:
         print_pareto(tuned)
     output_is_adapter = merge_into is None and (finetuned / "adapter_config.json").exists()
-    ev = _evaluator(eval_, aligned, output_is_adapter, eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit)
+    ev = _evaluator(eval_, aligned, output_is_adapter, EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit))
     with _progress(not no_progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
@@ -194,11 +205,11 @@ def safelora_command(
     tau: float = typer.Option(0.5, "--tau", help="Threshold for --mode threshold (τ ∈ [-1, 1], default 0.5)."),
     num_layers: int = typer.Option(10, "--num-layers", "-k", help="K for --mode number (default 10)."),
     merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the projected update."),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs')."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
+    dtype: str = dtype_option(),
+    force: bool = force_option(),
+    allow_pickle: bool = allow_pickle_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+    no_progress: bool = no_progress_option(),
 ) -> None:
     """SafeLoRA: replace B by C·B = V(VᵀB)/‖V‖_F on low-similarity layers (Hsu et al. 2024).
 
@@ -223,10 +234,10 @@ def resta_command(
     beta: float = typer.Option(0.5, "--beta", help="Scale β of the safety vector θ_aligned − θ_unaligned."),
     dare_density: float = typer.Option(None, "--dare-density", help="Apply DARE with this keep fraction ∈ (0, 1] to θ_ft − θ_aligned first."),
     seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-tensor generators)."),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs')."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+    dtype: str = dtype_option(),
+    force: bool = force_option(),
+    allow_pickle: bool = allow_pickle_option(),
+    no_progress: bool = no_progress_option(),
 ) -> None:
     """RESTA: θ = θ_ft + β (θ_aligned − θ_unaligned), optionally with DARE on the fine-tuning delta (Bhardwaj et al. 2024).
 
@@ -248,10 +259,10 @@ def mergealign_command(
     out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
     lambda_domain: float = typer.Option(0.5, "--lambda-domain", help="λ_D, weight of θ_domain − θ_pre."),
     lambda_aligned: float = typer.Option(0.5, "--lambda-aligned", help="λ_A, weight of θ_aligned − θ_pre."),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs')."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt pickle inputs (loaded with weights_only=True)."),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Do not show a progress bar."),
+    dtype: str = dtype_option(),
+    force: bool = force_option(),
+    allow_pickle: bool = allow_pickle_option(),
+    no_progress: bool = no_progress_option(),
 ) -> None:
     """MergeAlign: θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre) (arXiv 2411.06824).
 

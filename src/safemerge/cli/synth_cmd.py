@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
+from safemerge.cli.options import allow_pickle_option, force_option
 
 synth_app = typer.Typer(
     name="synth",
@@ -56,8 +57,8 @@ def safety_cmd(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Token budget of questions and answers (paper: 512)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Generation batch size (default: the backend's)."),
     backend: str = typer.Option("auto", "--backend", help="Generation backend: auto, hf or vllm."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt model checkpoints."),
+    force: bool = force_option("Replace an existing output file."),
+    allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
 ) -> None:
     """Build D_safety: unsafe questions answered with refusals chosen among the pool's safe answers.
@@ -111,8 +112,8 @@ def domain_cmd(
     max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Token budget of questions and answers (paper: 512)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Generation batch size (default: the backend's)."),
     backend: str = typer.Option("auto", "--backend", help="Generation backend: auto, hf or vllm."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow .bin/.pt model checkpoints."),
+    force: bool = force_option("Replace an existing output file."),
+    allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
 ) -> None:
     """Build D_expert: each expert writes exam-style questions from 3 random seed examples, then answers them.

@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
+from safemerge.cli.options import force_option
 
 
 @app.command(
@@ -34,7 +35,7 @@ def train_lora_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for the LoRA initialisation and the data order."),
     system: Optional[str] = typer.Option(None, "--system", help="System message added to every example.", show_default=False),
     merge: bool = typer.Option(False, "--merge", help="Write a full model with the LoRA merged into the weights."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = force_option(),
 ) -> None:
     """Train a LoRA on DATA and write it to OUT."""
     from safemerge.train.lora import train_lora

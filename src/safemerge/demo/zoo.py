@@ -228,7 +228,8 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
                 if sets.get(name) is not None and not isinstance(sets[name], str):
                     write_jsonl(tmp / f"{name}.jsonl", sets[name])
 
-    cached_step("data (project sets + self-distilled benign answers)", data, build_data, say)
+    source = f"datasets in {data_dir}" if data_dir is not None else "project sets"
+    cached_step(f"data ({source} + self-distilled benign answers)", data, build_data, say)
     align_rows = read_jsonl(data / "align_train.jsonl")
     aligned = cached_step("aligned (safety SFT, LoRA merged)",
                           root / f"aligned-{fingerprint(base.name, data.name, asdict(ALIGN_RECIPE))}",

@@ -99,6 +99,17 @@ def per_model_list(method: str, per_model: dict, name: str, n: int) -> list:
     return values
 
 
+def nonzero_weight_sum(method: str, weights: torch.Tensor, option: str) -> torch.Tensor:
+    """Σᵢ wᵢ for weight normalisation; a zero sum is a :class:`ConfigError` (mergekit 0.1.5 divides and writes ±inf)."""
+    total = weights.sum()
+    if total == 0:
+        raise ConfigError(
+            f"{method}: the model weights sum to 0, so {option} would divide by zero",
+            f"change the weights or set {option.split(':')[0]}: false",
+        )
+    return total
+
+
 def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     """The ``k``-th smallest element (1-based) of a 1-D tensor, as a 0-d tensor — exactly.
 

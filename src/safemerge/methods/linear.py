@@ -6,8 +6,7 @@ from typing import Any
 
 import torch
 
-from safemerge.errors import ConfigError
-from safemerge.methods._tensor import check_inputs, f32, per_model_list
+from safemerge.methods._tensor import check_inputs, f32, nonzero_weight_sum, per_model_list
 
 
 def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:
@@ -15,20 +14,14 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, n
 
     Wortsman et al. 2022, "Model soups", Sec. 3 (uniform soup ``θ = (1/k) Σᵢ θᵢ``), with
     per-model weights as in mergekit. Accumulates one input at a time in float32. mergekit 0.1.5
-    divides by a zero weight sum and writes ±inf; we raise :class:`ConfigError` instead.
+    divides by a zero weight sum and writes ±inf; we raise :class:`~safemerge.errors.ConfigError` instead.
     """
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
     out = torch.zeros_like(f32(tensors[0]))
     for t, wi in zip(tensors, w.tolist()):
         out.add_(f32(t), alpha=wi)  # fused, no temporary
     if normalize:
-        total = w.sum()
-        if total == 0:
-            raise ConfigError(
-                "linear: the model weights sum to 0, so normalize: true would divide by zero",
-                "change the weights or set normalize: false",
-            )
-        out.div_(total)
+        out.div_(nonzero_weight_sum("linear", w, "normalize: true"))
     return out
 
 

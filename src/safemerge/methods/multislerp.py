@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
-from safemerge.errors import ConfigError, SafemergeError
-from safemerge.methods._tensor import check_inputs, f32, per_model_list
+from safemerge.errors import SafemergeError
+from safemerge.methods._tensor import check_inputs, f32, nonzero_weight_sum, per_model_list
 
 
 def multislerp(
@@ -39,13 +39,7 @@ def multislerp(
         return f32(tensors[0]).clone()
     w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
     if normalize_weights:
-        total = w.sum()
-        if total == 0:
-            raise ConfigError(
-                "multislerp: the model weights sum to 0, so normalize_weights would divide by zero",
-                "change the weights or set normalize_weights: false",
-            )
-        w = w / total
+        w = w / nonzero_weight_sum("multislerp", w, "normalize_weights")
     b = f32(base) if base is not None else None
 
     def vec(i: int) -> torch.Tensor:

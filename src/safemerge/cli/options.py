@@ -1,0 +1,72 @@
+"""Typer options shared by several commands: one definition and one help text each.
+
+Each helper returns a fresh ``typer.Option`` (typer reads its metadata per command), so a command
+declares e.g. ``force: bool = force_option()`` and every command documents the flag the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import typer
+
+PICKLE_HELP = "Allow .bin/.pt pickle inputs (loaded with weights_only=True); only for trusted files."
+
+
+def force_option(help: str = "Replace OUT if it exists.") -> Any:
+    """``--force``: replace an existing output (it is still written elsewhere first and renamed into place)."""
+    return typer.Option(False, "--force", help=help)
+
+
+def allow_pickle_option() -> Any:
+    """``--allow-pickle``: accept pickle checkpoints; they are never accepted by default."""
+    return typer.Option(False, "--allow-pickle", help=PICKLE_HELP)
+
+
+def no_progress_option() -> Any:
+    """``--no-progress``: no progress bar (logs, CI)."""
+    return typer.Option(False, "--no-progress", help="Do not show a progress bar.")
+
+
+def dtype_option() -> Any:
+    """``--dtype``: storage dtype of the output (arithmetic is always float32)."""
+    return typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs').")
+
+
+def eval_flag_option(help: str) -> Any:
+    """``--eval``: evaluate the finished output before it is renamed into place."""
+    return typer.Option(False, "--eval", help=help)
+
+
+def eval_harmful_option() -> Any:
+    return typer.Option("builtin:harmful", "--eval-harmful", help="Harmful prompt set for --eval.")
+
+
+def eval_benign_option() -> Any:
+    return typer.Option("builtin:benign", "--eval-benign", help="Benign look-alike set for --eval (over-refusal).")
+
+
+def eval_utility_option() -> Any:
+    return typer.Option(None, "--eval-utility", help="Utility set for --eval (e.g. builtin:arithmetic).")
+
+
+def eval_judge_option() -> Any:
+    return typer.Option("keyword", "--eval-judge", help="Judge for --eval (keyword, llamaguard:PATH, …).")
+
+
+def eval_limit_option() -> Any:
+    return typer.Option(None, "--eval-limit", help="Evaluate at most N prompts per set.")
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """The ``--eval-*`` choices of one command, passed on to :func:`safemerge.evaluate.api.evaluate`."""
+
+    harmful: str
+    benign: str
+    utility: str | None
+    judge: str
+    limit: int | None
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"harmful": self.harmful, "benign": self.benign, "utility": self.utility, "judge": self.judge, "limit": self.limit}
