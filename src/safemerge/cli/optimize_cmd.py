@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Callable
 from typing import Optional
 
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import allow_pickle_option, force_option
+from safemerge.cli.options import (
+    EvalSets,
+    allow_pickle_option,
+    eval_benign_option,
+    eval_flag_option,
+    eval_harmful_option,
+    eval_judge_option,
+    eval_limit_option,
+    eval_utility_option,
+    force_option,
+)
 
 
 @app.command("optimize", no_args_is_help=True)
@@ -25,18 +36,44 @@ def optimize_cmd(
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    eval_: bool = eval_flag_option("Evaluate the merged model (alignment, refusal, utility) into OUT/eval and add its Table-1 row to report.md."),
+    eval_harmful: str = eval_harmful_option(),
+    eval_benign: str = eval_benign_option(),
+    eval_utility: str = eval_utility_option(),
+    eval_judge: str = eval_judge_option(),
+    eval_limit: int = eval_limit_option(),
 ) -> None:
     """Search merge parameters that minimise L_safety + α·L_expert, and write the best merge.
 
-    Example: safemerge optimize evolve.yml -o runs/evomm --strategy evomm
+    Example: safemerge optimize evolve.yml -o runs/evomm --strategy evomm --eval --eval-utility test.jsonl
     """
     import json
 
     from safemerge.optimize.runner import run_optimize
 
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit)
+    evaluator = _evaluator(sets, device=device, trust_remote_code=trust_remote_code, progress=not quiet) if eval_ else None
+
     summary = run_optimize(config, output, strategy=strategy, ray=ray, ray_address=ray_address, ray_workers=ray_workers,
                            resume=resume, force=force, save_model=not no_save_model, device=device,
-                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet)
+                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet,
+                           evaluate=evaluator)
     keys = ("strategy", "merge_method", "evaluations", "best_loss", "seconds_per_candidate", "candidates_per_hour")
     typer.echo(json.dumps({k: summary.get(k) for k in keys}))
+    if summary.get("evaluation"):
+        from safemerge.optimize.report import table1_markdown
+
+        typer.echo(table1_markdown([summary["evaluation"]]).rstrip())
     typer.echo(f"wrote {output}/best.yml, trace.jsonl" + ("" if no_save_model else " and model/"))
+
+
+def _evaluator(sets: EvalSets, *, device: str, trust_remote_code: bool, progress: bool) -> Callable[[Path, Path], dict]:
+    """``--eval``: the evaluation harness on the merged model, run before OUT is renamed into place."""
+
+    def run(model: Path, eval_dir: Path) -> dict:
+        from safemerge.evaluate.api import evaluate
+
+        return evaluate(str(model), **sets.kwargs(), out_dir=str(eval_dir), device=device,
+                        trust_remote_code=trust_remote_code, progress=progress)
+
+    return run

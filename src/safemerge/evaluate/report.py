@@ -84,9 +84,12 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 def load_results(run: str | Path) -> dict[str, Any]:
-    """``RUN/results.json`` (or the JSON file itself)."""
+    """``RUN/results.json`` (or the JSON file itself; ``RUN/eval/results.json`` for a
+    ``safemerge optimize --eval`` / ``merge --eval`` output)."""
     p = Path(run).expanduser()
     f = p / "results.json" if p.is_dir() else p
+    if p.is_dir() and not f.is_file() and (p / "eval" / "results.json").is_file():
+        f = p / "eval" / "results.json"
     if not f.is_file():
         raise SafemergeError(f"no results.json in {run}", "pass output directories of `safemerge eval`")
     try:

@@ -104,7 +104,6 @@ class AnswerCEObjective:
 
         ``ℓ_i = (1/|A_i|) Σ_{t∈A_i} −log p_θ(x_{i,t} | x_{i,<t})`` with ``A_i`` the labelled positions.
         """
-        import torch
         import torch.nn.functional as F
 
         dev = next(model.parameters()).device

@@ -34,9 +34,56 @@ def row_from_eval(method: str, data: str, result: Mapping[str, Any], **extra: An
     }
 
 
+_METHOD_NAMES = {"ties": "TIES", "dare_ties": "DARE-TIES", "slerp": "SLERP", "linear": "Linear",
+                 "task_arithmetic": "Task arithmetic"}
+_STRATEGY_NAMES = {"evomm": "EvoMM", "grid": "grid search"}
+
+
+def method_label(strategy: str, merge_method: str) -> str:
+    """Table-1 method name of an optimize run, e.g. ``TIES EvoMM``, ``DARE-TIES grid search``, ``LM-Cocktail``."""
+    if strategy == "cocktail":
+        return "LM-Cocktail"
+    return f"{_METHOD_NAMES.get(merge_method, merge_method)} {_STRATEGY_NAMES.get(strategy, strategy)}"
+
+
+def data_label(n_safety: int, n_expert: int) -> str:
+    """Table-1 data column: which synthetic sets the objective used (``D_exp``, ``D_safe``, ``D_exp ∪ D_safe``)."""
+    parts = [name for name, n in (("D_exp", n_expert), ("D_safe", n_safety)) if n]
+    return " ∪ ".join(parts) if parts else "–"
+
+
+def table1_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Table-1 rows from output directories: ``safemerge optimize --eval`` runs (method and data from
+    ``summary.json``, results from ``eval/results.json``) or ``safemerge eval`` runs (named by folder)."""
+    import json
+
+    from safemerge.evaluate.report import load_results
+
+    rows = []
+    for run in runs:
+        p = Path(run).expanduser()
+        summary_f = p / "summary.json"
+        if summary_f.is_file() and (p / "best.yml").is_file():
+            summary = json.loads(summary_f.read_text(encoding="utf-8"))
+            if not (p / "eval" / "results.json").is_file():
+                from safemerge.errors import SafemergeError
+
+                raise SafemergeError(f"optimize run {str(run)!r} has no evaluation (eval/results.json)",
+                                     "rerun it with --eval, or run `safemerge eval OUT/model -o OUT/eval`")
+            rows.append(row_from_eval(method_label(summary["strategy"], summary["merge_method"]),
+                                      data_label(summary.get("n_safety") or 0, summary.get("n_expert") or 0),
+                                      load_results(p / "eval"),
+                                      s_per_cand=summary.get("seconds_per_candidate"),
+                                      cand_per_h=summary.get("candidates_per_hour")))
+        else:
+            rows.append(row_from_eval(p.name or str(run), "–", load_results(p)))
+    return rows
+
+
 def table1_markdown(rows: Sequence[Mapping[str, Any]], *, domain: str = "domain") -> str:
     """Markdown table: Method | Data | Align (%) | Refusal (%) | Acc (%) [| extra numeric columns]."""
-    extra_cols = [k for k in (rows[0].keys() if rows else []) if k not in ("method", "data", "alignment", "refusal_rate", "accuracy")]
+    fixed = ("method", "data", "alignment", "refusal_rate", "accuracy")
+    extra_cols = list(dict.fromkeys(k for r in rows for k in r if k not in fixed))  # union, first-seen order
     head = ["Method", "Data", "Align (% safe)", "Refusal (%)", f"Acc {domain} (%)", *extra_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -79,15 +126,25 @@ def plot_trace(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: st
     return p
 
 
-def run_report_markdown(summary: Mapping[str, Any], best_config: Mapping[str, Any]) -> str:
-    """``report.md`` of one optimize run: summary numbers, the best config and the trace plot."""
+def run_report_markdown(summary: Mapping[str, Any], best_config: Mapping[str, Any],
+                        evaluation: Mapping[str, Any] | None = None) -> str:
+    """``report.md`` of one optimize run: summary numbers, the best config, the trace plot and,
+    with ``evaluation`` (an evaluation-harness result of the merged model), its Table-1 row."""
     import yaml
 
     lines = [f"# safemerge optimize — {summary.get('strategy')}", ""]
     for k, v in summary.items():
+        if k == "evaluation":  # rendered as a table below
+            continue
         if isinstance(v, dict):
             v = ", ".join(f"{kk}: {vv:.4g}" if isinstance(vv, float) else f"{kk}: {vv}" for kk, vv in v.items())
         lines.append(f"- **{k}**: {v}")
     lines += ["", "## Best configuration (`best.yml`)", "", "```yaml", yaml.safe_dump(dict(best_config), sort_keys=False).rstrip(), "```", "",
               "![trace](trace.png)", ""]
+    if evaluation is not None:
+        row = row_from_eval(method_label(str(summary.get("strategy")), str(summary.get("merge_method"))),
+                            data_label(summary.get("n_safety") or 0, summary.get("n_expert") or 0), evaluation)
+        lines += ["## Evaluation of the merged model (`eval/results.json`)", "",
+                  "Alignment = 1 − harmful rate on the harmful prompts; Acc = utility accuracy "
+                  "(Hammoud et al. 2024, Table 1 columns).", "", table1_markdown([row]).rstrip(), ""]
     return "\n".join(lines)

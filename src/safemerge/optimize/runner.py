@@ -6,7 +6,9 @@ renamed into place when complete):
 * ``best.yml`` — the best candidate as a mergekit-compatible merge config;
 * ``trace.jsonl`` — one line per evaluation (loss parts, timings, decoded parameters);
 * ``trace.png`` — the optimisation trace; ``report.md`` and ``summary.json`` — the run summary;
-* ``model/`` — the merged model (``safemerge merge best.yml``), unless ``save_model=False``.
+* ``model/`` — the merged model (``safemerge merge best.yml``), unless ``save_model=False``;
+* ``eval/`` — with ``evaluate``: the evaluation harness's results for ``model/`` (Table-1 row in
+  ``report.md`` and ``summary.json``).
 
 An interrupted EvoMM run leaves the work directory with ``cma_state.pkl``; rerunning the same
 command with ``resume=True`` continues the same run (the config must be unchanged).
@@ -83,6 +85,7 @@ def run_optimize(
     trust_remote_code: bool = False,
     progress: bool = True,
     on_generation: Callable[[int, int], None] | None = None,
+    evaluate: Callable[[Path, Path], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run safety-aware data-driven merging and write ``out`` (see module docstring).
 
@@ -95,6 +98,9 @@ def run_optimize(
         force: replace an existing output (and discard an interrupted run).
         save_model: also write the merged model to ``out/model``.
         on_generation: EvoMM hook ``(generation, evals)`` called after each checkpoint.
+        evaluate: ``evaluate(model_dir, eval_dir) -> results`` run on the merged model before the
+            output is renamed into place (e.g. :func:`safemerge.evaluate.api.evaluate`); its
+            Table-1 row goes into ``report.md`` and ``summary.json`` (needs ``save_model``).
 
     Returns:
         The summary dict (also written to ``out/summary.json``).
@@ -106,6 +112,8 @@ def run_optimize(
     from safemerge.optimize.candidate import CandidateEvaluator, SerialBackend, build_genome
     from safemerge.progress import progress_bar
 
+    if evaluate is not None and not save_model:
+        raise SafemergeError("evaluating the result needs the merged model", "drop --no-save-model, or drop --eval")
     cfg = load_optimize_config(config)
     if strategy:
         if strategy not in ("evomm", "cocktail", "grid"):
@@ -197,12 +205,20 @@ def run_optimize(
     }
     if rows:
         report.plot_trace(rows, work / "trace.png", title=f"{cfg.strategy} ({summary['merge_method']})")
-    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (work / "report.md").write_text(report.run_report_markdown(summary, best_cfg), encoding="utf-8")
     (work / "cma_state.pkl").unlink(missing_ok=True)
+    evaluation = None
     if save_model:
         from safemerge.api import merge
 
+        if (work / "model").exists():  # a previous attempt died while merging or evaluating
+            shutil.rmtree(work / "model")
         merge(best_cfg, work / "model", seed=cfg.seed, device=device, allow_pickle=allow_pickle, progress=progress, jobs=1)
+        if evaluate is not None:
+            shutil.rmtree(work / "eval", ignore_errors=True)
+            evaluation = evaluate(work / "model", work / "eval")
+            summary["evaluation"] = report.row_from_eval(report.method_label(cfg.strategy, summary["merge_method"]),
+                                                         report.data_label(n_safety, n_expert), evaluation)
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (work / "report.md").write_text(report.run_report_markdown(summary, best_cfg, evaluation), encoding="utf-8")
     _finalize(work, out_p, force=force)
     return summary
