@@ -67,7 +67,16 @@ def main(argv: list[str] | None = None) -> int:
         f = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
         print(f"{r['name']:<18} {f(r['harmful_rate']):>10} {p.get('harmful', '—')!s:>7} {f(r['utility']):>10} "
               f"{p.get('utility', '—')!s:>7} {f(r['over_refusal_rate']):>15}")
+    # a cached rerun only re-assembles the report: keep the timings of the run that built everything
+    first_run = {"wall_s": round(wall, 1), "timings_s": {k: round(v, 1) for k, v in res.timings.items()}}
+    if args.json.is_file():
+        try:
+            prev = json.loads(args.json.read_text())
+            first_run = prev.get("first_run") or first_run
+        except ValueError:
+            pass
     out = {
+        "first_run": first_run,
         "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_safemerge.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_s": round(wall, 1),
         "timings_s": {k: round(v, 1) for k, v in res.timings.items()},

@@ -70,3 +70,20 @@ def test_no_near_duplicate_of_an_eval_prompt():
     for _, goal in D.HARM_GOALS + D.BENIGN_GOALS:
         best = max(difflib.SequenceMatcher(None, goal.lower(), e).ratio() for e in ev)
         assert best < 0.75, goal
+
+
+def test_claim_checks_answer_the_acceptance_questions_from_the_rows():
+    from safemerge.demo.pipeline import Row, claim_checks
+
+    def row(name, harm, util):
+        return Row(name, "", "m", None, {"harmful": {"harmful_rate": harm}, "utility": {"accuracy": util}})
+
+    rows = {"aligned": row("aligned", 0.16, 0.15), "fine-tuned": row("fine-tuned", 0.73, 0.84),
+            "SafeMERGE": row("SafeMERGE", 0.64, 0.80), "SafeMERGE (auto)": row("SafeMERGE (auto)", 0.80, 0.70)}
+    c = claim_checks(rows)
+    assert c["erosion"] and c["utility_informative"]
+    assert c["SafeMERGE"] == {"less_harmful_than_finetuned": True, "similar_utility": True}
+    assert c["SafeMERGE (auto)"] == {"less_harmful_than_finetuned": False, "similar_utility": False}
+    # a task the model cannot learn (GSM8K at 135M): utility does not move, so "similar utility" is uninformative
+    rows["aligned"], rows["fine-tuned"] = row("aligned", 0.16, 0.0), row("fine-tuned", 0.73, 0.03)
+    assert not claim_checks(rows)["utility_informative"]
