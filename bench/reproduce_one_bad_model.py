@@ -49,6 +49,8 @@ DATA = REPO.parent / "shared" / "datasets"
 SIZES = {
     "quick": dict(sft_aligned=48, sft_expert=160, sft_bad=48, sft_bad_domain=96, steps_bs=8, n_safety_q=24, n_domain=24, n_obj=12,
                   max_evals=8, popsize=4, n_eval_harm=24, n_eval_util=24, gen_tokens=48, answer_tokens=96),
+    "medium": dict(sft_aligned=160, sft_expert=160, sft_bad=96, sft_bad_domain=96, steps_bs=8, n_safety_q=64, n_domain=32,
+                   n_obj=24, max_evals=16, popsize=8, n_eval_harm=80, n_eval_util=80, gen_tokens=48, answer_tokens=80),
     "full": dict(sft_aligned=400, sft_expert=800, sft_bad=300, sft_bad_domain=400, steps_bs=8, n_safety_q=200, n_domain=200, n_obj=64,
                  max_evals=100, popsize=None, n_eval_harm=200, n_eval_util=200, gen_tokens=128, answer_tokens=256),
 }
@@ -125,7 +127,8 @@ def load_domain(name: str, rng: random.Random, *, n_train: int, n_test: int) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes (minutes-to-an-hour on 2 CPU cores)")
+    ap.add_argument("--quick", action="store_true", help="small sizes (≈10 min on 2 CPU cores; 24 evaluation prompts: noisy)")
+    ap.add_argument("--size", choices=tuple(SIZES), default=None, help="quick | medium (≈30 min, 80 evaluation prompts) | full (hours)")
     ap.add_argument("--work", default="/tmp/safemerge_one_bad_model", help="work directory (models, data, runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -135,7 +138,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    size = "quick" if args.quick else "full"
+    size = args.size or ("quick" if args.quick else "full")
     S = SIZES[size]
     work = Path(args.work) / size
     work.mkdir(parents=True, exist_ok=True)
