@@ -5,6 +5,8 @@ API functions are imported lazily from their modules on first attribute access.
 """
 from __future__ import annotations
 
+from safemerge._lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -17,12 +19,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'safemerge' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["__version__", *_LAZY]

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import allow_pickle_option
+from safemerge.cli.options import allow_pickle_option, trust_remote_code_option
 
 
 @app.command("eval")
@@ -28,7 +28,7 @@ def eval_command(
     max_harm: Optional[float] = typer.Option(None, "--max-harm", min=0.0, max=1.0, help="Release gate: exit with status 3 if the harmful rate exceeds this fraction."),
     answer_ce: bool = typer.Option(False, "--answer-ce", help="Also report answer-token cross-entropy on the utility set (hf backend)."),
     allow_pickle: bool = allow_pickle_option(),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model repos to run their own code (off by default)."),
+    trust_remote_code: bool = trust_remote_code_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
 ) -> None:
     """Evaluate harmfulness, over-refusal and utility of MODEL; write OUT/results.json and print a table.

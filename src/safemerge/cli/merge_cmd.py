@@ -69,11 +69,10 @@ def _eval_card_sections(sets: EvalSets):  # noqa: ANN202
     """``--eval``: evaluate the finished (temporary) output and return its model-card section."""
 
     def sections(tmp: Path) -> list[tuple[str, str]]:
-        from safemerge.evaluate.api import evaluate
         from safemerge.evaluate.report import results_markdown
         from safemerge.io.output import markdown_section
 
-        res = evaluate(str(tmp), **sets.kwargs(), out_dir=str(tmp / "eval"))
+        res = sets.evaluate(tmp, tmp / "eval")
         return [markdown_section(results_markdown(res), "Safety evaluation")]
 
     return sections

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from collections.abc import Callable
 from typing import Optional
 
 import typer
@@ -18,6 +17,7 @@ from safemerge.cli.options import (
     eval_limit_option,
     eval_utility_option,
     force_option,
+    trust_remote_code_option,
 )
 
 
@@ -34,7 +34,7 @@ def optimize_cmd(
     no_save_model: bool = typer.Option(False, "--no-save-model", help="Do not write the merged model (only best.yml and the trace)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     allow_pickle: bool = allow_pickle_option(),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
+    trust_remote_code: bool = trust_remote_code_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
     eval_: bool = eval_flag_option("Evaluate the merged model (alignment, refusal, utility) into OUT/eval and add its Table-1 row to report.md."),
     eval_harmful: str = eval_harmful_option(),
@@ -52,12 +52,14 @@ def optimize_cmd(
     from safemerge.optimize.runner import run_optimize
 
     sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit)
-    evaluator = _evaluator(sets, device=device, trust_remote_code=trust_remote_code, progress=not quiet) if eval_ else None
+
+    def evaluator(model: Path, eval_dir: Path) -> dict:  # --eval: runs before OUT is renamed into place
+        return sets.evaluate(model, eval_dir, device=device, trust_remote_code=trust_remote_code, progress=not quiet)
 
     summary = run_optimize(config, output, strategy=strategy, ray=ray, ray_address=ray_address, ray_workers=ray_workers,
                            resume=resume, force=force, save_model=not no_save_model, device=device,
                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet,
-                           evaluate=evaluator)
+                           evaluate=evaluator if eval_ else None)
     keys = ("strategy", "merge_method", "evaluations", "best_loss", "seconds_per_candidate", "candidates_per_hour")
     typer.echo(json.dumps({k: summary.get(k) for k in keys}))
     if summary.get("evaluation"):
@@ -66,14 +68,3 @@ def optimize_cmd(
         typer.echo(table1_markdown([summary["evaluation"]]).rstrip())
     typer.echo(f"wrote {output}/best.yml, trace.jsonl" + ("" if no_save_model else " and model/"))
 
-
-def _evaluator(sets: EvalSets, *, device: str, trust_remote_code: bool, progress: bool) -> Callable[[Path, Path], dict]:
-    """``--eval``: the evaluation harness on the merged model, run before OUT is renamed into place."""
-
-    def run(model: Path, eval_dir: Path) -> dict:
-        from safemerge.evaluate.api import evaluate
-
-        return evaluate(str(model), **sets.kwargs(), out_dir=str(eval_dir), device=device,
-                        trust_remote_code=trust_remote_code, progress=progress)
-
-    return run

@@ -6,6 +6,7 @@ declares e.g. ``force: bool = force_option()`` and every command documents the f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -31,6 +32,11 @@ def no_progress_option() -> Any:
 def dtype_option() -> Any:
     """``--dtype``: storage dtype of the output (arithmetic is always float32)."""
     return typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs').")
+
+
+def trust_remote_code_option() -> Any:
+    """``--trust-remote-code``: never on by default."""
+    return typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory (off by default).")
 
 
 def eval_flag_option(help: str) -> Any:
@@ -68,5 +74,9 @@ class EvalSets:
     judge: str
     limit: int | None
 
-    def kwargs(self) -> dict[str, Any]:
-        return {"harmful": self.harmful, "benign": self.benign, "utility": self.utility, "judge": self.judge, "limit": self.limit}
+    def evaluate(self, model: str | Path, out_dir: str | Path, **extra: Any) -> dict[str, Any]:
+        """Run the evaluation harness on ``model`` with these sets; results go to ``out_dir``."""
+        from safemerge.evaluate.api import evaluate
+
+        return evaluate(str(model), harmful=self.harmful, benign=self.benign, utility=self.utility, judge=self.judge,
+                        limit=self.limit, out_dir=str(out_dir), **extra)

@@ -75,12 +75,11 @@ def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, sets: Eval
         return None
 
     def run(tmp: Path) -> tuple[Any, str]:
-        from safemerge.evaluate.api import evaluate
         from safemerge.evaluate.report import results_markdown
 
         # an adapter output is evaluated on the aligned model it belongs to, applied unmerged
         model, adapter = (str(aligned), str(tmp)) if output_is_adapter else (str(tmp), None)
-        res = evaluate(model, adapter=adapter, **sets.kwargs(), out_dir=str(tmp / "eval"))
+        res = sets.evaluate(model, tmp / "eval", adapter=adapter)
         return res, results_markdown(res)
 
     return run

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import allow_pickle_option, force_option
+from safemerge.cli.options import allow_pickle_option, force_option, trust_remote_code_option
 
 synth_app = typer.Typer(
     name="synth",
@@ -17,6 +17,19 @@ synth_app = typer.Typer(
     rich_markup_mode=None,
 )
 app.add_typer(synth_app, name="synth")
+
+
+# generation options shared by `synth safety` and `synth domain`
+def _max_new_tokens_option() -> Any:
+    return typer.Option(512, "--max-new-tokens", min=1, help="Token budget of questions and answers (paper: 512).")
+
+
+def _batch_size_option() -> Any:
+    return typer.Option(None, "--batch-size", min=1, help="Generation batch size (default: the backend's).")
+
+
+def _backend_option() -> Any:
+    return typer.Option("auto", "--backend", help="Generation backend: auto, hf or vllm.")
 
 
 def _print_stats(title: str, stats: dict) -> None:
@@ -54,12 +67,12 @@ def safety_cmd(
     judge: str = typer.Option("keyword", "--judge", help="Judge of the answers: 'keyword' or 'llamaguard:PATH'."),
     require_refusal: bool = typer.Option(False, "--require-refusal", help="Keep only answers the judge marks as explicit refusals, not merely safe."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random refusal choice (and prompt sampling)."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Token budget of questions and answers (paper: 512)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Generation batch size (default: the backend's)."),
-    backend: str = typer.Option("auto", "--backend", help="Generation backend: auto, hf or vllm."),
+    max_new_tokens: int = _max_new_tokens_option(),
+    batch_size: Optional[int] = _batch_size_option(),
+    backend: str = _backend_option(),
     force: bool = force_option("Replace an existing output file."),
     allow_pickle: bool = allow_pickle_option(),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Build D_safety: unsafe questions answered with refusals chosen among the pool's safe answers.
 
@@ -109,12 +122,12 @@ def domain_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Output JSONL file: {prompt, response, type: domain, category, source_model}."),
     num: int = typer.Option(100, "--num", "-n", min=1, help="Total number of questions (split evenly across experts)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the in-context example draws."),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, help="Token budget of questions and answers (paper: 512)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Generation batch size (default: the backend's)."),
-    backend: str = typer.Option("auto", "--backend", help="Generation backend: auto, hf or vllm."),
+    max_new_tokens: int = _max_new_tokens_option(),
+    batch_size: Optional[int] = _batch_size_option(),
+    backend: str = _backend_option(),
     force: bool = force_option("Replace an existing output file."),
     allow_pickle: bool = allow_pickle_option(),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory."),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Build D_expert: each expert writes exam-style questions from 3 random seed examples, then answers them.
 

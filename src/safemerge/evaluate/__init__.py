@@ -7,6 +7,8 @@ been imported (importing it makes ``safemerge.evaluate`` refer to the package).
 """
 from __future__ import annotations
 
+from safemerge._lazy import lazy_getattr
+
 import sys
 import types
 
@@ -22,12 +24,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'safemerge.evaluate' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 class _CallablePackage(types.ModuleType):

@@ -53,8 +53,8 @@ def data_label(n_safety: int, n_expert: int) -> str:
 
 
 def table1_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Table-1 rows from output directories: ``safemerge optimize --eval`` runs (method and data from
-    ``summary.json``, results from ``eval/results.json``) or ``safemerge eval`` runs (named by folder)."""
+    """Table-1 rows from output directories: ``safemerge optimize --eval`` runs (the row stored in
+    ``summary.json``) or ``safemerge eval`` runs (named by folder)."""
     import json
 
     from safemerge.evaluate.report import load_results
@@ -65,16 +65,13 @@ def table1_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         summary_f = p / "summary.json"
         if summary_f.is_file() and (p / "best.yml").is_file():
             summary = json.loads(summary_f.read_text(encoding="utf-8"))
-            if not (p / "eval" / "results.json").is_file():
+            if not summary.get("evaluation"):
                 from safemerge.errors import SafemergeError
 
-                raise SafemergeError(f"optimize run {str(run)!r} has no evaluation (eval/results.json)",
-                                     "rerun it with --eval, or run `safemerge eval OUT/model -o OUT/eval`")
-            rows.append(row_from_eval(method_label(summary["strategy"], summary["merge_method"]),
-                                      data_label(summary.get("n_safety") or 0, summary.get("n_expert") or 0),
-                                      load_results(p / "eval"),
-                                      s_per_cand=summary.get("seconds_per_candidate"),
-                                      cand_per_h=summary.get("candidates_per_hour")))
+                raise SafemergeError(f"optimize run {str(run)!r} has no evaluation of its merged model",
+                                     "rerun it with --eval, or evaluate OUT/model with `safemerge eval` and compare that")
+            rows.append({**summary["evaluation"], "s_per_cand": summary.get("seconds_per_candidate"),
+                         "cand_per_h": summary.get("candidates_per_hour")})
         else:
             rows.append(row_from_eval(p.name or str(run), "–", load_results(p)))
     return rows
@@ -126,10 +123,9 @@ def plot_trace(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: st
     return p
 
 
-def run_report_markdown(summary: Mapping[str, Any], best_config: Mapping[str, Any],
-                        evaluation: Mapping[str, Any] | None = None) -> str:
+def run_report_markdown(summary: Mapping[str, Any], best_config: Mapping[str, Any]) -> str:
     """``report.md`` of one optimize run: summary numbers, the best config, the trace plot and,
-    with ``evaluation`` (an evaluation-harness result of the merged model), its Table-1 row."""
+    after ``--eval``, the merged model's Table-1 row (``summary["evaluation"]``)."""
     import yaml
 
     lines = [f"# safemerge optimize — {summary.get('strategy')}", ""]
@@ -141,9 +137,8 @@ def run_report_markdown(summary: Mapping[str, Any], best_config: Mapping[str, An
         lines.append(f"- **{k}**: {v}")
     lines += ["", "## Best configuration (`best.yml`)", "", "```yaml", yaml.safe_dump(dict(best_config), sort_keys=False).rstrip(), "```", "",
               "![trace](trace.png)", ""]
-    if evaluation is not None:
-        row = row_from_eval(method_label(str(summary.get("strategy")), str(summary.get("merge_method"))),
-                            data_label(summary.get("n_safety") or 0, summary.get("n_expert") or 0), evaluation)
+    row = summary.get("evaluation")
+    if row:
         lines += ["## Evaluation of the merged model (`eval/results.json`)", "",
                   "Alignment = 1 − harmful rate on the harmful prompts; Acc = utility accuracy "
                   "(Hammoud et al. 2024, Table 1 columns).", "", table1_markdown([row]).rstrip(), ""]

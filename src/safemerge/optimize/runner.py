@@ -206,7 +206,6 @@ def run_optimize(
     if rows:
         report.plot_trace(rows, work / "trace.png", title=f"{cfg.strategy} ({summary['merge_method']})")
     (work / "cma_state.pkl").unlink(missing_ok=True)
-    evaluation = None
     if save_model:
         from safemerge.api import merge
 
@@ -219,6 +218,6 @@ def run_optimize(
             summary["evaluation"] = report.row_from_eval(report.method_label(cfg.strategy, summary["merge_method"]),
                                                          report.data_label(n_safety, n_expert), evaluation)
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (work / "report.md").write_text(report.run_report_markdown(summary, best_cfg, evaluation), encoding="utf-8")
+    (work / "report.md").write_text(report.run_report_markdown(summary, best_cfg), encoding="utf-8")
     _finalize(work, out_p, force=force)
     return summary

@@ -15,6 +15,8 @@ Importing this package does not import torch.
 """
 from __future__ import annotations
 
+from safemerge._lazy import lazy_getattr
+
 _LAZY = {
     "scan": "safemerge.safety.api",
     "safemerge_adapters": "safemerge.safety.api",
@@ -25,12 +27,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'safemerge.safety' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)
