@@ -74,3 +74,19 @@ def test_two_pass_ties_equals_whole_tensor(inputs, tmp_path, monkeypatch, densit
     merge(cfg, tmp_path / "blocks", progress=False)
     x, y = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "blocks" / "model.safetensors")
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_lora_rows_are_bit_stable_across_block_heights(transpose) -> None:
+    """Any row range of ΔW equals the same rows of the whole ΔW bit for bit (fixed, aligned blocks)."""
+    from safemerge.io.adapter import LORA_ROW_BLOCK, LoraModule
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols, r = 3 * LORA_ROW_BLOCK + 17, 96, 8
+    A, B = torch.randn(r, cols if not transpose else rows, generator=g), torch.randn(rows if not transpose else cols, r, generator=g)
+    mod = LoraModule("m", A, B, scaling=0.37, transpose=transpose)
+    whole = mod.delta()
+    assert whole.shape == (rows, cols)
+    torch.testing.assert_close(whole, ((B @ A) * 0.37).T if transpose else (B @ A) * 0.37, rtol=1e-6, atol=1e-6)
+    for start, stop in [(0, 1), (5, 70), (63, 65), (64, 128), (100, rows), (rows - 1, rows), (0, rows)]:
+        assert torch.equal(mod.delta_rows(start, stop), whole[start:stop])

@@ -32,6 +32,10 @@ _LORA_KEY = re.compile(
     r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B)"
     r"(?:\.(?!weight$|bias$)[A-Za-z0-9_\-]+)?(?P<param>\.weight|\.bias)?$"
 )
+# Rows per LoRA product block: fixed and aligned to the tensor, so that the product's bits never
+# depend on the engine's memory budget (see LoraModule.delta_rows).
+LORA_ROW_BLOCK = 64
+
 # Adapter tensors that are neither LoRA factors nor full weights and that we cannot apply.
 _UNSUPPORTED_KEY = re.compile(r"\.(lora_magnitude_vector|lora_E|ia3_l|hada_w|lokr_w|oft_r|boft_R)\b")
 
@@ -68,8 +72,34 @@ class LoraModule:
         import torch
 
         dt = dtype or torch.float32
+        if dt == torch.float32:
+            rows = int(self.A.shape[1] if self.transpose else self.B.shape[0])
+            return self.delta_rows(0, rows)
         d = (self.B.to(dt) @ self.A.to(dt)) * self.scaling
         return d.T.contiguous() if self.transpose else d
+
+    def delta_rows(self, start: int, stop: int):
+        """Rows ``[start, stop)`` of ΔW (base-weight layout) in float32, bit-stable.
+
+        BLAS libraries choose a kernel (and so a rounding) by matrix height, so ``B[i:j] @ A``
+        differs in the last bit between block heights on some CPUs (AVX-512 builds of oneDNN/MKL).
+        The product is therefore always computed in fixed blocks of :data:`LORA_ROW_BLOCK` rows
+        aligned to the tensor: a row's bits do not depend on which rows were asked for, so a
+        row-blocked merge equals the whole-tensor merge bit for bit on every machine.
+        """
+        import torch
+
+        A, B = self.A.to(torch.float32), self.B.to(torch.float32)
+        n = int(A.shape[1] if self.transpose else B.shape[0])
+        lo, hi = start - start % LORA_ROW_BLOCK, min(n, -(-stop // LORA_ROW_BLOCK) * LORA_ROW_BLOCK)
+        pieces = []
+        for i in range(lo, hi, LORA_ROW_BLOCK):
+            j = min(i + LORA_ROW_BLOCK, n)
+            # ΔW = s·B A, or s·(B A)ᵀ = s·Aᵀ Bᵀ for the transposed layout
+            block = A[:, i:j].T @ B.T if self.transpose else B[i:j] @ A
+            pieces.append(block * self.scaling)
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return out[start - lo : stop - lo]
 
     def scaled_factors(self, dtype: Any = None):
         """``(A, s·B)``: factors whose plain product is ΔW (in the out × in orientation)."""
@@ -296,12 +326,7 @@ class AdaptedCheckpoint(Mapping):
             if real in self.adapter.extra_weights:
                 return self.get(name, dtype=dtype)[start:stop]
             return self.base.get_rows(real, start, stop, dtype=dtype)
-        mod = self.adapter[self.adapter.weight_names[real]]
-        A, B = mod.A.to(torch.float32), mod.B.to(torch.float32)
-        if mod.transpose:  # ΔW = s·(B A)ᵀ = s·Aᵀ Bᵀ
-            rows = (A[:, start:stop].T @ B.T) * mod.scaling
-        else:
-            rows = (B[start:stop] @ A) * mod.scaling
+        rows = self.adapter[self.adapter.weight_names[real]].delta_rows(start, stop)
         t = self.base.get_rows(real, start, stop, dtype=torch.float32) + rows
         if dtype is None:
             return t.to(getattr(torch, self.base.dtype_name(real)))
