@@ -171,7 +171,8 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
     if plan.method.stochastic:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
     try:
-        return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
+        named = {"name": job.out_name} if plan.method.extra.get("needs_tensor_name") else {}
+        return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen, **named)
     except SafemergeError:
         raise
     except (RuntimeError, ValueError) as exc:
