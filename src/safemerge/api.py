@@ -134,7 +134,10 @@ def merge(
     from safemerge.methods._tensor import set_tie_break
 
     cfg = load_config(config)
-    check_output_path(out_dir, force=force)
+    tok_ref = cfg.effective_tokenizer_source
+    inputs = [*cfg.referenced_models(), tok_ref if tok_ref not in ("base", "union") else None,
+              config if isinstance(config, (str, Path)) and "\n" not in str(config) else None]
+    check_output_path(out_dir, force=force, inputs=inputs)
     set_tie_break("mergekit" if mergekit_tie_break else "index")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
@@ -156,7 +159,7 @@ def merge(
 
             ckpts[tok_src] = open_checkpoint(tok_src, allow_pickle=allow_pickle)
         tok_dir = _model_dir(ckpts[tok_src])
-    with atomic_output(out_dir, force=force) as tmp:
+    with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(
             tmp,
             max_shard_bytes=max_shard,

@@ -42,6 +42,7 @@ def eval_command(
 
     if max_harm is not None and harmful is None:
         raise SafemergeError("--max-harm needs a harmful prompt set", "add --harmful SET (e.g. builtin:harmful)")
+    _check_eval_output(out, (model, adapter, harmful, benign, utility))
     results = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
                        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out,
                        backend=backend, device=device, dtype=dtype, answer_ce=answer_ce, allow_pickle=allow_pickle,
@@ -53,6 +54,18 @@ def eval_command(
         if rate is not None and rate > max_harm:
             raise GateFailed(f"harmful rate {rate:.1%} exceeds --max-harm {max_harm:.1%}",
                              "do not release this model; re-align it (e.g. safemerge safemerge) and evaluate again")
+
+
+def _check_eval_output(out: Path, inputs: tuple[Optional[str], ...]) -> None:
+    """``-o`` may exist (its generation cache is reused), but it must not be an input, hold one or
+    lie inside one, and its location must be a writable directory."""
+    from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_not_an_input, check_writable_location
+
+    check_not_an_input(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise SafemergeError(f"output {out} exists and is not a directory", "pass a directory for -o")
+    check_writable_location(out.expanduser().absolute(), out)
 
 
 @app.command("compare")

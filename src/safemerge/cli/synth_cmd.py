@@ -81,15 +81,16 @@ def safety_cmd(
     import random
 
     from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
     from safemerge.synth.categories import resolve_categories
     from safemerge.synth.common import load_generator, load_judge, load_questions, write_jsonl
     from safemerge.synth.safety import SafetyStats, build_safety_set, generate_unsafe_questions
 
     if (generator is None) == (prompts is None):
         raise SafemergeError("give exactly one of --generator and --prompts", "--generator MODEL writes questions; --prompts SET reuses a prompt set")
-    if output.exists() and not force:
-        raise SafemergeError(f"output {str(output)!r} already exists", "pass --force to replace it, or choose another path")
+    check_output_file(output, force=force, inputs=(*pool, generator, prompts))
     cats = resolve_categories(categories)
+    the_judge = load_judge(judge)  # an unknown judge fails before any model is loaded
     stats = SafetyStats()
     if prompts is not None:
         qs = load_questions(prompts)
@@ -105,7 +106,7 @@ def safety_cmd(
         if not qs:
             raise SafemergeError("the generator produced no parsable questions", "use a stronger instruction-following generator, or --prompts")
     gens = {name: load_generator(p, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(pool).items()}
-    records = build_safety_set(qs, gens, load_judge(judge), seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
+    records = build_safety_set(qs, gens, the_judge, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                require_refusal=require_refusal, stats=stats, progress=True)
     _print_stats("synth safety", stats.as_dict())
     if not records:
@@ -134,11 +135,11 @@ def domain_cmd(
     Example: safemerge synth domain -m EXPERT --seed-file val_questions.jsonl --topic biology -n 200 -o d_expert.jsonl
     """
     from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
     from safemerge.synth.common import load_generator, load_questions, write_jsonl
     from safemerge.synth.domain import DomainStats, build_domain_set
 
-    if output.exists() and not force:
-        raise SafemergeError(f"output {str(output)!r} already exists", "pass --force to replace it, or choose another path")
+    check_output_file(output, force=force, inputs=(*model, seed_file))
     seeds = [q["prompt"] for q in load_questions(seed_file)]
     gens = {name: load_generator(p, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(model).items()}
     stats = DomainStats()

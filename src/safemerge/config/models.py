@@ -191,7 +191,7 @@ def _validation_error(exc: ValidationError) -> ConfigError:
 
 def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfig:
     """Parse a YAML file, a YAML string, a dict or a :class:`MergeConfig` into a validated config."""
-    import yaml
+    from safemerge.config.yaml_io import load_yaml, load_yaml_file
 
     if isinstance(source, MergeConfig):
         return source
@@ -202,19 +202,9 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
             raise ConfigError(f"config file {str(p)!r} does not exist", "check the path")
         if p.is_dir():
             raise ConfigError(f"config path {str(p)!r} is a directory", "pass a YAML file")
-        try:
-            text = p.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config {str(p)!r} ({exc})", "check the file") from exc
-        data = text
-    if isinstance(data, str):
-        try:
-            data = yaml.safe_load(data)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "syntax error"
-            raise ConfigError(f"invalid YAML{where}: {problem}", "fix the YAML syntax (indentation, colons, quotes)") from None
+        data = load_yaml_file(p, "config")
+    elif isinstance(data, str):
+        data = load_yaml(data)
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping with at least 'merge_method' and 'models'", "see docs/cli.md for an example")
     try:

@@ -177,7 +177,7 @@ def convert_gguf(
     _check_supported(str(meta["general.architecture"]), src)
     from safemerge.io.output import atomic_output, check_output_path
 
-    check_output_path(out_dir, force=force)  # fail before the slow load
+    check_output_path(out_dir, force=force, inputs=(src,))  # fail before the slow load
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -227,7 +227,7 @@ def convert_gguf(
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     step(f"writing {dtype} safetensors")
-    with atomic_output(out_dir, force=force) as tmp:
+    with atomic_output(out_dir, force=force, inputs=(src,)) as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _scrub_saved_config(tmp / "config.json")

@@ -201,7 +201,8 @@ def safemerge_adapters(
         if density == 0.0:
             raise ConfigError("--density must be > 0", "use a keep fraction in (0, 1], e.g. 0.5")
     torch_dtype(dtype)
-    check_output_path(out, force=force)
+    inputs = (base, aligned, finetuned, safety, merge_into)
+    check_output_path(out, force=force, inputs=inputs)
     cb = progress or _noop
 
     sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle)
@@ -248,7 +249,7 @@ def safemerge_adapters(
     )
     from safemerge.safety.safemerge_io import build_layer_update, write_safemerge_output
 
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=inputs) as tmp:
         write_safemerge_output(
             tmp, result, ft=ft, sf=sf, merged=merged, target=target, aligned=sub.aligned, dtype=dtype,
             update_fn=build_layer_update(ft, sf, merged, alpha=alpha, strategy=strategy, compat=compat,
@@ -313,7 +314,7 @@ def safelora(
     once (the reference PEFT port's double projection is avoided by projecting from the original
     factors in a single pass). A full fine-tuned model gets ``ΔW ← C ΔW`` on the chosen layers.
     """
-    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.io.output import atomic_output
     from safemerge.safety.safelora import run_safelora
     from safemerge.safety.selection import check_tau
     from safemerge.safety.writing import torch_dtype
@@ -322,8 +323,7 @@ def safelora(
         raise ConfigError(f"unknown SafeLoRA mode {mode!r}", "use --mode threshold or --mode number")
     tau = check_tau(tau)
     torch_dtype(dtype)
-    check_output_path(out, force=force)
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=(base, aligned, finetuned, merge_into)) as tmp:
         res = run_safelora(
             tmp, base=base, aligned=aligned, finetuned=finetuned, mode=mode, tau=tau, num_layers=num_layers,
             merge_into=merge_into, dtype=dtype, allow_pickle=allow_pickle, progress=progress or _noop,
@@ -354,13 +354,12 @@ def resta(
     be a full model, a LoRA adapter directory (applied to ``aligned``) or ``MODEL+ADAPTER``.
     Writes a full model; returns its path.
     """
-    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.io.output import atomic_output
     from safemerge.safety.resta import run_resta
     from safemerge.safety.writing import torch_dtype
 
     torch_dtype(dtype)
-    check_output_path(out, force=force)
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=(unaligned, aligned, finetuned)) as tmp:
         run_resta(tmp, unaligned=unaligned, aligned=aligned, finetuned=finetuned, beta=beta,
                   dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle,
                   progress=progress or _noop)
@@ -386,13 +385,12 @@ def mergealign(
     ``domain`` / ``aligned`` may be full models, adapter directories (applied to ``pretrained``)
     or ``MODEL+ADAPTER`` references. Writes a full model; returns its path.
     """
-    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.io.output import atomic_output
     from safemerge.safety.mergealign import run_mergealign
     from safemerge.safety.writing import torch_dtype
 
     torch_dtype(dtype)
-    check_output_path(out, force=force)
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=(pretrained, domain, aligned)) as tmp:
         run_mergealign(tmp, pretrained=pretrained, domain=domain, aligned=aligned, lambda_domain=lambda_domain,
                        lambda_aligned=lambda_aligned, dtype=dtype, allow_pickle=allow_pickle, progress=progress or _noop)
     return Path(out)

@@ -225,7 +225,8 @@ def train_lora(
     records = load_sft_records(data)
     from safemerge.io.output import atomic_output, check_output_path
 
-    check_output_path(out_dir, force=force)
+    inputs = (model, data if isinstance(data, (str, Path)) else None)
+    check_output_path(out_dir, force=force, inputs=inputs)
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -285,7 +286,7 @@ def train_lora(
         "max_length": max_length, "seed": seed, "merge": merge,
     }
     log = {"records": n, "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
-    with atomic_output(out_dir, force=force) as tmp:
+    with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
         if merge:
             merged = peft_model.merge_and_unload()
             merged.to(getattr(torch, _stored_dtype(model_dir)))
