@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import force_option
+from safemerge.cli.options import force_option, trust_remote_code_option
 
 
 @app.command(
@@ -36,6 +36,7 @@ def train_lora_cmd(
     system: Optional[str] = typer.Option(None, "--system", help="System message added to every example.", show_default=False),
     merge: bool = typer.Option(False, "--merge", help="Write a full model with the LoRA merged into the weights."),
     force: bool = force_option(),
+    trust_remote_code: bool = trust_remote_code_option(),
 ) -> None:
     """Train a LoRA on DATA and write it to OUT."""
     from safemerge.train.lora import train_lora
@@ -43,5 +44,5 @@ def train_lora_cmd(
     train_lora(
         model, data, out, rank=rank, alpha=alpha, targets=targets, steps=steps, epochs=epochs,
         batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, merge=merge, force=force,
-        progress=True, system=system,
+        progress=True, system=system, trust_remote_code=trust_remote_code,
     )

@@ -269,6 +269,9 @@ class VLLMGenerator:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the optional extra
             raise SafemergeError("--backend vllm needs the vllm package", "pip install 'safemerge[vllm]' (CUDA only)") from exc
+        from safemerge.io.checkpoint import refuse_custom_code
+
+        refuse_custom_code(model_path, trust_remote_code)
         self.adapter = adapter
         kwargs: dict[str, Any] = dict(model=model_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
                                       seed=0, **llm_kwargs)
@@ -312,10 +315,13 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
              allow_pickle: bool) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safemerge.io.checkpoint import refuse_custom_code
+
     path = Path(model).expanduser()
-    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kw: dict[str, Any] = {}
     if path.exists():
         _check_weights(path, allow_pickle)
+        refuse_custom_code(path, trust_remote_code)
         identity = fingerprint_path(path)
         src = str(path)
         if path.is_file() and path.suffix == ".gguf":
@@ -328,8 +334,8 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
         load_kw = dict(kw)
         if "gguf_file" not in kw and not allow_pickle:
             load_kw["use_safetensors"] = True
-        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **load_kw)
-        tok = tokenizer or AutoTokenizer.from_pretrained(src, **kw)
+        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code, **load_kw)
+        tok = tokenizer or AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load model {model}: {' '.join(str(exc).split())[:200]}",
                               "check that the directory is a complete Hugging Face causal-LM checkpoint") from exc

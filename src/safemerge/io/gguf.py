@@ -191,9 +191,10 @@ def convert_gguf(
     try:
         try:
             step(f"de-quantising {src.name} ({', '.join(meta['_tensor_types'])})")
-            loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+            loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32,
+                                                          trust_remote_code=False)
             step("reading the tokenizer")
-            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=False)
         except (OSError, ValueError, KeyError, RuntimeError, IndexError, TypeError) as exc:
             raise CheckpointError(
                 f"cannot load {src} with transformers' GGUF reader ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",

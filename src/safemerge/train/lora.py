@@ -82,19 +82,22 @@ def _check_hparams(rank: int, alpha: float, steps: int | None, epochs: float | N
         raise ConfigError(f"epochs must be positive, got {epochs!r}", "pass a positive --epochs")
 
 
-def _load_model_and_tokenizer(model: str | Path):
+def _load_model_and_tokenizer(model: str | Path, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from safemerge.io.checkpoint import refuse_custom_code
 
     path = Path(model).expanduser()
     if not path.is_dir() or not (path / "config.json").exists():
         raise SafemergeError(f"model {str(model)!r} is not a Hugging Face model directory", "pass a directory with config.json and weights")
+    refuse_custom_code(path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for missing tokenizer files
         raise SafemergeError(f"cannot load the tokenizer of {path} ({type(exc).__name__})", "the model directory needs tokenizer files") from exc
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise SafemergeError(f"cannot load the model in {path} ({type(exc).__name__}: {str(exc)[:160]})", "check the model directory") from exc
     if tok.pad_token_id is None:
@@ -194,6 +197,7 @@ def train_lora(
     force: bool = False,
     progress: bool = True,
     system: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
 
@@ -212,6 +216,8 @@ def train_lora(
         force: replace an existing ``out_dir``.
         progress: show a rich progress bar (stderr) with the running loss.
         system: optional system message added to every example.
+        trust_remote_code: allow a model directory whose config names its own Python code
+            (``auto_map``); refused by default.
 
     Returns:
         ``out_dir``. It holds ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
@@ -233,7 +239,7 @@ def train_lora(
 
     from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
 
-    model_dir, lm, tok = _load_model_and_tokenizer(model)
+    model_dir, lm, tok = _load_model_and_tokenizer(model, trust_remote_code)
     examples = [
         encode_chat_example(tok, r.prompt, r.response, max_length=max_length, system=r.system if r.system is not None else system)
         for r in records
