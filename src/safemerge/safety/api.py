@@ -47,7 +47,7 @@ def scan(
     *,
     tau: float = 0.35,
     target_modules: Sequence[str] | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> list[LayerScore]:
     """Per-layer safety similarity ρ of one or more fine-tuned adapters/models (SafeLoRA Eq. 2).
@@ -73,14 +73,18 @@ def scan(
     paths = _as_list(targets)
     if not paths:
         raise SafemergeError("nothing to scan", "pass at least one adapter or fine-tuned model")
-    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle)
+    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     tm = list(target_modules) if target_modules else None
-    sources = [open_deltas(p, sub, targets=tm, allow_pickle=allow_pickle, role="input") for p in paths]
+    sources = [open_deltas(p, sub, targets=tm, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="input")
+               for p in paths]
     labels = [s.label for s in sources]
     if len(set(labels)) != len(labels):
         for s in sources:
             s.label_override = str(s.path)
     total = len({m for s in sources for m in s.modules})
+    if total == 0:
+        what = f"--targets {','.join(tm)}" if tm else "the inputs"
+        raise SafemergeError(f"{what} match no module to score", "list module names the inputs adapt, e.g. --targets q_proj,v_proj")
     cb = progress or _noop
     done = [0]
 
@@ -158,7 +162,7 @@ def safemerge_adapters(
     density: float = 0.5,
     dtype: str | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     evaluate: Callable[[Path], tuple[Any, str]] | None = None,
     progress: Progress | None = None,
 ) -> SafeMergeResult:
@@ -205,10 +209,11 @@ def safemerge_adapters(
     check_output_path(out, force=force, inputs=inputs)
     cb = progress or _noop
 
-    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle)
-    ft = open_deltas(finetuned, sub, allow_pickle=allow_pickle, role="--finetuned")
-    sf = open_deltas(safety, sub, targets=None, allow_pickle=allow_pickle, role="--safety")
-    target = open_model(merge_into, allow_pickle=allow_pickle, role="merge-into") if merge_into is not None else None
+    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
+    ft = open_deltas(finetuned, sub, role="--finetuned", **reading)
+    sf = open_deltas(safety, sub, targets=None, role="--safety", **reading)
+    target = open_model(merge_into, role="merge-into", **reading) if merge_into is not None else None
 
     both_adapters = isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
     if compat is not None and not both_adapters:
@@ -303,7 +308,7 @@ def safelora(
     merge_into: str | Path | None = None,
     dtype: str | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> SafeLoRAResult:
     """SafeLoRA (Hsu et al., NeurIPS 2024, Eq. 3): project ``B ← C B`` on low-ρ layers.
@@ -326,7 +331,8 @@ def safelora(
     with atomic_output(out, force=force, inputs=(base, aligned, finetuned, merge_into)) as tmp:
         res = run_safelora(
             tmp, base=base, aligned=aligned, finetuned=finetuned, mode=mode, tau=tau, num_layers=num_layers,
-            merge_into=merge_into, dtype=dtype, allow_pickle=allow_pickle, progress=progress or _noop,
+            merge_into=merge_into, dtype=dtype, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+            progress=progress or _noop,
         )
     res.out = Path(out)
     return res
@@ -344,7 +350,7 @@ def resta(
     seed: int | None = None,
     dtype: str | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
     """RESTA (Bhardwaj et al., ACL 2024, §3): ``θ = θ_ft + β (θ_aligned − θ_unaligned)``.
@@ -361,7 +367,7 @@ def resta(
     torch_dtype(dtype)
     with atomic_output(out, force=force, inputs=(unaligned, aligned, finetuned)) as tmp:
         run_resta(tmp, unaligned=unaligned, aligned=aligned, finetuned=finetuned, beta=beta,
-                  dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle,
+                  dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                   progress=progress or _noop)
     return Path(out)
 
@@ -377,7 +383,7 @@ def mergealign(
     lambda_aligned: float = 0.5,
     dtype: str | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
     """MergeAlign (arXiv 2411.06824): ``θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)``.
@@ -392,5 +398,6 @@ def mergealign(
     torch_dtype(dtype)
     with atomic_output(out, force=force, inputs=(pretrained, domain, aligned)) as tmp:
         run_mergealign(tmp, pretrained=pretrained, domain=domain, aligned=aligned, lambda_domain=lambda_domain,
-                       lambda_aligned=lambda_aligned, dtype=dtype, allow_pickle=allow_pickle, progress=progress or _noop)
+                       lambda_aligned=lambda_aligned, dtype=dtype, allow_pickle=allow_pickle,
+                       allow_nonfinite=allow_nonfinite, progress=progress or _noop)
     return Path(out)

@@ -53,11 +53,12 @@ class AdapterDeltas(DeltaSource):
 
     kind = "adapter"
 
-    def __init__(self, path: str | Path, subspace: SafetySubspace, *, allow_pickle: bool = False, role: str = "adapter") -> None:
+    def __init__(self, path: str | Path, subspace: SafetySubspace, *, allow_pickle: bool = False,
+                 allow_nonfinite: bool = False, role: str = "adapter") -> None:
         from safemerge.io.adapter import load_adapter
 
         self.path = Path(path)
-        self.adapter = load_adapter(self.path, allow_pickle=allow_pickle)
+        self.adapter = load_adapter(self.path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         self.role = role
         self.modules = sorted(self.adapter, key=_module_sort_key)
         for m in self.modules:
@@ -106,13 +107,13 @@ class ModelDeltas(DeltaSource):
         subspace: SafetySubspace,
         *,
         targets: list[str] | None = None,
-        allow_pickle: bool = False,
+        allow_pickle: bool = False, allow_nonfinite: bool = False,
         role: str = "model",
     ) -> None:
         from safemerge.io.checkpoint import Checkpoint
 
         self.path = Path(path)
-        self.ckpt = Checkpoint(self.path, allow_pickle=allow_pickle)
+        self.ckpt = Checkpoint(self.path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         self.aligned = subspace.aligned
         self.modules = []
         for m in subspace.linear_modules():
@@ -154,7 +155,7 @@ def open_deltas(
     subspace: SafetySubspace,
     *,
     targets: list[str] | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     role: str = "fine-tuned",
 ) -> DeltaSource:
     """An adapter directory (``adapter_config.json``) or a full model directory, as a :class:`DeltaSource`."""
@@ -162,8 +163,10 @@ def open_deltas(
     if not p.exists():
         raise SafemergeError(f"{role} path {str(p)!r} does not exist", "check the path")
     if (p / "adapter_config.json").exists():
-        src: DeltaSource = AdapterDeltas(p, subspace, allow_pickle=allow_pickle, role=role)
+        src: DeltaSource = AdapterDeltas(p, subspace, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                                         role=role)
         if targets:
             src.modules = [m for m in src.modules if _matches(m, targets)]
         return src
-    return ModelDeltas(p, subspace, targets=targets, allow_pickle=allow_pickle, role=role)
+    return ModelDeltas(p, subspace, targets=targets, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                       role=role)
