@@ -27,6 +27,7 @@ from safemerge.cli.options import (
     no_progress_option,
 )
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 _BASE_HELP = "Unaligned base model (pre-trained), used with --aligned to build the safety subspace V = W_aligned − W_base."
 _ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the chat/instruct model)."
 
@@ -108,12 +109,18 @@ def scan_command(
     from safemerge.safety.api import scan
     from safemerge.safety.report import write_csv, write_json_records
 
+    from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
+
     tm = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     for p in (json_out, csv_out, plot):
         if p is not None and p.parent and not p.parent.exists():
-            from safemerge.errors import SafemergeError
-
             raise SafemergeError(f"directory {str(p.parent)!r} does not exist", "create it or choose another output path")
+        if p is not None:
+            check_output_file(p, force=True, inputs=(base, aligned, *inputs))  # scan reports are overwritten
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise SafemergeError(f"--plot {str(plot)!r}: unsupported image type {plot.suffix or '(none)'!r}",
+                             f"end the file name in one of {', '.join(PLOT_SUFFIXES)}")
     with _progress(not no_progress) as cb:
         scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle,
                       allow_nonfinite=allow_nonfinite, progress=cb)

@@ -146,7 +146,9 @@ class HFGenerator:
         ``User:/Assistant:`` transcript for tokenizers without a template (base models)."""
         msgs = as_messages(prompt)
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            from safemerge.io.chat import render_chat_template
+
+            return render_chat_template(self.tokenizer, msgs, add_generation_prompt=True)
         if len(msgs) == 1 and msgs[0]["role"] == "user":
             return msgs[0]["content"]
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
@@ -407,6 +409,12 @@ def load_generator(
                                   "pass the directory written by save_pretrained of a PeftModel")
         _check_weights(adapter_path, allow_pickle)
         from peft import PeftModel
+
+        from safemerge.io.adapter import check_adapter_fits, load_adapter
+
+        shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+        check_adapter_fits(load_adapter(adapter_path, allow_pickle=allow_pickle), shapes.__contains__, shapes.__getitem__,
+                           model if isinstance(model, (str, os.PathLike)) else type(model).__name__)
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=False).eval()
         if computed is not None:

@@ -92,10 +92,15 @@ def load_results(run: str | Path) -> dict[str, Any]:
         f = p / "eval" / "results.json"
     if not f.is_file():
         raise SafemergeError(f"no results.json in {run}", "pass output directories of `safemerge eval`")
+    from safemerge.io.text import read_utf8
+
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        res = json.loads(read_utf8(f, "results file"))
     except json.JSONDecodeError as exc:
         raise SafemergeError(f"{f} is not valid JSON ({exc.msg})", "re-run `safemerge eval` to rewrite it") from exc
+    if not isinstance(res, dict) or not all(isinstance(res.get(s) or {}, dict) for s in ("harmful", "benign", "utility")):
+        raise SafemergeError(f"{f} is not a `safemerge eval` results object", "re-run `safemerge eval` to rewrite it")
+    return res
 
 
 def _value(results: dict[str, Any], suite: str, key: str) -> float | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +35,11 @@ _LORA_KEY = re.compile(
 # Rows per LoRA product block: fixed and aligned to the tensor, so that the product's bits never
 # depend on the engine's memory budget (see LoraModule.delta_rows).
 LORA_ROW_BLOCK = 64
+
+# transformers' GPT-2-style ``Conv1D`` layers (weight stored in × out): the only layers PEFT applies
+# ``fan_in_fan_out`` to. On an ``nn.Linear`` PEFT ignores the flag (with a warning), and so do we.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 # Adapter tensors that are neither LoRA factors nor full weights and that we cannot apply.
 _UNSUPPORTED_KEY = re.compile(r"\.(lora_magnitude_vector|lora_E|ia3_l|hada_w|lokr_w|oft_r|boft_R)\b")
@@ -193,6 +198,7 @@ class LoraAdapter(Mapping):
             raise CheckpointError(f"{self.path} has no {ADAPTER_WEIGHTS}", "re-save the adapter with save_pretrained")
         self._index: dict[str, dict[str, str]] = {}
         self.extra_weights: dict[str, str] = {}
+        self.base_model_type: str | None = None  # set by the model the adapter is applied to
         for key in self._tensors.names():
             k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             m = _LORA_KEY.match(k)
@@ -239,6 +245,14 @@ class LoraAdapter(Mapping):
         alpha = _pattern_value(self.config.get("alpha_pattern"), module, self.lora_alpha)
         return float(alpha) / (math.sqrt(r) if self.use_rslora else float(r))
 
+    def _is_conv1d(self, module: str) -> bool:
+        """Whether ``module`` stores its weight as (in, out), PEFT's rule for ``fan_in_fan_out``:
+        only GPT-2-style ``Conv1D`` layers are; an ``nn.Linear`` never is, whatever the flag says.
+        Without a known base model the flag is taken at its word."""
+        if self.base_model_type is None:
+            return bool(self.config.get("fan_in_fan_out", False))
+        return self.base_model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_MODULES
+
     def rank_of(self, module: str) -> int:
         return int(_pattern_value(self.config.get("rank_pattern"), module, self.r))
 
@@ -253,7 +267,7 @@ class LoraAdapter(Mapping):
         if "lora_A" in kinds:
             A = self._tensors[kinds["lora_A"]]
             B = self._tensors[kinds["lora_B"]]
-            transpose = bool(self.config.get("fan_in_fan_out", False))
+            transpose = self._is_conv1d(module)
         else:
             A = self._tensors[kinds["lora_embedding_A"]]
             B = self._tensors[kinds["lora_embedding_B"]]
@@ -284,6 +298,29 @@ def load_adapter(path: str | Path, *, allow_pickle: bool = False, allow_nonfinit
     return LoraAdapter(path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
 
 
+def check_adapter_fits(adapter: LoraAdapter, contains: Callable[[str], bool], shape: Callable[[str], tuple[int, ...]],
+                       base_label: Any) -> None:
+    """Refuse an adapter that does not belong to a model: a target or saved weight the model lacks,
+    factors whose rank differs from ``adapter_config.json``, or a ΔW of the wrong shape.
+
+    Args:
+        contains / shape: the model's tensor lookup (a checkpoint, or a loaded model's state dict).
+        base_label: how the model is named in the message.
+    """
+    hint = "apply the adapter to the model it was trained on"
+    for w in [*adapter.weight_names, *adapter.extra_weights]:
+        if not contains(w):
+            raise CheckpointError(f"adapter {adapter.path} targets {w!r}, which is not in the base model {base_label}", hint)
+    for w, m in adapter.weight_names.items():
+        mod = adapter[m]  # checks the factors' rank against adapter_config.json
+        want = (int(mod.B.shape[0]), int(mod.A.shape[1]))
+        if mod.transpose:
+            want = want[::-1]
+        have = tuple(shape(w))
+        if have != want:
+            raise CheckpointError(f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {have}", hint)
+
+
 class AdaptedCheckpoint(Mapping):
     """``base + adapter`` as one lazy checkpoint: each target weight gets ``+ΔW`` as it is read.
 
@@ -295,26 +332,8 @@ class AdaptedCheckpoint(Mapping):
         self.base = base
         self.adapter = adapter
         self.path = base.path
-        missing = [w for w in adapter.weight_names if w not in base]
-        if missing:
-            raise CheckpointError(
-                f"adapter {adapter.path} targets {missing[0]!r}, which is not in the base model {base.path}",
-                "apply the adapter to the model it was trained on",
-            )
-        for w in adapter.extra_weights:
-            if w not in base:
-                raise CheckpointError(f"adapter {adapter.path} saves {w!r}, which is not in the base model", "check the base model")
-        for w, m in adapter.weight_names.items():
-            mod = adapter[m]
-            shape = self.shape(w)
-            want = (mod.B.shape[0], mod.A.shape[1])
-            if mod.transpose:
-                want = want[::-1]
-            if shape != want:
-                raise CheckpointError(
-                    f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {shape}",
-                    "apply the adapter to the model it was trained on",
-                )
+        adapter.base_model_type = base.config.get("model_type")
+        check_adapter_fits(adapter, lambda w: w in base, self.shape, base.path)
 
     # Metadata is the base model's.
     config = property(lambda self: self.base.config)

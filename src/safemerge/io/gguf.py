@@ -90,6 +90,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
             end = int(t.data_offset) + int(t.n_bytes)
             if end > size or np.asarray(t.data).size == 0 and int(t.n_bytes) > 0:
                 raise ValueError(f"tensor {t.name} extends past the end of the file")
+        _check_bpe_merges(reader.fields, p)
         meta["_tensor_count"] = len(reader.tensors)
         meta["_tensor_types"] = sorted({t.tensor_type.name for t in reader.tensors})
     except CheckpointError:
@@ -102,6 +103,23 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     if "general.architecture" not in meta:
         raise CheckpointError(f"{p} has no general.architecture entry", "re-export the GGUF file with a recent llama.cpp")
     return meta
+
+
+def _check_bpe_merges(fields: Any, path: Path) -> None:
+    """Every BPE merge ``"left right"`` must join two tokens of the vocabulary (and give one):
+    the tokenizers library otherwise fails deep inside the load with a bare ``Exception``."""
+    if "tokenizer.ggml.merges" not in fields or "tokenizer.ggml.tokens" not in fields:
+        return
+    vocab = set(fields["tokenizer.ggml.tokens"].contents())
+    for i, merge in enumerate(fields["tokenizer.ggml.merges"].contents()):
+        parts = str(merge).split(" ")
+        missing = [t for t in parts if t not in vocab] if len(parts) == 2 else parts
+        if len(parts) != 2 or missing:
+            raise CheckpointError(
+                f"{path}: tokenizer merge {i} {str(merge)[:40]!r} names "
+                + (f"token {missing[0][:20]!r}, which is not in the vocabulary" if len(parts) == 2 else "not two tokens"),
+                "the GGUF tokenizer is corrupt; re-export the file with a recent llama.cpp",
+            )
 
 
 def _check_supported(arch: str, path: Path) -> None:

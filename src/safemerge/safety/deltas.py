@@ -59,6 +59,7 @@ class AdapterDeltas(DeltaSource):
 
         self.path = Path(path)
         self.adapter = load_adapter(self.path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        self.adapter.base_model_type = subspace.aligned.config.get("model_type")
         self.role = role
         self.modules = sorted(self.adapter, key=_module_sort_key)
         for m in self.modules:

@@ -148,7 +148,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise SafemergeError(f"data file {str(path)!r} does not exist", "check the path")
-    text = p.read_text(encoding="utf-8")
+    from safemerge.io.text import read_utf8
+
+    text = read_utf8(p, "data file")
     rows: list[Any]
     try:
         if p.suffix == ".jsonl":
