@@ -75,6 +75,11 @@ CASES: list[tuple[str, int, bool, dict, dict, int | None]] = [
     ("sce", 3, True, {}, {}, None),
     ("sce", 3, True, {}, {"select_topk": 0.3}, None),
     ("nearswap", 1, True, {}, {"t": 0.02}, None),
+    ("arcee_fusion", 1, True, {}, {}, None),
+    ("ram", 3, True, {}, {}, None),
+    ("ram", 3, True, {}, {"epsilon": 0.05}, None),
+    ("ramplus_tl", 3, True, {}, {"epsilon": 0.05}, None),
+    ("ramplus_tl", 2, True, {}, {"r": 0.5, "alpha": 1.0, "epsilon": 0.03}, None),
     ("passthrough", 1, False, {"scale": [2.0]}, {}, None),
     ("passthrough", 1, False, {}, {}, None),
 ]
