@@ -18,6 +18,10 @@ _CHATML = (
 )
 BUILTIN_TEMPLATES = {"chatml": _CHATML}
 
+MERGEKIT_CONFIG_NAME = "mergekit_config.yml"
+"""The config written next to a merged model: mergekit's file name (model cards, the Hub and
+mergekit's own tools look for it), holding the user's YAML text verbatim, comments included."""
+
 
 def parse_size(text: str | int | float) -> int:
     """Parse ``5GB``, ``500MB``, ``2G``, ``1B`` (billion, mergekit style) or a plain byte count."""
@@ -106,6 +110,7 @@ def merge(
     checkpoints: Mapping[str, Any] | None = None,
     extra_card_sections: Callable[[Path], list[tuple[str, str]]] | None = None,
     mergekit_tie_break: bool = False,
+    mergekit_arithmetic: bool = False,
 ) -> Path:
     """Run a merge described by a mergekit-compatible config and write a Hugging Face model.
 
@@ -122,6 +127,9 @@ def merge(
             ``(heading, markdown)`` sections for the model card (e.g. an evaluation report).
         mergekit_tie_break: at top-k cut-offs with exactly equal magnitudes, keep the entries
             mergekit keeps (bit-identical output; slower on tensors with such ties).
+        mergekit_arithmetic: compute in the config's ``dtype`` in mergekit's operation order
+            (float16/bfloat16 configs give mergekit's bits; implies ``mergekit_tie_break``)
+            instead of float32. Slower and holds N task vectors per tensor.
 
     Returns:
         The output path.
@@ -135,7 +143,7 @@ def merge(
 
     cfg = load_config(config)
     check_output_path(out_dir, force=force)
-    set_tie_break("mergekit" if mergekit_tie_break else "index")
+    set_tie_break("mergekit" if mergekit_tie_break or mergekit_arithmetic else "index")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
     if device.startswith("cuda"):
@@ -146,6 +154,7 @@ def merge(
     max_shard = parse_size(out_shard_size)
     ckpts = open_all(cfg, allow_pickle=allow_pickle, checkpoints=checkpoints)
     plan = plan_merge(cfg, ckpts)
+    plan.mergekit_arithmetic = mergekit_arithmetic
     ref_dir = _model_dir(ckpts[plan.reference])
     tok_src = cfg.effective_tokenizer_source
     if tok_src in (None, "base"):
@@ -177,8 +186,8 @@ def merge(
         copy_model_files(ref_dir, tmp, tokenizer_dir=tok_dir if copy_tokenizer else Path("/nonexistent"), config_updates=updates)
         if cfg.chat_template:
             _apply_chat_template(cfg.chat_template, tmp, [_model_dir(c) for c in ckpts.values()])
-        yaml_text = cfg.to_yaml()
-        (tmp / "safemerge_config.yml").write_text(yaml_text)
+        yaml_text = cfg.source_text
+        (tmp / MERGEKIT_CONFIG_NAME).write_text(yaml_text)
         models = [r for r in cfg.referenced_models()]
         lines = [f"- {md_escape(m)}" + (" (base)" if m == cfg.base_model else "") for m in models]
         sections = [

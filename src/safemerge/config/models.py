@@ -11,7 +11,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from safemerge.errors import ConfigError
 
@@ -111,6 +111,7 @@ class MergeConfig(BaseModel):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = Field(default=None, description="optional label (mergekit-multi)")
+    _source_text: str | None = PrivateAttr(default=None)
 
     _dt = field_validator("dtype", "out_dtype")(classmethod(lambda cls, v: _norm_dtype(v)))
 
@@ -158,6 +159,12 @@ class MergeConfig(BaseModel):
 
         return yaml.safe_dump(self.to_yaml_dict(), sort_keys=False)
 
+    @property
+    def source_text(self) -> str:
+        """The YAML exactly as the user wrote it (comments included) when the config came from
+        YAML text or a file; otherwise the normalised :meth:`to_yaml` dump."""
+        return self._source_text if self._source_text is not None else self.to_yaml()
+
 
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
@@ -196,6 +203,7 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
     if isinstance(source, MergeConfig):
         return source
     data: Any = source
+    data_text = source if isinstance(source, str) else None
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and (source.endswith((".yml", ".yaml")) or Path(source).exists())):
         p = Path(source)
         if not p.exists():
@@ -206,7 +214,7 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
             text = p.read_text()
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config {str(p)!r} ({exc})", "check the file") from exc
-        data = text
+        data = data_text = text
     if isinstance(data, str):
         try:
             data = yaml.safe_load(data)
@@ -218,7 +226,10 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping with at least 'merge_method' and 'models'", "see docs/cli.md for an example")
     try:
-        return MergeConfig.model_validate(data)
+        config = MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    if isinstance(source, (str, Path)):
+        config._source_text = data_text
+    return config
 
