@@ -5,6 +5,7 @@ The CLI's ``safemerge merge`` is a thin wrapper around :func:`merge`.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ _CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 BUILTIN_TEMPLATES = {"chatml": _CHATML}
+
+LOG = logging.getLogger("safemerge")
 
 MERGEKIT_CONFIG_NAME = "mergekit_config.yml"
 """The config written next to a merged model: mergekit's file name (model cards, the Hub and
@@ -111,6 +114,7 @@ def merge(
     extra_card_sections: Callable[[Path], list[tuple[str, str]]] | None = None,
     mergekit_tie_break: bool = False,
     mergekit_arithmetic: bool = False,
+    allow_crimes: bool = False,
 ) -> Path:
     """Run a merge described by a mergekit-compatible config and write a Hugging Face model.
 
@@ -130,6 +134,8 @@ def merge(
         mergekit_arithmetic: compute in the config's ``dtype`` in mergekit's operation order
             (float16/bfloat16 configs give mergekit's bits; implies ``mergekit_tie_break``)
             instead of float32. Slower and holds N task vectors per tensor.
+        allow_crimes: merge inputs whose ``config.json`` names different architectures.
+        copy_tokenizer: copy the tokenizer files (from the base, or ``tokenizer_source``).
 
     Returns:
         The output path.
@@ -153,8 +159,13 @@ def merge(
             raise ConfigError("--device cuda was requested but no CUDA device is available", "use --device cpu")
     max_shard = parse_size(out_shard_size)
     ckpts = open_all(cfg, allow_pickle=allow_pickle, checkpoints=checkpoints)
-    plan = plan_merge(cfg, ckpts)
+    plan = plan_merge(cfg, ckpts, allow_crimes=allow_crimes)
     plan.mergekit_arithmetic = mergekit_arithmetic
+    LOG.info(
+        "plan: %s, %d tensors, %d layers, %.1f MB; arithmetic: %s",
+        plan.method.name, len(plan.jobs), plan.num_layers, plan.total_bytes / 1e6,
+        f"{plan.compute_dtype or 'input dtype'} (mergekit order)" if mergekit_arithmetic else "float32",
+    )
     ref_dir = _model_dir(ckpts[plan.reference])
     tok_src = cfg.effective_tokenizer_source
     if tok_src in (None, "base"):

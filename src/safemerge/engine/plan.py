@@ -143,14 +143,16 @@ def _check_params_known(config: MergeConfig, method: MergeMethod) -> None:
         )
 
 
-def _check_compatible(config: MergeConfig, ckpts: Mapping[str, Any]) -> None:
+def _check_compatible(config: MergeConfig, ckpts: Mapping[str, Any], allow_crimes: bool) -> None:
     archs = {ref: c.architecture for ref, c in ckpts.items() if c.architecture}
-    if len(set(archs.values())) > 1:
+    if len(set(archs.values())) > 1 and allow_crimes:
+        LOG.warning("warning: merging different architectures (%s) because of --allow-crimes", ", ".join(sorted(set(archs.values()))))
+    elif len(set(archs.values())) > 1:
         items = list(archs.items())
         a, b = items[0], next(x for x in items if x[1] != items[0][1])
         raise CheckpointError(
             f"architectures differ: {a[0]} is {a[1]} but {b[0]} is {b[1]}",
-            "merge models of the same architecture",
+            "merge models of the same architecture (or pass --allow-crimes, as with mergekit-yaml)",
         )
 
 
@@ -158,16 +160,18 @@ def _base_in_tensors(method: MergeMethod) -> bool:
     return bool(method.extra.get("base_in_tensors", method.base == "none"))
 
 
-def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any]) -> MergePlan:
+def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: bool = False) -> MergePlan:
     """Validate ``config`` against the opened checkpoints and build the tensor jobs.
 
     Args:
         config: the merge configuration.
         ckpts: model reference → opened checkpoint (see :func:`safemerge.io.checkpoint.open_checkpoint`).
+        allow_crimes: accept inputs whose ``config.json`` names different architectures
+            (mergekit-yaml's ``--allow-crimes``); tensor names and shapes must still match.
     """
     method = get_method(config.merge_method)
     _check_params_known(config, method)
-    _check_compatible(config, ckpts)
+    _check_compatible(config, ckpts, allow_crimes)
     slices = _normalize(config, ckpts)
     reference = config.base_model or slices[0].sources[0].ref
     ref_ckpt = ckpts[reference]

@@ -12,9 +12,9 @@ reproduce mergekit's order so that a half-precision config gives mergekit's bits
 
 Each function has the registry signature; :data:`KERNELS` maps method names to them.
 ``arcee_fusion``, ``ram`` and ``ramplus_tl`` are written in mergekit's order to begin with, so
-their registry functions serve both modes. Methods without a kernel here (linear, slerp, karcher,
-multislerp) run their float32 kernel and the engine rounds the result to the config dtype — what
-mergekit does for linear, slerp and (mostly) karcher. Every kernel keeps N task vectors
+their registry functions serve both modes. Methods without a kernel here (linear, karcher, multislerp)
+run their float32 kernel and the engine rounds the result to the config dtype — what mergekit
+does for linear (bit-identical); karcher and multislerp differ (docs/methods.md). Every kernel keeps N task vectors
 (mergekit's memory profile), which is the price of the parity mode.
 """
 from __future__ import annotations
@@ -224,6 +224,40 @@ def nuslerp(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_m
     return base + _nuslerp(t, tensors[0] - base, tensors[1] - base, **kw)
 
 
+_SLERP_CHUNK = 1 << 20
+
+
+def slerp(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
+          params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    """SLERP (Shoemake 1985) as mergekit evaluates it: float32 norms and dot product summed over
+    chunks of 2²⁰ entries (the default kernel accumulates in float64), stored in the input dtype."""
+    check_inputs("slerp", tensors, base, base_policy="required", min_models=1, max_models=1)
+    assert base is not None
+    wide = torch.float64 if base.dtype == torch.float64 else torch.float32
+    a, b = base.reshape(1, -1), tensors[0].reshape(1, -1)
+    t = torch.tensor([[float(params["t"])]], dtype=wide)
+    if not a.shape[1]:
+        return ((1 - t) * a + t * b).reshape(base.shape).to(base.dtype)
+    chunks = [slice(i, i + _SLERP_CHUNK) for i in range(0, a.shape[1], _SLERP_CHUNK)]
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        parts = torch.stack([torch.linalg.vector_norm(x[:, c].to(wide), dim=1, keepdim=True) for c in chunks])
+        n = torch.linalg.vector_norm(parts, dim=0)
+        return torch.where(n > 1e-8, n, 1)
+
+    na, nb = norm(a), norm(b)
+    dot = torch.stack([((a[:, c].to(wide) / na) * (b[:, c].to(wide) / nb)).sum(dim=1, keepdim=True) for c in chunks])
+    dot = dot.sum(dim=0).clamp(-1, 1)
+    linear = dot.abs() > 0.9995
+    theta = torch.acos(torch.where(linear, 0, dot))
+    coef_a = torch.where(linear, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta))
+    coef_b = torch.where(linear, t, torch.sin(t * theta) / torch.sin(theta))
+    out = torch.empty_like(a)
+    for c in chunks:
+        out[:, c] = coef_a * a[:, c].to(wide) + coef_b * b[:, c].to(wide)
+    return out.reshape(base.shape)
+
+
 def passthrough(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
                 params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
     """Passthrough: the single input times its optional ``scale``, in the input dtype."""
@@ -239,6 +273,7 @@ KERNELS: dict[str, Kernel] = {
     "sce": sce,
     "nuslerp": nuslerp,
     "passthrough": passthrough,
+    "slerp": slerp,
     "arcee_fusion": arcee_fusion_fn,
     "ram": ram_fn,
     "ramplus_tl": ramplus_tl_fn,
