@@ -12,9 +12,9 @@ reproduce mergekit's order so that a half-precision config gives mergekit's bits
 
 Each function has the registry signature; :data:`KERNELS` maps method names to them.
 ``arcee_fusion``, ``ram`` and ``ramplus_tl`` are written in mergekit's order to begin with, so
-their registry functions serve both modes. Methods without a kernel here (linear, karcher, multislerp)
-run their float32 kernel and the engine rounds the result to the config dtype — what mergekit
-does for linear (bit-identical); karcher and multislerp differ (docs/methods.md). Every kernel keeps N task vectors
+their registry functions serve both modes. ``linear`` has no kernel here: mergekit computes it in
+float32 too, so the engine runs the float32 kernel and rounds the result to the config dtype,
+which is mergekit's result bit for bit. Every kernel keeps N task vectors
 (mergekit's memory profile), which is the price of the parity mode.
 """
 from __future__ import annotations
@@ -258,6 +258,79 @@ def slerp(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_mod
     return out.reshape(base.shape)
 
 
+def multislerp(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
+               params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Multi-SLERP (Goddard 2025; Buss & Fillmore 2001) in mergekit's order, in the input dtype:
+    tangent-space average at the normalised weighted mean, mapped back with exp, times Σ wᵢ‖vᵢ‖."""
+    check_inputs("multislerp", tensors, base, base_policy="optional", min_models=1, max_models=None)
+    if len(tensors) == 1:
+        return tensors[0]
+    eps = float(params.get("eps", 1e-8))
+    stacked = torch.stack(list(tensors), dim=0)
+    if base is not None:
+        stacked -= base
+    flat = stacked.view(stacked.shape[0], -1)
+    weights = torch.tensor([float(w) for w in per_model_list("multislerp", per_model, "weight", len(tensors))],
+                           dtype=stacked.dtype, device=stacked.device)
+    if params.get("normalize_weights", True):
+        weights = weights / weights.sum()
+    norms = torch.norm(flat, dim=-1, keepdim=True)
+    units = flat / (norms + eps)
+    mean = (units * weights.view(-1, 1)).sum(0)
+    mean_norm = torch.norm(mean)
+    if mean_norm < eps:
+        if stacked.shape[0] != 2:
+            raise ConfigError("multislerp: the weighted directions cancel out (antipodal inputs)",
+                              "change the weights or drop one of the opposing models")
+        out = (stacked[0] * weights[0] + stacked[1] * weights[1]).view(stacked.shape[1:])
+        return out + base if base is not None else out
+    mean = mean / mean_norm
+    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * weights.view(-1, 1)).sum(0)
+    tangent_norm = torch.norm(tangent) + eps
+    out = mean * torch.cos(tangent_norm) + tangent * (torch.sin(tangent_norm) / tangent_norm)
+    out = (out * (norms.squeeze(-1) * weights).sum()).view(stacked.shape[1:])
+    return out + base if base is not None else out
+
+
+def karcher(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
+            params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Karcher mean on the sphere (Karcher 1977; Buss & Fillmore 2001 fixed point) as mergekit
+    evaluates it: norms in float32, unit vectors, tangents and iterates in the input dtype."""
+    check_inputs("karcher", tensors, None, base_policy="none", min_models=1, max_models=None)
+    if len(tensors) == 1:
+        return tensors[0]
+    max_iter, tol = int(params.get("max_iter", 10)), float(params.get("tol", 1e-5))
+    wide = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    alpha = 1.0 / len(tensors)
+    norms = [torch.linalg.vector_norm(t.to(wide)) for t in tensors]
+    units = [torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(t.dtype) for t, n in zip(tensors, norms)]
+    valid = [u for u, n in zip(units, norms) if n.item() > tol]
+    if not valid:
+        return sum(t * 0 for t in tensors)
+    weights = [alpha / sum([alpha] * len(valid))] * len(valid)  # mergekit's Python-float normalisation
+    mean = torch.zeros_like(valid[0])
+    for w, u in zip(weights, valid):
+        mean += w * u
+    mean_norm = torch.linalg.vector_norm(mean.to(wide))
+    mean = valid[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(mean.dtype)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for w, u in zip(weights, valid):
+            dot = torch.clamp(torch.dot(mean.flatten(), u.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if theta.item() < tol:
+                continue
+            tangent += w * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(wide))
+        if tangent_norm.item() < tol:
+            break
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(mean.dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(wide))
+        if unit_norm.item() > tol:
+            mean = (mean / unit_norm).to(mean.dtype)
+    return sum(alpha * n for n in norms) * mean
+
+
 def passthrough(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
                 params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
     """Passthrough: the single input times its optional ``scale``, in the input dtype."""
@@ -274,6 +347,8 @@ KERNELS: dict[str, Kernel] = {
     "nuslerp": nuslerp,
     "passthrough": passthrough,
     "slerp": slerp,
+    "multislerp": multislerp,
+    "karcher": karcher,
     "arcee_fusion": arcee_fusion_fn,
     "ram": ram_fn,
     "ramplus_tl": ramplus_tl_fn,
