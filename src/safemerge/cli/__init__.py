@@ -129,5 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", "rerun with --debug and report the traceback", 1)
 
 
+def yaml_main() -> None:
+    """``safemerge-yaml CONFIG OUT [flags]``: a drop-in for ``mergekit-yaml`` (same arguments and
+    flags), run as ``safemerge merge``. Named so that it does not shadow mergekit's own script
+    when both packages are installed (docs/cli.md)."""
+    main(["merge", *sys.argv[1:]])
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -69,14 +69,17 @@ ELEMENTWISE_BLOCK_BYTES = 32 << 20
 """Element-wise methods process tensors larger than this in row blocks of about this size."""
 
 
-def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str, rows: tuple[int, int] | None = None):
+def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str,
+          rows: tuple[int, int] | None = None, keep_dtype: bool = False):
+    """Read one input tensor: rounded to ``compute_dtype`` (the config's ``dtype``), then widened
+    to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in that dtype."""
     import torch
 
     t = ckpts[ref].get(name, dtype=None) if rows is None else ckpts[ref].get_rows(name, rows[0], rows[1], dtype=None)
     if t.is_floating_point():
         if compute_dtype is not None:
             t = t.to(getattr(torch, compute_dtype))
-        t = t.to(device=device, dtype=torch.float32)
+        t = t.to(device=device, dtype=None if keep_dtype else torch.float32)
         if not allow_nonfinite and not all_finite(t):
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(
@@ -98,7 +101,8 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     refs = [r for r, _ in job.inputs] + ([job.base[0]] if job.base is not None else [])
     blocks: list[tuple[int, int] | None] = [None]
     if (
-        plan.method.extra.get("elementwise")
+        not plan.mergekit_arithmetic
+        and plan.method.extra.get("elementwise")
         and len(job.shape) >= 2
         and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
         and all(hasattr(ckpts[r], "get_rows") for r in refs)
@@ -111,6 +115,7 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     two_pass = plan.method.extra.get("two_pass")
     if (
         two_pass is not None
+        and not plan.mergekit_arithmetic
         and job.base is not None
         and len(job.shape) >= 2
         and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
@@ -150,20 +155,45 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
 
     from safemerge.methods._tensor import InputTensors
 
-    tensors = InputTensors(_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device, rows) for r, n in job.inputs)
+    keep = plan.mergekit_arithmetic
+    tensors = InputTensors(_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device, rows, keep) for r, n in job.inputs)
     base = None
     if job.base is not None:
         in_inputs = next((i for i, rn in enumerate(job.inputs) if rn == job.base), None)
-        base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows)
+        base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows, keep)
     gen = None
     if plan.method.stochastic:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
     try:
+        if keep:
+            return _mergekit_arithmetic(plan, job, tensors, base, gen)
         return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
     except SafemergeError:
         raise
     except (RuntimeError, ValueError) as exc:
         raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
+
+
+def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, gen):  # noqa: ANN001, ANN202
+    """One tensor as mergekit computes it: inputs promoted to one dtype (the config's ``dtype``
+    when set), the method's mergekit-order kernel in that dtype — or, for methods mergekit runs
+    in float32 internally, the float32 kernel rounded back to that dtype."""
+    import torch
+
+    from safemerge.methods.mergekit_order import KERNELS
+
+    floats = [t for t in [*tensors, base] if t is not None and t.is_floating_point()]
+    dtype = floats[0].dtype
+    for t in floats[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    tensors = type(tensors)(t.to(dtype) for t in tensors)
+    base = base.to(dtype) if base is not None else None
+    kernel = KERNELS.get(plan.method.name)
+    if kernel is not None:
+        return kernel(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
+    wide = type(tensors)(t.float() for t in tensors)
+    out = plan.method.fn(wide, base.float() if base is not None else None, per_model=job.per_model, params=job.params, generator=gen)
+    return out.to(dtype)
 
 
 def execute_plan(
