@@ -69,7 +69,7 @@ def _print_scores(scores: list, tau: float | None, decision: str) -> None:
     typer.echo(f"{n} of {len(scores)} layers {decision}", err=True)
 
 
-def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, sets: EvalSets) -> Callable[[Path], tuple[Any, str]] | None:
+def _evaluator(enabled: bool, aligned: str, sets: EvalSets) -> Callable[[Path], tuple[Any, str]] | None:
     """``--eval``: run :func:`safemerge.evaluate.api.evaluate` on the finished output (before renaming)."""
     if not enabled:
         return None
@@ -78,7 +78,8 @@ def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, sets: Eval
         from safemerge.evaluate.report import results_markdown
 
         # an adapter output is evaluated on the aligned model it belongs to, applied unmerged
-        model, adapter = (str(aligned), str(tmp)) if output_is_adapter else (str(tmp), None)
+        output_is_adapter = (tmp / "adapter_config.json").exists()
+        model, adapter = (aligned, str(tmp)) if output_is_adapter else (str(tmp), None)
         res = sets.evaluate(model, tmp / "eval", adapter=adapter)
         return res, results_markdown(res)
 
@@ -87,9 +88,9 @@ def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, sets: Eval
 
 @app.command("scan")
 def scan_command(
-    inputs: list[Path] = typer.Argument(..., help="Fine-tuned LoRA adapter directories and/or full fine-tuned model directories."),
-    base: Path = typer.Option(..., "--base", help=_BASE_HELP),
-    aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
+    inputs: list[str] = typer.Argument(..., help="Fine-tuned LoRA adapters, full fine-tuned models or MODEL+ADAPTER (paths or Hub ids)."),
+    base: str = typer.Option(..., "--base", help=_BASE_HELP),
+    aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
     tau: float = typer.Option(0.35, "--tau", help="Threshold τ ∈ [-1, 1]; layers with ρ < τ are marked as merged (SafeMERGE)."),
     targets: str = typer.Option(None, "--targets", help="Comma-separated module names to score (e.g. q_proj,v_proj). Default: all adapted modules / all block weights."),
     json_out: Path = typer.Option(None, "--json", help="Write the per-layer records as a JSON list."),
@@ -131,10 +132,10 @@ def scan_command(
 
 @app.command("safemerge")
 def safemerge_command(
-    finetuned: Path = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model) trained on --aligned."),
-    safety: Path = typer.Option(..., "--safety", help="Safety LoRA adapter (or full model) trained on --aligned."),
-    base: Path = typer.Option(..., "--base", help=_BASE_HELP),
-    aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
+    finetuned: str = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model, or MODEL+ADAPTER) trained on --aligned."),
+    safety: str = typer.Option(..., "--safety", help="Safety LoRA adapter (or full model, or MODEL+ADAPTER) trained on --aligned."),
+    base: str = typer.Option(..., "--base", help=_BASE_HELP),
+    aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
     tau: str = typer.Option("0.35", "--tau", help="Merge layers with ρ < τ (τ ∈ [-1, 1]; reference default 0.35), or 'auto' (needs --val-harmful/--val-utility)."),
     alpha: str = typer.Option("0.8", "--alpha", help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1]), or 'auto'."),
@@ -143,7 +144,7 @@ def safemerge_command(
     harm_margin: float = typer.Option(0.02, "--harm-margin", help="auto: allowed harmful-rate excess over the aligned model (fraction; 0.02 = 2 points)."),
     strategy: str = typer.Option("linear", "--strategy", help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense per layer)."),
     compat: str = typer.Option(None, "--compat", help="'reference': reproduce PEFT 0.14 factor-wise mixing of the released SafeMERGE code (cross terms included; equal ranks)."),
-    merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
+    merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
     density: float = typer.Option(0.5, "--density", help="Keep fraction for dare_linear/ties/dare_ties."),
     seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-layer generators; outputs byte-identical per seed)."),
     dtype: str = dtype_option(),
@@ -172,8 +173,7 @@ def safemerge_command(
                                           log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
-    output_is_adapter = merge_into is None and (finetuned / "adapter_config.json").exists()
-    ev = _evaluator(eval_, aligned, output_is_adapter, EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit))
+    ev = _evaluator(eval_, aligned, EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit))
     with _progress(not no_progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
@@ -196,14 +196,14 @@ def safemerge_command(
 
 @app.command("safelora")
 def safelora_command(
-    finetuned: Path = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model) trained on --aligned."),
-    base: Path = typer.Option(..., "--base", help=_BASE_HELP),
-    aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
+    finetuned: str = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model, or MODEL+ADAPTER) trained on --aligned."),
+    base: str = typer.Option(..., "--base", help=_BASE_HELP),
+    aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
     mode: str = typer.Option("threshold", "--mode", help="threshold: project layers with ρ ≤ τ; number: project the K lowest-ρ layers."),
     tau: float = typer.Option(0.5, "--tau", help="Threshold for --mode threshold (τ ∈ [-1, 1], default 0.5)."),
     num_layers: int = typer.Option(10, "--num-layers", "-k", help="K for --mode number (default 10)."),
-    merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the projected update."),
+    merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the projected update."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),

@@ -229,9 +229,16 @@ def execute_plan(
 
 
 def open_all(config: Any, *, allow_pickle: bool = False, checkpoints: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Open every model referenced by ``config`` (reusing ``checkpoints`` where given)."""
-    from safemerge.io.checkpoint import open_checkpoint
+    """Open every model referenced by ``config`` (reusing ``checkpoints`` where given).
 
+    Hub ids are checked for existence (config files only) before any of them downloads weights,
+    and every safetensors header is validated as its model opens, before the plan reads a tensor.
+    """
+    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.hub import prefetch_metadata
+
+    refs = [r for r in config.referenced_models() if checkpoints is None or r not in checkpoints]
+    prefetch_metadata(refs)
     out: dict[str, Any] = {}
     for ref in config.referenced_models():
         if checkpoints is not None and ref in checkpoints:

@@ -206,7 +206,7 @@ def evaluate(
     judge_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` (path, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
+    """Evaluate ``model`` (path, Hub id, ``MODEL+ADAPTER``, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
 
     Returns the ``results.json`` object: ``{"model", "adapter", "settings", "harmful": {harmful_rate,
     refusal_rate, n, ci, categories, judge, …}, "benign": {over_refusal_rate, n, ci, …}, "utility":
@@ -217,14 +217,15 @@ def evaluate(
         SafemergeError: no suite given, unreadable prompt sets, bad judge spec, unloadable model.
     """
     from safemerge import __version__
-    from safemerge.evaluate.generate import load_generator, model_identity, resolve_backend
+    from safemerge.evaluate.generate import load_generator, local_adapter, model_identity, resolve_backend, split_adapter
 
     specs = {"harmful": harmful, "benign": benign, "utility": utility}
     if all(v is None for v in specs.values()):
         raise SafemergeError("nothing to evaluate: no prompt set given",
                              "pass --harmful, --benign and/or --utility (e.g. builtin:harmful)")
-    if adapter is not None and not Path(adapter).expanduser().exists():
-        raise SafemergeError(f"adapter not found: {adapter}", "pass a PEFT adapter directory")
+    model, adapter = split_adapter(model, adapter)  # MODEL+ADAPTER, as in merge configs
+    if adapter is not None:
+        local_adapter(adapter)  # fail before any prompt set is read
     suites = {name: _records(spec, limit) for name, spec in specs.items() if spec is not None}
     the_judge = None
     if "harmful" in suites or "benign" in suites:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import CheckpointError
+from safemerge.io.hub import resolve_local, split_model_ref  # noqa: F401  (split_model_ref re-exported)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -110,7 +111,7 @@ class Checkpoint(Mapping):
     """
 
     def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
-        self.path = Path(path)
+        self.path = resolve_local(path, allow_pickle=allow_pickle)  # Hub ids → their local snapshot
         self.allow_pickle = allow_pickle
         if not self.path.exists():
             raise CheckpointError(f"model path {str(self.path)!r} does not exist", "check the path")
@@ -410,7 +411,7 @@ class Checkpoint(Mapping):
 
 
 def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False):
-    """Open a model reference: a directory, a ``.safetensors`` file, or ``MODEL+ADAPTER``.
+    """Open a model reference: a directory, a ``.safetensors`` file, a Hub id, or ``MODEL+ADAPTER``.
 
     ``MODEL+ADAPTER`` (mergekit syntax) returns an :class:`~safemerge.io.adapter.AdaptedCheckpoint`
     that adds the LoRA update to each target weight as it is read, one tensor at a time.
@@ -423,10 +424,3 @@ def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False):
 
     return AdaptedCheckpoint(ckpt, load_adapter(adapter, allow_pickle=allow_pickle))
 
-
-def split_model_ref(ref: str) -> tuple[str, str | None]:
-    """Split mergekit's ``model+adapter`` reference. A path that exists as written is never split."""
-    if Path(ref).exists() or "+" not in ref:
-        return ref, None
-    base, _, adapter = ref.rpartition("+")
-    return base, adapter
