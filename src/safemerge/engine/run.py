@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from safemerge.engine.plan import MergePlan, TensorJob
-from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.errors import CheckpointError, SafemergeError, option
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -93,7 +93,7 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(
                 f"tensor {name!r} of {ref} contains {bad} values",
-                "fix the checkpoint, or pass --allow-nonfinite to merge it anyway",
+                f"fix the checkpoint, or pass {option('allow-nonfinite')} to merge it anyway",
             )
     return t
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,22 +35,11 @@ from safemerge.evaluate.metrics import (
     rate,
     score_answer,
 )
+from safemerge.io.output import atomic_write_text
 
 SUITES = ("harmful", "benign", "utility")
 DEFAULT_MAX_NEW_TOKENS = {"harmful": 128, "benign": 64}
 UTILITY_MAX_NEW_TOKENS = {"gsm8k": 256, "number": 96, "pubmedqa": 16, "mc": 8, "exact": 32}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _records(spec: Any, limit: int | None) -> tuple[list[PromptRecord], str]:
@@ -287,7 +275,7 @@ def evaluate(
         results[name]["set"] = label
 
     if out_path is not None:
-        _write_atomic(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(out_path / "judgments.jsonl",
-                      "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
+        atomic_write_text(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out_path / "judgments.jsonl",
+                          "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
     return results

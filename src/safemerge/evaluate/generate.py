@@ -20,7 +20,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.errors import CheckpointError, SafemergeError, option
 
 Prompt = str | list[dict[str, str]]
 
@@ -120,7 +120,7 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
     has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
     if not has_st and has_pickle and not allow_pickle:
         raise CheckpointError(f"{path} holds only pickle weights (.bin/.pt), which can run code when loaded",
-                              "convert it to safetensors or pass --allow-pickle if you trust the source")
+                              f"convert it to safetensors or pass {option('allow-pickle')} if you trust the source")
 
 
 class HFGenerator:

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -162,13 +160,9 @@ def _scatter(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.set_title("safety vs utility")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from safemerge.io.output import atomic_save_figure
+
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        return atomic_save_figure(fig, path)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path

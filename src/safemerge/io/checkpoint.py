@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import CheckpointError
+from safemerge.errors import CheckpointError, option
 from safemerge.io.hub import resolve_local, split_model_ref  # noqa: F401  (split_model_ref re-exported)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -202,7 +202,7 @@ class Checkpoint(Mapping):
         if not self.allow_pickle:
             raise CheckpointError(
                 f"{path} is a pickle checkpoint, which can execute code when loaded",
-                "convert it to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)",
+                f"convert it to safetensors, or pass {option('allow-pickle')} to load it with torch.load(weights_only=True)",
             )
         if not path.exists():
             raise CheckpointError(f"pickle shard {path} is missing", "re-download the checkpoint")

@@ -223,7 +223,7 @@ def train_lora(
     from safemerge.train.data import load_sft_records
 
     records = load_sft_records(data)
-    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 
     check_output_path(out_dir, force=force)
 
@@ -301,9 +301,7 @@ def train_lora(
         tok.save_pretrained(tmp)
         (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2) + "\n")
         _model_card(tmp, name=Path(out_dir).name, model=model_dir, merge=merge, n_records=n, n_tokens=n_tokens, hp=hp, losses=losses)
-        for f in tmp.iterdir():
-            if f.is_file():
-                f.chmod(0o644)
+        chmod_to_umask(tmp)  # transformers writes some files 0600
     if progress:
         from rich.console import Console
 
