@@ -22,8 +22,10 @@ from safemerge.cli.options import (
     eval_judge_option,
     eval_limit_option,
     eval_utility_option,
+    echo_summary,
     force_option,
     no_progress_option,
+    quiet_option,
 )
 
 _BASE_HELP = "Unaligned base model (pre-trained), used with --aligned to build the safety subspace V = W_aligned − W_base."
@@ -65,8 +67,10 @@ def _print_scores(scores: list, tau: float | None, decision: str) -> None:
         row = ["" if s.layer is None else str(s.layer), s.name, f"{s.rho:.5f}", f"{s.delta_norm:.4g}", "yes" if s.merged else "no"]
         table.add_row(*([s.source] if multi else []), *row)
     Console().print(table)
-    n = sum(s.merged for s in scores)
-    typer.echo(f"{n} of {len(scores)} layers {decision}", err=True)
+
+
+def _decided(scores: list, decision: str) -> str:
+    return f"{sum(s.merged for s in scores)} of {len(scores)} layers {decision}"
 
 
 def _evaluator(enabled: bool, aligned: str, sets: EvalSets) -> Callable[[Path], tuple[Any, str]] | None:
@@ -97,23 +101,28 @@ def scan_command(
     csv_out: Path = typer.Option(None, "--csv", help="Write the per-layer records as CSV."),
     plot: Path = typer.Option(None, "--plot", help="Write a heatmap PNG (layers × modules, coloured by ρ, cells below τ marked)."),
     allow_pickle: bool = allow_pickle_option(),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the table."),
+    quiet: bool = quiet_option(),
     no_progress: bool = no_progress_option(),
 ) -> None:
     """Per-layer safety similarity ρ = cos(CΔW, ΔW), C = VVᵀ/‖V‖_F (SafeLoRA/SafeMERGE), without forming C.
 
     Example: safemerge scan --base base/ --aligned chat/ task-lora/ --json rho.json --plot rho.png
     """
+    import time
+
+    from safemerge.progress import library_progress
     from safemerge.safety.api import scan
     from safemerge.safety.report import write_csv, write_json_records
 
+    started = time.perf_counter()
+    library_progress(not (no_progress or quiet), loads_models=False)
     tm = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     for p in (json_out, csv_out, plot):
         if p is not None and p.parent and not p.parent.exists():
             from safemerge.errors import SafemergeError
 
             raise SafemergeError(f"directory {str(p.parent)!r} does not exist", "create it or choose another output path")
-    with _progress(not no_progress) as cb:
+    with _progress(not (no_progress or quiet)) as cb:
         scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle, progress=cb)
     if not quiet:
         _print_scores(scores, tau, "merged")
@@ -125,9 +134,11 @@ def scan_command(
         from safemerge.safety.plots import heatmap
 
         heatmap(scores, plot, tau=tau)
-    for p in (json_out, csv_out, plot):
-        if p is not None:
-            typer.echo(f"wrote {p}", err=True)
+    written = [p for p in (json_out, csv_out, plot) if p is not None]
+    if written:
+        echo_summary(written, started, detail=_decided(scores, "below τ"))
+    else:
+        typer.echo(f"scanned {len(inputs)} input(s) in {time.perf_counter() - started:.1f} s; {_decided(scores, 'below τ')}", err=True)
 
 
 @app.command("safemerge")
@@ -150,7 +161,7 @@ def safemerge_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
+    quiet: bool = quiet_option(),
     no_progress: bool = no_progress_option(),
     eval_: bool = eval_flag_option("Evaluate the output and put the safety report into its model card."),
     eval_harmful: str = eval_harmful_option(),
@@ -163,18 +174,24 @@ def safemerge_command(
 
     Example: safemerge safemerge --base base/ --aligned chat/ --finetuned task-lora/ --safety safety-lora/ -o merged/
     """
-    from safemerge.safety.api import safemerge_adapters
+    import time
+
     from safemerge.autotune import print_pareto, resolve_tau_alpha
     from safemerge.io.output import check_output_path
+    from safemerge.progress import library_progress
+    from safemerge.safety.api import safemerge_adapters
 
+    started = time.perf_counter()
+    progress = not (no_progress or quiet)
+    library_progress(progress, loads_models=eval_ or "auto" in (tau, alpha))
     check_output_path(out, force=force)  # fail before a (possibly long) automatic τ/α search
     tau, alpha, tuned = resolve_tau_alpha(tau, alpha, base=base, aligned=aligned, finetuned=finetuned, safety=safety,
                                           val_harmful=val_harmful, val_utility=val_utility, harm_margin=harm_margin,
                                           log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
-    ev = _evaluator(eval_, aligned, EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit))
-    with _progress(not no_progress) as cb:
+    ev = _evaluator(eval_, aligned, EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress))
+    with _progress(progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
             strategy=strategy, compat=compat, merge_into=merge_into, seed=seed, density=density, dtype=dtype,
@@ -185,13 +202,13 @@ def safemerge_command(
     if res.reconstruction_error:
         worst = max(res.reconstruction_error.items(), key=lambda kv: kv[1])
         typer.echo(f"truncated SVD: max relative reconstruction error {worst[1]:.3e} ({worst[0]})", err=True)
-    typer.echo(f"wrote {res.output} to {res.out}", err=True)
     if tuned is not None:
         import shutil
 
         for name in ("autotune.json", "autotune.png", "tau_sweep.png"):
             shutil.copy2(tuned.work_dir / name, res.out / name)
         typer.echo(f"automatic τ/α: Pareto front plot {res.out / 'autotune.png'}", err=True)
+    echo_summary(res.out, started, detail=f"{res.output}; {_decided(res.scores, 'merged')}")
 
 
 @app.command("safelora")
@@ -207,21 +224,26 @@ def safelora_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
+    quiet: bool = quiet_option(),
     no_progress: bool = no_progress_option(),
 ) -> None:
     """SafeLoRA: replace B by C·B = V(VᵀB)/‖V‖_F on low-similarity layers (Hsu et al. 2024).
 
     Example: safemerge safelora --base base/ --aligned chat/ --finetuned task-lora/ --mode number -k 10 -o safe-lora/
     """
+    import time
+
+    from safemerge.progress import library_progress
     from safemerge.safety.api import safelora
 
-    with _progress(not no_progress) as cb:
+    started = time.perf_counter()
+    library_progress(not (no_progress or quiet), loads_models=False)
+    with _progress(not (no_progress or quiet)) as cb:
         res = safelora(base=base, aligned=aligned, finetuned=finetuned, out=out, mode=mode, tau=tau, num_layers=num_layers,
                        merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
     if not quiet:
         _print_scores(res.scores, res.tau, "projected")
-    typer.echo(f"wrote {res.output} to {res.out}", err=True)
+    echo_summary(res.out, started, detail=f"{res.output}; {_decided(res.scores, 'projected')}")
 
 
 @app.command("resta")
@@ -237,17 +259,23 @@ def resta_command(
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
     no_progress: bool = no_progress_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """RESTA: θ = θ_ft + β (θ_aligned − θ_unaligned), optionally with DARE on the fine-tuning delta (Bhardwaj et al. 2024).
 
     Example: safemerge resta --unaligned base/ --aligned chat/ --finetuned task-lora/ --beta 0.5 -o resta/
     """
+    import time
+
+    from safemerge.progress import library_progress
     from safemerge.safety.api import resta
 
-    with _progress(not no_progress) as cb:
+    started = time.perf_counter()
+    library_progress(not (no_progress or quiet), loads_models=False)
+    with _progress(not (no_progress or quiet)) as cb:
         path = resta(unaligned=unaligned, aligned=aligned, finetuned=finetuned, out=out, beta=beta, dare_density=dare_density,
                      seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
-    typer.echo(f"wrote {path}", err=True)
+    echo_summary(path, started)
 
 
 @app.command("mergealign")
@@ -262,14 +290,20 @@ def mergealign_command(
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
     no_progress: bool = no_progress_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """MergeAlign: θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre) (arXiv 2411.06824).
 
     Example: safemerge mergealign --pretrained base/ --domain med/ --aligned chat/ -o merged/
     """
+    import time
+
+    from safemerge.progress import library_progress
     from safemerge.safety.api import mergealign
 
-    with _progress(not no_progress) as cb:
+    started = time.perf_counter()
+    library_progress(not (no_progress or quiet), loads_models=False)
+    with _progress(not (no_progress or quiet)) as cb:
         path = mergealign(pretrained=pretrained, domain=domain, aligned=aligned, out=out, lambda_domain=lambda_domain,
                           lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
-    typer.echo(f"wrote {path}", err=True)
+    echo_summary(path, started)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.io.output import md_code
 
 
 def _pct(x: float | None) -> str:
@@ -69,7 +70,7 @@ def results_markdown(results: dict[str, Any]) -> str:
              "| Suite | Metric | Value | 95% CI | n |", "|---|---|---:|---|---:|"]
     for suite, metric, value, ci, n in summary_rows(results):
         set_name = (results.get(suite) or {}).get("set", "")
-        lines.append(f"| {suite} (`{set_name}`) | {metric} | {value} | {ci} | {n} |")
+        lines.append(f"| {suite} ({md_code(set_name, in_table=True)}) | {metric} | {value} | {ci} | {n} |")
     settings = results.get("settings", {})
     mnt = settings.get("max_new_tokens", {})
     lines += ["",

@@ -127,11 +127,11 @@ def _clean_config(config: Any, dtype: str) -> Any:
 
 
 def _write_card(out: Path, src: Path, meta: dict[str, Any], dtype: str, n_params: int) -> None:
-    from safemerge.io.output import md_escape, write_model_card
+    from safemerge.io.output import md_code, md_escape, write_model_card
 
     name = meta.get("general.name") or src.stem
     rows = [
-        f"- source: `{md_escape(src.name)}` ({', '.join(meta.get('_tensor_types', []))} tensors)",
+        f"- source: {md_code(src.name)} ({', '.join(meta.get('_tensor_types', []))} tensors)",
         f"- architecture: {md_escape(meta.get('general.architecture'))}",
         f"- parameters: {n_params:,}",
         f"- stored dtype: {dtype}",

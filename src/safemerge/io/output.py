@@ -377,6 +377,23 @@ def md_escape(text: Any) -> str:
     return _MD_SPECIAL.sub(r"\\\1", s)
 
 
+def md_code(text: Any, *, in_table: bool = False) -> str:
+    """A user-supplied string as a Markdown code span, shown verbatim.
+
+    Backslash escapes do not work inside code spans (CommonMark §6.1: ``\\_`` would be shown as is),
+    so nothing is escaped; the span is delimited by one more backtick than the longest run inside
+    it. In a table cell a ``|`` still ends the cell, so it is written ``\\|`` (GFM tables unescape it
+    before the span is parsed).
+    """
+    s = " ".join(str(text).split())
+    run = max((len(r) for r in re.findall(r"`+", s)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    if in_table:
+        s = s.replace("|", "\\|")
+    return f"{fence}{pad}{s}{pad}{fence}"
+
+
 def write_model_card(
     out_dir: str | Path,
     *,
