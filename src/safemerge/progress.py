@@ -68,7 +68,11 @@ def progress_bar(description: str, *, total: int, total_bytes: int | None = None
     with Progress(*cols, console=Console(stderr=True), transient=False) as p:
         size = f"0 B/{human_bytes(total_bytes)}" if total_bytes else ""
         t = p.add_task(description, total=total, size=size)
-        yield Bar(p, t, total_bytes)
+        try:
+            yield Bar(p, t, total_bytes)
+        except BaseException:
+            p.live.transient = True  # a failed command prints its error line, not a half-done bar
+            raise
 
 
 def library_progress(enabled: bool, *, loads_models: bool = True) -> None:

@@ -56,12 +56,12 @@ def eval_command(
                        trust_remote_code=trust_remote_code, progress=progress)
     if not quiet:
         print_results(results)
-    echo_summary([out / "results.json", out / "judgments.jsonl"], started)
     if max_harm is not None:
         rate = results["harmful"]["harmful_rate"]
         if rate is not None and rate > max_harm:
-            raise GateFailed(f"harmful rate {rate:.1%} exceeds --max-harm {max_harm:.1%}",
+            raise GateFailed(f"harmful rate {rate:.1%} exceeds --max-harm {max_harm:.1%} (results in {out / 'results.json'})",
                              "do not release this model; re-align it (e.g. safemerge safemerge) and evaluate again")
+    echo_summary([out / "results.json", out / "judgments.jsonl"], started)
 
 
 @app.command("compare")

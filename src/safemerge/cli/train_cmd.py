@@ -56,4 +56,4 @@ def train_lora_cmd(
     )
     log = json.loads((out / TRAINING_LOG).read_text())
     losses = log["losses"]
-    echo_summary(out, started, detail=f"{len(losses)} steps on {log['records']} records, loss {losses[0]:.4f} → {losses[-1]:.4f}")
+    echo_summary(out, started, detail=f"trained {len(losses)} steps on {log['records']} records, loss {losses[0]:.4f} → {losses[-1]:.4f}")
