@@ -88,7 +88,7 @@ def _click_modules() -> list:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Turns user errors into one-line messages and exit code 2."""
-    from safemerge.errors import SafemergeError
+    from safemerge.errors import SafemergeError, cli_invocation
 
     mods = _click_modules()
     exit_types = tuple({typer.Exit, *(getattr(m, "Exit") for m in mods if hasattr(m, "Exit"))})
@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     click_types = tuple(getattr(m, "ClickException") for m in mods if hasattr(m, "ClickException"))
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("SAFEMERGE_DEBUG") == "1"
     try:
-        rv = app(args=argv, standalone_mode=False, prog_name="safemerge")
+        with cli_invocation():  # hints name flags (--force), not keyword arguments (force=True)
+            rv = app(args=argv, standalone_mode=False, prog_name="safemerge")
         if isinstance(rv, int) and rv:
             raise SystemExit(rv)
     except SafemergeError as exc:

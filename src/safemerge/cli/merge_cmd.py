@@ -16,8 +16,10 @@ from safemerge.cli.options import (
     eval_judge_option,
     eval_limit_option,
     eval_utility_option,
+    echo_summary,
     force_option,
     no_progress_option,
+    quiet_option,
 )
 
 
@@ -34,6 +36,7 @@ def merge_command(
     allow_pickle: bool = allow_pickle_option(),
     allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
+    quiet: bool = quiet_option(),
     mergekit_tie_break: bool = typer.Option(False, "--mergekit-tie-break", help="Break exact ties at top-k cut-offs (TIES, Breadcrumbs, SCE) as mergekit does: bit-identical to mergekit, slower."),
     mergekit_arithmetic: bool = typer.Option(
         False, "--mergekit-arithmetic",
@@ -54,8 +57,14 @@ def merge_command(
     eval_limit: int = eval_limit_option(),
 ) -> None:
     """Merge models as described by CONFIG (mergekit YAML) into OUT, one tensor at a time."""
-    from safemerge.api import merge, parse_size
+    import time
 
+    from safemerge.api import merge, parse_size
+    from safemerge.progress import library_progress
+
+    started = time.perf_counter()
+    progress = not (no_progress or quiet)
+    library_progress(progress, loads_models=eval_)
     if verbose:
         _log_to_stderr()
     if cuda:
@@ -63,7 +72,8 @@ def merge_command(
     if dry_run:
         _dry_run(config, allow_pickle, allow_crimes)
         return
-    extra = _eval_card_sections(EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit)) if eval_ else None
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress)
+    extra = _eval_card_sections(sets) if eval_ else None
     path = merge(
         config,
         out,
@@ -74,14 +84,14 @@ def merge_command(
         allow_pickle=allow_pickle,
         allow_nonfinite=allow_nonfinite,
         out_shard_size=parse_size(out_shard_size),
-        progress=not no_progress,
+        progress=progress,
         extra_card_sections=extra,
         mergekit_tie_break=mergekit_tie_break,
         mergekit_arithmetic=mergekit_arithmetic,
         copy_tokenizer=copy_tokenizer,
         allow_crimes=allow_crimes,
     )
-    typer.echo(f"wrote {path}", err=True)
+    echo_summary(path, started)
 
 
 def _eval_card_sections(sets: EvalSets):  # noqa: ANN202

@@ -17,8 +17,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from safemerge.engine.plan import MergePlan, TensorJob
+from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.io.checkpoint import all_finite
-from safemerge.errors import CheckpointError, SafemergeError
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -84,7 +84,7 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(
                 f"tensor {name!r} of {ref} contains {bad} values",
-                "fix the checkpoint, or pass --allow-nonfinite to merge it anyway",
+                f"fix the checkpoint, or pass {option('allow-nonfinite')} to merge it anyway",
             )
     return t
 
@@ -247,9 +247,16 @@ def execute_plan(
 
 
 def open_all(config: Any, *, allow_pickle: bool = False, checkpoints: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Open every model referenced by ``config`` (reusing ``checkpoints`` where given)."""
-    from safemerge.io.checkpoint import open_checkpoint
+    """Open every model referenced by ``config`` (reusing ``checkpoints`` where given).
 
+    Hub ids are checked for existence (config files only) before any of them downloads weights,
+    and every safetensors header is validated as its model opens, before the plan reads a tensor.
+    """
+    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.hub import prefetch_metadata
+
+    refs = [r for r in config.referenced_models() if checkpoints is None or r not in checkpoints]
+    prefetch_metadata(refs)
     out: dict[str, Any] = {}
     for ref in config.referenced_models():
         if checkpoints is not None and ref in checkpoints:

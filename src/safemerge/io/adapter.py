@@ -167,7 +167,9 @@ class LoraAdapter(Mapping):
     """A lazy mapping ``module path → LoraModule`` over a PEFT LoRA adapter directory."""
 
     def __init__(self, path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
-        self.path = Path(path)
+        from safemerge.io.hub import resolve_local
+
+        self.path = resolve_local(path, allow_pickle=allow_pickle)  # Hub ids → their local snapshot
         cfg_path = self.path / ADAPTER_CONFIG
         if not self.path.is_dir():
             raise CheckpointError(f"adapter path {str(self.path)!r} does not exist or is not a directory", "pass a PEFT adapter directory")

@@ -20,7 +20,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import CheckpointError
+from safemerge.errors import CheckpointError, option
+from safemerge.io.hub import resolve_local, split_model_ref  # noqa: F401  (split_model_ref re-exported)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -218,7 +219,7 @@ class Checkpoint(Mapping):
     """
 
     def __init__(self, path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
-        self.path = Path(path)
+        self.path = resolve_local(path, allow_pickle=allow_pickle)  # Hub ids → their local snapshot
         self.allow_pickle = allow_pickle
         self.allow_nonfinite = allow_nonfinite
         if not self.path.exists():
@@ -313,7 +314,7 @@ class Checkpoint(Mapping):
         if not self.allow_pickle:
             raise CheckpointError(
                 f"{path} is a pickle checkpoint, which can execute code when loaded",
-                "convert it to safetensors, or pass --allow-pickle to load it with torch.load(weights_only=True)",
+                f"convert it to safetensors, or pass {option('allow-pickle')} to load it with torch.load(weights_only=True)",
             )
         if not path.exists():
             raise CheckpointError(f"pickle shard {path} is missing", "re-download the checkpoint")
@@ -530,7 +531,7 @@ class Checkpoint(Mapping):
 
 
 def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False):
-    """Open a model reference: a directory, a ``.safetensors`` file, or ``MODEL+ADAPTER``.
+    """Open a model reference: a directory, a ``.safetensors`` file, a Hub id, or ``MODEL+ADAPTER``.
 
     ``MODEL+ADAPTER`` (mergekit syntax) returns an :class:`~safemerge.io.adapter.AdaptedCheckpoint`
     that adds the LoRA update to each target weight as it is read, one tensor at a time.
@@ -543,13 +544,6 @@ def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False, allow_nonfin
 
     return AdaptedCheckpoint(ckpt, load_adapter(adapter, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
 
-
-def split_model_ref(ref: str) -> tuple[str, str | None]:
-    """Split mergekit's ``model+adapter`` reference. A path that exists as written is never split."""
-    if Path(ref).exists() or "+" not in ref:
-        return ref, None
-    base, _, adapter = ref.rpartition("+")
-    return base, adapter
 
 
 # ---------------------------------------------------------------------- custom model code

@@ -145,11 +145,11 @@ def _clean_config(config: Any, dtype: str) -> Any:
 
 
 def _write_card(out: Path, src: Path, meta: dict[str, Any], dtype: str, n_params: int) -> None:
-    from safemerge.io.output import md_escape, write_model_card
+    from safemerge.io.output import md_code, md_escape, write_model_card
 
     name = meta.get("general.name") or src.stem
     rows = [
-        f"- source: `{md_escape(src.name)}` ({', '.join(meta.get('_tensor_types', []))} tensors)",
+        f"- source: {md_code(src.name)} ({', '.join(meta.get('_tensor_types', []))} tensors)",
         f"- architecture: {md_escape(meta.get('general.architecture'))}",
         f"- parameters: {n_params:,}",
         f"- stored dtype: {dtype}",
@@ -193,7 +193,7 @@ def convert_gguf(
     src = Path(gguf_path).expanduser().absolute()
     meta = read_gguf_metadata(src)
     _check_supported(str(meta["general.architecture"]), src)
-    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 
     check_output_path(out_dir, force=force, inputs=(src,))  # fail before the slow load
 
@@ -250,8 +250,7 @@ def convert_gguf(
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _scrub_saved_config(tmp / "config.json")
-        for f in tmp.iterdir():  # transformers writes weights with mode 0600; make the directory uniform
-            f.chmod(0o644)
+        chmod_to_umask(tmp)  # transformers writes weights with mode 0600; make the directory uniform
         n_params = sum(int(v.numel()) for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight"))
         _write_card(tmp, src, meta, dtype, n_params)
     return Path(out_dir)

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import SafemergeError
+from safemerge.errors import SafemergeError, option
 
 TMP_MARK = ".safemerge-tmp-"
 OLD_MARK = ".safemerge-old-"
@@ -134,7 +134,7 @@ def check_output_path(path: str | Path, *, force: bool = False,
     exists = os.path.lexists(out)
     if exists and not force:
         what = "already exists (a dangling symlink)" if not out.exists() else "already exists"
-        raise SafemergeError(f"output {str(path)!r} {what}", "pass --force to replace it, or choose another path")
+        raise SafemergeError(f"output {str(path)!r} {what}", f"pass {option('force')} to replace it, or choose another path")
     if out.exists() and not out.is_dir():
         raise SafemergeError(f"output {str(path)!r} exists and is not a directory", "choose another path")
     check_writable_location(out, path)
@@ -149,7 +149,7 @@ def check_output_file(path: str | Path, *, force: bool = False,
     if out.is_dir():
         raise SafemergeError(f"output {str(path)!r} is a directory", "give a file name")
     if os.path.lexists(out) and not force:
-        raise SafemergeError(f"output {str(path)!r} already exists", "pass --force to replace it, or choose another path")
+        raise SafemergeError(f"output {str(path)!r} already exists", f"pass {option('force')} to replace it, or choose another path")
     check_writable_location(out, path)
     return out
 
@@ -185,7 +185,7 @@ def promote_directory(tmp: Path, out: Path, *, force: bool) -> None:
     moved aside first and deleted after the rename, so ``out`` is never half-written."""
     if os.path.lexists(out):
         if not force:
-            raise SafemergeError(f"output {str(out)!r} appeared while working", "pass --force to replace it")
+            raise SafemergeError(f"output {str(out)!r} appeared while working", f"pass {option('force')} to replace it")
         old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         os.replace(tmp, out)
@@ -200,14 +200,50 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+def user_file_mode() -> int:
+    """The mode a new file gets under the user's umask (``0o644`` with the usual umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def chmod_to_umask(directory: str | Path) -> None:
+    """Give every file in ``directory`` the user's default mode (libraries such as transformers and
+    tempfile create some files 0600, which would make one output directory's files inconsistent)."""
+    mode = user_file_mode()
+    for f in Path(directory).iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
+
+
+def _temporary_sibling(path: Path) -> Path:
+    return path.parent / f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary sibling + rename."""
+    """Write a text file via a temporary sibling + rename (created with the user's umask)."""
     p = Path(path)
-    tmp = p.parent / f".{p.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(text)
-    os.replace(tmp, p)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(p)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_figure(fig: Any, path: str | Path, **savefig_kwargs: Any) -> Path:
+    """``fig.savefig`` to a temporary sibling, renamed into place (user's umask; PNG by default)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(p)
+    try:
+        fig.savefig(tmp, **{"format": "png", **savefig_kwargs})
+        os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return p
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -291,7 +327,7 @@ class ShardWriter:
                 off += nbytes
             hb = json.dumps(header, separators=(",", ":")).encode()
             hb += b" " * (-len(hb) % 8)
-            fd = os.open(self.out_dir / fname, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+            fd = os.open(self.out_dir / fname, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o666)  # umask applies
             os.write(fd, struct.pack("<Q", len(hb)) + hb)
             os.ftruncate(fd, 8 + len(hb) + off)
             self._fds.append(fd)
@@ -412,6 +448,23 @@ def md_escape(text: Any) -> str:
     s = " ".join(str(text).split())
     s = s.replace("&", "&amp;")
     return _MD_SPECIAL.sub(r"\\\1", s)
+
+
+def md_code(text: Any, *, in_table: bool = False) -> str:
+    """A user-supplied string as a Markdown code span, shown verbatim.
+
+    Backslash escapes do not work inside code spans (CommonMark §6.1: ``\\_`` would be shown as is),
+    so nothing is escaped; the span is delimited by one more backtick than the longest run inside
+    it. In a table cell a ``|`` still ends the cell, so it is written ``\\|`` (GFM tables unescape it
+    before the span is parsed).
+    """
+    s = " ".join(str(text).split())
+    run = max((len(r) for r in re.findall(r"`+", s)), default=0)
+    fence = "`" * (run + 1)
+    pad = " " if s.startswith("`") or s.endswith("`") else ""
+    if in_table:
+        s = s.replace("|", "\\|")
+    return f"{fence}{pad}{s}{pad}{fence}"
 
 
 def write_model_card(

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safemerge.errors import SafemergeError
+from safemerge.errors import SafemergeError, option
 from safemerge.optimize.config import OptimizeConfig, load_optimize_config
 from safemerge.optimize.trace import Trace
 
@@ -48,7 +48,7 @@ def _prepare_work(out: Path, run_key: dict[str, Any], *, resume: bool, force: bo
     check_output_path(out, force=True, inputs=inputs)  # not an input, writable; existence is handled here
     check_not_an_input(work_dir_for(out), inputs)
     if out.exists() and not force:
-        raise SafemergeError(f"output {str(out)!r} already exists", "pass --force to replace it, or choose another path")
+        raise SafemergeError(f"output {str(out)!r} already exists", f"pass {option('force')} to replace it, or choose another path")
     work = work_dir_for(out)
     resumed = False
     if work.exists():
@@ -60,13 +60,13 @@ def _prepare_work(out: Path, run_key: dict[str, Any], *, resume: bool, force: bo
         if resume:
             if prev != run_key:
                 raise SafemergeError(f"the interrupted run in {work} used a different config or strategy",
-                                     "rerun with the original config, or pass --force to start over")
+                                     f"rerun with the original config, or pass {option('force')} to start over")
             resumed = True
         elif force:
             shutil.rmtree(work)
         else:
             raise SafemergeError(f"an interrupted run of this output exists ({work})",
-                                 "pass --resume to continue it, or --force to start over")
+                                 f"pass {option('resume')} to continue it, or {option('force')} to start over")
     elif resume:
         raise SafemergeError(f"there is no interrupted run to resume for {str(out)!r}", "run without --resume")
     if not resumed:

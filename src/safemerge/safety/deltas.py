@@ -111,10 +111,11 @@ class ModelDeltas(DeltaSource):
         allow_pickle: bool = False, allow_nonfinite: bool = False,
         role: str = "model",
     ) -> None:
-        from safemerge.io.checkpoint import Checkpoint
+        from safemerge.io.checkpoint import open_checkpoint
 
-        self.path = Path(path)
-        self.ckpt = Checkpoint(self.path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        self.path = Path(str(path))
+        # a directory, Hub id or MODEL+ADAPTER
+        self.ckpt = open_checkpoint(str(path), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         self.aligned = subspace.aligned
         self.modules = []
         for m in subspace.linear_modules():
@@ -159,10 +160,22 @@ def open_deltas(
     allow_pickle: bool = False, allow_nonfinite: bool = False,
     role: str = "fine-tuned",
 ) -> DeltaSource:
-    """An adapter directory (``adapter_config.json``) or a full model directory, as a :class:`DeltaSource`."""
-    p = Path(str(path))
+    """An adapter directory (``adapter_config.json``), a full model directory, a Hub id of either, or
+    ``MODEL+ADAPTER``, as a :class:`DeltaSource`.
+
+    ``ALIGNED+ADAPTER`` (the adapter on the aligned model itself) is the adapter's exact low-rank
+    update; ``OTHER+ADAPTER`` is a full model whose delta to the aligned model is taken densely.
+    """
+    from safemerge.io.hub import resolve_local, split_model_ref
+
+    model, adapter = split_model_ref(str(path))
+    if adapter is not None:
+        on_aligned = resolve_local(model, allow_pickle=allow_pickle).resolve() == Path(subspace.aligned.path).resolve()
+        if not on_aligned:
+            return ModelDeltas(str(path), subspace, targets=targets, allow_pickle=allow_pickle, role=role)
+    p = resolve_local(adapter if adapter is not None else model, allow_pickle=allow_pickle)
     if not p.exists():
-        raise SafemergeError(f"{role} path {str(p)!r} does not exist", "check the path")
+        raise SafemergeError(f"{role} path {str(path)!r} does not exist", "check the path")
     if (p / "adapter_config.json").exists():
         src: DeltaSource = AdapterDeltas(p, subspace, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                                          role=role)

@@ -146,7 +146,7 @@ def write_safemerge_output(
             progress("write", i + 1, len(mods))
         base_name = ft.adapter.base_model_name_or_path if isinstance(ft, AdapterDeltas) else None
         save_adapter(tmp, factors, base_model_name_or_path=base_name or str(aligned_path), dtype=torch_dtype(dtype))
-        copy_adapter_side_files(Path(str(finetuned)), tmp)
+        copy_adapter_side_files(ft.path, tmp)
         base_model_card = base_name or str(aligned_path)
     else:
         write_onto_ft = target is None  # full fine-tuned model: stream it, replace merged layers

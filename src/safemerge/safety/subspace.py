@@ -20,18 +20,18 @@ from safemerge.errors import CheckpointError, SafemergeError
 
 
 def open_model(ref: Any, *, allow_pickle: bool = False, allow_nonfinite: bool = False, role: str = "model") -> Any:
-    """Open a model directory (or pass a Checkpoint through), naming ``role`` in errors."""
+    """Open a model directory, Hub id or ``MODEL+ADAPTER`` (or pass a Checkpoint through), naming ``role`` in errors."""
     if hasattr(ref, "get") and hasattr(ref, "shape"):
         return ref
-    from safemerge.io.checkpoint import Checkpoint
+    from safemerge.io.checkpoint import open_checkpoint
 
     p = Path(str(ref))
     if (p / "adapter_config.json").exists():
         raise SafemergeError(
             f"--{role} {p} is a LoRA adapter, but a full model is needed here",
-            f"pass the model directory for --{role} (adapters go to the fine-tuned/safety arguments)",
+            f"pass the model directory for --{role}, or MODEL+ADAPTER (adapters go to the fine-tuned/safety arguments)",
         )
-    return Checkpoint(p, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    return open_checkpoint(str(ref), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
 
 
 @dataclass(frozen=True)
