@@ -47,7 +47,7 @@ def test_optimize_eval_then_compare_table1(world, tmp_path, capsys):
     cfg = tmp_path / "cfg.yml"
     cfg.write_text(yaml.safe_dump(config(world, max_evals=4, popsize=4)))
     out = tmp_path / "evo"
-    main(["optimize", str(cfg), "-o", str(out), "-q", "--eval", "--eval-limit", "2", "--eval-utility", "builtin:arithmetic"])
+    main(["optimize", str(cfg), "-o", str(out), "--no-progress", "--eval", "--eval-limit", "2", "--eval-utility", "builtin:arithmetic"])
     printed = capsys.readouterr().out
     results = json.loads((out / "eval" / "results.json").read_text())
     assert results["harmful"]["n"] == 2 and results["utility"]["n"] == 2

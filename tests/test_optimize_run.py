@@ -169,7 +169,7 @@ def test_cli_runs_and_writes_outputs(world, tmp_path, capsys):
 
     p = tmp_path / "cfg.yml"
     p.write_text(yaml.safe_dump(config(world, max_evals=4, popsize=4)))
-    main(["optimize", str(p), "-o", str(tmp_path / "o"), "--no-save-model", "-q"])
+    main(["optimize", str(p), "-o", str(tmp_path / "o"), "--no-save-model", "--no-progress"])
     out = capsys.readouterr().out
     assert '"evaluations": 4' in out
     assert (tmp_path / "o" / "best.yml").is_file() and not (tmp_path / "o" / "model").exists()

@@ -73,7 +73,7 @@ def test_repair_adapter_restores_refusals_and_reports_its_own_numbers(world, tmp
     card = (out / "README.md").read_text()
     assert "Repair: before / after" in card and "Pareto front" in card
     assert (out / "adapter_config.json").exists() and (out / "autotune.json").exists()
-    assert "safemerge repair" in stdout and "repaired" in stdout and "wrote repaired adapter" in err
+    assert "safemerge repair" in stdout and "repaired" in stdout and "repaired adapter, τ =" in err
     tuned = json.loads((out / "autotune.json").read_text())
     rec = json.loads((out / "repair.json").read_text())
     assert (rec["tau"], rec["alpha"]) == (tuned["chosen"]["tau"], tuned["chosen"]["alpha"])

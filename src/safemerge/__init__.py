@@ -1,7 +1,9 @@
 """safemerge: merge and fine-tune LLMs without losing their safety alignment.
 
 The package is import-light: ``import safemerge`` does not import torch. The public
-API functions are imported lazily from their modules on first attribute access.
+API functions and subpackages (``safemerge.api``, ``safemerge.safety.api``, ``safemerge.evaluate``)
+are imported lazily on first attribute access. ``safemerge.evaluate`` is the evaluation package,
+callable as :func:`safemerge.evaluate.api.evaluate`.
 """
 from __future__ import annotations
 
@@ -15,11 +17,10 @@ _LAZY = {
     "open_checkpoint": "safemerge.io.checkpoint",
     "load_adapter": "safemerge.io.adapter",
     "SafemergeError": "safemerge.errors",
-    "evaluate": "safemerge.evaluate.api",
 }
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
 
 
-__all__ = ["__version__", *_LAZY]
+__all__ = ["__version__", "api", "evaluate", *_LAZY]

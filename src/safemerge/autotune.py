@@ -369,20 +369,14 @@ def print_pareto(result: AutotuneResult, console: Any = None) -> None:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    import os
-    import tempfile
-
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from safemerge.io.output import atomic_save_figure
+
     try:
-        fig.savefig(tmp, format="png", dpi=110, metadata={"Software": None})
-        os.replace(tmp, path)
+        atomic_save_figure(fig, path, dpi=110, metadata={"Software": None})
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -160,12 +160,14 @@ def extract_lora(
     if not isinstance(max_rank, int) or max_rank <= 0:
         raise SafemergeError(f"--max-rank must be a positive integer, got {max_rank!r}", "pass e.g. --max-rank 64")
     if not (sv_epsilon >= 0 and math.isfinite(sv_epsilon)):
-        raise SafemergeError(f"--sv-epsilon must be a non-negative number, got {sv_epsilon!r}", "pass e.g. --sv-epsilon 1e-4")
+        raise SafemergeError(f"--sv-epsilon must be a non-negative number, got {sv_epsilon!r}",
+                             "pass e.g. --sv-epsilon 1e-4")
     out_dtype = torch_dtype(dtype)
-    check_output_path(out, force=force)
+    check_output_path(out, force=force, inputs=(finetuned, base))
     for role, p in (("fine-tuned model", finetuned), ("--base", base)):
         if (Path(str(p)) / "adapter_config.json").exists():
-            raise SafemergeError(f"the {role} {p} is already a LoRA adapter", "extract-lora takes two full model directories")
+            raise SafemergeError(f"the {role} {p} is already a LoRA adapter",
+                                 "extract-lora takes two full model directories")
     ft, bs = Checkpoint(finetuned, allow_pickle=allow_pickle), Checkpoint(base, allow_pickle=allow_pickle)
     types = _module_types(Path(str(finetuned)))
     names = ft.names()
@@ -189,11 +191,13 @@ def extract_lora(
         elif leaf == "bias" and kind == "linear" and not _matches(module, save_modules):
             biases.append(name)
             result.modules.append(ModuleExtraction(name, "bias", delta_norm=norm))
-        elif leaf == "weight" and w_ft.ndim == 2 and _lora_kind(kind, embed_lora) and not _matches(module, save_modules):
+        elif leaf == "weight" and w_ft.ndim == 2 and _lora_kind(kind, embed_lora) and not _matches(module,
+                                                                                                   save_modules):
             transpose = kind == "embedding"
             A, B, err = truncated_factors(delta.T if transpose else delta, max_rank=max_rank, sv_epsilon=sv_epsilon)
             if A.shape[0] == 0:
-                result.modules.append(ModuleExtraction(name, "below epsilon", rank=0, relative_error=1.0, delta_norm=norm))
+                result.modules.append(ModuleExtraction(name, "below epsilon", rank=0, relative_error=1.0,
+                                                       delta_norm=norm))
             else:
                 factors[module] = (A.to(out_dtype or w_ft.dtype), B.to(out_dtype or w_ft.dtype))
                 if transpose:
@@ -222,7 +226,7 @@ def extract_lora(
         raise SafemergeError(f"{finetuned} does not differ from {base} in any linear weight (above --sv-epsilon)",
                              "check that FINETUNED was fine-tuned from --base")
     extra_config = {"modules_to_save": sorted(to_save) or None, "bias": "all" if biases else "none"}
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=(finetuned, base)) as tmp:
         save_adapter(tmp, factors, base_model_name_or_path=str(base), embedding_modules=embedding_modules,
                      extra_config=extra_config, extra_tensors=saved)
         copy_adapter_side_files(Path(str(finetuned)), tmp)
@@ -253,7 +257,8 @@ def _write_card(tmp: Path, result: ExtractResult, *, finetuned: Any, base: Any, 
     from safemerge.io.output import md_escape, write_model_card
     from safemerge.safety.writing import params_markdown, write_json
 
-    rows = ["| tensor | written as | rank | ‖ΔW‖_F | relative error ‖ΔW − BA‖_F/‖ΔW‖_F |", "|---|---|---:|---:|---:|"]
+    rows = ["| tensor | written as | rank | ‖ΔW‖_F | relative error ‖ΔW − BA‖_F/‖ΔW‖_F |",
+            "|---|---|---:|---:|---:|"]
     for m in result.modules:
         if m.kind == "unchanged":
             continue
@@ -266,8 +271,8 @@ def _write_card(tmp: Path, result: ExtractResult, *, finetuned: Any, base: Any, 
               ("LoRA modules", len(result.lora)), ("max relative error", f"{result.max_relative_error:.3e}"),
               ("unchanged tensors (not written)", unchanged)]
     write_model_card(
-        tmp, title="LoRA extracted from a full fine-tune", base_model=str(base), tags=["safemerge", "lora", "extract-lora"],
-        library_name="peft",
+        tmp, title="LoRA extracted from a full fine-tune", base_model=str(base),
+        tags=["safemerge", "lora", "extract-lora"], library_name="peft",
         front_matter={"extract_lora": {"max_rank": max_rank, "sv_epsilon": sv_epsilon, "lora_modules": len(result.lora),
                                        "max_relative_error": result.max_relative_error}},
         sections=[

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,4 +68,40 @@ def progress_bar(description: str, *, total: int, total_bytes: int | None = None
     with Progress(*cols, console=Console(stderr=True), transient=False) as p:
         size = f"0 B/{human_bytes(total_bytes)}" if total_bytes else ""
         t = p.add_task(description, total=total, size=size)
-        yield Bar(p, t, total_bytes)
+        try:
+            yield Bar(p, t, total_bytes)
+        except BaseException:
+            p.live.transient = True  # a failed command prints its error line, not a half-done bar
+            raise
+
+
+def library_progress(enabled: bool, *, loads_models: bool = True) -> None:
+    """Progress output of the libraries underneath, set once per command.
+
+    transformers' per-load "Loading weights" bars are always off (safemerge shows its own
+    progress; they would interleave with it); Hugging Face Hub download bars follow ``enabled``
+    (``--no-progress``/``-q`` silence them). ``loads_models=False`` skips importing transformers.
+    """
+    import huggingface_hub.utils as hub_utils
+
+    if loads_models:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # also disables Hub bars; re-enabled below when wanted
+    (hub_utils.enable_progress_bars if enabled else hub_utils.disable_progress_bars)()
+
+
+def path_size(path: str | Path) -> int:
+    """Bytes of a file, or of all files under a directory."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def summary_line(written: str | Path | Sequence[str | Path], started: float, *, detail: str = "") -> str:
+    """The one line every command ends with: ``wrote OUT (1.2 MB) in 3.4 s`` (+ ``; detail``)."""
+    paths = [written] if isinstance(written, (str, Path)) else list(written)
+    size = sum(path_size(p) for p in paths)
+    what = ", ".join(str(p) for p in paths)
+    return f"wrote {what} ({human_bytes(size)}) in {time.perf_counter() - started:.1f} s" + (f"; {detail}" if detail else "")

@@ -89,7 +89,7 @@ def _click_modules() -> list:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point. Turns user errors into one-line messages and exit code 2."""
-    from safemerge.errors import SafemergeError
+    from safemerge.errors import SafemergeError, cli_invocation
 
     mods = _click_modules()
     exit_types = tuple({typer.Exit, *(getattr(m, "Exit") for m in mods if hasattr(m, "Exit"))})
@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     click_types = tuple(getattr(m, "ClickException") for m in mods if hasattr(m, "ClickException"))
     debug = "--debug" in (argv if argv is not None else sys.argv[1:]) or os.environ.get("SAFEMERGE_DEBUG") == "1"
     try:
-        rv = app(args=argv, standalone_mode=False, prog_name="safemerge")
+        with cli_invocation():  # hints name flags (--force), not keyword arguments (force=True)
+            rv = app(args=argv, standalone_mode=False, prog_name="safemerge")
         if isinstance(rv, int) and rv:
             raise SystemExit(rv)
     except SafemergeError as exc:
@@ -128,6 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", "rerun with --debug and report the traceback", 1)
+
+
+def yaml_main() -> None:
+    """``safemerge-yaml CONFIG OUT [flags]``: a drop-in for ``mergekit-yaml`` (same arguments and
+    flags), run as ``safemerge merge``. Named so that it does not shadow mergekit's own script
+    when both packages are installed (docs/cli.md)."""
+    main(["merge", *sys.argv[1:]])
 
 
 if __name__ == "__main__":  # pragma: no cover

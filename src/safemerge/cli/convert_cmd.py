@@ -6,7 +6,10 @@ from pathlib import Path
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import force_option
+from safemerge.cli.options import echo_summary, force_option, no_progress_option, quiet_option
+
+# stages reported by convert_gguf's on_step: de-quantise, tokenizer, write
+_STAGES = 3
 
 
 @app.command(
@@ -23,16 +26,27 @@ def convert(
     out: Path = typer.Argument(..., help="Output directory (written atomically).", show_default=False),
     dtype: str = typer.Option("float32", "--dtype", help="Stored dtype: float32, bfloat16 or float16."),
     force: bool = force_option(),
+    no_progress: bool = no_progress_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Convert GGUF_FILE into the Hugging Face model directory OUT."""
     import time
 
-    from rich.console import Console
+    from safemerge.io.gguf import convert_gguf, read_gguf_metadata
+    from safemerge.io.output import check_output_path
+    from safemerge.progress import progress_bar
 
-    from safemerge.io.gguf import convert_gguf
+    started = time.perf_counter()
+    read_gguf_metadata(gguf_file)  # input and output errors are reported before the bar appears
+    check_output_path(out, force=force)
+    with progress_bar("convert", total=_STAGES, unit="stages", enabled=not (no_progress or quiet)) as bar:
+        stage = [0]
 
-    console = Console(stderr=True)
-    start = time.perf_counter()
-    with console.status(f"converting {gguf_file.name}") as status:
-        path = convert_gguf(gguf_file, out, dtype=dtype, force=force, on_step=lambda msg: status.update(f"{msg}…"))
-    console.print(f"wrote {path} ({dtype}) in {time.perf_counter() - start:.1f} s")
+        def on_step(message: str) -> None:
+            """Show the stage that starts now; the bar counts the stages already finished."""
+            bar.update(completed=stage[0], description=message)
+            stage[0] += 1
+
+        path = convert_gguf(gguf_file, out, dtype=dtype, force=force, on_step=on_step)
+        bar.update(completed=_STAGES, description="convert")
+    echo_summary(path, started, detail=dtype)

@@ -7,14 +7,14 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import allow_pickle_option, trust_remote_code_option
+from safemerge.cli.options import allow_pickle_option, echo_summary, quiet_option, trust_remote_code_option
 
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Argument(..., help="Model directory, .gguf file or hub id (offline: local only)."),
+    model: str = typer.Argument(..., help="Model directory, .gguf file, Hub id (org/name[@rev]; offline: from the HF cache) or MODEL+ADAPTER."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory: results.json, generations.jsonl (cache), judgments.jsonl."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory, applied without merging."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory or Hub id, applied without merging (same as MODEL+ADAPTER)."),
     harmful: Optional[str] = typer.Option(None, "--harmful", help="Harmful prompt set: file, HEx-PHI folder, builtin:harmful or hub id."),
     benign: Optional[str] = typer.Option(None, "--benign", help="Benign prompt set for over-refusal (e.g. XSTest CSV, builtin:benign)."),
     utility: Optional[str] = typer.Option(None, "--utility", help="Utility set: GSM8K jsonl, PubMedQA PQA-L json, MC jsonl, builtin:arithmetic."),
@@ -30,29 +30,51 @@ def eval_command(
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = trust_remote_code_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Evaluate harmfulness, over-refusal and utility of MODEL; write OUT/results.json and print a table.
 
     Example: safemerge eval ./merged --harmful builtin:harmful --benign xstest_prompts.csv
     --utility gsm8k_test.jsonl --limit 50 --max-harm 0.1 -o eval/merged
     """
+    import time
+
     from safemerge.errors import GateFailed, SafemergeError
     from safemerge.evaluate.api import evaluate
     from safemerge.evaluate.report import print_results
+    from safemerge.progress import library_progress
+
+    started = time.perf_counter()
+    progress = progress and not quiet
+    library_progress(progress)
 
     if max_harm is not None and harmful is None:
         raise SafemergeError("--max-harm needs a harmful prompt set", "add --harmful SET (e.g. builtin:harmful)")
+    _check_eval_output(out, (model, adapter, harmful, benign, utility))
     results = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
                        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out,
                        backend=backend, device=device, dtype=dtype, answer_ce=answer_ce, allow_pickle=allow_pickle,
                        trust_remote_code=trust_remote_code, progress=progress)
-    print_results(results)
-    typer.echo(f"wrote {out / 'results.json'}")
+    if not quiet:
+        print_results(results)
     if max_harm is not None:
         rate = results["harmful"]["harmful_rate"]
         if rate is not None and rate > max_harm:
-            raise GateFailed(f"harmful rate {rate:.1%} exceeds --max-harm {max_harm:.1%}",
+            raise GateFailed(f"harmful rate {rate:.1%} exceeds --max-harm {max_harm:.1%} (results in {out / 'results.json'})",
                              "do not release this model; re-align it (e.g. safemerge safemerge) and evaluate again")
+    echo_summary([out / "results.json", out / "judgments.jsonl"], started)
+
+
+def _check_eval_output(out: Path, inputs: tuple[Optional[str], ...]) -> None:
+    """``-o`` may exist (its generation cache is reused), but it must not be an input, hold one or
+    lie inside one, and its location must be a writable directory."""
+    from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_not_an_input, check_writable_location
+
+    check_not_an_input(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise SafemergeError(f"output {out} exists and is not a directory", "pass a directory for -o")
+    check_writable_location(out.expanduser().absolute(), out)
 
 
 @app.command("compare")
@@ -68,11 +90,14 @@ def compare_command(
     Example: safemerge compare eval/base eval/finetuned eval/safemerge --plot tradeoff.png
     """
     import json
+    import time
 
     from rich.console import Console
     from rich.table import Table
 
     from safemerge.evaluate.report import compare_runs
+
+    started = time.perf_counter()
 
     rows, png = compare_runs([str(r) for r in runs], plot=plot)
 
@@ -92,5 +117,4 @@ def compare_command(
         from safemerge.optimize.report import table1_markdown, table1_rows
 
         table1.write_text(table1_markdown(table1_rows([str(r) for r in runs]), domain=domain), encoding="utf-8")
-        typer.echo(f"wrote {table1}", err=True)
-    typer.echo(f"wrote {png}")
+    echo_summary([p for p in (png, json_out, table1) if p is not None], started)

@@ -16,7 +16,13 @@ from safemerge.cli.options import (
     eval_judge_option,
     eval_limit_option,
     eval_utility_option,
+    echo_summary,
     force_option,
+    no_progress_option,
+    out_option,
+    output_alias_option,
+    pick_out,
+    quiet_option,
     trust_remote_code_option,
 )
 
@@ -24,7 +30,8 @@ from safemerge.cli.options import (
 @app.command("optimize", no_args_is_help=True)
 def optimize_cmd(
     config: Path = typer.Argument(..., help="Optimize YAML: genome / data / objective / cma blocks (see docs/optimize.md)."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output directory: best.yml, trace.jsonl, trace.png, report.md, model/."),
+    out: Optional[Path] = out_option("Output directory: best.yml, trace.jsonl, trace.png, report.md, model/."),
+    output: Optional[Path] = output_alias_option(),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="evomm (CMA-ES), cocktail (LM-Cocktail) or grid; default: the config's."),
     ray: bool = typer.Option(False, "--ray", help="Evaluate candidates in parallel on Ray actors (local Ray instance)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Address of a running Ray cluster (implies --ray)."),
@@ -35,7 +42,8 @@ def optimize_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = trust_remote_code_option(),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    no_progress: bool = no_progress_option(),
+    quiet: bool = quiet_option(),
     eval_: bool = eval_flag_option("Evaluate the merged model (alignment, refusal, utility) into OUT/eval and add its Table-1 row to report.md."),
     eval_harmful: str = eval_harmful_option(),
     eval_benign: str = eval_benign_option(),
@@ -48,23 +56,30 @@ def optimize_cmd(
     Example: safemerge optimize evolve.yml -o runs/evomm --strategy evomm --eval --eval-utility test.jsonl
     """
     import json
+    import time
 
     from safemerge.optimize.runner import run_optimize
+    from safemerge.progress import library_progress
 
-    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit)
+    started, output = time.perf_counter(), pick_out(out, output)
+    progress = not (no_progress or quiet)
+    library_progress(progress)
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress)
 
     def evaluator(model: Path, eval_dir: Path) -> dict:  # --eval: runs before OUT is renamed into place
-        return sets.evaluate(model, eval_dir, device=device, trust_remote_code=trust_remote_code, progress=not quiet)
+        return sets.evaluate(model, eval_dir, device=device, trust_remote_code=trust_remote_code)
 
     summary = run_optimize(config, output, strategy=strategy, ray=ray, ray_address=ray_address, ray_workers=ray_workers,
                            resume=resume, force=force, save_model=not no_save_model, device=device,
-                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=not quiet,
+                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
                            evaluate=evaluator if eval_ else None)
     keys = ("strategy", "merge_method", "evaluations", "best_loss", "seconds_per_candidate", "candidates_per_hour")
-    typer.echo(json.dumps({k: summary.get(k) for k in keys}))
-    if summary.get("evaluation"):
-        from safemerge.optimize.report import table1_markdown
+    if not quiet:
+        typer.echo(json.dumps({k: summary.get(k) for k in keys}))
+        if summary.get("evaluation"):
+            from safemerge.optimize.report import table1_markdown
 
-        typer.echo(table1_markdown([summary["evaluation"]]).rstrip())
-    typer.echo(f"wrote {output}/best.yml, trace.jsonl" + ("" if no_save_model else " and model/"))
+            typer.echo(table1_markdown([summary["evaluation"]]).rstrip())
+    echo_summary(output, started, detail=f"best.yml, trace.jsonl{'' if no_save_model else ', model/'}; "
+                 f"{summary.get('evaluations')} evaluations, best loss {summary.get('best_loss')}")
 

@@ -24,9 +24,47 @@ def allow_pickle_option() -> Any:
     return typer.Option(False, "--allow-pickle", help=PICKLE_HELP)
 
 
+def allow_nonfinite_option() -> Any:
+    """``--allow-nonfinite``: read weights holding NaN/Inf instead of refusing them."""
+    return typer.Option(False, "--allow-nonfinite", help="Use inputs containing NaN/Inf instead of refusing them.")
+
+
 def no_progress_option() -> Any:
-    """``--no-progress``: no progress bar (logs, CI)."""
-    return typer.Option(False, "--no-progress", help="Do not show a progress bar.")
+    """``--no-progress``: no progress bars at all, the libraries' included (logs, CI)."""
+    return typer.Option(False, "--no-progress", help="Do not show progress bars (safemerge's, transformers' or Hub downloads').")
+
+
+def quiet_option() -> Any:
+    """``-q/--quiet``: the same in every command — no tables and no progress bars, only the final summary line."""
+    return typer.Option(False, "-q", "--quiet", help="Print only the final summary line (no tables, no progress bars).")
+
+
+def out_option(help: str) -> Any:
+    """``-o/--out``: the output of every command."""
+    return typer.Option(None, "-o", "--out", help=help, show_default=False)
+
+
+def output_alias_option() -> Any:
+    """``--output``: hidden alias of ``-o/--out`` kept for scripts written before the rename."""
+    return typer.Option(None, "--output", hidden=True)
+
+
+def pick_out(out: Path | None, output: Path | None) -> Path:
+    """The output path given as ``-o/--out`` or as the hidden ``--output`` alias (exactly one)."""
+    from safemerge.errors import SafemergeError
+
+    if out is not None and output is not None and out != output:
+        raise SafemergeError("-o/--out and --output name different outputs", "give the output once, with -o/--out")
+    if out is None and output is None:
+        raise SafemergeError("missing option -o/--out", "name the output, e.g. -o OUT")
+    return out if out is not None else output  # type: ignore[return-value]
+
+
+def echo_summary(written: Any, started: float, *, detail: str = "") -> None:
+    """Print the command's one summary line (what was written, its size, the time) on stderr."""
+    from safemerge.progress import summary_line
+
+    typer.echo(summary_line(written, started, detail=detail), err=True)
 
 
 def dtype_option() -> Any:
@@ -74,9 +112,12 @@ class EvalSets:
     judge: str
     limit: int | None
 
+    progress: bool = True
+
     def evaluate(self, model: str | Path, out_dir: str | Path, **extra: Any) -> dict[str, Any]:
         """Run the evaluation harness on ``model`` with these sets; results go to ``out_dir``."""
         from safemerge.evaluate.api import evaluate
 
+        extra.setdefault("progress", self.progress)
         return evaluate(str(model), harmful=self.harmful, benign=self.benign, utility=self.utility, judge=self.judge,
                         limit=self.limit, out_dir=str(out_dir), **extra)

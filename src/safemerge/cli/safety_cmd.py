@@ -14,6 +14,7 @@ import typer
 from safemerge.cli import app
 from safemerge.cli.options import (
     EvalSets,
+    allow_nonfinite_option,
     allow_pickle_option,
     dtype_option,
     eval_benign_option,
@@ -22,10 +23,13 @@ from safemerge.cli.options import (
     eval_judge_option,
     eval_limit_option,
     eval_utility_option,
+    echo_summary,
     force_option,
     no_progress_option,
+    quiet_option,
 )
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 _BASE_HELP = "Unaligned base model (pre-trained), used with --aligned to build the safety subspace V = W_aligned − W_base."
 _ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the chat/instruct model)."
 
@@ -65,11 +69,13 @@ def _print_scores(scores: list, tau: float | None, decision: str) -> None:
         row = ["" if s.layer is None else str(s.layer), s.name, f"{s.rho:.5f}", f"{s.delta_norm:.4g}", "yes" if s.merged else "no"]
         table.add_row(*([s.source] if multi else []), *row)
     Console().print(table)
-    n = sum(s.merged for s in scores)
-    typer.echo(f"{n} of {len(scores)} layers {decision}", err=True)
 
 
-def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, sets: EvalSets) -> Callable[[Path], tuple[Any, str]] | None:
+def _decided(scores: list, decision: str) -> str:
+    return f"{sum(s.merged for s in scores)} of {len(scores)} layers {decision}"
+
+
+def _evaluator(enabled: bool, aligned: str, sets: EvalSets) -> Callable[[Path], tuple[Any, str]] | None:
     """``--eval``: run :func:`safemerge.evaluate.api.evaluate` on the finished output (before renaming)."""
     if not enabled:
         return None
@@ -78,7 +84,8 @@ def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, sets: Eval
         from safemerge.evaluate.report import results_markdown
 
         # an adapter output is evaluated on the aligned model it belongs to, applied unmerged
-        model, adapter = (str(aligned), str(tmp)) if output_is_adapter else (str(tmp), None)
+        output_is_adapter = (tmp / "adapter_config.json").exists()
+        model, adapter = (aligned, str(tmp)) if output_is_adapter else (str(tmp), None)
         res = sets.evaluate(model, tmp / "eval", adapter=adapter)
         return res, results_markdown(res)
 
@@ -87,33 +94,46 @@ def _evaluator(enabled: bool, aligned: Path, output_is_adapter: bool, sets: Eval
 
 @app.command("scan")
 def scan_command(
-    inputs: list[Path] = typer.Argument(..., help="Fine-tuned LoRA adapter directories and/or full fine-tuned model directories."),
-    base: Path = typer.Option(..., "--base", help=_BASE_HELP),
-    aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
+    inputs: list[str] = typer.Argument(..., help="Fine-tuned LoRA adapters, full fine-tuned models or MODEL+ADAPTER (paths or Hub ids)."),
+    base: str = typer.Option(..., "--base", help=_BASE_HELP),
+    aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
     tau: float = typer.Option(0.35, "--tau", help="Threshold τ ∈ [-1, 1]; layers with ρ < τ are marked as merged (SafeMERGE)."),
     targets: str = typer.Option(None, "--targets", help="Comma-separated module names to score (e.g. q_proj,v_proj). Default: all adapted modules / all block weights."),
     json_out: Path = typer.Option(None, "--json", help="Write the per-layer records as a JSON list."),
     csv_out: Path = typer.Option(None, "--csv", help="Write the per-layer records as CSV."),
     plot: Path = typer.Option(None, "--plot", help="Write a heatmap PNG (layers × modules, coloured by ρ, cells below τ marked)."),
     allow_pickle: bool = allow_pickle_option(),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the table."),
+    allow_nonfinite: bool = allow_nonfinite_option(),
+    quiet: bool = quiet_option(),
     no_progress: bool = no_progress_option(),
 ) -> None:
     """Per-layer safety similarity ρ = cos(CΔW, ΔW), C = VVᵀ/‖V‖_F (SafeLoRA/SafeMERGE), without forming C.
 
     Example: safemerge scan --base base/ --aligned chat/ task-lora/ --json rho.json --plot rho.png
     """
+    import time
+
+    from safemerge.progress import library_progress
     from safemerge.safety.api import scan
     from safemerge.safety.report import write_csv, write_json_records
 
+    from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
+
+    started = time.perf_counter()
+    library_progress(not (no_progress or quiet), loads_models=False)
     tm = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     for p in (json_out, csv_out, plot):
         if p is not None and p.parent and not p.parent.exists():
-            from safemerge.errors import SafemergeError
-
             raise SafemergeError(f"directory {str(p.parent)!r} does not exist", "create it or choose another output path")
-    with _progress(not no_progress) as cb:
-        scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle, progress=cb)
+        if p is not None:
+            check_output_file(p, force=True, inputs=(base, aligned, *inputs))  # scan reports are overwritten
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise SafemergeError(f"--plot {str(plot)!r}: unsupported image type {plot.suffix or '(none)'!r}",
+                             f"end the file name in one of {', '.join(PLOT_SUFFIXES)}")
+    with _progress(not (no_progress or quiet)) as cb:
+        scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle,
+                      allow_nonfinite=allow_nonfinite, progress=cb)
     if not quiet:
         _print_scores(scores, tau, "merged")
     if json_out is not None:
@@ -124,17 +144,19 @@ def scan_command(
         from safemerge.safety.plots import heatmap
 
         heatmap(scores, plot, tau=tau)
-    for p in (json_out, csv_out, plot):
-        if p is not None:
-            typer.echo(f"wrote {p}", err=True)
+    written = [p for p in (json_out, csv_out, plot) if p is not None]
+    if written:
+        echo_summary(written, started, detail=_decided(scores, "below τ"))
+    else:
+        typer.echo(f"scanned {len(inputs)} input(s) in {time.perf_counter() - started:.1f} s; {_decided(scores, 'below τ')}", err=True)
 
 
 @app.command("safemerge")
 def safemerge_command(
-    finetuned: Path = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model) trained on --aligned."),
-    safety: Path = typer.Option(..., "--safety", help="Safety LoRA adapter (or full model) trained on --aligned."),
-    base: Path = typer.Option(..., "--base", help=_BASE_HELP),
-    aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
+    finetuned: str = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model, or MODEL+ADAPTER) trained on --aligned."),
+    safety: str = typer.Option(..., "--safety", help="Safety LoRA adapter (or full model, or MODEL+ADAPTER) trained on --aligned."),
+    base: str = typer.Option(..., "--base", help=_BASE_HELP),
+    aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
     tau: str = typer.Option("0.35", "--tau", help="Merge layers with ρ < τ (τ ∈ [-1, 1]; reference default 0.35), or 'auto' (needs --val-harmful/--val-utility)."),
     alpha: str = typer.Option("0.8", "--alpha", help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1]), or 'auto'."),
@@ -143,13 +165,14 @@ def safemerge_command(
     harm_margin: float = typer.Option(0.02, "--harm-margin", help="auto: allowed harmful-rate excess over the aligned model (fraction; 0.02 = 2 points)."),
     strategy: str = typer.Option("linear", "--strategy", help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense per layer)."),
     compat: str = typer.Option(None, "--compat", help="'reference': reproduce PEFT 0.14 factor-wise mixing of the released SafeMERGE code (cross terms included; equal ranks)."),
-    merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
+    merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
     density: float = typer.Option(0.5, "--density", help="Keep fraction for dare_linear/ties/dare_ties."),
     seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-layer generators; outputs byte-identical per seed)."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
+    allow_nonfinite: bool = allow_nonfinite_option(),
+    quiet: bool = quiet_option(),
     no_progress: bool = no_progress_option(),
     eval_: bool = eval_flag_option("Evaluate the output and put the safety report into its model card."),
     eval_harmful: str = eval_harmful_option(),
@@ -162,66 +185,79 @@ def safemerge_command(
 
     Example: safemerge safemerge --base base/ --aligned chat/ --finetuned task-lora/ --safety safety-lora/ -o merged/
     """
-    from safemerge.safety.api import safemerge_adapters
+    import time
+
     from safemerge.autotune import print_pareto, resolve_tau_alpha
     from safemerge.io.output import check_output_path
+    from safemerge.progress import library_progress
+    from safemerge.safety.api import safemerge_adapters
 
-    check_output_path(out, force=force)  # fail before a (possibly long) automatic τ/α search
+    started = time.perf_counter()
+    progress = not (no_progress or quiet)
+    library_progress(progress, loads_models=eval_ or "auto" in (tau, alpha))
+    # fail before a (possibly long) automatic τ/α search
+    check_output_path(out, force=force, inputs=(base, aligned, finetuned, safety, merge_into))
     tau, alpha, tuned = resolve_tau_alpha(tau, alpha, base=base, aligned=aligned, finetuned=finetuned, safety=safety,
                                           val_harmful=val_harmful, val_utility=val_utility, harm_margin=harm_margin,
                                           log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
-    output_is_adapter = merge_into is None and (finetuned / "adapter_config.json").exists()
-    ev = _evaluator(eval_, aligned, output_is_adapter, EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit))
-    with _progress(not no_progress) as cb:
+    ev = _evaluator(eval_, aligned, EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress))
+    with _progress(progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
             strategy=strategy, compat=compat, merge_into=merge_into, seed=seed, density=density, dtype=dtype,
-            force=force, allow_pickle=allow_pickle, evaluate=ev, progress=cb,
+            force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, evaluate=ev, progress=cb,
         )
     if not quiet:
         _print_scores(res.scores, res.tau, "merged")
     if res.reconstruction_error:
         worst = max(res.reconstruction_error.items(), key=lambda kv: kv[1])
         typer.echo(f"truncated SVD: max relative reconstruction error {worst[1]:.3e} ({worst[0]})", err=True)
-    typer.echo(f"wrote {res.output} to {res.out}", err=True)
     if tuned is not None:
         import shutil
 
         for name in ("autotune.json", "autotune.png", "tau_sweep.png"):
             shutil.copy2(tuned.work_dir / name, res.out / name)
         typer.echo(f"automatic τ/α: Pareto front plot {res.out / 'autotune.png'}", err=True)
+    echo_summary(res.out, started, detail=f"{res.output}; {_decided(res.scores, 'merged')}")
 
 
 @app.command("safelora")
 def safelora_command(
-    finetuned: Path = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model) trained on --aligned."),
-    base: Path = typer.Option(..., "--base", help=_BASE_HELP),
-    aligned: Path = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
+    finetuned: str = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model, or MODEL+ADAPTER) trained on --aligned."),
+    base: str = typer.Option(..., "--base", help=_BASE_HELP),
+    aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
     mode: str = typer.Option("threshold", "--mode", help="threshold: project layers with ρ ≤ τ; number: project the K lowest-ρ layers."),
     tau: float = typer.Option(0.5, "--tau", help="Threshold for --mode threshold (τ ∈ [-1, 1], default 0.5)."),
     num_layers: int = typer.Option(10, "--num-layers", "-k", help="K for --mode number (default 10)."),
-    merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the projected update."),
+    merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the projected update."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not print the per-layer table."),
+    allow_nonfinite: bool = allow_nonfinite_option(),
+    quiet: bool = quiet_option(),
     no_progress: bool = no_progress_option(),
 ) -> None:
     """SafeLoRA: replace B by C·B = V(VᵀB)/‖V‖_F on low-similarity layers (Hsu et al. 2024).
 
     Example: safemerge safelora --base base/ --aligned chat/ --finetuned task-lora/ --mode number -k 10 -o safe-lora/
     """
+    import time
+
+    from safemerge.progress import library_progress
     from safemerge.safety.api import safelora
 
-    with _progress(not no_progress) as cb:
+    started = time.perf_counter()
+    library_progress(not (no_progress or quiet), loads_models=False)
+    with _progress(not (no_progress or quiet)) as cb:
         res = safelora(base=base, aligned=aligned, finetuned=finetuned, out=out, mode=mode, tau=tau, num_layers=num_layers,
-                       merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+                       merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                       allow_nonfinite=allow_nonfinite, progress=cb)
     if not quiet:
         _print_scores(res.scores, res.tau, "projected")
-    typer.echo(f"wrote {res.output} to {res.out}", err=True)
+    echo_summary(res.out, started, detail=f"{res.output}; {_decided(res.scores, 'projected')}")
 
 
 @app.command("resta")
@@ -236,18 +272,26 @@ def resta_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """RESTA: θ = θ_ft + β (θ_aligned − θ_unaligned), optionally with DARE on the fine-tuning delta (Bhardwaj et al. 2024).
 
     Example: safemerge resta --unaligned base/ --aligned chat/ --finetuned task-lora/ --beta 0.5 -o resta/
     """
+    import time
+
+    from safemerge.progress import library_progress
     from safemerge.safety.api import resta
 
-    with _progress(not no_progress) as cb:
+    started = time.perf_counter()
+    library_progress(not (no_progress or quiet), loads_models=False)
+    with _progress(not (no_progress or quiet)) as cb:
         path = resta(unaligned=unaligned, aligned=aligned, finetuned=finetuned, out=out, beta=beta, dare_density=dare_density,
-                     seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
-    typer.echo(f"wrote {path}", err=True)
+                     seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                     allow_nonfinite=allow_nonfinite, progress=cb)
+    echo_summary(path, started)
 
 
 @app.command("mergealign")
@@ -261,15 +305,23 @@ def mergealign_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """MergeAlign: θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre) (arXiv 2411.06824).
 
     Example: safemerge mergealign --pretrained base/ --domain med/ --aligned chat/ -o merged/
     """
+    import time
+
+    from safemerge.progress import library_progress
     from safemerge.safety.api import mergealign
 
-    with _progress(not no_progress) as cb:
+    started = time.perf_counter()
+    library_progress(not (no_progress or quiet), loads_models=False)
+    with _progress(not (no_progress or quiet)) as cb:
         path = mergealign(pretrained=pretrained, domain=domain, aligned=aligned, out=out, lambda_domain=lambda_domain,
-                          lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
-    typer.echo(f"wrote {path}", err=True)
+                          lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                          allow_nonfinite=allow_nonfinite, progress=cb)
+    echo_summary(path, started)

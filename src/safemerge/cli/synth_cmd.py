@@ -7,7 +7,17 @@ from typing import Any, Optional
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import allow_pickle_option, force_option, trust_remote_code_option
+from safemerge.cli.options import (
+    allow_pickle_option,
+    echo_summary,
+    force_option,
+    no_progress_option,
+    output_alias_option,
+    out_option,
+    pick_out,
+    quiet_option,
+    trust_remote_code_option,
+)
 
 synth_app = typer.Typer(
     name="synth",
@@ -58,8 +68,9 @@ def _labels(paths: list[str]) -> dict[str, str]:
 
 @synth_app.command("safety", no_args_is_help=True)
 def safety_cmd(
-    pool: list[str] = typer.Option(..., "--pool", "-m", help="A model of the merge pool (repeat for each); every one answers every question."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output JSONL file: {prompt, response, type: safety, category, source_model}."),
+    pool: list[str] = typer.Option(..., "--pool", "-m", help="A model of the merge pool (path, Hub id or MODEL+ADAPTER; repeat for each); every one answers every question."),
+    out: Optional[Path] = out_option("Output JSONL file: {prompt, response, type: safety, category, source_model}."),
+    output: Optional[Path] = output_alias_option(),
     generator: Optional[str] = typer.Option(None, "--generator", "-g", help="Model that writes unsafe questions as JSON (an uncensored model in the paper)."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="Use an existing prompt set (file or evaluation-harness name) instead of --generator."),
     num: int = typer.Option(100, "--num", "-n", min=1, help="Number of questions to generate (or to take from --prompts)."),
@@ -73,23 +84,31 @@ def safety_cmd(
     force: bool = force_option("Replace an existing output file."),
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = trust_remote_code_option(),
+    no_progress: bool = no_progress_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Build D_safety: unsafe questions answered with refusals chosen among the pool's safe answers.
 
     Example: safemerge synth safety -g UNCENSORED -m ALIGNED -m EXPERT -n 200 --judge keyword -o d_safety.jsonl
     """
     import random
+    import time
 
     from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
+    from safemerge.progress import library_progress
     from safemerge.synth.categories import resolve_categories
     from safemerge.synth.common import load_generator, load_judge, load_questions, write_jsonl
     from safemerge.synth.safety import SafetyStats, build_safety_set, generate_unsafe_questions
 
+    started, output = time.perf_counter(), pick_out(out, output)
+    progress = not (no_progress or quiet)
+    library_progress(progress)
     if (generator is None) == (prompts is None):
         raise SafemergeError("give exactly one of --generator and --prompts", "--generator MODEL writes questions; --prompts SET reuses a prompt set")
-    if output.exists() and not force:
-        raise SafemergeError(f"output {str(output)!r} already exists", "pass --force to replace it, or choose another path")
+    check_output_file(output, force=force, inputs=(*pool, generator, prompts))
     cats = resolve_categories(categories)
+    the_judge = load_judge(judge)  # an unknown judge fails before any model is loaded
     stats = SafetyStats()
     if prompts is not None:
         qs = load_questions(prompts)
@@ -100,26 +119,28 @@ def safety_cmd(
             qs = [qs[i] for i in idx]
     else:
         gen = load_generator(generator, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        qs = generate_unsafe_questions(gen, num, categories=cats, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=True)
+        qs = generate_unsafe_questions(gen, num, categories=cats, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=progress)
         del gen
         if not qs:
             raise SafemergeError("the generator produced no parsable questions", "use a stronger instruction-following generator, or --prompts")
     gens = {name: load_generator(p, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(pool).items()}
-    records = build_safety_set(qs, gens, load_judge(judge), seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               require_refusal=require_refusal, stats=stats, progress=True)
-    _print_stats("synth safety", stats.as_dict())
+    records = build_safety_set(qs, gens, the_judge, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               require_refusal=require_refusal, stats=stats, progress=progress)
+    if not quiet:
+        _print_stats("synth safety", stats.as_dict())
     if not records:
         raise SafemergeError("no model of the pool refused any question; nothing to write", "add an aligned model to --pool")
     write_jsonl(output, records, force=force)
-    typer.echo(f"wrote {len(records)} safety records to {output}")
+    echo_summary(output, started, detail=f"{len(records)} safety records")
 
 
 @synth_app.command("domain", no_args_is_help=True)
 def domain_cmd(
-    model: list[str] = typer.Option(..., "--model", "-m", help="A domain expert (repeat for each); it writes and answers its own questions."),
+    model: list[str] = typer.Option(..., "--model", "-m", help="A domain expert (path, Hub id or MODEL+ADAPTER; repeat for each); it writes and answers its own questions."),
     seed_file: str = typer.Option(..., "--seed-file", help="Questions to draw the 3 in-context examples from (JSON/JSONL/text, or a harness set name)."),
     topic: str = typer.Option(..., "--topic", help="Domain named in the prompt, e.g. 'biology', 'STEM', 'reasoning'."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output JSONL file: {prompt, response, type: domain, category, source_model}."),
+    out: Optional[Path] = out_option("Output JSONL file: {prompt, response, type: domain, category, source_model}."),
+    output: Optional[Path] = output_alias_option(),
     num: int = typer.Option(100, "--num", "-n", min=1, help="Total number of questions (split evenly across experts)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the in-context example draws."),
     max_new_tokens: int = _max_new_tokens_option(),
@@ -128,23 +149,32 @@ def domain_cmd(
     force: bool = force_option("Replace an existing output file."),
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = trust_remote_code_option(),
+    no_progress: bool = no_progress_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Build D_expert: each expert writes exam-style questions from 3 random seed examples, then answers them.
 
     Example: safemerge synth domain -m EXPERT --seed-file val_questions.jsonl --topic biology -n 200 -o d_expert.jsonl
     """
+    import time
+
     from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
+    from safemerge.progress import library_progress
     from safemerge.synth.common import load_generator, load_questions, write_jsonl
     from safemerge.synth.domain import DomainStats, build_domain_set
 
-    if output.exists() and not force:
-        raise SafemergeError(f"output {str(output)!r} already exists", "pass --force to replace it, or choose another path")
+    started, output = time.perf_counter(), pick_out(out, output)
+    progress = not (no_progress or quiet)
+    library_progress(progress)
+    check_output_file(output, force=force, inputs=(*model, seed_file))
     seeds = [q["prompt"] for q in load_questions(seed_file)]
     gens = {name: load_generator(p, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(model).items()}
     stats = DomainStats()
-    records = build_domain_set(gens, seeds, topic, num, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=True)
-    _print_stats("synth domain", stats.as_dict())
+    records = build_domain_set(gens, seeds, topic, num, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=progress)
+    if not quiet:
+        _print_stats("synth domain", stats.as_dict())
     if not records:
         raise SafemergeError("the experts produced no parsable, new questions", "use instruction-following experts or raise --num")
     write_jsonl(output, records, force=force)
-    typer.echo(f"wrote {len(records)} domain records to {output}")
+    echo_summary(output, started, detail=f"{len(records)} domain records")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -36,22 +35,11 @@ from safemerge.evaluate.metrics import (
     rate,
     score_answer,
 )
+from safemerge.io.output import atomic_write_text
 
 SUITES = ("harmful", "benign", "utility")
 DEFAULT_MAX_NEW_TOKENS = {"harmful": 128, "benign": 64}
 UTILITY_MAX_NEW_TOKENS = {"gsm8k": 256, "number": 96, "pubmedqa": 16, "mc": 8, "exact": 32}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _records(spec: Any, limit: int | None) -> tuple[list[PromptRecord], str]:
@@ -206,7 +194,7 @@ def evaluate(
     judge_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` (path, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
+    """Evaluate ``model`` (path, Hub id, ``MODEL+ADAPTER``, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
 
     Returns the ``results.json`` object: ``{"model", "adapter", "settings", "harmful": {harmful_rate,
     refusal_rate, n, ci, categories, judge, …}, "benign": {over_refusal_rate, n, ci, …}, "utility":
@@ -217,14 +205,15 @@ def evaluate(
         SafemergeError: no suite given, unreadable prompt sets, bad judge spec, unloadable model.
     """
     from safemerge import __version__
-    from safemerge.evaluate.generate import load_generator, model_identity, resolve_backend
+    from safemerge.evaluate.generate import load_generator, local_adapter, model_identity, resolve_backend, split_adapter
 
     specs = {"harmful": harmful, "benign": benign, "utility": utility}
     if all(v is None for v in specs.values()):
         raise SafemergeError("nothing to evaluate: no prompt set given",
                              "pass --harmful, --benign and/or --utility (e.g. builtin:harmful)")
-    if adapter is not None and not Path(adapter).expanduser().exists():
-        raise SafemergeError(f"adapter not found: {adapter}", "pass a PEFT adapter directory")
+    model, adapter = split_adapter(model, adapter)  # MODEL+ADAPTER, as in merge configs
+    if adapter is not None:
+        local_adapter(adapter)  # fail before any prompt set is read
     suites = {name: _records(spec, limit) for name, spec in specs.items() if spec is not None}
     the_judge = None
     if "harmful" in suites or "benign" in suites:
@@ -286,7 +275,7 @@ def evaluate(
         results[name]["set"] = label
 
     if out_path is not None:
-        _write_atomic(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        _write_atomic(out_path / "judgments.jsonl",
-                      "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
+        atomic_write_text(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out_path / "judgments.jsonl",
+                          "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
     return results

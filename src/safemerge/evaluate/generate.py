@@ -20,7 +20,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
-from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.errors import CheckpointError, SafemergeError, option
 
 Prompt = str | list[dict[str, str]]
 
@@ -120,7 +120,7 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
     has_pickle = any(path.glob("*.bin")) or any(path.glob("*.pt"))
     if not has_st and has_pickle and not allow_pickle:
         raise CheckpointError(f"{path} holds only pickle weights (.bin/.pt), which can run code when loaded",
-                              "convert it to safetensors or pass --allow-pickle if you trust the source")
+                              f"convert it to safetensors or pass {option('allow-pickle')} if you trust the source")
 
 
 class HFGenerator:
@@ -146,7 +146,9 @@ class HFGenerator:
         ``User:/Assistant:`` transcript for tokenizers without a template (base models)."""
         msgs = as_messages(prompt)
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            from safemerge.io.chat import render_chat_template
+
+            return render_chat_template(self.tokenizer, msgs, add_generation_prompt=True)
         if len(msgs) == 1 and msgs[0]["role"] == "user":
             return msgs[0]["content"]
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
@@ -269,6 +271,9 @@ class VLLMGenerator:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the optional extra
             raise SafemergeError("--backend vllm needs the vllm package", "pip install 'safemerge[vllm]' (CUDA only)") from exc
+        from safemerge.io.checkpoint import refuse_custom_code
+
+        refuse_custom_code(model_path, trust_remote_code)
         self.adapter = adapter
         kwargs: dict[str, Any] = dict(model=model_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
                                       seed=0, **llm_kwargs)
@@ -312,23 +317,24 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
              allow_pickle: bool) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(model).expanduser()
+    from safemerge.io.checkpoint import refuse_custom_code
+    from safemerge.io.hub import resolve_local
+
+    path = resolve_local(model, allow_pickle=allow_pickle)  # a Hub id becomes its local snapshot
     kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if path.exists():
-        _check_weights(path, allow_pickle)
-        identity = fingerprint_path(path)
-        src = str(path)
-        if path.is_file() and path.suffix == ".gguf":
-            src, kw["gguf_file"] = str(path.parent), path.name
-    elif os.environ.get("HF_HUB_OFFLINE") == "1" or "/" not in model:
-        raise CheckpointError(f"model not found: {model}", "pass a local model directory (hub download is off offline)")
-    else:
-        src, identity = model, f"hub:{model}"
+    if not path.exists():
+        raise CheckpointError(f"model not found: {model}", "pass a local model directory, a .gguf file or a Hub id org/name")
+    _check_weights(path, allow_pickle)
+    refuse_custom_code(path, trust_remote_code)
+    identity = fingerprint_path(path)
+    src = str(path)
+    if path.is_file() and path.suffix == ".gguf":
+        src, kw["gguf_file"] = str(path.parent), path.name
     try:
         load_kw = dict(kw)
         if "gguf_file" not in kw and not allow_pickle:
             load_kw["use_safetensors"] = True
-        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **load_kw)
+        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **load_kw)  # load_kw has trust_remote_code
         tok = tokenizer or AutoTokenizer.from_pretrained(src, **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load model {model}: {' '.join(str(exc).split())[:200]}",
@@ -336,16 +342,44 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
     return hf_model.to(device).eval(), tok, identity
 
 
+def split_adapter(model: Any, adapter: str | None) -> tuple[Any, str | None]:
+    """``MODEL+ADAPTER`` (mergekit syntax) → ``(MODEL, ADAPTER)``; an explicit ``adapter`` too is an error."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model, adapter
+    from safemerge.io.hub import split_model_ref
+
+    base, ref_adapter = split_model_ref(str(model))
+    if ref_adapter is None:
+        return model, adapter
+    if adapter is not None:
+        raise SafemergeError(f"two adapters given: {ref_adapter} (in MODEL+ADAPTER) and {adapter} (--adapter)",
+                             "give the adapter once, either as MODEL+ADAPTER or with --adapter")
+    return base, ref_adapter
+
+
+def local_adapter(adapter: str) -> Path:
+    """A PEFT adapter directory (or Hub id, fetched) as a local path; a clear error when it is not one."""
+    from safemerge.io.hub import resolve_local
+
+    path = resolve_local(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{adapter} is not a PEFT adapter (no adapter_config.json)" if path.exists()
+                              else f"adapter not found: {adapter}",
+                              "pass the directory written by save_pretrained of a PeftModel (or its Hub id)")
+    return path
+
+
 def model_identity(model: Any, adapter: str | None = None) -> str:
     """The cache identity of ``model`` (+ ``adapter``) without loading it: a path fingerprint
     (:func:`fingerprint_path`), ``hub:ID``, or a weight fingerprint of an in-memory model."""
+    model, adapter = split_adapter(model, adapter)
     if isinstance(model, (str, os.PathLike)):
         p = Path(model).expanduser()
         ident = fingerprint_path(p) if p.exists() else f"hub:{model}"
     else:
         ident = fingerprint_model(model)
     if adapter:
-        ident += "+" + fingerprint_path(Path(adapter).expanduser())
+        ident += "+" + fingerprint_path(local_adapter(adapter))
     return ident
 
 
@@ -374,6 +408,7 @@ def load_generator(
         allow_pickle: accept ``.bin``/``.pt`` checkpoints.
         identity: cache identity to use (default: computed from the path or the weights).
     """
+    model, adapter = split_adapter(model, adapter)
     name = resolve_backend(backend, model)
     if name == "vllm":
         if not isinstance(model, (str, os.PathLike)):
@@ -395,12 +430,15 @@ def load_generator(
             raise SafemergeError("an in-memory model needs its tokenizer", "pass tokenizer=... to load_generator/evaluate")
         hf_model, tok = model, tokenizer
     if adapter:
-        adapter_path = Path(adapter).expanduser()
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise CheckpointError(f"{adapter} is not a PEFT adapter (no adapter_config.json)",
-                                  "pass the directory written by save_pretrained of a PeftModel")
+        adapter_path = local_adapter(adapter)
         _check_weights(adapter_path, allow_pickle)
         from peft import PeftModel
+
+        from safemerge.io.adapter import check_adapter_fits, load_adapter
+
+        shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+        check_adapter_fits(load_adapter(adapter_path, allow_pickle=allow_pickle), shapes.__contains__, shapes.__getitem__,
+                           model if isinstance(model, (str, os.PathLike)) else type(model).__name__)
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=False).eval()
         if computed is not None:

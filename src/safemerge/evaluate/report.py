@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.io.output import md_code
 
 
 def _pct(x: float | None) -> str:
@@ -71,7 +70,7 @@ def results_markdown(results: dict[str, Any]) -> str:
              "| Suite | Metric | Value | 95% CI | n |", "|---|---|---:|---|---:|"]
     for suite, metric, value, ci, n in summary_rows(results):
         set_name = (results.get(suite) or {}).get("set", "")
-        lines.append(f"| {suite} (`{set_name}`) | {metric} | {value} | {ci} | {n} |")
+        lines.append(f"| {suite} ({md_code(set_name, in_table=True)}) | {metric} | {value} | {ci} | {n} |")
     settings = results.get("settings", {})
     mnt = settings.get("max_new_tokens", {})
     lines += ["",
@@ -92,10 +91,15 @@ def load_results(run: str | Path) -> dict[str, Any]:
         f = p / "eval" / "results.json"
     if not f.is_file():
         raise SafemergeError(f"no results.json in {run}", "pass output directories of `safemerge eval`")
+    from safemerge.io.text import read_utf8
+
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        res = json.loads(read_utf8(f, "results file"))
     except json.JSONDecodeError as exc:
         raise SafemergeError(f"{f} is not valid JSON ({exc.msg})", "re-run `safemerge eval` to rewrite it") from exc
+    if not isinstance(res, dict) or not all(isinstance(res.get(s) or {}, dict) for s in ("harmful", "benign", "utility")):
+        raise SafemergeError(f"{f} is not a `safemerge eval` results object", "re-run `safemerge eval` to rewrite it")
+    return res
 
 
 def _value(results: dict[str, Any], suite: str, key: str) -> float | None:
@@ -162,13 +166,9 @@ def _scatter(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.set_title("safety vs utility")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
+    from safemerge.io.output import atomic_save_figure
+
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        return atomic_save_figure(fig, path)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +35,11 @@ _LORA_KEY = re.compile(
 # Rows per LoRA product block: fixed and aligned to the tensor, so that the product's bits never
 # depend on the engine's memory budget (see LoraModule.delta_rows).
 LORA_ROW_BLOCK = 64
+
+# transformers' GPT-2-style ``Conv1D`` layers (weight stored in × out): the only layers PEFT applies
+# ``fan_in_fan_out`` to. On an ``nn.Linear`` PEFT ignores the flag (with a warning), and so do we.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 # Adapter tensors that are neither LoRA factors nor full weights and that we cannot apply.
 _UNSUPPORTED_KEY = re.compile(r"\.(lora_magnitude_vector|lora_E|ia3_l|hada_w|lokr_w|oft_r|boft_R)\b")
@@ -113,6 +118,45 @@ class LoraModule:
         return self.A.to(dt), self.B.to(dt) * self.scaling
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_adapter_config(cfg_path: Path, config: Any) -> None:
+    """Check the fields of ``adapter_config.json`` that the LoRA update depends on.
+
+    ``r`` (and every ``rank_pattern`` value) must be a positive integer, ``lora_alpha`` (and every
+    ``alpha_pattern`` value) a finite number, the pattern keys valid regular expressions (PEFT
+    matches them with ``re``), and the flags booleans.
+    """
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{cfg_path}: {problem}", "fix adapter_config.json or re-save the adapter with PEFT")
+
+    if not isinstance(config, dict):
+        raise bad(f"expected a JSON object, got a {type(config).__name__}")
+    r = config.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise bad(f"r must be a positive integer, got {r!r}")
+    alpha = config.get("lora_alpha", r)
+    if not _is_number(alpha):
+        raise bad(f"lora_alpha must be a number, got {alpha!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise bad(f"{field} must be an object mapping module patterns to values")
+        for key, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as exc:
+                raise bad(f"{field} key {key!r} is not a valid regular expression ({exc})") from None
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0 if field == "rank_pattern" else _is_number(value)
+            if not ok:
+                raise bad(f"{field}[{key!r}] must be a {'positive integer' if field == 'rank_pattern' else 'number'}, got {value!r}")
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if flag in config and not isinstance(config[flag], (bool, type(None))):
+            raise bad(f"{flag} must be true or false, got {config[flag]!r}")
+
+
 def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module whose path ends in it."""
     if not patterns:
@@ -126,38 +170,42 @@ def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any
 class LoraAdapter(Mapping):
     """A lazy mapping ``module path → LoraModule`` over a PEFT LoRA adapter directory."""
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
+        from safemerge.io.hub import resolve_local
+
+        self.path = resolve_local(path, allow_pickle=allow_pickle)  # Hub ids → their local snapshot
         cfg_path = self.path / ADAPTER_CONFIG
         if not self.path.is_dir():
             raise CheckpointError(f"adapter path {str(self.path)!r} does not exist or is not a directory", "pass a PEFT adapter directory")
         if not cfg_path.exists():
             raise CheckpointError(f"{self.path} is not a PEFT adapter (no {ADAPTER_CONFIG})", "pass a directory written by save_pretrained")
+        from safemerge.io.checkpoint import require_regular_file
+
+        require_regular_file(cfg_path, "adapter config")
         try:
-            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})", "fix or re-save the adapter") from exc
+        validate_adapter_config(cfg_path, self.config)
         ptype = str(self.config.get("peft_type", "LORA")).upper()
         if ptype != "LORA":
             raise CheckpointError(f"{self.path} is a {ptype} adapter; only LoRA adapters are supported", "use a LoRA adapter")
         if self.config.get("use_dora"):
             raise CheckpointError(f"{self.path} is a DoRA adapter, which is not supported", "use a plain LoRA adapter")
-        r = self.config.get("r", 8)
-        if not isinstance(r, int) or r <= 0:
-            raise CheckpointError(f"{cfg_path}: r must be a positive integer, got {r!r}", "fix adapter_config.json")
         from safemerge.io.checkpoint import Checkpoint
 
         wfile = self.path / ADAPTER_WEIGHTS
         pfile = self.path / ADAPTER_PICKLE
         if wfile.exists():
-            self._tensors = Checkpoint(wfile)
+            self._tensors = Checkpoint(wfile, allow_nonfinite=allow_nonfinite)
         elif pfile.exists():
-            self._tensors = Checkpoint(pfile, allow_pickle=allow_pickle)
+            self._tensors = Checkpoint(pfile, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         else:
             raise CheckpointError(f"{self.path} has no {ADAPTER_WEIGHTS}", "re-save the adapter with save_pretrained")
         self._index: dict[str, dict[str, str]] = {}
         self.extra_weights: dict[str, str] = {}
         self.token_rows: dict[str, tuple[str, list[int]]] = {}
+        self.base_model_type: str | None = None  # set by the model the adapter is applied to
         for key in self._tensors.names():
             k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             m = _LORA_KEY.match(k)
@@ -266,6 +314,14 @@ class LoraAdapter(Mapping):
         alpha = _pattern_value(self.config.get("alpha_pattern"), module, self.lora_alpha)
         return float(alpha) / (math.sqrt(r) if self.use_rslora else float(r))
 
+    def _is_conv1d(self, module: str) -> bool:
+        """Whether ``module`` stores its weight as (in, out), PEFT's rule for ``fan_in_fan_out``:
+        only GPT-2-style ``Conv1D`` layers are; an ``nn.Linear`` never is, whatever the flag says.
+        Without a known base model the flag is taken at its word."""
+        if self.base_model_type is None:
+            return bool(self.config.get("fan_in_fan_out", False))
+        return self.base_model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_MODULES
+
     def rank_of(self, module: str) -> int:
         return int(_pattern_value(self.config.get("rank_pattern"), module, self.r))
 
@@ -280,7 +336,7 @@ class LoraAdapter(Mapping):
         if "lora_A" in kinds:
             A = self._tensors[kinds["lora_A"]]
             B = self._tensors[kinds["lora_B"]]
-            transpose = bool(self.config.get("fan_in_fan_out", False))
+            transpose = self._is_conv1d(module)
         else:
             A = self._tensors[kinds["lora_embedding_A"]]
             B = self._tensors[kinds["lora_embedding_B"]]
@@ -306,9 +362,36 @@ class LoraAdapter(Mapping):
         return f"LoraAdapter({str(self.path)!r}, modules={len(self)}, r={self.r})"
 
 
-def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
-    """Open a PEFT LoRA adapter directory lazily."""
-    return LoraAdapter(path, allow_pickle=allow_pickle)
+def load_adapter(path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> LoraAdapter:
+    """Open a PEFT LoRA adapter directory lazily (factors holding NaN/Inf are refused on read)."""
+    return LoraAdapter(path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+
+
+def check_adapter_fits(adapter: LoraAdapter, contains: Callable[[str], bool], shape: Callable[[str], tuple[int, ...]],
+                       base_label: Any) -> None:
+    """Refuse an adapter that does not belong to a model: a target or saved weight the model lacks,
+    factors whose rank differs from ``adapter_config.json``, or a ΔW of the wrong shape.
+
+    Args:
+        contains / shape: the model's tensor lookup (a checkpoint, or a loaded model's state dict).
+        base_label: how the model is named in the message.
+    """
+    hint = "apply the adapter to the model it was trained on"
+    for w in [*adapter.weight_names, *adapter.extra_weights, *adapter.token_rows]:
+        if not contains(w):
+            raise CheckpointError(f"adapter {adapter.path} targets {w!r}, which is not in the base model {base_label}", hint)
+    for w, (_key, rows) in adapter.token_rows.items():
+        if rows and max(rows) >= shape(w)[0]:
+            raise CheckpointError(f"adapter {adapter.path} replaces row {max(rows)} of {w!r}, "
+                                  f"which has {shape(w)[0]} rows", hint)
+    for w, m in adapter.weight_names.items():
+        mod = adapter[m]  # checks the factors' rank against adapter_config.json
+        want = (int(mod.B.shape[0]), int(mod.A.shape[1]))
+        if mod.transpose:
+            want = want[::-1]
+        have = tuple(shape(w))
+        if have != want:
+            raise CheckpointError(f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {have}", hint)
 
 
 class AdaptedCheckpoint(Mapping):
@@ -322,30 +405,8 @@ class AdaptedCheckpoint(Mapping):
         self.base = base
         self.adapter = adapter
         self.path = base.path
-        missing = [w for w in adapter.weight_names if w not in base]
-        if missing:
-            raise CheckpointError(
-                f"adapter {adapter.path} targets {missing[0]!r}, which is not in the base model {base.path}",
-                "apply the adapter to the model it was trained on",
-            )
-        for w in [*adapter.extra_weights, *adapter.token_rows]:
-            if w not in base:
-                raise CheckpointError(f"adapter {adapter.path} saves {w!r}, which is not in the base model", "check the base model")
-        for w, (_key, rows) in adapter.token_rows.items():
-            if rows and max(rows) >= base.shape(w)[0]:
-                raise CheckpointError(f"adapter {adapter.path} replaces row {max(rows)} of {w!r}, which has "
-                                      f"{base.shape(w)[0]} rows", "apply the adapter to the model it was trained on")
-        for w, m in adapter.weight_names.items():
-            mod = adapter[m]
-            shape = self.shape(w)
-            want = (mod.B.shape[0], mod.A.shape[1])
-            if mod.transpose:
-                want = want[::-1]
-            if shape != want:
-                raise CheckpointError(
-                    f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {shape}",
-                    "apply the adapter to the model it was trained on",
-                )
+        adapter.base_model_type = base.config.get("model_type")
+        check_adapter_fits(adapter, lambda w: w in base, self.shape, base.path)
 
     # Metadata is the base model's.
     config = property(lambda self: self.base.config)

@@ -52,7 +52,8 @@ class ReportRow:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "how": self.how,
                 "harmful_rate": self.metric("harmful", "harmful_rate"), "harmful_ci": self.metric("harmful", "ci"),
-                "over_refusal_rate": self.metric("benign", "over_refusal_rate"), "over_refusal_ci": self.metric("benign", "ci"),
+                "over_refusal_rate": self.metric("benign", "over_refusal_rate"),
+                "over_refusal_ci": self.metric("benign", "ci"),
                 "utility": self.metric("utility", "accuracy"), "utility_ci": self.metric("utility", "ci"),
                 "n": {s: self.metric(s, "n") for s in ("harmful", "benign", "utility")}}
 
@@ -156,17 +157,21 @@ def repair(
     say = log or (lambda _m: None)
     check_output_path(out, force=force)
     if utility is None:
-        raise SafemergeError("repair needs a utility validation set", "pass --utility SET (e.g. a held-out slice of your task data)")
+        raise SafemergeError("repair needs a utility validation set",
+                             "pass --utility SET (e.g. a held-out slice of your task data)")
     if not Path(str(finetuned)).exists():
-        raise SafemergeError(f"fine-tuned path {str(finetuned)!r} does not exist", "pass a LoRA adapter or a fine-tuned model directory")
-    work = _work_dir(work_dir, finetuned, base, aligned, safety, safety_data, val_harmful, utility, extract_rank, recipe)
+        raise SafemergeError(f"fine-tuned path {str(finetuned)!r} does not exist",
+                             "pass a LoRA adapter or a fine-tuned model directory")
+    work = _work_dir(work_dir, finetuned, base, aligned, safety, safety_data, val_harmful, utility, extract_rank,
+                     recipe)
     extracted = not _is_adapter(finetuned)
     task = _task_adapter(finetuned, aligned, work, extract_rank, allow_pickle, say)
     safety_dir, trained = _safety_adapter(safety, aligned, task, work, safety_data, recipe, progress, say)
 
     val_sets = {"harmful": val_harmful if val_harmful is not None else builtin_validation_sets()["harmful"],
                 "utility": utility}
-    tests = {"harmful": test_harmful, "benign": test_benign, "utility": test_utility if test_utility is not None else utility}
+    tests = {"harmful": test_harmful, "benign": test_benign,
+             "utility": test_utility if test_utility is not None else utility}
     say("repair: tuning τ and α on the validation sets")
     tuned = autotune(base=base, aligned=aligned, finetuned=task, safety=safety_dir, val_harmful=val_sets["harmful"],
                      val_utility=val_sets["utility"], work_dir=work / "autotune", harm_margin=harm_margin, judge=judge,
@@ -216,7 +221,8 @@ def _work_dir(work_dir: str | Path | None, *parts: Any) -> Path:
         work = Path(work_dir).expanduser().absolute()
     else:
         key = [_fingerprint(p) if isinstance(p, (str, Path)) and Path(str(p)).exists() else p for p in parts]
-        work = cache_root() / "repair" / fingerprint(*[k.to_dict() if isinstance(k, SafetyLoraRecipe) else k for k in key])
+        key = [k.to_dict() if isinstance(k, SafetyLoraRecipe) else k for k in key]
+        work = cache_root() / "repair" / fingerprint(*key)
     work.mkdir(parents=True, exist_ok=True)
     return work
 
@@ -271,10 +277,12 @@ def report_markdown(rows: list[ReportRow], tuned: Any, *, utility_is_validation:
               f"merged), validation harmful {100 * (c.harmful_rate or 0):.1f}%, utility {100 * (c.utility or 0):.1f}%.",
               f"Rule: maximum validation utility subject to harmful rate ≤ aligned "
               f"{100 * (tuned.aligned['harmful_rate'] or 0):.1f}% + {100 * tuned.harm_margin:g} points"
-              + ("" if tuned.constraint_met else " — no grid point met it, so the least harmful point was chosen") + ".",
+              + ("" if tuned.constraint_met else " — no grid point met it, so the least harmful point was chosen")
+              + ".",
               f"Task adapter: {'extracted from the full fine-tune (truncated SVD)' if extracted else 'as given'}; "
               f"safety LoRA: {'trained by repair' if trained_safety else 'as given'}.",
-              "", "Pareto front on validation:", "", "| τ | α | merged | harmful | utility |", "|---:|---:|---:|---:|---:|"]
+              "", "Pareto front on validation:", "",
+              "| τ | α | merged | harmful | utility |", "|---:|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(row) + " |" for row in pareto_table(tuned)]
     return "\n".join(lines)
 

@@ -53,11 +53,13 @@ class AdapterDeltas(DeltaSource):
 
     kind = "adapter"
 
-    def __init__(self, path: str | Path, subspace: SafetySubspace, *, allow_pickle: bool = False, role: str = "adapter") -> None:
+    def __init__(self, path: str | Path, subspace: SafetySubspace, *, allow_pickle: bool = False,
+                 allow_nonfinite: bool = False, role: str = "adapter") -> None:
         from safemerge.io.adapter import load_adapter
 
         self.path = Path(path)
-        self.adapter = load_adapter(self.path, allow_pickle=allow_pickle)
+        self.adapter = load_adapter(self.path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        self.adapter.base_model_type = subspace.aligned.config.get("model_type")
         self.role = role
         self.modules = sorted(self.adapter, key=_module_sort_key)
         for m in self.modules:
@@ -106,13 +108,14 @@ class ModelDeltas(DeltaSource):
         subspace: SafetySubspace,
         *,
         targets: list[str] | None = None,
-        allow_pickle: bool = False,
+        allow_pickle: bool = False, allow_nonfinite: bool = False,
         role: str = "model",
     ) -> None:
-        from safemerge.io.checkpoint import Checkpoint
+        from safemerge.io.checkpoint import open_checkpoint
 
-        self.path = Path(path)
-        self.ckpt = Checkpoint(self.path, allow_pickle=allow_pickle)
+        self.path = Path(str(path))
+        # a directory, Hub id or MODEL+ADAPTER
+        self.ckpt = open_checkpoint(str(path), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         self.aligned = subspace.aligned
         self.modules = []
         for m in subspace.linear_modules():
@@ -168,7 +171,8 @@ def carried_over_parts(src: DeltaSource, model: Any, *, role: str = "--finetuned
         if kind.startswith("modules_to_save") and layer_index(name) is not None and len(model.shape(name)) == 2:
             raise SafemergeError(
                 f"{role} {src.path} saves the full block weight {name!r} (modules_to_save), which SafeMERGE/SafeLoRA "
-                "would have to score as a full fine-tune", "merge the adapter into a full model first and pass that model",
+                "would have to score as a full fine-tune",
+                "merge the adapter into a full model first and pass that model",
             )
     return parts
 
@@ -190,16 +194,30 @@ def open_deltas(
     subspace: SafetySubspace,
     *,
     targets: list[str] | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     role: str = "fine-tuned",
 ) -> DeltaSource:
-    """An adapter directory (``adapter_config.json``) or a full model directory, as a :class:`DeltaSource`."""
-    p = Path(str(path))
+    """An adapter directory (``adapter_config.json``), a full model directory, a Hub id of either, or
+    ``MODEL+ADAPTER``, as a :class:`DeltaSource`.
+
+    ``ALIGNED+ADAPTER`` (the adapter on the aligned model itself) is the adapter's exact low-rank
+    update; ``OTHER+ADAPTER`` is a full model whose delta to the aligned model is taken densely.
+    """
+    from safemerge.io.hub import resolve_local, split_model_ref
+
+    model, adapter = split_model_ref(str(path))
+    if adapter is not None:
+        on_aligned = resolve_local(model, allow_pickle=allow_pickle).resolve() == Path(subspace.aligned.path).resolve()
+        if not on_aligned:
+            return ModelDeltas(str(path), subspace, targets=targets, allow_pickle=allow_pickle, role=role)
+    p = resolve_local(adapter if adapter is not None else model, allow_pickle=allow_pickle)
     if not p.exists():
-        raise SafemergeError(f"{role} path {str(p)!r} does not exist", "check the path")
+        raise SafemergeError(f"{role} path {str(path)!r} does not exist", "check the path")
     if (p / "adapter_config.json").exists():
-        src: DeltaSource = AdapterDeltas(p, subspace, allow_pickle=allow_pickle, role=role)
+        src: DeltaSource = AdapterDeltas(p, subspace, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                                         role=role)
         if targets:
             src.modules = [m for m in src.modules if _matches(m, targets)]
         return src
-    return ModelDeltas(p, subspace, targets=targets, allow_pickle=allow_pickle, role=role)
+    return ModelDeltas(p, subspace, targets=targets, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                       role=role)

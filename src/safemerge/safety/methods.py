@@ -17,7 +17,8 @@ Per tensor: ``V = θ_aligned − θ_base``, ``ΔW_x = θ_x − θ_aligned``. Sim
 (SafeMERGE, SafeLoRA) score the 2-D weights inside the repeated blocks only, like
 ``safemerge safemerge``/``safelora`` do; 1-D/0-D tensors (norms, biases), embeddings and
 ``lm_head`` (an adapter's modules_to_save, trainable tokens), and tensors the fine-tune did not
-change keep the fine-tuned value — so an adapter's non-LoRA parts are carried over unchanged. SafeLoRA's number mode needs every
+change keep the fine-tuned value — so an adapter's non-LoRA parts are carried over
+unchanged. SafeLoRA's number mode needs every
 layer's ρ before deciding, so only its threshold mode exists per tensor (use
 ``safemerge safelora --mode number`` for the other).
 """
@@ -39,8 +40,8 @@ def _scored(ft: Any, name: str | None) -> bool:
     return ft.ndim == 2 and (name is None or layer_index(name) is not None)
 
 
-def safemerge_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any], generator: Any = None,
-                     name: str | None = None) -> Any:
+def safemerge_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any],
+                     generator: Any = None, name: str | None = None) -> Any:
     """SafeMERGE per tensor (Djuhera et al. 2025): ``θ_aligned + α ΔW_f + (1−α) ΔW_s`` if ρ < τ, else ``θ_ft``.
 
     ρ = cos(C ΔW_f, ΔW_f) with C = V Vᵀ/‖V‖_F (Hsu et al. 2024, Eq. 2), computed without C.
@@ -60,8 +61,8 @@ def safemerge_method(tensors: list[Any], base: Any, *, per_model: dict[str, list
     return ft
 
 
-def safelora_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any], generator: Any = None,
-                    name: str | None = None) -> Any:
+def safelora_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any],
+                    generator: Any = None, name: str | None = None) -> Any:
     """SafeLoRA per tensor, threshold mode (Hsu et al. 2024, Eq. 3): ``θ_aligned + C ΔW`` if ρ ≤ τ, else ``θ_ft``."""
     from safemerge.safety.similarity import project_dense, rho_dense
 

@@ -152,7 +152,7 @@ def write_safemerge_output(
         base_name = ft.adapter.base_model_name_or_path if isinstance(ft, AdapterDeltas) else None
         save_adapter(tmp, factors, base_model_name_or_path=base_name or str(aligned_path), dtype=torch_dtype(dtype),
                      extra_config=ft.adapter.non_lora_config(), extra_tensors=ft.adapter.non_lora_tensors())
-        copy_adapter_side_files(Path(str(finetuned)), tmp)
+        copy_adapter_side_files(ft.path, tmp)
         base_model_card = base_name or str(aligned_path)
     else:
         write_onto_ft = target is None  # full fine-tuned model: stream it, replace merged layers
@@ -178,7 +178,8 @@ def write_safemerge_output(
                 return t + (update_fn(m).as_dense() - ft.dense(m))
             return t + update_fn(m).as_dense()
 
-        write_full_model(tmp, model, adapter_update_fn(ft, upd), dtype=dtype, progress=lambda d, n: progress("write", d, n))
+        write_full_model(tmp, model, adapter_update_fn(ft, upd), dtype=dtype,
+                         progress=lambda d, n: progress("write", d, n))
         base_model_card = str(model.path)
     eval_md = None
     if evaluate is not None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from safemerge.errors import SafemergeError
+from safemerge.errors import SafemergeError, option
 
 QUESTION_KEYS = ("Question", "question", "prompt", "instruction", "Prompt", "Instruction", "input", "query")
 
@@ -128,7 +128,7 @@ def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]], *, force: b
     """Write records as JSONL through a temporary sibling file renamed into place."""
     p = Path(path).expanduser()
     if p.exists() and not force:
-        raise SafemergeError(f"output {str(path)!r} already exists", "pass --force to replace it, or choose another path")
+        raise SafemergeError(f"output {str(path)!r} already exists", f"pass {option('force')} to replace it, or choose another path")
     if p.exists() and p.is_dir():
         raise SafemergeError(f"output {str(path)!r} is a directory", "give a file name ending in .jsonl")
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +148,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise SafemergeError(f"data file {str(path)!r} does not exist", "check the path")
-    text = p.read_text(encoding="utf-8")
+    from safemerge.io.text import read_utf8
+
+    text = read_utf8(p, "data file")
     rows: list[Any]
     try:
         if p.suffix == ".jsonl":

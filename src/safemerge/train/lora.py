@@ -16,14 +16,14 @@ Optimiser: AdamW (Loshchilov & Hutter 2019) without weight decay, gradient norm 
 learning rate with linear warm-up over the first 10 % of steps and linear decay afterwards.
 
 Determinism: the LoRA initialisation uses ``torch.manual_seed(seed)``, the data order comes from
-a ``torch.Generator`` seeded with ``seed``, dropout is off; on one machine with one thread count
-the same inputs give byte-identical adapter files.
+a ``torch.Generator`` seeded with ``seed``, dropout masks (``lora_dropout``, off by default) from the
+seeded global generator, and ``target_modules`` is written sorted; on one machine with one thread
+count the same inputs give byte-identical adapter files.
 """
 from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -82,24 +82,40 @@ def _check_hparams(rank: int, alpha: float, steps: int | None, epochs: float | N
         raise ConfigError(f"epochs must be positive, got {epochs!r}", "pass a positive --epochs")
 
 
-def _load_model_and_tokenizer(model: str | Path):
+def _load_model_and_tokenizer(model: str | Path, trust_remote_code: bool = False):
+    """The model (a directory, Hub id, or ``MODEL+ADAPTER`` with the adapter merged in) and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(model).expanduser()
+    from safemerge.io.checkpoint import refuse_custom_code
+    from safemerge.io.hub import resolve_model_ref
+
+    path, adapter = resolve_model_ref(model)
     if not path.is_dir() or not (path / "config.json").exists():
         raise SafemergeError(f"model {str(model)!r} is not a Hugging Face model directory", "pass a directory with config.json and weights")
+    refuse_custom_code(path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for missing tokenizer files
         raise SafemergeError(f"cannot load the tokenizer of {path} ({type(exc).__name__})", "the model directory needs tokenizer files") from exc
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise SafemergeError(f"cannot load the model in {path} ({type(exc).__name__}: {str(exc)[:160]})", "check the model directory") from exc
+    if adapter is not None:
+        lm = _merge_adapter(lm, adapter)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return path, lm, tok
+
+
+def _merge_adapter(lm: Any, adapter: Path) -> Any:
+    """``MODEL+ADAPTER``: train on top of the adapted model, ``W + s·B A`` merged into the weights (PEFT)."""
+    from peft import PeftModel
+
+    from safemerge.evaluate.generate import local_adapter
+
+    return PeftModel.from_pretrained(lm, str(local_adapter(str(adapter))), is_trainable=False).merge_and_unload()
 
 
 def _stored_dtype(model_dir: Path) -> str:
@@ -146,7 +162,7 @@ def _batches(n: int, batch_size: int, total_steps: int, generator) -> Iterable[l
 
 
 def _model_card(out: Path, *, name: str, model: Path, merge: bool, n_records: int, n_tokens: int, hp: dict[str, Any], losses: list[float]) -> None:
-    from safemerge.io.output import md_escape, write_model_card
+    from safemerge.io.output import md_code, md_escape, write_model_card
 
     final = sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):]))
     rows = "\n".join(f"| {md_escape(k)} | {md_escape(v)} |" for k, v in hp.items())
@@ -156,7 +172,7 @@ def _model_card(out: Path, *, name: str, model: Path, merge: bool, n_records: in
         if merge
         else "```python\nfrom peft import AutoPeftModelForCausalLM\n"
         f"model = AutoPeftModelForCausalLM.from_pretrained('{name}')\n```\n\n"
-        f"or reference it in a merge config as `{md_escape(model.name)}+{md_escape(name)}`."
+        f"or reference it in a merge config as {md_code(f'{model.name}+{name}')}."
     )
     write_model_card(
         out,
@@ -194,11 +210,15 @@ def train_lora(
     force: bool = False,
     progress: bool = True,
     system: str | None = None,
+    trust_remote_code: bool = False,
+    lora_dropout: float = 0.0,
 ) -> Path:
     """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
 
     Args:
-        model: Hugging Face model directory (with tokenizer and chat template).
+        model: Hugging Face model directory (with tokenizer and chat template), Hub id, or
+            ``MODEL+ADAPTER`` (training starts from the model with that adapter merged in; the new
+            adapter applies to that merged model, so ``merge=True`` gives a self-contained model).
         data: JSONL/JSON file or iterable of records (prompt/response, instruction/input/output,
             question/answer or messages — see :mod:`safemerge.train.data`).
         out_dir: output directory, written atomically.
@@ -212,6 +232,10 @@ def train_lora(
         force: replace an existing ``out_dir``.
         progress: show a rich progress bar (stderr) with the running loss.
         system: optional system message added to every example.
+        trust_remote_code: allow a model directory whose config names its own Python code
+            (``auto_map``); refused by default.
+        lora_dropout: dropout on the LoRA input during training (PEFT's ``lora_dropout``); its
+            masks come from the seeded global generator, so runs stay byte-identical.
 
     Returns:
         ``out_dir``. It holds ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
@@ -219,20 +243,23 @@ def train_lora(
         model card ``README.md``.
     """
     _check_hparams(rank, alpha, steps, epochs, batch_size, lr, max_length)
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ConfigError(f"LoRA dropout must be in [0, 1), got {lora_dropout!r}", "pass e.g. --lora-dropout 0.05")
     target_modules = parse_targets(targets)
     from safemerge.train.data import load_sft_records
 
     records = load_sft_records(data)
-    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 
-    check_output_path(out_dir, force=force)
+    inputs = (model, data if isinstance(data, (str, Path)) else None)
+    check_output_path(out_dir, force=force, inputs=inputs)
 
     import torch
     from peft import LoraConfig, get_peft_model
 
     from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
 
-    model_dir, lm, tok = _load_model_and_tokenizer(model)
+    model_dir, lm, tok = _load_model_and_tokenizer(model, trust_remote_code)
     examples = [
         encode_chat_example(tok, r.prompt, r.response, max_length=max_length, system=r.system if r.system is not None else system)
         for r in records
@@ -244,7 +271,8 @@ def train_lora(
     warmup = int(WARMUP_FRACTION * total)
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=lora_dropout, bias="none",
+                     task_type="CAUSAL_LM")
     try:
         peft_model = get_peft_model(lm, cfg)
     except ValueError as exc:
@@ -259,7 +287,6 @@ def train_lora(
 
     peft_model.train()
     losses: list[float] = []
-    started = time.perf_counter()
     with _progress(progress) as bar:
         task = bar.add_task("train", total=total, loss="—")
         for idx in _batches(n, batch_size, total, generator):
@@ -275,17 +302,16 @@ def train_lora(
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
             bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
-    seconds = time.perf_counter() - started
     peft_model.eval()
 
     hp: dict[str, Any] = {
         "rank": rank, "alpha": alpha, "targets": target_modules if isinstance(target_modules, str) else ",".join(target_modules),
         "steps": total, "epochs": round(total / per_epoch, 4), "batch_size": batch_size, "lr": lr,
         "schedule": f"linear warm-up {warmup} steps, linear decay", "optimizer": "AdamW (no weight decay), grad-norm clip 1.0",
-        "max_length": max_length, "seed": seed, "merge": merge,
+        "max_length": max_length, "seed": seed, "merge": merge, "lora_dropout": lora_dropout,
     }
     log = {"records": n, "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
-    with atomic_output(out_dir, force=force) as tmp:
+    with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
         if merge:
             merged = peft_model.merge_and_unload()
             merged.to(getattr(torch, _stored_dtype(model_dir)))
@@ -293,22 +319,16 @@ def train_lora(
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
             peft_model.save_pretrained(tmp, safe_serialization=True)
-            # PEFT records the model path as loaded; keep it as the user gave it (stable across machines)
+            # PEFT records the model path as loaded; keep it as the user gave it (stable across machines),
+            # and target_modules sorted (PEFT stores a set, whose order changes from run to run)
             cfg_file = tmp / "adapter_config.json"
             acfg = json.loads(cfg_file.read_text())
             acfg["base_model_name_or_path"] = str(model)
+            if isinstance(acfg.get("target_modules"), list):
+                acfg["target_modules"] = sorted(acfg["target_modules"])
             cfg_file.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
         tok.save_pretrained(tmp)
         (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2) + "\n")
         _model_card(tmp, name=Path(out_dir).name, model=model_dir, merge=merge, n_records=n, n_tokens=n_tokens, hp=hp, losses=losses)
-        for f in tmp.iterdir():
-            if f.is_file():
-                f.chmod(0o644)
-    if progress:
-        from rich.console import Console
-
-        Console(stderr=True).print(
-            f"trained {total} steps on {n} records in {seconds:.1f} s ({seconds / total:.2f} s/step); "
-            f"loss {losses[0]:.4f} → {losses[-1]:.4f}; wrote {out_dir}"
-        )
+        chmod_to_umask(tmp)  # transformers writes some files 0600
     return Path(out_dir)
