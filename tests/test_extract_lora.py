@@ -108,6 +108,19 @@ def test_truncation_error_is_eckart_young(models, tmp_path):
         assert f"{m.relative_error:.3e}" in (tmp_path / "r1" / "README.md").read_text()
 
 
+def test_extraction_is_byte_identical_across_runs_and_thread_counts(models, tmp_path):
+    base, ft = models["qwen2_base"], models["qwen2_ft"]
+    extract_lora(ft, base, tmp_path / "a", max_rank=4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        extract_lora(ft, base, tmp_path / "b", max_rank=4)
+    finally:
+        torch.set_num_threads(threads)
+    for f in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+
+
 def test_same_low_rank_products_as_mergekit(models, tmp_path):
     """mergekit-extract-lora on the same models gives the same B A per linear module."""
     exe = shutil.which("mergekit-extract-lora", path=str(Path(sys.executable).parent))

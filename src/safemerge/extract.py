@@ -137,7 +137,7 @@ def extract_lora(
     """Extract a PEFT LoRA adapter ``base + adapter ≈ finetuned`` (see the module docstring).
 
     Args:
-        finetuned: the fully fine-tuned model directory.
+        finetuned: the fully fine-tuned model directory (or a Hub id).
         base: the model it was fine-tuned from (the adapter's base).
         out: adapter directory, written atomically (refused if it exists unless ``force``).
         max_rank: rank cap per module (mergekit's ``--max-rank``, default 128).
@@ -150,10 +150,10 @@ def extract_lora(
     Returns an :class:`ExtractResult`; the adapter's model card lists every module's rank and
     relative reconstruction error.
     """
-    import torch
-
+    from safemerge.engine.run import _single_intraop_thread
     from safemerge.io.adapter import PEFT_PREFIX, save_adapter
     from safemerge.io.checkpoint import Checkpoint
+    from safemerge.io.hub import resolve_local
     from safemerge.io.output import atomic_output, check_output_path
     from safemerge.safety.writing import copy_adapter_side_files, torch_dtype
 
@@ -164,6 +164,7 @@ def extract_lora(
                              "pass e.g. --sv-epsilon 1e-4")
     out_dtype = torch_dtype(dtype)
     check_output_path(out, force=force, inputs=(finetuned, base))
+    finetuned, base = (resolve_local(p, allow_pickle=allow_pickle) for p in (finetuned, base))  # Hub ids → snapshots
     for role, p in (("fine-tuned model", finetuned), ("--base", base)):
         if (Path(str(p)) / "adapter_config.json").exists():
             raise SafemergeError(f"the {role} {p} is already a LoRA adapter",
@@ -173,44 +174,15 @@ def extract_lora(
     names = ft.names()
     _check_same_tensors(ft, bs, names)
     result = ExtractResult(out=Path(out))
-    factors: dict[str, tuple[Any, Any]] = {}
-    embedding_modules: list[str] = []
+    acc = _Accumulator(result)
+    with _single_intraop_thread():  # the SVD's bits must not depend on the thread count (and 1 thread is faster)
+        for i, name in enumerate(names):
+            acc.add(name, ft, bs, types.get(name.rpartition(".")[0], "other"), max_rank=max_rank,
+                    sv_epsilon=sv_epsilon, embed_lora=embed_lora, save_modules=save_modules, out_dtype=out_dtype)
+            if progress is not None:
+                progress("extract", i + 1, len(names))
+    factors, embedding_modules, to_save, biases = acc.factors, acc.embedding_modules, acc.to_save, acc.biases
     saved: dict[str, Any] = {}
-    to_save: list[str] = []
-    biases: list[str] = []
-    for i, name in enumerate(names):
-        module, _, leaf = name.rpartition(".")
-        w_ft = ft.get(name, dtype=None)
-        if not w_ft.is_floating_point():
-            continue
-        delta = w_ft.to(torch.float32) - bs.get(name, dtype=torch.float32)
-        norm = float(torch.linalg.vector_norm(delta))
-        kind = types.get(module, "other")
-        if norm == 0.0:
-            result.modules.append(ModuleExtraction(name, "unchanged", delta_norm=0.0))
-        elif leaf == "bias" and kind == "linear" and not _matches(module, save_modules):
-            biases.append(name)
-            result.modules.append(ModuleExtraction(name, "bias", delta_norm=norm))
-        elif leaf == "weight" and w_ft.ndim == 2 and _lora_kind(kind, embed_lora) and not _matches(module,
-                                                                                                   save_modules):
-            transpose = kind == "embedding"
-            A, B, err = truncated_factors(delta.T if transpose else delta, max_rank=max_rank, sv_epsilon=sv_epsilon)
-            if A.shape[0] == 0:
-                result.modules.append(ModuleExtraction(name, "below epsilon", rank=0, relative_error=1.0,
-                                                       delta_norm=norm))
-            else:
-                factors[module] = (A.to(out_dtype or w_ft.dtype), B.to(out_dtype or w_ft.dtype))
-                if transpose:
-                    embedding_modules.append(module)
-                result.modules.append(ModuleExtraction(name, "lora_embedding" if transpose else "lora",
-                                                       rank=int(A.shape[0]), relative_error=err, delta_norm=norm))
-        else:
-            if module not in to_save:
-                to_save.append(module)
-            result.modules.append(ModuleExtraction(name, "modules_to_save", delta_norm=norm))
-        del w_ft, delta
-        if progress is not None:
-            progress("extract", i + 1, len(names))
     # a module saved at full rank is saved whole (weight and bias), as PEFT's ModulesToSaveWrapper does
     for name in names:
         module = name.rpartition(".")[0]
@@ -233,6 +205,51 @@ def extract_lora(
         _write_card(tmp, result, finetuned=finetuned, base=base, max_rank=max_rank, sv_epsilon=sv_epsilon,
                     embed_lora=embed_lora)
     return result
+
+
+@dataclass
+class _Accumulator:
+    """What the extraction has decided so far: LoRA factors, full-rank modules, changed biases."""
+
+    result: ExtractResult
+    factors: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    embedding_modules: list[str] = field(default_factory=list)
+    to_save: list[str] = field(default_factory=list)
+    biases: list[str] = field(default_factory=list)
+
+    def add(self, name: str, ft: Any, bs: Any, kind: str, *, max_rank: int, sv_epsilon: float, embed_lora: bool,
+            save_modules: Sequence[str], out_dtype: Any) -> None:
+        """Read one tensor of the fine-tune and the base, and decide how it is written (mergekit's rules)."""
+        import torch
+
+        module, _, leaf = name.rpartition(".")
+        w_ft = ft.get(name, dtype=None)
+        if not w_ft.is_floating_point():
+            return
+        delta = w_ft.to(torch.float32) - bs.get(name, dtype=torch.float32)
+        norm = float(torch.linalg.vector_norm(delta))
+        record = self.result.modules.append
+        full_rank = _matches(module, save_modules)
+        if norm == 0.0:
+            record(ModuleExtraction(name, "unchanged", delta_norm=0.0))
+        elif leaf == "bias" and kind == "linear" and not full_rank:
+            self.biases.append(name)
+            record(ModuleExtraction(name, "bias", delta_norm=norm))
+        elif leaf == "weight" and w_ft.ndim == 2 and _lora_kind(kind, embed_lora) and not full_rank:
+            transpose = kind == "embedding"  # PEFT's lora_embedding_A/B factorise ΔWᵀ
+            A, B, err = truncated_factors(delta.T if transpose else delta, max_rank=max_rank, sv_epsilon=sv_epsilon)
+            if A.shape[0] == 0:
+                record(ModuleExtraction(name, "below epsilon", rank=0, relative_error=1.0, delta_norm=norm))
+                return
+            self.factors[module] = (A.to(out_dtype or w_ft.dtype), B.to(out_dtype or w_ft.dtype))
+            if transpose:
+                self.embedding_modules.append(module)
+            record(ModuleExtraction(name, "lora_embedding" if transpose else "lora", rank=int(A.shape[0]),
+                                    relative_error=err, delta_norm=norm))
+        else:
+            if module not in self.to_save:
+                self.to_save.append(module)
+            record(ModuleExtraction(name, "modules_to_save", delta_norm=norm))
 
 
 def _lora_kind(kind: str, embed_lora: bool) -> bool:

@@ -154,8 +154,12 @@ def repair(
     from safemerge.io.output import check_output_path
     from safemerge.repair.safety_lora import builtin_validation_sets
 
+    from safemerge.io.hub import resolve_local
+
     say = log or (lambda _m: None)
-    check_output_path(out, force=force)
+    check_output_path(out, force=force, inputs=(finetuned, base, aligned, safety, merge_into))
+    finetuned, base, aligned = (resolve_local(p, allow_pickle=allow_pickle) for p in (finetuned, base, aligned))
+    safety, merge_into = (None if p is None else resolve_local(p, allow_pickle=allow_pickle) for p in (safety, merge_into))
     if utility is None:
         raise SafemergeError("repair needs a utility validation set",
                              "pass --utility SET (e.g. a held-out slice of your task data)")
