@@ -321,7 +321,7 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
     from safemerge.io.hub import resolve_local
 
     path = resolve_local(model, allow_pickle=allow_pickle)  # a Hub id becomes its local snapshot
-    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kw: dict[str, Any] = {}
     if not path.exists():
         raise CheckpointError(f"model not found: {model}", "pass a local model directory, a .gguf file or a Hub id org/name")
     _check_weights(path, allow_pickle)
