@@ -35,6 +35,9 @@ def train_lora_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for the LoRA initialisation and the data order."),
     system: Optional[str] = typer.Option(None, "--system", help="System message added to every example.", show_default=False),
     merge: bool = typer.Option(False, "--merge", help="Write a full model with the LoRA merged into the weights."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", show_default=False,
+        help="float32 | bfloat16 (autocast; default: bfloat16 where the CPU supports it natively, else float32)."),
     force: bool = force_option(),
 ) -> None:
     """Train a LoRA on DATA and write it to OUT."""
@@ -43,5 +46,5 @@ def train_lora_cmd(
     train_lora(
         model, data, out, rank=rank, alpha=alpha, targets=targets, steps=steps, epochs=epochs,
         batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, merge=merge, force=force,
-        progress=True, system=system,
+        progress=True, system=system, precision=precision,
     )

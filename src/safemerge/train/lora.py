@@ -102,6 +102,16 @@ def _load_model_and_tokenizer(model: str | Path):
     return path, lm, tok
 
 
+def _training_precision(precision: str | None) -> str:
+    """``float32`` or ``bfloat16`` (autocast): the generation dtype decision applied to training."""
+    from safemerge.evaluate.generate import resolve_dtype
+
+    chosen = resolve_dtype(precision, "cpu")
+    if chosen not in ("float32", "bfloat16"):
+        raise ConfigError(f"unsupported training precision {precision!r}", "use --precision float32 or bfloat16")
+    return chosen
+
+
 def _stored_dtype(model_dir: Path) -> str:
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
@@ -194,6 +204,7 @@ def train_lora(
     force: bool = False,
     progress: bool = True,
     system: str | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
 
@@ -212,6 +223,10 @@ def train_lora(
         force: replace an existing ``out_dir``.
         progress: show a rich progress bar (stderr) with the running loss.
         system: optional system message added to every example.
+        precision: ``float32``, ``bfloat16`` or ``None``/``"auto"`` (the evaluation default of
+            :func:`safemerge.evaluate.generate.resolve_dtype`: bf16 where the CPU has it natively).
+            bfloat16 runs forward and backward under ``torch.autocast``; the LoRA and base
+            weights, the optimiser state and the loss stay float32.
 
     Returns:
         ``out_dir``. It holds ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
@@ -219,6 +234,7 @@ def train_lora(
         model card ``README.md``.
     """
     _check_hparams(rank, alpha, steps, epochs, batch_size, lr, max_length)
+    compute_dtype = _training_precision(precision)
     target_modules = parse_targets(targets)
     from safemerge.train.data import load_sft_records
 
@@ -264,8 +280,8 @@ def train_lora(
         task = bar.add_task("train", total=total, loss="—")
         for idx in _batches(n, batch_size, total, generator):
             batch = collate([examples[i] for i in idx], tok.pad_token_id)
-            out = peft_model(**batch)
-            loss = out.loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
+                loss = peft_model(**batch).loss
             if not torch.isfinite(loss):
                 raise SafemergeError(f"the training loss became {loss.item()} at step {len(losses) + 1}", "lower --lr")
             loss.backward()
@@ -282,7 +298,7 @@ def train_lora(
         "rank": rank, "alpha": alpha, "targets": target_modules if isinstance(target_modules, str) else ",".join(target_modules),
         "steps": total, "epochs": round(total / per_epoch, 4), "batch_size": batch_size, "lr": lr,
         "schedule": f"linear warm-up {warmup} steps, linear decay", "optimizer": "AdamW (no weight decay), grad-norm clip 1.0",
-        "max_length": max_length, "seed": seed, "merge": merge,
+        "max_length": max_length, "seed": seed, "merge": merge, "precision": compute_dtype,
     }
     log = {"records": n, "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
     with atomic_output(out_dir, force=force) as tmp:
