@@ -37,7 +37,7 @@ def train_lora_cmd(
     merge: bool = typer.Option(False, "--merge", help="Write a full model with the LoRA merged into the weights."),
     precision: Optional[str] = typer.Option(
         None, "--precision", show_default=False,
-        help="float32 | bfloat16 (autocast; default: bfloat16 where the CPU supports it natively, else float32)."),
+        help="float32 (default) | bfloat16 (autocast) | auto (bfloat16 where the CPU supports it natively)."),
     force: bool = force_option(),
 ) -> None:
     """Train a LoRA on DATA and write it to OUT."""

@@ -38,7 +38,10 @@ from safemerge.evaluate.metrics import (
 )
 
 SUITES = ("harmful", "benign", "utility")
-DEFAULT_MAX_NEW_TOKENS = {"harmful": 128, "benign": 64}
+#: New tokens per suite (issue 13): a refusal-keyword decision is settled by the first sentence (agreement with
+#: 128 tokens measured in docs/evaluation.md); harmful keeps some more for model judges. The same for every judge,
+#: so re-judging cached generations with another judge regenerates nothing.
+DEFAULT_MAX_NEW_TOKENS = {"harmful": 64, "benign": 48}
 UTILITY_MAX_NEW_TOKENS = {"gsm8k": 256, "number": 96, "pubmedqa": 16, "mc": 8, "exact": 32}
 
 

@@ -88,25 +88,30 @@ def _resolve_device(device: str | None) -> str:
     return device
 
 
+def bf16_feature(cpuinfo: str, machine: str) -> str | None:
+    """The bf16 feature named in a ``/proc/cpuinfo`` text: x86 ``amx_bf16`` or ``avx512_bf16``
+    (``flags``), ARM ``bf16`` (``Features``); ``None`` when there is none."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    wanted = ("amx_bf16", "avx512_bf16") if machine.lower() in ("x86_64", "amd64") else ("bf16",)
+    return next((f for f in wanted if f in flags), None)
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_bf16_feature() -> str | None:
-    """The CPU feature that makes bfloat16 matmuls native here, or ``None``.
+    """The feature of this CPU that makes bfloat16 matmuls native (:func:`bf16_feature`), or ``None``.
 
-    x86: ``amx_bf16`` or ``avx512_bf16`` in the ``flags`` of ``/proc/cpuinfo`` (oneDNN then runs
-    bf16 GEMMs natively); ARM: ``bf16`` in ``Features``. Without one of them PyTorch emulates bf16
-    and it is slower than float32, so float32 stays the default there.
+    With AVX512-BF16 or AMX (x86) or the ARM ``bf16`` extension oneDNN runs bf16 GEMMs natively;
+    without one PyTorch emulates bf16 and it is slower than float32, so float32 stays the default.
     """
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
-    flags: set[str] = set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            flags.update(value.split())
-    wanted = ("amx_bf16", "avx512_bf16") if platform.machine().lower() in ("x86_64", "amd64") else ("bf16",)
-    return next((f for f in wanted if f in flags), None)
+    return bf16_feature(text, platform.machine())
 
 
 def resolve_dtype(dtype: str | None, device: str) -> str:

@@ -103,10 +103,13 @@ def _load_model_and_tokenizer(model: str | Path):
 
 
 def _training_precision(precision: str | None) -> str:
-    """``float32`` or ``bfloat16`` (autocast): the generation dtype decision applied to training."""
+    """``float32`` (default) or ``bfloat16`` (autocast); ``auto`` is the generation dtype decision
+    (:func:`~safemerge.evaluate.generate.resolve_dtype`). float32 stays the default because bf16
+    autocast changes what a LoRA learns enough to move the tiny CI world's SafeMERGE result
+    (docs/training.md)."""
     from safemerge.evaluate.generate import resolve_dtype
 
-    chosen = resolve_dtype(precision, "cpu")
+    chosen = "float32" if precision is None else resolve_dtype(precision, "cpu")
     if chosen not in ("float32", "bfloat16"):
         raise ConfigError(f"unsupported training precision {precision!r}", "use --precision float32 or bfloat16")
     return chosen
@@ -223,7 +226,7 @@ def train_lora(
         force: replace an existing ``out_dir``.
         progress: show a rich progress bar (stderr) with the running loss.
         system: optional system message added to every example.
-        precision: ``float32``, ``bfloat16`` or ``None``/``"auto"`` (the evaluation default of
+        precision: ``float32`` (default), ``bfloat16`` or ``"auto"`` (the evaluation default of
             :func:`safemerge.evaluate.generate.resolve_dtype`: bf16 where the CPU has it natively).
             bfloat16 runs forward and backward under ``torch.autocast``; the LoRA and base
             weights, the optimiser state and the loss stay float32.
