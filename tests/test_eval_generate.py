@@ -122,7 +122,8 @@ def test_adapter_applied_without_merging(tiny, tmp_path):
     gen = load_generator(str(path), adapter=str(tmp_path / "adapter"), backend="hf", device="cpu", dtype="float32")
     assert isinstance(gen.model, PeftModel)  # not merged
     assert any("lora_A" in n for n, _ in gen.model.named_parameters())
-    plain = load_generator(str(path), backend="hf", dtype="float32").generate(PROMPTS, max_new_tokens=10, progress=False)
+    plain_gen = load_generator(str(path), backend="hf", dtype="float32")
+    plain = plain_gen.generate(PROMPTS, max_new_tokens=10, progress=False)
     adapted = gen.generate(PROMPTS, max_new_tokens=10, progress=False)
     assert adapted != plain
     merged = HFGenerator(peft_model.merge_and_unload(), tok).generate(PROMPTS, max_new_tokens=10, progress=False)

@@ -26,7 +26,9 @@ def eval_command(
     judge: str = typer.Option("keyword", "--judge", help="keyword | keyword:gcg | llamaguard[1|2|3]:PATH | harmbench:PATH | classifier:PATH."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Use only the first N prompts of each set."),
     batch_size: Optional[int] = generation_batch_size_option(),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Tokens to generate per prompt (default per suite: 64 harmful, 48 benign, by metric for utility)."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", min=1,
+        help="Tokens to generate per prompt (default per suite: 64 harmful, 48 benign, by metric for utility)."),
     backend: str = typer.Option("auto", "--backend", help="auto (vLLM if installed and CUDA present) | hf | vllm."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if available)."),
     dtype: Optional[str] = generation_dtype_option(),

@@ -36,8 +36,9 @@ def dtype_option() -> Any:
 
 def generation_dtype_option(flag: str = "--dtype") -> Any:
     """Generation compute dtype; the default is decided by :func:`safemerge.evaluate.generate.resolve_dtype`."""
-    return typer.Option(None, flag, help="Generation dtype: float32 (exact) | bfloat16 | float16 (default: bfloat16 "
-                                         "on CUDA and on CPUs with native bf16 — AVX512-BF16, AMX, ARM bf16 — else float32).")
+    return typer.Option(None, flag, help="Generation dtype: float32 (exact) | bfloat16 | float16 (default: "
+                                         "bfloat16 on CUDA and on CPUs with native bf16 — AVX512-BF16, AMX, ARM "
+                                         "bf16 — else float32).")
 
 
 def generation_batch_size_option() -> Any:

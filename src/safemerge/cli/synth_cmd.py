@@ -102,12 +102,14 @@ def safety_cmd(
             idx = sorted(random.Random(seed).sample(range(len(qs)), num))
             qs = [qs[i] for i in idx]
     else:
-        gen = load_generator(generator, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        gen = load_generator(generator, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
+                             allow_pickle=allow_pickle)
         qs = generate_unsafe_questions(gen, num, categories=cats, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=True)
         del gen
         if not qs:
             raise SafemergeError("the generator produced no parsable questions", "use a stronger instruction-following generator, or --prompts")
-    gens = {name: load_generator(p, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(pool).items()}
+    gens = {name: load_generator(p, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle) for name, p in _labels(pool).items()}
     records = build_safety_set(qs, gens, load_judge(judge), seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                require_refusal=require_refusal, stats=stats, progress=True)
     _print_stats("synth safety", stats.as_dict())
@@ -144,7 +146,8 @@ def domain_cmd(
     if output.exists() and not force:
         raise SafemergeError(f"output {str(output)!r} already exists", "pass --force to replace it, or choose another path")
     seeds = [q["prompt"] for q in load_questions(seed_file)]
-    gens = {name: load_generator(p, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(model).items()}
+    gens = {name: load_generator(p, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle) for name, p in _labels(model).items()}
     stats = DomainStats()
     records = build_domain_set(gens, seeds, topic, num, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=True)
     _print_stats("synth domain", stats.as_dict())

@@ -243,7 +243,8 @@ def evaluate(
 
     def make_generator() -> Any:
         return load_generator(model, tokenizer=tokenizer, adapter=adapter, backend=backend_name, device=device,
-                              dtype=dtype_name if backend_name == "hf" else dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                              dtype=dtype_name if backend_name == "hf" else dtype,
+                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                               identity=identity)
 
     out_path = Path(out_dir).expanduser() if out_dir is not None else None

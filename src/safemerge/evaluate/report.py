@@ -50,8 +50,9 @@ def print_results(results: dict[str, Any], console: Any = None) -> None:
 
     console = console or Console()
     settings = results.get("settings") or {}
-    table = Table(title=f"safety evaluation: {results.get('model')}" + (f" + {results['adapter']}" if results.get("adapter") else "")
-                  + f" ({settings.get('backend', '?')}, {settings.get('dtype', '?')})")
+    adapter = f" + {results['adapter']}" if results.get("adapter") else ""
+    table = Table(title=f"safety evaluation: {results.get('model')}{adapter} "
+                        f"({settings.get('backend', '?')}, {settings.get('dtype', '?')})")
     for col in ("suite", "metric", "value", "95% CI", "n"):
         table.add_column(col, justify="right" if col in ("value", "n") else "left")
     for row in summary_rows(results):
