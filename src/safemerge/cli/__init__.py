@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "safemerge.cli.train_cmd",
     "safemerge.cli.merge_cmd",
     "safemerge.cli.safety_cmd",
+    "safemerge.cli.repair_cmd",
     "safemerge.cli.synth_cmd",
     "safemerge.cli.optimize_cmd",
     "safemerge.cli.methods_cmd",

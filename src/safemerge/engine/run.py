@@ -165,19 +165,21 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
     if plan.method.stochastic:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
     try:
+        named = {"name": job.out_name} if plan.method.extra.get("needs_tensor_name") else {}
         if keep:
-            return _mergekit_arithmetic(plan, job, tensors, base, gen)
-        return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
+            return _mergekit_arithmetic(plan, job, tensors, base, gen, named)
+        return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen, **named)
     except SafemergeError:
         raise
     except (RuntimeError, ValueError) as exc:
         raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
 
 
-def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, gen):  # noqa: ANN001, ANN202
+def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, gen, named: dict):  # noqa: ANN001, ANN202
     """One tensor as mergekit computes it: inputs promoted to one dtype (the config's ``dtype``
     when set), the method's mergekit-order kernel in that dtype — or, for methods mergekit runs
-    in float32 internally, the float32 kernel rounded back to that dtype."""
+    in float32 internally, the float32 kernel rounded back to that dtype. ``named`` is the tensor
+    name for methods that need it (``needs_tensor_name``)."""
     import torch
 
     from safemerge.methods.mergekit_order import KERNELS
@@ -192,7 +194,8 @@ def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, g
     if kernel is not None:
         return kernel(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
     wide = type(tensors)(t.float() for t in tensors)
-    out = plan.method.fn(wide, base.float() if base is not None else None, per_model=job.per_model, params=job.params, generator=gen)
+    out = plan.method.fn(wide, base.float() if base is not None else None, per_model=job.per_model, params=job.params,
+                         generator=gen, **named)
     return out.to(dtype)
 
 

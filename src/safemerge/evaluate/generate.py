@@ -455,8 +455,8 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
         load_kw = dict(kw)
         if "gguf_file" not in kw and not allow_pickle:
             load_kw["use_safetensors"] = True
-        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code, **load_kw)
-        tok = tokenizer or AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
+        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **load_kw)  # load_kw has trust_remote_code
+        tok = tokenizer or AutoTokenizer.from_pretrained(src, **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load model {model}: {' '.join(str(exc).split())[:200]}",
                               "check that the directory is a complete Hugging Face causal-LM checkpoint") from exc

@@ -43,6 +43,10 @@ CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
 
 # Adapter tensors that are neither LoRA factors nor full weights and that we cannot apply.
 _UNSUPPORTED_KEY = re.compile(r"\.(lora_magnitude_vector|lora_E|ia3_l|hada_w|lokr_w|oft_r|boft_R)\b")
+# PEFT trainable tokens (``trainable_token_indices``): the new values of some embedding rows.
+_TOKEN_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[A-Za-z0-9_\-]+)?$")
+# adapter_config.json fields that describe the non-LoRA parts (copied when an adapter is rewritten)
+NON_LORA_CONFIG_FIELDS = ("modules_to_save", "bias", "trainable_token_indices")
 
 
 @dataclass
@@ -200,10 +204,16 @@ class LoraAdapter(Mapping):
             raise CheckpointError(f"{self.path} has no {ADAPTER_WEIGHTS}", "re-save the adapter with save_pretrained")
         self._index: dict[str, dict[str, str]] = {}
         self.extra_weights: dict[str, str] = {}
+        self.token_rows: dict[str, tuple[str, list[int]]] = {}
         self.base_model_type: str | None = None  # set by the model the adapter is applied to
         for key in self._tensors.names():
             k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             m = _LORA_KEY.match(k)
+            tok = _TOKEN_KEY.match(k)
+            if tok:
+                module = tok.group("module")
+                self.token_rows[f"{module}.weight"] = (key, self._token_indices(module))
+                continue
             if m and m.group("param") == ".bias":
                 raise CheckpointError(
                     f"{self.path}: {k} is a LoRA bias (lora_bias=True), which is not supported",
@@ -224,6 +234,63 @@ class LoraAdapter(Mapping):
                 raise CheckpointError(f"{self.path}: module {mod} has only {sorted(kinds)}", "the adapter is incomplete; re-save it")
         if not self._index:
             raise CheckpointError(f"{self.path} contains no LoRA weights", "check that this is a trained LoRA adapter")
+
+    def _token_indices(self, module: str) -> list[int]:
+        """The rows of ``module`` that PEFT's trainable tokens replace (``trainable_token_indices``)."""
+        spec = self.config.get("trainable_token_indices")
+        if isinstance(spec, dict):
+            spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+        if not isinstance(spec, list) or not all(isinstance(i, int) and i >= 0 for i in spec):
+            raise CheckpointError(
+                f"{self.path}: trainable tokens of {module} have no valid trainable_token_indices in {ADAPTER_CONFIG}",
+                "re-save the adapter with save_pretrained",
+            )
+        return [int(i) for i in spec]
+
+    @property
+    def non_lora_keys(self) -> list[str]:
+        """Stored keys of everything that is not a LoRA factor (saved modules, biases, trainable tokens)."""
+        return sorted([*self.extra_weights.values(), *(key for key, _ in self.token_rows.values())])
+
+    def non_lora_parts(self) -> dict[str, str]:
+        """Base tensor name → what the adapter does to it outside LoRA (for reports and model cards)."""
+        parts: dict[str, str] = {}
+        for name, key in sorted(self.extra_weights.items()):
+            if name.endswith(".bias"):
+                parts[name] = "bias (replaced)"
+            elif ".base_layer." in key:
+                parts[name] = "saved embedding (replaced)"
+            else:
+                parts[name] = "modules_to_save (replaced)"
+        for name, (_key, rows) in sorted(self.token_rows.items()):
+            parts[name] = f"trainable tokens ({len(rows)} rows replaced)"
+        return parts
+
+    def apply_non_lora(self, name: str, t: Any) -> Any | None:
+        """``t`` (base tensor ``name``) with the adapter's non-LoRA change, or ``None`` if it has none.
+
+        modules_to_save and LoRA biases (``bias="lora_only"``/``"all"``) replace the tensor;
+        trainable tokens overwrite their rows (``W.index_copy(0, indices, values)``, as PEFT merges).
+        """
+        import torch
+
+        out = None
+        key = self.extra_weights.get(name)
+        if key is not None:
+            out = self._tensors.get(key, dtype=torch.float32).to(t.dtype)
+        if name in self.token_rows:
+            key, rows = self.token_rows[name]
+            values = self._tensors.get(key, dtype=torch.float32).to(t.dtype)
+            out = (t if out is None else out).index_copy(0, torch.tensor(rows, dtype=torch.long), values)
+        return out
+
+    def non_lora_tensors(self) -> dict[str, Any]:
+        """Stored key → tensor (as stored) of every non-LoRA part, to carry into a rewritten adapter."""
+        return {key: self._tensors.get(key, dtype=None) for key in self.non_lora_keys}
+
+    def non_lora_config(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` fields that PEFT needs to load the non-LoRA parts."""
+        return {f: self.config[f] for f in NON_LORA_CONFIG_FIELDS if f in self.config}
 
     @property
     def r(self) -> int:
@@ -310,9 +377,13 @@ def check_adapter_fits(adapter: LoraAdapter, contains: Callable[[str], bool], sh
         base_label: how the model is named in the message.
     """
     hint = "apply the adapter to the model it was trained on"
-    for w in [*adapter.weight_names, *adapter.extra_weights]:
+    for w in [*adapter.weight_names, *adapter.extra_weights, *adapter.token_rows]:
         if not contains(w):
             raise CheckpointError(f"adapter {adapter.path} targets {w!r}, which is not in the base model {base_label}", hint)
+    for w, (_key, rows) in adapter.token_rows.items():
+        if rows and max(rows) >= shape(w)[0]:
+            raise CheckpointError(f"adapter {adapter.path} replaces row {max(rows)} of {w!r}, "
+                                  f"which has {shape(w)[0]} rows", hint)
     for w, m in adapter.weight_names.items():
         mod = adapter[m]  # checks the factors' rank against adapter_config.json
         want = (int(mod.B.shape[0]), int(mod.A.shape[1]))
@@ -383,9 +454,9 @@ class AdaptedCheckpoint(Mapping):
         import torch
 
         real = self.base.aliases.get(name, name)
-        if real in self.adapter.extra_weights or real not in self.adapter.weight_names:
-            if real in self.adapter.extra_weights:
-                return self.get(name, dtype=dtype)[start:stop]
+        if real in self.adapter.extra_weights or real in self.adapter.token_rows:
+            return self.get(name, dtype=dtype)[start:stop]
+        if real not in self.adapter.weight_names:
             return self.base.get_rows(real, start, stop, dtype=dtype)
         rows = self.adapter[self.adapter.weight_names[real]].delta_rows(start, stop)
         t = self.base.get_rows(real, start, stop, dtype=torch.float32) + rows
@@ -400,9 +471,13 @@ class AdaptedCheckpoint(Mapping):
         real = self.base.aliases.get(name, name)
         key = self._replacement(name)
         source, source_name = (self.adapter._tensors, key) if key else (self.base, real)
-        if real in self.adapter.weight_names:
+        lora = real in self.adapter.weight_names
+        if lora or real in self.adapter.token_rows:
             stored = source.dtype_name(source_name)
-            w = source.get(source_name, dtype=torch.float32) + self.adapter[self.adapter.weight_names[real]].delta()
+            w = source.get(source_name, dtype=torch.float32)
+            w = self.adapter.apply_non_lora(real, w) if real in self.adapter.token_rows else w
+            if lora:
+                w = w + self.adapter[self.adapter.weight_names[real]].delta()
             t = w if dtype is not None else w.to(getattr(torch, stored))
         else:
             t = source.get(source_name, dtype=None)
@@ -421,6 +496,7 @@ def save_adapter(
     extra_config: Mapping[str, Any] | None = None,
     dtype: Any = None,
     embedding_modules: Collection[str] = (),
+    extra_tensors: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a PEFT LoRA adapter whose module ``m`` has ``ΔW = B @ A`` exactly (scaling 1).
 
@@ -437,6 +513,9 @@ def save_adapter(
             written as ``lora_embedding_A`` (r × vocab) / ``lora_embedding_B`` (dim × r) and PEFT
             applies ``ΔW = (B @ A)ᵀ`` to the (vocab × dim) matrix, like :class:`LoraModule` with
             ``transpose=True``.
+        extra_tensors: stored key → tensor written unchanged next to the factors: the non-LoRA
+            parts of an adapter (:meth:`LoraAdapter.non_lora_tensors`); pass the config fields
+            that describe them (:meth:`LoraAdapter.non_lora_config`) in ``extra_config``.
 
     Every module gets ``lora_alpha == r`` so that PEFT's scaling is exactly 1 (no rsLoRA;
     LoRA, Hu et al. 2021, Eq. 3 with α = r). The directory loads with
@@ -489,5 +568,9 @@ def save_adapter(
     }
     if extra_config:
         config.update(extra_config)
+    for key, t in sorted((extra_tensors or {}).items()):
+        if key in tensors:
+            raise CheckpointError(f"adapter tensor {key!r} is both a LoRA factor and an extra tensor", "internal error")
+        tensors[key] = t.detach().contiguous()
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

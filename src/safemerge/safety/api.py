@@ -110,7 +110,10 @@ class SafeMergeResult:
         output: ``"adapter"`` or ``"model"``.
         scores: one :class:`LayerScore` per fine-tuned module (``merged`` = ρ < τ).
         reconstruction_error: module → ‖ΔW − B A‖_F/‖ΔW‖_F for SVD-truncated layers.
-        ignored_safety_modules: safety-adapter modules the fine-tuned update does not touch.
+        ignored_safety_modules: safety-adapter modules the fine-tuned update does not touch, and the
+            safety adapter's non-LoRA parts (never applied).
+        carried_over: the fine-tuned adapter's non-LoRA parts (modules_to_save, biases, trainable
+            tokens), written unchanged: tensor name → what it is.
     """
 
     out: Path
@@ -124,6 +127,7 @@ class SafeMergeResult:
     density: float | None = None
     reconstruction_error: dict[str, float] = field(default_factory=dict)
     ignored_safety_modules: list[str] = field(default_factory=list)
+    carried_over: dict[str, str] = field(default_factory=dict)
     evaluation: Any = None
 
     @property
@@ -143,6 +147,7 @@ class SafeMergeResult:
             "merged": len(self.merged),
             "layers": [s.to_dict() | ({"reconstruction_error": self.reconstruction_error[s.module]} if s.module in self.reconstruction_error else {}) for s in self.scores],
             "ignored_safety_modules": self.ignored_safety_modules,
+            "carried_over": self.carried_over,
         }
 
 
@@ -190,7 +195,7 @@ def safemerge_adapters(
     Returns a :class:`SafeMergeResult`.
     """
     from safemerge.io.output import atomic_output, check_output_path
-    from safemerge.safety.deltas import AdapterDeltas, open_deltas
+    from safemerge.safety.deltas import AdapterDeltas, carried_over_parts, open_deltas
     from safemerge.safety.safemerge import check_strategy
     from safemerge.safety.scoring import score_sources
     from safemerge.safety.selection import check_tau, check_unit, mark, select_below
@@ -245,12 +250,16 @@ def safemerge_adapters(
     mark(scores, select_below(scores, tau, strict=True))
     merged = {s.module for s in scores if s.merged}
     ignored = sorted(set(sf.modules) - set(ft.modules))
+    if isinstance(sf, AdapterDeltas):
+        ignored += [f"{name} ({kind}, not applied)" for name, kind in sf.adapter.non_lora_parts().items()]
+    carried = carried_over_parts(ft, target if target is not None else sub.aligned)
     if compat is not None:
         _check_equal_ranks(ft, sf)
 
     result = SafeMergeResult(
         out=Path(out), output=output, scores=scores, tau=tau, alpha=alpha, strategy=strategy, compat=compat,
         seed=seed, density=density if strategy != "linear" else None, ignored_safety_modules=ignored,
+        carried_over=carried,
     )
     from safemerge.safety.safemerge_io import build_layer_update, write_safemerge_output
 
@@ -285,6 +294,7 @@ class SafeLoRAResult:
     mode: str
     tau: float
     num_layers: int | None = None
+    carried_over: dict[str, str] = field(default_factory=dict)
 
     @property
     def projected(self) -> list[str]:
@@ -293,7 +303,7 @@ class SafeLoRAResult:
     def to_dict(self) -> dict[str, Any]:
         return {"method": "safelora", "output": self.output, "mode": self.mode, "tau": self.tau,
                 "num_layers": self.num_layers, "projected": len(self.projected),
-                "layers": [s.to_dict() for s in self.scores]}
+                "layers": [s.to_dict() for s in self.scores], "carried_over": self.carried_over}
 
 
 def safelora(

@@ -140,6 +140,43 @@ class ModelDeltas(DeltaSource):
         return self.ckpt.get(w) - self.aligned.get(w)
 
 
+def carried_over_parts(src: DeltaSource, model: Any, *, role: str = "--finetuned") -> dict[str, str]:
+    """The fine-tuned adapter's non-LoRA parts, checked so that they can be carried over unchanged.
+
+    ``modules_to_save`` (e.g. ``lm_head``), LoRA biases (``bias="lora_only"``/``"all"``) and
+    trainable tokens are the fine-tune's own parameters outside the LoRA product; SafeMERGE and
+    SafeLoRA only act on the low-rank updates of the block weights (the safety subspace), so these
+    parts are written unchanged. A full 2-D block weight in ``modules_to_save`` would have to be
+    scored like a full fine-tune, and a part the written model does not store (``lm_head`` tied to
+    the embeddings) cannot be carried: both are refused rather than dropped.
+
+    Args:
+        src: the fine-tuned update (a full model has no such parts: ``{}``).
+        model: the checkpoint the output is written against (the aligned or ``--merge-into`` model).
+
+    Returns ``base tensor name → description`` for the model card.
+    """
+    if not isinstance(src, AdapterDeltas):
+        return {}
+    from safemerge.io.checkpoint import layer_index
+
+    parts = src.adapter.non_lora_parts()
+    stored = set(model.names())
+    for name, kind in parts.items():
+        if name not in stored:
+            raise SafemergeError(
+                f"{role} {src.path} changes {name!r} ({kind}), which {model.path} does not store separately "
+                "(tied to the embeddings?)", "untie the weights or merge the adapter into a model that stores it",
+            )
+        if kind.startswith("modules_to_save") and layer_index(name) is not None and len(model.shape(name)) == 2:
+            raise SafemergeError(
+                f"{role} {src.path} saves the full block weight {name!r} (modules_to_save), which SafeMERGE/SafeLoRA "
+                "would have to score as a full fine-tune",
+                "merge the adapter into a full model first and pass that model",
+            )
+    return parts
+
+
 _ORDER = {n: i for i, n in enumerate(
     ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"))}
 
