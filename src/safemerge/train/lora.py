@@ -116,6 +116,8 @@ def _merge_adapter(lm: Any, adapter: Path) -> Any:
     from safemerge.evaluate.generate import local_adapter
 
     return PeftModel.from_pretrained(lm, str(local_adapter(str(adapter))), is_trainable=False).merge_and_unload()
+
+
 def _training_precision(precision: str | None) -> str:
     """``float32`` (default) or ``bfloat16`` (autocast); ``auto`` is the generation dtype decision
     (:func:`~safemerge.evaluate.generate.resolve_dtype`). float32 stays the default because bf16
