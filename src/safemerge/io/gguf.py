@@ -191,11 +191,11 @@ def convert_gguf(
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}", f"use one of {', '.join(OUTPUT_DTYPES)}")
     src = Path(gguf_path).expanduser().absolute()
-    meta = read_gguf_metadata(src)
-    _check_supported(str(meta["general.architecture"]), src)
     from safemerge.io.output import atomic_output, check_output_path
 
     check_output_path(out_dir, force=force, inputs=(src,))  # fail before the slow load
+    meta = read_gguf_metadata(src)
+    _check_supported(str(meta["general.architecture"]), src)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
