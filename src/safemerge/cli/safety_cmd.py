@@ -177,7 +177,8 @@ def safemerge_command(
     from safemerge.autotune import print_pareto, resolve_tau_alpha
     from safemerge.io.output import check_output_path
 
-    check_output_path(out, force=force, inputs=(base, aligned, finetuned, safety, merge_into))  # fail before a (possibly long) automatic τ/α search
+    # fail before a (possibly long) automatic τ/α search
+    check_output_path(out, force=force, inputs=(base, aligned, finetuned, safety, merge_into))
     tau, alpha, tuned = resolve_tau_alpha(tau, alpha, base=base, aligned=aligned, finetuned=finetuned, safety=safety,
                                           val_harmful=val_harmful, val_utility=val_utility, harm_margin=harm_margin,
                                           log=lambda m: typer.echo(m, err=True))

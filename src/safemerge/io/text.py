@@ -19,7 +19,8 @@ def read_utf8(path: str | Path, what: str) -> str:
     except IsADirectoryError:
         raise SafemergeError(f"{what} {str(path)!r} is a directory", "pass a file") from None
     except OSError as exc:
-        raise SafemergeError(f"cannot read {what} {str(path)!r} ({exc.strerror})", "check the path and its permissions") from None
+        raise SafemergeError(f"cannot read {what} {str(path)!r} ({exc.strerror})",
+                             "check the path and its permissions") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
