@@ -197,6 +197,9 @@ def _round_two_fixtures(root: Path, p: dict[str, str]) -> None:
     os.mkfifo(d / "model-00001-of-00001.safetensors")
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
     p["fifo_shard"] = str(d)
+    for name in ("pipe.jsonl", "pipe.yml"):
+        os.mkfifo(root / name)
+        p[name.replace(".", "_")] = str(root / name)
     # a dangling symlink as OUT, and a symlink to an input
     (root / "dangling").symlink_to(root / "nowhere")
     p["dangling"] = str(root / "dangling")
@@ -351,6 +354,10 @@ ROUND_TWO_CASES = [
     Case("merge-shard-outside-model-dir", ["merge", "@header_shard_outside.yml", "{out}"], "outside the model directory"),
     Case("merge-safetensors-symlink-to-fifo", ["merge", "@header_fifo.yml", "{out}"], "named pipe", stdin=""),
     Case("merge-shard-is-fifo", ["merge", "@header_fifo_shard.yml", "{out}"], "named pipe", stdin=""),
+    Case("eval-set-is-fifo", ["eval", "{m1}", "--harmful", "{pipe_jsonl}", "-o", "{out}"], "named pipe", stdin=""),
+    Case("train-data-is-fifo", ["train-lora", "{m1}", "--data", "{pipe_jsonl}", "-o", "{out}"], "named pipe", stdin=""),
+    Case("optimize-config-is-fifo", ["optimize", "{pipe_yml}", "-o", "{out}"], "named pipe", stdin=""),
+    Case("merge-config-is-fifo", ["merge", "{pipe_yml}", "{out}"], "named pipe", stdin=""),
     # 4. never write or report a non-finite number
     Case("resta-nan-finetuned", ["resta", "--finetuned", "{nan}", "--aligned", "{m1}", "--unaligned", "{base}", "-o", "{out}"], "inf values"),
     Case("mergealign-inf-domain", ["mergealign", "--pretrained", "{base}", "--domain", "{nan}", "--aligned", "{m1}", "-o", "{out}"], "inf values"),
