@@ -173,3 +173,26 @@ def test_shard_index_paths_cannot_escape_and_pipes_are_never_opened(tmp_path: Pa
         require_regular_file(tmp_path / "pipe")
     with pytest.raises(CheckpointError, match="device"):
         require_regular_file(Path("/dev/zero"))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64", "float8_e4m3fn", "float8_e5m2"])
+def test_checkpoint_refuses_nonfinite_on_read_in_every_float_dtype(tmp_path: Path, dtype: str) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from safemerge.errors import CheckpointError
+    from safemerge.io.checkpoint import Checkpoint
+
+    dt = getattr(torch, dtype)
+    good = torch.ones(4, 3).to(dt)
+    bad = torch.ones(4, 3)
+    bad[2, 1] = float("nan")
+    save_file({"good": good, "bad": bad.to(dt)}, str(tmp_path / "w.safetensors"))
+    ck = Checkpoint(tmp_path / "w.safetensors")
+    assert ck.get("good").tolist() == torch.ones(4, 3).tolist()
+    with pytest.raises(CheckpointError, match="'bad' .* contains NaN"):
+        ck.get("bad")
+    with pytest.raises(CheckpointError, match="NaN"):
+        ck.get_rows("bad", 1, 3)
+    assert ck.get_rows("bad", 0, 2).shape == (2, 3)  # rows without the NaN are fine
+    assert Checkpoint(tmp_path / "w.safetensors", allow_nonfinite=True).get("bad").isnan().sum() == 1

@@ -93,7 +93,12 @@ def all_finite(t: "torch.Tensor") -> bool:
         return True
     if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
         return True
-    return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(_elementwise_safe(t)).all())
+
+
+def _elementwise_safe(t: "torch.Tensor") -> "torch.Tensor":
+    """``t``, widened to float32 for float8 dtypes (torch has no isfinite/isnan for them)."""
+    return t.float() if t.element_size() == 1 else t
 
 
 def refuse_nonfinite(t: "torch.Tensor", name: str, source: Any) -> None:
@@ -101,7 +106,7 @@ def refuse_nonfinite(t: "torch.Tensor", name: str, source: Any) -> None:
     import torch
 
     if not all_finite(t):
-        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        bad = "NaN" if bool(torch.isnan(_elementwise_safe(t)).any()) else "Inf"
         raise CheckpointError(f"tensor {name!r} of {source} contains {bad} values",
                               "fix the checkpoint, or pass --allow-nonfinite to use it anyway")
 
