@@ -455,8 +455,9 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
         load_kw = dict(kw)
         if "gguf_file" not in kw and not allow_pickle:
             load_kw["use_safetensors"] = True
-        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **load_kw)  # load_kw has trust_remote_code
-        tok = tokenizer or AutoTokenizer.from_pretrained(src, **kw)
+        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                        **load_kw)
+        tok = tokenizer or AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load model {model}: {' '.join(str(exc).split())[:200]}",
                               "check that the directory is a complete Hugging Face causal-LM checkpoint") from exc
@@ -568,8 +569,9 @@ def load_generator(
         from safemerge.io.adapter import check_adapter_fits, load_adapter
 
         shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
-        check_adapter_fits(load_adapter(adapter_path, allow_pickle=allow_pickle), shapes.__contains__, shapes.__getitem__,
-                           model if isinstance(model, (str, os.PathLike)) else type(model).__name__)
+        label = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
+        check_adapter_fits(load_adapter(adapter_path, allow_pickle=allow_pickle), shapes.__contains__,
+                           shapes.__getitem__, label)
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=False).eval()
         if computed is not None:

@@ -101,7 +101,8 @@ def load_results(run: str | Path) -> dict[str, Any]:
         res = json.loads(read_utf8(f, "results file"))
     except json.JSONDecodeError as exc:
         raise SafemergeError(f"{f} is not valid JSON ({exc.msg})", "re-run `safemerge eval` to rewrite it") from exc
-    if not isinstance(res, dict) or not all(isinstance(res.get(s) or {}, dict) for s in ("harmful", "benign", "utility")):
+    suites = ("harmful", "benign", "utility")
+    if not isinstance(res, dict) or not all(isinstance(res.get(s) or {}, dict) for s in suites):
         raise SafemergeError(f"{f} is not a `safemerge eval` results object", "re-run `safemerge eval` to rewrite it")
     return res
 
