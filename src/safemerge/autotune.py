@@ -33,6 +33,9 @@ DEFAULT_ALPHAS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)
 PAPER_TAU = 0.35
 PAPER_ALPHA = 0.8
 Log = Callable[[str], None]
+# Demo/autotune generation: bfloat16 with batch 64 is ~3x faster than float32/16 on a CPU (issue 17) and the
+# keyword judge and number-match metric read the same answers; bf16 generations are cached under their own identity.
+EVAL_DTYPE, EVAL_BATCH = "bfloat16", 64
 
 
 # ----------------------------------------------------------------------------- evaluation helper
@@ -46,18 +49,19 @@ class LazyGenerator:
 
     backend = "hf"
 
-    def __init__(self, model: str | Path, adapter: str | Path | None = None) -> None:
+    def __init__(self, model: str | Path, adapter: str | Path | None = None, dtype: str = EVAL_DTYPE) -> None:
         from safemerge.evaluate.generate import model_identity
 
-        self.model_path, self.adapter = str(model), (str(adapter) if adapter else None)
-        self.identity = model_identity(self.model_path, self.adapter)
+        self.model_path, self.adapter, self.dtype = str(model), (str(adapter) if adapter else None), dtype
+        identity = model_identity(self.model_path, self.adapter)
+        self.identity = identity if dtype == "float32" else f"{identity}:{dtype}"
         self._gen: Any = None
 
     def _load(self) -> Any:
         if self._gen is None:
             from safemerge.evaluate.generate import load_generator
 
-            self._gen = load_generator(self.model_path, adapter=self.adapter, backend="hf")
+            self._gen = load_generator(self.model_path, adapter=self.adapter, backend="hf", dtype=self.dtype)
         return self._gen
 
     def generate(self, prompts: list[Any], **kw: Any) -> list[str]:
@@ -75,8 +79,9 @@ def evaluate_suites(
     max_new_tokens: Mapping[str, int] | None = None,
     out_dir: str | Path,
     judge: str = "keyword",
-    batch_size: int | None = None,
+    batch_size: int | None = EVAL_BATCH,
     progress: bool = False,
+    dtype: str = EVAL_DTYPE,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (+ ``adapter``) on several suites, each with its own generation budget.
 
@@ -89,9 +94,10 @@ def evaluate_suites(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gen = LazyGenerator(model, adapter)
+    gen = LazyGenerator(model, adapter, dtype)
     combined: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None,
-                                "model_identity": gen.identity, "settings": {"max_new_tokens": {}, "sets": {}}}
+                                "model_identity": gen.identity,
+                                "settings": {"max_new_tokens": {}, "sets": {}, "dtype": dtype}}
     for name in ("harmful", "benign", "utility"):
         spec = suites.get(name)
         if spec is None:
@@ -238,7 +244,7 @@ def autotune(
     harm_margin: float = 0.02,
     judge: str = "keyword",
     max_new_tokens: Mapping[str, int] | None = None,
-    batch_size: int | None = None,
+    batch_size: int | None = EVAL_BATCH,
     strategy: str = "linear",
     max_taus: int = 6,
     log: Log | None = None,

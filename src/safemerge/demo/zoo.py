@@ -27,7 +27,7 @@ from typing import Any
 
 from safemerge.errors import SafemergeError
 
-ZOO_VERSION = 2  # 2: degenerate self-distilled answers are dropped
+ZOO_VERSION = 3  # 2: degenerate self-distilled answers are dropped; 3: safety corpus, bf16 self-distillation
 Log = Callable[[str], None]
 
 
@@ -149,6 +149,8 @@ ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=80, bat
 TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=1e-3, max_length=128, seed=1)
 SAFETY_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=40, batch_size=8, lr=1e-3, max_length=128, seed=2)
 DISTILL_MAX_NEW_TOKENS = 96
+# bf16 with batch 64 generates ~3x faster than float32/16 on a CPU (issue 17); answers are training targets only.
+DISTILL_DTYPE, DISTILL_BATCH = "bfloat16", 64
 # Refusals show in the first sentence (the keyword judge needs no more); worked answers need ~20–60 tokens.
 SMOLLM2_MAX_NEW_TOKENS = {"harmful": 32, "benign": 32, "utility": 64}
 # Automatic τ/α grid for the 135M demo: ≤ 4 thresholds (+ the paper's 0.35) × 4 α, ≈ 6 minutes on 2 cores.
@@ -173,8 +175,9 @@ def self_distill(model: Path, prompts: list[str], *, max_new_tokens: int = DISTI
     """
     from safemerge.evaluate.generate import load_generator
 
-    gen = load_generator(str(model), backend="hf", device="cpu")
-    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, description="self-distilling benign answers")
+    gen = load_generator(str(model), backend="hf", device="cpu", dtype=DISTILL_DTYPE)
+    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=DISTILL_BATCH,
+                        description="self-distilling benign answers")
     rows = []
     for p, r in zip(prompts, outs):
         r = r.strip()
@@ -222,9 +225,10 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
         distilled = self_distill(base, sets["benign_train_prompts"])
         with atomic_output(out) as tmp:
             write_jsonl(tmp / "align_train.jsonl", sets["harmful_train"] + distilled)
-            write_jsonl(tmp / "safety_train.jsonl", sets["safety_train"] + distilled[: len(distilled) // 2])
+            mix = distilled[: len(distilled) // 2] if sets.get("safety_mix_distilled") else []
+            write_jsonl(tmp / "safety_train.jsonl", sets["safety_train"] + mix)
             write_jsonl(tmp / "task_train.jsonl", sets["task_train"])
-            for name in ("eval_harmful", "eval_benign", "eval_utility", "val_harmful", "val_utility"):
+            for name in ("eval_harmful", "eval_benign", "eval_utility", "val_harmful", "val_benign", "val_utility"):
                 if sets.get(name) is not None and not isinstance(sets[name], str):
                     write_jsonl(tmp / f"{name}.jsonl", sets[name])
 
@@ -262,23 +266,27 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
 
 def project_data_sets() -> dict[str, Any]:
     """Train / validation / evaluation sets written by the project (no download)."""
+    from safemerge.data.safety_corpus import safety_lora_records
     from safemerge.demo import data as D
 
     s = D.safety_splits()
     a = D.arithmetic_splits()
+    safety = safety_lora_records()
     return {
-        "description": "project-written refusals and look-alikes (safemerge.demo.data), code-generated arithmetic; "
-                       "evaluation on the harness's builtin:harmful / builtin:benign and a held-out arithmetic split",
+        "description": "project-written safety corpus (safemerge.data.safety_corpus: 14 harm and 10 look-alike "
+                       "categories, whole goals per split) and code-generated arithmetic; utility tested on "
+                       "independently phrased problems",
         "harmful_train": s.harmful_train,
-        "safety_train": s.harmful_train[::2],
+        "safety_train": safety,
         "benign_train_prompts": s.benign_train_prompts,
         "task_train": a.train,
-        "eval_harmful": "builtin:harmful",
-        "eval_benign": "builtin:benign",
+        "eval_harmful": s.harmful_test,
+        "eval_benign": s.benign_test,
         "eval_utility": a.test,
         "val_harmful": s.harmful_val,
+        "val_benign": s.benign_val,
         "val_utility": a.val,
-        "fingerprint": fingerprint(s.harmful_train, s.benign_train_prompts, a.train, a.val, a.test, s.harmful_val),
+        "fingerprint": fingerprint(asdict(s), asdict(a), safety),
     }
 
 
@@ -333,6 +341,7 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
                        "Bianchi malicious instructions + XSTest (evaluation)",
         "harmful_train": safety[:n_safety],
         "safety_train": safety[n_safety:2 * n_safety],
+        "safety_mix_distilled": True,
         "benign_train_prompts": s.benign_train_prompts[:n_benign],
         "task_train": task,
         "eval_harmful": str(data_dir / "bianchi_malicious_instructions.json"),
