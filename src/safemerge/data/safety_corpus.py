@@ -477,13 +477,14 @@ def eval_prompts(kind: str, split: str, *, frames_per_goal: int) -> list[dict[st
 
     ``kind`` is ``harmful`` (frames from :data:`EVAL_FRAMES`, unseen in training) or ``benign``
     (look-alikes; :data:`BENIGN_FRAMES`). Each goal appears under ``frames_per_goal`` frames,
-    rotating through the frame list so every frame is used about equally.
+    rotating through the frame list so every frame is used about equally; the first ``len(goals)``
+    records hold every goal once, so a prefix (a screening subset) spans all categories.
     """
     goals = harmful_goals(split) if kind == "harmful" else benign_goals(split)
     frames = EVAL_FRAMES if kind == "harmful" else BENIGN_FRAMES
     rows = []
-    for i, (c, g) in enumerate(goals):
-        for j in range(frames_per_goal):
+    for j in range(frames_per_goal):  # goal-minor order: every prefix of len(goals) items spans all goals
+        for i, (c, g) in enumerate(goals):
             row = {"id": f"demo-{kind}-{split}-{len(rows):03d}", "prompt": frames[(i + j) % len(frames)].format(g=g),
                    "category": c}
             if kind == "benign":
