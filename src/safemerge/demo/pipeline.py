@@ -10,11 +10,15 @@ The pipeline takes a zoo (:func:`~safemerge.demo.zoo.build_smollm2_zoo` or, with
 * ``runs/<row>/`` — each row's ``results.json`` and generations (every number traces to a file);
 * ``scan.json`` + ``heatmap.png`` — per-layer safety similarity ρ (SafeLoRA Eq. 2);
 * ``safety_vs_utility.png`` — all rows in one scatter plot;
-* ``autotune.json``, ``autotune.png`` (Pareto front), ``tau_sweep.png`` — automatic τ/α.
+* ``autotune.json``, ``autotune.png`` (Pareto front), ``tau_sweep.png`` — automatic τ/α
+  (``stress_autotune.json`` … for the stress setting).
 
-Rows: ``base`` (unaligned), ``aligned``, ``fine-tuned`` (aligned + task LoRA), ``SafeMERGE``
-at the reference defaults τ = 0.35, α = 0.8, ``SafeMERGE (auto)`` at the automatically chosen τ/α,
-``SafeLoRA`` (threshold 0.5) and ``RESTA`` (β = 0.5). Everything expensive is cached in the zoo
+Rows: ``base`` (unaligned), ``aligned``, ``safety LoRA alone`` (aligned + ΔW_s, the paper's
+control), then per setting ``fine-tuned`` (aligned + task LoRA), ``SafeMERGE`` at the reference
+defaults τ = 0.35, α = 0.8, ``SafeMERGE (auto)`` at the automatically chosen τ/α, ``uniform α``
+(the chosen α on all layers — the paper's control for selecting layers by ρ), ``SafeLoRA``
+(threshold 0.5) and ``RESTA`` (β = 0.5). The paper's regime comes first; with ``stress=True``
+the same rows for the zoo's aggressive fine-tune follow, prefixed ``stress:``. Everything expensive is cached in the zoo
 cache, so a second run only re-assembles the report. ``demo_out`` itself is written atomically.
 """
 from __future__ import annotations

@@ -7,8 +7,11 @@ a laptop CPU:
   model that refuses almost nothing: the *unaligned* model of the safety subspace);
 * ``aligned`` — ``base`` + a safety SFT LoRA merged into its weights, trained on the project's
   refusals mixed with benign look-alikes answered by ``base`` itself (self-distillation);
-* ``task`` — a LoRA on ``aligned`` for arithmetic word problems (the fine-tune that erodes safety);
-* ``safety`` — a LoRA on ``aligned`` with the task LoRA's rank and targets, trained on refusals.
+* ``task`` — a LoRA on ``aligned`` for arithmetic word problems (the fine-tune that erodes safety), in
+  the paper's regime (moderate learning rate); ``stress_task`` — the same data at 3× the learning rate
+  (the aggressive "stress" setting, built only when asked for);
+* ``safety`` — ``safemerge safety-lora``: a LoRA on ``aligned`` with the task LoRA's rank and targets,
+  trained on the project's safety corpus (composed refusals + helpful answers to look-alikes).
 
 Every step writes one directory atomically (a temporary sibling renamed into place when complete)
 and is skipped when its directory exists, so an interrupted build resumes where it stopped. Step
@@ -152,6 +155,8 @@ ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=80, bat
 # moderate fine-tune that learns the skill; the stress setting: the earlier aggressive one (lr 1e-3, 80 steps).
 TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=3e-4, max_length=128, seed=1)
 STRESS_TASK_RECIPE = replace(TASK_RECIPE, lr=1e-3)
+# `safemerge safety-lora`'s recipe with the task LoRA's shape (the zoo trains it without the stand-alone evaluation,
+# which the demo reports as its "safety LoRA alone" row).
 SAFETY_RECIPE = LoraRecipe(rank=TASK_RECIPE.rank, alpha=TASK_RECIPE.alpha, targets=TASK_RECIPE.targets,
                            steps=SAFETY_STEPS, batch_size=SAFETY_BATCH, lr=SAFETY_LR, max_length=SAFETY_MAX_LENGTH, seed=2)
 DISTILL_MAX_NEW_TOKENS = 96
@@ -179,15 +184,6 @@ def _write_rows(out: Path, name: str, rows: list[dict[str, Any]]) -> None:
 
     with atomic_output(out) as tmp:
         write_jsonl(tmp / name, rows)
-
-
-def _train_safety(aligned: Path, like: Path, records: list[dict[str, Any]], out: Path) -> None:
-    """The zoo's safety LoRA: ``safemerge safety-lora`` (the demo evaluates it alone as a table row)."""
-    from safemerge.train.safety_lora import train_safety_lora
-
-    train_safety_lora(aligned, like, out, data=records, steps=SAFETY_RECIPE.steps, lr=SAFETY_RECIPE.lr,
-                      batch_size=SAFETY_RECIPE.batch_size, max_length=SAFETY_RECIPE.max_length,
-                      seed=SAFETY_RECIPE.seed, evaluate=False)
 
 
 def self_distill(model: Path, prompts: list[str], *, max_new_tokens: int = DISTILL_MAX_NEW_TOKENS) -> list[dict[str, str]]:
@@ -280,9 +276,9 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
                                   root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(stress_recipe))}",
                                   lambda out: _train(aligned, task_rows, out, stress_recipe, merge=False), say)
     safety_rows = read_jsonl(data / "safety_train.jsonl")
-    safety = cached_step("safety LoRA (safemerge safety-lora)",
+    safety = cached_step("safety LoRA (the safemerge safety-lora recipe)",
                          root / f"safety-lora-{fingerprint(aligned.name, safety_rows, asdict(SAFETY_RECIPE))}",
-                         lambda out: _train_safety(aligned, task, safety_rows, out), say)
+                         lambda out: _train(aligned, safety_rows, out, SAFETY_RECIPE, merge=False), say)
 
     def spec(name: str) -> str:
         v = sets.get(name)
