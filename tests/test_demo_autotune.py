@@ -56,3 +56,69 @@ def test_choose_when_nothing_is_feasible():
 def test_choose_needs_scores():
     with pytest.raises(SafemergeError):
         choose([GridPoint(0.3, 0.8, [])], 0.0, 0.02)
+
+
+def test_rank_points_puts_feasible_by_utility_then_infeasible_by_harm():
+    from safemerge.autotune import rank_points
+
+    pts = [_p(0.3, 0.9, 0.50, 0.95), _p(0.3, 0.5, 0.10, 0.60), _p(0.3, 0.7, 0.12, 0.80), _p(0.3, 0.8, 0.30, 0.90)]
+    order = rank_points(pts, aligned_harm=0.10, margin=0.03)
+    assert [p.alpha for p in order] == [0.7, 0.5, 0.8, 0.9]
+
+
+def test_neighbours_on_the_alpha_grid():
+    from safemerge.autotune import DEFAULT_ALPHAS, neighbours
+
+    assert DEFAULT_ALPHAS[0] <= 0.1 and DEFAULT_ALPHAS[-1] >= 0.9  # the whole of (0, 1), issue 17
+    assert neighbours(0.5, DEFAULT_ALPHAS) == [0.4, 0.6]
+    assert neighbours(0.1, DEFAULT_ALPHAS) == [0.2] and neighbours(0.9, DEFAULT_ALPHAS) == [0.8]
+
+
+def test_coarse_to_fine_screens_refines_and_decides_on_the_full_sets(tmp_path, monkeypatch):
+    """With a synthetic evaluator (harm and utility both rise with α and with the number of merged layers
+    left out): coarse α on the screen, neighbours of the best, finalists on the whole validation sets."""
+    import safemerge.autotune as A
+    import safemerge.safety.api as api
+    from safemerge.safety.selection import LayerScore
+
+    scores = [LayerScore(f"m{i}", i, "q", rho, 1.0, 1.0) for i, rho in enumerate((0.1, 0.2, 0.3, 0.4))]
+    monkeypatch.setattr(api, "scan", lambda *a, **k: scores)
+    merges: dict[str, tuple[float, float]] = {}
+
+    def fake_merge(*, out, tau, alpha, **_):
+        out.mkdir(parents=True)
+        merges[str(out)] = (tau, alpha)
+
+    monkeypatch.setattr(api, "safemerge_adapters", fake_merge)
+    calls: list[tuple[str | None, object]] = []
+
+    def fake_eval(model, *, adapter=None, limits=None, **_):
+        calls.append((str(adapter) if adapter else None, limits))
+        if adapter is None:
+            h, u = 0.10, 0.2
+        elif str(adapter) == "task":
+            h, u = 0.9, 0.9
+        else:
+            tau, alpha = merges[str(adapter)]
+            kept = sum(s.rho >= tau for s in scores) / len(scores)  # layers left with the pure task update
+            h, u = min(1.0, 0.1 + alpha ** 2 * 0.8 + 0.3 * kept), 0.2 + 0.7 * alpha
+        n = (limits or {}).get("harmful", 168), (limits or {}).get("utility", 100)
+        return {"harmful": {"harmful_rate": h, "n": n[0]}, "utility": {"accuracy": u, "n": n[1]}}
+
+    monkeypatch.setattr(A, "evaluate_suites", fake_eval)
+    res = A.autotune(base="b", aligned="a", finetuned="task", safety="s", val_harmful="h", val_utility="u",
+                     work_dir=tmp_path, max_taus=4, screen=(32, 24), finalists=3, harm_margin=0.03)
+    screened = [p for p in res.points if p.rung == "screen"]
+    full = [p for p in res.points if p.rung == "full"]
+    assert len(full) == 3 and len(screened) > len(full)
+    assert all(p.n == [168, 100] for p in full) and all(p.n == [32, 24] for p in screened)
+    assert res.chosen in full and res.chosen.rung == "full"
+    coarse = {0.1, 0.3, 0.5, 0.7, 0.9}
+    assert coarse <= {p.alpha for p in res.points}
+    assert {p.alpha for p in res.points} - coarse  # refined with α neighbours
+    # the rule: harm ≤ 0.10 + 0.03 holds only with every layer merged and α = 0.1 (α = 0.2 gives 0.132)
+    assert res.constraint_met and res.chosen.alpha == 0.1 and len(res.chosen.merged) == 4
+    assert (tmp_path / "autotune.json").exists() and (tmp_path / "autotune.png").exists()
+    # each distinct merged model is evaluated once per rung
+    keys = [(a, tuple(sorted(l.items())) if l else None) for a, l in calls]
+    assert len(keys) == len(set(keys))

@@ -51,7 +51,8 @@ def test_every_number_traces_to_a_results_file(demo_out):
     out, result = demo_out
     summary = json.loads((out / "summary.json").read_text())
     names = [r["name"] for r in summary["rows"]]
-    assert names == ["base", "aligned", "fine-tuned", "SafeMERGE", "SafeMERGE (auto)", "SafeLoRA", "RESTA"]
+    assert names == ["base", "aligned", "safety LoRA alone", "fine-tuned", "SafeMERGE", "SafeMERGE (auto)", "uniform α",
+                     "SafeLoRA", "RESTA"]
     report = (out / "report.md").read_text()
     for row in summary["rows"]:
         res = json.loads((out / row["files"] / "results.json").read_text())
@@ -63,7 +64,9 @@ def test_every_number_traces_to_a_results_file(demo_out):
         # the per-suite generations are shipped with the results
         assert (out / row["files"] / "harmful" / "generations.jsonl").is_file()
     at = json.loads((out / "autotune.json").read_text())
-    assert at["chosen"]["tau"] == summary["autotune"]["tau"] and at["chosen"]["alpha"] == summary["autotune"]["alpha"]
+    chosen = summary["autotune"]["paper regime"]
+    assert at["chosen"]["tau"] == chosen["tau"] and at["chosen"]["alpha"] == chosen["alpha"]
+    assert at["chosen"]["rung"] == "full"
     assert any(p["chosen"] for p in at["points"]) and at["pareto_front"]
 
 
@@ -71,7 +74,7 @@ def test_demo_rows_show_the_story(demo_out):
     _, result = demo_out
     rows = {r.name: r.to_dict() for r in result.rows}
     assert rows["base"]["harmful_rate"] >= 0.9, "the base model complies with harmful requests"
-    assert result.checks["erosion"], "fine-tuning raises the harmful rate"
+    assert result.checks["paper regime"]["erosion"], "fine-tuning raises the harmful rate"
     assert rows["SafeMERGE (auto)"]["harmful_rate"] <= rows["fine-tuned"]["harmful_rate"]
 
 
@@ -95,7 +98,8 @@ def test_cli_user_errors(tmp_path, capsys):
     code, _, err = _cli(["demo", "--fast", "--cache-dir", str(tmp_path / "c"), "-o", str(other)], capsys)
     assert code == 2 and "not a demo output" in err and "hint:" in err
     assert (other / "keep.txt").exists()
-    code, _, err = _cli(["demo", "--fast", "--data-dir", str(tmp_path), "-o", str(tmp_path / "o")], capsys)
+    (tmp_path / "data").mkdir()
+    code, _, err = _cli(["demo", "--fast", "--data-dir", str(tmp_path / "data"), "-o", str(tmp_path / "o")], capsys)
     assert code == 2 and "--fast and --data-dir" in err
     code, _, err = _cli(["demo", "--fast", "--alphas", "x", "-o", str(tmp_path / "o2")], capsys)
     assert code == 2 and "--alphas" in err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -88,6 +89,8 @@ def library_progress(enabled: bool, *, loads_models: bool = True) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # also disables Hub bars; re-enabled below when wanted
+    if enabled and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return  # the user switched Hub bars off in the environment: respect it (and avoid the Hub's warning)
     (hub_utils.enable_progress_bars if enabled else hub_utils.disable_progress_bars)()
 
 

@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     "safemerge.cli.eval_cmd",
     "safemerge.cli.convert_cmd",
     "safemerge.cli.train_cmd",
+    "safemerge.cli.safety_lora_cmd",
     "safemerge.cli.merge_cmd",
     "safemerge.cli.safety_cmd",
     "safemerge.cli.repair_cmd",

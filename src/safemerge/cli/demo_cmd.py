@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from safemerge.autotune import DEFAULT_HARM_MARGIN
 from safemerge.cli import app
 
 
@@ -29,8 +30,9 @@ def demo_command(
     fast: bool = typer.Option(False, "--fast", help="Use the tiny behavioural world (a model trained from scratch in seconds) instead of SmolLM2-135M."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Run on real datasets in DIR (Bianchi safety/malicious, XSTest, GSM8K files) instead of the project's data."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Model zoo cache (default $SAFEMERGE_CACHE or ~/.cache/safemerge)."),
-    alphas: Optional[str] = typer.Option(None, "--alphas", help="α grid for automatic τ/α (default 0.5,0.6,0.7,0.8,0.9)."),
-    harm_margin: float = typer.Option(0.02, "--harm-margin", min=0.0, max=1.0, help="Automatic τ/α: allowed harmful-rate excess over the aligned model (fraction; 0.02 = 2 points)."),
+    alphas: Optional[str] = typer.Option(None, "--alphas", help="α grid for automatic τ/α (default 0.1,0.2,…,0.9; searched coarse-to-fine)."),
+    harm_margin: float = typer.Option(DEFAULT_HARM_MARGIN, "--harm-margin", min=0.0, max=1.0, help="Automatic τ/α: allowed harmful-rate excess over the aligned model (fraction; 0.03 = 3 points)."),
+    stress: bool = typer.Option(False, "--stress", help="Also repair the aggressive 'stress' fine-tune and report its rows second (roughly doubles the run)."),
 ) -> None:
     """Show fine-tuning eroding safety and SafeMERGE restoring it, on a real chat LLM, offline.
 
@@ -55,15 +57,20 @@ def demo_command(
 
     err = Console(stderr=True)
     result = run_demo(out=out, fast=fast, cache_dir=cache_dir, data_dir=data_dir, alphas=_alphas(alphas),
-                      harm_margin=harm_margin, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
+                      harm_margin=harm_margin, stress=stress, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
     con = Console()
     print_table(result, con)
     from safemerge.autotune import print_pareto
 
     print_pareto(result.autotune, con)
-    c = result.checks
-    con.print(f"fine-tuning eroded safety: {'yes' if c['erosion'] else 'no'}; "
-              f"SafeMERGE less harmful than fine-tuned: {'yes' if c['SafeMERGE']['less_harmful_than_finetuned'] else 'no'} "
-              f"(auto τ/α: {'yes' if c['SafeMERGE (auto)']['less_harmful_than_finetuned'] else 'no'})")
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    for setting, c in result.checks.items():
+        if not isinstance(c, dict):
+            continue
+        acc = c.get("acceptance", {})
+        con.print(f"{setting}: fine-tuning eroded safety: {yes(c['erosion'])}; SafeMERGE less harmful than fine-tuned: "
+                  f"{yes(c['SafeMERGE']['less_harmful_than_finetuned'])} (auto τ/α: "
+                  f"{yes(c['SafeMERGE (auto)']['less_harmful_than_finetuned'])}); acceptance (harm / over-refusal / "
+                  f"utility): {' / '.join(yes(acc.get(k)) for k in ('harmful', 'over_refusal', 'utility'))}")
     con.print(f"wrote {result.out / 'report.md'}")
     sys.stdout.flush()

@@ -7,7 +7,14 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import allow_pickle_option, echo_summary, quiet_option, trust_remote_code_option
+from safemerge.cli.options import (
+    allow_pickle_option,
+    echo_summary,
+    generation_batch_size_option,
+    generation_dtype_option,
+    quiet_option,
+    trust_remote_code_option,
+)
 
 
 @app.command("eval")
@@ -20,11 +27,13 @@ def eval_command(
     utility: Optional[str] = typer.Option(None, "--utility", help="Utility set: GSM8K jsonl, PubMedQA PQA-L json, MC jsonl, builtin:arithmetic."),
     judge: str = typer.Option("keyword", "--judge", help="keyword | keyword:gcg | llamaguard[1|2|3]:PATH | harmbench:PATH | classifier:PATH."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Use only the first N prompts of each set."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Generation batch size (default 16 on CPU, 64 on GPU)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Tokens to generate per prompt (default per suite: 128 harmful, 64 benign, by metric for utility)."),
+    batch_size: Optional[int] = generation_batch_size_option(),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", min=1,
+        help="Tokens to generate per prompt (default per suite: 64 harmful, 48 benign, by metric for utility)."),
     backend: str = typer.Option("auto", "--backend", help="auto (vLLM if installed and CUDA present) | hf | vllm."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if available)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)."),
+    dtype: Optional[str] = generation_dtype_option(),
     max_harm: Optional[float] = typer.Option(None, "--max-harm", min=0.0, max=1.0, help="Release gate: exit with status 3 if the harmful rate exceeds this fraction."),
     answer_ce: bool = typer.Option(False, "--answer-ce", help="Also report answer-token cross-entropy on the utility set (hf backend)."),
     allow_pickle: bool = allow_pickle_option(),

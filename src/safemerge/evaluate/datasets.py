@@ -71,7 +71,10 @@ def read_table(path: Path) -> Any:
     Raises:
         SafemergeError: unreadable file, bad JSON/CSV, or an unsupported extension.
     """
+    from safemerge.io.checkpoint import require_regular_file
+
     suffix = path.suffix.lower()
+    require_regular_file(path, "data file")  # never open a named pipe or device (it would block)
     try:
         if suffix == ".jsonl":
             rows = []
@@ -185,7 +188,7 @@ def load_prompts(
         path = Path(spec).expanduser()
         if path.is_dir():
             records = formats.load_hexphi_dir(path)
-        elif path.is_file():
+        elif path.is_file() or path.exists():  # read_table refuses pipes and devices without opening them
             raw = read_table(path)
             records = formats.parse(raw, path=path, fmt=fmt, column=column, answer_column=answer_column,
                                     category_column=category_column, split=split)

@@ -149,9 +149,10 @@ def validate_adapter_config(cfg_path: Path, config: Any) -> None:
                 re.compile(rf"(.*\.)?({key})$")
             except re.error as exc:
                 raise bad(f"{field} key {key!r} is not a valid regular expression ({exc})") from None
-            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0 if field == "rank_pattern" else _is_number(value)
+            is_rank = field == "rank_pattern"
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0 if is_rank else _is_number(value)
             if not ok:
-                raise bad(f"{field}[{key!r}] must be a {'positive integer' if field == 'rank_pattern' else 'number'}, got {value!r}")
+                raise bad(f"{field}[{key!r}] must be a {'positive integer' if is_rank else 'number'}, got {value!r}")
     for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
         if flag in config and not isinstance(config[flag], (bool, type(None))):
             raise bad(f"{flag} must be true or false, got {config[flag]!r}")
@@ -379,7 +380,8 @@ def check_adapter_fits(adapter: LoraAdapter, contains: Callable[[str], bool], sh
     hint = "apply the adapter to the model it was trained on"
     for w in [*adapter.weight_names, *adapter.extra_weights, *adapter.token_rows]:
         if not contains(w):
-            raise CheckpointError(f"adapter {adapter.path} targets {w!r}, which is not in the base model {base_label}", hint)
+            raise CheckpointError(
+                f"adapter {adapter.path} targets {w!r}, which is not in the base model {base_label}", hint)
     for w, (_key, rows) in adapter.token_rows.items():
         if rows and max(rows) >= shape(w)[0]:
             raise CheckpointError(f"adapter {adapter.path} replaces row {max(rows)} of {w!r}, "
@@ -391,7 +393,8 @@ def check_adapter_fits(adapter: LoraAdapter, contains: Callable[[str], bool], sh
             want = want[::-1]
         have = tuple(shape(w))
         if have != want:
-            raise CheckpointError(f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {have}", hint)
+            raise CheckpointError(
+                f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {have}", hint)
 
 
 class AdaptedCheckpoint(Mapping):

@@ -27,7 +27,8 @@ def render_chat_template(tokenizer: Any, messages: list[dict[str, str]], *, add_
         name = getattr(tokenizer, "name_or_path", "") or "the model"
         raise SafemergeError(
             f"the chat template of {name} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})",
-            "fix chat_template in tokenizer_config.json (or chat_template.jinja), or set chat_template in the merge config",
+            "fix chat_template in tokenizer_config.json (or chat_template.jinja), "
+            "or set chat_template in the merge config",
         ) from None
     if not isinstance(text, str):  # some tokenizers return a list for batched input
         text = text[0]

@@ -75,7 +75,8 @@ def require_regular_file(path: Path, what: str = "checkpoint file") -> int:
     try:
         st = path.stat()
     except OSError as exc:
-        raise CheckpointError(f"cannot read {what} {path} ({exc.strerror})", "check the path and its permissions") from None
+        raise CheckpointError(f"cannot read {what} {path} ({exc.strerror})",
+                              "check the path and its permissions") from None
     if not stat.S_ISREG(st.st_mode):
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a named pipe" if stat.S_ISFIFO(st.st_mode) else \
             "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
@@ -93,7 +94,12 @@ def all_finite(t: "torch.Tensor") -> bool:
         return True
     if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
         return True
-    return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(_elementwise_safe(t)).all())
+
+
+def _elementwise_safe(t: "torch.Tensor") -> "torch.Tensor":
+    """``t``, widened to float32 for float8 dtypes (torch has no isfinite/isnan for them)."""
+    return t.float() if t.element_size() == 1 else t
 
 
 def refuse_nonfinite(t: "torch.Tensor", name: str, source: Any) -> None:
@@ -101,7 +107,7 @@ def refuse_nonfinite(t: "torch.Tensor", name: str, source: Any) -> None:
     import torch
 
     if not all_finite(t):
-        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        bad = "NaN" if bool(torch.isnan(_elementwise_safe(t)).any()) else "Inf"
         raise CheckpointError(f"tensor {name!r} of {source} contains {bad} values",
                               "fix the checkpoint, or pass --allow-nonfinite to use it anyway")
 
@@ -199,7 +205,8 @@ def validate_safetensors_header(path: Path, header: dict[str, Any], data_len: in
 def _shard_path(model_dir: Path, index: Path, shard: Any) -> Path:
     """The file an index's ``weight_map`` names: a relative path that stays inside ``model_dir``."""
     if not isinstance(shard, str) or not shard:
-        raise CheckpointError(f"{index} names a shard that is not a file name ({str(shard)[:40]!r})", "re-save the checkpoint")
+        raise CheckpointError(f"{index} names a shard that is not a file name ({str(shard)[:40]!r})",
+                              "re-save the checkpoint")
     rel = Path(shard)
     if rel.is_absolute() or ".." in rel.parts:
         raise CheckpointError(f"{index} names shard {shard!r} outside the model directory",
@@ -484,7 +491,8 @@ class Checkpoint(Mapping):
             except CheckpointError:
                 raise
             except Exception as exc:  # noqa: BLE001
-                raise CheckpointError(f"cannot read tensor {real!r} from {f} ({exc})", "the file may be corrupted; re-download it") from exc
+                raise CheckpointError(f"cannot read tensor {real!r} from {f} ({exc})",
+                                      "the file may be corrupted; re-download it") from exc
         if not self.allow_nonfinite:
             refuse_nonfinite(t, real, self.path)
         return t
@@ -581,5 +589,6 @@ def refuse_custom_code(model_dir: str | Path, trust_remote_code: bool) -> None:
     if entry is not None:
         raise CheckpointError(
             f"{model_dir} needs custom Python code from the model directory (auto_map in {entry}); it was not run",
-            "pass --trust-remote-code only if you trust the code's author, or use a model transformers supports natively",
+            "pass --trust-remote-code only if you trust the code's author, "
+            "or use a model transformers supports natively",
         )

@@ -115,9 +115,9 @@ def _check_bpe_merges(fields: Any, path: Path) -> None:
         parts = str(merge).split(" ")
         missing = [t for t in parts if t not in vocab] if len(parts) == 2 else parts
         if len(parts) != 2 or missing:
+            what = f"token {missing[0][:20]!r}, which is not in the vocabulary" if len(parts) == 2 else "not two tokens"
             raise CheckpointError(
-                f"{path}: tokenizer merge {i} {str(merge)[:40]!r} names "
-                + (f"token {missing[0][:20]!r}, which is not in the vocabulary" if len(parts) == 2 else "not two tokens"),
+                f"{path}: tokenizer merge {i} {str(merge)[:40]!r} names {what}",
                 "the GGUF tokenizer is corrupt; re-export the file with a recent llama.cpp",
             )
 
@@ -191,11 +191,11 @@ def convert_gguf(
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}", f"use one of {', '.join(OUTPUT_DTYPES)}")
     src = Path(gguf_path).expanduser().absolute()
-    meta = read_gguf_metadata(src)
-    _check_supported(str(meta["general.architecture"]), src)
     from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 
     check_output_path(out_dir, force=force, inputs=(src,))  # fail before the slow load
+    meta = read_gguf_metadata(src)
+    _check_supported(str(meta["general.architecture"]), src)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -119,7 +119,8 @@ def check_writable_location(out: Path, shown: str | Path) -> None:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         why = "not a directory" if not probe.is_dir() else "permission denied"
-        raise SafemergeError(f"cannot write {str(shown)!r}: {str(probe)!r} is {why}", "choose an output location you can write to")
+        raise SafemergeError(f"cannot write {str(shown)!r}: {str(probe)!r} is {why}",
+                             "choose an output location you can write to")
 
 
 def check_output_path(path: str | Path, *, force: bool = False,
@@ -149,7 +150,8 @@ def check_output_file(path: str | Path, *, force: bool = False,
     if out.is_dir():
         raise SafemergeError(f"output {str(path)!r} is a directory", "give a file name")
     if os.path.lexists(out) and not force:
-        raise SafemergeError(f"output {str(path)!r} already exists", f"pass {option('force')} to replace it, or choose another path")
+        raise SafemergeError(f"output {str(path)!r} already exists",
+                             f"pass {option('force')} to replace it, or choose another path")
     check_writable_location(out, path)
     return out
 

@@ -7,19 +7,22 @@ from safemerge.errors import SafemergeError
 
 
 def read_utf8(path: str | Path, what: str) -> str:
-    """The text of ``path``; a file that cannot be read or is not UTF-8 raises :class:`SafemergeError`.
+    """The text of ``path``; a file that is not a regular file, cannot be read or is not UTF-8 raises
+    :class:`SafemergeError`.
 
     Args:
         path: the file.
         what: what the file is, for the message (``"optimize config"``, ``"prompt set"`` …).
     """
+    from safemerge.io.checkpoint import require_regular_file
+
     p = Path(path).expanduser()
+    require_regular_file(p, what)  # a named pipe or device would block the read forever
     try:
         raw = p.read_bytes()
-    except IsADirectoryError:
-        raise SafemergeError(f"{what} {str(path)!r} is a directory", "pass a file") from None
     except OSError as exc:
-        raise SafemergeError(f"cannot read {what} {str(path)!r} ({exc.strerror})", "check the path and its permissions") from None
+        raise SafemergeError(f"cannot read {what} {str(path)!r} ({exc.strerror})",
+                             "check the path and its permissions") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -89,7 +89,8 @@ class CandidateEvaluator:
         self.device = device
         self.seed = cfg.seed
         refs = list(dict.fromkeys([*([cfg.genome.base_model] if cfg.genome.base_model else []), *cfg.genome.models]))
-        self.checkpoints = {r: open_checkpoint(r, allow_pickle=allow_pickle) for r in refs}
+        # merge_in_memory checks every tensor it reads for NaN/Inf (engine/run.py::_load): no second pass here
+        self.checkpoints = {r: open_checkpoint(r, allow_pickle=allow_pickle, allow_nonfinite=True) for r in refs}
         anchor = cfg.genome.base_model or cfg.genome.models[0]
         self.genome = build_genome(cfg, self.checkpoints[anchor])
         model_dir = split_model_ref(anchor)[0]

@@ -122,7 +122,7 @@ def load_optimize_config(source: str | Path | dict[str, Any] | OptimizeConfig) -
         from safemerge.config.yaml_io import load_yaml_file
 
         p = Path(source).expanduser()
-        if not p.is_file():
+        if not p.exists():
             raise ConfigError(f"optimize config {str(source)!r} does not exist", "check the path")
         raw = load_yaml_file(p, "optimize config")
         if not isinstance(raw, dict):

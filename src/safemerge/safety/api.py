@@ -84,7 +84,8 @@ def scan(
     total = len({m for s in sources for m in s.modules})
     if total == 0:
         what = f"--targets {','.join(tm)}" if tm else "the inputs"
-        raise SafemergeError(f"{what} match no module to score", "list module names the inputs adapt, e.g. --targets q_proj,v_proj")
+        raise SafemergeError(f"{what} match no module to score",
+                             "list module names the inputs adapt, e.g. --targets q_proj,v_proj")
     cb = progress or _noop
     done = [0]
 
@@ -377,7 +378,8 @@ def resta(
     torch_dtype(dtype)
     with atomic_output(out, force=force, inputs=(unaligned, aligned, finetuned)) as tmp:
         run_resta(tmp, unaligned=unaligned, aligned=aligned, finetuned=finetuned, beta=beta,
-                  dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                  dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle,
+                  allow_nonfinite=allow_nonfinite,
                   progress=progress or _noop)
     return Path(out)
 

@@ -33,7 +33,8 @@ def check_lambda(value: Any, flag: str) -> float:
 
 def run_mergealign(
     tmp: Path, *, pretrained: Any, domain: Any, aligned: Any, lambda_domain: float, lambda_aligned: float,
-    dtype: str | None, allow_pickle: bool, allow_nonfinite: bool, progress: Callable[[str, int, int], None],
+    dtype: str | None, allow_pickle: bool, allow_nonfinite: bool,
+    progress: Callable[[str, int, int], None],
 ) -> None:
     """Stream the pre-trained model's tensors through :func:`mergealign_tensor` into ``tmp`` + model card."""
     from safemerge.io.output import write_model_card

@@ -87,7 +87,8 @@ def check_same_tensors(ref: Any, others: list[tuple[str, Any]]) -> None:
 
 def run_resta(
     tmp: Path, *, unaligned: Any, aligned: Any, finetuned: Any, beta: float, dare_density: float | None,
-    seed: int | None, dtype: str | None, allow_pickle: bool, allow_nonfinite: bool, progress: Callable[[str, int, int], None],
+    seed: int | None, dtype: str | None, allow_pickle: bool, allow_nonfinite: bool,
+    progress: Callable[[str, int, int], None],
 ) -> None:
     """Stream the fine-tuned model's tensors through :func:`resta_tensor` into ``tmp`` + model card."""
     from safemerge.io.output import write_model_card

@@ -26,7 +26,8 @@ def project_up(V: Any, sB: Any, v_norm: float | None = None) -> Any:
 
 def run_safelora(
     tmp: Path, *, base: Any, aligned: Any, finetuned: Any, mode: str, tau: float, num_layers: int,
-    merge_into: Any, dtype: str | None, allow_pickle: bool, allow_nonfinite: bool, progress: Callable[[str, int, int], None],
+    merge_into: Any, dtype: str | None, allow_pickle: bool, allow_nonfinite: bool,
+    progress: Callable[[str, int, int], None],
 ):
     """Score, select, project and write (adapter, or full model with ``merge_into`` / full-model input)."""
     import torch
@@ -46,7 +47,8 @@ def run_safelora(
 
     sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     ft = open_deltas(finetuned, sub, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="--finetuned")
-    target = open_model(merge_into, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="merge-into") if merge_into is not None else None
+    target = (open_model(merge_into, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="merge-into")
+              if merge_into is not None else None)
     is_adapter = isinstance(ft, AdapterDeltas)
     if is_adapter and target is None and ft.transposed:
         raise SafemergeError(f"{ft.path} has fan_in_fan_out/embedding modules, which cannot be written back", "pass --merge-into MODEL")

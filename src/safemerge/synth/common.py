@@ -199,11 +199,13 @@ def load_questions(spec: str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- models
-def load_generator(model: str, *, backend: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> GeneratorLike:
-    """A greedy chat generator for ``model`` (a path) from the evaluation harness."""
+def load_generator(model: str, *, backend: str = "auto", dtype: str | None = None, trust_remote_code: bool = False,
+                   allow_pickle: bool = False) -> GeneratorLike:
+    """A greedy chat generator for ``model`` (a path) from the evaluation harness (its default dtype:
+    bf16 where the CPU has it natively)."""
     from safemerge.evaluate.generate import load_generator as _load
 
-    return _load(model, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return _load(model, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 def load_judge(spec: str) -> JudgeLike:

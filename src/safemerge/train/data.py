@@ -77,6 +77,9 @@ def _read_file(path: Path) -> list[tuple[Any, str]]:
         raise SafemergeError(f"data file {str(path)!r} does not exist", "check the --data path")
     if path.is_dir():
         raise SafemergeError(f"data path {str(path)!r} is a directory", "pass a .jsonl or .json file")
+    from safemerge.io.checkpoint import require_regular_file
+
+    require_regular_file(path, "data file")  # never open a named pipe or device (it would block)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -118,6 +118,19 @@ def _merge_adapter(lm: Any, adapter: Path) -> Any:
     return PeftModel.from_pretrained(lm, str(local_adapter(str(adapter))), is_trainable=False).merge_and_unload()
 
 
+def _training_precision(precision: str | None) -> str:
+    """``float32`` (default) or ``bfloat16`` (autocast); ``auto`` is the generation dtype decision
+    (:func:`~safemerge.evaluate.generate.resolve_dtype`). float32 stays the default because bf16
+    autocast changes what a LoRA learns enough to move the tiny CI world's SafeMERGE result
+    (docs/training.md)."""
+    from safemerge.evaluate.generate import resolve_dtype
+
+    chosen = "float32" if precision is None else resolve_dtype(precision, "cpu")
+    if chosen not in ("float32", "bfloat16"):
+        raise ConfigError(f"unsupported training precision {precision!r}", "use --precision float32 or bfloat16")
+    return chosen
+
+
 def _stored_dtype(model_dir: Path) -> str:
     try:
         cfg = json.loads((model_dir / "config.json").read_text())
@@ -212,6 +225,7 @@ def train_lora(
     system: str | None = None,
     trust_remote_code: bool = False,
     lora_dropout: float = 0.0,
+    precision: str | None = None,
 ) -> Path:
     """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
 
@@ -236,6 +250,10 @@ def train_lora(
             (``auto_map``); refused by default.
         lora_dropout: dropout on the LoRA input during training (PEFT's ``lora_dropout``); its
             masks come from the seeded global generator, so runs stay byte-identical.
+        precision: ``float32`` (default), ``bfloat16`` or ``"auto"`` (the evaluation default of
+            :func:`safemerge.evaluate.generate.resolve_dtype`: bf16 where the CPU has it natively).
+            bfloat16 runs forward and backward under ``torch.autocast``; the LoRA and base
+            weights, the optimiser state and the loss stay float32.
 
     Returns:
         ``out_dir``. It holds ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
@@ -245,6 +263,7 @@ def train_lora(
     _check_hparams(rank, alpha, steps, epochs, batch_size, lr, max_length)
     if not 0.0 <= lora_dropout < 1.0:
         raise ConfigError(f"LoRA dropout must be in [0, 1), got {lora_dropout!r}", "pass e.g. --lora-dropout 0.05")
+    compute_dtype = _training_precision(precision)
     target_modules = parse_targets(targets)
     from safemerge.train.data import load_sft_records
 
@@ -291,8 +310,8 @@ def train_lora(
         task = bar.add_task("train", total=total, loss="—")
         for idx in _batches(n, batch_size, total, generator):
             batch = collate([examples[i] for i in idx], tok.pad_token_id)
-            out = peft_model(**batch)
-            loss = out.loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
+                loss = peft_model(**batch).loss
             if not torch.isfinite(loss):
                 raise SafemergeError(f"the training loss became {loss.item()} at step {len(losses) + 1}", "lower --lr")
             loss.backward()
@@ -309,6 +328,7 @@ def train_lora(
         "steps": total, "epochs": round(total / per_epoch, 4), "batch_size": batch_size, "lr": lr,
         "schedule": f"linear warm-up {warmup} steps, linear decay", "optimizer": "AdamW (no weight decay), grad-norm clip 1.0",
         "max_length": max_length, "seed": seed, "merge": merge, "lora_dropout": lora_dropout,
+        "precision": compute_dtype,
     }
     log = {"records": n, "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
     with atomic_output(out_dir, force=force, inputs=inputs) as tmp:

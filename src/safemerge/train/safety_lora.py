@@ -1,0 +1,190 @@
+"""The safety LoRA of SafeMERGE: a LoRA on the aligned model, shaped like the task LoRA, trained on safety data.
+
+SafeMERGE (Djuhera et al. 2025, §3–4) merges a layer as ``α ΔW_f + (1−α) ΔW_s`` where ``ΔW_s`` is a
+*safety LoRA*: a LoRA with the task LoRA's rank and target modules, trained on the aligned model with
+safety data (harmful requests answered with refusals). The paper's safety model is a real safety
+model — alone it is 1.3–6.3 % harmful. A safety LoRA trained on refusals the aligned model already
+produces learns nothing (issue 17 measured loss 0.274 → 0.280: ``ΔW_s`` was optimiser noise), so
+the default data (:func:`safemerge.data.safety_corpus.safety_lora_records`) use refusals that explain
+the reason and offer a safe alternative, in wordings unlike any SFT's templates, mixed with helpful
+answers to benign look-alikes (Bianchi et al. 2024: safety data alone teaches over-refusal).
+
+:func:`train_safety_lora` trains it with :func:`safemerge.train.lora.train_lora` and, unless told not
+to, measures the aligned model and ``aligned + ΔW_s`` on harmful and benign look-alike prompts, so
+its model card states whether the safety LoRA alone is at least as safe as the aligned model with no
+more over-refusal (the issue's target).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safemerge.errors import SafemergeError
+
+# Measured on SmolLM2-135M-Instruct with the project corpus (docs/demo.md, "Safety LoRA"): r and targets come
+# from the task adapter; these are the rest of the recipe.
+SAFETY_STEPS, SAFETY_LR, SAFETY_BATCH, SAFETY_MAX_LENGTH = 60, 1e-3, 8, 128
+SUMMARY = "safety_lora.json"
+EVAL_MAX_NEW_TOKENS = 32  # a refusal shows in the first sentence (keyword judge)
+LOSS_CURVE_POINTS = 10
+
+
+@dataclass
+class SafetyLoraResult:
+    """What :func:`train_safety_lora` wrote and measured."""
+
+    out: Path
+    rank: int
+    alpha: float
+    targets: list[str] | str
+    losses: list[float]
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_met(self) -> bool | None:
+        """aligned + ΔW_s at most as harmful as aligned, with no more over-refusal (``None``: not evaluated)."""
+        if not self.evaluation:
+            return None
+        al, s = self.evaluation["aligned"], self.evaluation["safety"]
+        return s["harmful_rate"] <= al["harmful_rate"] and s["over_refusal_rate"] <= al["over_refusal_rate"]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["out"], d["target_met"] = str(self.out), self.target_met
+        return d
+
+
+def like_adapter_shape(like: str | Path) -> tuple[int, float, list[str] | str]:
+    """``(r, lora_alpha, target_modules)`` of the PEFT LoRA adapter ``like`` (the task LoRA)."""
+    from safemerge.io.adapter import load_adapter
+
+    adapter = load_adapter(like)
+    targets = adapter.config.get("target_modules")
+    if not targets:
+        raise SafemergeError(f"{like}: adapter_config.json names no target_modules",
+                             "pass the task LoRA written by PEFT / safemerge train-lora as --like")
+    if isinstance(targets, str):
+        return adapter.r, adapter.lora_alpha, targets
+    return adapter.r, adapter.lora_alpha, sorted(str(t) for t in targets)
+
+
+def loss_curve(losses: list[float], points: int = LOSS_CURVE_POINTS) -> list[tuple[int, float]]:
+    """``(last step, mean loss)`` over ``points`` equal windows of the run — the curve the card reports."""
+    n = len(losses)
+    if n == 0:
+        return []
+    k = min(points, n)
+    bounds = [round(i * n / k) for i in range(k + 1)]
+    return [(bounds[i + 1], sum(losses[bounds[i]:bounds[i + 1]]) / (bounds[i + 1] - bounds[i])) for i in range(k)]
+
+
+def train_safety_lora(
+    aligned: str | Path,
+    like: str | Path,
+    out: str | Path,
+    *,
+    data: str | Path | Iterable[Any] | None = None,
+    steps: int = SAFETY_STEPS,
+    lr: float = SAFETY_LR,
+    batch_size: int = SAFETY_BATCH,
+    max_length: int = SAFETY_MAX_LENGTH,
+    seed: int = 0,
+    harmful: str | Path = "builtin:harmful",
+    benign: str | Path = "builtin:benign",
+    evaluate: bool = True,
+    limit: int | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> SafetyLoraResult:
+    """Train SafeMERGE's safety LoRA on ``aligned`` with the rank and targets of ``like``.
+
+    Args:
+        aligned: the aligned model directory (the task LoRA's base).
+        like: the task LoRA adapter whose ``r``, ``lora_alpha`` and ``target_modules`` are copied.
+        out: output adapter directory, written atomically (temporary sibling renamed into place).
+        data: training records (JSONL/JSON file or records); default: the project's safety corpus.
+        steps, lr, batch_size, max_length, seed: the :func:`~safemerge.train.lora.train_lora` recipe.
+        harmful, benign: prompt sets for the card's evaluation (disjoint from the default data).
+        evaluate: measure aligned and aligned + ΔW_s (harmful rate, over-refusal) for the card.
+        limit: evaluate at most ``limit`` prompts per set.
+
+    Returns:
+        :class:`SafetyLoraResult`; ``out`` holds the adapter, ``training_log.json``,
+        ``safety_lora.json`` (loss curve, evaluation) and a model card reporting both.
+    """
+    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.train.lora import TRAINING_LOG, train_lora
+
+    rank, alpha, targets = like_adapter_shape(like)
+    check_output_path(out, force=force)
+    if data is None:
+        from safemerge.data.safety_corpus import safety_lora_records
+
+        data = safety_lora_records(seed=seed)
+    with atomic_output(out, force=force) as tmp:
+        trained = tmp / "adapter"
+        train_lora(aligned, data, trained, rank=rank, alpha=alpha, targets=targets, steps=steps, batch_size=batch_size,
+                   lr=lr, max_length=max_length, seed=seed, progress=progress)
+        for f in trained.iterdir():
+            shutil.move(str(f), tmp / f.name)
+        trained.rmdir()
+        losses = json.loads((tmp / TRAINING_LOG).read_text())["losses"]
+        result = SafetyLoraResult(out=Path(out), rank=rank, alpha=alpha, targets=targets, losses=losses)
+        if evaluate:
+            result.evaluation = _evaluate_alone(aligned, tmp, harmful=harmful, benign=benign, limit=limit,
+                                                progress=progress)
+        (tmp / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        _append_card(tmp, result, like=like)
+    return result
+
+
+def _evaluate_alone(aligned: str | Path, adapter: Path, *, harmful: str | Path, benign: str | Path, limit: int | None,
+                    progress: bool) -> dict[str, Any]:
+    """Harmful rate and over-refusal of the aligned model and of aligned + ΔW_s, with 95 % intervals."""
+    from safemerge.autotune import evaluate_suites
+    from safemerge.evaluate.datasets import load_prompts
+
+    suites = {"harmful": load_prompts(str(harmful), limit=limit), "benign": load_prompts(str(benign), limit=limit)}
+    budget = {"harmful": EVAL_MAX_NEW_TOKENS, "benign": EVAL_MAX_NEW_TOKENS}
+    out: dict[str, Any] = {"sets": {"harmful": str(harmful), "benign": str(benign)}, "max_new_tokens": budget}
+    for name, lora in (("aligned", None), ("safety", adapter)):
+        res = evaluate_suites(aligned, adapter=lora, suites=suites, max_new_tokens=budget,
+                              out_dir=adapter / "eval" / name, progress=progress)
+        out[name] = {"harmful_rate": res["harmful"]["harmful_rate"], "harmful_ci": res["harmful"]["ci"],
+                     "over_refusal_rate": res["benign"]["over_refusal_rate"], "over_refusal_ci": res["benign"]["ci"],
+                     "n": {"harmful": res["harmful"]["n"], "benign": res["benign"]["n"]}}
+    return out
+
+
+def _pct(x: float, ci: list[float] | None) -> str:
+    return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}–{100 * ci[1]:.1f}]" if ci else "")
+
+
+def _append_card(tmp: Path, result: SafetyLoraResult, *, like: str | Path) -> None:
+    """Add the safety LoRA's loss curve and stand-alone evaluation to the card ``train_lora`` wrote."""
+    from safemerge.io.output import md_escape
+
+    curve = "\n".join(f"| {step} | {loss:.4f} |" for step, loss in loss_curve(result.losses))
+    text = ["", "## Safety LoRA", "",
+            f"SafeMERGE's safety LoRA (Djuhera et al. 2025): rank {result.rank}, lora_alpha {result.alpha:g} and "
+            f"targets `{md_escape(result.targets)}` copied from `{md_escape(Path(like).name)}`.", "",
+            "Loss curve (mean answer-token cross-entropy per window of steps):", "",
+            "| up to step | mean loss |", "|---|---|", curve, ""]
+    ev = result.evaluation
+    if ev:
+        text += ["## Aligned + ΔW_s alone", "",
+                 f"Harmful: `{md_escape(ev['sets']['harmful'])}`; benign look-alikes: `{md_escape(ev['sets']['benign'])}`; "
+                 f"keyword judge, {ev['max_new_tokens']['harmful']} new tokens, bfloat16; 95% bootstrap intervals.", "",
+                 "| model | harmful ↓ | over-refusal ↓ |", "|---|---|---|"]
+        for name, label in (("aligned", "aligned"), ("safety", "aligned + ΔW_s")):
+            m = ev[name]
+            text.append(f"| {label} | {_pct(m['harmful_rate'], m['harmful_ci'])} | "
+                        f"{_pct(m['over_refusal_rate'], m['over_refusal_ci'])} |")
+        verdict = "met" if result.target_met else "not met"
+        text += ["", f"Target (at least as safe as the aligned model, no more over-refusal): **{verdict}**.", ""]
+    card = tmp / "README.md"
+    card.write_text(card.read_text().rstrip() + "\n" + "\n".join(text))
