@@ -94,23 +94,19 @@ def repair_command(
     Example: safemerge repair task-lora/ --base base/ --aligned chat/ --utility val.jsonl --test-utility test.jsonl
     -o repaired/
     """
-    from dataclasses import replace
-
     from safemerge.progress import library_progress
     from safemerge.repair.pipeline import print_report, repair
-    from safemerge.repair.safety_lora import DEFAULT_RECIPE
 
     started = time.perf_counter()
     progress = not (no_progress or quiet)
     library_progress(progress)
-    overrides = {k: v for k, v in (("steps", safety_steps), ("lr", safety_lr)) if v is not None}
     budget = None if max_new_tokens is None else dict.fromkeys(("harmful", "benign", "utility"), max_new_tokens)
     res = repair(finetuned, base=base, aligned=aligned, out=out, utility=utility, safety=safety,
-                 safety_data=safety_data, val_harmful=val_harmful, test_harmful=test_harmful, test_benign=test_benign, test_utility=test_utility,
-                 merge_into=merge_into, extract_rank=extract_rank, recipe=replace(DEFAULT_RECIPE, **overrides),
-                 harm_margin=harm_margin, judge=judge, max_new_tokens=budget, work_dir=work_dir, force=force,
-                 allow_pickle=allow_pickle, log=None if quiet else (lambda m: typer.echo(m, err=True)),
-                 progress=progress)
+                 safety_data=safety_data, safety_steps=safety_steps, safety_lr=safety_lr, val_harmful=val_harmful,
+                 test_harmful=test_harmful, test_benign=test_benign, test_utility=test_utility, merge_into=merge_into,
+                 extract_rank=extract_rank, harm_margin=harm_margin, judge=judge, max_new_tokens=budget,
+                 work_dir=work_dir, force=force, allow_pickle=allow_pickle,
+                 log=None if quiet else (lambda m: typer.echo(m, err=True)), progress=progress)
     if not quiet:
         print_report(res)
     echo_summary(res.out, started, detail=f"repaired {res.output}, τ = {res.tau:g}, α = {res.alpha:g}, "

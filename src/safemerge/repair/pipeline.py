@@ -4,8 +4,9 @@ The steps, each cached under the work directory so that a rerun redoes nothing:
 
 1. **Task adapter.** A PEFT LoRA adapter is used as is; a full fine-tune is first turned into one
    by :func:`safemerge.extract.extract_lora` (truncated SVD of ``W_ft − W_aligned``).
-2. **Safety LoRA** ``ΔW_s``: ``--safety`` if given, else :func:`~safemerge.repair.safety_lora.train_safety_lora`
-   on the aligned model with the task adapter's rank and targets (SafeMERGE, Djuhera et al. 2025, §3).
+2. **Safety LoRA** ``ΔW_s``: ``--safety`` if given, else :func:`safemerge.train.safety_lora.train_safety_lora`
+   (the ``safety-lora`` command's recipe and corpus) on the aligned model with the task adapter's rank and
+   targets (SafeMERGE, Djuhera et al. 2025, §3).
 3. **Scan and tune.** :func:`safemerge.autotune.autotune` scans ρ_i = cos(C_i ΔW_f,i, ΔW_f,i)
    (SafeLoRA, Hsu et al. 2024, Eq. 2) once and picks (τ, α) on *validation* sets — built-in
    held-out harmful requests (or ``--val-harmful``) and the user's ``--utility`` set — as
@@ -25,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
-from safemerge.repair.safety_lora import DEFAULT_RECIPE, SafetyLoraRecipe
 
 Log = Callable[[str], None]
 DEFAULT_EXTRACT_RANK = 64
@@ -122,7 +122,8 @@ def repair(
     test_utility: Any = None,
     merge_into: str | Path | None = None,
     extract_rank: int = DEFAULT_EXTRACT_RANK,
-    recipe: SafetyLoraRecipe = DEFAULT_RECIPE,
+    safety_steps: int | None = None,
+    safety_lr: float | None = None,
     harm_margin: float = 0.02,
     judge: str = "keyword",
     max_new_tokens: Mapping[str, int] | None = None,
@@ -145,14 +146,13 @@ def repair(
             validation); without ``test_utility`` the utility column is measured on ``utility`` and
             labelled as the validation set.
         extract_rank: ``--max-rank`` of the extraction of a full fine-tune.
-        recipe: training recipe of the safety LoRA.
+        safety_steps, safety_lr: override the safety LoRA recipe's steps / learning rate.
         harm_margin: allowed validation harmful-rate excess over the aligned model (0.02 = 2 points).
         max_new_tokens: per-suite generation budgets (``{"harmful": 48, …}``).
         work_dir: cache (default ``<cache>/repair/<hash of the inputs>``).
     """
     from safemerge.autotune import autotune
     from safemerge.io.output import check_output_path
-    from safemerge.repair.safety_lora import builtin_validation_sets
 
     from safemerge.io.hub import resolve_local
 
@@ -167,12 +167,13 @@ def repair(
         raise SafemergeError(f"fine-tuned path {str(finetuned)!r} does not exist",
                              "pass a LoRA adapter or a fine-tuned model directory")
     work = _work_dir(work_dir, finetuned, base, aligned, safety, safety_data, val_harmful, utility, extract_rank,
-                     recipe)
+                     safety_steps, safety_lr)
     extracted = not _is_adapter(finetuned)
     task = _task_adapter(finetuned, aligned, work, extract_rank, allow_pickle, say)
+    recipe = {k: v for k, v in (("steps", safety_steps), ("lr", safety_lr)) if v is not None}
     safety_dir, trained = _safety_adapter(safety, aligned, task, work, safety_data, recipe, progress, say)
 
-    val_sets = {"harmful": val_harmful if val_harmful is not None else builtin_validation_sets()["harmful"],
+    val_sets = {"harmful": val_harmful if val_harmful is not None else builtin_harmful_validation(),
                 "utility": utility}
     tests = {"harmful": test_harmful, "benign": test_benign,
              "utility": test_utility if test_utility is not None else utility}
@@ -218,6 +219,16 @@ def repair(
     return result
 
 
+def builtin_harmful_validation() -> list[dict[str, Any]]:
+    """Built-in harmful validation prompts: the demo data's held-out harmful requests.
+
+    Disjoint from the safety training corpus and worded apart from ``builtin:harmful`` (the test set).
+    """
+    from safemerge.demo.data import safety_splits
+
+    return list(safety_splits().harmful_val)
+
+
 def _work_dir(work_dir: str | Path | None, *parts: Any) -> Path:
     from safemerge.demo.zoo import cache_root, fingerprint
 
@@ -225,7 +236,6 @@ def _work_dir(work_dir: str | Path | None, *parts: Any) -> Path:
         work = Path(work_dir).expanduser().absolute()
     else:
         key = [_fingerprint(p) if isinstance(p, (str, Path)) and Path(str(p)).exists() else p for p in parts]
-        key = [k.to_dict() if isinstance(k, SafetyLoraRecipe) else k for k in key]
         work = cache_root() / "repair" / fingerprint(*key)
     work.mkdir(parents=True, exist_ok=True)
     return work
@@ -249,19 +259,20 @@ def _task_adapter(finetuned: str | Path, aligned: str | Path, work: Path, extrac
 
 
 def _safety_adapter(safety: str | Path | None, aligned: str | Path, task: Path, work: Path, data: Any,
-                    recipe: SafetyLoraRecipe, progress: bool, say: Log) -> tuple[Path, bool]:
+                    recipe: dict[str, Any], progress: bool, say: Log) -> tuple[Path, bool]:
     """``(safety LoRA, trained here?)``: the given one, or one trained with the task adapter's shape (cached)."""
     if safety is not None:
         return Path(str(safety)), False
-    from safemerge.repair.safety_lora import train_safety_lora
+    from safemerge.train.safety_lora import train_safety_lora
 
     out = work / "safety-lora"
     if out.exists():
         say(f"[cached] safety LoRA: {out}")
         return out, True
     say("repair: training a safety LoRA with the task adapter's rank and targets "
-        f"({'built-in safety data' if data is None else data}, {recipe.steps} steps)")
-    train_safety_lora(aligned, task, out, data=data, recipe=recipe, progress=progress)
+        f"({'the built-in safety corpus' if data is None else data})")
+    # repair evaluates the final model on its test sets; the safety LoRA's own evaluation is safety-lora's job
+    train_safety_lora(aligned, task, out, data=data, evaluate=False, progress=progress, **recipe)
     return out, True
 
 
