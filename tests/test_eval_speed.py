@@ -91,11 +91,9 @@ def test_decode_equals_hf_generate_when_rows_finish_early(tiny):
     ours = gen._decode(enc, 12, None)
     lengths = {len(x) for x in ours}
     assert len(lengths) > 1 and min(lengths) < 12  # rows really left the batch early
-    width = max(map(len, enc))
-    ids = torch.full((len(enc), width), gen._pad_id(), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, e in enumerate(enc):
-        ids[r, width - len(e):], mask[r, width - len(e):] = torch.tensor(e), 1
+    ids, mask = G.left_pad(enc, gen._pad_id())
+    width = ids.shape[1]
+    assert mask.sum(1).tolist() == [len(e) for e in enc] and all(mask[r, -1] == 1 for r in range(len(enc)))
     cfg = GenerationConfig(max_new_tokens=12, do_sample=False, num_beams=1, pad_token_id=gen._pad_id(),
                            eos_token_id=gen._eos_ids())
     with torch.inference_mode():
