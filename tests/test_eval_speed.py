@@ -183,3 +183,23 @@ def test_training_precision(tiny, tmp_path):
     assert logs["bfloat16"]["losses"][0] == pytest.approx(logs["float32"]["losses"][0], rel=0.05)
     with pytest.raises(ConfigError, match="precision"):
         train_lora(path, data, tmp_path / "x", steps=1, progress=False, targets="q_proj", precision="float16")
+
+
+def test_cli_dtype_flag(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    _, _, path = tiny
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "safemerge.cli", "eval", str(path), "--harmful", "builtin:harmful",
+                               "--limit", "2", "--max-new-tokens", "3", "--no-progress", *args],
+                              capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+    ok = cli("--dtype", "fp32", "-o", str(tmp_path / "ok"))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "ok" / "results.json").read_text())["settings"]["dtype"] == "float32"
+    assert "float32" in ok.stdout  # the printed table names the dtype
+    bad = cli("--dtype", "int3", "-o", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "error: unknown dtype 'int3'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
