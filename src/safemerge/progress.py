@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -88,7 +89,10 @@ def library_progress(enabled: bool, *, loads_models: bool = True) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # also disables Hub bars; re-enabled below when wanted
-    (hub_utils.enable_progress_bars if enabled else hub_utils.disable_progress_bars)()
+    if enabled and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() not in ("1", "true", "yes", "on"):
+        hub_utils.enable_progress_bars()  # unless the user turned them off for the Hub library itself
+    elif not enabled:
+        hub_utils.disable_progress_bars()
 
 
 def path_size(path: str | Path) -> int:

@@ -7,7 +7,14 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import allow_pickle_option, echo_summary, quiet_option, trust_remote_code_option
+from safemerge.cli.options import (
+    allow_pickle_option,
+    echo_summary,
+    lm_eval_include_option,
+    lm_eval_tasks_option,
+    quiet_option,
+    trust_remote_code_option,
+)
 
 
 @app.command("eval")
@@ -27,6 +34,8 @@ def eval_command(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)."),
     max_harm: Optional[float] = typer.Option(None, "--max-harm", min=0.0, max=1.0, help="Release gate: exit with status 3 if the harmful rate exceeds this fraction."),
     answer_ce: bool = typer.Option(False, "--answer-ce", help="Also report answer-token cross-entropy on the utility set (hf backend)."),
+    lm_eval_tasks: Optional[str] = lm_eval_tasks_option(),
+    lm_eval_include: Optional[Path] = lm_eval_include_option(),
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = trust_remote_code_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
@@ -53,7 +62,8 @@ def eval_command(
     results = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
                        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out,
                        backend=backend, device=device, dtype=dtype, answer_ce=answer_ce, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, progress=progress)
+                       trust_remote_code=trust_remote_code, progress=progress, lm_eval_tasks=lm_eval_tasks,
+                       lm_eval_include=lm_eval_include)
     if not quiet:
         print_results(results)
     if max_harm is not None:
