@@ -160,3 +160,19 @@ def test_incomplete_cache_entry_is_reported(hub, tmp_path, capsys):
     (snap / "model.safetensors").unlink()
     code, _, err = run(capsys, "scan", "--base", "org/base", "--aligned", "org/aligned", "org/ft-lora", "--no-progress")
     assert code == 2 and "Traceback" not in err and "not a model directory" in err
+
+
+def test_resta_and_train_lora_with_hub_ids(hub, world, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"a b {c}", "response": f"{c} d"}) + "\n" for c in "efgh"))
+    for name, refs in (("local", (world.base, world.aligned, world.ft)), ("ids", ("org/base", "org/aligned", "org/ft-lora"))):
+        base, aligned, ft = refs
+        code, _, err = run(capsys, "resta", "--unaligned", base, "--aligned", aligned, "--finetuned", ft,
+                           "-o", tmp_path / f"resta_{name}", "-q")
+        assert code == 0, err
+        code, _, err = run(capsys, "train-lora", f"{aligned}+{ft}", "--data", data, "-o", tmp_path / f"lora_{name}",
+                           "--rank", "2", "--steps", "2", "--batch-size", "2", "-q")
+        assert code == 0, err
+    for a, b in (("resta_local/model.safetensors", "resta_ids/model.safetensors"),
+                 ("lora_local/adapter_model.safetensors", "lora_ids/adapter_model.safetensors")):
+        assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes(), a

@@ -41,7 +41,12 @@ def demo_command(
     cores; cached: minutes. --fast runs the same pipeline on a tiny world in about a minute.
     """
     import sys
+    import time
     import warnings
+
+    from safemerge.cli.options import echo_summary
+
+    started = time.perf_counter()
 
     from rich.console import Console
     from rich.markup import escape
@@ -65,5 +70,5 @@ def demo_command(
     con.print(f"fine-tuning eroded safety: {'yes' if c['erosion'] else 'no'}; "
               f"SafeMERGE less harmful than fine-tuned: {'yes' if c['SafeMERGE']['less_harmful_than_finetuned'] else 'no'} "
               f"(auto τ/α: {'yes' if c['SafeMERGE (auto)']['less_harmful_than_finetuned'] else 'no'})")
-    con.print(f"wrote {result.out / 'report.md'}")
     sys.stdout.flush()
+    echo_summary(result.out, started, detail=f"report {result.out / 'report.md'}")
