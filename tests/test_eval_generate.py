@@ -95,7 +95,7 @@ def test_stop_strings(tiny):
 
 def test_load_from_path_and_identity(tiny):
     model, tok, path = tiny
-    g1 = load_generator(str(path), backend="hf", device="cpu")
+    g1 = load_generator(str(path), backend="hf", device="cpu", dtype="float32")
     g2 = HFGenerator(model, tok)
     assert g1.generate(PROMPTS[:3], max_new_tokens=8, progress=False) == g2.generate(PROMPTS[:3], max_new_tokens=8, progress=False)
     assert g1.identity == load_generator(str(path), backend="hf").identity
@@ -119,10 +119,11 @@ def test_adapter_applied_without_merging(tiny, tmp_path):
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     peft_model.save_pretrained(tmp_path / "adapter")
-    gen = load_generator(str(path), adapter=str(tmp_path / "adapter"), backend="hf", device="cpu")
+    gen = load_generator(str(path), adapter=str(tmp_path / "adapter"), backend="hf", device="cpu", dtype="float32")
     assert isinstance(gen.model, PeftModel)  # not merged
     assert any("lora_A" in n for n, _ in gen.model.named_parameters())
-    plain = load_generator(str(path), backend="hf").generate(PROMPTS, max_new_tokens=10, progress=False)
+    plain_gen = load_generator(str(path), backend="hf", dtype="float32")
+    plain = plain_gen.generate(PROMPTS, max_new_tokens=10, progress=False)
     adapted = gen.generate(PROMPTS, max_new_tokens=10, progress=False)
     assert adapted != plain
     merged = HFGenerator(peft_model.merge_and_unload(), tok).generate(PROMPTS, max_new_tokens=10, progress=False)
@@ -167,4 +168,4 @@ def test_backend_resolution(monkeypatch):
 
 def test_default_batch_size(tiny):
     model, tok, _ = tiny
-    assert HFGenerator(model, tok).default_batch_size == 16
+    assert HFGenerator(model, tok).batch_size_for(20, 8) >= 1

@@ -41,7 +41,7 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path: Path, *, q8: bool = False) -> dict[str, np.ndarray]:
+def write_tiny_gguf(path: Path, *, q8: bool = False, extra_merges: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """Write a 2-layer Llama as GGUF (F32, or Q8_0 matrices) with a byte-level BPE tokenizer.
 
     Returns the Hugging Face state dict the file encodes (before quantisation).
@@ -50,7 +50,7 @@ def write_tiny_gguf(path: Path, *, q8: bool = False) -> dict[str, np.ndarray]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    merges = ["Ġ t", "h e", "Ġt he", "l l", "e ll"]
+    merges = ["Ġ t", "h e", "Ġt he", "l l", "e ll", *extra_merges]
     tokens = specials + _byte_level_alphabet() + ["Ġt", "he", "Ġthe", "ll", "ell"]
     vocab = len(tokens)
     cfg = LlamaConfig(

@@ -82,8 +82,8 @@ def _oracle_accuracy(model_dir: str, adapter_dir: str, rows: list[dict]) -> floa
 
 def test_lm_eval_task_on_model_plus_adapter(world, task_dir, tmp_path, capsys):
     out = tmp_path / "ev"
-    code, stdout, err = run(capsys, "eval", f"{world.aligned}+{world.ft}", "--lm-eval-tasks", TASK,
-                            "--lm-eval-include", task_dir, "-o", out, "--no-progress")
+    code, stdout, err = run(capsys, "eval", f"{world.aligned}+{world.ft}", "--lm-eval-tasks", TASK, "--lm-eval-include",
+                            task_dir, "--dtype", "float32", "-o", out, "--no-progress")  # the oracle is float32
     assert code == 0, err
     res = json.loads((out / "results.json").read_text())
     entry = res["lm_eval"]["tasks"][TASK]

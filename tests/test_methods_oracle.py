@@ -75,6 +75,11 @@ CASES: list[tuple[str, int, bool, dict, dict, int | None]] = [
     ("sce", 3, True, {}, {}, None),
     ("sce", 3, True, {}, {"select_topk": 0.3}, None),
     ("nearswap", 1, True, {}, {"t": 0.02}, None),
+    ("arcee_fusion", 1, True, {}, {}, None),
+    ("ram", 3, True, {}, {}, None),
+    ("ram", 3, True, {}, {"epsilon": 0.05}, None),
+    ("ramplus_tl", 3, True, {}, {"epsilon": 0.05}, None),
+    ("ramplus_tl", 2, True, {}, {"r": 0.5, "alpha": 1.0, "epsilon": 0.03}, None),
     ("passthrough", 1, False, {"scale": [2.0]}, {}, None),
     ("passthrough", 1, False, {}, {}, None),
 ]
@@ -178,3 +183,32 @@ def test_ties_breaks_exact_ties_like_mergekit() -> None:
     for density in (0.1, 0.37, 0.5, 0.9):  # default: same count, ties ordered by index
         ours = magnitude(delta, density)
         assert int((ours != 0).sum()) == int((mk_magnitude(delta, density) != 0).sum())
+
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[4].items()) or 'default'}-n{c[1]}")
+def test_mergekit_arithmetic_matches_mergekit_in_half_precision(case: tuple, dtype: torch.dtype) -> None:
+    """``--mergekit-arithmetic``: what the engine computes for half-precision inputs equals
+    mergekit's ``merge_tensors(..., dtype=…)`` bit for bit."""
+    from types import SimpleNamespace
+
+    from safemerge.engine.run import _mergekit_arithmetic
+
+    name, n, uses_base, per_model, params, seed = case
+    base, tensors = _inputs((64, 48), n, seed=zlib.crc32(f"{name}half".encode()) % 1000)
+    base, tensors = base.to(dtype), [t.to(dtype) for t in tensors]
+    method = get_method(name)
+    full = {p.name: p.default for p in method.global_params} | params
+    pm = {p.name: list(per_model.get(p.name, [p.default] * n)) for p in method.per_model_params}
+    plan, job = SimpleNamespace(method=method), SimpleNamespace(per_model=pm, params=full)
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    ours = _mergekit_arithmetic(plan, job, list(tensors), base if uses_base else None, gen)
+    if seed is not None:
+        torch.manual_seed(seed)
+    inputs = [*tensors, base] if uses_base else list(tensors)
+    theirs = mk_api.merge_tensors(inputs, name, parameters={**params, **per_model},
+                                  base_index=n if uses_base else None, dtype=dtype)
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)

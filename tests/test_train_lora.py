@@ -192,8 +192,10 @@ def test_bad_arguments(base, data_file, tmp_path):
         _train(base, data_file, tmp_path / "o", targets="no_such_proj")
     with pytest.raises(ConfigError, match="rank"):
         _train(base, data_file, tmp_path / "o", rank=0)
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
     with pytest.raises(SafemergeError, match="not a Hugging Face model"):
-        _train(tmp_path, data_file, tmp_path / "o")
+        _train(not_a_model, data_file, tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 

@@ -5,6 +5,7 @@ The CLI's ``safemerge merge`` is a thin wrapper around :func:`merge`.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,12 @@ _CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 BUILTIN_TEMPLATES = {"chatml": _CHATML}
+
+LOG = logging.getLogger("safemerge")
+
+MERGEKIT_CONFIG_NAME = "mergekit_config.yml"
+"""The config written next to a merged model: mergekit's file name (model cards, the Hub and
+mergekit's own tools look for it), holding the user's YAML text verbatim, comments included."""
 
 
 def parse_size(text: str | int | float) -> int:
@@ -106,6 +113,8 @@ def merge(
     checkpoints: Mapping[str, Any] | None = None,
     extra_card_sections: Callable[[Path], list[tuple[str, str]]] | None = None,
     mergekit_tie_break: bool = False,
+    mergekit_arithmetic: bool = False,
+    allow_crimes: bool = False,
 ) -> Path:
     """Run a merge described by a mergekit-compatible config and write a Hugging Face model.
 
@@ -122,6 +131,11 @@ def merge(
             ``(heading, markdown)`` sections for the model card (e.g. an evaluation report).
         mergekit_tie_break: at top-k cut-offs with exactly equal magnitudes, keep the entries
             mergekit keeps (bit-identical output; slower on tensors with such ties).
+        mergekit_arithmetic: compute in the config's ``dtype`` in mergekit's operation order
+            (float16/bfloat16 configs give mergekit's bits; implies ``mergekit_tie_break``)
+            instead of float32. Slower and holds N task vectors per tensor.
+        allow_crimes: merge inputs whose ``config.json`` names different architectures.
+        copy_tokenizer: copy the tokenizer files (from the base, or ``tokenizer_source``).
 
     Returns:
         The output path.
@@ -134,8 +148,11 @@ def merge(
     from safemerge.methods._tensor import set_tie_break
 
     cfg = load_config(config)
-    check_output_path(out_dir, force=force)
-    set_tie_break("mergekit" if mergekit_tie_break else "index")
+    tok_ref = cfg.effective_tokenizer_source
+    inputs = [*cfg.referenced_models(), tok_ref if tok_ref not in ("base", "union") else None,
+              config if isinstance(config, (str, Path)) and "\n" not in str(config) else None]
+    check_output_path(out_dir, force=force, inputs=inputs)
+    set_tie_break("mergekit" if mergekit_tie_break or mergekit_arithmetic else "index")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
     if device.startswith("cuda"):
@@ -145,7 +162,13 @@ def merge(
             raise ConfigError("--device cuda was requested but no CUDA device is available", "use --device cpu")
     max_shard = parse_size(out_shard_size)
     ckpts = open_all(cfg, allow_pickle=allow_pickle, checkpoints=checkpoints)
-    plan = plan_merge(cfg, ckpts)
+    plan = plan_merge(cfg, ckpts, allow_crimes=allow_crimes)
+    plan.mergekit_arithmetic = mergekit_arithmetic
+    LOG.info(
+        "plan: %s, %d tensors, %d layers, %.1f MB; arithmetic: %s",
+        plan.method.name, len(plan.jobs), plan.num_layers, plan.total_bytes / 1e6,
+        f"{plan.compute_dtype or 'input dtype'} (mergekit order)" if mergekit_arithmetic else "float32",
+    )
     ref_dir = _model_dir(ckpts[plan.reference])
     tok_src = cfg.effective_tokenizer_source
     if tok_src in (None, "base"):
@@ -154,9 +177,9 @@ def merge(
         if tok_src not in ckpts:
             from safemerge.io.checkpoint import open_checkpoint
 
-            ckpts[tok_src] = open_checkpoint(tok_src, allow_pickle=allow_pickle)
+            ckpts[tok_src] = open_checkpoint(tok_src, allow_pickle=allow_pickle, allow_nonfinite=True)
         tok_dir = _model_dir(ckpts[tok_src])
-    with atomic_output(out_dir, force=force) as tmp:
+    with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(
             tmp,
             max_shard_bytes=max_shard,
@@ -177,8 +200,8 @@ def merge(
         copy_model_files(ref_dir, tmp, tokenizer_dir=tok_dir if copy_tokenizer else Path("/nonexistent"), config_updates=updates)
         if cfg.chat_template:
             _apply_chat_template(cfg.chat_template, tmp, [_model_dir(c) for c in ckpts.values()])
-        yaml_text = cfg.to_yaml()
-        (tmp / "safemerge_config.yml").write_text(yaml_text)
+        yaml_text = cfg.source_text
+        (tmp / MERGEKIT_CONFIG_NAME).write_text(yaml_text)
         models = [r for r in cfg.referenced_models()]
         lines = [f"- {md_escape(m)}" + (" (base)" if m == cfg.base_model else "") for m in models]
         sections = [

@@ -47,17 +47,18 @@ class LazyGenerator:
     backend = "hf"
 
     def __init__(self, model: str | Path, adapter: str | Path | None = None) -> None:
-        from safemerge.evaluate.generate import model_identity
+        from safemerge.evaluate.generate import generation_dtype, model_identity
 
         self.model_path, self.adapter = str(model), (str(adapter) if adapter else None)
         self.identity = model_identity(self.model_path, self.adapter)
+        self.dtype = generation_dtype(self.model_path)  # the evaluation default (bf16 where native)
         self._gen: Any = None
 
     def _load(self) -> Any:
         if self._gen is None:
             from safemerge.evaluate.generate import load_generator
 
-            self._gen = load_generator(self.model_path, adapter=self.adapter, backend="hf")
+            self._gen = load_generator(self.model_path, adapter=self.adapter, backend="hf", dtype=self.dtype)
         return self._gen
 
     def generate(self, prompts: list[Any], **kw: Any) -> list[str]:
@@ -103,6 +104,7 @@ def evaluate_suites(
         combined["settings"]["max_new_tokens"][name] = res["settings"]["max_new_tokens"][name]
         combined["settings"]["sets"][name] = res["settings"]["sets"][name]
         combined["settings"]["backend"] = res["settings"]["backend"]
+        combined["settings"]["dtype"] = res["settings"]["dtype"]
     atomic_write_text(out / "results.json", json.dumps(combined, indent=2, ensure_ascii=False) + "\n")
     return combined
 

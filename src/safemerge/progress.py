@@ -89,10 +89,9 @@ def library_progress(enabled: bool, *, loads_models: bool = True) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # also disables Hub bars; re-enabled below when wanted
-    if enabled and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").lower() not in ("1", "true", "yes", "on"):
-        hub_utils.enable_progress_bars()  # unless the user turned them off for the Hub library itself
-    elif not enabled:
-        hub_utils.disable_progress_bars()
+    if enabled and os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return  # the user switched Hub bars off in the environment: respect it (and avoid the Hub's warning)
+    (hub_utils.enable_progress_bars if enabled else hub_utils.disable_progress_bars)()
 
 
 def path_size(path: str | Path) -> int:

@@ -34,6 +34,7 @@ COMMAND_MODULES = [
     "safemerge.cli.train_cmd",
     "safemerge.cli.merge_cmd",
     "safemerge.cli.safety_cmd",
+    "safemerge.cli.repair_cmd",
     "safemerge.cli.synth_cmd",
     "safemerge.cli.optimize_cmd",
     "safemerge.cli.methods_cmd",
@@ -128,6 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", "rerun with --debug and report the traceback", 1)
+
+
+def yaml_main() -> None:
+    """``safemerge-yaml CONFIG OUT [flags]``: a drop-in for ``mergekit-yaml`` (same arguments and
+    flags), run as ``safemerge merge``. Named so that it does not shadow mergekit's own script
+    when both packages are installed (docs/cli.md)."""
+    main(["merge", *sys.argv[1:]])
 
 
 if __name__ == "__main__":  # pragma: no cover

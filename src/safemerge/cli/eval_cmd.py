@@ -10,6 +10,8 @@ from safemerge.cli import app
 from safemerge.cli.options import (
     allow_pickle_option,
     echo_summary,
+    generation_batch_size_option,
+    generation_dtype_option,
     lm_eval_include_option,
     lm_eval_tasks_option,
     quiet_option,
@@ -27,11 +29,13 @@ def eval_command(
     utility: Optional[str] = typer.Option(None, "--utility", help="Utility set: GSM8K jsonl, PubMedQA PQA-L json, MC jsonl, builtin:arithmetic."),
     judge: str = typer.Option("keyword", "--judge", help="keyword | keyword:gcg | llamaguard[1|2|3]:PATH | harmbench:PATH | classifier:PATH."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Use only the first N prompts of each set."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Generation batch size (default 16 on CPU, 64 on GPU)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Tokens to generate per prompt (default per suite: 128 harmful, 64 benign, by metric for utility)."),
+    batch_size: Optional[int] = generation_batch_size_option(),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", min=1,
+        help="Tokens to generate per prompt (default per suite: 64 harmful, 48 benign, by metric for utility)."),
     backend: str = typer.Option("auto", "--backend", help="auto (vLLM if installed and CUDA present) | hf | vllm."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if available)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default fp32 on CPU, bf16 on GPU)."),
+    dtype: Optional[str] = generation_dtype_option(),
     max_harm: Optional[float] = typer.Option(None, "--max-harm", min=0.0, max=1.0, help="Release gate: exit with status 3 if the harmful rate exceeds this fraction."),
     answer_ce: bool = typer.Option(False, "--answer-ce", help="Also report answer-token cross-entropy on the utility set (hf backend)."),
     lm_eval_tasks: Optional[str] = lm_eval_tasks_option(),
@@ -59,6 +63,7 @@ def eval_command(
 
     if max_harm is not None and harmful is None:
         raise SafemergeError("--max-harm needs a harmful prompt set", "add --harmful SET (e.g. builtin:harmful)")
+    _check_eval_output(out, (model, adapter, harmful, benign, utility))
     results = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
                        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out,
                        backend=backend, device=device, dtype=dtype, answer_ce=answer_ce, allow_pickle=allow_pickle,
@@ -72,6 +77,18 @@ def eval_command(
             raise GateFailed(f"harmful rate {rate:.1%} exceeds --max-harm {max_harm:.1%} (results in {out / 'results.json'})",
                              "do not release this model; re-align it (e.g. safemerge safemerge) and evaluate again")
     echo_summary([out / "results.json", out / "judgments.jsonl"], started)
+
+
+def _check_eval_output(out: Path, inputs: tuple[Optional[str], ...]) -> None:
+    """``-o`` may exist (its generation cache is reused), but it must not be an input, hold one or
+    lie inside one, and its location must be a writable directory."""
+    from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_not_an_input, check_writable_location
+
+    check_not_an_input(out, inputs)
+    if out.exists() and not out.is_dir():
+        raise SafemergeError(f"output {out} exists and is not a directory", "pass a directory for -o")
+    check_writable_location(out.expanduser().absolute(), out)
 
 
 @app.command("compare")

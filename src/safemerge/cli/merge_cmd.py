@@ -8,6 +8,7 @@ import typer
 from safemerge.cli import app
 from safemerge.cli.options import (
     EvalSets,
+    allow_nonfinite_option,
     allow_pickle_option,
     eval_benign_option,
     eval_flag_option,
@@ -29,15 +30,26 @@ def merge_command(
     config: Path = typer.Argument(..., help="Merge configuration (mergekit-compatible YAML)."),
     out: Path = typer.Argument(..., help="Output directory for the merged Hugging Face model."),
     jobs: int = typer.Option(None, "-j", "--jobs", help="Worker threads (read, merge and write overlap). Default: CPU count.", min=1),
-    seed: int = typer.Option(0, "--seed", help="Seed for stochastic methods (DARE, DELLA); outputs are byte-identical per seed."),
+    seed: int = typer.Option(0, "--seed", "--random-seed", help="Seed for stochastic methods (DARE, DELLA); outputs are byte-identical per seed."),
     device: str = typer.Option("cpu", "--device", help="Device for the arithmetic: cpu or cuda."),
+    cuda: bool = typer.Option(False, "--cuda", help="mergekit-yaml's spelling of --device cuda."),
     out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Maximum size of one output shard (e.g. 5GB, 500MB)."),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
-    allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Merge inputs containing NaN/Inf instead of refusing them."),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
     quiet: bool = quiet_option(),
     mergekit_tie_break: bool = typer.Option(False, "--mergekit-tie-break", help="Break exact ties at top-k cut-offs (TIES, Breadcrumbs, SCE) as mergekit does: bit-identical to mergekit, slower."),
+    mergekit_arithmetic: bool = typer.Option(
+        False, "--mergekit-arithmetic",
+        help="Compute in the config's dtype in mergekit's operation order (fp16/bf16 configs give mergekit's bits) "
+        "instead of float32. Implies --mergekit-tie-break; slower, more memory.",
+    ),
+    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer", help="Copy the tokenizer files to OUT (as mergekit-yaml)."),
+    allow_crimes: bool = typer.Option(False, "--allow-crimes", help="Allow inputs whose config.json names different architectures (tensor names and shapes must still match)."),
+    lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle", help="Accepted for mergekit-yaml compatibility; no effect (inputs are always read lazily; pickles still need --allow-pickle)."),
+    lora_merge_cache: Path = typer.Option(None, "--lora-merge-cache", help="Accepted for mergekit-yaml compatibility; no effect (model+adapter inputs are applied tensor by tensor, nothing is cached)."),
+    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="Log the plan and each phase to stderr."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and inputs and print the plan; write nothing."),
     eval_: bool = eval_flag_option("Evaluate the merged model (builtin harmful/benign sets) and put the report in its model card."),
     eval_harmful: str = eval_harmful_option(),
@@ -57,8 +69,12 @@ def merge_command(
     started = time.perf_counter()
     progress = not (no_progress or quiet)
     library_progress(progress, loads_models=eval_)
+    if verbose:
+        _log_to_stderr()
+    if cuda:
+        device = "cuda"
     if dry_run:
-        _dry_run(config, allow_pickle)
+        _dry_run(config, allow_pickle, allow_crimes)
         return
     sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
                     lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
@@ -76,6 +92,9 @@ def merge_command(
         progress=progress,
         extra_card_sections=extra,
         mergekit_tie_break=mergekit_tie_break,
+        mergekit_arithmetic=mergekit_arithmetic,
+        copy_tokenizer=copy_tokenizer,
+        allow_crimes=allow_crimes,
     )
     echo_summary(path, started)
 
@@ -93,7 +112,18 @@ def _eval_card_sections(sets: EvalSets):  # noqa: ANN202
     return sections
 
 
-def _dry_run(config: Path, allow_pickle: bool) -> None:
+def _log_to_stderr() -> None:
+    """``-v``: the ``safemerge`` logger's INFO messages (plan, phases) go to stderr."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("safemerge")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _dry_run(config: Path, allow_pickle: bool, allow_crimes: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -104,7 +134,7 @@ def _dry_run(config: Path, allow_pickle: bool) -> None:
 
     cfg = load_config(config)
     ckpts = open_all(cfg, allow_pickle=allow_pickle)
-    plan = plan_merge(cfg, ckpts)
+    plan = plan_merge(cfg, ckpts, allow_crimes=allow_crimes)
     table = Table(title=f"{plan.method.name}: {len(plan.jobs)} tensors, {plan.num_layers} layers, {human_bytes(plan.total_bytes)}")
     for col in ("tensor", "shape", "inputs", "parameters"):
         table.add_column(col)

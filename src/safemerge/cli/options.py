@@ -24,6 +24,11 @@ def allow_pickle_option() -> Any:
     return typer.Option(False, "--allow-pickle", help=PICKLE_HELP)
 
 
+def allow_nonfinite_option() -> Any:
+    """``--allow-nonfinite``: read weights holding NaN/Inf instead of refusing them."""
+    return typer.Option(False, "--allow-nonfinite", help="Use inputs containing NaN/Inf instead of refusing them.")
+
+
 def no_progress_option() -> Any:
     """``--no-progress``: no progress bars at all, the libraries' included (logs, CI)."""
     return typer.Option(False, "--no-progress", help="Do not show progress bars (safemerge's, transformers' or Hub downloads').")
@@ -65,6 +70,19 @@ def echo_summary(written: Any, started: float, *, detail: str = "") -> None:
 def dtype_option() -> Any:
     """``--dtype``: storage dtype of the output (arithmetic is always float32)."""
     return typer.Option(None, "--dtype", help="Output dtype: float32, float16 or bfloat16 (default: the inputs').")
+
+
+def generation_dtype_option(flag: str = "--dtype") -> Any:
+    """Generation compute dtype; the default is decided by :func:`safemerge.evaluate.generate.resolve_dtype`."""
+    return typer.Option(None, flag, help="Generation dtype: float32 (exact) | bfloat16 | float16 (default: "
+                                         "bfloat16 on CUDA and on CPUs with native bf16 — AVX512-BF16, AMX, ARM "
+                                         "bf16 — else float32).")
+
+
+def generation_batch_size_option() -> Any:
+    """``--batch-size`` of generation; the default is sized from memory per batch."""
+    return typer.Option(None, "--batch-size", min=1,
+                        help="Generation batch size (default: from memory, at most 64 on CPU and 256 on GPU).")
 
 
 def trust_remote_code_option() -> Any:

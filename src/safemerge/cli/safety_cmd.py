@@ -14,6 +14,7 @@ import typer
 from safemerge.cli import app
 from safemerge.cli.options import (
     EvalSets,
+    allow_nonfinite_option,
     allow_pickle_option,
     dtype_option,
     eval_benign_option,
@@ -30,6 +31,7 @@ from safemerge.cli.options import (
     quiet_option,
 )
 
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 _BASE_HELP = "Unaligned base model (pre-trained), used with --aligned to build the safety subspace V = W_aligned − W_base."
 _ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the chat/instruct model)."
 
@@ -103,6 +105,7 @@ def scan_command(
     csv_out: Path = typer.Option(None, "--csv", help="Write the per-layer records as CSV."),
     plot: Path = typer.Option(None, "--plot", help="Write a heatmap PNG (layers × modules, coloured by ρ, cells below τ marked)."),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     quiet: bool = quiet_option(),
     no_progress: bool = no_progress_option(),
 ) -> None:
@@ -116,16 +119,23 @@ def scan_command(
     from safemerge.safety.api import scan
     from safemerge.safety.report import write_csv, write_json_records
 
+    from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
+
     started = time.perf_counter()
     library_progress(not (no_progress or quiet), loads_models=False)
     tm = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     for p in (json_out, csv_out, plot):
         if p is not None and p.parent and not p.parent.exists():
-            from safemerge.errors import SafemergeError
-
             raise SafemergeError(f"directory {str(p.parent)!r} does not exist", "create it or choose another output path")
+        if p is not None:
+            check_output_file(p, force=True, inputs=(base, aligned, *inputs))  # scan reports are overwritten
+    if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise SafemergeError(f"--plot {str(plot)!r}: unsupported image type {plot.suffix or '(none)'!r}",
+                             f"end the file name in one of {', '.join(PLOT_SUFFIXES)}")
     with _progress(not (no_progress or quiet)) as cb:
-        scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle, progress=cb)
+        scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle,
+                      allow_nonfinite=allow_nonfinite, progress=cb)
     if not quiet:
         _print_scores(scores, tau, "merged")
     if json_out is not None:
@@ -163,6 +173,7 @@ def safemerge_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     quiet: bool = quiet_option(),
     no_progress: bool = no_progress_option(),
     eval_: bool = eval_flag_option("Evaluate the output and put the safety report into its model card."),
@@ -188,7 +199,8 @@ def safemerge_command(
     started = time.perf_counter()
     progress = not (no_progress or quiet)
     library_progress(progress, loads_models=eval_ or "auto" in (tau, alpha))
-    check_output_path(out, force=force)  # fail before a (possibly long) automatic τ/α search
+    # fail before a (possibly long) automatic τ/α search
+    check_output_path(out, force=force, inputs=(base, aligned, finetuned, safety, merge_into))
     tau, alpha, tuned = resolve_tau_alpha(tau, alpha, base=base, aligned=aligned, finetuned=finetuned, safety=safety,
                                           val_harmful=val_harmful, val_utility=val_utility, harm_margin=harm_margin,
                                           log=lambda m: typer.echo(m, err=True))
@@ -201,7 +213,7 @@ def safemerge_command(
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
             strategy=strategy, compat=compat, merge_into=merge_into, seed=seed, density=density, dtype=dtype,
-            force=force, allow_pickle=allow_pickle, evaluate=ev, progress=cb,
+            force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, evaluate=ev, progress=cb,
         )
     if not quiet:
         _print_scores(res.scores, res.tau, "merged")
@@ -230,6 +242,7 @@ def safelora_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     quiet: bool = quiet_option(),
     no_progress: bool = no_progress_option(),
 ) -> None:
@@ -246,7 +259,8 @@ def safelora_command(
     library_progress(not (no_progress or quiet), loads_models=False)
     with _progress(not (no_progress or quiet)) as cb:
         res = safelora(base=base, aligned=aligned, finetuned=finetuned, out=out, mode=mode, tau=tau, num_layers=num_layers,
-                       merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+                       merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                       allow_nonfinite=allow_nonfinite, progress=cb)
     if not quiet:
         _print_scores(res.scores, res.tau, "projected")
     echo_summary(res.out, started, detail=f"{res.output}; {_decided(res.scores, 'projected')}")
@@ -264,6 +278,7 @@ def resta_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
     quiet: bool = quiet_option(),
 ) -> None:
@@ -280,7 +295,8 @@ def resta_command(
     library_progress(not (no_progress or quiet), loads_models=False)
     with _progress(not (no_progress or quiet)) as cb:
         path = resta(unaligned=unaligned, aligned=aligned, finetuned=finetuned, out=out, beta=beta, dare_density=dare_density,
-                     seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+                     seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                     allow_nonfinite=allow_nonfinite, progress=cb)
     echo_summary(path, started)
 
 
@@ -295,6 +311,7 @@ def mergealign_command(
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
     quiet: bool = quiet_option(),
 ) -> None:
@@ -311,5 +328,6 @@ def mergealign_command(
     library_progress(not (no_progress or quiet), loads_models=False)
     with _progress(not (no_progress or quiet)) as cb:
         path = mergealign(pretrained=pretrained, domain=domain, aligned=aligned, out=out, lambda_domain=lambda_domain,
-                          lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+                          lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                          allow_nonfinite=allow_nonfinite, progress=cb)
     echo_summary(path, started)

@@ -11,6 +11,8 @@ from safemerge.cli.options import (
     allow_pickle_option,
     echo_summary,
     force_option,
+    generation_batch_size_option,
+    generation_dtype_option,
     no_progress_option,
     output_alias_option,
     out_option,
@@ -32,10 +34,6 @@ app.add_typer(synth_app, name="synth")
 # generation options shared by `synth safety` and `synth domain`
 def _max_new_tokens_option() -> Any:
     return typer.Option(512, "--max-new-tokens", min=1, help="Token budget of questions and answers (paper: 512).")
-
-
-def _batch_size_option() -> Any:
-    return typer.Option(None, "--batch-size", min=1, help="Generation batch size (default: the backend's).")
 
 
 def _backend_option() -> Any:
@@ -79,8 +77,9 @@ def safety_cmd(
     require_refusal: bool = typer.Option(False, "--require-refusal", help="Keep only answers the judge marks as explicit refusals, not merely safe."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random refusal choice (and prompt sampling)."),
     max_new_tokens: int = _max_new_tokens_option(),
-    batch_size: Optional[int] = _batch_size_option(),
+    batch_size: Optional[int] = generation_batch_size_option(),
     backend: str = _backend_option(),
+    dtype: Optional[str] = generation_dtype_option(),
     force: bool = force_option("Replace an existing output file."),
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = trust_remote_code_option(),
@@ -95,6 +94,7 @@ def safety_cmd(
     import time
 
     from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
     from safemerge.progress import library_progress
     from safemerge.synth.categories import resolve_categories
     from safemerge.synth.common import load_generator, load_judge, load_questions, write_jsonl
@@ -105,9 +105,9 @@ def safety_cmd(
     library_progress(progress)
     if (generator is None) == (prompts is None):
         raise SafemergeError("give exactly one of --generator and --prompts", "--generator MODEL writes questions; --prompts SET reuses a prompt set")
-    if output.exists() and not force:
-        raise SafemergeError(f"output {str(output)!r} already exists", "pass --force to replace it, or choose another path")
+    check_output_file(output, force=force, inputs=(*pool, generator, prompts))
     cats = resolve_categories(categories)
+    the_judge = load_judge(judge)  # an unknown judge fails before any model is loaded
     stats = SafetyStats()
     if prompts is not None:
         qs = load_questions(prompts)
@@ -117,13 +117,16 @@ def safety_cmd(
             idx = sorted(random.Random(seed).sample(range(len(qs)), num))
             qs = [qs[i] for i in idx]
     else:
-        gen = load_generator(generator, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        qs = generate_unsafe_questions(gen, num, categories=cats, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=progress)
+        gen = load_generator(generator, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
+                             allow_pickle=allow_pickle)
+        qs = generate_unsafe_questions(gen, num, categories=cats, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                       stats=stats, progress=progress)
         del gen
         if not qs:
             raise SafemergeError("the generator produced no parsable questions", "use a stronger instruction-following generator, or --prompts")
-    gens = {name: load_generator(p, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(pool).items()}
-    records = build_safety_set(qs, gens, load_judge(judge), seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
+    gens = {name: load_generator(p, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle) for name, p in _labels(pool).items()}
+    records = build_safety_set(qs, gens, the_judge, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                require_refusal=require_refusal, stats=stats, progress=progress)
     if not quiet:
         _print_stats("synth safety", stats.as_dict())
@@ -143,8 +146,9 @@ def domain_cmd(
     num: int = typer.Option(100, "--num", "-n", min=1, help="Total number of questions (split evenly across experts)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the in-context example draws."),
     max_new_tokens: int = _max_new_tokens_option(),
-    batch_size: Optional[int] = _batch_size_option(),
+    batch_size: Optional[int] = generation_batch_size_option(),
     backend: str = _backend_option(),
+    dtype: Optional[str] = generation_dtype_option(),
     force: bool = force_option("Replace an existing output file."),
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = trust_remote_code_option(),
@@ -158,6 +162,7 @@ def domain_cmd(
     import time
 
     from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
     from safemerge.progress import library_progress
     from safemerge.synth.common import load_generator, load_questions, write_jsonl
     from safemerge.synth.domain import DomainStats, build_domain_set
@@ -165,11 +170,10 @@ def domain_cmd(
     started, output = time.perf_counter(), pick_out(out, output)
     progress = not (no_progress or quiet)
     library_progress(progress)
-
-    if output.exists() and not force:
-        raise SafemergeError(f"output {str(output)!r} already exists", "pass --force to replace it, or choose another path")
+    check_output_file(output, force=force, inputs=(*model, seed_file))
     seeds = [q["prompt"] for q in load_questions(seed_file)]
-    gens = {name: load_generator(p, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle) for name, p in _labels(model).items()}
+    gens = {name: load_generator(p, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle) for name, p in _labels(model).items()}
     stats = DomainStats()
     records = build_domain_set(gens, seeds, topic, num, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=progress)
     if not quiet:

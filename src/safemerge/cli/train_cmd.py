@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import echo_summary, force_option, no_progress_option, quiet_option
+from safemerge.cli.options import echo_summary, force_option, no_progress_option, quiet_option, trust_remote_code_option
 
 
 @app.command(
@@ -36,7 +36,11 @@ def train_lora_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed for the LoRA initialisation and the data order."),
     system: Optional[str] = typer.Option(None, "--system", help="System message added to every example.", show_default=False),
     merge: bool = typer.Option(False, "--merge", help="Write a full model with the LoRA merged into the weights."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", show_default=False,
+        help="float32 (default) | bfloat16 (autocast) | auto (bfloat16 where the CPU supports it natively)."),
     force: bool = force_option(),
+    trust_remote_code: bool = trust_remote_code_option(),
     no_progress: bool = no_progress_option(),
     quiet: bool = quiet_option(),
 ) -> None:
@@ -53,6 +57,7 @@ def train_lora_cmd(
         model, data, out, rank=rank, alpha=alpha, targets=targets, steps=steps, epochs=epochs,
         batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, merge=merge, force=force,
         progress=not (no_progress or quiet), system=system, lora_dropout=lora_dropout,
+        trust_remote_code=trust_remote_code, precision=precision,
     )
     log = json.loads((out / TRAINING_LOG).read_text())
     losses = log["losses"]

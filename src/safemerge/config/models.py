@@ -11,7 +11,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from safemerge.errors import ConfigError
 
@@ -111,6 +111,7 @@ class MergeConfig(BaseModel):
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = Field(default=None, description="optional label (mergekit-multi)")
+    _source_text: str | None = PrivateAttr(default=None)
 
     _dt = field_validator("dtype", "out_dtype")(classmethod(lambda cls, v: _norm_dtype(v)))
 
@@ -158,6 +159,12 @@ class MergeConfig(BaseModel):
 
         return yaml.safe_dump(self.to_yaml_dict(), sort_keys=False)
 
+    @property
+    def source_text(self) -> str:
+        """The YAML exactly as the user wrote it (comments included) when the config came from
+        YAML text or a file; otherwise the normalised :meth:`to_yaml` dump."""
+        return self._source_text if self._source_text is not None else self.to_yaml()
+
 
 def _loc(loc: tuple[Any, ...]) -> str:
     out = ""
@@ -191,34 +198,32 @@ def _validation_error(exc: ValidationError) -> ConfigError:
 
 def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfig:
     """Parse a YAML file, a YAML string, a dict or a :class:`MergeConfig` into a validated config."""
-    import yaml
+    from safemerge.config.yaml_io import load_yaml
 
     if isinstance(source, MergeConfig):
         return source
     data: Any = source
+    data_text = source if isinstance(source, str) else None
+    where = "config"
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and (source.endswith((".yml", ".yaml")) or Path(source).exists())):
         p = Path(source)
         if not p.exists():
             raise ConfigError(f"config file {str(p)!r} does not exist", "check the path")
         if p.is_dir():
             raise ConfigError(f"config path {str(p)!r} is a directory", "pass a YAML file")
-        try:
-            text = p.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"cannot read config {str(p)!r} ({exc})", "check the file") from exc
-        data = text
+        from safemerge.io.text import read_utf8
+
+        data = data_text = read_utf8(p, "config")
+        where = str(p)
     if isinstance(data, str):
-        try:
-            data = yaml.safe_load(data)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            problem = getattr(exc, "problem", None) or "syntax error"
-            raise ConfigError(f"invalid YAML{where}: {problem}", "fix the YAML syntax (indentation, colons, quotes)") from None
+        data = load_yaml(data, source=where)
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping with at least 'merge_method' and 'models'", "see docs/cli.md for an example")
     try:
-        return MergeConfig.model_validate(data)
+        config = MergeConfig.model_validate(data)
     except ValidationError as exc:
         raise _validation_error(exc) from None
+    if isinstance(source, (str, Path)):
+        config._source_text = data_text
+    return config
 

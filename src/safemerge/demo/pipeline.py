@@ -103,8 +103,12 @@ def claim_checks(rows: dict[str, Row], *, utility_margin: float = 0.05) -> dict[
     return out
 
 
-def _prepare_out(out: Path) -> None:
-    """Refuse to replace a directory that is not an earlier demo output."""
+def _prepare_out(out: Path, inputs: tuple[Path | str | None, ...]) -> None:
+    """Refuse an output that is, holds or lies in an input (the zoo cache, --data-dir), and one
+    that would replace a directory that is not an earlier demo output."""
+    from safemerge.io.output import check_not_an_input
+
+    check_not_an_input(out, inputs)
     if out.exists() and not (out / MARKER).exists():
         raise SafemergeError(f"output {str(out)!r} exists and is not a demo output", "choose another -o directory or remove it")
 
@@ -135,10 +139,10 @@ def run_demo(
 
     say = log or (lambda _m: None)
     out = Path(out).expanduser().absolute()
-    _prepare_out(out)
+    root = cache_root(cache_dir)
+    _prepare_out(out, (root, data_dir))
     if fast and data_dir is not None:
         raise SafemergeError("--fast and --data-dir cannot be combined", "drop --fast to run on real data with SmolLM2")
-    root = cache_root(cache_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if fast:

@@ -104,7 +104,7 @@ def full_sft(out: Path, records: list[dict[str, Any]], *, init: Path | None, ste
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(init), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(init), dtype=torch.float32, trust_remote_code=False)
     enc = [encode_chat_example(tok, r["prompt"], r["response"], max_length=64) for r in records]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)

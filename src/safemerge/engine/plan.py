@@ -13,6 +13,7 @@ Semantics follow mergekit 0.1.5:
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,8 @@ from safemerge.config.params import resolve
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.io.checkpoint import split_layer_name
 from safemerge.methods.registry import MergeMethod, get_method
+
+LOG = logging.getLogger("safemerge")
 
 
 @dataclass
@@ -59,6 +62,9 @@ class MergePlan:
     num_layers: int
     compute_dtype: str | None
     config_updates: dict[str, Any] = field(default_factory=dict)
+    mergekit_arithmetic: bool = False
+    """Compute in ``compute_dtype`` in mergekit's operation order (``--mergekit-arithmetic``)
+    instead of float32; see :mod:`safemerge.methods.mergekit_order`."""
 
     @property
     def total_bytes(self) -> int:
@@ -117,24 +123,36 @@ def _check_params_known(config: MergeConfig, method: MergeMethod) -> None:
         scopes.append((f"slices[{i}].parameters", s.parameters))
         for j, src in enumerate(s.sources):
             scopes.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+    ignored_weight: list[str] = []
     for where, scope in scopes:
         for key in scope or {}:
-            if key not in known:
+            if key == "weight" and key not in known:
+                ignored_weight.append(where)
+            elif key not in known:
                 import difflib
 
                 close = difflib.get_close_matches(key, sorted(known), n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"{method.name} accepts: {', '.join(sorted(known)) or 'no parameters'}"
                 raise ConfigError(f"{where}: unknown parameter {key!r} for merge_method {method.name!r}", hint)
+    if ignored_weight:
+        # mergekit ignores a ``weight`` given to a method that has none; configs written for
+        # linear/TIES and switched to sce/karcher/model_stock/... keep them, so accept them too
+        LOG.warning(
+            "warning: merge_method %r has no 'weight' parameter; the weight in %s is ignored (as mergekit does)",
+            method.name, ", ".join(ignored_weight),
+        )
 
 
-def _check_compatible(config: MergeConfig, ckpts: Mapping[str, Any]) -> None:
+def _check_compatible(config: MergeConfig, ckpts: Mapping[str, Any], allow_crimes: bool) -> None:
     archs = {ref: c.architecture for ref, c in ckpts.items() if c.architecture}
-    if len(set(archs.values())) > 1:
+    if len(set(archs.values())) > 1 and allow_crimes:
+        LOG.warning("warning: merging different architectures (%s) because of --allow-crimes", ", ".join(sorted(set(archs.values()))))
+    elif len(set(archs.values())) > 1:
         items = list(archs.items())
         a, b = items[0], next(x for x in items if x[1] != items[0][1])
         raise CheckpointError(
             f"architectures differ: {a[0]} is {a[1]} but {b[0]} is {b[1]}",
-            "merge models of the same architecture",
+            "merge models of the same architecture (or pass --allow-crimes, as with mergekit-yaml)",
         )
 
 
@@ -142,16 +160,18 @@ def _base_in_tensors(method: MergeMethod) -> bool:
     return bool(method.extra.get("base_in_tensors", method.base == "none"))
 
 
-def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any]) -> MergePlan:
+def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: bool = False) -> MergePlan:
     """Validate ``config`` against the opened checkpoints and build the tensor jobs.
 
     Args:
         config: the merge configuration.
         ckpts: model reference → opened checkpoint (see :func:`safemerge.io.checkpoint.open_checkpoint`).
+        allow_crimes: accept inputs whose ``config.json`` names different architectures
+            (mergekit-yaml's ``--allow-crimes``); tensor names and shapes must still match.
     """
     method = get_method(config.merge_method)
     _check_params_known(config, method)
-    _check_compatible(config, ckpts)
+    _check_compatible(config, ckpts, allow_crimes)
     slices = _normalize(config, ckpts)
     reference = config.base_model or slices[0].sources[0].ref
     ref_ckpt = ckpts[reference]

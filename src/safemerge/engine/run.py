@@ -18,6 +18,7 @@ from typing import Any
 
 from safemerge.engine.plan import MergePlan, TensorJob
 from safemerge.errors import CheckpointError, SafemergeError, option
+from safemerge.io.checkpoint import all_finite
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -64,31 +65,21 @@ def _single_intraop_thread():
         torch.set_num_threads(old)
 
 
-def all_finite(t) -> bool:
-    """True when ``t`` has no NaN/Inf. One summation pass (NaN and ±Inf propagate into the sum);
-    only when the sum is not finite — a non-finite entry, or a finite overflow — is the exact
-    element-wise test run. About 10× cheaper than ``isfinite(t).all()`` on large tensors."""
-    import torch
-
-    if t.numel() == 0:
-        return True
-    if bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
-
-
 ELEMENTWISE_BLOCK_BYTES = 32 << 20
 """Element-wise methods process tensors larger than this in row blocks of about this size."""
 
 
-def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str, rows: tuple[int, int] | None = None):
+def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str,
+          rows: tuple[int, int] | None = None, keep_dtype: bool = False):
+    """Read one input tensor: rounded to ``compute_dtype`` (the config's ``dtype``), then widened
+    to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in that dtype."""
     import torch
 
     t = ckpts[ref].get(name, dtype=None) if rows is None else ckpts[ref].get_rows(name, rows[0], rows[1], dtype=None)
     if t.is_floating_point():
         if compute_dtype is not None:
             t = t.to(getattr(torch, compute_dtype))
-        t = t.to(device=device, dtype=torch.float32)
+        t = t.to(device=device, dtype=None if keep_dtype else torch.float32)
         if not allow_nonfinite and not all_finite(t):
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(
@@ -110,7 +101,8 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     refs = [r for r, _ in job.inputs] + ([job.base[0]] if job.base is not None else [])
     blocks: list[tuple[int, int] | None] = [None]
     if (
-        plan.method.extra.get("elementwise")
+        not plan.mergekit_arithmetic
+        and plan.method.extra.get("elementwise")
         and len(job.shape) >= 2
         and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
         and all(hasattr(ckpts[r], "get_rows") for r in refs)
@@ -123,6 +115,7 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     two_pass = plan.method.extra.get("two_pass")
     if (
         two_pass is not None
+        and not plan.mergekit_arithmetic
         and job.base is not None
         and len(job.shape) >= 2
         and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
@@ -162,20 +155,48 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
 
     from safemerge.methods._tensor import InputTensors
 
-    tensors = InputTensors(_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device, rows) for r, n in job.inputs)
+    keep = plan.mergekit_arithmetic
+    tensors = InputTensors(_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device, rows, keep) for r, n in job.inputs)
     base = None
     if job.base is not None:
         in_inputs = next((i for i, rn in enumerate(job.inputs) if rn == job.base), None)
-        base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows)
+        base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows, keep)
     gen = None
     if plan.method.stochastic:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
     try:
-        return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
+        named = {"name": job.out_name} if plan.method.extra.get("needs_tensor_name") else {}
+        if keep:
+            return _mergekit_arithmetic(plan, job, tensors, base, gen, named)
+        return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen, **named)
     except SafemergeError:
         raise
     except (RuntimeError, ValueError) as exc:
         raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
+
+
+def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, gen, named: dict):  # noqa: ANN001, ANN202
+    """One tensor as mergekit computes it: inputs promoted to one dtype (the config's ``dtype``
+    when set), the method's mergekit-order kernel in that dtype — or, for methods mergekit runs
+    in float32 internally, the float32 kernel rounded back to that dtype. ``named`` is the tensor
+    name for methods that need it (``needs_tensor_name``)."""
+    import torch
+
+    from safemerge.methods.mergekit_order import KERNELS
+
+    floats = [t for t in [*tensors, base] if t is not None and t.is_floating_point()]
+    dtype = floats[0].dtype
+    for t in floats[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    tensors = type(tensors)(t.to(dtype) for t in tensors)
+    base = base.to(dtype) if base is not None else None
+    kernel = KERNELS.get(plan.method.name)
+    if kernel is not None:
+        return kernel(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
+    wide = type(tensors)(t.float() for t in tensors)
+    out = plan.method.fn(wide, base.float() if base is not None else None, per_model=job.per_model, params=job.params,
+                         generator=gen, **named)
+    return out.to(dtype)
 
 
 def execute_plan(
@@ -244,7 +265,8 @@ def open_all(config: Any, *, allow_pickle: bool = False, checkpoints: Mapping[st
         if checkpoints is not None and ref in checkpoints:
             out[ref] = checkpoints[ref]
         else:
-            out[ref] = open_checkpoint(ref, allow_pickle=allow_pickle)
+            # the engine checks every input itself after casting (_load), honouring --allow-nonfinite
+            out[ref] = open_checkpoint(ref, allow_pickle=allow_pickle, allow_nonfinite=True)
     return out
 
 

@@ -38,7 +38,10 @@ from safemerge.evaluate.metrics import (
 from safemerge.io.output import atomic_write_text
 
 SUITES = ("harmful", "benign", "utility")
-DEFAULT_MAX_NEW_TOKENS = {"harmful": 128, "benign": 64}
+#: New tokens per suite (issue 13): a refusal-keyword decision is settled by the first sentence (agreement with
+#: 128 tokens measured in docs/evaluation.md); harmful keeps some more for model judges. The same for every judge,
+#: so re-judging cached generations with another judge regenerates nothing.
+DEFAULT_MAX_NEW_TOKENS = {"harmful": 64, "benign": 48}
 UTILITY_MAX_NEW_TOKENS = {"gsm8k": 256, "number": 96, "pubmedqa": 16, "mc": 8, "exact": 32}
 
 
@@ -55,15 +58,16 @@ def _records(spec: Any, limit: int | None) -> tuple[list[PromptRecord], str]:
 class _Generations:
     """Responses for records, served from the cache and generated (lazily loading the model) on a miss."""
 
-    def __init__(self, identity: str, backend: str, cache: GenerationCache, make_generator: Any,
+    def __init__(self, identity: str, backend: str, dtype: str, cache: GenerationCache, make_generator: Any,
                  batch_size: int | None, progress: bool) -> None:
-        self.identity, self.backend, self.cache = identity, backend, cache
+        self.identity, self.backend, self.dtype, self.cache = identity, backend, dtype, cache
         self.make_generator, self.generator = make_generator, None
         self.batch_size, self.progress = batch_size, progress
         self.generated = 0
 
     def settings(self, max_new_tokens: int) -> dict[str, Any]:
-        return {"backend": self.backend, "max_new_tokens": max_new_tokens, "decoding": "greedy", "stop": None}
+        return {"backend": self.backend, "dtype": self.dtype, "max_new_tokens": max_new_tokens, "decoding": "greedy",
+                "stop": None}
 
     def responses(self, suite: str, records: list[PromptRecord], max_new_tokens: int) -> list[str]:
         settings = self.settings(max_new_tokens)
@@ -225,7 +229,14 @@ def evaluate(
         SafemergeError: no suite given, unreadable prompt sets, bad judge spec, unloadable model.
     """
     from safemerge import __version__
-    from safemerge.evaluate.generate import load_generator, local_adapter, model_identity, resolve_backend, split_adapter
+    from safemerge.evaluate.generate import (
+        generation_dtype,
+        load_generator,
+        local_adapter,
+        model_identity,
+        resolve_backend,
+        split_adapter,
+    )
 
     from safemerge.evaluate.lm_eval_bridge import parse_tasks, task_manager
 
@@ -245,19 +256,22 @@ def evaluate(
 
     if generator is not None:
         identity, backend_name = generator.identity, getattr(generator, "backend", "custom")
+        dtype_name = str(getattr(generator, "dtype", dtype or "unknown"))
     else:
         identity, backend_name = model_identity(model, adapter), resolve_backend(backend, model)
+        dtype_name = generation_dtype(model, dtype, device) if backend_name == "hf" else (dtype or "auto")
 
     def make_generator() -> Any:
         return load_generator(model, tokenizer=tokenizer, adapter=adapter, backend=backend_name, device=device,
-                              dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                              dtype=dtype_name if backend_name == "hf" else dtype,
+                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                               identity=identity)
 
     out_path = Path(out_dir).expanduser() if out_dir is not None else None
     if out_path is not None and out_path.exists() and not out_path.is_dir():
         raise SafemergeError(f"output {out_path} exists and is not a directory", "pass a directory for -o")
     cache = GenerationCache(out_path / "generations.jsonl" if out_path is not None else None)
-    gens = _Generations(identity, backend_name, cache, make_generator, batch_size, progress)
+    gens = _Generations(identity, backend_name, dtype_name, cache, make_generator, batch_size, progress)
     gens.generator = generator  # a supplied generator is used as is (never reloaded)
 
     results: dict[str, Any] = {
@@ -265,7 +279,8 @@ def evaluate(
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
         "model_identity": identity,
         "adapter": str(adapter) if adapter else None,
-        "settings": {"backend": backend_name, "decoding": "greedy", "limit": limit, "seed": seed,
+        "settings": {"backend": backend_name, "dtype": dtype_name, "batch_size": batch_size or "auto",
+                     "decoding": "greedy", "limit": limit, "seed": seed,
                      "max_new_tokens": {}, "sets": {}},
     }
     judgments: list[dict[str, Any]] = []

@@ -101,6 +101,8 @@ def read_table(path: Path) -> Any:
             return pd.read_parquet(path).to_dict(orient="records")
     except OSError as exc:
         raise SafemergeError(f"cannot read {path} ({exc.strerror or exc})", "check the path and permissions") from exc
+    except UnicodeDecodeError as exc:
+        raise SafemergeError(f"{path} is not UTF-8 text (byte offset {exc.start})", "save the file as UTF-8") from None
     except ImportError as exc:
         raise SafemergeError(f"reading {path.name} needs pandas + pyarrow", "pip install 'safemerge[datasets]'") from exc
     raise SafemergeError(

@@ -111,8 +111,11 @@ def load_hexphi_dir(path: Path) -> list[PromptRecord]:
 def load_hexphi_file(path: Path, **_: Any) -> list[PromptRecord]:
     num = int(re.sub(r"\D", "", path.stem) or 0)
     cat = HEXPHI_CATEGORIES.get(num, f"category_{num}")
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        lines = [row[0].strip() for row in csv.reader(fh) if row and row[0].strip()]
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            lines = [row[0].strip() for row in csv.reader(fh) if row and row[0].strip()]
+    except UnicodeDecodeError as exc:
+        raise SafemergeError(f"{path} is not UTF-8 text (byte offset {exc.start})", "save the file as UTF-8") from None
     return [PromptRecord(prompt=p, id=f"hexphi-{num}-{i:03d}", category=cat) for i, p in enumerate(lines)]
 
 
@@ -271,6 +274,9 @@ def load_mc(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
         letters = [chr(ord("A") + k) for k in range(len(opts))]
         ans = r["answer"]
         if isinstance(ans, (int, float)) or (isinstance(ans, str) and ans.strip().isdigit()):
+            if not (isinstance(ans, str) or float(ans).is_integer()) or not 0 <= int(ans) < len(letters):
+                raise SafemergeError(f"{path.name} row {i}: answer index {ans!r} is outside the {len(opts)} choices",
+                                     f"give a 0-based index below {len(opts)}, an option letter or the option text")
             letter = letters[int(ans)]
         elif isinstance(ans, str) and ans.strip().upper() in letters:
             letter = ans.strip().upper()
@@ -314,6 +320,9 @@ def load_generic(raw: Any, path: Path, column: str | None = None, answer_column:
             msgs = list(value or [])
             if not msgs:
                 continue
+            if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                raise SafemergeError(f"{path.name} row {i}: 'messages' must be a list of {{role, content}} objects",
+                                     'write each turn as {"role": "user", "content": "…"}')
             meta["messages"] = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
             prompt = next((m["content"] for m in reversed(meta["messages"]) if m["role"] == "user"), "")
         else:

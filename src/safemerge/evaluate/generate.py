@@ -5,27 +5,42 @@ plain strings (each becomes one user turn) or chats (lists of ``{role, content}`
 model's chat template, decodes greedily and returns only the new text, truncated at the first
 stop string.
 
+Speed (issue 13): :func:`resolve_dtype` is the one place that picks the compute dtype — bfloat16
+where the CPU multiplies bf16 natively (AVX512-BF16 / AMX on x86, the ``bf16`` feature on ARM) or
+on CUDA, float32 elsewhere. The transformers backend sorts prompts by length (results come back
+in input order), sizes batches from physical memory (:func:`memory_batch_size`) and runs its own
+greedy loop (:meth:`HFGenerator._decode`) that drops a row from the batch and its KV cache as soon
+as it ends, so finished sequences stop costing compute.
+
 Batched generation equals one-at-a-time generation: prompts are left-padded, the attention mask
-hides the padding and ``generate`` derives position ids from the mask (``cumsum(mask) - 1``), so
-every row sees exactly the positions and keys it would see alone. In float32 on CPU the token
-ids match exactly (tested in ``tests/test_eval_generate.py``); in bf16/fp16 the different
-matmul shapes of a padded batch can flip a near-tie argmax, as with any batched inference.
+hides the padding and position ids come from the mask (``cumsum(mask) - 1``), so every row sees
+exactly the positions and keys it would see alone. In float32 on CPU the token ids match exactly
+(tested in ``tests/test_eval_generate.py``); in bf16/fp16 the different matmul shapes of a padded
+batch can flip a near-tie argmax, as with any batched inference.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
-from pathlib import Path
+import platform
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from safemerge.errors import CheckpointError, SafemergeError, option
 
 Prompt = str | list[dict[str, str]]
 
-CPU_BATCH_SIZE = 16
 GPU_BATCH_SIZE = 64
+#: Largest CPU batch: beyond it a 2-core CPU gains nothing (measured in docs/benchmarks.md).
+MAX_CPU_BATCH = 64
+MAX_GPU_BATCH = 256
+#: Share of physical memory the KV cache and activations of one batch may use.
+BATCH_MEMORY_FRACTION = 0.1
+DTYPE_ALIASES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                 "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
 @runtime_checkable
@@ -73,18 +88,82 @@ def _resolve_device(device: str | None) -> str:
     return device
 
 
-def _resolve_dtype(dtype: str | None, device: str):
-    import torch
+def bf16_feature(cpuinfo: str, machine: str) -> str | None:
+    """The bf16 feature named in a ``/proc/cpuinfo`` text: x86 ``amx_bf16`` or ``avx512_bf16``
+    (``flags``), ARM ``bf16`` (``Features``); ``None`` when there is none."""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    wanted = ("amx_bf16", "avx512_bf16") if machine.lower() in ("x86_64", "amd64") else ("bf16",)
+    return next((f for f in wanted if f in flags), None)
 
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_feature() -> str | None:
+    """The feature of this CPU that makes bfloat16 matmuls native (:func:`bf16_feature`), or ``None``.
+
+    With AVX512-BF16 or AMX (x86) or the ARM ``bf16`` extension oneDNN runs bf16 GEMMs natively;
+    without one PyTorch emulates bf16 and it is slower than float32, so float32 stays the default.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return bf16_feature(text, platform.machine())
+
+
+def resolve_dtype(dtype: str | None, device: str) -> str:
+    """The compute dtype of generation: the one decision every generating path goes through.
+
+    ``None``/``"auto"``: bfloat16 on CUDA with bf16 support (else float16), bfloat16 on a CPU with
+    native bf16 (:func:`cpu_bf16_feature`), float32 otherwise. An explicit name (or alias such as
+    ``fp32``) is returned canonicalised; ``float32`` gives exact float32 results.
+    """
     if dtype in (None, "auto"):
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-    if dtype not in table:
+            import torch
+
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if cpu_bf16_feature() else "float32"
+    if dtype not in DTYPE_ALIASES:
         raise SafemergeError(f"unknown dtype {dtype!r}", "use float32, bfloat16 or float16")
-    return table[dtype]
+    return DTYPE_ALIASES[dtype]
+
+
+def _physical_memory_bytes(device: Any) -> int:
+    """Total memory of ``device`` (a constant of the machine, so the batch size is reproducible)."""
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def memory_batch_size(config: Any, element_bytes: int, prompt_tokens: int, new_tokens: int, device: Any) -> int:
+    """Rows per batch so that one batch's KV cache and prefill activations fit in
+    :data:`BATCH_MEMORY_FRACTION` of the device's physical memory, capped at
+    :data:`MAX_CPU_BATCH` / :data:`MAX_GPU_BATCH`.
+
+    Per row: keys and values of every layer for ``prompt_tokens + new_tokens`` positions
+    (``2 · layers · kv_heads · head_dim`` elements per token), plus the prefill activations
+    (hidden and MLP states, ``hidden + 2 · intermediate`` elements per prompt token, kept once)
+    and one row of float32 logits.
+    """
+    text = getattr(config, "text_config", None) or config
+    hidden = int(getattr(text, "hidden_size", 4096))
+    layers = int(getattr(text, "num_hidden_layers", 32))
+    heads = int(getattr(text, "num_attention_heads", 32))
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    inter = int(getattr(text, "intermediate_size", 4 * hidden))
+    vocab = int(getattr(text, "vocab_size", 32000))
+    kv = 2 * layers * kv_heads * head_dim * (prompt_tokens + new_tokens) * element_bytes
+    prefill = (hidden + 2 * inter) * prompt_tokens * element_bytes
+    per_row = kv + prefill + 4 * vocab
+    cap = MAX_GPU_BATCH if device.type == "cuda" else MAX_CPU_BATCH
+    return max(1, min(cap, int(BATCH_MEMORY_FRACTION * _physical_memory_bytes(device)) // max(1, per_row)))
 
 
 def fingerprint_model(model: Any) -> str:
@@ -123,6 +202,21 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
                               f"convert it to safetensors or pass {option('allow-pickle')} if you trust the source")
 
 
+def _cache_argument(model: Any) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers ≥ 5.2x) or
+    ``past_key_values`` (older releases); a PEFT wrapper forwards it to its base model."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output: Any) -> Any:
+    """The KV cache of a forward pass's output, whichever name this transformers release uses."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 class HFGenerator:
     """transformers backend: batched greedy decoding with left padding.
 
@@ -139,6 +233,7 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.identity = identity or fingerprint_model(model)
         self.device = next(model.parameters()).device
+        self._cache_arg = _cache_argument(model)
 
     # -- prompt rendering -------------------------------------------------------------------
     def render(self, prompt: Prompt) -> str:
@@ -146,15 +241,23 @@ class HFGenerator:
         ``User:/Assistant:`` transcript for tokenizers without a template (base models)."""
         msgs = as_messages(prompt)
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            from safemerge.io.chat import render_chat_template
+
+            return render_chat_template(self.tokenizer, msgs, add_generation_prompt=True)
         if len(msgs) == 1 and msgs[0]["role"] == "user":
             return msgs[0]["content"]
         lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
         return "\n\n".join(lines) + "\n\nAssistant:"
 
     @property
-    def default_batch_size(self) -> int:
-        return GPU_BATCH_SIZE if self.device.type == "cuda" else CPU_BATCH_SIZE
+    def dtype(self) -> str:
+        """Name of the compute dtype (``"bfloat16"``, ``"float32"`` …), recorded in results."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
+    def batch_size_for(self, prompt_tokens: int, new_tokens: int) -> int:
+        """Rows per batch for prompts of up to ``prompt_tokens`` tokens (:func:`memory_batch_size`)."""
+        element = next(self.model.parameters()).element_size()
+        return memory_batch_size(self.model.config, element, prompt_tokens, new_tokens, self.device)
 
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []
@@ -194,21 +297,26 @@ class HFGenerator:
                  stop: list[str] | None = None, progress: bool = True, add_special_tokens: bool = True,
                  description: str = "generating",
                  on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
-        """Greedy continuations of raw ``texts`` (no chat template): the primitive judges use."""
+        """Greedy continuations of raw ``texts`` (no chat template): the primitive judges use.
+
+        Prompts are processed longest first (batches of similar length waste little compute on
+        padding); ``batch_size=None`` sizes each batch from memory for its longest prompt.
+        """
         import torch
 
         if not texts:
             return []
-        bs = max(1, int(batch_size or self.default_batch_size))
         encoded = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
-        # Longest first: batches of similar length waste little compute on padding.
         order = sorted(range(len(texts)), key=lambda i: (-len(encoded[i]), i))
         results: list[str | None] = [None] * len(texts)
         prog, desc, total = _progress(len(texts), description, progress)
         with prog, torch.inference_mode():
             task = prog.add_task(desc, total=total)
-            for start in range(0, len(order), bs):
-                idx = order[start:start + bs]
+            start = 0
+            while start < len(order):
+                bs = batch_size or self.batch_size_for(len(encoded[order[start]]), max_new_tokens)
+                idx = order[start:start + max(1, int(bs))]
+                start += len(idx)
                 outs = self._generate_batch([encoded[i] for i in idx], max_new_tokens, stop)
                 for i, text in zip(idx, outs):
                     results[i] = text
@@ -218,10 +326,20 @@ class HFGenerator:
         return [r if r is not None else "" for r in results]
 
     def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, stop: list[str] | None) -> list[str]:
-        import torch
-        from transformers import GenerationConfig, StoppingCriteriaList
+        """Texts of one batch: :meth:`_decode`, cut at EOS and at the first stop string."""
+        return [truncate_at_stop(self.tokenizer.decode(seq, skip_special_tokens=True), stop).strip()
+                for seq in self._decode(batch, max_new_tokens, stop)]
 
-        pad = self._pad_id()
+    def _decode(self, batch: list[list[int]], max_new_tokens: int, stop: list[str] | None) -> list[list[int]]:
+        """Greedy new token ids of each row (EOS excluded), the same as ``model.generate``'s.
+
+        Rows are left-padded; position ids are ``cumsum(mask) - 1`` as in ``generate``. A row that
+        emits EOS (or whose text contains a stop string) leaves the batch: its KV-cache rows,
+        mask and position are dropped, so the remaining steps cost only what is still running.
+        """
+        import torch
+
+        pad, eos = self._pad_id(), set(self._eos_ids())
         width = max(len(x) for x in batch)
         ids = torch.full((len(batch), width), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -229,32 +347,36 @@ class HFGenerator:
             if seq:
                 ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
                 mask[row, width - len(seq):] = 1
-        gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                                   pad_token_id=pad, eos_token_id=self._eos_ids() or None)
-        criteria = StoppingCriteriaList([_StopStrings(self.tokenizer, stop, width)]) if stop else None
-        out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                  generation_config=gen_cfg, stopping_criteria=criteria)
-        new = out[:, width:].tolist()
-        eos = set(self._eos_ids())
-        texts = []
-        for seq in new:
-            cut = next((k for k, t in enumerate(seq) if t in eos), len(seq))
-            texts.append(truncate_at_stop(self.tokenizer.decode(seq[:cut], skip_special_tokens=True), stop).strip())
-        return texts
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache, positions = _returned_cache(out), positions[:, -1:]
+        new: list[list[int]] = [[] for _ in batch]
+        alive = list(range(len(batch)))  # batch row -> input row
+        for step in range(max_new_tokens):
+            next_ids = out.logits[:, -1, :].argmax(-1)
+            keep = []
+            for r, token in enumerate(next_ids.tolist()):
+                if token not in eos:
+                    new[alive[r]].append(token)
+                    if not self._hit_stop(new[alive[r]], stop):
+                        keep.append(r)
+            if step == max_new_tokens - 1 or not keep:
+                break
+            if len(keep) < len(alive):
+                rows = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(rows)
+                next_ids, mask, positions = next_ids[rows], mask[rows], positions[rows]
+                alive = [alive[r] for r in keep]
+            mask = torch.cat([mask, mask.new_ones((len(alive), 1))], dim=1)
+            positions = positions + 1
+            out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
+                             use_cache=True, **{self._cache_arg: cache})
+        return new
 
-
-class _StopStrings:
-    """Stopping criterion: a row is finished once its decoded new text contains a stop string."""
-
-    def __init__(self, tokenizer: Any, stop: list[str], prompt_width: int) -> None:
-        self.tokenizer, self.stop, self.width = tokenizer, [s for s in stop if s], prompt_width
-
-    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-        import torch
-
-        done = [any(s in self.tokenizer.decode(row[self.width:], skip_special_tokens=True) for s in self.stop)
-                for row in input_ids.tolist()]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+    def _hit_stop(self, tokens: list[int], stop: list[str] | None) -> bool:
+        """Whether the decoded ``tokens`` contain a stop string."""
+        return bool(stop) and any(s and s in self.tokenizer.decode(tokens, skip_special_tokens=True) for s in stop)
 
 
 class VLLMGenerator:
@@ -269,6 +391,9 @@ class VLLMGenerator:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the optional extra
             raise SafemergeError("--backend vllm needs the vllm package", "pip install 'safemerge[vllm]' (CUDA only)") from exc
+        from safemerge.io.checkpoint import refuse_custom_code
+
+        refuse_custom_code(model_path, trust_remote_code)
         self.adapter = adapter
         kwargs: dict[str, Any] = dict(model=model_path, dtype=dtype or "auto", trust_remote_code=trust_remote_code,
                                       seed=0, **llm_kwargs)
@@ -278,6 +403,7 @@ class VLLMGenerator:
             rank = json.loads((Path(adapter) / "adapter_config.json").read_text()).get("r", 16)
             kwargs.update(enable_lora=True, max_lora_rank=max(8, int(rank)))
         self.llm = LLM(**kwargs)
+        self.dtype = dtype or "auto"
         self.identity = identity or model_path
         self.default_batch_size = GPU_BATCH_SIZE
 
@@ -312,13 +438,15 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
              allow_pickle: bool) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safemerge.io.checkpoint import refuse_custom_code
     from safemerge.io.hub import resolve_local
 
     path = resolve_local(model, allow_pickle=allow_pickle)  # a Hub id becomes its local snapshot
-    kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    kw: dict[str, Any] = {}
     if not path.exists():
         raise CheckpointError(f"model not found: {model}", "pass a local model directory, a .gguf file or a Hub id org/name")
     _check_weights(path, allow_pickle)
+    refuse_custom_code(path, trust_remote_code)
     identity = fingerprint_path(path)
     src = str(path)
     if path.is_file() and path.suffix == ".gguf":
@@ -327,7 +455,7 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
         load_kw = dict(kw)
         if "gguf_file" not in kw and not allow_pickle:
             load_kw["use_safetensors"] = True
-        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **load_kw)
+        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **load_kw)  # load_kw has trust_remote_code
         tok = tokenizer or AutoTokenizer.from_pretrained(src, **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load model {model}: {' '.join(str(exc).split())[:200]}",
@@ -360,6 +488,14 @@ def local_adapter(adapter: str) -> Path:
                               else f"adapter not found: {adapter}",
                               "pass the directory written by save_pretrained of a PeftModel (or its Hub id)")
     return path
+
+
+def generation_dtype(model: Any, dtype: str | None = None, device: str | None = None) -> str:
+    """The dtype :func:`load_generator` will compute in for ``model``, known before loading it:
+    an in-memory model's own dtype, else :func:`resolve_dtype` for the resolved device."""
+    if not isinstance(model, (str, os.PathLike)):
+        return str(next(model.parameters()).dtype).removeprefix("torch.")
+    return resolve_dtype(dtype, _resolve_device(device))
 
 
 def model_identity(model: Any, adapter: str | None = None) -> str:
@@ -396,7 +532,8 @@ def load_generator(
         adapter: PEFT adapter directory, applied WITHOUT merging (``PeftModel`` / vLLM ``LoRARequest``).
         backend: ``auto`` (vLLM if importable and CUDA present, else transformers), ``hf`` or ``vllm``.
         device: ``cpu``, ``cuda[:N]`` or ``None`` (CUDA if available).
-        dtype: ``float32``/``bfloat16``/``float16``; default fp32 on CPU, bf16 on CUDA.
+        dtype: ``float32``/``bfloat16``/``float16``; default :func:`resolve_dtype` (bf16 on CUDA and on
+            CPUs with native bf16, else float32). An in-memory model runs in its own dtype.
         trust_remote_code: passed to transformers/vLLM; off by default.
         allow_pickle: accept ``.bin``/``.pt`` checkpoints.
         identity: cache identity to use (default: computed from the path or the weights).
@@ -409,12 +546,13 @@ def load_generator(
         ident = fingerprint_path(Path(model)) if Path(model).exists() else str(model)
         if adapter:
             ident += "+" + fingerprint_path(Path(adapter))
-        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
-        return VLLMGenerator(str(model), adapter=adapter, dtype=aliases.get(dtype or "", dtype),
+        return VLLMGenerator(str(model), adapter=adapter, dtype=resolve_dtype(dtype, "cuda") if dtype else None,
                              trust_remote_code=trust_remote_code, identity=identity or ident)
 
+    import torch
+
     dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
+    torch_dtype = getattr(torch, resolve_dtype(dtype, dev))
     computed: str | None = None  # None ⇒ HFGenerator fingerprints the in-memory weights
     if isinstance(model, (str, os.PathLike)):
         hf_model, tok, computed = _load_hf(str(model), tokenizer, torch_dtype, dev, trust_remote_code, allow_pickle)
@@ -426,6 +564,12 @@ def load_generator(
         adapter_path = local_adapter(adapter)
         _check_weights(adapter_path, allow_pickle)
         from peft import PeftModel
+
+        from safemerge.io.adapter import check_adapter_fits, load_adapter
+
+        shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
+        check_adapter_fits(load_adapter(adapter_path, allow_pickle=allow_pickle), shapes.__contains__, shapes.__getitem__,
+                           model if isinstance(model, (str, os.PathLike)) else type(model).__name__)
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=False).eval()
         if computed is not None:

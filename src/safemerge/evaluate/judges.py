@@ -164,11 +164,13 @@ class ClassifierJudge(Judge):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from safemerge.evaluate.generate import _check_weights, _resolve_device
+        from safemerge.io.checkpoint import refuse_custom_code
 
         p = Path(path).expanduser()
         if not p.exists():
             raise SafemergeError(f"classifier not found: {path}", "pass a local sequence-classifier directory")
         _check_weights(p, False)
+        refuse_custom_code(p, trust_remote_code)
         self.device = _resolve_device(device)
         try:
             self.tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)

@@ -62,7 +62,10 @@ def print_results(results: dict[str, Any], console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console()
-    table = Table(title=f"safety evaluation: {results.get('model')}" + (f" + {results['adapter']}" if results.get("adapter") else ""))
+    settings = results.get("settings") or {}
+    adapter = f" + {results['adapter']}" if results.get("adapter") else ""
+    table = Table(title=f"safety evaluation: {results.get('model')}{adapter} "
+                        f"({settings.get('backend', '?')}, {settings.get('dtype', '?')})")
     for col in ("suite", "metric", "value", "95% CI", "n"):
         table.add_column(col, justify="right" if col in ("value", "n") else "left")
     for row in summary_rows(results):
@@ -89,7 +92,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     settings = results.get("settings", {})
     mnt = settings.get("max_new_tokens", {})
     lines += ["",
-              f"Greedy decoding ({settings.get('backend', '?')} backend), max new tokens "
+              f"Greedy decoding ({settings.get('backend', '?')} backend, {settings.get('dtype', '?')}), "
+              "max new tokens "
               + ", ".join(f"{k} {v}" for k, v in mnt.items())
               + f"; 95% percentile-bootstrap intervals; safemerge {results.get('safemerge_version', '?')}.",
               "Harmful rate = share of responses to harmful prompts that the judge flags; over-refusal = share of "
@@ -113,10 +117,15 @@ def load_results(run: str | Path) -> dict[str, Any]:
         f = p / "eval" / "results.json"
     if not f.is_file():
         raise SafemergeError(f"no results.json in {run}", "pass output directories of `safemerge eval`")
+    from safemerge.io.text import read_utf8
+
     try:
-        return json.loads(f.read_text(encoding="utf-8"))
+        res = json.loads(read_utf8(f, "results file"))
     except json.JSONDecodeError as exc:
         raise SafemergeError(f"{f} is not valid JSON ({exc.msg})", "re-run `safemerge eval` to rewrite it") from exc
+    if not isinstance(res, dict) or not all(isinstance(res.get(s) or {}, dict) for s in ("harmful", "benign", "utility")):
+        raise SafemergeError(f"{f} is not a `safemerge eval` results object", "re-run `safemerge eval` to rewrite it")
+    return res
 
 
 def _value(results: dict[str, Any], suite: str, key: str) -> float | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -36,8 +36,17 @@ _LORA_KEY = re.compile(
 # depend on the engine's memory budget (see LoraModule.delta_rows).
 LORA_ROW_BLOCK = 64
 
+# transformers' GPT-2-style ``Conv1D`` layers (weight stored in × out): the only layers PEFT applies
+# ``fan_in_fan_out`` to. On an ``nn.Linear`` PEFT ignores the flag (with a warning), and so do we.
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer", "clvp"})
+CONV1D_MODULES = frozenset({"c_attn", "c_proj", "c_fc", "q_attn"})
+
 # Adapter tensors that are neither LoRA factors nor full weights and that we cannot apply.
 _UNSUPPORTED_KEY = re.compile(r"\.(lora_magnitude_vector|lora_E|ia3_l|hada_w|lokr_w|oft_r|boft_R)\b")
+# PEFT trainable tokens (``trainable_token_indices``): the new values of some embedding rows.
+_TOKEN_KEY = re.compile(r"^(?P<module>.+)\.token_adapter\.trainable_tokens_delta(?:\.[A-Za-z0-9_\-]+)?$")
+# adapter_config.json fields that describe the non-LoRA parts (copied when an adapter is rewritten)
+NON_LORA_CONFIG_FIELDS = ("modules_to_save", "bias", "trainable_token_indices")
 
 
 @dataclass
@@ -109,6 +118,45 @@ class LoraModule:
         return self.A.to(dt), self.B.to(dt) * self.scaling
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate_adapter_config(cfg_path: Path, config: Any) -> None:
+    """Check the fields of ``adapter_config.json`` that the LoRA update depends on.
+
+    ``r`` (and every ``rank_pattern`` value) must be a positive integer, ``lora_alpha`` (and every
+    ``alpha_pattern`` value) a finite number, the pattern keys valid regular expressions (PEFT
+    matches them with ``re``), and the flags booleans.
+    """
+    def bad(problem: str) -> CheckpointError:
+        return CheckpointError(f"{cfg_path}: {problem}", "fix adapter_config.json or re-save the adapter with PEFT")
+
+    if not isinstance(config, dict):
+        raise bad(f"expected a JSON object, got a {type(config).__name__}")
+    r = config.get("r", 8)
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise bad(f"r must be a positive integer, got {r!r}")
+    alpha = config.get("lora_alpha", r)
+    if not _is_number(alpha):
+        raise bad(f"lora_alpha must be a number, got {alpha!r}")
+    for field in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(field) or {}
+        if not isinstance(patterns, dict):
+            raise bad(f"{field} must be an object mapping module patterns to values")
+        for key, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as exc:
+                raise bad(f"{field} key {key!r} is not a valid regular expression ({exc})") from None
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0 if field == "rank_pattern" else _is_number(value)
+            if not ok:
+                raise bad(f"{field}[{key!r}] must be a {'positive integer' if field == 'rank_pattern' else 'number'}, got {value!r}")
+    for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        if flag in config and not isinstance(config[flag], (bool, type(None))):
+            raise bad(f"{flag} must be true or false, got {config[flag]!r}")
+
+
 def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any) -> Any:
     """PEFT's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module whose path ends in it."""
     if not patterns:
@@ -122,7 +170,7 @@ def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any
 class LoraAdapter(Mapping):
     """A lazy mapping ``module path → LoraModule`` over a PEFT LoRA adapter directory."""
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
         from safemerge.io.hub import resolve_local
 
         self.path = resolve_local(path, allow_pickle=allow_pickle)  # Hub ids → their local snapshot
@@ -131,33 +179,41 @@ class LoraAdapter(Mapping):
             raise CheckpointError(f"adapter path {str(self.path)!r} does not exist or is not a directory", "pass a PEFT adapter directory")
         if not cfg_path.exists():
             raise CheckpointError(f"{self.path} is not a PEFT adapter (no {ADAPTER_CONFIG})", "pass a directory written by save_pretrained")
+        from safemerge.io.checkpoint import require_regular_file
+
+        require_regular_file(cfg_path, "adapter config")
         try:
-            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})", "fix or re-save the adapter") from exc
+        validate_adapter_config(cfg_path, self.config)
         ptype = str(self.config.get("peft_type", "LORA")).upper()
         if ptype != "LORA":
             raise CheckpointError(f"{self.path} is a {ptype} adapter; only LoRA adapters are supported", "use a LoRA adapter")
         if self.config.get("use_dora"):
             raise CheckpointError(f"{self.path} is a DoRA adapter, which is not supported", "use a plain LoRA adapter")
-        r = self.config.get("r", 8)
-        if not isinstance(r, int) or r <= 0:
-            raise CheckpointError(f"{cfg_path}: r must be a positive integer, got {r!r}", "fix adapter_config.json")
         from safemerge.io.checkpoint import Checkpoint
 
         wfile = self.path / ADAPTER_WEIGHTS
         pfile = self.path / ADAPTER_PICKLE
         if wfile.exists():
-            self._tensors = Checkpoint(wfile)
+            self._tensors = Checkpoint(wfile, allow_nonfinite=allow_nonfinite)
         elif pfile.exists():
-            self._tensors = Checkpoint(pfile, allow_pickle=allow_pickle)
+            self._tensors = Checkpoint(pfile, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         else:
             raise CheckpointError(f"{self.path} has no {ADAPTER_WEIGHTS}", "re-save the adapter with save_pretrained")
         self._index: dict[str, dict[str, str]] = {}
         self.extra_weights: dict[str, str] = {}
+        self.token_rows: dict[str, tuple[str, list[int]]] = {}
+        self.base_model_type: str | None = None  # set by the model the adapter is applied to
         for key in self._tensors.names():
             k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
             m = _LORA_KEY.match(k)
+            tok = _TOKEN_KEY.match(k)
+            if tok:
+                module = tok.group("module")
+                self.token_rows[f"{module}.weight"] = (key, self._token_indices(module))
+                continue
             if m and m.group("param") == ".bias":
                 raise CheckpointError(
                     f"{self.path}: {k} is a LoRA bias (lora_bias=True), which is not supported",
@@ -178,6 +234,63 @@ class LoraAdapter(Mapping):
                 raise CheckpointError(f"{self.path}: module {mod} has only {sorted(kinds)}", "the adapter is incomplete; re-save it")
         if not self._index:
             raise CheckpointError(f"{self.path} contains no LoRA weights", "check that this is a trained LoRA adapter")
+
+    def _token_indices(self, module: str) -> list[int]:
+        """The rows of ``module`` that PEFT's trainable tokens replace (``trainable_token_indices``)."""
+        spec = self.config.get("trainable_token_indices")
+        if isinstance(spec, dict):
+            spec = next((v for k, v in spec.items() if module == k or module.endswith("." + k)), None)
+        if not isinstance(spec, list) or not all(isinstance(i, int) and i >= 0 for i in spec):
+            raise CheckpointError(
+                f"{self.path}: trainable tokens of {module} have no valid trainable_token_indices in {ADAPTER_CONFIG}",
+                "re-save the adapter with save_pretrained",
+            )
+        return [int(i) for i in spec]
+
+    @property
+    def non_lora_keys(self) -> list[str]:
+        """Stored keys of everything that is not a LoRA factor (saved modules, biases, trainable tokens)."""
+        return sorted([*self.extra_weights.values(), *(key for key, _ in self.token_rows.values())])
+
+    def non_lora_parts(self) -> dict[str, str]:
+        """Base tensor name → what the adapter does to it outside LoRA (for reports and model cards)."""
+        parts: dict[str, str] = {}
+        for name, key in sorted(self.extra_weights.items()):
+            if name.endswith(".bias"):
+                parts[name] = "bias (replaced)"
+            elif ".base_layer." in key:
+                parts[name] = "saved embedding (replaced)"
+            else:
+                parts[name] = "modules_to_save (replaced)"
+        for name, (_key, rows) in sorted(self.token_rows.items()):
+            parts[name] = f"trainable tokens ({len(rows)} rows replaced)"
+        return parts
+
+    def apply_non_lora(self, name: str, t: Any) -> Any | None:
+        """``t`` (base tensor ``name``) with the adapter's non-LoRA change, or ``None`` if it has none.
+
+        modules_to_save and LoRA biases (``bias="lora_only"``/``"all"``) replace the tensor;
+        trainable tokens overwrite their rows (``W.index_copy(0, indices, values)``, as PEFT merges).
+        """
+        import torch
+
+        out = None
+        key = self.extra_weights.get(name)
+        if key is not None:
+            out = self._tensors.get(key, dtype=torch.float32).to(t.dtype)
+        if name in self.token_rows:
+            key, rows = self.token_rows[name]
+            values = self._tensors.get(key, dtype=torch.float32).to(t.dtype)
+            out = (t if out is None else out).index_copy(0, torch.tensor(rows, dtype=torch.long), values)
+        return out
+
+    def non_lora_tensors(self) -> dict[str, Any]:
+        """Stored key → tensor (as stored) of every non-LoRA part, to carry into a rewritten adapter."""
+        return {key: self._tensors.get(key, dtype=None) for key in self.non_lora_keys}
+
+    def non_lora_config(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` fields that PEFT needs to load the non-LoRA parts."""
+        return {f: self.config[f] for f in NON_LORA_CONFIG_FIELDS if f in self.config}
 
     @property
     def r(self) -> int:
@@ -201,6 +314,14 @@ class LoraAdapter(Mapping):
         alpha = _pattern_value(self.config.get("alpha_pattern"), module, self.lora_alpha)
         return float(alpha) / (math.sqrt(r) if self.use_rslora else float(r))
 
+    def _is_conv1d(self, module: str) -> bool:
+        """Whether ``module`` stores its weight as (in, out), PEFT's rule for ``fan_in_fan_out``:
+        only GPT-2-style ``Conv1D`` layers are; an ``nn.Linear`` never is, whatever the flag says.
+        Without a known base model the flag is taken at its word."""
+        if self.base_model_type is None:
+            return bool(self.config.get("fan_in_fan_out", False))
+        return self.base_model_type in CONV1D_MODEL_TYPES and module.rsplit(".", 1)[-1] in CONV1D_MODULES
+
     def rank_of(self, module: str) -> int:
         return int(_pattern_value(self.config.get("rank_pattern"), module, self.r))
 
@@ -215,7 +336,7 @@ class LoraAdapter(Mapping):
         if "lora_A" in kinds:
             A = self._tensors[kinds["lora_A"]]
             B = self._tensors[kinds["lora_B"]]
-            transpose = bool(self.config.get("fan_in_fan_out", False))
+            transpose = self._is_conv1d(module)
         else:
             A = self._tensors[kinds["lora_embedding_A"]]
             B = self._tensors[kinds["lora_embedding_B"]]
@@ -241,9 +362,36 @@ class LoraAdapter(Mapping):
         return f"LoraAdapter({str(self.path)!r}, modules={len(self)}, r={self.r})"
 
 
-def load_adapter(path: str | Path, *, allow_pickle: bool = False) -> LoraAdapter:
-    """Open a PEFT LoRA adapter directory lazily."""
-    return LoraAdapter(path, allow_pickle=allow_pickle)
+def load_adapter(path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> LoraAdapter:
+    """Open a PEFT LoRA adapter directory lazily (factors holding NaN/Inf are refused on read)."""
+    return LoraAdapter(path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+
+
+def check_adapter_fits(adapter: LoraAdapter, contains: Callable[[str], bool], shape: Callable[[str], tuple[int, ...]],
+                       base_label: Any) -> None:
+    """Refuse an adapter that does not belong to a model: a target or saved weight the model lacks,
+    factors whose rank differs from ``adapter_config.json``, or a ΔW of the wrong shape.
+
+    Args:
+        contains / shape: the model's tensor lookup (a checkpoint, or a loaded model's state dict).
+        base_label: how the model is named in the message.
+    """
+    hint = "apply the adapter to the model it was trained on"
+    for w in [*adapter.weight_names, *adapter.extra_weights, *adapter.token_rows]:
+        if not contains(w):
+            raise CheckpointError(f"adapter {adapter.path} targets {w!r}, which is not in the base model {base_label}", hint)
+    for w, (_key, rows) in adapter.token_rows.items():
+        if rows and max(rows) >= shape(w)[0]:
+            raise CheckpointError(f"adapter {adapter.path} replaces row {max(rows)} of {w!r}, "
+                                  f"which has {shape(w)[0]} rows", hint)
+    for w, m in adapter.weight_names.items():
+        mod = adapter[m]  # checks the factors' rank against adapter_config.json
+        want = (int(mod.B.shape[0]), int(mod.A.shape[1]))
+        if mod.transpose:
+            want = want[::-1]
+        have = tuple(shape(w))
+        if have != want:
+            raise CheckpointError(f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {have}", hint)
 
 
 class AdaptedCheckpoint(Mapping):
@@ -257,26 +405,8 @@ class AdaptedCheckpoint(Mapping):
         self.base = base
         self.adapter = adapter
         self.path = base.path
-        missing = [w for w in adapter.weight_names if w not in base]
-        if missing:
-            raise CheckpointError(
-                f"adapter {adapter.path} targets {missing[0]!r}, which is not in the base model {base.path}",
-                "apply the adapter to the model it was trained on",
-            )
-        for w in adapter.extra_weights:
-            if w not in base:
-                raise CheckpointError(f"adapter {adapter.path} saves {w!r}, which is not in the base model", "check the base model")
-        for w, m in adapter.weight_names.items():
-            mod = adapter[m]
-            shape = self.shape(w)
-            want = (mod.B.shape[0], mod.A.shape[1])
-            if mod.transpose:
-                want = want[::-1]
-            if shape != want:
-                raise CheckpointError(
-                    f"adapter module {m} gives ΔW of shape {want} but base tensor {w} has shape {shape}",
-                    "apply the adapter to the model it was trained on",
-                )
+        adapter.base_model_type = base.config.get("model_type")
+        check_adapter_fits(adapter, lambda w: w in base, self.shape, base.path)
 
     # Metadata is the base model's.
     config = property(lambda self: self.base.config)
@@ -324,9 +454,9 @@ class AdaptedCheckpoint(Mapping):
         import torch
 
         real = self.base.aliases.get(name, name)
-        if real in self.adapter.extra_weights or real not in self.adapter.weight_names:
-            if real in self.adapter.extra_weights:
-                return self.get(name, dtype=dtype)[start:stop]
+        if real in self.adapter.extra_weights or real in self.adapter.token_rows:
+            return self.get(name, dtype=dtype)[start:stop]
+        if real not in self.adapter.weight_names:
             return self.base.get_rows(real, start, stop, dtype=dtype)
         rows = self.adapter[self.adapter.weight_names[real]].delta_rows(start, stop)
         t = self.base.get_rows(real, start, stop, dtype=torch.float32) + rows
@@ -341,9 +471,13 @@ class AdaptedCheckpoint(Mapping):
         real = self.base.aliases.get(name, name)
         key = self._replacement(name)
         source, source_name = (self.adapter._tensors, key) if key else (self.base, real)
-        if real in self.adapter.weight_names:
+        lora = real in self.adapter.weight_names
+        if lora or real in self.adapter.token_rows:
             stored = source.dtype_name(source_name)
-            w = source.get(source_name, dtype=torch.float32) + self.adapter[self.adapter.weight_names[real]].delta()
+            w = source.get(source_name, dtype=torch.float32)
+            w = self.adapter.apply_non_lora(real, w) if real in self.adapter.token_rows else w
+            if lora:
+                w = w + self.adapter[self.adapter.weight_names[real]].delta()
             t = w if dtype is not None else w.to(getattr(torch, stored))
         else:
             t = source.get(source_name, dtype=None)
@@ -362,6 +496,7 @@ def save_adapter(
     extra_config: Mapping[str, Any] | None = None,
     dtype: Any = None,
     embedding_modules: Collection[str] = (),
+    extra_tensors: Mapping[str, Any] | None = None,
 ) -> None:
     """Write a PEFT LoRA adapter whose module ``m`` has ``ΔW = B @ A`` exactly (scaling 1).
 
@@ -378,6 +513,9 @@ def save_adapter(
             written as ``lora_embedding_A`` (r × vocab) / ``lora_embedding_B`` (dim × r) and PEFT
             applies ``ΔW = (B @ A)ᵀ`` to the (vocab × dim) matrix, like :class:`LoraModule` with
             ``transpose=True``.
+        extra_tensors: stored key → tensor written unchanged next to the factors: the non-LoRA
+            parts of an adapter (:meth:`LoraAdapter.non_lora_tensors`); pass the config fields
+            that describe them (:meth:`LoraAdapter.non_lora_config`) in ``extra_config``.
 
     Every module gets ``lora_alpha == r`` so that PEFT's scaling is exactly 1 (no rsLoRA;
     LoRA, Hu et al. 2021, Eq. 3 with α = r). The directory loads with
@@ -430,5 +568,9 @@ def save_adapter(
     }
     if extra_config:
         config.update(extra_config)
+    for key, t in sorted((extra_tensors or {}).items()):
+        if key in tensors:
+            raise CheckpointError(f"adapter tensor {key!r} is both a LoRA factor and an extra tensor", "internal error")
+        tensors[key] = t.detach().contiguous()
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

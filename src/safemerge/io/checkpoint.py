@@ -57,47 +57,154 @@ def layer_index(name: str) -> int | None:
     return None if parts is None else parts[1]
 
 
+_ST_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
+}
+_MAX_HEADER_BYTES = 100_000_000
+
+
+def require_regular_file(path: Path, what: str = "checkpoint file") -> int:
+    """Check, without opening it, that ``path`` (symlinks followed) is a regular file; return its size.
+
+    Opening a named pipe or a character device blocks forever or reads endless bytes, so every
+    file a checkpoint names is type-checked with ``stat`` before the first ``open``.
+    """
+    import stat
+
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {what} {path} ({exc.strerror})", "check the path and its permissions") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a named pipe" if stat.S_ISFIFO(st.st_mode) else \
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
+        raise CheckpointError(f"{what} {path} is {kind}, not a regular file", "point it at a real checkpoint file")
+    return st.st_size
+
+
+def all_finite(t: "torch.Tensor") -> bool:
+    """True when ``t`` has no NaN/Inf. One summation pass (NaN and ±Inf propagate into the sum);
+    only when the sum is not finite — a non-finite entry, or a finite overflow — is the exact
+    element-wise test run. About 10× cheaper than ``isfinite(t).all()`` on large tensors."""
+    import torch
+
+    if t.numel() == 0 or not t.is_floating_point():
+        return True
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def refuse_nonfinite(t: "torch.Tensor", name: str, source: Any) -> None:
+    """Raise :class:`CheckpointError` when tensor ``name`` of ``source`` holds NaN or Inf."""
+    import torch
+
+    if not all_finite(t):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise CheckpointError(f"tensor {name!r} of {source} contains {bad} values",
+                              "fix the checkpoint, or pass --allow-nonfinite to use it anyway")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json`` object hook that refuses duplicate keys (two tensors with one name)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate tensor name {k!r}")
+        out[k] = v
+    return out
+
+
 def _read_safetensors_header(path: Path) -> dict[str, Any]:
     """Read and validate a safetensors header without touching tensor data.
 
-    Checks that the header parses and that every tensor's byte range lies inside the file,
-    so truncated files are reported at open time instead of half-way through a merge.
+    The header is the contract for every byte later read from the file, so it is checked once,
+    here (see :func:`validate_safetensors_header`); truncated files are reported at open time
+    instead of half-way through a merge.
     """
     import struct
 
+    size = require_regular_file(path)
     try:
-        size = path.stat().st_size
         with path.open("rb") as fh:
             raw = fh.read(8)
             if len(raw) < 8:
                 raise ValueError("file shorter than the 8-byte header length")
             (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
+            if n > size - 8 or n > _MAX_HEADER_BYTES:
                 raise ValueError("header length exceeds the file size")
-            header = json.loads(fh.read(n))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+            header = json.loads(fh.read(n), object_pairs_hook=_unique_object)
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(
-            f"{path} is not a valid safetensors file ({exc})",
+            f"{path} is not a valid safetensors file ({' '.join(str(exc).split())[:160]})",
             "re-download or re-save the checkpoint; it may be truncated or corrupted",
-        ) from exc
+        ) from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path} has a malformed safetensors header", "re-download or re-save the checkpoint")
+    validate_safetensors_header(path, header, size - 8 - n)
     header["__data_start__"] = 8 + n
-    data_len = size - 8 - n
-    for key, info in header.items():
-        if key in ("__metadata__", "__data_start__"):
-            continue
-        try:
-            start, end = info["data_offsets"]
-            _ = info["dtype"], info["shape"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: malformed header entry for tensor {key!r}", "re-save the checkpoint") from exc
-        if end > data_len or start > end:
-            raise CheckpointError(
-                f"{path} is truncated: tensor {key!r} ends at byte {end} but the file holds {data_len} data bytes",
-                "re-download or re-save the checkpoint",
-            )
     return header
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_safetensors_header(path: Path, header: dict[str, Any], data_len: int) -> None:
+    """Check every tensor entry of a parsed safetensors header against the file.
+
+    Each entry must have a known ``dtype``, a ``shape`` of non-negative integers and
+    ``data_offsets`` ``[begin, end]`` of integers with ``0 ≤ begin ≤ end ≤ data bytes`` and
+    ``end − begin = itemsize(dtype) × ∏ shape``; byte ranges may not overlap. Anything else
+    raises :class:`CheckpointError` naming the file and the tensor.
+    """
+    import math
+
+    def bad(name: str, problem: str, hint: str = "re-download or re-save the checkpoint") -> CheckpointError:
+        return CheckpointError(f"{path}: tensor {name!r} {problem}", hint)
+
+    meta = header.get("__metadata__")
+    if meta is not None and not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: __metadata__ is not an object", "re-save the checkpoint")
+    ranges: list[tuple[int, int, str]] = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise bad(name, "has a malformed header entry (needs dtype, shape and data_offsets)")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
+            raise bad(name, f"has unknown dtype {str(dtype)[:20]!r}",
+                      f"supported dtypes: {', '.join(_ST_ITEMSIZE)}; convert the checkpoint")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(name, f"has an invalid shape {str(shape)[:40]} (needs non-negative integers)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise bad(name, f"has invalid data_offsets {str(offsets)[:40]} (needs two integers)")
+        begin, end = offsets
+        if begin < 0 or end < begin:
+            raise bad(name, f"has invalid data_offsets [{begin}, {end}] (negative or reversed)")
+        if end > data_len:
+            raise bad(name, f"ends at byte {end} but the file holds {data_len} data bytes (truncated)")
+        expected = _ST_ITEMSIZE[dtype] * math.prod(shape)
+        if end - begin != expected:
+            raise bad(name, f"spans {end - begin} bytes but {dtype} × {shape} needs {expected}")
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, prev_end, prev), (begin, _, name) in zip(ranges, ranges[1:]):
+        if begin < prev_end:
+            raise bad(name, f"overlaps tensor {prev!r} (bytes from {begin} are shared)")
+
+
+def _shard_path(model_dir: Path, index: Path, shard: Any) -> Path:
+    """The file an index's ``weight_map`` names: a relative path that stays inside ``model_dir``."""
+    if not isinstance(shard, str) or not shard:
+        raise CheckpointError(f"{index} names a shard that is not a file name ({str(shard)[:40]!r})", "re-save the checkpoint")
+    rel = Path(shard)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise CheckpointError(f"{index} names shard {shard!r} outside the model directory",
+                              "shards must be files inside the model directory; re-save the checkpoint")
+    return model_dir / rel
 
 
 class Checkpoint(Mapping):
@@ -106,13 +213,15 @@ class Checkpoint(Mapping):
     Args:
         path: a model directory (``config.json`` + safetensors), or a single ``.safetensors`` file.
         allow_pickle: permit ``.bin``/``.pt`` checkpoints (read with ``weights_only=True``).
+        allow_nonfinite: return tensors holding NaN/Inf instead of refusing them on read.
 
     ``ckpt[name]`` returns the tensor in its stored dtype; :meth:`get` casts (float32 by default).
     """
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False) -> None:
+    def __init__(self, path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
         self.path = resolve_local(path, allow_pickle=allow_pickle)  # Hub ids → their local snapshot
         self.allow_pickle = allow_pickle
+        self.allow_nonfinite = allow_nonfinite
         if not self.path.exists():
             raise CheckpointError(f"model path {str(self.path)!r} does not exist", "check the path")
         self._lock = threading.Lock()
@@ -143,6 +252,7 @@ class Checkpoint(Mapping):
             raise CheckpointError(f"{p} is not a model directory or a .safetensors file", "pass a Hugging Face model directory")
         idx = p / SAFETENSORS_INDEX
         if idx.exists():
+            require_regular_file(idx, "shard index")
             try:
                 index = json.loads(idx.read_text())
                 wm = index["weight_map"]
@@ -150,13 +260,12 @@ class Checkpoint(Mapping):
                     raise TypeError("weight_map is not an object")
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(f"{idx} is malformed ({exc})", "re-save the checkpoint") from exc
-            shards = sorted(set(wm.values()))
-            for shard in shards:
-                sp = p / shard
+            shards = {shard: _shard_path(p, idx, shard) for shard in wm.values()}
+            for shard, sp in sorted(shards.items()):
                 if not sp.exists():
                     raise CheckpointError(f"shard {shard} listed in {idx.name} is missing from {p}", "re-download the checkpoint")
                 self._add_safetensors(sp)
-            missing = [k for k, v in wm.items() if k not in self._headers[p / v]]
+            missing = [k for k, v in wm.items() if k not in self._headers[shards[v]]]
             if missing:
                 raise CheckpointError(f"{idx.name} lists tensor {missing[0]!r} but its shard does not contain it", "re-save the checkpoint")
             return
@@ -173,12 +282,15 @@ class Checkpoint(Mapping):
         pickles = [p / n for n in PICKLE_SINGLE if (p / n).exists()]
         if pidx.exists() or pickles:
             if pidx.exists():
+                require_regular_file(pidx, "shard index")
                 try:
                     wm = json.loads(pidx.read_text())["weight_map"]
-                except (OSError, ValueError, KeyError) as exc:
+                    if not isinstance(wm, dict):
+                        raise TypeError("weight_map is not an object")
+                except (OSError, ValueError, KeyError, TypeError) as exc:
                     raise CheckpointError(f"{pidx} is malformed ({exc})", "re-save the checkpoint") from exc
-                for shard in sorted(set(wm.values())):
-                    self._add_pickle(p / shard)
+                for shard in sorted(set(wm.values()), key=str):
+                    self._add_pickle(_shard_path(p, pidx, shard))
             else:
                 self._add_pickle(pickles[0])
             return
@@ -206,6 +318,7 @@ class Checkpoint(Mapping):
             )
         if not path.exists():
             raise CheckpointError(f"pickle shard {path} is missing", "re-download the checkpoint")
+        require_regular_file(path)
         import torch
 
         self.format = "pickle"
@@ -227,6 +340,7 @@ class Checkpoint(Mapping):
         cfg = self.path / "config.json" if self.path.is_dir() else self.path.parent / "config.json"
         if not cfg.exists():
             return {}
+        require_regular_file(cfg, "config file")
         try:
             data = json.loads(cfg.read_text())
         except (OSError, ValueError) as exc:
@@ -363,13 +477,17 @@ class Checkpoint(Mapping):
     def __getitem__(self, name: str):
         real, f = self._resolve(name)
         if f in self._pickled:
-            return self._pickled[f][real]
-        try:
-            return self._read_safetensors(f, real)
-        except CheckpointError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"cannot read tensor {real!r} from {f} ({exc})", "the file may be corrupted; re-download it") from exc
+            t = self._pickled[f][real]
+        else:
+            try:
+                t = self._read_safetensors(f, real)
+            except CheckpointError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointError(f"cannot read tensor {real!r} from {f} ({exc})", "the file may be corrupted; re-download it") from exc
+        if not self.allow_nonfinite:
+            refuse_nonfinite(t, real, self.path)
+        return t
 
     def get_rows(self, name: str, start: int, stop: int, dtype: Any = "float32"):
         """Rows ``[start, stop)`` of a tensor (first dimension), read without the rest of it."""
@@ -380,6 +498,8 @@ class Checkpoint(Mapping):
             t = self._pickled[f][real][start:stop]
         else:
             t = self._read_safetensors(f, real, rows=(start, stop))
+        if not self.allow_nonfinite:
+            refuse_nonfinite(t, real, self.path)
         if dtype is not None and t.is_floating_point():
             t = t.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return t
@@ -410,17 +530,56 @@ class Checkpoint(Mapping):
         return f"Checkpoint({str(self.path)!r}, tensors={len(self)})"
 
 
-def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False):
+def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False):
     """Open a model reference: a directory, a ``.safetensors`` file, a Hub id, or ``MODEL+ADAPTER``.
 
     ``MODEL+ADAPTER`` (mergekit syntax) returns an :class:`~safemerge.io.adapter.AdaptedCheckpoint`
     that adds the LoRA update to each target weight as it is read, one tensor at a time.
     """
     base, adapter = split_model_ref(str(ref))
-    ckpt = Checkpoint(base, allow_pickle=allow_pickle)
+    ckpt = Checkpoint(base, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     if adapter is None:
         return ckpt
     from safemerge.io.adapter import AdaptedCheckpoint, load_adapter
 
-    return AdaptedCheckpoint(ckpt, load_adapter(adapter, allow_pickle=allow_pickle))
+    return AdaptedCheckpoint(ckpt, load_adapter(adapter, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
 
+
+
+# ---------------------------------------------------------------------- custom model code
+_CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
+
+
+def custom_code_entry(model_dir: str | Path) -> str | None:
+    """The first file of ``model_dir`` that asks transformers to import Python code from the
+    directory (an ``auto_map`` entry), or ``None``. Only JSON is read; nothing is imported."""
+    d = Path(model_dir).expanduser()
+    if not d.is_dir():
+        return None
+    for name in _CODE_CONFIGS:
+        f = d / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # unreadable JSON is reported by the loader that needs it
+        if isinstance(data, dict) and data.get("auto_map"):
+            return name
+    return None
+
+
+def refuse_custom_code(model_dir: str | Path, trust_remote_code: bool) -> None:
+    """Refuse a model directory that needs its own Python code, unless ``--trust-remote-code``.
+
+    Called before every transformers load (model, tokenizer, config), so transformers never gets
+    to ask "Do you wish to run the custom code? [y/N]" on a terminal or read the answer from stdin.
+    """
+    if trust_remote_code:
+        return
+    entry = custom_code_entry(model_dir)
+    if entry is not None:
+        raise CheckpointError(
+            f"{model_dir} needs custom Python code from the model directory (auto_map in {entry}); it was not run",
+            "pass --trust-remote-code only if you trust the code's author, or use a model transformers supports natively",
+        )

@@ -90,6 +90,7 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
             end = int(t.data_offset) + int(t.n_bytes)
             if end > size or np.asarray(t.data).size == 0 and int(t.n_bytes) > 0:
                 raise ValueError(f"tensor {t.name} extends past the end of the file")
+        _check_bpe_merges(reader.fields, p)
         meta["_tensor_count"] = len(reader.tensors)
         meta["_tensor_types"] = sorted({t.tensor_type.name for t in reader.tensors})
     except CheckpointError:
@@ -102,6 +103,23 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     if "general.architecture" not in meta:
         raise CheckpointError(f"{p} has no general.architecture entry", "re-export the GGUF file with a recent llama.cpp")
     return meta
+
+
+def _check_bpe_merges(fields: Any, path: Path) -> None:
+    """Every BPE merge ``"left right"`` must join two tokens of the vocabulary (and give one):
+    the tokenizers library otherwise fails deep inside the load with a bare ``Exception``."""
+    if "tokenizer.ggml.merges" not in fields or "tokenizer.ggml.tokens" not in fields:
+        return
+    vocab = set(fields["tokenizer.ggml.tokens"].contents())
+    for i, merge in enumerate(fields["tokenizer.ggml.merges"].contents()):
+        parts = str(merge).split(" ")
+        missing = [t for t in parts if t not in vocab] if len(parts) == 2 else parts
+        if len(parts) != 2 or missing:
+            raise CheckpointError(
+                f"{path}: tokenizer merge {i} {str(merge)[:40]!r} names "
+                + (f"token {missing[0][:20]!r}, which is not in the vocabulary" if len(parts) == 2 else "not two tokens"),
+                "the GGUF tokenizer is corrupt; re-export the file with a recent llama.cpp",
+            )
 
 
 def _check_supported(arch: str, path: Path) -> None:
@@ -177,7 +195,7 @@ def convert_gguf(
     _check_supported(str(meta["general.architecture"]), src)
     from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 
-    check_output_path(out_dir, force=force)  # fail before the slow load
+    check_output_path(out_dir, force=force, inputs=(src,))  # fail before the slow load
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -191,9 +209,10 @@ def convert_gguf(
     try:
         try:
             step(f"de-quantising {src.name} ({', '.join(meta['_tensor_types'])})")
-            loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+            loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32,
+                                                          trust_remote_code=False)
             step("reading the tokenizer")
-            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=False)
         except (OSError, ValueError, KeyError, RuntimeError, IndexError, TypeError) as exc:
             raise CheckpointError(
                 f"cannot load {src} with transformers' GGUF reader ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
@@ -227,7 +246,7 @@ def convert_gguf(
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     step(f"writing {dtype} safetensors")
-    with atomic_output(out_dir, force=force) as tmp:
+    with atomic_output(out_dir, force=force, inputs=(src,)) as tmp:
         fresh.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _scrub_saved_config(tmp / "config.json")

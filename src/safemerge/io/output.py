@@ -20,7 +20,7 @@ import shutil
 import struct
 import threading
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,35 +68,102 @@ def clean_stale_temporaries(out: Path) -> list[Path]:
     for p in parent.iterdir():
         m = pat.match(p.name)
         if m and not _pid_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
+            remove_path(p)
             removed.append(p)
     return removed
 
 
-def check_output_path(path: str | Path, *, force: bool = False) -> Path:
-    """Validate an output location before any work starts (exists? writable?)."""
-    out = Path(path).expanduser().absolute()
-    if out.exists() and not force:
-        raise SafemergeError(f"output {str(path)!r} already exists", f"pass {option('force')} to replace it, or choose another path")
-    if out.exists() and not out.is_dir():
-        raise SafemergeError(f"output {str(path)!r} exists and is not a directory", "choose another path")
-    parent = out.parent
-    probe = parent
-    while not probe.exists():
+def _input_locations(ref: str | os.PathLike[str]) -> list[Path]:
+    """The existing filesystem paths behind one input reference (``MODEL+ADAPTER`` gives two).
+
+    References that name nothing on disk (hub ids, ``builtin:`` sets) cannot be destroyed and
+    are skipped.
+    """
+    from safemerge.io.checkpoint import split_model_ref
+
+    model, adapter = split_model_ref(os.fspath(ref))
+    parts = [model] if adapter is None else [model, adapter]
+    return [Path(p).expanduser() for p in parts if os.path.lexists(Path(p).expanduser())]
+
+
+def check_not_an_input(out: str | Path, inputs: Iterable[str | os.PathLike[str] | None]) -> None:
+    """Refuse an output path that equals, contains or lies inside an input (symlinks resolved).
+
+    Writing there would replace (``--force``), delete or pollute an input, so it is refused
+    whatever the flags: this is the one check every writer runs before doing any work.
+    """
+    target = Path(os.path.abspath(Path(out).expanduser())).resolve()
+    for ref in inputs:
+        if not isinstance(ref, (str, os.PathLike)):
+            continue  # None, an in-memory model, a record list
+        for loc in _input_locations(ref):
+            src = loc.absolute().resolve()
+            if target == src:
+                relation = "is"
+            elif src.is_relative_to(target):
+                relation = "contains"
+            elif target.is_relative_to(src):
+                relation = "lies inside"
+            else:
+                continue
+            raise SafemergeError(
+                f"output {str(out)!r} {relation} the input {str(ref)!r}",
+                "choose an output path outside every input (inputs are never replaced, not even with --force)",
+            )
+
+
+def check_writable_location(out: Path, shown: str | Path) -> None:
+    """Refuse an output whose nearest existing ancestor is not a writable directory."""
+    probe = out.parent
+    while not os.path.lexists(probe):
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise SafemergeError(f"cannot write to {str(probe)!r} (permission denied)", "choose an output location you can write to")
+        why = "not a directory" if not probe.is_dir() else "permission denied"
+        raise SafemergeError(f"cannot write {str(shown)!r}: {str(probe)!r} is {why}", "choose an output location you can write to")
+
+
+def check_output_path(path: str | Path, *, force: bool = False,
+                      inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+    """Validate an output location before any work starts: not an input, exists?, writable?
+
+    A symlink counts as existing even when it dangles (``--force`` replaces the link itself,
+    never its target).
+    """
+    out = Path(path).expanduser().absolute()
+    check_not_an_input(out, inputs)
+    exists = os.path.lexists(out)
+    if exists and not force:
+        what = "already exists (a dangling symlink)" if not out.exists() else "already exists"
+        raise SafemergeError(f"output {str(path)!r} {what}", f"pass {option('force')} to replace it, or choose another path")
+    if out.exists() and not out.is_dir():
+        raise SafemergeError(f"output {str(path)!r} exists and is not a directory", "choose another path")
+    check_writable_location(out, path)
+    return out
+
+
+def check_output_file(path: str | Path, *, force: bool = False,
+                      inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Path:
+    """:func:`check_output_path` for a single output file (JSONL, JSON, CSV, PNG …)."""
+    out = Path(path).expanduser().absolute()
+    check_not_an_input(out, inputs)
+    if out.is_dir():
+        raise SafemergeError(f"output {str(path)!r} is a directory", "give a file name")
+    if os.path.lexists(out) and not force:
+        raise SafemergeError(f"output {str(path)!r} already exists", f"pass {option('force')} to replace it, or choose another path")
+    check_writable_location(out, path)
     return out
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
+def atomic_output(path: str | Path, *, force: bool = False,
+                  inputs: Iterable[str | os.PathLike[str] | None] = ()) -> Iterator[Path]:
     """Yield a temporary sibling directory that becomes ``path`` only if the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary directory is removed and
-    ``path`` is left untouched. With ``force`` an existing ``path`` is replaced.
+    ``path`` is left untouched. With ``force`` an existing ``path`` is replaced. ``inputs``
+    are the command's input paths: an output that is, contains or lies in one is refused.
     """
-    out = check_output_path(path, force=force)
+    out = check_output_path(path, force=force, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(out)
     token = uuid.uuid4().hex[:8]
@@ -116,17 +183,23 @@ def atomic_output(path: str | Path, *, force: bool = False) -> Iterator[Path]:
 def promote_directory(tmp: Path, out: Path, *, force: bool) -> None:
     """Rename a finished temporary directory to ``out``; with ``force`` an existing ``out`` is
     moved aside first and deleted after the rename, so ``out`` is never half-written."""
-    if out.exists():
+    if os.path.lexists(out):
         if not force:
             raise SafemergeError(f"output {str(out)!r} appeared while working", f"pass {option('force')} to replace it")
         old = out.parent / f".{out.name}{OLD_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     else:
         os.replace(tmp, out)
 
 
+def remove_path(path: Path) -> None:
+    """Remove a directory tree, a file or a symlink (the link only, never its target)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 def user_file_mode() -> int:
     """The mode a new file gets under the user's umask (``0o644`` with the usual umask 022)."""
     mask = os.umask(0)

@@ -7,11 +7,13 @@ instead of producing NaNs. See ``docs/methods.md`` for how the engine passes the
 """
 from __future__ import annotations
 
+from safemerge.methods.arcee_fusion import arcee_fusion_fn
 from safemerge.methods.karcher import karcher_fn
 from safemerge.methods.linear import linear_fn, passthrough_fn
 from safemerge.methods.model_stock import model_stock_fn
 from safemerge.methods.multislerp import multislerp_fn
 from safemerge.methods.nearswap import nearswap_fn
+from safemerge.methods.ram import ram_fn, ramplus_tl_fn
 from safemerge.methods.registry import MergeMethod, Param, register
 from safemerge.methods.sce import sce_fn
 from safemerge.methods.slerp import nuslerp_fn, slerp_fn
@@ -177,5 +179,43 @@ def _register_others() -> None:
     ))
 
 
+def _register_mergekit_head() -> None:
+    """Methods that mergekit added after its 0.1 series' first releases (present in 0.1.5)."""
+    register(MergeMethod(
+        name="arcee_fusion",
+        fn=arcee_fusion_fn,
+        base="required",
+        min_models=1,
+        max_models=1,
+        reference="Arcee AI 2024, Arcee Fusion (mergekit): keep Δ where |Δ|·KL(softmax θ ‖ softmax θ₀) ≥ Q₂ + 1.5·IQR",
+        extra={"base_in_tensors": False, "optional_tensor_policy": "passthrough_singleton"},
+    ))
+    ram_epsilon = Param("epsilon", 1e-5, low=0.0, help="|δ| above which a model counts as having changed an entry")
+    ram_reference = "Reinforced Agent Merging (RAM), arXiv:2601.13572: unique updates kept, shared updates averaged"
+    register(MergeMethod(
+        name="ram",
+        fn=ram_fn,
+        params=(ram_epsilon,),
+        base="required",
+        min_models=0,
+        reference=ram_reference,
+        extra={"base_in_tensors": False, "optional_tensor_policy": "error"},
+    ))
+    register(MergeMethod(
+        name="ramplus_tl",
+        fn=ramplus_tl_fn,
+        params=(
+            Param("r", 0.1, low=0.0, help="strength of the rescaling of unique updates"),
+            Param("alpha", 0.2, low=0.0, help="cap on the shared/unique ratio rho"),
+            ram_epsilon,
+        ),
+        base="required",
+        min_models=0,
+        reference=ram_reference + "; RAM+ scales unique updates by 1 + r·clip(ρ, 0, α) (tensor-local ρ)",
+        extra={"base_in_tensors": False, "optional_tensor_policy": "error"},
+    ))
+
+
 _register_task_arithmetic_family()
 _register_others()
+_register_mergekit_head()

@@ -80,7 +80,7 @@ class CandidateEvaluator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from safemerge.io.checkpoint import open_checkpoint
+        from safemerge.io.checkpoint import open_checkpoint, refuse_custom_code
         from safemerge.io.hub import resolve_model_ref
         from safemerge.optimize.objective import AnswerCEObjective
 
@@ -100,6 +100,8 @@ class CandidateEvaluator:
         tok_dir = str(resolve_model_ref(tok_src)[0]) if tok_src and tok_src not in ("base", "union") else model_dir
         if not (Path(model_dir) / "config.json").is_file():
             raise CheckpointError(f"{model_dir} has no config.json", "the base model must be a Hugging Face model directory")
+        refuse_custom_code(model_dir, trust_remote_code)
+        refuse_custom_code(tok_dir, trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
         self.model.to(device).eval()

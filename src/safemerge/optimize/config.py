@@ -119,15 +119,12 @@ def load_optimize_config(source: str | Path | dict[str, Any] | OptimizeConfig) -
     if isinstance(source, dict):
         raw = source
     else:
-        import yaml
+        from safemerge.config.yaml_io import load_yaml_file
 
         p = Path(source).expanduser()
         if not p.is_file():
             raise ConfigError(f"optimize config {str(source)!r} does not exist", "check the path")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: invalid YAML ({' '.join(str(exc).split())[:200]})", "fix the YAML syntax") from exc
+        raw = load_yaml_file(p, "optimize config")
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a mapping with a 'genome:' block", "see docs/optimize.md for the schema")
     try:

@@ -34,7 +34,19 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f".{out.name}{WORK_SUFFIX}"
 
 
-def _prepare_work(out: Path, run_key: dict[str, Any], *, resume: bool, force: bool) -> tuple[Path, bool]:
+def optimize_inputs(cfg: OptimizeConfig, config: Any) -> list[Any]:
+    """Every path an optimize run reads: the config file, the pool, the tokenizer source, the data."""
+    g = cfg.genome
+    return [config if isinstance(config, (str, Path)) else None, *g.models, g.base_model, g.tokenizer_source,
+            *cfg.data.safety, *cfg.data.expert]
+
+
+def _prepare_work(out: Path, run_key: dict[str, Any], *, resume: bool, force: bool,
+                  inputs: list[Any]) -> tuple[Path, bool]:
+    from safemerge.io.output import check_not_an_input, check_output_path
+
+    check_output_path(out, force=True, inputs=inputs)  # not an input, writable; existence is handled here
+    check_not_an_input(work_dir_for(out), inputs)
     if out.exists() and not force:
         raise SafemergeError(f"output {str(out)!r} already exists", f"pass {option('force')} to replace it, or choose another path")
     work = work_dir_for(out)
@@ -105,13 +117,6 @@ def run_optimize(
     Returns:
         The summary dict (also written to ``out/summary.json``).
     """
-    import yaml
-
-    from safemerge.io.checkpoint import open_checkpoint
-    from safemerge.optimize import report
-    from safemerge.optimize.candidate import CandidateEvaluator, SerialBackend, build_genome
-    from safemerge.progress import progress_bar
-
     if evaluate is not None and not save_model:
         raise SafemergeError("evaluating the result needs the merged model", "drop --no-save-model, or drop --eval")
     cfg = load_optimize_config(config)
@@ -122,7 +127,32 @@ def run_optimize(
     use_ray = bool(ray or ray_address)
     out_p = Path(out).expanduser().absolute()
     run_key = {"config": cfg.model_dump(mode="json"), "strategy": cfg.strategy}
-    work, resumed = _prepare_work(out_p, run_key, resume=resume, force=force)
+    work, resumed = _prepare_work(out_p, run_key, resume=resume, force=force, inputs=optimize_inputs(cfg, config))
+    try:
+        return _run_in_work(cfg, work, out_p, resumed=resumed, use_ray=use_ray, ray_address=ray_address,
+                            ray_workers=ray_workers, force=force, save_model=save_model, device=device,
+                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
+                            on_generation=on_generation, evaluate=evaluate)
+    except Exception:
+        # an error (not an interruption) leaves nothing behind: a fresh run's work directory goes,
+        # a resumed run's checkpoint stays for the next --resume
+        if not resumed:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _run_in_work(cfg: OptimizeConfig, work: Path, out_p: Path, *, resumed: bool, use_ray: bool, ray_address: str | None,
+                 ray_workers: int | None, force: bool, save_model: bool, device: str, allow_pickle: bool,
+                 trust_remote_code: bool, progress: bool, on_generation: Callable[[int, int], None] | None,
+                 evaluate: Callable[[Path, Path], dict[str, Any]] | None) -> dict[str, Any]:
+    """The search, the report and the merged model, assembled in ``work`` and promoted to ``out_p``."""
+    import yaml
+
+    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.optimize import report
+    from safemerge.optimize.candidate import CandidateEvaluator, SerialBackend, build_genome
+    from safemerge.progress import progress_bar
+
     trace = Trace(work / "trace.jsonl")
 
     t_setup = time.perf_counter()

@@ -47,7 +47,7 @@ def scan(
     *,
     tau: float = 0.35,
     target_modules: Sequence[str] | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> list[LayerScore]:
     """Per-layer safety similarity ρ of one or more fine-tuned adapters/models (SafeLoRA Eq. 2).
@@ -73,14 +73,18 @@ def scan(
     paths = _as_list(targets)
     if not paths:
         raise SafemergeError("nothing to scan", "pass at least one adapter or fine-tuned model")
-    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle)
+    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     tm = list(target_modules) if target_modules else None
-    sources = [open_deltas(p, sub, targets=tm, allow_pickle=allow_pickle, role="input") for p in paths]
+    sources = [open_deltas(p, sub, targets=tm, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="input")
+               for p in paths]
     labels = [s.label for s in sources]
     if len(set(labels)) != len(labels):
         for s in sources:
             s.label_override = str(s.path)
     total = len({m for s in sources for m in s.modules})
+    if total == 0:
+        what = f"--targets {','.join(tm)}" if tm else "the inputs"
+        raise SafemergeError(f"{what} match no module to score", "list module names the inputs adapt, e.g. --targets q_proj,v_proj")
     cb = progress or _noop
     done = [0]
 
@@ -106,7 +110,10 @@ class SafeMergeResult:
         output: ``"adapter"`` or ``"model"``.
         scores: one :class:`LayerScore` per fine-tuned module (``merged`` = ρ < τ).
         reconstruction_error: module → ‖ΔW − B A‖_F/‖ΔW‖_F for SVD-truncated layers.
-        ignored_safety_modules: safety-adapter modules the fine-tuned update does not touch.
+        ignored_safety_modules: safety-adapter modules the fine-tuned update does not touch, and the
+            safety adapter's non-LoRA parts (never applied).
+        carried_over: the fine-tuned adapter's non-LoRA parts (modules_to_save, biases, trainable
+            tokens), written unchanged: tensor name → what it is.
     """
 
     out: Path
@@ -120,6 +127,7 @@ class SafeMergeResult:
     density: float | None = None
     reconstruction_error: dict[str, float] = field(default_factory=dict)
     ignored_safety_modules: list[str] = field(default_factory=list)
+    carried_over: dict[str, str] = field(default_factory=dict)
     evaluation: Any = None
 
     @property
@@ -139,6 +147,7 @@ class SafeMergeResult:
             "merged": len(self.merged),
             "layers": [s.to_dict() | ({"reconstruction_error": self.reconstruction_error[s.module]} if s.module in self.reconstruction_error else {}) for s in self.scores],
             "ignored_safety_modules": self.ignored_safety_modules,
+            "carried_over": self.carried_over,
         }
 
 
@@ -158,7 +167,7 @@ def safemerge_adapters(
     density: float = 0.5,
     dtype: str | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     evaluate: Callable[[Path], tuple[Any, str]] | None = None,
     progress: Progress | None = None,
 ) -> SafeMergeResult:
@@ -186,7 +195,7 @@ def safemerge_adapters(
     Returns a :class:`SafeMergeResult`.
     """
     from safemerge.io.output import atomic_output, check_output_path
-    from safemerge.safety.deltas import AdapterDeltas, open_deltas
+    from safemerge.safety.deltas import AdapterDeltas, carried_over_parts, open_deltas
     from safemerge.safety.safemerge import check_strategy
     from safemerge.safety.scoring import score_sources
     from safemerge.safety.selection import check_tau, check_unit, mark, select_below
@@ -201,13 +210,15 @@ def safemerge_adapters(
         if density == 0.0:
             raise ConfigError("--density must be > 0", "use a keep fraction in (0, 1], e.g. 0.5")
     torch_dtype(dtype)
-    check_output_path(out, force=force)
+    inputs = (base, aligned, finetuned, safety, merge_into)
+    check_output_path(out, force=force, inputs=inputs)
     cb = progress or _noop
 
-    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle)
-    ft = open_deltas(finetuned, sub, allow_pickle=allow_pickle, role="--finetuned")
-    sf = open_deltas(safety, sub, targets=None, allow_pickle=allow_pickle, role="--safety")
-    target = open_model(merge_into, allow_pickle=allow_pickle, role="merge-into") if merge_into is not None else None
+    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
+    ft = open_deltas(finetuned, sub, role="--finetuned", **reading)
+    sf = open_deltas(safety, sub, targets=None, role="--safety", **reading)
+    target = open_model(merge_into, role="merge-into", **reading) if merge_into is not None else None
 
     both_adapters = isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
     if compat is not None and not both_adapters:
@@ -239,16 +250,20 @@ def safemerge_adapters(
     mark(scores, select_below(scores, tau, strict=True))
     merged = {s.module for s in scores if s.merged}
     ignored = sorted(set(sf.modules) - set(ft.modules))
+    if isinstance(sf, AdapterDeltas):
+        ignored += [f"{name} ({kind}, not applied)" for name, kind in sf.adapter.non_lora_parts().items()]
+    carried = carried_over_parts(ft, target if target is not None else sub.aligned)
     if compat is not None:
         _check_equal_ranks(ft, sf)
 
     result = SafeMergeResult(
         out=Path(out), output=output, scores=scores, tau=tau, alpha=alpha, strategy=strategy, compat=compat,
         seed=seed, density=density if strategy != "linear" else None, ignored_safety_modules=ignored,
+        carried_over=carried,
     )
     from safemerge.safety.safemerge_io import build_layer_update, write_safemerge_output
 
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=inputs) as tmp:
         write_safemerge_output(
             tmp, result, ft=ft, sf=sf, merged=merged, target=target, aligned=sub.aligned, dtype=dtype,
             update_fn=build_layer_update(ft, sf, merged, alpha=alpha, strategy=strategy, compat=compat,
@@ -279,6 +294,7 @@ class SafeLoRAResult:
     mode: str
     tau: float
     num_layers: int | None = None
+    carried_over: dict[str, str] = field(default_factory=dict)
 
     @property
     def projected(self) -> list[str]:
@@ -287,7 +303,7 @@ class SafeLoRAResult:
     def to_dict(self) -> dict[str, Any]:
         return {"method": "safelora", "output": self.output, "mode": self.mode, "tau": self.tau,
                 "num_layers": self.num_layers, "projected": len(self.projected),
-                "layers": [s.to_dict() for s in self.scores]}
+                "layers": [s.to_dict() for s in self.scores], "carried_over": self.carried_over}
 
 
 def safelora(
@@ -302,7 +318,7 @@ def safelora(
     merge_into: str | Path | None = None,
     dtype: str | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> SafeLoRAResult:
     """SafeLoRA (Hsu et al., NeurIPS 2024, Eq. 3): project ``B ← C B`` on low-ρ layers.
@@ -313,7 +329,7 @@ def safelora(
     once (the reference PEFT port's double projection is avoided by projecting from the original
     factors in a single pass). A full fine-tuned model gets ``ΔW ← C ΔW`` on the chosen layers.
     """
-    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.io.output import atomic_output
     from safemerge.safety.safelora import run_safelora
     from safemerge.safety.selection import check_tau
     from safemerge.safety.writing import torch_dtype
@@ -322,11 +338,11 @@ def safelora(
         raise ConfigError(f"unknown SafeLoRA mode {mode!r}", "use --mode threshold or --mode number")
     tau = check_tau(tau)
     torch_dtype(dtype)
-    check_output_path(out, force=force)
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=(base, aligned, finetuned, merge_into)) as tmp:
         res = run_safelora(
             tmp, base=base, aligned=aligned, finetuned=finetuned, mode=mode, tau=tau, num_layers=num_layers,
-            merge_into=merge_into, dtype=dtype, allow_pickle=allow_pickle, progress=progress or _noop,
+            merge_into=merge_into, dtype=dtype, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+            progress=progress or _noop,
         )
     res.out = Path(out)
     return res
@@ -344,7 +360,7 @@ def resta(
     seed: int | None = None,
     dtype: str | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
     """RESTA (Bhardwaj et al., ACL 2024, §3): ``θ = θ_ft + β (θ_aligned − θ_unaligned)``.
@@ -354,15 +370,14 @@ def resta(
     be a full model, a LoRA adapter directory (applied to ``aligned``) or ``MODEL+ADAPTER``.
     Writes a full model; returns its path.
     """
-    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.io.output import atomic_output
     from safemerge.safety.resta import run_resta
     from safemerge.safety.writing import torch_dtype
 
     torch_dtype(dtype)
-    check_output_path(out, force=force)
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=(unaligned, aligned, finetuned)) as tmp:
         run_resta(tmp, unaligned=unaligned, aligned=aligned, finetuned=finetuned, beta=beta,
-                  dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle,
+                  dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
                   progress=progress or _noop)
     return Path(out)
 
@@ -378,7 +393,7 @@ def mergealign(
     lambda_aligned: float = 0.5,
     dtype: str | None = None,
     force: bool = False,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> Path:
     """MergeAlign (arXiv 2411.06824): ``θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)``.
@@ -386,13 +401,13 @@ def mergealign(
     ``domain`` / ``aligned`` may be full models, adapter directories (applied to ``pretrained``)
     or ``MODEL+ADAPTER`` references. Writes a full model; returns its path.
     """
-    from safemerge.io.output import atomic_output, check_output_path
+    from safemerge.io.output import atomic_output
     from safemerge.safety.mergealign import run_mergealign
     from safemerge.safety.writing import torch_dtype
 
     torch_dtype(dtype)
-    check_output_path(out, force=force)
-    with atomic_output(out, force=force) as tmp:
+    with atomic_output(out, force=force, inputs=(pretrained, domain, aligned)) as tmp:
         run_mergealign(tmp, pretrained=pretrained, domain=domain, aligned=aligned, lambda_domain=lambda_domain,
-                       lambda_aligned=lambda_aligned, dtype=dtype, allow_pickle=allow_pickle, progress=progress or _noop)
+                       lambda_aligned=lambda_aligned, dtype=dtype, allow_pickle=allow_pickle,
+                       allow_nonfinite=allow_nonfinite, progress=progress or _noop)
     return Path(out)

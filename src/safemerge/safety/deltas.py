@@ -53,11 +53,13 @@ class AdapterDeltas(DeltaSource):
 
     kind = "adapter"
 
-    def __init__(self, path: str | Path, subspace: SafetySubspace, *, allow_pickle: bool = False, role: str = "adapter") -> None:
+    def __init__(self, path: str | Path, subspace: SafetySubspace, *, allow_pickle: bool = False,
+                 allow_nonfinite: bool = False, role: str = "adapter") -> None:
         from safemerge.io.adapter import load_adapter
 
         self.path = Path(path)
-        self.adapter = load_adapter(self.path, allow_pickle=allow_pickle)
+        self.adapter = load_adapter(self.path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        self.adapter.base_model_type = subspace.aligned.config.get("model_type")
         self.role = role
         self.modules = sorted(self.adapter, key=_module_sort_key)
         for m in self.modules:
@@ -106,13 +108,14 @@ class ModelDeltas(DeltaSource):
         subspace: SafetySubspace,
         *,
         targets: list[str] | None = None,
-        allow_pickle: bool = False,
+        allow_pickle: bool = False, allow_nonfinite: bool = False,
         role: str = "model",
     ) -> None:
         from safemerge.io.checkpoint import open_checkpoint
 
         self.path = Path(str(path))
-        self.ckpt = open_checkpoint(str(path), allow_pickle=allow_pickle)  # a directory, Hub id or MODEL+ADAPTER
+        # a directory, Hub id or MODEL+ADAPTER
+        self.ckpt = open_checkpoint(str(path), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         self.aligned = subspace.aligned
         self.modules = []
         for m in subspace.linear_modules():
@@ -137,6 +140,43 @@ class ModelDeltas(DeltaSource):
         return self.ckpt.get(w) - self.aligned.get(w)
 
 
+def carried_over_parts(src: DeltaSource, model: Any, *, role: str = "--finetuned") -> dict[str, str]:
+    """The fine-tuned adapter's non-LoRA parts, checked so that they can be carried over unchanged.
+
+    ``modules_to_save`` (e.g. ``lm_head``), LoRA biases (``bias="lora_only"``/``"all"``) and
+    trainable tokens are the fine-tune's own parameters outside the LoRA product; SafeMERGE and
+    SafeLoRA only act on the low-rank updates of the block weights (the safety subspace), so these
+    parts are written unchanged. A full 2-D block weight in ``modules_to_save`` would have to be
+    scored like a full fine-tune, and a part the written model does not store (``lm_head`` tied to
+    the embeddings) cannot be carried: both are refused rather than dropped.
+
+    Args:
+        src: the fine-tuned update (a full model has no such parts: ``{}``).
+        model: the checkpoint the output is written against (the aligned or ``--merge-into`` model).
+
+    Returns ``base tensor name → description`` for the model card.
+    """
+    if not isinstance(src, AdapterDeltas):
+        return {}
+    from safemerge.io.checkpoint import layer_index
+
+    parts = src.adapter.non_lora_parts()
+    stored = set(model.names())
+    for name, kind in parts.items():
+        if name not in stored:
+            raise SafemergeError(
+                f"{role} {src.path} changes {name!r} ({kind}), which {model.path} does not store separately "
+                "(tied to the embeddings?)", "untie the weights or merge the adapter into a model that stores it",
+            )
+        if kind.startswith("modules_to_save") and layer_index(name) is not None and len(model.shape(name)) == 2:
+            raise SafemergeError(
+                f"{role} {src.path} saves the full block weight {name!r} (modules_to_save), which SafeMERGE/SafeLoRA "
+                "would have to score as a full fine-tune",
+                "merge the adapter into a full model first and pass that model",
+            )
+    return parts
+
+
 _ORDER = {n: i for i, n in enumerate(
     ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"))}
 
@@ -154,7 +194,7 @@ def open_deltas(
     subspace: SafetySubspace,
     *,
     targets: list[str] | None = None,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, allow_nonfinite: bool = False,
     role: str = "fine-tuned",
 ) -> DeltaSource:
     """An adapter directory (``adapter_config.json``), a full model directory, a Hub id of either, or
@@ -174,8 +214,10 @@ def open_deltas(
     if not p.exists():
         raise SafemergeError(f"{role} path {str(path)!r} does not exist", "check the path")
     if (p / "adapter_config.json").exists():
-        src: DeltaSource = AdapterDeltas(p, subspace, allow_pickle=allow_pickle, role=role)
+        src: DeltaSource = AdapterDeltas(p, subspace, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                                         role=role)
         if targets:
             src.modules = [m for m in src.modules if _matches(m, targets)]
         return src
-    return ModelDeltas(p, subspace, targets=targets, allow_pickle=allow_pickle, role=role)
+    return ModelDeltas(p, subspace, targets=targets, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
+                       role=role)

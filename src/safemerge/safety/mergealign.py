@@ -33,7 +33,7 @@ def check_lambda(value: Any, flag: str) -> float:
 
 def run_mergealign(
     tmp: Path, *, pretrained: Any, domain: Any, aligned: Any, lambda_domain: float, lambda_aligned: float,
-    dtype: str | None, allow_pickle: bool, progress: Callable[[str, int, int], None],
+    dtype: str | None, allow_pickle: bool, allow_nonfinite: bool, progress: Callable[[str, int, int], None],
 ) -> None:
     """Stream the pre-trained model's tensors through :func:`mergealign_tensor` into ``tmp`` + model card."""
     from safemerge.io.output import write_model_card
@@ -42,9 +42,9 @@ def run_mergealign(
 
     ld = check_lambda(lambda_domain, "--lambda-domain")
     la = check_lambda(lambda_aligned, "--lambda-aligned")
-    pre = open_ref(pretrained, allow_pickle=allow_pickle, role="pretrained")
-    dom = open_ref(domain, on=pretrained, allow_pickle=allow_pickle, role="domain")
-    al = open_ref(aligned, on=pretrained, allow_pickle=allow_pickle, role="aligned")
+    pre = open_ref(pretrained, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="pretrained")
+    dom = open_ref(domain, on=pretrained, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="domain")
+    al = open_ref(aligned, on=pretrained, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="aligned")
     check_same_tensors(pre, [("domain", dom), ("aligned", al)])
 
     def upd(name: str, t: Any) -> Any:

@@ -14,8 +14,11 @@ method         models (config order)            parameters (global)
 
 LoRA inputs are written ``aligned_model+adapter_dir`` (mergekit syntax) and arrive here dense.
 Per tensor: ``V = θ_aligned − θ_base``, ``ΔW_x = θ_x − θ_aligned``. Similarity-based methods
-(SafeMERGE, SafeLoRA) score 2-D tensors only; 1-D/0-D tensors (norms, biases) and tensors the
-fine-tune did not change keep the fine-tuned value. SafeLoRA's number mode needs every
+(SafeMERGE, SafeLoRA) score the 2-D weights inside the repeated blocks only, like
+``safemerge safemerge``/``safelora`` do; 1-D/0-D tensors (norms, biases), embeddings and
+``lm_head`` (an adapter's modules_to_save, trainable tokens), and tensors the fine-tune did not
+change keep the fine-tuned value — so an adapter's non-LoRA parts are carried over
+unchanged. SafeLoRA's number mode needs every
 layer's ρ before deciding, so only its threshold mode exists per tensor (use
 ``safemerge safelora --mode number`` for the other).
 """
@@ -30,7 +33,15 @@ def _delta_is_zero(d: Any) -> bool:
     return not bool(d.abs().max() > 0) if d.numel() else True
 
 
-def safemerge_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any], generator: Any = None) -> Any:
+def _scored(ft: Any, name: str | None) -> bool:
+    """Whether a tensor is in the similarity methods' scope: a 2-D weight inside a repeated block."""
+    from safemerge.io.checkpoint import layer_index
+
+    return ft.ndim == 2 and (name is None or layer_index(name) is not None)
+
+
+def safemerge_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any],
+                     generator: Any = None, name: str | None = None) -> Any:
     """SafeMERGE per tensor (Djuhera et al. 2025): ``θ_aligned + α ΔW_f + (1−α) ΔW_s`` if ρ < τ, else ``θ_ft``.
 
     ρ = cos(C ΔW_f, ΔW_f) with C = V Vᵀ/‖V‖_F (Hsu et al. 2024, Eq. 2), computed without C.
@@ -38,7 +49,7 @@ def safemerge_method(tensors: list[Any], base: Any, *, per_model: dict[str, list
     from safemerge.safety.similarity import rho_dense
 
     aligned, ft, safety = tensors
-    if ft.ndim != 2:
+    if not _scored(ft, name):
         return ft
     d_f = ft - aligned
     if _delta_is_zero(d_f):
@@ -50,12 +61,13 @@ def safemerge_method(tensors: list[Any], base: Any, *, per_model: dict[str, list
     return ft
 
 
-def safelora_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any], generator: Any = None) -> Any:
+def safelora_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any],
+                    generator: Any = None, name: str | None = None) -> Any:
     """SafeLoRA per tensor, threshold mode (Hsu et al. 2024, Eq. 3): ``θ_aligned + C ΔW`` if ρ ≤ τ, else ``θ_ft``."""
     from safemerge.safety.similarity import project_dense, rho_dense
 
     aligned, ft = tensors
-    if ft.ndim != 2:
+    if not _scored(ft, name):
         return ft
     d_f = ft - aligned
     if _delta_is_zero(d_f):
@@ -94,7 +106,7 @@ register(MergeMethod(
     ),
     base="required", min_models=3, max_models=3,
     reference="SafeMERGE, Djuhera et al. 2025 (arXiv 2503.17239), merge rule with SafeLoRA's ρ (Hsu et al. 2024, Eq. 2)",
-    extra={"roles": ["aligned", "finetuned", "safety"], "base_role": "unaligned"},
+    extra={"roles": ["aligned", "finetuned", "safety"], "base_role": "unaligned", "needs_tensor_name": True},
 ))
 register(MergeMethod(
     name="safelora",
@@ -102,7 +114,7 @@ register(MergeMethod(
     params=(Param("tau", 0.5, low=-1.0, high=1.0, help=_TAU_HELP + " (project where ρ <= tau), e.g. 0.5"),),
     base="required", min_models=2, max_models=2,
     reference="SafeLoRA, Hsu et al. 2024 (arXiv 2405.16833), Eq. 2-3, threshold mode",
-    extra={"roles": ["aligned", "finetuned"], "base_role": "unaligned"},
+    extra={"roles": ["aligned", "finetuned"], "base_role": "unaligned", "needs_tensor_name": True},
 ))
 register(MergeMethod(
     name="resta",

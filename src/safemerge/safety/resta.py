@@ -59,21 +59,21 @@ def check_density(density: Any) -> float | None:
     return d
 
 
-def open_ref(ref: Any, *, on: Any = None, allow_pickle: bool, role: str) -> Any:
+def open_ref(ref: Any, *, on: Any = None, allow_pickle: bool, allow_nonfinite: bool, role: str) -> Any:
     """A model dir, ``MODEL+ADAPTER``, or an adapter dir applied to ``on`` (a model path)."""
     from safemerge.io.checkpoint import open_checkpoint
     from safemerge.io.hub import resolve_local, split_model_ref
 
     if split_model_ref(str(ref))[1] is not None:
-        return open_checkpoint(str(ref), allow_pickle=allow_pickle)
+        return open_checkpoint(str(ref), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     p = resolve_local(str(ref), allow_pickle=allow_pickle)  # a Hub id becomes its local snapshot
     if (p / "adapter_config.json").exists():
         if on is None:
             raise CheckpointError(f"--{role} {ref} is an adapter", "pass MODEL+ADAPTER")
-        return open_checkpoint(f"{on}+{p}", allow_pickle=allow_pickle)
+        return open_checkpoint(f"{on}+{p}", allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     if not p.exists():
         raise CheckpointError(f"--{role} path {str(ref)!r} does not exist", "check the path")
-    return open_checkpoint(str(p), allow_pickle=allow_pickle)
+    return open_checkpoint(str(p), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
 
 
 def check_same_tensors(ref: Any, others: list[tuple[str, Any]]) -> None:
@@ -90,7 +90,7 @@ def check_same_tensors(ref: Any, others: list[tuple[str, Any]]) -> None:
 
 def run_resta(
     tmp: Path, *, unaligned: Any, aligned: Any, finetuned: Any, beta: float, dare_density: float | None,
-    seed: int | None, dtype: str | None, allow_pickle: bool, progress: Callable[[str, int, int], None],
+    seed: int | None, dtype: str | None, allow_pickle: bool, allow_nonfinite: bool, progress: Callable[[str, int, int], None],
 ) -> None:
     """Stream the fine-tuned model's tensors through :func:`resta_tensor` into ``tmp`` + model card."""
     from safemerge.io.output import write_model_card
@@ -99,9 +99,9 @@ def run_resta(
 
     beta = check_beta(beta)
     density = check_density(dare_density)
-    al = open_ref(aligned, allow_pickle=allow_pickle, role="aligned")
-    un = open_ref(unaligned, allow_pickle=allow_pickle, role="unaligned")
-    ft = open_ref(finetuned, on=aligned, allow_pickle=allow_pickle, role="finetuned")
+    al = open_ref(aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="aligned")
+    un = open_ref(unaligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="unaligned")
+    ft = open_ref(finetuned, on=aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="finetuned")
     check_same_tensors(al, [("unaligned", un), ("fine-tuned", ft)])
 
     def upd(name: str, _t: Any) -> Any:

@@ -26,7 +26,7 @@ def project_up(V: Any, sB: Any, v_norm: float | None = None) -> Any:
 
 def run_safelora(
     tmp: Path, *, base: Any, aligned: Any, finetuned: Any, mode: str, tau: float, num_layers: int,
-    merge_into: Any, dtype: str | None, allow_pickle: bool, progress: Callable[[str, int, int], None],
+    merge_into: Any, dtype: str | None, allow_pickle: bool, allow_nonfinite: bool, progress: Callable[[str, int, int], None],
 ):
     """Score, select, project and write (adapter, or full model with ``merge_into`` / full-model input)."""
     import torch
@@ -34,21 +34,23 @@ def run_safelora(
     from safemerge.io.adapter import save_adapter
     from safemerge.io.output import write_model_card
     from safemerge.safety.api import SafeLoRAResult
-    from safemerge.safety.deltas import AdapterDeltas, open_deltas
+    from safemerge.safety.deltas import AdapterDeltas, carried_over_parts, open_deltas
     from safemerge.safety.scoring import _block_name, delta_norm_lowrank
     from safemerge.safety.selection import LayerScore, mark, select_below, select_lowest
     from safemerge.safety.similarity import project_dense, rho_dense, rho_lowrank
     from safemerge.safety.subspace import SafetySubspace, open_model
     from safemerge.safety.writing import (
-        copy_adapter_side_files, params_markdown, scores_table_markdown, torch_dtype, write_full_model, write_json,
+        adapter_update_fn, carried_over_section, copy_adapter_side_files, params_markdown, scores_table_markdown,
+        torch_dtype, write_full_model, write_json,
     )
 
-    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle)
-    ft = open_deltas(finetuned, sub, allow_pickle=allow_pickle, role="--finetuned")
-    target = open_model(merge_into, allow_pickle=allow_pickle, role="merge-into") if merge_into is not None else None
+    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    ft = open_deltas(finetuned, sub, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="--finetuned")
+    target = open_model(merge_into, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="merge-into") if merge_into is not None else None
     is_adapter = isinstance(ft, AdapterDeltas)
     if is_adapter and target is None and ft.transposed:
         raise SafemergeError(f"{ft.path} has fan_in_fan_out/embedding modules, which cannot be written back", "pass --merge-into MODEL")
+    carried = carried_over_parts(ft, target if target is not None else sub.aligned)
 
     # one pass over V: ρ and (for adapters) the projected up-projection C·(sB), both from the originals
     scores: list[LayerScore] = []
@@ -76,7 +78,7 @@ def run_safelora(
     mark(scores, chosen)
     output = "adapter" if (is_adapter and target is None) else "model"
     res = SafeLoRAResult(out=tmp, output=output, scores=scores, mode=mode, tau=float(used_tau),
-                         num_layers=num_layers if mode == "number" else None)
+                         num_layers=num_layers if mode == "number" else None, carried_over=carried)
 
     def final_factors(m: str) -> tuple[Any, Any]:
         A, sB = ft.lowrank(m)  # type: ignore[misc]
@@ -84,7 +86,9 @@ def run_safelora(
 
     if output == "adapter":
         factors = {m: final_factors(m) for m in ft.modules}
-        save_adapter(tmp, factors, base_model_name_or_path=ft.adapter.base_model_name_or_path or str(aligned), dtype=torch_dtype(dtype))
+        save_adapter(tmp, factors, base_model_name_or_path=ft.adapter.base_model_name_or_path or str(aligned),
+                     dtype=torch_dtype(dtype), extra_config=ft.adapter.non_lora_config(),
+                     extra_tensors=ft.adapter.non_lora_tensors())
         copy_adapter_side_files(Path(str(finetuned)), tmp)
         card_base = ft.adapter.base_model_name_or_path or str(aligned)
     else:
@@ -106,7 +110,8 @@ def run_safelora(
             CD = project_dense(sv.V, D, sv.norm)
             return t + (CD - D) if onto_ft else t + CD
 
-        write_full_model(tmp, model, upd, dtype=dtype, progress=lambda d, n: progress("write", d, n))
+        write_full_model(tmp, model, adapter_update_fn(ft, upd), dtype=dtype,
+                         progress=lambda d, n: progress("write", d, n))
         card_base = str(model.path)
     params = [("method", "SafeLoRA (Hsu et al. 2024)"), ("mode", mode),
               ("tau" + (" (K-th smallest ρ)" if mode == "number" else " (project where ρ ≤ τ)"), f"{used_tau:.6g}"),
@@ -116,6 +121,9 @@ def run_safelora(
     sections = [("SafeLoRA", "Layers with low safety similarity had their up-projection replaced by C·B, "
                  "C = V Vᵀ/‖V‖_F, V = W_aligned − W_base (unnormalised, as published).\n\n" + params_markdown(params)),
                 ("Per-layer similarity", scores_table_markdown(scores, decision="projected"))]
+    carried_section = carried_over_section(carried)
+    if carried_section is not None:
+        sections.append(carried_section)
     write_model_card(tmp, title="SafeLoRA projection", base_model=card_base, tags=["safemerge", "safety", "safelora"],
                      front_matter={"safemerge": {"method": "safelora", "mode": mode, "tau": float(used_tau),
                                                  "projected_layers": len(chosen)}},

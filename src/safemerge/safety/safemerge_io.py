@@ -79,7 +79,7 @@ def build_layer_update(
 
 def _card(result: Any, *, finetuned: Any, safety: Any, base: Any, aligned: Any, merge_into: Any, eval_md: str | None) -> tuple[dict, list]:
     from safemerge.io.output import markdown_section, md_escape
-    from safemerge.safety.writing import params_markdown, scores_table_markdown
+    from safemerge.safety.writing import carried_over_section, params_markdown, scores_table_markdown
 
     params = [
         ("method", "SafeMERGE (Djuhera et al. 2025)"),
@@ -108,9 +108,12 @@ def _card(result: Any, *, finetuned: Any, safety: Any, base: Any, aligned: Any, 
             rows.append(f"| {md_escape(m)} | {result.svd_ranks.get(m, '')} | {e:.3e} |")
         sections.append(("Truncated-SVD reconstruction", "Dense merged layers were written back as LoRA factors "
                          "by truncated SVD at rank r_f + r_s.\n\n" + "\n".join(rows)))
+    carried = carried_over_section(result.carried_over)
+    if carried is not None:
+        sections.append(carried)
     if result.ignored_safety_modules:
-        sections.append(("Ignored safety modules", "The safety adapter adapts modules the fine-tuned adapter does not; "
-                         "they were left out (ΔW_f = 0 there, ρ is undefined):\n\n"
+        sections.append(("Ignored safety modules", "The safety adapter changes parts the fine-tuned adapter does not "
+                         "(ΔW_f = 0 there, ρ is undefined) or outside LoRA; they were left out:\n\n"
                          + "\n".join(f"- {md_escape(m)}" for m in result.ignored_safety_modules)))
     if eval_md:
         sections.append(markdown_section(eval_md))
@@ -128,7 +131,9 @@ def write_safemerge_output(
     from safemerge.io.adapter import save_adapter
     from safemerge.io.output import write_model_card
     from safemerge.safety.safemerge import truncate_svd
-    from safemerge.safety.writing import copy_adapter_side_files, torch_dtype, write_full_model, write_json
+    from safemerge.safety.writing import (
+        adapter_update_fn, copy_adapter_side_files, torch_dtype, write_full_model, write_json,
+    )
 
     result.svd_ranks = {}
     mods = list(ft.modules)
@@ -145,7 +150,8 @@ def write_safemerge_output(
             factors[m] = (A.contiguous(), B.contiguous())
             progress("write", i + 1, len(mods))
         base_name = ft.adapter.base_model_name_or_path if isinstance(ft, AdapterDeltas) else None
-        save_adapter(tmp, factors, base_model_name_or_path=base_name or str(aligned_path), dtype=torch_dtype(dtype))
+        save_adapter(tmp, factors, base_model_name_or_path=base_name or str(aligned_path), dtype=torch_dtype(dtype),
+                     extra_config=ft.adapter.non_lora_config(), extra_tensors=ft.adapter.non_lora_tensors())
         copy_adapter_side_files(ft.path, tmp)
         base_model_card = base_name or str(aligned_path)
     else:
@@ -172,7 +178,8 @@ def write_safemerge_output(
                 return t + (update_fn(m).as_dense() - ft.dense(m))
             return t + update_fn(m).as_dense()
 
-        write_full_model(tmp, model, upd, dtype=dtype, progress=lambda d, n: progress("write", d, n))
+        write_full_model(tmp, model, adapter_update_fn(ft, upd), dtype=dtype,
+                         progress=lambda d, n: progress("write", d, n))
         base_model_card = str(model.path)
     eval_md = None
     if evaluate is not None:

@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 from safemerge.safety.deltas import DeltaSource, _module_sort_key
 from safemerge.safety.selection import LayerScore
-from safemerge.safety.similarity import rho_dense, rho_lowrank
+from safemerge.errors import SafemergeError
+from safemerge.safety.similarity import V_NORM_EPS, rho_dense, rho_lowrank
 from safemerge.safety.subspace import SafetySubspace
 
 
@@ -50,6 +51,12 @@ def score_sources(
     results: list[list[LayerScore]] = [[] for _ in sources]
     for module in modules:
         sv = subspace.vector(module)
+        if sv.norm < V_NORM_EPS:
+            raise SafemergeError(
+                f"the safety vector of {module} is zero: --base and --aligned hold the same {sv.weight}",
+                "--base must be the unaligned model and --aligned the safety-aligned one; "
+                "or leave this module out with --targets",
+            )
         layer, name = _block_name(module)
         for i, src in enumerate(sources):
             if module not in members[i]:

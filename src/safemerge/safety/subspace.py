@@ -19,7 +19,7 @@ from typing import Any
 from safemerge.errors import CheckpointError, SafemergeError
 
 
-def open_model(ref: Any, *, allow_pickle: bool = False, role: str = "model") -> Any:
+def open_model(ref: Any, *, allow_pickle: bool = False, allow_nonfinite: bool = False, role: str = "model") -> Any:
     """Open a model directory, Hub id or ``MODEL+ADAPTER`` (or pass a Checkpoint through), naming ``role`` in errors."""
     if hasattr(ref, "get") and hasattr(ref, "shape"):
         return ref
@@ -31,7 +31,7 @@ def open_model(ref: Any, *, allow_pickle: bool = False, role: str = "model") -> 
             f"--{role} {p} is a LoRA adapter, but a full model is needed here",
             f"pass the model directory for --{role}, or MODEL+ADAPTER (adapters go to the fine-tuned/safety arguments)",
         )
-    return open_checkpoint(str(ref), allow_pickle=allow_pickle)
+    return open_checkpoint(str(ref), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
 
 
 @dataclass(frozen=True)
@@ -60,9 +60,9 @@ class SafetySubspace:
         allow_pickle: allow ``.bin`` checkpoints.
     """
 
-    def __init__(self, base: Any, aligned: Any, *, allow_pickle: bool = False) -> None:
-        self.base = open_model(base, allow_pickle=allow_pickle, role="base")
-        self.aligned = open_model(aligned, allow_pickle=allow_pickle, role="aligned")
+    def __init__(self, base: Any, aligned: Any, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
+        self.base = open_model(base, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="base")
+        self.aligned = open_model(aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="aligned")
         ab, aa = self.base.architecture, self.aligned.architecture
         if ab and aa and ab != aa:
             raise CheckpointError(

@@ -85,6 +85,37 @@ def copy_adapter_side_files(src_dir: Path, tmp: Path) -> None:
             shutil.copyfile(f, tmp / name)
 
 
+def carried_over_section(parts: dict[str, str]) -> tuple[str, str] | None:
+    """Model-card section listing the fine-tuned adapter's non-LoRA parts written unchanged."""
+    from safemerge.io.output import md_escape
+
+    if not parts:
+        return None
+    rows = ["| tensor | part |", "|---|---|"] + [f"| {md_escape(n)} | {md_escape(k)} |" for n, k in parts.items()]
+    return ("Carried over unchanged", "The fine-tuned adapter's parameters outside the LoRA product (modules_to_save, "
+            "biases, trainable tokens) are the fine-tune's own and lie outside the safety subspace; they were written "
+            "unchanged.\n\n" + "\n".join(rows))
+
+
+def adapter_update_fn(src: Any, lora_update: Callable[[str, Any], Any | None]) -> Callable[[str, Any], Any | None]:
+    """Full-model writer update: the fine-tuned adapter's non-LoRA parts, then ``lora_update``.
+
+    ``src`` is the fine-tuned :class:`~safemerge.safety.deltas.DeltaSource`; for an adapter its
+    modules_to_save/biases replace the tensor and trainable tokens overwrite their rows before the
+    (merged) low-rank update is added, as ``PeftModel.merge_and_unload`` does.
+    """
+    adapter = getattr(src, "adapter", None)
+    if adapter is None:
+        return lora_update
+
+    def update(name: str, t: Any) -> Any | None:
+        carried = adapter.apply_non_lora(name, t)
+        new = lora_update(name, t if carried is None else carried)
+        return carried if new is None else new
+
+    return update
+
+
 def scores_table_markdown(scores: Iterable[Any], *, decision: str = "merged") -> str:
     """Markdown table: module, layer, ρ, ‖ΔW‖_F, decision (one row per layer)."""
     from safemerge.io.output import md_escape

@@ -148,7 +148,9 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise SafemergeError(f"data file {str(path)!r} does not exist", "check the path")
-    text = p.read_text(encoding="utf-8")
+    from safemerge.io.text import read_utf8
+
+    text = read_utf8(p, "data file")
     rows: list[Any]
     try:
         if p.suffix == ".jsonl":
@@ -197,11 +199,13 @@ def load_questions(spec: str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- models
-def load_generator(model: str, *, backend: str = "auto", trust_remote_code: bool = False, allow_pickle: bool = False) -> GeneratorLike:
-    """A greedy chat generator for ``model`` (a path) from the evaluation harness."""
+def load_generator(model: str, *, backend: str = "auto", dtype: str | None = None, trust_remote_code: bool = False,
+                   allow_pickle: bool = False) -> GeneratorLike:
+    """A greedy chat generator for ``model`` (a path) from the evaluation harness (its default dtype:
+    bf16 where the CPU has it natively)."""
     from safemerge.evaluate.generate import load_generator as _load
 
-    return _load(model, backend=backend, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return _load(model, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
 
 
 def load_judge(spec: str) -> JudgeLike:

@@ -91,7 +91,7 @@ def make_tiny_model(arch: str = "llama", *, seed: int = 0, vocab_size: int = 128
 
     torch.manual_seed(seed)
     cfg = _config(arch, vocab_size, hidden, layers, tie)
-    model = tf.AutoModelForCausalLM.from_config(cfg)
+    model = tf.AutoModelForCausalLM.from_config(cfg, trust_remote_code=False)
     with torch.no_grad():
         for p in model.parameters():  # larger-than-default init so differences are visible in fp32
             p.normal_(0.0, 0.05, generator=None)

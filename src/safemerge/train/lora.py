@@ -82,22 +82,24 @@ def _check_hparams(rank: int, alpha: float, steps: int | None, epochs: float | N
         raise ConfigError(f"epochs must be positive, got {epochs!r}", "pass a positive --epochs")
 
 
-def _load_model_and_tokenizer(model: str | Path):
+def _load_model_and_tokenizer(model: str | Path, trust_remote_code: bool = False):
     """The model (a directory, Hub id, or ``MODEL+ADAPTER`` with the adapter merged in) and its tokenizer."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safemerge.io.checkpoint import refuse_custom_code
     from safemerge.io.hub import resolve_model_ref
 
     path, adapter = resolve_model_ref(model)
     if not path.is_dir() or not (path / "config.json").exists():
         raise SafemergeError(f"model {str(model)!r} is not a Hugging Face model directory", "pass a directory with config.json and weights")
+    refuse_custom_code(path, trust_remote_code)
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for missing tokenizer files
         raise SafemergeError(f"cannot load the tokenizer of {path} ({type(exc).__name__})", "the model directory needs tokenizer files") from exc
     try:
-        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
         raise SafemergeError(f"cannot load the model in {path} ({type(exc).__name__}: {str(exc)[:160]})", "check the model directory") from exc
     if adapter is not None:
@@ -114,6 +116,19 @@ def _merge_adapter(lm: Any, adapter: Path) -> Any:
     from safemerge.evaluate.generate import local_adapter
 
     return PeftModel.from_pretrained(lm, str(local_adapter(str(adapter))), is_trainable=False).merge_and_unload()
+
+
+def _training_precision(precision: str | None) -> str:
+    """``float32`` (default) or ``bfloat16`` (autocast); ``auto`` is the generation dtype decision
+    (:func:`~safemerge.evaluate.generate.resolve_dtype`). float32 stays the default because bf16
+    autocast changes what a LoRA learns enough to move the tiny CI world's SafeMERGE result
+    (docs/training.md)."""
+    from safemerge.evaluate.generate import resolve_dtype
+
+    chosen = "float32" if precision is None else resolve_dtype(precision, "cpu")
+    if chosen not in ("float32", "bfloat16"):
+        raise ConfigError(f"unsupported training precision {precision!r}", "use --precision float32 or bfloat16")
+    return chosen
 
 
 def _stored_dtype(model_dir: Path) -> str:
@@ -208,7 +223,9 @@ def train_lora(
     force: bool = False,
     progress: bool = True,
     system: str | None = None,
+    trust_remote_code: bool = False,
     lora_dropout: float = 0.0,
+    precision: str | None = None,
 ) -> Path:
     """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
 
@@ -229,8 +246,14 @@ def train_lora(
         force: replace an existing ``out_dir``.
         progress: show a rich progress bar (stderr) with the running loss.
         system: optional system message added to every example.
+        trust_remote_code: allow a model directory whose config names its own Python code
+            (``auto_map``); refused by default.
         lora_dropout: dropout on the LoRA input during training (PEFT's ``lora_dropout``); its
             masks come from the seeded global generator, so runs stay byte-identical.
+        precision: ``float32`` (default), ``bfloat16`` or ``"auto"`` (the evaluation default of
+            :func:`safemerge.evaluate.generate.resolve_dtype`: bf16 where the CPU has it natively).
+            bfloat16 runs forward and backward under ``torch.autocast``; the LoRA and base
+            weights, the optimiser state and the loss stay float32.
 
     Returns:
         ``out_dir``. It holds ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
@@ -240,20 +263,22 @@ def train_lora(
     _check_hparams(rank, alpha, steps, epochs, batch_size, lr, max_length)
     if not 0.0 <= lora_dropout < 1.0:
         raise ConfigError(f"LoRA dropout must be in [0, 1), got {lora_dropout!r}", "pass e.g. --lora-dropout 0.05")
+    compute_dtype = _training_precision(precision)
     target_modules = parse_targets(targets)
     from safemerge.train.data import load_sft_records
 
     records = load_sft_records(data)
     from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 
-    check_output_path(out_dir, force=force)
+    inputs = (model, data if isinstance(data, (str, Path)) else None)
+    check_output_path(out_dir, force=force, inputs=inputs)
 
     import torch
     from peft import LoraConfig, get_peft_model
 
     from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
 
-    model_dir, lm, tok = _load_model_and_tokenizer(model)
+    model_dir, lm, tok = _load_model_and_tokenizer(model, trust_remote_code)
     examples = [
         encode_chat_example(tok, r.prompt, r.response, max_length=max_length, system=r.system if r.system is not None else system)
         for r in records
@@ -285,8 +310,8 @@ def train_lora(
         task = bar.add_task("train", total=total, loss="—")
         for idx in _batches(n, batch_size, total, generator):
             batch = collate([examples[i] for i in idx], tok.pad_token_id)
-            out = peft_model(**batch)
-            loss = out.loss
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
+                loss = peft_model(**batch).loss
             if not torch.isfinite(loss):
                 raise SafemergeError(f"the training loss became {loss.item()} at step {len(losses) + 1}", "lower --lr")
             loss.backward()
@@ -303,9 +328,10 @@ def train_lora(
         "steps": total, "epochs": round(total / per_epoch, 4), "batch_size": batch_size, "lr": lr,
         "schedule": f"linear warm-up {warmup} steps, linear decay", "optimizer": "AdamW (no weight decay), grad-norm clip 1.0",
         "max_length": max_length, "seed": seed, "merge": merge, "lora_dropout": lora_dropout,
+        "precision": compute_dtype,
     }
     log = {"records": n, "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
-    with atomic_output(out_dir, force=force) as tmp:
+    with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
         if merge:
             merged = peft_model.merge_and_unload()
             merged.to(getattr(torch, _stored_dtype(model_dir)))

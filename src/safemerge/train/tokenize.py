@@ -49,10 +49,9 @@ def _encode_text(tokenizer: Any, text: str) -> list[int]:
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], *, add_generation_prompt: bool) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    if not isinstance(text, str):  # some tokenizers return a list for batched input
-        text = text[0]
-    return text
+    from safemerge.io.chat import render_chat_template
+
+    return render_chat_template(tokenizer, messages, add_generation_prompt=add_generation_prompt)
 
 
 def _messages(tokenizer: Any, prompt: str, system: str | None) -> list[dict[str, str]]:
