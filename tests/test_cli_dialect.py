@@ -63,7 +63,7 @@ def test_flags_mean_the_same_everywhere():
     assert len(helps) == 1
     with_q = {c for c, ps in _params().items() if any("-q" in getattr(p, "opts", []) for p in ps)}
     assert {"merge", "eval", "scan", "safemerge", "safelora", "resta", "mergealign", "train-lora", "convert",
-            "optimize", "synth safety", "synth domain"} <= with_q
+            "optimize", "synth safety", "synth domain", "compare"} <= with_q
 
 
 def test_output_alias_still_works(world, tmp_path, capsys):

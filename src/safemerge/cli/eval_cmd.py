@@ -98,6 +98,7 @@ def compare_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison rows as JSON."),
     table1: Optional[Path] = typer.Option(None, "--table1", help="Also write a markdown table in the shape of Hammoud et al. 2024, Table 1 (method × data × alignment / refusal / accuracy); optimize --eval runs are labelled by strategy and data."),
     domain: str = typer.Option("domain", "--domain", help="Name of the utility domain in the --table1 header (e.g. GSM8K)."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Compare evaluation runs (`safemerge eval` outputs, or `optimize --eval` / `merge --eval` outputs): a table and a safety-vs-utility scatter plot.
 
@@ -124,7 +125,8 @@ def compare_command(
     for r in rows:
         table.add_row(r["run"], r["judge"] or "–", pct(r["harmful_rate"]), pct(r["refusal_rate"]),
                       pct(r["over_refusal_rate"]), pct(r["utility"]))
-    Console().print(table)
+    if not quiet:
+        Console().print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     if table1 is not None:
