@@ -94,6 +94,17 @@ def test_ids_resolve_to_cached_snapshots(hub, world):
     assert resolve_local(local) == local  # an existing path is never looked up
 
 
+def test_local_path_wins_over_hub_id(hub, world, tmp_path, monkeypatch):
+    """A relative directory spelled like a Hub id is used as the directory it is."""
+    shutil.copytree(world.aligned, tmp_path / "org" / "base")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_local("org/base") == Path("org/base")
+    from safemerge.io.checkpoint import open_checkpoint
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert open_checkpoint("org/base").get(name).equal(open_checkpoint(str(world.aligned)).get(name))
+
+
 def test_missing_id_offline_is_one_line_error(hub, tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"org/missing.*not in the local Hugging Face cache") as exc:
         resolve_local("org/missing")
