@@ -175,7 +175,7 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
         raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
 
 
-def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, gen, named: dict):  # noqa: ANN001, ANN202
+def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, gen, named: dict | None = None):  # noqa: ANN001, ANN202
     """One tensor as mergekit computes it: inputs promoted to one dtype (the config's ``dtype``
     when set), the method's mergekit-order kernel in that dtype — or, for methods mergekit runs
     in float32 internally, the float32 kernel rounded back to that dtype. ``named`` is the tensor
@@ -195,7 +195,7 @@ def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, g
         return kernel(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
     wide = type(tensors)(t.float() for t in tensors)
     out = plan.method.fn(wide, base.float() if base is not None else None, per_model=job.per_model, params=job.params,
-                         generator=gen, **named)
+                         generator=gen, **(named or {}))
     return out.to(dtype)
 
 
