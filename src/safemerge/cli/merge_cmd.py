@@ -18,6 +18,8 @@ from safemerge.cli.options import (
     eval_utility_option,
     echo_summary,
     force_option,
+    lm_eval_include_option,
+    lm_eval_tasks_option,
     no_progress_option,
     quiet_option,
 )
@@ -55,6 +57,8 @@ def merge_command(
     eval_utility: str = eval_utility_option(),
     eval_judge: str = eval_judge_option(),
     eval_limit: int = eval_limit_option(),
+    eval_lm_eval_tasks: str = lm_eval_tasks_option("--eval-lm-eval-tasks"),
+    eval_lm_eval_include: Path = lm_eval_include_option("--eval-lm-eval-include"),
 ) -> None:
     """Merge models as described by CONFIG (mergekit YAML) into OUT, one tensor at a time."""
     import time
@@ -72,7 +76,8 @@ def merge_command(
     if dry_run:
         _dry_run(config, allow_pickle, allow_crimes)
         return
-    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress)
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
+                    lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
     extra = _eval_card_sections(sets) if eval_ else None
     path = merge(
         config,
