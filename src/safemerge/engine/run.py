@@ -114,6 +114,7 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     blocks: list[tuple[int, int] | None] = [None]
     if (
         not plan.mergekit_arithmetic
+        and job.vocab is None
         and plan.method.extra.get("elementwise")
         and len(job.shape) >= 2
         and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
@@ -128,6 +129,7 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     if (
         two_pass is not None
         and not plan.mergekit_arithmetic
+        and job.vocab is None
         and job.base is not None
         and len(job.shape) >= 2
         and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
@@ -173,6 +175,8 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
     if job.base is not None:
         in_inputs = next((i for i, rn in enumerate(job.inputs) if rn == job.base), None)
         base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows, keep)
+    if job.vocab is not None:
+        tensors, base = _align_vocabulary(job, tensors, base)
     gen = None
     if plan.method.stochastic:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
@@ -184,6 +188,17 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
         raise
     except (RuntimeError, ValueError) as exc:
         raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
+
+
+def _align_vocabulary(job: TensorJob, tensors: list, base):  # noqa: ANN001, ANN202
+    """Re-index the rows of an embedding / ``lm_head`` job's inputs to the output vocabulary."""
+    from safemerge.methods._tensor import InputTensors
+
+    loaded = {ref: t for (ref, _), t in zip(job.inputs, tensors)}
+    if job.base is not None:
+        loaded[job.base[0]] = base
+    aligned = job.vocab.align(job.vocab_models, loaded)
+    return InputTensors(aligned[r] for r, _ in job.inputs), (aligned[job.base[0]] if job.base is not None else None)
 
 
 def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, gen):  # noqa: ANN001, ANN202
