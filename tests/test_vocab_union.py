@@ -5,7 +5,10 @@ Three tiny Llama models with different tokenizers (shifted ids, extra words) and
 (128, 128, 136) are merged by ``mergekit-yaml`` (in-process ``run_merge``) and by safemerge.
 mergekit assigns the ids of union-added tokens in hash-map order (different in every process),
 so rows are compared token by token: for every token of the output vocabulary, our embedding
-and ``lm_head`` rows equal mergekit's rows of the same token.
+and ``lm_head`` rows equal mergekit's rows of the same token. For the same reason ``union`` is
+paired here only with element-wise methods (linear, task_arithmetic): position-dependent ones
+(TIES breaking exact top-k ties, DARE's Bernoulli masks) depend on mergekit's random row order,
+so mergekit does not even reproduce itself there. TIES is checked with ``source: base``.
 """
 from __future__ import annotations
 
@@ -82,8 +85,8 @@ def _assert_same_by_token(ours_dir: Path, theirs_dir: Path, exact: bool, padding
             if bitwise:
                 assert torch.equal(a, b), name
             else:
-                torch.testing.assert_close(a.float(), b.float(), atol=1e-6 if a.dtype == torch.float32 else 2e-5, rtol=0,
-                                           msg=lambda m, n=name: f"{n}: {m}")
+                atol = 1e-6 if a.dtype == torch.float32 else 2e-5
+                torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
     c_ours = json.loads((ours_dir / "config.json").read_text())
     assert c_ours["vocab_size"] == json.loads((theirs_dir / "config.json").read_text())["vocab_size"]
     return c_ours["vocab_size"]
@@ -100,7 +103,7 @@ parameters: {{weight: 1.0}}
 tokenizer_source: union
 dtype: {dtype}
 """,
-    "ties_union_tokens": """
+    "ties_base_tokens": """
 merge_method: ties
 base_model: {base}
 models:
@@ -109,17 +112,17 @@ models:
   - model: {m2}
     parameters: {{weight: 0.4, density: 0.7}}
 tokenizer:
-  source: union
+  source: base
   tokens:
     <|im_start|>:
       source: {m1}
       force: true
-    alpha:
-      source: {{kind: model_token, model: {base}, token: a}}
-    brand_new:
+    z:
+      source: {{kind: model_token, model: {m2}, token: gamma}}
+      force: true
+    q:
       source: {{kind: zero}}
-    gamma:
-      source: {{kind: model_token, model: {m2}, token_id: 9}}
+      force: true
 dtype: {dtype}
 """,
     "task_arithmetic_union_pad": """
@@ -136,6 +139,12 @@ tokenizer:
     <|im_end|>:
       source: {m2}
       force: true
+    alpha:
+      source: {{kind: model_token, model: {base}, token: a}}
+    brand_new:
+      source: {{kind: zero}}
+    gamma:
+      source: {{kind: model_token, model: {m2}, token_id: 9}}
 dtype: {dtype}
 """,
     "task_arithmetic_model_tokenizer": """
@@ -182,8 +191,7 @@ def test_vocabulary_matches_mergekit(zoo, tmp_path: Path, case: str, dtype: str,
 def test_union_output_loads_and_is_deterministic(zoo, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    text = CONFIGS["ties_union_tokens"].format(dtype="bfloat16", **{k: str(v) for k, v in zoo.items()})
-    text = text.replace("  source: union\n", "  source: union\n  pad_to_multiple_of: 64\n")
+    text = CONFIGS["task_arithmetic_union_pad"].format(dtype="bfloat16", **{k: str(v) for k, v in zoo.items()})
     a = merge(text, tmp_path / "a", progress=False)
     b = merge(text, tmp_path / "b", progress=False, jobs=1)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
@@ -198,8 +206,7 @@ def test_union_output_loads_and_is_deterministic(zoo, tmp_path: Path) -> None:
 
 
 def test_token_config_errors(zoo, tmp_path: Path) -> None:
-    base = CONFIGS["ties_union_tokens"].format(dtype="float32", **{k: str(v) for k, v in zoo.items()})
-    base = base.replace("  source: union\n", "  source: union\n  pad_to_multiple_of: 64\n")
+    base = CONFIGS["task_arithmetic_union_pad"].format(dtype="float32", **{k: str(v) for k, v in zoo.items()})
     with pytest.raises(ConfigError, match="not a token of"):
         merge(base.replace("token: a}", "token: nope}"), tmp_path / "x", progress=False)
     with pytest.raises(ConfigError, match="pad_to_multiple_of"):

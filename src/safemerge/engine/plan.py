@@ -154,7 +154,8 @@ def _check_params_known(config: MergeConfig, method: MergeMethod) -> None:
 def _check_compatible(config: MergeConfig, ckpts: Mapping[str, Any], allow_crimes: bool) -> None:
     archs = {ref: c.architecture for ref, c in ckpts.items() if c.architecture}
     if len(set(archs.values())) > 1 and allow_crimes:
-        LOG.warning("warning: merging different architectures (%s) because of --allow-crimes", ", ".join(sorted(set(archs.values()))))
+        LOG.warning("warning: merging different architectures (%s) because of --allow-crimes",
+                    ", ".join(sorted(set(archs.values()))))
     elif len(set(archs.values())) > 1:
         items = list(archs.items())
         a, b = items[0], next(x for x in items if x[1] != items[0][1])
@@ -223,7 +224,7 @@ def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: b
             if vocab_tensor and a[1][1:] == b[1][1:]:
                 raise CheckpointError(
                     f"vocabularies differ: {out_name} has {a[1][0]} rows in {a[0]} but {b[1][0]} in {b[0]}",
-                    "add 'tokenizer_source: union' (or base, or a model) to re-index the vocabularies, as mergekit does",
+                    "add 'tokenizer_source: union' (or base, or a model) to re-index the vocabularies",
                 )
             raise CheckpointError(f"shape mismatch for {out_name}: {a[0]} has {a[1]} but {b[0]} has {b[1]}", "merge models of the same size")
         shape = next(iter(shapes.values()))
@@ -278,8 +279,9 @@ def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: b
                 per_model[p.name].append(p.check(v, f"{ref}: parameter {p.name}") if v is not None else None)
         dtype_name = ckpts[names[0][0]].dtype_name(names[0][1])
         passthrough = dtype_name not in ("float32", "float16", "bfloat16", "float64")
-        return TensorJob(out_name, entries, base, per_model, params, shape, out_dtype_for(names[0][0], names[0][1]) if not passthrough else dtype_name,
-                         passthrough, vocab if aligned else None, tuple(r for r, _ in names))
+        out_dtype = dtype_name if passthrough else out_dtype_for(names[0][0], names[0][1])
+        return TensorJob(out_name, entries, base, per_model, params, shape, out_dtype, passthrough,
+                         vocab if aligned else None, tuple(r for r, _ in names))
 
     # non-layer tensors of the reference model
     ref_names = [n for n in ref_ckpt.names() if split_layer_name(n) is None]

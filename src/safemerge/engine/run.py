@@ -169,19 +169,21 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
 
     from safemerge.methods._tensor import InputTensors
 
-    keep = plan.mergekit_arithmetic
-    tensors = InputTensors(_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device, rows, keep) for r, n in job.inputs)
+    def load(ref: str, name: str):  # noqa: ANN202
+        return _load(ckpts, ref, name, plan.compute_dtype, allow_nonfinite, device, rows, plan.mergekit_arithmetic)
+
+    tensors = InputTensors(load(r, n) for r, n in job.inputs)
     base = None
     if job.base is not None:
         in_inputs = next((i for i, rn in enumerate(job.inputs) if rn == job.base), None)
-        base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows, keep)
+        base = tensors[in_inputs] if in_inputs is not None else load(*job.base)
     if job.vocab is not None:
         tensors, base = _align_vocabulary(job, tensors, base)
     gen = None
     if plan.method.stochastic:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
     try:
-        if keep:
+        if plan.mergekit_arithmetic:
             return _mergekit_arithmetic(plan, job, tensors, base, gen)
         return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
     except SafemergeError:
@@ -219,8 +221,8 @@ def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, g
     if kernel is not None:
         return kernel(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
     wide = type(tensors)(t.float() for t in tensors)
-    out = plan.method.fn(wide, base.float() if base is not None else None, per_model=job.per_model, params=job.params, generator=gen)
-    return out.to(dtype)
+    base = base.float() if base is not None else None
+    return plan.method.fn(wide, base, per_model=job.per_model, params=job.params, generator=gen).to(dtype)
 
 
 def execute_plan(

@@ -35,6 +35,7 @@ from safemerge.config.models import MergeConfig, ModelTokenSource, TokenEmbeddin
 from safemerge.errors import CheckpointError, ConfigError
 
 LOG = logging.getLogger("safemerge")
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
 def _model_dir(ckpt: Any) -> Path:
@@ -160,12 +161,15 @@ class VocabAlignment:
             return torch.zeros(tensors[models[0]].shape[1:], dtype=tensors[models[0]].dtype)
         model = source.model if isinstance(source, ModelTokenSource) else source
         if model not in tensors:
-            raise ConfigError(f"tokenizer.tokens[{token!r}] takes its embedding from {model}, which is not an input of this tensor",
-                              "name one of the merged models")
+            raise ConfigError(f"tokenizer.tokens[{token!r}] takes its embedding from {model}, "
+                              "which is not an input of this tensor", "name one of the merged models")
         if isinstance(source, ModelTokenSource):
-            src_row = source.token_id if source.token_id is not None else self.original_vocabs[model].get(source.token or "", -1)
+            src_row = source.token_id
+            if src_row is None:
+                src_row = self.original_vocabs[model].get(source.token or "", -1)
             if not 0 <= src_row < tensors[model].shape[0]:
-                raise ConfigError(f"tokenizer.tokens[{token!r}]: {source.token or source.token_id!r} is not a token of {model}",
+                what = source.token if source.token is not None else source.token_id
+                raise ConfigError(f"tokenizer.tokens[{token!r}]: {what!r} is not a token of {model}",
                                   "use a token (or token_id) of that model's tokenizer")
             return tensors[model][src_row]
         src_row = int(self.rows[model][row])
@@ -187,7 +191,8 @@ def build_alignment(config: MergeConfig, ckpts: Mapping[str, Any], base: str | N
     base = base or refs[0]  # the tokenizer that the output vocabulary starts from
     loaded: dict[str, tuple[Any, int]] = {}
     for ref in [base, *[r for r in refs if r != base]]:
-        if ref != base and not any((_model_dir(ckpts[ref]) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        has_tokenizer = any((_model_dir(ckpts[ref]) / f).exists() for f in TOKENIZER_MARKERS)
+        if ref != base and not has_tokenizer:
             LOG.warning("warning: %s has no tokenizer; assuming the base model's", ref)
             continue
         tok = _load_tokenizer(_model_dir(ckpts[ref]), ref)

@@ -135,7 +135,8 @@ def task_arithmetic_family(name: str, tensors: Sequence[torch.Tensor], base: tor
 
 def nearswap(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
              params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-    """NearSwap ``w·θ₁ + (1 − w)·θ₀``, ``w = clamp(t/max(|θ₀ − θ₁|, 1e-6), 0, 1)``, in the input dtype."""
+    """NearSwap ``w·θ₁ + (1 − w)·θ₀``, ``w = clamp(t/max(|θ₀ − θ₁|, 1e-6), 0, 1)``, in the input
+    dtype."""
     check_inputs("nearswap", tensors, base, base_policy="required", min_models=1, max_models=1)
     assert base is not None
     other = tensors[0]
@@ -163,7 +164,8 @@ def model_stock(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, p
     count = len(ws)
     denominator = 1 + (count - 1) * cos
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), (count * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos), (count * cos) / safe)
     average = sum(ws) / count
     return (t * average + (1 - t) * w0).reshape(base.shape)
 
@@ -192,7 +194,8 @@ def sce(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model
     return base + (deltas * eta).sum(dim=0) / torch.sum(eta, dim=0).clamp(min=1e-6)
 
 
-def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int, flatten: bool, eps: float = 1e-8) -> torch.Tensor:
+def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int, flatten: bool,
+             eps: float = 1e-8) -> torch.Tensor:
     """Slices of ``v0``, ``v1`` spherically interpolated (Shoemake 1985), mergekit's nuslerp order."""
     shape = v0.shape
     if flatten:
@@ -218,7 +221,8 @@ def nuslerp(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_m
     w = per_model_list("nuslerp", per_model, "weight", 2)
     total = sum(w)
     t = 0.5 if abs(total) < 1e-6 else w[1] / total
-    kw = {"dim": 0 if params.get("nuslerp_row_wise", False) else -1, "flatten": bool(params.get("nuslerp_flatten", True))}
+    kw = {"dim": 0 if params.get("nuslerp_row_wise", False) else -1,
+          "flatten": bool(params.get("nuslerp_flatten", True))}
     if base is None:
         return _nuslerp(t, tensors[0], tensors[1], **kw)
     return base + _nuslerp(t, tensors[0] - base, tensors[1] - base, **kw)
