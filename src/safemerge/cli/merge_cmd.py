@@ -57,7 +57,9 @@ def merge_command(
         None, "--lora-merge-cache",
         help="mergekit-yaml compatibility; no effect (model+adapter is applied tensor by tensor, nothing is cached).",
     ),
-    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="Log the plan and each phase to stderr."),
+    verbose: int = typer.Option(
+        0, "-v", "--verbose", count=True, help="Log the merge plan (method, tensors, size, arithmetic) to stderr."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and inputs and print the plan; write nothing."),
     eval_: bool = eval_flag_option("Evaluate the merged model (builtin harmful/benign sets) and put the report in its model card."),
     eval_harmful: str = eval_harmful_option(),
