@@ -11,11 +11,12 @@ and round differently (measured up to 0.3 on TIES/DELLA, docs/methods.md). These
 reproduce mergekit's order so that a half-precision config gives mergekit's bits.
 
 Each function has the registry signature; :data:`KERNELS` maps method names to them.
-``arcee_fusion``, ``ram`` and ``ramplus_tl`` are written in mergekit's order to begin with, so
-their registry functions serve both modes. ``linear`` has no kernel here: mergekit computes it in
-float32 too, so the engine runs the float32 kernel and rounds the result to the config dtype,
-which is mergekit's result bit for bit. Every kernel keeps N task vectors
-(mergekit's memory profile), which is the price of the parity mode.
+``arcee_fusion`` is written in mergekit's order to begin with, so its registry function serves
+both modes; ``ram``/``ramplus_tl`` keep their stacked form next to the streaming one in ram.py.
+``linear`` has no kernel here: mergekit computes it in float32 too, so the engine runs the
+float32 kernel and rounds the result to the config dtype, which is mergekit's result bit for
+bit. Every kernel keeps N task vectors (mergekit's memory profile), which is the price of the
+parity mode.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 from safemerge.errors import ConfigError
 from safemerge.methods._tensor import check_inputs, masked_rescaled, per_model_list
 from safemerge.methods.arcee_fusion import arcee_fusion_fn
-from safemerge.methods.ram import ram_fn, ramplus_tl_fn
+from safemerge.methods.ram import ram_mergekit_order, ramplus_tl_mergekit_order
 from safemerge.methods.task_arithmetic import FAMILY
 
 Kernel = Callable[..., torch.Tensor]
@@ -354,7 +355,7 @@ KERNELS: dict[str, Kernel] = {
     "multislerp": multislerp,
     "karcher": karcher,
     "arcee_fusion": arcee_fusion_fn,
-    "ram": ram_fn,
-    "ramplus_tl": ramplus_tl_fn,
+    "ram": ram_mergekit_order,
+    "ramplus_tl": ramplus_tl_mergekit_order,
 }
 """Method name → mergekit-order kernel."""
