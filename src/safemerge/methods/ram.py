@@ -42,7 +42,7 @@ def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: float =
     ``ρᵢ = #(changedᵢ ∧ s) / max(#(changedᵢ ∧ u), ε)`` (RAM+, tensor-local).
     """
     if not tensors:
-        return base
+        return base.clone()
     counts = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
     for t in tensors:
         counts += _changed(t, base, epsilon)[1]
