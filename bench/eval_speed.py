@@ -74,7 +74,7 @@ def _old_default(model_dir: Path, prompts: list[Any], new_tokens: int) -> tuple[
     import torch
     from transformers import GenerationConfig
 
-    from safemerge.evaluate.generate import load_generator
+    from safemerge.evaluate.generate import left_pad, load_generator
 
     gen = load_generator(str(model_dir), backend="hf", device="cpu", dtype="float32")
     encoded = [gen.tokenizer(gen.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
@@ -85,12 +85,8 @@ def _old_default(model_dir: Path, prompts: list[Any], new_tokens: int) -> tuple[
     with torch.inference_mode():
         for s in range(0, len(order), 16):
             idx = order[s:s + 16]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for row, i in enumerate(idx):
-                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                mask[row, width - len(encoded[i]):] = 1
+            ids, mask = left_pad([encoded[i] for i in idx], pad)
+            width = ids.shape[1]
             cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=pad,
                                    eos_token_id=eos)
             new = gen.model.generate(input_ids=ids, attention_mask=mask, generation_config=cfg)[:, width:].tolist()
@@ -99,7 +95,8 @@ def _old_default(model_dir: Path, prompts: list[Any], new_tokens: int) -> tuple[
     return outs, time.perf_counter() - t0, 0.0
 
 
-def _hf(model_dir: Path, prompts: list[Any], new_tokens: int, dtype: str | None) -> tuple[list[list[int]], float, float]:
+def _hf(model_dir: Path, prompts: list[Any], new_tokens: int,
+        dtype: str | None) -> tuple[list[list[int]], float, float]:
     """The new HF loop (memory-sized batches, finished rows dropped) in ``dtype`` (None = the default)."""
     import torch
 
@@ -228,8 +225,8 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
             entry["identical_outputs_to_float32"] = f"{sum(a == b for a, b in zip(ids, reference))}/{len(ids)}"
         print(f"{entry['row']:14s} {entry['dtype']:9s} gen {entry['generation_s']:7.1f} s + conv "
               f"{entry['conversion_s']:5.1f} s  {entry['tokens_per_s']:7.1f} tok/s  "
-              f"agree {entry.get('judge_agreement_with_float32', '-')}  same {entry.get('identical_outputs_to_float32', '-')}"
-              f"  RSS {entry['peak_rss_mib']:.0f} MiB", flush=True)
+              f"agree {entry.get('judge_agreement_with_float32', '-')}  "
+              f"same {entry.get('identical_outputs_to_float32', '-')}  RSS {entry['peak_rss_mib']:.0f} MiB", flush=True)
     base = next((e for e in res["rows"] if e["row"] == "old-default"), None)
     if base is not None:
         for entry in res["rows"]:

@@ -8,9 +8,10 @@ wall time and peak RSS of each command (``/usr/bin/time``), the I/O floor (readi
 input byte once + writing the output once) and the largest absolute difference between the
 two tools' outputs.
 
-    .venv/bin/python bench/merge_speed.py [--workdir DIR] [--jobs N] [--repeat R]
+    .venv/bin/python bench/merge_speed.py [--workdir DIR] [--jobs N] [--repeat R] [--dtype float16]
 
-Prints a table and writes ``bench/results/merge_speed.json``. Not a test.
+Prints a table and writes ``bench/results/merge_speed.json`` (``merge_speed_<dtype>.json`` for
+another dtype). Not a test.
 """
 from __future__ import annotations
 
@@ -138,6 +139,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.environ.get("SAFEMERGE_BENCH_DIR", "/tmp/safemerge-bench"))
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", help="the configs' dtype (float16/bfloat16: mergekit's usual)")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -154,7 +156,8 @@ def main() -> None:
     results: dict[str, dict] = {}
     for name, tmpl in CONFIGS.items():
         cfg = work / f"{name}.yml"
-        cfg.write_text(tmpl.format(**{k: str(v) for k, v in paths.items()}))
+        text = tmpl.format(**{k: str(v) for k, v in paths.items()})
+        cfg.write_text(text.replace("dtype: float32", f"dtype: {args.dtype}"))
         inputs = [paths["m1"], paths["m2"], paths["m3"]] + ([paths["base"]] if name == "ties" else [])
         floor = min(io_floor(inputs, out_bytes, work) for _ in range(2))
         sm, mk = [], []
@@ -179,23 +182,28 @@ def main() -> None:
             "io_floor_s": round(floor, 3),
             "max_abs_diff": diff,
         }
-    # TIES once more with mergekit's tie-breaking at the top-k cut-off: bit-identical output
+    # TIES once more with mergekit's tie-breaking at the top-k cut-off (bit-identical output), and
+    # with --mergekit-arithmetic (mergekit's operation order: the cost of the parity mode)
     cfg = work / "ties.yml"
-    out = work / "out_ties_sm_mktie"
-    shutil.rmtree(out, ignore_errors=True)
-    wall, rss = timed([str(BIN / "safemerge"), "merge", str(cfg), str(out), "-j", str(args.jobs), "--no-progress", "--mergekit-tie-break"], env)
-    results["ties_mergekit_tie_break"] = {
-        "safemerge_wall_s": wall,
-        "safemerge_peak_rss_mb": round(rss, 1),
-        "mergekit_wall_s": results["ties"]["mergekit_wall_s"],
-        "mergekit_peak_rss_mb": results["ties"]["mergekit_peak_rss_mb"],
-        "wall_ratio": round(wall / results["ties"]["mergekit_wall_s"], 3),
-        "io_floor_s": results["ties"]["io_floor_s"],
-        "max_abs_diff": max_diff(out, work / "out_ties_mk"),
-    }
+    for variant, flag in (("ties_mergekit_tie_break", "--mergekit-tie-break"),
+                          ("ties_mergekit_arithmetic", "--mergekit-arithmetic")):
+        out = work / f"out_{variant}"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [str(BIN / "safemerge"), "merge", str(cfg), str(out), "-j", str(args.jobs), "--no-progress", flag]
+        wall, rss = timed(cmd, env)
+        results[variant] = {
+            "safemerge_wall_s": wall,
+            "safemerge_peak_rss_mb": round(rss, 1),
+            "mergekit_wall_s": results["ties"]["mergekit_wall_s"],
+            "mergekit_peak_rss_mb": results["ties"]["mergekit_peak_rss_mb"],
+            "wall_ratio": round(wall / results["ties"]["mergekit_wall_s"], 3),
+            "io_floor_s": results["ties"]["io_floor_s"],
+            "max_abs_diff": max_diff(out, work / "out_ties_mk"),
+        }
     report = {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "jobs": args.jobs,
+        "dtype": args.dtype,
         "model": "SmolLM2-135M-Instruct (fp32) + 3 perturbed copies",
         "output_bytes": out_bytes,
         "safemerge_help_s": help_wall,
@@ -203,11 +211,12 @@ def main() -> None:
         "results": results,
     }
     print(f"\nsafemerge --help: {help_wall:.2f} s   (python -c 'import mergekit.merge': {mk_import:.2f} s)")
-    print("(ties_mer… = TIES with --mergekit-tie-break)")
+    print("(ties_mer… = TIES with --mergekit-tie-break, then with --mergekit-arithmetic)")
     print(f"{'method':8} {'safemerge s':>12} {'RSS MB':>8} {'mergekit s':>11} {'RSS MB':>8} {'ratio':>6} {'I/O floor s':>12} {'max|Δ|':>9}")
     for k, r in results.items():
         print(f"{k[:8]:8} {r['safemerge_wall_s']:12.2f} {r['safemerge_peak_rss_mb']:8.0f} {r['mergekit_wall_s']:11.2f} {r['mergekit_peak_rss_mb']:8.0f} {r['wall_ratio']:6.3f} {r['io_floor_s']:12.3f} {r['max_abs_diff']:9.2e}")
-    out = REPO / "bench" / "results" / "merge_speed.json"
+    name = "merge_speed.json" if args.dtype == "float32" else f"merge_speed_{args.dtype}.json"
+    out = REPO / "bench" / "results" / name
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
 

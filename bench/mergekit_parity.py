@@ -65,7 +65,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="mkparity-"))
     zoo = {"base": save_model(make_tiny_model("llama", seed=0, layers=args.layers, hidden=args.hidden), root / "base")}
     for i in (1, 2, 3):
-        m = perturb_model(make_tiny_model("llama", seed=0, layers=args.layers, hidden=args.hidden), seed=7 * i, scale=0.03)
+        m = make_tiny_model("llama", seed=0, layers=args.layers, hidden=args.hidden)
+        m = perturb_model(m, seed=7 * i, scale=0.03)
         zoo[f"m{i}"] = save_model(m, root / f"m{i}")
     rows = []
     print(f"{'example':28s} {'dtype':9s} {'default max|Δ|':>15s} {'differ':>8s} {'--mergekit-arithmetic':>22s}")

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 METHODS = [
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "nuslerp", "multislerp", "model_stock", "sce", "karcher",
-    "nearswap", "passthrough",
+    "nearswap", "arcee_fusion", "ram", "ramplus_tl", "passthrough",
 ]
 STOCHASTIC = {"dare_linear", "dare_ties", "della", "della_linear"}
 
@@ -43,7 +43,7 @@ def make_case(name: str, size: int, n_models: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     # built in place (no temporaries) so the peak-memory baseline is just the inputs
     base = torch.empty(size, size).normal_(generator=g).mul_(0.02)
-    n = {"slerp": 1, "nearswap": 1, "passthrough": 1, "nuslerp": 2}.get(name, n_models)
+    n = {"slerp": 1, "nearswap": 1, "arcee_fusion": 1, "passthrough": 1, "nuslerp": 2}.get(name, n_models)
     tensors = [torch.empty(size, size).normal_(generator=g).mul_(0.002).add_(base) for _ in range(n)]
     method = get_method(name)
     in_tensors = method.extra["base_in_tensors"]

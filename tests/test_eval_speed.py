@@ -91,11 +91,9 @@ def test_decode_equals_hf_generate_when_rows_finish_early(tiny):
     ours = gen._decode(enc, 12, None)
     lengths = {len(x) for x in ours}
     assert len(lengths) > 1 and min(lengths) < 12  # rows really left the batch early
-    width = max(map(len, enc))
-    ids = torch.full((len(enc), width), gen._pad_id(), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, e in enumerate(enc):
-        ids[r, width - len(e):], mask[r, width - len(e):] = torch.tensor(e), 1
+    ids, mask = G.left_pad(enc, gen._pad_id())
+    width = ids.shape[1]
+    assert mask.sum(1).tolist() == [len(e) for e in enc] and all(mask[r, -1] == 1 for r in range(len(enc)))
     cfg = GenerationConfig(max_new_tokens=12, do_sample=False, num_beams=1, pad_token_id=gen._pad_id(),
                            eos_token_id=gen._eos_ids())
     with torch.inference_mode():
@@ -185,3 +183,23 @@ def test_training_precision(tiny, tmp_path):
     assert logs["bfloat16"]["losses"][0] == pytest.approx(logs["float32"]["losses"][0], rel=0.05)
     with pytest.raises(ConfigError, match="precision"):
         train_lora(path, data, tmp_path / "x", steps=1, progress=False, targets="q_proj", precision="float16")
+
+
+def test_cli_dtype_flag(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    _, _, path = tiny
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "safemerge.cli", "eval", str(path), "--harmful", "builtin:harmful",
+                               "--limit", "2", "--max-new-tokens", "3", "--no-progress", *args],
+                              capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+    ok = cli("--dtype", "fp32", "-o", str(tmp_path / "ok"))
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads((tmp_path / "ok" / "results.json").read_text())["settings"]["dtype"] == "float32"
+    assert "float32" in ok.stdout  # the printed table names the dtype
+    bad = cli("--dtype", "int3", "-o", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "error: unknown dtype 'int3'" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -94,6 +94,17 @@ def test_ids_resolve_to_cached_snapshots(hub, world):
     assert resolve_local(local) == local  # an existing path is never looked up
 
 
+def test_local_path_wins_over_hub_id(hub, world, tmp_path, monkeypatch):
+    """A relative directory spelled like a Hub id is used as the directory it is."""
+    shutil.copytree(world.aligned, tmp_path / "org" / "base")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_local("org/base") == Path("org/base")
+    from safemerge.io.checkpoint import open_checkpoint
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert open_checkpoint("org/base").get(name).equal(open_checkpoint(str(world.aligned)).get(name))
+
+
 def test_missing_id_offline_is_one_line_error(hub, tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r"org/missing.*not in the local Hugging Face cache") as exc:
         resolve_local("org/missing")
@@ -160,3 +171,19 @@ def test_incomplete_cache_entry_is_reported(hub, tmp_path, capsys):
     (snap / "model.safetensors").unlink()
     code, _, err = run(capsys, "scan", "--base", "org/base", "--aligned", "org/aligned", "org/ft-lora", "--no-progress")
     assert code == 2 and "Traceback" not in err and "not a model directory" in err
+
+
+def test_resta_and_train_lora_with_hub_ids(hub, world, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"a b {c}", "response": f"{c} d"}) + "\n" for c in "efgh"))
+    for name, refs in (("local", (world.base, world.aligned, world.ft)), ("ids", ("org/base", "org/aligned", "org/ft-lora"))):
+        base, aligned, ft = refs
+        code, _, err = run(capsys, "resta", "--unaligned", base, "--aligned", aligned, "--finetuned", ft,
+                           "-o", tmp_path / f"resta_{name}", "-q")
+        assert code == 0, err
+        code, _, err = run(capsys, "train-lora", f"{aligned}+{ft}", "--data", data, "-o", tmp_path / f"lora_{name}",
+                           "--rank", "2", "--steps", "2", "--batch-size", "2", "-q")
+        assert code == 0, err
+    for a, b in (("resta_local/model.safetensors", "resta_ids/model.safetensors"),
+                 ("lora_local/adapter_model.safetensors", "lora_ids/adapter_model.safetensors")):
+        assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes(), a

@@ -50,7 +50,8 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("parity_zoo")
     paths = {"base": save_model(make_tiny_model("llama", seed=0, layers=3), root / "base")}
     for i in (1, 2, 3):
-        paths[f"m{i}"] = save_model(perturb_model(make_tiny_model("llama", seed=0, layers=3), seed=7 * i, scale=0.03), root / f"m{i}")
+        model = perturb_model(make_tiny_model("llama", seed=0, layers=3), seed=7 * i, scale=0.03)
+        paths[f"m{i}"] = save_model(model, root / f"m{i}")
     return paths
 
 
@@ -129,9 +130,10 @@ def _cli(*args: str, script: str = "safemerge") -> subprocess.CompletedProcess:
 
 def test_mergekit_yaml_flags_and_script(zoo, tmp_path: Path) -> None:
     cfg = tmp_path / "cfg.yml"
-    cfg.write_text(EXAMPLES["bio-merge.yml"].replace("merge_method: ties", "merge_method: dare_ties").format(dtype="float16", **{k: str(v) for k, v in zoo.items()}))
-    flags = ["--random-seed", "3", "--no-copy-tokenizer", "--lazy-unpickle", "--lora-merge-cache", str(tmp_path / "cache"),
-             "--allow-crimes", "-v", "--no-progress"]
+    template = EXAMPLES["bio-merge.yml"].replace("merge_method: ties", "merge_method: dare_ties")
+    cfg.write_text(template.format(dtype="float16", **{k: str(v) for k, v in zoo.items()}))
+    flags = ["--random-seed", "3", "--no-copy-tokenizer", "--lazy-unpickle", "--lora-merge-cache",
+             str(tmp_path / "cache"), "--allow-crimes", "-v", "--no-progress"]
     r = _cli(str(cfg), str(tmp_path / "a"), *flags, script="safemerge-yaml")
     assert r.returncode == 0, r.stderr
     assert "plan: dare_ties" in r.stderr  # -v
@@ -157,14 +159,16 @@ def test_mergekit_config_yml_keeps_the_users_text(zoo, tmp_path: Path) -> None:
 
 
 def test_weight_on_a_method_without_weight_warns(zoo, tmp_path: Path, caplog) -> None:
-    cfg = (f"merge_method: sce\nbase_model: {zoo['base']}\nmodels:\n  - model: {zoo['m1']}\n    parameters: {{weight: 0.5}}\n"
+    cfg = (f"merge_method: sce\nbase_model: {zoo['base']}\nmodels:\n"
+           f"  - model: {zoo['m1']}\n    parameters: {{weight: 0.5}}\n"
            f"  - model: {zoo['m2']}\n    parameters: {{weight: 0.5}}\nparameters: {{select_topk: 0.5}}\n")
     with caplog.at_level(logging.WARNING, logger="safemerge"):
         merge(cfg, tmp_path / "w", progress=False)
     assert any("'sce' has no 'weight' parameter" in r.getMessage() for r in caplog.records)
     without = cfg.replace("    parameters: {weight: 0.5}\n", "")
     merge(without, tmp_path / "plain", progress=False)
-    assert (tmp_path / "w" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+    weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("w", "plain")]
+    assert weights[0] == weights[1]
     from safemerge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown parameter 'density'"):

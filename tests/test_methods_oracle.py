@@ -188,8 +188,12 @@ def test_ties_breaks_exact_ties_like_mergekit() -> None:
 HALF = [torch.float16, torch.bfloat16]
 
 
+def _case_id(c: tuple) -> str:
+    return f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[4].items()) or 'default'}-n{c[1]}"
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[4].items()) or 'default'}-n{c[1]}")
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_mergekit_arithmetic_matches_mergekit_in_half_precision(case: tuple, dtype: torch.dtype) -> None:
     """``--mergekit-arithmetic``: what the engine computes for half-precision inputs equals
     mergekit's ``merge_tensors(..., dtype=…)`` bit for bit."""

@@ -170,15 +170,6 @@ def merge(
         f"{plan.compute_dtype or 'input dtype'} (mergekit order)" if mergekit_arithmetic else "float32",
     )
     ref_dir = _model_dir(ckpts[plan.reference])
-    tok_src = cfg.effective_tokenizer_source
-    if tok_src in (None, "base"):
-        tok_dir = ref_dir
-    else:
-        if tok_src not in ckpts:
-            from safemerge.io.checkpoint import open_checkpoint
-
-            ckpts[tok_src] = open_checkpoint(tok_src, allow_pickle=allow_pickle, allow_nonfinite=True)
-        tok_dir = _model_dir(ckpts[tok_src])
     with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
         writer = ShardWriter(
             tmp,
@@ -197,7 +188,10 @@ def merge(
             keys = [k for k in ("dtype", "torch_dtype") if k in ref_cfg] or ["dtype"]
             for k in keys:
                 updates[k] = dt
-        copy_model_files(ref_dir, tmp, tokenizer_dir=tok_dir if copy_tokenizer else Path("/nonexistent"), config_updates=updates)
+        # a re-indexed vocabulary comes with its own tokenizer, saved whatever --copy-tokenizer says (as mergekit)
+        copy_model_files(ref_dir, tmp, config_updates=updates, copy_tokenizer=copy_tokenizer and plan.vocab is None)
+        if plan.vocab is not None:
+            plan.vocab.tokenizer.save_pretrained(str(tmp))
         if cfg.chat_template:
             _apply_chat_template(cfg.chat_template, tmp, [_model_dir(c) for c in ckpts.values()])
         yaml_text = cfg.source_text

@@ -43,7 +43,12 @@ def demo_command(
     cores; cached: minutes. --fast runs the same pipeline on a tiny world in about a minute.
     """
     import sys
+    import time
     import warnings
+
+    from safemerge.cli.options import echo_summary
+
+    started = time.perf_counter()
 
     from rich.console import Console
     from rich.markup import escape
@@ -72,5 +77,5 @@ def demo_command(
                   f"{yes(c['SafeMERGE']['less_harmful_than_finetuned'])} (auto τ/α: "
                   f"{yes(c['SafeMERGE (auto)']['less_harmful_than_finetuned'])}); acceptance (harm / over-refusal / "
                   f"utility): {' / '.join(yes(acc.get(k)) for k in ('harmful', 'over_refusal', 'utility'))}")
-    con.print(f"wrote {result.out / 'report.md'}")
     sys.stdout.flush()
+    echo_summary(result.out, started, detail=f"report {result.out / 'report.md'}")

@@ -12,6 +12,8 @@ from safemerge.cli.options import (
     echo_summary,
     generation_batch_size_option,
     generation_dtype_option,
+    lm_eval_include_option,
+    lm_eval_tasks_option,
     quiet_option,
     trust_remote_code_option,
 )
@@ -36,6 +38,8 @@ def eval_command(
     dtype: Optional[str] = generation_dtype_option(),
     max_harm: Optional[float] = typer.Option(None, "--max-harm", min=0.0, max=1.0, help="Release gate: exit with status 3 if the harmful rate exceeds this fraction."),
     answer_ce: bool = typer.Option(False, "--answer-ce", help="Also report answer-token cross-entropy on the utility set (hf backend)."),
+    lm_eval_tasks: Optional[str] = lm_eval_tasks_option(),
+    lm_eval_include: Optional[Path] = lm_eval_include_option(),
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = trust_remote_code_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars on stderr."),
@@ -63,7 +67,8 @@ def eval_command(
     results = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
                        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out,
                        backend=backend, device=device, dtype=dtype, answer_ce=answer_ce, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, progress=progress)
+                       trust_remote_code=trust_remote_code, progress=progress, lm_eval_tasks=lm_eval_tasks,
+                       lm_eval_include=lm_eval_include)
     if not quiet:
         print_results(results)
     if max_harm is not None:
@@ -93,6 +98,7 @@ def compare_command(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison rows as JSON."),
     table1: Optional[Path] = typer.Option(None, "--table1", help="Also write a markdown table in the shape of Hammoud et al. 2024, Table 1 (method × data × alignment / refusal / accuracy); optimize --eval runs are labelled by strategy and data."),
     domain: str = typer.Option("domain", "--domain", help="Name of the utility domain in the --table1 header (e.g. GSM8K)."),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Compare evaluation runs (`safemerge eval` outputs, or `optimize --eval` / `merge --eval` outputs): a table and a safety-vs-utility scatter plot.
 
@@ -119,7 +125,8 @@ def compare_command(
     for r in rows:
         table.add_row(r["run"], r["judge"] or "–", pct(r["harmful_rate"]), pct(r["refusal_rate"]),
                       pct(r["over_refusal_rate"]), pct(r["utility"]))
-    Console().print(table)
+    if not quiet:
+        Console().print(table)
     if json_out is not None:
         json_out.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     if table1 is not None:

@@ -18,6 +18,8 @@ from safemerge.cli.options import (
     eval_utility_option,
     echo_summary,
     force_option,
+    lm_eval_include_option,
+    lm_eval_tasks_option,
     no_progress_option,
     quiet_option,
 )
@@ -28,7 +30,10 @@ def merge_command(
     config: Path = typer.Argument(..., help="Merge configuration (mergekit-compatible YAML)."),
     out: Path = typer.Argument(..., help="Output directory for the merged Hugging Face model."),
     jobs: int = typer.Option(None, "-j", "--jobs", help="Worker threads (read, merge and write overlap). Default: CPU count.", min=1),
-    seed: int = typer.Option(0, "--seed", "--random-seed", help="Seed for stochastic methods (DARE, DELLA); outputs are byte-identical per seed."),
+    seed: int = typer.Option(
+        0, "--seed", "--random-seed",
+        help="Seed for stochastic methods (DARE, DELLA); outputs are byte-identical per seed.",
+    ),
     device: str = typer.Option("cpu", "--device", help="Device for the arithmetic: cpu or cuda."),
     cuda: bool = typer.Option(False, "--cuda", help="mergekit-yaml's spelling of --device cuda."),
     out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Maximum size of one output shard (e.g. 5GB, 500MB)."),
@@ -43,11 +48,24 @@ def merge_command(
         help="Compute in the config's dtype in mergekit's operation order (fp16/bf16 configs give mergekit's bits) "
         "instead of float32. Implies --mergekit-tie-break; slower, more memory.",
     ),
-    copy_tokenizer: bool = typer.Option(True, "--copy-tokenizer/--no-copy-tokenizer", help="Copy the tokenizer files to OUT (as mergekit-yaml)."),
-    allow_crimes: bool = typer.Option(False, "--allow-crimes", help="Allow inputs whose config.json names different architectures (tensor names and shapes must still match)."),
-    lazy_unpickle: bool = typer.Option(False, "--lazy-unpickle", help="Accepted for mergekit-yaml compatibility; no effect (inputs are always read lazily; pickles still need --allow-pickle)."),
-    lora_merge_cache: Path = typer.Option(None, "--lora-merge-cache", help="Accepted for mergekit-yaml compatibility; no effect (model+adapter inputs are applied tensor by tensor, nothing is cached)."),
-    verbose: int = typer.Option(0, "-v", "--verbose", count=True, help="Log the plan and each phase to stderr."),
+    copy_tokenizer: bool = typer.Option(
+        True, "--copy-tokenizer/--no-copy-tokenizer", help="Copy the tokenizer files to OUT (as mergekit-yaml)."
+    ),
+    allow_crimes: bool = typer.Option(
+        False, "--allow-crimes",
+        help="Allow inputs whose config.json names different architectures (tensor names and shapes must still match).",
+    ),
+    lazy_unpickle: bool = typer.Option(
+        False, "--lazy-unpickle",
+        help="mergekit-yaml compatibility; no effect (inputs are read lazily; pickles still need --allow-pickle).",
+    ),
+    lora_merge_cache: Path = typer.Option(
+        None, "--lora-merge-cache",
+        help="mergekit-yaml compatibility; no effect (model+adapter is applied tensor by tensor, nothing is cached).",
+    ),
+    verbose: int = typer.Option(
+        0, "-v", "--verbose", count=True, help="Log the merge plan (method, tensors, size, arithmetic) to stderr."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and inputs and print the plan; write nothing."),
     eval_: bool = eval_flag_option("Evaluate the merged model (builtin harmful/benign sets) and put the report in its model card."),
     eval_harmful: str = eval_harmful_option(),
@@ -55,6 +73,8 @@ def merge_command(
     eval_utility: str = eval_utility_option(),
     eval_judge: str = eval_judge_option(),
     eval_limit: int = eval_limit_option(),
+    eval_lm_eval_tasks: str = lm_eval_tasks_option("--eval-lm-eval-tasks"),
+    eval_lm_eval_include: Path = lm_eval_include_option("--eval-lm-eval-include"),
 ) -> None:
     """Merge models as described by CONFIG (mergekit YAML) into OUT, one tensor at a time."""
     import time
@@ -72,7 +92,8 @@ def merge_command(
     if dry_run:
         _dry_run(config, allow_pickle, allow_crimes)
         return
-    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress)
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
+                    lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
     extra = _eval_card_sections(sets) if eval_ else None
     path = merge(
         config,
@@ -111,11 +132,12 @@ def _log_to_stderr() -> None:
     """``-v``: the ``safemerge`` logger's INFO messages (plan, phases) go to stderr."""
     import logging
 
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("safemerge")
-    logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
 
 
 def _dry_run(config: Path, allow_pickle: bool, allow_crimes: bool) -> None:

@@ -18,6 +18,8 @@ from safemerge.cli.options import (
     eval_utility_option,
     echo_summary,
     force_option,
+    lm_eval_include_option,
+    lm_eval_tasks_option,
     no_progress_option,
     out_option,
     output_alias_option,
@@ -50,6 +52,8 @@ def optimize_cmd(
     eval_utility: str = eval_utility_option(),
     eval_judge: str = eval_judge_option(),
     eval_limit: int = eval_limit_option(),
+    eval_lm_eval_tasks: str = lm_eval_tasks_option("--eval-lm-eval-tasks"),
+    eval_lm_eval_include: Path = lm_eval_include_option("--eval-lm-eval-include"),
 ) -> None:
     """Search merge parameters that minimise L_safety + α·L_expert, and write the best merge.
 
@@ -64,7 +68,8 @@ def optimize_cmd(
     started, output = time.perf_counter(), pick_out(out, output)
     progress = not (no_progress or quiet)
     library_progress(progress)
-    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress)
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
+                    lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
 
     def evaluator(model: Path, eval_dir: Path) -> dict:  # --eval: runs before OUT is renamed into place
         return sets.evaluate(model, eval_dir, device=device, trust_remote_code=trust_remote_code)

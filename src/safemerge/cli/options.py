@@ -115,6 +115,18 @@ def eval_limit_option() -> Any:
     return typer.Option(None, "--eval-limit", help="Evaluate at most N prompts per set.")
 
 
+def lm_eval_tasks_option(flag: str = "--lm-eval-tasks") -> Any:
+    """``--lm-eval-tasks``: lm-evaluation-harness tasks run on the same model (optional extra ``lm-eval``)."""
+    return typer.Option(None, flag, help="Comma-separated lm-evaluation-harness tasks run on the same model "
+                        "(adapter applied); metrics go to results.json, the report and the model card. Needs safemerge[lm-eval].")
+
+
+def lm_eval_include_option(flag: str = "--lm-eval-include") -> Any:
+    """``--lm-eval-include``: a directory of lm-eval task YAMLs (offline: tasks with local data files)."""
+    return typer.Option(None, flag, help="Directory of lm-eval task YAML files (lm-eval's --include_path); offline, "
+                        "tasks whose data are local files (dataset_path: json + data_files).")
+
+
 @dataclass(frozen=True)
 class EvalSets:
     """The ``--eval-*`` choices of one command, passed on to :func:`safemerge.evaluate.api.evaluate`."""
@@ -126,11 +138,15 @@ class EvalSets:
     limit: int | None
 
     progress: bool = True
+    lm_eval_tasks: str | None = None
+    lm_eval_include: Path | None = None
 
     def evaluate(self, model: str | Path, out_dir: str | Path, **extra: Any) -> dict[str, Any]:
         """Run the evaluation harness on ``model`` with these sets; results go to ``out_dir``."""
         from safemerge.evaluate.api import evaluate
 
         extra.setdefault("progress", self.progress)
+        extra.setdefault("lm_eval_tasks", self.lm_eval_tasks)
+        extra.setdefault("lm_eval_include", self.lm_eval_include)
         return evaluate(str(model), harmful=self.harmful, benign=self.benign, utility=self.utility, judge=self.judge,
                         limit=self.limit, out_dir=str(out_dir), **extra)

@@ -26,6 +26,8 @@ from safemerge.cli.options import (
     eval_utility_option,
     echo_summary,
     force_option,
+    lm_eval_include_option,
+    lm_eval_tasks_option,
     no_progress_option,
     quiet_option,
 )
@@ -181,6 +183,8 @@ def safemerge_command(
     eval_utility: str = eval_utility_option(),
     eval_judge: str = eval_judge_option(),
     eval_limit: int = eval_limit_option(),
+    eval_lm_eval_tasks: str = lm_eval_tasks_option("--eval-lm-eval-tasks"),
+    eval_lm_eval_include: Path = lm_eval_include_option("--eval-lm-eval-include"),
 ) -> None:
     """SafeMERGE: layers whose update drifts from the safety subspace (ρ < τ) become α ΔW_f + (1−α) ΔW_s.
 
@@ -203,7 +207,9 @@ def safemerge_command(
                                           log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
-    ev = _evaluator(eval_, aligned, EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress))
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
+                    lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
+    ev = _evaluator(eval_, aligned, sets)
     with _progress(progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,

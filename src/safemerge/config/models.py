@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
@@ -85,13 +85,46 @@ class OutputSlice(BaseModel):
         return self
 
 
+class ModelTokenSource(BaseModel):
+    """``{kind: model_token, model: M, token: T | token_id: I}``: the embedding of another token of M."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: int | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "ModelTokenSource":
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("a model_token source needs exactly one of 'token' or 'token_id'")
+        return self
+
+
+class ZeroSource(BaseModel):
+    """``{kind: zero}``: a zero embedding."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(BaseModel):
+    """One entry of ``tokenizer.tokens``: where the token's embedding comes from for models that
+    lack it (all models with ``force: true``). ``source`` is a model path, a model_token or zero."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    source: Union[Annotated[Union[ModelTokenSource, ZeroSource], Field(discriminator="kind")], str]
+    force: bool = False
+
+
 class TokenizerConfig(BaseModel):
-    """mergekit's ``tokenizer:`` block (only ``source`` is supported)."""
+    """mergekit's ``tokenizer:`` block: ``source`` (``union`` — mergekit's default —, ``base`` or a
+    model), per-token embedding ``tokens`` and ``pad_to_multiple_of`` (see engine/vocab.py)."""
 
     model_config = ConfigDict(extra="forbid")
-    source: str | None = None
-    tokens: dict[str, Any] | None = None
-    pad_to_multiple_of: int | None = None
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
 
 
 class MergeConfig(BaseModel):
@@ -122,13 +155,8 @@ class MergeConfig(BaseModel):
             raise ValueError("exactly one of 'models', 'slices' or 'modules' must be given")
         if self.modules:
             raise ValueError("'modules' (multi-module / vision-language merges) is not supported yet; use 'models' or 'slices'")
-        if self.tokenizer is not None:
-            if self.tokenizer_source is not None:
-                raise ValueError("give either 'tokenizer' or 'tokenizer_source', not both")
-            if self.tokenizer.tokens or self.tokenizer.pad_to_multiple_of:
-                raise ValueError("tokenizer.tokens / pad_to_multiple_of are not supported yet; use tokenizer_source")
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: union is not supported yet; use 'base' or a model path")
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either 'tokenizer' or 'tokenizer_source', not both")
         return self
 
     @property

@@ -49,6 +49,11 @@ class TensorJob:
     shape: tuple[int, ...]
     out_dtype: str
     passthrough: bool = False
+    vocab: Any = None
+    """The :class:`~safemerge.engine.vocab.VocabAlignment` re-indexing this tensor's rows (the
+    embedding and ``lm_head`` when the config names a tokenizer source), else ``None``."""
+    vocab_models: tuple[str, ...] = ()
+    """Every source of this tensor, base included, in source order (for the alignment)."""
 
 
 @dataclass
@@ -65,6 +70,9 @@ class MergePlan:
     mergekit_arithmetic: bool = False
     """Compute in ``compute_dtype`` in mergekit's operation order (``--mergekit-arithmetic``)
     instead of float32; see :mod:`safemerge.methods.mergekit_order`."""
+    vocab: Any = None
+    """The output vocabulary (:class:`~safemerge.engine.vocab.VocabAlignment`) when the config
+    names a tokenizer source; its tokenizer is saved with the model."""
 
     @property
     def total_bytes(self) -> int:
@@ -146,7 +154,8 @@ def _check_params_known(config: MergeConfig, method: MergeMethod) -> None:
 def _check_compatible(config: MergeConfig, ckpts: Mapping[str, Any], allow_crimes: bool) -> None:
     archs = {ref: c.architecture for ref, c in ckpts.items() if c.architecture}
     if len(set(archs.values())) > 1 and allow_crimes:
-        LOG.warning("warning: merging different architectures (%s) because of --allow-crimes", ", ".join(sorted(set(archs.values()))))
+        LOG.warning("warning: merging different architectures (%s) because of --allow-crimes",
+                    ", ".join(sorted(set(archs.values()))))
     elif len(set(archs.values())) > 1:
         items = list(archs.items())
         a, b = items[0], next(x for x in items if x[1] != items[0][1])
@@ -179,6 +188,9 @@ def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: b
 
     in_tensors = _base_in_tensors(method)
     jobs: list[TensorJob] = []
+    from safemerge.engine.vocab import build_alignment
+
+    vocab = build_alignment(config, ckpts, config.base_model)
 
     def out_dtype_for(ref: str, name: str) -> str:
         if config.out_dtype:
@@ -204,17 +216,20 @@ def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: b
                 )
             names.append((src.ref, nm))
         shapes = {ref: tuple(ckpts[ref].shape(nm)) for ref, nm in names}
-        if len(set(shapes.values())) > 1:
+        vocab_tensor = ckpts[names[0][0]].embedding_name == names[0][1] or out_name.endswith("lm_head.weight")
+        aligned = vocab is not None and vocab_tensor
+        if len({sh[1:] if aligned else sh for sh in shapes.values()}) > 1:
             items = list(shapes.items())
             a, b = items[0], next(x for x in items if x[1] != items[0][1])
-            is_vocab = (ckpts[a[0]].embedding_name == names[0][1] or out_name.endswith("lm_head.weight")) and a[1][1:] == b[1][1:]
-            if is_vocab:
+            if vocab_tensor and a[1][1:] == b[1][1:]:
                 raise CheckpointError(
                     f"vocabularies differ: {out_name} has {a[1][0]} rows in {a[0]} but {b[1][0]} in {b[0]}",
-                    "merge models that share a tokenizer (vocabulary-permuting merges are not supported yet)",
+                    "add 'tokenizer_source: union' (or base, or a model) to re-index the vocabularies",
                 )
             raise CheckpointError(f"shape mismatch for {out_name}: {a[0]} has {a[1]} but {b[0]} has {b[1]}", "merge models of the same size")
         shape = next(iter(shapes.values()))
+        if aligned:
+            shape = (vocab.vocab_size, *shape[1:])
         base: tuple[str, str] | None = None
         if base_ref is not None and not in_tensors:
             base = next(((r, n) for r, n in names if r == base_ref), None)
@@ -264,7 +279,9 @@ def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: b
                 per_model[p.name].append(p.check(v, f"{ref}: parameter {p.name}") if v is not None else None)
         dtype_name = ckpts[names[0][0]].dtype_name(names[0][1])
         passthrough = dtype_name not in ("float32", "float16", "bfloat16", "float64")
-        return TensorJob(out_name, entries, base, per_model, params, shape, out_dtype_for(names[0][0], names[0][1]) if not passthrough else dtype_name, passthrough)
+        out_dtype = dtype_name if passthrough else out_dtype_for(names[0][0], names[0][1])
+        return TensorJob(out_name, entries, base, per_model, params, shape, out_dtype, passthrough,
+                         vocab if aligned else None, tuple(r for r, _ in names))
 
     # non-layer tensors of the reference model
     ref_names = [n for n in ref_ckpt.names() if split_layer_name(n) is None]
@@ -293,7 +310,9 @@ def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: b
     updates: dict[str, Any] = {}
     if "num_hidden_layers" in ref_ckpt.config and out_layer != ref_ckpt.config.get("num_hidden_layers"):
         updates["num_hidden_layers"] = out_layer
-    return MergePlan(config, method, jobs, reference, out_layer, compute_dtype, updates)
+    if vocab is not None:
+        updates["vocab_size"] = vocab.vocab_size
+    return MergePlan(config, method, jobs, reference, out_layer, compute_dtype, updates, vocab=vocab)
 
 
 def _layer_rests(ckpt: Any, idx: int) -> list[tuple[str, str]]:

@@ -102,6 +102,7 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     blocks: list[tuple[int, int] | None] = [None]
     if (
         not plan.mergekit_arithmetic
+        and job.vocab is None
         and plan.method.extra.get("elementwise")
         and len(job.shape) >= 2
         and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
@@ -116,6 +117,7 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     if (
         two_pass is not None
         and not plan.mergekit_arithmetic
+        and job.vocab is None
         and job.base is not None
         and len(job.shape) >= 2
         and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
@@ -155,24 +157,39 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
 
     from safemerge.methods._tensor import InputTensors
 
-    keep = plan.mergekit_arithmetic
-    tensors = InputTensors(_load(ckpts, r, n, plan.compute_dtype, allow_nonfinite, device, rows, keep) for r, n in job.inputs)
+    def load(ref: str, name: str):  # noqa: ANN202
+        return _load(ckpts, ref, name, plan.compute_dtype, allow_nonfinite, device, rows, plan.mergekit_arithmetic)
+
+    tensors = InputTensors(load(r, n) for r, n in job.inputs)
     base = None
     if job.base is not None:
         in_inputs = next((i for i, rn in enumerate(job.inputs) if rn == job.base), None)
-        base = tensors[in_inputs] if in_inputs is not None else _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows, keep)
+        base = tensors[in_inputs] if in_inputs is not None else load(*job.base)
+    if job.vocab is not None:
+        tensors, base = _align_vocabulary(job, tensors, base)
     gen = None
     if plan.method.stochastic:
         gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
     try:
         named = {"name": job.out_name} if plan.method.extra.get("needs_tensor_name") else {}
-        if keep:
+        if plan.mergekit_arithmetic:
             return _mergekit_arithmetic(plan, job, tensors, base, gen, named)
         return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen, **named)
     except SafemergeError:
         raise
     except (RuntimeError, ValueError) as exc:
         raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
+
+
+def _align_vocabulary(job: TensorJob, tensors: list, base):  # noqa: ANN001, ANN202
+    """Re-index the rows of an embedding / ``lm_head`` job's inputs to the output vocabulary."""
+    from safemerge.methods._tensor import InputTensors
+
+    loaded = {ref: t for (ref, _), t in zip(job.inputs, tensors)}
+    if job.base is not None:
+        loaded[job.base[0]] = base
+    aligned = job.vocab.align(job.vocab_models, loaded)
+    return InputTensors(aligned[r] for r, _ in job.inputs), (aligned[job.base[0]] if job.base is not None else None)
 
 
 def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, gen,  # noqa: ANN001, ANN202
@@ -195,8 +212,8 @@ def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, g
     if kernel is not None:
         return kernel(tensors, base, per_model=job.per_model, params=job.params, generator=gen)
     wide = type(tensors)(t.float() for t in tensors)
-    out = plan.method.fn(wide, base.float() if base is not None else None, per_model=job.per_model, params=job.params,
-                         generator=gen, **(named or {}))
+    base = base.float() if base is not None else None
+    out = plan.method.fn(wide, base, per_model=job.per_model, params=job.params, generator=gen, **(named or {}))
     return out.to(dtype)
 
 

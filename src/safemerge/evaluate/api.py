@@ -170,6 +170,20 @@ def _utility_suite(records: list[PromptRecord], responses: list[str], seed: int,
     return out
 
 
+def _lm_eval_suite(gens: _Generations, make_generator: Any, tasks: list[str], manager: Any, include: Any, *,
+                   limit: int | None, batch_size: int | None, seed: int, progress: bool) -> dict[str, Any]:
+    """lm-evaluation-harness on the generator's own model (loaded now if every generation was cached)."""
+    from safemerge.evaluate.lm_eval_bridge import run_lm_eval
+
+    if gens.generator is None:
+        gens.generator = make_generator()
+    g = gens.generator
+    if not hasattr(g, "model"):
+        raise SafemergeError("--lm-eval-tasks needs the transformers backend", "use --backend hf")
+    return run_lm_eval(g.model, g.tokenizer, tasks, include=include, limit=limit, batch_size=batch_size, seed=seed,
+                       progress=progress, manager=manager)
+
+
 def _reference(r: PromptRecord) -> str:
     return str(r.meta.get("reference") or r.answer or "")
 
@@ -197,13 +211,19 @@ def evaluate(
     answer_ce: bool = False,
     judge_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
+    lm_eval_tasks: str | list[str] | None = None,
+    lm_eval_include: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (path, Hub id, ``MODEL+ADAPTER``, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
 
     Returns the ``results.json`` object: ``{"model", "adapter", "settings", "harmful": {harmful_rate,
     refusal_rate, n, ci, categories, judge, …}, "benign": {over_refusal_rate, n, ci, …}, "utility":
-    {accuracy, n, ci, metric, …}}`` (suites not requested are absent). Deterministic for the same
-    inputs (greedy decoding, seeded bootstrap).
+    {accuracy, n, ci, metric, …}, "lm_eval": {tasks: {TASK: {metrics, stderr, n}}, settings}}`` (suites
+    not requested are absent). Deterministic for the same inputs (greedy decoding, seeded bootstrap).
+
+    ``lm_eval_tasks`` (comma-separated or a list) runs lm-evaluation-harness on the same loaded
+    model, adapter applied, with task YAMLs from ``lm_eval_include`` (see
+    :mod:`safemerge.evaluate.lm_eval_bridge`); ``limit`` applies to its tasks too.
 
     Raises:
         SafemergeError: no suite given, unreadable prompt sets, bad judge spec, unloadable model.
@@ -218,10 +238,14 @@ def evaluate(
         split_adapter,
     )
 
+    from safemerge.evaluate.lm_eval_bridge import parse_tasks, task_manager
+
     specs = {"harmful": harmful, "benign": benign, "utility": utility}
-    if all(v is None for v in specs.values()):
+    lm_tasks = parse_tasks(lm_eval_tasks)
+    if all(v is None for v in specs.values()) and not lm_tasks:
         raise SafemergeError("nothing to evaluate: no prompt set given",
-                             "pass --harmful, --benign and/or --utility (e.g. builtin:harmful)")
+                             "pass --harmful, --benign, --utility (e.g. builtin:harmful) and/or --lm-eval-tasks")
+    lm_manager = task_manager(lm_tasks, lm_eval_include) if lm_tasks else None  # unknown tasks fail before generating
     model, adapter = split_adapter(model, adapter)  # MODEL+ADAPTER, as in merge configs
     if adapter is not None:
         local_adapter(adapter)  # fail before any prompt set is read
@@ -289,6 +313,9 @@ def evaluate(
             results[name] = _utility_suite(records, responses, seed, judgments, ce)
         results[name]["set"] = label
 
+    if lm_tasks:
+        results["lm_eval"] = _lm_eval_suite(gens, make_generator, lm_tasks, lm_manager, lm_eval_include, limit=limit,
+                                            batch_size=batch_size, seed=seed, progress=progress)
     if out_path is not None:
         atomic_write_text(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(out_path / "judgments.jsonl",

@@ -202,6 +202,20 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
                               f"convert it to safetensors or pass {option('allow-pickle')} if you trust the source")
 
 
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)`` of ``batch`` left-padded to its longest row (CPU tensors)."""
+    import torch
+
+    width = max(len(x) for x in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+            mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
 def _cache_argument(model: Any) -> str:
     """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers ≥ 5.2x) or
     ``past_key_values`` (older releases); a PEFT wrapper forwards it to its base model."""
@@ -339,15 +353,8 @@ class HFGenerator:
         """
         import torch
 
-        pad, eos = self._pad_id(), set(self._eos_ids())
-        width = max(len(x) for x in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, seq in enumerate(batch):
-            if seq:
-                ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-                mask[row, width - len(seq):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        eos = set(self._eos_ids())
+        ids, mask = (t.to(self.device) for t in left_pad(batch, self._pad_id()))
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache, positions = _returned_cache(out), positions[:, -1:]

@@ -8,6 +8,8 @@ from typing import Any
 from safemerge.errors import SafemergeError
 from safemerge.io.output import md_code
 
+LM_EVAL_SUITE = "lm-eval"
+
 
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
@@ -39,6 +41,18 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]
             ci = u.get("answer_ce_ci")
             rows.append(("utility", "answer-token CE (nats)", f"{u['answer_ce']:.3f}",
                          f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "–", str(u["n"])))
+    rows += _lm_eval_rows(results.get("lm_eval") or {})
+    return rows
+
+
+def _lm_eval_rows(lm: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """One row per lm-eval task metric: the value and ± its standard error as lm-eval reports them."""
+    rows = []
+    for task, entry in (lm.get("tasks") or {}).items():
+        for metric, value in entry.get("metrics", {}).items():
+            err = entry.get("stderr", {}).get(metric)
+            rows.append((f"{LM_EVAL_SUITE} {task}", metric, "–" if value is None else f"{value:.4f}",
+                         "–" if err is None else f"± {err:.4f} (s.e.)", str(entry.get("n") or "–")))
     return rows
 
 
@@ -72,8 +86,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines = ["## Safety evaluation", "",
              "| Suite | Metric | Value | 95% CI | n |", "|---|---|---:|---|---:|"]
     for suite, metric, value, ci, n in summary_rows(results):
-        set_name = (results.get(suite) or {}).get("set", "")
-        lines.append(f"| {suite} ({md_code(set_name, in_table=True)}) | {metric} | {value} | {ci} | {n} |")
+        set_name = (results.get(suite) or {}).get("set") or suite.removeprefix(LM_EVAL_SUITE).strip()
+        label = LM_EVAL_SUITE if suite.startswith(LM_EVAL_SUITE) else suite
+        lines.append(f"| {label} ({md_code(set_name, in_table=True)}) | {metric} | {value} | {ci} | {n} |")
     settings = results.get("settings", {})
     mnt = settings.get("max_new_tokens", {})
     lines += ["",
@@ -83,6 +98,13 @@ def results_markdown(results: dict[str, Any]) -> str:
               + f"; 95% percentile-bootstrap intervals; safemerge {results.get('safemerge_version', '?')}.",
               "Harmful rate = share of responses to harmful prompts that the judge flags; over-refusal = share of "
               "benign prompts refused (keyword refusal detection unless the judge reports refusals).", ""]
+    lm = results.get("lm_eval")
+    if lm:
+        st = lm.get("settings", {})
+        lines += [f"lm-eval rows: lm-evaluation-harness {st.get('lm_eval_version', '?')} on the same model, "
+                  f"tasks {', '.join(md_code(t) for t in st.get('tasks', []))}"
+                  + (f", at most {st['limit']} documents each" if st.get("limit") else "")
+                  + "; ± is lm-eval's standard error.", ""]
     return "\n".join(lines)
 
 

@@ -409,8 +409,10 @@ class ShardWriter:
         return weight_map
 
 
-def copy_model_files(src_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None, config_updates: Mapping[str, Any] | None = None) -> None:
-    """Copy ``config.json`` (with ``config_updates``), ``generation_config.json`` and tokenizer files.
+def copy_model_files(src_dir: str | Path, out_dir: str | Path, *, tokenizer_dir: str | Path | None = None,
+                     config_updates: Mapping[str, Any] | None = None, copy_tokenizer: bool = True) -> None:
+    """Copy ``config.json`` (with ``config_updates``), ``generation_config.json`` and (unless
+    ``copy_tokenizer`` is false) the tokenizer files of ``tokenizer_dir`` (default: ``src_dir``).
 
     Quantisation entries are dropped from the config: the output always holds plain tensors.
     """
@@ -427,7 +429,7 @@ def copy_model_files(src_dir: str | Path, out_dir: str | Path, *, tokenizer_dir:
     if gen.exists():
         shutil.copyfile(gen, out / gen.name)
     tok = Path(tokenizer_dir) if tokenizer_dir is not None else src
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES if copy_tokenizer else ():
         f = tok / name
         if f.exists():
             shutil.copyfile(f, out / name)

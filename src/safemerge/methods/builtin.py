@@ -187,7 +187,7 @@ def _register_mergekit_head() -> None:
         base="required",
         min_models=1,
         max_models=1,
-        reference="Arcee AI 2024, Arcee Fusion (mergekit): keep Δ where |Δ|·KL(softmax θ ‖ softmax θ₀) ≥ Q₂ + 1.5·IQR",
+        reference="Arcee AI 2024, Arcee Fusion (mergekit): keep Δ where |Δ|·KL(softmax θ‖softmax θ₀) ≥ Q₂+1.5·IQR",
         extra={"base_in_tensors": False, "optional_tensor_policy": "passthrough_singleton"},
     ))
     ram_epsilon = Param("epsilon", 1e-5, low=0.0, help="|δ| above which a model counts as having changed an entry")

@@ -11,11 +11,12 @@ and round differently (measured up to 0.3 on TIES/DELLA, docs/methods.md). These
 reproduce mergekit's order so that a half-precision config gives mergekit's bits.
 
 Each function has the registry signature; :data:`KERNELS` maps method names to them.
-``arcee_fusion``, ``ram`` and ``ramplus_tl`` are written in mergekit's order to begin with, so
-their registry functions serve both modes. ``linear`` has no kernel here: mergekit computes it in
-float32 too, so the engine runs the float32 kernel and rounds the result to the config dtype,
-which is mergekit's result bit for bit. Every kernel keeps N task vectors
-(mergekit's memory profile), which is the price of the parity mode.
+``arcee_fusion`` is written in mergekit's order to begin with, so its registry function serves
+both modes; ``ram``/``ramplus_tl`` keep their stacked form next to the streaming one in ram.py.
+``linear`` has no kernel here: mergekit computes it in float32 too, so the engine runs the
+float32 kernel and rounds the result to the config dtype, which is mergekit's result bit for
+bit. Every kernel keeps N task vectors (mergekit's memory profile), which is the price of the
+parity mode.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 from safemerge.errors import ConfigError
 from safemerge.methods._tensor import check_inputs, masked_rescaled, per_model_list
 from safemerge.methods.arcee_fusion import arcee_fusion_fn
-from safemerge.methods.ram import ram_fn, ramplus_tl_fn
+from safemerge.methods.ram import ram_mergekit_order, ramplus_tl_mergekit_order
 from safemerge.methods.task_arithmetic import FAMILY
 
 Kernel = Callable[..., torch.Tensor]
@@ -135,7 +136,8 @@ def task_arithmetic_family(name: str, tensors: Sequence[torch.Tensor], base: tor
 
 def nearswap(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
              params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-    """NearSwap ``w·θ₁ + (1 − w)·θ₀``, ``w = clamp(t/max(|θ₀ − θ₁|, 1e-6), 0, 1)``, in the input dtype."""
+    """NearSwap ``w·θ₁ + (1 − w)·θ₀``, ``w = clamp(t/max(|θ₀ − θ₁|, 1e-6), 0, 1)``, in the input
+    dtype."""
     check_inputs("nearswap", tensors, base, base_policy="required", min_models=1, max_models=1)
     assert base is not None
     other = tensors[0]
@@ -163,7 +165,8 @@ def model_stock(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, p
     count = len(ws)
     denominator = 1 + (count - 1) * cos
     singular = denominator.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), (count * cos) / torch.where(singular, torch.ones_like(denominator), denominator))
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cos), (count * cos) / safe)
     average = sum(ws) / count
     return (t * average + (1 - t) * w0).reshape(base.shape)
 
@@ -192,7 +195,8 @@ def sce(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model
     return base + (deltas * eta).sum(dim=0) / torch.sum(eta, dim=0).clamp(min=1e-6)
 
 
-def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int, flatten: bool, eps: float = 1e-8) -> torch.Tensor:
+def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dim: int, flatten: bool,
+             eps: float = 1e-8) -> torch.Tensor:
     """Slices of ``v0``, ``v1`` spherically interpolated (Shoemake 1985), mergekit's nuslerp order."""
     shape = v0.shape
     if flatten:
@@ -218,7 +222,8 @@ def nuslerp(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_m
     w = per_model_list("nuslerp", per_model, "weight", 2)
     total = sum(w)
     t = 0.5 if abs(total) < 1e-6 else w[1] / total
-    kw = {"dim": 0 if params.get("nuslerp_row_wise", False) else -1, "flatten": bool(params.get("nuslerp_flatten", True))}
+    kw = {"dim": 0 if params.get("nuslerp_row_wise", False) else -1,
+          "flatten": bool(params.get("nuslerp_flatten", True))}
     if base is None:
         return _nuslerp(t, tensors[0], tensors[1], **kw)
     return base + _nuslerp(t, tensors[0] - base, tensors[1] - base, **kw)
@@ -350,7 +355,7 @@ KERNELS: dict[str, Kernel] = {
     "multislerp": multislerp,
     "karcher": karcher,
     "arcee_fusion": arcee_fusion_fn,
-    "ram": ram_fn,
-    "ramplus_tl": ramplus_tl_fn,
+    "ram": ram_mergekit_order,
+    "ramplus_tl": ramplus_tl_mergekit_order,
 }
 """Method name → mergekit-order kernel."""

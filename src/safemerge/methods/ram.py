@@ -11,9 +11,11 @@ separates, per entry, the models that actually changed it (``|δᵢ| > ε``):
 RAM+ additionally rescales each model's unique updates by ``λᵢ = 1 + r·clip(ρᵢ, 0, α)`` with
 ``ρᵢ = |shared entries of i| / |unique entries of i|`` counted inside the tensor ("tensor-local").
 
-The arithmetic follows mergekit's operation order and type promotion, so it computes in the
-dtype of its inputs (float32 from the engine; the config dtype under ``--mergekit-arithmetic``).
-It holds the N task vectors at once, like TIES.
+:func:`ram` (the default kernel) streams the models in three passes — count the models that
+changed each entry, (RAM+) count each model's shared and unique entries, accumulate — so memory
+holds the base, the output, the counts and one task vector, whatever N. :func:`ram_stacked` is
+mergekit's order (all N task vectors stacked, reduced over the model axis, with its type
+promotion) for ``--mergekit-arithmetic``; in float32 the two agree to rounding (oracle tests).
 """
 from __future__ import annotations
 
@@ -25,6 +27,41 @@ import torch
 from safemerge.methods._tensor import check_inputs
 
 
+def _changed(t: torch.Tensor, base: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The task vector ``δ = θ − θ₀`` and its "changed" mask ``|δ| > ε``."""
+    delta = t - base
+    return delta, delta.abs() > epsilon
+
+
+def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: float = 1e-5,
+        r: float | None = None, alpha: float = 0.2) -> torch.Tensor:
+    """``θ = θ₀ + Σᵢ δᵢ·[|δᵢ| > ε]·(u·λᵢ + s/c)``, one model at a time.
+
+    ``c`` = number of models with ``|δᵢ| > ε`` at that entry; ``u = (c == 1)``, ``s = (c > 1)``;
+    ``λᵢ = 1`` (RAM) or, when ``r`` is given, ``1 + r·clip(ρᵢ, 0, α)`` with
+    ``ρᵢ = #(changedᵢ ∧ s) / max(#(changedᵢ ∧ u), ε)`` (RAM+, tensor-local).
+    """
+    if not tensors:
+        return base.clone()
+    counts = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
+    for t in tensors:
+        counts += _changed(t, base, epsilon)[1]
+    shared, unique = counts > 1, counts == 1
+    scales = [1.0] * len(tensors)
+    if r is not None:
+        for i, t in enumerate(tensors):
+            changed = _changed(t, base, epsilon)[1]
+            rho = float((changed & shared).sum()) / max(float((changed & unique).sum()), epsilon)
+            scales[i] = 1 + r * min(max(rho, 0.0), alpha)
+    share = shared / counts.clamp(min=1)  # 1/c on shared entries, 0 elsewhere
+    merged = torch.zeros_like(base, dtype=torch.promote_types(base.dtype, torch.float32))
+    for t, scale in zip(tensors, scales):
+        delta, changed = _changed(t, base, epsilon)
+        merged += delta * changed * (unique * scale + share)
+    del share, counts
+    return base + merged
+
+
 def _contributions(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, ...]:
     """Flattened task vectors with the entries ``≤ ε`` zeroed, the "changed" mask and the per-entry
     count of models that changed it (``1 × numel``)."""
@@ -34,13 +71,9 @@ def _contributions(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon:
     return deltas * changed, changed, counts
 
 
-def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: float = 1e-5,
-        r: float | None = None, alpha: float = 0.2) -> torch.Tensor:
-    """``θ = θ₀ + Σᵢ [uᵢ·λᵢ·δᵢ + sᵢ·δᵢ / cᵢ]`` over the entries each model changed.
-
-    ``c`` = number of models with ``|δᵢ| > ε`` at that entry; ``u = (c == 1)``, ``s = (c > 1)``;
-    ``λᵢ = 1`` (RAM) or, when ``r`` is given, ``1 + r·clip(ρᵢ, 0, α)`` (RAM+, tensor-local ρᵢ).
-    """
+def ram_stacked(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: float = 1e-5,
+                r: float | None = None, alpha: float = 0.2) -> torch.Tensor:
+    """:func:`ram` evaluated in mergekit's order: the N task vectors stacked, reduced over them."""
     if not tensors:
         return base
     zeroed, changed, counts = _contributions(tensors, base, epsilon)
@@ -55,17 +88,34 @@ def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: float =
     return base + merged.reshape_as(base)
 
 
+def _entry(kernel, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None,  # noqa: ANN001
+           params: dict[str, Any]) -> torch.Tensor:
+    check_inputs(name, tensors, base, base_policy="required", min_models=0, max_models=None)
+    assert base is not None
+    plus = {"r": float(params["r"]), "alpha": float(params["alpha"])} if name == "ramplus_tl" else {}
+    return kernel(tensors, base, epsilon=float(params["epsilon"]), **plus)
+
+
 def ram_fn(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
            params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-    """Registry entry for ``ram``."""
-    check_inputs("ram", tensors, base, base_policy="required", min_models=0, max_models=None)
-    assert base is not None
-    return ram(tensors, base, epsilon=float(params["epsilon"]))
+    """Registry entry for ``ram`` (streaming)."""
+    return _entry(ram, "ram", tensors, base, params)
 
 
 def ramplus_tl_fn(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
                   params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
-    """Registry entry for ``ramplus_tl``."""
-    check_inputs("ramplus_tl", tensors, base, base_policy="required", min_models=0, max_models=None)
-    assert base is not None
-    return ram(tensors, base, epsilon=float(params["epsilon"]), r=float(params["r"]), alpha=float(params["alpha"]))
+    """Registry entry for ``ramplus_tl`` (streaming)."""
+    return _entry(ram, "ramplus_tl", tensors, base, params)
+
+
+def ram_mergekit_order(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
+                       params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
+    """mergekit-order kernel for ``ram`` (:mod:`safemerge.methods.mergekit_order`)."""
+    return _entry(ram_stacked, "ram", tensors, base, params)
+
+
+def ramplus_tl_mergekit_order(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *,
+                              per_model: dict[str, list[Any]], params: dict[str, Any],
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+    """mergekit-order kernel for ``ramplus_tl``."""
+    return _entry(ram_stacked, "ramplus_tl", tensors, base, params)

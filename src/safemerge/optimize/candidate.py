@@ -80,7 +80,8 @@ class CandidateEvaluator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from safemerge.io.checkpoint import open_checkpoint, refuse_custom_code, split_model_ref
+        from safemerge.io.checkpoint import open_checkpoint, refuse_custom_code
+        from safemerge.io.hub import resolve_model_ref
         from safemerge.optimize.objective import AnswerCEObjective
 
         if num_threads:
@@ -93,8 +94,11 @@ class CandidateEvaluator:
         self.checkpoints = {r: open_checkpoint(r, allow_pickle=allow_pickle, allow_nonfinite=True) for r in refs}
         anchor = cfg.genome.base_model or cfg.genome.models[0]
         self.genome = build_genome(cfg, self.checkpoints[anchor])
-        model_dir = split_model_ref(anchor)[0]
-        tok_dir = split_model_ref(cfg.genome.tokenizer_source)[0] if cfg.genome.tokenizer_source and cfg.genome.tokenizer_source not in ("base", "union") else model_dir
+        # the resident model is loaded from the anchor's model directory (a Hub id resolved to its snapshot);
+        # its weights are replaced by every candidate's merge, so an adapter in the reference does not matter here
+        model_dir = str(resolve_model_ref(anchor, allow_pickle=allow_pickle)[0])
+        tok_src = cfg.genome.tokenizer_source
+        tok_dir = str(resolve_model_ref(tok_src)[0]) if tok_src and tok_src not in ("base", "union") else model_dir
         if not (Path(model_dir) / "config.json").is_file():
             raise CheckpointError(f"{model_dir} has no config.json", "the base model must be a Hugging Face model directory")
         refuse_custom_code(model_dir, trust_remote_code)

@@ -62,15 +62,18 @@ def check_density(density: Any) -> float | None:
 def open_ref(ref: Any, *, on: Any = None, allow_pickle: bool, allow_nonfinite: bool, role: str) -> Any:
     """A model dir, ``MODEL+ADAPTER``, or an adapter dir applied to ``on`` (a model path)."""
     from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.hub import resolve_local, split_model_ref
 
-    p = Path(str(ref))
+    if split_model_ref(str(ref))[1] is not None:
+        return open_checkpoint(str(ref), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    p = resolve_local(str(ref), allow_pickle=allow_pickle)  # a Hub id becomes its local snapshot
     if (p / "adapter_config.json").exists():
         if on is None:
-            raise CheckpointError(f"--{role} {p} is an adapter", "pass MODEL+ADAPTER")
+            raise CheckpointError(f"--{role} {ref} is an adapter", "pass MODEL+ADAPTER")
         return open_checkpoint(f"{on}+{p}", allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-    if not p.exists() and "+" not in str(ref):
+    if not p.exists():
         raise CheckpointError(f"--{role} path {str(ref)!r} does not exist", "check the path")
-    return open_checkpoint(str(ref), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    return open_checkpoint(str(p), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
 
 
 def check_same_tensors(ref: Any, others: list[tuple[str, Any]]) -> None:
