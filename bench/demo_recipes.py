@@ -22,6 +22,8 @@ from pathlib import Path
 def _curve(path: Path) -> str:
     from safemerge.train.safety_lora import loss_curve
 
+    if not (path / "training_log.json").exists():
+        return "(no training_log.json)"
     log = json.loads((path / "training_log.json").read_text())
     pts = loss_curve(log["losses"], points=5)
     return f"{log['records']} records, {len(log['losses'])} steps; loss " + " → ".join(f"{v:.3f}" for _, v in pts)
@@ -66,6 +68,7 @@ def main() -> None:
         for a in (float(x) for x in args.alphas.split(",") if x.strip()):
             merged = root / "merged" / fingerprint(task.name, zoo.safety.name, a)
             if not merged.exists():
+                merged.parent.mkdir(parents=True, exist_ok=True)
                 safemerge_adapters(
                     base=zoo.base,
                     aligned=zoo.aligned,
