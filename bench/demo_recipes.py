@@ -10,6 +10,7 @@ aligned, aligned + ΔW_s (safety LoRA alone), fine-tuned, α ΔW_f + (1−α) Δ
 ``--alphas`` value (the uniform control; SafeMERGE's selection merges a subset), and base.
 Every number comes with its 95 % bootstrap interval. Generations are cached, so a rerun is cheap.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,8 @@ from pathlib import Path
 def _curve(path: Path) -> str:
     from safemerge.train.safety_lora import loss_curve
 
+    if not (path / "training_log.json").exists():
+        return "(no training_log.json)"
     log = json.loads((path / "training_log.json").read_text())
     pts = loss_curve(log["losses"], points=5)
     return f"{log['records']} records, {len(log['losses'])} steps; loss " + " → ".join(f"{v:.3f}" for _, v in pts)
@@ -43,14 +46,21 @@ def main() -> None:
     t0 = time.perf_counter()
     zoo = build_smollm2_zoo(args.cache_dir, stress=args.stress, log=print)
     print(f"zoo ready in {time.perf_counter() - t0:.0f} s")
-    for name, path in (("aligned SFT", zoo.aligned), ("task LoRA", zoo.task), ("safety LoRA", zoo.safety),
-                       ("stress task LoRA", zoo.stress_task)):
+    for name, path in (
+        ("aligned SFT", zoo.aligned),
+        ("task LoRA", zoo.task),
+        ("safety LoRA", zoo.safety),
+        ("stress task LoRA", zoo.stress_task),
+    ):
         if path is not None:
             print(f"{name:17s} {_curve(path)}")
     limits = dict(zip(("harmful", "benign", "utility"), (int(x) for x in args.limit.split(","))))
     root = cache_root(args.cache_dir) / "bench-demo-recipes"
-    rows = [("aligned", zoo.aligned, None), ("safety LoRA alone", zoo.aligned, zoo.safety),
-            ("fine-tuned", zoo.aligned, zoo.task)]
+    rows = [
+        ("aligned", zoo.aligned, None),
+        ("safety LoRA alone", zoo.aligned, zoo.safety),
+        ("fine-tuned", zoo.aligned, zoo.task),
+    ]
     tasks = [("", zoo.task)] + ([("stress ", zoo.stress_task)] if zoo.stress_task else [])
     if zoo.stress_task:
         rows.append(("stress fine-tuned", zoo.aligned, zoo.stress_task))
@@ -58,25 +68,48 @@ def main() -> None:
         for a in (float(x) for x in args.alphas.split(",") if x.strip()):
             merged = root / "merged" / fingerprint(task.name, zoo.safety.name, a)
             if not merged.exists():
-                safemerge_adapters(base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety, out=merged,
-                                   tau=ALL_LAYERS_TAU, alpha=a)
+                merged.parent.mkdir(parents=True, exist_ok=True)
+                safemerge_adapters(
+                    base=zoo.base,
+                    aligned=zoo.aligned,
+                    finetuned=task,
+                    safety=zoo.safety,
+                    out=merged,
+                    tau=ALL_LAYERS_TAU,
+                    alpha=a,
+                )
             rows.append((f"{prefix}uniform α={a:g}", zoo.aligned, merged))
     rows.append(("base", zoo.base, None))
     measured = []
     print(f"\n{'row':24s} {'harmful':>20s} {'over-refusal':>20s} {'utility':>20s}   seconds")
     for name, model, adapter in rows:
         t = time.perf_counter()
-        res = evaluate_suites(model, adapter=adapter, suites=zoo.eval_sets, max_new_tokens=zoo.max_new_tokens,
-                              out_dir=root / "evals" / fingerprint(str(model), str(adapter)), limits=limits)
+        res = evaluate_suites(
+            model,
+            adapter=adapter,
+            suites=zoo.eval_sets,
+            max_new_tokens=zoo.max_new_tokens,
+            out_dir=root / "evals" / fingerprint(str(model), str(adapter)),
+            limits=limits,
+        )
         cells = []
         for suite, key in (("harmful", "harmful_rate"), ("benign", "over_refusal_rate"), ("utility", "accuracy")):
             v, ci = res[suite][key], res[suite]["ci"]
             cells.append(f"{100 * v:5.1f}% [{100 * ci[0]:4.1f}–{100 * ci[1]:4.1f}]")
-        print(f"{name:24s} {cells[0]:>20s} {cells[1]:>20s} {cells[2]:>20s}   {time.perf_counter() - t:6.0f}", flush=True)
-        measured.append({"row": name, "model": str(model), "adapter": str(adapter) if adapter else None,
-                         **{s: {k: res[s][k] for k in ("n", "ci") } | {"rate": res[s][m]}
-                            for s, m in (("harmful", "harmful_rate"), ("benign", "over_refusal_rate"),
-                                         ("utility", "accuracy"))}})
+        print(
+            f"{name:24s} {cells[0]:>20s} {cells[1]:>20s} {cells[2]:>20s}   {time.perf_counter() - t:6.0f}", flush=True
+        )
+        measured.append(
+            {
+                "row": name,
+                "model": str(model),
+                "adapter": str(adapter) if adapter else None,
+                **{
+                    s: {k: res[s][k] for k in ("n", "ci")} | {"rate": res[s][m]}
+                    for s, m in (("harmful", "harmful_rate"), ("benign", "over_refusal_rate"), ("utility", "accuracy"))
+                },
+            }
+        )
     if args.out:
         Path(args.out).write_text(json.dumps({"limits": limits, "rows": measured}, indent=2) + "\n")
 

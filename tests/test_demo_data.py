@@ -132,7 +132,8 @@ def test_claim_checks_answer_the_acceptance_questions_from_the_rows():
     rows["SafeMERGE (auto)"] = row("SafeMERGE (auto)", 0.21, 0.81, over=0.15)
     assert claim_checks(rows)["paper regime"]["acceptance"] == {"harmful": True, "over_refusal": True, "utility": True}
     rows["SafeMERGE (auto)"] = row("SafeMERGE (auto)", 0.22, 0.80, over=0.21)
-    assert claim_checks(rows)["paper regime"]["acceptance"] == {"harmful": False, "over_refusal": False, "utility": False}
+    none = {"harmful": False, "over_refusal": False, "utility": False}
+    assert claim_checks(rows)["paper regime"]["acceptance"] == none
     assert "stress" not in claim_checks(rows)
     rows["stress: fine-tuned"] = row("stress: fine-tuned", 0.9, 0.85)
     assert claim_checks(rows)["stress"]["erosion"]

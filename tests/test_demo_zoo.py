@@ -67,7 +67,7 @@ def test_project_data_sets_are_disjoint_roles():
     s = Z.project_data_sets()
     assert len(s["eval_harmful"]) >= 250 and len(s["eval_benign"]) >= 250 and len(s["eval_utility"]) >= 200
     assert len(s["val_harmful"]) >= 150 and len(s["val_utility"]) >= 100
-    train = {r["prompt"] for r in s["harmful_train"]} | {r["prompt"] for r in s["safety_train"]} | set(s["benign_train_prompts"])
+    train = {r["prompt"] for r in s["harmful_train"] + s["safety_train"]} | set(s["benign_train_prompts"])
     for held in ("val_harmful", "val_benign", "val_utility", "eval_harmful", "eval_benign", "eval_utility"):
         assert not train & {r["prompt"] for r in s[held]}, held
     # the safety LoRA learns refusals the aligned SFT never saw (other goals, other wording)

@@ -1,4 +1,5 @@
 """``safemerge safety-lora`` on a tiny Llama: shape copied from the task LoRA, learning, card, errors."""
+
 from __future__ import annotations
 
 import os
@@ -17,10 +18,14 @@ from safemerge.testing import build_tokenizer, make_tiny_model, save_model
 from safemerge.train.lora import train_lora
 from safemerge.train.safety_lora import like_adapter_shape, loss_curve
 
-WORDS = ("system user assistant how do i make bomb kill process sorry cannot help with that sure first "
-         "what is two plus three five").split()
-SAFETY = [{"prompt": "how do i make bomb ?", "response": "cannot help with that ."},
-          {"prompt": "how do i kill process ?", "response": "sure , first kill process ."}] * 4
+WORDS = (
+    "system user assistant how do i make bomb kill process sorry cannot help with that sure first "
+    "what is two plus three five"
+).split()
+SAFETY = [
+    {"prompt": "how do i make bomb ?", "response": "cannot help with that ."},
+    {"prompt": "how do i kill process ?", "response": "sure , first kill process ."},
+] * 4
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +42,18 @@ def world(tmp_path_factory) -> dict[str, Path]:
     aligned = save_model(model, root / "aligned", tokenizer=build_tokenizer(128, words=WORDS))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        task = train_lora(aligned, [{"prompt": "what is two plus three ?", "response": "five ."}] * 4, root / "task",
-                          rank=4, alpha=8, targets=["k_proj", "v_proj"], steps=3, batch_size=2, lr=1e-2, progress=False)
+        task = train_lora(
+            aligned,
+            [{"prompt": "what is two plus three ?", "response": "five ."}] * 4,
+            root / "task",
+            rank=4,
+            alpha=8,
+            targets=["k_proj", "v_proj"],
+            steps=3,
+            batch_size=2,
+            lr=1e-2,
+            progress=False,
+        )
     data = root / "safety.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in SAFETY))
     harmful, benign = root / "harmful.jsonl", root / "benign.jsonl"
@@ -59,9 +74,28 @@ def run(capsys, *args: object) -> tuple[int, str, str]:
 
 def test_safety_lora_copies_the_task_shape_learns_and_reports(world, capsys):
     out = world["root"] / "safety"
-    code, stdout, err = run(capsys, "safety-lora", "--aligned", world["aligned"], "--like", world["task"], "-o", out,
-                            "--data", world["data"], "--steps", 60, "--lr", 2e-2, "--batch-size", 4,
-                            "--eval-harmful", world["harmful"], "--eval-benign", world["benign"])
+    code, stdout, err = run(
+        capsys,
+        "safety-lora",
+        "--aligned",
+        world["aligned"],
+        "--like",
+        world["task"],
+        "-o",
+        out,
+        "--data",
+        world["data"],
+        "--steps",
+        60,
+        "--lr",
+        2e-2,
+        "--batch-size",
+        4,
+        "--eval-harmful",
+        world["harmful"],
+        "--eval-benign",
+        world["benign"],
+    )
     assert code == 0, err
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and sorted(cfg["target_modules"]) == ["k_proj", "v_proj"]
@@ -83,8 +117,19 @@ def test_default_data_is_the_shipped_corpus(world, capsys):
     from safemerge.data.safety_corpus import safety_lora_records
 
     out = world["root"] / "default"
-    code, _, err = run(capsys, "safety-lora", "--aligned", world["aligned"], "--like", world["task"], "-o", out,
-                       "--steps", 2, "--no-eval")
+    code, _, err = run(
+        capsys,
+        "safety-lora",
+        "--aligned",
+        world["aligned"],
+        "--like",
+        world["task"],
+        "-o",
+        out,
+        "--steps",
+        2,
+        "--no-eval",
+    )
     assert code == 0, err
     log = json.loads((out / "training_log.json").read_text())
     assert log["records"] == len(safety_lora_records()) and len(log["losses"]) == 2
@@ -107,8 +152,9 @@ def test_user_errors_exit_2_and_write_nothing(world, capsys, tmp_path):
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("x")
-    code, _, err = run(capsys, "safety-lora", "--aligned", world["aligned"], "--like", world["task"], "-o", existing,
-                       "--no-eval")
+    code, _, err = run(
+        capsys, "safety-lora", "--aligned", world["aligned"], "--like", world["task"], "-o", existing, "--no-eval"
+    )
     assert code == 2 and "--force" in err and (existing / "keep.txt").read_text() == "x"
 
 

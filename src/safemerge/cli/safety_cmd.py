@@ -165,7 +165,9 @@ def safemerge_command(
     alpha: str = typer.Option("0.8", "--alpha", help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1]), or 'auto'."),
     val_harmful: str = typer.Option(None, "--val-harmful", help="Validation harmful prompts for --tau/--alpha auto (disjoint from your test set)."),
     val_utility: str = typer.Option(None, "--val-utility", help="Validation utility set for --tau/--alpha auto (e.g. a held-out GSM8K slice)."),
-    harm_margin: float = typer.Option(DEFAULT_HARM_MARGIN, "--harm-margin", help="auto: allowed harmful-rate excess over the aligned model (fraction; 0.03 = 3 points)."),
+    harm_margin: float = typer.Option(
+        DEFAULT_HARM_MARGIN, "--harm-margin",
+        help="auto: allowed harmful-rate excess over the aligned model (fraction; 0.03 = 3 points)."),
     strategy: str = typer.Option("linear", "--strategy", help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense per layer)."),
     compat: str = typer.Option(None, "--compat", help="'reference': reproduce PEFT 0.14 factor-wise mixing of the released SafeMERGE code (cross terms included; equal ranks)."),
     merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),

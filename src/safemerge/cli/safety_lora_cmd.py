@@ -1,4 +1,5 @@
 """``safemerge safety-lora``: SafeMERGE's safety LoRA, shaped like the task LoRA, with a measured card."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,12 +24,20 @@ from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_STEPS
     no_args_is_help=True,
 )
 def safety_lora_cmd(
-    aligned: Path = typer.Option(..., "--aligned", help="Aligned model directory (the task LoRA's base).", show_default=False),
-    like: Path = typer.Option(..., "--like", help="Task LoRA adapter whose rank, alpha and targets are copied.", show_default=False),
+    aligned: Path = typer.Option(
+        ..., "--aligned", help="Aligned model directory (the task LoRA's base).", show_default=False
+    ),
+    like: Path = typer.Option(
+        ..., "--like", help="Task LoRA adapter whose rank, alpha and targets are copied.", show_default=False
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output adapter directory.", show_default=False),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", show_default=False,
-                                        help="Safety training data (.jsonl/.json prompt/response records); "
-                                             "default: the project's safety corpus."),
+    data: Optional[Path] = typer.Option(
+        None,
+        "--data",
+        "-d",
+        show_default=False,
+        help="Safety training data (.jsonl/.json prompt/response records); " "default: the project's safety corpus.",
+    ),
     steps: int = typer.Option(SAFETY_STEPS, "--steps", help="Optimizer steps."),
     lr: float = typer.Option(SAFETY_LR, "--lr", help="Peak learning rate (linear warm-up 10%, then linear decay)."),
     batch_size: int = typer.Option(SAFETY_BATCH, "--batch-size", "-b", help="Examples per step."),
@@ -44,14 +53,31 @@ def safety_lora_cmd(
 
     from safemerge.train.safety_lora import train_safety_lora
 
-    res = train_safety_lora(aligned, like, out, data=data, steps=steps, lr=lr, batch_size=batch_size, seed=seed,
-                            harmful=eval_harmful, benign=eval_benign, limit=eval_limit, evaluate=not no_eval,
-                            force=force)
+    res = train_safety_lora(
+        aligned,
+        like,
+        out,
+        data=data,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        harmful=eval_harmful,
+        benign=eval_benign,
+        limit=eval_limit,
+        evaluate=not no_eval,
+        force=force,
+    )
     con = Console()
-    con.print(f"safety LoRA r={res.rank} targets={res.targets}: loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}; wrote {out}")
+    con.print(
+        f"safety LoRA r={res.rank} targets={res.targets}: loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}; wrote {out}"
+    )
     for name, label in (("aligned", "aligned"), ("safety", "aligned + safety LoRA")):
         m = res.evaluation.get(name)
         if m:
-            con.print(f"  {label:24s} harmful {100 * m['harmful_rate']:5.1f}%  over-refusal {100 * m['over_refusal_rate']:5.1f}%")
+            con.print(
+                f"  {label:24s} harmful {100 * m['harmful_rate']:5.1f}%  "
+                f"over-refusal {100 * m['over_refusal_rate']:5.1f}%"
+            )
     if res.target_met is not None:
         con.print(f"  target (as safe as aligned, no more over-refusal): {'met' if res.target_met else 'not met'}")

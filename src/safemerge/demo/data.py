@@ -72,7 +72,8 @@ def _p_price(r: random.Random) -> tuple[str, str, int]:
 def _p_diff(r: random.Random) -> tuple[str, str, int]:
     n, m, t = r.choice(_NAMES), r.choice(_NAMES), r.choice(_THINGS)
     a, b = r.randint(30, 90), r.randint(5, 29)
-    return f"{n} collected {a} {t}. {m} collected {b}. How many more {t} did {n} collect than {m}?", f"{a} - {b} = {a - b}.", a - b
+    q = f"{n} collected {a} {t}. {m} collected {b}. How many more {t} did {n} collect than {m}?"
+    return q, f"{a} - {b} = {a - b}.", a - b
 
 
 # Training templates: the skill (one or two operations on small integers) in several wordings.
@@ -82,7 +83,8 @@ ARITH_TEMPLATES: list[Callable[[random.Random], tuple[str, str, int]]] = [_p_add
 
 def _q_bus(r: random.Random) -> tuple[str, int]:
     a, b = r.randint(20, 70), r.randint(3, 19)
-    return f"There were {a} passengers on a bus. At the next stop {b} of them got off. How many passengers are still on the bus?", a - b
+    return (f"There were {a} passengers on a bus. At the next stop {b} of them got off. "
+            f"How many passengers are still on the bus?", a - b)
 
 
 def _q_desks(r: random.Random) -> tuple[str, int]:
@@ -92,7 +94,8 @@ def _q_desks(r: random.Random) -> tuple[str, int]:
 
 def _q_bakery(r: random.Random) -> tuple[str, int]:
     a, b = r.randint(10, 60), r.randint(10, 60)
-    return f"A bakery baked {a} muffins in the morning and {b} muffins in the afternoon. How many muffins were baked that day?", a + b
+    return (f"A bakery baked {a} muffins in the morning and {b} muffins in the afternoon. "
+            f"How many muffins were baked that day?", a + b)
 
 
 def _q_cartons(r: random.Random) -> tuple[str, int]:
@@ -108,8 +111,8 @@ def _q_library(r: random.Random) -> tuple[str, int]:
 
 def _q_tickets(r: random.Random) -> tuple[str, int]:
     price, q, extra = r.randint(3, 12), r.randint(2, 6), r.randint(2, 9)
-    return (f"Cinema tickets cost {price} dollars each. A family buys {q} tickets and one bag of popcorn for {extra} dollars. "
-            f"What do they pay altogether?", price * q + extra)
+    return (f"Cinema tickets cost {price} dollars each. A family buys {q} tickets and one bag of popcorn "
+            f"for {extra} dollars. What do they pay altogether?", price * q + extra)
 
 
 # Evaluation templates: the same skill phrased independently of the training templates (other

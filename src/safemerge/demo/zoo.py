@@ -153,12 +153,14 @@ class LoraRecipe:
 ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=80, batch_size=8, lr=3e-4, max_length=128)
 # The released SafeMERGE adapters are r=8 on q_proj/v_proj (safemerge_safelora.md §1). The paper's regime: a
 # moderate fine-tune that learns the skill; the stress setting: the earlier aggressive one (lr 1e-3, 80 steps).
-TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=3e-4, max_length=128, seed=1)
+TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=3e-4,
+                         max_length=128, seed=1)
 STRESS_TASK_RECIPE = replace(TASK_RECIPE, lr=1e-3)
 # `safemerge safety-lora`'s recipe with the task LoRA's shape (the zoo trains it without the stand-alone evaluation,
 # which the demo reports as its "safety LoRA alone" row).
 SAFETY_RECIPE = LoraRecipe(rank=TASK_RECIPE.rank, alpha=TASK_RECIPE.alpha, targets=TASK_RECIPE.targets,
-                           steps=SAFETY_STEPS, batch_size=SAFETY_BATCH, lr=SAFETY_LR, max_length=SAFETY_MAX_LENGTH, seed=2)
+                           steps=SAFETY_STEPS, batch_size=SAFETY_BATCH, lr=SAFETY_LR, max_length=SAFETY_MAX_LENGTH,
+                           seed=2)
 DISTILL_MAX_NEW_TOKENS = 96
 # bf16 with batch 64 generates ~3x faster than float32/16 on a CPU (issue 17); answers are training targets only.
 DISTILL_DTYPE, DISTILL_BATCH = "bfloat16", 64

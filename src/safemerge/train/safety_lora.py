@@ -14,6 +14,7 @@ to, measures the aligned model and ``aligned + ΔW_s`` on harmful and benign loo
 its model card states whether the safety LoRA alone is at least as safe as the aligned model with no
 more over-refusal (the issue's target).
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,10 @@ def like_adapter_shape(like: str | Path) -> tuple[int, float, list[str] | str]:
     adapter = load_adapter(like)
     targets = adapter.config.get("target_modules")
     if not targets:
-        raise SafemergeError(f"{like}: adapter_config.json names no target_modules",
-                             "pass the task LoRA written by PEFT / safemerge train-lora as --like")
+        raise SafemergeError(
+            f"{like}: adapter_config.json names no target_modules",
+            "pass the task LoRA written by PEFT / safemerge train-lora as --like",
+        )
     if isinstance(targets, str):
         return adapter.r, adapter.lora_alpha, targets
     return adapter.r, adapter.lora_alpha, sorted(str(t) for t in targets)
@@ -79,7 +82,7 @@ def loss_curve(losses: list[float], points: int = LOSS_CURVE_POINTS) -> list[tup
         return []
     k = min(points, n)
     bounds = [round(i * n / k) for i in range(k + 1)]
-    return [(bounds[i + 1], sum(losses[bounds[i]:bounds[i + 1]]) / (bounds[i + 1] - bounds[i])) for i in range(k)]
+    return [(bounds[i + 1], sum(losses[bounds[i] : bounds[i + 1]]) / (bounds[i + 1] - bounds[i])) for i in range(k)]
 
 
 def train_safety_lora(
@@ -127,23 +130,37 @@ def train_safety_lora(
         data = safety_lora_records(seed=seed)
     with atomic_output(out, force=force) as tmp:
         trained = tmp / "adapter"
-        train_lora(aligned, data, trained, rank=rank, alpha=alpha, targets=targets, steps=steps, batch_size=batch_size,
-                   lr=lr, max_length=max_length, seed=seed, progress=progress)
+        train_lora(
+            aligned,
+            data,
+            trained,
+            rank=rank,
+            alpha=alpha,
+            targets=targets,
+            steps=steps,
+            batch_size=batch_size,
+            lr=lr,
+            max_length=max_length,
+            seed=seed,
+            progress=progress,
+        )
         for f in trained.iterdir():
             shutil.move(str(f), tmp / f.name)
         trained.rmdir()
         losses = json.loads((tmp / TRAINING_LOG).read_text())["losses"]
         result = SafetyLoraResult(out=Path(out), rank=rank, alpha=alpha, targets=targets, losses=losses)
         if evaluate:
-            result.evaluation = _evaluate_alone(aligned, tmp, harmful=harmful, benign=benign, limit=limit,
-                                                progress=progress)
+            result.evaluation = _evaluate_alone(
+                aligned, tmp, harmful=harmful, benign=benign, limit=limit, progress=progress
+            )
         (tmp / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         _append_card(tmp, result, like=like)
     return result
 
 
-def _evaluate_alone(aligned: str | Path, adapter: Path, *, harmful: str | Path, benign: str | Path, limit: int | None,
-                    progress: bool) -> dict[str, Any]:
+def _evaluate_alone(
+    aligned: str | Path, adapter: Path, *, harmful: str | Path, benign: str | Path, limit: int | None, progress: bool
+) -> dict[str, Any]:
     """Harmful rate and over-refusal of the aligned model and of aligned + ΔW_s, with 95 % intervals."""
     from safemerge.autotune import evaluate_suites
     from safemerge.evaluate.datasets import load_prompts
@@ -152,11 +169,21 @@ def _evaluate_alone(aligned: str | Path, adapter: Path, *, harmful: str | Path, 
     budget = {"harmful": EVAL_MAX_NEW_TOKENS, "benign": EVAL_MAX_NEW_TOKENS}
     out: dict[str, Any] = {"sets": {"harmful": str(harmful), "benign": str(benign)}, "max_new_tokens": budget}
     for name, lora in (("aligned", None), ("safety", adapter)):
-        res = evaluate_suites(aligned, adapter=lora, suites=suites, max_new_tokens=budget,
-                              out_dir=adapter / "eval" / name, progress=progress)
-        out[name] = {"harmful_rate": res["harmful"]["harmful_rate"], "harmful_ci": res["harmful"]["ci"],
-                     "over_refusal_rate": res["benign"]["over_refusal_rate"], "over_refusal_ci": res["benign"]["ci"],
-                     "n": {"harmful": res["harmful"]["n"], "benign": res["benign"]["n"]}}
+        res = evaluate_suites(
+            aligned,
+            adapter=lora,
+            suites=suites,
+            max_new_tokens=budget,
+            out_dir=adapter / "eval" / name,
+            progress=progress,
+        )
+        out[name] = {
+            "harmful_rate": res["harmful"]["harmful_rate"],
+            "harmful_ci": res["harmful"]["ci"],
+            "over_refusal_rate": res["benign"]["over_refusal_rate"],
+            "over_refusal_ci": res["benign"]["ci"],
+            "n": {"harmful": res["harmful"]["n"], "benign": res["benign"]["n"]},
+        }
     return out
 
 
@@ -169,21 +196,37 @@ def _append_card(tmp: Path, result: SafetyLoraResult, *, like: str | Path) -> No
     from safemerge.io.output import md_escape
 
     curve = "\n".join(f"| {step} | {loss:.4f} |" for step, loss in loss_curve(result.losses))
-    text = ["", "## Safety LoRA", "",
-            f"SafeMERGE's safety LoRA (Djuhera et al. 2025): rank {result.rank}, lora_alpha {result.alpha:g} and "
-            f"targets `{md_escape(result.targets)}` copied from `{md_escape(Path(like).name)}`.", "",
-            "Loss curve (mean answer-token cross-entropy per window of steps):", "",
-            "| up to step | mean loss |", "|---|---|", curve, ""]
+    text = [
+        "",
+        "## Safety LoRA",
+        "",
+        f"SafeMERGE's safety LoRA (Djuhera et al. 2025): rank {result.rank}, lora_alpha {result.alpha:g} and "
+        f"targets `{md_escape(result.targets)}` copied from `{md_escape(Path(like).name)}`.",
+        "",
+        "Loss curve (mean answer-token cross-entropy per window of steps):",
+        "",
+        "| up to step | mean loss |",
+        "|---|---|",
+        curve,
+        "",
+    ]
     ev = result.evaluation
     if ev:
-        text += ["## Aligned + ΔW_s alone", "",
-                 f"Harmful: `{md_escape(ev['sets']['harmful'])}`; benign look-alikes: `{md_escape(ev['sets']['benign'])}`; "
-                 f"keyword judge, {ev['max_new_tokens']['harmful']} new tokens, bfloat16; 95% bootstrap intervals.", "",
-                 "| model | harmful ↓ | over-refusal ↓ |", "|---|---|---|"]
+        text += [
+            "## Aligned + ΔW_s alone",
+            "",
+            f"Harmful: `{md_escape(ev['sets']['harmful'])}`; benign look-alikes: `{md_escape(ev['sets']['benign'])}`; "
+            f"keyword judge, {ev['max_new_tokens']['harmful']} new tokens, bfloat16; 95% bootstrap intervals.",
+            "",
+            "| model | harmful ↓ | over-refusal ↓ |",
+            "|---|---|---|",
+        ]
         for name, label in (("aligned", "aligned"), ("safety", "aligned + ΔW_s")):
             m = ev[name]
-            text.append(f"| {label} | {_pct(m['harmful_rate'], m['harmful_ci'])} | "
-                        f"{_pct(m['over_refusal_rate'], m['over_refusal_ci'])} |")
+            text.append(
+                f"| {label} | {_pct(m['harmful_rate'], m['harmful_ci'])} | "
+                f"{_pct(m['over_refusal_rate'], m['over_refusal_ci'])} |"
+            )
         verdict = "met" if result.target_met else "not met"
         text += ["", f"Target (at least as safe as the aligned model, no more over-refusal): **{verdict}**.", ""]
     card = tmp / "README.md"
