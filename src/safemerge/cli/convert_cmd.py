@@ -37,8 +37,9 @@ def convert(
     from safemerge.progress import progress_bar
 
     started = time.perf_counter()
-    read_gguf_metadata(gguf_file)  # input and output errors are reported before the bar appears
-    check_output_path(out, force=force)
+    # output and input errors are reported before the bar appears (the output check first: it reads nothing)
+    check_output_path(out, force=force, inputs=(gguf_file,))
+    read_gguf_metadata(gguf_file)
     with progress_bar("convert", total=_STAGES, unit="stages", enabled=not (no_progress or quiet)) as bar:
         stage = [0]
 

@@ -43,6 +43,13 @@ def _model_dir(ckpt: Any) -> Path:
     return p if p.is_dir() else p.parent
 
 
+def _tokenizer_dir(ref: str) -> Path:
+    """The local directory of a ``tokenizer_source`` that is not among the merged models (a path or Hub id)."""
+    from safemerge.io.hub import resolve_local, split_model_ref
+
+    return resolve_local(split_model_ref(ref)[0])
+
+
 def _load_tokenizer(path: Path, what: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -208,7 +215,7 @@ def build_alignment(config: MergeConfig, ckpts: Mapping[str, Any], base: str | N
 
         out = copy.deepcopy(base_tok)
     else:
-        out = _load_tokenizer(_model_dir(ckpts[source]) if source in ckpts else Path(source.split("+")[0]), source)
+        out = _load_tokenizer(_model_dir(ckpts[source]) if source in ckpts else _tokenizer_dir(source), source)
     missing = [t for t in tokens if t not in out.get_vocab()]
     if missing:
         out.add_tokens(missing)
