@@ -148,7 +148,6 @@ def _round_two_fixtures(root: Path, p: dict[str, str]) -> None:
     malformed adapter configs, non-UTF-8 files, templates that raise, a GGUF with bad merges."""
     import os
 
-    from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
 
     m1 = Path(p["m1"])

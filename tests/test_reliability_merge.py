@@ -90,7 +90,7 @@ def test_bf16_inputs_computed_in_fp32_without_overflow(tmp_path) -> None:
         paths[f"m{i}"] = save_model(m, tmp_path / f"m{i}")
     cfg = tmp_path / "cfg.yml"
     cfg.write_text(
-        f"merge_method: linear\nmodels:\n"
+        "merge_method: linear\nmodels:\n"
         + "".join(f"  - model: {p}\n    parameters: {{weight: 1.0}}\n" for p in paths.values())
         + "parameters: {normalize: true}\nout_dtype: float16\n"
     )

@@ -214,7 +214,7 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
     card = (tmp_path / "ad" / "README.md").read_text()
     assert "reconstruction" in card.lower() and f"strategy: {strategy}" in card
     # full-model output with the same seed: merged layers equal the registered method on the dense deltas
-    res2 = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
+    safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
                               out=tmp_path / "full", strategy=strategy, density=0.7, seed=3, tau=0.8, merge_into=world.aligned)
     from safemerge.safety.safemerge import merge_dense
 

@@ -18,9 +18,12 @@ import threading
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safemerge.errors import CheckpointError, option
+
+if TYPE_CHECKING:
+    import torch
 from safemerge.io.hub import resolve_local, split_model_ref  # noqa: F401  (split_model_ref re-exported)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
