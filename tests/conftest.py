@@ -25,3 +25,16 @@ def shared_datasets() -> Path:
     if not SHARED_DATASETS.is_dir():
         pytest.skip("../shared/datasets is not available")
     return SHARED_DATASETS
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """Run the safemerge CLI in-process: (exit code, stdout, stderr)."""
+    from safemerge.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

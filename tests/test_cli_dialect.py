@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safety_world import build_world
 
-from safemerge.cli import main
+from conftest import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,14 +23,7 @@ def world(tmp_path_factory):
     return build_world(tmp_path_factory.getbasetemp() / "safety_world", "llama")
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+run = run_cli  # the shared in-process CLI runner (tests/conftest.py)
 
 
 def _params() -> dict[str, list]:

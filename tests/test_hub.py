@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from safety_world import build_world
 
-from safemerge.cli import main
 from safemerge.errors import CheckpointError
 from safemerge.io.hub import parse_hub_id, resolve_local, resolve_model_ref
+from conftest import run_cli  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 COMMIT_V1 = "89abcdef0123456789abcdef0123456789abcdef"
@@ -64,14 +64,7 @@ def hub(world, tmp_path, monkeypatch):
     return cache
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+run = run_cli  # the shared in-process CLI runner (tests/conftest.py)
 
 
 def test_parse_hub_id():

@@ -18,7 +18,7 @@ from safety_world import build_world
 
 pytest.importorskip("lm_eval")
 
-from safemerge.cli import main  # noqa: E402
+from conftest import run_cli  # noqa: E402
 
 WORDS = list("abcdefghij")
 TASK = "safemerge_tiny_mc"
@@ -48,14 +48,7 @@ def task_dir(tmp_path_factory) -> Path:
     return d
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+run = run_cli  # the shared in-process CLI runner (tests/conftest.py)
 
 
 def _oracle_accuracy(model_dir: str, adapter_dir: str, rows: list[dict]) -> float:

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safety_world import build_world
 
-from safemerge.cli import main
+from conftest import run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,7 @@ def materialised(world, tmp_path_factory) -> Path:
     return out
 
 
-def run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+run = run_cli  # the shared in-process CLI runner (tests/conftest.py)
 
 
 def _rho(path: Path) -> list[float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from safemerge.cli import main
+from conftest import run_cli  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +37,7 @@ def _sets(world) -> list[str]:
             "--test-utility", world.eval_sets["utility"], "--max-new-tokens", str(world.max_new_tokens["harmful"])]
 
 
-def _run(capsys, *args) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+_run = run_cli  # the shared in-process CLI runner (tests/conftest.py)
 
 
 def _rows(out: Path) -> dict[str, dict]:
