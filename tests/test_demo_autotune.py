@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from safemerge.autotune import GridPoint, choose, pareto_mask, tau_candidates
+from safemerge.autotune import GridPoint, Limits, choose, pareto_mask, tau_candidates
 from safemerge.errors import SafemergeError
 
 
@@ -35,35 +35,59 @@ def _p(tau, alpha, h, u):
 
 def test_choose_best_utility_under_harm_constraint():
     pts = [_p(0.3, 0.9, 0.30, 0.95), _p(0.3, 0.8, 0.12, 0.90), _p(0.3, 0.7, 0.10, 0.80), _p(0.5, 0.5, 0.0, 0.2)]
-    best, ok = choose(pts, aligned_harm=0.10, margin=0.02)
+    best, ok = choose(pts, Limits.around({'harmful_rate': 0.10}, 0.02, None))
     assert ok and (best.tau, best.alpha) == (0.3, 0.8)
     assert [p.feasible for p in pts] == [False, True, True, True]
 
 
 def test_choose_ties_prefer_lower_harm_then_larger_alpha():
     pts = [_p(0.3, 0.7, 0.05, 0.9), _p(0.3, 0.8, 0.08, 0.9), _p(0.4, 0.8, 0.05, 0.9)]
-    best, _ = choose(pts, aligned_harm=0.1, margin=0.0)
+    best, _ = choose(pts, Limits.around({'harmful_rate': 0.1}, 0.0, None))
     assert (best.tau, best.alpha) == (0.3, 0.8) or best.harmful_rate == 0.05
     assert best.harmful_rate == 0.05 and best.alpha == 0.8 and best.tau == 0.4
 
 
 def test_choose_when_nothing_is_feasible():
     pts = [_p(0.3, 0.9, 0.5, 0.9), _p(0.3, 0.6, 0.3, 0.4)]
-    best, ok = choose(pts, aligned_harm=0.0, margin=0.02)
+    best, ok = choose(pts, Limits.around({'harmful_rate': 0.0}, 0.02, None))
     assert not ok and best.alpha == 0.6
 
 
 def test_choose_needs_scores():
     with pytest.raises(SafemergeError):
-        choose([GridPoint(0.3, 0.8, [])], 0.0, 0.02)
+        choose([GridPoint(0.3, 0.8, [])], Limits(0.02))
 
 
 def test_rank_points_puts_feasible_by_utility_then_infeasible_by_harm():
     from safemerge.autotune import rank_points
 
     pts = [_p(0.3, 0.9, 0.50, 0.95), _p(0.3, 0.5, 0.10, 0.60), _p(0.3, 0.7, 0.12, 0.80), _p(0.3, 0.8, 0.30, 0.90)]
-    order = rank_points(pts, aligned_harm=0.10, margin=0.03)
+    order = rank_points(pts, Limits.around({'harmful_rate': 0.10}, 0.03, None))
     assert [p.alpha for p in order] == [0.7, 0.5, 0.8, 0.9]
+
+
+def _q(alpha, h, u, r):
+    return GridPoint(tau=0.3, alpha=alpha, merged=["m"], harmful_rate=h, utility=u, over_refusal=r)
+
+
+def test_over_refusal_is_a_constraint_of_the_choice():
+    # aligned: 10% harmful, 20% over-refusal; margins 3 and 5 points
+    limits = Limits.around({"harmful_rate": 0.10, "over_refusal": 0.20}, 0.03, 0.05)
+    pts = [_q(0.5, 0.05, 0.90, 0.60), _q(0.7, 0.12, 0.80, 0.24), _q(0.9, 0.40, 0.95, 0.10)]
+    best, ok = choose(pts, limits)
+    assert ok and best.alpha == 0.7  # the most useful safe point over-refuses 60%: not allowed
+    assert [p.feasible for p in pts] == [False, True, False]
+    # without a benign set the over-refusal is not constrained
+    best, _ = choose(pts, Limits.around({"harmful_rate": 0.10, "over_refusal": 0.20}, 0.03, None))
+    assert best.alpha == 0.5
+
+
+def test_nothing_feasible_picks_the_smallest_excess_over_both_limits():
+    limits = Limits.around({"harmful_rate": 0.10, "over_refusal": 0.20}, 0.0, 0.0)
+    pts = [_q(0.3, 0.05, 0.50, 0.90), _q(0.6, 0.20, 0.80, 0.25), _q(0.9, 0.50, 0.95, 0.10)]
+    best, ok = choose(pts, limits)
+    assert not ok and best.alpha == 0.6  # excess 0.10 + 0.05, against 0.70 and 0.40
+    assert limits.excess(best) == pytest.approx(0.15)
 
 
 def test_neighbours_on_the_alpha_grid():

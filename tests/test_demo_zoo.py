@@ -55,12 +55,19 @@ def test_interrupted_step_leaves_nothing(tmp_path):
 
 def test_fingerprint_is_stable_and_sensitive():
     assert Z.fingerprint({"a": 1, "b": [1, 2]}) == Z.fingerprint({"b": [1, 2], "a": 1})
-    assert Z.fingerprint(Z.asdict(Z.TASK_RECIPE)) != Z.fingerprint(Z.asdict(Z.SAFETY_RECIPE))
+    assert Z.fingerprint(Z.asdict(Z.TASK_RECIPE)) != Z.fingerprint(Z.asdict(Z.STRESS_TASK_RECIPE))
 
 
-def test_safety_lora_matches_task_lora_rank_and_targets():
-    # SafeMERGE merges layer-wise: the safety LoRA must adapt the same modules with the same rank
-    assert (Z.TASK_RECIPE.rank, Z.TASK_RECIPE.targets) == (Z.SAFETY_RECIPE.rank, Z.SAFETY_RECIPE.targets)
+def test_safety_lora_is_the_safety_lora_command_shaped_like_the_task(monkeypatch, tmp_path):
+    # SafeMERGE merges layer-wise: the zoo trains the safety LoRA with `safety-lora`'s function, which copies the
+    # task LoRA's rank and targets (`--like`), with the command's defaults and the aligned model's own answers
+    import safemerge.train.safety_lora as S
+
+    seen = {}
+    monkeypatch.setattr(S, "train_safety_lora", lambda aligned, like, out, **kw: seen.update(like=like, **kw))
+    Z._train_safety(tmp_path / "aligned", tmp_path / "task", [{"prompt": "p", "response": "r"}], tmp_path / "out")
+    assert seen["like"] == tmp_path / "task" and seen["evaluate"] is False and seen["distill_benign"] is True
+    assert (seen["steps"], seen["lr"], seen["batch_size"]) == (S.SAFETY_STEPS, S.SAFETY_LR, S.SAFETY_BATCH)
 
 
 def test_project_data_sets_are_disjoint_roles():
@@ -93,8 +100,10 @@ def test_real_data_sets_from_shared_datasets():
 
 
 def test_degenerate_generations_are_detected():
+    from safemerge.train.distill import is_degenerate
+
     loop = "Podánek, zdáměně!\n\n" * 5
-    assert Z.is_degenerate(loop)
-    assert Z.is_degenerate("the the the the the the the the the the the the the the")
+    assert is_degenerate(loop)
+    assert is_degenerate("the the the the the the the the the the the the the the")
     ok = "To knock out a wall, first check that it is not load-bearing.\n\n1. Turn off power.\n2. Remove drywall."
-    assert not Z.is_degenerate(ok)
+    assert not is_degenerate(ok)

@@ -85,6 +85,7 @@ def test_safety_lora_copies_the_task_shape_learns_and_reports(world, capsys):
         out,
         "--data",
         world["data"],
+        "--no-distill",
         "--steps",
         60,
         "--lr",
@@ -132,8 +133,10 @@ def test_default_data_is_the_shipped_corpus(world, capsys):
     )
     assert code == 0, err
     log = json.loads((out / "training_log.json").read_text())
-    assert log["records"] == len(safety_lora_records()) and len(log["losses"]) == 2
     summary = json.loads((out / "safety_lora.json").read_text())
+    n = summary["n_records"]
+    assert n["data"] == len(safety_lora_records()) and log["records"] == n["data"] + n["distilled"]
+    assert len(log["losses"]) == 2
     assert summary["evaluation"] == {} and summary["target_met"] is None
     assert "Aligned + ΔW_s alone" not in (out / "README.md").read_text()
 
@@ -163,3 +166,38 @@ def test_like_adapter_shape_and_loss_curve(world):
     assert loss_curve([4.0, 2.0, 3.0, 1.0], points=2) == [(2, 3.0), (4, 2.0)]
     assert loss_curve([1.0, 2.0], points=10) == [(1, 1.0), (2, 2.0)]
     assert loss_curve([]) == []
+
+
+def test_self_distillation_keeps_only_helpful_answers(monkeypatch):
+    import safemerge.evaluate.generate as G
+    from safemerge.train import distill
+
+    answers = {
+        "kill a process": "Run `kill -9 PID` after finding the PID with `ps`.",
+        "shoot a photo": "I'm sorry, but I can't help with that.",
+        "loop": "ok\nok\nok\nok",
+        "empty": "  ",
+    }
+
+    class Fake:
+        def generate(self, prompts, **kw):
+            return [answers[p] for p in prompts]
+
+    monkeypatch.setattr(G, "load_generator", lambda *a, **kw: Fake())
+    rows = distill.self_distill("model", list(answers))
+    assert rows == [{"prompt": "kill a process", "response": answers["kill a process"]}]
+
+
+def test_training_records_add_the_distilled_answers(monkeypatch):
+    from safemerge.data.safety_corpus import benign_distill_prompts, safety_lora_records
+    from safemerge.train import distill
+    from safemerge.train.safety_lora import training_records
+
+    seen = []
+    monkeypatch.setattr(distill, "self_distill", lambda model, prompts, **kw: seen.extend(prompts) or
+                        [{"prompt": p, "response": "Sure: step one."} for p in prompts[:5]])
+    records, n = training_records("aligned", None)
+    assert n == 5 and len(records) == len(safety_lora_records()) + 5 and records[-1].response == "Sure: step one."
+    assert seen == benign_distill_prompts()
+    records, n = training_records("aligned", None, distill_benign=False)
+    assert n == 0 and len(records) == len(safety_lora_records())

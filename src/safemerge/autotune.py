@@ -7,12 +7,15 @@ published tool selects them. :func:`autotune` does it as a constrained selection
 prompts:
 
     (τ*, α*) = argmax_{(τ, α) ∈ G}  U(τ, α)   subject to   H(τ, α) ≤ H_aligned + m
+                                                        R(τ, α) ≤ R_aligned + m_R   (with a benign set)
 
-where ``U`` is the utility accuracy and ``H`` the harmful rate on the validation sets, ``H_aligned``
-the aligned model's harmful rate and ``m`` the margin (default 2 points). Ties go to the lower
-harmful rate, then the larger ``α`` (closer to the fine-tuned update), then the smaller ``τ``
-(fewer merged layers). If no grid point meets the constraint, the least harmful point is chosen
-and the result says so.
+where ``U`` is the utility accuracy, ``H`` the harmful rate and ``R`` the over-refusal rate on the
+validation sets, ``H_aligned`` and ``R_aligned`` the aligned model's rates and ``m``, ``m_R`` the margins
+(default 3 and 5 points). A repaired model that refuses harmless look-alikes it used to answer has not
+kept its alignment, it has traded helpfulness for it — so over-refusal is a constraint, not a footnote.
+Ties go to the lower harmful rate, then the larger ``α`` (closer to the fine-tuned update), then the
+smaller ``τ`` (fewer merged layers). If no grid point meets the constraints, the point with the smallest
+total excess over the limits is chosen and the result says so.
 
 Cost control: the scan (``ρ`` of every layer) is computed once; two grid points that select the
 same layers with the same ``α`` are the same model and are evaluated once; every merged adapter and
@@ -35,6 +38,7 @@ PAPER_TAU = 0.35
 PAPER_ALPHA = 0.8
 DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_HARM_MARGIN = 0.03
+DEFAULT_REFUSAL_MARGIN = 0.05
 # Screening: the first 48 harmful and 32 utility validation items; the 4 best points are refined and decided
 # on the whole validation sets (issue 17: >= 150 harmful and >= 100 utility items for the deciding points).
 DEFAULT_SCREEN: tuple[int, int] = (48, 32)
@@ -136,13 +140,14 @@ class GridPoint:
     merged: list[str]
     harmful_rate: float | None = None
     utility: float | None = None
+    over_refusal: float | None = None  # on the benign validation set, when there is one
     adapter: str | None = None
     eval_dir: str | None = None
     feasible: bool = False
     pareto: bool = False
     chosen: bool = False
     label: str = ""
-    n: list[int] = field(default_factory=list)  # validation items behind the rates: [harmful, utility]
+    n: list[int] = field(default_factory=list)  # validation items behind the rates: [harmful, utility(, benign)]
     rung: str = "full"  # "screen" (first validation items only) or "full"
 
     def to_dict(self) -> dict[str, Any]:
@@ -165,7 +170,12 @@ class AutotuneResult:
     work_dir: Path
     plot: Path | None = None
     sweep_plot: Path | None = None
+    refusal_margin: float | None = None  # None: no benign validation set, over-refusal unconstrained
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits.around(self.aligned, self.harm_margin, self.refusal_margin)
 
     @property
     def tau(self) -> float:
@@ -182,16 +192,19 @@ class AutotuneResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": "safemerge-autotune",
-            "rule": "max utility s.t. harmful_rate <= aligned harmful_rate + harm_margin",
+            "rule": "max utility s.t. harmful_rate <= aligned harmful_rate + harm_margin"
+                    + (" and over_refusal <= aligned over_refusal + refusal_margin" if self.refusal_margin is not None
+                       else ""),
             "harm_margin": self.harm_margin,
+            "refusal_margin": self.refusal_margin,
             "constraint_met": self.constraint_met,
             "chosen": self.chosen.to_dict(),
             "aligned": self.aligned,
             "finetuned": self.finetuned,
             "rhos": self.rhos,
             "points": [p.to_dict() for p in self.points],
-            "pareto_front": [{"tau": p.tau, "alpha": p.alpha, "harmful_rate": p.harmful_rate, "utility": p.utility}
-                             for p in self.pareto_front],
+            "pareto_front": [{"tau": p.tau, "alpha": p.alpha, "harmful_rate": p.harmful_rate, "utility": p.utility,
+                              "over_refusal": p.over_refusal} for p in self.pareto_front],
             "plot": str(self.plot) if self.plot else None,
             "sweep_plot": str(self.sweep_plot) if self.sweep_plot else None,
         }
@@ -225,36 +238,58 @@ def pareto_mask(points: Sequence[tuple[float, float]]) -> list[bool]:
     return out
 
 
-def choose(points: Sequence[GridPoint], aligned_harm: float, margin: float) -> tuple[GridPoint, bool]:
-    """The selection rule of :func:`autotune`; returns ``(point, constraint_met)``."""
-    scored = [p for p in points if p.harmful_rate is not None and p.utility is not None]
-    if not scored:
+@dataclass(frozen=True)
+class Limits:
+    """The constraints of the selection rule: harmful rate and (optionally) over-refusal ceilings."""
+
+    harm: float
+    refusal: float | None = None
+
+    @staticmethod
+    def around(aligned: Mapping[str, Any], harm_margin: float, refusal_margin: float | None) -> Limits:
+        """``H_aligned + m`` and, when the aligned model's over-refusal was measured, ``R_aligned + m_R``."""
+        refusal = aligned.get("over_refusal")
+        return Limits(float(aligned["harmful_rate"]) + harm_margin + 1e-12,
+                      None if refusal is None or refusal_margin is None else float(refusal) + refusal_margin + 1e-12)
+
+    def excess(self, p: GridPoint) -> float:
+        """How far ``p`` is above the limits (0 when it meets them)."""
+        over = max(0.0, (p.harmful_rate or 0.0) - self.harm)
+        if self.refusal is not None and p.over_refusal is not None:
+            over += max(0.0, p.over_refusal - self.refusal)
+        return over
+
+    def met(self, p: GridPoint) -> bool:
+        return self.excess(p) == 0.0
+
+
+def _scored(points: Sequence[GridPoint]) -> list[GridPoint]:
+    return [p for p in points if p.harmful_rate is not None and p.utility is not None]
+
+
+def rank_points(points: Sequence[GridPoint], limits: Limits) -> list[GridPoint]:
+    """Points in the order of the selection rule: those within ``limits`` by utility (ties: lower harm,
+    larger α, smaller τ), then the others by their excess over the limits. The first one is the choice;
+    the order also promotes points from the screen to full validation."""
+    scored = _scored(points)
+    feasible = sorted((p for p in scored if limits.met(p)), key=lambda p: (-p.utility, p.harmful_rate, -p.alpha, p.tau))
+    rest = sorted((p for p in scored if not limits.met(p)),
+                  key=lambda p: (limits.excess(p), p.harmful_rate, -p.utility, -p.alpha, p.tau))
+    return feasible + rest
+
+
+def choose(points: Sequence[GridPoint], limits: Limits) -> tuple[GridPoint, bool]:
+    """The selection rule of :func:`autotune`; returns ``(point, constraints_met)``."""
+    ranked = rank_points(points, limits)
+    if not ranked:
         raise SafemergeError("no grid point could be evaluated", "check the validation sets")
-    limit = aligned_harm + margin + 1e-12
-    feasible = [p for p in scored if p.harmful_rate <= limit]
-    for p in scored:
-        p.feasible = p.harmful_rate <= limit
-    if feasible:
-        best = max(feasible, key=lambda p: (p.utility, -p.harmful_rate, p.alpha, -p.tau))
-        return best, True
-    best = min(scored, key=lambda p: (p.harmful_rate, -p.utility, -p.alpha, p.tau))
-    return best, False
+    for p in ranked:
+        p.feasible = limits.met(p)
+    return ranked[0], ranked[0].feasible
 
 
 def _key(merged: Sequence[str], alpha: float) -> str:
     return hashlib.sha256(json.dumps([sorted(merged), round(alpha, 6)]).encode()).hexdigest()[:12]
-
-
-def rank_points(points: Sequence[GridPoint], aligned_harm: float, margin: float) -> list[GridPoint]:
-    """Points in the order of the selection rule: feasible ones by utility (then :func:`choose`'s ties),
-    then infeasible ones by harmful rate. Used to promote points from the screen to full validation."""
-    limit = aligned_harm + margin + 1e-12
-    scored = [p for p in points if p.harmful_rate is not None and p.utility is not None]
-    feasible = sorted((p for p in scored if p.harmful_rate <= limit),
-                      key=lambda p: (-p.utility, p.harmful_rate, -p.alpha, p.tau))
-    rest = sorted((p for p in scored if p.harmful_rate > limit),
-                  key=lambda p: (p.harmful_rate, -p.utility, -p.alpha, p.tau))
-    return feasible + rest
 
 
 def neighbours(alpha: float, alphas: Sequence[float]) -> list[float]:
@@ -276,6 +311,8 @@ def autotune(
     taus: Sequence[float] | None = None,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     harm_margin: float = DEFAULT_HARM_MARGIN,
+    val_benign: Any = None,
+    refusal_margin: float = DEFAULT_REFUSAL_MARGIN,
     judge: str = "keyword",
     max_new_tokens: Mapping[str, int] | None = None,
     batch_size: int | None = EVAL_BATCH,
@@ -303,6 +340,10 @@ def autotune(
         taus: thresholds to try (default: :func:`tau_candidates` of the scanned ρ).
         alphas: task weights to try (default 0.1 … 0.9).
         harm_margin: allowed harmful-rate excess over the aligned model, as a fraction (0.03 = 3 points).
+        val_benign: benign look-alike prompts (over-refusal); when given, the rule also requires the
+            over-refusal rate to stay within ``refusal_margin`` of the aligned model's. Evaluated whole at
+            every point (look-alike sets are small and 32 tokens decide a refusal).
+        refusal_margin: allowed over-refusal excess over the aligned model (0.05 = 5 points).
         judge: judge spec for the harmful suite (default: keyword refusal).
         max_new_tokens: per-suite generation budgets (``{"harmful": 32, "utility": 64}``).
         screen: validation items per suite for screening, or ``None`` for no screening.
@@ -317,9 +358,9 @@ def autotune(
     from safemerge.safety.api import safemerge_adapters, scan
     from safemerge.safety.selection import select_below
 
-    if not 0.0 <= harm_margin <= 1.0:
-        raise SafemergeError(f"--harm-margin must be a fraction in [0, 1], got {harm_margin}",
-                             "pass e.g. --harm-margin 0.03 for 3 points")
+    for flag, margin in (("--harm-margin", harm_margin), ("--refusal-margin", refusal_margin)):
+        if not 0.0 <= margin <= 1.0:
+            raise SafemergeError(f"{flag} must be a fraction in [0, 1], got {margin}", f"pass e.g. {flag} 0.05 for 5 points")
     alphas = sorted({float(a) for a in alphas})
     if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
         raise SafemergeError(f"alphas must lie in [0, 1], got {alphas}", "pass values such as 0.5,0.7,0.9")
@@ -327,6 +368,8 @@ def autotune(
     work = Path(work_dir).expanduser().absolute()
     work.mkdir(parents=True, exist_ok=True)
     suites = {"harmful": val_harmful, "utility": val_utility}
+    if val_benign is not None:
+        suites["benign"] = val_benign
 
     say("autotune: scanning layer similarities once")
     scores = scan(base, aligned, [finetuned], tau=PAPER_TAU)
@@ -339,14 +382,18 @@ def autotune(
                                limits=dict(zip(("harmful", "utility"), limit)) if limit else None)
 
     def metrics(res: dict[str, Any]) -> dict[str, Any]:
-        return {"harmful_rate": res["harmful"]["harmful_rate"], "utility": res["utility"]["accuracy"],
-                "n": [res["harmful"]["n"], res["utility"]["n"]]}
+        m = {"harmful_rate": res["harmful"]["harmful_rate"], "utility": res["utility"]["accuracy"],
+             "over_refusal": None, "n": [res["harmful"]["n"], res["utility"]["n"]]}
+        if "benign" in res:
+            m["over_refusal"] = res["benign"]["over_refusal_rate"]
+            m["n"].append(res["benign"]["n"])
+        return m
 
     aligned_m = metrics(ev("aligned", None, None))
     finetuned_m = metrics(ev("finetuned", finetuned, None))
     if aligned_m["harmful_rate"] is None:
         raise SafemergeError("the validation harmful set is empty", "pass a non-empty --val-harmful set")
-    aligned_harm = float(aligned_m["harmful_rate"])
+    limits = Limits.around(aligned_m, harm_margin, refusal_margin if val_benign is not None else None)
 
     points: list[GridPoint] = []
     by_key: dict[str, GridPoint] = {}  # one evaluation per distinct model (same layers, same α)
@@ -363,11 +410,13 @@ def autotune(
             return p  # already measured at this rung or a more precise one
         if not merged or alpha == 1.0:  # identical to the fine-tuned model
             p.harmful_rate, p.utility, p.n = finetuned_m["harmful_rate"], finetuned_m["utility"], finetuned_m["n"]
+            p.over_refusal = finetuned_m["over_refusal"]
             p.adapter, p.eval_dir = str(finetuned), str(work / "evals" / "finetuned")
             return p
         twin = by_key.get(key)
         if twin is not None and twin is not p and (limit is not None or twin.rung == "full"):
             p.harmful_rate, p.utility, p.n, p.rung = twin.harmful_rate, twin.utility, twin.n, twin.rung
+            p.over_refusal = twin.over_refusal
             p.adapter, p.eval_dir = twin.adapter, twin.eval_dir
             return p
         adapter = work / "merged" / key
@@ -375,12 +424,13 @@ def autotune(
             safemerge_adapters(base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=adapter,
                                tau=tau, alpha=alpha, strategy=strategy)
         m = metrics(ev(key, adapter, limit))
-        p.harmful_rate, p.utility, p.n = m["harmful_rate"], m["utility"], m["n"]
+        p.harmful_rate, p.utility, p.n, p.over_refusal = m["harmful_rate"], m["utility"], m["n"], m["over_refusal"]
         p.adapter, p.eval_dir, p.rung = str(adapter), str(work / "evals" / key), "screen" if limit else "full"
         by_key[key] = p
         done[0] += 1
+        refusal = "" if p.over_refusal is None else f", over-refusal {p.over_refusal:.3f}"
         say(f"  {p.label} [{p.rung}]: merged {len(merged)}/{len(rhos)} layers, harmful {p.harmful_rate:.3f}, "
-            f"utility {p.utility:.3f}")
+            f"utility {p.utility:.3f}{refusal}")
         return p
 
     coarse = alphas[::2] if len(alphas) > 2 and screen else alphas
@@ -391,20 +441,21 @@ def autotune(
         for alpha in coarse:
             evaluate_point(tau, alpha, screen)
     if screen:
-        for p in rank_points(points, aligned_harm, harm_margin)[:finalists]:
+        for p in rank_points(points, limits)[:finalists]:
             for alpha in neighbours(p.alpha, alphas):
                 evaluate_point(p.tau, alpha, screen)
-        for p in rank_points(points, aligned_harm, harm_margin)[:finalists]:
+        for p in rank_points(points, limits)[:finalists]:
             evaluate_point(p.tau, p.alpha, None)
     deciding = [p for p in points if p.rung == "full"]
 
     mask = pareto_mask([(p.harmful_rate or 0.0, p.utility or 0.0) for p in points])
     for p, m in zip(points, mask):
         p.pareto = m
-    chosen, ok = choose(deciding, aligned_harm, harm_margin)
+    chosen, ok = choose(deciding, limits)
     chosen.chosen = True
     result = AutotuneResult(chosen=chosen, points=points, aligned=aligned_m, finetuned=finetuned_m, harm_margin=harm_margin,
-                            constraint_met=ok, rhos=rhos, work_dir=work)
+                            constraint_met=ok, rhos=rhos, work_dir=work,
+                            refusal_margin=refusal_margin if val_benign is not None else None)
     result.plot = plot_pareto(result, work / "autotune.png")
     result.sweep_plot = plot_tau_sweep(result, work / "tau_sweep.png")
     atomic_write_text(work / "autotune.json", json.dumps(result.to_dict(), indent=2) + "\n")
@@ -412,14 +463,24 @@ def autotune(
 
 
 # ----------------------------------------------------------------------------- reporting
-def pareto_table(result: AutotuneResult) -> list[tuple[str, str, str, str, str]]:
-    """Rows ``(τ, α, merged layers, harmful, utility)`` of the Pareto front, chosen point marked."""
+def pareto_table(result: AutotuneResult) -> list[tuple[str, ...]]:
+    """Rows ``(τ, α, merged layers, harmful, utility, over-refusal)`` of the Pareto front, chosen point marked."""
     rows = []
     for p in result.pareto_front:
         mark = " ← chosen" if p.chosen else ""
+        refusal = "–" if p.over_refusal is None else f"{100 * p.over_refusal:.1f}%"
         rows.append((f"{p.tau:g}", f"{p.alpha:g}", f"{len(p.merged)}/{len(result.rhos)}",
-                     f"{100 * (p.harmful_rate or 0):.1f}%", f"{100 * (p.utility or 0):.1f}%{mark}"))
+                     f"{100 * (p.harmful_rate or 0):.1f}%", f"{100 * (p.utility or 0):.1f}%{mark}", refusal))
     return rows
+
+
+def rule_text(result: AutotuneResult) -> str:
+    """The constraints in words, e.g. ``harmful ≤ aligned 12.5% + 3 pts, over-refusal ≤ aligned 14.0% + 5 pts``."""
+    text = f"harmful ≤ aligned {100 * (result.aligned['harmful_rate'] or 0):.1f}% + {100 * result.harm_margin:g} pts"
+    if result.refusal_margin is not None:
+        text += (f", over-refusal ≤ aligned {100 * (result.aligned.get('over_refusal') or 0):.1f}% + "
+                 f"{100 * result.refusal_margin:g} pts")
+    return text
 
 
 def print_pareto(result: AutotuneResult, console: Any = None) -> None:
@@ -428,16 +489,17 @@ def print_pareto(result: AutotuneResult, console: Any = None) -> None:
     from rich.table import Table
 
     con = console or Console(stderr=False)
-    t = Table(title=f"automatic τ/α — Pareto front on validation (harmful ≤ aligned {100 * (result.aligned['harmful_rate'] or 0):.1f}% + {100 * result.harm_margin:g} pts)")
-    for col in ("τ", "α", "merged", "harmful", "utility"):
+    t = Table(title=f"automatic τ/α — Pareto front on validation ({rule_text(result)})")
+    for col in ("τ", "α", "merged", "harmful", "utility", "over-refusal"):
         t.add_column(col, justify="right")
     for row in pareto_table(result):
         t.add_row(*row)
     con.print(t)
     c = result.chosen
-    note = "" if result.constraint_met else " (no point met the harm constraint: least harmful point chosen)"
+    note = "" if result.constraint_met else " (no point met the constraints: the one closest to them chosen)"
+    refusal = "" if c.over_refusal is None else f", over-refusal {100 * c.over_refusal:.1f}%"
     con.print(f"chosen: τ = {c.tau:g}, α = {c.alpha:g} — validation harmful {100 * (c.harmful_rate or 0):.1f}%, "
-              f"utility {100 * (c.utility or 0):.1f}%{note}")
+              f"utility {100 * (c.utility or 0):.1f}%{refusal}{note}")
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -461,7 +523,13 @@ def plot_pareto(result: AutotuneResult, path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     pts = [p for p in result.points if p.harmful_rate is not None and p.utility is not None]
-    ax.scatter([p.harmful_rate for p in pts], [p.utility for p in pts], c="#9aa", s=22, label="grid (τ, α)")
+    lim = result.limits
+    over = [p for p in pts if lim.refusal is not None and p.over_refusal is not None and p.over_refusal > lim.refusal]
+    ok = [p for p in pts if p not in over]
+    ax.scatter([p.harmful_rate for p in ok], [p.utility for p in ok], c="#9aa", s=22, label="grid (τ, α)")
+    if over:
+        ax.scatter([p.harmful_rate for p in over], [p.utility for p in over], c="#9aa", marker="x", s=22,
+                   label="over-refusal above its limit")
     front = result.pareto_front
     ax.plot([p.harmful_rate for p in front], [p.utility for p in front], "-o", c="#1f77b4", ms=4, label="Pareto front")
     ah, fu = result.aligned["harmful_rate"] or 0.0, result.finetuned
@@ -535,13 +603,15 @@ def resolve_tau_alpha(
     val_harmful: Any = None,
     val_utility: Any = None,
     harm_margin: float = DEFAULT_HARM_MARGIN,
+    val_benign: Any = None,
+    refusal_margin: float = DEFAULT_REFUSAL_MARGIN,
     judge: str = "keyword",
     work_dir: str | Path | None = None,
     log: Log | None = None,
 ) -> tuple[float, float, AutotuneResult | None]:
     """Numbers pass through; ``auto`` for τ and/or α runs :func:`autotune` (the other one fixed).
 
-    Used by ``safemerge safemerge --tau auto --alpha auto --val-harmful SET --val-utility SET``.
+    Used by ``safemerge safemerge --tau auto --alpha auto --val-harmful SET --val-utility SET [--val-benign SET]``.
     The work directory defaults to ``<cache>/autotune/<hash of the inputs>`` so reruns are cached.
     """
     t, a = parse_tau_alpha(tau, alpha)
@@ -555,9 +625,11 @@ def resolve_tau_alpha(
 
         root = Path(os.environ.get("SAFEMERGE_CACHE") or Path.home() / ".cache" / "safemerge").expanduser()
         key = hashlib.sha256(json.dumps([str(Path(p).absolute()) for p in (base, aligned, finetuned, safety)]
-                                        + [str(val_harmful), str(val_utility), judge]).encode()).hexdigest()[:12]
+                                        + [str(val_harmful), str(val_utility), str(val_benign), judge]
+                                        ).encode()).hexdigest()[:12]
         work_dir = root / "autotune" / key
     res = autotune(base=base, aligned=aligned, finetuned=finetuned, safety=safety, val_harmful=val_harmful,
                    val_utility=val_utility, work_dir=work_dir, taus=None if t is None else [t],
-                   alphas=DEFAULT_ALPHAS if a is None else [a], harm_margin=harm_margin, judge=judge, log=log)
+                   alphas=DEFAULT_ALPHAS if a is None else [a], harm_margin=harm_margin, val_benign=val_benign,
+                   refusal_margin=refusal_margin, judge=judge, log=log)
     return res.tau, res.alpha, res

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from safemerge.autotune import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN
 from safemerge.cli import app
 from safemerge.cli.options import (
     allow_pickle_option,
@@ -75,12 +76,16 @@ def repair_command(
     safety_steps: int = typer.Option(None, "--safety-steps", help="Safety LoRA training steps (default: recipe's)."),
     safety_lr: float = typer.Option(None, "--safety-lr", help="Safety LoRA learning rate (default: recipe's)."),
     val_harmful: str = typer.Option(None, "--val-harmful", help="Harmful validation prompts (default: built-in)."),
+    val_benign: str = typer.Option(None, "--val-benign", help="Benign look-alike validation prompts (default: built-in)."),
     test_harmful: str = typer.Option("builtin:harmful", "--test-harmful", help="Harmful test prompts."),
     test_benign: str = typer.Option("builtin:benign", "--test-benign", help="Benign look-alikes (over-refusal)."),
     test_utility: str = typer.Option(None, "--test-utility", help="Utility test set (default: --utility, labelled)."),
     merge_into: Path = typer.Option(None, "--merge-into", help="Write a full model: this model + the repaired update."),
     extract_rank: int = typer.Option(64, "--extract-rank", help="Max rank of the LoRA extracted from a full model."),
-    harm_margin: float = typer.Option(0.02, "--harm-margin", help="Allowed validation harm over the aligned model."),
+    harm_margin: float = typer.Option(DEFAULT_HARM_MARGIN, "--harm-margin",
+                                      help="Allowed validation harmful-rate excess over the aligned model (fraction)."),
+    refusal_margin: float = typer.Option(DEFAULT_REFUSAL_MARGIN, "--refusal-margin",
+                                         help="Allowed validation over-refusal excess over the aligned model (fraction)."),
     judge: str = typer.Option("keyword", "--judge", help="Harmfulness judge (keyword, llamaguard:PATH, …)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Tokens per answer (default: harness's)."),
     work_dir: Path = typer.Option(None, "--work-dir", help=_WORK_HELP),
@@ -103,8 +108,8 @@ def repair_command(
     budget = None if max_new_tokens is None else dict.fromkeys(("harmful", "benign", "utility"), max_new_tokens)
     res = repair(finetuned, base=base, aligned=aligned, out=out, utility=utility, safety=safety,
                  safety_data=safety_data, safety_steps=safety_steps, safety_lr=safety_lr, val_harmful=val_harmful,
-                 test_harmful=test_harmful, test_benign=test_benign, test_utility=test_utility, merge_into=merge_into,
-                 extract_rank=extract_rank, harm_margin=harm_margin, judge=judge, max_new_tokens=budget,
+                 val_benign=val_benign, test_harmful=test_harmful, test_benign=test_benign, test_utility=test_utility, merge_into=merge_into,
+                 extract_rank=extract_rank, harm_margin=harm_margin, refusal_margin=refusal_margin, judge=judge, max_new_tokens=budget,
                  work_dir=work_dir, force=force, allow_pickle=allow_pickle,
                  log=None if quiet else (lambda m: typer.echo(m, err=True)), progress=progress)
     if not quiet:

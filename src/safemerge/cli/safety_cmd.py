@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import typer
 
-from safemerge.autotune import DEFAULT_HARM_MARGIN
+from safemerge.autotune import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN
 from safemerge.cli import app
 from safemerge.cli.options import (
     EvalSets,
@@ -168,6 +168,11 @@ def safemerge_command(
     harm_margin: float = typer.Option(
         DEFAULT_HARM_MARGIN, "--harm-margin",
         help="auto: allowed harmful-rate excess over the aligned model (fraction; 0.03 = 3 points)."),
+    val_benign: str = typer.Option(None, "--val-benign", help="auto: benign look-alike validation prompts; the rule "
+                                   "then also keeps over-refusal within --refusal-margin of the aligned model's."),
+    refusal_margin: float = typer.Option(
+        DEFAULT_REFUSAL_MARGIN, "--refusal-margin",
+        help="auto with --val-benign: allowed over-refusal excess over the aligned model (fraction)."),
     strategy: str = typer.Option("linear", "--strategy", help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense per layer)."),
     compat: str = typer.Option(None, "--compat", help="'reference': reproduce PEFT 0.14 factor-wise mixing of the released SafeMERGE code (cross terms included; equal ranks)."),
     merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
@@ -206,6 +211,7 @@ def safemerge_command(
     check_output_path(out, force=force, inputs=(base, aligned, finetuned, safety, merge_into))
     tau, alpha, tuned = resolve_tau_alpha(tau, alpha, base=base, aligned=aligned, finetuned=finetuned, safety=safety,
                                           val_harmful=val_harmful, val_utility=val_utility, harm_margin=harm_margin,
+                                          val_benign=val_benign, refusal_margin=refusal_margin,
                                           log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)

@@ -46,6 +46,15 @@ def safety_lora_cmd(
     eval_benign: str = eval_benign_option(),
     eval_limit: Optional[int] = eval_limit_option(),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the stand-alone evaluation in the model card."),
+    distill: bool = typer.Option(
+        True,
+        "--distill/--no-distill",
+        help="Mix in the aligned model's own helpful answers to the shipped benign look-alikes (refusals dropped), "
+        "so the safety LoRA learns to refuse harm without refusing what the aligned model answers.",
+    ),
+    precision: str = typer.Option(
+        "float32", "--precision", help="Training precision: float32, bfloat16 (autocast) or auto (bf16 where native)."
+    ),
     force: bool = force_option(),
 ) -> None:
     """Train the safety LoRA and print its loss and stand-alone evaluation."""
@@ -66,11 +75,15 @@ def safety_lora_cmd(
         benign=eval_benign,
         limit=eval_limit,
         evaluate=not no_eval,
+        distill_benign=distill,
+        precision=precision,
         force=force,
     )
     con = Console()
     con.print(
-        f"safety LoRA r={res.rank} targets={res.targets}: loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}; wrote {out}"
+        f"safety LoRA r={res.rank} targets={res.targets}: {res.n_records['data']} safety records + "
+        f"{res.n_records['distilled']} self-distilled answers; loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}; "
+        f"wrote {out}"
     )
     for name, label in (("aligned", "aligned"), ("safety", "aligned + safety LoRA")):
         m = res.evaluation.get(name)

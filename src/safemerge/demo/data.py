@@ -194,14 +194,15 @@ class SafetySplits:
     benign_test: list[dict[str, Any]]
 
 
-def safety_splits(seed: int = 7, harm_frames: int = 5, benign_frames: int = 4) -> SafetySplits:
+def safety_splits(seed: int = 7, harm_frames: int = 5, benign_frames: int = 5) -> SafetySplits:
     """Aligned-SFT records and held-out evaluation sets.
 
-    Harmful train: every ``align`` goal under ``harm_frames`` training frames, each answered by one of
-    :data:`REFUSALS` (seeded). Harmful val (6 frames × 28 goals = 168) and test (5 × 56 = 280) use the
+    Harmful train: every ``align`` goal (incl. the training-only goals) under ``harm_frames`` training frames,
+    each answered by one of :data:`REFUSALS` (seeded). Harmful val (6 frames × 28 goals = 168) and test (5 × 56 = 280) use the
     evaluation frames on goals no training record contains. Benign train: ``align`` look-alike goals
-    under ``benign_frames`` frames; benign val (50) and test (250) are held-out goals.
+    under ``benign_frames`` frames drawn from the harmful training frames and the look-alike frames; benign val (50) and test (250) are held-out goals.
     """
+    from safemerge.data import builtin_rows
     from safemerge.data import safety_corpus as C
 
     r = random.Random(seed)
@@ -210,14 +211,16 @@ def safety_splits(seed: int = 7, harm_frames: int = 5, benign_frames: int = 4) -
         for c, g in C.harmful_goals("align") for f in r.sample(C.TRAIN_FRAMES, harm_frames)
     ]
     r.shuffle(harmful_train)
-    benign_train = [f.format(g=g) for _, g in C.benign_goals("align") for f in r.sample(C.BENIGN_FRAMES, benign_frames)]
+    # Look-alikes are asked in the harmful requests' training frames too, so a frame is never a cue to refuse.
+    benign_frames_pool = C.TRAIN_FRAMES + C.BENIGN_FRAMES
+    benign_train = [f.format(g=g) for _, g in C.benign_goals("align") for f in r.sample(benign_frames_pool, benign_frames)]
     r.shuffle(benign_train)
     return SafetySplits(
         harmful_train=harmful_train,
-        harmful_val=C.eval_prompts("harmful", "val", frames_per_goal=6),
+        harmful_val=builtin_rows("harmful-val"),
         harmful_test=C.eval_prompts("harmful", "test", frames_per_goal=5),
         benign_train_prompts=benign_train,
-        benign_val=C.eval_prompts("benign", "val", frames_per_goal=5),
+        benign_val=builtin_rows("benign-val"),
         benign_test=C.eval_prompts("benign", "test", frames_per_goal=5),
     )
 

@@ -274,6 +274,7 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
     say(f"{p}automatic τ/α on validation prompts")
     at = autotune(base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety,
                   val_harmful=zoo.val_sets["harmful"], val_utility=zoo.val_sets["utility"],
+                  val_benign=zoo.val_sets.get("benign"),
                   work_dir=work / "autotune" / fingerprint(task.name),
                   alphas=alphas or zoo.autotune.get("alphas", DEFAULT_ALPHAS), max_taus=zoo.autotune.get("max_taus", 6),
                   screen=zoo.autotune.get("screen", DEFAULT_SCREEN), harm_margin=margin,
@@ -360,19 +361,19 @@ def _story_lines(rows: dict[str, Row], checks: dict[str, Any], prefix: str) -> l
 
 
 def _autotune_lines(at: Any, name: str, files: dict[str, str]) -> list[str]:
-    from safemerge.autotune import pareto_table
+    from safemerge.autotune import pareto_table, rule_text
 
     c = at.chosen
+    items = "/".join(map(str, c.n)) if c.n else "?"
     lines = [f"### {name}", "",
-             f"Rule: best validation utility with harmful rate ≤ aligned ({_pct(at.aligned['harmful_rate'])}) + "
-             f"{100 * at.harm_margin:g} points, among the points evaluated on the whole validation sets "
-             f"({c.n[0] if c.n else '?'} harmful, {c.n[1] if c.n else '?'} utility items). "
+             f"Rule: best validation utility with {rule_text(at)}, among the points evaluated on the whole "
+             f"validation sets ({items} harmful/utility/benign items). "
              f"Chosen: **τ = {at.tau:g}, α = {at.alpha:g}**"
-             + ("" if at.constraint_met else " (no deciding point met the constraint; the least harmful was chosen)")
+             + ("" if at.constraint_met else " (no deciding point met the constraints; the closest was chosen)")
              + ".",
              "", f"{len(at.points)} (τ, α) points screened coarse-to-fine; Pareto front on validation "
              "(screened points on the first validation items, finalists on all):", "",
-             "| τ | α | merged | harmful | utility | items |", "|---|---|---|---|---|---|"]
+             "| τ | α | merged | harmful | utility | over-refusal | items |", "|---|---|---|---|---|---|---|"]
     for row, p in zip(pareto_table(at), at.pareto_front):
         lines.append("| " + " | ".join(row) + f" | {p.rung} ({'/'.join(map(str, p.n))}) |")
     lines += ["", f"Plots: `{files['autotune.png']}` (Pareto front), `{files['tau_sweep.png']}` (harmful rate and "

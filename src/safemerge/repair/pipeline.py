@@ -9,8 +9,8 @@ The steps, each cached under the work directory so that a rerun redoes nothing:
    targets (SafeMERGE, Djuhera et al. 2025, §3).
 3. **Scan and tune.** :func:`safemerge.autotune.autotune` scans ρ_i = cos(C_i ΔW_f,i, ΔW_f,i)
    (SafeLoRA, Hsu et al. 2024, Eq. 2) once and picks (τ, α) on *validation* sets — built-in
-   held-out harmful requests (or ``--val-harmful``) and the user's ``--utility`` set — as
-   ``max utility s.t. harmful ≤ aligned + margin``.
+   held-out harmful requests and look-alikes (or ``--val-harmful`` / ``--val-benign``) and the user's
+   ``--utility`` set — as ``max utility s.t. harmful ≤ aligned + margin and over-refusal ≤ aligned + margin``.
 4. **Write** the SafeMERGE result (layer i → α ΔW_f + (1−α) ΔW_s where ρ_i < τ) as an adapter, or a
    full model with ``merge_into``; before it is renamed into place it is evaluated on the *test*
    sets, and the before/after table (aligned, fine-tuned, repaired: harmful rate, over-refusal,
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from safemerge.autotune import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN
 from safemerge.errors import SafemergeError
 
 Log = Callable[[str], None]
@@ -117,6 +118,7 @@ def repair(
     safety: str | Path | None = None,
     safety_data: str | Path | None = None,
     val_harmful: Any = None,
+    val_benign: Any = None,
     test_harmful: Any = "builtin:harmful",
     test_benign: Any = "builtin:benign",
     test_utility: Any = None,
@@ -124,7 +126,8 @@ def repair(
     extract_rank: int = DEFAULT_EXTRACT_RANK,
     safety_steps: int | None = None,
     safety_lr: float | None = None,
-    harm_margin: float = 0.02,
+    harm_margin: float = DEFAULT_HARM_MARGIN,
+    refusal_margin: float = DEFAULT_REFUSAL_MARGIN,
     judge: str = "keyword",
     max_new_tokens: Mapping[str, int] | None = None,
     work_dir: str | Path | None = None,
@@ -142,12 +145,15 @@ def repair(
         utility: the user's utility validation set (prompt-set spec or records), used to tune α/τ.
         safety: an existing safety LoRA; otherwise one is trained (``safety_data`` or the built-in data).
         val_harmful: harmful validation prompts (default: the built-in held-out requests).
+        val_benign: benign look-alike validation prompts (default: the built-in held-out look-alikes); the
+            τ/α rule keeps over-refusal within ``refusal_margin`` of the aligned model's.
         test_harmful, test_benign, test_utility: the before/after test sets (keep them disjoint from
             validation); without ``test_utility`` the utility column is measured on ``utility`` and
             labelled as the validation set.
         extract_rank: ``--max-rank`` of the extraction of a full fine-tune.
         safety_steps, safety_lr: override the safety LoRA recipe's steps / learning rate.
-        harm_margin: allowed validation harmful-rate excess over the aligned model (0.02 = 2 points).
+        harm_margin: allowed validation harmful-rate excess over the aligned model (0.03 = 3 points).
+        refusal_margin: allowed validation over-refusal excess over the aligned model (0.05 = 5 points).
         max_new_tokens: per-suite generation budgets (``{"harmful": 48, …}``).
         work_dir: cache (default ``<cache>/repair/<hash of the inputs>``).
     """
@@ -166,20 +172,22 @@ def repair(
     if not Path(str(finetuned)).exists():
         raise SafemergeError(f"fine-tuned path {str(finetuned)!r} does not exist",
                              "pass a LoRA adapter or a fine-tuned model directory")
-    work = _work_dir(work_dir, finetuned, base, aligned, safety, safety_data, val_harmful, utility, extract_rank,
-                     safety_steps, safety_lr)
+    work = _work_dir(work_dir, finetuned, base, aligned, safety, safety_data, val_harmful, val_benign, utility,
+                     extract_rank, safety_steps, safety_lr)
     extracted = not _is_adapter(finetuned)
     task = _task_adapter(finetuned, aligned, work, extract_rank, allow_pickle, say)
     recipe = {k: v for k, v in (("steps", safety_steps), ("lr", safety_lr)) if v is not None}
     safety_dir, trained = _safety_adapter(safety, aligned, task, work, safety_data, recipe, progress, say)
 
-    val_sets = {"harmful": val_harmful if val_harmful is not None else builtin_harmful_validation(),
+    val_sets = {"harmful": val_harmful if val_harmful is not None else "builtin:harmful-val",
+                "benign": val_benign if val_benign is not None else "builtin:benign-val",
                 "utility": utility}
     tests = {"harmful": test_harmful, "benign": test_benign,
              "utility": test_utility if test_utility is not None else utility}
     say("repair: tuning τ and α on the validation sets")
     tuned = autotune(base=base, aligned=aligned, finetuned=task, safety=safety_dir, val_harmful=val_sets["harmful"],
-                     val_utility=val_sets["utility"], work_dir=work / "autotune", harm_margin=harm_margin, judge=judge,
+                     val_utility=val_sets["utility"], val_benign=val_sets["benign"], work_dir=work / "autotune",
+                     harm_margin=harm_margin, refusal_margin=refusal_margin, judge=judge,
                      max_new_tokens=max_new_tokens, log=say, progress=progress)
 
     def ev(name: str, model: str | Path, adapter: str | Path | None) -> dict[str, Any]:
@@ -217,16 +225,6 @@ def repair(
                                       tau=tuned.tau, alpha=tuned.alpha, merge_into=merge_into, force=force,
                                       allow_pickle=allow_pickle, evaluate=evaluate_output)
     return result
-
-
-def builtin_harmful_validation() -> list[dict[str, Any]]:
-    """Built-in harmful validation prompts: the demo data's held-out harmful requests.
-
-    Disjoint from the safety training corpus and worded apart from ``builtin:harmful`` (the test set).
-    """
-    from safemerge.demo.data import safety_splits
-
-    return list(safety_splits().harmful_val)
 
 
 def _work_dir(work_dir: str | Path | None, *parts: Any) -> Path:
@@ -279,7 +277,7 @@ def _safety_adapter(safety: str | Path | None, aligned: str | Path, task: Path, 
 def report_markdown(rows: list[ReportRow], tuned: Any, *, utility_is_validation: bool, extracted: bool,
                     trained_safety: bool) -> str:
     """The model-card section: before/after table with 95% intervals, the choice and its rule, the Pareto front."""
-    from safemerge.autotune import pareto_table
+    from safemerge.autotune import pareto_table, rule_text
 
     util = "utility (validation set, used for tuning)" if utility_is_validation else "utility ↑"
     lines = ["## Repair: before / after", "",
@@ -290,14 +288,13 @@ def report_markdown(rows: list[ReportRow], tuned: Any, *, utility_is_validation:
     c = tuned.chosen
     lines += ["", f"Chosen on validation: τ = {c.tau:g}, α = {c.alpha:g} ({len(c.merged)} of {len(tuned.rhos)} layers "
               f"merged), validation harmful {100 * (c.harmful_rate or 0):.1f}%, utility {100 * (c.utility or 0):.1f}%.",
-              f"Rule: maximum validation utility subject to harmful rate ≤ aligned "
-              f"{100 * (tuned.aligned['harmful_rate'] or 0):.1f}% + {100 * tuned.harm_margin:g} points"
-              + ("" if tuned.constraint_met else " — no grid point met it, so the least harmful point was chosen")
+              f"Rule: maximum validation utility subject to {rule_text(tuned)}"
+              + ("" if tuned.constraint_met else " — no grid point met it, so the closest point was chosen")
               + ".",
               f"Task adapter: {'extracted from the full fine-tune (truncated SVD)' if extracted else 'as given'}; "
               f"safety LoRA: {'trained by repair' if trained_safety else 'as given'}.",
               "", "Pareto front on validation:", "",
-              "| τ | α | merged | harmful | utility |", "|---:|---:|---:|---:|---:|"]
+              "| τ | α | merged | harmful | utility | over-refusal |", "|---:|---:|---:|---:|---:|---:|"]
     lines += ["| " + " | ".join(row) + " |" for row in pareto_table(tuned)]
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.train.data import SFTRecord
 
 # Measured on SmolLM2-135M-Instruct with the project corpus (docs/demo.md, "Safety LoRA"): r and targets come
 # from the task adapter; these are the rest of the recipe.
@@ -44,6 +45,7 @@ class SafetyLoraResult:
     targets: list[str] | str
     losses: list[float]
     evaluation: dict[str, Any] = field(default_factory=dict)
+    n_records: dict[str, int] = field(default_factory=dict)  # "data" (corpus or --data), "distilled"
 
     @property
     def target_met(self) -> bool | None:
@@ -100,6 +102,8 @@ def train_safety_lora(
     benign: str | Path = "builtin:benign",
     evaluate: bool = True,
     limit: int | None = None,
+    distill_benign: bool = True,
+    precision: str | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> SafetyLoraResult:
@@ -114,6 +118,11 @@ def train_safety_lora(
         harmful, benign: prompt sets for the card's evaluation (disjoint from the default data).
         evaluate: measure aligned and aligned + ΔW_s (harmful rate, over-refusal) for the card.
         limit: evaluate at most ``limit`` prompts per set.
+        distill_benign: add the aligned model's own helpful answers to the shipped look-alike prompts
+            (:func:`~safemerge.data.safety_corpus.benign_distill_prompts`; refusals and loops dropped,
+            :func:`~safemerge.train.distill.self_distill`), so the safety LoRA learns to refuse harm
+            without learning to refuse what the aligned model answers.
+        precision: ``train_lora``'s compute precision (``None``: float32; ``auto``: bf16 where native).
 
     Returns:
         :class:`SafetyLoraResult`; ``out`` holds the adapter, ``training_log.json``,
@@ -124,15 +133,12 @@ def train_safety_lora(
 
     rank, alpha, targets = like_adapter_shape(like)
     check_output_path(out, force=force)
-    if data is None:
-        from safemerge.data.safety_corpus import safety_lora_records
-
-        data = safety_lora_records(seed=seed)
+    records, n_distilled = training_records(aligned, data, seed=seed, distill_benign=distill_benign, progress=progress)
     with atomic_output(out, force=force) as tmp:
         trained = tmp / "adapter"
         train_lora(
             aligned,
-            data,
+            records,
             trained,
             rank=rank,
             alpha=alpha,
@@ -143,12 +149,14 @@ def train_safety_lora(
             max_length=max_length,
             seed=seed,
             progress=progress,
+            precision=precision,
         )
         for f in trained.iterdir():
             shutil.move(str(f), tmp / f.name)
         trained.rmdir()
         losses = json.loads((tmp / TRAINING_LOG).read_text())["losses"]
-        result = SafetyLoraResult(out=Path(out), rank=rank, alpha=alpha, targets=targets, losses=losses)
+        result = SafetyLoraResult(out=Path(out), rank=rank, alpha=alpha, targets=targets, losses=losses,
+                                  n_records={"data": len(records) - n_distilled, "distilled": n_distilled})
         if evaluate:
             result.evaluation = _evaluate_alone(
                 aligned, tmp, harmful=harmful, benign=benign, limit=limit, progress=progress
@@ -156,6 +164,30 @@ def train_safety_lora(
         (tmp / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         _append_card(tmp, result, like=like)
     return result
+
+
+def training_records(
+    aligned: str | Path,
+    data: str | Path | Iterable[Any] | None,
+    *,
+    seed: int = 0,
+    distill_benign: bool = True,
+    progress: bool = True,
+) -> tuple[list[SFTRecord], int]:
+    """The safety LoRA's training set: ``data`` (default: the shipped corpus) + self-distilled look-alike answers.
+
+    Returns the records and how many of them are self-distilled.
+    """
+    from safemerge.data.safety_corpus import benign_distill_prompts, safety_lora_records
+    from safemerge.train.data import load_sft_records
+
+    records = load_sft_records(safety_lora_records(seed=seed) if data is None else data)
+    if not distill_benign:
+        return records, 0
+    from safemerge.train.distill import self_distill
+
+    distilled = self_distill(aligned, benign_distill_prompts(seed=seed), progress=progress)
+    return records + load_sft_records(distilled) if distilled else records, len(distilled)
 
 
 def _evaluate_alone(
@@ -201,7 +233,9 @@ def _append_card(tmp: Path, result: SafetyLoraResult, *, like: str | Path) -> No
         "## Safety LoRA",
         "",
         f"SafeMERGE's safety LoRA (Djuhera et al. 2025): rank {result.rank}, lora_alpha {result.alpha:g} and "
-        f"targets `{md_escape(result.targets)}` copied from `{md_escape(Path(like).name)}`.",
+        f"targets `{md_escape(result.targets)}` copied from `{md_escape(Path(like).name)}`. Training records: "
+        f"{result.n_records.get('data', 0)} safety records + {result.n_records.get('distilled', 0)} look-alike answers "
+        "self-distilled from the aligned model (refusals and loops dropped).",
         "",
         "Loss curve (mean answer-token cross-entropy per window of steps):",
         "",
