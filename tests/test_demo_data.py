@@ -140,3 +140,20 @@ def test_claim_checks_answer_the_acceptance_questions_from_the_rows():
     # a task the model cannot learn (GSM8K at 135M): utility does not move, so "similar utility" is uninformative
     rows["aligned"], rows["fine-tuned"] = row("aligned", 0.16, 0.0), row("fine-tuned", 0.73, 0.03)
     assert not claim_checks(rows)["paper regime"]["utility_informative"]
+
+
+def test_builtin_validation_sets_are_the_corpus_validation_split():
+    """``builtin:harmful-val`` / ``builtin:benign-val`` (repair's defaults) are the held-out validation goals:
+    the demo's validation sets, disjoint from every training record and from the test sets."""
+    from safemerge.evaluate.datasets import load_prompts
+
+    harmful, benign = load_prompts("builtin:harmful-val"), load_prompts("builtin:benign-val")
+    assert len(harmful) == 168 and len(benign) == 50 and all(r.label == "safe" for r in benign)
+    s = D.safety_splits()
+    assert [r.prompt for r in harmful] == [r["prompt"] for r in s.harmful_val]
+    assert [r.prompt for r in benign] == [r["prompt"] for r in s.benign_val]
+    held_out = {r["prompt"] for r in s.harmful_test + s.benign_test}
+    train = {r["prompt"] for r in s.harmful_train + C.safety_lora_records()} | set(s.benign_train_prompts)
+    train |= set(C.benign_distill_prompts())
+    for r in harmful + benign:
+        assert r.prompt not in held_out and r.prompt not in train
