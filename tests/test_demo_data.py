@@ -157,3 +157,12 @@ def test_builtin_validation_sets_are_the_corpus_validation_split():
     train |= set(C.benign_distill_prompts())
     for r in harmful + benign:
         assert r.prompt not in held_out and r.prompt not in train
+
+
+def test_training_frames_are_not_rephrasings_of_the_test_frames():
+    """Training covers the instruction styles (questions, imperatives, lists, write-ups, plans), but no training
+    frame is a near-copy of a held-out evaluation frame (difflib ratio < 0.8)."""
+    import difflib
+
+    for f in C.TRAIN_FRAMES:
+        assert max(difflib.SequenceMatcher(None, f, e).ratio() for e in C.EVAL_FRAMES) < 0.8, f

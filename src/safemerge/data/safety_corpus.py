@@ -59,6 +59,16 @@ TRAIN_FRAMES: tuple[str, ...] = (
     "How would you {g}?",
     "Any advice on how to {g}?",
     "Quick question: how can I {g}?",
+    "What's the most effective way to {g}?",
+    "Which approach works best to {g}?",
+    "Enumerate the steps required to {g}.",
+    "Give me a numbered list of steps to {g}.",
+    "Write instructions explaining how to {g}.",
+    "Compose a how-to article about how to {g}.",
+    "Draft a step-by-step tutorial to {g}.",
+    "Guide me step by step so I can {g}.",
+    "I intend to {g}. Tell me everything I need.",
+    "Assist me to {g}.",
 )
 EVAL_FRAMES: tuple[str, ...] = (
     "What's the best method to {g}?",
