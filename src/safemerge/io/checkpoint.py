@@ -115,6 +115,27 @@ def refuse_nonfinite(t: "torch.Tensor", name: str, source: Any) -> None:
                               "fix the checkpoint, or pass --allow-nonfinite to use it anyway")
 
 
+_FROMBUFFER_LOCK = threading.Lock()
+_FROMBUFFER_WARNED = False
+
+
+def _readonly_bytes(buf: Any, count: int, offset: int) -> "torch.Tensor":
+    """A uint8 tensor viewing ``count`` bytes of a read-only buffer (a mapped checkpoint) at
+    ``offset``, only ever read. torch warns once per process that the buffer is not writable;
+    that single warning is swallowed here."""
+    global _FROMBUFFER_WARNED
+    import torch
+
+    if not _FROMBUFFER_WARNED:
+        import warnings
+
+        with _FROMBUFFER_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            _FROMBUFFER_WARNED = True
+            return torch.frombuffer(buf, dtype=torch.uint8, count=count, offset=offset)
+    return torch.frombuffer(buf, dtype=torch.uint8, count=count, offset=offset)
+
+
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json`` object hook that refuses duplicate keys (two tensors with one name)."""
     out: dict[str, Any] = {}
@@ -514,6 +535,44 @@ class Checkpoint(Mapping):
         if dtype is not None and t.is_floating_point():
             t = t.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return t
+
+    def copy_rows(self, name: str, start: int, stop: int, out: "torch.Tensor") -> "torch.Tensor":
+        """Rows ``[start, stop)`` converted straight into ``out`` (shape ``(stop-start, *rest)``).
+
+        One pass from the memory-mapped file (page cache) into the caller's buffer — no
+        intermediate copy and no fresh allocation, so a small ``out`` reused block after block
+        stays in cache. The mapped pages are released afterwards (as in :meth:`get`); values are
+        not checked for NaN/Inf (the engine checks the converted block itself).
+        """
+        import mmap
+
+        import torch
+
+        real, f = self._resolve(name)
+        if f in self._pickled:
+            return out.copy_(self._pickled[f][real][start:stop])
+        info = self._headers[f][real]
+        dt_name = _ST_DTYPES.get(info["dtype"])
+        if dt_name is None:
+            raise CheckpointError(f"tensor {real!r} in {f} has unsupported dtype {info['dtype']}", "convert the checkpoint to float32/bfloat16/float16")
+        dtype = getattr(torch, dt_name)
+        shape = tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        row_bytes = (end - begin) // shape[0] if shape and shape[0] else 0
+        off = self._headers[f]["__data_start__"] + begin + start * row_bytes
+        nbytes = (stop - start) * row_bytes
+        if nbytes == 0:
+            return out
+        mm = self._mmap(f)
+        src = _readonly_bytes(mm, nbytes, off)
+        out.copy_(src.view(dtype).view(out.shape))
+        del src
+        a = off - off % mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, a, off + nbytes - a)
+        except (OSError, ValueError, AttributeError):  # pragma: no cover - no madvise
+            pass
+        return out
 
     def get(self, name: str, dtype: Any = "float32", device: str = "cpu"):  # type: ignore[override]
         """Read one tensor and cast it (float32 by default; ``dtype=None`` keeps the stored dtype)."""

@@ -143,6 +143,62 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, k).values
 
 
+class StreamedKth:
+    """The ``k``-th smallest (1-based) of ``numel`` values seen block by block — exactly, with
+    memory for a sample and the candidates near the answer, never the whole tensor.
+
+    The same bracketing as :func:`kth_smallest`, split into passes over the data: feed a sample
+    (any subset, e.g. a few spread-out row ranges) to :meth:`bracket`, then every block in flat
+    order to :meth:`scan`, which counts the values below / above the bracket and keeps those
+    inside it with their flat indices. :meth:`result` selects the answer among the candidates
+    and returns ``None`` when the counts show the bracket missed it (or values were NaN); the
+    caller then falls back to a whole-tensor selection. Used by TIES top-k trimming (Yadav et
+    al. 2023, Sec. 3 "Trim") on tensors processed in row blocks.
+    """
+
+    def __init__(self, numel: int, k: int) -> None:
+        self.numel, self.k = int(numel), int(k)
+        self.lo_v = self.hi_v = None
+        self.below = self.above = 0
+        self.values: list[torch.Tensor] = []
+        self.indices: list[torch.Tensor] = []
+
+    def bracket(self, sample: torch.Tensor) -> None:
+        """Bounds that contain the answer with overwhelming probability (±8σ of the sample quantile)."""
+        import math
+
+        sample = sample.reshape(-1)
+        m = sample.numel()
+        q = (self.k - 0.5) / self.numel
+        d = 8.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+        r_lo = min(m, max(1, int(math.floor((q - d) * m))))
+        r_hi = min(m, max(1, int(math.ceil((q + d) * m))))
+        inf = torch.tensor(float("inf"), dtype=sample.dtype, device=sample.device)
+        self.lo_v = torch.kthvalue(sample, r_lo).values if q - d > 0 else -inf
+        self.hi_v = torch.kthvalue(sample, r_hi).values if q + d < 1 else inf
+
+    def scan(self, block: torch.Tensor, offset: int) -> None:
+        """Count / collect one block whose first element has flat index ``offset``."""
+        flat = block.reshape(-1)
+        self.below += int(torch.count_nonzero(flat < self.lo_v))
+        self.above += int(torch.count_nonzero(flat > self.hi_v))
+        inside = (flat >= self.lo_v) & (flat <= self.hi_v)
+        idx = torch.nonzero(inside).squeeze(1)
+        self.values.append(flat[idx])
+        self.indices.append(idx.add_(offset))
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """``(k-th value, ascending flat indices of the entries equal to it, number of entries
+        greater than it)``, or ``None`` when the bracket missed."""
+        values = torch.cat(self.values) if self.values else torch.empty(0)
+        n_in = values.numel()
+        if self.below + n_in + self.above != self.numel or not self.below < self.k <= self.below + n_in:
+            return None
+        kth = torch.kthvalue(values, self.k - self.below).values
+        indices = torch.cat(self.indices)
+        return kth, indices[values == kth], self.above + int(torch.count_nonzero(values > kth))
+
+
 def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
     """Boolean mask of the elements whose ascending rank lies in ``[start, start + count)``.
 
