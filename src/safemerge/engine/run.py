@@ -30,13 +30,17 @@ def tensor_seed(seed: int, name: str) -> int:
 _ALLOCATOR_TUNED = False
 
 
-def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
-    """Serve allocations ≥ ``mmap_threshold`` with mmap so freed tensors go back to the OS.
+def tune_allocator(mmap_threshold: int = 1 << 20, trim_threshold: int = 16 << 20) -> bool:
+    """Serve allocations ≥ ``mmap_threshold`` with mmap so freed tensors go back to the OS, and
+    keep up to ``trim_threshold`` of freed smaller ones for reuse.
 
     glibc's default *dynamic* threshold grows to 32 MB after large frees, after which
     tensor-sized buffers are carved from per-thread arenas and retained; with a fixed 1 MB
     threshold peak RSS follows the tensors actually alive (measured on the SmolLM2 TIES
-    benchmark: 1.55 GB → 1.18 GB with -j 2). No-op on other C libraries.
+    benchmark: 1.55 GB → 1.18 GB with -j 2). Setting it also freezes the trim threshold at
+    128 KB, so the row blocks' sub-MB temporaries (:data:`ELEMENTWISE_BLOCK_BYTES`) would be
+    handed back to the OS after every block and page-faulted in again (measured: 3–10× the cost
+    of the arithmetic on them); a 16 MB trim threshold keeps them. No-op on other C libraries.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
@@ -46,8 +50,9 @@ def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
         import ctypes.util
 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold = -3
+        m_trim_threshold, m_mmap_threshold = -1, -3
         _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold)))
+        _ALLOCATOR_TUNED = bool(libc.mallopt(m_trim_threshold, int(trim_threshold))) and _ALLOCATOR_TUNED
     except (OSError, AttributeError):
         _ALLOCATOR_TUNED = False
     return _ALLOCATOR_TUNED
@@ -83,14 +88,16 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
     import torch
 
     ckpt = ckpts[ref]
-    if rows is not None and not keep_dtype and device == "cpu" and hasattr(ckpt, "copy_rows"):
-        t = _load_rows_f32(ckpt, name, rows, compute_dtype)
+    fused = rows is not None and not keep_dtype and device == "cpu" and hasattr(ckpt, "copy_rows")
+    if fused:
+        t = _load_rows_f32(ckpt, name, rows, compute_dtype)  # type: ignore[arg-type]
     else:
         t = ckpt.get(name, dtype=None) if rows is None else ckpt.get_rows(name, rows[0], rows[1], dtype=None)
     if t.is_floating_point():
-        if compute_dtype is not None:
-            t = t.to(getattr(torch, compute_dtype))
-        t = t.to(device=device, dtype=None if keep_dtype else torch.float32)
+        if not fused:
+            if compute_dtype is not None:
+                t = t.to(getattr(torch, compute_dtype))
+            t = t.to(device=device, dtype=None if keep_dtype else torch.float32)
         if not allow_nonfinite and not all_finite(t):
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(
@@ -101,8 +108,8 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
 
 
 def _load_rows_f32(ckpt: Any, name: str, rows: Rows, compute_dtype: str | None):
-    """Rows of a floating-point tensor as float32, already rounded to ``compute_dtype`` (so that
-    :func:`_load`'s casts are no-ops); other tensors as stored."""
+    """Rows of a floating-point tensor as float32, rounded to ``compute_dtype`` as the
+    whole-tensor path rounds them; other tensors as stored."""
     import torch
 
     stored = ckpt.dtype_name(name)

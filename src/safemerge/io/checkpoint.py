@@ -91,11 +91,13 @@ def all_finite(t: "torch.Tensor") -> bool:
     """True when ``t`` has no NaN/Inf. One summation pass (NaN and ±Inf propagate into the sum);
     only when the sum is not finite — a non-finite entry, or a finite overflow — is the exact
     element-wise test run. About 10× cheaper than ``isfinite(t).all()`` on large tensors."""
+    import math
+
     import torch
 
     if t.numel() == 0 or not t.is_floating_point():
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+    if math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
         return True
     return bool(torch.isfinite(_elementwise_safe(t)).all())
 

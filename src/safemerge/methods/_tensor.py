@@ -148,9 +148,9 @@ class StreamedKth:
     memory for a sample and the candidates near the answer, never the whole tensor.
 
     The same bracketing as :func:`kth_smallest`, split into passes over the data: feed a sample
-    (any subset, e.g. a few spread-out row ranges) to :meth:`bracket`, then every block in flat
-    order to :meth:`scan`, which counts the values below / above the bracket and keeps those
-    inside it with their flat indices. :meth:`result` selects the answer among the candidates
+    (any subset, e.g. a few spread-out row ranges) to :meth:`bracket`, then every block to
+    :meth:`scan`, which counts the values below / above the bracket and keeps those inside it.
+    :meth:`result` selects the answer among the candidates
     and returns ``None`` when the counts show the bracket missed it (or values were NaN); the
     caller then falls back to a whole-tensor selection. Used by TIES top-k trimming (Yadav et
     al. 2023, Sec. 3 "Trim") on tensors processed in row blocks.
@@ -159,9 +159,8 @@ class StreamedKth:
     def __init__(self, numel: int, k: int) -> None:
         self.numel, self.k = int(numel), int(k)
         self.lo_v = self.hi_v = None
-        self.below = self.above = 0
+        self.below = self.above = 0.0  # float sums: NaN-aware
         self.values: list[torch.Tensor] = []
-        self.indices: list[torch.Tensor] = []
 
     def bracket(self, sample: torch.Tensor) -> None:
         """Bounds that contain the answer with overwhelming probability (±8σ of the sample quantile)."""
@@ -177,26 +176,26 @@ class StreamedKth:
         self.lo_v = torch.kthvalue(sample, r_lo).values if q - d > 0 else -inf
         self.hi_v = torch.kthvalue(sample, r_hi).values if q + d < 1 else inf
 
-    def scan(self, block: torch.Tensor, offset: int) -> None:
-        """Count / collect one block whose first element has flat index ``offset``."""
+    def scan(self, block: torch.Tensor) -> None:
+        """Count / collect the next block (blocks must come in flat order)."""
         flat = block.reshape(-1)
-        self.below += int(torch.count_nonzero(flat < self.lo_v))
-        self.above += int(torch.count_nonzero(flat > self.hi_v))
-        inside = (flat >= self.lo_v) & (flat <= self.hi_v)
-        idx = torch.nonzero(inside).squeeze(1)
-        self.values.append(flat[idx])
-        self.indices.append(idx.add_(offset))
+        # sgn(x − v) is exact (−1 / 0 / 1, NaN for NaN): counting with float sums is cheaper than
+        # with boolean masks, and a NaN makes the counts fail the check in :meth:`result`
+        wide = torch.float64 if flat.numel() >= 1 << 24 else None  # float32 sums of ±1 are exact below 2²⁴
+        self.below -= float((flat - self.lo_v).sign_().clamp_(max=0).sum(dtype=wide))
+        self.above += float((flat - self.hi_v).sign_().clamp_(min=0).sum(dtype=wide))
+        self.values.append(flat[(flat >= self.lo_v).logical_and_(flat <= self.hi_v)])
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """``(k-th value, ascending flat indices of the entries equal to it, number of entries
-        greater than it)``, or ``None`` when the bracket missed."""
+    def result(self) -> tuple[torch.Tensor, int, int] | None:
+        """``(k-th value, number of entries equal to it, number of entries greater than it)``,
+        or ``None`` when the bracket missed (or there were NaNs)."""
         values = torch.cat(self.values) if self.values else torch.empty(0)
         n_in = values.numel()
         if self.below + n_in + self.above != self.numel or not self.below < self.k <= self.below + n_in:
-            return None
-        kth = torch.kthvalue(values, self.k - self.below).values
-        indices = torch.cat(self.indices)
-        return kth, indices[values == kth], self.above + int(torch.count_nonzero(values > kth))
+            return None  # (a NaN count never passes)
+        below, above = int(self.below), int(self.above)
+        kth = torch.kthvalue(values, self.k - below).values
+        return kth, int(torch.count_nonzero(values == kth)), above + int(torch.count_nonzero(values > kth))
 
 
 def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:

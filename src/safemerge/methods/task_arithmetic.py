@@ -149,28 +149,31 @@ def disjoint_merge(deltas: list[torch.Tensor], w32: torch.Tensor, normalize: boo
     Elect: ``γ = sgn(Σᵢ wᵢτ̂ᵢ)`` (0 → +). Disjoint merge: the mean of the entries whose sign is
     ``γ``, normalised by the per-entry sum of the agreeing weights (1 where none agree) when
     ``normalize``, exactly as mergekit 0.1.5. Consumes ``deltas`` (entries become ``None``).
+    Only float operations (no boolean masks, which cost several times more per entry); NaN
+    entries stay NaN.
     """
     n = len(deltas)
     # the election sum is accumulated in the output buffer, which is then reused for the mean
     mixed = deltas[0].clone()
     for d in deltas[1:]:
         mixed.add_(d)
-    sign = mixed.ge(0).to(torch.float32).mul_(2).sub_(1)  # elected sign γ as ±1 (0 → +)
+    # elected sign γ as ±1: copysign of the sum with −0 turned into +0 (0 → +)
+    sign = torch.copysign(torch.ones((), dtype=mixed.dtype, device=mixed.device), mixed.add_(0.0))
     mixed.zero_()
     divisor = torch.zeros_like(mixed) if normalize else None
     for i in range(n):
         # with δ·γ the agreeing entries become |δ| (> 0) and the others ≤ 0, so one clamp selects
         # them; summing magnitudes and restoring γ afterwards is exact (negation commutes with
         # rounding)
-        d = deltas[i].mul_(sign)  # in place: this delta is not needed afterwards
+        d = deltas[i].mul_(sign).clamp_(min=0)  # in place: this delta is not needed afterwards
         if divisor is not None:
-            divisor.add_(d > 0, alpha=float(w32[i]))
-        mixed.add_(d.clamp_(min=0))
+            divisor.add_(torch.sign(d), alpha=float(w32[i]))  # sign(clamped δ·γ) = 1 where it agrees, else 0
+        mixed.add_(d)
         deltas[i] = None  # type: ignore[call-overload]  # free as we go
     mixed.mul_(sign)
     del sign
     if divisor is not None:
-        divisor[divisor == 0] = 1
+        divisor.add_(torch.sign(divisor).abs_().neg_().add_(1))  # 0 → 1 (no agreeing model), others + 0
         mixed.div_(divisor)
     return mixed
 
@@ -195,7 +198,7 @@ def ties_two_pass(
     magnitudes straddle the cut-off, the flat index from which tied entries survive) with a
     :class:`~safemerge.methods._tensor.StreamedKth`: a sample of spread-out row ranges, then one
     scan over the row blocks that counts and keeps only the candidates near the threshold.
-    Pass 2 recomputes the task vectors block by block, masks them, and runs the sign election
+    Pass 2 recomputes the task vectors block by block, masks them (:func:`_trim_block`), and runs the sign election
     and disjoint merge per block. Memory: a few blocks plus the candidates — never a whole task
     vector. ``load(i, rows)`` / ``load_base(rows)`` return float32 tensors (rows ``None`` =
     all); each finished float32 block goes to ``emit(rows, block)``. Returns ``False`` (the
@@ -214,20 +217,15 @@ def ties_two_pass(
     cuts = _topk_cuts(load, load_base, densities, shape, blocks)
     lam = float(params.get("lambda", 1.0))
     normalize = bool(params.get("normalize", True))
+    dropped = [cut[1] if cut is not None else 0 for cut in cuts]  # tied entries still to drop, in flat order
     for blk in blocks:
         b = load_base(blk)
-        first = blk[0] * cols
         deltas = []
         for i in range(n):
             d = load(i, blk).sub_(b)
-            if cuts[i] is not None:
-                lo, first_kept = cuts[i]
-                a = d.abs()
-                keep = a > lo
-                tied = a == lo
-                if first_kept > first:  # tied entries before ``first_kept`` are dropped
-                    tied.view(-1)[: first_kept - first] = False
-                d.mul_(keep.logical_or_(tied))
+            cut = cuts[i]
+            if cut is not None:
+                dropped[i] = _trim_block(d, cut[0], dropped[i])
             deltas.append(d.mul_(w32[i]))
         mixed = disjoint_merge(deltas, w32, normalize)
         if lam != 1:
@@ -243,7 +241,7 @@ def _topk_cuts(
     shape: tuple[int, ...],
     blocks: list[Rows],
 ) -> list[tuple[torch.Tensor, int] | None]:
-    """Per model: ``(threshold, first kept flat index among entries equal to it)`` of TIES's
+    """Per model: ``(threshold, number of entries equal to it that are dropped)`` of TIES's
     top-``k`` trim, ``k = max(1, ⌊density·n⌋)``, ties at the cut-off kept from the highest flat
     index down (:func:`~safemerge.methods._tensor.rank_window_mask`'s ``index`` rule);
     ``None`` where ``density ≥ 1``. Streams the blocks; falls back to a whole-tensor selection
@@ -272,7 +270,7 @@ def _topk_cuts(
     del samples
     for blk in blocks:
         for i, a in magnitudes(blk).items():
-            sel[i].scan(a, blk[0] * cols)
+            sel[i].scan(a)
     cuts: list[tuple[torch.Tensor, int] | None] = [None] * len(densities)
     for i, s in sel.items():
         k = ks[i]
@@ -281,15 +279,36 @@ def _topk_cuts(
         if found is None:  # the sample was not representative: exact whole-tensor selection
             a = load(i, None).sub_(load_base(None)).abs_().reshape(-1)
             lo = kth_smallest(a, numel - k + 1)
-            tied_idx = torch.nonzero(a == lo).squeeze(1)
-            n_greater = int(torch.count_nonzero(a > lo))
+            n_eq, n_greater = int(torch.count_nonzero(a == lo)), int(torch.count_nonzero(a > lo))
             del a
         else:
-            lo, tied_idx, n_greater = found
-        need = k - n_greater  # entries equal to ``lo`` that survive (≥ 1)
-        n_eq = tied_idx.numel()
-        cuts[i] = (lo, 0 if need == n_eq else int(tied_idx[n_eq - need]))
+            lo, n_eq, n_greater = found
+        # k − n_greater of the n_eq entries equal to ``lo`` survive: those with the highest flat indices
+        cuts[i] = (lo, n_eq - (k - n_greater))
     return cuts
+
+
+def _trim_block(d: torch.Tensor, lo: torch.Tensor, drop: int) -> int:
+    """Zero the entries of a row block of ``δ`` below the top-k threshold ``lo``, and the first
+    ``drop`` entries equal to it (flat order, ties continuing from earlier blocks); returns how
+    many tied entries later blocks must still drop. The same bits as ``δ·mask`` with the boolean
+    mask of :func:`~safemerge.methods._tensor.rank_window_mask`, from float operations only:
+    ``sgn(|δ| − lo)`` is exact (−1 / 0 / 1)."""
+    a = d.abs()
+    s = (a - lo).sign_()  # (0 for NaN too: NaN·1 and NaN·0 are both NaN)
+    if drop:
+        tied = (a == lo).view(-1)
+        n_tied = int(torch.count_nonzero(tied))
+        if n_tied <= drop:  # every tied entry of this block is dropped: keep |δ| > lo
+            d.mul_(s.clamp_(min=0))
+            return drop - n_tied
+        first_kept = int(torch.nonzero(tied)[drop])
+        keep = s.clone().clamp_(min=0)  # |δ| > lo
+        keep.view(-1)[first_kept:] = s.view(-1)[first_kept:].add_(1).clamp_(max=1)  # |δ| ≥ lo from there on
+        d.mul_(keep)
+        return 0
+    d.mul_(s.add_(1).clamp_(max=1))  # keep |δ| ≥ lo
+    return 0
 
 
 def _sample_rows(n_rows: int, cols: int, target: int = 1 << 18, chunks: int = 64) -> list[Rows]:
