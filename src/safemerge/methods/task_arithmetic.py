@@ -262,9 +262,11 @@ def _topk_cuts(
         return {i: load(i, rows).sub_(b).abs_() for i in sel}
 
     samples: dict[int, list[torch.Tensor]] = {i: [] for i in sel}
-    for rows in _sample_rows(shape[0], cols):
-        for i, a in magnitudes(rows).items():
-            samples[i].append(a.reshape(-1))
+    step = blocks[0][1] - blocks[0][0]
+    for r0, r1 in _sample_rows(shape[0], cols):
+        for rows in ((s, min(r1, s + step)) for s in range(r0, r1, step)):  # at most a block at a time
+            for i, a in magnitudes(rows).items():
+                samples[i].append(a.reshape(-1))
     for i, s in samples.items():
         sel[i].bracket(torch.cat(s))
     del samples
