@@ -126,6 +126,8 @@ def _row_blocks(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any]) -> li
     """Row blocks for a tensor the executor may stream, or ``None`` (whole tensor)."""
     import math
 
+    from safemerge.methods._tensor import row_blocks
+
     refs = [r for r, _ in job.inputs] + ([job.base[0]] if job.base is not None else [])
     if (
         plan.mergekit_arithmetic
@@ -135,8 +137,7 @@ def _row_blocks(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any]) -> li
         or not all(hasattr(ckpts[r], "get_rows") for r in refs)
     ):
         return None
-    rows = max(1, ELEMENTWISE_BLOCK_BYTES // (4 * math.prod(job.shape[1:])))
-    return [(r0, min(job.shape[0], r0 + rows)) for r0 in range(0, job.shape[0], rows)]
+    return row_blocks(job.shape, ELEMENTWISE_BLOCK_BYTES)
 
 
 def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: int, allow_nonfinite: bool = False,
@@ -179,7 +180,7 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
     thresholds first) through it. ``None`` when the method cannot stream this tensor."""
     import torch
 
-    from safemerge.methods._tensor import TIE_BREAK
+    from safemerge.methods.streaming import TWO_PASS
 
     out = torch.empty(job.shape, dtype=out_dtype, device=device)
 
@@ -187,8 +188,8 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
         _check_output(plan, job, part, allow_nonfinite, rows)
         out[rows[0] : rows[1]] = part
 
-    two_pass = plan.method.extra.get("two_pass")
-    if two_pass is not None and job.base is not None and TIE_BREAK["mode"] == "index":
+    two_pass = plan.method.extra.get("two_pass") or TWO_PASS.get(plan.method.name)
+    if two_pass is not None and job.base is not None:
         def load(i: int, rows: Rows | None):  # noqa: ANN202
             return _load(ckpts, *job.inputs[i], plan.compute_dtype, allow_nonfinite, device, rows)
 

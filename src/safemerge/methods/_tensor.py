@@ -303,6 +303,50 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def row_blocks(shape: Sequence[int], block_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` of about ``block_bytes`` of float32 each, covering dimension 0."""
+    import math
+
+    rows = max(1, int(block_bytes) // (4 * math.prod(shape[1:])))
+    return [(r0, min(shape[0], r0 + rows)) for r0 in range(0, shape[0], rows)]
+
+
+class ChunkedDots:
+    """Several :func:`dot64` sums over tensors fed block by block, bit-identical to
+    :func:`dot64` on the whole tensors: the same 65,536-entry chunks of the flattened tensors
+    (a chunk split across two blocks is completed from a carried tail), each converted to
+    float64 and summed in the same order. ``pairs`` index the operands of :meth:`add`, e.g.
+    ``[(0, 0), (1, 1), (0, 1)]`` for ‖a‖², ‖b‖², ⟨a, b⟩.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[int, int]]) -> None:
+        self.pairs = list(pairs)
+        self.totals = [torch.zeros((), dtype=torch.float64) for _ in self.pairs]
+        self.carry: list[torch.Tensor] | None = None
+
+    def add(self, operands: Sequence[torch.Tensor]) -> None:
+        """The next block of every operand (same shape, flat order continuing the previous one)."""
+        flats = [o.reshape(-1) for o in operands]
+        if self.carry is not None:
+            flats = [torch.cat([c, f]) for c, f in zip(self.carry, flats)]
+        n = flats[0].numel()
+        full = n - n % _DOT_CHUNK
+        for i in range(0, full, _DOT_CHUNK):
+            self._chunk([f[i : i + _DOT_CHUNK] for f in flats])
+        self.carry = [f[full:].clone() for f in flats] if full < n else None
+
+    def finish(self) -> list[torch.Tensor]:
+        """The float64 sums (0-d tensors), in the order of ``pairs``."""
+        if self.carry is not None:
+            self._chunk(self.carry)
+            self.carry = None
+        return self.totals
+
+    def _chunk(self, chunks: list[torch.Tensor]) -> None:
+        for k, (p, q) in enumerate(self.pairs):
+            self.totals[k] += torch.dot(chunks[p].to(torch.float64), chunks[q].to(torch.float64))
+
+
 def norm64(a: torch.Tensor) -> torch.Tensor:
     """Euclidean norm over all elements, accumulated in float64 (0-d float64 tensor)."""
     return dot64(a, a).sqrt()

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from safemerge.methods._tensor import InputTensors, check_inputs, f32, per_model_list, release
+from safemerge.methods._tensor import TIE_BREAK, InputTensors, check_inputs, f32, per_model_list, release, row_blocks
 from safemerge.methods import sparsify as sp
 
 Sparsifier = Callable[..., torch.Tensor]
@@ -204,16 +204,14 @@ def ties_two_pass(
     all); each finished float32 block goes to ``emit(rows, block)``. Returns ``False`` (the
     caller falls back to the whole tensor) for settings it does not cover (``rescale``).
     """
-    import math
-
     if n == 0 or bool(params.get("rescale", False)) or len(shape) < 2:
         return False
     weights = per_model_list("ties", per_model, "weight", n)
     densities = [float(d) for d in (per_model.get("density") or [1.0] * n)]
     w32 = torch.tensor([float(w) for w in weights], dtype=torch.float32)
-    cols = math.prod(shape[1:])
-    rows = max(1, block_bytes // (4 * cols))
-    blocks = [(r0, min(shape[0], r0 + rows)) for r0 in range(0, shape[0], rows)]
+    if TIE_BREAK["mode"] != "index":  # mergekit's tie choice needs the whole-tensor sort
+        return False
+    blocks = row_blocks(shape, block_bytes)
     cuts = _topk_cuts(load, load_base, densities, shape, blocks)
     lam = float(params.get("lambda", 1.0))
     normalize = bool(params.get("normalize", True))
