@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from safemerge.methods._tensor import ChunkedDots, dot64, row_blocks  # noqa: E402
+from safemerge.methods._tensor import ChunkedDots, StreamedKth, dot64, row_blocks  # noqa: E402
 from safemerge.methods.model_stock import model_stock, model_stock_two_pass  # noqa: E402
 from safemerge.methods.slerp import slerp, slerp_two_pass  # noqa: E402
 from safemerge.methods.task_arithmetic import _family_entry, ties_two_pass  # noqa: E402
@@ -68,3 +68,33 @@ def test_row_blocks_cover_the_tensor() -> None:
     blocks = row_blocks(SHAPE, 4 * 389 * 10)
     assert blocks[0] == (0, 10) and blocks[-1][1] == SHAPE[0]
     assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+
+
+@pytest.mark.parametrize("k", [1, 1000, 100_000, 200_000, 201_113])
+def test_streamed_kth_is_exact(k) -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(SHAPE, generator=g).abs().mul_(64).round_()  # many exact ties
+    sel = StreamedKth(x.numel(), k)
+    sel.bracket(x[::13].reshape(-1))
+    for r0 in range(0, SHAPE[0], 50):
+        sel.scan(x[r0 : r0 + 50])
+    found = sel.result()
+    flat = x.reshape(-1)
+    kth = torch.kthvalue(flat, k).values
+    assert found is not None
+    assert torch.equal(found[0], kth)
+    assert found[1:] == (int((flat == kth).sum()), int((flat > kth).sum()))
+
+
+def test_streamed_kth_reports_a_missed_bracket_or_nan() -> None:
+    x = torch.arange(10_000, dtype=torch.float32)
+    sel = StreamedKth(x.numel(), 5_000)
+    sel.bracket(x[-100:])  # a sample of the largest values only: the bracket misses the median
+    sel.scan(x)
+    assert sel.result() is None
+    y = x.clone()
+    y[5] = float("nan")
+    sel = StreamedKth(y.numel(), 500)
+    sel.bracket(y[::7])
+    sel.scan(y)
+    assert sel.result() is None

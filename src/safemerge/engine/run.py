@@ -9,6 +9,7 @@ merging, so outputs are byte-identical for any ``jobs`` value.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -124,8 +125,6 @@ def _load_rows_f32(ckpt: Any, name: str, rows: Rows, compute_dtype: str | None):
 
 def _row_blocks(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any]) -> list[Rows] | None:
     """Row blocks for a tensor the executor may stream, or ``None`` (whole tensor)."""
-    import math
-
     from safemerge.methods._tensor import row_blocks
 
     refs = [r for r, _ in job.inputs] + ([job.base[0]] if job.base is not None else [])
@@ -306,7 +305,9 @@ def execute_plan(
                 work(job)
             return
         pending: set[Future] = set()
-        it = iter(plan.jobs)
+        # largest tensors first (sinks are order-independent with several workers): the long
+        # jobs overlap each other instead of leaving workers idle behind the last one (lm_head)
+        it = iter(sorted(plan.jobs, key=lambda j: -math.prod(j.shape)))
         stop = threading.Event()
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="safemerge") as pool:
             try:
