@@ -272,18 +272,18 @@ def run_scale(scale: str, work: Path, *, jobs: int, sizes: list[str] | None, mer
         "sizes": {},
     }
     work.mkdir(parents=True, exist_ok=True)
+    out = results_dir / f"merge_speed_scale_{scale}.json"
     try:
         for size in sizes or SCALES[scale]:
             report["sizes"][size] = bench_size(size, work, jobs=jobs, mergekit=with_mk, env=env)
+            report["machine"]["loadavg_at_end"] = os.getloadavg()
+            out.write_text(json.dumps(report, indent=2) + "\n")  # after every size: a long run keeps what it measured
             if not keep:
                 shutil.rmtree(work / size, ignore_errors=True)
     finally:
         if not keep:
             for size in sizes or SCALES[scale]:
                 shutil.rmtree(work / size, ignore_errors=True)
-    report["machine"]["loadavg_at_end"] = os.getloadavg()
-    out = results_dir / f"merge_speed_scale_{scale}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(summary_table(report))
     print(f"load average at start {report['machine']['loadavg_at_start']}, at end {report['machine']['loadavg_at_end']}")
