@@ -12,6 +12,14 @@ two tools' outputs.
 
 Prints a table and writes ``bench/results/merge_speed.json`` (``merge_speed_<dtype>.json`` for
 another dtype). Not a test.
+
+Scale mode (issue 16; bf16 sharded synthetic Llama models generated into --workdir, deleted at the
+end unless --keep; see bench/merge_scale.py):
+
+    .venv/bin/python bench/merge_speed.py --scale 1b          # 135M → 350M → 1.2B, TIES + linear vs mergekit
+    .venv/bin/python bench/merge_speed.py --scale 8b-layers   # Llama-3.1-8B's largest tensors (memory)
+
+writes ``bench/results/merge_speed_scale_<scale>.json`` and prints a summary table.
 """
 from __future__ import annotations
 
@@ -140,8 +148,21 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--dtype", default="float32", help="the configs' dtype (float16/bfloat16: mergekit's usual)")
+    ap.add_argument("--scale", choices=["1b", "8b-layers"], help="bf16 sharded synthetic models (bench/merge_scale.py)")
+    ap.add_argument("--sizes", help="scale mode: comma-separated sizes (135m, 350m, 1.2b, 8b-layers)")
+    ap.add_argument("--mergekit", action=argparse.BooleanOptionalAction, default=None,
+                    help="scale mode: also run mergekit-yaml (default: yes for 1b, no for 8b-layers)")
+    ap.add_argument("--keep", action="store_true", help="scale mode: keep the generated models in --workdir")
     args = ap.parse_args()
     work = Path(args.workdir)
+    if args.scale:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from merge_scale import run_scale
+
+        sizes = args.sizes.split(",") if args.sizes else None
+        run_scale(args.scale, work / "scale", jobs=args.jobs, sizes=sizes, mergekit=args.mergekit, keep=args.keep,
+                  results_dir=REPO / "bench" / "results")
+        return
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     paths = make_inputs(work)

@@ -178,7 +178,8 @@ def merge(
             plan_dtypes={j.out_name: j.out_dtype for j in plan.jobs},
             metadata={"producer": "safemerge"},
         )
-        execute_plan(plan, ckpts, lambda job, t: writer.add(job.out_name, t), seed=seed, jobs=jobs, device=device, allow_nonfinite=allow_nonfinite, progress=progress)
+        execute_plan(plan, ckpts, lambda job, t: writer.add(job.out_name, t), seed=seed, jobs=jobs, device=device,
+                     allow_nonfinite=allow_nonfinite, progress=progress, narrow=True)
         writer.finish()
         updates = dict(plan.config_updates)
         float_dtypes = {j.out_dtype for j in plan.jobs if not j.passthrough}

@@ -9,6 +9,7 @@ merging, so outputs are byte-identical for any ``jobs`` value.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -30,13 +31,17 @@ def tensor_seed(seed: int, name: str) -> int:
 _ALLOCATOR_TUNED = False
 
 
-def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
-    """Serve allocations ≥ ``mmap_threshold`` with mmap so freed tensors go back to the OS.
+def tune_allocator(mmap_threshold: int = 1 << 20, trim_threshold: int = 16 << 20) -> bool:
+    """Serve allocations ≥ ``mmap_threshold`` with mmap so freed tensors go back to the OS, and
+    keep up to ``trim_threshold`` of freed smaller ones for reuse.
 
     glibc's default *dynamic* threshold grows to 32 MB after large frees, after which
     tensor-sized buffers are carved from per-thread arenas and retained; with a fixed 1 MB
     threshold peak RSS follows the tensors actually alive (measured on the SmolLM2 TIES
-    benchmark: 1.55 GB → 1.18 GB with -j 2). No-op on other C libraries.
+    benchmark: 1.55 GB → 1.18 GB with -j 2). Setting it also freezes the trim threshold at
+    128 KB, so the row blocks' sub-MB temporaries (:data:`ELEMENTWISE_BLOCK_BYTES`) would be
+    handed back to the OS after every block and page-faulted in again (measured: 3–10× the cost
+    of the arithmetic on them); a 16 MB trim threshold keeps them. No-op on other C libraries.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
@@ -46,8 +51,9 @@ def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
         import ctypes.util
 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        m_mmap_threshold = -3
+        m_trim_threshold, m_mmap_threshold = -1, -3
         _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold)))
+        _ALLOCATOR_TUNED = bool(libc.mallopt(m_trim_threshold, int(trim_threshold))) and _ALLOCATOR_TUNED
     except (OSError, AttributeError):
         _ALLOCATOR_TUNED = False
     return _ALLOCATOR_TUNED
@@ -65,21 +71,34 @@ def _single_intraop_thread():
         torch.set_num_threads(old)
 
 
-ELEMENTWISE_BLOCK_BYTES = 32 << 20
-"""Element-wise methods process tensors larger than this in row blocks of about this size."""
+ELEMENTWISE_BLOCK_BYTES = 512 << 10
+"""Methods that stream process tensors larger than this (in float32) in row blocks of about this
+size: small enough to stay in the CPU cache and below the allocator's mmap threshold
+(:func:`tune_allocator`), so a block's temporaries are reused instead of page-faulted in —
+fresh tensor-sized buffers cost more than the arithmetic done in them."""
+
+Rows = tuple[int, int]
 
 
 def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str,
-          rows: tuple[int, int] | None = None, keep_dtype: bool = False):
-    """Read one input tensor: rounded to ``compute_dtype`` (the config's ``dtype``), then widened
-    to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in that dtype."""
+          rows: Rows | None = None, keep_dtype: bool = False):
+    """Read one input tensor (or rows of it): rounded to ``compute_dtype`` (the config's
+    ``dtype``), then widened to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in
+    that dtype. Row blocks of safetensors checkpoints are converted straight from the mapped file
+    into a small float32 buffer (one pass, no intermediate copy)."""
     import torch
 
-    t = ckpts[ref].get(name, dtype=None) if rows is None else ckpts[ref].get_rows(name, rows[0], rows[1], dtype=None)
+    ckpt = ckpts[ref]
+    fused = rows is not None and not keep_dtype and device == "cpu" and hasattr(ckpt, "copy_rows")
+    if fused:
+        t = _load_rows_f32(ckpt, name, rows, compute_dtype)  # type: ignore[arg-type]
+    else:
+        t = ckpt.get(name, dtype=None) if rows is None else ckpt.get_rows(name, rows[0], rows[1], dtype=None)
     if t.is_floating_point():
-        if compute_dtype is not None:
-            t = t.to(getattr(torch, compute_dtype))
-        t = t.to(device=device, dtype=None if keep_dtype else torch.float32)
+        if not fused:
+            if compute_dtype is not None:
+                t = t.to(getattr(torch, compute_dtype))
+            t = t.to(device=device, dtype=None if keep_dtype else torch.float32)
         if not allow_nonfinite and not all_finite(t):
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(
@@ -89,66 +108,101 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
     return t
 
 
-def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: int, allow_nonfinite: bool = False, device: str = "cpu"):
-    """Compute one output tensor (float32 on ``device``; non-float tensors pass through)."""
+def _load_rows_f32(ckpt: Any, name: str, rows: Rows, compute_dtype: str | None):
+    """Rows of a floating-point tensor as float32, rounded to ``compute_dtype`` as the
+    whole-tensor path rounds them; other tensors as stored."""
+    import torch
+
+    stored = ckpt.dtype_name(name)
+    shape = ckpt.shape(name)
+    if not getattr(torch, stored, torch.int64).is_floating_point:
+        return ckpt.get_rows(name, rows[0], rows[1], dtype=None)
+    t = ckpt.copy_rows(name, rows[0], rows[1], torch.empty((rows[1] - rows[0], *shape[1:]), dtype=torch.float32))
+    if compute_dtype not in (None, "float32", stored):
+        t.copy_(t.to(getattr(torch, compute_dtype)))  # stored → compute rounding, as the whole-tensor path
+    return t
+
+
+def _row_blocks(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any]) -> list[Rows] | None:
+    """Row blocks for a tensor the executor may stream, or ``None`` (whole tensor)."""
+    from safemerge.methods._tensor import row_blocks
+
+    refs = [r for r, _ in job.inputs] + ([job.base[0]] if job.base is not None else [])
+    if (
+        plan.mergekit_arithmetic
+        or job.vocab is not None
+        or len(job.shape) < 2
+        or math.prod(job.shape) * 4 <= ELEMENTWISE_BLOCK_BYTES
+        or not all(hasattr(ckpts[r], "get_rows") for r in refs)
+    ):
+        return None
+    return row_blocks(job.shape, ELEMENTWISE_BLOCK_BYTES)
+
+
+def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: int, allow_nonfinite: bool = False,
+            device: str = "cpu", narrow: bool = False):
+    """Compute one output tensor (float32 on ``device``, or with ``narrow`` in the job's output
+    dtype, converted block by block; non-float tensors pass through)."""
     import torch
 
     if job.passthrough:
         ref, name = job.base or job.inputs[0]
         return ckpts[ref].get(name, dtype=None)
-    import math
-
-    refs = [r for r, _ in job.inputs] + ([job.base[0]] if job.base is not None else [])
-    blocks: list[tuple[int, int] | None] = [None]
-    if (
-        not plan.mergekit_arithmetic
-        and job.vocab is None
-        and plan.method.extra.get("elementwise")
-        and len(job.shape) >= 2
-        and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
-        and all(hasattr(ckpts[r], "get_rows") for r in refs)
-    ):
-        # each output entry depends only on the same entry of the inputs: stream row blocks so
-        # that memory holds the output plus one block per input, whatever the tensor's size
-        rows = max(1, ELEMENTWISE_BLOCK_BYTES // (4 * math.prod(job.shape[1:])))
-        blocks = [(r0, min(job.shape[0], r0 + rows)) for r0 in range(0, job.shape[0], rows)]
+    out_dtype = getattr(torch, job.out_dtype) if narrow and job.out_dtype else torch.float32
+    blocks = _row_blocks(job, plan, ckpts)
     out = None
-    two_pass = plan.method.extra.get("two_pass")
-    if (
-        two_pass is not None
-        and not plan.mergekit_arithmetic
-        and job.vocab is None
-        and job.base is not None
-        and len(job.shape) >= 2
-        and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
-        and all(hasattr(ckpts[r], "get_rows") for r in refs)
-    ):
-        from safemerge.methods._tensor import TIE_BREAK
+    if blocks is not None:
+        out = _run_streamed(job, plan, ckpts, blocks, seed, allow_nonfinite, device, out_dtype)
+    if out is None:
+        out = _run_block(job, plan, ckpts, seed, allow_nonfinite, device, None)
+        _check_output(plan, job, out, allow_nonfinite)
+        if narrow and out.is_floating_point() and out.dtype != out_dtype:
+            out = out.to(out_dtype)
+    return out
 
-        if TIE_BREAK["mode"] == "index":
-            def load(i: int, rows: tuple[int, int] | None):  # noqa: ANN202
-                return _load(ckpts, *job.inputs[i], plan.compute_dtype, allow_nonfinite, device, rows)
 
-            def load_base(rows: tuple[int, int] | None):  # noqa: ANN202
-                return _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows)  # type: ignore[misc]
-
-            out = two_pass(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params, ELEMENTWISE_BLOCK_BYTES)
-            if out is not None:
-                blocks = []
-    for blk in blocks:
-        part = _run_block(job, plan, ckpts, seed, allow_nonfinite, device, blk)
-        if blk is None:
-            out = part
-        else:
-            if out is None:
-                out = torch.empty(job.shape, dtype=part.dtype, device=part.device)
-            out[blk[0] : blk[1]] = part
+def _check_output(plan: MergePlan, job: TensorJob, out: Any, allow_nonfinite: bool, rows: Rows | None = None) -> None:
+    """The method's result (or row block of it) has the planned shape and, unless allowed, no NaN/Inf."""
+    shape = tuple(job.shape) if rows is None else (rows[1] - rows[0], *job.shape[1:])
     if out is None:
         raise SafemergeError(f"{plan.method.name} produced no output for tensor {job.out_name}", "check the config")
-    if tuple(out.shape) != tuple(job.shape):
-        raise SafemergeError(f"{plan.method.name} produced shape {tuple(out.shape)} for {job.out_name}, expected {job.shape}", "report this as a bug")
+    if tuple(out.shape) != shape:
+        raise SafemergeError(f"{plan.method.name} produced shape {tuple(out.shape)} for {job.out_name}, expected {shape}", "report this as a bug")
     if not allow_nonfinite and out.is_floating_point() and not all_finite(out):
         raise SafemergeError(f"the merge produced NaN/Inf in tensor {job.out_name}", "check weights/densities (e.g. normalisation by a zero weight sum)")
+
+
+def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blocks: list[Rows], seed: int,
+                  allow_nonfinite: bool, device: str, out_dtype: Any):
+    """One tensor in row blocks, each block converted into the preallocated output as soon as it
+    is merged: element-wise methods block by block, methods with a ``two_pass`` kernel (TIES:
+    thresholds first) through it. ``None`` when the method cannot stream this tensor."""
+    import torch
+
+    from safemerge.methods.streaming import TWO_PASS
+
+    out = torch.empty(job.shape, dtype=out_dtype, device=device)
+
+    def emit(rows: Rows, part: Any) -> None:
+        _check_output(plan, job, part, allow_nonfinite, rows)
+        out[rows[0] : rows[1]] = part
+
+    two_pass = plan.method.extra.get("two_pass") or TWO_PASS.get(plan.method.name)
+    if two_pass is not None and job.base is not None:
+        def load(i: int, rows: Rows | None):  # noqa: ANN202
+            return _load(ckpts, *job.inputs[i], plan.compute_dtype, allow_nonfinite, device, rows)
+
+        def load_base(rows: Rows | None):  # noqa: ANN202
+            return _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows)  # type: ignore[misc]
+
+        done = two_pass(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params,
+                        ELEMENTWISE_BLOCK_BYTES, emit)
+        return out if done else None
+    if not plan.method.extra.get("elementwise"):
+        return None
+    # each output entry depends only on the same entry of the inputs
+    for rows in blocks:
+        emit(rows, _run_block(job, plan, ckpts, seed, allow_nonfinite, device, rows))
     return out
 
 
@@ -228,8 +282,12 @@ def execute_plan(
     allow_nonfinite: bool = False,
     progress: bool = True,
     description: str = "merging",
+    narrow: bool = False,
 ) -> None:
-    """Run every job of ``plan`` and hand each result to ``sink(job, tensor)`` (called from worker threads)."""
+    """Run every job of ``plan`` and hand each result to ``sink(job, tensor)`` (called from worker threads).
+
+    The tensors are float32, or with ``narrow`` already in each job's ``out_dtype`` (converted
+    block by block as they are merged: a writer then stores them without another pass)."""
     n_workers = max(1, int(jobs or os.cpu_count() or 1))
     tune_allocator()
     total_bytes = plan.total_bytes
@@ -238,7 +296,7 @@ def execute_plan(
     with _single_intraop_thread(), progress_bar(description, total=len(plan.jobs), total_bytes=total_bytes, enabled=progress) as bar:
 
         def work(job: TensorJob) -> None:
-            out = run_job(job, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite, device=device)
+            out = run_job(job, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite, device=device, narrow=narrow)
             sink(job, out)
             bar.advance(job)
 
@@ -247,7 +305,9 @@ def execute_plan(
                 work(job)
             return
         pending: set[Future] = set()
-        it = iter(plan.jobs)
+        # largest tensors first (sinks are order-independent with several workers): the long
+        # jobs overlap each other instead of leaving workers idle behind the last one (lm_head)
+        it = iter(sorted(plan.jobs, key=lambda j: -math.prod(j.shape)))
         stop = threading.Event()
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="safemerge") as pool:
             try:

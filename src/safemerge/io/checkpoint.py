@@ -13,6 +13,7 @@ Mistral, Qwen2 (with q/k/v biases), Gemma and Phi-3 layouts all work without a t
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections.abc import Iterator, Mapping
@@ -91,11 +92,13 @@ def all_finite(t: "torch.Tensor") -> bool:
     """True when ``t`` has no NaN/Inf. One summation pass (NaN and ±Inf propagate into the sum);
     only when the sum is not finite — a non-finite entry, or a finite overflow — is the exact
     element-wise test run. About 10× cheaper than ``isfinite(t).all()`` on large tensors."""
+    import math
+
     import torch
 
     if t.numel() == 0 or not t.is_floating_point():
         return True
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+    if math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
         return True
     return bool(torch.isfinite(_elementwise_safe(t)).all())
 
@@ -236,6 +239,7 @@ class Checkpoint(Mapping):
             raise CheckpointError(f"model path {str(self.path)!r} does not exist", "check the path")
         self._lock = threading.Lock()
         self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
         self._pickled: dict[Path, dict[str, Any]] = {}
         self._weight_map: dict[str, Path] = {}
         self._headers: dict[Path, dict[str, Any]] = {}
@@ -441,16 +445,8 @@ class Checkpoint(Mapping):
                     self._handles[path] = mm
         return mm
 
-    def _read_safetensors(self, path: Path, name: str, rows: tuple[int, int] | None = None):
-        """Copy one tensor out of the memory-mapped file, then release the mapped pages.
-
-        The pages stay in the OS page cache (a second read is free), but they no longer count
-        towards this process's resident memory, so streaming a 100 GB model keeps RSS at the
-        size of the tensors in flight.
-        """
-        import mmap
-
-        import numpy as np
+    def _locate(self, path: Path, name: str, rows: tuple[int, int] | None = None) -> tuple[int, int, Any, tuple[int, ...]]:
+        """File offset, byte count, torch dtype and shape of a stored tensor (or of rows of it)."""
         import torch
 
         info = self._headers[path][name]
@@ -460,28 +456,67 @@ class Checkpoint(Mapping):
         dt_name = _ST_DTYPES.get(info["dtype"])
         if dt_name is None:
             raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {info['dtype']}", "convert the checkpoint to float32/bfloat16/float16")
-        dtype = getattr(torch, dt_name)
         shape = tuple(info["shape"])
         if rows is not None:
             row_bytes = nbytes // shape[0] if shape and shape[0] else 0
             off += rows[0] * row_bytes
             nbytes = (rows[1] - rows[0]) * row_bytes
             shape = (rows[1] - rows[0], *shape[1:])
+        return off, nbytes, getattr(torch, dt_name), shape
+
+    def _read_into(self, path: Path, off: int, dst: "torch.Tensor") -> None:
+        """Fill the uint8 tensor ``dst`` with the file's bytes from ``off``.
+
+        ``pread`` copies straight from the OS page cache (a second read is free) and maps no
+        pages into this process, so streaming a 100 GB model keeps RSS at the size of the
+        tensors in flight. (A memory-mapped copy leaves the pages the kernel maps around each
+        fault resident — measured: 22 % of the inputs of a 135M TIES merge.) Without ``pread``
+        (Windows) the bytes are copied out of a memory map in chunks, each released after use.
+        """
+        view = memoryview(dst.numpy())
+        if hasattr(os, "preadv"):
+            done = 0
+            while done < len(view):
+                n = os.preadv(self._fd(path), [view[done:]], off + done)
+                if n <= 0:
+                    raise CheckpointError(f"{path} ends before its header says (truncated?)", "re-download the checkpoint")
+                done += n
+            return
+        import mmap  # pragma: no cover - platforms without preadv
+
+        import numpy as np
+
+        mm = self._mmap(path)
+        for lo in range(0, len(view), _READ_CHUNK):
+            hi = min(len(view), lo + _READ_CHUNK)
+            view[lo:hi] = np.frombuffer(mm, dtype=np.uint8, count=hi - lo, offset=off + lo)
+            a = (off + lo) - (off + lo) % mmap.PAGESIZE
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, a, off + hi - a)
+            except (OSError, ValueError, AttributeError):
+                pass
+
+    def _fd(self, path: Path) -> int:
+        """A read-only descriptor of ``path`` for positional reads (shared by threads)."""
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    try:
+                        fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                    except OSError as exc:
+                        raise CheckpointError(f"cannot open {path} ({exc})", "check the file and its permissions") from exc
+        return fd
+
+    def _read_safetensors(self, path: Path, name: str, rows: tuple[int, int] | None = None):
+        """Read one tensor (or rows of it) in its stored dtype."""
+        import torch
+
+        off, nbytes, dtype, shape = self._locate(path, name, rows)
         out = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
-            mm = self._mmap(path)
-            dst = out.numpy()
-            page = mmap.PAGESIZE
-            # copy in chunks, releasing each chunk's pages right away: the transient cost of a
-            # read is one chunk, not a second copy of the tensor
-            for lo in range(0, nbytes, _READ_CHUNK):
-                hi = min(nbytes, lo + _READ_CHUNK)
-                dst[lo:hi] = np.frombuffer(mm, dtype=np.uint8, count=hi - lo, offset=off + lo)
-                a = (off + lo) - (off + lo) % page
-                try:
-                    mm.madvise(mmap.MADV_DONTNEED, a, off + hi - a)
-                except (OSError, ValueError, AttributeError):  # pragma: no cover - no madvise
-                    pass
+            self._read_into(path, off, out)
         return out.view(dtype).reshape(shape)
 
     def __getitem__(self, name: str):
@@ -515,6 +550,21 @@ class Checkpoint(Mapping):
             t = t.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
         return t
 
+    def copy_rows(self, name: str, start: int, stop: int, out: "torch.Tensor") -> "torch.Tensor":
+        """Rows ``[start, stop)`` converted into ``out`` (shape ``(stop-start, *rest)``): read
+        into a block-sized buffer and converted in one pass, without a tensor-sized allocation.
+        Values are not checked for NaN/Inf (the engine checks the converted block itself)."""
+        import torch
+
+        real, f = self._resolve(name)
+        if f in self._pickled:
+            return out.copy_(self._pickled[f][real][start:stop])
+        off, nbytes, dtype, _ = self._locate(f, real, (start, stop))
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            self._read_into(f, off, raw)
+        return out.copy_(raw.view(dtype).view(out.shape))
+
     def get(self, name: str, dtype: Any = "float32", device: str = "cpu"):  # type: ignore[override]
         """Read one tensor and cast it (float32 by default; ``dtype=None`` keeps the stored dtype)."""
         import torch
@@ -535,6 +585,9 @@ class Checkpoint(Mapping):
             except (BufferError, ValueError):
                 pass
         self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
         self._pickled.clear()
 
     def __repr__(self) -> str:

@@ -143,6 +143,61 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(flat, k).values
 
 
+class StreamedKth:
+    """The ``k``-th smallest (1-based) of ``numel`` values seen block by block — exactly, with
+    memory for a sample and the candidates near the answer, never the whole tensor.
+
+    The same bracketing as :func:`kth_smallest`, split into passes over the data: feed a sample
+    (any subset, e.g. a few spread-out row ranges) to :meth:`bracket`, then every block to
+    :meth:`scan`, which counts the values below / above the bracket and keeps those inside it.
+    :meth:`result` selects the answer among the candidates
+    and returns ``None`` when the counts show the bracket missed it (or values were NaN); the
+    caller then falls back to a whole-tensor selection. Used by TIES top-k trimming (Yadav et
+    al. 2023, Sec. 3 "Trim") on tensors processed in row blocks.
+    """
+
+    def __init__(self, numel: int, k: int) -> None:
+        self.numel, self.k = int(numel), int(k)
+        self.lo_v = self.hi_v = None
+        self.below = self.above = 0.0  # float sums: NaN-aware
+        self.values: list[torch.Tensor] = []
+
+    def bracket(self, sample: torch.Tensor) -> None:
+        """Bounds that contain the answer with overwhelming probability (±8σ of the sample quantile)."""
+        import math
+
+        sample = sample.reshape(-1)
+        m = sample.numel()
+        q = (self.k - 0.5) / self.numel
+        d = 8.0 * math.sqrt(max(q * (1 - q), 1.0 / m) / m) + 2.0 / m
+        r_lo = min(m, max(1, int(math.floor((q - d) * m))))
+        r_hi = min(m, max(1, int(math.ceil((q + d) * m))))
+        inf = torch.tensor(float("inf"), dtype=sample.dtype, device=sample.device)
+        self.lo_v = torch.kthvalue(sample, r_lo).values if q - d > 0 else -inf
+        self.hi_v = torch.kthvalue(sample, r_hi).values if q + d < 1 else inf
+
+    def scan(self, block: torch.Tensor) -> None:
+        """Count / collect the next block (blocks must come in flat order)."""
+        flat = block.reshape(-1)
+        # sgn(x − v) is exact (−1 / 0 / 1, NaN for NaN): counting with float sums is cheaper than
+        # with boolean masks, and a NaN makes the counts fail the check in :meth:`result`
+        wide = torch.float64 if flat.numel() >= 1 << 24 else None  # float32 sums of ±1 are exact below 2²⁴
+        self.below -= float((flat - self.lo_v).sign_().clamp_(max=0).sum(dtype=wide))
+        self.above += float((flat - self.hi_v).sign_().clamp_(min=0).sum(dtype=wide))
+        self.values.append(flat[(flat >= self.lo_v).logical_and_(flat <= self.hi_v)])
+
+    def result(self) -> tuple[torch.Tensor, int, int] | None:
+        """``(k-th value, number of entries equal to it, number of entries greater than it)``,
+        or ``None`` when the bracket missed (or there were NaNs)."""
+        values = torch.cat(self.values) if self.values else torch.empty(0)
+        n_in = values.numel()
+        if self.below + n_in + self.above != self.numel or not self.below < self.k <= self.below + n_in:
+            return None  # (a NaN count never passes)
+        below, above = int(self.below), int(self.above)
+        kth = torch.kthvalue(values, self.k - below).values
+        return kth, int(torch.count_nonzero(values == kth)), above + int(torch.count_nonzero(values > kth))
+
+
 def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
     """Boolean mask of the elements whose ascending rank lies in ``[start, start + count)``.
 
@@ -246,6 +301,50 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     for i in range(0, af.numel(), _DOT_CHUNK):
         total += torch.dot(af[i : i + _DOT_CHUNK].to(torch.float64), bf[i : i + _DOT_CHUNK].to(torch.float64))
     return total
+
+
+def row_blocks(shape: Sequence[int], block_bytes: int) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` of about ``block_bytes`` of float32 each, covering dimension 0."""
+    import math
+
+    rows = max(1, int(block_bytes) // (4 * math.prod(shape[1:])))
+    return [(r0, min(shape[0], r0 + rows)) for r0 in range(0, shape[0], rows)]
+
+
+class ChunkedDots:
+    """Several :func:`dot64` sums over tensors fed block by block, bit-identical to
+    :func:`dot64` on the whole tensors: the same 65,536-entry chunks of the flattened tensors
+    (a chunk split across two blocks is completed from a carried tail), each converted to
+    float64 and summed in the same order. ``pairs`` index the operands of :meth:`add`, e.g.
+    ``[(0, 0), (1, 1), (0, 1)]`` for ‖a‖², ‖b‖², ⟨a, b⟩.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[int, int]]) -> None:
+        self.pairs = list(pairs)
+        self.totals = [torch.zeros((), dtype=torch.float64) for _ in self.pairs]
+        self.carry: list[torch.Tensor] | None = None
+
+    def add(self, operands: Sequence[torch.Tensor]) -> None:
+        """The next block of every operand (same shape, flat order continuing the previous one)."""
+        flats = [o.reshape(-1) for o in operands]
+        if self.carry is not None:
+            flats = [torch.cat([c, f]) for c, f in zip(self.carry, flats)]
+        n = flats[0].numel()
+        full = n - n % _DOT_CHUNK
+        for i in range(0, full, _DOT_CHUNK):
+            self._chunk([f[i : i + _DOT_CHUNK] for f in flats])
+        self.carry = [f[full:].clone() for f in flats] if full < n else None
+
+    def finish(self) -> list[torch.Tensor]:
+        """The float64 sums (0-d tensors), in the order of ``pairs``."""
+        if self.carry is not None:
+            self._chunk(self.carry)
+            self.carry = None
+        return self.totals
+
+    def _chunk(self, chunks: list[torch.Tensor]) -> None:
+        for k, (p, q) in enumerate(self.pairs):
+            self.totals[k] += torch.dot(chunks[p].to(torch.float64), chunks[q].to(torch.float64))
 
 
 def norm64(a: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 ratio set by the angle between their task vectors."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -33,22 +33,68 @@ def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_w
     flat = offsets[0].dim() == 1
     # whole-tensor cosines: float64 accumulation (see dot64); per-row ones: short float32 sums
     norms = [norm64(o).float() if flat else torch.linalg.vector_norm(o, dim=-1) for o in offsets]
-    cosines = []
-    for i in range(n):
-        for j in range(i + 1, n):
-            dots = dot64(offsets[i], offsets[j]).float() if flat else (offsets[i] * offsets[j]).sum(dim=-1)
-            cosines.append((dots / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1))
+    dots = {(i, j): dot64(offsets[i], offsets[j]).float() if flat else (offsets[i] * offsets[j]).sum(dim=-1)
+            for i in range(n) for j in range(i + 1, n)}
     del offsets
+    t = interpolation_ratio(norms, dots, n)
+    return average_towards_base(tensors, b, t, view).reshape(shape)
+
+
+def interpolation_ratio(norms: list[torch.Tensor], dots: dict[tuple[int, int], torch.Tensor], n: int) -> torch.Tensor:
+    """``t = N·cos θ / (1 + (N − 1)·cos θ)`` (0 where the denominator vanishes) from the task
+    vectors' norms and pairwise dot products; ``cos θ`` is the mean pairwise cosine."""
+    cosines = [(d / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1) for (i, j), d in dots.items()]
     cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
     den = 1 + (n - 1) * cos
     singular = den.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(den), den))
+    return torch.where(singular, torch.zeros_like(cos), (n * cos) / torch.where(singular, torch.ones_like(den), den))
+
+
+def average_towards_base(tensors: Sequence[torch.Tensor], b: torch.Tensor, t: torch.Tensor, view) -> torch.Tensor:  # noqa: ANN001
+    """``t·θ_avg + (1 − t)·θ_base`` with ``θ_avg = (1/N) Σᵢ θᵢ`` (element-wise)."""
     avg = f32(tensors[0]).clone()
     for x in tensors[1:]:
         avg.add_(f32(x))
-    avg = view(avg.div_(n))
-    out = avg.mul_(t).add_(b * (1 - t))
-    return out.reshape(shape)
+    avg = view(avg.div_(len(tensors)))
+    return avg.mul_(t).add_(b * (1 - t))
+
+
+Rows = tuple[int, int]
+
+
+def model_stock_two_pass(
+    load: Callable[[int, Rows | None], torch.Tensor],
+    load_base: Callable[[Rows | None], torch.Tensor],
+    n: int,
+    shape: tuple[int, ...],
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    block_bytes: int,
+    emit: Callable[[Rows, torch.Tensor], None],
+) -> bool:
+    """Model Stock of a large tensor in row blocks, bit-identical to :func:`model_stock`: pass 1
+    accumulates the task vectors' norms and pairwise dot products over the same float64 chunks as
+    :func:`dot64` (:class:`~safemerge.methods._tensor.ChunkedDots`), pass 2 writes
+    ``t·θ_avg + (1 − t)·θ_base`` block by block. ``filter_wise`` (one ratio per row) is left to
+    the whole-tensor path (``False``)."""
+    from safemerge.methods._tensor import ChunkedDots, row_blocks
+
+    if n < 2 or len(shape) < 2 or bool(params.get("filter_wise", False)):
+        return False
+    blocks = row_blocks(shape, block_bytes)
+    pairs = [(i, i) for i in range(n)] + [(i, j) for i in range(n) for j in range(i + 1, n)]
+    acc = ChunkedDots(pairs)
+    for rows in blocks:
+        b = load_base(rows)
+        acc.add([load(i, rows).sub_(b) for i in range(n)])
+    totals = dict(zip(pairs, acc.finish()))
+    norms = [totals[(i, i)].sqrt().float() for i in range(n)]
+    t = interpolation_ratio(norms, {(i, j): totals[(i, j)].float() for i, j in pairs if i < j}, n)
+    flatten = lambda x: x.reshape(-1)  # noqa: E731
+    for rows in blocks:
+        b = load_base(rows)
+        emit(rows, average_towards_base([load(i, rows) for i in range(n)], flatten(b), t, flatten).view(b.shape))
+    return True
 
 
 def model_stock_fn(

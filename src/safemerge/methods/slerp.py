@@ -2,12 +2,12 @@
 weights → t, optionally on task vectors, per row or flattened)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, dot64, f32, norm64, per_model_list
+from safemerge.methods._tensor import check_inputs, dot64, f32, norm64, per_model_list, row_blocks
 
 #: |cos θ| above this → the inputs are treated as collinear and linearly interpolated.
 DOT_THRESHOLD = 0.9995
@@ -28,20 +28,57 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float 
     a, b = f32(v0), f32(v1)
     if a.numel() == 0:
         return torch.lerp(a, b, float(t))
-    na, nb = norm64(a), norm64(b)
-    na = torch.where(na > eps, na, torch.ones_like(na))
-    nb = torch.where(nb > eps, nb, torch.ones_like(nb))
-    dot = (dot64(a, b) / na / nb).clamp(-1, 1)
-    tt = float(t)
-    if dot.abs() > dot_threshold:
-        ca, cb = 1 - tt, tt
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        ca = float(torch.sin((1 - tt) * theta) / sin_theta)
-        cb = float(torch.sin(tt * theta) / sin_theta)
+    ca, cb = slerp_coefficients(t, norm64(a), norm64(b), dot64(a, b), dot_threshold=dot_threshold, eps=eps)
     out = a * ca
     return out.add_(b * cb)
+
+
+def slerp_coefficients(t: float, na: torch.Tensor, nb: torch.Tensor, dot_ab: torch.Tensor, *,
+                       dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8) -> tuple[float, float]:
+    """``(sin((1−t)Ω)/sin Ω, sin(tΩ)/sin Ω)`` from the float64 norms and dot product of the two
+    tensors — or ``(1−t, t)`` when ``|cos Ω| > dot_threshold`` (see :func:`slerp`)."""
+    na = torch.where(na > eps, na, torch.ones_like(na))
+    nb = torch.where(nb > eps, nb, torch.ones_like(nb))
+    dot = (dot_ab / na / nb).clamp(-1, 1)
+    tt = float(t)
+    if dot.abs() > dot_threshold:
+        return 1 - tt, tt
+    theta = torch.acos(dot)
+    sin_theta = torch.sin(theta)
+    return float(torch.sin((1 - tt) * theta) / sin_theta), float(torch.sin(tt * theta) / sin_theta)
+
+
+Rows = tuple[int, int]
+
+
+def slerp_two_pass(
+    load: Callable[[int, Rows | None], torch.Tensor],
+    load_base: Callable[[Rows | None], torch.Tensor],
+    n: int,
+    shape: tuple[int, ...],
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    block_bytes: int,
+    emit: Callable[[Rows, torch.Tensor], None],
+) -> bool:
+    """``slerp`` of a large tensor in row blocks, bit-identical to :func:`slerp`: pass 1
+    accumulates ‖θ_base‖², ‖θ‖² and ⟨θ_base, θ⟩ over the same float64 chunks as :func:`dot64`
+    (:class:`~safemerge.methods._tensor.ChunkedDots`), pass 2 writes ``ca·θ_base + cb·θ`` block
+    by block. Memory: two float32 blocks and the output. ``False`` when not applicable."""
+    from safemerge.methods._tensor import ChunkedDots
+
+    if n != 1 or len(shape) < 2:
+        return False
+    blocks = row_blocks(shape, block_bytes)
+    dots = ChunkedDots([(0, 0), (1, 1), (0, 1)])
+    for rows in blocks:
+        dots.add([load_base(rows), load(0, rows)])
+    aa, bb, ab = dots.finish()
+    ca, cb = slerp_coefficients(float(params["t"]), aa.sqrt(), bb.sqrt(), ab)
+    for rows in blocks:
+        out = load_base(rows).mul_(ca)  # (the same products as a * ca in :func:`slerp`)
+        emit(rows, out.add_(load(0, rows).mul_(cb)))
+    return True
 
 
 def slerp_fn(

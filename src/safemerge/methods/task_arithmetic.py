@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from safemerge.methods._tensor import InputTensors, check_inputs, f32, per_model_list, release
+from safemerge.methods._tensor import TIE_BREAK, InputTensors, check_inputs, f32, per_model_list, release, row_blocks
 from safemerge.methods import sparsify as sp
 
 Sparsifier = Callable[..., torch.Tensor]
@@ -149,104 +149,174 @@ def disjoint_merge(deltas: list[torch.Tensor], w32: torch.Tensor, normalize: boo
     Elect: ``γ = sgn(Σᵢ wᵢτ̂ᵢ)`` (0 → +). Disjoint merge: the mean of the entries whose sign is
     ``γ``, normalised by the per-entry sum of the agreeing weights (1 where none agree) when
     ``normalize``, exactly as mergekit 0.1.5. Consumes ``deltas`` (entries become ``None``).
+    Only float operations (no boolean masks, which cost several times more per entry); NaN
+    entries stay NaN.
     """
     n = len(deltas)
     # the election sum is accumulated in the output buffer, which is then reused for the mean
     mixed = deltas[0].clone()
     for d in deltas[1:]:
         mixed.add_(d)
-    sign = mixed.ge(0).to(torch.float32).mul_(2).sub_(1)  # elected sign γ as ±1 (0 → +)
+    # elected sign γ as ±1: copysign of the sum with −0 turned into +0 (0 → +)
+    sign = torch.copysign(torch.ones((), dtype=mixed.dtype, device=mixed.device), mixed.add_(0.0))
     mixed.zero_()
     divisor = torch.zeros_like(mixed) if normalize else None
     for i in range(n):
         # with δ·γ the agreeing entries become |δ| (> 0) and the others ≤ 0, so one clamp selects
         # them; summing magnitudes and restoring γ afterwards is exact (negation commutes with
         # rounding)
-        d = deltas[i].mul_(sign)  # in place: this delta is not needed afterwards
+        d = deltas[i].mul_(sign).clamp_(min=0)  # in place: this delta is not needed afterwards
         if divisor is not None:
-            divisor.add_(d > 0, alpha=float(w32[i]))
-        mixed.add_(d.clamp_(min=0))
+            divisor.add_(torch.sign(d), alpha=float(w32[i]))  # sign(clamped δ·γ) = 1 where it agrees, else 0
+        mixed.add_(d)
         deltas[i] = None  # type: ignore[call-overload]  # free as we go
     mixed.mul_(sign)
     del sign
     if divisor is not None:
-        divisor[divisor == 0] = 1
+        divisor.add_(torch.sign(divisor).abs_().neg_().add_(1))  # 0 → 1 (no agreeing model), others + 0
         mixed.div_(divisor)
     return mixed
 
 
+Rows = tuple[int, int]
+
+
 def ties_two_pass(
-    load: Callable[[int, tuple[int, int] | None], torch.Tensor],
-    load_base: Callable[[tuple[int, int] | None], torch.Tensor],
+    load: Callable[[int, Rows | None], torch.Tensor],
+    load_base: Callable[[Rows | None], torch.Tensor],
     n: int,
     shape: tuple[int, ...],
     per_model: dict[str, list[Any]],
     params: dict[str, Any],
-    block_bytes: int = 32 << 20,
-) -> torch.Tensor | None:
-    """TIES (Yadav et al. 2023, Alg. 1) for large tensors in two passes, bit-identical to the
+    block_bytes: int,
+    emit: Callable[[Rows, torch.Tensor], None],
+) -> bool:
+    """TIES (Yadav et al. 2023, Alg. 1) for large tensors in row blocks, bit-identical to the
     whole-tensor computation with index-ordered ties.
 
-    Pass 1 reads one model at a time and keeps only its top-k threshold (and, when exactly equal
-    magnitudes straddle the cut-off, the flat index from which tied entries survive). Pass 2
-    recomputes the task vectors in row blocks, masks them with the thresholds and runs the
-    sign election and disjoint merge block by block. Peak memory is the base plus one task
-    vector and its selection temporaries, instead of the base plus all N task vectors.
-    ``load(i, rows)`` / ``load_base(rows)`` return float32 tensors (rows ``None`` = all).
-    Returns ``None`` (caller falls back) for settings it does not cover (``rescale``).
+    Pass 1 finds each model's top-k threshold of ``|θᵢ − θ_base|`` (and, when exactly equal
+    magnitudes straddle the cut-off, the flat index from which tied entries survive) with a
+    :class:`~safemerge.methods._tensor.StreamedKth`: a sample of spread-out row ranges, then one
+    scan over the row blocks that counts and keeps only the candidates near the threshold.
+    Pass 2 recomputes the task vectors block by block, masks them (:func:`_trim_block`), and runs the sign election
+    and disjoint merge per block. Memory: a few blocks plus the candidates — never a whole task
+    vector. ``load(i, rows)`` / ``load_base(rows)`` return float32 tensors (rows ``None`` =
+    all); each finished float32 block goes to ``emit(rows, block)``. Returns ``False`` (the
+    caller falls back to the whole tensor) for settings it does not cover (``rescale``).
     """
-    import math
-
-    from safemerge.methods._tensor import kth_smallest
-
     if n == 0 or bool(params.get("rescale", False)) or len(shape) < 2:
-        return None
-    numel = math.prod(shape)
+        return False
     weights = per_model_list("ties", per_model, "weight", n)
     densities = [float(d) for d in (per_model.get("density") or [1.0] * n)]
     w32 = torch.tensor([float(w) for w in weights], dtype=torch.float32)
-    cuts: list[tuple[torch.Tensor, int] | None] = []
-    base = load_base(None)
-    for i in range(n):
-        if densities[i] >= 1:
-            cuts.append(None)
-            continue
-        a = load(i, None).sub_(base).abs_().reshape(-1)
-        k = max(1, int(densities[i] * numel))
-        lo = kth_smallest(a, numel - k + 1)
-        need = k - int(torch.count_nonzero(a > lo))
-        eq = a == lo
-        n_eq = int(torch.count_nonzero(eq))
-        first_kept = 0 if need == n_eq else int(torch.nonzero(eq).squeeze(1)[n_eq - need])
-        cuts.append((lo, first_kept))
-        del a, eq
-    del base
-    cols = math.prod(shape[1:])
-    rows = max(1, block_bytes // (4 * cols))
-    out = torch.empty(shape, dtype=torch.float32)
+    if TIE_BREAK["mode"] != "index":  # mergekit's tie choice needs the whole-tensor sort
+        return False
+    blocks = row_blocks(shape, block_bytes)
+    cuts = _topk_cuts(load, load_base, densities, shape, blocks)
     lam = float(params.get("lambda", 1.0))
-    for r0 in range(0, shape[0], rows):
-        blk = (r0, min(shape[0], r0 + rows))
+    normalize = bool(params.get("normalize", True))
+    dropped = [cut[1] if cut is not None else 0 for cut in cuts]  # tied entries still to drop, in flat order
+    for blk in blocks:
         b = load_base(blk)
         deltas = []
         for i in range(n):
             d = load(i, blk).sub_(b)
-            if cuts[i] is not None:
-                lo, first_kept = cuts[i]
-                a = d.abs()
-                keep = a > lo
-                if first_kept:
-                    idx = torch.arange(blk[0] * cols, blk[1] * cols, dtype=torch.int64).view(d.shape)
-                    keep |= (a == lo) & (idx >= first_kept)
-                else:
-                    keep |= a == lo
-                d.mul_(keep)
+            cut = cuts[i]
+            if cut is not None:
+                dropped[i] = _trim_block(d, cut[0], dropped[i])
             deltas.append(d.mul_(w32[i]))
-        mixed = disjoint_merge(deltas, w32, bool(params.get("normalize", True)))
+        mixed = disjoint_merge(deltas, w32, normalize)
         if lam != 1:
             mixed.mul_(lam)
-        out[blk[0] : blk[1]] = mixed.add_(b)
-    return out
+        emit(blk, mixed.add_(b))
+    return True
+
+
+def _topk_cuts(
+    load: Callable[[int, Rows | None], torch.Tensor],
+    load_base: Callable[[Rows | None], torch.Tensor],
+    densities: list[float],
+    shape: tuple[int, ...],
+    blocks: list[Rows],
+) -> list[tuple[torch.Tensor, int] | None]:
+    """Per model: ``(threshold, number of entries equal to it that are dropped)`` of TIES's
+    top-``k`` trim, ``k = max(1, ⌊density·n⌋)``, ties at the cut-off kept from the highest flat
+    index down (:func:`~safemerge.methods._tensor.rank_window_mask`'s ``index`` rule);
+    ``None`` where ``density ≥ 1``. Streams the blocks; falls back to a whole-tensor selection
+    for a model whose sample bracket missed."""
+    import math
+
+    from safemerge.methods._tensor import StreamedKth, kth_smallest
+
+    numel = math.prod(shape)
+    cols = numel // shape[0]
+    ks = [max(1, int(d * numel)) if d < 1 else None for d in densities]
+    sel = {i: StreamedKth(numel, numel - k + 1) for i, k in enumerate(ks) if k is not None}
+    if not sel:
+        return [None] * len(densities)
+
+    def magnitudes(rows: Rows) -> dict[int, torch.Tensor]:
+        b = load_base(rows)
+        return {i: load(i, rows).sub_(b).abs_() for i in sel}
+
+    samples: dict[int, list[torch.Tensor]] = {i: [] for i in sel}
+    step = blocks[0][1] - blocks[0][0]
+    for r0, r1 in _sample_rows(shape[0], cols):
+        for rows in ((s, min(r1, s + step)) for s in range(r0, r1, step)):  # at most a block at a time
+            for i, a in magnitudes(rows).items():
+                samples[i].append(a.reshape(-1))
+    for i, s in samples.items():
+        sel[i].bracket(torch.cat(s))
+    del samples
+    for blk in blocks:
+        for i, a in magnitudes(blk).items():
+            sel[i].scan(a)
+    cuts: list[tuple[torch.Tensor, int] | None] = [None] * len(densities)
+    for i, s in sel.items():
+        k = ks[i]
+        assert k is not None
+        found = s.result()
+        if found is None:  # the sample was not representative: exact whole-tensor selection
+            a = load(i, None).sub_(load_base(None)).abs_().reshape(-1)
+            lo = kth_smallest(a, numel - k + 1)
+            n_eq, n_greater = int(torch.count_nonzero(a == lo)), int(torch.count_nonzero(a > lo))
+            del a
+        else:
+            lo, n_eq, n_greater = found
+        # k − n_greater of the n_eq entries equal to ``lo`` survive: those with the highest flat indices
+        cuts[i] = (lo, n_eq - (k - n_greater))
+    return cuts
+
+
+def _trim_block(d: torch.Tensor, lo: torch.Tensor, drop: int) -> int:
+    """Zero the entries of a row block of ``δ`` below the top-k threshold ``lo``, and the first
+    ``drop`` entries equal to it (flat order, ties continuing from earlier blocks); returns how
+    many tied entries later blocks must still drop. The same bits as ``δ·mask`` with the boolean
+    mask of :func:`~safemerge.methods._tensor.rank_window_mask`, from float operations only:
+    ``sgn(|δ| − lo)`` is exact (−1 / 0 / 1)."""
+    a = d.abs()
+    s = (a - lo).sign_()  # (0 for NaN too: NaN·1 and NaN·0 are both NaN)
+    if drop:
+        tied = (a == lo).view(-1)
+        n_tied = int(torch.count_nonzero(tied))
+        if n_tied <= drop:  # every tied entry of this block is dropped: keep |δ| > lo
+            d.mul_(s.clamp_(min=0))
+            return drop - n_tied
+        first_kept = int(torch.nonzero(tied)[drop])
+        keep = s.clone().clamp_(min=0)  # |δ| > lo
+        keep.view(-1)[first_kept:] = s.view(-1)[first_kept:].add_(1).clamp_(max=1)  # |δ| ≥ lo from there on
+        d.mul_(keep)
+        return 0
+    d.mul_(s.add_(1).clamp_(max=1))  # keep |δ| ≥ lo
+    return 0
+
+
+def _sample_rows(n_rows: int, cols: int, target: int = 1 << 18, chunks: int = 64) -> list[Rows]:
+    """About ``target`` entries as ``chunks`` row ranges spread evenly over the tensor."""
+    per = max(1, -(-target // (chunks * cols)))
+    if per * chunks >= n_rows:
+        return [(0, n_rows)]
+    return [(r0, r0 + per) for r0 in (c * (n_rows - per) // (chunks - 1) for c in range(chunks))]
 
 
 def task_arithmetic_family_fn(name: str) -> Callable[..., torch.Tensor]:
