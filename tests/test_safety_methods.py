@@ -7,7 +7,7 @@ from safety_world import build_world, peft_deltas
 
 from safemerge.io.checkpoint import Checkpoint
 from safemerge.safety import api
-from safemerge.safety.similarity import rho_materialized
+from safemerge.methods.similarity import rho_materialized
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,6 @@ def test_mergealign_equals_formula(world, tmp_path):
 
 def test_registered_methods_equal_their_formulas():
     from safemerge.methods.registry import get_method
-    from safemerge.safety.safemerge import call_registered
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(24, 16, generator=g)
@@ -124,28 +123,28 @@ def test_registered_methods_equal_their_formulas():
         m = get_method(name)
         assert m.base == "required" and m.reference
     # RESTA / MergeAlign
-    out = call_registered("resta", [aligned, ft], base, per_model={}, params={"beta": 0.7}, generator=None)
+    out = get_method("resta").call([aligned, ft], base, per_model={}, params={"beta": 0.7}, generator=None)
     torch.testing.assert_close(out, ft + 0.7 * (aligned - base))
-    out = call_registered("mergealign", [aligned, ft], base, per_model={}, params={"lambda_domain": 0.3, "lambda_aligned": 0.6}, generator=None)
+    out = get_method("mergealign").call([aligned, ft], base, per_model={}, params={"lambda_domain": 0.3, "lambda_aligned": 0.6}, generator=None)
     torch.testing.assert_close(out, base + 0.3 * (ft - base) + 0.6 * (aligned - base))
     # SafeMERGE: merged iff ρ < τ
     rho = rho_materialized(aligned - base, ft - aligned)
-    lo = call_registered("safemerge", [aligned, ft, safety], base, per_model={}, params={"tau": rho + 0.01, "alpha": 0.8}, generator=None)
+    lo = get_method("safemerge").call([aligned, ft, safety], base, per_model={}, params={"tau": rho + 0.01, "alpha": 0.8}, generator=None)
     torch.testing.assert_close(lo, aligned + 0.8 * (ft - aligned) + 0.2 * (safety - aligned))
-    hi = call_registered("safemerge", [aligned, ft, safety], base, per_model={}, params={"tau": rho - 0.01}, generator=None)
+    hi = get_method("safemerge").call([aligned, ft, safety], base, per_model={}, params={"tau": rho - 0.01}, generator=None)
     assert torch.equal(hi, ft)
     # SafeLoRA threshold: θ_aligned + C ΔW iff ρ ≤ τ
     V = aligned - base
     C = V @ V.T / torch.linalg.vector_norm(V)
-    pr = call_registered("safelora", [aligned, ft], base, per_model={}, params={"tau": rho + 0.01}, generator=None)
+    pr = get_method("safelora").call([aligned, ft], base, per_model={}, params={"tau": rho + 0.01}, generator=None)
     torch.testing.assert_close(pr, aligned + C @ (ft - aligned), rtol=1e-5, atol=1e-6)
-    assert torch.equal(call_registered("safelora", [aligned, ft], base, per_model={}, params={"tau": rho - 0.01}, generator=None), ft)
+    assert torch.equal(get_method("safelora").call([aligned, ft], base, per_model={}, params={"tau": rho - 0.01}, generator=None), ft)
     # 1-D tensors (biases, norms) keep the fine-tuned value
     b1 = torch.randn(8, generator=g)
-    assert torch.equal(call_registered("safemerge", [b1, b1 + 1, b1 - 1], b1 * 0, per_model={}, params={"tau": 1.0}, generator=None), b1 + 1)
+    assert torch.equal(get_method("safemerge").call([b1, b1 + 1, b1 - 1], b1 * 0, per_model={}, params={"tau": 1.0}, generator=None), b1 + 1)
     # RESTA with DARE is reproducible per generator
-    r1 = call_registered("resta", [aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
-    r2 = call_registered("resta", [aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
+    r1 = get_method("resta").call([aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
+    r2 = get_method("resta").call([aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
     assert torch.equal(r1, r2) and not torch.equal(r1, ft + 0.5 * (aligned - base))
 
 
@@ -215,3 +214,10 @@ def test_yaml_merge_methods_through_the_engine(world, tmp_path):
     ref = Checkpoint(api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "r_api", beta=0.5))
     for n in ref.names():
         torch.testing.assert_close(got.get(n), ref.get(n), rtol=1e-5, atol=1e-6)
+    # one executor, one seed function: `safemerge resta` and `merge_method: resta` draw the same DARE masks
+    got = merge("resta_dare", {"merge_method": "resta", "base_model": str(world.base), "dtype": "float32",
+                               "models": [{"model": al}, {"model": ft}], "parameters": {"beta": 0.5, "density": 0.6}})
+    ref = Checkpoint(api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "rd_api",
+                               beta=0.5, dare_density=0.6, seed=0))
+    for n in ref.names():
+        assert torch.equal(got.get(n), ref.get(n)), n

@@ -8,7 +8,6 @@ merging, so outputs are byte-identical for any ``jobs`` value.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Mapping
@@ -19,12 +18,7 @@ from typing import Any
 from safemerge.engine.plan import MergePlan, TensorJob
 from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.io.checkpoint import all_finite
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A 63-bit seed derived from the run seed and the tensor name (order-independent)."""
-    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+from safemerge.methods.seeding import tensor_generator
 
 
 _ALLOCATOR_TUNED = False
@@ -153,7 +147,6 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
 
 
 def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: int, allow_nonfinite: bool, device: str, rows: tuple[int, int] | None):
-    import torch
 
     from safemerge.methods._tensor import InputTensors
 
@@ -169,7 +162,7 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
         tensors, base = _align_vocabulary(job, tensors, base)
     gen = None
     if plan.method.stochastic:
-        gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
+        gen = tensor_generator(seed, job.out_name, device)
     try:
         named = {"name": job.out_name} if plan.method.extra.get("needs_tensor_name") else {}
         if plan.mergekit_arithmetic:

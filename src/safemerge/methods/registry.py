@@ -18,11 +18,14 @@ layer can validate names, types, ranges and required values before any tensor is
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from safemerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 REQUIRED: Any = object()
 
@@ -119,6 +122,31 @@ class MergeMethod:
     def global_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if not p.per_model)
 
+    def call(self, tensors: list[torch.Tensor], base: torch.Tensor | None, *,
+             per_model: Mapping[str, list] | None = None, params: Mapping[str, Any] | None = None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Run :attr:`fn` outside the engine, with declared defaults filled in and every value checked.
+
+        The engine resolves parameters per tensor from a config (``engine/plan.py``); other callers
+        (SafeMERGE's dense strategies, tests) use this.
+        """
+        per_model, params = per_model or {}, params or {}
+        pm: dict[str, list] = {}
+        for p in self.per_model_params:
+            vals = per_model.get(p.name)
+            if vals is None:
+                if p.required:
+                    raise ConfigError(f"merge method {self.name!r} needs per-model parameter {p.name!r}", p.help or None)
+                vals = [p.default] * len(tensors)
+            pm[p.name] = [p.check(v, f"{self.name}.{p.name}") for v in vals]
+        gp: dict[str, Any] = {}
+        for p in self.global_params:
+            v = params.get(p.name, p.default)
+            if v is REQUIRED:
+                raise ConfigError(f"merge method {self.name!r} needs parameter {p.name!r}", p.help or None)
+            gp[p.name] = p.check(v, f"{self.name}.{p.name}")
+        return self.fn(tensors, base, per_model=pm, params=gp, generator=generator)
+
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
@@ -132,14 +160,12 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 def _load_all() -> None:
-    import importlib
+    """Register the built-in methods: mergekit's (:mod:`.builtin`) and the safety methods (:mod:`.safety`).
 
-    for mod in ("safemerge.methods.builtin", "safemerge.safety.methods"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+    Imported here rather than at the top because those modules import this one to register.
+    """
+    import safemerge.methods.builtin  # noqa: F401
+    import safemerge.methods.safety  # noqa: F401
 
 
 def get_method(name: str) -> MergeMethod:

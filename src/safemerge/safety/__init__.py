@@ -2,7 +2,7 @@
 
 * :mod:`~safemerge.safety.subspace` — ``V_i = W_aligned,i − W_base,i`` per target weight, read
   one tensor at a time and matched by module path (SafeLoRA, Hsu et al. 2024, §3.1).
-* :mod:`~safemerge.safety.similarity` — ``ρ_i = cos(C_i ΔW_i, ΔW_i)`` without forming ``C_i``.
+* :mod:`~safemerge.methods.similarity` — ``ρ_i = cos(C_i ΔW_i, ΔW_i)`` without forming ``C_i``.
 * :mod:`~safemerge.safety.selection` — which layers are merged / projected.
 * :mod:`~safemerge.safety.safemerge` — SafeMERGE (Djuhera et al. 2025).
 * :mod:`~safemerge.safety.safelora` — SafeLoRA (Hsu et al. 2024).

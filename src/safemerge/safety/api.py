@@ -197,7 +197,7 @@ def safemerge_adapters(
     """
     from safemerge.io.output import atomic_output, check_output_path
     from safemerge.safety.deltas import AdapterDeltas, carried_over_parts, open_deltas
-    from safemerge.safety.safemerge import check_strategy
+    from safemerge.methods.update_merge import check_strategy
     from safemerge.safety.scoring import score_sources
     from safemerge.safety.selection import check_tau, check_unit, mark, select_below
     from safemerge.safety.subspace import SafetySubspace, open_model
@@ -270,7 +270,7 @@ def safemerge_adapters(
             update_fn=build_layer_update(ft, sf, merged, alpha=alpha, strategy=strategy, compat=compat,
                                          density=density, seed=seed),
             progress=cb, finetuned=finetuned, safety=safety, base=base, aligned_path=aligned,
-            evaluate=evaluate,
+            evaluate=evaluate, allow_nonfinite=allow_nonfinite,
         )
     return result
 
@@ -369,18 +369,41 @@ def resta(
     With ``dare_density = p`` the fine-tuning delta is first sparsified by DARE (Yu et al. 2024):
     ``θ = θ_aligned + DARE_p(θ_ft − θ_aligned) + β (θ_aligned − θ_unaligned)``. ``finetuned`` may
     be a full model, a LoRA adapter directory (applied to ``aligned``) or ``MODEL+ADAPTER``.
-    Writes a full model; returns its path.
+    Writes a full model (the registered ``resta`` method run by the engine on every tensor of
+    ``aligned``; DARE masks drawn per tensor from ``(seed, name)``, as ``merge_method: resta``); returns its path.
     """
-    from safemerge.io.output import atomic_output
-    from safemerge.safety.resta import run_resta
-    from safemerge.safety.writing import torch_dtype
+    from safemerge.io.output import atomic_output, write_model_card
+    from safemerge.methods.registry import get_method
+    from safemerge.safety.full_model import open_ref, write_model
+    from safemerge.engine.tensorwise import plan_tensorwise
+    from safemerge.safety.resta import check_beta, check_density
+    from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
     torch_dtype(dtype)
+    beta = check_beta(beta)
+    density = check_density(dare_density)
+    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
     with atomic_output(out, force=force, inputs=(unaligned, aligned, finetuned)) as tmp:
-        run_resta(tmp, unaligned=unaligned, aligned=aligned, finetuned=finetuned, beta=beta,
-                  dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle,
-                  allow_nonfinite=allow_nonfinite,
-                  progress=progress or _noop)
+        ckpts = {"aligned": open_ref(aligned, role="aligned", **reading),
+                 "unaligned": open_ref(unaligned, role="unaligned", **reading),
+                 "fine-tuned": open_ref(finetuned, on=aligned, role="finetuned", **reading)}
+        plan = plan_tensorwise(get_method("resta"), ckpts, reference="aligned", models=["aligned", "fine-tuned"],
+                               base="unaligned", params={"beta": beta, "density": density or 1.0}, dtype=dtype)
+        cb = progress or _noop
+        write_model(tmp, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite, progress=lambda d, n: cb("write", d, n))
+        params = [("method", "RESTA (Bhardwaj et al. 2024)"), ("beta", beta),
+                  ("dare density", density if density is not None else "none"), ("seed", seed),
+                  ("unaligned", str(unaligned)), ("aligned", str(aligned)), ("fine-tuned", str(finetuned))]
+        dare_note = ", with DARE on θ_ft − θ_aligned first" if density is not None and density < 1 else ""
+        write_model_card(tmp, title="RESTA re-aligned model", base_model=str(aligned),
+                         tags=["safemerge", "safety", "resta"],
+                         front_matter={"safemerge": {"method": "resta", "beta": beta, "dare_density": density,
+                                                     "seed": seed}},
+                         sections=[("RESTA", "θ = θ_ft + β (θ_aligned − θ_unaligned)" + dare_note + ".\n\n"
+                                    + params_markdown(params))])
+        write_json(tmp / "safemerge.json", {"method": "resta", "beta": beta, "dare_density": density, "seed": seed,
+                                            "unaligned": str(unaligned), "aligned": str(aligned),
+                                            "finetuned": str(finetuned)})
     return Path(out)
 
 
@@ -401,15 +424,36 @@ def mergealign(
     """MergeAlign (arXiv 2411.06824): ``θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)``.
 
     ``domain`` / ``aligned`` may be full models, adapter directories (applied to ``pretrained``)
-    or ``MODEL+ADAPTER`` references. Writes a full model; returns its path.
+    or ``MODEL+ADAPTER`` references. Writes a full model (the registered ``mergealign`` method run
+    by the engine on every tensor of ``pretrained``); returns its path.
     """
-    from safemerge.io.output import atomic_output
-    from safemerge.safety.mergealign import run_mergealign
-    from safemerge.safety.writing import torch_dtype
+    from safemerge.engine.tensorwise import plan_tensorwise
+    from safemerge.io.output import atomic_output, write_model_card
+    from safemerge.methods.registry import get_method
+    from safemerge.safety.full_model import open_ref, write_model
+    from safemerge.safety.mergealign import check_lambda
+    from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
     torch_dtype(dtype)
+    ld = check_lambda(lambda_domain, "--lambda-domain")
+    la = check_lambda(lambda_aligned, "--lambda-aligned")
+    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
     with atomic_output(out, force=force, inputs=(pretrained, domain, aligned)) as tmp:
-        run_mergealign(tmp, pretrained=pretrained, domain=domain, aligned=aligned, lambda_domain=lambda_domain,
-                       lambda_aligned=lambda_aligned, dtype=dtype, allow_pickle=allow_pickle,
-                       allow_nonfinite=allow_nonfinite, progress=progress or _noop)
+        ckpts = {"pretrained": open_ref(pretrained, role="pretrained", **reading),
+                 "domain": open_ref(domain, on=pretrained, role="domain", **reading),
+                 "aligned": open_ref(aligned, on=pretrained, role="aligned", **reading)}
+        plan = plan_tensorwise(get_method("mergealign"), ckpts, reference="pretrained", models=["aligned", "domain"],
+                               base="pretrained", params={"lambda_domain": ld, "lambda_aligned": la}, dtype=dtype)
+        cb = progress or _noop
+        write_model(tmp, plan, ckpts, allow_nonfinite=allow_nonfinite, progress=lambda d, n: cb("write", d, n))
+        params = [("method", "MergeAlign (arXiv 2411.06824)"), ("lambda_domain", ld), ("lambda_aligned", la),
+                  ("pretrained", str(pretrained)), ("domain", str(domain)), ("aligned", str(aligned))]
+        write_model_card(tmp, title="MergeAlign model", base_model=str(pretrained),
+                         tags=["safemerge", "safety", "mergealign"],
+                         front_matter={"safemerge": {"method": "mergealign", "lambda_domain": ld, "lambda_aligned": la}},
+                         sections=[("MergeAlign", "θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre).\n\n"
+                                    + params_markdown(params))])
+        write_json(tmp / "safemerge.json", {"method": "mergealign", "lambda_domain": ld, "lambda_aligned": la,
+                                            "pretrained": str(pretrained), "domain": str(domain),
+                                            "aligned": str(aligned)})
     return Path(out)

@@ -19,7 +19,7 @@ from safemerge.errors import SafemergeError
 
 def project_up(V: Any, sB: Any, v_norm: float | None = None) -> Any:
     """SafeLoRA's ``B ← C B`` with ``C = V Vᵀ/‖V‖_F`` (Hsu et al. 2024, Eq. 3), as ``V (Vᵀ B)/‖V‖_F``."""
-    from safemerge.safety.similarity import project_dense
+    from safemerge.methods.similarity import project_dense
 
     return project_dense(V, sB, v_norm)
 
@@ -38,12 +38,13 @@ def run_safelora(
     from safemerge.safety.deltas import AdapterDeltas, carried_over_parts, open_deltas
     from safemerge.safety.scoring import _block_name, delta_norm_lowrank
     from safemerge.safety.selection import LayerScore, mark, select_below, select_lowest
-    from safemerge.safety.similarity import project_dense, rho_dense, rho_lowrank
+    from safemerge.methods.similarity import project_dense, rho_dense, rho_lowrank
     from safemerge.safety.subspace import SafetySubspace, open_model
     from safemerge.safety.writing import (
         adapter_update_fn, carried_over_section, copy_adapter_side_files, params_markdown, scores_table_markdown,
-        torch_dtype, write_full_model, write_json,
+        torch_dtype, write_json,
     )
+    from safemerge.safety.full_model import write_updated_model
 
     sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
     ft = open_deltas(finetuned, sub, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="--finetuned")
@@ -112,8 +113,8 @@ def run_safelora(
             CD = project_dense(sv.V, D, sv.norm)
             return t + (CD - D) if onto_ft else t + CD
 
-        write_full_model(tmp, model, adapter_update_fn(ft, upd), dtype=dtype,
-                         progress=lambda d, n: progress("write", d, n))
+        write_updated_model(tmp, model, adapter_update_fn(ft, upd), method="safelora", dtype=dtype,
+                            allow_nonfinite=allow_nonfinite, progress=lambda d, n: progress("write", d, n))
         card_base = str(model.path)
     params = [("method", "SafeLoRA (Hsu et al. 2024)"), ("mode", mode),
               ("tau" + (" (K-th smallest ρ)" if mode == "number" else " (project where ρ ≤ τ)"), f"{used_tau:.6g}"),

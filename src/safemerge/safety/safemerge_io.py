@@ -40,7 +40,7 @@ def build_layer_update(
     """
     import torch
 
-    from safemerge.safety.safemerge import merge_dense, merge_linear_factors, merge_reference_factors
+    from safemerge.methods.update_merge import merge_dense, merge_linear_factors, merge_reference_factors
 
     sf_mods = set(sf.modules)
 
@@ -125,15 +125,14 @@ def _card(result: Any, *, finetuned: Any, safety: Any, base: Any, aligned: Any, 
 def write_safemerge_output(
     tmp: Path, result: Any, *, ft: DeltaSource, sf: DeltaSource, merged: set[str], target: Any, aligned: Any,
     dtype: str | None, update_fn: Callable[[str], LayerUpdate], progress: Callable[[str, int, int], None],
-    finetuned: Any, safety: Any, base: Any, aligned_path: Any, evaluate: Any = None,
+    finetuned: Any, safety: Any, base: Any, aligned_path: Any, evaluate: Any = None, allow_nonfinite: bool = False,
 ) -> None:
     """Write the adapter (exact factors / truncated SVD) or the full model, then the model card."""
     from safemerge.io.adapter import save_adapter
     from safemerge.io.output import write_model_card
-    from safemerge.safety.safemerge import truncate_svd
-    from safemerge.safety.writing import (
-        adapter_update_fn, copy_adapter_side_files, torch_dtype, write_full_model, write_json,
-    )
+    from safemerge.methods.update_merge import truncate_svd
+    from safemerge.safety.full_model import write_updated_model
+    from safemerge.safety.writing import adapter_update_fn, copy_adapter_side_files, torch_dtype, write_json
 
     result.svd_ranks = {}
     mods = list(ft.modules)
@@ -178,8 +177,8 @@ def write_safemerge_output(
                 return t + (update_fn(m).as_dense() - ft.dense(m))
             return t + update_fn(m).as_dense()
 
-        write_full_model(tmp, model, adapter_update_fn(ft, upd), dtype=dtype,
-                         progress=lambda d, n: progress("write", d, n))
+        write_updated_model(tmp, model, adapter_update_fn(ft, upd), method="safemerge", dtype=dtype,
+                            allow_nonfinite=allow_nonfinite, progress=lambda d, n: progress("write", d, n))
         base_model_card = str(model.path)
     eval_md = None
     if evaluate is not None:

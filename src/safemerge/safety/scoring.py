@@ -3,7 +3,7 @@
 For every target module the safety vector ``V = W_aligned − W_base`` is read once and every
 input that adapts that module is scored with ρ = cos(C ΔW, ΔW) (Hsu et al. 2024, Eq. 2):
 low-rank traces for adapters, the dense projection for full fine-tunes
-(:mod:`safemerge.safety.similarity`).
+(:mod:`safemerge.methods.similarity`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from safemerge.safety.deltas import DeltaSource, _module_sort_key
 from safemerge.safety.selection import LayerScore
 from safemerge.errors import SafemergeError
-from safemerge.safety.similarity import V_NORM_EPS, rho_dense, rho_lowrank
+from safemerge.methods.similarity import V_NORM_EPS, rho_dense, rho_lowrank
 from safemerge.safety.subspace import SafetySubspace
 
 

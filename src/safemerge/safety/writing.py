@@ -1,8 +1,8 @@
-"""Writing the safety methods' outputs: PEFT adapters, full models streamed tensor by tensor,
-model cards that record every parameter and every layer's decision.
+"""Pieces of the safety methods' outputs: adapter side files, the full-model update of an adapter's
+non-LoRA parts, model-card sections that record every parameter and every layer's decision.
 
-All writers work inside a temporary directory from :func:`safemerge.io.output.atomic_output`;
-the caller renames it into place only when everything is written.
+Full models are written by the engine (:mod:`safemerge.safety.full_model`); everything here works
+inside a temporary directory from :func:`safemerge.io.output.atomic_output`.
 """
 from __future__ import annotations
 
@@ -25,53 +25,6 @@ def torch_dtype(name: str | None) -> Any:
     if n not in allowed:
         raise SafemergeError(f"unsupported --dtype {name!r}", "use float32, float16 or bfloat16")
     return getattr(torch, n)
-
-
-def write_full_model(
-    tmp: Path,
-    model: Any,
-    update: Callable[[str, Any], Any | None],
-    *,
-    dtype: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    metadata: dict[str, str] | None = None,
-) -> int:
-    """Stream every tensor of ``model`` into ``tmp``, replacing those for which ``update`` returns a tensor.
-
-    Args:
-        tmp: output directory (temporary).
-        model: a Checkpoint (``names()``, ``shape()``, ``dtype_name()``, ``get()``).
-        update: ``(tensor_name, float32 tensor) → new float32 tensor`` or ``None`` to keep it.
-        dtype: storage dtype (default: each tensor's stored dtype).
-
-    Returns the number of tensors replaced. Config, generation config and tokenizer files are
-    copied from the model directory.
-    """
-    from safemerge.io.output import ShardWriter, copy_model_files
-
-    names = model.names()
-    plan = [(n, tuple(model.shape(n))) for n in names]
-    dtypes = {}
-    for n in names:
-        stored = model.dtype_name(n)
-        floating = stored.startswith(("float", "bfloat"))
-        dtypes[n] = (dtype if (dtype and floating) else stored)
-    writer = ShardWriter(tmp, plan=plan, plan_dtypes=dtypes, metadata=metadata)
-    changed = 0
-    for i, n in enumerate(names):
-        t = model.get(n) if dtypes[n].startswith(("float", "bfloat")) else model.get(n, dtype=None)
-        new = update(n, t) if t.is_floating_point() else None
-        if new is not None:
-            changed += 1
-            t = new
-        writer.add(n, t)
-        del t, new
-        if progress is not None:
-            progress(i + 1, len(names))
-    writer.finish()
-    src = Path(model.path)
-    copy_model_files(src if src.is_dir() else src.parent, tmp)
-    return changed
 
 
 def copy_adapter_side_files(src_dir: Path, tmp: Path) -> None:

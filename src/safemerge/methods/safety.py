@@ -1,4 +1,4 @@
-"""The safety methods as YAML ``merge_method``s on dense tensors (auto-imported by the registry).
+"""The safety methods as pure per-tensor functions, registered as YAML ``merge_method``s.
 
 Convention for all four: ``base_model`` is the **unaligned / pre-trained** model and the
 **first** entry of ``models`` is the **aligned** model; the remaining entries are, in order:
@@ -18,36 +18,71 @@ Per tensor: ``V = θ_aligned − θ_base``, ``ΔW_x = θ_x − θ_aligned``. Sim
 ``safemerge safemerge``/``safelora`` do; 1-D/0-D tensors (norms, biases), embeddings and
 ``lm_head`` (an adapter's modules_to_save, trainable tokens), and tensors the fine-tune did not
 change keep the fine-tuned value — so an adapter's non-LoRA parts are carried over
-unchanged. SafeLoRA's number mode needs every
-layer's ρ before deciding, so only its threshold mode exists per tensor (use
-``safemerge safelora --mode number`` for the other).
+unchanged. SafeLoRA's number mode needs every layer's ρ before deciding, so only its threshold
+mode exists per tensor (use ``safemerge safelora --mode number`` for the other).
+
+RESTA (Bhardwaj, Anh & Poria, ACL 2024, arXiv 2402.11746): the safety vector
+``v = θ_aligned − θ_unaligned`` re-aligns a fine-tuned model by task arithmetic::
+
+    θ = θ_ft + β · (θ_aligned − θ_unaligned)                          (RESTA, Eq. 1)
+    θ = θ_aligned + DARE_p(θ_ft − θ_aligned) + β · (θ_aligned − θ_unaligned)   (with DARE)
+
+MergeAlign (arXiv 2411.06824, ACL 2025 Short)::
+
+    θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)
 """
 from __future__ import annotations
 
-from typing import Any
+import torch
 
+from safemerge.io.checkpoint import layer_index
 from safemerge.methods.registry import MergeMethod, Param, register
+from safemerge.methods.similarity import project_dense, rho_dense
+from safemerge.methods.sparsify import random_drop
 
 
-def _delta_is_zero(d: Any) -> bool:
+def _delta_is_zero(d: torch.Tensor) -> bool:
     return not bool(d.abs().max() > 0) if d.numel() else True
 
 
-def _scored(ft: Any, name: str | None) -> bool:
+def _scored(ft: torch.Tensor, name: str | None) -> bool:
     """Whether a tensor is in the similarity methods' scope: a 2-D weight inside a repeated block."""
-    from safemerge.io.checkpoint import layer_index
-
     return ft.ndim == 2 and (name is None or layer_index(name) is not None)
 
 
-def safemerge_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any],
-                     generator: Any = None, name: str | None = None) -> Any:
+def dare(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE as the paper writes it (Yu et al. 2024, Eq. 2): ``m ⊙ δ / p`` with ``m ~ Bernoulli(p)``.
+
+    The mask is drawn by :func:`~safemerge.methods.sparsify.random_drop` (the one DARE mask of
+    the project, the same draws as ``dare_linear``/``dare_ties`` for one generator); the
+    survivors are rescaled by ``1/p`` as in the paper and RESTA, not to the L1 norm as mergekit does.
+    """
+    if density >= 1.0:
+        return delta
+    return random_drop(delta, density, rescale=False, generator=generator) / density
+
+
+def resta_tensor(ft: torch.Tensor, aligned: torch.Tensor, unaligned: torch.Tensor, *, beta: float,
+                 density: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """RESTA for one tensor (Bhardwaj et al. 2024, Eq. 1), with optional DARE on ``θ_ft − θ_aligned`` first."""
+    if density is None or density >= 1.0:
+        return ft + beta * (aligned - unaligned)
+    return aligned + dare(ft - aligned, density, generator) + beta * (aligned - unaligned)
+
+
+def mergealign_tensor(pre: torch.Tensor, domain: torch.Tensor, aligned: torch.Tensor, *, lambda_domain: float,
+                      lambda_aligned: float) -> torch.Tensor:
+    """MergeAlign for one tensor: ``θ_pre + λ_D (θ_D − θ_pre) + λ_A (θ_A − θ_pre)``."""
+    return pre + lambda_domain * (domain - pre) + lambda_aligned * (aligned - pre)
+
+
+def safemerge_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
+                     params: dict[str, float], generator: torch.Generator | None = None,
+                     name: str | None = None) -> torch.Tensor:
     """SafeMERGE per tensor (Djuhera et al. 2025): ``θ_aligned + α ΔW_f + (1−α) ΔW_s`` if ρ < τ, else ``θ_ft``.
 
     ρ = cos(C ΔW_f, ΔW_f) with C = V Vᵀ/‖V‖_F (Hsu et al. 2024, Eq. 2), computed without C.
     """
-    from safemerge.safety.similarity import rho_dense
-
     aligned, ft, safety = tensors
     if not _scored(ft, name):
         return ft
@@ -61,11 +96,10 @@ def safemerge_method(tensors: list[Any], base: Any, *, per_model: dict[str, list
     return ft
 
 
-def safelora_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any],
-                    generator: Any = None, name: str | None = None) -> Any:
+def safelora_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
+                    params: dict[str, float], generator: torch.Generator | None = None,
+                    name: str | None = None) -> torch.Tensor:
     """SafeLoRA per tensor, threshold mode (Hsu et al. 2024, Eq. 3): ``θ_aligned + C ΔW`` if ρ ≤ τ, else ``θ_ft``."""
-    from safemerge.safety.similarity import project_dense, rho_dense
-
     aligned, ft = tensors
     if not _scored(ft, name):
         return ft
@@ -78,21 +112,21 @@ def safelora_method(tensors: list[Any], base: Any, *, per_model: dict[str, list]
     return ft
 
 
-def resta_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any], generator: Any = None) -> Any:
+def resta_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
+                 params: dict[str, float], generator: torch.Generator | None = None) -> torch.Tensor:
     """RESTA (Bhardwaj et al. 2024, Eq. 1): ``θ_ft + β (θ_aligned − θ_unaligned)``, optional DARE on ``θ_ft − θ_aligned``."""
-    from safemerge.safety.resta import resta_tensor
-
     aligned, ft = tensors
     density = params.get("density", 1.0)
-    return resta_tensor(ft, aligned, base, beta=params["beta"], density=density if density < 1.0 else None, generator=generator)
+    return resta_tensor(ft, aligned, base, beta=params["beta"], density=density if density < 1.0 else None,
+                        generator=generator)
 
 
-def mergealign_method(tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any], generator: Any = None) -> Any:
+def mergealign_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
+                      params: dict[str, float], generator: torch.Generator | None = None) -> torch.Tensor:
     """MergeAlign (arXiv 2411.06824): ``θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)``."""
-    from safemerge.safety.mergealign import mergealign_tensor
-
     aligned, domain = tensors
-    return mergealign_tensor(base, domain, aligned, lambda_domain=params["lambda_domain"], lambda_aligned=params["lambda_aligned"])
+    return mergealign_tensor(base, domain, aligned, lambda_domain=params["lambda_domain"],
+                             lambda_aligned=params["lambda_aligned"])
 
 
 _TAU_HELP = "ρ threshold, a cosine in [-1, 1]"
@@ -106,7 +140,7 @@ register(MergeMethod(
     ),
     base="required", min_models=3, max_models=3,
     reference="SafeMERGE, Djuhera et al. 2025 (arXiv 2503.17239), merge rule with SafeLoRA's ρ (Hsu et al. 2024, Eq. 2)",
-    extra={"roles": ["aligned", "finetuned", "safety"], "base_role": "unaligned", "needs_tensor_name": True},
+    extra={"needs_tensor_name": True},
 ))
 register(MergeMethod(
     name="safelora",
@@ -114,18 +148,18 @@ register(MergeMethod(
     params=(Param("tau", 0.5, low=-1.0, high=1.0, help=_TAU_HELP + " (project where ρ <= tau), e.g. 0.5"),),
     base="required", min_models=2, max_models=2,
     reference="SafeLoRA, Hsu et al. 2024 (arXiv 2405.16833), Eq. 2-3, threshold mode",
-    extra={"roles": ["aligned", "finetuned"], "base_role": "unaligned", "needs_tensor_name": True},
+    extra={"needs_tensor_name": True},
 ))
 register(MergeMethod(
     name="resta",
     fn=resta_method,
     params=(
         Param("beta", 0.5, help="scale of the safety vector θ_aligned − θ_unaligned, e.g. 0.5"),
-        Param("density", 1.0, low=0.0, high=1.0, low_open=True, help="DARE keep fraction on θ_ft − θ_aligned in (0, 1]; 1 = no DARE"),
+        Param("density", 1.0, low=0.0, high=1.0, low_open=True,
+              help="DARE keep fraction on θ_ft − θ_aligned in (0, 1]; 1 = no DARE"),
     ),
     base="required", min_models=2, max_models=2, stochastic=True,
     reference="RESTA, Bhardwaj et al. 2024 (arXiv 2402.11746), Eq. 1; DARE, Yu et al. 2024, Eq. 2",
-    extra={"roles": ["aligned", "finetuned"], "base_role": "unaligned"},
 ))
 register(MergeMethod(
     name="mergealign",
@@ -136,5 +170,4 @@ register(MergeMethod(
     ),
     base="required", min_models=2, max_models=2,
     reference="MergeAlign, arXiv 2411.06824 (ACL 2025 Short)",
-    extra={"roles": ["aligned", "domain"], "base_role": "pretrained"},
 ))
