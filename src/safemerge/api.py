@@ -142,17 +142,15 @@ def merge(
     """
     from safemerge.config import load_config
     from safemerge.engine.plan import plan_merge
-    from safemerge.engine.run import execute_plan, open_all
-    from safemerge.io.output import ShardWriter, atomic_output, check_output_path, copy_model_files, md_escape, write_model_card
-
-    from safemerge.methods._tensor import set_tie_break
+    from safemerge.engine.run import open_all
+    from safemerge.engine.tensorwise import write_plan
+    from safemerge.io.output import atomic_output, check_output_path, copy_model_files, md_escape, write_model_card
 
     cfg = load_config(config)
     tok_ref = cfg.effective_tokenizer_source
     inputs = [*cfg.referenced_models(), tok_ref if tok_ref not in ("base", "union") else None,
               config if isinstance(config, (str, Path)) and "\n" not in str(config) else None]
     check_output_path(out_dir, force=force, inputs=inputs)
-    set_tie_break("mergekit" if mergekit_tie_break or mergekit_arithmetic else "index")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
     if device.startswith("cuda"):
@@ -164,6 +162,7 @@ def merge(
     ckpts = open_all(cfg, allow_pickle=allow_pickle, checkpoints=checkpoints)
     plan = plan_merge(cfg, ckpts, allow_crimes=allow_crimes)
     plan.mergekit_arithmetic = mergekit_arithmetic
+    plan.tie_break = "mergekit" if mergekit_tie_break or mergekit_arithmetic else "index"
     LOG.info(
         "plan: %s, %d tensors, %d layers, %.1f MB; arithmetic: %s",
         plan.method.name, len(plan.jobs), plan.num_layers, plan.total_bytes / 1e6,
@@ -171,15 +170,8 @@ def merge(
     )
     ref_dir = _model_dir(ckpts[plan.reference])
     with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
-        writer = ShardWriter(
-            tmp,
-            max_shard_bytes=max_shard,
-            plan=[(j.out_name, j.shape) for j in plan.jobs],
-            plan_dtypes={j.out_name: j.out_dtype for j in plan.jobs},
-            metadata={"producer": "safemerge"},
-        )
-        execute_plan(plan, ckpts, lambda job, t: writer.add(job.out_name, t), seed=seed, jobs=jobs, device=device, allow_nonfinite=allow_nonfinite, progress=progress)
-        writer.finish()
+        write_plan(tmp, plan, ckpts, seed=seed, jobs=jobs, device=device, allow_nonfinite=allow_nonfinite,
+                   max_shard_bytes=max_shard, metadata={"producer": "safemerge"}, show_bar=progress)
         updates = dict(plan.config_updates)
         float_dtypes = {j.out_dtype for j in plan.jobs if not j.passthrough}
         if len(float_dtypes) == 1:

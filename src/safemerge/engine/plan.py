@@ -60,7 +60,8 @@ class TensorJob:
 class MergePlan:
     """The ordered list of tensor jobs plus what the writer needs."""
 
-    config: MergeConfig
+    config: MergeConfig | None
+    """The mergekit config (``None`` for the safety commands' plans, :mod:`.tensorwise`)."""
     method: MergeMethod
     jobs: list[TensorJob]
     reference: str
@@ -73,6 +74,9 @@ class MergePlan:
     vocab: Any = None
     """The output vocabulary (:class:`~safemerge.engine.vocab.VocabAlignment`) when the config
     names a tokenizer source; its tokenizer is saved with the model."""
+    tie_break: str = "index"
+    """Exact ties at top-k cut-offs: ``index`` or ``mergekit`` (see
+    :data:`safemerge.methods._tensor.TIE_BREAKS`); passed to methods that declare ``extra["tie_break"]``."""
 
     @property
     def total_bytes(self) -> int:

@@ -117,9 +117,7 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
         and math.prod(job.shape) * 4 > ELEMENTWISE_BLOCK_BYTES
         and all(hasattr(ckpts[r], "get_rows") for r in refs)
     ):
-        from safemerge.methods._tensor import TIE_BREAK
-
-        if TIE_BREAK["mode"] == "index":
+        if plan.tie_break == "index":
             def load(i: int, rows: tuple[int, int] | None):  # noqa: ANN202
                 return _load(ckpts, *job.inputs[i], plan.compute_dtype, allow_nonfinite, device, rows)
 
@@ -164,7 +162,7 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
     if plan.method.stochastic:
         gen = tensor_generator(seed, job.out_name, device)
     try:
-        named = {"name": job.out_name} if plan.method.extra.get("needs_tensor_name") else {}
+        named = _named_arguments(plan, job)
         if plan.mergekit_arithmetic:
             return _mergekit_arithmetic(plan, job, tensors, base, gen, named)
         return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen, **named)
@@ -172,6 +170,14 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
         raise
     except (RuntimeError, ValueError) as exc:
         raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
+
+
+def _named_arguments(plan: MergePlan, job: TensorJob) -> dict[str, str]:
+    """The keyword arguments a method declares it needs: the tensor name, the plan's tie-break rule."""
+    named = {"name": job.out_name} if plan.method.extra.get("needs_tensor_name") else {}
+    if plan.method.extra.get("tie_break"):
+        named["tie_break"] = plan.tie_break
+    return named
 
 
 def _align_vocabulary(job: TensorJob, tensors: list, base):  # noqa: ANN001, ANN202
@@ -189,8 +195,8 @@ def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, g
                          named: dict | None = None):
     """One tensor as mergekit computes it: inputs promoted to one dtype (the config's ``dtype``
     when set), the method's mergekit-order kernel in that dtype — or, for methods mergekit runs
-    in float32 internally, the float32 kernel rounded back to that dtype. ``named`` is the tensor
-    name for methods that need it (``needs_tensor_name``)."""
+    in float32 internally, the float32 kernel rounded back to that dtype. ``named``: the keyword
+    arguments the method declares (:func:`_named_arguments`)."""
     import torch
 
     from safemerge.methods.mergekit_order import KERNELS

@@ -69,7 +69,8 @@ def _register_task_arithmetic_family() -> None:
                 extra={
                     "base_in_tensors": False,
                     "optional_tensor_policy": "error",
-                    "sparsification": sparsification,
+                    # exact ties at top-k cut-offs: the engine passes the plan's tie_break rule
+                    "tie_break": sparsification in ("magnitude", "magnitude_outliers"),
                     # no sparsification and no sign election: every output entry depends only on the
                     # same entry of the inputs, so the engine may process large tensors in row blocks
                     "elementwise": name == "task_arithmetic",
@@ -155,7 +156,7 @@ def _register_others() -> None:
         base="required",
         min_models=0,
         reference="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, Sec. 3.3 (SCE: select, calculate, erase)",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "error"},
+        extra={"base_in_tensors": False, "optional_tensor_policy": "error", "tie_break": True},
     ))
     register(MergeMethod(
         name="nearswap",
