@@ -77,6 +77,8 @@ class Param:
             if int(value) != value:
                 raise ConfigError(f"{where}: parameter {self.name!r} must be an integer, got {value!r}", self.help or None)
             value = int(value)
+        else:
+            value = float(value)
         lo_bad = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         hi_bad = self.high is not None and value > self.high
         if lo_bad or hi_bad:

@@ -4,7 +4,7 @@ Convention for all four: ``base_model`` is the **unaligned / pre-trained** model
 **first** entry of ``models`` is the **aligned** model; the remaining entries are, in order:
 
 =============  ===============================  ==========================================
-method         models (config order)            parameters (global)
+method         models (config order)            parameters (global; :mod:`.safety_params`)
 =============  ===============================  ==========================================
 ``safemerge``  aligned, fine-tuned, safety      ``tau`` (0.35), ``alpha`` (0.8)
 ``safelora``   aligned, fine-tuned              ``tau`` (0.5)
@@ -36,7 +36,11 @@ from __future__ import annotations
 import torch
 
 from safemerge.io.checkpoint import layer_index
-from safemerge.methods.registry import MergeMethod, Param, register
+from safemerge.methods.registry import MergeMethod, register
+from safemerge.methods.safety_params import (
+    MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, RESTA_DENSITY, SAFELORA_TAU, SAFEMERGE_ALPHA,
+    SAFEMERGE_TAU, safelora_projects, safemerge_merges,
+)
 from safemerge.methods.similarity import project_dense, rho_dense
 from safemerge.methods.sparsify import random_drop
 
@@ -89,8 +93,7 @@ def safemerge_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_mod
     d_f = ft - aligned
     if _delta_is_zero(d_f):
         return ft
-    rho = rho_dense(aligned - base, d_f)
-    if rho < params["tau"]:
+    if safemerge_merges(rho_dense(aligned - base, d_f), params["tau"]):
         alpha = params["alpha"]
         return aligned + alpha * d_f + (1.0 - alpha) * (safety - aligned)
     return ft
@@ -107,7 +110,7 @@ def safelora_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_mode
     if _delta_is_zero(d_f):
         return ft
     V = aligned - base
-    if rho_dense(V, d_f) <= params["tau"]:
+    if safelora_projects(rho_dense(V, d_f), params["tau"]):
         return aligned + project_dense(V, d_f)
     return ft
 
@@ -129,15 +132,10 @@ def mergealign_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_mo
                              lambda_aligned=params["lambda_aligned"])
 
 
-_TAU_HELP = "ρ threshold, a cosine in [-1, 1]"
-
 register(MergeMethod(
     name="safemerge",
     fn=safemerge_method,
-    params=(
-        Param("tau", 0.35, low=-1.0, high=1.0, help=_TAU_HELP + " (merge where ρ < tau), e.g. 0.35"),
-        Param("alpha", 0.8, low=0.0, high=1.0, help="weight of the fine-tuned update in [0, 1], e.g. 0.8"),
-    ),
+    params=(SAFEMERGE_TAU, SAFEMERGE_ALPHA),
     base="required", min_models=3, max_models=3,
     reference="SafeMERGE, Djuhera et al. 2025 (arXiv 2503.17239), merge rule with SafeLoRA's ρ (Hsu et al. 2024, Eq. 2)",
     extra={"needs_tensor_name": True},
@@ -145,7 +143,7 @@ register(MergeMethod(
 register(MergeMethod(
     name="safelora",
     fn=safelora_method,
-    params=(Param("tau", 0.5, low=-1.0, high=1.0, help=_TAU_HELP + " (project where ρ <= tau), e.g. 0.5"),),
+    params=(SAFELORA_TAU,),
     base="required", min_models=2, max_models=2,
     reference="SafeLoRA, Hsu et al. 2024 (arXiv 2405.16833), Eq. 2-3, threshold mode",
     extra={"needs_tensor_name": True},
@@ -153,21 +151,14 @@ register(MergeMethod(
 register(MergeMethod(
     name="resta",
     fn=resta_method,
-    params=(
-        Param("beta", 0.5, help="scale of the safety vector θ_aligned − θ_unaligned, e.g. 0.5"),
-        Param("density", 1.0, low=0.0, high=1.0, low_open=True,
-              help="DARE keep fraction on θ_ft − θ_aligned in (0, 1]; 1 = no DARE"),
-    ),
+    params=(RESTA_BETA, RESTA_DENSITY),
     base="required", min_models=2, max_models=2, stochastic=True,
     reference="RESTA, Bhardwaj et al. 2024 (arXiv 2402.11746), Eq. 1; DARE, Yu et al. 2024, Eq. 2",
 ))
 register(MergeMethod(
     name="mergealign",
     fn=mergealign_method,
-    params=(
-        Param("lambda_domain", 0.5, help="λ_D, weight of the domain vector θ_domain − θ_pre, e.g. 0.5"),
-        Param("lambda_aligned", 0.5, help="λ_A, weight of the alignment vector θ_aligned − θ_pre, e.g. 0.5"),
-    ),
+    params=(MERGEALIGN_LAMBDA_DOMAIN, MERGEALIGN_LAMBDA_ALIGNED),
     base="required", min_models=2, max_models=2,
     reference="MergeAlign, arXiv 2411.06824 (ACL 2025 Short)",
 ))

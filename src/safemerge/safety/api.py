@@ -3,7 +3,7 @@
 ::
 
     from safemerge.safety import api
-    scores = api.scan("base/", "aligned/", ["task-lora/"], tau=0.35)
+    scores = api.scan("base/", "aligned/", ["task-lora/"])   # SafeMERGE's default τ
     res = api.safemerge_adapters(base="base/", aligned="aligned/", finetuned="task-lora/",
                                  safety="safety-lora/", out="merged/")
     api.safelora(base=..., aligned=..., finetuned=..., out=..., mode="number", num_layers=10)
@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import ConfigError, SafemergeError
+from safemerge.methods.safety_params import (
+    MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, RESTA_DENSITY, SAFELORA_NUM_LAYERS, SAFELORA_TAU,
+    SAFEMERGE_ALPHA, SAFEMERGE_DENSITY, SAFEMERGE_TAU,
+)
 from safemerge.safety.selection import LayerScore
 
 Progress = Callable[[str, int, int], None]
@@ -45,7 +49,7 @@ def scan(
     aligned: str | Path,
     targets: str | Path | Sequence[str | Path],
     *,
-    tau: float = 0.35,
+    tau: float = SAFEMERGE_TAU.default,
     target_modules: Sequence[str] | None = None,
     allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
@@ -66,10 +70,10 @@ def scan(
     """
     from safemerge.safety.deltas import open_deltas
     from safemerge.safety.scoring import score_sources
-    from safemerge.safety.selection import check_tau, mark, select_below
+    from safemerge.safety.selection import mark, select_below
     from safemerge.safety.subspace import SafetySubspace
 
-    tau = check_tau(tau)
+    tau = SAFEMERGE_TAU.check(tau, "--tau")
     paths = _as_list(targets)
     if not paths:
         raise SafemergeError("nothing to scan", "pass at least one adapter or fine-tuned model")
@@ -159,13 +163,13 @@ def safemerge_adapters(
     finetuned: str | Path,
     safety: str | Path,
     out: str | Path,
-    tau: float = 0.35,
-    alpha: float = 0.8,
+    tau: float = SAFEMERGE_TAU.default,
+    alpha: float = SAFEMERGE_ALPHA.default,
     strategy: str = "linear",
     compat: str | None = None,
     merge_into: str | Path | None = None,
     seed: int | None = None,
-    density: float = 0.5,
+    density: float = SAFEMERGE_DENSITY.default,
     dtype: str | None = None,
     force: bool = False,
     allow_pickle: bool = False, allow_nonfinite: bool = False,
@@ -182,8 +186,8 @@ def safemerge_adapters(
         finetuned, safety: the task and safety updates — PEFT adapters trained on ``aligned``,
             or full fine-tuned model directories.
         out: output directory (adapter, or full model with ``merge_into`` / full-model inputs).
-        tau: ρ threshold ∈ [−1, 1] (default 0.35, the reference code's).
-        alpha: weight of the task update ∈ [0, 1] (default 0.8).
+        tau: ρ threshold ∈ [−1, 1] (default: the reference code's, ``SAFEMERGE_TAU``).
+        alpha: weight of the task update ∈ [0, 1] (default ``SAFEMERGE_ALPHA``).
         strategy: ``linear`` | ``dare_linear`` | ``ties`` | ``dare_ties``.
         compat: ``"reference"`` for PEFT 0.14 factor-wise mixing (linear only, equal ranks).
         merge_into: write a full model: this model's tensors plus the merged update.
@@ -199,17 +203,15 @@ def safemerge_adapters(
     from safemerge.safety.deltas import AdapterDeltas, carried_over_parts, open_deltas
     from safemerge.methods.update_merge import check_strategy
     from safemerge.safety.scoring import score_sources
-    from safemerge.safety.selection import check_tau, check_unit, mark, select_below
+    from safemerge.safety.selection import mark, select_below
     from safemerge.safety.subspace import SafetySubspace, open_model
     from safemerge.safety.writing import torch_dtype
 
-    tau = check_tau(tau)
-    alpha = check_unit(alpha, "--alpha", "0.8")
+    tau = SAFEMERGE_TAU.check(tau, "--tau")
+    alpha = SAFEMERGE_ALPHA.check(alpha, "--alpha")
     check_strategy(strategy, compat)
     if strategy != "linear":
-        density = check_unit(density, "--density", "0.5")
-        if density == 0.0:
-            raise ConfigError("--density must be > 0", "use a keep fraction in (0, 1], e.g. 0.5")
+        density = SAFEMERGE_DENSITY.check(density, "--density")
     torch_dtype(dtype)
     inputs = (base, aligned, finetuned, safety, merge_into)
     check_output_path(out, force=force, inputs=inputs)
@@ -262,7 +264,7 @@ def safemerge_adapters(
         seed=seed, density=density if strategy != "linear" else None, ignored_safety_modules=ignored,
         carried_over=carried,
     )
-    from safemerge.safety.safemerge_io import build_layer_update, write_safemerge_output
+    from safemerge.safety.merge_writer import build_layer_update, write_safemerge_output
 
     with atomic_output(out, force=force, inputs=inputs) as tmp:
         write_safemerge_output(
@@ -314,8 +316,8 @@ def safelora(
     finetuned: str | Path,
     out: str | Path,
     mode: str = "threshold",
-    tau: float = 0.5,
-    num_layers: int = 10,
+    tau: float = SAFELORA_TAU.default,
+    num_layers: int = SAFELORA_NUM_LAYERS.default,
     merge_into: str | Path | None = None,
     dtype: str | None = None,
     force: bool = False,
@@ -332,12 +334,11 @@ def safelora(
     """
     from safemerge.io.output import atomic_output
     from safemerge.safety.safelora import run_safelora
-    from safemerge.safety.selection import check_tau
     from safemerge.safety.writing import torch_dtype
 
     if mode not in ("threshold", "number"):
         raise ConfigError(f"unknown SafeLoRA mode {mode!r}", "use --mode threshold or --mode number")
-    tau = check_tau(tau)
+    tau = SAFELORA_TAU.check(tau, "--tau")
     torch_dtype(dtype)
     with atomic_output(out, force=force, inputs=(base, aligned, finetuned, merge_into)) as tmp:
         res = run_safelora(
@@ -356,7 +357,7 @@ def resta(
     aligned: str | Path,
     finetuned: str | Path,
     out: str | Path,
-    beta: float = 0.5,
+    beta: float = RESTA_BETA.default,
     dare_density: float | None = None,
     seed: int | None = None,
     dtype: str | None = None,
@@ -376,12 +377,11 @@ def resta(
     from safemerge.methods.registry import get_method
     from safemerge.safety.full_model import open_ref, write_model
     from safemerge.engine.tensorwise import plan_tensorwise
-    from safemerge.safety.resta import check_beta, check_density
     from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
     torch_dtype(dtype)
-    beta = check_beta(beta)
-    density = check_density(dare_density)
+    beta = RESTA_BETA.check(beta, "--beta")
+    density = None if dare_density is None else RESTA_DENSITY.check(dare_density, "--dare-density")
     reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
     with atomic_output(out, force=force, inputs=(unaligned, aligned, finetuned)) as tmp:
         ckpts = {"aligned": open_ref(aligned, role="aligned", **reading),
@@ -414,8 +414,8 @@ def mergealign(
     domain: str | Path,
     aligned: str | Path,
     out: str | Path,
-    lambda_domain: float = 0.5,
-    lambda_aligned: float = 0.5,
+    lambda_domain: float = MERGEALIGN_LAMBDA_DOMAIN.default,
+    lambda_aligned: float = MERGEALIGN_LAMBDA_ALIGNED.default,
     dtype: str | None = None,
     force: bool = False,
     allow_pickle: bool = False, allow_nonfinite: bool = False,
@@ -431,12 +431,11 @@ def mergealign(
     from safemerge.io.output import atomic_output, write_model_card
     from safemerge.methods.registry import get_method
     from safemerge.safety.full_model import open_ref, write_model
-    from safemerge.safety.mergealign import check_lambda
     from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
     torch_dtype(dtype)
-    ld = check_lambda(lambda_domain, "--lambda-domain")
-    la = check_lambda(lambda_aligned, "--lambda-aligned")
+    ld = MERGEALIGN_LAMBDA_DOMAIN.check(lambda_domain, "--lambda-domain")
+    la = MERGEALIGN_LAMBDA_ALIGNED.check(lambda_aligned, "--lambda-aligned")
     reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
     with atomic_output(out, force=force, inputs=(pretrained, domain, aligned)) as tmp:
         ckpts = {"pretrained": open_ref(pretrained, role="pretrained", **reading),

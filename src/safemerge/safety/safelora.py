@@ -74,7 +74,7 @@ def run_safelora(
         scores.append(LayerScore(m, layer, name, rho, dn, sv.norm, source=ft.label, rank=ft.rank(m)))
         progress("score", i + 1, len(ft.modules))
     if mode == "threshold":
-        chosen = select_below(scores, tau, strict=False)
+        chosen = select_below(scores, tau, strict=False)  # SafeLoRA: ρ ≤ τ
         used_tau = tau
     else:
         chosen, used_tau = select_lowest(scores, num_layers)
