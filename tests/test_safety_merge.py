@@ -194,7 +194,7 @@ def test_existing_output_refused_unless_force(world, tmp_path):
 
 
 def _has_method(name: str) -> bool:
-    from safemerge.methods.registry import all_methods
+    from safemerge.methods.catalog import all_methods
 
     return name in all_methods()
 

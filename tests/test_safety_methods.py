@@ -112,7 +112,7 @@ def test_mergealign_equals_formula(world, tmp_path):
 
 
 def test_registered_methods_equal_their_formulas():
-    from safemerge.methods.registry import get_method
+    from safemerge.methods.catalog import get_method
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(24, 16, generator=g)
@@ -150,7 +150,7 @@ def test_registered_methods_equal_their_formulas():
 
 def test_registered_param_validation():
     from safemerge.errors import ConfigError
-    from safemerge.methods.registry import get_method
+    from safemerge.methods.catalog import get_method
 
     with pytest.raises(ConfigError):
         get_method("safemerge").param("tau").check(1.5, "safemerge")

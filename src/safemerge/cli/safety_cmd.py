@@ -42,7 +42,7 @@ _ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the cha
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+def progress_callback(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar on stderr driven by ``cb(stage, done, total)`` (one task per stage)."""
     if not enabled:
         yield lambda stage, done, total: None
@@ -138,7 +138,7 @@ def scan_command(
     if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
         raise SafemergeError(f"--plot {str(plot)!r}: unsupported image type {plot.suffix or '(none)'!r}",
                              f"end the file name in one of {', '.join(PLOT_SUFFIXES)}")
-    with _progress(not (no_progress or quiet)) as cb:
+    with progress_callback(not (no_progress or quiet)) as cb:
         scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle,
                       allow_nonfinite=allow_nonfinite, progress=cb)
     if not quiet:
@@ -218,7 +218,7 @@ def safemerge_command(
     sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
                     lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
     ev = _evaluator(eval_, aligned, sets)
-    with _progress(progress) as cb:
+    with progress_callback(progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
             strategy=strategy, compat=compat, merge_into=merge_into, seed=seed, density=density, dtype=dtype,
@@ -266,7 +266,7 @@ def safelora_command(
 
     started = time.perf_counter()
     library_progress(not (no_progress or quiet), loads_models=False)
-    with _progress(not (no_progress or quiet)) as cb:
+    with progress_callback(not (no_progress or quiet)) as cb:
         res = safelora(base=base, aligned=aligned, finetuned=finetuned, out=out, mode=mode, tau=tau, num_layers=num_layers,
                        merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle,
                        allow_nonfinite=allow_nonfinite, progress=cb)
@@ -302,7 +302,7 @@ def resta_command(
 
     started = time.perf_counter()
     library_progress(not (no_progress or quiet), loads_models=False)
-    with _progress(not (no_progress or quiet)) as cb:
+    with progress_callback(not (no_progress or quiet)) as cb:
         path = resta(unaligned=unaligned, aligned=aligned, finetuned=finetuned, out=out, beta=beta, dare_density=dare_density,
                      seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle,
                      allow_nonfinite=allow_nonfinite, progress=cb)
@@ -335,7 +335,7 @@ def mergealign_command(
 
     started = time.perf_counter()
     library_progress(not (no_progress or quiet), loads_models=False)
-    with _progress(not (no_progress or quiet)) as cb:
+    with progress_callback(not (no_progress or quiet)) as cb:
         path = mergealign(pretrained=pretrained, domain=domain, aligned=aligned, out=out, lambda_domain=lambda_domain,
                           lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle,
                           allow_nonfinite=allow_nonfinite, progress=cb)

@@ -22,7 +22,8 @@ from safemerge.config.models import MergeConfig
 from safemerge.config.params import resolve
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.io.checkpoint import split_layer_name
-from safemerge.methods.registry import MergeMethod, get_method
+from safemerge.methods.catalog import get_method
+from safemerge.methods.registry import MergeMethod
 
 LOG = logging.getLogger("safemerge")
 
@@ -178,7 +179,7 @@ def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: b
 
     Args:
         config: the merge configuration.
-        ckpts: model reference → opened checkpoint (see :func:`safemerge.io.checkpoint.open_checkpoint`).
+        ckpts: model reference → opened checkpoint (see :func:`safemerge.io.references.open_checkpoint`).
         allow_crimes: accept inputs whose ``config.json`` names different architectures
             (mergekit-yaml's ``--allow-crimes``); tensor names and shapes must still match.
     """

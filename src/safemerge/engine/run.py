@@ -48,7 +48,7 @@ def tune_allocator(mmap_threshold: int = 1 << 20) -> bool:
 
 
 @contextmanager
-def _single_intraop_thread():
+def single_intraop_thread():
     import torch
 
     old = torch.get_num_threads()
@@ -234,7 +234,7 @@ def execute_plan(
     total_bytes = plan.total_bytes
     from safemerge.progress import progress_bar
 
-    with _single_intraop_thread(), progress_bar(description, total=len(plan.jobs), total_bytes=total_bytes, enabled=progress) as bar:
+    with single_intraop_thread(), progress_bar(description, total=len(plan.jobs), total_bytes=total_bytes, enabled=progress) as bar:
 
         def work(job: TensorJob) -> None:
             out = run_job(job, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite, device=device)
@@ -247,7 +247,6 @@ def execute_plan(
             return
         pending: set[Future] = set()
         it = iter(plan.jobs)
-        stop = threading.Event()
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="safemerge") as pool:
             try:
                 for job in it:
@@ -260,7 +259,6 @@ def execute_plan(
                 for f in done:
                     f.result()
             except BaseException:
-                stop.set()
                 for f in pending:
                     f.cancel()
                 raise
@@ -272,7 +270,7 @@ def open_all(config: Any, *, allow_pickle: bool = False, checkpoints: Mapping[st
     Hub ids are checked for existence (config files only) before any of them downloads weights,
     and every safetensors header is validated as its model opens, before the plan reads a tensor.
     """
-    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.references import open_checkpoint
     from safemerge.io.hub import prefetch_metadata
 
     refs = [r for r in config.referenced_models() if checkpoints is None or r not in checkpoints]

@@ -150,40 +150,13 @@ class MergeMethod:
         return self.fn(tensors, base, per_model=pm, params=gp, generator=generator)
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+REGISTRY: dict[str, MergeMethod] = {}
+"""Name → method; filled by :func:`register` (look methods up with :mod:`safemerge.methods.catalog`)."""
 
 
 def register(method: MergeMethod) -> MergeMethod:
     """Add a method to the registry (names are unique)."""
-    if method.name in _REGISTRY:
+    if method.name in REGISTRY:
         raise ValueError(f"merge method {method.name!r} registered twice")
-    _REGISTRY[method.name] = method
+    REGISTRY[method.name] = method
     return method
-
-
-def _load_all() -> None:
-    """Register the built-in methods: mergekit's (:mod:`.builtin`) and the safety methods (:mod:`.safety`).
-
-    Imported here rather than at the top because those modules import this one to register.
-    """
-    import safemerge.methods.builtin  # noqa: F401
-    import safemerge.methods.safety  # noqa: F401
-
-
-def get_method(name: str) -> MergeMethod:
-    """Look up a method by name; raises :class:`ConfigError` listing the known names."""
-    _load_all()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        import difflib
-
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known methods: {', '.join(sorted(_REGISTRY))}"
-        raise ConfigError(f"unknown merge_method {name!r}", hint) from None
-
-
-def all_methods() -> dict[str, MergeMethod]:
-    """Every registered method, by name."""
-    _load_all()
-    return dict(_REGISTRY)

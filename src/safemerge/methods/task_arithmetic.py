@@ -24,8 +24,6 @@ import torch
 from safemerge.methods._tensor import InputTensors, check_inputs, f32, per_model_list, release
 from safemerge.methods import sparsify as sp
 
-Sparsifier = Callable[..., torch.Tensor]
-
 #: name -> (sparsification, consensus, normalize default, rescale default), as in mergekit 0.1.5.
 FAMILY: dict[str, tuple[str | None, bool, bool, bool]] = {
     "task_arithmetic": (None, False, False, False),

@@ -26,7 +26,7 @@ import math
 import torch
 
 from safemerge.errors import ConfigError, SafemergeError
-from safemerge.methods.registry import get_method
+from safemerge.methods.catalog import get_method
 from safemerge.methods.seeding import tensor_generator
 
 STRATEGIES = ("linear", "dare_linear", "ties", "dare_ties")

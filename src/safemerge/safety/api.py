@@ -18,7 +18,6 @@ stored in the input's dtype unless ``dtype`` is given.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from safemerge.methods.safety_params import (
     MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, RESTA_DENSITY, SAFELORA_NUM_LAYERS, SAFELORA_TAU,
     SAFEMERGE_ALPHA, SAFEMERGE_DENSITY, SAFEMERGE_TAU,
 )
+from safemerge.safety.results import SafeLoRAResult, SafeMergeResult
 from safemerge.safety.selection import LayerScore
 
 Progress = Callable[[str, int, int], None]
@@ -106,56 +106,6 @@ def scan(
 
 
 # --------------------------------------------------------------------------- SafeMERGE
-@dataclass
-class SafeMergeResult:
-    """What :func:`safemerge_adapters` wrote.
-
-    Attributes:
-        out: output directory.
-        output: ``"adapter"`` or ``"model"``.
-        scores: one :class:`LayerScore` per fine-tuned module (``merged`` = ρ < τ).
-        reconstruction_error: module → ‖ΔW − B A‖_F/‖ΔW‖_F for SVD-truncated layers.
-        ignored_safety_modules: safety-adapter modules the fine-tuned update does not touch, and the
-            safety adapter's non-LoRA parts (never applied).
-        carried_over: the fine-tuned adapter's non-LoRA parts (modules_to_save, biases, trainable
-            tokens), written unchanged: tensor name → what it is.
-    """
-
-    out: Path
-    output: str
-    scores: list[LayerScore]
-    tau: float
-    alpha: float
-    strategy: str
-    compat: str | None = None
-    seed: int | None = None
-    density: float | None = None
-    reconstruction_error: dict[str, float] = field(default_factory=dict)
-    ignored_safety_modules: list[str] = field(default_factory=list)
-    carried_over: dict[str, str] = field(default_factory=dict)
-    evaluation: Any = None
-
-    @property
-    def merged(self) -> list[str]:
-        return [s.module for s in self.scores if s.merged]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": "safemerge",
-            "output": self.output,
-            "tau": self.tau,
-            "alpha": self.alpha,
-            "strategy": self.strategy,
-            "compat": self.compat,
-            "seed": self.seed,
-            "density": self.density,
-            "merged": len(self.merged),
-            "layers": [s.to_dict() | ({"reconstruction_error": self.reconstruction_error[s.module]} if s.module in self.reconstruction_error else {}) for s in self.scores],
-            "ignored_safety_modules": self.ignored_safety_modules,
-            "carried_over": self.carried_over,
-        }
-
-
 def safemerge_adapters(
     *,
     base: str | Path,
@@ -287,28 +237,6 @@ def _check_equal_ranks(ft: Any, sf: Any) -> None:
 
 
 # --------------------------------------------------------------------------- SafeLoRA
-@dataclass
-class SafeLoRAResult:
-    """What :func:`safelora` wrote: scores (``merged`` = projected), mode and threshold used."""
-
-    out: Path
-    output: str
-    scores: list[LayerScore]
-    mode: str
-    tau: float
-    num_layers: int | None = None
-    carried_over: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def projected(self) -> list[str]:
-        return [s.module for s in self.scores if s.merged]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": "safelora", "output": self.output, "mode": self.mode, "tau": self.tau,
-                "num_layers": self.num_layers, "projected": len(self.projected),
-                "layers": [s.to_dict() for s in self.scores], "carried_over": self.carried_over}
-
-
 def safelora(
     *,
     base: str | Path,
@@ -374,7 +302,7 @@ def resta(
     ``aligned``; DARE masks drawn per tensor from ``(seed, name)``, as ``merge_method: resta``); returns its path.
     """
     from safemerge.io.output import atomic_output, write_model_card
-    from safemerge.methods.registry import get_method
+    from safemerge.methods.catalog import get_method
     from safemerge.safety.full_model import open_ref, write_model
     from safemerge.engine.tensorwise import plan_tensorwise
     from safemerge.safety.writing import params_markdown, torch_dtype, write_json
@@ -429,7 +357,7 @@ def mergealign(
     """
     from safemerge.engine.tensorwise import plan_tensorwise
     from safemerge.io.output import atomic_output, write_model_card
-    from safemerge.methods.registry import get_method
+    from safemerge.methods.catalog import get_method
     from safemerge.safety.full_model import open_ref, write_model
     from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 

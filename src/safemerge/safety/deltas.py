@@ -61,7 +61,7 @@ class AdapterDeltas(DeltaSource):
         self.adapter = load_adapter(self.path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         self.adapter.base_model_type = subspace.aligned.config.get("model_type")
         self.role = role
-        self.modules = sorted(self.adapter, key=_module_sort_key)
+        self.modules = sorted(self.adapter, key=module_sort_key)
         for m in self.modules:
             out_dim, in_dim = subspace.shape(m)
             mod = self.adapter[m]
@@ -111,7 +111,7 @@ class ModelDeltas(DeltaSource):
         allow_pickle: bool = False, allow_nonfinite: bool = False,
         role: str = "model",
     ) -> None:
-        from safemerge.io.checkpoint import open_checkpoint
+        from safemerge.io.references import open_checkpoint
 
         self.path = Path(str(path))
         # a directory, Hub id or MODEL+ADAPTER
@@ -131,7 +131,7 @@ class ModelDeltas(DeltaSource):
                 )
             subspace.weight_name(m)
             self.modules.append(m)
-        self.modules.sort(key=_module_sort_key)
+        self.modules.sort(key=module_sort_key)
         if not self.modules:
             raise SafemergeError(f"no target weights found in {self.path}", "check --targets (e.g. q_proj,v_proj)")
 
@@ -177,16 +177,16 @@ def carried_over_parts(src: DeltaSource, model: Any, *, role: str = "--finetuned
     return parts
 
 
-_ORDER = {n: i for i, n in enumerate(
+MODULE_ORDER = {n: i for i, n in enumerate(
     ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"))}
 
 
-def _module_sort_key(module: str) -> tuple:
+def module_sort_key(module: str) -> tuple:
     """Model order: block index, then q, k, v, o, gate, up, down (others by name)."""
     from safemerge.io.checkpoint import layer_index
 
     idx = layer_index(module + ".weight")
-    return (idx if idx is not None else -1, _ORDER.get(module.rsplit(".", 1)[-1], len(_ORDER)), module)
+    return (idx if idx is not None else -1, MODULE_ORDER.get(module.rsplit(".", 1)[-1], len(MODULE_ORDER)), module)
 
 
 def open_deltas(

@@ -19,9 +19,9 @@ def heatmap(scores: list[LayerScore], path: str | Path, *, tau: float | None = N
     import numpy as np
 
     sources = list(dict.fromkeys(s.source for s in scores))
-    from safemerge.safety.deltas import _ORDER
+    from safemerge.safety.deltas import MODULE_ORDER
 
-    names = sorted(dict.fromkeys(s.name for s in scores), key=lambda n: (_ORDER.get(n.rsplit(".", 1)[-1], len(_ORDER)), n))
+    names = sorted(dict.fromkeys(s.name for s in scores), key=lambda n: (MODULE_ORDER.get(n.rsplit(".", 1)[-1], len(MODULE_ORDER)), n))
     layers = sorted({-1 if s.layer is None else s.layer for s in scores})
     li = {l: i for i, l in enumerate(layers)}
     ni = {n: i for i, n in enumerate(names)}

@@ -34,9 +34,9 @@ def run_safelora(
 
     from safemerge.io.adapter import save_adapter
     from safemerge.io.output import write_model_card
-    from safemerge.safety.api import SafeLoRAResult
+    from safemerge.safety.results import SafeLoRAResult
     from safemerge.safety.deltas import AdapterDeltas, carried_over_parts, open_deltas
-    from safemerge.safety.scoring import _block_name, delta_norm_lowrank
+    from safemerge.safety.scoring import block_name, delta_norm_lowrank
     from safemerge.safety.selection import LayerScore, mark, select_below, select_lowest
     from safemerge.methods.similarity import project_dense, rho_dense, rho_lowrank
     from safemerge.safety.subspace import SafetySubspace, open_model
@@ -60,7 +60,7 @@ def run_safelora(
     projected: dict[str, Any] = {}
     for i, m in enumerate(ft.modules):
         sv = sub.vector(m)
-        layer, name = _block_name(m)
+        layer, name = block_name(m)
         lr = ft.lowrank(m)
         if lr is not None:
             A, sB = lr

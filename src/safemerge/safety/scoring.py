@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from safemerge.safety.deltas import DeltaSource, _module_sort_key
+from safemerge.safety.deltas import DeltaSource, module_sort_key
 from safemerge.safety.selection import LayerScore
 from safemerge.errors import SafemergeError
 from safemerge.methods.similarity import V_NORM_EPS, rho_dense, rho_lowrank
 from safemerge.safety.subspace import SafetySubspace
 
 
-def _block_name(module: str) -> tuple[int | None, str]:
+def block_name(module: str) -> tuple[int | None, str]:
     from safemerge.io.checkpoint import split_layer_name
 
     parts = split_layer_name(module + ".weight")
@@ -46,7 +46,7 @@ def score_sources(
     """
     import torch
 
-    modules = sorted({m for s in sources for m in s.modules}, key=_module_sort_key)
+    modules = sorted({m for s in sources for m in s.modules}, key=module_sort_key)
     members = [set(s.modules) for s in sources]
     results: list[list[LayerScore]] = [[] for _ in sources]
     for module in modules:
@@ -57,7 +57,7 @@ def score_sources(
                 "--base must be the unaligned model and --aligned the safety-aligned one; "
                 "or leave this module out with --targets",
             )
-        layer, name = _block_name(module)
+        layer, name = block_name(module)
         for i, src in enumerate(sources):
             if module not in members[i]:
                 continue

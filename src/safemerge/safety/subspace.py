@@ -23,7 +23,7 @@ def open_model(ref: Any, *, allow_pickle: bool = False, allow_nonfinite: bool = 
     """Open a model directory, Hub id or ``MODEL+ADAPTER`` (or pass a Checkpoint through), naming ``role`` in errors."""
     if hasattr(ref, "get") and hasattr(ref, "shape"):
         return ref
-    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.references import open_checkpoint
 
     p = Path(str(ref))
     if (p / "adapter_config.json").exists():
