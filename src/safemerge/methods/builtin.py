@@ -12,7 +12,6 @@ from safemerge.methods.karcher import karcher_fn
 from safemerge.methods.linear import linear_fn, passthrough_fn
 from safemerge.methods.model_stock import model_stock_fn
 from safemerge.methods.multislerp import multislerp_fn
-from safemerge.methods.nearswap import nearswap_fn
 from safemerge.methods.ram import ram_fn, ramplus_tl_fn
 from safemerge.methods.registry import MergeMethod, Param, register
 from safemerge.methods.sce import sce_fn
@@ -157,16 +156,6 @@ def _register_others() -> None:
         min_models=0,
         reference="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, Sec. 3.3 (SCE: select, calculate, erase)",
         extra={"base_in_tensors": False, "optional_tensor_policy": "error", "tie_break": True},
-    ))
-    register(MergeMethod(
-        name="nearswap",
-        fn=nearswap_fn,
-        params=(Param("t", low=0.0, help="distance below which entries are swapped to the other model (> 0)"),),
-        base="required",
-        min_models=1,
-        max_models=1,
-        reference="alchemonaut 2024, NearSwap (QuartetAnemoi-70B-t0.0001 model card): w = clamp(t/|Δ|, 0, 1)",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "passthrough_base_singleton", "elementwise": True},
     ))
     register(MergeMethod(
         name="passthrough",

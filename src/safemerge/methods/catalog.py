@@ -6,6 +6,7 @@ no module imports one that imports it back.
 from __future__ import annotations
 
 import safemerge.methods.builtin  # noqa: F401  (registers mergekit's methods)
+import safemerge.methods.nearswap  # noqa: F401  (declared with @merge_method beside its function)
 import safemerge.methods.safety  # noqa: F401  (registers the safety methods)
 from safemerge.errors import ConfigError
 from safemerge.methods.registry import REGISTRY, MergeMethod

@@ -18,6 +18,7 @@ layer can validate names, types, ranges and required values before any tensor is
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -160,3 +161,50 @@ def register(method: MergeMethod) -> MergeMethod:
         raise ValueError(f"merge method {method.name!r} registered twice")
     REGISTRY[method.name] = method
     return method
+
+
+MethodFn = Callable[..., "torch.Tensor"]
+
+
+def merge_method(
+    name: str,
+    *,
+    params: tuple[Param, ...] = (),
+    base: Literal["required", "optional", "none"] = "none",
+    min_models: int = 1,
+    max_models: int | None = None,
+    stochastic: bool = False,
+    reference: str = "",
+    **extra: Any,
+) -> Callable[[MethodFn], MethodFn]:
+    """Declare and register a merge method beside its tensor function — one decorator, one place.
+
+    In the spirit of mergekit's ``easy_define.merge_method``, but explicit: the parameters are
+    :class:`Param` declarations (name, default, range, help) instead of type hints, and the
+    function keeps the registry signature ``fn(tensors, base, *, per_model, params, generator)``
+    (module docstring). The engine checks the arity and every parameter from this declaration
+    before a tensor is read, and the registered function checks the arity and shapes of each call
+    (the decorated name stays the plain function); ``extra`` holds engine hints (``elementwise``,
+    ``base_in_tensors``, ``needs_tensor_name``, ``tie_break``, ``two_pass``).
+
+    Example (see ``docs/architecture.md`` — "Adding a merge method")::
+
+        @merge_method("nearswap", params=(Param("t", low=0.0),), base="required", min_models=1,
+                      max_models=1, reference="alchemonaut 2024, NearSwap", elementwise=True)
+        def nearswap_fn(tensors, base, *, per_model, params, generator=None):
+            return nearswap(base, tensors[0], params["t"])
+    """
+
+    def declare(fn: MethodFn) -> MethodFn:
+        @functools.wraps(fn)
+        def checked(tensors: list, base_tensor: "torch.Tensor | None", **kw: Any) -> "torch.Tensor":
+            from safemerge.methods._tensor import check_inputs  # imports torch; this module does not
+
+            check_inputs(name, tensors, base_tensor, base_policy=base, min_models=min_models, max_models=max_models)
+            return fn(tensors, base_tensor, **kw)
+
+        register(MergeMethod(name=name, fn=checked, params=tuple(params), base=base, min_models=min_models,
+                             max_models=max_models, stochastic=stochastic, reference=reference, extra=dict(extra)))
+        return fn
+
+    return declare

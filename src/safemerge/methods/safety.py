@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from safemerge.io.checkpoint import layer_index
-from safemerge.methods.registry import MergeMethod, register
+from safemerge.methods.registry import merge_method
 from safemerge.methods.safety_params import (
     MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, RESTA_DENSITY, SAFELORA_TAU, SAFEMERGE_ALPHA,
     SAFEMERGE_TAU, safelora_projects, safemerge_merges,
@@ -80,6 +80,11 @@ def mergealign_tensor(pre: torch.Tensor, domain: torch.Tensor, aligned: torch.Te
     return pre + lambda_domain * (domain - pre) + lambda_aligned * (aligned - pre)
 
 
+@merge_method(
+    "safemerge", params=(SAFEMERGE_TAU, SAFEMERGE_ALPHA), base="required", min_models=3, max_models=3,
+    reference="SafeMERGE, Djuhera et al. 2025 (arXiv 2503.17239), merge rule with SafeLoRA's ρ (Hsu et al. 2024, Eq. 2)",
+    needs_tensor_name=True,
+)
 def safemerge_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
                      params: dict[str, float], generator: torch.Generator | None = None,
                      name: str | None = None) -> torch.Tensor:
@@ -99,6 +104,10 @@ def safemerge_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_mod
     return ft
 
 
+@merge_method(
+    "safelora", params=(SAFELORA_TAU,), base="required", min_models=2, max_models=2,
+    reference="SafeLoRA, Hsu et al. 2024 (arXiv 2405.16833), Eq. 2-3, threshold mode", needs_tensor_name=True,
+)
 def safelora_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
                     params: dict[str, float], generator: torch.Generator | None = None,
                     name: str | None = None) -> torch.Tensor:
@@ -115,6 +124,10 @@ def safelora_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_mode
     return ft
 
 
+@merge_method(
+    "resta", params=(RESTA_BETA, RESTA_DENSITY), base="required", min_models=2, max_models=2, stochastic=True,
+    reference="RESTA, Bhardwaj et al. 2024 (arXiv 2402.11746), Eq. 1; DARE, Yu et al. 2024, Eq. 2",
+)
 def resta_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
                  params: dict[str, float], generator: torch.Generator | None = None) -> torch.Tensor:
     """RESTA (Bhardwaj et al. 2024, Eq. 1): ``θ_ft + β (θ_aligned − θ_unaligned)``, optional DARE on ``θ_ft − θ_aligned``."""
@@ -124,41 +137,13 @@ def resta_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: 
                         generator=generator)
 
 
+@merge_method(
+    "mergealign", params=(MERGEALIGN_LAMBDA_DOMAIN, MERGEALIGN_LAMBDA_ALIGNED), base="required", min_models=2,
+    max_models=2, reference="MergeAlign, arXiv 2411.06824 (ACL 2025 Short)",
+)
 def mergealign_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
                       params: dict[str, float], generator: torch.Generator | None = None) -> torch.Tensor:
     """MergeAlign (arXiv 2411.06824): ``θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)``."""
     aligned, domain = tensors
     return mergealign_tensor(base, domain, aligned, lambda_domain=params["lambda_domain"],
                              lambda_aligned=params["lambda_aligned"])
-
-
-register(MergeMethod(
-    name="safemerge",
-    fn=safemerge_method,
-    params=(SAFEMERGE_TAU, SAFEMERGE_ALPHA),
-    base="required", min_models=3, max_models=3,
-    reference="SafeMERGE, Djuhera et al. 2025 (arXiv 2503.17239), merge rule with SafeLoRA's ρ (Hsu et al. 2024, Eq. 2)",
-    extra={"needs_tensor_name": True},
-))
-register(MergeMethod(
-    name="safelora",
-    fn=safelora_method,
-    params=(SAFELORA_TAU,),
-    base="required", min_models=2, max_models=2,
-    reference="SafeLoRA, Hsu et al. 2024 (arXiv 2405.16833), Eq. 2-3, threshold mode",
-    extra={"needs_tensor_name": True},
-))
-register(MergeMethod(
-    name="resta",
-    fn=resta_method,
-    params=(RESTA_BETA, RESTA_DENSITY),
-    base="required", min_models=2, max_models=2, stochastic=True,
-    reference="RESTA, Bhardwaj et al. 2024 (arXiv 2402.11746), Eq. 1; DARE, Yu et al. 2024, Eq. 2",
-))
-register(MergeMethod(
-    name="mergealign",
-    fn=mergealign_method,
-    params=(MERGEALIGN_LAMBDA_DOMAIN, MERGEALIGN_LAMBDA_ALIGNED),
-    base="required", min_models=2, max_models=2,
-    reference="MergeAlign, arXiv 2411.06824 (ACL 2025 Short)",
-))
