@@ -221,3 +221,28 @@ def test_yaml_merge_methods_through_the_engine(world, tmp_path):
                                beta=0.5, dare_density=0.6, seed=0))
     for n in ref.names():
         assert torch.equal(got.get(n), ref.get(n)), n
+
+
+def test_full_model_outputs_read_adapted_weights_in_float32(tmp_path):
+    """The engine plans of the safety commands read ``MODEL+ADAPTER`` through ``Float32Reads``: RESTA on a bfloat16
+    model computes with the exact float32 ``W + s·B·A`` (as before the one-executor redesign), not with it rounded
+    to bfloat16 first (what ``merge_method: resta`` does, like mergekit, which merges the LoRA into the model)."""
+    from safemerge.io.adapter import save_adapter
+    from safemerge.testing import make_tiny_model, perturb_model, save_model
+
+    model = make_tiny_model("llama", seed=0, hidden=32, layers=1).to(torch.bfloat16)
+    base = save_model(model, tmp_path / "base")
+    perturb_model(model, seed=1, scale=0.02)
+    aligned = save_model(model, tmp_path / "aligned")
+    g = torch.Generator().manual_seed(2)
+    w = "model.layers.0.self_attn.q_proj"
+    A, B = torch.randn(2, 32, generator=g) * 0.1, torch.randn(32, 2, generator=g) * 0.01
+    save_adapter(tmp_path / "lora", {w: (A, B)})
+    out = api.resta(unaligned=base, aligned=aligned, finetuned=tmp_path / "lora", out=tmp_path / "r", beta=0.5)
+    al, un = Checkpoint(aligned).get(f"{w}.weight"), Checkpoint(base).get(f"{w}.weight")
+    exact = ((al + B @ A) + 0.5 * (al - un)).to(torch.bfloat16)
+    rounded_first = ((al + B @ A).to(torch.bfloat16).float() + 0.5 * (al - un)).to(torch.bfloat16)
+    got = Checkpoint(out).get(f"{w}.weight", dtype=None)
+    assert got.dtype == torch.bfloat16
+    assert not torch.equal(exact, rounded_first)  # the two readings differ on this input
+    torch.testing.assert_close(got.float(), exact.float(), rtol=0, atol=0)
