@@ -26,6 +26,7 @@ from safemerge.methods.safety_params import (
     MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, RESTA_DENSITY, SAFELORA_NUM_LAYERS, SAFELORA_TAU,
     SAFEMERGE_ALPHA, SAFEMERGE_DENSITY, SAFEMERGE_TAU,
 )
+from safemerge.safety.deltas import AdapterDeltas, DeltaSource
 from safemerge.safety.results import SafeLoRAResult, SafeMergeResult
 from safemerge.safety.selection import LayerScore
 
@@ -129,7 +130,7 @@ def safemerge_adapters(
     """SafeMERGE (Djuhera et al. 2025): merge the safety update into the layers that drift from safety.
 
     Layer i becomes ``α ΔW_f + (1−α) ΔW_s`` when ``ρ_i < τ`` and keeps ``ΔW_f`` otherwise
-    (see :mod:`safemerge.safety.safemerge` for the strategies and ``compat="reference"``).
+    (see :mod:`safemerge.methods.update_merge` for the strategies and ``compat="reference"``).
 
     Args:
         base, aligned: unaligned base and aligned model directories (the safety subspace).
@@ -141,7 +142,7 @@ def safemerge_adapters(
         strategy: ``linear`` | ``dare_linear`` | ``ties`` | ``dare_ties``.
         compat: ``"reference"`` for PEFT 0.14 factor-wise mixing (linear only, equal ranks).
         merge_into: write a full model: this model's tensors plus the merged update.
-        seed: RNG seed for DARE (per-layer generators; default 0).
+        seed: RNG seed for DARE (per-tensor generators, :mod:`safemerge.methods.seeding`; default 0).
         density: keep fraction for DARE/TIES.
         dtype: storage dtype of the output (default: the inputs').
         evaluate: optional ``evaluate(out_tmp_dir) -> (results, markdown)``; the markdown goes
@@ -150,8 +151,8 @@ def safemerge_adapters(
     Returns a :class:`SafeMergeResult`.
     """
     from safemerge.io.output import atomic_output, check_output_path
-    from safemerge.safety.deltas import AdapterDeltas, carried_over_parts, open_deltas
     from safemerge.methods.update_merge import check_strategy
+    from safemerge.safety.deltas import carried_over_parts, open_deltas
     from safemerge.safety.scoring import score_sources
     from safemerge.safety.selection import mark, select_below
     from safemerge.safety.subspace import SafetySubspace, open_model
@@ -173,25 +174,7 @@ def safemerge_adapters(
     sf = open_deltas(safety, sub, targets=None, role="--safety", **reading)
     target = open_model(merge_into, role="merge-into", **reading) if merge_into is not None else None
 
-    both_adapters = isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
-    if compat is not None and not both_adapters:
-        raise ConfigError("--compat reference needs two LoRA adapters", "pass adapter directories for --finetuned and --safety")
-    if target is None and not isinstance(ft, AdapterDeltas):
-        output = "model"  # full fine-tune: the output is the fine-tuned model with merged layers
-    elif target is not None:
-        output = "model"
-    else:
-        output = "adapter"
-        if isinstance(ft, AdapterDeltas) and ft.transposed:
-            raise SafemergeError(
-                f"{ft.path} has fan_in_fan_out/embedding modules, which cannot be written back as a merged adapter",
-                "pass --merge-into MODEL to write a full model instead",
-            )
-    if output == "adapter" and not isinstance(sf, AdapterDeltas):
-        raise SafemergeError(
-            "a full-model --safety update cannot be merged into an adapter",
-            "pass --merge-into MODEL (e.g. the aligned model) to write a full model",
-        )
+    output = _output_kind(ft, sf, target, compat)
     n_mod = len(ft.modules)
     done = [0]
 
@@ -202,9 +185,7 @@ def safemerge_adapters(
     scores = score_sources(sub, [ft], on_module=tick)[0]
     mark(scores, select_below(scores, tau, strict=True))
     merged = {s.module for s in scores if s.merged}
-    ignored = sorted(set(sf.modules) - set(ft.modules))
-    if isinstance(sf, AdapterDeltas):
-        ignored += [f"{name} ({kind}, not applied)" for name, kind in sf.adapter.non_lora_parts().items()]
+    ignored = _ignored_safety_parts(ft, sf)
     carried = carried_over_parts(ft, target if target is not None else sub.aligned)
     if compat is not None:
         _check_equal_ranks(ft, sf)
@@ -227,7 +208,36 @@ def safemerge_adapters(
     return result
 
 
-def _check_equal_ranks(ft: Any, sf: Any) -> None:
+def _output_kind(ft: DeltaSource, sf: DeltaSource, target: Any, compat: str | None) -> str:
+    """``"adapter"`` (two LoRAs, no ``--merge-into``) or ``"model"``; refuses combinations that cannot be written."""
+    both_adapters = isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
+    if compat is not None and not both_adapters:
+        raise ConfigError("--compat reference needs two LoRA adapters",
+                          "pass adapter directories for --finetuned and --safety")
+    if target is not None or not isinstance(ft, AdapterDeltas):
+        return "model"  # --merge-into, or a full fine-tune: the fine-tuned model with merged layers
+    if ft.transposed:
+        raise SafemergeError(
+            f"{ft.path} has fan_in_fan_out/embedding modules, which cannot be written back as a merged adapter",
+            "pass --merge-into MODEL to write a full model instead",
+        )
+    if not isinstance(sf, AdapterDeltas):
+        raise SafemergeError(
+            "a full-model --safety update cannot be merged into an adapter",
+            "pass --merge-into MODEL (e.g. the aligned model) to write a full model",
+        )
+    return "adapter"
+
+
+def _ignored_safety_parts(ft: DeltaSource, sf: DeltaSource) -> list[str]:
+    """Safety-update modules the fine-tuned update does not touch, and the safety adapter's non-LoRA parts."""
+    ignored = sorted(set(sf.modules) - set(ft.modules))
+    if isinstance(sf, AdapterDeltas):
+        ignored += [f"{name} ({kind}, not applied)" for name, kind in sf.adapter.non_lora_parts().items()]
+    return ignored
+
+
+def _check_equal_ranks(ft: DeltaSource, sf: DeltaSource) -> None:
     for m in ft.modules:
         if m in sf.modules and ft.rank(m) != sf.rank(m):
             raise SafemergeError(
