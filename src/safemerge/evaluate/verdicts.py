@@ -1,4 +1,7 @@
-"""What a judge returns, and the judge interface (shared by the keyword, classifier, Llama Guard and HarmBench judges)."""
+"""What a judge returns, and the judge interface.
+
+Shared by the keyword, classifier, Llama Guard and HarmBench judges (their own module, so that none imports another).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

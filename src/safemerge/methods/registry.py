@@ -58,25 +58,28 @@ class Param:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    def _error(self, where: str, problem: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(f"{where}: parameter {self.name!r} {problem}", hint or self.help or None)
+
     def check(self, value: Any, where: str) -> Any:
         """Validate and coerce one value; raises :class:`ConfigError` naming ``where`` and the fix."""
         if self.kind is bool:
             if isinstance(value, bool):
                 return value
-            raise ConfigError(f"{where}: parameter {self.name!r} must be true or false, got {value!r}", self.help or None)
+            raise self._error(where, f"must be true or false, got {value!r}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             if isinstance(value, str):
                 try:
                     value = float(value)
                 except ValueError:
-                    raise ConfigError(f"{where}: parameter {self.name!r} must be a number, got {value!r}", self.help or None) from None
+                    raise self._error(where, f"must be a number, got {value!r}") from None
             else:
-                raise ConfigError(f"{where}: parameter {self.name!r} must be a number, got {value!r}", self.help or None)
+                raise self._error(where, f"must be a number, got {value!r}")
         if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where}: parameter {self.name!r} must be finite, got {value!r}", self.help or None)
+            raise self._error(where, f"must be finite, got {value!r}")
         if self.kind is int:
             if int(value) != value:
-                raise ConfigError(f"{where}: parameter {self.name!r} must be an integer, got {value!r}", self.help or None)
+                raise self._error(where, f"must be an integer, got {value!r}")
             value = int(value)
         else:
             value = float(value)
@@ -86,7 +89,7 @@ class Param:
             lo = "-inf" if self.low is None else f"{self.low:g}"
             hi = "inf" if self.high is None else f"{self.high:g}"
             rng = f"{'(' if self.low_open else '['}{lo}, {hi}]"
-            raise ConfigError(f"{where}: parameter {self.name!r} = {value!r} is outside {rng}", self.help or f"use a value in {rng}")
+            raise self._error(where, f"= {value!r} is outside {rng}", self.help or f"use a value in {rng}")
         return value
 
 
@@ -139,7 +142,8 @@ class MergeMethod:
             vals = per_model.get(p.name)
             if vals is None:
                 if p.required:
-                    raise ConfigError(f"merge method {self.name!r} needs per-model parameter {p.name!r}", p.help or None)
+                    raise ConfigError(f"merge method {self.name!r} needs per-model parameter {p.name!r}",
+                                      p.help or None)
                 vals = [p.default] * len(tensors)
             pm[p.name] = [p.check(v, f"{self.name}.{p.name}") for v in vals]
         gp: dict[str, Any] = {}

@@ -82,7 +82,8 @@ def mergealign_tensor(pre: torch.Tensor, domain: torch.Tensor, aligned: torch.Te
 
 @merge_method(
     "safemerge", params=(SAFEMERGE_TAU, SAFEMERGE_ALPHA), base="required", min_models=3, max_models=3,
-    reference="SafeMERGE, Djuhera et al. 2025 (arXiv 2503.17239), merge rule with SafeLoRA's ρ (Hsu et al. 2024, Eq. 2)",
+    reference="SafeMERGE, Djuhera et al. 2025 (arXiv 2503.17239), merge rule with SafeLoRA's ρ "
+              "(Hsu et al. 2024, Eq. 2)",
     needs_tensor_name=True,
 )
 def safemerge_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
@@ -130,7 +131,10 @@ def safelora_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_mode
 )
 def resta_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
                  params: dict[str, float], generator: torch.Generator | None = None) -> torch.Tensor:
-    """RESTA (Bhardwaj et al. 2024, Eq. 1): ``θ_ft + β (θ_aligned − θ_unaligned)``, optional DARE on ``θ_ft − θ_aligned``."""
+    """RESTA (Bhardwaj et al. 2024, Eq. 1): ``θ_ft + β (θ_aligned − θ_unaligned)``.
+
+    Optionally with DARE on ``θ_ft − θ_aligned`` first (``density`` < 1, :func:`dare`).
+    """
     aligned, ft = tensors
     density = params.get("density", 1.0)
     return resta_tensor(ft, aligned, base, beta=params["beta"], density=density if density < 1.0 else None,

@@ -30,7 +30,8 @@ SAFELORA_NUM_LAYERS = Param("num_layers", 10, kind=int, low=1, help="K, the numb
 RESTA_BETA = Param("beta", 0.5, help="scale of the safety vector θ_aligned − θ_unaligned, e.g. 0.5")
 RESTA_DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True,
                       help="DARE keep fraction on θ_ft − θ_aligned in (0, 1]; 1 = no DARE, e.g. 0.9")
-MERGEALIGN_LAMBDA_DOMAIN = Param("lambda_domain", 0.5, help="λ_D, weight of the domain vector θ_domain − θ_pre, e.g. 0.5")
+MERGEALIGN_LAMBDA_DOMAIN = Param("lambda_domain", 0.5,
+                                 help="λ_D, weight of the domain vector θ_domain − θ_pre, e.g. 0.5")
 MERGEALIGN_LAMBDA_ALIGNED = Param("lambda_aligned", 0.5,
                                   help="λ_A, weight of the alignment vector θ_aligned − θ_pre, e.g. 0.5")
 

@@ -114,6 +114,8 @@ def check_strategy(strategy: str, compat: str | None) -> None:
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}", f"use one of: {', '.join(STRATEGIES)}")
     if compat is not None and compat not in COMPAT_MODES:
-        raise ConfigError(f"unknown --compat mode {compat!r}", "the only mode is 'reference' (PEFT 0.14 factor-wise mixing)")
+        raise ConfigError(f"unknown --compat mode {compat!r}",
+                          "the only mode is 'reference' (PEFT 0.14 factor-wise mixing)")
     if compat is not None and strategy != "linear":
-        raise ConfigError("--compat reference only applies to --strategy linear", "drop --compat or use --strategy linear")
+        raise ConfigError("--compat reference only applies to --strategy linear",
+                          "drop --compat or use --strategy linear")

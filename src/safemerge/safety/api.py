@@ -328,7 +328,8 @@ def resta(
         plan = plan_tensorwise(get_method("resta"), ckpts, reference="aligned", models=["aligned", "fine-tuned"],
                                base="unaligned", params={"beta": beta, "density": density or 1.0}, dtype=dtype)
         cb = progress or _noop
-        write_model(tmp, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite, progress=lambda d, n: cb("write", d, n))
+        write_model(tmp, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite,
+                    progress=lambda d, n: cb("write", d, n))
         params = [("method", "RESTA (Bhardwaj et al. 2024)"), ("beta", beta),
                   ("dare density", density if density is not None else "none"), ("seed", seed),
                   ("unaligned", str(unaligned)), ("aligned", str(aligned)), ("fine-tuned", str(finetuned))]
@@ -387,7 +388,8 @@ def mergealign(
                   ("pretrained", str(pretrained)), ("domain", str(domain)), ("aligned", str(aligned))]
         write_model_card(tmp, title="MergeAlign model", base_model=str(pretrained),
                          tags=["safemerge", "safety", "mergealign"],
-                         front_matter={"safemerge": {"method": "mergealign", "lambda_domain": ld, "lambda_aligned": la}},
+                         front_matter={"safemerge": {"method": "mergealign", "lambda_domain": ld,
+                                                     "lambda_aligned": la}},
                          sections=[("MergeAlign", "θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre).\n\n"
                                     + params_markdown(params))])
         write_json(tmp / "safemerge.json", {"method": "mergealign", "lambda_domain": ld, "lambda_aligned": la,

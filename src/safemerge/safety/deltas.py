@@ -70,7 +70,8 @@ class AdapterDeltas(DeltaSource):
                 want = want[::-1]
             if want != (out_dim, in_dim):
                 raise CheckpointError(
-                    f"{role} {self.path}: module {m} gives ΔW of shape {want} but the model's weight is {(out_dim, in_dim)}",
+                    f"{role} {self.path}: module {m} gives ΔW of shape {want} "
+                    f"but the model's weight is {(out_dim, in_dim)}",
                     "use the adapter with the model it was trained on (check --aligned)",
                 )
 
@@ -123,10 +124,12 @@ class ModelDeltas(DeltaSource):
                 continue
             w = f"{m}.weight"
             if w not in self.ckpt:
-                raise CheckpointError(f"{role} {self.path} has no tensor {w!r}", "the fine-tuned model must share the aligned model's architecture")
+                raise CheckpointError(f"{role} {self.path} has no tensor {w!r}",
+                                      "the fine-tuned model must share the aligned model's architecture")
             if tuple(self.ckpt.shape(w)) != tuple(self.aligned.shape(w)):
                 raise CheckpointError(
-                    f"{w} has shape {tuple(self.ckpt.shape(w))} in {self.path} but {tuple(self.aligned.shape(w))} in the aligned model",
+                    f"{w} has shape {tuple(self.ckpt.shape(w))} in {self.path} "
+                    f"but {tuple(self.aligned.shape(w))} in the aligned model",
                     "the fine-tuned model must share the aligned model's architecture",
                 )
             subspace.weight_name(m)

@@ -1,4 +1,4 @@
-"""What the SafeMERGE and SafeLoRA writers report: the per-layer scores and decisions, as written to ``safemerge.json``."""
+"""What the SafeMERGE and SafeLoRA writers report: per-layer scores and decisions, as written to ``safemerge.json``."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,6 +37,10 @@ class SafeMergeResult:
     carried_over: dict[str, str] = field(default_factory=dict)
     evaluation: Any = None
 
+    def _svd_error(self, module: str) -> dict[str, float]:
+        err = self.reconstruction_error.get(module)
+        return {} if err is None else {"reconstruction_error": err}
+
     @property
     def merged(self) -> list[str]:
         return [s.module for s in self.scores if s.merged]
@@ -52,7 +56,7 @@ class SafeMergeResult:
             "seed": self.seed,
             "density": self.density,
             "merged": len(self.merged),
-            "layers": [s.to_dict() | ({"reconstruction_error": self.reconstruction_error[s.module]} if s.module in self.reconstruction_error else {}) for s in self.scores],
+            "layers": [s.to_dict() | self._svd_error(s.module) for s in self.scores],
             "ignored_safety_modules": self.ignored_safety_modules,
             "carried_over": self.carried_over,
         }

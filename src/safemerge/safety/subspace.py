@@ -66,7 +66,8 @@ class SafetySubspace:
         ab, aa = self.base.architecture, self.aligned.architecture
         if ab and aa and ab != aa:
             raise CheckpointError(
-                f"architectures differ: the base model {self.base.path} is {ab} but the aligned model {self.aligned.path} is {aa}",
+                f"architectures differ: the base model {self.base.path} is {ab} "
+                f"but the aligned model {self.aligned.path} is {aa}",
                 "--base must be the pre-trained model that --aligned was aligned from",
             )
 
@@ -86,7 +87,8 @@ class SafetySubspace:
                 "--base and --aligned must share one architecture",
             )
         if len(sa) != 2:
-            raise CheckpointError(f"{w} is {len(sa)}-D; only 2-D weights have a safety subspace", "target linear layers only")
+            raise CheckpointError(f"{w} is {len(sa)}-D; only 2-D weights have a safety subspace",
+                                  "target linear layers only")
         return w
 
     def shape(self, module: str) -> tuple[int, int]:

@@ -76,7 +76,8 @@ def scores_table_markdown(scores: Iterable[Any], *, decision: str = "merged") ->
     rows = [f"| module | layer | ρ | ‖ΔW‖_F | {decision} |", "|---|---:|---:|---:|:---:|"]
     for s in scores:
         layer = "" if s.layer is None else str(s.layer)
-        rows.append(f"| {md_escape(s.module)} | {layer} | {s.rho:.6f} | {s.delta_norm:.6g} | {'yes' if s.merged else 'no'} |")
+        decided = "yes" if s.merged else "no"
+        rows.append(f"| {md_escape(s.module)} | {layer} | {s.rho:.6f} | {s.delta_norm:.6g} | {decided} |")
     return "\n".join(rows)
 
 
