@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.safety.subspace import SafetySubspace
 
@@ -31,10 +33,10 @@ class DeltaSource:
     kind: str
     modules: list[str]
 
-    def dense(self, module: str) -> Any:  # pragma: no cover - interface
+    def dense(self, module: str) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def lowrank(self, module: str) -> tuple[Any, Any] | None:
+    def lowrank(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
     def rank(self, module: str) -> int | None:
@@ -79,7 +81,7 @@ class AdapterDeltas(DeltaSource):
     def transposed(self) -> bool:
         return any(self.adapter[m].transpose for m in self.modules)
 
-    def lowrank(self, module: str) -> tuple[Any, Any]:
+    def lowrank(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, s·B)`` in the base weight's orientation (transposed modules are flipped)."""
         mod = self.adapter[module]
         A, sB = mod.scaled_factors()
@@ -87,7 +89,7 @@ class AdapterDeltas(DeltaSource):
             return sB.T.contiguous(), A.T.contiguous()
         return A, sB
 
-    def dense(self, module: str) -> Any:
+    def dense(self, module: str) -> torch.Tensor:
         A, sB = self.lowrank(module)
         return sB @ A
 
@@ -138,7 +140,7 @@ class ModelDeltas(DeltaSource):
         if not self.modules:
             raise SafemergeError(f"no target weights found in {self.path}", "check --targets (e.g. q_proj,v_proj)")
 
-    def dense(self, module: str) -> Any:
+    def dense(self, module: str) -> torch.Tensor:
         w = f"{module}.weight"
         return self.ckpt.get(w) - self.aligned.get(w)
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from safemerge.safety.deltas import DeltaSource, module_sort_key
-from safemerge.safety.selection import LayerScore
+import torch
+
 from safemerge.errors import SafemergeError
 from safemerge.methods.similarity import V_NORM_EPS, rho_dense, rho_lowrank
+from safemerge.safety.deltas import DeltaSource, module_sort_key
+from safemerge.safety.selection import LayerScore
 from safemerge.safety.subspace import SafetySubspace
 
 
@@ -25,7 +27,7 @@ def block_name(module: str) -> tuple[int | None, str]:
     return parts[1], parts[2][: -len(".weight")]
 
 
-def delta_norm_lowrank(A, sB) -> float:
+def delta_norm_lowrank(A: torch.Tensor, sB: torch.Tensor) -> float:
     """``‖sBA‖_F = sqrt(tr(BᵀB · AAᵀ))`` (r × r; Hu et al. 2021 factors)."""
     a = A.double()
     b = sB.double()
@@ -44,8 +46,6 @@ def score_sources(
     Returns one list of :class:`LayerScore` per source, in model order (block, then name).
     ``on_module`` is called after each module (progress reporting).
     """
-    import torch
-
     modules = sorted({m for s in sources for m in s.modules}, key=module_sort_key)
     members = [set(s.modules) for s in sources]
     results: list[list[LayerScore]] = [[] for _ in sources]

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from safemerge.errors import CheckpointError, SafemergeError
 
 
@@ -47,7 +49,7 @@ class SafetyVector:
 
     module: str
     weight: str
-    V: Any
+    V: torch.Tensor
     norm: float
 
 
@@ -97,8 +99,6 @@ class SafetySubspace:
 
     def vector(self, module: str) -> SafetyVector:
         """Read ``V = W_aligned − W_base`` for one module (float32)."""
-        import torch
-
         w = self.weight_name(module)
         V = self.aligned.get(w) - self.base.get(w)
         return SafetyVector(module, w, V, float(torch.linalg.vector_norm(V)))

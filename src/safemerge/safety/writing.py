@@ -7,19 +7,22 @@ inside a temporary directory from :func:`safemerge.io.output.atomic_output`.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from safemerge.engine.tensorwise import TensorUpdate
 from safemerge.errors import SafemergeError
+from safemerge.safety.deltas import DeltaSource
+from safemerge.safety.selection import LayerScore
 
 
-def torch_dtype(name: str | None) -> Any:
+def torch_dtype(name: str | None) -> torch.dtype | None:
     """``"bfloat16"`` → ``torch.bfloat16`` (``None`` stays ``None``); unknown names are a user error."""
     if name is None:
         return None
-    import torch
-
     allowed = {"float32", "float16", "bfloat16"}
     n = str(name).replace("torch.", "")
     if n not in allowed:
@@ -50,7 +53,7 @@ def carried_over_section(parts: dict[str, str]) -> tuple[str, str] | None:
             "unchanged.\n\n" + "\n".join(rows))
 
 
-def adapter_update_fn(src: Any, lora_update: Callable[[str, Any], Any | None]) -> Callable[[str, Any], Any | None]:
+def adapter_update_fn(src: DeltaSource, lora_update: TensorUpdate) -> TensorUpdate:
     """Full-model writer update: the fine-tuned adapter's non-LoRA parts, then ``lora_update``.
 
     ``src`` is the fine-tuned :class:`~safemerge.safety.deltas.DeltaSource`; for an adapter its
@@ -61,7 +64,7 @@ def adapter_update_fn(src: Any, lora_update: Callable[[str, Any], Any | None]) -
     if adapter is None:
         return lora_update
 
-    def update(name: str, t: Any) -> Any | None:
+    def update(name: str, t: torch.Tensor) -> torch.Tensor | None:
         carried = adapter.apply_non_lora(name, t)
         new = lora_update(name, t if carried is None else carried)
         return carried if new is None else new
@@ -69,7 +72,7 @@ def adapter_update_fn(src: Any, lora_update: Callable[[str, Any], Any | None]) -
     return update
 
 
-def scores_table_markdown(scores: Iterable[Any], *, decision: str = "merged") -> str:
+def scores_table_markdown(scores: Iterable[LayerScore], *, decision: str = "merged") -> str:
     """Markdown table: module, layer, ρ, ‖ΔW‖_F, decision (one row per layer)."""
     from safemerge.io.output import md_escape
 
