@@ -34,10 +34,15 @@ def open_ref(ref: Any, *, on: Any = None, allow_pickle: bool, allow_nonfinite: b
     return open_checkpoint(str(p), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
 
 
+SAFETY_JOBS = 1
+"""Worker threads of the safety commands' full-model writes: one, so that memory holds one tensor's inputs
+at a time (the commands have no ``-j`` yet; the bits do not depend on it)."""
+
+
 def write_model(tmp: Path, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: int | None = 0,
                 allow_nonfinite: bool = False, progress: Callable[[int, int], None] | None = None) -> None:
     """Run ``plan`` into ``tmp`` (float32 reads, see :class:`Float32Reads`) and copy the reference model's files."""
-    write_plan(tmp, plan, {k: Float32Reads(c) for k, c in ckpts.items()}, seed=seed,
+    write_plan(tmp, plan, {k: Float32Reads(c) for k, c in ckpts.items()}, seed=seed, jobs=SAFETY_JOBS,
                allow_nonfinite=allow_nonfinite, progress=progress)
     src = Path(ckpts[plan.reference].path)
     copy_model_files(src if src.is_dir() else src.parent, tmp)
