@@ -257,12 +257,9 @@ def _global_params(ctx: _Context, sl: _Slice, out_name: str, t: float) -> dict[s
     params: dict[str, Any] = {}
     for p in ctx.method.global_params:
         v = resolve(p.name, gscopes, tensor_name=out_name, t=t, validate=lambda x: x)
-        if v is None:
-            if p.required:
-                raise ConfigError(f"missing required parameter {p.name!r} for tensor {out_name}",
-                                  f"add '{p.name}:' under parameters")
-            v = p.default
-        params[p.name] = p.check(v, f"parameter {p.name} ({out_name})") if v is not None else None
+        params[p.name] = p.resolve(v, f"parameter {p.name} ({out_name})",
+                                   (f"missing required parameter {p.name!r} for tensor {out_name}",
+                                    f"add '{p.name}:' under parameters"))
     return params
 
 
@@ -274,14 +271,9 @@ def _per_model_params(ctx: _Context, sl: _Slice, entries: list[tuple[str, str]],
         scopes = (src_by_ref[ref].params, sl.params, ctx.config.parameters)
         for p in ctx.method.per_model_params:
             v = resolve(p.name, scopes, tensor_name=nm, t=t, validate=lambda x: x)
-            if v is None:
-                if p.required:
-                    raise ConfigError(
-                        f"missing required parameter {p.name!r} for model {ref} (tensor {nm})",
-                        f"add '{p.name}:' under that model's parameters",
-                    )
-                v = p.default
-            per_model[p.name].append(p.check(v, f"{ref}: parameter {p.name}") if v is not None else None)
+            per_model[p.name].append(p.resolve(v, f"{ref}: parameter {p.name}",
+                                               (f"missing required parameter {p.name!r} for model {ref} (tensor {nm})",
+                                                f"add '{p.name}:' under that model's parameters")))
     return per_model
 
 

@@ -58,6 +58,18 @@ class Param:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    def resolve(self, value: Any, where: str, missing: tuple[str, str | None]) -> Any:
+        """``value`` checked, or the declared default when it is ``None`` (a default of ``None`` stays ``None``).
+
+        A required parameter without a value raises ``ConfigError(*missing)`` (message, hint). The one
+        default-and-check rule of the engine's plan and of :meth:`MergeMethod.call`.
+        """
+        if value is None:
+            if self.required:
+                raise ConfigError(*missing)
+            value = self.default
+        return None if value is None else self.check(value, where)
+
     def _error(self, where: str, problem: str, hint: str | None = None) -> ConfigError:
         return ConfigError(f"{where}: parameter {self.name!r} {problem}", hint or self.help or None)
 
@@ -137,21 +149,13 @@ class MergeMethod:
         (SafeMERGE's dense strategies, tests) use this.
         """
         per_model, params = per_model or {}, params or {}
-        pm: dict[str, list] = {}
-        for p in self.per_model_params:
-            vals = per_model.get(p.name)
-            if vals is None:
-                if p.required:
-                    raise ConfigError(f"merge method {self.name!r} needs per-model parameter {p.name!r}",
-                                      p.help or None)
-                vals = [p.default] * len(tensors)
-            pm[p.name] = [p.check(v, f"{self.name}.{p.name}") for v in vals]
-        gp: dict[str, Any] = {}
-        for p in self.global_params:
-            v = params.get(p.name, p.default)
-            if v is REQUIRED:
-                raise ConfigError(f"merge method {self.name!r} needs parameter {p.name!r}", p.help or None)
-            gp[p.name] = p.check(v, f"{self.name}.{p.name}")
+        pm = {p.name: [p.resolve(v, f"{self.name}.{p.name}",
+                                 (f"merge method {self.name!r} needs per-model parameter {p.name!r}", p.help or None))
+                       for v in per_model.get(p.name) or [None] * len(tensors)]
+              for p in self.per_model_params}
+        gp = {p.name: p.resolve(params.get(p.name), f"{self.name}.{p.name}",
+                                (f"merge method {self.name!r} needs parameter {p.name!r}", p.help or None))
+              for p in self.global_params}
         return self.fn(tensors, base, per_model=pm, params=gp, generator=generator)
 
 
