@@ -2,7 +2,7 @@
 
 The dense method is what the SafeLoRA / SafeMERGE reference code does: materialise
 ``C = V Vᵀ/‖V‖_F`` (out × out) per layer, densify ``ΔW = s·B A`` and take
-``cos(C ΔW, ΔW)``. safemerge computes the same ρ from r × r traces (``safemerge.safety.similarity``).
+``cos(C ΔW, ΔW)``. safemerge computes the same ρ from r × r traces (``safemerge.methods.similarity``).
 
 (a) SmolLM2-135M shapes (random-init LlamaConfig: hidden 576, 30 layers, intermediate 1536,
     9 heads, 3 kv heads, vocab 49152; bf16 safetensors on disk) with a q,v LoRA (r = 8) and an
@@ -51,7 +51,7 @@ def child_module(method: str, out_dim: int, in_dim: int, r: int, threads: int) -
     """Time and peak extra RSS of one ρ computation (run in a fresh process)."""
     import torch
 
-    from safemerge.safety.similarity import rho_lowrank
+    from safemerge.methods.similarity import rho_lowrank
 
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(out_dim + in_dim)

@@ -19,7 +19,7 @@ import torch
 
 from safemerge.errors import CheckpointError
 from safemerge.io.adapter import LoraAdapter, load_adapter, save_adapter
-from safemerge.io.checkpoint import open_checkpoint
+from safemerge.io.references import open_checkpoint
 from safemerge.testing import make_tiny_model, save_model
 
 ATTN_MLP = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -23,7 +23,8 @@ import torch
 
 from safemerge.cli import main
 from safemerge.extract import extract_lora
-from safemerge.io.checkpoint import Checkpoint, open_checkpoint
+from safemerge.io.checkpoint import Checkpoint
+from safemerge.io.references import open_checkpoint
 
 TRUE_RANK = 3
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from safemerge.errors import ConfigError, SafemergeError
-from safemerge.io.checkpoint import open_checkpoint
+from safemerge.io.references import open_checkpoint
 from safemerge.io.gguf import convert_gguf, find_smollm2_gguf, read_gguf_metadata
 
 N_HEAD, N_KV = 4, 2

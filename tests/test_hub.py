@@ -92,7 +92,7 @@ def test_local_path_wins_over_hub_id(hub, world, tmp_path, monkeypatch):
     shutil.copytree(world.aligned, tmp_path / "org" / "base")
     monkeypatch.chdir(tmp_path)
     assert resolve_local("org/base") == Path("org/base")
-    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.references import open_checkpoint
 
     name = "model.layers.0.self_attn.q_proj.weight"
     assert open_checkpoint("org/base").get(name).equal(open_checkpoint(str(world.aligned)).get(name))

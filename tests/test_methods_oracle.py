@@ -170,16 +170,14 @@ def test_ties_breaks_exact_ties_like_mergekit() -> None:
     from mergekit.sparsify import magnitude as mk_magnitude
     from mergekit.sparsify import magnitude_outliers as mk_outliers
 
-    from safemerge.methods._tensor import set_tie_break
     from safemerge.methods.sparsify import magnitude, magnitude_outliers
 
-    set_tie_break("mergekit")
     g = torch.Generator().manual_seed(0)
     delta = (torch.randint(-40, 41, (300, 257), generator=g).float() / 64.0)  # a coarse grid: ties everywhere
     for density in (0.1, 0.37, 0.5, 0.9):
-        assert torch.equal(magnitude(delta, density), mk_magnitude(delta, density))
-        assert torch.equal(magnitude_outliers(delta, density, 0.05), mk_outliers(delta, density, gamma=0.05))
-    set_tie_break("index")
+        assert torch.equal(magnitude(delta, density, tie_break="mergekit"), mk_magnitude(delta, density))
+        assert torch.equal(magnitude_outliers(delta, density, 0.05, tie_break="mergekit"),
+                           mk_outliers(delta, density, gamma=0.05))
     for density in (0.1, 0.37, 0.5, 0.9):  # default: same count, ties ordered by index
         ours = magnitude(delta, density)
         assert int((ours != 0).sum()) == int((mk_magnitude(delta, density) != 0).sum())

@@ -194,7 +194,7 @@ def test_existing_output_refused_unless_force(world, tmp_path):
 
 
 def _has_method(name: str) -> bool:
-    from safemerge.methods.registry import all_methods
+    from safemerge.methods.catalog import all_methods
 
     return name in all_methods()
 
@@ -216,7 +216,7 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
     # full-model output with the same seed: merged layers equal the registered method on the dense deltas
     safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
                               out=tmp_path / "full", strategy=strategy, density=0.7, seed=3, tau=0.8, merge_into=world.aligned)
-    from safemerge.safety.safemerge import merge_dense
+    from safemerge.methods.update_merge import merge_dense
 
     got_full, al = Checkpoint(tmp_path / "full"), Checkpoint(world.aligned)
     peft_s = peft_deltas(world.aligned, world.safety)
@@ -236,7 +236,7 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
 
 
 def test_truncate_svd_exact_for_low_rank():
-    from safemerge.safety.safemerge import truncate_svd
+    from safemerge.methods.update_merge import truncate_svd
 
     g = torch.Generator().manual_seed(0)
     D = torch.randn(20, 3, generator=g) @ torch.randn(3, 12, generator=g)

@@ -7,7 +7,7 @@ from safety_world import build_world, peft_deltas
 
 from safemerge.io.checkpoint import Checkpoint
 from safemerge.safety import api
-from safemerge.safety.similarity import rho_materialized
+from safemerge.methods.similarity import rho_materialized
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,7 @@ def test_mergealign_equals_formula(world, tmp_path):
 
 
 def test_registered_methods_equal_their_formulas():
-    from safemerge.methods.registry import get_method
-    from safemerge.safety.safemerge import call_registered
+    from safemerge.methods.catalog import get_method
 
     g = torch.Generator().manual_seed(0)
     base = torch.randn(24, 16, generator=g)
@@ -124,34 +123,34 @@ def test_registered_methods_equal_their_formulas():
         m = get_method(name)
         assert m.base == "required" and m.reference
     # RESTA / MergeAlign
-    out = call_registered("resta", [aligned, ft], base, per_model={}, params={"beta": 0.7}, generator=None)
+    out = get_method("resta").call([aligned, ft], base, per_model={}, params={"beta": 0.7}, generator=None)
     torch.testing.assert_close(out, ft + 0.7 * (aligned - base))
-    out = call_registered("mergealign", [aligned, ft], base, per_model={}, params={"lambda_domain": 0.3, "lambda_aligned": 0.6}, generator=None)
+    out = get_method("mergealign").call([aligned, ft], base, per_model={}, params={"lambda_domain": 0.3, "lambda_aligned": 0.6}, generator=None)
     torch.testing.assert_close(out, base + 0.3 * (ft - base) + 0.6 * (aligned - base))
     # SafeMERGE: merged iff ρ < τ
     rho = rho_materialized(aligned - base, ft - aligned)
-    lo = call_registered("safemerge", [aligned, ft, safety], base, per_model={}, params={"tau": rho + 0.01, "alpha": 0.8}, generator=None)
+    lo = get_method("safemerge").call([aligned, ft, safety], base, per_model={}, params={"tau": rho + 0.01, "alpha": 0.8}, generator=None)
     torch.testing.assert_close(lo, aligned + 0.8 * (ft - aligned) + 0.2 * (safety - aligned))
-    hi = call_registered("safemerge", [aligned, ft, safety], base, per_model={}, params={"tau": rho - 0.01}, generator=None)
+    hi = get_method("safemerge").call([aligned, ft, safety], base, per_model={}, params={"tau": rho - 0.01}, generator=None)
     assert torch.equal(hi, ft)
     # SafeLoRA threshold: θ_aligned + C ΔW iff ρ ≤ τ
     V = aligned - base
     C = V @ V.T / torch.linalg.vector_norm(V)
-    pr = call_registered("safelora", [aligned, ft], base, per_model={}, params={"tau": rho + 0.01}, generator=None)
+    pr = get_method("safelora").call([aligned, ft], base, per_model={}, params={"tau": rho + 0.01}, generator=None)
     torch.testing.assert_close(pr, aligned + C @ (ft - aligned), rtol=1e-5, atol=1e-6)
-    assert torch.equal(call_registered("safelora", [aligned, ft], base, per_model={}, params={"tau": rho - 0.01}, generator=None), ft)
+    assert torch.equal(get_method("safelora").call([aligned, ft], base, per_model={}, params={"tau": rho - 0.01}, generator=None), ft)
     # 1-D tensors (biases, norms) keep the fine-tuned value
     b1 = torch.randn(8, generator=g)
-    assert torch.equal(call_registered("safemerge", [b1, b1 + 1, b1 - 1], b1 * 0, per_model={}, params={"tau": 1.0}, generator=None), b1 + 1)
+    assert torch.equal(get_method("safemerge").call([b1, b1 + 1, b1 - 1], b1 * 0, per_model={}, params={"tau": 1.0}, generator=None), b1 + 1)
     # RESTA with DARE is reproducible per generator
-    r1 = call_registered("resta", [aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
-    r2 = call_registered("resta", [aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
+    r1 = get_method("resta").call([aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
+    r2 = get_method("resta").call([aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
     assert torch.equal(r1, r2) and not torch.equal(r1, ft + 0.5 * (aligned - base))
 
 
 def test_registered_param_validation():
     from safemerge.errors import ConfigError
-    from safemerge.methods.registry import get_method
+    from safemerge.methods.catalog import get_method
 
     with pytest.raises(ConfigError):
         get_method("safemerge").param("tau").check(1.5, "safemerge")
@@ -215,3 +214,35 @@ def test_yaml_merge_methods_through_the_engine(world, tmp_path):
     ref = Checkpoint(api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "r_api", beta=0.5))
     for n in ref.names():
         torch.testing.assert_close(got.get(n), ref.get(n), rtol=1e-5, atol=1e-6)
+    # one executor, one seed function: `safemerge resta` and `merge_method: resta` draw the same DARE masks
+    got = merge("resta_dare", {"merge_method": "resta", "base_model": str(world.base), "dtype": "float32",
+                               "models": [{"model": al}, {"model": ft}], "parameters": {"beta": 0.5, "density": 0.6}})
+    ref = Checkpoint(api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "rd_api",
+                               beta=0.5, dare_density=0.6, seed=0))
+    for n in ref.names():
+        assert torch.equal(got.get(n), ref.get(n)), n
+
+
+def test_full_model_outputs_read_adapted_weights_in_float32(tmp_path):
+    """The engine plans of the safety commands read ``MODEL+ADAPTER`` through ``Float32Reads``: RESTA on a bfloat16
+    model computes with the exact float32 ``W + s·B·A`` (as before the one-executor redesign), not with it rounded
+    to bfloat16 first (what ``merge_method: resta`` does, like mergekit, which merges the LoRA into the model)."""
+    from safemerge.io.adapter import save_adapter
+    from safemerge.testing import make_tiny_model, perturb_model, save_model
+
+    model = make_tiny_model("llama", seed=0, hidden=32, layers=1).to(torch.bfloat16)
+    base = save_model(model, tmp_path / "base")
+    perturb_model(model, seed=1, scale=0.02)
+    aligned = save_model(model, tmp_path / "aligned")
+    g = torch.Generator().manual_seed(2)
+    w = "model.layers.0.self_attn.q_proj"
+    A, B = torch.randn(2, 32, generator=g) * 0.1, torch.randn(32, 2, generator=g) * 0.01
+    save_adapter(tmp_path / "lora", {w: (A, B)})
+    out = api.resta(unaligned=base, aligned=aligned, finetuned=tmp_path / "lora", out=tmp_path / "r", beta=0.5)
+    al, un = Checkpoint(aligned).get(f"{w}.weight"), Checkpoint(base).get(f"{w}.weight")
+    exact = ((al + B @ A) + 0.5 * (al - un)).to(torch.bfloat16)
+    rounded_first = ((al + B @ A).to(torch.bfloat16).float() + 0.5 * (al - un)).to(torch.bfloat16)
+    got = Checkpoint(out).get(f"{w}.weight", dtype=None)
+    assert got.dtype == torch.bfloat16
+    assert not torch.equal(exact, rounded_first)  # the two readings differ on this input
+    torch.testing.assert_close(got.float(), exact.float(), rtol=0, atol=0)

@@ -6,7 +6,7 @@ import torch
 from safety_world import build_world
 
 from safemerge.safety.selection import LayerScore, select_below, select_lowest
-from safemerge.safety.similarity import project_dense, rho_dense, rho_lowrank, rho_materialized
+from safemerge.methods.similarity import project_dense, rho_dense, rho_lowrank, rho_materialized
 
 
 @pytest.fixture(scope="module")

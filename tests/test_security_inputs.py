@@ -120,7 +120,7 @@ def test_fan_in_fan_out_on_a_square_linear_follows_peft(tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.references import open_checkpoint
 
     base = _tiny(tmp_path, "base", 0)
     torch.manual_seed(0)

@@ -78,7 +78,7 @@ def test_adapter_is_usable_by_peft_and_the_merge_engine(base, trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.references import open_checkpoint
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "merge": "safemerge.api",
     "merge_in_memory": "safemerge.api",
-    "open_checkpoint": "safemerge.io.checkpoint",
+    "open_checkpoint": "safemerge.io.references",
     "load_adapter": "safemerge.io.adapter",
     "SafemergeError": "safemerge.errors",
 }

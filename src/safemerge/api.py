@@ -97,6 +97,31 @@ def _fence(text: str) -> str:
     return f"{f}yaml\n{text.rstrip()}\n{f}"
 
 
+def _config_updates(plan: Any, ckpts: Mapping[str, Any]) -> dict[str, Any]:
+    """``config.json`` changes of the merged model: layer count, vocabulary size, and its one storage dtype."""
+    updates = dict(plan.config_updates)
+    float_dtypes = {j.out_dtype for j in plan.jobs if not j.passthrough}
+    if len(float_dtypes) == 1:
+        ref_cfg = ckpts[plan.reference].config
+        for k in [k for k in ("dtype", "torch_dtype") if k in ref_cfg] or ["dtype"]:
+            updates[k] = next(iter(float_dtypes))
+    return updates
+
+
+def _card_sections(cfg: Any, plan: Any, seed: int) -> list[tuple[str, str]]:
+    """The merged model's card: method and paper, the models, the configuration verbatim."""
+    from safemerge.io.output import md_escape
+
+    lines = [f"- {md_escape(m)}" + (" (base)" if m == cfg.base_model else "") for m in cfg.referenced_models()]
+    reference = f" — {md_escape(plan.method.reference)}" if plan.method.reference else ""
+    return [
+        ("Merge details", f"Merged with safemerge using **{md_escape(plan.method.name)}**{reference}."
+         f"\n\nSeed: {seed}. Output layers: {plan.num_layers}."),
+        ("Models merged", "\n".join(lines)),
+        ("Configuration", _fence(cfg.source_text)),
+    ]
+
+
 def merge(
     config: Any,
     out_dir: str | Path,
@@ -142,17 +167,15 @@ def merge(
     """
     from safemerge.config import load_config
     from safemerge.engine.plan import plan_merge
-    from safemerge.engine.run import execute_plan, open_all
-    from safemerge.io.output import ShardWriter, atomic_output, check_output_path, copy_model_files, md_escape, write_model_card
-
-    from safemerge.methods._tensor import set_tie_break
+    from safemerge.engine.run import open_all
+    from safemerge.engine.tensorwise import write_plan
+    from safemerge.io.output import atomic_output, check_output_path, copy_model_files, write_model_card
 
     cfg = load_config(config)
     tok_ref = cfg.effective_tokenizer_source
     inputs = [*cfg.referenced_models(), tok_ref if tok_ref not in ("base", "union") else None,
               config if isinstance(config, (str, Path)) and "\n" not in str(config) else None]
     check_output_path(out_dir, force=force, inputs=inputs)
-    set_tie_break("mergekit" if mergekit_tie_break or mergekit_arithmetic else "index")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
     if device.startswith("cuda"):
@@ -164,6 +187,7 @@ def merge(
     ckpts = open_all(cfg, allow_pickle=allow_pickle, checkpoints=checkpoints)
     plan = plan_merge(cfg, ckpts, allow_crimes=allow_crimes)
     plan.mergekit_arithmetic = mergekit_arithmetic
+    plan.tie_break = "mergekit" if mergekit_tie_break or mergekit_arithmetic else "index"
     LOG.info(
         "plan: %s, %d tensors, %d layers, %.1f MB; arithmetic: %s",
         plan.method.name, len(plan.jobs), plan.num_layers, plan.total_bytes / 1e6,
@@ -171,40 +195,17 @@ def merge(
     )
     ref_dir = _model_dir(ckpts[plan.reference])
     with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
-        writer = ShardWriter(
-            tmp,
-            max_shard_bytes=max_shard,
-            plan=[(j.out_name, j.shape) for j in plan.jobs],
-            plan_dtypes={j.out_name: j.out_dtype for j in plan.jobs},
-            metadata={"producer": "safemerge"},
-        )
-        execute_plan(plan, ckpts, lambda job, t: writer.add(job.out_name, t), seed=seed, jobs=jobs, device=device,
-                     allow_nonfinite=allow_nonfinite, progress=progress, narrow=True)
-        writer.finish()
-        updates = dict(plan.config_updates)
-        float_dtypes = {j.out_dtype for j in plan.jobs if not j.passthrough}
-        if len(float_dtypes) == 1:
-            dt = next(iter(float_dtypes))
-            ref_cfg = ckpts[plan.reference].config
-            keys = [k for k in ("dtype", "torch_dtype") if k in ref_cfg] or ["dtype"]
-            for k in keys:
-                updates[k] = dt
+        write_plan(tmp, plan, ckpts, seed=seed, jobs=jobs, device=device, allow_nonfinite=allow_nonfinite,
+                   max_shard_bytes=max_shard, metadata={"producer": "safemerge"}, show_bar=progress)
         # a re-indexed vocabulary comes with its own tokenizer, saved whatever --copy-tokenizer says (as mergekit)
-        copy_model_files(ref_dir, tmp, config_updates=updates, copy_tokenizer=copy_tokenizer and plan.vocab is None)
+        copy_model_files(ref_dir, tmp, config_updates=_config_updates(plan, ckpts),
+                         copy_tokenizer=copy_tokenizer and plan.vocab is None)
         if plan.vocab is not None:
             plan.vocab.tokenizer.save_pretrained(str(tmp))
         if cfg.chat_template:
             _apply_chat_template(cfg.chat_template, tmp, [_model_dir(c) for c in ckpts.values()])
-        yaml_text = cfg.source_text
-        (tmp / MERGEKIT_CONFIG_NAME).write_text(yaml_text)
-        models = [r for r in cfg.referenced_models()]
-        lines = [f"- {md_escape(m)}" + (" (base)" if m == cfg.base_model else "") for m in models]
-        sections = [
-            ("Merge details", f"Merged with safemerge using **{md_escape(plan.method.name)}**"
-             + (f" — {md_escape(plan.method.reference)}" if plan.method.reference else "") + f".\n\nSeed: {seed}. Output layers: {plan.num_layers}."),
-            ("Models merged", "\n".join(lines)),
-            ("Configuration", _fence(yaml_text)),
-        ]
+        (tmp / MERGEKIT_CONFIG_NAME).write_text(cfg.source_text)
+        sections = _card_sections(cfg, plan, seed)
         if extra_card_sections is not None:
             sections += list(extra_card_sections(tmp))
         write_model_card(

@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.methods.safety_params import SAFEMERGE_ALPHA, SAFEMERGE_TAU
 
-# The one home of SafeMERGE's τ/α defaults (Djuhera et al. 2025 / the reference code: τ = 0.35, α = 0.8) and of
-# the automatic search's grid; the ρ < τ rule itself is safemerge.safety.selection.select_below.
-PAPER_TAU = 0.35
-PAPER_ALPHA = 0.8
+# SafeMERGE's τ/α defaults and the ρ < τ rule live in safemerge.methods.safety_params (the paper's values, as the
+# reference code uses them; selection goes through safemerge.safety.selection.select_below); here: the search grid.
+PAPER_TAU = SAFEMERGE_TAU.default
+PAPER_ALPHA = SAFEMERGE_ALPHA.default
 DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 DEFAULT_HARM_MARGIN = 0.03
 DEFAULT_REFUSAL_MARGIN = 0.05
@@ -564,7 +565,7 @@ def plot_tau_sweep(result: AutotuneResult, path: str | Path) -> Path:
         a2.plot([p.tau for p in ps], [p.utility for p in ps], "-o", ms=3, label=f"α={alpha:g}")
     c = result.chosen
     for ax, val in ((a1, c.harmful_rate), (a2, c.utility)):
-        ax.axvline(PAPER_TAU, ls=":", c="k", lw=1, label="paper τ=0.35")
+        ax.axvline(PAPER_TAU, ls=":", c="k", lw=1, label=f"paper τ={PAPER_TAU:g}")
         ax.scatter([c.tau], [val], marker="*", c="gold", edgecolors="k", s=180, zorder=5, label="chosen")
         ax.set_xlabel("τ (layers with ρ < τ are merged)")
         ax.grid(alpha=0.3)

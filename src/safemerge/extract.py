@@ -150,7 +150,7 @@ def extract_lora(
     Returns an :class:`ExtractResult`; the adapter's model card lists every module's rank and
     relative reconstruction error.
     """
-    from safemerge.engine.run import _single_intraop_thread
+    from safemerge.engine.run import single_intraop_thread
     from safemerge.io.adapter import PEFT_PREFIX, save_adapter
     from safemerge.io.checkpoint import Checkpoint
     from safemerge.io.hub import resolve_local
@@ -175,7 +175,7 @@ def extract_lora(
     _check_same_tensors(ft, bs, names)
     result = ExtractResult(out=Path(out))
     acc = _Accumulator(result)
-    with _single_intraop_thread():  # the SVD's bits must not depend on the thread count (and 1 thread is faster)
+    with single_intraop_thread():  # the SVD's bits must not depend on the thread count (and 1 thread is faster)
         for i, name in enumerate(names):
             acc.add(name, ft, bs, types.get(name.rpartition(".")[0], "other"), max_rank=max_rank,
                     sv_epsilon=sv_epsilon, embed_lora=embed_lora, save_modules=save_modules, out_dtype=out_dtype)

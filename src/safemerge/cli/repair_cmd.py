@@ -49,14 +49,14 @@ def extract_lora_command(
 
     Example: safemerge extract-lora finetuned/ --base chat/ --max-rank 32 -o task-lora/
     """
-    from safemerge.cli.safety_cmd import _progress
+    from safemerge.cli.safety_cmd import progress_callback
     from safemerge.extract import extract_lora
     from safemerge.progress import library_progress
 
     started = time.perf_counter()
     progress = not (no_progress or quiet)
     library_progress(progress)
-    with _progress(progress) as cb:
+    with progress_callback(progress) as cb:
         res = extract_lora(finetuned, base, out, max_rank=max_rank, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
                            save_modules=save_modules, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
     saved = sum(m.kind == "modules_to_save" for m in res.modules)

@@ -31,6 +31,10 @@ from safemerge.cli.options import (
     no_progress_option,
     quiet_option,
 )
+from safemerge.methods.safety_params import (
+    MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, SAFELORA_NUM_LAYERS, SAFELORA_TAU, SAFEMERGE_ALPHA,
+    SAFEMERGE_DENSITY, SAFEMERGE_TAU,
+)
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 _BASE_HELP = "Unaligned base model (pre-trained), used with --aligned to build the safety subspace V = W_aligned − W_base."
@@ -38,7 +42,7 @@ _ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the cha
 
 
 @contextlib.contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+def progress_callback(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
     """A rich progress bar on stderr driven by ``cb(stage, done, total)`` (one task per stage)."""
     if not enabled:
         yield lambda stage, done, total: None
@@ -100,7 +104,7 @@ def scan_command(
     inputs: list[str] = typer.Argument(..., help="Fine-tuned LoRA adapters, full fine-tuned models or MODEL+ADAPTER (paths or Hub ids)."),
     base: str = typer.Option(..., "--base", help=_BASE_HELP),
     aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
-    tau: float = typer.Option(0.35, "--tau", help="Threshold τ ∈ [-1, 1]; layers with ρ < τ are marked as merged (SafeMERGE)."),
+    tau: float = typer.Option(SAFEMERGE_TAU.default, "--tau", help="Threshold τ ∈ [-1, 1]; layers with ρ < τ are marked as merged (SafeMERGE)."),
     targets: str = typer.Option(None, "--targets", help="Comma-separated module names to score (e.g. q_proj,v_proj). Default: all adapted modules / all block weights."),
     json_out: Path = typer.Option(None, "--json", help="Write the per-layer records as a JSON list."),
     csv_out: Path = typer.Option(None, "--csv", help="Write the per-layer records as CSV."),
@@ -134,7 +138,7 @@ def scan_command(
     if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
         raise SafemergeError(f"--plot {str(plot)!r}: unsupported image type {plot.suffix or '(none)'!r}",
                              f"end the file name in one of {', '.join(PLOT_SUFFIXES)}")
-    with _progress(not (no_progress or quiet)) as cb:
+    with progress_callback(not (no_progress or quiet)) as cb:
         scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle,
                       allow_nonfinite=allow_nonfinite, progress=cb)
     if not quiet:
@@ -161,8 +165,10 @@ def safemerge_command(
     base: str = typer.Option(..., "--base", help=_BASE_HELP),
     aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
-    tau: str = typer.Option("0.35", "--tau", help="Merge layers with ρ < τ (τ ∈ [-1, 1]; reference default 0.35), or 'auto' (needs --val-harmful/--val-utility)."),
-    alpha: str = typer.Option("0.8", "--alpha", help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1]), or 'auto'."),
+    tau: str = typer.Option(
+        str(SAFEMERGE_TAU.default), "--tau",
+        help="Merge layers with ρ < τ (τ ∈ [-1, 1]; the reference code's default), or 'auto' (needs --val-harmful/--val-utility)."),
+    alpha: str = typer.Option(str(SAFEMERGE_ALPHA.default), "--alpha", help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1]), or 'auto'."),
     val_harmful: str = typer.Option(None, "--val-harmful", help="Validation harmful prompts for --tau/--alpha auto (disjoint from your test set)."),
     val_utility: str = typer.Option(None, "--val-utility", help="Validation utility set for --tau/--alpha auto (e.g. a held-out GSM8K slice)."),
     harm_margin: float = typer.Option(
@@ -176,8 +182,8 @@ def safemerge_command(
     strategy: str = typer.Option("linear", "--strategy", help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense per layer)."),
     compat: str = typer.Option(None, "--compat", help="'reference': reproduce PEFT 0.14 factor-wise mixing of the released SafeMERGE code (cross terms included; equal ranks)."),
     merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
-    density: float = typer.Option(0.5, "--density", help="Keep fraction for dare_linear/ties/dare_ties."),
-    seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-layer generators; outputs byte-identical per seed)."),
+    density: float = typer.Option(SAFEMERGE_DENSITY.default, "--density", help="Keep fraction for dare_linear/ties/dare_ties."),
+    seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-tensor generators, as in safemerge merge; outputs byte-identical per seed)."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
@@ -218,7 +224,7 @@ def safemerge_command(
     sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
                     lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
     ev = _evaluator(eval_, aligned, sets)
-    with _progress(progress) as cb:
+    with progress_callback(progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
             strategy=strategy, compat=compat, merge_into=merge_into, seed=seed, density=density, dtype=dtype,
@@ -245,8 +251,8 @@ def safelora_command(
     aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
     mode: str = typer.Option("threshold", "--mode", help="threshold: project layers with ρ ≤ τ; number: project the K lowest-ρ layers."),
-    tau: float = typer.Option(0.5, "--tau", help="Threshold for --mode threshold (τ ∈ [-1, 1], default 0.5)."),
-    num_layers: int = typer.Option(10, "--num-layers", "-k", help="K for --mode number (default 10)."),
+    tau: float = typer.Option(SAFELORA_TAU.default, "--tau", help="Threshold for --mode threshold (τ ∈ [-1, 1])."),
+    num_layers: int = typer.Option(SAFELORA_NUM_LAYERS.default, "--num-layers", "-k", help="K for --mode number."),
     merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the projected update."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
@@ -266,7 +272,7 @@ def safelora_command(
 
     started = time.perf_counter()
     library_progress(not (no_progress or quiet), loads_models=False)
-    with _progress(not (no_progress or quiet)) as cb:
+    with progress_callback(not (no_progress or quiet)) as cb:
         res = safelora(base=base, aligned=aligned, finetuned=finetuned, out=out, mode=mode, tau=tau, num_layers=num_layers,
                        merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle,
                        allow_nonfinite=allow_nonfinite, progress=cb)
@@ -281,7 +287,7 @@ def resta_command(
     aligned: str = typer.Option(..., "--aligned", help="Safety-aligned model."),
     unaligned: str = typer.Option(..., "--unaligned", "--base", help="Unaligned model (base, or the aligned model fine-tuned on harmful data)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
-    beta: float = typer.Option(0.5, "--beta", help="Scale β of the safety vector θ_aligned − θ_unaligned."),
+    beta: float = typer.Option(RESTA_BETA.default, "--beta", help="Scale β of the safety vector θ_aligned − θ_unaligned."),
     dare_density: float = typer.Option(None, "--dare-density", help="Apply DARE with this keep fraction ∈ (0, 1] to θ_ft − θ_aligned first."),
     seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-tensor generators)."),
     dtype: str = dtype_option(),
@@ -302,7 +308,7 @@ def resta_command(
 
     started = time.perf_counter()
     library_progress(not (no_progress or quiet), loads_models=False)
-    with _progress(not (no_progress or quiet)) as cb:
+    with progress_callback(not (no_progress or quiet)) as cb:
         path = resta(unaligned=unaligned, aligned=aligned, finetuned=finetuned, out=out, beta=beta, dare_density=dare_density,
                      seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle,
                      allow_nonfinite=allow_nonfinite, progress=cb)
@@ -315,8 +321,8 @@ def mergealign_command(
     domain: str = typer.Option(..., "--domain", help="Domain expert model (or adapter applied to --pretrained)."),
     aligned: str = typer.Option(..., "--aligned", help="General instruct / preference-aligned model."),
     out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
-    lambda_domain: float = typer.Option(0.5, "--lambda-domain", help="λ_D, weight of θ_domain − θ_pre."),
-    lambda_aligned: float = typer.Option(0.5, "--lambda-aligned", help="λ_A, weight of θ_aligned − θ_pre."),
+    lambda_domain: float = typer.Option(MERGEALIGN_LAMBDA_DOMAIN.default, "--lambda-domain", help="λ_D, weight of θ_domain − θ_pre."),
+    lambda_aligned: float = typer.Option(MERGEALIGN_LAMBDA_ALIGNED.default, "--lambda-aligned", help="λ_A, weight of θ_aligned − θ_pre."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
@@ -335,7 +341,7 @@ def mergealign_command(
 
     started = time.perf_counter()
     library_progress(not (no_progress or quiet), loads_models=False)
-    with _progress(not (no_progress or quiet)) as cb:
+    with progress_callback(not (no_progress or quiet)) as cb:
         path = mergealign(pretrained=pretrained, domain=domain, aligned=aligned, out=out, lambda_domain=lambda_domain,
                           lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle,
                           allow_nonfinite=allow_nonfinite, progress=cb)

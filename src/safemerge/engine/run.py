@@ -8,7 +8,6 @@ merging, so outputs are byte-identical for any ``jobs`` value.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import threading
@@ -20,12 +19,7 @@ from typing import Any
 from safemerge.engine.plan import MergePlan, TensorJob
 from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.io.checkpoint import all_finite
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A 63-bit seed derived from the run seed and the tensor name (order-independent)."""
-    h = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+from safemerge.methods.seeding import tensor_generator
 
 
 _ALLOCATOR_TUNED = False
@@ -60,7 +54,7 @@ def tune_allocator(mmap_threshold: int = 1 << 20, trim_threshold: int = 16 << 20
 
 
 @contextmanager
-def _single_intraop_thread():
+def single_intraop_thread():
     import torch
 
     old = torch.get_num_threads()
@@ -188,6 +182,8 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
         out[rows[0] : rows[1]] = part
 
     two_pass = plan.method.extra.get("two_pass") or TWO_PASS.get(plan.method.name)
+    if two_pass is not None and plan.tie_break != "index" and plan.method.extra.get("tie_break"):
+        return None  # mergekit's tie choice needs the whole-tensor sort
     if two_pass is not None and job.base is not None:
         def load(i: int, rows: Rows | None):  # noqa: ANN202
             return _load(ckpts, *job.inputs[i], plan.compute_dtype, allow_nonfinite, device, rows)
@@ -207,7 +203,6 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
 
 
 def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: int, allow_nonfinite: bool, device: str, rows: tuple[int, int] | None):
-    import torch
 
     from safemerge.methods._tensor import InputTensors
 
@@ -223,9 +218,9 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
         tensors, base = _align_vocabulary(job, tensors, base)
     gen = None
     if plan.method.stochastic:
-        gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.out_name))
+        gen = tensor_generator(seed, job.out_name, device)
     try:
-        named = {"name": job.out_name} if plan.method.extra.get("needs_tensor_name") else {}
+        named = _named_arguments(plan, job)
         if plan.mergekit_arithmetic:
             return _mergekit_arithmetic(plan, job, tensors, base, gen, named)
         return plan.method.fn(tensors, base, per_model=job.per_model, params=job.params, generator=gen, **named)
@@ -233,6 +228,14 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
         raise
     except (RuntimeError, ValueError) as exc:
         raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
+
+
+def _named_arguments(plan: MergePlan, job: TensorJob) -> dict[str, str]:
+    """The keyword arguments a method declares it needs: the tensor name, the plan's tie-break rule."""
+    named = {"name": job.out_name} if plan.method.extra.get("needs_tensor_name") else {}
+    if plan.method.extra.get("tie_break"):
+        named["tie_break"] = plan.tie_break
+    return named
 
 
 def _align_vocabulary(job: TensorJob, tensors: list, base):  # noqa: ANN001, ANN202
@@ -250,8 +253,8 @@ def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, g
                          named: dict | None = None):
     """One tensor as mergekit computes it: inputs promoted to one dtype (the config's ``dtype``
     when set), the method's mergekit-order kernel in that dtype — or, for methods mergekit runs
-    in float32 internally, the float32 kernel rounded back to that dtype. ``named`` is the tensor
-    name for methods that need it (``needs_tensor_name``)."""
+    in float32 internally, the float32 kernel rounded back to that dtype. ``named``: the keyword
+    arguments the method declares (:func:`_named_arguments`)."""
     import torch
 
     from safemerge.methods.mergekit_order import KERNELS
@@ -293,7 +296,7 @@ def execute_plan(
     total_bytes = plan.total_bytes
     from safemerge.progress import progress_bar
 
-    with _single_intraop_thread(), progress_bar(description, total=len(plan.jobs), total_bytes=total_bytes, enabled=progress) as bar:
+    with single_intraop_thread(), progress_bar(description, total=len(plan.jobs), total_bytes=total_bytes, enabled=progress) as bar:
 
         def work(job: TensorJob) -> None:
             out = run_job(job, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite, device=device, narrow=narrow)
@@ -308,7 +311,6 @@ def execute_plan(
         # largest tensors first (sinks are order-independent with several workers): the long
         # jobs overlap each other instead of leaving workers idle behind the last one (lm_head)
         it = iter(sorted(plan.jobs, key=lambda j: -math.prod(j.shape)))
-        stop = threading.Event()
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="safemerge") as pool:
             try:
                 for job in it:
@@ -321,7 +323,6 @@ def execute_plan(
                 for f in done:
                     f.result()
             except BaseException:
-                stop.set()
                 for f in pending:
                     f.cancel()
                 raise
@@ -333,7 +334,7 @@ def open_all(config: Any, *, allow_pickle: bool = False, checkpoints: Mapping[st
     Hub ids are checked for existence (config files only) before any of them downloads weights,
     and every safetensors header is validated as its model opens, before the plan reads a tensor.
     """
-    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.references import open_checkpoint
     from safemerge.io.hub import prefetch_metadata
 
     refs = [r for r in config.referenced_models() if checkpoints is None or r not in checkpoints]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
-from safemerge.evaluate.datasets import PromptRecord, _clean
+from safemerge.evaluate.records import PromptRecord, clean_cell
 
 PROMPT_COLUMNS = ("prompt", "instruction", "goal", "forbidden_prompt", "behavior", "Behavior", "Goal",
                   "question", "query", "text", "input", "user")
@@ -49,7 +49,7 @@ MC_INSTRUCTION = "Answer with the letter of the correct option."
 
 def _id(row: dict[str, Any], stem: str, i: int) -> str:
     for c in ID_COLUMNS:
-        v = _clean(row.get(c))
+        v = clean_cell(row.get(c))
         if v is not None:
             return v
     return f"{stem}-{i:04d}"
@@ -75,7 +75,7 @@ def load_advbench(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
     rows = _rows(raw, "advbench", path)
     _require(rows, ("goal",), "advbench", path)
     return [PromptRecord(prompt=r["goal"].strip(), id=f"advbench-{i:04d}", category=None,
-                         meta={"target": _clean(r.get("target"))}) for i, r in enumerate(rows) if _clean(r.get("goal"))]
+                         meta={"target": clean_cell(r.get("target"))}) for i, r in enumerate(rows) if clean_cell(r.get("goal"))]
 
 
 def load_harmbench(raw: Any, path: Path, split: str | None = None, **_: Any) -> list[PromptRecord]:
@@ -84,15 +84,15 @@ def load_harmbench(raw: Any, path: Path, split: str | None = None, **_: Any) -> 
     _require(rows, ("Behavior",), "harmbench", path)
     out = []
     for i, r in enumerate(rows):
-        behavior, context = _clean(r.get("Behavior")), _clean(r.get("ContextString"))
-        functional = _clean(r.get("FunctionalCategory"))
+        behavior, context = clean_cell(r.get("Behavior")), clean_cell(r.get("ContextString"))
+        functional = clean_cell(r.get("FunctionalCategory"))
         if behavior is None or (split and functional and functional != split):
             continue
         prompt = f"{context}\n\n---\n\n{behavior}" if context else behavior
-        out.append(PromptRecord(prompt=prompt, id=_clean(r.get("BehaviorID")) or f"harmbench-{i:04d}",
-                                category=_clean(r.get("SemanticCategory")),
+        out.append(PromptRecord(prompt=prompt, id=clean_cell(r.get("BehaviorID")) or f"harmbench-{i:04d}",
+                                category=clean_cell(r.get("SemanticCategory")),
                                 meta={"behavior": behavior, "context": context, "functional_category": functional,
-                                      "tags": _clean(r.get("Tags"))}))
+                                      "tags": clean_cell(r.get("Tags"))}))
     return out
 
 
@@ -123,7 +123,7 @@ def load_directharm4(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
     rows = _rows(raw, "directharm4", path)
     _require(rows, ("instruction",), "directharm4", path)
     return [PromptRecord(prompt=str(r["instruction"]).strip(), id=f"directharm4-{i:04d}",
-                         category=_clean(r.get("category"))) for i, r in enumerate(rows) if _clean(r.get("instruction"))]
+                         category=clean_cell(r.get("category"))) for i, r in enumerate(rows) if clean_cell(r.get("instruction"))]
 
 
 def load_beavertails(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
@@ -132,14 +132,14 @@ def load_beavertails(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
     _require(rows, ("prompt",), "beavertails", path)
     out, seen = [], set()
     for i, r in enumerate(rows):
-        prompt = _clean(r.get("prompt"))
+        prompt = clean_cell(r.get("prompt"))
         if prompt is None or prompt in seen or r.get("is_safe") is True:
             continue
         seen.add(prompt)
         cat = r.get("category")
         if isinstance(cat, dict):
             cat = ",".join(sorted(k for k, v in cat.items() if v)) or None
-        out.append(PromptRecord(prompt=prompt, id=_clean(r.get("id")) or f"beavertails-{i:05d}", category=_clean(cat)))
+        out.append(PromptRecord(prompt=prompt, id=clean_cell(r.get("id")) or f"beavertails-{i:05d}", category=clean_cell(cat)))
     return out
 
 
@@ -147,17 +147,17 @@ def load_strongreject(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
     rows = _rows(raw, "strongreject", path)
     _require(rows, ("forbidden_prompt",), "strongreject", path)
     return [PromptRecord(prompt=str(r["forbidden_prompt"]).strip(), id=f"strongreject-{i:04d}",
-                         category=_clean(r.get("category")), meta={"source": _clean(r.get("source"))})
-            for i, r in enumerate(rows) if _clean(r.get("forbidden_prompt"))]
+                         category=clean_cell(r.get("category")), meta={"source": clean_cell(r.get("source"))})
+            for i, r in enumerate(rows) if clean_cell(r.get("forbidden_prompt"))]
 
 
 def load_jbb(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
     rows = _rows(raw, "jbb", path)
     _require(rows, ("Goal",), "jbb", path)
-    return [PromptRecord(prompt=str(r["Goal"]).strip(), id=_clean(r.get("Behavior")) or f"jbb-{i:03d}",
-                         category=_clean(r.get("Category")),
-                         meta={"target": _clean(r.get("Target")), "source": _clean(r.get("Source"))})
-            for i, r in enumerate(rows) if _clean(r.get("Goal"))]
+    return [PromptRecord(prompt=str(r["Goal"]).strip(), id=clean_cell(r.get("Behavior")) or f"jbb-{i:03d}",
+                         category=clean_cell(r.get("Category")),
+                         meta={"target": clean_cell(r.get("Target")), "source": clean_cell(r.get("Source"))})
+            for i, r in enumerate(rows) if clean_cell(r.get("Goal"))]
 
 
 def load_xstest(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
@@ -166,11 +166,11 @@ def load_xstest(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
     _require(rows, ("prompt", "type"), "xstest", path)
     out = []
     for i, r in enumerate(rows):
-        typ = _clean(r.get("type")) or ""
-        label = _clean(r.get("label")) or ("unsafe" if typ.startswith("contrast_") else "safe")
-        out.append(PromptRecord(prompt=str(r["prompt"]).strip(), id=f"xstest-{_clean(r.get('id')) or i}",
+        typ = clean_cell(r.get("type")) or ""
+        label = clean_cell(r.get("label")) or ("unsafe" if typ.startswith("contrast_") else "safe")
+        out.append(PromptRecord(prompt=str(r["prompt"]).strip(), id=f"xstest-{clean_cell(r.get('id')) or i}",
                                 category=typ or None, label=label.lower(),
-                                meta={"focus": _clean(r.get("focus")), "note": _clean(r.get("note"))}))
+                                meta={"focus": clean_cell(r.get("focus")), "note": clean_cell(r.get("note"))}))
     return out
 
 
@@ -183,18 +183,18 @@ def load_bianchi(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
         inputs = raw.get("inputs") or []
         tags = raw.get("tags") or []
         for i, ins in enumerate(instr):
-            extra = _clean(inputs[i]) if i < len(inputs) else None
+            extra = clean_cell(inputs[i]) if i < len(inputs) else None
             prompt = f"{ins.strip()}\n\n{extra}" if extra else ins.strip()
-            cat = _clean(tags[i]) if i < len(tags) else stem
+            cat = clean_cell(tags[i]) if i < len(tags) else stem
             out.append(PromptRecord(prompt=prompt, id=f"{stem}-{i:04d}", category=cat))
         return out
     rows = _rows(raw, "bianchi", path)
     _require(rows, ("instruction",), "bianchi", path)
     for i, r in enumerate(rows):
-        extra = _clean(r.get("input"))
+        extra = clean_cell(r.get("input"))
         prompt = f"{r['instruction'].strip()}\n\n{extra}" if extra else r["instruction"].strip()
         out.append(PromptRecord(prompt=prompt, id=f"{stem}-{i:05d}", category=stem,
-                                meta={"reference": _clean(r.get("output"))}))
+                                meta={"reference": clean_cell(r.get("output"))}))
     return out
 
 
@@ -239,11 +239,11 @@ def load_pubmedqa(raw: Any, path: Path, split: str | None = None, **_: Any) -> l
         if truth is not None and pmid not in truth:
             continue
         context = "\n".join(item.get("CONTEXTS") or [])
-        answer = (truth or {}).get(pmid) or _clean(item.get("final_decision"))
+        answer = (truth or {}).get(pmid) or clean_cell(item.get("final_decision"))
         out.append(PromptRecord(
             prompt=f"Context: {context}\n\nQuestion: {item['QUESTION']}\n{PUBMEDQA_INSTRUCTION}",
             id=f"pubmedqa-{pmid}", category=None, answer=answer.lower() if answer else None,
-            meta={"metric": "pubmedqa", "reference": _clean(item.get("LONG_ANSWER"))}))
+            meta={"metric": "pubmedqa", "reference": clean_cell(item.get("LONG_ANSWER"))}))
     return out
 
 
@@ -287,7 +287,7 @@ def load_mc(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
                                  "give the answer as A/B/C…, a 0-based index or the exact option text")
         body = "\n".join(f"{lt}. {o}" for lt, o in zip(letters, opts))
         out.append(PromptRecord(prompt=f"{str(r['question']).strip()}\n{body}\n{MC_INSTRUCTION}",
-                                id=_id(r, "mc", i), category=_clean(r.get("category") or r.get("subject")),
+                                id=_id(r, "mc", i), category=clean_cell(r.get("category") or r.get("subject")),
                                 answer=letter, meta={"metric": "mc", "n_choices": len(opts)}))
     return out
 
@@ -326,15 +326,15 @@ def load_generic(raw: Any, path: Path, column: str | None = None, answer_column:
             meta["messages"] = [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
             prompt = next((m["content"] for m in reversed(meta["messages"]) if m["role"] == "user"), "")
         else:
-            prompt = _clean(value)
+            prompt = clean_cell(value)
             if prompt is None:
                 continue
         if r.get("metric"):
             meta["metric"] = r["metric"]
-        label = _clean(r.get("label"))
+        label = clean_cell(r.get("label"))
         out.append(PromptRecord(prompt=prompt, id=_id(r, path.stem, i),
-                                category=_clean(r.get(ccol)) if ccol else None,
-                                answer=_clean(r.get(acol)) if acol else None,
+                                category=clean_cell(r.get(ccol)) if ccol else None,
+                                answer=clean_cell(r.get(acol)) if acol else None,
                                 label=label.lower() if label and label.lower() in ("safe", "unsafe") else None,
                                 meta=meta))
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
-from safemerge.evaluate.judges import Judge, Verdict
+from safemerge.evaluate.verdicts import Judge, Verdict
 
 CATEGORIES: dict[int, dict[str, str]] = {
     1: {

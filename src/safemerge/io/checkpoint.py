@@ -594,22 +594,6 @@ class Checkpoint(Mapping):
         return f"Checkpoint({str(self.path)!r}, tensors={len(self)})"
 
 
-def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False):
-    """Open a model reference: a directory, a ``.safetensors`` file, a Hub id, or ``MODEL+ADAPTER``.
-
-    ``MODEL+ADAPTER`` (mergekit syntax) returns an :class:`~safemerge.io.adapter.AdaptedCheckpoint`
-    that adds the LoRA update to each target weight as it is read, one tensor at a time.
-    """
-    base, adapter = split_model_ref(str(ref))
-    ckpt = Checkpoint(base, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-    if adapter is None:
-        return ckpt
-    from safemerge.io.adapter import AdaptedCheckpoint, load_adapter
-
-    return AdaptedCheckpoint(ckpt, load_adapter(adapter, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
-
-
-
 # ---------------------------------------------------------------------- custom model code
 _CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json")
 

@@ -18,18 +18,12 @@ def f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.to(torch.float32)
 
 
-TIE_BREAK = {"mode": "index"}
+TIE_BREAKS = ("index", "mergekit")
 """How exactly-equal values straddling a top-k cut-off are resolved: ``index`` (default; the
 earlier flat index ranks lower — O(n), deterministic) or ``mergekit`` (the selection mergekit's
 full sort makes — bit-identical to mergekit, O(n log n) on tensors that have such ties).
-Set with :func:`set_tie_break` / ``safemerge merge --mergekit-tie-break``."""
-
-
-def set_tie_break(mode: str) -> None:
-    """Choose the tie-breaking rule at top-k cut-offs (``index`` or ``mergekit``)."""
-    if mode not in ("index", "mergekit"):
-        raise ValueError(f"unknown tie-break mode {mode!r}")
-    TIE_BREAK["mode"] = mode
+A field of the plan (``MergePlan.tie_break``, ``safemerge merge --mergekit-tie-break``) that the
+engine passes to the methods declaring ``extra["tie_break"]``, down to :func:`rank_window_mask`."""
 
 
 class InputTensors(list):
@@ -212,8 +206,8 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
     ``tie_select`` (optional) decides the case where a group of exactly equal values straddles a
     window boundary, so that *which* of the tied entries survive is a matter of convention: it
     receives the flattened values and returns the selected flat indices. The merge methods pass
-    the selection rule mergekit uses (a full sort); it is applied only in ``mergekit`` tie-break
-    mode (:data:`TIE_BREAK`), otherwise ties are ordered by flat index.
+    the selection rule mergekit uses (a full sort) in ``mergekit`` tie-break mode (:data:`TIE_BREAKS`)
+    and ``None`` otherwise, when ties are ordered by flat index.
     """
     flat = values.reshape(-1)
     n = flat.numel()
@@ -231,7 +225,7 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
         n_eq = int(torch.count_nonzero(eq))
         if need == n_eq:
             return mask.logical_or_(eq).reshape(values.shape)
-        if tie_select is not None and TIE_BREAK["mode"] == "mergekit":
+        if tie_select is not None:
             sel = torch.zeros(n, dtype=torch.bool, device=flat.device)
             sel[tie_select(flat)] = True
             return sel.reshape(values.shape)
@@ -243,7 +237,7 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
     hi = flat.max() if start + count == n else kth_smallest(flat, start + count)
     mask = (flat > lo) & (flat < hi)
     end = start + count
-    if tie_select is not None and TIE_BREAK["mode"] == "mergekit":
+    if tie_select is not None:
         for v in (lo, hi):
             n_below = int(torch.count_nonzero(flat < v))
             n_tied = int(torch.count_nonzero(flat == v))

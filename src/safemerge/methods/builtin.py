@@ -12,7 +12,6 @@ from safemerge.methods.karcher import karcher_fn
 from safemerge.methods.linear import linear_fn, passthrough_fn
 from safemerge.methods.model_stock import model_stock_fn
 from safemerge.methods.multislerp import multislerp_fn
-from safemerge.methods.nearswap import nearswap_fn
 from safemerge.methods.ram import ram_fn, ramplus_tl_fn
 from safemerge.methods.registry import MergeMethod, Param, register
 from safemerge.methods.sce import sce_fn
@@ -69,7 +68,8 @@ def _register_task_arithmetic_family() -> None:
                 extra={
                     "base_in_tensors": False,
                     "optional_tensor_policy": "error",
-                    "sparsification": sparsification,
+                    # exact ties at top-k cut-offs: the engine passes the plan's tie_break rule
+                    "tie_break": sparsification in ("magnitude", "magnitude_outliers"),
                     # no sparsification and no sign election: every output entry depends only on the
                     # same entry of the inputs, so the engine may process large tensors in row blocks
                     "elementwise": name == "task_arithmetic",
@@ -155,17 +155,7 @@ def _register_others() -> None:
         base="required",
         min_models=0,
         reference="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, Sec. 3.3 (SCE: select, calculate, erase)",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "error"},
-    ))
-    register(MergeMethod(
-        name="nearswap",
-        fn=nearswap_fn,
-        params=(Param("t", low=0.0, help="distance below which entries are swapped to the other model (> 0)"),),
-        base="required",
-        min_models=1,
-        max_models=1,
-        reference="alchemonaut 2024, NearSwap (QuartetAnemoi-70B-t0.0001 model card): w = clamp(t/|Δ|, 0, 1)",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "passthrough_base_singleton", "elementwise": True},
+        extra={"base_in_tensors": False, "optional_tensor_policy": "error", "tie_break": True},
     ))
     register(MergeMethod(
         name="passthrough",

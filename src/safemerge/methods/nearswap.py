@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, f32
+from safemerge.methods._tensor import f32
+from safemerge.methods.registry import Param, merge_method
 
 
 def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
@@ -24,6 +25,13 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
     return torch.lerp(a, b, w)
 
 
+@merge_method(
+    "nearswap",
+    params=(Param("t", low=0.0, help="distance below which entries are swapped to the other model (> 0)"),),
+    base="required", min_models=1, max_models=1,
+    reference="alchemonaut 2024, NearSwap (QuartetAnemoi-70B-t0.0001 model card): w = clamp(t/|Δ|, 0, 1)",
+    base_in_tensors=False, optional_tensor_policy="passthrough_base_singleton", elementwise=True,
+)
 def nearswap_fn(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -32,7 +40,5 @@ def nearswap_fn(
     params: dict[str, Any],
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Registry entry for ``nearswap`` (base + exactly one other model)."""
-    check_inputs("nearswap", tensors, base, base_policy="required", min_models=1, max_models=1)
-    assert base is not None
+    """``nearswap`` on the base and exactly one other model (arity and ``t`` checked from the declaration)."""
     return nearswap(base, tensors[0], float(params["t"]))

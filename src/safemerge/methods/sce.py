@@ -10,7 +10,8 @@ from safemerge.methods._tensor import check_inputs, f32, rank_window_mask
 from safemerge.methods.task_arithmetic import agrees, majority_sign_positive
 
 
-def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: float = 1.0) -> torch.Tensor:
+def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: float = 1.0,
+        tie_break: str = "index") -> torch.Tensor:
     """Wan et al. 2024, "FuseChat: Knowledge Fusion of Chat Models", Sec. 3.3 (SCE):
 
     * **Select**: keep the entries in the top ``select_topk`` fraction of the variance across
@@ -34,7 +35,8 @@ def sce(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, select_topk: flo
         else:
             var = torch.var(tvs, dim=0, correction=0)
             k = int(int(torch.count_nonzero(var)) * select_topk)
-            keep = rank_window_mask(var, var.numel() - k, k, tie_select=lambda f: torch.topk(f, k=k, largest=True).indices)
+            mergekit_ties = (lambda f: torch.topk(f, k=k, largest=True).indices) if tie_break == "mergekit" else None
+            keep = rank_window_mask(var, var.numel() - k, k, tie_select=mergekit_ties)
             del var
             tvs.mul_(keep)
     weights = torch.stack([tvs[i].square().mean() for i in range(n)])
@@ -58,8 +60,9 @@ def sce_fn(
     per_model: dict[str, list[Any]],
     params: dict[str, Any],
     generator: torch.Generator | None = None,
+    tie_break: str = "index",
 ) -> torch.Tensor:
     """Registry entry for ``sce`` (base required; no per-model weights)."""
     check_inputs("sce", tensors, base, base_policy="required", min_models=0, max_models=None)
     assert base is not None
-    return sce(base, tensors, select_topk=float(params.get("select_topk", 1.0)))
+    return sce(base, tensors, select_topk=float(params.get("select_topk", 1.0)), tie_break=tie_break)

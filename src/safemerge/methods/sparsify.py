@@ -14,12 +14,14 @@ from safemerge.errors import ConfigError
 from safemerge.methods._tensor import masked_rescaled, rank_window_mask
 
 
-def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False, inplace: bool = False) -> torch.Tensor:
+def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False, inplace: bool = False,
+              tie_break: str = "index") -> torch.Tensor:
     """Keep the ``k = max(1, ⌊density·n⌋)`` largest-magnitude entries (TIES "Trim").
 
     Yadav et al. 2023, "TIES-Merging", Sec. 3, step 1: ``τ̂ = keep_topk_reset_rest_to_zero(τ, k)``.
     ``density ≥ 1`` returns ``delta`` unchanged; ``density ≤ 0`` returns zeros. Uses two
-    ``kthvalue`` selections, not a full argsort.
+    ``kthvalue`` selections, not a full argsort. ``tie_break="mergekit"``: exact ties at the
+    cut-off keep the entries mergekit's argsort keeps.
     """
     if density >= 1:
         return delta
@@ -27,12 +29,13 @@ def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False, inp
     if density <= 0 or n == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * n))
-    # exact ties at the cut-off: keep the entries mergekit keeps (argsort, descending)
-    mask = rank_window_mask(delta.abs(), n - k, k, tie_select=lambda f: torch.argsort(f, descending=True)[:k])
+    mergekit_ties = (lambda f: torch.argsort(f, descending=True)[:k]) if tie_break == "mergekit" else None
+    mask = rank_window_mask(delta.abs(), n - k, k, tie_select=mergekit_ties)
     return masked_rescaled(delta, mask, rescale, inplace=inplace)
 
 
-def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False, inplace: bool = False) -> torch.Tensor:
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False,
+                       inplace: bool = False, tie_break: str = "index") -> torch.Tensor:
     """Model Breadcrumbs mask: drop the top ``γ`` fraction by magnitude, then the smallest ones.
 
     Davari & Belilovsky 2024, "Model Breadcrumbs", Sec. 3 (Eq. 1–2): entries are sorted by
@@ -47,7 +50,9 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, res
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = max(0, n - target - n_top)
-    mask = rank_window_mask(delta.abs(), n_bot, target, tie_select=lambda f: torch.sort(f, descending=False).indices[n_bot : n_bot + target])
+    mergekit_ties = ((lambda f: torch.sort(f, descending=False).indices[n_bot : n_bot + target])
+                     if tie_break == "mergekit" else None)
+    mask = rank_window_mask(delta.abs(), n_bot, target, tie_select=mergekit_ties)
     return masked_rescaled(delta, mask, rescale, inplace=inplace)
 
 

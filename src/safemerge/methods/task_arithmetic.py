@@ -21,10 +21,8 @@ from typing import Any, Callable
 
 import torch
 
-from safemerge.methods._tensor import TIE_BREAK, InputTensors, check_inputs, f32, per_model_list, release, row_blocks
+from safemerge.methods._tensor import InputTensors, check_inputs, f32, per_model_list, release, row_blocks
 from safemerge.methods import sparsify as sp
-
-Sparsifier = Callable[..., torch.Tensor]
 
 #: name -> (sparsification, consensus, normalize default, rescale default), as in mergekit 0.1.5.
 FAMILY: dict[str, tuple[str | None, bool, bool, bool]] = {
@@ -49,6 +47,7 @@ def sparsify_delta(
     epsilon: float = 0.15,
     generator: torch.Generator | None = None,
     inplace: bool = False,
+    tie_break: str = "index",
 ) -> torch.Tensor:
     """Apply the named sparsifier to one task vector (``None`` = keep everything).
 
@@ -56,11 +55,11 @@ def sparsify_delta(
     if method is None:
         return delta
     if method == "magnitude":
-        return sp.magnitude(delta, density, rescale=rescale, inplace=inplace)
+        return sp.magnitude(delta, density, rescale=rescale, inplace=inplace, tie_break=tie_break)
     if method == "random":
         return sp.random_drop(delta, density, rescale=rescale, generator=generator)
     if method == "magnitude_outliers":
-        return sp.magnitude_outliers(delta, density, gamma, rescale=rescale, inplace=inplace)
+        return sp.magnitude_outliers(delta, density, gamma, rescale=rescale, inplace=inplace, tie_break=tie_break)
     if method == "della_magprune":
         return sp.della_magprune(delta, density, epsilon, rescale=rescale, generator=generator)
     raise ValueError(f"unknown sparsification method {method!r}")
@@ -96,6 +95,7 @@ def generalized_task_arithmetic(
     rescale: bool = False,
     lam: float = 1.0,
     generator: torch.Generator | None = None,
+    tie_break: str = "index",
 ) -> torch.Tensor:
     """``θ_base + λ · merge(wᵢ · sparsify(θᵢ − θ_base))`` — see the module docstring for the steps.
 
@@ -123,6 +123,7 @@ def generalized_task_arithmetic(
         delta = sparsify_delta(
             delta, sparsification, density=float(densities[i]), rescale=rescale,
             gamma=float(gammas[i]), epsilon=float(epsilons[i]), generator=generator, inplace=True,
+            tie_break=tie_break,
         )
         return delta.mul_(w32[i])
 
@@ -209,8 +210,6 @@ def ties_two_pass(
     weights = per_model_list("ties", per_model, "weight", n)
     densities = [float(d) for d in (per_model.get("density") or [1.0] * n)]
     w32 = torch.tensor([float(w) for w in weights], dtype=torch.float32)
-    if TIE_BREAK["mode"] != "index":  # mergekit's tie choice needs the whole-tensor sort
-        return False
     blocks = row_blocks(shape, block_bytes)
     cuts = _topk_cuts(load, load_base, densities, shape, blocks)
     lam = float(params.get("lambda", 1.0))
@@ -332,6 +331,7 @@ def _family_entry(
     per_model: dict[str, list[Any]],
     params: dict[str, Any],
     generator: torch.Generator | None = None,
+    tie_break: str = "index",
 ) -> torch.Tensor:
     sparsification, consensus, normalize_default, rescale_default = FAMILY[name]
     check_inputs(name, tensors, base, base_policy="required", min_models=0, max_models=None)
@@ -356,4 +356,5 @@ def _family_entry(
         rescale=bool(params.get("rescale", rescale_default)),
         lam=float(params.get("lambda", 1.0)),
         generator=generator,
+        tie_break=tie_break,
     )

@@ -80,7 +80,8 @@ class CandidateEvaluator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from safemerge.io.checkpoint import open_checkpoint, refuse_custom_code
+        from safemerge.io.checkpoint import refuse_custom_code
+        from safemerge.io.references import open_checkpoint
         from safemerge.io.hub import resolve_model_ref
         from safemerge.optimize.objective import AnswerCEObjective
 

@@ -36,8 +36,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from safemerge.errors import ConfigError
 
-SEARCHABLE_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "slerp")
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -148,7 +148,7 @@ def _run_in_work(cfg: OptimizeConfig, work: Path, out_p: Path, *, resumed: bool,
     """The search, the report and the merged model, assembled in ``work`` and promoted to ``out_p``."""
     import yaml
 
-    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.references import open_checkpoint
     from safemerge.optimize import report
     from safemerge.optimize.candidate import CandidateEvaluator, SerialBackend, build_genome
     from safemerge.progress import progress_bar

@@ -2,14 +2,19 @@
 
 * :mod:`~safemerge.safety.subspace` — ``V_i = W_aligned,i − W_base,i`` per target weight, read
   one tensor at a time and matched by module path (SafeLoRA, Hsu et al. 2024, §3.1).
-* :mod:`~safemerge.safety.similarity` — ``ρ_i = cos(C_i ΔW_i, ΔW_i)`` without forming ``C_i``.
-* :mod:`~safemerge.safety.selection` — which layers are merged / projected.
-* :mod:`~safemerge.safety.safemerge` — SafeMERGE (Djuhera et al. 2025).
-* :mod:`~safemerge.safety.safelora` — SafeLoRA (Hsu et al. 2024).
-* :mod:`~safemerge.safety.resta` — RESTA (Bhardwaj et al. 2024).
-* :mod:`~safemerge.safety.mergealign` — MergeAlign (arXiv 2411.06824).
+* :mod:`~safemerge.safety.deltas` — fine-tuning updates ΔW (LoRA factors or dense), per module.
+* :mod:`~safemerge.safety.scoring` / :mod:`~safemerge.safety.selection` — ρ per layer; which layers
+  are merged / projected (the rules: :mod:`safemerge.methods.safety_params`).
+* :mod:`~safemerge.safety.merge_writer` — SafeMERGE's per-layer updates and its exact adapter writer.
+* :mod:`~safemerge.safety.safelora` — SafeLoRA (Hsu et al. 2024): scoring, projection, writing.
+* :mod:`~safemerge.safety.full_model` — full-model outputs as engine plans (RESTA, MergeAlign,
+  SafeLoRA/SafeMERGE ``--merge-into`` and full fine-tunes).
 * :mod:`~safemerge.safety.api` — the public functions ``scan``, ``safemerge_adapters``,
   ``safelora``, ``resta`` and ``mergealign``.
+
+The per-tensor math lives with the other tensor functions: :mod:`safemerge.methods.similarity`
+(ρ without forming ``C_i``), :mod:`safemerge.methods.safety` (the four methods, RESTA and
+MergeAlign formulas), :mod:`safemerge.methods.update_merge` (SafeMERGE's combination of two updates).
 
 Importing this package does not import torch.
 """

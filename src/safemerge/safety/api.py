@@ -3,7 +3,7 @@
 ::
 
     from safemerge.safety import api
-    scores = api.scan("base/", "aligned/", ["task-lora/"], tau=0.35)
+    scores = api.scan("base/", "aligned/", ["task-lora/"])   # SafeMERGE's default τ
     res = api.safemerge_adapters(base="base/", aligned="aligned/", finetuned="task-lora/",
                                  safety="safety-lora/", out="merged/")
     api.safelora(base=..., aligned=..., finetuned=..., out=..., mode="number", num_layers=10)
@@ -18,11 +18,16 @@ stored in the input's dtype unless ``dtype`` is given.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from safemerge.errors import ConfigError, SafemergeError
+from safemerge.methods.safety_params import (
+    MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, RESTA_DENSITY, SAFELORA_NUM_LAYERS, SAFELORA_TAU,
+    SAFEMERGE_ALPHA, SAFEMERGE_DENSITY, SAFEMERGE_TAU,
+)
+from safemerge.safety.deltas import AdapterDeltas, DeltaSource
+from safemerge.safety.results import SafeLoRAResult, SafeMergeResult
 from safemerge.safety.selection import LayerScore
 
 Progress = Callable[[str, int, int], None]
@@ -45,7 +50,7 @@ def scan(
     aligned: str | Path,
     targets: str | Path | Sequence[str | Path],
     *,
-    tau: float = 0.35,
+    tau: float = SAFEMERGE_TAU.default,
     target_modules: Sequence[str] | None = None,
     allow_pickle: bool = False, allow_nonfinite: bool = False,
     progress: Progress | None = None,
@@ -66,10 +71,10 @@ def scan(
     """
     from safemerge.safety.deltas import open_deltas
     from safemerge.safety.scoring import score_sources
-    from safemerge.safety.selection import check_tau, mark, select_below
+    from safemerge.safety.selection import mark, select_below
     from safemerge.safety.subspace import SafetySubspace
 
-    tau = check_tau(tau)
+    tau = SAFEMERGE_TAU.check(tau, "--tau")
     paths = _as_list(targets)
     if not paths:
         raise SafemergeError("nothing to scan", "pass at least one adapter or fine-tuned model")
@@ -102,56 +107,6 @@ def scan(
 
 
 # --------------------------------------------------------------------------- SafeMERGE
-@dataclass
-class SafeMergeResult:
-    """What :func:`safemerge_adapters` wrote.
-
-    Attributes:
-        out: output directory.
-        output: ``"adapter"`` or ``"model"``.
-        scores: one :class:`LayerScore` per fine-tuned module (``merged`` = ρ < τ).
-        reconstruction_error: module → ‖ΔW − B A‖_F/‖ΔW‖_F for SVD-truncated layers.
-        ignored_safety_modules: safety-adapter modules the fine-tuned update does not touch, and the
-            safety adapter's non-LoRA parts (never applied).
-        carried_over: the fine-tuned adapter's non-LoRA parts (modules_to_save, biases, trainable
-            tokens), written unchanged: tensor name → what it is.
-    """
-
-    out: Path
-    output: str
-    scores: list[LayerScore]
-    tau: float
-    alpha: float
-    strategy: str
-    compat: str | None = None
-    seed: int | None = None
-    density: float | None = None
-    reconstruction_error: dict[str, float] = field(default_factory=dict)
-    ignored_safety_modules: list[str] = field(default_factory=list)
-    carried_over: dict[str, str] = field(default_factory=dict)
-    evaluation: Any = None
-
-    @property
-    def merged(self) -> list[str]:
-        return [s.module for s in self.scores if s.merged]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "method": "safemerge",
-            "output": self.output,
-            "tau": self.tau,
-            "alpha": self.alpha,
-            "strategy": self.strategy,
-            "compat": self.compat,
-            "seed": self.seed,
-            "density": self.density,
-            "merged": len(self.merged),
-            "layers": [s.to_dict() | ({"reconstruction_error": self.reconstruction_error[s.module]} if s.module in self.reconstruction_error else {}) for s in self.scores],
-            "ignored_safety_modules": self.ignored_safety_modules,
-            "carried_over": self.carried_over,
-        }
-
-
 def safemerge_adapters(
     *,
     base: str | Path,
@@ -159,13 +114,13 @@ def safemerge_adapters(
     finetuned: str | Path,
     safety: str | Path,
     out: str | Path,
-    tau: float = 0.35,
-    alpha: float = 0.8,
+    tau: float = SAFEMERGE_TAU.default,
+    alpha: float = SAFEMERGE_ALPHA.default,
     strategy: str = "linear",
     compat: str | None = None,
     merge_into: str | Path | None = None,
     seed: int | None = None,
-    density: float = 0.5,
+    density: float = SAFEMERGE_DENSITY.default,
     dtype: str | None = None,
     force: bool = False,
     allow_pickle: bool = False, allow_nonfinite: bool = False,
@@ -175,19 +130,19 @@ def safemerge_adapters(
     """SafeMERGE (Djuhera et al. 2025): merge the safety update into the layers that drift from safety.
 
     Layer i becomes ``α ΔW_f + (1−α) ΔW_s`` when ``ρ_i < τ`` and keeps ``ΔW_f`` otherwise
-    (see :mod:`safemerge.safety.safemerge` for the strategies and ``compat="reference"``).
+    (see :mod:`safemerge.methods.update_merge` for the strategies and ``compat="reference"``).
 
     Args:
         base, aligned: unaligned base and aligned model directories (the safety subspace).
         finetuned, safety: the task and safety updates — PEFT adapters trained on ``aligned``,
             or full fine-tuned model directories.
         out: output directory (adapter, or full model with ``merge_into`` / full-model inputs).
-        tau: ρ threshold ∈ [−1, 1] (default 0.35, the reference code's).
-        alpha: weight of the task update ∈ [0, 1] (default 0.8).
+        tau: ρ threshold ∈ [−1, 1] (default: the reference code's, ``SAFEMERGE_TAU``).
+        alpha: weight of the task update ∈ [0, 1] (default ``SAFEMERGE_ALPHA``).
         strategy: ``linear`` | ``dare_linear`` | ``ties`` | ``dare_ties``.
         compat: ``"reference"`` for PEFT 0.14 factor-wise mixing (linear only, equal ranks).
         merge_into: write a full model: this model's tensors plus the merged update.
-        seed: RNG seed for DARE (per-layer generators; default 0).
+        seed: RNG seed for DARE (per-tensor generators, :mod:`safemerge.methods.seeding`; default 0).
         density: keep fraction for DARE/TIES.
         dtype: storage dtype of the output (default: the inputs').
         evaluate: optional ``evaluate(out_tmp_dir) -> (results, markdown)``; the markdown goes
@@ -196,20 +151,18 @@ def safemerge_adapters(
     Returns a :class:`SafeMergeResult`.
     """
     from safemerge.io.output import atomic_output, check_output_path
-    from safemerge.safety.deltas import AdapterDeltas, carried_over_parts, open_deltas
-    from safemerge.safety.safemerge import check_strategy
+    from safemerge.methods.update_merge import check_strategy
+    from safemerge.safety.deltas import carried_over_parts, open_deltas
     from safemerge.safety.scoring import score_sources
-    from safemerge.safety.selection import check_tau, check_unit, mark, select_below
+    from safemerge.safety.selection import mark, select_below
     from safemerge.safety.subspace import SafetySubspace, open_model
     from safemerge.safety.writing import torch_dtype
 
-    tau = check_tau(tau)
-    alpha = check_unit(alpha, "--alpha", "0.8")
+    tau = SAFEMERGE_TAU.check(tau, "--tau")
+    alpha = SAFEMERGE_ALPHA.check(alpha, "--alpha")
     check_strategy(strategy, compat)
     if strategy != "linear":
-        density = check_unit(density, "--density", "0.5")
-        if density == 0.0:
-            raise ConfigError("--density must be > 0", "use a keep fraction in (0, 1], e.g. 0.5")
+        density = SAFEMERGE_DENSITY.check(density, "--density")
     torch_dtype(dtype)
     inputs = (base, aligned, finetuned, safety, merge_into)
     check_output_path(out, force=force, inputs=inputs)
@@ -221,25 +174,7 @@ def safemerge_adapters(
     sf = open_deltas(safety, sub, targets=None, role="--safety", **reading)
     target = open_model(merge_into, role="merge-into", **reading) if merge_into is not None else None
 
-    both_adapters = isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
-    if compat is not None and not both_adapters:
-        raise ConfigError("--compat reference needs two LoRA adapters", "pass adapter directories for --finetuned and --safety")
-    if target is None and not isinstance(ft, AdapterDeltas):
-        output = "model"  # full fine-tune: the output is the fine-tuned model with merged layers
-    elif target is not None:
-        output = "model"
-    else:
-        output = "adapter"
-        if isinstance(ft, AdapterDeltas) and ft.transposed:
-            raise SafemergeError(
-                f"{ft.path} has fan_in_fan_out/embedding modules, which cannot be written back as a merged adapter",
-                "pass --merge-into MODEL to write a full model instead",
-            )
-    if output == "adapter" and not isinstance(sf, AdapterDeltas):
-        raise SafemergeError(
-            "a full-model --safety update cannot be merged into an adapter",
-            "pass --merge-into MODEL (e.g. the aligned model) to write a full model",
-        )
+    output = _output_kind(ft, sf, target, compat)
     n_mod = len(ft.modules)
     done = [0]
 
@@ -250,9 +185,7 @@ def safemerge_adapters(
     scores = score_sources(sub, [ft], on_module=tick)[0]
     mark(scores, select_below(scores, tau, strict=True))
     merged = {s.module for s in scores if s.merged}
-    ignored = sorted(set(sf.modules) - set(ft.modules))
-    if isinstance(sf, AdapterDeltas):
-        ignored += [f"{name} ({kind}, not applied)" for name, kind in sf.adapter.non_lora_parts().items()]
+    ignored = _ignored_safety_parts(ft, sf)
     carried = carried_over_parts(ft, target if target is not None else sub.aligned)
     if compat is not None:
         _check_equal_ranks(ft, sf)
@@ -262,7 +195,7 @@ def safemerge_adapters(
         seed=seed, density=density if strategy != "linear" else None, ignored_safety_modules=ignored,
         carried_over=carried,
     )
-    from safemerge.safety.safemerge_io import build_layer_update, write_safemerge_output
+    from safemerge.safety.merge_writer import build_layer_update, write_safemerge_output
 
     with atomic_output(out, force=force, inputs=inputs) as tmp:
         write_safemerge_output(
@@ -270,12 +203,41 @@ def safemerge_adapters(
             update_fn=build_layer_update(ft, sf, merged, alpha=alpha, strategy=strategy, compat=compat,
                                          density=density, seed=seed),
             progress=cb, finetuned=finetuned, safety=safety, base=base, aligned_path=aligned,
-            evaluate=evaluate,
+            evaluate=evaluate, allow_nonfinite=allow_nonfinite,
         )
     return result
 
 
-def _check_equal_ranks(ft: Any, sf: Any) -> None:
+def _output_kind(ft: DeltaSource, sf: DeltaSource, target: Any, compat: str | None) -> str:
+    """``"adapter"`` (two LoRAs, no ``--merge-into``) or ``"model"``; refuses combinations that cannot be written."""
+    both_adapters = isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
+    if compat is not None and not both_adapters:
+        raise ConfigError("--compat reference needs two LoRA adapters",
+                          "pass adapter directories for --finetuned and --safety")
+    if target is not None or not isinstance(ft, AdapterDeltas):
+        return "model"  # --merge-into, or a full fine-tune: the fine-tuned model with merged layers
+    if ft.transposed:
+        raise SafemergeError(
+            f"{ft.path} has fan_in_fan_out/embedding modules, which cannot be written back as a merged adapter",
+            "pass --merge-into MODEL to write a full model instead",
+        )
+    if not isinstance(sf, AdapterDeltas):
+        raise SafemergeError(
+            "a full-model --safety update cannot be merged into an adapter",
+            "pass --merge-into MODEL (e.g. the aligned model) to write a full model",
+        )
+    return "adapter"
+
+
+def _ignored_safety_parts(ft: DeltaSource, sf: DeltaSource) -> list[str]:
+    """Safety-update modules the fine-tuned update does not touch, and the safety adapter's non-LoRA parts."""
+    ignored = sorted(set(sf.modules) - set(ft.modules))
+    if isinstance(sf, AdapterDeltas):
+        ignored += [f"{name} ({kind}, not applied)" for name, kind in sf.adapter.non_lora_parts().items()]
+    return ignored
+
+
+def _check_equal_ranks(ft: DeltaSource, sf: DeltaSource) -> None:
     for m in ft.modules:
         if m in sf.modules and ft.rank(m) != sf.rank(m):
             raise SafemergeError(
@@ -285,28 +247,6 @@ def _check_equal_ranks(ft: Any, sf: Any) -> None:
 
 
 # --------------------------------------------------------------------------- SafeLoRA
-@dataclass
-class SafeLoRAResult:
-    """What :func:`safelora` wrote: scores (``merged`` = projected), mode and threshold used."""
-
-    out: Path
-    output: str
-    scores: list[LayerScore]
-    mode: str
-    tau: float
-    num_layers: int | None = None
-    carried_over: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def projected(self) -> list[str]:
-        return [s.module for s in self.scores if s.merged]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": "safelora", "output": self.output, "mode": self.mode, "tau": self.tau,
-                "num_layers": self.num_layers, "projected": len(self.projected),
-                "layers": [s.to_dict() for s in self.scores], "carried_over": self.carried_over}
-
-
 def safelora(
     *,
     base: str | Path,
@@ -314,8 +254,8 @@ def safelora(
     finetuned: str | Path,
     out: str | Path,
     mode: str = "threshold",
-    tau: float = 0.5,
-    num_layers: int = 10,
+    tau: float = SAFELORA_TAU.default,
+    num_layers: int = SAFELORA_NUM_LAYERS.default,
     merge_into: str | Path | None = None,
     dtype: str | None = None,
     force: bool = False,
@@ -332,12 +272,11 @@ def safelora(
     """
     from safemerge.io.output import atomic_output
     from safemerge.safety.safelora import run_safelora
-    from safemerge.safety.selection import check_tau
     from safemerge.safety.writing import torch_dtype
 
     if mode not in ("threshold", "number"):
         raise ConfigError(f"unknown SafeLoRA mode {mode!r}", "use --mode threshold or --mode number")
-    tau = check_tau(tau)
+    tau = SAFELORA_TAU.check(tau, "--tau")
     torch_dtype(dtype)
     with atomic_output(out, force=force, inputs=(base, aligned, finetuned, merge_into)) as tmp:
         res = run_safelora(
@@ -356,7 +295,7 @@ def resta(
     aligned: str | Path,
     finetuned: str | Path,
     out: str | Path,
-    beta: float = 0.5,
+    beta: float = RESTA_BETA.default,
     dare_density: float | None = None,
     seed: int | None = None,
     dtype: str | None = None,
@@ -369,18 +308,41 @@ def resta(
     With ``dare_density = p`` the fine-tuning delta is first sparsified by DARE (Yu et al. 2024):
     ``θ = θ_aligned + DARE_p(θ_ft − θ_aligned) + β (θ_aligned − θ_unaligned)``. ``finetuned`` may
     be a full model, a LoRA adapter directory (applied to ``aligned``) or ``MODEL+ADAPTER``.
-    Writes a full model; returns its path.
+    Writes a full model (the registered ``resta`` method run by the engine on every tensor of
+    ``aligned``; DARE masks drawn per tensor from ``(seed, name)``, as ``merge_method: resta``); returns its path.
     """
-    from safemerge.io.output import atomic_output
-    from safemerge.safety.resta import run_resta
-    from safemerge.safety.writing import torch_dtype
+    from safemerge.io.output import atomic_output, write_model_card
+    from safemerge.methods.catalog import get_method
+    from safemerge.safety.full_model import open_ref, write_model
+    from safemerge.engine.tensorwise import plan_tensorwise
+    from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
     torch_dtype(dtype)
+    beta = RESTA_BETA.check(beta, "--beta")
+    density = None if dare_density is None else RESTA_DENSITY.check(dare_density, "--dare-density")
+    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
     with atomic_output(out, force=force, inputs=(unaligned, aligned, finetuned)) as tmp:
-        run_resta(tmp, unaligned=unaligned, aligned=aligned, finetuned=finetuned, beta=beta,
-                  dare_density=dare_density, seed=seed, dtype=dtype, allow_pickle=allow_pickle,
-                  allow_nonfinite=allow_nonfinite,
-                  progress=progress or _noop)
+        ckpts = {"aligned": open_ref(aligned, role="aligned", **reading),
+                 "unaligned": open_ref(unaligned, role="unaligned", **reading),
+                 "fine-tuned": open_ref(finetuned, on=aligned, role="finetuned", **reading)}
+        plan = plan_tensorwise(get_method("resta"), ckpts, reference="aligned", models=["aligned", "fine-tuned"],
+                               base="unaligned", params={"beta": beta, "density": density or 1.0}, dtype=dtype)
+        cb = progress or _noop
+        write_model(tmp, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite,
+                    progress=lambda d, n: cb("write", d, n))
+        params = [("method", "RESTA (Bhardwaj et al. 2024)"), ("beta", beta),
+                  ("dare density", density if density is not None else "none"), ("seed", seed),
+                  ("unaligned", str(unaligned)), ("aligned", str(aligned)), ("fine-tuned", str(finetuned))]
+        dare_note = ", with DARE on θ_ft − θ_aligned first" if density is not None and density < 1 else ""
+        write_model_card(tmp, title="RESTA re-aligned model", base_model=str(aligned),
+                         tags=["safemerge", "safety", "resta"],
+                         front_matter={"safemerge": {"method": "resta", "beta": beta, "dare_density": density,
+                                                     "seed": seed}},
+                         sections=[("RESTA", "θ = θ_ft + β (θ_aligned − θ_unaligned)" + dare_note + ".\n\n"
+                                    + params_markdown(params))])
+        write_json(tmp / "safemerge.json", {"method": "resta", "beta": beta, "dare_density": density, "seed": seed,
+                                            "unaligned": str(unaligned), "aligned": str(aligned),
+                                            "finetuned": str(finetuned)})
     return Path(out)
 
 
@@ -391,8 +353,8 @@ def mergealign(
     domain: str | Path,
     aligned: str | Path,
     out: str | Path,
-    lambda_domain: float = 0.5,
-    lambda_aligned: float = 0.5,
+    lambda_domain: float = MERGEALIGN_LAMBDA_DOMAIN.default,
+    lambda_aligned: float = MERGEALIGN_LAMBDA_ALIGNED.default,
     dtype: str | None = None,
     force: bool = False,
     allow_pickle: bool = False, allow_nonfinite: bool = False,
@@ -401,15 +363,36 @@ def mergealign(
     """MergeAlign (arXiv 2411.06824): ``θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)``.
 
     ``domain`` / ``aligned`` may be full models, adapter directories (applied to ``pretrained``)
-    or ``MODEL+ADAPTER`` references. Writes a full model; returns its path.
+    or ``MODEL+ADAPTER`` references. Writes a full model (the registered ``mergealign`` method run
+    by the engine on every tensor of ``pretrained``); returns its path.
     """
-    from safemerge.io.output import atomic_output
-    from safemerge.safety.mergealign import run_mergealign
-    from safemerge.safety.writing import torch_dtype
+    from safemerge.engine.tensorwise import plan_tensorwise
+    from safemerge.io.output import atomic_output, write_model_card
+    from safemerge.methods.catalog import get_method
+    from safemerge.safety.full_model import open_ref, write_model
+    from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
     torch_dtype(dtype)
+    ld = MERGEALIGN_LAMBDA_DOMAIN.check(lambda_domain, "--lambda-domain")
+    la = MERGEALIGN_LAMBDA_ALIGNED.check(lambda_aligned, "--lambda-aligned")
+    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
     with atomic_output(out, force=force, inputs=(pretrained, domain, aligned)) as tmp:
-        run_mergealign(tmp, pretrained=pretrained, domain=domain, aligned=aligned, lambda_domain=lambda_domain,
-                       lambda_aligned=lambda_aligned, dtype=dtype, allow_pickle=allow_pickle,
-                       allow_nonfinite=allow_nonfinite, progress=progress or _noop)
+        ckpts = {"pretrained": open_ref(pretrained, role="pretrained", **reading),
+                 "domain": open_ref(domain, on=pretrained, role="domain", **reading),
+                 "aligned": open_ref(aligned, on=pretrained, role="aligned", **reading)}
+        plan = plan_tensorwise(get_method("mergealign"), ckpts, reference="pretrained", models=["aligned", "domain"],
+                               base="pretrained", params={"lambda_domain": ld, "lambda_aligned": la}, dtype=dtype)
+        cb = progress or _noop
+        write_model(tmp, plan, ckpts, allow_nonfinite=allow_nonfinite, progress=lambda d, n: cb("write", d, n))
+        params = [("method", "MergeAlign (arXiv 2411.06824)"), ("lambda_domain", ld), ("lambda_aligned", la),
+                  ("pretrained", str(pretrained)), ("domain", str(domain)), ("aligned", str(aligned))]
+        write_model_card(tmp, title="MergeAlign model", base_model=str(pretrained),
+                         tags=["safemerge", "safety", "mergealign"],
+                         front_matter={"safemerge": {"method": "mergealign", "lambda_domain": ld,
+                                                     "lambda_aligned": la}},
+                         sections=[("MergeAlign", "θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre).\n\n"
+                                    + params_markdown(params))])
+        write_json(tmp / "safemerge.json", {"method": "mergealign", "lambda_domain": ld, "lambda_aligned": la,
+                                            "pretrained": str(pretrained), "domain": str(domain),
+                                            "aligned": str(aligned)})
     return Path(out)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.safety.subspace import SafetySubspace
 
@@ -31,10 +33,10 @@ class DeltaSource:
     kind: str
     modules: list[str]
 
-    def dense(self, module: str) -> Any:  # pragma: no cover - interface
+    def dense(self, module: str) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def lowrank(self, module: str) -> tuple[Any, Any] | None:
+    def lowrank(self, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
 
     def rank(self, module: str) -> int | None:
@@ -61,7 +63,7 @@ class AdapterDeltas(DeltaSource):
         self.adapter = load_adapter(self.path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
         self.adapter.base_model_type = subspace.aligned.config.get("model_type")
         self.role = role
-        self.modules = sorted(self.adapter, key=_module_sort_key)
+        self.modules = sorted(self.adapter, key=module_sort_key)
         for m in self.modules:
             out_dim, in_dim = subspace.shape(m)
             mod = self.adapter[m]
@@ -70,7 +72,8 @@ class AdapterDeltas(DeltaSource):
                 want = want[::-1]
             if want != (out_dim, in_dim):
                 raise CheckpointError(
-                    f"{role} {self.path}: module {m} gives ΔW of shape {want} but the model's weight is {(out_dim, in_dim)}",
+                    f"{role} {self.path}: module {m} gives ΔW of shape {want} "
+                    f"but the model's weight is {(out_dim, in_dim)}",
                     "use the adapter with the model it was trained on (check --aligned)",
                 )
 
@@ -78,7 +81,7 @@ class AdapterDeltas(DeltaSource):
     def transposed(self) -> bool:
         return any(self.adapter[m].transpose for m in self.modules)
 
-    def lowrank(self, module: str) -> tuple[Any, Any]:
+    def lowrank(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, s·B)`` in the base weight's orientation (transposed modules are flipped)."""
         mod = self.adapter[module]
         A, sB = mod.scaled_factors()
@@ -86,7 +89,7 @@ class AdapterDeltas(DeltaSource):
             return sB.T.contiguous(), A.T.contiguous()
         return A, sB
 
-    def dense(self, module: str) -> Any:
+    def dense(self, module: str) -> torch.Tensor:
         A, sB = self.lowrank(module)
         return sB @ A
 
@@ -111,7 +114,7 @@ class ModelDeltas(DeltaSource):
         allow_pickle: bool = False, allow_nonfinite: bool = False,
         role: str = "model",
     ) -> None:
-        from safemerge.io.checkpoint import open_checkpoint
+        from safemerge.io.references import open_checkpoint
 
         self.path = Path(str(path))
         # a directory, Hub id or MODEL+ADAPTER
@@ -123,19 +126,21 @@ class ModelDeltas(DeltaSource):
                 continue
             w = f"{m}.weight"
             if w not in self.ckpt:
-                raise CheckpointError(f"{role} {self.path} has no tensor {w!r}", "the fine-tuned model must share the aligned model's architecture")
+                raise CheckpointError(f"{role} {self.path} has no tensor {w!r}",
+                                      "the fine-tuned model must share the aligned model's architecture")
             if tuple(self.ckpt.shape(w)) != tuple(self.aligned.shape(w)):
                 raise CheckpointError(
-                    f"{w} has shape {tuple(self.ckpt.shape(w))} in {self.path} but {tuple(self.aligned.shape(w))} in the aligned model",
+                    f"{w} has shape {tuple(self.ckpt.shape(w))} in {self.path} "
+                    f"but {tuple(self.aligned.shape(w))} in the aligned model",
                     "the fine-tuned model must share the aligned model's architecture",
                 )
             subspace.weight_name(m)
             self.modules.append(m)
-        self.modules.sort(key=_module_sort_key)
+        self.modules.sort(key=module_sort_key)
         if not self.modules:
             raise SafemergeError(f"no target weights found in {self.path}", "check --targets (e.g. q_proj,v_proj)")
 
-    def dense(self, module: str) -> Any:
+    def dense(self, module: str) -> torch.Tensor:
         w = f"{module}.weight"
         return self.ckpt.get(w) - self.aligned.get(w)
 
@@ -177,16 +182,16 @@ def carried_over_parts(src: DeltaSource, model: Any, *, role: str = "--finetuned
     return parts
 
 
-_ORDER = {n: i for i, n in enumerate(
+MODULE_ORDER = {n: i for i, n in enumerate(
     ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"))}
 
 
-def _module_sort_key(module: str) -> tuple:
+def module_sort_key(module: str) -> tuple:
     """Model order: block index, then q, k, v, o, gate, up, down (others by name)."""
     from safemerge.io.checkpoint import layer_index
 
     idx = layer_index(module + ".weight")
-    return (idx if idx is not None else -1, _ORDER.get(module.rsplit(".", 1)[-1], len(_ORDER)), module)
+    return (idx if idx is not None else -1, MODULE_ORDER.get(module.rsplit(".", 1)[-1], len(MODULE_ORDER)), module)
 
 
 def open_deltas(

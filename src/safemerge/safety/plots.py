@@ -19,9 +19,10 @@ def heatmap(scores: list[LayerScore], path: str | Path, *, tau: float | None = N
     import numpy as np
 
     sources = list(dict.fromkeys(s.source for s in scores))
-    from safemerge.safety.deltas import _ORDER
+    from safemerge.safety.deltas import MODULE_ORDER
 
-    names = sorted(dict.fromkeys(s.name for s in scores), key=lambda n: (_ORDER.get(n.rsplit(".", 1)[-1], len(_ORDER)), n))
+    names = sorted(dict.fromkeys(s.name for s in scores),
+                   key=lambda n: (MODULE_ORDER.get(n.rsplit(".", 1)[-1], len(MODULE_ORDER)), n))
     layers = sorted({-1 if s.layer is None else s.layer for s in scores})
     li = {l: i for i, l in enumerate(layers)}
     ni = {n: i for i, n in enumerate(names)}
@@ -44,12 +45,14 @@ def heatmap(scores: list[LayerScore], path: str | Path, *, tau: float | None = N
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
         step = max(1, len(layers) // 16)
         ax.set_yticks(range(0, len(layers), step))
-        ax.set_yticklabels([("—" if layers[i] < 0 else str(layers[i])) for i in range(0, len(layers), step)], fontsize=7)
+        ax.set_yticklabels([("—" if layers[i] < 0 else str(layers[i])) for i in range(0, len(layers), step)],
+                           fontsize=7)
         ax.set_ylabel("layer")
         ax.set_title(src, fontsize=9)
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), label="ρ = cos(CΔW, ΔW)", fraction=0.04)
-    fig.suptitle(title or "safety similarity per layer" + (f" (× = merged, ρ < {tau:g})" if tau is not None else ""), fontsize=10)
+    fig.suptitle(title or "safety similarity per layer" + (f" (× = merged, ρ < {tau:g})" if tau is not None else ""),
+                 fontsize=10)
     out = Path(path)
     fig.savefig(out, dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)

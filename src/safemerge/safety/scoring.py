@@ -3,20 +3,22 @@
 For every target module the safety vector ``V = W_aligned − W_base`` is read once and every
 input that adapts that module is scored with ρ = cos(C ΔW, ΔW) (Hsu et al. 2024, Eq. 2):
 low-rank traces for adapters, the dense projection for full fine-tunes
-(:mod:`safemerge.safety.similarity`).
+(:mod:`safemerge.methods.similarity`).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from safemerge.safety.deltas import DeltaSource, _module_sort_key
-from safemerge.safety.selection import LayerScore
+import torch
+
 from safemerge.errors import SafemergeError
-from safemerge.safety.similarity import V_NORM_EPS, rho_dense, rho_lowrank
+from safemerge.methods.similarity import V_NORM_EPS, rho_dense, rho_lowrank
+from safemerge.safety.deltas import DeltaSource, module_sort_key
+from safemerge.safety.selection import LayerScore
 from safemerge.safety.subspace import SafetySubspace
 
 
-def _block_name(module: str) -> tuple[int | None, str]:
+def block_name(module: str) -> tuple[int | None, str]:
     from safemerge.io.checkpoint import split_layer_name
 
     parts = split_layer_name(module + ".weight")
@@ -25,7 +27,7 @@ def _block_name(module: str) -> tuple[int | None, str]:
     return parts[1], parts[2][: -len(".weight")]
 
 
-def delta_norm_lowrank(A, sB) -> float:
+def delta_norm_lowrank(A: torch.Tensor, sB: torch.Tensor) -> float:
     """``‖sBA‖_F = sqrt(tr(BᵀB · AAᵀ))`` (r × r; Hu et al. 2021 factors)."""
     a = A.double()
     b = sB.double()
@@ -44,9 +46,7 @@ def score_sources(
     Returns one list of :class:`LayerScore` per source, in model order (block, then name).
     ``on_module`` is called after each module (progress reporting).
     """
-    import torch
-
-    modules = sorted({m for s in sources for m in s.modules}, key=_module_sort_key)
+    modules = sorted({m for s in sources for m in s.modules}, key=module_sort_key)
     members = [set(s.modules) for s in sources]
     results: list[list[LayerScore]] = [[] for _ in sources]
     for module in modules:
@@ -57,7 +57,7 @@ def score_sources(
                 "--base must be the unaligned model and --aligned the safety-aligned one; "
                 "or leave this module out with --targets",
             )
-        layer, name = _block_name(module)
+        layer, name = block_name(module)
         for i, src in enumerate(sources):
             if module not in members[i]:
                 continue

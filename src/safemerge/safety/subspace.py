@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from safemerge.errors import CheckpointError, SafemergeError
 
 
@@ -23,7 +25,7 @@ def open_model(ref: Any, *, allow_pickle: bool = False, allow_nonfinite: bool = 
     """Open a model directory, Hub id or ``MODEL+ADAPTER`` (or pass a Checkpoint through), naming ``role`` in errors."""
     if hasattr(ref, "get") and hasattr(ref, "shape"):
         return ref
-    from safemerge.io.checkpoint import open_checkpoint
+    from safemerge.io.references import open_checkpoint
 
     p = Path(str(ref))
     if (p / "adapter_config.json").exists():
@@ -47,7 +49,7 @@ class SafetyVector:
 
     module: str
     weight: str
-    V: Any
+    V: torch.Tensor
     norm: float
 
 
@@ -66,7 +68,8 @@ class SafetySubspace:
         ab, aa = self.base.architecture, self.aligned.architecture
         if ab and aa and ab != aa:
             raise CheckpointError(
-                f"architectures differ: the base model {self.base.path} is {ab} but the aligned model {self.aligned.path} is {aa}",
+                f"architectures differ: the base model {self.base.path} is {ab} "
+                f"but the aligned model {self.aligned.path} is {aa}",
                 "--base must be the pre-trained model that --aligned was aligned from",
             )
 
@@ -86,7 +89,8 @@ class SafetySubspace:
                 "--base and --aligned must share one architecture",
             )
         if len(sa) != 2:
-            raise CheckpointError(f"{w} is {len(sa)}-D; only 2-D weights have a safety subspace", "target linear layers only")
+            raise CheckpointError(f"{w} is {len(sa)}-D; only 2-D weights have a safety subspace",
+                                  "target linear layers only")
         return w
 
     def shape(self, module: str) -> tuple[int, int]:
@@ -95,8 +99,6 @@ class SafetySubspace:
 
     def vector(self, module: str) -> SafetyVector:
         """Read ``V = W_aligned − W_base`` for one module (float32)."""
-        import torch
-
         w = self.weight_name(module)
         V = self.aligned.get(w) - self.base.get(w)
         return SafetyVector(module, w, V, float(torch.linalg.vector_norm(V)))

@@ -1,77 +1,33 @@
-"""Writing the safety methods' outputs: PEFT adapters, full models streamed tensor by tensor,
-model cards that record every parameter and every layer's decision.
+"""Pieces of the safety methods' outputs: adapter side files, the full-model update of an adapter's
+non-LoRA parts, model-card sections that record every parameter and every layer's decision.
 
-All writers work inside a temporary directory from :func:`safemerge.io.output.atomic_output`;
-the caller renames it into place only when everything is written.
+Full models are written by the engine (:mod:`safemerge.safety.full_model`); everything here works
+inside a temporary directory from :func:`safemerge.io.output.atomic_output`.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from safemerge.engine.tensorwise import TensorUpdate
 from safemerge.errors import SafemergeError
+from safemerge.safety.deltas import DeltaSource
+from safemerge.safety.selection import LayerScore
 
 
-def torch_dtype(name: str | None) -> Any:
+def torch_dtype(name: str | None) -> torch.dtype | None:
     """``"bfloat16"`` → ``torch.bfloat16`` (``None`` stays ``None``); unknown names are a user error."""
     if name is None:
         return None
-    import torch
-
     allowed = {"float32", "float16", "bfloat16"}
     n = str(name).replace("torch.", "")
     if n not in allowed:
         raise SafemergeError(f"unsupported --dtype {name!r}", "use float32, float16 or bfloat16")
     return getattr(torch, n)
-
-
-def write_full_model(
-    tmp: Path,
-    model: Any,
-    update: Callable[[str, Any], Any | None],
-    *,
-    dtype: str | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    metadata: dict[str, str] | None = None,
-) -> int:
-    """Stream every tensor of ``model`` into ``tmp``, replacing those for which ``update`` returns a tensor.
-
-    Args:
-        tmp: output directory (temporary).
-        model: a Checkpoint (``names()``, ``shape()``, ``dtype_name()``, ``get()``).
-        update: ``(tensor_name, float32 tensor) → new float32 tensor`` or ``None`` to keep it.
-        dtype: storage dtype (default: each tensor's stored dtype).
-
-    Returns the number of tensors replaced. Config, generation config and tokenizer files are
-    copied from the model directory.
-    """
-    from safemerge.io.output import ShardWriter, copy_model_files
-
-    names = model.names()
-    plan = [(n, tuple(model.shape(n))) for n in names]
-    dtypes = {}
-    for n in names:
-        stored = model.dtype_name(n)
-        floating = stored.startswith(("float", "bfloat"))
-        dtypes[n] = (dtype if (dtype and floating) else stored)
-    writer = ShardWriter(tmp, plan=plan, plan_dtypes=dtypes, metadata=metadata)
-    changed = 0
-    for i, n in enumerate(names):
-        t = model.get(n) if dtypes[n].startswith(("float", "bfloat")) else model.get(n, dtype=None)
-        new = update(n, t) if t.is_floating_point() else None
-        if new is not None:
-            changed += 1
-            t = new
-        writer.add(n, t)
-        del t, new
-        if progress is not None:
-            progress(i + 1, len(names))
-    writer.finish()
-    src = Path(model.path)
-    copy_model_files(src if src.is_dir() else src.parent, tmp)
-    return changed
 
 
 def copy_adapter_side_files(src_dir: Path, tmp: Path) -> None:
@@ -97,7 +53,7 @@ def carried_over_section(parts: dict[str, str]) -> tuple[str, str] | None:
             "unchanged.\n\n" + "\n".join(rows))
 
 
-def adapter_update_fn(src: Any, lora_update: Callable[[str, Any], Any | None]) -> Callable[[str, Any], Any | None]:
+def adapter_update_fn(src: DeltaSource, lora_update: TensorUpdate) -> TensorUpdate:
     """Full-model writer update: the fine-tuned adapter's non-LoRA parts, then ``lora_update``.
 
     ``src`` is the fine-tuned :class:`~safemerge.safety.deltas.DeltaSource`; for an adapter its
@@ -108,7 +64,7 @@ def adapter_update_fn(src: Any, lora_update: Callable[[str, Any], Any | None]) -
     if adapter is None:
         return lora_update
 
-    def update(name: str, t: Any) -> Any | None:
+    def update(name: str, t: torch.Tensor) -> torch.Tensor | None:
         carried = adapter.apply_non_lora(name, t)
         new = lora_update(name, t if carried is None else carried)
         return carried if new is None else new
@@ -116,14 +72,15 @@ def adapter_update_fn(src: Any, lora_update: Callable[[str, Any], Any | None]) -
     return update
 
 
-def scores_table_markdown(scores: Iterable[Any], *, decision: str = "merged") -> str:
+def scores_table_markdown(scores: Iterable[LayerScore], *, decision: str = "merged") -> str:
     """Markdown table: module, layer, ρ, ‖ΔW‖_F, decision (one row per layer)."""
     from safemerge.io.output import md_escape
 
     rows = [f"| module | layer | ρ | ‖ΔW‖_F | {decision} |", "|---|---:|---:|---:|:---:|"]
     for s in scores:
         layer = "" if s.layer is None else str(s.layer)
-        rows.append(f"| {md_escape(s.module)} | {layer} | {s.rho:.6f} | {s.delta_norm:.6g} | {'yes' if s.merged else 'no'} |")
+        decided = "yes" if s.merged else "no"
+        rows.append(f"| {md_escape(s.module)} | {layer} | {s.rho:.6f} | {s.delta_norm:.6g} | {decided} |")
     return "\n".join(rows)
 
 

@@ -1,7 +1,8 @@
 """SafeMERGE per-layer updates and output writing (adapter or full model + model card).
 
-The math lives in :mod:`safemerge.safety.safemerge`; this module decides, per fine-tuned module,
-which realisation applies and streams the result into the output directory.
+The math lives in :mod:`safemerge.methods.update_merge`; this module decides, per fine-tuned module,
+which realisation applies and writes the result: the exact low-rank adapter here, a full model as an
+engine plan (:func:`safemerge.safety.full_model.write_updated_model`).
 """
 from __future__ import annotations
 
@@ -10,19 +11,33 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from safemerge.engine.tensorwise import TensorUpdate
 from safemerge.errors import CheckpointError
+from safemerge.io.adapter import save_adapter
+from safemerge.io.output import markdown_section, md_escape, write_model_card
+from safemerge.methods.update_merge import merge_dense, merge_linear_factors, merge_reference_factors, truncate_svd
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource
+from safemerge.safety.full_model import write_updated_model
+from safemerge.safety.results import SafeMergeResult
+from safemerge.safety.writing import (
+    adapter_update_fn, carried_over_section, copy_adapter_side_files, params_markdown, scores_table_markdown,
+    torch_dtype, write_json,
+)
+
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
 class LayerUpdate:
     """The final ΔW of one module: exact factors ``(A, B)`` (ΔW = B A) or a dense tensor."""
 
-    factors: tuple[Any, Any] | None = None
-    dense: Any = None
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None
+    dense: torch.Tensor | None = None
     svd_rank: int | None = None
 
-    def as_dense(self) -> Any:
+    def as_dense(self) -> torch.Tensor:
         if self.dense is not None:
             return self.dense
         A, B = self.factors  # type: ignore[misc]
@@ -38,13 +53,9 @@ def build_layer_update(
     Merged modules (ρ < τ) get ``α ΔW_f + (1−α) ΔW_s`` (``ΔW_s = 0`` where the safety adapter
     does not adapt the module, as PEFT's weighted merge does); others keep ``ΔW_f``.
     """
-    import torch
-
-    from safemerge.safety.safemerge import merge_dense, merge_linear_factors, merge_reference_factors
-
     sf_mods = set(sf.modules)
 
-    def raw(src: AdapterDeltas, m: str) -> tuple[Any, Any, float]:
+    def raw(src: AdapterDeltas, m: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         mod = src.adapter[m]
         return mod.A.float(), mod.B.float(), mod.scaling
 
@@ -77,10 +88,8 @@ def build_layer_update(
     return update
 
 
-def _card(result: Any, *, finetuned: Any, safety: Any, base: Any, aligned: Any, merge_into: Any, eval_md: str | None) -> tuple[dict, list]:
-    from safemerge.io.output import markdown_section, md_escape
-    from safemerge.safety.writing import carried_over_section, params_markdown, scores_table_markdown
-
+def _card(result: SafeMergeResult, *, finetuned: Any, safety: Any, base: Any, aligned: Any, merge_into: Any,
+          eval_md: str | None) -> tuple[dict, list]:
     params = [
         ("method", "SafeMERGE (Djuhera et al. 2025)"),
         ("tau (merge where ρ < τ)", result.tau),
@@ -122,70 +131,91 @@ def _card(result: Any, *, finetuned: Any, safety: Any, base: Any, aligned: Any, 
     return fm, sections
 
 
+LayerUpdates = Callable[[str], LayerUpdate]
+
+
+def _write_adapter(tmp: Path, result: SafeMergeResult, ft: AdapterDeltas, update_fn: LayerUpdates, *,
+                   dtype: str | None, aligned_path: Any, progress: Progress) -> str:
+    """The merged adapter: exact factors, or dense layers truncated back to rank r_f + r_s by SVD.
+
+    Records each truncated layer's relative error and rank in ``result``; returns the card's base model.
+    """
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, m in enumerate(ft.modules):
+        upd = update_fn(m)
+        if upd.factors is not None:
+            A, B = upd.factors
+        else:
+            A, B, err = truncate_svd(upd.dense, upd.svd_rank or 1)
+            result.reconstruction_error[m] = err
+            result.svd_ranks[m] = int(A.shape[0])
+        factors[m] = (A.contiguous(), B.contiguous())
+        progress("write", i + 1, len(ft.modules))
+    base_name = ft.adapter.base_model_name_or_path or str(aligned_path)
+    save_adapter(tmp, factors, base_model_name_or_path=base_name, dtype=torch_dtype(dtype),
+                 extra_config=ft.adapter.non_lora_config(), extra_tensors=ft.adapter.non_lora_tensors())
+    copy_adapter_side_files(ft.path, tmp)
+    return base_name
+
+
+def _check_target(model: Any, aligned: Any, modules: list[str]) -> None:
+    """Every merged module's weight exists in the written model with the aligned model's shape."""
+    for m in modules:
+        w = f"{m}.weight"
+        if w not in model:
+            raise CheckpointError(f"--merge-into model {model.path} has no tensor {w!r}",
+                                  "merge into the model the adapters were trained on")
+        if tuple(model.shape(w)) != tuple(aligned.shape(w)):
+            raise CheckpointError(
+                f"{w} has shape {tuple(model.shape(w))} in {model.path} but {tuple(aligned.shape(w))} "
+                "in the aligned model", "merge into the model the adapters were trained on")
+
+
+def _model_update(ft: DeltaSource, merged: set[str], update_fn: LayerUpdates, *, onto_ft: bool) -> TensorUpdate:
+    """Per-tensor update of the written model.
+
+    ``onto_ft``: the model is the full fine-tune itself — merged layers change by ``ΔW' − ΔW_f``,
+    the rest stay; otherwise (``--merge-into``) every adapted layer gets its final ``ΔW'`` added.
+    """
+    wanted = {f"{m}.weight": m for m in ft.modules}
+
+    def update(name: str, t: torch.Tensor) -> torch.Tensor | None:
+        m = wanted.get(name)
+        if m is None or (onto_ft and m not in merged):
+            return None
+        if onto_ft:
+            return t + (update_fn(m).as_dense() - ft.dense(m))
+        return t + update_fn(m).as_dense()
+
+    return update
+
+
 def write_safemerge_output(
-    tmp: Path, result: Any, *, ft: DeltaSource, sf: DeltaSource, merged: set[str], target: Any, aligned: Any,
-    dtype: str | None, update_fn: Callable[[str], LayerUpdate], progress: Callable[[str, int, int], None],
-    finetuned: Any, safety: Any, base: Any, aligned_path: Any, evaluate: Any = None,
+    tmp: Path, result: SafeMergeResult, *, ft: DeltaSource, sf: DeltaSource, merged: set[str], target: Any,
+    aligned: Any, dtype: str | None, update_fn: LayerUpdates, progress: Progress, finetuned: Any, safety: Any,
+    base: Any, aligned_path: Any, evaluate: Callable[[Path], tuple[Any, str]] | None = None,
+    allow_nonfinite: bool = False,
 ) -> None:
-    """Write the adapter (exact factors / truncated SVD) or the full model, then the model card."""
-    from safemerge.io.adapter import save_adapter
-    from safemerge.io.output import write_model_card
-    from safemerge.safety.safemerge import truncate_svd
-    from safemerge.safety.writing import (
-        adapter_update_fn, copy_adapter_side_files, torch_dtype, write_full_model, write_json,
-    )
-
+    """Write the adapter (exact factors / truncated SVD) or the full model (an engine plan), then the model card."""
     result.svd_ranks = {}
-    mods = list(ft.modules)
     if result.output == "adapter":
-        factors: dict[str, tuple[Any, Any]] = {}
-        for i, m in enumerate(mods):
-            upd = update_fn(m)
-            if upd.factors is not None:
-                A, B = upd.factors
-            else:
-                A, B, err = truncate_svd(upd.dense, upd.svd_rank or 1)
-                result.reconstruction_error[m] = err
-                result.svd_ranks[m] = int(A.shape[0])
-            factors[m] = (A.contiguous(), B.contiguous())
-            progress("write", i + 1, len(mods))
-        base_name = ft.adapter.base_model_name_or_path if isinstance(ft, AdapterDeltas) else None
-        save_adapter(tmp, factors, base_model_name_or_path=base_name or str(aligned_path), dtype=torch_dtype(dtype),
-                     extra_config=ft.adapter.non_lora_config(), extra_tensors=ft.adapter.non_lora_tensors())
-        copy_adapter_side_files(ft.path, tmp)
-        base_model_card = base_name or str(aligned_path)
+        assert isinstance(ft, AdapterDeltas)
+        base_model_card = _write_adapter(tmp, result, ft, update_fn, dtype=dtype, aligned_path=aligned_path,
+                                         progress=progress)
     else:
-        write_onto_ft = target is None  # full fine-tuned model: stream it, replace merged layers
-        model = ft.ckpt if write_onto_ft else target  # type: ignore[attr-defined]
-        for m in mods:
-            w = f"{m}.weight"
-            if w not in model:
-                raise CheckpointError(f"--merge-into model {model.path} has no tensor {w!r}", "merge into the model the adapters were trained on")
-            if tuple(model.shape(w)) != tuple(aligned.shape(w)):
-                raise CheckpointError(
-                    f"{w} has shape {tuple(model.shape(w))} in {model.path} but {tuple(aligned.shape(w))} in the aligned model",
-                    "merge into the model the adapters were trained on",
-                )
-        wanted = {f"{m}.weight": m for m in mods}
-
-        def upd(name: str, t: Any) -> Any:
-            m = wanted.get(name)
-            if m is None:
-                return None
-            if write_onto_ft:
-                if m not in merged:
-                    return None
-                return t + (update_fn(m).as_dense() - ft.dense(m))
-            return t + update_fn(m).as_dense()
-
-        write_full_model(tmp, model, adapter_update_fn(ft, upd), dtype=dtype,
-                         progress=lambda d, n: progress("write", d, n))
+        model = ft.ckpt if target is None else target  # type: ignore[attr-defined]
+        _check_target(model, aligned, list(ft.modules))
+        update = _model_update(ft, merged, update_fn, onto_ft=target is None)
+        write_updated_model(tmp, model, adapter_update_fn(ft, update), method="safemerge", dtype=dtype,
+                            allow_nonfinite=allow_nonfinite, progress=lambda d, n: progress("write", d, n))
         base_model_card = str(model.path)
     eval_md = None
     if evaluate is not None:
         result.evaluation, eval_md = evaluate(tmp)
     fm, sections = _card(result, finetuned=finetuned, safety=safety, base=base, aligned=aligned_path,
                          merge_into=None if target is None else target.path, eval_md=eval_md)
-    write_model_card(tmp, title="SafeMERGE merge", base_model=base_model_card, tags=["safemerge", "safety", "lora" if result.output == "adapter" else "merge"],
-                     front_matter=fm, sections=sections, library_name="peft" if result.output == "adapter" else "transformers")
+    adapter = result.output == "adapter"
+    write_model_card(tmp, title="SafeMERGE merge", base_model=base_model_card,
+                     tags=["safemerge", "safety", "lora" if adapter else "merge"], front_matter=fm, sections=sections,
+                     library_name="peft" if adapter else "transformers")
     write_json(tmp / "safemerge.json", result.to_dict())

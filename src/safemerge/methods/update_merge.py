@@ -1,4 +1,4 @@
-"""SafeMERGE layer merging (Djuhera et al. 2025, arXiv 2503.17239, §3).
+"""Merging two updates of one layer — SafeMERGE's per-layer combination (Djuhera et al. 2025, arXiv 2503.17239, §3).
 
 For every adapted layer i with ``ρ_i < τ`` the fine-tuned update is replaced by::
 
@@ -21,17 +21,20 @@ and every other layer keeps ``ΔW_f,i``. Three ways to realise it:
 """
 from __future__ import annotations
 
-import hashlib
 import math
-from typing import Any
+
+import torch
 
 from safemerge.errors import ConfigError, SafemergeError
+from safemerge.methods.catalog import get_method
+from safemerge.methods.seeding import tensor_generator
 
 STRATEGIES = ("linear", "dare_linear", "ties", "dare_ties")
 COMPAT_MODES = ("reference",)
 
 
-def merge_linear_factors(A_f: Any, sB_f: Any, A_s: Any, sB_s: Any, alpha: float) -> tuple[Any, Any]:
+def merge_linear_factors(A_f: torch.Tensor, sB_f: torch.Tensor, A_s: torch.Tensor, sB_s: torch.Tensor,
+                         alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact SafeMERGE linear merge as a LoRA of rank ``r_f + r_s``.
 
     Args:
@@ -41,16 +44,15 @@ def merge_linear_factors(A_f: Any, sB_f: Any, A_s: Any, sB_s: Any, alpha: float)
 
     Returns ``(A', B')`` with ``B' @ A' = α ΔW_f + (1−α) ΔW_s`` exactly (scaling 1).
     """
-    import torch
-
     A = torch.cat([A_f, A_s], dim=0)
     B = torch.cat([sB_f * alpha, sB_s * (1.0 - alpha)], dim=1)
     return A, B
 
 
 def merge_reference_factors(
-    A_f: Any, B_f: Any, s_f: float, A_s: Any, B_s: Any, s_s: float, w_f: float, w_s: float
-) -> tuple[Any, Any]:
+    A_f: torch.Tensor, B_f: torch.Tensor, s_f: float, A_s: torch.Tensor, B_s: torch.Tensor, s_s: float,
+    w_f: float, w_s: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PEFT 0.14 ``linear`` factor-wise mixing, as the SafeMERGE reference code uses it.
 
     ``A' = √(w_f s_f) A_f + √(w_s s_s) A_s`` and ``B' = √(w_f s_f) B_f + √(w_s s_s) B_s``
@@ -66,68 +68,33 @@ def merge_reference_factors(
     return A_f * cf + A_s * cs, B_f * cf + B_s * cs
 
 
-def layer_generator(seed: int | None, module: str) -> Any:
-    """A torch RNG seeded from ``(seed, module)``: results do not depend on processing order."""
-    import torch
-
-    digest = hashlib.sha256(f"{0 if seed is None else int(seed)}:{module}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def call_registered(name: str, tensors: list[Any], base: Any, *, per_model: dict[str, list], params: dict[str, Any], generator: Any) -> Any:
-    """Call a registered merge method with its declared defaults filled in and values validated."""
-    from safemerge.methods.registry import REQUIRED, get_method
-
-    method = get_method(name)
-    pm: dict[str, list] = {}
-    for p in method.per_model_params:
-        vals = per_model.get(p.name)
-        if vals is None:
-            if p.default is REQUIRED:
-                raise ConfigError(f"merge method {name!r} needs per-model parameter {p.name!r}", p.help or None)
-            vals = [p.default] * len(tensors)
-        pm[p.name] = [p.check(v, f"{name}.{p.name}") for v in vals]
-    gp: dict[str, Any] = {}
-    for p in method.global_params:
-        v = params.get(p.name, p.default)
-        if v is REQUIRED:
-            raise ConfigError(f"merge method {name!r} needs parameter {p.name!r}", p.help or None)
-        gp[p.name] = p.check(v, f"{name}.{p.name}")
-    return method.fn(tensors, base, per_model=pm, params=gp, generator=generator)
-
-
 def merge_dense(
-    delta_f: Any, delta_s: Any, *, alpha: float, strategy: str, density: float, module: str, seed: int | None,
-    extra_params: dict[str, Any] | None = None,
-) -> Any:
+    delta_f: torch.Tensor, delta_s: torch.Tensor, *, alpha: float, strategy: str, density: float, module: str,
+    seed: int | None, extra_params: dict[str, float | bool] | None = None,
+) -> torch.Tensor:
     """Merge two dense layer deltas with a registered method (DARE / TIES), weights ``(α, 1−α)``.
 
     The method runs on a zero base, so its output *is* the merged delta. ``density`` is the
-    per-model keep fraction; the RNG is seeded per module (:func:`layer_generator`).
+    per-model keep fraction; the RNG is the engine's for the module's weight tensor
+    (:func:`~safemerge.methods.seeding.tensor_generator` of ``module.weight``).
     """
-    import torch
-
     if strategy == "linear":
         return delta_f * alpha + delta_s * (1.0 - alpha)
-    zero = torch.zeros_like(delta_f)
-    return call_registered(
-        strategy,
+    return get_method(strategy).call(
         [delta_f, delta_s],
-        zero,
+        torch.zeros_like(delta_f),
         per_model={"weight": [alpha, 1.0 - alpha], "density": [density, density]},
         params=dict(extra_params or {}),
-        generator=layer_generator(seed, module),
+        generator=tensor_generator(seed, f"{module}.weight"),
     )
 
 
-def truncate_svd(D: Any, rank: int) -> tuple[Any, Any, float]:
+def truncate_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-``rank`` factors of ``D`` (Eckart–Young): ``(A, B, ‖D − BA‖_F / ‖D‖_F)``.
 
     ``B = U_k Σ_k`` (out × k) and ``A = V_kᵀ`` (k × in); the sign of each singular pair is fixed
     (largest-|entry| of ``U`` positive) so the output is deterministic.
     """
-    import torch
-
     U, S, Vh = torch.linalg.svd(D.double(), full_matrices=False)
     k = min(rank, S.shape[0])
     U, S, Vh = U[:, :k], S[:k], Vh[:k]
@@ -147,6 +114,8 @@ def check_strategy(strategy: str, compat: str | None) -> None:
     if strategy not in STRATEGIES:
         raise ConfigError(f"unknown strategy {strategy!r}", f"use one of: {', '.join(STRATEGIES)}")
     if compat is not None and compat not in COMPAT_MODES:
-        raise ConfigError(f"unknown --compat mode {compat!r}", "the only mode is 'reference' (PEFT 0.14 factor-wise mixing)")
+        raise ConfigError(f"unknown --compat mode {compat!r}",
+                          "the only mode is 'reference' (PEFT 0.14 factor-wise mixing)")
     if compat is not None and strategy != "linear":
-        raise ConfigError("--compat reference only applies to --strategy linear", "drop --compat or use --strategy linear")
+        raise ConfigError("--compat reference only applies to --strategy linear",
+                          "drop --compat or use --strategy linear")

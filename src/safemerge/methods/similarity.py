@@ -23,13 +23,13 @@ Llama-3.1-8B ``gate_proj``), so this module never builds it:
 """
 from __future__ import annotations
 
-from typing import Any
+import torch
 
 V_NORM_EPS = 1e-9
 """Below this ‖V‖_F the layer has no safety direction (the reference code's C = 0 rule)."""
 
 
-def _trace_prod(x: Any, y: Any) -> float:
+def _trace_prod(x: torch.Tensor, y: torch.Tensor) -> float:
     """``tr(X Y)`` for square X, Y without forming the product: ``Σ_ij X_ij Y_ji`` (float64)."""
     return float((x.double() * y.double().T).sum())
 
@@ -41,7 +41,7 @@ def _cosine(inner: float, proj_sq: float, delta_sq: float) -> float:
     return float(min(1.0, max(-1.0, rho)))
 
 
-def rho_lowrank(V: Any, A: Any, B: Any, v_norm: float | None = None) -> float:
+def rho_lowrank(V: torch.Tensor, A: torch.Tensor, B: torch.Tensor, v_norm: float | None = None) -> float:
     """SafeLoRA/SafeMERGE similarity of a LoRA update ``ΔW ∝ B A`` (Hsu et al. 2024, Eq. 2).
 
     Computes ``cos(vec(C B A), vec(B A))`` with ``C = V Vᵀ/‖V‖_F`` through r × r traces
@@ -53,8 +53,6 @@ def rho_lowrank(V: Any, A: Any, B: Any, v_norm: float | None = None) -> float:
         A: r × in.  B: out × r.
         v_norm: ``‖V‖_F`` if already known.
     """
-    import torch
-
     vn = float(torch.linalg.vector_norm(V)) if v_norm is None else float(v_norm)
     if vn < V_NORM_EPS:
         return 0.0
@@ -69,14 +67,12 @@ def rho_lowrank(V: Any, A: Any, B: Any, v_norm: float | None = None) -> float:
     return _cosine(inner, proj_sq, delta_sq)
 
 
-def project_dense(V: Any, D: Any, v_norm: float | None = None) -> Any:
+def project_dense(V: torch.Tensor, D: torch.Tensor, v_norm: float | None = None) -> torch.Tensor:
     """``C D = V Vᵀ D / ‖V‖_F`` choosing the cheaper association (never a max(out,in)² matrix).
 
     Used for SafeLoRA's ``B ← C B`` (D = B, out × r: ``V (Vᵀ B)``, O(out·in·r)) and for dense
     full-fine-tune deltas. Returns zeros when ``‖V‖_F < 1e-9`` (the reference's C = 0 rule).
     """
-    import torch
-
     vn = float(torch.linalg.vector_norm(V)) if v_norm is None else float(v_norm)
     if vn < V_NORM_EPS:
         return torch.zeros_like(D)
@@ -88,14 +84,12 @@ def project_dense(V: Any, D: Any, v_norm: float | None = None) -> Any:
     return ((V @ V.T) @ D) / vn
 
 
-def rho_dense(V: Any, D: Any, v_norm: float | None = None) -> float:
+def rho_dense(V: torch.Tensor, D: torch.Tensor, v_norm: float | None = None) -> float:
     """Similarity of a dense update ``D = ΔW`` (full fine-tune): ``cos(V(VᵀD)/‖V‖_F, D)``.
 
     Uses ``⟨CD, D⟩ = ‖VᵀD‖²/‖V‖_F`` and ``‖CD‖`` from :func:`project_dense`; the largest
     intermediate is min(out, in)².
     """
-    import torch
-
     vn = float(torch.linalg.vector_norm(V)) if v_norm is None else float(v_norm)
     if vn < V_NORM_EPS:
         return 0.0
@@ -114,15 +108,13 @@ def rho_dense(V: Any, D: Any, v_norm: float | None = None) -> float:
     return _cosine(inner, proj_sq, delta_sq)
 
 
-def rho_materialized(V: Any, D: Any) -> float:
+def rho_materialized(V: torch.Tensor, D: torch.Tensor) -> float:
     """The reference implementation: materialise ``C = V Vᵀ/‖V‖_F`` (out × out), then cosine.
 
     This is what the SafeLoRA and SafeMERGE reference code does
     (``compute_safelora_projection_matrices`` + ``compute_safelora_cos``). Kept only as the
     oracle for tests and the baseline for ``bench/safety_speed.py``; never used by the tool.
     """
-    import torch
-
     vn = float(torch.linalg.vector_norm(V))
     if vn < V_NORM_EPS:
         C = torch.zeros(V.shape[0], V.shape[0], dtype=V.dtype)

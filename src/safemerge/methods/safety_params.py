@@ -1,0 +1,46 @@
+"""The one home of the safety methods' parameters, defaults and selection rules.
+
+Every caller — the registered YAML methods (:mod:`.safety`), ``safemerge.safety.api``, the CLI
+defaults and validation, layer selection (:mod:`safemerge.safety.selection`) and the automatic
+τ/α search (``safemerge.autotune``) — reads them from here. Each :class:`Param` declares its
+default and range; :meth:`Param.check` is the only validator (``check(value, "--tau")`` names the
+flag in the error).
+
+* SafeMERGE (Djuhera et al. 2025, arXiv 2503.17239, §3): layer i is merged iff ``ρ_i < τ``
+  (strict), τ = 0.35 and α = 0.8 by default (the reference code's values).
+* SafeLoRA (Hsu et al. 2024, arXiv 2405.16833, §3.2): project iff ``ρ_i ≤ τ``; τ = 0.5
+  (threshold mode), K = 10 (number mode).
+* RESTA (Bhardwaj et al. 2024, Eq. 1): β = 0.5; DARE keep fraction in (0, 1], 1 = none.
+* MergeAlign (arXiv 2411.06824): λ_D = λ_A = 0.5.
+
+Torch-free, so the CLI can read the defaults at import time.
+"""
+from __future__ import annotations
+
+from safemerge.methods.registry import Param
+
+_TAU_HELP = "ρ threshold, a cosine in [-1, 1]"
+
+SAFEMERGE_TAU = Param("tau", 0.35, low=-1.0, high=1.0, help=_TAU_HELP + " (merge where ρ < tau), e.g. 0.35")
+SAFEMERGE_ALPHA = Param("alpha", 0.8, low=0.0, high=1.0, help="weight of the fine-tuned update in [0, 1], e.g. 0.8")
+SAFEMERGE_DENSITY = Param("density", 0.5, low=0.0, low_open=True, high=1.0,
+                          help="keep fraction for dare_linear/ties/dare_ties in (0, 1], e.g. 0.5")
+SAFELORA_TAU = Param("tau", 0.5, low=-1.0, high=1.0, help=_TAU_HELP + " (project where ρ <= tau), e.g. 0.5")
+SAFELORA_NUM_LAYERS = Param("num_layers", 10, kind=int, low=1, help="K, the number of lowest-ρ layers, e.g. 10")
+RESTA_BETA = Param("beta", 0.5, help="scale of the safety vector θ_aligned − θ_unaligned, e.g. 0.5")
+RESTA_DENSITY = Param("density", 1.0, low=0.0, high=1.0, low_open=True,
+                      help="DARE keep fraction on θ_ft − θ_aligned in (0, 1]; 1 = no DARE, e.g. 0.9")
+MERGEALIGN_LAMBDA_DOMAIN = Param("lambda_domain", 0.5,
+                                 help="λ_D, weight of the domain vector θ_domain − θ_pre, e.g. 0.5")
+MERGEALIGN_LAMBDA_ALIGNED = Param("lambda_aligned", 0.5,
+                                  help="λ_A, weight of the alignment vector θ_aligned − θ_pre, e.g. 0.5")
+
+
+def safemerge_merges(rho: float, tau: float) -> bool:
+    """SafeMERGE's rule (Djuhera et al. 2025, §3): a layer is merged iff ``ρ < τ`` — strictly."""
+    return rho < tau
+
+
+def safelora_projects(rho: float, tau: float) -> bool:
+    """SafeLoRA's threshold rule (Hsu et al. 2024, §3.2): a layer is projected iff ``ρ ≤ τ``."""
+    return rho <= tau

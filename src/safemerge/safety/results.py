@@ -1,0 +1,84 @@
+"""What the SafeMERGE and SafeLoRA writers report: per-layer scores and decisions, as written to ``safemerge.json``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safemerge.safety.selection import LayerScore
+
+
+@dataclass
+class SafeMergeResult:
+    """What :func:`safemerge_adapters` wrote.
+
+    Attributes:
+        out: output directory.
+        output: ``"adapter"`` or ``"model"``.
+        scores: one :class:`LayerScore` per fine-tuned module (``merged`` = ρ < τ).
+        reconstruction_error: module → ‖ΔW − B A‖_F/‖ΔW‖_F for SVD-truncated layers.
+        ignored_safety_modules: safety-adapter modules the fine-tuned update does not touch, and the
+            safety adapter's non-LoRA parts (never applied).
+        carried_over: the fine-tuned adapter's non-LoRA parts (modules_to_save, biases, trainable
+            tokens), written unchanged: tensor name → what it is.
+    """
+
+    out: Path
+    output: str
+    scores: list[LayerScore]
+    tau: float
+    alpha: float
+    strategy: str
+    compat: str | None = None
+    seed: int | None = None
+    density: float | None = None
+    reconstruction_error: dict[str, float] = field(default_factory=dict)
+    ignored_safety_modules: list[str] = field(default_factory=list)
+    carried_over: dict[str, str] = field(default_factory=dict)
+    evaluation: Any = None
+
+    def _svd_error(self, module: str) -> dict[str, float]:
+        err = self.reconstruction_error.get(module)
+        return {} if err is None else {"reconstruction_error": err}
+
+    @property
+    def merged(self) -> list[str]:
+        return [s.module for s in self.scores if s.merged]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": "safemerge",
+            "output": self.output,
+            "tau": self.tau,
+            "alpha": self.alpha,
+            "strategy": self.strategy,
+            "compat": self.compat,
+            "seed": self.seed,
+            "density": self.density,
+            "merged": len(self.merged),
+            "layers": [s.to_dict() | self._svd_error(s.module) for s in self.scores],
+            "ignored_safety_modules": self.ignored_safety_modules,
+            "carried_over": self.carried_over,
+        }
+
+
+@dataclass
+class SafeLoRAResult:
+    """What :func:`safelora` wrote: scores (``merged`` = projected), mode and threshold used."""
+
+    out: Path
+    output: str
+    scores: list[LayerScore]
+    mode: str
+    tau: float
+    num_layers: int | None = None
+    carried_over: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def projected(self) -> list[str]:
+        return [s.module for s in self.scores if s.merged]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": "safelora", "output": self.output, "mode": self.mode, "tau": self.tau,
+                "num_layers": self.num_layers, "projected": len(self.projected),
+                "layers": [s.to_dict() for s in self.scores], "carried_over": self.carried_over}
