@@ -9,9 +9,8 @@ import sys
 
 import pytest
 import torch
+from conftest import run_cli
 from safety_world import build_world
-
-from safemerge.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +30,7 @@ def bad_adapters(world, tmp_path_factory):
     return root
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+run = run_cli  # the shared in-process CLI runner (tests/conftest.py)
 
 
 def test_scan_outputs(world, tmp_path, capsys):

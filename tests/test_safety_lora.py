@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from safemerge.cli import main
 from safemerge.testing import build_tokenizer, make_tiny_model, save_model
 from safemerge.train.lora import train_lora
 from safemerge.train.safety_lora import like_adapter_shape, loss_curve
@@ -62,14 +62,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "aligned": aligned, "task": task, "data": data, "harmful": harmful, "benign": benign}
 
 
-def run(capsys, *args: object) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
+run = run_cli  # the shared in-process CLI runner (tests/conftest.py)
 
 
 def test_safety_lora_copies_the_task_shape_learns_and_reports(world, capsys):

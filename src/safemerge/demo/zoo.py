@@ -233,8 +233,8 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
 
         with atomic_output(out) as tmp:
             write_jsonl(tmp / "align_train.jsonl", sets["harmful_train"] + distilled)
-            mix = distilled[: len(distilled) // 2] if sets.get("safety_mix_distilled") else []
-            write_jsonl(tmp / "safety_train.jsonl", sets["safety_train"] + mix)
+            # look-alike answers reach the safety LoRA through train_safety_lora's own self-distillation
+            write_jsonl(tmp / "safety_train.jsonl", sets["safety_train"])
             write_jsonl(tmp / "task_train.jsonl", sets["task_train"])
             for name in ("eval_harmful", "eval_benign", "eval_utility", "val_harmful", "val_benign", "val_utility"):
                 if sets.get(name) is not None and not isinstance(sets[name], str):
@@ -359,7 +359,6 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
                        "Bianchi malicious instructions + XSTest (evaluation)",
         "harmful_train": safety[:n_safety],
         "safety_train": safety[n_safety:2 * n_safety],
-        "safety_mix_distilled": True,
         "benign_train_prompts": s.benign_train_prompts[:n_benign],
         "task_train": task,
         "eval_harmful": str(data_dir / "bianchi_malicious_instructions.json"),

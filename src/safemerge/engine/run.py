@@ -19,6 +19,7 @@ from typing import Any
 from safemerge.engine.plan import MergePlan, TensorJob
 from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.io.checkpoint import all_finite
+from safemerge.methods._tensor import Rows
 from safemerge.methods.seeding import tensor_generator
 
 
@@ -71,7 +72,6 @@ size: small enough to stay in the CPU cache and below the allocator's mmap thres
 (:func:`tune_allocator`), so a block's temporaries are reused instead of page-faulted in —
 fresh tensor-sized buffers cost more than the arithmetic done in them."""
 
-Rows = tuple[int, int]
 
 
 def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str,
@@ -181,7 +181,7 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
         _check_output(plan, job, part, allow_nonfinite, rows)
         out[rows[0] : rows[1]] = part
 
-    two_pass = plan.method.extra.get("two_pass") or TWO_PASS.get(plan.method.name)
+    two_pass = TWO_PASS.get(plan.method.name)
     if two_pass is not None and plan.tie_break != "index" and plan.method.extra.get("tie_break"):
         return None  # mergekit's tie choice needs the whole-tensor sort
     if two_pass is not None and job.base is not None:

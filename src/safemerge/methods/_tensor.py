@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from collections.abc import Callable  # noqa: F401
+from collections.abc import Callable
 
 import torch
 
@@ -19,6 +19,16 @@ def f32(t: torch.Tensor) -> torch.Tensor:
 
 
 TIE_BREAKS = ("index", "mergekit")
+
+#: ``(first row, end row)`` of a row block of a tensor.
+Rows = tuple[int, int]
+#: A two-pass kernel (``methods/streaming.py``): ``fn(load, load_base, n, shape, per_model, params, block_bytes,
+#: emit) -> bool`` — ``load(i, rows)`` / ``load_base(rows)`` read float32 rows (``None``: all), ``emit(rows, block)``
+#: takes each merged float32 block; ``False`` means "not for these parameters" (whole-tensor fallback).
+RowLoader = Callable[[int, "Rows | None"], torch.Tensor]
+BaseRowLoader = Callable[["Rows | None"], torch.Tensor]
+BlockSink = Callable[[Rows, torch.Tensor], None]
+TwoPassKernel = Callable[..., bool]
 """How exactly-equal values straddling a top-k cut-off are resolved: ``index`` (default; the
 earlier flat index ranks lower — O(n), deterministic) or ``mergekit`` (the selection mergekit's
 full sort makes — bit-identical to mergekit, O(n log n) on tensors that have such ties).

@@ -16,7 +16,7 @@ from safemerge.methods.ram import ram_fn, ramplus_tl_fn
 from safemerge.methods.registry import MergeMethod, Param, register
 from safemerge.methods.sce import sce_fn
 from safemerge.methods.slerp import nuslerp_fn, slerp_fn
-from safemerge.methods.task_arithmetic import FAMILY, task_arithmetic_family_fn, ties_two_pass
+from safemerge.methods.task_arithmetic import FAMILY, task_arithmetic_family_fn
 
 # --- shared parameter declarations -------------------------------------------------------------
 
@@ -73,8 +73,6 @@ def _register_task_arithmetic_family() -> None:
                     # no sparsification and no sign election: every output entry depends only on the
                     # same entry of the inputs, so the engine may process large tensors in row blocks
                     "elementwise": name == "task_arithmetic",
-                    # large tensors: thresholds first, then election in row blocks (lower memory)
-                    **({"two_pass": ties_two_pass} if name == "ties" else {}),
                 },
             )
         )

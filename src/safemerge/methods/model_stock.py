@@ -2,12 +2,12 @@
 ratio set by the angle between their task vectors."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, dot64, f32, norm64
+from safemerge.methods._tensor import BaseRowLoader, BlockSink, RowLoader, check_inputs, dot64, f32, norm64
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
@@ -59,18 +59,16 @@ def average_towards_base(tensors: Sequence[torch.Tensor], b: torch.Tensor, t: to
     return avg.mul_(t).add_(b * (1 - t))
 
 
-Rows = tuple[int, int]
-
 
 def model_stock_two_pass(
-    load: Callable[[int, Rows | None], torch.Tensor],
-    load_base: Callable[[Rows | None], torch.Tensor],
+    load: RowLoader,
+    load_base: BaseRowLoader,
     n: int,
     shape: tuple[int, ...],
     per_model: dict[str, list[Any]],
     params: dict[str, Any],
     block_bytes: int,
-    emit: Callable[[Rows, torch.Tensor], None],
+    emit: BlockSink,
 ) -> bool:
     """Model Stock of a large tensor in row blocks, bit-identical to :func:`model_stock`: pass 1
     accumulates the task vectors' norms and pairwise dot products over the same float64 chunks as

@@ -2,12 +2,14 @@
 weights → t, optionally on task vectors, per row or flattened)."""
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, dot64, f32, norm64, per_model_list, row_blocks
+from safemerge.methods._tensor import (
+    BaseRowLoader, BlockSink, RowLoader, check_inputs, dot64, f32, norm64, per_model_list, row_blocks,
+)
 
 #: |cos θ| above this → the inputs are treated as collinear and linearly interpolated.
 DOT_THRESHOLD = 0.9995
@@ -48,18 +50,16 @@ def slerp_coefficients(t: float, na: torch.Tensor, nb: torch.Tensor, dot_ab: tor
     return float(torch.sin((1 - tt) * theta) / sin_theta), float(torch.sin(tt * theta) / sin_theta)
 
 
-Rows = tuple[int, int]
-
 
 def slerp_two_pass(
-    load: Callable[[int, Rows | None], torch.Tensor],
-    load_base: Callable[[Rows | None], torch.Tensor],
+    load: RowLoader,
+    load_base: BaseRowLoader,
     n: int,
     shape: tuple[int, ...],
     per_model: dict[str, list[Any]],
     params: dict[str, Any],
     block_bytes: int,
-    emit: Callable[[Rows, torch.Tensor], None],
+    emit: BlockSink,
 ) -> bool:
     """``slerp`` of a large tensor in row blocks, bit-identical to :func:`slerp`: pass 1
     accumulates ‖θ_base‖², ‖θ‖² and ⟨θ_base, θ⟩ over the same float64 chunks as :func:`dot64`

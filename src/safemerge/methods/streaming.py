@@ -6,17 +6,17 @@ statistics (TIES thresholds, SLERP / Model Stock norms and dot products), pass 2
 merged float32 block to ``emit(rows, block)``. Every kernel gives the whole-tensor function's
 bits; ``False`` means "not for these parameters" and the engine falls back to the whole tensor.
 
-TIES is declared in its registry entry (``extra["two_pass"]``); the others are listed here
-until they are declared there too.
+The one table of such kernels, by method name (the engine looks methods up here).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from safemerge.methods._tensor import TwoPassKernel
 from safemerge.methods.model_stock import model_stock_two_pass
 from safemerge.methods.slerp import slerp_two_pass
+from safemerge.methods.task_arithmetic import ties_two_pass
 
-TWO_PASS: dict[str, Callable[..., bool]] = {
+TWO_PASS: dict[str, TwoPassKernel] = {
+    "ties": ties_two_pass,
     "slerp": slerp_two_pass,
     "model_stock": model_stock_two_pass,
 }

@@ -21,7 +21,9 @@ from typing import Any, Callable
 
 import torch
 
-from safemerge.methods._tensor import InputTensors, check_inputs, f32, per_model_list, release, row_blocks
+from safemerge.methods._tensor import (
+    BaseRowLoader, BlockSink, InputTensors, RowLoader, Rows, check_inputs, f32, per_model_list, release, row_blocks,
+)
 from safemerge.methods import sparsify as sp
 
 #: name -> (sparsification, consensus, normalize default, rescale default), as in mergekit 0.1.5.
@@ -179,18 +181,16 @@ def disjoint_merge(deltas: list[torch.Tensor], w32: torch.Tensor, normalize: boo
     return mixed
 
 
-Rows = tuple[int, int]
-
 
 def ties_two_pass(
-    load: Callable[[int, Rows | None], torch.Tensor],
-    load_base: Callable[[Rows | None], torch.Tensor],
+    load: RowLoader,
+    load_base: BaseRowLoader,
     n: int,
     shape: tuple[int, ...],
     per_model: dict[str, list[Any]],
     params: dict[str, Any],
     block_bytes: int,
-    emit: Callable[[Rows, torch.Tensor], None],
+    emit: BlockSink,
 ) -> bool:
     """TIES (Yadav et al. 2023, Alg. 1) for large tensors in row blocks, bit-identical to the
     whole-tensor computation with index-ordered ties.
@@ -232,8 +232,8 @@ def ties_two_pass(
 
 
 def _topk_cuts(
-    load: Callable[[int, Rows | None], torch.Tensor],
-    load_base: Callable[[Rows | None], torch.Tensor],
+    load: RowLoader,
+    load_base: BaseRowLoader,
     densities: list[float],
     shape: tuple[int, ...],
     blocks: list[Rows],
