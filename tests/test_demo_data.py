@@ -97,6 +97,25 @@ def test_no_training_goal_paraphrases_a_test_prompt():
         assert best < 0.75, goal
 
 
+def test_training_only_goals_are_many_varied_and_not_held_out_paraphrases():
+    """12 harmful / 16 look-alike training-only goals per category (issue 17: learn content, not phrasing), each
+    distinct, none a near-copy (difflib ratio >= 0.8) of another training-only goal or of a val/test goal."""
+    import difflib
+
+    assert set(C.HARM_GOALS_TRAIN_ONLY) == set(C.HARM_GOALS)
+    assert set(C.BENIGN_GOALS_TRAIN_ONLY) == set(C.BENIGN_GOALS)
+    assert all(len(goals) == 12 for goals in C.HARM_GOALS_TRAIN_ONLY.values())
+    assert all(len(goals) == 16 for goals in C.BENIGN_GOALS_TRAIN_ONLY.values())
+    train_only = [g.lower() for d in (C.HARM_GOALS_TRAIN_ONLY, C.BENIGN_GOALS_TRAIN_ONLY) for gs in d.values() for g in gs]
+    every_goal = train_only + [g.lower() for d in (C.HARM_GOALS, C.BENIGN_GOALS) for gs in d.values() for g in gs]
+    assert len(set(every_goal)) == len(every_goal)
+    held = [g.lower() for s in ("val", "test") for _, g in C.harmful_goals(s) + C.benign_goals(s)]
+    for i, goal in enumerate(train_only):
+        others = train_only[i + 1 :] + held
+        best = max(difflib.SequenceMatcher(None, goal, o).ratio() for o in others)
+        assert best < 0.8, f"{goal!r} is a near-copy (ratio {best:.2f}) of another goal"
+
+
 def test_safety_lora_data_differs_from_the_aligned_sft_and_is_recognised_by_the_judge():
     """The safety LoRA's refusals are not the aligned SFT's templates (so it has something to learn),
     every one is a refusal to the keyword judge, and every look-alike answer is not."""
