@@ -194,7 +194,7 @@ class SafetySplits:
     benign_test: list[dict[str, Any]]
 
 
-def safety_splits(seed: int = 7, harm_frames: int = 5, benign_frames: int = 5) -> SafetySplits:
+def safety_splits(seed: int = 7, harm_frames: int = 3, benign_frames: int = 3) -> SafetySplits:
     """Aligned-SFT records and held-out evaluation sets.
 
     Harmful train: every ``align`` goal (incl. the training-only goals) under ``harm_frames`` training frames,

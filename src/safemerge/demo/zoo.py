@@ -33,8 +33,9 @@ from safemerge.train.distill import DISTILL_DTYPE, DISTILL_MAX_NEW_TOKENS, self_
 from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENGTH, SAFETY_STEPS
 
 # 2: degenerate self-distilled answers are dropped; 3: safety corpus, bf16 self-distillation; 4: refusals dropped
-# from self-distilled answers, training-only goals, shared frames, longer safety SFT
-ZOO_VERSION = 4
+# from self-distilled answers, training-only goals, shared frames, longer safety SFT; 5: 210 + 230 training goals
+# under 3 phrasings each, 400-step safety SFT
+ZOO_VERSION = 5
 Log = Callable[[str], None]
 
 
@@ -154,8 +155,10 @@ class LoraRecipe:
     precision: str = "float32"  # "auto": bfloat16 autocast where the CPU has it natively (train_lora)
 
 
-# Issue 5's recipe for the safety SFT (r=16, all linear layers, 80 steps, batch 8, lr 3e-4), now on ~490 records.
-ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=160, batch_size=8, lr=3e-4, max_length=128,
+# The safety SFT: r=16 on all linear layers, batch 8, lr 3e-4, on 630 refusals + ~650 look-alike answers; 400 steps
+# (~2.5 epochs). Measured on the validation sets (issue 17): 160 → 320 steps on the earlier data kept the harmful
+# rate (27% → 30%) and cut over-refusal from 36% to 20% — the model needs epochs to learn content, not phrasing.
+ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=400, batch_size=8, lr=3e-4, max_length=128,
                           precision="auto")
 # The released SafeMERGE adapters are r=8 on q_proj/v_proj (safemerge_safelora.md §1). The paper's regime: a
 # moderate fine-tune that learns the skill; the stress setting: the earlier aggressive one (lr 1e-3, 80 steps).
