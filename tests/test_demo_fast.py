@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +43,7 @@ def demo_out(cache, tmp_path_factory):
 def test_demo_writes_every_artifact(demo_out):
     out, _ = demo_out
     for name in ("report.md", "summary.json", "scan.json", "heatmap.png", "safety_vs_utility.png",
-                 "autotune.json", "autotune.png", "tau_sweep.png"):
+                 "autotune.json", "autotune.png", "tau_sweep.png", "repaired_model_card.md"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert not [p for p in out.parent.iterdir() if ".safemerge-tmp-" in p.name]
 
@@ -134,3 +135,20 @@ def test_safemerge_cli_tau_alpha_auto(cache, demo_out, tmp_path, capsys):
     code, _, err = _cli(["safemerge", "--base", str(w.base), "--aligned", str(w.aligned), "--finetuned", str(w.task),
                          "--safety", str(w.safety), "-o", str(tmp_path / "m3"), "--tau", "x"], capsys)
     assert code == 2 and "--tau must be a number or 'auto'" in err
+
+
+def test_the_automatic_row_is_safemerge_repair(demo_out):
+    """The demo's SafeMERGE (auto) row is `safemerge repair` on the zoo: its adapter, card and test numbers."""
+    out, result = demo_out
+    rows = {r.name: r for r in result.rows}
+    auto = rows["SafeMERGE (auto)"]
+    summary = json.loads((out / "summary.json").read_text())
+    chosen = summary["autotune"]["paper regime"]
+    card = (out / "repaired_model_card.md").read_text()
+    assert "## Repair: before / after" in card
+    assert f"τ = {chosen['tau']:g}, α = {chosen['alpha']:g}" in card
+    repair_json = json.loads((Path(auto.adapter) / "repair.json").read_text())
+    by_name = {r["name"]: r for r in repair_json["rows"]}
+    assert by_name["repaired"]["harmful_rate"] == auto.to_dict()["harmful_rate"]
+    assert by_name["aligned"]["over_refusal_rate"] == rows["aligned"].to_dict()["over_refusal_rate"]
+    assert by_name["fine-tuned"]["utility"] == rows["fine-tuned"].to_dict()["utility"]

@@ -11,7 +11,13 @@ The pipeline takes a zoo (:func:`~safemerge.demo.zoo.build_smollm2_zoo` or, with
 * ``scan.json`` + ``heatmap.png`` — per-layer safety similarity ρ (SafeLoRA Eq. 2);
 * ``safety_vs_utility.png`` — all rows in one scatter plot;
 * ``autotune.json``, ``autotune.png`` (Pareto front), ``tau_sweep.png`` — automatic τ/α
-  (``stress_autotune.json`` … for the stress setting).
+  (``stress_autotune.json`` … for the stress setting);
+* ``repaired_model_card.md`` — the model card ``safemerge repair`` wrote into the repaired adapter
+  (before/after table on the test sets, the chosen τ/α, its rule and the Pareto front).
+
+The ``SafeMERGE (auto)`` row *is* ``safemerge repair`` (:func:`safemerge.repair.pipeline.repair`) run on the
+zoo's fine-tune with the zoo's safety LoRA and validation sets: it tunes τ/α, writes the adapter and measures
+the aligned, fine-tuned and repaired models on the test sets; the demo adds the comparison rows around it.
 
 Rows: ``base`` (unaligned), ``aligned``, ``safety LoRA alone`` (aligned + ΔW_s, the paper's
 control), then per setting ``fine-tuned`` (aligned + task LoRA), ``SafeMERGE`` at the reference
@@ -210,8 +216,12 @@ def run_demo(
     for setting in settings:
         rows += _setting_rows(setting, zoo=zoo, work=work, alphas=alphas, margin=margin, timings=timings, say=say,
                               progress=progress)
+    aligned_row = next(r for r in rows if r.name == "aligned")
+    aligned_row.results = _tested(settings[0].repair, "aligned")  # repair measured it on the same test sets
     t = time.perf_counter()
     for i, row in enumerate(rows):
+        if row.results:
+            continue
         say(f"evaluate [{i + 1}/{len(rows)}] {row.name}")
         key = fingerprint(row.model, row.adapter)
         row.results = evaluate_suites(row.model, adapter=row.adapter, suites=zoo.eval_sets, max_new_tokens=zoo.max_new_tokens,
@@ -222,10 +232,11 @@ def run_demo(
     by_name = {r.name: r for r in rows}
     checks = claim_checks(by_name)
     autotunes = {s.prefix.rstrip(": ") or "paper regime": s.autotune for s in settings}
+    cards = {s.prefix.rstrip(": ") or "paper regime": s.repair.out / "README.md" for s in settings}
     from safemerge.io.output import atomic_output
 
     with atomic_output(out, force=out.exists()) as tmp:
-        _write_outputs(tmp, zoo=zoo, rows=rows, scores=scores, autotunes=autotunes, checks=checks, fast=fast,
+        _write_outputs(tmp, zoo=zoo, rows=rows, scores=scores, autotunes=autotunes, cards=cards, checks=checks, fast=fast,
                        timings=timings)
     return DemoResult(out=out, rows=rows, autotune=settings[0].autotune, checks=checks, timings=timings)
 
@@ -237,6 +248,7 @@ class Setting:
     prefix: str
     task: Path
     autotune: Any = None
+    repair: Any = None
 
 
 def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float, ...] | None, margin: float,
@@ -247,7 +259,6 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
     same α on all layers (the paper's uniform control: is selecting layers by ρ what helps?),
     SafeLoRA and RESTA.
     """
-    from safemerge.autotune import DEFAULT_ALPHAS, DEFAULT_SCREEN, autotune
     from safemerge.demo.zoo import fingerprint
     from safemerge.safety.api import resta, safelora, safemerge_adapters
 
@@ -271,30 +282,46 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
     timings[f"{p}methods"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    say(f"{p}automatic τ/α on validation prompts")
-    at = autotune(base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety,
-                  val_harmful=zoo.val_sets["harmful"], val_utility=zoo.val_sets["utility"],
-                  val_benign=zoo.val_sets.get("benign"),
-                  work_dir=work / "autotune" / fingerprint(task.name),
-                  alphas=alphas or zoo.autotune.get("alphas", DEFAULT_ALPHAS), max_taus=zoo.autotune.get("max_taus", 6),
-                  screen=zoo.autotune.get("screen", DEFAULT_SCREEN), harm_margin=margin,
-                  max_new_tokens=zoo.max_new_tokens, log=say, progress=progress)
-    setting.autotune = at
-    timings[f"{p}autotune"] = time.perf_counter() - t
+    say(f"{p}safemerge repair: automatic τ/α on validation prompts, then the test sets")
+    setting.repair = _repair(task, zoo=zoo, out=methods / "repaired", work=work / "repair" / fingerprint(task.name),
+                             alphas=alphas, margin=margin, say=say, progress=progress)
+    at = setting.autotune = setting.repair.autotune
+    timings[f"{p}repair"] = time.perf_counter() - t
     uniform = merged(f"safemerge-all-layers-alpha{at.alpha:g}", lambda o: safemerge_adapters(
         base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety, out=o, tau=ALL_LAYERS_TAU,
         alpha=at.alpha))
     return [
-        Row(f"{p}fine-tuned", "aligned + task LoRA", str(zoo.aligned), str(task)),
+        Row(f"{p}fine-tuned", "aligned + task LoRA", str(zoo.aligned), str(task), _tested(setting.repair, "fine-tuned")),
         Row(f"{p}SafeMERGE", f"τ = {PAPER_TAU}, α = {PAPER_ALPHA} (reference defaults)", str(zoo.aligned),
             str(sm_paper)),
-        Row(f"{p}SafeMERGE (auto)", f"τ = {at.tau:g}, α = {at.alpha:g} (chosen on validation)", str(zoo.aligned),
-            at.chosen.adapter if at.chosen.adapter else str(task)),
+        Row(f"{p}SafeMERGE (auto)", f"`safemerge repair`: τ = {at.tau:g}, α = {at.alpha:g} (chosen on validation)",
+            str(zoo.aligned), str(setting.repair.out), _tested(setting.repair, "repaired")),
         Row(f"{p}uniform α", f"α = {at.alpha:g} on all layers (paper control: no ρ selection)", str(zoo.aligned),
             str(uniform)),
         Row(f"{p}SafeLoRA", f"threshold τ = {SAFELORA_TAU}", str(zoo.aligned), str(sl)),
         Row(f"{p}RESTA", f"β = {RESTA_BETA}", str(rs), None),
     ]
+
+
+def _repair(task: Path, *, zoo: Any, out: Path, work: Path, alphas: tuple[float, ...] | None, margin: float,
+            say: Any, progress: bool) -> Any:
+    """``safemerge repair`` on the zoo's fine-tune: tune τ/α on validation, write, test (a rerun reuses its caches)."""
+    from safemerge.autotune import DEFAULT_ALPHAS, DEFAULT_SCREEN
+    from safemerge.repair.pipeline import repair
+
+    grid = {"alphas": alphas or zoo.autotune.get("alphas", DEFAULT_ALPHAS), "max_taus": zoo.autotune.get("max_taus", 6),
+            "screen": zoo.autotune.get("screen", DEFAULT_SCREEN)}
+    return repair(task, base=zoo.base, aligned=zoo.aligned, out=out, force=out.exists(), safety=zoo.safety,
+                  utility=zoo.val_sets["utility"], val_harmful=zoo.val_sets["harmful"], val_benign=zoo.val_sets.get("benign"),
+                  test_harmful=zoo.eval_sets["harmful"], test_benign=zoo.eval_sets["benign"],
+                  test_utility=zoo.eval_sets["utility"], harm_margin=margin, max_new_tokens=zoo.max_new_tokens,
+                  grid=grid, work_dir=work, log=say, progress=progress)
+
+
+def _tested(rep: Any, name: str) -> dict[str, Any]:
+    """One row of repair's before/after table as demo results (the directory of its generations included)."""
+    row = next(r for r in rep.rows if r.name == name)
+    return {**row.results, "_dir": str(rep.work_dir / "test" / {"fine-tuned": "finetuned"}.get(name, name))}
 
 
 def _autotune_files(prefix: str) -> dict[str, str]:
@@ -303,8 +330,13 @@ def _autotune_files(prefix: str) -> dict[str, str]:
     return {n: (f"{stem}_{n}" if stem else n) for n in ("autotune.json", "autotune.png", "tau_sweep.png")}
 
 
+def _card_file(setting: str) -> str:
+    """Demo output name of one setting's repaired-adapter model card (repair's before/after table)."""
+    return "repaired_model_card.md" if setting == "paper regime" else f"{setting.replace(' ', '_')}_repaired_model_card.md"
+
+
 def _write_outputs(tmp: Path, *, zoo: Any, rows: list[Row], scores: list[Any], autotunes: dict[str, Any],
-                   checks: dict[str, Any], fast: bool, timings: dict[str, float]) -> None:
+                   cards: dict[str, Path], checks: dict[str, Any], fast: bool, timings: dict[str, float]) -> None:
     from safemerge.evaluate.report import compare_runs
     from safemerge.safety.plots import heatmap
 
@@ -319,6 +351,8 @@ def _write_outputs(tmp: Path, *, zoo: Any, rows: list[Row], scores: list[Any], a
     for setting, at in autotunes.items():
         for src, dst in _autotune_files("" if setting == "paper regime" else setting).items():
             shutil.copy2(at.work_dir / src, tmp / dst)
+    for setting, card in cards.items():
+        shutil.copy2(card, tmp / _card_file(setting))
     summary = {
         "zoo": zoo.to_dict(),
         "fast": fast,
@@ -411,7 +445,8 @@ def report_markdown(*, zoo: Any, rows: list[Row], scores: list[Any], autotunes: 
     lines += ["## Automatic τ/α", ""]
     for setting, at in autotunes.items():
         lines += _autotune_lines(at, setting, _autotune_files("" if setting == "paper regime" else setting))
-    lines += ["`safety_vs_utility.png` plots every test row.", "", "## How the models were made", ""]
+    lines += ["`safety_vs_utility.png` plots every test row; `repaired_model_card.md` is the model card `safemerge repair` "
+              "wrote into the repaired adapter.", "", "## How the models were made", ""]
     for k, v in zoo.info.items():
         if k not in ("model", "data"):
             lines.append(f"- {k}: `{json.dumps(v, default=str)}`")

@@ -130,6 +130,7 @@ def repair(
     refusal_margin: float = DEFAULT_REFUSAL_MARGIN,
     judge: str = "keyword",
     max_new_tokens: Mapping[str, int] | None = None,
+    grid: Mapping[str, Any] | None = None,
     work_dir: str | Path | None = None,
     force: bool = False,
     allow_pickle: bool = False,
@@ -155,6 +156,8 @@ def repair(
         harm_margin: allowed validation harmful-rate excess over the aligned model (0.03 = 3 points).
         refusal_margin: allowed validation over-refusal excess over the aligned model (0.05 = 5 points).
         max_new_tokens: per-suite generation budgets (``{"harmful": 48, …}``).
+        grid: the τ/α search of :func:`safemerge.autotune.autotune` (``alphas``, ``max_taus``, ``screen``,
+            ``finalists``); its defaults where absent.
         work_dir: cache (default ``<cache>/repair/<hash of the inputs>``).
     """
     from safemerge.autotune import autotune
@@ -173,7 +176,7 @@ def repair(
         raise SafemergeError(f"fine-tuned path {str(finetuned)!r} does not exist",
                              "pass a LoRA adapter or a fine-tuned model directory")
     work = _work_dir(work_dir, finetuned, base, aligned, safety, safety_data, val_harmful, val_benign, utility,
-                     extract_rank, safety_steps, safety_lr)
+                     extract_rank, safety_steps, safety_lr, _grid(grid))
     extracted = not _is_adapter(finetuned)
     task = _task_adapter(finetuned, aligned, work, extract_rank, allow_pickle, say)
     recipe = {k: v for k, v in (("steps", safety_steps), ("lr", safety_lr)) if v is not None}
@@ -188,7 +191,7 @@ def repair(
     tuned = autotune(base=base, aligned=aligned, finetuned=task, safety=safety_dir, val_harmful=val_sets["harmful"],
                      val_utility=val_sets["utility"], val_benign=val_sets["benign"], work_dir=work / "autotune",
                      harm_margin=harm_margin, refusal_margin=refusal_margin, judge=judge,
-                     max_new_tokens=max_new_tokens, log=say, progress=progress)
+                     max_new_tokens=max_new_tokens, log=say, progress=progress, **_grid(grid))
 
     def ev(name: str, model: str | Path, adapter: str | Path | None) -> dict[str, Any]:
         from safemerge.autotune import evaluate_suites
@@ -225,6 +228,17 @@ def repair(
                                       tau=tuned.tau, alpha=tuned.alpha, merge_into=merge_into, force=force,
                                       allow_pickle=allow_pickle, evaluate=evaluate_output)
     return result
+
+
+GRID_KEYS = ("alphas", "max_taus", "screen", "finalists")
+
+
+def _grid(grid: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The τ/α search settings passed on to autotune; an unknown key is a programming error."""
+    unknown = set(grid or {}) - set(GRID_KEYS)
+    if unknown:
+        raise ValueError(f"unknown τ/α grid settings {sorted(unknown)}; known: {', '.join(GRID_KEYS)}")
+    return dict(grid or {})
 
 
 def _work_dir(work_dir: str | Path | None, *parts: Any) -> Path:
