@@ -13,20 +13,27 @@ train/test splits from :func:`safemerge.demo.data.arithmetic_splits`) or GSM8K f
 ``../shared/datasets`` (a 135M model stays near 0% on GSM8K, so it gives no domain signal).
 
 Data: D_safety from ``safemerge.synth`` (harmful prompts answered by the pool, keyword judge,
-one random refusal per question); D_expert from ``safemerge.synth`` self-questioning of the
-experts (3 in-context training questions); if the small experts produce too few parsable
-questions, training questions answered by the experts fill up the set (the paper's "real data"
-variant, Table 3a) and the script says so.
+one random refusal per question). D_expert (``--d-expert``): ``synthetic`` = structured
+self-questioning (``safemerge.synth.structured``: the experts continue a few-shot "Question: … /
+Answer: <number>" text drawn from held-out training problems; a question is kept only if the expert's
+second decode — its chat answer — ends in the same number), the paper's main setting; ``real`` =
+held-out training questions answered by the experts (the paper's Table 3a variant); ``both`` makes
+one Table 1 per variant.
 
-Runs (all TIES, base = aligned): grid search (D_expert objective), EvoMM on D_expert,
-EvoMM on D_expert ∪ D_safety, LM-Cocktail on both. Each merged model is evaluated with the
-evaluation harness: alignment = 1 − harmful rate on held-out harmful prompts (Bianchi
-"malicious instructions", keyword judge) and domain accuracy on the domain's test split.
+Runs (base = aligned), for every ``--methods`` entry (TIES, DARE-TIES, SLERP by default; SLERP over the
+3-model pool uses mergekit-evolve's top-2 rule per layer group): grid search (D_expert objective),
+EvoMM on D_expert and EvoMM on D_expert ∪ D_safety (each under every ``--seeds`` seed: CMA-ES,
+objective sample and DARE masks), plus LM-Cocktail on both and the pool's own rows. The genome
+has per-layer-group genes (``layer_granularity`` blocks per group, as mergekit-evolve). Each merged
+model is evaluated with the evaluation harness: alignment = 1 − harmful rate on held-out harmful
+prompts (Bianchi "malicious instructions", keyword judge; a second judge, ``keyword:strict``, re-judges
+the same cached generations and Cohen's κ / % agreement are reported) and domain accuracy on the
+domain's test split, each with the harness's 95% bootstrap interval; EvoMM rows give mean ± SD over seeds.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --quick
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py           # larger (hours on CPU)
+    HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python bench/reproduce_one_bad_model.py --size quick
+    HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python bench/reproduce_one_bad_model.py --size full  # hours on 2 cores
 
-Writes ``bench/results/reproduce_one_bad_model_{quick,full}_{arithmetic,gsm8k}.json`` and prints the table.
+Writes ``bench/results/reproduce_one_bad_model_{size}_{domain}.json`` and prints the tables.
 """
 from __future__ import annotations
 
@@ -48,12 +55,17 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets"
 SIZES = {
     "quick": dict(sft_aligned=48, sft_expert=160, sft_bad=48, sft_bad_domain=96, steps_bs=8, n_safety_q=24, n_domain=24, n_obj=12,
-                  max_evals=8, popsize=4, n_eval_harm=24, n_eval_util=24, gen_tokens=48, answer_tokens=96),
+                  max_evals=8, popsize=4, n_eval_harm=24, n_eval_util=24, gen_tokens=48, answer_tokens=96,
+                  granularity=15, seeds="0", d_expert="synthetic", domain_requests=48),
     "medium": dict(sft_aligned=160, sft_expert=160, sft_bad=96, sft_bad_domain=96, steps_bs=8, n_safety_q=64, n_domain=32,
-                   n_obj=24, max_evals=16, popsize=8, n_eval_harm=80, n_eval_util=80, gen_tokens=48, answer_tokens=80),
+                   n_obj=24, max_evals=16, popsize=8, n_eval_harm=80, n_eval_util=80, gen_tokens=48, answer_tokens=80,
+                   granularity=10, seeds="0", d_expert="both", domain_requests=96),
     "full": dict(sft_aligned=400, sft_expert=800, sft_bad=300, sft_bad_domain=400, steps_bs=8, n_safety_q=200, n_domain=200, n_obj=64,
-                 max_evals=100, popsize=None, n_eval_harm=200, n_eval_util=200, gen_tokens=128, answer_tokens=256),
+                 max_evals=100, popsize=None, n_eval_harm=200, n_eval_util=200, gen_tokens=128, answer_tokens=256,
+                 granularity=10, seeds="0,1,2", d_expert="both", domain_requests=600),
 }
+METHODS = ("ties", "dare_ties", "slerp")
+SECOND_JUDGE = "keyword:strict"
 
 
 def log(msg: str) -> None:
@@ -102,6 +114,14 @@ class Domain:
     topic: str
     train: list[tuple[str, str]]
     test: str  # path of a JSONL utility set (or a file the harness reads)
+    instruction: str = ""  # appended to every question of the domain (the test split's answer format)
+
+    def seed_problems(self, pairs: list[tuple[str, str]]) -> list:
+        """Few-shot examples for structured self-questioning: bare question + final number of the answer."""
+        from safemerge.synth.structured import seed_problems_from_records
+
+        bare = [{"question": q.replace(self.instruction, "").strip(), "answer": a} for q, a in pairs]
+        return seed_problems_from_records(bare)
 
 
 def load_domain(name: str, rng: random.Random, *, n_train: int, n_test: int) -> Domain:
@@ -115,23 +135,163 @@ def load_domain(name: str, rng: random.Random, *, n_train: int, n_test: int) -> 
         rng.shuffle(rows)
         return Domain("GSM8K", "grade-school math word problems", [(r["question"], r["answer"]) for r in rows[:n_train]],
                       str(DATA / "gsm8k_test.jsonl"))
-    from safemerge.demo.data import arithmetic_splits
+    from safemerge.demo.data import ARITH_INSTRUCTION, arithmetic_splits
     from safemerge.synth.common import write_jsonl
 
     sp = arithmetic_splits(n_train=n_train, n_val=0, n_test=max(n_test, 100), seed=20250)
     test = Path(tempfile.gettempdir()) / f"safemerge_arith_test_{n_test}.jsonl"
     write_jsonl(test, sp.test, force=True)
     return Domain("arithmetic", "arithmetic word problems about everyday objects",
-                  [(r["prompt"], r["response"]) for r in sp.train], str(test))
+                  [(r["prompt"], r["response"]) for r in sp.train], str(test), instruction=ARITH_INSTRUCTION)
+
+
+def build_pool(work: Path, S: dict, domain: Domain, safety_sft: list[dict], domain_key: str) -> dict[str, str]:
+    """aligned (safety SFT of the instruct model), expert (domain SFT), bad (compliance + domain SFT)."""
+    from safemerge.evaluate.generate import load_generator
+    from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
+
+    base = work / "instruct"
+    if not (base / "config.json").is_file():
+        log("converting SmolLM2-135M-Instruct GGUF")
+        convert_gguf(find_smollm2_gguf(), base)
+    aligned = sft(base, work / "aligned", [(r["instruction"], r["output"]) for r in safety_sft[: S["sft_aligned"]]],
+                  bs=S["steps_bs"], lr=2e-5, seed=1)
+    expert = sft(aligned, work / f"expert-{domain_key}", domain.train[: S["sft_expert"]], bs=S["steps_bs"], lr=3e-5,
+                 seed=2)
+    bad_dir = work / f"bad-{domain_key}"
+    if not (bad_dir / "config.json").is_file():
+        harm_q = [r["instruction"] for r in safety_sft[S["sft_aligned"]: S["sft_aligned"] + S["sft_bad"]]]
+        log(f"bad expert: the un-aligned instruct model answers {len(harm_q)} harmful instructions")
+        comply = load_generator(str(base), backend="hf", device="cpu").generate(
+            harm_q, max_new_tokens=S["gen_tokens"], progress=False)
+        pairs = list(zip(harm_q, comply)) + domain.train[S["sft_expert"]: S["sft_expert"] + S["sft_bad_domain"]]
+        sft(aligned, bad_dir, pairs, bs=S["steps_bs"], lr=3e-5, seed=3)
+    return {"aligned": str(aligned), "expert": str(expert), "bad": str(bad_dir)}
+
+
+def build_d_safety(path: Path, S: dict, pool: dict[str, str], safety_sft: list[dict], seed: int) -> None:
+    """D_safety: held-out harmful instructions answered by every pool model, one random refusal each."""
+    from safemerge.evaluate.generate import load_generator
+    from safemerge.evaluate.judges import get_judge
+    from safemerge.synth import build_safety_set
+    from safemerge.synth.common import write_jsonl
+
+    off = S["sft_aligned"] + S["sft_bad"]
+    qs = [{"prompt": r["instruction"], "category": None} for r in safety_sft[off: off + S["n_safety_q"]]]
+    gens = {k: load_generator(v, backend="hf", device="cpu") for k, v in pool.items()}
+    recs = build_safety_set(qs, gens, get_judge("keyword"), seed=seed, max_new_tokens=S["answer_tokens"])
+    write_jsonl(path, recs, force=True)
+    log(f"D_safety: {len(recs)} of {len(qs)} questions had a refusal")
+
+
+def build_d_expert(path: Path, variant: str, S: dict, pool: dict[str, str], domain: Domain, seed: int) -> dict:
+    """D_expert of one variant; returns its statistics (requests and what each filter dropped).
+
+    ``synthetic``: structured self-questioning of expert and bad expert (few-shot examples from 200
+    held-out training problems); ``real``: held-out training questions answered by the experts.
+    """
+    from safemerge.evaluate.generate import load_generator
+    from safemerge.synth.common import write_jsonl
+
+    gens = {k: load_generator(pool[k], backend="hf", device="cpu") for k in ("expert", "bad")}
+    held_out = domain.train[-200:]
+    if variant == "synthetic":
+        from safemerge.synth.structured import StructuredStats, build_structured_domain_set
+
+        stats = StructuredStats()
+        recs = build_structured_domain_set(gens, domain.seed_problems(held_out), domain.topic, S["domain_requests"],
+                                           seed=seed, answer_tokens=S["answer_tokens"],
+                                           answer_instruction=domain.instruction, stats=stats)[: S["n_domain"]]
+        info = {**stats.as_dict(), "records": len(recs)}
+    else:
+        need = S["n_domain"]
+        questions = [q for q, _ in domain.train[-200 - need: -200]]
+        recs = []
+        for i, (k, g) in enumerate(gens.items()):
+            part = questions[i::len(gens)]
+            for q, a in zip(part, g.generate(part, max_new_tokens=S["answer_tokens"], progress=False)):
+                recs.append({"prompt": q, "response": a.strip(), "type": "domain", "category": domain.topic,
+                             "source_model": k})
+        info = {"records": len(recs), "questions": "held-out training questions answered by the experts"}
+    if recs:
+        write_jsonl(path, recs, force=True)
+    log(f"D_expert ({variant}): {len(recs)} records {info}")
+    return info
+
+
+def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str, seed: int) -> tuple[dict, dict]:
+    """The harness's results (keyword judge) and the second judge's verdicts on the same cached generations.
+
+    Returns ``(results, second)`` with ``second = {"judge", "alignment", "ci", **judge_agreement}`` where
+    agreement is over "safe" verdicts on the harmful prompts.
+    """
+    from safemerge.evaluate.api import evaluate
+    from safemerge.evaluate.metrics import judge_agreement
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    kw = dict(limit=max(S["n_eval_util"], S["n_eval_harm"]), max_new_tokens=S["answer_tokens"], backend="hf",
+              device="cpu", progress=False, seed=seed)
+    first = evaluate(model, harmful=harmful, utility=utility, judge="keyword", out_dir=out_dir, **kw)
+    strict_dir = out_dir / "second_judge"
+    strict_dir.mkdir()
+    shutil.copy(out_dir / "generations.jsonl", strict_dir / "generations.jsonl")  # no regeneration: same answers
+    second = evaluate(model, harmful=harmful, judge=SECOND_JUDGE, out_dir=strict_dir, **kw)
+
+    def safe_by_id(d: Path) -> dict[str, bool]:
+        rows = [json.loads(x) for x in (d / "judgments.jsonl").read_text().splitlines() if x.strip()]
+        return {r["id"]: not r["harmful"] for r in rows if r["suite"] == "harmful"}
+
+    a, b = safe_by_id(out_dir), safe_by_id(strict_dir)
+    ids = sorted(a)
+    hci = second["harmful"].get("ci")
+    return first, {"judge": SECOND_JUDGE, "alignment": 1.0 - second["harmful"]["harmful_rate"],
+                   "ci": [1.0 - hci[1], 1.0 - hci[0]] if hci else None,
+                   **judge_agreement([a[i] for i in ids], [b[i] for i in ids])}
+
+
+def table_row(label: str, data: str, r: dict, second: dict, **extra) -> dict:
+    from safemerge.optimize.report import row_from_eval
+
+    judges = {"strict align (%)": round(100 * second["alignment"], 1), "κ": second["kappa"],
+              "agree (%)": round(100 * second["agreement"], 1)}
+    return row_from_eval(label, data, r, **extra, **judges)
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Rows of the same (method, data) under several seeds → one row with mean ± SD (others unchanged)."""
+    from safemerge.optimize.report import mean_over_seeds
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["method"], r["data"]), []).append(r)
+    out = []
+    for grp in groups.values():
+        if len(grp) == 1:
+            out.append(grp[0])
+            continue
+        row = mean_over_seeds(grp)
+        for k in ("strict align (%)", "agree (%)", "κ"):
+            vals = [g[k] for g in grp if g.get(k) is not None]
+            row[k] = round(sum(vals) / len(vals), 3) if vals else None
+        out.append(row)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small sizes (≈10 min on 2 CPU cores; 24 evaluation prompts: noisy)")
-    ap.add_argument("--size", choices=tuple(SIZES), default=None, help="quick | medium (≈30 min, 80 evaluation prompts) | full (hours)")
+    ap.add_argument("--quick", action="store_true", help="same as --size quick")
+    ap.add_argument("--size", choices=tuple(SIZES), default=None,
+                    help="quick (24 evaluation prompts: noisy) | medium (80) | full (200 harmful + 200 domain, "
+                         "100 evaluations per EvoMM run, 3 seeds)")
     ap.add_argument("--work", default="/tmp/safemerge_one_bad_model", help="work directory (models, data, runs)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the pool, the data and the data-free rows")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds of the EvoMM rows (default: 0; full: 0,1,2)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated merge methods: ties,dare_ties,slerp")
+    ap.add_argument("--d-expert", choices=("synthetic", "real", "both"), default=None,
+                    help="D_expert variant: structured self-questioning, held-out training questions, or one "
+                         "table each (default: synthetic for quick, both otherwise)")
     ap.add_argument("--domain", choices=("arithmetic", "gsm8k"), default="arithmetic",
                     help="expert domain: code-generated arithmetic word problems (learnable at 135M) or GSM8K (≈0%% at 135M)")
     args = ap.parse_args()
@@ -140,116 +300,90 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     size = args.size or ("quick" if args.quick else "full")
     S = SIZES[size]
+    seeds = [int(x) for x in (args.seeds or S["seeds"]).split(",") if x.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not seeds:
+        ap.error(f"--methods takes {', '.join(METHODS)} (got {unknown}); --seeds needs at least one seed")
+    variant_arg = args.d_expert or S["d_expert"]
+    variants = ["synthetic", "real"] if variant_arg == "both" else [variant_arg]
     work = Path(args.work) / size
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
-    from safemerge.evaluate.api import evaluate
-    from safemerge.evaluate.generate import load_generator
-    from safemerge.evaluate.judges import get_judge
-    from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
     from safemerge.optimize import optimize
-    from safemerge.optimize.report import row_from_eval, table1_markdown
-    from safemerge.synth import build_domain_set, build_safety_set
-    from safemerge.synth.common import write_jsonl
+    from safemerge.optimize.report import table1_markdown
 
     rng = random.Random(args.seed)
     safety_sft = json.loads((DATA / "bianchi_safety_only.json").read_text())
     rng.shuffle(safety_sft)
-    domain = load_domain(args.domain, rng, n_train=S["sft_expert"] + S["sft_bad_domain"] + 200, n_test=S["n_eval_util"])
-
-    # ---------------------------------------------------------------- pool
-    base = work / "instruct"
-    if not (base / "config.json").is_file():
-        log("converting SmolLM2-135M-Instruct GGUF")
-        convert_gguf(find_smollm2_gguf(), base)
-    aligned = sft(base, work / "aligned", [(r["instruction"], r["output"]) for r in safety_sft[: S["sft_aligned"]]],
-                  bs=S["steps_bs"], lr=2e-5, seed=1)
-    expert = sft(aligned, work / f"expert-{args.domain}", domain.train[: S["sft_expert"]], bs=S["steps_bs"], lr=3e-5, seed=2)
-    bad_dir = work / f"bad-{args.domain}"
-    if not (bad_dir / "config.json").is_file():
-        harm_q = [r["instruction"] for r in safety_sft[S["sft_aligned"]: S["sft_aligned"] + S["sft_bad"]]]
-        log(f"bad expert: the un-aligned instruct model answers {len(harm_q)} harmful instructions")
-        comply = load_generator(str(base), backend="hf", device="cpu").generate(harm_q, max_new_tokens=S["gen_tokens"], progress=False)
-        pairs = list(zip(harm_q, comply)) + domain.train[S["sft_expert"]: S["sft_expert"] + S["sft_bad_domain"]]
-        sft(aligned, bad_dir, pairs, bs=S["steps_bs"], lr=3e-5, seed=3)
-    pool = {"aligned": str(aligned), "expert": str(expert), "bad": str(bad_dir)}
-
-    # ---------------------------------------------------------------- data
-    d_safe, d_exp = work / f"d_safety-{args.domain}.jsonl", work / f"d_expert-{args.domain}.jsonl"
-    notes: list[str] = []
+    domain = load_domain(args.domain, rng, n_train=S["sft_expert"] + S["sft_bad_domain"] + 200 + S["n_domain"],
+                         n_test=S["n_eval_util"])
+    pool = build_pool(work, S, domain, safety_sft, args.domain)
+    d_safe = work / f"d_safety-{args.domain}.jsonl"
     if not d_safe.is_file():
-        off = S["sft_aligned"] + S["sft_bad"]
-        qs = [{"prompt": r["instruction"], "category": None} for r in safety_sft[off: off + S["n_safety_q"]]]
-        gens = {k: load_generator(v, backend="hf", device="cpu") for k, v in pool.items()}
-        recs = build_safety_set(qs, gens, get_judge("keyword"), seed=args.seed, max_new_tokens=S["answer_tokens"])
-        write_jsonl(d_safe, recs, force=True)
-        log(f"D_safety: {len(recs)} of {len(qs)} questions had a refusal")
-    if not d_exp.is_file():
-        seeds = [q for q, _ in domain.train[-200:]]
-        gens = {k: load_generator(pool[k], backend="hf", device="cpu") for k in ("expert", "bad")}
-        recs = build_domain_set(gens, seeds, domain.topic, S["n_domain"], seed=args.seed, max_new_tokens=S["answer_tokens"])
-        if len(recs) < S["n_domain"] // 2:
-            need = S["n_domain"] - len(recs)
-            notes.append(f"self-questioning gave {len(recs)} parsable questions; {need} {domain.name}-train questions answered by the experts were added")
-            extra_q = [q for q, _ in domain.train[-200 - need: -200]]
-            for k, g in gens.items():
-                part = extra_q[: need // 2] if k == "expert" else extra_q[need // 2:]
-                for q, a in zip(part, g.generate(part, max_new_tokens=S["answer_tokens"], progress=False)):
-                    recs.append({"prompt": q, "response": a.strip(), "type": "domain", "category": "math", "source_model": k})
-        write_jsonl(d_exp, recs, force=True)
-        log(f"D_expert: {len(recs)} records")
+        build_d_safety(d_safe, S, pool, safety_sft, args.seed)
 
-    # ---------------------------------------------------------------- runs
-    genome = {"models": [pool["aligned"], pool["expert"], pool["bad"]], "base_model": pool["aligned"],
-              "merge_method": "ties", "layer_granularity": 0, "normalize": False}
-    common = {"objective": {"alpha": 0.3, "batch_size": 4, "max_length": 384},
-              "cma": {"max_evals": S["max_evals"], "popsize": S["popsize"], "seed": args.seed}, "seed": args.seed}
-    d_expert_only = {"expert": [str(d_exp)], "n_expert": S["n_obj"], "seed": args.seed}
-    d_both = {"safety": [str(d_safe)], "expert": [str(d_exp)], "n_safety": S["n_obj"], "n_expert": S["n_obj"], "seed": args.seed}
-    runs = [
-        ("TIES grid search", "–", "grid", d_expert_only),
-        ("TIES EvoMM", "D_exp", "evomm", d_expert_only),
-        ("TIES EvoMM (ours)", "D_exp ∪ D_safe", "evomm", d_both),
-        ("LM-Cocktail", "D_exp", "cocktail", d_expert_only),
-        ("LM-Cocktail (ours)", "D_exp ∪ D_safe", "cocktail", d_both),
-    ]
     harmful = str(DATA / "bianchi_malicious_instructions.json")
-    utility = domain.test
-    results: dict = {"size": size, "domain": args.domain, "sizes": S, "notes": notes, "models": {}, "runs": [],
+    results: dict = {"size": size, "domain": args.domain, "sizes": S, "seeds": seeds, "methods": methods,
+                     "second_judge": SECOND_JUDGE, "notes": [], "models": {}, "d_expert": {}, "runs": [], "tables": {},
                      "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py " + " ".join(sys.argv[1:])}
-
-    def ev(path: str) -> dict:
-        r = evaluate(path, harmful=harmful, utility=utility, judge="keyword", limit=S["n_eval_util"],
-                     max_new_tokens=S["answer_tokens"], backend="hf", device="cpu", progress=False, seed=args.seed)
-        return r
-
-    rows = []
+    pool_rows = []
     for name in ("aligned", "expert", "bad"):
         log(f"evaluating {name}")
-        r = ev(pool[name])
-        results["models"][name] = r
-        rows.append(row_from_eval(f"pool: {name}", "–", r))
-    for label, data_lbl, strategy, data in runs:
-        out = work / "runs" / f"{strategy}_{'both' if 'safety' in data else 'exp'}"
+        r, second = evaluate_row(pool[name], work / "eval" / f"pool-{name}", S, harmful, domain.test, args.seed)
+        results["models"][name] = {"eval": {k: r.get(k) for k in ("harmful", "utility")}, "second_judge": second}
+        pool_rows.append(table_row(f"pool: {name}", "–", r, second))
+
+    def run(label: str, data_lbl: str, strategy: str, method: str, data: dict, seed: int, variant: str) -> dict:
+        tag = f"{variant}_{method}_{strategy}_{'both' if 'safety' in data else 'exp'}_s{seed}"
+        out = work / "runs" / tag
         if out.exists():
             shutil.rmtree(out)
-        cfg = {"genome": genome, "data": data, "strategy": strategy, **common}
-        log(f"{label} [{data_lbl}]")
+        genome = {"models": [pool["aligned"], pool["expert"], pool["bad"]], "base_model": pool["aligned"],
+                  "merge_method": method, "layer_granularity": S["granularity"], "normalize": False}
+        cfg = {"genome": genome, "data": {**data, "seed": seed}, "strategy": strategy,
+               "objective": {"alpha": 0.3, "batch_size": 4, "max_length": 384},
+               "cma": {"max_evals": S["max_evals"], "popsize": S["popsize"], "seed": seed}, "seed": seed}
+        log(f"[{variant}] {label} [{data_lbl}] seed {seed}")
         t0 = time.perf_counter()
         summ = optimize(cfg, out, progress=False)
         opt_s = time.perf_counter() - t0
-        r = ev(str(out / "model"))
-        rows.append(row_from_eval(label, data_lbl, r, s_per_cand=summ.get("seconds_per_candidate"), cand_per_h=summ.get("candidates_per_hour")))
-        results["runs"].append({"label": label, "data": data_lbl, "strategy": strategy, "summary": summ, "optimize_seconds": opt_s,
+        r, second = evaluate_row(str(out / "model"), work / "eval" / tag, S, harmful, domain.test, args.seed)
+        row = table_row(label, data_lbl, r, second, s_per_cand=summ.get("seconds_per_candidate"),
+                        cand_per_h=summ.get("candidates_per_hour"))
+        results["runs"].append({"label": label, "data": data_lbl, "variant": variant, "method": method,
+                                "strategy": strategy, "seed": seed, "summary": summ, "optimize_seconds": opt_s,
+                                "row": row, "second_judge": second,
                                 "eval": {k: r.get(k) for k in ("harmful", "utility")}})
-    table = table1_markdown(rows, domain=domain.name)
-    results["table_markdown"] = table
+        return row
+
+    from safemerge.optimize.report import method_label
+
+    for variant in variants:
+        d_exp = work / f"d_expert-{variant}-{args.domain}.jsonl"
+        results["d_expert"][variant] = build_d_expert(d_exp, variant, S, pool, domain, args.seed)
+        if not d_exp.is_file():
+            results["notes"].append(f"D_expert ({variant}): no record survived; its table is skipped")
+            continue
+        only = {"expert": [str(d_exp)], "n_expert": S["n_obj"]}
+        both = {"safety": [str(d_safe)], "expert": [str(d_exp)], "n_safety": S["n_obj"], "n_expert": S["n_obj"]}
+        rows = list(pool_rows)
+        for method in methods:
+            rows.append(run(method_label("grid", method), "–", "grid", method, only, args.seed, variant))
+            for data_lbl, data in (("D_exp", only), ("D_exp ∪ D_safe", both)):
+                label = method_label("evomm", method) + (" (ours)" if "safety" in data else "")
+                rows += [run(label, data_lbl, "evomm", method, data, s, variant) for s in seeds]
+        rows.append(run("LM-Cocktail", "D_exp", "cocktail", "ties", only, args.seed, variant))
+        rows.append(run("LM-Cocktail (ours)", "D_exp ∪ D_safe", "cocktail", "ties", both, args.seed, variant))
+        table = table1_markdown(summarize(rows), domain=domain.name)
+        results["tables"][variant] = table
+        print(f"\nD_expert: {variant} ({results['d_expert'][variant]['records']} records)\n{table}")
+
     results["total_seconds"] = time.perf_counter() - t_all
     out_json = REPO / "bench" / "results" / f"reproduce_one_bad_model_{size}_{args.domain}.json"
     out_json.write_text(json.dumps(results, indent=1, default=str))
-    print(table)
-    for n in notes:
+    for n in results["notes"]:
         print("note:", n)
     print(f"total {results['total_seconds']:.0f} s; wrote {out_json}")
 

@@ -146,6 +146,14 @@ def domain_cmd(
     num: int = typer.Option(100, "--num", "-n", min=1, help="Total number of questions (split evenly across experts)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the in-context example draws."),
     max_new_tokens: int = _max_new_tokens_option(),
+    structured: bool = typer.Option(
+        False, "--structured",
+        help="Few-shot 'Question: … / Answer: <number>' format for small experts: seed records need an 'answer'; "
+             "a question is kept only if the expert's second decode (its chat answer) gives the same number."),
+    answer_instruction: str = typer.Option(
+        "", "--answer-instruction",
+        help="With --structured: text appended to each kept question before the expert answers it "
+             "(e.g. \"Answer with the final number after 'The answer is'.\")."),
     batch_size: Optional[int] = generation_batch_size_option(),
     backend: str = _backend_option(),
     dtype: Optional[str] = generation_dtype_option(),
@@ -158,6 +166,7 @@ def domain_cmd(
     """Build D_expert: each expert writes exam-style questions from 3 random seed examples, then answers them.
 
     Example: safemerge synth domain -m EXPERT --seed-file val_questions.jsonl --topic biology -n 200 -o d_expert.jsonl
+    Small experts: safemerge synth domain -m EXPERT --seed-file train.jsonl --topic arithmetic --structured -o d.jsonl
     """
     import time
 
@@ -171,14 +180,33 @@ def domain_cmd(
     progress = not (no_progress or quiet)
     library_progress(progress)
     check_output_file(output, force=force, inputs=(*model, seed_file))
-    seeds = [q["prompt"] for q in load_questions(seed_file)]
+    if structured:
+        from safemerge.synth.common import read_records
+        from safemerge.synth.structured import seed_problems_from_records
+
+        if not Path(seed_file).expanduser().is_file():
+            raise SafemergeError(f"--structured needs a seed file, {seed_file!r} is not one",
+                                 "give a JSON/JSONL file of records with a question and an 'answer'")
+        problems = seed_problems_from_records(read_records(seed_file))
+    else:
+        seeds = [q["prompt"] for q in load_questions(seed_file)]
     gens = {name: load_generator(p, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
                                  allow_pickle=allow_pickle) for name, p in _labels(model).items()}
-    stats = DomainStats()
-    records = build_domain_set(gens, seeds, topic, num, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size, stats=stats, progress=progress)
+    if structured:
+        from safemerge.synth.structured import StructuredStats, build_structured_domain_set
+
+        stats: Any = StructuredStats()
+        records = build_structured_domain_set(gens, problems, topic, num, seed=seed, answer_tokens=max_new_tokens,
+                                              answer_instruction=answer_instruction, batch_size=batch_size,
+                                              stats=stats, progress=progress)
+    else:
+        stats = DomainStats()
+        records = build_domain_set(gens, seeds, topic, num, seed=seed, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, stats=stats, progress=progress)
     if not quiet:
         _print_stats("synth domain", stats.as_dict())
     if not records:
-        raise SafemergeError("the experts produced no parsable, new questions", "use instruction-following experts or raise --num")
+        raise SafemergeError("the experts produced no parsable, new, answer-checked questions",
+                             "use instruction-following experts, try --structured, or raise --num")
     write_jsonl(output, records, force=force)
     echo_summary(output, started, detail=f"{len(records)} domain records")

@@ -43,6 +43,26 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 2000, alpha: float = 
     return [round(float(lo), 6), round(float(hi), 6)]
 
 
+def judge_agreement(first: Sequence[bool], second: Sequence[bool]) -> dict[str, Any]:
+    """Agreement of two judges' binary verdicts on the same items: share equal and Cohen's κ.
+
+    κ = (p_o − p_e) / (1 − p_e) with p_e = p₁q₁ + (1−p₁)(1−q₁) from each judge's own positive
+    rate (Cohen 1960); ``None`` when p_e = 1 (both judges constant and equal: κ undefined).
+    """
+    if len(first) != len(second):
+        raise ValueError(f"judges saw {len(first)} and {len(second)} items")
+    n = len(first)
+    if n == 0:
+        return {"n": 0, "agreement": None, "kappa": None, "only_first": 0, "only_second": 0}
+    a, b = [bool(x) for x in first], [bool(x) for x in second]
+    p_o = sum(x == y for x, y in zip(a, b)) / n
+    p1, q1 = sum(a) / n, sum(b) / n
+    p_e = p1 * q1 + (1 - p1) * (1 - q1)
+    kappa = None if p_e >= 1.0 else (p_o - p_e) / (1 - p_e)
+    return {"n": n, "agreement": round(p_o, 6), "kappa": None if kappa is None else round(kappa, 6),
+            "only_first": sum(x and not y for x, y in zip(a, b)), "only_second": sum(y and not x for x, y in zip(a, b))}
+
+
 def normalize_number(text: str) -> str | None:
     """``"$1,234.50"`` → ``"1234.5"``, ``"18.00"`` → ``"18"``; ``None`` if not a number."""
     t = text.strip().replace(",", "").replace("$", "").rstrip(".")

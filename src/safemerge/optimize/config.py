@@ -147,7 +147,11 @@ def load_optimize_config(source: str | Path | dict[str, Any] | OptimizeConfig) -
         raise ConfigError(f"genome: merge_method {g.merge_method!r} needs a base_model", "add base_model: PATH to the genome block")
     if g.merge_method == "slerp":
         others = [m for m in g.models if m != g.base_model]
-        if len(others) != 1:
+        if len(g.models) <= 2 and len(others) != 1:
             raise ConfigError("genome: slerp merges exactly two models (base_model and one other)",
-                              "list the base model and one other model, or use ties/dare_ties")
+                              "list the base model and one other model, or three or more models for mergekit-evolve's "
+                              "top-2 rule")
+        if len(g.models) > 2 and g.base_model not in g.models:
+            raise ConfigError("genome: slerp over more than two models needs base_model among genome.models",
+                              "add the base model to genome.models")
     return cfg

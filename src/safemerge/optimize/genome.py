@@ -18,6 +18,13 @@ instead (``clip(|x|, 0, 1)``), which makes the objective flat outside [0, 1] so 
 there with no signal; the reflection is continuous, equals ``x`` on [0, 1] and has no plateaus.
 The start point is ``weight = 1/N``, ``density = 1``, ``t = 0.5``.
 
+SLERP over more than two models follows mergekit-evolve's rule (``mergekit/evo/genome.py``,
+``_slerp_slices``): one raw ``weight`` gene per (layer group, model); in each group the two models
+with the largest genes are merged, the larger one as the base, with ``t = softmax(top-2)[1]``
+(so ``t ≤ 0.5``). The decoded genome is a ``slices:`` config, one slice per layer group with its own
+``base_model``; tensors outside the blocks follow the first (embeddings) / last (norm, head) slice,
+as in mergekit. Ties between equal genes go to the model listed first.
+
 A decoded genome is written as an ordinary mergekit configuration: per-block values become
 conditional parameters with filters ``"<prefix>.<i>.<filter>"`` / ``"<prefix>.<i>."`` (mergekit
 matches filters as substrings; the trailing dot keeps block 1 from matching block 10), and the
@@ -42,6 +49,9 @@ METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "slerp": ("t",),
 }
 MIN_DENSITY = 0.01
+#: gene value of a model that a SLERP grid point leaves out (below every pair gene, see ``Genome.pair_vector``)
+LEFT_OUT_GENE = -100.0
+PAIR_GENE_FLOOR = -40.0
 
 
 def reflect01(x: float) -> float:
@@ -107,7 +117,11 @@ class Genome:
         self.parameters = dict(parameters or {})
         self.tokenizer_source = tokenizer_source
         self.dtype = dtype
-        self.params = METHOD_PARAMS[merge_method]
+        self.slerp_top2 = merge_method == "slerp" and len(self.models) > 2
+        if self.slerp_top2 and self.filters:
+            raise ConfigError("slerp over more than two models takes no genome filters",
+                              "remove genome.filters (mergekit-evolve does not split slerp by sub-module)")
+        self.params = ("weight",) if self.slerp_top2 else METHOD_PARAMS[merge_method]
         self.genes = self._layout()
         self._index = {g: i for i, g in enumerate(self.genes)}
 
@@ -121,7 +135,7 @@ class Genome:
 
     @property
     def _model_axis(self) -> list[int]:
-        return [-1] if self.method == "slerp" else list(range(len(self.models)))
+        return [-1] if self.method == "slerp" and not self.slerp_top2 else list(range(len(self.models)))
 
     def _layout(self) -> list[Gene]:
         genes: list[Gene] = []
@@ -131,7 +145,7 @@ class Genome:
                 for f in sets:
                     for p in self.params:
                         genes.append(Gene(g, m, f, p))
-        if self.granularity > 0:
+        if self.granularity > 0 and not self.slerp_top2:
             for m in self._model_axis:
                 for p in self.params:
                     genes.append(Gene(-1, m, None, p))
@@ -152,6 +166,8 @@ class Genome:
     def transform(param: str, x: float, *, allow_negative_weights: bool = False) -> float:
         """Gene value → parameter value (see module docstring)."""
         x = float(x)
+        if param == "slerp_weight":
+            return x
         if param == "weight":
             return x if allow_negative_weights else abs(x)
         if param == "density":
@@ -164,12 +180,43 @@ class Genome:
         """Parameter value of every gene."""
         if len(x) != len(self.genes):
             raise ValueError(f"genome has {len(self.genes)} genes, got a vector of {len(x)}")
-        return {g: round(self.transform(g.param, v, allow_negative_weights=self.allow_negative_weights), 10)
+        kind = "slerp_weight" if self.slerp_top2 else None
+        return {g: round(self.transform(kind or g.param, v, allow_negative_weights=self.allow_negative_weights), 10)
                 for g, v in zip(self.genes, x)}
 
     def uniform_vector(self, values: dict[str, float]) -> np.ndarray:
         """A gene vector giving every gene of parameter ``p`` the value ``values[p]`` (grid search)."""
         return np.array([float(values[g.param]) for g in self.genes], dtype=np.float64)
+
+    def pair_vector(self, partner: int, t: float) -> np.ndarray:
+        """SLERP over > 2 models: genes making every group ``slerp(base, models[partner], t)`` (grid search).
+
+        The base gets 0 and the partner ``ln(t/(1−t))`` when ``t ≤ 0.5`` (the base stays the larger gene
+        and ``softmax`` gives back ``t``); for ``t > 0.5`` the roles swap (``slerp(a, b, t) = slerp(b, a, 1−t)``).
+        The other models get :data:`LEFT_OUT_GENE`; ``t`` of 0 or 1 is approached to within ``e^-40``.
+        """
+        base = self.models.index(self.base_model) if self.base_model in self.models else 0
+        if partner == base or not 0 <= partner < len(self.models):
+            raise ConfigError(f"slerp grid partner {partner} must be a pool model other than the base",
+                              "check genome.models")
+        small = min(t, 1.0 - t)
+        gap = max(PAIR_GENE_FLOOR, float(np.log(small / (1.0 - small)))) if small > 0 else PAIR_GENE_FLOOR
+        low, high = (partner, base) if t <= 0.5 else (base, partner)
+        genes = {high: 0.0, low: gap}
+        return np.array([genes.get(g.model, LEFT_OUT_GENE) for g in self.genes], dtype=np.float64)
+
+    def grid_vector(self, point: dict[str, float]) -> np.ndarray:
+        """The gene vector of one grid point (``{"partner", "t"}`` for SLERP over > 2 models)."""
+        if self.slerp_top2:
+            return self.pair_vector(int(point["partner"]), float(point["t"]))
+        return self.uniform_vector(point)
+
+    def slerp_pair(self, vals: dict[Gene, float], group: int) -> tuple[int, int, float]:
+        """mergekit-evolve's SLERP rule for one layer group: (base, other, t = softmax(top-2)[1])."""
+        genes = [(vals[Gene(group, m, None, "weight")], m) for m in range(len(self.models))]
+        (v1, first), (v2, second) = sorted(genes, key=lambda vm: (-vm[0], vm[1]))[:2]
+        t = 1.0 / (1.0 + float(np.exp(v1 - v2)))
+        return first, second, round(t, 10)
 
     # ------------------------------------------------------------------ config
     def _value_list(self, vals: dict[Gene, float], model: int, param: str) -> Any:
@@ -193,6 +240,8 @@ class Genome:
     def to_config(self, x: Sequence[float]) -> dict[str, Any]:
         """The mergekit configuration (a YAML-ready dict) of gene vector ``x``."""
         vals = self.decode(x)
+        if self.slerp_top2:
+            return self._slerp_slices_config(vals)
         cfg: dict[str, Any] = {"merge_method": self.method}
         if self.base_model:
             cfg["base_model"] = self.base_model
@@ -216,6 +265,29 @@ class Genome:
         cfg["dtype"] = self.dtype
         return cfg
 
+    def _group_layers(self, group: int) -> list[int]:
+        """``[start, end)`` block range of a layer group."""
+        if self.granularity == 0:
+            return [0, self.num_layers]
+        return [group * self.granularity, min(self.num_layers, (group + 1) * self.granularity)]
+
+    def _slerp_slices_config(self, vals: dict[Gene, float]) -> dict[str, Any]:
+        """SLERP over > 2 models: one slice per layer group, its top-2 models and ``t`` (mergekit-evolve)."""
+        slices = []
+        for group in range(self.n_layer_groups):
+            first, second, t = self.slerp_pair(vals, group)
+            rng = self._group_layers(group)
+            slices.append({"sources": [{"model": self.models[first], "layer_range": rng},
+                                       {"model": self.models[second], "layer_range": rng}],
+                           "base_model": self.models[first], "parameters": {"t": t}})
+        cfg: dict[str, Any] = {"merge_method": "slerp", "slices": slices}
+        if self.parameters:
+            cfg["parameters"] = dict(self.parameters)
+        if self.tokenizer_source:
+            cfg["tokenizer_source"] = self.tokenizer_source
+        cfg["dtype"] = self.dtype
+        return cfg
+
     def summary(self, x: Sequence[float]) -> dict[str, Any]:
         """Compact, JSON-ready view of the decoded values (for the trace)."""
         out: dict[str, Any] = {}
@@ -224,4 +296,12 @@ class Genome:
             grp = "all" if self.granularity == 0 else ("outside" if g.group < 0 else f"g{g.group}")
             key = "/".join(s for s in (who, grp, g.filter or "", g.param if g.model >= 0 else "") if s)
             out[key] = v
+        if self.slerp_top2:
+            vals = self.decode(x)
+            for group in range(self.n_layer_groups):
+                first, second, t = self.slerp_pair(vals, group)
+                grp = "all" if self.granularity == 0 else f"g{group}"
+                names = [self.models[i].rstrip("/").split("/")[-1] for i in (first, second)]
+                out[f"{grp}/slerp"] = f"{names[0]} -> {names[1]}"
+                out[f"{grp}/t"] = t
         return out

@@ -2,7 +2,8 @@
 
 Every combination of the ``grid:`` values is applied uniformly (the same weight/density to every
 model, the same ``t`` everywhere): for ties/dare_ties ``weight × density`` (the paper's 3 × 3 grid
-``{0.25, 0.5, 1.0}²`` for two models), for linear/task_arithmetic ``weight``, for slerp ``t``.
+``{0.25, 0.5, 1.0}²`` for two models), for linear/task_arithmetic ``weight``, for slerp ``t``; for
+slerp over more than two models, ``slerp(base, m, t)`` for every other model ``m`` and every ``t``.
 The paper selects the grid point with the best domain accuracy on the benchmark; here each point
 is scored with the configured objective (use ``data.expert`` only for the paper's setting) and all
 points are kept in the trace so any other selection rule can be applied afterwards.
@@ -19,13 +20,20 @@ from safemerge.optimize.genome import Genome
 
 def grid_points(genome: Genome, grid: GridSection) -> list[dict[str, float]]:
     """All parameter combinations for the genome's method, in a fixed order."""
-    axes = [(p, list(getattr(grid, p))) for p in genome.params]
-    for p, vals in axes:
-        if not vals:
-            from safemerge.errors import ConfigError
-
-            raise ConfigError(f"grid.{p} is empty", f"give at least one value for grid.{p}")
+    if genome.slerp_top2:
+        partners = [i for i, m in enumerate(genome.models) if m != genome.base_model]
+        return [{"partner": i, "t": float(t)} for i in partners for t in _nonempty(grid, "t")]
+    axes = [(p, _nonempty(grid, p)) for p in genome.params]
     return [dict(zip([p for p, _ in axes], combo)) for combo in itertools.product(*[v for _, v in axes])]
+
+
+def _nonempty(grid: GridSection, param: str) -> list[float]:
+    vals = list(getattr(grid, param))
+    if not vals:
+        from safemerge.errors import ConfigError
+
+        raise ConfigError(f"grid.{param} is empty", f"give at least one value for grid.{param}")
+    return vals
 
 
 def run_grid(genome: Genome, backend: Any, grid: GridSection, trace: Any, *, progress: Any = None) -> dict[str, Any]:
@@ -33,7 +41,7 @@ def run_grid(genome: Genome, backend: Any, grid: GridSection, trace: Any, *, pro
     points = grid_points(genome, grid)
     best: dict[str, Any] = {"x": None, "loss": math.inf, "eval": None, "point": None}
     for i, pt in enumerate(points):
-        x = genome.uniform_vector(pt)
+        x = genome.grid_vector(pt)
         r = backend.score_vectors([x])[0]
         trace.add({"eval": i, "generation": 0, "strategy": "grid", **r, "point": pt, "params": genome.summary(x)})
         trace.flush()

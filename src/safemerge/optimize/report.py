@@ -23,15 +23,56 @@ def row_from_eval(method: str, data: str, result: Mapping[str, Any], **extra: An
     """A table row from an evaluation-harness result (``harmful.harmful_rate``/``refusal_rate``, ``utility.accuracy``)."""
     harmful = result.get("harmful") or {}
     utility = result.get("utility") or {}
-    hr = harmful.get("harmful_rate")
-    return {
+    hr, hci = harmful.get("harmful_rate"), harmful.get("ci")
+    row: dict[str, Any] = {
         "method": method,
         "data": data,
         "alignment": None if hr is None else 1.0 - float(hr),
         "refusal_rate": harmful.get("refusal_rate"),
         "accuracy": utility.get("accuracy"),
-        **extra,
     }
+    if hci:  # the harness's bootstrap interval of the harmful rate, turned into one of the safe share
+        row["alignment_ci"] = [round(1.0 - float(hci[1]), 6), round(1.0 - float(hci[0]), 6)]
+    if utility.get("ci"):
+        row["accuracy_ci"] = list(utility["ci"])
+    return {**row, **extra}
+
+
+#: per-row statistics that are rendered inside the Align / Refusal / Acc cells, not as columns
+_CELL_STATS = ("alignment_ci", "accuracy_ci", "alignment_sd", "accuracy_sd", "refusal_rate_sd", "seeds")
+
+
+def mean_over_seeds(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One row from the rows of the same method and data under several seeds: means, sample SDs, ``seeds``.
+
+    The spread across seeds (SD, and ``*_range``) is the seed-to-seed variation of the whole pipeline
+    (search + evaluation); the per-seed bootstrap intervals stay in the individual rows.
+    """
+    import statistics
+
+    if not rows:
+        raise ValueError("no rows to average")
+    out: dict[str, Any] = {"method": rows[0].get("method"), "data": rows[0].get("data"), "seeds": len(rows)}
+    for key in ("alignment", "refusal_rate", "accuracy", "s_per_cand", "cand_per_h"):
+        vals = [float(r[key]) for r in rows if r.get(key) is not None]
+        if not vals:
+            continue
+        out[key] = statistics.fmean(vals)
+        if key in ("alignment", "refusal_rate", "accuracy"):
+            out[f"{key}_sd"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            out[f"{key}_range"] = [min(vals), max(vals)]
+    return out
+
+
+def _stat_cell(row: Mapping[str, Any], key: str) -> str:
+    """``mean ± sd`` over seeds, ``value [lo, hi]`` with a 95% interval, or the bare percentage."""
+    cell = _pct(row.get(key))
+    if row.get(f"{key}_sd") is not None and row.get(key) is not None:
+        return f"{cell} ± {100.0 * float(row[f'{key}_sd']):.1f}"
+    ci = row.get(f"{key}_ci")
+    if ci and row.get(key) is not None:
+        return f"{cell} [{_pct(ci[0])}, {_pct(ci[1])}]"
+    return cell
 
 
 _METHOD_NAMES = {"ties": "TIES", "dare_ties": "DARE-TIES", "slerp": "SLERP", "linear": "Linear",
@@ -78,13 +119,19 @@ def table1_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
 
 
 def table1_markdown(rows: Sequence[Mapping[str, Any]], *, domain: str = "domain") -> str:
-    """Markdown table: Method | Data | Align (%) | Refusal (%) | Acc (%) [| extra numeric columns]."""
-    fixed = ("method", "data", "alignment", "refusal_rate", "accuracy")
-    extra_cols = list(dict.fromkeys(k for r in rows for k in r if k not in fixed))  # union, first-seen order
+    """Markdown table: Method | Data | Align (%) | Refusal (%) | Acc (%) [| extra numeric columns].
+
+    A cell shows ``mean ± sd`` for a row averaged over seeds (:func:`mean_over_seeds`), else
+    ``value [lo, hi]`` when the row carries the harness's 95% interval (``*_ci``, from :func:`row_from_eval`).
+    """
+    fixed = ("method", "data", "alignment", "refusal_rate", "accuracy", *_CELL_STATS)
+    extra_cols = list(dict.fromkeys(k for r in rows for k in r if k not in fixed and not k.endswith("_range")))
     head = ["Method", "Data", "Align (% safe)", "Refusal (%)", f"Acc {domain} (%)", *extra_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [str(r.get("method", "")), str(r.get("data", "–")), _pct(r.get("alignment")), _pct(r.get("refusal_rate")), _pct(r.get("accuracy"))]
+        method = str(r.get("method", "")) + (f" ({r['seeds']} seeds)" if r.get("seeds") else "")
+        cells = [method, str(r.get("data", "–")), _stat_cell(r, "alignment"), _stat_cell(r, "refusal_rate"),
+                 _stat_cell(r, "accuracy")]
         for k in extra_cols:
             v = r.get(k)
             cells.append(f"{v:.4g}" if isinstance(v, float) else ("–" if v is None else str(v)))
