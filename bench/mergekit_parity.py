@@ -26,9 +26,9 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from safemerge.api import merge  # noqa: E402
+from safemerge.options import RunOptions  # noqa: E402
 from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 from safemerge.testing.mergekit_examples import EXAMPLES  # noqa: E402
-from safemerge.options import RunOptions  # noqa: E402
 
 
 def load_dir(d: Path) -> dict[str, torch.Tensor]:

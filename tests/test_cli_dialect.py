@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safety_world import build_world
-
 from conftest import run_cli  # noqa: E402
+from safety_world import build_world
 
 REPO = Path(__file__).resolve().parents[1]
 

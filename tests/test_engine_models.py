@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 
 from safemerge.api import merge  # noqa: E402
 from safemerge.io.checkpoint import Checkpoint  # noqa: E402
-from safemerge.testing import build_tokenizer, make_tiny_model, perturb_model, save_model  # noqa: E402
 from safemerge.options import RunOptions  # noqa: E402
+from safemerge.testing import build_tokenizer, make_tiny_model, perturb_model, save_model  # noqa: E402
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma", "phi3"])

@@ -17,8 +17,8 @@ mergekit = pytest.importorskip("mergekit")
 from safetensors.torch import load_file  # noqa: E402
 
 from safemerge.api import merge  # noqa: E402
-from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 from safemerge.options import RunOptions  # noqa: E402
+from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from safetensors.torch import load_file  # noqa: E402
 import safemerge.engine.run as engine_run  # noqa: E402
 from safemerge.api import merge  # noqa: E402
 from safemerge.io.references import open_checkpoint  # noqa: E402
-from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 from safemerge.options import RunOptions  # noqa: E402
+from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

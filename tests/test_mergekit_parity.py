@@ -26,9 +26,9 @@ pytest.importorskip("mergekit")
 from safetensors.torch import load_file  # noqa: E402
 
 from safemerge.api import merge  # noqa: E402
+from safemerge.options import RunOptions  # noqa: E402
 from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 from safemerge.testing.mergekit_examples import EXAMPLES  # noqa: E402
-from safemerge.options import RunOptions  # noqa: E402
 
 # Largest |safemerge − mergekit| in the default (float32) mode on these tiny models, as measured
 # and reported in docs/methods.md, rounded up (the tests bound it; they do not pin it). Zero

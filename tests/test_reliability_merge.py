@@ -15,8 +15,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 from safemerge.options import RunOptions  # noqa: E402
+from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 
 SAFEMERGE = [sys.executable, "-m", "safemerge.cli"]
 

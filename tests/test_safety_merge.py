@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from safety_world import build_world, peft_deltas
 from safetensors.torch import load_file
+from safety_world import build_world, peft_deltas
 
 from safemerge.io.checkpoint import Checkpoint
-from safemerge.safety.api import safemerge_adapters
 from safemerge.options import RunOptions
+from safemerge.safety.api import safemerge_adapters
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import torch
 from safety_world import build_world, peft_deltas
 
 from safemerge.io.checkpoint import Checkpoint
-from safemerge.safety import api
 from safemerge.methods.similarity import rho_materialized
 from safemerge.options import RunOptions
+from safemerge.safety import api
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from safemerge.options import RunOptions
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "safemerge"

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from safemerge.options import RunOptions
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "safemerge"

@@ -25,8 +25,8 @@ from safetensors.torch import load_file  # noqa: E402
 
 from safemerge.api import merge  # noqa: E402
 from safemerge.errors import ConfigError  # noqa: E402
-from safemerge.testing import build_tokenizer, make_tiny_model, perturb_model, save_model  # noqa: E402
 from safemerge.options import RunOptions  # noqa: E402
+from safemerge.testing import build_tokenizer, make_tiny_model, perturb_model, save_model  # noqa: E402
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 

@@ -18,13 +18,13 @@ from safemerge.cli.options import (
     allow_nonfinite_option,
     allow_pickle_option,
     dtype_option,
+    echo_summary,
     eval_benign_option,
     eval_flag_option,
     eval_harmful_option,
     eval_judge_option,
     eval_limit_option,
     eval_utility_option,
-    echo_summary,
     force_option,
     lm_eval_include_option,
     lm_eval_tasks_option,
@@ -33,8 +33,14 @@ from safemerge.cli.options import (
     run_options,
 )
 from safemerge.methods.safety_params import (
-    MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, SAFELORA_NUM_LAYERS, SAFELORA_TAU, SAFEMERGE_ALPHA,
-    SAFEMERGE_DENSITY, SAFEMERGE_TAU,
+    MERGEALIGN_LAMBDA_ALIGNED,
+    MERGEALIGN_LAMBDA_DOMAIN,
+    RESTA_BETA,
+    SAFELORA_NUM_LAYERS,
+    SAFELORA_TAU,
+    SAFEMERGE_ALPHA,
+    SAFEMERGE_DENSITY,
+    SAFEMERGE_TAU,
 )
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -121,12 +127,11 @@ def scan_command(
     """
     import time
 
+    from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
     from safemerge.progress import library_progress
     from safemerge.safety.api import scan
     from safemerge.safety.report import write_csv, write_json_records
-
-    from safemerge.errors import SafemergeError
-    from safemerge.io.output import check_output_file
 
     started = time.perf_counter()
     options = run_options(quiet=quiet, no_progress=no_progress, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)

@@ -23,7 +23,6 @@ from safemerge.methods._tensor import Rows
 from safemerge.methods.seeding import tensor_generator
 from safemerge.options import RunOptions, or_default
 
-
 _ALLOCATOR_TUNED = False
 
 
@@ -342,8 +341,8 @@ def open_all(config: Any, *, options: RunOptions | None = None,
     Hub ids are checked for existence (config files only) before any of them downloads weights,
     and every safetensors header is validated as its model opens, before the plan reads a tensor.
     """
-    from safemerge.io.references import open_checkpoint
     from safemerge.io.hub import prefetch_metadata
+    from safemerge.io.references import open_checkpoint
 
     refs = [r for r in config.referenced_models() if checkpoints is None or r not in checkpoints]
     prefetch_metadata(refs)

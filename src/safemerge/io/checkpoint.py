@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safemerge.errors import CheckpointError, option
-
 from safemerge.io.hub import resolve_local, split_model_ref  # noqa: F401  (split_model_ref re-exported)
 from safemerge.options import RunOptions, or_default
 

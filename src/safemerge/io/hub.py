@@ -19,9 +19,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from safemerge.options import RunOptions, or_default
-
 from safemerge.errors import CheckpointError
+from safemerge.options import RunOptions, or_default
 
 # org/name with Hub's allowed characters, optionally @revision (a branch, tag or commit hash)
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[\w.\-/]+))?$")

@@ -82,8 +82,8 @@ class CandidateEvaluator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from safemerge.io.checkpoint import refuse_custom_code
-        from safemerge.io.references import open_checkpoint
         from safemerge.io.hub import resolve_model_ref
+        from safemerge.io.references import open_checkpoint
         from safemerge.optimize.objective import AnswerCEObjective
 
         if num_threads:

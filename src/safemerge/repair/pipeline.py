@@ -159,9 +159,8 @@ def repair(
             generating).
     """
     from safemerge.autotune import autotune
-    from safemerge.io.output import check_output_path
-
     from safemerge.io.hub import resolve_local
+    from safemerge.io.output import check_output_path
 
     options = or_default(options)
     progress = options.progress

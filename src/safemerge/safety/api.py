@@ -24,8 +24,15 @@ from typing import Any
 
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.methods.safety_params import (
-    MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, RESTA_DENSITY, SAFELORA_NUM_LAYERS, SAFELORA_TAU,
-    SAFEMERGE_ALPHA, SAFEMERGE_DENSITY, SAFEMERGE_TAU,
+    MERGEALIGN_LAMBDA_ALIGNED,
+    MERGEALIGN_LAMBDA_DOMAIN,
+    RESTA_BETA,
+    RESTA_DENSITY,
+    SAFELORA_NUM_LAYERS,
+    SAFELORA_TAU,
+    SAFEMERGE_ALPHA,
+    SAFEMERGE_DENSITY,
+    SAFEMERGE_TAU,
 )
 from safemerge.options import RunOptions, or_default
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource
@@ -307,10 +314,10 @@ def resta(
     ``aligned``; DARE masks drawn per tensor from ``(options.seed, name)``, as ``merge_method: resta``); returns
     its path. ``options``: ``seed``, ``dtype`` of the output, ``force``, ``allow_pickle``, ``allow_nonfinite``.
     """
+    from safemerge.engine.tensorwise import plan_tensorwise
     from safemerge.io.output import atomic_output, write_model_card
     from safemerge.methods.catalog import get_method
     from safemerge.safety.full_model import open_ref, write_model
-    from safemerge.engine.tensorwise import plan_tensorwise
     from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
     options = or_default(options)

@@ -15,9 +15,9 @@ from typing import Any
 from safemerge.engine.plan import MergePlan
 from safemerge.engine.tensorwise import Float32Reads, TensorUpdate, plan_tensorwise, update_method, write_plan
 from safemerge.errors import CheckpointError
-from safemerge.io.references import open_checkpoint
 from safemerge.io.hub import resolve_local, split_model_ref
 from safemerge.io.output import copy_model_files
+from safemerge.io.references import open_checkpoint
 from safemerge.options import RunOptions, or_default
 
 

@@ -23,8 +23,13 @@ from safemerge.safety.deltas import AdapterDeltas, DeltaSource
 from safemerge.safety.full_model import write_updated_model
 from safemerge.safety.results import SafeMergeResult
 from safemerge.safety.writing import (
-    adapter_update_fn, carried_over_section, copy_adapter_side_files, params_markdown, scores_table_markdown,
-    torch_dtype, write_json,
+    adapter_update_fn,
+    carried_over_section,
+    copy_adapter_side_files,
+    params_markdown,
+    scores_table_markdown,
+    torch_dtype,
+    write_json,
 )
 
 Progress = Callable[[str, int, int], None]

@@ -29,8 +29,13 @@ from safemerge.safety.scoring import block_name, delta_norm_lowrank
 from safemerge.safety.selection import LayerScore, mark, select_below, select_lowest
 from safemerge.safety.subspace import SafetySubspace, open_model
 from safemerge.safety.writing import (
-    adapter_update_fn, carried_over_section, copy_adapter_side_files, params_markdown, scores_table_markdown,
-    torch_dtype, write_json,
+    adapter_update_fn,
+    carried_over_section,
+    copy_adapter_side_files,
+    params_markdown,
+    scores_table_markdown,
+    torch_dtype,
+    write_json,
 )
 
 Progress = Callable[[str, int, int], None]
