@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from safemerge.errors import ConfigError
 
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
@@ -31,8 +30,8 @@ class RunOptions:
         trust_remote_code: allow model code shipped in a model directory. Off unless the user asks
             (``--trust-remote-code``); every Hugging Face load still passes it explicitly.
         force: replace an existing output (still written to a temporary sibling first).
-        dtype: storage dtype of written weights (``None``: the inputs'); commands that generate
-            text use it as the generation dtype (``None``: chosen for the machine).
+        dtype: storage dtype of written weights, ``float32``, ``float16`` or ``bfloat16`` (``None``: the
+            inputs'), checked where weights are written.
         device: ``cpu``, ``cuda`` or ``cuda:N`` for the arithmetic.
         seed: seed of every stochastic step; the same seed gives byte-identical outputs.
         threads: worker threads of the merge engine (``None``: one per CPU); the bits do not depend on it.

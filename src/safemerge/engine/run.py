@@ -1,10 +1,10 @@
 """Execution: read → merge → write one output tensor at a time on a small thread pool.
 
 Reading (memory-mapped), computing (float32) and writing (``pwrite`` at planned offsets)
-overlap across ``jobs`` worker threads; at most ``2·jobs`` tensors are in flight, so peak
+overlap across ``options.threads`` worker threads; at most ``2·threads`` tensors are in flight, so peak
 memory is a few tensors regardless of model size. Stochastic methods get a generator seeded
 from ``(seed, tensor name)``, and torch's intra-op parallelism is pinned to one thread while
-merging, so outputs are byte-identical for any ``jobs`` value.
+merging, so outputs are byte-identical for any number of threads.
 """
 from __future__ import annotations
 
