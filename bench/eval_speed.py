@@ -182,9 +182,8 @@ def _agreement(a: list[bool], b: list[bool]) -> float:
 
 
 def _speed(args: argparse.Namespace) -> dict[str, Any]:
-    from transformers import AutoTokenizer
-
     import torch
+    from transformers import AutoTokenizer
 
     model_dir = _model_dir(args.cache)
     tok = AutoTokenizer.from_pretrained(str(model_dir))

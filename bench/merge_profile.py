@@ -35,6 +35,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from safemerge.options import RunOptions
+
 PHASES = ("read", "convert", "kernel", "narrow", "write", "idle")
 
 
@@ -117,7 +119,7 @@ def main() -> None:
     instrument(prof)
     with tempfile.TemporaryDirectory(prefix="safemerge-profile-") as tmp:
         t0 = time.perf_counter()
-        safemerge.api.merge(args.config, Path(tmp) / "out", jobs=args.jobs, progress=False)
+        safemerge.api.merge(args.config, Path(tmp) / "out", options=RunOptions(threads=args.jobs, progress=False))
         wall = time.perf_counter() - t0
     busy = sum(prof.totals.values())
     ex = prof.executor_wall

@@ -26,6 +26,7 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from safemerge.api import merge  # noqa: E402
+from safemerge.options import RunOptions  # noqa: E402
 from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 from safemerge.testing.mergekit_examples import EXAMPLES  # noqa: E402
 
@@ -77,8 +78,8 @@ def main() -> None:
             text = template.format(dtype=dtype, **{k: str(v) for k, v in zoo.items()})
             (work / "cfg.yml").write_text(text)
             theirs = run_mergekit(text, work / "mk")
-            merge(work / "cfg.yml", work / "default", progress=False)
-            merge(work / "cfg.yml", work / "exact", progress=False, mergekit_arithmetic=True)
+            merge(work / "cfg.yml", work / "default", options=RunOptions(progress=False))
+            merge(work / "cfg.yml", work / "exact", options=RunOptions(progress=False), mergekit_arithmetic=True)
             total = sum(t.numel() for t in theirs.values())
             d_max, d_n = compare(load_dir(work / "default"), theirs)
             e_max, e_n = compare(load_dir(work / "exact"), theirs)

@@ -14,8 +14,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _commands() -> list[list[str]]:
-    from safemerge.cli import app
     import typer
+
+    from safemerge.cli import app
 
     group = typer.main.get_command(app)
     out = []

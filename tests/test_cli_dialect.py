@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from safety_world import build_world
-
 from conftest import run_cli  # noqa: E402
+from safety_world import build_world
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,9 +166,9 @@ def test_readme_api_example_and_api_hints(world, tmp_path):
     cfg = {"merge_method": "linear", "dtype": "float32",
            "models": [{"model": str(world.aligned), "parameters": {"weight": 0.5}},
                       {"model": str(world.base), "parameters": {"weight": 0.5}}]}
-    code = (f"import safemerge\ncfg = {cfg!r}\nout = {str(tmp_path / 'api')!r}\n"
-            "safemerge.api.merge(cfg, out, progress=False)\n"
-            "try:\n    safemerge.api.merge(cfg, out, progress=False)\n"
+    code = (f"import safemerge\nfrom safemerge.options import RunOptions\ncfg = {cfg!r}\nout = {str(tmp_path / 'api')!r}\n"
+            "safemerge.api.merge(cfg, out, options=RunOptions(progress=False))\n"
+            "try:\n    safemerge.api.merge(cfg, out, options=RunOptions(progress=False))\n"
             "except safemerge.SafemergeError as e:\n    print('HINT', e.hint)\n"
             "print(safemerge.evaluate.api.evaluate.__name__, safemerge.safety.api.scan.__name__)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -21,6 +21,7 @@ import safemerge.engine.run as engine_run  # noqa: E402
 import safemerge.methods._tensor as tensor_helpers  # noqa: E402
 from safemerge.api import merge  # noqa: E402
 from safemerge.io.checkpoint import Checkpoint  # noqa: E402
+from safemerge.options import RunOptions  # noqa: E402
 
 EMBED = "model.embed_tokens.weight"
 BLOCK_BYTES = 4096  # 16 rows of the 512 × 64 embedding per block
@@ -75,7 +76,7 @@ def test_streamed_methods_read_one_block_at_a_time(models, method, tmp_path, mon
         return found
 
     monkeypatch.setattr(tensor_helpers.StreamedKth, "result", result)
-    merge(_config(method, models), tmp_path / "out", progress=False, jobs=2)
+    merge(_config(method, models), tmp_path / "out", options=RunOptions(progress=False, threads=2))
     block_elems = BLOCK_BYTES // 4
     assert reads and max(reads) <= block_elems, f"a read of {max(reads)} elements, block is {block_elems}"
     n_inputs = 4 if method != "linear" else 3
@@ -92,8 +93,8 @@ def test_streamed_output_equals_whole_tensor_output(models, tmp_path, monkeypatc
 
     cfg = _config("ties", models)
     monkeypatch.setattr(engine_run, "ELEMENTWISE_BLOCK_BYTES", 1 << 30)
-    merge(cfg, tmp_path / "whole", progress=False)
+    merge(cfg, tmp_path / "whole", options=RunOptions(progress=False))
     monkeypatch.setattr(engine_run, "ELEMENTWISE_BLOCK_BYTES", BLOCK_BYTES)
-    merge(cfg, tmp_path / "blocks", progress=False)
+    merge(cfg, tmp_path / "blocks", options=RunOptions(progress=False))
     x, y = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "blocks" / "model.safetensors")
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)

@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 
 from safemerge.api import merge  # noqa: E402
 from safemerge.io.checkpoint import Checkpoint  # noqa: E402
+from safemerge.options import RunOptions  # noqa: E402
 from safemerge.testing import build_tokenizer, make_tiny_model, perturb_model, save_model  # noqa: E402
 
 
@@ -22,7 +23,7 @@ def test_merged_model_loads_and_generates(tmp_path: Path, arch: str) -> None:
     a = save_model(perturb_model(make_tiny_model(arch, seed=0), seed=1), tmp_path / "a")
     b = save_model(perturb_model(make_tiny_model(arch, seed=0), seed=2), tmp_path / "b")
     cfg = f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.6}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\nout_dtype: bfloat16\n"
-    out = merge(cfg, tmp_path / "out", progress=False)
+    out = merge(cfg, tmp_path / "out", options=RunOptions(progress=False))
     assert set(Checkpoint(out).names()) == set(Checkpoint(base).names())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
@@ -45,7 +46,7 @@ def test_sharded_output_and_tokenizer_source(tmp_path: Path) -> None:
         f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
         f"tokenizer_source: {b}\nchat_template: chatml\n"
     )
-    out = merge(cfg, tmp_path / "out", progress=False, out_shard_size="100KB")
+    out = merge(cfg, tmp_path / "out", options=RunOptions(progress=False), out_shard_size="100KB")
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and all((out / s).exists() for s in shards)

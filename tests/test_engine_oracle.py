@@ -17,6 +17,7 @@ mergekit = pytest.importorskip("mergekit")
 from safetensors.torch import load_file  # noqa: E402
 
 from safemerge.api import merge  # noqa: E402
+from safemerge.options import RunOptions  # noqa: E402
 from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 
 
@@ -273,7 +274,7 @@ def test_matches_mergekit(zoo, tmp_path: Path, arch: str, case: str) -> None:
     yaml_text = CONFIGS[case].format(**{k: str(v) for k, v in zoo[arch].items()})
     (tmp_path / "cfg.yml").write_text(yaml_text)
     _run_mergekit(yaml_text, tmp_path / "mk")
-    merge(tmp_path / "cfg.yml", tmp_path / "sm", progress=False, jobs=2)
+    merge(tmp_path / "cfg.yml", tmp_path / "sm", options=RunOptions(progress=False, threads=2))
     ours, theirs = _load_dir(tmp_path / "sm"), _load_dir(tmp_path / "mk")
     assert set(ours) == set(theirs)
     for name, t in theirs.items():

@@ -12,6 +12,7 @@ from safetensors.torch import load_file  # noqa: E402
 import safemerge.engine.run as engine_run  # noqa: E402
 from safemerge.api import merge  # noqa: E402
 from safemerge.io.references import open_checkpoint  # noqa: E402
+from safemerge.options import RunOptions  # noqa: E402
 from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 
 
@@ -36,9 +37,9 @@ def test_row_blocks_equal_whole_tensors(inputs, tmp_path, monkeypatch, method) -
         cfg = f"merge_method: task_arithmetic\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.7}}\n  - model: {a}+{lora}\n    parameters: {{weight: 0.4}}\n"
     else:
         cfg = f"merge_method: nearswap\nbase_model: {a}\nmodels:\n  - model: {b}\nparameters: {{t: 0.01}}\n"
-    merge(cfg, tmp_path / "whole", progress=False)
+    merge(cfg, tmp_path / "whole", options=RunOptions(progress=False))
     monkeypatch.setattr(engine_run, "ELEMENTWISE_BLOCK_BYTES", 700)
-    merge(cfg, tmp_path / "blocks", progress=False)
+    merge(cfg, tmp_path / "blocks", options=RunOptions(progress=False))
     x, y = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "blocks" / "model.safetensors")
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
@@ -69,9 +70,9 @@ def test_two_pass_ties_equals_whole_tensor(inputs, tmp_path, monkeypatch, densit
         f"merge_method: ties\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.7, density: {density}}}\n"
         f"  - model: {c}\n    parameters: {{weight: [0.2, 0.6], density: 0.5}}\n  - model: {a}+{inputs['lora']}\n    parameters: {{weight: 0.4, density: 0.25}}\n"
     )
-    merge(cfg, tmp_path / "whole", progress=False)
+    merge(cfg, tmp_path / "whole", options=RunOptions(progress=False))
     monkeypatch.setattr(engine_run, "ELEMENTWISE_BLOCK_BYTES", 900)
-    merge(cfg, tmp_path / "blocks", progress=False)
+    merge(cfg, tmp_path / "blocks", options=RunOptions(progress=False))
     x, y = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "blocks" / "model.safetensors")
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 

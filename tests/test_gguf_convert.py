@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from safemerge.errors import ConfigError, SafemergeError
-from safemerge.io.references import open_checkpoint
 from safemerge.io.gguf import convert_gguf, find_smollm2_gguf, read_gguf_metadata
+from safemerge.io.references import open_checkpoint
 
 N_HEAD, N_KV = 4, 2
 CHATML = (

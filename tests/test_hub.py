@@ -15,11 +15,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import run_cli  # noqa: E402
 from safety_world import build_world
 
 from safemerge.errors import CheckpointError
 from safemerge.io.hub import parse_hub_id, resolve_local, resolve_model_ref
-from conftest import run_cli  # noqa: E402
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 COMMIT_V1 = "89abcdef0123456789abcdef0123456789abcdef"

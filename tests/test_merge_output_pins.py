@@ -21,8 +21,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import safemerge.engine.run as engine_run  # noqa: E402
 from conftest import run_cli  # noqa: E402
+
+import safemerge.engine.run as engine_run  # noqa: E402
 
 #: where the output pins were recorded (see check 3 above)
 PINNED_ON = {"torch": "2.13.0+cpu", "cpu_capability": "AVX512"}

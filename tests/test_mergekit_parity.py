@@ -26,6 +26,7 @@ pytest.importorskip("mergekit")
 from safetensors.torch import load_file  # noqa: E402
 
 from safemerge.api import merge  # noqa: E402
+from safemerge.options import RunOptions  # noqa: E402
 from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 from safemerge.testing.mergekit_examples import EXAMPLES  # noqa: E402
 
@@ -85,8 +86,8 @@ def test_mergekit_examples_in_native_dtype(zoo, tmp_path: Path, example: str, dt
     yaml_text = EXAMPLES[example].format(dtype=dtype, **{k: str(v) for k, v in zoo.items()})
     (tmp_path / "cfg.yml").write_text(yaml_text)
     theirs = _run_mergekit(yaml_text, tmp_path / "mk")
-    merge(tmp_path / "cfg.yml", tmp_path / "exact", progress=False, jobs=2, mergekit_arithmetic=True)
-    merge(tmp_path / "cfg.yml", tmp_path / "default", progress=False, jobs=2)
+    merge(tmp_path / "cfg.yml", tmp_path / "exact", options=RunOptions(progress=False, threads=2), mergekit_arithmetic=True)
+    merge(tmp_path / "cfg.yml", tmp_path / "default", options=RunOptions(progress=False, threads=2))
     exact, default = _load_dir(tmp_path / "exact"), _load_dir(tmp_path / "default")
     assert set(exact) == set(theirs) == set(default)
     for name, t in theirs.items():
@@ -102,8 +103,8 @@ def test_default_mode_is_closer_to_float64_than_mergekit(zoo, tmp_path: Path) ->
     yaml_text = EXAMPLES["bio-merge.yml"].format(dtype="float16", **{k: str(v) for k, v in zoo.items()})
     (tmp_path / "cfg.yml").write_text(yaml_text)
     (tmp_path / "cfg64.yml").write_text(yaml_text.replace("dtype: float16", "dtype: float64"))
-    merge(tmp_path / "cfg.yml", tmp_path / "exact", progress=False, mergekit_arithmetic=True)
-    merge(tmp_path / "cfg.yml", tmp_path / "default", progress=False)
+    merge(tmp_path / "cfg.yml", tmp_path / "exact", options=RunOptions(progress=False), mergekit_arithmetic=True)
+    merge(tmp_path / "cfg.yml", tmp_path / "default", options=RunOptions(progress=False))
     # float16-rounded inputs merged in float64 with float64 arithmetic: the reference
     for m in ("base", "m1", "m2"):
         sd = {k: v.half().double() for k, v in _load_dir(zoo[m]).items()}
@@ -115,7 +116,7 @@ def test_default_mode_is_closer_to_float64_than_mergekit(zoo, tmp_path: Path) ->
         (d / "config.json").write_text((zoo[m] / "config.json").read_text())
         yaml_text = yaml_text.replace(str(zoo[m]), str(d))
     (tmp_path / "cfg64.yml").write_text(yaml_text.replace("dtype: float16", "dtype: float64"))
-    merge(tmp_path / "cfg64.yml", tmp_path / "ref", progress=False, mergekit_arithmetic=True)
+    merge(tmp_path / "cfg64.yml", tmp_path / "ref", options=RunOptions(progress=False), mergekit_arithmetic=True)
     ref = _load_dir(tmp_path / "ref")
     err = {k: _max_diff(_load_dir(tmp_path / k), ref) for k in ("exact", "default")}
     assert err["default"] <= err["exact"]
@@ -152,7 +153,7 @@ def test_mergekit_yaml_flags_and_script(zoo, tmp_path: Path) -> None:
 def test_mergekit_config_yml_keeps_the_users_text(zoo, tmp_path: Path) -> None:
     text = EXAMPLES["ties.yml"].format(dtype="bfloat16", **{k: str(v) for k, v in zoo.items()})
     (tmp_path / "cfg.yml").write_text(text)
-    out = merge(tmp_path / "cfg.yml", tmp_path / "out", progress=False)
+    out = merge(tmp_path / "cfg.yml", tmp_path / "out", options=RunOptions(progress=False))
     written = (out / "mergekit_config.yml").read_text()
     assert written == text and "# density gradient" in written
     assert not (out / "safemerge_config.yml").exists()
@@ -163,16 +164,16 @@ def test_weight_on_a_method_without_weight_warns(zoo, tmp_path: Path, caplog) ->
            f"  - model: {zoo['m1']}\n    parameters: {{weight: 0.5}}\n"
            f"  - model: {zoo['m2']}\n    parameters: {{weight: 0.5}}\nparameters: {{select_topk: 0.5}}\n")
     with caplog.at_level(logging.WARNING, logger="safemerge"):
-        merge(cfg, tmp_path / "w", progress=False)
+        merge(cfg, tmp_path / "w", options=RunOptions(progress=False))
     assert any("'sce' has no 'weight' parameter" in r.getMessage() for r in caplog.records)
     without = cfg.replace("    parameters: {weight: 0.5}\n", "")
-    merge(without, tmp_path / "plain", progress=False)
+    merge(without, tmp_path / "plain", options=RunOptions(progress=False))
     weights = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("w", "plain")]
     assert weights[0] == weights[1]
     from safemerge.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown parameter 'density'"):
-        merge(cfg.replace("weight: 0.5", "density: 0.5"), tmp_path / "x", progress=False)
+        merge(cfg.replace("weight: 0.5", "density: 0.5"), tmp_path / "x", options=RunOptions(progress=False))
 
 
 def test_allow_crimes(zoo, tmp_path: Path) -> None:
@@ -187,6 +188,6 @@ def test_allow_crimes(zoo, tmp_path: Path) -> None:
     from safemerge.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="architectures differ"):
-        merge(cfg, tmp_path / "no", progress=False)
-    merge(cfg, tmp_path / "yes", progress=False, allow_crimes=True)
+        merge(cfg, tmp_path / "no", options=RunOptions(progress=False))
+    merge(cfg, tmp_path / "yes", options=RunOptions(progress=False), allow_crimes=True)
     assert (tmp_path / "yes" / "model.safetensors").exists()

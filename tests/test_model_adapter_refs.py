@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safety_world import build_world
-
 from conftest import run_cli  # noqa: E402
+from safety_world import build_world
 
 
 @pytest.fixture(scope="module")

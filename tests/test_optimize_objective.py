@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-
 from optimize_world import EXPERT, SAFETY, WORDS
 
 

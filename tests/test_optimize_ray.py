@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from optimize_world import build_world, config
 
 ray = pytest.importorskip("ray")

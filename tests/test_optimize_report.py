@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import yaml
-
 from optimize_world import build_world, config
 
 

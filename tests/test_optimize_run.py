@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import yaml
-
 from optimize_world import build_world, config
 
 
@@ -86,13 +85,12 @@ def test_resume_after_interruption_continues_the_same_run(world, tmp_path):
 
 
 def test_lm_cocktail_weights_equal_the_formula(world, tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safemerge.optimize import optimize
     from safemerge.optimize.candidate import load_objective_data
     from safemerge.optimize.config import load_optimize_config
     from safemerge.optimize.objective import AnswerCEObjective
-    from transformers import AutoTokenizer
 
     cfg = config(world, cocktail={"temperature": 0.5})
     s = optimize(cfg, tmp_path / "ck", strategy="cocktail", progress=False)

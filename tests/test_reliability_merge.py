@@ -15,6 +15,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from safemerge.options import RunOptions  # noqa: E402
 from safemerge.testing import make_tiny_model, perturb_model, save_model  # noqa: E402
 
 SAFEMERGE = [sys.executable, "-m", "safemerge.cli"]
@@ -65,10 +66,10 @@ def test_byte_identical_across_runs_and_jobs(models, tmp_path, method, extra) ->
     cfg = _cfg(tmp_path, models, method, extra)
     digests = []
     for run, jobs in enumerate((1, 2, 4, 2)):
-        out = merge(cfg, tmp_path / f"out{run}", seed=7, jobs=jobs, progress=False)
+        out = merge(cfg, tmp_path / f"out{run}", options=RunOptions(seed=7, threads=jobs, progress=False))
         digests.append(_digest(out))
     assert all(d == digests[0] for d in digests)
-    other = merge(cfg, tmp_path / "other_seed", seed=8, jobs=2, progress=False)
+    other = merge(cfg, tmp_path / "other_seed", options=RunOptions(seed=8, threads=2, progress=False))
     if method != "ties":  # a different seed gives a different random mask
         assert _digest(other)["model.safetensors"] != digests[0]["model.safetensors"]
 
@@ -94,7 +95,7 @@ def test_bf16_inputs_computed_in_fp32_without_overflow(tmp_path) -> None:
         + "".join(f"  - model: {p}\n    parameters: {{weight: 1.0}}\n" for p in paths.values())
         + "parameters: {normalize: true}\nout_dtype: float16\n"
     )
-    out = merge(cfg, tmp_path / "out", progress=False)
+    out = merge(cfg, tmp_path / "out", options=RunOptions(progress=False))
     tensors = load_file(out / "model.safetensors")
     assert all(torch.isfinite(t.float()).all() for t in tensors.values())
     # fp32 reference

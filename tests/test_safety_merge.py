@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from safety_world import build_world, peft_deltas
 from safetensors.torch import load_file
+from safety_world import build_world, peft_deltas
 
 from safemerge.io.checkpoint import Checkpoint
+from safemerge.options import RunOptions
 from safemerge.safety.api import safemerge_adapters
 
 
@@ -189,7 +190,7 @@ def test_existing_output_refused_unless_force(world, tmp_path):
     with pytest.raises(SafemergeError, match="already exists"):
         safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out)
     assert (out / "keep.txt").exists()
-    safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out, force=True)
+    safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out, options=RunOptions(force=True))
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
 
 
@@ -204,7 +205,7 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
     if not _has_method(strategy):
         pytest.skip(f"merge method {strategy!r} is not registered yet")
     res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                             out=tmp_path / "ad", strategy=strategy, density=0.7, seed=3, tau=0.8)
+                             out=tmp_path / "ad", strategy=strategy, density=0.7, options=RunOptions(seed=3), tau=0.8)
     merged = set(res.merged)
     assert merged and set(res.reconstruction_error) == merged
     assert all(0.0 <= e < 1.0 for e in res.reconstruction_error.values())
@@ -215,7 +216,7 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
     assert "reconstruction" in card.lower() and f"strategy: {strategy}" in card
     # full-model output with the same seed: merged layers equal the registered method on the dense deltas
     safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                              out=tmp_path / "full", strategy=strategy, density=0.7, seed=3, tau=0.8, merge_into=world.aligned)
+                              out=tmp_path / "full", strategy=strategy, density=0.7, options=RunOptions(seed=3), tau=0.8, merge_into=world.aligned)
     from safemerge.methods.update_merge import merge_dense
 
     got_full, al = Checkpoint(tmp_path / "full"), Checkpoint(world.aligned)
@@ -231,7 +232,7 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
         assert _rel(got[m], d) == pytest.approx(res.reconstruction_error[m], abs=1e-4)
     # reproducible per seed
     safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                       out=tmp_path / "ad2", strategy=strategy, density=0.7, seed=3, tau=0.8)
+                       out=tmp_path / "ad2", strategy=strategy, density=0.7, options=RunOptions(seed=3), tau=0.8)
     assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == (tmp_path / "ad2" / "adapter_model.safetensors").read_bytes()
 
 

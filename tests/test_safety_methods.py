@@ -6,8 +6,9 @@ import torch
 from safety_world import build_world, peft_deltas
 
 from safemerge.io.checkpoint import Checkpoint
-from safemerge.safety import api
 from safemerge.methods.similarity import rho_materialized
+from safemerge.options import RunOptions
+from safemerge.safety import api
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +84,9 @@ def test_resta_equals_formula(world, tmp_path, beta):
 
 
 def test_resta_with_dare(world, tmp_path):
-    a = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "a", beta=0.5, dare_density=0.5, seed=7)
-    b = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "b", beta=0.5, dare_density=0.5, seed=7)
-    c = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "c", beta=0.5, dare_density=0.5, seed=8)
+    a = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "a", beta=0.5, dare_density=0.5, options=RunOptions(seed=7))
+    b = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "b", beta=0.5, dare_density=0.5, options=RunOptions(seed=7))
+    c = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "c", beta=0.5, dare_density=0.5, options=RunOptions(seed=8))
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
     got, al, un = Checkpoint(a), Checkpoint(world.aligned), Checkpoint(world.base)
@@ -218,7 +219,7 @@ def test_yaml_merge_methods_through_the_engine(world, tmp_path):
     got = merge("resta_dare", {"merge_method": "resta", "base_model": str(world.base), "dtype": "float32",
                                "models": [{"model": al}, {"model": ft}], "parameters": {"beta": 0.5, "density": 0.6}})
     ref = Checkpoint(api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "rd_api",
-                               beta=0.5, dare_density=0.6, seed=0))
+                               beta=0.5, dare_density=0.6, options=RunOptions(seed=0)))
     for n in ref.names():
         assert torch.equal(got.get(n), ref.get(n)), n
 

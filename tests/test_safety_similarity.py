@@ -5,8 +5,8 @@ import pytest
 import torch
 from safety_world import build_world
 
-from safemerge.safety.selection import LayerScore, select_below, select_lowest
 from safemerge.methods.similarity import project_dense, rho_dense, rho_lowrank, rho_materialized
+from safemerge.safety.selection import LayerScore, select_below, select_lowest
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +50,10 @@ def test_rho_is_one_in_the_subspace_and_zero_outside():
 
 
 def test_scan_rho_equals_dense_C_on_real_peft_adapters(world):
+    from safety_world import peft_deltas
+
     from safemerge.io.checkpoint import Checkpoint
     from safemerge.safety.api import scan
-    from safety_world import peft_deltas
 
     scores = scan(world.base, world.aligned, [world.ft, world.safety])
     base, aligned = Checkpoint(world.base), Checkpoint(world.aligned)

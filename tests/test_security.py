@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from safemerge.options import RunOptions
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "safemerge"
 
 
@@ -46,9 +48,9 @@ def test_pickle_checkpoint_refused_then_weights_only(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="pickle"):
         Checkpoint(d)
     with pytest.raises(CheckpointError, match="weights_only"):
-        Checkpoint(d, allow_pickle=True)  # the object is rejected by weights_only loading
+        Checkpoint(d, options=RunOptions(allow_pickle=True))  # the object is rejected by weights_only loading
     torch.save({"w": torch.ones(2)}, d / "pytorch_model.bin")
-    assert Checkpoint(d, allow_pickle=True).get("w").tolist() == [1.0, 1.0]
+    assert Checkpoint(d, options=RunOptions(allow_pickle=True)).get("w").tolist() == [1.0, 1.0]
 
 
 def test_model_card_escapes_user_strings(tmp_path) -> None:
@@ -63,7 +65,7 @@ def test_model_card_escapes_user_strings(tmp_path) -> None:
     b = save_model(perturb_model(make_tiny_model("llama", seed=0), seed=1), tmp_path / "b")
     cfg = tmp_path / "cfg.yml"
     cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}))
-    out = merge(cfg, tmp_path / "out", progress=False)
+    out = merge(cfg, tmp_path / "out", options=RunOptions(progress=False))
     card = (out / "README.md").read_text()
     front = card.split("---")[1]
     assert isinstance(yaml.safe_load(front), dict)  # front-matter still parses

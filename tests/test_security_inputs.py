@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from safemerge.options import RunOptions
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "safemerge"
 
 # Calls that can import code from a model directory or the hub.
@@ -195,4 +197,4 @@ def test_checkpoint_refuses_nonfinite_on_read_in_every_float_dtype(tmp_path: Pat
     with pytest.raises(CheckpointError, match="NaN"):
         ck.get_rows("bad", 1, 3)
     assert ck.get_rows("bad", 0, 2).shape == (2, 3)  # rows without the NaN are fine
-    assert Checkpoint(tmp_path / "w.safetensors", allow_nonfinite=True).get("bad").isnan().sum() == 1
+    assert Checkpoint(tmp_path / "w.safetensors", options=RunOptions(allow_nonfinite=True)).get("bad").isnan().sum() == 1

@@ -25,6 +25,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from safemerge.api import merge  # noqa: E402
 from safemerge.errors import ConfigError  # noqa: E402
+from safemerge.options import RunOptions  # noqa: E402
 from safemerge.testing import build_tokenizer, make_tiny_model, perturb_model, save_model  # noqa: E402
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -180,7 +181,7 @@ def test_vocabulary_matches_mergekit(zoo, tmp_path: Path, case: str, dtype: str,
     (tmp_path / "cfg.yml").write_text(text)
     _run_mergekit(text, tmp_path / "mk")
     # (the padding rows are identical copies, so TIES meets exactly equal magnitudes at its top-k cut-off)
-    merge(tmp_path / "cfg.yml", tmp_path / "sm", progress=False, jobs=2, mergekit_tie_break=True,
+    merge(tmp_path / "cfg.yml", tmp_path / "sm", options=RunOptions(progress=False, threads=2), mergekit_tie_break=True,
           mergekit_arithmetic=mode == "mergekit_arithmetic")
     vocab_size = _assert_same_by_token(tmp_path / "sm", tmp_path / "mk", exact=mode == "mergekit_arithmetic",
                                        padding_exact="union" not in case)
@@ -192,8 +193,8 @@ def test_union_output_loads_and_is_deterministic(zoo, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     text = CONFIGS["task_arithmetic_union_pad"].format(dtype="bfloat16", **{k: str(v) for k, v in zoo.items()})
-    a = merge(text, tmp_path / "a", progress=False)
-    b = merge(text, tmp_path / "b", progress=False, jobs=1)
+    a = merge(text, tmp_path / "a", options=RunOptions(progress=False))
+    b = merge(text, tmp_path / "b", options=RunOptions(progress=False, threads=1))
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
     tok = AutoTokenizer.from_pretrained(a)
@@ -208,9 +209,9 @@ def test_union_output_loads_and_is_deterministic(zoo, tmp_path: Path) -> None:
 def test_token_config_errors(zoo, tmp_path: Path) -> None:
     base = CONFIGS["task_arithmetic_union_pad"].format(dtype="float32", **{k: str(v) for k, v in zoo.items()})
     with pytest.raises(ConfigError, match="not a token of"):
-        merge(base.replace("token: a}", "token: nope}"), tmp_path / "x", progress=False)
+        merge(base.replace("token: a}", "token: nope}"), tmp_path / "x", options=RunOptions(progress=False))
     with pytest.raises(ConfigError, match="pad_to_multiple_of"):
-        merge(base.replace("pad_to_multiple_of: 64", "pad_to_multiple_of: 0"), tmp_path / "y", progress=False)
+        merge(base.replace("pad_to_multiple_of: 64", "pad_to_multiple_of: 0"), tmp_path / "y", options=RunOptions(progress=False))
     with pytest.raises(ConfigError, match="token_id"):
-        merge(base.replace("token_id: 9}", "token_id: 9, token: x}"), tmp_path / "z", progress=False)
+        merge(base.replace("token_id: 9}", "token_id: 9, token: x}"), tmp_path / "z", options=RunOptions(progress=False))
     assert not any(p.name in ("x", "y", "z") for p in tmp_path.iterdir())

@@ -1,7 +1,7 @@
 """The world's synthetic language: closed vocabulary, deterministic, disjoint splits."""
 from __future__ import annotations
 
-from safemerge.demo.world_data import HARMFUL_PAIRS, BENIGN_PAIRS, REFUSAL, make_world_data
+from safemerge.demo.world_data import BENIGN_PAIRS, HARMFUL_PAIRS, REFUSAL, make_world_data
 
 
 def test_every_world_text_is_in_the_vocabulary():

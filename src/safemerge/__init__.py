@@ -17,6 +17,7 @@ _LAZY = {
     "open_checkpoint": "safemerge.io.references",
     "load_adapter": "safemerge.io.adapter",
     "SafemergeError": "safemerge.errors",
+    "RunOptions": "safemerge.options",
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from safemerge.engine.run import merge_in_memory  # noqa: F401  (re-exported)
 from safemerge.errors import ConfigError
+from safemerge.options import RunOptions, or_default
 
 _CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
@@ -126,12 +127,7 @@ def merge(
     config: Any,
     out_dir: str | Path,
     *,
-    seed: int = 0,
-    jobs: int | None = None,
-    device: str = "cpu",
-    force: bool = False,
-    allow_pickle: bool = False,
-    allow_nonfinite: bool = False,
+    options: RunOptions | None = None,
     out_shard_size: int | str = 5_000_000_000,
     progress: bool = True,
     copy_tokenizer: bool = True,
@@ -145,12 +141,11 @@ def merge(
 
     Args:
         config: YAML path, YAML text, dict or :class:`~safemerge.config.MergeConfig`.
-        out_dir: output directory (written atomically; refused if it exists unless ``force``).
-        seed: seed for stochastic methods (DARE, DELLA); outputs are byte-identical per seed.
-        jobs: worker threads (reading, computing and writing overlap); default = CPU count.
-        device: ``cpu`` or ``cuda`` for the arithmetic.
-        allow_pickle: allow ``.bin``/``.pt`` inputs (loaded with ``weights_only=True``).
-        allow_nonfinite: merge inputs that contain NaN/Inf instead of refusing them.
+        out_dir: output directory (written atomically; refused if it exists unless ``options.force``).
+        options: the run's :class:`~safemerge.options.RunOptions` — ``seed`` of stochastic methods (DARE,
+            DELLA; outputs are byte-identical per seed), ``threads`` (reading, computing and writing
+            overlap; default one per CPU), ``device`` of the arithmetic, ``allow_pickle``,
+            ``allow_nonfinite``, ``force``, ``progress``. The config's ``dtype`` decides the output dtype.
         out_shard_size: maximum shard size (bytes or ``"5GB"``).
         extra_card_sections: called with the finished temporary directory; returns extra
             ``(heading, markdown)`` sections for the model card (e.g. an evaluation report).
@@ -171,20 +166,19 @@ def merge(
     from safemerge.engine.tensorwise import write_plan
     from safemerge.io.output import atomic_output, check_output_path, copy_model_files, write_model_card
 
+    options = or_default(options)
     cfg = load_config(config)
     tok_ref = cfg.effective_tokenizer_source
     inputs = [*cfg.referenced_models(), tok_ref if tok_ref not in ("base", "union") else None,
               config if isinstance(config, (str, Path)) and "\n" not in str(config) else None]
-    check_output_path(out_dir, force=force, inputs=inputs)
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ConfigError(f"unknown device {device!r}", "use cpu or cuda")
-    if device.startswith("cuda"):
+    check_output_path(out_dir, force=options.force, inputs=inputs)
+    if options.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda was requested but no CUDA device is available", "use --device cpu")
     max_shard = parse_size(out_shard_size)
-    ckpts = open_all(cfg, allow_pickle=allow_pickle, checkpoints=checkpoints)
+    ckpts = open_all(cfg, options=options, checkpoints=checkpoints)
     plan = plan_merge(cfg, ckpts, allow_crimes=allow_crimes)
     plan.mergekit_arithmetic = mergekit_arithmetic
     plan.tie_break = "mergekit" if mergekit_tie_break or mergekit_arithmetic else "index"
@@ -194,9 +188,8 @@ def merge(
         f"{plan.compute_dtype or 'input dtype'} (mergekit order)" if mergekit_arithmetic else "float32",
     )
     ref_dir = _model_dir(ckpts[plan.reference])
-    with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
-        write_plan(tmp, plan, ckpts, seed=seed, jobs=jobs, device=device, allow_nonfinite=allow_nonfinite,
-                   max_shard_bytes=max_shard, metadata={"producer": "safemerge"}, show_bar=progress)
+    with atomic_output(out_dir, force=options.force, inputs=inputs) as tmp:
+        write_plan(tmp, plan, ckpts, options=options, max_shard_bytes=max_shard, metadata={"producer": "safemerge"})
         # a re-indexed vocabulary comes with its own tokenizer, saved whatever --copy-tokenizer says (as mergekit)
         copy_model_files(ref_dir, tmp, config_updates=_config_updates(plan, ckpts),
                          copy_tokenizer=copy_tokenizer and plan.vocab is None)
@@ -205,7 +198,7 @@ def merge(
         if cfg.chat_template:
             _apply_chat_template(cfg.chat_template, tmp, [_model_dir(c) for c in ckpts.values()])
         (tmp / MERGEKIT_CONFIG_NAME).write_text(cfg.source_text)
-        sections = _card_sections(cfg, plan, seed)
+        sections = _card_sections(cfg, plan, options.seed)
         if extra_card_sections is not None:
             sections += list(extra_card_sections(tmp))
         write_model_card(
@@ -213,7 +206,7 @@ def merge(
             title=f"Merged model ({plan.method.name})",
             base_model=cfg.base_model,
             tags=("safemerge", "merge"),
-            front_matter={"merge_method": plan.method.name, "seed": seed},
+            front_matter={"merge_method": plan.method.name, "seed": options.seed},
             sections=sections,
         )
     return Path(out_dir)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.options import RunOptions, or_default
 
 DEFAULT_MAX_RANK = 128
 
@@ -129,9 +130,7 @@ def extract_lora(
     sv_epsilon: float = 0.0,
     embed_lora: bool = False,
     save_modules: Sequence[str] = (),
-    dtype: str | None = None,
-    force: bool = False,
-    allow_pickle: bool = False,
+    options: RunOptions | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> ExtractResult:
     """Extract a PEFT LoRA adapter ``base + adapter ≈ finetuned`` (see the module docstring).
@@ -139,12 +138,12 @@ def extract_lora(
     Args:
         finetuned: the fully fine-tuned model directory (or a Hub id).
         base: the model it was fine-tuned from (the adapter's base).
-        out: adapter directory, written atomically (refused if it exists unless ``force``).
+        out: adapter directory, written atomically (refused if it exists unless ``options.force``).
         max_rank: rank cap per module (mergekit's ``--max-rank``, default 128).
         sv_epsilon: discard singular values ``≤ sv_epsilon`` (0 keeps ``max_rank``).
         embed_lora: extract embeddings and ``lm_head`` as LoRA instead of saving them at full rank.
         save_modules: module names (or path suffixes) saved at full rank (``modules_to_save``).
-        dtype: storage dtype of the factors (default: the fine-tune's).
+        options: ``dtype`` of the factors (default: the fine-tune's), ``force``, ``allow_pickle``.
         progress: ``progress("extract", done, total)`` per tensor.
 
     Returns an :class:`ExtractResult`; the adapter's model card lists every module's rank and
@@ -162,14 +161,15 @@ def extract_lora(
     if not (sv_epsilon >= 0 and math.isfinite(sv_epsilon)):
         raise SafemergeError(f"--sv-epsilon must be a non-negative number, got {sv_epsilon!r}",
                              "pass e.g. --sv-epsilon 1e-4")
-    out_dtype = torch_dtype(dtype)
-    check_output_path(out, force=force, inputs=(finetuned, base))
-    finetuned, base = (resolve_local(p, allow_pickle=allow_pickle) for p in (finetuned, base))  # Hub ids → snapshots
+    options = or_default(options)
+    out_dtype = torch_dtype(options.dtype)
+    check_output_path(out, force=options.force, inputs=(finetuned, base))
+    finetuned, base = (resolve_local(p, options=options) for p in (finetuned, base))  # Hub ids → snapshots
     for role, p in (("fine-tuned model", finetuned), ("--base", base)):
         if (Path(str(p)) / "adapter_config.json").exists():
             raise SafemergeError(f"the {role} {p} is already a LoRA adapter",
                                  "extract-lora takes two full model directories")
-    ft, bs = Checkpoint(finetuned, allow_pickle=allow_pickle), Checkpoint(base, allow_pickle=allow_pickle)
+    ft, bs = Checkpoint(finetuned, options=options), Checkpoint(base, options=options)
     types = _module_types(Path(str(finetuned)))
     names = ft.names()
     _check_same_tensors(ft, bs, names)
@@ -198,7 +198,7 @@ def extract_lora(
         raise SafemergeError(f"{finetuned} does not differ from {base} in any linear weight (above --sv-epsilon)",
                              "check that FINETUNED was fine-tuned from --base")
     extra_config = {"modules_to_save": sorted(to_save) or None, "bias": "all" if biases else "none"}
-    with atomic_output(out, force=force, inputs=(finetuned, base)) as tmp:
+    with atomic_output(out, force=options.force, inputs=(finetuned, base)) as tmp:
         save_adapter(tmp, factors, base_model_name_or_path=str(base), embedding_modules=embedding_modules,
                      extra_config=extra_config, extra_tensors=saved)
         copy_adapter_side_files(Path(str(finetuned)), tmp)

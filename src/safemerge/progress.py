@@ -6,8 +6,8 @@ import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 _SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -54,7 +54,14 @@ def progress_bar(description: str, *, total: int, total_bytes: int | None = None
         yield Bar()
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     cols = [
         TextColumn("[bold]{task.description}"),

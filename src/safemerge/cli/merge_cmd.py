@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -10,19 +11,23 @@ from safemerge.cli.options import (
     EvalSets,
     allow_nonfinite_option,
     allow_pickle_option,
+    echo_summary,
     eval_benign_option,
     eval_flag_option,
     eval_harmful_option,
     eval_judge_option,
     eval_limit_option,
     eval_utility_option,
-    echo_summary,
     force_option,
     lm_eval_include_option,
     lm_eval_tasks_option,
     no_progress_option,
     quiet_option,
+    run_options,
 )
+
+if TYPE_CHECKING:
+    from safemerge.options import RunOptions
 
 
 @app.command("merge")
@@ -83,29 +88,22 @@ def merge_command(
     from safemerge.progress import library_progress
 
     started = time.perf_counter()
-    progress = not (no_progress or quiet)
-    library_progress(progress, loads_models=eval_)
+    options = run_options(quiet=quiet, no_progress=no_progress, jobs=jobs, seed=seed, device="cuda" if cuda else device,
+                          force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    library_progress(options.progress, loads_models=eval_)
     if verbose:
         _log_to_stderr()
-    if cuda:
-        device = "cuda"
     if dry_run:
-        _dry_run(config, allow_pickle, allow_crimes)
+        _dry_run(config, options, allow_crimes)
         return
-    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=options.progress,
                     lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
     extra = _eval_card_sections(sets) if eval_ else None
     path = merge(
         config,
         out,
-        seed=seed,
-        jobs=jobs,
-        device=device,
-        force=force,
-        allow_pickle=allow_pickle,
-        allow_nonfinite=allow_nonfinite,
+        options=options,
         out_shard_size=parse_size(out_shard_size),
-        progress=progress,
         extra_card_sections=extra,
         mergekit_tie_break=mergekit_tie_break,
         mergekit_arithmetic=mergekit_arithmetic,
@@ -140,7 +138,7 @@ def _log_to_stderr() -> None:
         logger.addHandler(handler)
 
 
-def _dry_run(config: Path, allow_pickle: bool, allow_crimes: bool) -> None:
+def _dry_run(config: Path, options: RunOptions, allow_crimes: bool) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -150,7 +148,7 @@ def _dry_run(config: Path, allow_pickle: bool, allow_crimes: bool) -> None:
     from safemerge.progress import human_bytes
 
     cfg = load_config(config)
-    ckpts = open_all(cfg, allow_pickle=allow_pickle)
+    ckpts = open_all(cfg, options=options)
     plan = plan_merge(cfg, ckpts, allow_crimes=allow_crimes)
     table = Table(title=f"{plan.method.name}: {len(plan.jobs)} tensors, {plan.num_layers} layers, {human_bytes(plan.total_bytes)}")
     for col in ("tensor", "shape", "inputs", "parameters"):

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from safemerge.options import RunOptions
 
 PICKLE_HELP = "Allow .bin/.pt pickle inputs (loaded with weights_only=True); only for trusted files."
 
@@ -47,6 +50,21 @@ def out_option(help: str) -> Any:
 def output_alias_option() -> Any:
     """``--output``: hidden alias of ``-o/--out`` kept for scripts written before the rename."""
     return typer.Option(None, "--output", hidden=True)
+
+
+def run_options(*, quiet: bool = False, no_progress: bool = False, jobs: int | None = None, seed: int = 0,
+                device: str = "cpu", dtype: str | None = None, force: bool = False, allow_pickle: bool = False,
+                allow_nonfinite: bool = False, trust_remote_code: bool = False) -> RunOptions:
+    """The command's :class:`~safemerge.options.RunOptions`, built once from its shared flags and passed down.
+
+    Every command that runs a job calls this with the flags it declares (the rest keep their safe
+    defaults); ``-q/--quiet`` and ``--no-progress`` both turn the progress bars off, ``-j`` is ``threads``.
+    """
+    from safemerge.options import RunOptions
+
+    return RunOptions(allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, trust_remote_code=trust_remote_code,
+                      force=force, dtype=dtype, device=device, seed=seed, threads=jobs,
+                      progress=not (quiet or no_progress))
 
 
 def pick_out(out: Path | None, output: Path | None) -> Path:

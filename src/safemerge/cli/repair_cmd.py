@@ -19,6 +19,7 @@ from safemerge.cli.options import (
     force_option,
     no_progress_option,
     quiet_option,
+    run_options,
 )
 
 _RANK_HELP = "Rank cap per module (mergekit's --max-rank; --rank is the older name)."
@@ -54,11 +55,11 @@ def extract_lora_command(
     from safemerge.progress import library_progress
 
     started = time.perf_counter()
-    progress = not (no_progress or quiet)
-    library_progress(progress)
-    with progress_callback(progress) as cb:
+    options = run_options(quiet=quiet, no_progress=no_progress, dtype=dtype, force=force, allow_pickle=allow_pickle)
+    library_progress(options.progress)
+    with progress_callback(options.progress) as cb:
         res = extract_lora(finetuned, base, out, max_rank=max_rank, sv_epsilon=sv_epsilon, embed_lora=embed_lora,
-                           save_modules=save_modules, dtype=dtype, force=force, allow_pickle=allow_pickle, progress=cb)
+                           save_modules=save_modules, options=options, progress=cb)
     saved = sum(m.kind == "modules_to_save" for m in res.modules)
     echo_summary(res.out, started, detail=f"{len(res.lora)} LoRA modules (max relative error "
                  f"{res.max_relative_error:.3e}), {saved} tensors at full rank")
@@ -103,15 +104,14 @@ def repair_command(
     from safemerge.repair.pipeline import print_report, repair
 
     started = time.perf_counter()
-    progress = not (no_progress or quiet)
-    library_progress(progress)
+    options = run_options(quiet=quiet, no_progress=no_progress, force=force, allow_pickle=allow_pickle)
+    library_progress(options.progress)
     budget = None if max_new_tokens is None else dict.fromkeys(("harmful", "benign", "utility"), max_new_tokens)
     res = repair(finetuned, base=base, aligned=aligned, out=out, utility=utility, safety=safety,
                  safety_data=safety_data, safety_steps=safety_steps, safety_lr=safety_lr, val_harmful=val_harmful,
                  val_benign=val_benign, test_harmful=test_harmful, test_benign=test_benign, test_utility=test_utility, merge_into=merge_into,
                  extract_rank=extract_rank, harm_margin=harm_margin, refusal_margin=refusal_margin, judge=judge, max_new_tokens=budget,
-                 work_dir=work_dir, force=force, allow_pickle=allow_pickle,
-                 log=None if quiet else (lambda m: typer.echo(m, err=True)), progress=progress)
+                 work_dir=work_dir, options=options, log=None if quiet else (lambda m: typer.echo(m, err=True)))
     if not quiet:
         print_report(res)
     echo_summary(res.out, started, detail=f"repaired {res.output}, τ = {res.tau:g}, α = {res.alpha:g}, "

@@ -18,22 +18,29 @@ from safemerge.cli.options import (
     allow_nonfinite_option,
     allow_pickle_option,
     dtype_option,
+    echo_summary,
     eval_benign_option,
     eval_flag_option,
     eval_harmful_option,
     eval_judge_option,
     eval_limit_option,
     eval_utility_option,
-    echo_summary,
     force_option,
     lm_eval_include_option,
     lm_eval_tasks_option,
     no_progress_option,
     quiet_option,
+    run_options,
 )
 from safemerge.methods.safety_params import (
-    MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, SAFELORA_NUM_LAYERS, SAFELORA_TAU, SAFEMERGE_ALPHA,
-    SAFEMERGE_DENSITY, SAFEMERGE_TAU,
+    MERGEALIGN_LAMBDA_ALIGNED,
+    MERGEALIGN_LAMBDA_DOMAIN,
+    RESTA_BETA,
+    SAFELORA_NUM_LAYERS,
+    SAFELORA_TAU,
+    SAFEMERGE_ALPHA,
+    SAFEMERGE_DENSITY,
+    SAFEMERGE_TAU,
 )
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -120,15 +127,15 @@ def scan_command(
     """
     import time
 
+    from safemerge.errors import SafemergeError
+    from safemerge.io.output import check_output_file
     from safemerge.progress import library_progress
     from safemerge.safety.api import scan
     from safemerge.safety.report import write_csv, write_json_records
 
-    from safemerge.errors import SafemergeError
-    from safemerge.io.output import check_output_file
-
     started = time.perf_counter()
-    library_progress(not (no_progress or quiet), loads_models=False)
+    options = run_options(quiet=quiet, no_progress=no_progress, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    library_progress(options.progress, loads_models=False)
     tm = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     for p in (json_out, csv_out, plot):
         if p is not None and p.parent and not p.parent.exists():
@@ -138,9 +145,8 @@ def scan_command(
     if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
         raise SafemergeError(f"--plot {str(plot)!r}: unsupported image type {plot.suffix or '(none)'!r}",
                              f"end the file name in one of {', '.join(PLOT_SUFFIXES)}")
-    with progress_callback(not (no_progress or quiet)) as cb:
-        scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, allow_pickle=allow_pickle,
-                      allow_nonfinite=allow_nonfinite, progress=cb)
+    with progress_callback(options.progress) as cb:
+        scores = scan(base, aligned, inputs, tau=tau, target_modules=tm, options=options, progress=cb)
     if not quiet:
         _print_scores(scores, tau, "merged")
     if json_out is not None:
@@ -211,24 +217,25 @@ def safemerge_command(
     from safemerge.safety.api import safemerge_adapters
 
     started = time.perf_counter()
-    progress = not (no_progress or quiet)
-    library_progress(progress, loads_models=eval_ or "auto" in (tau, alpha))
+    options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, dtype=dtype, force=force,
+                          allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    library_progress(options.progress, loads_models=eval_ or "auto" in (tau, alpha))
     # fail before a (possibly long) automatic τ/α search
-    check_output_path(out, force=force, inputs=(base, aligned, finetuned, safety, merge_into))
+    check_output_path(out, force=options.force, inputs=(base, aligned, finetuned, safety, merge_into))
     tau, alpha, tuned = resolve_tau_alpha(tau, alpha, base=base, aligned=aligned, finetuned=finetuned, safety=safety,
                                           val_harmful=val_harmful, val_utility=val_utility, harm_margin=harm_margin,
                                           val_benign=val_benign, refusal_margin=refusal_margin,
                                           log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
-    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=options.progress,
                     lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
     ev = _evaluator(eval_, aligned, sets)
-    with progress_callback(progress) as cb:
+    with progress_callback(options.progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
-            strategy=strategy, compat=compat, merge_into=merge_into, seed=seed, density=density, dtype=dtype,
-            force=force, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, evaluate=ev, progress=cb,
+            strategy=strategy, compat=compat, merge_into=merge_into, density=density, options=options, evaluate=ev,
+            progress=cb,
         )
     if not quiet:
         _print_scores(res.scores, res.tau, "merged")
@@ -271,11 +278,12 @@ def safelora_command(
     from safemerge.safety.api import safelora
 
     started = time.perf_counter()
-    library_progress(not (no_progress or quiet), loads_models=False)
-    with progress_callback(not (no_progress or quiet)) as cb:
-        res = safelora(base=base, aligned=aligned, finetuned=finetuned, out=out, mode=mode, tau=tau, num_layers=num_layers,
-                       merge_into=merge_into, dtype=dtype, force=force, allow_pickle=allow_pickle,
-                       allow_nonfinite=allow_nonfinite, progress=cb)
+    options = run_options(quiet=quiet, no_progress=no_progress, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                          allow_nonfinite=allow_nonfinite)
+    library_progress(options.progress, loads_models=False)
+    with progress_callback(options.progress) as cb:
+        res = safelora(base=base, aligned=aligned, finetuned=finetuned, out=out, mode=mode, tau=tau,
+                       num_layers=num_layers, merge_into=merge_into, options=options, progress=cb)
     if not quiet:
         _print_scores(res.scores, res.tau, "projected")
     echo_summary(res.out, started, detail=f"{res.output}; {_decided(res.scores, 'projected')}")
@@ -307,11 +315,12 @@ def resta_command(
     from safemerge.safety.api import resta
 
     started = time.perf_counter()
-    library_progress(not (no_progress or quiet), loads_models=False)
-    with progress_callback(not (no_progress or quiet)) as cb:
-        path = resta(unaligned=unaligned, aligned=aligned, finetuned=finetuned, out=out, beta=beta, dare_density=dare_density,
-                     seed=seed, dtype=dtype, force=force, allow_pickle=allow_pickle,
-                     allow_nonfinite=allow_nonfinite, progress=cb)
+    options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, dtype=dtype, force=force,
+                          allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    library_progress(options.progress, loads_models=False)
+    with progress_callback(options.progress) as cb:
+        path = resta(unaligned=unaligned, aligned=aligned, finetuned=finetuned, out=out, beta=beta,
+                     dare_density=dare_density, options=options, progress=cb)
     echo_summary(path, started)
 
 
@@ -340,9 +349,10 @@ def mergealign_command(
     from safemerge.safety.api import mergealign
 
     started = time.perf_counter()
-    library_progress(not (no_progress or quiet), loads_models=False)
-    with progress_callback(not (no_progress or quiet)) as cb:
+    options = run_options(quiet=quiet, no_progress=no_progress, dtype=dtype, force=force, allow_pickle=allow_pickle,
+                          allow_nonfinite=allow_nonfinite)
+    library_progress(options.progress, loads_models=False)
+    with progress_callback(options.progress) as cb:
         path = mergealign(pretrained=pretrained, domain=domain, aligned=aligned, out=out, lambda_domain=lambda_domain,
-                          lambda_aligned=lambda_aligned, dtype=dtype, force=force, allow_pickle=allow_pickle,
-                          allow_nonfinite=allow_nonfinite, progress=cb)
+                          lambda_aligned=lambda_aligned, options=options, progress=cb)
     echo_summary(path, started)

@@ -1,10 +1,10 @@
 """Execution: read → merge → write one output tensor at a time on a small thread pool.
 
 Reading (memory-mapped), computing (float32) and writing (``pwrite`` at planned offsets)
-overlap across ``jobs`` worker threads; at most ``2·jobs`` tensors are in flight, so peak
+overlap across ``options.threads`` worker threads; at most ``2·threads`` tensors are in flight, so peak
 memory is a few tensors regardless of model size. Stochastic methods get a generator seeded
 from ``(seed, tensor name)``, and torch's intra-op parallelism is pinned to one thread while
-merging, so outputs are byte-identical for any ``jobs`` value.
+merging, so outputs are byte-identical for any number of threads.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.io.checkpoint import all_finite
 from safemerge.methods._tensor import Rows
 from safemerge.methods.seeding import tensor_generator
-
+from safemerge.options import RunOptions, or_default
 
 _ALLOCATOR_TUNED = False
 
@@ -74,15 +74,15 @@ fresh tensor-sized buffers cost more than the arithmetic done in them."""
 
 
 
-def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, allow_nonfinite: bool, device: str,
+def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, options: RunOptions,
           rows: Rows | None = None, keep_dtype: bool = False):
-    """Read one input tensor (or rows of it): rounded to ``compute_dtype`` (the config's
-    ``dtype``), then widened to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in
-    that dtype. Row blocks of safetensors checkpoints are converted straight from the mapped file
+    """Read one input tensor (or rows of it) onto ``options.device``, refusing NaN/Inf unless
+    ``options.allow_nonfinite``: rounded to ``compute_dtype`` (the config's ``dtype``), then widened
+    to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in that dtype. Row blocks of safetensors checkpoints are converted straight from the mapped file
     into a small float32 buffer (one pass, no intermediate copy)."""
     import torch
 
-    ckpt = ckpts[ref]
+    ckpt, device = ckpts[ref], options.device
     fused = rows is not None and not keep_dtype and device == "cpu" and hasattr(ckpt, "copy_rows")
     if fused:
         t = _load_rows_f32(ckpt, name, rows, compute_dtype)  # type: ignore[arg-type]
@@ -93,7 +93,7 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
             if compute_dtype is not None:
                 t = t.to(getattr(torch, compute_dtype))
             t = t.to(device=device, dtype=None if keep_dtype else torch.float32)
-        if not allow_nonfinite and not all_finite(t):
+        if not options.allow_nonfinite and not all_finite(t):
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(
                 f"tensor {name!r} of {ref} contains {bad} values",
@@ -133,9 +133,8 @@ def _row_blocks(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any]) -> li
     return row_blocks(job.shape, ELEMENTWISE_BLOCK_BYTES)
 
 
-def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: int, allow_nonfinite: bool = False,
-            device: str = "cpu", narrow: bool = False):
-    """Compute one output tensor (float32 on ``device``, or with ``narrow`` in the job's output
+def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, options: RunOptions, narrow: bool = False):
+    """Compute one output tensor (float32 on ``options.device``, or with ``narrow`` in the job's output
     dtype, converted block by block; non-float tensors pass through)."""
     import torch
 
@@ -146,10 +145,10 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: 
     blocks = _row_blocks(job, plan, ckpts)
     out = None
     if blocks is not None:
-        out = _run_streamed(job, plan, ckpts, blocks, seed, allow_nonfinite, device, out_dtype)
+        out = _run_streamed(job, plan, ckpts, blocks, options, out_dtype)
     if out is None:
-        out = _run_block(job, plan, ckpts, seed, allow_nonfinite, device, None)
-        _check_output(plan, job, out, allow_nonfinite)
+        out = _run_block(job, plan, ckpts, options, None)
+        _check_output(plan, job, out, options.allow_nonfinite)
         if narrow and out.is_floating_point() and out.dtype != out_dtype:
             out = out.to(out_dtype)
     return out
@@ -166,8 +165,8 @@ def _check_output(plan: MergePlan, job: TensorJob, out: Any, allow_nonfinite: bo
         raise SafemergeError(f"the merge produced NaN/Inf in tensor {job.out_name}", "check weights/densities (e.g. normalisation by a zero weight sum)")
 
 
-def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blocks: list[Rows], seed: int,
-                  allow_nonfinite: bool, device: str, out_dtype: Any):
+def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blocks: list[Rows], options: RunOptions,
+                  out_dtype: Any):
     """One tensor in row blocks, each block converted into the preallocated output as soon as it
     is merged: element-wise methods block by block, methods with a ``two_pass`` kernel (TIES:
     thresholds first) through it. ``None`` when the method cannot stream this tensor."""
@@ -175,10 +174,10 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
 
     from safemerge.methods.streaming import TWO_PASS
 
-    out = torch.empty(job.shape, dtype=out_dtype, device=device)
+    out = torch.empty(job.shape, dtype=out_dtype, device=options.device)
 
     def emit(rows: Rows, part: Any) -> None:
-        _check_output(plan, job, part, allow_nonfinite, rows)
+        _check_output(plan, job, part, options.allow_nonfinite, rows)
         out[rows[0] : rows[1]] = part
 
     two_pass = TWO_PASS.get(plan.method.name)
@@ -186,10 +185,10 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
         return None  # mergekit's tie choice needs the whole-tensor sort
     if two_pass is not None and job.base is not None:
         def load(i: int, rows: Rows | None):  # noqa: ANN202
-            return _load(ckpts, *job.inputs[i], plan.compute_dtype, allow_nonfinite, device, rows)
+            return _load(ckpts, *job.inputs[i], plan.compute_dtype, options, rows)
 
         def load_base(rows: Rows | None):  # noqa: ANN202
-            return _load(ckpts, *job.base, plan.compute_dtype, allow_nonfinite, device, rows)  # type: ignore[misc]
+            return _load(ckpts, *job.base, plan.compute_dtype, options, rows)  # type: ignore[misc]
 
         done = two_pass(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params,
                         ELEMENTWISE_BLOCK_BYTES, emit)
@@ -198,16 +197,17 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
         return None
     # each output entry depends only on the same entry of the inputs
     for rows in blocks:
-        emit(rows, _run_block(job, plan, ckpts, seed, allow_nonfinite, device, rows))
+        emit(rows, _run_block(job, plan, ckpts, options, rows))
     return out
 
 
-def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: int, allow_nonfinite: bool, device: str, rows: tuple[int, int] | None):
+def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], options: RunOptions,
+               rows: tuple[int, int] | None):
 
     from safemerge.methods._tensor import InputTensors
 
     def load(ref: str, name: str):  # noqa: ANN202
-        return _load(ckpts, ref, name, plan.compute_dtype, allow_nonfinite, device, rows, plan.mergekit_arithmetic)
+        return _load(ckpts, ref, name, plan.compute_dtype, options, rows, plan.mergekit_arithmetic)
 
     tensors = InputTensors(load(r, n) for r, n in job.inputs)
     base = None
@@ -218,7 +218,7 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], seed: 
         tensors, base = _align_vocabulary(job, tensors, base)
     gen = None
     if plan.method.stochastic:
-        gen = tensor_generator(seed, job.out_name, device)
+        gen = tensor_generator(options.seed, job.out_name, options.device)
     try:
         named = _named_arguments(plan, job)
         if plan.mergekit_arithmetic:
@@ -279,27 +279,28 @@ def execute_plan(
     ckpts: Mapping[str, Any],
     sink: Callable[[TensorJob, Any], None],
     *,
-    seed: int = 0,
-    jobs: int | None = None,
-    device: str = "cpu",
-    allow_nonfinite: bool = False,
-    progress: bool = True,
+    options: RunOptions | None = None,
     description: str = "merging",
     narrow: bool = False,
 ) -> None:
     """Run every job of ``plan`` and hand each result to ``sink(job, tensor)`` (called from worker threads).
 
+    ``options``: ``threads`` workers (default one per CPU), ``seed`` of stochastic methods, ``device``,
+    ``allow_nonfinite``, ``progress`` (a bar on stderr).
+
     The tensors are float32, or with ``narrow`` already in each job's ``out_dtype`` (converted
     block by block as they are merged: a writer then stores them without another pass)."""
-    n_workers = max(1, int(jobs or os.cpu_count() or 1))
+    options = or_default(options)
+    n_workers = max(1, int(options.threads or os.cpu_count() or 1))
     tune_allocator()
     total_bytes = plan.total_bytes
     from safemerge.progress import progress_bar
 
-    with single_intraop_thread(), progress_bar(description, total=len(plan.jobs), total_bytes=total_bytes, enabled=progress) as bar:
+    with single_intraop_thread(), progress_bar(description, total=len(plan.jobs), total_bytes=total_bytes,
+                                                  enabled=options.progress) as bar:
 
         def work(job: TensorJob) -> None:
-            out = run_job(job, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite, device=device, narrow=narrow)
+            out = run_job(job, plan, ckpts, options=options, narrow=narrow)
             sink(job, out)
             bar.advance(job)
 
@@ -328,14 +329,20 @@ def execute_plan(
                 raise
 
 
-def open_all(config: Any, *, allow_pickle: bool = False, checkpoints: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Open every model referenced by ``config`` (reusing ``checkpoints`` where given).
+IN_MEMORY = RunOptions(threads=1, progress=False)
+"""The defaults of :func:`merge_in_memory`: one thread and no bar (it runs inside optimisation loops)."""
+
+
+def open_all(config: Any, *, options: RunOptions | None = None,
+             checkpoints: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Open every model referenced by ``config`` (reusing ``checkpoints`` where given; pickles only
+    with ``options.allow_pickle``).
 
     Hub ids are checked for existence (config files only) before any of them downloads weights,
     and every safetensors header is validated as its model opens, before the plan reads a tensor.
     """
-    from safemerge.io.references import open_checkpoint
     from safemerge.io.hub import prefetch_metadata
+    from safemerge.io.references import open_checkpoint
 
     refs = [r for r in config.referenced_models() if checkpoints is None or r not in checkpoints]
     prefetch_metadata(refs)
@@ -345,22 +352,20 @@ def open_all(config: Any, *, allow_pickle: bool = False, checkpoints: Mapping[st
             out[ref] = checkpoints[ref]
         else:
             # the engine checks every input itself after casting (_load), honouring --allow-nonfinite
-            out[ref] = open_checkpoint(ref, allow_pickle=allow_pickle, allow_nonfinite=True)
+            out[ref] = open_checkpoint(ref, options=or_default(options).replace(allow_nonfinite=True))
     return out
 
 
 def merge_in_memory(
     config: Any,
     *,
-    seed: int = 0,
-    device: str = "cpu",
+    options: RunOptions | None = None,
     checkpoints: Mapping[str, Any] | None = None,
-    jobs: int | None = 1,
-    progress: bool = False,
-    allow_pickle: bool = False,
-    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Run a merge without touching disk; returns ``{name: float32 tensor}``.
+
+    ``options``: default :data:`IN_MEMORY` (one thread, no progress bar: the optimizer calls this
+    in a loop); ``seed``, ``device``, ``allow_pickle`` and ``allow_nonfinite`` as for a merge to disk.
 
     ``checkpoints`` maps model references to already-open (possibly in-RAM) mappings so that
     repeated merges (e.g. CMA-ES candidates) do not re-open files.
@@ -369,7 +374,8 @@ def merge_in_memory(
     from safemerge.engine.plan import plan_merge
 
     cfg = load_config(config)
-    ckpts = open_all(cfg, allow_pickle=allow_pickle, checkpoints=checkpoints)
+    options = IN_MEMORY if options is None else options
+    ckpts = open_all(cfg, options=options, checkpoints=checkpoints)
     plan = plan_merge(cfg, ckpts)
     result: dict[str, Any] = {}
     lock = threading.Lock()
@@ -378,5 +384,5 @@ def merge_in_memory(
         with lock:
             result[job.out_name] = t
 
-    execute_plan(plan, ckpts, sink, seed=seed, jobs=jobs, device=device, allow_nonfinite=allow_nonfinite, progress=progress)
+    execute_plan(plan, ckpts, sink, options=options)
     return {j.out_name: result[j.out_name] for j in plan.jobs}

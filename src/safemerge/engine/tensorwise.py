@@ -22,6 +22,7 @@ from safemerge.engine.run import execute_plan
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.io.output import ShardWriter
 from safemerge.methods.registry import MergeMethod
+from safemerge.options import RunOptions
 
 TensorUpdate = Callable[[str, torch.Tensor], "torch.Tensor | None"]
 """``(tensor name, float32 tensor) → new float32 tensor``, or ``None`` to keep the tensor."""
@@ -126,14 +127,13 @@ def update_method(name: str, update: TensorUpdate, reference: str) -> MergeMetho
                        extra={"needs_tensor_name": True})
 
 
-def write_plan(tmp: Path, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: int | None = 0,
-               jobs: int | None = None, allow_nonfinite: bool = False,
+def write_plan(tmp: Path, plan: MergePlan, ckpts: Mapping[str, Any], *, options: RunOptions | None = None,
                progress: Callable[[int, int], None] | None = None, max_shard_bytes: int = 5_000_000_000,
-               metadata: Mapping[str, str] | None = None, device: str = "cpu", show_bar: bool = False) -> None:
-    """Run ``plan`` on the engine, streaming every tensor into safetensors shards in ``tmp``.
+               metadata: Mapping[str, str] | None = None) -> None:
+    """Run ``plan`` on the engine (``options``: threads, seed, device, NaN/Inf, the engine's progress
+    bar), streaming every tensor into safetensors shards in ``tmp``.
 
-    ``progress(done, total)`` is called as tensors are written (the safety API's callback);
-    ``show_bar`` draws the engine's own progress bar instead (``safemerge merge``).
+    ``progress(done, total)`` is called as tensors are written (the safety API's callback).
     """
     writer = ShardWriter(tmp, max_shard_bytes=max_shard_bytes, plan=[(j.out_name, j.shape) for j in plan.jobs],
                          plan_dtypes={j.out_name: j.out_dtype for j in plan.jobs}, metadata=metadata)
@@ -146,6 +146,5 @@ def write_plan(tmp: Path, plan: MergePlan, ckpts: Mapping[str, Any], *, seed: in
                 done[0] += 1
                 progress(done[0], len(plan.jobs))
 
-    execute_plan(plan, ckpts, sink, seed=0 if seed is None else seed, jobs=jobs, device=device,
-                 allow_nonfinite=allow_nonfinite, progress=show_bar, narrow=True)
+    execute_plan(plan, ckpts, sink, options=options, narrow=True)
     writer.finish()

@@ -7,10 +7,10 @@ been imported (importing it makes ``safemerge.evaluate`` refer to the package).
 """
 from __future__ import annotations
 
-from safemerge._lazy import lazy_getattr
-
 import sys
 import types
+
+from safemerge._lazy import lazy_getattr
 
 _LAZY = {
     "evaluate": "safemerge.evaluate.api",

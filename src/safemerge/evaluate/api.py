@@ -237,7 +237,6 @@ def evaluate(
         resolve_backend,
         split_adapter,
     )
-
     from safemerge.evaluate.lm_eval_bridge import parse_tasks, task_manager
 
     specs = {"harmful": harmful, "benign": benign, "utility": utility}

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from safemerge.errors import CheckpointError, SafemergeError, option
+from safemerge.options import RunOptions
 
 Prompt = str | list[dict[str, str]]
 
@@ -448,7 +449,7 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_c
     from safemerge.io.checkpoint import refuse_custom_code
     from safemerge.io.hub import resolve_local
 
-    path = resolve_local(model, allow_pickle=allow_pickle)  # a Hub id becomes its local snapshot
+    path = resolve_local(model, options=RunOptions(allow_pickle=allow_pickle))  # a Hub id becomes its local snapshot
     kw: dict[str, Any] = {}
     if not path.exists():
         raise CheckpointError(f"model not found: {model}", "pass a local model directory, a .gguf file or a Hub id org/name")
@@ -577,7 +578,7 @@ def load_generator(
 
         shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
         label = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
-        check_adapter_fits(load_adapter(adapter_path, allow_pickle=allow_pickle), shapes.__contains__,
+        check_adapter_fits(load_adapter(adapter_path, options=RunOptions(allow_pickle=allow_pickle)), shapes.__contains__,
                            shapes.__getitem__, label)
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=False).eval()

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import CheckpointError
+from safemerge.options import RunOptions
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -171,10 +172,10 @@ def _pattern_value(patterns: Mapping[str, Any] | None, module: str, default: Any
 class LoraAdapter(Mapping):
     """A lazy mapping ``module path → LoraModule`` over a PEFT LoRA adapter directory."""
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
+    def __init__(self, path: str | Path, *, options: RunOptions | None = None) -> None:
         from safemerge.io.hub import resolve_local
 
-        self.path = resolve_local(path, allow_pickle=allow_pickle)  # Hub ids → their local snapshot
+        self.path = resolve_local(path, options=options)  # Hub ids → their local snapshot
         cfg_path = self.path / ADAPTER_CONFIG
         if not self.path.is_dir():
             raise CheckpointError(f"adapter path {str(self.path)!r} does not exist or is not a directory", "pass a PEFT adapter directory")
@@ -198,9 +199,9 @@ class LoraAdapter(Mapping):
         wfile = self.path / ADAPTER_WEIGHTS
         pfile = self.path / ADAPTER_PICKLE
         if wfile.exists():
-            self._tensors = Checkpoint(wfile, allow_nonfinite=allow_nonfinite)
+            self._tensors = Checkpoint(wfile, options=options)
         elif pfile.exists():
-            self._tensors = Checkpoint(pfile, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+            self._tensors = Checkpoint(pfile, options=options)
         else:
             raise CheckpointError(f"{self.path} has no {ADAPTER_WEIGHTS}", "re-save the adapter with save_pretrained")
         self._index: dict[str, dict[str, str]] = {}
@@ -363,9 +364,10 @@ class LoraAdapter(Mapping):
         return f"LoraAdapter({str(self.path)!r}, modules={len(self)}, r={self.r})"
 
 
-def load_adapter(path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> LoraAdapter:
-    """Open a PEFT LoRA adapter directory lazily (factors holding NaN/Inf are refused on read)."""
-    return LoraAdapter(path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+def load_adapter(path: str | Path, *, options: RunOptions | None = None) -> LoraAdapter:
+    """Open a PEFT LoRA adapter directory lazily (factors holding NaN/Inf are refused on read unless
+    ``options.allow_nonfinite``; a pickled ``adapter_model.bin`` only with ``options.allow_pickle``)."""
+    return LoraAdapter(path, options=options)
 
 
 def check_adapter_fits(adapter: LoraAdapter, contains: Callable[[str], bool], shape: Callable[[str], tuple[int, ...]],

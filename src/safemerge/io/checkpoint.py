@@ -5,7 +5,7 @@ A :class:`Checkpoint` never loads a whole model: it reads the safetensors header
 :meth:`Checkpoint.get` call reads exactly one tensor from the memory-mapped file and casts it
 (by default to float32). Tied embeddings (``tie_word_embeddings``) expose ``lm_head.weight``
 as an alias of the input embedding. Pickle checkpoints (``.bin``/``.pt``) are refused unless
-``allow_pickle=True``, and then read with ``torch.load(weights_only=True)``.
+``RunOptions(allow_pickle=True)``, and then read with ``torch.load(weights_only=True)``.
 
 Layer structure is discovered from tensor names (``<prefix>.<index>.<rest>``), so Llama,
 Mistral, Qwen2 (with q/k/v biases), Gemma and Phi-3 layouts all work without a table.
@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from safemerge.errors import CheckpointError, option
+from safemerge.io.hub import resolve_local, split_model_ref  # noqa: F401  (split_model_ref re-exported)
+from safemerge.options import RunOptions, or_default
 
 if TYPE_CHECKING:
     import torch
-from safemerge.io.hub import resolve_local, split_model_ref  # noqa: F401  (split_model_ref re-exported)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
@@ -225,16 +226,15 @@ class Checkpoint(Mapping):
 
     Args:
         path: a model directory (``config.json`` + safetensors), or a single ``.safetensors`` file.
-        allow_pickle: permit ``.bin``/``.pt`` checkpoints (read with ``weights_only=True``).
-        allow_nonfinite: return tensors holding NaN/Inf instead of refusing them on read.
+        options: ``allow_pickle`` permits ``.bin``/``.pt`` checkpoints (read with ``weights_only=True``);
+            ``allow_nonfinite`` returns tensors holding NaN/Inf instead of refusing them on read.
 
     ``ckpt[name]`` returns the tensor in its stored dtype; :meth:`get` casts (float32 by default).
     """
 
-    def __init__(self, path: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
-        self.path = resolve_local(path, allow_pickle=allow_pickle)  # Hub ids → their local snapshot
-        self.allow_pickle = allow_pickle
-        self.allow_nonfinite = allow_nonfinite
+    def __init__(self, path: str | Path, *, options: RunOptions | None = None) -> None:
+        self.options = or_default(options)
+        self.path = resolve_local(path, options=self.options)  # Hub ids → their local snapshot
         if not self.path.exists():
             raise CheckpointError(f"model path {str(self.path)!r} does not exist", "check the path")
         self._lock = threading.Lock()
@@ -325,7 +325,7 @@ class Checkpoint(Mapping):
                 self._weight_map.setdefault(k, path)
 
     def _add_pickle(self, path: Path) -> None:
-        if not self.allow_pickle:
+        if not self.options.allow_pickle:
             raise CheckpointError(
                 f"{path} is a pickle checkpoint, which can execute code when loaded",
                 f"convert it to safetensors, or pass {option('allow-pickle')} to load it with torch.load(weights_only=True)",
@@ -531,7 +531,7 @@ class Checkpoint(Mapping):
             except Exception as exc:  # noqa: BLE001
                 raise CheckpointError(f"cannot read tensor {real!r} from {f} ({exc})",
                                       "the file may be corrupted; re-download it") from exc
-        if not self.allow_nonfinite:
+        if not self.options.allow_nonfinite:
             refuse_nonfinite(t, real, self.path)
         return t
 
@@ -544,7 +544,7 @@ class Checkpoint(Mapping):
             t = self._pickled[f][real][start:stop]
         else:
             t = self._read_safetensors(f, real, rows=(start, stop))
-        if not self.allow_nonfinite:
+        if not self.options.allow_nonfinite:
             refuse_nonfinite(t, real, self.path)
         if dtype is not None and t.is_floating_point():
             t = t.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)

@@ -4,7 +4,7 @@ A reference that is not an existing local path but looks like a Hub id — ``org
 optional revision in mergekit's syntax ``org/name@rev`` — is fetched with
 :func:`huggingface_hub.snapshot_download` (only the files a merge needs: safetensors weights and
 their index, ``config.json``, tokenizer and adapter files; pickle weights only with
-``allow_pickle``) and replaced by the local snapshot directory. Offline (``HF_HUB_OFFLINE=1``)
+``RunOptions.allow_pickle``) and replaced by the local snapshot directory. Offline (``HF_HUB_OFFLINE=1``)
 an id resolves from the local Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
 ``~/.cache/huggingface/hub``: ``models--org--name/snapshots/<commit>/`` with ``refs/<branch>``);
 a missing one is a one-line error that names the id and the command that fetches it.
@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from safemerge.errors import CheckpointError
+from safemerge.options import RunOptions, or_default
 
 # org/name with Hub's allowed characters, optionally @revision (a branch, tag or commit hash)
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.\-]*/[\w.\-]+)(?:@(?P<rev>[\w.\-/]+))?$")
@@ -71,8 +72,9 @@ def _fetch_command(repo: str, rev: str | None) -> str:
     return f"hf download {repo}" + (f" --revision {rev}" if rev else "")
 
 
-def download_snapshot(ref: str, *, allow_pickle: bool = False, patterns: Iterable[str] | None = None) -> Path:
-    """The local snapshot directory of Hub id ``ref`` (downloaded unless offline or cached).
+def download_snapshot(ref: str, *, options: RunOptions | None = None, patterns: Iterable[str] | None = None) -> Path:
+    """The local snapshot directory of Hub id ``ref`` (downloaded unless offline or cached); pickle weights
+    are fetched only with ``options.allow_pickle``, nothing but ``patterns`` when given.
 
     Raises:
         CheckpointError: the id is unknown, gated, not cached while offline, or the Hub is unreachable.
@@ -90,7 +92,8 @@ def download_snapshot(ref: str, *, allow_pickle: bool = False, patterns: Iterabl
         RevisionNotFoundError,
     )
 
-    allow = list(patterns) if patterns is not None else [*MODEL_PATTERNS, *(PICKLE_PATTERNS if allow_pickle else ())]
+    pickles = PICKLE_PATTERNS if or_default(options).allow_pickle else ()
+    allow = list(patterns) if patterns is not None else [*MODEL_PATTERNS, *pickles]
     offline = hub_offline()
     try:
         path = snapshot_download(repo, revision=rev, cache_dir=str(hub_cache_dir()), allow_patterns=allow,
@@ -115,13 +118,13 @@ def download_snapshot(ref: str, *, allow_pickle: bool = False, patterns: Iterabl
     return Path(path)
 
 
-def resolve_local(ref: str | Path, *, allow_pickle: bool = False) -> Path:
+def resolve_local(ref: str | Path, *, options: RunOptions | None = None) -> Path:
     """A local path for a model/adapter reference: the path itself if it exists, else the Hub
     snapshot of a Hub id. Anything else is returned unchanged (the caller reports it missing)."""
     p = Path(str(ref)).expanduser()
     if p.exists() or parse_hub_id(str(ref)) is None:
         return p
-    return download_snapshot(str(ref), allow_pickle=allow_pickle)
+    return download_snapshot(str(ref), options=options)
 
 
 def split_model_ref(ref: str) -> tuple[str, str | None]:
@@ -132,11 +135,11 @@ def split_model_ref(ref: str) -> tuple[str, str | None]:
     return base, adapter
 
 
-def resolve_model_ref(ref: str | Path, *, allow_pickle: bool = False) -> tuple[Path, Path | None]:
+def resolve_model_ref(ref: str | Path, *, options: RunOptions | None = None) -> tuple[Path, Path | None]:
     """``MODEL[+ADAPTER]`` → local ``(model_dir, adapter_dir or None)``, Hub ids fetched."""
     model, adapter = split_model_ref(str(ref))
-    return (resolve_local(model, allow_pickle=allow_pickle),
-            None if adapter is None else resolve_local(adapter, allow_pickle=allow_pickle))
+    return (resolve_local(model, options=options),
+            None if adapter is None else resolve_local(adapter, options=options))
 
 
 def prefetch_metadata(refs: Iterable[str]) -> None:

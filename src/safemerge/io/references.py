@@ -10,16 +10,18 @@ from pathlib import Path
 from safemerge.io.adapter import AdaptedCheckpoint, load_adapter
 from safemerge.io.checkpoint import Checkpoint
 from safemerge.io.hub import split_model_ref
+from safemerge.options import RunOptions
 
 
-def open_checkpoint(ref: str | Path, *, allow_pickle: bool = False, allow_nonfinite: bool = False):
+def open_checkpoint(ref: str | Path, *, options: RunOptions | None = None) -> Checkpoint | AdaptedCheckpoint:
     """Open a model reference: a directory, a ``.safetensors`` file, a Hub id, or ``MODEL+ADAPTER``.
 
     ``MODEL+ADAPTER`` (mergekit syntax) returns an :class:`~safemerge.io.adapter.AdaptedCheckpoint`
-    that adds the LoRA update to each target weight as it is read, one tensor at a time.
+    that adds the LoRA update to each target weight as it is read, one tensor at a time. ``options``:
+    pickles and NaN/Inf allowed or not (both sides).
     """
     base, adapter = split_model_ref(str(ref))
-    ckpt = Checkpoint(base, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    ckpt = Checkpoint(base, options=options)
     if adapter is None:
         return ckpt
-    return AdaptedCheckpoint(ckpt, load_adapter(adapter, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite))
+    return AdaptedCheckpoint(ckpt, load_adapter(adapter, options=options))

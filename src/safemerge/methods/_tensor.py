@@ -4,9 +4,7 @@ Everything here works on float32 and allocates at most a couple of tensor-sized 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -38,8 +38,15 @@ import torch
 from safemerge.io.checkpoint import layer_index
 from safemerge.methods.registry import merge_method
 from safemerge.methods.safety_params import (
-    MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, RESTA_DENSITY, SAFELORA_TAU, SAFEMERGE_ALPHA,
-    SAFEMERGE_TAU, safelora_projects, safemerge_merges,
+    MERGEALIGN_LAMBDA_ALIGNED,
+    MERGEALIGN_LAMBDA_DOMAIN,
+    RESTA_BETA,
+    RESTA_DENSITY,
+    SAFELORA_TAU,
+    SAFEMERGE_ALPHA,
+    SAFEMERGE_TAU,
+    safelora_projects,
+    safemerge_merges,
 )
 from safemerge.methods.similarity import project_dense, rho_dense
 from safemerge.methods.sparsify import random_drop

@@ -8,7 +8,15 @@ from typing import Any
 import torch
 
 from safemerge.methods._tensor import (
-    BaseRowLoader, BlockSink, RowLoader, check_inputs, dot64, f32, norm64, per_model_list, row_blocks,
+    BaseRowLoader,
+    BlockSink,
+    RowLoader,
+    check_inputs,
+    dot64,
+    f32,
+    norm64,
+    per_model_list,
+    row_blocks,
 )
 
 #: |cos θ| above this → the inputs are treated as collinear and linearly interpolated.

@@ -21,10 +21,19 @@ from typing import Any, Callable
 
 import torch
 
-from safemerge.methods._tensor import (
-    BaseRowLoader, BlockSink, InputTensors, RowLoader, Rows, check_inputs, f32, per_model_list, release, row_blocks,
-)
 from safemerge.methods import sparsify as sp
+from safemerge.methods._tensor import (
+    BaseRowLoader,
+    BlockSink,
+    InputTensors,
+    RowLoader,
+    Rows,
+    check_inputs,
+    f32,
+    per_model_list,
+    release,
+    row_blocks,
+)
 
 #: name -> (sparsification, consensus, normalize default, rescale default), as in mergekit 0.1.5.
 FAMILY: dict[str, tuple[str | None, bool, bool, bool]] = {

@@ -17,6 +17,7 @@ from typing import Any
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.optimize.config import DataSection, OptimizeConfig
 from safemerge.optimize.genome import Genome
+from safemerge.options import RunOptions
 
 SAFETY_TYPES = {"safety", "alignment", None}
 EXPERT_TYPES = {"domain", "task", "expert", None}
@@ -81,8 +82,8 @@ class CandidateEvaluator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from safemerge.io.checkpoint import refuse_custom_code
-        from safemerge.io.references import open_checkpoint
         from safemerge.io.hub import resolve_model_ref
+        from safemerge.io.references import open_checkpoint
         from safemerge.optimize.objective import AnswerCEObjective
 
         if num_threads:
@@ -90,14 +91,16 @@ class CandidateEvaluator:
         self.cfg = cfg
         self.device = device
         self.seed = cfg.seed
+        # in-memory merges: one thread and no bar (they run once per candidate), the config's seed
+        self.options = RunOptions(allow_pickle=allow_pickle, device=device, seed=cfg.seed, threads=1, progress=False)
         refs = list(dict.fromkeys([*([cfg.genome.base_model] if cfg.genome.base_model else []), *cfg.genome.models]))
         # merge_in_memory checks every tensor it reads for NaN/Inf (engine/run.py::_load): no second pass here
-        self.checkpoints = {r: open_checkpoint(r, allow_pickle=allow_pickle, allow_nonfinite=True) for r in refs}
+        self.checkpoints = {r: open_checkpoint(r, options=self.options.replace(allow_nonfinite=True)) for r in refs}
         anchor = cfg.genome.base_model or cfg.genome.models[0]
         self.genome = build_genome(cfg, self.checkpoints[anchor])
         # the resident model is loaded from the anchor's model directory (a Hub id resolved to its snapshot);
         # its weights are replaced by every candidate's merge, so an adapter in the reference does not matter here
-        model_dir = str(resolve_model_ref(anchor, allow_pickle=allow_pickle)[0])
+        model_dir = str(resolve_model_ref(anchor, options=self.options)[0])
         tok_src = cfg.genome.tokenizer_source
         tok_dir = str(resolve_model_ref(tok_src)[0]) if tok_src and tok_src not in ("base", "union") else model_dir
         if not (Path(model_dir) / "config.json").is_file():
@@ -118,7 +121,7 @@ class CandidateEvaluator:
         """Merge ``config`` in memory (float32 tensors by name), reusing the opened checkpoints."""
         from safemerge.engine import merge_in_memory
 
-        return merge_in_memory(config, seed=self.seed, device=self.device, checkpoints=self.checkpoints, jobs=1)
+        return merge_in_memory(config, options=self.options, checkpoints=self.checkpoints)
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Copy tensors into the resident model's parameters (tied parameters are written once per alias)."""

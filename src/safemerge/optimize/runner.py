@@ -25,6 +25,7 @@ from typing import Any
 from safemerge.errors import SafemergeError, option
 from safemerge.optimize.config import OptimizeConfig, load_optimize_config
 from safemerge.optimize.trace import Trace
+from safemerge.options import RunOptions
 
 WORK_SUFFIX = ".safemerge-optimize"
 
@@ -160,7 +161,7 @@ def _run_in_work(cfg: OptimizeConfig, work: Path, out_p: Path, *, resumed: bool,
         from safemerge.optimize.ray_backend import RayBackend
 
         anchor = cfg.genome.base_model or cfg.genome.models[0]
-        genome = build_genome(cfg, open_checkpoint(anchor, allow_pickle=allow_pickle))
+        genome = build_genome(cfg, open_checkpoint(anchor, options=RunOptions(allow_pickle=allow_pickle)))
         r = cfg.ray
         backend: Any = RayBackend(cfg.model_dump(mode="json"), workers=ray_workers or r.workers, address=ray_address or r.address,
                                   cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker, device=device,
@@ -241,7 +242,8 @@ def _run_in_work(cfg: OptimizeConfig, work: Path, out_p: Path, *, resumed: bool,
 
         if (work / "model").exists():  # a previous attempt died while merging or evaluating
             shutil.rmtree(work / "model")
-        merge(best_cfg, work / "model", seed=cfg.seed, device=device, allow_pickle=allow_pickle, progress=progress, jobs=1)
+        merge(best_cfg, work / "model", options=RunOptions(seed=cfg.seed, device=device, allow_pickle=allow_pickle,
+                                                           progress=progress, threads=1))
         if evaluate is not None:
             shutil.rmtree(work / "eval", ignore_errors=True)
             evaluation = evaluate(work / "model", work / "eval")

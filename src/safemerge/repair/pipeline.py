@@ -27,6 +27,7 @@ from typing import Any
 
 from safemerge.autotune import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN
 from safemerge.errors import SafemergeError
+from safemerge.options import RunOptions, or_default
 
 Log = Callable[[str], None]
 DEFAULT_EXTRACT_RANK = 64
@@ -132,10 +133,8 @@ def repair(
     max_new_tokens: Mapping[str, int] | None = None,
     grid: Mapping[str, Any] | None = None,
     work_dir: str | Path | None = None,
-    force: bool = False,
-    allow_pickle: bool = False,
+    options: RunOptions | None = None,
     log: Log | None = None,
-    progress: bool = False,
 ) -> RepairResult:
     """Repair the safety of ``finetuned`` (a LoRA adapter on ``aligned`` or a full fine-tune of it).
 
@@ -159,16 +158,19 @@ def repair(
         grid: the τ/α search of :func:`safemerge.autotune.autotune` (``alphas``, ``max_taus``, ``screen``,
             ``finalists``); its defaults where absent.
         work_dir: cache (default ``<cache>/repair/<hash of the inputs>``).
+        options: ``force`` (replace ``out``), ``allow_pickle`` (inputs), ``progress`` (bars while training and
+            generating).
     """
     from safemerge.autotune import autotune
+    from safemerge.io.hub import resolve_local
     from safemerge.io.output import check_output_path
 
-    from safemerge.io.hub import resolve_local
-
+    options = or_default(options)
+    progress = options.progress
     say = log or (lambda _m: None)
-    check_output_path(out, force=force, inputs=(finetuned, base, aligned, safety, merge_into))
-    finetuned, base, aligned = (resolve_local(p, allow_pickle=allow_pickle) for p in (finetuned, base, aligned))
-    safety, merge_into = (None if p is None else resolve_local(p, allow_pickle=allow_pickle) for p in (safety, merge_into))
+    check_output_path(out, force=options.force, inputs=(finetuned, base, aligned, safety, merge_into))
+    finetuned, base, aligned = (resolve_local(p, options=options) for p in (finetuned, base, aligned))
+    safety, merge_into = (None if p is None else resolve_local(p, options=options) for p in (safety, merge_into))
     if utility is None:
         raise SafemergeError("repair needs a utility validation set",
                              "pass --utility SET (e.g. a held-out slice of your task data)")
@@ -178,7 +180,7 @@ def repair(
     work = _work_dir(work_dir, finetuned, base, aligned, safety, safety_data, val_harmful, val_benign, utility,
                      extract_rank, safety_steps, safety_lr, _grid(grid))
     extracted = not _is_adapter(finetuned)
-    task = _task_adapter(finetuned, aligned, work, extract_rank, allow_pickle, say)
+    task = _task_adapter(finetuned, aligned, work, extract_rank, options, say)
     recipe = {k: v for k, v in (("steps", safety_steps), ("lr", safety_lr)) if v is not None}
     safety_dir, trained = _safety_adapter(safety, aligned, task, work, safety_data, recipe, progress, say)
 
@@ -225,8 +227,8 @@ def repair(
 
     say(f"repair: writing {out} (τ = {tuned.tau:g}, α = {tuned.alpha:g})")
     result.merge = safemerge_adapters(base=base, aligned=aligned, finetuned=task, safety=safety_dir, out=out,
-                                      tau=tuned.tau, alpha=tuned.alpha, merge_into=merge_into, force=force,
-                                      allow_pickle=allow_pickle, evaluate=evaluate_output)
+                                      tau=tuned.tau, alpha=tuned.alpha, merge_into=merge_into, options=options,
+                                      evaluate=evaluate_output)
     return result
 
 
@@ -253,7 +255,7 @@ def _work_dir(work_dir: str | Path | None, *parts: Any) -> Path:
     return work
 
 
-def _task_adapter(finetuned: str | Path, aligned: str | Path, work: Path, extract_rank: int, allow_pickle: bool,
+def _task_adapter(finetuned: str | Path, aligned: str | Path, work: Path, extract_rank: int, options: RunOptions,
                   say: Log) -> Path:
     """The task LoRA: ``finetuned`` itself, or its extraction against ``aligned`` (cached in ``work``)."""
     if _is_adapter(finetuned):
@@ -265,7 +267,7 @@ def _task_adapter(finetuned: str | Path, aligned: str | Path, work: Path, extrac
         say(f"[cached] task LoRA extracted from the full fine-tune: {out}")
         return out
     say(f"repair: extracting a rank-≤{extract_rank} LoRA from the full fine-tune {finetuned}")
-    res = extract_lora(finetuned, aligned, out, max_rank=extract_rank, allow_pickle=allow_pickle)
+    res = extract_lora(finetuned, aligned, out, max_rank=extract_rank, options=options)
     say(f"repair: extracted {len(res.lora)} modules, max relative error {res.max_relative_error:.3e}")
     return out
 

@@ -11,9 +11,10 @@
     api.mergealign(pretrained=..., domain=..., aligned=..., out=..., lambda_domain=0.5, lambda_aligned=0.5)
 
 Paths are model directories, PEFT adapter directories, or (RESTA/MergeAlign) ``MODEL+ADAPTER``
-references. Every writer is atomic (temporary sibling directory, renamed when complete) and
-refuses an existing output unless ``force=True``. All computation is float32; outputs are
-stored in the input's dtype unless ``dtype`` is given.
+references. Every function takes the run's :class:`~safemerge.options.RunOptions` as ``options``
+(pickles, NaN/Inf, ``force``, ``dtype``, ``seed``). Every writer is atomic (temporary sibling
+directory, renamed when complete) and refuses an existing output unless ``options.force``. All
+computation is float32; outputs are stored in the input's dtype unless ``options.dtype`` is given.
 """
 from __future__ import annotations
 
@@ -23,9 +24,17 @@ from typing import Any
 
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.methods.safety_params import (
-    MERGEALIGN_LAMBDA_ALIGNED, MERGEALIGN_LAMBDA_DOMAIN, RESTA_BETA, RESTA_DENSITY, SAFELORA_NUM_LAYERS, SAFELORA_TAU,
-    SAFEMERGE_ALPHA, SAFEMERGE_DENSITY, SAFEMERGE_TAU,
+    MERGEALIGN_LAMBDA_ALIGNED,
+    MERGEALIGN_LAMBDA_DOMAIN,
+    RESTA_BETA,
+    RESTA_DENSITY,
+    SAFELORA_NUM_LAYERS,
+    SAFELORA_TAU,
+    SAFEMERGE_ALPHA,
+    SAFEMERGE_DENSITY,
+    SAFEMERGE_TAU,
 )
+from safemerge.options import RunOptions, or_default
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource
 from safemerge.safety.results import SafeLoRAResult, SafeMergeResult
 from safemerge.safety.selection import LayerScore
@@ -52,7 +61,7 @@ def scan(
     *,
     tau: float = SAFEMERGE_TAU.default,
     target_modules: Sequence[str] | None = None,
-    allow_pickle: bool = False, allow_nonfinite: bool = False,
+    options: RunOptions | None = None,
     progress: Progress | None = None,
 ) -> list[LayerScore]:
     """Per-layer safety similarity ρ of one or more fine-tuned adapters/models (SafeLoRA Eq. 2).
@@ -65,6 +74,7 @@ def scan(
         tau: SafeMERGE threshold; ``merged`` is set where ``ρ < τ``.
         target_modules: restrict to modules whose path ends in one of these names
             (e.g. ``["q_proj", "v_proj"]``); full models default to every 2-D block weight.
+        options: ``allow_pickle``, ``allow_nonfinite`` of the inputs.
 
     Returns a flat list of :class:`LayerScore` (``source`` names the input), in input order,
     then model order.
@@ -78,10 +88,9 @@ def scan(
     paths = _as_list(targets)
     if not paths:
         raise SafemergeError("nothing to scan", "pass at least one adapter or fine-tuned model")
-    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    sub = SafetySubspace(base, aligned, options=options)
     tm = list(target_modules) if target_modules else None
-    sources = [open_deltas(p, sub, targets=tm, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="input")
-               for p in paths]
+    sources = [open_deltas(p, sub, targets=tm, options=options, role="input") for p in paths]
     labels = [s.label for s in sources]
     if len(set(labels)) != len(labels):
         for s in sources:
@@ -119,11 +128,8 @@ def safemerge_adapters(
     strategy: str = "linear",
     compat: str | None = None,
     merge_into: str | Path | None = None,
-    seed: int | None = None,
     density: float = SAFEMERGE_DENSITY.default,
-    dtype: str | None = None,
-    force: bool = False,
-    allow_pickle: bool = False, allow_nonfinite: bool = False,
+    options: RunOptions | None = None,
     evaluate: Callable[[Path], tuple[Any, str]] | None = None,
     progress: Progress | None = None,
 ) -> SafeMergeResult:
@@ -142,9 +148,9 @@ def safemerge_adapters(
         strategy: ``linear`` | ``dare_linear`` | ``ties`` | ``dare_ties``.
         compat: ``"reference"`` for PEFT 0.14 factor-wise mixing (linear only, equal ranks).
         merge_into: write a full model: this model's tensors plus the merged update.
-        seed: RNG seed for DARE (per-tensor generators, :mod:`safemerge.methods.seeding`; default 0).
         density: keep fraction for DARE/TIES.
-        dtype: storage dtype of the output (default: the inputs').
+        options: ``seed`` of DARE (per-tensor generators, :mod:`safemerge.methods.seeding`), ``dtype`` of
+            the output (default: the inputs'), ``force``, ``allow_pickle``, ``allow_nonfinite``.
         evaluate: optional ``evaluate(out_tmp_dir) -> (results, markdown)``; the markdown goes
             into the model card.
 
@@ -158,21 +164,21 @@ def safemerge_adapters(
     from safemerge.safety.subspace import SafetySubspace, open_model
     from safemerge.safety.writing import torch_dtype
 
+    options = or_default(options)
     tau = SAFEMERGE_TAU.check(tau, "--tau")
     alpha = SAFEMERGE_ALPHA.check(alpha, "--alpha")
     check_strategy(strategy, compat)
     if strategy != "linear":
         density = SAFEMERGE_DENSITY.check(density, "--density")
-    torch_dtype(dtype)
+    torch_dtype(options.dtype)
     inputs = (base, aligned, finetuned, safety, merge_into)
-    check_output_path(out, force=force, inputs=inputs)
+    check_output_path(out, force=options.force, inputs=inputs)
     cb = progress or _noop
 
-    sub = SafetySubspace(base, aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
-    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
-    ft = open_deltas(finetuned, sub, role="--finetuned", **reading)
-    sf = open_deltas(safety, sub, targets=None, role="--safety", **reading)
-    target = open_model(merge_into, role="merge-into", **reading) if merge_into is not None else None
+    sub = SafetySubspace(base, aligned, options=options)
+    ft = open_deltas(finetuned, sub, role="--finetuned", options=options)
+    sf = open_deltas(safety, sub, targets=None, role="--safety", options=options)
+    target = open_model(merge_into, role="merge-into", options=options) if merge_into is not None else None
 
     output = _output_kind(ft, sf, target, compat)
     n_mod = len(ft.modules)
@@ -192,18 +198,18 @@ def safemerge_adapters(
 
     result = SafeMergeResult(
         out=Path(out), output=output, scores=scores, tau=tau, alpha=alpha, strategy=strategy, compat=compat,
-        seed=seed, density=density if strategy != "linear" else None, ignored_safety_modules=ignored,
+        seed=options.seed, density=density if strategy != "linear" else None, ignored_safety_modules=ignored,
         carried_over=carried,
     )
     from safemerge.safety.merge_writer import build_layer_update, write_safemerge_output
 
-    with atomic_output(out, force=force, inputs=inputs) as tmp:
+    with atomic_output(out, force=options.force, inputs=inputs) as tmp:
         write_safemerge_output(
-            tmp, result, ft=ft, sf=sf, merged=merged, target=target, aligned=sub.aligned, dtype=dtype,
+            tmp, result, ft=ft, sf=sf, merged=merged, target=target, aligned=sub.aligned, options=options,
             update_fn=build_layer_update(ft, sf, merged, alpha=alpha, strategy=strategy, compat=compat,
-                                         density=density, seed=seed),
+                                         density=density, seed=options.seed),
             progress=cb, finetuned=finetuned, safety=safety, base=base, aligned_path=aligned,
-            evaluate=evaluate, allow_nonfinite=allow_nonfinite,
+            evaluate=evaluate,
         )
     return result
 
@@ -257,9 +263,7 @@ def safelora(
     tau: float = SAFELORA_TAU.default,
     num_layers: int = SAFELORA_NUM_LAYERS.default,
     merge_into: str | Path | None = None,
-    dtype: str | None = None,
-    force: bool = False,
-    allow_pickle: bool = False, allow_nonfinite: bool = False,
+    options: RunOptions | None = None,
     progress: Progress | None = None,
 ) -> SafeLoRAResult:
     """SafeLoRA (Hsu et al., NeurIPS 2024, Eq. 3): project ``B ← C B`` on low-ρ layers.
@@ -269,6 +273,7 @@ def safelora(
     (``mode="number"``, K = 10; ties at the K-th value included). Each layer is projected at most
     once (the reference PEFT port's double projection is avoided by projecting from the original
     factors in a single pass). A full fine-tuned model gets ``ΔW ← C ΔW`` on the chosen layers.
+    ``options``: ``dtype`` of the output, ``force``, ``allow_pickle``, ``allow_nonfinite``.
     """
     from safemerge.io.output import atomic_output
     from safemerge.safety.safelora import run_safelora
@@ -276,13 +281,13 @@ def safelora(
 
     if mode not in ("threshold", "number"):
         raise ConfigError(f"unknown SafeLoRA mode {mode!r}", "use --mode threshold or --mode number")
+    options = or_default(options)
     tau = SAFELORA_TAU.check(tau, "--tau")
-    torch_dtype(dtype)
-    with atomic_output(out, force=force, inputs=(base, aligned, finetuned, merge_into)) as tmp:
+    torch_dtype(options.dtype)
+    with atomic_output(out, force=options.force, inputs=(base, aligned, finetuned, merge_into)) as tmp:
         res = run_safelora(
             tmp, base=base, aligned=aligned, finetuned=finetuned, mode=mode, tau=tau, num_layers=num_layers,
-            merge_into=merge_into, dtype=dtype, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-            progress=progress or _noop,
+            merge_into=merge_into, options=options, progress=progress or _noop,
         )
     res.out = Path(out)
     return res
@@ -297,10 +302,7 @@ def resta(
     out: str | Path,
     beta: float = RESTA_BETA.default,
     dare_density: float | None = None,
-    seed: int | None = None,
-    dtype: str | None = None,
-    force: bool = False,
-    allow_pickle: bool = False, allow_nonfinite: bool = False,
+    options: RunOptions | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """RESTA (Bhardwaj et al., ACL 2024, §3): ``θ = θ_ft + β (θ_aligned − θ_unaligned)``.
@@ -309,27 +311,29 @@ def resta(
     ``θ = θ_aligned + DARE_p(θ_ft − θ_aligned) + β (θ_aligned − θ_unaligned)``. ``finetuned`` may
     be a full model, a LoRA adapter directory (applied to ``aligned``) or ``MODEL+ADAPTER``.
     Writes a full model (the registered ``resta`` method run by the engine on every tensor of
-    ``aligned``; DARE masks drawn per tensor from ``(seed, name)``, as ``merge_method: resta``); returns its path.
+    ``aligned``; DARE masks drawn per tensor from ``(options.seed, name)``, as ``merge_method: resta``); returns
+    its path. ``options``: ``seed``, ``dtype`` of the output, ``force``, ``allow_pickle``, ``allow_nonfinite``.
     """
+    from safemerge.engine.tensorwise import plan_tensorwise
     from safemerge.io.output import atomic_output, write_model_card
     from safemerge.methods.catalog import get_method
     from safemerge.safety.full_model import open_ref, write_model
-    from safemerge.engine.tensorwise import plan_tensorwise
     from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
-    torch_dtype(dtype)
+    options = or_default(options)
+    seed = options.seed
+    torch_dtype(options.dtype)
     beta = RESTA_BETA.check(beta, "--beta")
     density = None if dare_density is None else RESTA_DENSITY.check(dare_density, "--dare-density")
-    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
-    with atomic_output(out, force=force, inputs=(unaligned, aligned, finetuned)) as tmp:
-        ckpts = {"aligned": open_ref(aligned, role="aligned", **reading),
-                 "unaligned": open_ref(unaligned, role="unaligned", **reading),
-                 "fine-tuned": open_ref(finetuned, on=aligned, role="finetuned", **reading)}
+    with atomic_output(out, force=options.force, inputs=(unaligned, aligned, finetuned)) as tmp:
+        ckpts = {"aligned": open_ref(aligned, role="aligned", options=options),
+                 "unaligned": open_ref(unaligned, role="unaligned", options=options),
+                 "fine-tuned": open_ref(finetuned, on=aligned, role="finetuned", options=options)}
         plan = plan_tensorwise(get_method("resta"), ckpts, reference="aligned", models=["aligned", "fine-tuned"],
-                               base="unaligned", params={"beta": beta, "density": density or 1.0}, dtype=dtype)
+                               base="unaligned", params={"beta": beta, "density": density or 1.0},
+                               dtype=options.dtype)
         cb = progress or _noop
-        write_model(tmp, plan, ckpts, seed=seed, allow_nonfinite=allow_nonfinite,
-                    progress=lambda d, n: cb("write", d, n))
+        write_model(tmp, plan, ckpts, options=options, progress=lambda d, n: cb("write", d, n))
         params = [("method", "RESTA (Bhardwaj et al. 2024)"), ("beta", beta),
                   ("dare density", density if density is not None else "none"), ("seed", seed),
                   ("unaligned", str(unaligned)), ("aligned", str(aligned)), ("fine-tuned", str(finetuned))]
@@ -355,16 +359,15 @@ def mergealign(
     out: str | Path,
     lambda_domain: float = MERGEALIGN_LAMBDA_DOMAIN.default,
     lambda_aligned: float = MERGEALIGN_LAMBDA_ALIGNED.default,
-    dtype: str | None = None,
-    force: bool = False,
-    allow_pickle: bool = False, allow_nonfinite: bool = False,
+    options: RunOptions | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """MergeAlign (arXiv 2411.06824): ``θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)``.
 
     ``domain`` / ``aligned`` may be full models, adapter directories (applied to ``pretrained``)
     or ``MODEL+ADAPTER`` references. Writes a full model (the registered ``mergealign`` method run
-    by the engine on every tensor of ``pretrained``); returns its path.
+    by the engine on every tensor of ``pretrained``); returns its path. ``options``: ``dtype`` of the output,
+    ``force``, ``allow_pickle``, ``allow_nonfinite``.
     """
     from safemerge.engine.tensorwise import plan_tensorwise
     from safemerge.io.output import atomic_output, write_model_card
@@ -372,18 +375,19 @@ def mergealign(
     from safemerge.safety.full_model import open_ref, write_model
     from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
-    torch_dtype(dtype)
+    options = or_default(options)
+    torch_dtype(options.dtype)
     ld = MERGEALIGN_LAMBDA_DOMAIN.check(lambda_domain, "--lambda-domain")
     la = MERGEALIGN_LAMBDA_ALIGNED.check(lambda_aligned, "--lambda-aligned")
-    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
-    with atomic_output(out, force=force, inputs=(pretrained, domain, aligned)) as tmp:
-        ckpts = {"pretrained": open_ref(pretrained, role="pretrained", **reading),
-                 "domain": open_ref(domain, on=pretrained, role="domain", **reading),
-                 "aligned": open_ref(aligned, on=pretrained, role="aligned", **reading)}
+    with atomic_output(out, force=options.force, inputs=(pretrained, domain, aligned)) as tmp:
+        ckpts = {"pretrained": open_ref(pretrained, role="pretrained", options=options),
+                 "domain": open_ref(domain, on=pretrained, role="domain", options=options),
+                 "aligned": open_ref(aligned, on=pretrained, role="aligned", options=options)}
         plan = plan_tensorwise(get_method("mergealign"), ckpts, reference="pretrained", models=["aligned", "domain"],
-                               base="pretrained", params={"lambda_domain": ld, "lambda_aligned": la}, dtype=dtype)
+                               base="pretrained", params={"lambda_domain": ld, "lambda_aligned": la},
+                               dtype=options.dtype)
         cb = progress or _noop
-        write_model(tmp, plan, ckpts, allow_nonfinite=allow_nonfinite, progress=lambda d, n: cb("write", d, n))
+        write_model(tmp, plan, ckpts, options=options, progress=lambda d, n: cb("write", d, n))
         params = [("method", "MergeAlign (arXiv 2411.06824)"), ("lambda_domain", ld), ("lambda_aligned", la),
                   ("pretrained", str(pretrained)), ("domain", str(domain)), ("aligned", str(aligned))]
         write_model_card(tmp, title="MergeAlign model", base_model=str(pretrained),

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.options import RunOptions
 from safemerge.safety.subspace import SafetySubspace
 
 
@@ -55,12 +56,12 @@ class AdapterDeltas(DeltaSource):
 
     kind = "adapter"
 
-    def __init__(self, path: str | Path, subspace: SafetySubspace, *, allow_pickle: bool = False,
-                 allow_nonfinite: bool = False, role: str = "adapter") -> None:
+    def __init__(self, path: str | Path, subspace: SafetySubspace, *, options: RunOptions | None = None,
+                 role: str = "adapter") -> None:
         from safemerge.io.adapter import load_adapter
 
         self.path = Path(path)
-        self.adapter = load_adapter(self.path, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        self.adapter = load_adapter(self.path, options=options)
         self.adapter.base_model_type = subspace.aligned.config.get("model_type")
         self.role = role
         self.modules = sorted(self.adapter, key=module_sort_key)
@@ -111,14 +112,14 @@ class ModelDeltas(DeltaSource):
         subspace: SafetySubspace,
         *,
         targets: list[str] | None = None,
-        allow_pickle: bool = False, allow_nonfinite: bool = False,
+        options: RunOptions | None = None,
         role: str = "model",
     ) -> None:
         from safemerge.io.references import open_checkpoint
 
         self.path = Path(str(path))
         # a directory, Hub id or MODEL+ADAPTER
-        self.ckpt = open_checkpoint(str(path), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+        self.ckpt = open_checkpoint(str(path), options=options)
         self.aligned = subspace.aligned
         self.modules = []
         for m in subspace.linear_modules():
@@ -199,7 +200,7 @@ def open_deltas(
     subspace: SafetySubspace,
     *,
     targets: list[str] | None = None,
-    allow_pickle: bool = False, allow_nonfinite: bool = False,
+    options: RunOptions | None = None,
     role: str = "fine-tuned",
 ) -> DeltaSource:
     """An adapter directory (``adapter_config.json``), a full model directory, a Hub id of either, or
@@ -212,17 +213,15 @@ def open_deltas(
 
     model, adapter = split_model_ref(str(path))
     if adapter is not None:
-        on_aligned = resolve_local(model, allow_pickle=allow_pickle).resolve() == Path(subspace.aligned.path).resolve()
+        on_aligned = resolve_local(model, options=options).resolve() == Path(subspace.aligned.path).resolve()
         if not on_aligned:
-            return ModelDeltas(str(path), subspace, targets=targets, allow_pickle=allow_pickle, role=role)
-    p = resolve_local(adapter if adapter is not None else model, allow_pickle=allow_pickle)
+            return ModelDeltas(str(path), subspace, targets=targets, options=options, role=role)
+    p = resolve_local(adapter if adapter is not None else model, options=options)
     if not p.exists():
         raise SafemergeError(f"{role} path {str(path)!r} does not exist", "check the path")
     if (p / "adapter_config.json").exists():
-        src: DeltaSource = AdapterDeltas(p, subspace, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                                         role=role)
+        src: DeltaSource = AdapterDeltas(p, subspace, options=options, role=role)
         if targets:
             src.modules = [m for m in src.modules if _matches(m, targets)]
         return src
-    return ModelDeltas(p, subspace, targets=targets, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite,
-                       role=role)
+    return ModelDeltas(p, subspace, targets=targets, options=options, role=role)

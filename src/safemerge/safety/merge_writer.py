@@ -18,12 +18,18 @@ from safemerge.errors import CheckpointError
 from safemerge.io.adapter import save_adapter
 from safemerge.io.output import markdown_section, md_escape, write_model_card
 from safemerge.methods.update_merge import merge_dense, merge_linear_factors, merge_reference_factors, truncate_svd
+from safemerge.options import RunOptions
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource
 from safemerge.safety.full_model import write_updated_model
 from safemerge.safety.results import SafeMergeResult
 from safemerge.safety.writing import (
-    adapter_update_fn, carried_over_section, copy_adapter_side_files, params_markdown, scores_table_markdown,
-    torch_dtype, write_json,
+    adapter_update_fn,
+    carried_over_section,
+    copy_adapter_side_files,
+    params_markdown,
+    scores_table_markdown,
+    torch_dtype,
+    write_json,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -192,22 +198,22 @@ def _model_update(ft: DeltaSource, merged: set[str], update_fn: LayerUpdates, *,
 
 def write_safemerge_output(
     tmp: Path, result: SafeMergeResult, *, ft: DeltaSource, sf: DeltaSource, merged: set[str], target: Any,
-    aligned: Any, dtype: str | None, update_fn: LayerUpdates, progress: Progress, finetuned: Any, safety: Any,
+    aligned: Any, options: RunOptions, update_fn: LayerUpdates, progress: Progress, finetuned: Any, safety: Any,
     base: Any, aligned_path: Any, evaluate: Callable[[Path], tuple[Any, str]] | None = None,
-    allow_nonfinite: bool = False,
 ) -> None:
-    """Write the adapter (exact factors / truncated SVD) or the full model (an engine plan), then the model card."""
+    """Write the adapter (exact factors / truncated SVD) or the full model (an engine plan), then the model card;
+    weights in ``options.dtype`` (default: the inputs')."""
     result.svd_ranks = {}
     if result.output == "adapter":
         assert isinstance(ft, AdapterDeltas)
-        base_model_card = _write_adapter(tmp, result, ft, update_fn, dtype=dtype, aligned_path=aligned_path,
+        base_model_card = _write_adapter(tmp, result, ft, update_fn, dtype=options.dtype, aligned_path=aligned_path,
                                          progress=progress)
     else:
         model = ft.ckpt if target is None else target  # type: ignore[attr-defined]
         _check_target(model, aligned, list(ft.modules))
         update = _model_update(ft, merged, update_fn, onto_ft=target is None)
-        write_updated_model(tmp, model, adapter_update_fn(ft, update), method="safemerge", dtype=dtype,
-                            allow_nonfinite=allow_nonfinite, progress=lambda d, n: progress("write", d, n))
+        write_updated_model(tmp, model, adapter_update_fn(ft, update), method="safemerge", options=options,
+                            progress=lambda d, n: progress("write", d, n))
         base_model_card = str(model.path)
     eval_md = None
     if evaluate is not None:

@@ -21,6 +21,7 @@ from safemerge.errors import SafemergeError
 from safemerge.io.adapter import save_adapter
 from safemerge.io.output import write_model_card
 from safemerge.methods.similarity import project_dense, rho_dense, rho_lowrank
+from safemerge.options import RunOptions
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource, carried_over_parts, open_deltas
 from safemerge.safety.full_model import write_updated_model
 from safemerge.safety.results import SafeLoRAResult
@@ -28,8 +29,13 @@ from safemerge.safety.scoring import block_name, delta_norm_lowrank
 from safemerge.safety.selection import LayerScore, mark, select_below, select_lowest
 from safemerge.safety.subspace import SafetySubspace, open_model
 from safemerge.safety.writing import (
-    adapter_update_fn, carried_over_section, copy_adapter_side_files, params_markdown, scores_table_markdown,
-    torch_dtype, write_json,
+    adapter_update_fn,
+    carried_over_section,
+    copy_adapter_side_files,
+    params_markdown,
+    scores_table_markdown,
+    torch_dtype,
+    write_json,
 )
 
 Progress = Callable[[str, int, int], None]
@@ -133,13 +139,13 @@ def _write_card(tmp: Path, res: SafeLoRAResult, chosen: set[str], *, num_layers:
 
 def run_safelora(
     tmp: Path, *, base: Any, aligned: Any, finetuned: Any, mode: str, tau: float, num_layers: int,
-    merge_into: Any, dtype: str | None, allow_pickle: bool, allow_nonfinite: bool, progress: Progress,
+    merge_into: Any, options: RunOptions, progress: Progress,
 ) -> SafeLoRAResult:
-    """Score, select, project and write (adapter, or full model with ``merge_into`` / full-model input)."""
-    reading = {"allow_pickle": allow_pickle, "allow_nonfinite": allow_nonfinite}
-    sub = SafetySubspace(base, aligned, **reading)
-    ft = open_deltas(finetuned, sub, role="--finetuned", **reading)
-    target = open_model(merge_into, role="merge-into", **reading) if merge_into is not None else None
+    """Score, select, project and write (adapter, or full model with ``merge_into`` / full-model input)
+    in ``options.dtype`` (default: the inputs')."""
+    sub = SafetySubspace(base, aligned, options=options)
+    ft = open_deltas(finetuned, sub, role="--finetuned", options=options)
+    target = open_model(merge_into, role="merge-into", options=options) if merge_into is not None else None
     is_adapter = isinstance(ft, AdapterDeltas)
     if is_adapter and target is None and ft.transposed:
         raise SafemergeError(f"{ft.path} has fan_in_fan_out/embedding modules, which cannot be written back",
@@ -152,12 +158,13 @@ def run_safelora(
     res = SafeLoRAResult(out=tmp, output=output, scores=scores, mode=mode, tau=float(used_tau),
                          num_layers=num_layers if mode == "number" else None, carried_over=carried)
     if output == "adapter":
-        card_base = _write_adapter(tmp, ft, chosen, projected, dtype=dtype, finetuned=finetuned, aligned=aligned)
+        card_base = _write_adapter(tmp, ft, chosen, projected, dtype=options.dtype, finetuned=finetuned,
+                                   aligned=aligned)
     else:
         model = ft.ckpt if target is None else target  # type: ignore[attr-defined]
         update = _model_update(sub, ft, chosen, projected, onto_ft=target is None)
-        write_updated_model(tmp, model, adapter_update_fn(ft, update), method="safelora", dtype=dtype,
-                            allow_nonfinite=allow_nonfinite, progress=lambda d, n: progress("write", d, n))
+        write_updated_model(tmp, model, adapter_update_fn(ft, update), method="safelora", options=options,
+                            progress=lambda d, n: progress("write", d, n))
         card_base = str(model.path)
     _write_card(tmp, res, chosen, num_layers=num_layers, card_base=card_base, base=base, aligned=aligned,
                 finetuned=finetuned)

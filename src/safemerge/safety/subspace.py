@@ -19,9 +19,10 @@ from typing import Any
 import torch
 
 from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.options import RunOptions
 
 
-def open_model(ref: Any, *, allow_pickle: bool = False, allow_nonfinite: bool = False, role: str = "model") -> Any:
+def open_model(ref: Any, *, options: RunOptions | None = None, role: str = "model") -> Any:
     """Open a model directory, Hub id or ``MODEL+ADAPTER`` (or pass a Checkpoint through), naming ``role`` in errors."""
     if hasattr(ref, "get") and hasattr(ref, "shape"):
         return ref
@@ -33,7 +34,7 @@ def open_model(ref: Any, *, allow_pickle: bool = False, allow_nonfinite: bool = 
             f"--{role} {p} is a LoRA adapter, but a full model is needed here",
             f"pass the model directory for --{role}, or MODEL+ADAPTER (adapters go to the fine-tuned/safety arguments)",
         )
-    return open_checkpoint(str(ref), allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    return open_checkpoint(str(ref), options=options)
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,12 @@ class SafetySubspace:
     Args:
         base: the unaligned / pre-trained model (directory or Checkpoint).
         aligned: the safety-aligned model the adapters were trained on.
-        allow_pickle: allow ``.bin`` checkpoints.
+        options: ``allow_pickle`` (``.bin`` checkpoints), ``allow_nonfinite``.
     """
 
-    def __init__(self, base: Any, aligned: Any, *, allow_pickle: bool = False, allow_nonfinite: bool = False) -> None:
-        self.base = open_model(base, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="base")
-        self.aligned = open_model(aligned, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite, role="aligned")
+    def __init__(self, base: Any, aligned: Any, *, options: RunOptions | None = None) -> None:
+        self.base = open_model(base, options=options, role="base")
+        self.aligned = open_model(aligned, options=options, role="aligned")
         ab, aa = self.base.architecture, self.aligned.architecture
         if ab and aa and ab != aa:
             raise CheckpointError(

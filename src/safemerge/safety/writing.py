@@ -32,8 +32,9 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 def copy_adapter_side_files(src_dir: Path, tmp: Path) -> None:
     """Copy the tokenizer files that sit next to an adapter (PEFT saves them there)."""
-    from safemerge.io.output import TOKENIZER_FILES
     import shutil
+
+    from safemerge.io.output import TOKENIZER_FILES
 
     for name in TOKENIZER_FILES:
         f = Path(src_dir) / name
