@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
 from optimize_world import build_world, config
 
 
@@ -91,19 +90,21 @@ def test_grid_is_every_partner_times_every_t():
 
 
 def test_merged_tensors_are_the_pair_slerp_and_best_yml_merges_the_same(world, tmp_path):
+    from safetensors.torch import load_file
+
     from safemerge.api import merge
     from safemerge.methods.catalog import get_method
     from safemerge.optimize import optimize
     from safemerge.optimize.candidate import CandidateEvaluator
     from safemerge.optimize.config import load_optimize_config
-    from safetensors.torch import load_file
+    from safemerge.options import RunOptions
 
     cfg = _pool_config(world, granularity=1, max_evals=4, popsize=4)
     summary = optimize(cfg, tmp_path / "run", progress=False)
     assert summary["evaluations"] == 4 and math.isfinite(summary["best_loss"])
     best = yaml.safe_load((tmp_path / "run" / "best.yml").read_text())
     assert best["merge_method"] == "slerp" and len(best["slices"]) >= 2
-    merge(str(tmp_path / "run" / "best.yml"), str(tmp_path / "again"), seed=7)
+    merge(str(tmp_path / "run" / "best.yml"), str(tmp_path / "again"), options=RunOptions(seed=7))
     saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     again = load_file(str(tmp_path / "again" / "model.safetensors"))
     assert set(saved) == set(again) and all(torch.equal(saved[k], again[k]) for k in saved)

@@ -307,15 +307,16 @@ def _repair(task: Path, *, zoo: Any, out: Path, work: Path, alphas: tuple[float,
             say: Any, progress: bool) -> Any:
     """``safemerge repair`` on the zoo's fine-tune: tune τ/α on validation, write, test (a rerun reuses its caches)."""
     from safemerge.autotune import DEFAULT_ALPHAS, DEFAULT_SCREEN
+    from safemerge.options import RunOptions
     from safemerge.repair.pipeline import repair
 
     grid = {"alphas": alphas or zoo.autotune.get("alphas", DEFAULT_ALPHAS), "max_taus": zoo.autotune.get("max_taus", 6),
             "screen": zoo.autotune.get("screen", DEFAULT_SCREEN)}
-    return repair(task, base=zoo.base, aligned=zoo.aligned, out=out, force=out.exists(), safety=zoo.safety,
+    return repair(task, base=zoo.base, aligned=zoo.aligned, out=out, safety=zoo.safety,
                   utility=zoo.val_sets["utility"], val_harmful=zoo.val_sets["harmful"], val_benign=zoo.val_sets.get("benign"),
                   test_harmful=zoo.eval_sets["harmful"], test_benign=zoo.eval_sets["benign"],
                   test_utility=zoo.eval_sets["utility"], harm_margin=margin, max_new_tokens=zoo.max_new_tokens,
-                  grid=grid, work_dir=work, log=say, progress=progress)
+                  grid=grid, work_dir=work, log=say, options=RunOptions(force=out.exists(), progress=progress))
 
 
 def _tested(rep: Any, name: str) -> dict[str, Any]:
