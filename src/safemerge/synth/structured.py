@@ -33,11 +33,12 @@ import operator
 import random
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from safemerge.errors import SafemergeError
 from safemerge.synth.common import GeneratorLike, normalize_text
+from safemerge.synth.domain import DomainStats
 
 N_EXAMPLES = 3
 #: continuations end at the first blank line (the end of one problem in the few-shot format)
@@ -61,17 +62,12 @@ class SeedProblem:
 
 
 @dataclass
-class StructuredStats:
-    """How many generated problems survive each filter (reported by ``synth domain --structured``)."""
+class StructuredStats(DomainStats):
+    """How many generated problems survive each filter (reported by ``synth domain --structured``):
+    the free-form pipeline's counts plus the two answer checks."""
 
-    requests: int = 0
-    parse_failures: int = 0
-    duplicates: int = 0
-    copies_of_examples: int = 0
     arithmetic_errors: int = 0
     answer_mismatches: int = 0
-    records: int = 0
-    by_model: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "kept_share": round(self.records / self.requests, 4) if self.requests else None}
