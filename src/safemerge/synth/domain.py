@@ -11,7 +11,7 @@ Each record is ``{"prompt", "response", "type": "domain", "category": topic, "so
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,29 @@ class DomainStats:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def expert_requests(experts: Mapping[str, GeneratorLike], seeds: Sequence[Any], n: int,
+                    seed: int) -> Iterator[tuple[str, GeneratorLike, list[list[Any]]]]:
+    """``(name, expert, in-context examples of each request)``: ``⌈n / len(experts)⌉`` requests per expert,
+    each with :data:`N_EXAMPLES` seeds drawn without replacement from one seeded stream per expert (pool order)."""
+    per_expert = -(-n // len(experts))
+    for e_idx, (name, gen) in enumerate(experts.items()):
+        rng = random.Random(f"{seed}:{e_idx}")
+        yield name, gen, [rng.sample(seeds, N_EXAMPLES) for _ in range(per_expert)]
+
+
+def is_new_question(question: str, examples: Sequence[str], seen: set[str], stats: DomainStats) -> bool:
+    """Keep ``question`` unless it copies a shown example or repeats an earlier one (counted in ``stats``)."""
+    key = normalize_text(question)
+    if key in {normalize_text(e) for e in examples}:
+        stats.copies_of_examples += 1
+        return False
+    if not key or key in seen:
+        stats.duplicates += 1
+        return False
+    seen.add(key)
+    return True
 
 
 def build_domain_set(
@@ -65,12 +88,9 @@ def build_domain_set(
         )
     if not experts:
         raise SafemergeError("no expert model given", "pass at least one --model")
-    per_expert = -(-n // len(experts))
     seen: set[str] = set()
     records: list[dict[str, Any]] = []
-    for e_idx, (name, gen) in enumerate(experts.items()):
-        rng = random.Random(f"{seed}:{e_idx}")
-        shown = [rng.sample(seeds, N_EXAMPLES) for _ in range(per_expert)]
+    for name, gen, shown in expert_requests(experts, seeds, n, seed):
         texts = gen.generate([domain_messages(topic, ex) for ex in shown], max_new_tokens=max_new_tokens,
                              batch_size=batch_size, progress=progress)
         stats.requests += len(texts)
@@ -80,16 +100,8 @@ def build_domain_set(
             if not qs:
                 stats.parse_failures += 1
                 continue
-            q = qs[0]
-            key = normalize_text(q)
-            if key in {normalize_text(e) for e in ex}:
-                stats.copies_of_examples += 1
-                continue
-            if not key or key in seen:
-                stats.duplicates += 1
-                continue
-            seen.add(key)
-            kept.append(q)
+            if is_new_question(qs[0], ex, seen, stats):
+                kept.append(qs[0])
         if not kept:
             continue
         answers = gen.generate(kept, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)

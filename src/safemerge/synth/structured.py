@@ -30,17 +30,15 @@ from __future__ import annotations
 
 import ast
 import operator
-import random
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from safemerge.errors import SafemergeError
-from safemerge.synth.common import GeneratorLike, normalize_text
-from safemerge.synth.domain import DomainStats
+from safemerge.synth.common import GeneratorLike
+from safemerge.synth.domain import N_EXAMPLES, DomainStats, expert_requests, is_new_question
 
-N_EXAMPLES = 3
 #: continuations end at the first blank line (the end of one problem in the few-shot format)
 STOP = ["\n\n", "\nQuestion:"]
 MIN_QUESTION_WORDS = 5
@@ -192,12 +190,9 @@ def build_structured_domain_set(
                              "give a seed file of records with a question and an 'answer' field")
     if not experts:
         raise SafemergeError("no expert model given", "pass at least one --model")
-    per_expert = -(-n // len(experts))
     seen: set[str] = set()
     records: list[dict[str, Any]] = []
-    for e_idx, (name, gen) in enumerate(experts.items()):
-        rng = random.Random(f"{seed}:{e_idx}")
-        shown = [rng.sample(seeds, N_EXAMPLES) for _ in range(per_expert)]
+    for name, gen, shown in expert_requests(experts, seeds, n, seed):
         texts = _continue(gen, [fewshot_text(ex) for ex in shown], max_new_tokens=max_new_tokens,
                           batch_size=batch_size, progress=progress)
         stats.requests += len(texts)
@@ -208,15 +203,9 @@ def build_structured_domain_set(
                 stats.parse_failures += 1
                 continue
             question, number, consistent = parsed
-            key = normalize_text(question)
             if not consistent:
                 stats.arithmetic_errors += 1
-            elif key in {normalize_text(e.question) for e in ex}:
-                stats.copies_of_examples += 1
-            elif not key or key in seen:
-                stats.duplicates += 1
-            else:
-                seen.add(key)
+            elif is_new_question(question, [e.question for e in ex], seen, stats):
                 kept.append((question, number))
         prompts = [f"{q} {answer_instruction}".strip() for q, _ in kept]
         answers = (gen.generate(prompts, max_new_tokens=answer_tokens, batch_size=batch_size, progress=progress)
