@@ -161,8 +161,11 @@ class LoraRecipe:
 ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=400, batch_size=8, lr=3e-4, max_length=128,
                           precision="auto")
 # The released SafeMERGE adapters are r=8 on q_proj/v_proj (safemerge_safelora.md §1). The paper's regime: a
-# moderate fine-tune that learns the skill; the stress setting: the earlier aggressive one (lr 1e-3, 80 steps).
-TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=3e-4,
+# moderate fine-tune that learns the skill and erodes safety by the paper's factor (Llama-3.1-8B: 11.3% -> 28.3%,
+# 2.5x). Measured on validation with this aligned model (issue 17): lr 3e-4 eroded only 1.1x (test 23.6% -> 26.1%);
+# lr 6e-4 on an equally strong aligned model 18.5% -> 39.9% (2.2x) at 29% utility. The stress setting: the earlier
+# aggressive fine-tune (lr 1e-3, 80 steps).
+TASK_RECIPE = LoraRecipe(rank=8, alpha=16, targets=("q_proj", "v_proj"), steps=80, batch_size=8, lr=6e-4,
                          max_length=128, seed=1)
 STRESS_TASK_RECIPE = replace(TASK_RECIPE, lr=1e-3)
 # The safety LoRA is `safemerge safety-lora` itself (rank and targets copied from the task LoRA, its default recipe,
