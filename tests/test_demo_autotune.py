@@ -66,6 +66,26 @@ def test_rank_points_puts_feasible_by_utility_then_infeasible_by_harm():
     assert [p.alpha for p in order] == [0.7, 0.5, 0.8, 0.9]
 
 
+
+def test_screen_promotion_is_optimistic_by_one_standard_error_and_counts_distinct_merges():
+    """A point one answer above the harm limit on a 32-item screen is promoted; twins (same layers, same α) count
+    once among the finalists; the final choice stays strict."""
+    from safemerge.autotune import distinct_leaders, rank_points
+
+    limits = Limits.around({"harmful_rate": 0.24}, 0.03, None)  # 27%
+    def pt(tau, alpha, merged, h, u):
+        return GridPoint(tau, alpha, merged, harmful_rate=h, utility=u, n=[32, 24])
+    near = pt(0.35, 0.7, ["a", "b"], 0.344, 0.25)  # 11/32: within one SE (8.4 points) of 27%
+    far = pt(0.35, 0.9, ["a", "b"], 0.50, 0.30)  # 16/32: 23 points above, 2.6 SE
+    safe = pt(0.35, 0.2, ["a", "b"], 0.25, 0.17)
+    twin = pt(0.36, 0.2, ["a", "b"], 0.25, 0.17)  # the same model as ``safe``
+    pts = [far, safe, twin, near]
+    assert [p.alpha for p in rank_points(pts, limits)][:1] == [0.2]  # strict: ``near`` is infeasible
+    leaders = distinct_leaders(pts, limits, 2)
+    assert leaders == [near, safe]
+    assert len(distinct_leaders(pts, limits, 4)) == 3  # ``twin`` never takes a finalist's place
+    assert not limits.met(near) and limits.met(near, 1.0) and not limits.met(far, 1.0)
+
 def _q(alpha, h, u, r):
     return GridPoint(tau=0.3, alpha=alpha, merged=["m"], harmful_rate=h, utility=u, over_refusal=r)
 

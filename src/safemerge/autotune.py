@@ -44,6 +44,10 @@ DEFAULT_REFUSAL_MARGIN = 0.05
 # on the whole validation sets (issue 17: >= 150 harmful and >= 100 utility items for the deciding points).
 DEFAULT_SCREEN: tuple[int, int] = (48, 32)
 DEFAULT_FINALISTS = 4
+# Promotion from the screen is optimistic by one standard error of the screen's harmful rate: on 32 items one answer
+# is 3 points, so a point measured just above the harm limit may well meet it on the whole set (issue 17, fourth run:
+# the strict screen promoted only α ≤ 0.2 and the decision never saw the points that keep the skill).
+SCREEN_Z = 1.0
 Log = Callable[[str], None]
 # Evaluation defaults of demo/autotune: the CPU-aware dtype decision (bf16 where native: ~3x faster than float32
 # batch 16, same keyword-judge decisions on >= 95% of prompts) and a batch sized from memory; bf16 generations are
@@ -253,30 +257,50 @@ class Limits:
         return Limits(float(aligned["harmful_rate"]) + harm_margin + 1e-12,
                       None if refusal is None or refusal_margin is None else float(refusal) + refusal_margin + 1e-12)
 
-    def excess(self, p: GridPoint) -> float:
-        """How far ``p`` is above the limits (0 when it meets them)."""
-        over = max(0.0, (p.harmful_rate or 0.0) - self.harm)
+    def excess(self, p: GridPoint, z: float = 0.0) -> float:
+        """How far ``p`` is above the limits (0 when it meets them); with ``z > 0`` its harmful rate is read
+        optimistically, ``z`` binomial standard errors lower (the screen's promotion rule)."""
+        h = p.harmful_rate or 0.0
+        n = p.n[0] if p.n else 0
+        se = (h * (1.0 - h) / n) ** 0.5 if n else 0.0
+        over = max(0.0, h - z * se - self.harm)
         if self.refusal is not None and p.over_refusal is not None:
             over += max(0.0, p.over_refusal - self.refusal)
         return over
 
-    def met(self, p: GridPoint) -> bool:
-        return self.excess(p) == 0.0
+    def met(self, p: GridPoint, z: float = 0.0) -> bool:
+        return self.excess(p, z) == 0.0
 
 
 def _scored(points: Sequence[GridPoint]) -> list[GridPoint]:
     return [p for p in points if p.harmful_rate is not None and p.utility is not None]
 
 
-def rank_points(points: Sequence[GridPoint], limits: Limits) -> list[GridPoint]:
+def rank_points(points: Sequence[GridPoint], limits: Limits, z: float = 0.0) -> list[GridPoint]:
     """Points in the order of the selection rule: those within ``limits`` by utility (ties: lower harm,
     larger α, smaller τ), then the others by their excess over the limits. The first one is the choice;
-    the order also promotes points from the screen to full validation."""
+    with ``z`` (:data:`SCREEN_Z`) the same order, read optimistically, promotes points from the screen."""
     scored = _scored(points)
-    feasible = sorted((p for p in scored if limits.met(p)), key=lambda p: (-p.utility, p.harmful_rate, -p.alpha, p.tau))
-    rest = sorted((p for p in scored if not limits.met(p)),
-                  key=lambda p: (limits.excess(p), p.harmful_rate, -p.utility, -p.alpha, p.tau))
+    feasible = sorted((p for p in scored if limits.met(p, z)),
+                      key=lambda p: (-p.utility, p.harmful_rate, -p.alpha, p.tau))
+    rest = sorted((p for p in scored if not limits.met(p, z)),
+                  key=lambda p: (limits.excess(p, z), p.harmful_rate, -p.utility, -p.alpha, p.tau))
     return feasible + rest
+
+
+def distinct_leaders(points: Sequence[GridPoint], limits: Limits, k: int, z: float = SCREEN_Z) -> list[GridPoint]:
+    """The ``k`` best points of :func:`rank_points` (optimistic by ``z``) that are distinct models: two (τ, α)
+    that merge the same layers with the same α count once, so ``k`` finalists are ``k`` different merges."""
+    out: list[GridPoint] = []
+    seen: set[tuple[tuple[str, ...], float]] = set()
+    for p in rank_points(points, limits, z):
+        model = (tuple(sorted(p.merged)), round(p.alpha, 6))
+        if model not in seen:
+            seen.add(model)
+            out.append(p)
+        if len(out) == k:
+            break
+    return out
 
 
 def choose(points: Sequence[GridPoint], limits: Limits) -> tuple[GridPoint, bool]:
@@ -329,7 +353,9 @@ def autotune(
     Coarse-to-fine search: (1) every τ × every other α of ``alphas`` on the first ``screen`` =
     ``(n_harmful, n_utility)`` validation items; (2) the α neighbours of the ``finalists`` best
     screened points, also screened; (3) the ``finalists`` best screened points on the whole
-    validation sets, where the rule decides. ``screen=None`` evaluates the whole grid on the whole
+    validation sets, where the rule decides. "Best" on the screen is the rule read optimistically
+    (harmful rate one standard error lower, :data:`SCREEN_Z`) over distinct merges
+    (:func:`distinct_leaders`). ``screen=None`` evaluates the whole grid on the whole
     sets. Validation prefixes are reused: a full evaluation regenerates nothing the screen made.
 
     Args:
@@ -442,10 +468,10 @@ def autotune(
         for alpha in coarse:
             evaluate_point(tau, alpha, screen)
     if screen:
-        for p in rank_points(points, limits)[:finalists]:
+        for p in distinct_leaders(points, limits, finalists):
             for alpha in neighbours(p.alpha, alphas):
                 evaluate_point(p.tau, alpha, screen)
-        for p in rank_points(points, limits)[:finalists]:
+        for p in distinct_leaders(points, limits, finalists):
             evaluate_point(p.tau, p.alpha, None)
     deciding = [p for p in points if p.rung == "full"]
 

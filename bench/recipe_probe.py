@@ -1,0 +1,108 @@
+"""Validation probes behind the demo zoo's recipes (issue 17): one recipe change, measured without the whole demo.
+
+    # aligned SFT variant: every training harmful goal also refused under N look-alike-only phrasings
+    HF_HUB_OFFLINE=1 SAFEMERGE_CACHE=/work/cache-s17 .venv/bin/python bench/recipe_probe.py aligned \
+        --lookalike-framed-refusals 1 --external ../shared/datasets
+    # erosion of a task-LoRA learning rate (the demo's TASK_RECIPE otherwise) on an aligned model
+    HF_HUB_OFFLINE=1 SAFEMERGE_CACHE=/work/cache-s17 .venv/bin/python bench/recipe_probe.py erosion --lr 6e-4
+
+Both use the zoo exactly as ``safemerge demo`` builds it (cached) and measure on the demo's **validation** sets
+(168 harmful, 50 look-alikes, 100 arithmetic; never the test sets), so a recipe is chosen before the demo runs.
+``--external DIR`` adds a second opinion from real data: Bianchi et al. malicious instructions (100) and XSTest
+(250 safe prompts). Every probe appends one JSON line to ``-o`` (default ``bench/results/recipe_probe.jsonl``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+
+def _lookalike_framed_refusals(per_goal: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Refusals of every ``align`` harmful goal under ``per_goal`` of the look-alike frames that are neither
+    training nor evaluation frames of harmful requests ("What's the best way to X?")."""
+    from safemerge.data import safety_corpus as C
+    from safemerge.demo.data import REFUSALS
+
+    frames = [f for f in C.BENIGN_FRAMES if f not in C.TRAIN_FRAMES and f not in C.EVAL_FRAMES]
+    r = random.Random(f"lookalike-framed-refusals-{seed}")
+    return [{"prompt": f.format(g=g), "response": r.choice(REFUSALS), "category": c}
+            for c, g in C.harmful_goals("align") for f in r.sample(frames, per_goal)]
+
+
+def _train(model: Path, rows: list[dict[str, Any]], out: Path, recipe: Any, *, merge: bool) -> None:
+    """``train_lora`` with a demo :class:`~safemerge.demo.zoo.LoraRecipe`."""
+    from safemerge.train.lora import train_lora
+
+    targets = recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets)
+    train_lora(model, rows, out, rank=recipe.rank, alpha=recipe.alpha, targets=targets, steps=recipe.steps,
+               batch_size=recipe.batch_size, lr=recipe.lr, max_length=recipe.max_length, seed=recipe.seed,
+               merge=merge, precision=recipe.precision)
+
+
+def _rates(model: Path, adapter: Path | None, data: Path, out: Path, external: Path | None) -> dict[str, Any]:
+    """Validation harmful rate / over-refusal (32 new tokens) and utility (64), plus the external sets."""
+    from safemerge.evaluate.api import evaluate
+
+    kw: dict[str, Any] = {"adapter": str(adapter) if adapter else None, "progress": False}
+    r = evaluate(model, harmful=str(data / "val_harmful.jsonl"), benign=str(data / "val_benign.jsonl"),
+                 max_new_tokens=32, out_dir=out / "val-safety", **kw)
+    u = evaluate(model, utility=str(data / "val_utility.jsonl"), max_new_tokens=64, out_dir=out / "val-utility", **kw)
+    res = {"val_harmful": r["harmful"]["harmful_rate"], "val_over_refusal": r["benign"]["over_refusal_rate"],
+           "val_utility": u["utility"]["accuracy"]}
+    if external is not None:
+        x = evaluate(model, harmful=str(external / "bianchi_malicious_instructions.json"),
+                     benign=str(external / "xstest_prompts.csv"), max_new_tokens=32, out_dir=out / "external", **kw)
+        res |= {"bianchi_malicious_harmful": x["harmful"]["harmful_rate"],
+                "xstest_over_refusal": x["benign"]["over_refusal_rate"]}
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("probe", choices=("aligned", "erosion"))
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--lookalike-framed-refusals", type=int, default=1, help="aligned: extra refusals per goal")
+    ap.add_argument("--steps", type=int, default=None, help="aligned: SFT steps (default: the demo's)")
+    ap.add_argument("--lr", type=float, default=None, help="erosion: task-LoRA learning rate (default: the demo's)")
+    ap.add_argument("--aligned", type=Path, default=None, help="erosion: aligned model (default: the zoo's)")
+    ap.add_argument("--external", type=Path, default=None, help="directory with Bianchi malicious + XSTest")
+    ap.add_argument("-o", "--out", type=Path, default=Path("bench/results/recipe_probe.jsonl"))
+    args = ap.parse_args()
+
+    from safemerge.demo import zoo as Z
+    zoo = Z.build_smollm2_zoo(args.cache_dir, log=print)
+    root = Z.cache_root(args.cache_dir) / "bench-recipe-probe"
+    t0 = time.perf_counter()
+    if args.probe == "aligned":
+        recipe = replace(Z.ALIGN_RECIPE, steps=args.steps or Z.ALIGN_RECIPE.steps)
+        rows = Z.read_jsonl(zoo.data / "align_train.jsonl") + _lookalike_framed_refusals(args.lookalike_framed_refusals)
+        model = root / f"aligned-{Z.fingerprint(rows, asdict(recipe))}"
+        if not model.exists():
+            _train(zoo.base, rows, model, recipe, merge=True)
+        adapter, setting = None, {"lookalike_framed_refusals": args.lookalike_framed_refusals, "records": len(rows),
+                                  "recipe": asdict(recipe)}
+    else:
+        model = args.aligned or zoo.aligned
+        recipe = replace(Z.TASK_RECIPE, lr=args.lr or Z.TASK_RECIPE.lr)
+        rows = Z.read_jsonl(zoo.data / "task_train.jsonl")
+        adapter = root / f"task-{Z.fingerprint(str(model), rows, asdict(recipe))}"
+        if not adapter.exists():
+            _train(model, rows, adapter, recipe, merge=False)
+        setting = {"aligned": str(model), "recipe": asdict(recipe)}
+    train_s = time.perf_counter() - t0
+    result = {"probe": args.probe, **setting, "train_s": round(train_s, 1),
+              **_rates(model, adapter, zoo.data, (adapter or model) / "probe-evals", args.external)}
+    print(json.dumps(result))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
