@@ -233,9 +233,12 @@ def main() -> None:
     }
     print(f"\nsafemerge --help: {help_wall:.2f} s   (python -c 'import mergekit.merge': {mk_import:.2f} s)")
     print("(ties_mer… = TIES with --mergekit-tie-break, then with --mergekit-arithmetic)")
-    print(f"{'method':8} {'safemerge s':>12} {'RSS MB':>8} {'mergekit s':>11} {'RSS MB':>8} {'ratio':>6} {'I/O floor s':>12} {'max|Δ|':>9}")
+    print(f"{'method':8} {'safemerge s':>12} {'RSS MB':>8} {'mergekit s':>11} {'RSS MB':>8} {'ratio':>6} "
+          f"{'I/O floor s':>12} {'max|Δ|':>9}")
     for k, r in results.items():
-        print(f"{k[:8]:8} {r['safemerge_wall_s']:12.2f} {r['safemerge_peak_rss_mb']:8.0f} {r['mergekit_wall_s']:11.2f} {r['mergekit_peak_rss_mb']:8.0f} {r['wall_ratio']:6.3f} {r['io_floor_s']:12.3f} {r['max_abs_diff']:9.2e}")
+        print(f"{k[:8]:8} {r['safemerge_wall_s']:12.2f} {r['safemerge_peak_rss_mb']:8.0f} {r['mergekit_wall_s']:11.2f} "
+              f"{r['mergekit_peak_rss_mb']:8.0f} {r['wall_ratio']:6.3f} {r['io_floor_s']:12.3f} "
+              f"{r['max_abs_diff']:9.2e}")
     name = "merge_speed.json" if args.dtype == "float32" else f"merge_speed_{args.dtype}.json"
     out = REPO / "bench" / "results" / name
     out.write_text(json.dumps(report, indent=2) + "\n")
