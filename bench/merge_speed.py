@@ -54,11 +54,12 @@ def make_inputs(work: Path) -> dict[str, Path]:
     from safemerge.io.checkpoint import Checkpoint
     from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
     from safemerge.io.output import ShardWriter, copy_model_files
+    from safemerge.options import RunOptions
 
     base = work / "base"
     if not (base / "config.json").exists():
         print("converting SmolLM2-135M-Instruct from GGUF …", flush=True)
-        convert_gguf(find_smollm2_gguf(), base, dtype="float32", force=True)
+        convert_gguf(find_smollm2_gguf(), base, options=RunOptions(dtype="float32", force=True))
     paths = {"base": base}
     ck = Checkpoint(base)
     for i in (1, 2, 3):

@@ -231,11 +231,12 @@ def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str,
     """
     from safemerge.evaluate.api import evaluate
     from safemerge.evaluate.metrics import judge_agreement
+    from safemerge.options import RunOptions
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     kw = dict(limit=max(S["n_eval_util"], S["n_eval_harm"]), max_new_tokens=S["answer_tokens"], backend="hf",
-              device="cpu", progress=False, seed=seed)
+              device="cpu", options=RunOptions(progress=False, seed=seed))
     first = evaluate(model, harmful=harmful, utility=utility, judge="keyword", out_dir=out_dir, **kw)
     strict_dir = out_dir / "second_judge"
     strict_dir.mkdir()
@@ -318,6 +319,7 @@ def main() -> None:
 
     from safemerge.optimize import optimize
     from safemerge.optimize.report import table1_markdown
+    from safemerge.options import RunOptions
 
     rng = random.Random(args.seed)
     safety_sft = json.loads((DATA / "bianchi_safety_only.json").read_text())
@@ -353,7 +355,7 @@ def main() -> None:
                "cma": {"max_evals": S["max_evals"], "popsize": S["popsize"], "seed": seed}, "seed": seed}
         log(f"[{variant}] {label} [{data_lbl}] seed {seed}")
         t0 = time.perf_counter()
-        summ = optimize(cfg, out, progress=False)
+        summ = optimize(cfg, out, options=RunOptions(progress=False))
         opt_s = time.perf_counter() - t0
         r, second = evaluate_row(str(out / "model"), work / "eval" / tag, S, harmful, domain.test, args.seed)
         row = table_row(label, data_lbl, r, second, s_per_cand=summ.get("seconds_per_candidate"),
