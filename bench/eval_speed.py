@@ -54,10 +54,11 @@ def _peak_rss_mib() -> float:
 
 def _model_dir(cache: Path) -> Path:
     from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
+    from safemerge.options import RunOptions
 
     out = cache / "smollm2-135m-instruct"
     if not (out / "config.json").is_file():
-        convert_gguf(find_smollm2_gguf(), out, dtype="float32")
+        convert_gguf(find_smollm2_gguf(), out, options=RunOptions(dtype="float32"))
     return out
 
 

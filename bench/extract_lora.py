@@ -49,7 +49,8 @@ def build_models(root: Path, layers: int) -> tuple[Path, Path]:
         for mod in model.modules():
             if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) and mod is not model.lm_head:
                 rows, cols = mod.weight.shape
-                mod.weight.add_((torch.randn(rows, RANK, generator=g) * 0.02) @ (torch.randn(RANK, cols, generator=g) * 0.02))
+                mod.weight.add_((torch.randn(rows, RANK, generator=g) * 0.02) @ (torch.randn(RANK, cols,
+                                                                                             generator=g) * 0.02))
     ft = root / "ft"
     model.save_pretrained(ft)
     tok.save_pretrained(ft)
@@ -111,7 +112,8 @@ def main() -> None:
             print(f"safemerge extract-lora r={rank}: {r}", flush=True)
             mk = exe / "mergekit-extract-lora"
             if mk.exists():
-                m = run([str(mk), "--model", str(ft), "--base-model", str(base), "--out-path", str(root / f"mk-r{rank}"),
+                m = run([str(mk), "--model", str(ft), "--base-model", str(base), "--out-path",
+                         str(root / f"mk-r{rank}"),
                          "--max-rank", str(rank)])
                 results["runs"][f"mergekit r={rank}"] = m
                 print(f"mergekit-extract-lora r={rank}: {m}", flush=True)

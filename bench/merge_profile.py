@@ -134,7 +134,8 @@ def main() -> None:
     for name, ph in slow:
         print(f"  {name[-45:]:45} " + " ".join(f"{ph[p]:7.2f}" for p in PHASES[:-1]))
     if args.json:
-        Path(args.json).write_text(json.dumps({"wall_s": wall, "executor_s": ex, "jobs": args.jobs, "totals": prof.totals,
+        Path(args.json).write_text(json.dumps({"wall_s": wall, "executor_s": ex, "jobs": args.jobs,
+                                               "totals": prof.totals,
                                                "per_tensor": prof.per_tensor}, indent=1) + "\n")
 
 

@@ -218,7 +218,8 @@ def bench_size(size: str, work: Path, *, jobs: int, mergekit: bool, env: dict[st
             wall, rss = run_measured([c.replace("{out}", str(out)) for c in cmd], env)
             row[tool] = {"wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1)}
         if mergekit:
-            row["max_abs_diff"] = max_abs_diff(work / f"out_{size}_{method}_safemerge", work / f"out_{size}_{method}_mergekit")
+            row["max_abs_diff"] = max_abs_diff(work / f"out_{size}_{method}_safemerge",
+                                               work / f"out_{size}_{method}_mergekit")
             row["wall_ratio"] = round(row["safemerge"]["wall_s"] / row["mergekit"]["wall_s"], 3)
         row["floor_ratio"] = round(row["safemerge"]["wall_s"] / floor["total_s"], 2)
         row["rss_per_largest_f32"] = round(row["safemerge"]["peak_rss_mb"] / res["largest_tensor_f32_mb"], 2)
@@ -239,7 +240,8 @@ def max_abs_diff(a: Path, b: Path) -> float:
 
 def summary_table(report: dict[str, Any]) -> str:
     """A plain-text table of every size × method (the figures docs/benchmarks.md quotes)."""
-    head = (f"{'size':>9} {'params':>7} {'method':7} {'safemerge s':>11} {'RSS MB':>7} {'mergekit s':>10} {'RSS MB':>7} "
+    head = (f"{'size':>9} {'params':>7} {'method':7} {'safemerge s':>11} {'RSS MB':>7} {'mergekit s':>10} "
+            f"{'RSS MB':>7} "
             f"{'ratio':>6} {'I/O floor s':>11} {'×floor':>7} {'RSS/f32':>7} {'max|Δ|':>8}")
     lines = [head, "-" * len(head)]
     for size, r in report["sizes"].items():
@@ -286,6 +288,7 @@ def run_scale(scale: str, work: Path, *, jobs: int, sizes: list[str] | None, mer
                 shutil.rmtree(work / size, ignore_errors=True)
     print()
     print(summary_table(report))
-    print(f"load average at start {report['machine']['loadavg_at_start']}, at end {report['machine']['loadavg_at_end']}")
+    print(f"load average at start {report['machine']['loadavg_at_start']}, at end "
+          f"{report['machine']['loadavg_at_end']}")
     print(f"wrote {out}")
     return report

@@ -54,11 +54,12 @@ def make_inputs(work: Path) -> dict[str, Path]:
     from safemerge.io.checkpoint import Checkpoint
     from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
     from safemerge.io.output import ShardWriter, copy_model_files
+    from safemerge.options import RunOptions
 
     base = work / "base"
     if not (base / "config.json").exists():
         print("converting SmolLM2-135M-Instruct from GGUF …", flush=True)
-        convert_gguf(find_smollm2_gguf(), base, dtype="float32", force=True)
+        convert_gguf(find_smollm2_gguf(), base, options=RunOptions(dtype="float32", force=True))
     paths = {"base": base}
     ck = Checkpoint(base)
     for i in (1, 2, 3):
@@ -233,9 +234,12 @@ def main() -> None:
     }
     print(f"\nsafemerge --help: {help_wall:.2f} s   (python -c 'import mergekit.merge': {mk_import:.2f} s)")
     print("(ties_mer… = TIES with --mergekit-tie-break, then with --mergekit-arithmetic)")
-    print(f"{'method':8} {'safemerge s':>12} {'RSS MB':>8} {'mergekit s':>11} {'RSS MB':>8} {'ratio':>6} {'I/O floor s':>12} {'max|Δ|':>9}")
+    print(f"{'method':8} {'safemerge s':>12} {'RSS MB':>8} {'mergekit s':>11} {'RSS MB':>8} {'ratio':>6} "
+          f"{'I/O floor s':>12} {'max|Δ|':>9}")
     for k, r in results.items():
-        print(f"{k[:8]:8} {r['safemerge_wall_s']:12.2f} {r['safemerge_peak_rss_mb']:8.0f} {r['mergekit_wall_s']:11.2f} {r['mergekit_peak_rss_mb']:8.0f} {r['wall_ratio']:6.3f} {r['io_floor_s']:12.3f} {r['max_abs_diff']:9.2e}")
+        print(f"{k[:8]:8} {r['safemerge_wall_s']:12.2f} {r['safemerge_peak_rss_mb']:8.0f} {r['mergekit_wall_s']:11.2f} "
+              f"{r['mergekit_peak_rss_mb']:8.0f} {r['wall_ratio']:6.3f} {r['io_floor_s']:12.3f} "
+              f"{r['max_abs_diff']:9.2e}")
     name = "merge_speed.json" if args.dtype == "float32" else f"merge_speed_{args.dtype}.json"
     out = REPO / "bench" / "results" / name
     out.write_text(json.dumps(report, indent=2) + "\n")

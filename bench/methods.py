@@ -97,7 +97,8 @@ def peak_memory_child(name: str, impl: str, size: int, n_models: int) -> None:
     if impl == "mergekit":
         import mergekit.merge_methods  # noqa: F401  (import cost outside the measurement)
     before = _reset_peak_rss_kib()
-    out = run_ours(method, tensors, base, per_model, params) if impl == "ours" else run_mergekit(name, tensors, base, per_model, params)
+    out = run_ours(method, tensors, base, per_model, params) if impl == "ours" else run_mergekit(name, tensors, base,
+                                                                                                 per_model, params)
     after = _peak_rss_kib()
     del out
     # the result itself is one tensor; report everything above the inputs, result included
@@ -156,12 +157,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows = []
     tensor_mib = args.size * args.size * 4 / 2**20
-    print(f"{'method':18s} {'ours s':>8s} {'mergekit s':>10s} {'speedup':>8s} {'max|Δ|':>9s}" + (f" {'ours MiB':>9s} {'mk MiB':>8s}" if args.memory else ""))
+    memory_columns = f" {'ours MiB':>9s} {'mk MiB':>8s}" if args.memory else ""
+    print(f"{'method':18s} {'ours s':>8s} {'mergekit s':>10s} {'speedup':>8s} {'max|Δ|':>9s}" + memory_columns)
     for name in args.methods.split(","):
         method, tensors, base, per_model, params = make_case(name, args.size, args.models)
         t_ours = time_call(lambda: run_ours(method, tensors, base, per_model, params), args.repeats)
         t_mk = time_call(lambda: run_mergekit(name, tensors, base, per_model, params), args.repeats)
-        diff = (run_ours(method, tensors, base, per_model, params) - run_mergekit(name, tensors, base, per_model, params)).abs().max().item()
+        diff = (run_ours(method, tensors, base, per_model, params) - run_mergekit(name, tensors, base, per_model,
+                                                                                  params)).abs().max().item()
         row = {"method": name, "ours_s": t_ours, "mergekit_s": t_mk, "speedup": t_mk / t_ours, "max_abs_diff": diff}
         if args.memory:
             row["ours_peak_extra_mib"] = measure_memory(name, "ours", args.size, args.models)

@@ -54,13 +54,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets"
 SIZES = {
-    "quick": dict(sft_aligned=48, sft_expert=160, sft_bad=48, sft_bad_domain=96, steps_bs=8, n_safety_q=24, n_domain=24, n_obj=12,
+    "quick": dict(sft_aligned=48, sft_expert=160, sft_bad=48, sft_bad_domain=96, steps_bs=8, n_safety_q=24, n_domain=24,
+                  n_obj=12,
                   max_evals=8, popsize=4, n_eval_harm=24, n_eval_util=24, gen_tokens=48, answer_tokens=96,
                   granularity=15, seeds="0", d_expert="synthetic", domain_requests=48),
-    "medium": dict(sft_aligned=160, sft_expert=160, sft_bad=96, sft_bad_domain=96, steps_bs=8, n_safety_q=64, n_domain=32,
+    "medium": dict(sft_aligned=160, sft_expert=160, sft_bad=96, sft_bad_domain=96, steps_bs=8, n_safety_q=64,
+                   n_domain=32,
                    n_obj=24, max_evals=16, popsize=8, n_eval_harm=80, n_eval_util=80, gen_tokens=48, answer_tokens=80,
                    granularity=10, seeds="0", d_expert="both", domain_requests=96),
-    "full": dict(sft_aligned=400, sft_expert=800, sft_bad=300, sft_bad_domain=400, steps_bs=8, n_safety_q=200, n_domain=200, n_obj=64,
+    "full": dict(sft_aligned=400, sft_expert=800, sft_bad=300, sft_bad_domain=400, steps_bs=8, n_safety_q=200,
+                 n_domain=200, n_obj=64,
                  max_evals=100, popsize=None, n_eval_harm=200, n_eval_util=200, gen_tokens=128, answer_tokens=256,
                  granularity=10, seeds="0,1,2", d_expert="both", domain_requests=600),
 }
@@ -133,7 +136,8 @@ def load_domain(name: str, rng: random.Random, *, n_train: int, n_test: int) -> 
     if name == "gsm8k":
         rows = [json.loads(x) for x in (DATA / "gsm8k_train.jsonl").read_text().splitlines() if x.strip()]
         rng.shuffle(rows)
-        return Domain("GSM8K", "grade-school math word problems", [(r["question"], r["answer"]) for r in rows[:n_train]],
+        return Domain("GSM8K", "grade-school math word problems", [(r["question"],
+                                                                    r["answer"]) for r in rows[:n_train]],
                       str(DATA / "gsm8k_test.jsonl"))
     from safemerge.demo.data import ARITH_INSTRUCTION, arithmetic_splits
     from safemerge.synth.common import write_jsonl
@@ -227,11 +231,12 @@ def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str,
     """
     from safemerge.evaluate.api import evaluate
     from safemerge.evaluate.metrics import judge_agreement
+    from safemerge.options import RunOptions
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     kw = dict(limit=max(S["n_eval_util"], S["n_eval_harm"]), max_new_tokens=S["answer_tokens"], backend="hf",
-              device="cpu", progress=False, seed=seed)
+              device="cpu", options=RunOptions(progress=False, seed=seed))
     first = evaluate(model, harmful=harmful, utility=utility, judge="keyword", out_dir=out_dir, **kw)
     strict_dir = out_dir / "second_judge"
     strict_dir.mkdir()
@@ -293,7 +298,8 @@ def main() -> None:
                     help="D_expert variant: structured self-questioning, held-out training questions, or one "
                          "table each (default: synthetic for quick, both otherwise)")
     ap.add_argument("--domain", choices=("arithmetic", "gsm8k"), default="arithmetic",
-                    help="expert domain: code-generated arithmetic word problems (learnable at 135M) or GSM8K (≈0%% at 135M)")
+                    help="expert domain: code-generated arithmetic word problems (learnable at 135M) or GSM8K (≈0%% at "
+                         "135M)")
     args = ap.parse_args()
     import torch
 
@@ -313,6 +319,7 @@ def main() -> None:
 
     from safemerge.optimize import optimize
     from safemerge.optimize.report import table1_markdown
+    from safemerge.options import RunOptions
 
     rng = random.Random(args.seed)
     safety_sft = json.loads((DATA / "bianchi_safety_only.json").read_text())
@@ -327,7 +334,8 @@ def main() -> None:
     harmful = str(DATA / "bianchi_malicious_instructions.json")
     results: dict = {"size": size, "domain": args.domain, "sizes": S, "seeds": seeds, "methods": methods,
                      "second_judge": SECOND_JUDGE, "notes": [], "models": {}, "d_expert": {}, "runs": [], "tables": {},
-                     "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py " + " ".join(sys.argv[1:])}
+                     "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py "
+                                + " ".join(sys.argv[1:])}
     pool_rows = []
     for name in ("aligned", "expert", "bad"):
         log(f"evaluating {name}")
@@ -347,7 +355,7 @@ def main() -> None:
                "cma": {"max_evals": S["max_evals"], "popsize": S["popsize"], "seed": seed}, "seed": seed}
         log(f"[{variant}] {label} [{data_lbl}] seed {seed}")
         t0 = time.perf_counter()
-        summ = optimize(cfg, out, progress=False)
+        summ = optimize(cfg, out, options=RunOptions(progress=False))
         opt_s = time.perf_counter() - t0
         r, second = evaluate_row(str(out / "model"), work / "eval" / tag, S, harmful, domain.test, args.seed)
         row = table_row(label, data_lbl, r, second, s_per_cand=summ.get("seconds_per_candidate"),

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     err = Console(stderr=True)
     t0 = time.perf_counter()
-    res = run_demo(out=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
+    res = run_demo(out=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir,
+                   log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
     wall = time.perf_counter() - t0
     con = Console()
     print_table(res, con)
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             pass
     out = {
         "first_run": first_run,
-        "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_safemerge.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_safemerge.py "
+                   + " ".join(sys.argv[1:] if argv is None else argv),
         "wall_s": round(wall, 1),
         "timings_s": {k: round(v, 1) for k, v in res.timings.items()},
         "rows": rows,

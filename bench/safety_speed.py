@@ -84,7 +84,8 @@ def child_module(method: str, out_dim: int, in_dim: int, r: int, threads: int) -
 
 def run_child(*args: str) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": args[-1]}
-    p = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env, check=True)
+    p = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env,
+                       check=True)
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -112,14 +113,16 @@ def bench_8b(r: int, threads: int, lowrank_layers: int) -> dict:
         }
         print(f"  {name:9s} {o:>5}×{i:<5}  low-rank {low['seconds']*1e3:8.1f} ms {low['extra_mb']:7.1f} MB | "
               f"dense(C) {dense['seconds']:7.2f} s {dense['extra_mb']:8.1f} MB | ×{rows[name]['speedup']:.0f} faster | "
-              f"|ρ_lr − ρ_exact| {rows[name]['rho_lowrank_fp32_vs_fp64']:.1e}, |ρ_denseC − ρ_exact| {rows[name]['rho_dense_fp32_vs_fp64']:.1e}", flush=True)
+              f"|ρ_lr − ρ_exact| {rows[name]['rho_lowrank_fp32_vs_fp64']:.1e}, |ρ_denseC − ρ_exact| "
+              f"{rows[name]['rho_dense_fp32_vs_fp64']:.1e}", flush=True)
     o, i = LLAMA8B["v_proj"]
     d64 = run_child("dense64", str(o), str(i), str(r), str(threads))
     rows["v_proj"]["rho_dense_fp64"] = d64["rho"]
     rows["v_proj"]["rho_lowrank_fp32_vs_dense_fp64"] = abs(rows["v_proj"]["lowrank"]["rho"] - d64["rho"])
     rows["v_proj"]["rho_lowrank_fp64_vs_dense_fp64"] = abs(rows["v_proj"]["lowrank"]["rho_fp64"] - d64["rho"])
     print(f"  v_proj cross-check with C materialised in float64: |ρ_lowrank(fp32) − ρ_dense(fp64)| = "
-          f"{rows['v_proj']['rho_lowrank_fp32_vs_dense_fp64']:.1e}, fp64 vs fp64 {rows['v_proj']['rho_lowrank_fp64_vs_dense_fp64']:.1e}", flush=True)
+          f"{rows['v_proj']['rho_lowrank_fp32_vs_dense_fp64']:.1e}, fp64 vs fp64 "
+          f"{rows['v_proj']['rho_lowrank_fp64_vs_dense_fp64']:.1e}", flush=True)
     per_layer_low = sum(v["lowrank"]["seconds"] for v in rows.values())
     per_layer_dense = sum(v["dense"]["seconds"] for v in rows.values())
     low_mem = max(v["lowrank"]["extra_mb"] for v in rows.values())
@@ -138,7 +141,8 @@ def bench_8b(r: int, threads: int, lowrank_layers: int) -> dict:
         "max_rho_abs_diff": max(v["rho_abs_diff"] for v in rows.values()),
         "max_rho_lowrank_fp32_vs_exact": max(v["rho_lowrank_fp32_vs_fp64"] for v in rows.values()),
         "max_rho_dense_fp32_vs_exact": max(v["rho_dense_fp32_vs_fp64"] for v in rows.values()),
-        "exact_note": "exact = the low-rank traces in float64; cross-checked against C materialised in float64 on v_proj",
+        "exact_note": "exact = the low-rank traces in float64; cross-checked against C materialised in float64 on "
+                      "v_proj",
         "reference_keeps_all_C_gb_q_v": 32 * (4096**2 + 1024**2) * 4 / 1e9,
         "reference_keeps_all_C_gb_all_linear": 32 * (4096**2 * 2 + 1024**2 * 2 + 14336**2 * 2 + 4096**2 * 0) * 4 / 1e9,
     }
@@ -178,7 +182,8 @@ def make_smollm(root: Path, layers: int) -> dict:
         save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
         cfg.save_pretrained(d)
         paths[name] = d
-    for name, targets, r in (("qv", ("q_proj", "v_proj"), 8), ("all", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 16)):
+    for name, targets, r in (("qv", ("q_proj", "v_proj"), 8), ("all", ("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                       "gate_proj", "up_proj", "down_proj"), 16)):
         for role in ("ft", "safety"):
             mods = {}
             for n, s in shapes.items():
@@ -245,7 +250,8 @@ def bench_smollm(layers: int, threads: int) -> dict:
             diff_ref = max(abs(ref[m] - exact[m]) for m in exact)
             tau = sorted(s.rho for s in scores)[len(scores) // 2]  # merge half the layers
             t0 = time.perf_counter()
-            safemerge_adapters(base=paths["base"], aligned=paths["aligned"], finetuned=ft, safety=paths[f"{name}_safety"],
+            safemerge_adapters(base=paths["base"], aligned=paths["aligned"], finetuned=ft,
+                               safety=paths[f"{name}_safety"],
                                out=root / f"out_{name}", tau=tau)
             t_merge = time.perf_counter() - t0
             res[name] = {
@@ -260,8 +266,10 @@ def bench_smollm(layers: int, threads: int) -> dict:
                 "max_rho_abs_diff_dense_fp32_vs_dense_fp64": diff_ref,
             }
             print(f"  {name:3s} LoRA: {len(mods)} modules | read base+aligned {t_read:.2f} s | scan {t_scan:.2f} s "
-                  f"(×{t_scan / max(t_read, 1e-9):.2f} of read) | dense-C {t_dense:.2f} s (×{t_dense / max(t_scan, 1e-9):.1f}) | "
-                  f"SafeMERGE end-to-end {t_merge:.2f} s | max |ρ − ρ_denseC,fp64| {diff:.1e} (dense-C fp32: {diff_ref:.1e})", flush=True)
+                  f"(×{t_scan / max(t_read, 1e-9):.2f} of read) | dense-C {t_dense:.2f} s "
+                  f"(×{t_dense / max(t_scan, 1e-9):.1f}) | "
+                  f"SafeMERGE end-to-end {t_merge:.2f} s | max |ρ − ρ_denseC,fp64| {diff:.1e} (dense-C fp32: "
+                  f"{diff_ref:.1e})", flush=True)
     return res
 
 
@@ -269,7 +277,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=5, metavar=("METHOD", "OUT", "IN", "R", "THREADS"), help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="smaller run (8 SmolLM2 layers, 8B: q/v/down only)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for both methods (1 is steadiest on a shared machine)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both methods (1 is steadiest on a shared machine)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "safety_speed.json")
     args = ap.parse_args()
@@ -278,7 +287,8 @@ def main() -> None:
         print(json.dumps(child_module(method, int(o), int(i), int(r), int(th))))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    result: dict = {"command": "python bench/safety_speed.py" + (" --quick" if args.quick else ""), "threads": args.threads}
+    result: dict = {"command": "python bench/safety_speed.py" + (" --quick" if args.quick else ""),
+                    "threads": args.threads}
     if args.quick:
         for k in ("gate_proj", "up_proj"):
             LLAMA8B.pop(k)
@@ -286,10 +296,13 @@ def main() -> None:
           "(low-rank: mean of 2 layers; dense C: 1 layer, ×32 extrapolated)", flush=True)
     result["llama8b"] = bench_8b(args.rank, args.threads, lowrank_layers=2)
     b = result["llama8b"]
-    print(f"  per layer: low-rank {b['per_layer_seconds']['lowrank']:.3f} s vs dense {b['per_layer_seconds']['dense']:.2f} s "
+    print(f"  per layer: low-rank {b['per_layer_seconds']['lowrank']:.3f} s vs dense "
+          f"{b['per_layer_seconds']['dense']:.2f} s "
           f"→ ×{b['speedup']:.0f}; 32 layers (extrapolated): {b['extrapolated_32_layers_seconds']['lowrank']:.1f} s vs "
-          f"{b['extrapolated_32_layers_seconds']['dense']:.0f} s; peak extra memory {b['peak_extra_mb']['lowrank']:.1f} MB vs "
-          f"{b['peak_extra_mb']['dense']:.0f} MB (×{b['memory_ratio']:.0f}); max |ρ_lowrank − ρ_exact| {b['max_rho_lowrank_fp32_vs_exact']:.1e} "
+          f"{b['extrapolated_32_layers_seconds']['dense']:.0f} s; peak extra memory "
+          f"{b['peak_extra_mb']['lowrank']:.1f} MB vs "
+          f"{b['peak_extra_mb']['dense']:.0f} MB (×{b['memory_ratio']:.0f}); max |ρ_lowrank − ρ_exact| "
+          f"{b['max_rho_lowrank_fp32_vs_exact']:.1e} "
           f"(dense-C fp32: {b['max_rho_dense_fp32_vs_exact']:.1e})", flush=True)
     layers = 8 if args.quick else 30
     print(f"(a) SmolLM2-135M shapes ({layers} layers, bf16 on disk)", flush=True)

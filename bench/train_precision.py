@@ -41,12 +41,13 @@ def main(argv: list[str] | None = None) -> dict:
     from safemerge.demo.zoo import TASK_RECIPE as R
     from safemerge.evaluate.generate import cpu_bf16_feature
     from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
+    from safemerge.options import RunOptions
     from safemerge.train.lora import train_lora
 
     torch.set_num_threads(args.threads)
     model = args.cache / "smollm2-135m-instruct"
     if not (model / "config.json").is_file():
-        convert_gguf(find_smollm2_gguf(), model, dtype="float32")
+        convert_gguf(find_smollm2_gguf(), model, options=RunOptions(dtype="float32"))
     records = arithmetic_splits().train
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
                                       ("float32-other-seed", "float32", R.seed + 100)):
             t0 = time.perf_counter()
             out = train_lora(model, records, Path(tmp) / name, rank=R.rank, alpha=R.alpha, targets=list(R.targets),
-                             steps=args.steps, batch_size=R.batch_size, lr=R.lr, max_length=R.max_length, seed=seed,
-                             precision=precision, progress=False)
+                             steps=args.steps, batch_size=R.batch_size, lr=R.lr, max_length=R.max_length,
+                             precision=precision, options=RunOptions(seed=seed, progress=False))
             seconds = time.perf_counter() - t0
             losses = json.loads((out / "training_log.json").read_text())["losses"]
             runs[name] = {"precision": precision, "seed": seed, "seconds": round(seconds, 1),

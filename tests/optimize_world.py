@@ -50,7 +50,8 @@ def build_world(root: Path) -> dict[str, Any]:
 def config(world: dict[str, Any], *, method: str = "ties", granularity: int = 1, filters: list[str] | None = None,
            max_evals: int = 8, popsize: int = 4, **extra: Any) -> dict[str, Any]:
     """An optimize config over the world's pool."""
-    models = [world["aligned"], world["expert"], world["bad"]] if method != "slerp" else [world["aligned"], world["expert"]]
+    models = [world["aligned"], world["expert"], world["bad"]] if method != "slerp" else [world["aligned"],
+                                                                                          world["expert"]]
     cfg: dict[str, Any] = {
         "genome": {"models": models, "base_model": world["aligned"], "merge_method": method,
                    "layer_granularity": granularity, "filters": filters or []},

@@ -37,7 +37,8 @@ def _make_lora(model_dir: Path, out: Path, *, r: int, alpha: float, targets: lis
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, use_rslora=rslora, lora_dropout=0.0)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, use_rslora=rslora,
+                     lora_dropout=0.0)
     pm = get_peft_model(model, cfg)
     if steer_to is not None:
         # rotate B into V's top (layer 1) or bottom (layer 0) singular directions → high / low ρ
@@ -46,7 +47,8 @@ def _make_lora(model_dir: Path, out: Path, *, r: int, alpha: float, targets: lis
         al, ba = Checkpoint(model_dir), Checkpoint(base_dir)
         with torch.no_grad():
             for name, mod in pm.named_modules():
-                if hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_B", {}) and name.endswith(("q_proj", "up_proj")):
+                if hasattr(mod, "lora_B") and "default" in getattr(mod, "lora_B", {}) and name.endswith(("q_proj",
+                                                                                                         "up_proj")):
                     w = name.split("base_model.model.", 1)[1] + ".weight"
                     V = al.get(w) - ba.get(w)
                     U, S, _ = torch.linalg.svd(V, full_matrices=True)

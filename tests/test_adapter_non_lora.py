@@ -59,7 +59,8 @@ def _peft_merged(model_dir: Path, adapter_dir: Path) -> dict[str, torch.Tensor]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), adapter_dir)
+        pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                       adapter_dir)
         return {k: v.detach().clone() for k, v in pm.merge_and_unload().state_dict().items()}
 
 
@@ -150,7 +151,8 @@ def test_merge_into_and_yaml_equal_the_adapter_output(world, kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ["modules_to_save", "bias_lora_only", "trainable_tokens"])
 def test_safelora_keeps_non_lora_parts(world, kind, tmp_path):
-    """SafeLoRA's adapter and full-model outputs keep the non-LoRA parts (PEFT merge of the output = PEFT merge of the input there)."""
+    """SafeLoRA's adapter and full-model outputs keep the non-LoRA parts (PEFT merge of the output = PEFT merge of
+    the input there)."""
     out = api.safelora(base=world["base"], aligned=world["aligned"], finetuned=world["ft"][kind], out=tmp_path / "a",
                        mode="threshold", tau=1.0)
     assert out.carried_over and len(out.projected) == len(out.scores)

@@ -59,7 +59,8 @@ def _make_adapter(base_dir: Path, out: Path, seed: int, **lora_kwargs) -> tuple[
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    cfg = LoraConfig(r=lora_kwargs.pop("r", 4), lora_alpha=lora_kwargs.pop("lora_alpha", 8), init_lora_weights=False, **lora_kwargs)
+    cfg = LoraConfig(r=lora_kwargs.pop("r", 4), lora_alpha=lora_kwargs.pop("lora_alpha", 8), init_lora_weights=False,
+                     **lora_kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = get_peft_model(_load(base_dir), cfg)
@@ -89,7 +90,8 @@ def _assert_streamed_equals(base_dir: Path, adapter_dir: Path, merged: dict[str,
 
 CASES = {
     "plain_llama": ("llama", dict(target_modules=ATTN_MLP)),
-    "rslora_qwen2": ("qwen2", dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], use_rslora=True, r=6, lora_alpha=5)),
+    "rslora_qwen2": ("qwen2", dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"], use_rslora=True, r=6,
+                                   lora_alpha=5)),
     "patterns_llama": (
         "llama",
         dict(
@@ -149,7 +151,8 @@ def test_save_adapter_loads_in_peft_and_reproduces_delta(bases, tmp_path):
             out_dim, in_dim = base.shape(f"{mod}.weight")
             modules[mod] = (torch.randn(r, in_dim, generator=g) * 0.1, torch.randn(out_dim, r, generator=g) * 0.1)
     out_dim, in_dim = base.shape("model.layers.1.mlp.down_proj.weight")
-    modules["model.layers.1.mlp.down_proj"] = (torch.randn(2, in_dim, generator=g) * 0.1, torch.randn(out_dim, 2, generator=g) * 0.1)
+    modules["model.layers.1.mlp.down_proj"] = (torch.randn(2, in_dim, generator=g) * 0.1,
+                                               torch.randn(out_dim, 2, generator=g) * 0.1)
     vocab, dim = base.shape("model.embed_tokens.weight")
     modules["model.embed_tokens"] = (torch.randn(4, vocab, generator=g) * 0.1, torch.randn(dim, 4, generator=g) * 0.1)
     out = tmp_path / "written"
@@ -168,7 +171,8 @@ def test_save_adapter_loads_in_peft_and_reproduces_delta(bases, tmp_path):
         got = merged[f"{mod}.weight"] - base.get(f"{mod}.weight")
         torch.testing.assert_close(got, delta, rtol=0, atol=1e-6, msg=mod)
     # untouched tensors stay untouched
-    torch.testing.assert_close(merged["model.layers.0.self_attn.k_proj.weight"], base.get("model.layers.0.self_attn.k_proj.weight"), rtol=0, atol=0)
+    torch.testing.assert_close(merged["model.layers.0.self_attn.k_proj.weight"],
+                               base.get("model.layers.0.self_attn.k_proj.weight"), rtol=0, atol=0)
     # and safemerge reads back what it wrote
     back = load_adapter(out)
     assert {m: back[m].rank for m in back} == {m: A.shape[0] for m, (A, _) in modules.items()}
@@ -181,7 +185,8 @@ def test_save_adapter_fan_in_fan_out_roundtrip(bases, tmp_path):
     """Factors taken from a PEFT GPT-2 (Conv1D) adapter, rescaled to s=1, written and re-loaded by PEFT."""
     from peft import PeftModel
 
-    src, merged_src = _make_adapter(bases["gpt2"], tmp_path / "src", seed=9, target_modules=["c_attn"], fan_in_fan_out=True)
+    src, merged_src = _make_adapter(bases["gpt2"], tmp_path / "src", seed=9, target_modules=["c_attn"],
+                                    fan_in_fan_out=True)
     ad = load_adapter(src)
     factors = {m: ad[m].scaled_factors() for m in ad}
     out = tmp_path / "copy"
@@ -248,7 +253,8 @@ def test_fan_in_fan_out_follows_the_layer_type_as_peft_does(bases, tmp_path):
 
 @pytest.mark.parametrize(
     "corruption",
-    ["truncated_weights", "garbage_weights", "bad_json", "no_config", "no_weights", "rank_mismatch", "half_module", "dora", "lora_bias"],
+    ["truncated_weights", "garbage_weights", "bad_json", "no_config", "no_weights", "rank_mismatch", "half_module",
+     "dora", "lora_bias"],
 )
 def test_corrupt_adapter_is_refused(bases, good_adapter, tmp_path, corruption):
     from safetensors.torch import load_file, save_file
@@ -291,4 +297,5 @@ def test_corrupt_adapter_is_refused(bases, good_adapter, tmp_path, corruption):
 def test_lora_adapter_is_lazy_mapping(good_adapter):
     ad = LoraAdapter(good_adapter)
     assert len(ad) == 4 and ad.r == 4 and ad.lora_alpha == 8
-    assert set(ad.weight_names) == {f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj")}
+    assert set(ad.weight_names) == {f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj",
+                                                                                                         "v_proj")}

@@ -129,3 +129,20 @@ def test_no_private_names_across_modules(structure):
 def test_no_module_loaded_by_string(structure):
     _, _, by_string = structure
     assert by_string == []
+
+
+def test_no_module_reassigns_its_class() -> None:
+    """A package is a plain module: nothing swaps ``sys.modules[...].__class__`` to make it callable (issue 12)."""
+    hits = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                hits += [name for t in targets if isinstance(t, ast.Attribute) and t.attr == "__class__"]
+    assert not hits, hits
+    import types
+
+    import safemerge.evaluate
+    from safemerge.evaluate.api import evaluate
+
+    assert type(safemerge.evaluate) is types.ModuleType and safemerge.evaluate.evaluate is evaluate

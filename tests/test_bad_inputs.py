@@ -45,9 +45,11 @@ def world(tmp_path_factory) -> dict[str, str]:
         p[f"m{i}"] = str(save_model(m, root / f"m{i}"))
     p["qwen"] = str(save_model(make_tiny_model("qwen2", seed=0), root / "qwen"))
     p["wide"] = str(save_model(make_tiny_model("llama", seed=0, hidden=48), root / "wide"))
-    p["vocab"] = str(save_model(make_tiny_model("llama", seed=0, vocab_size=136), root / "vocab", tokenizer=build_tokenizer(136)))
+    p["vocab"] = str(save_model(make_tiny_model("llama", seed=0, vocab_size=136), root / "vocab",
+                                tokenizer=build_tokenizer(136)))
     # truncated and corrupted safetensors
-    for name, mutate in (("truncated", lambda b: b[: len(b) // 2]), ("corrupt", lambda b: b[:8] + b"\x00garbage" + b[16:])):
+    for name, mutate in (("truncated", lambda b: b[: len(b) // 2]), ("corrupt",
+                                                                     lambda b: b[:8] + b"\x00garbage" + b[16:])):
         d = root / name
         shutil.copytree(p["m1"], d)
         f = d / "model.safetensors"
@@ -79,7 +81,8 @@ def world(tmp_path_factory) -> dict[str, str]:
     from peft import LoraConfig, get_peft_model
 
     for name, targets in (("adapter", ["q_proj", "v_proj"]), ("adapter_r", ["q_proj", "v_proj"])):
-        m = get_peft_model(make_tiny_model("llama", seed=0), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False))
+        m = get_peft_model(make_tiny_model("llama", seed=0), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                        init_lora_weights=False))
         m.save_pretrained(root / name)
         p[name] = str(root / name)
     d = root / "bad_adapter"
@@ -96,7 +99,8 @@ def world(tmp_path_factory) -> dict[str, str]:
     (root / "empty.jsonl").write_text("")
     (root / "malformed.json").write_text('[{"prompt": "hi", ')
     (root / "no_columns.jsonl").write_text(json.dumps({"foo": 1, "bar": 2}) + "\n")
-    (root / "good.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}", "response": f"answer {i}"}) + "\n" for i in range(4)))
+    (root / "good.jsonl").write_text("".join(json.dumps({"prompt": f"question {i}",
+                                                         "response": f"answer {i}"}) + "\n" for i in range(4)))
     for k in ("empty.jsonl", "malformed.json", "no_columns.jsonl", "good.jsonl"):
         p[k.split(".")[0]] = str(root / k)
     # not a GGUF, truncated GGUF
@@ -156,7 +160,8 @@ def _round_two_fixtures(root: Path, p: dict[str, str]) -> None:
     d = root / "evil"
     shutil.copytree(m1, d)
     cfg = json.loads((d / "config.json").read_text())
-    cfg.update(model_type="evilmodel", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"})
+    cfg.update(model_type="evilmodel", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                 "AutoModelForCausalLM": "evil.EvilModel"})
     (d / "config.json").write_text(json.dumps(cfg))
     tcfg = json.loads((d / "tokenizer_config.json").read_text())
     tcfg["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
@@ -165,7 +170,8 @@ def _round_two_fixtures(root: Path, p: dict[str, str]) -> None:
     p["evil"] = str(d)
     # safetensors headers that lie
     q_off = lambda h: h[q_name]["data_offsets"]  # noqa: E731
-    _rewrite_header(m1, root / "neg_offset", lambda h: h[q_name].update(data_offsets=[-128, q_off(h)[1] - q_off(h)[0] - 128]))
+    _rewrite_header(m1, root / "neg_offset", lambda h: h[q_name].update(data_offsets=[-128,
+                                                                                      q_off(h)[1] - q_off(h)[0] - 128]))
     _rewrite_header(m1, root / "overlap", lambda h: h[_two_same_shape(h)[1]].update(data_offsets=list(q_off(h))))
     _rewrite_header(m1, root / "str_offsets", lambda h: h[q_name].update(data_offsets=[str(x) for x in q_off(h)]))
     _rewrite_header(m1, root / "bad_dtype", lambda h: h[q_name].update(dtype="X99"))
@@ -181,7 +187,8 @@ def _round_two_fixtures(root: Path, p: dict[str, str]) -> None:
     d.mkdir()
     shutil.copy(m1 / "config.json", d / "config.json")
     names = list(load_file(m1 / "model.safetensors"))
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "../outside/x.safetensors" for n in names}}))
+    weight_map = {n: "../outside/x.safetensors" for n in names}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     p["shard_outside"] = str(d)
     # model.safetensors a symlink to a named pipe; a shard index naming a pipe
     os.mkfifo(root / "pipe")
@@ -194,7 +201,8 @@ def _round_two_fixtures(root: Path, p: dict[str, str]) -> None:
     d.mkdir()
     shutil.copy(m1 / "config.json", d / "config.json")
     os.mkfifo(d / "model-00001-of-00001.safetensors")
-    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}))
+    weight_map = {n: "model-00001-of-00001.safetensors" for n in names}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     p["fifo_shard"] = str(d)
     for name in ("pipe.jsonl", "pipe.yml"):
         os.mkfifo(root / name)
@@ -236,9 +244,11 @@ def _round_two_fixtures(root: Path, p: dict[str, str]) -> None:
     (d / "chat_template.jinja").write_text("{{ messages.__class__.__mro__[1].__subclasses__() }}")
     p["sandbox_template"] = str(d)
     # data files
-    (root / "latin1.jsonl").write_bytes(json.dumps({"prompt": "caf\u00e9"}).replace("\\u00e9", "\xe9").encode("latin-1") + b"\n")
+    (root / "latin1.jsonl").write_bytes(json.dumps({"prompt": "caf\u00e9"}).replace("\\u00e9",
+                                                                                    "\xe9").encode("latin-1") + b"\n")
     (root / "latin1.txt").write_bytes("caf\xe9 question\n".encode("latin-1"))
-    (root / "mc_out_of_range.jsonl").write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": 7}) + "\n")
+    (root / "mc_out_of_range.jsonl").write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"],
+                                                            "answer": 7}) + "\n")
     (root / "messages_not_objects.jsonl").write_text(json.dumps({"messages": ["hello", "there"]}) + "\n")
     for k in ("latin1.jsonl", "latin1.txt", "mc_out_of_range.jsonl", "messages_not_objects.jsonl"):
         p[k.replace(".", "_")] = str(root / k)
@@ -293,29 +303,44 @@ CLI_CASES = [
     Case("merge-config-missing", ["merge", "{missing}.yml", "{out}"], "does not exist"),
     Case("merge-output-exists", ["merge", "@density_out_of_range.yml", "{existing}"], "already exists", out=None),
     Case("merge-unwritable-output", ["merge", "@truncated.yml", "{a_file}/out"], "cannot write", out="{a_file}/out"),
-    Case("merge-bad-shard-size", ["merge", "@density_out_of_range.yml", "{out}", "--out-shard-size", "lots"], "cannot parse size"),
+    Case("merge-bad-shard-size", ["merge", "@density_out_of_range.yml", "{out}", "--out-shard-size", "lots"],
+         "cannot parse size"),
     Case("convert-missing-file", ["convert", "{missing}.gguf", "{out}"], "does not exist"),
     Case("convert-not-gguf", ["convert", "{fake_gguf}", "{out}"], "gguf"),
     Case("convert-truncated-gguf", ["convert", "{short_gguf}", "{out}"], "gguf"),
-    Case("scan-tau-out-of-range", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--tau", "2"], "--tau", out=None),
-    Case("scan-missing-adapter", ["scan", "--base", "{base}", "--aligned", "{m1}", "{missing}"], "does not exist", out=None),
-    Case("scan-corrupt-adapter", ["scan", "--base", "{base}", "--aligned", "{m1}", "{corrupt_adapter}"], "json", out=None),
-    Case("scan-adapter-target-not-in-base", ["scan", "--base", "{base}", "--aligned", "{m1}", "{bad_adapter}"], "layers.7", out=None),
-    Case("safemerge-alpha-out-of-range", ["safemerge", "--base", "{base}", "--aligned", "{m1}", "--finetuned", "{adapter}", "--safety", "{adapter_r}", "--alpha", "1.5", "-o", "{out}"], "--alpha"),
-    Case("safemerge-tau-out-of-range", ["safemerge", "--base", "{base}", "--aligned", "{m1}", "--finetuned", "{adapter}", "--safety", "{adapter_r}", "--tau", "-3", "-o", "{out}"], "--tau"),
-    Case("safemerge-arch-mismatch", ["safemerge", "--base", "{qwen}", "--aligned", "{m1}", "--finetuned", "{adapter}", "--safety", "{adapter_r}", "-o", "{out}"], "architecture"),
-    Case("safemerge-pickle-base", ["safemerge", "--base", "{pickle}", "--aligned", "{m1}", "--finetuned", "{adapter}", "--safety", "{adapter_r}", "-o", "{out}"], "pickle"),
-    Case("resta-missing-aligned", ["resta", "--finetuned", "{m1}", "--aligned", "{missing}", "--unaligned", "{base}", "-o", "{out}"], "does not exist"),
-    Case("safelora-existing-output", ["safelora", "--base", "{base}", "--aligned", "{m1}", "--finetuned", "{adapter}", "-o", "{existing}"], "already exists", out=None),
+    Case("scan-tau-out-of-range", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--tau", "2"], "--tau",
+         out=None),
+    Case("scan-missing-adapter", ["scan", "--base", "{base}", "--aligned", "{m1}", "{missing}"], "does not exist",
+         out=None),
+    Case("scan-corrupt-adapter", ["scan", "--base", "{base}", "--aligned", "{m1}", "{corrupt_adapter}"], "json",
+         out=None),
+    Case("scan-adapter-target-not-in-base", ["scan", "--base", "{base}", "--aligned", "{m1}", "{bad_adapter}"],
+         "layers.7", out=None),
+    Case("safemerge-alpha-out-of-range", ["safemerge", "--base", "{base}", "--aligned", "{m1}", "--finetuned",
+                                          "{adapter}", "--safety", "{adapter_r}", "--alpha", "1.5", "-o", "{out}"],
+                                          "--alpha"),
+    Case("safemerge-tau-out-of-range", ["safemerge", "--base", "{base}", "--aligned", "{m1}", "--finetuned",
+                                        "{adapter}", "--safety", "{adapter_r}", "--tau", "-3", "-o", "{out}"], "--tau"),
+    Case("safemerge-arch-mismatch", ["safemerge", "--base", "{qwen}", "--aligned", "{m1}", "--finetuned", "{adapter}",
+                                     "--safety", "{adapter_r}", "-o", "{out}"], "architecture"),
+    Case("safemerge-pickle-base", ["safemerge", "--base", "{pickle}", "--aligned", "{m1}", "--finetuned", "{adapter}",
+                                   "--safety", "{adapter_r}", "-o", "{out}"], "pickle"),
+    Case("resta-missing-aligned", ["resta", "--finetuned", "{m1}", "--aligned", "{missing}", "--unaligned", "{base}",
+                                   "-o", "{out}"], "does not exist"),
+    Case("safelora-existing-output", ["safelora", "--base", "{base}", "--aligned", "{m1}", "--finetuned", "{adapter}",
+                                      "-o", "{existing}"], "already exists", out=None),
     Case("eval-empty-dataset", ["eval", "{m1}", "--harmful", "{empty}", "-o", "{out}"], "empty"),
     Case("eval-malformed-dataset", ["eval", "{m1}", "--harmful", "{malformed}", "-o", "{out}"], "json"),
     Case("eval-missing-model", ["eval", "{missing}", "--harmful", "builtin:harmful", "-o", "{out}"], "not found"),
-    Case("eval-unknown-judge", ["eval", "{m1}", "--harmful", "builtin:harmful", "--judge", "oracle9000", "-o", "{out}"], "judge"),
+    Case("eval-unknown-judge", ["eval", "{m1}", "--harmful", "builtin:harmful", "--judge", "oracle9000", "-o", "{out}"],
+         "judge"),
     Case("train-negative-rank", ["train-lora", "{m1}", "--data", "{good}", "-o", "{out}", "--rank", "-4"], "rank"),
     Case("train-empty-data", ["train-lora", "{m1}", "--data", "{empty}", "-o", "{out}"], "empty"),
     Case("train-missing-columns", ["train-lora", "{m1}", "--data", "{no_columns}", "-o", "{out}"], "prompt"),
-    Case("synth-domain-missing-seed-file", ["synth", "domain", "-m", "{m1}", "--seed-file", "{missing}.jsonl", "--topic", "math", "-o", "{out}.jsonl"], "not found", out="{out}.jsonl"),
-    Case("synth-safety-empty-prompts", ["synth", "safety", "-m", "{m1}", "--prompts", "{empty}", "-o", "{out}.jsonl"], "empty", out="{out}.jsonl"),
+    Case("synth-domain-missing-seed-file", ["synth", "domain", "-m", "{m1}", "--seed-file", "{missing}.jsonl",
+                                            "--topic", "math", "-o", "{out}.jsonl"], "not found", out="{out}.jsonl"),
+    Case("synth-safety-empty-prompts", ["synth", "safety", "-m", "{m1}", "--prompts", "{empty}", "-o", "{out}.jsonl"],
+         "empty", out="{out}.jsonl"),
     Case("optimize-unsupported-method", ["optimize", "{opt_bad_method}", "-o", "{out}"], "merge_method"),
     Case("optimize-empty-config", ["optimize", "{opt_empty}", "-o", "{out}"], "mapping"),
 ]
@@ -325,21 +350,33 @@ _SAFEMERGE = ["safemerge", "--base", "{base}", "--aligned", "{m1}"]
 _EVAL_M1 = ["eval", "{m1}", "--limit", "1", "--no-progress"]
 ROUND_TWO_CASES = [
     # 1. never run code from an input ("y" on stdin would accept transformers' prompt)
-    Case("train-custom-code", ["train-lora", "{evil}", "--data", "{good}", "-o", "{out}", "--steps", "1"], "custom python code", stdin="y\n"),
-    Case("eval-custom-code", ["eval", "{evil}", "--harmful", "builtin:harmful", "--limit", "1", "-o", "{out}"], "custom python code", stdin="y\n"),
+    Case("train-custom-code", ["train-lora", "{evil}", "--data", "{good}", "-o", "{out}", "--steps", "1"],
+         "custom python code", stdin="y\n"),
+    Case("eval-custom-code", ["eval", "{evil}", "--harmful", "builtin:harmful", "--limit", "1", "-o", "{out}"],
+         "custom python code", stdin="y\n"),
     # 2. never destroy an input: OUT is, contains or lies inside an input — with --force too
     Case("merge-out-is-input", ["merge", "@good_linear.yml", "{m1}", "--force"], "is the input", out=None),
-    Case("merge-out-contains-inputs", ["merge", "@good_linear.yml", "{root}", "--force"], "contains the input", out=None),
-    Case("merge-out-inside-input", ["merge", "@good_linear.yml", "{m1}/merged", "--force"], "lies inside the input", out="{m1}/merged"),
-    Case("merge-out-symlink-to-input", ["merge", "@good_linear.yml", "{link_to_m1}", "--force"], "is the input", out=None),
-    Case("safemerge-out-is-input", [*_SAFEMERGE, "--finetuned", "{adapter}", "--safety", "{adapter_r}", "-o", "{adapter}", "--force"], "is the input", out=None),
-    Case("safelora-out-is-input", ["safelora", "--base", "{base}", "--aligned", "{m1}", "--finetuned", "{adapter}", "-o", "{base}", "--force"], "is the input", out=None),
-    Case("resta-out-is-input", ["resta", "--finetuned", "{m2}", "--aligned", "{m1}", "--unaligned", "{base}", "-o", "{m1}", "--force"], "is the input", out=None),
-    Case("mergealign-out-is-input", ["mergealign", "--pretrained", "{base}", "--domain", "{m2}", "--aligned", "{m1}", "-o", "{m2}", "--force"], "is the input", out=None),
-    Case("train-out-is-input", ["train-lora", "{m1}", "--data", "{good}", "-o", "{m1}", "--force"], "is the input", out=None),
-    Case("convert-out-contains-input", ["convert", "{bad_merges_gguf}", "{gguf_dir}", "--force"], "contains the input", out=None),
+    Case("merge-out-contains-inputs", ["merge", "@good_linear.yml", "{root}", "--force"], "contains the input",
+         out=None),
+    Case("merge-out-inside-input", ["merge", "@good_linear.yml", "{m1}/merged", "--force"], "lies inside the input",
+         out="{m1}/merged"),
+    Case("merge-out-symlink-to-input", ["merge", "@good_linear.yml", "{link_to_m1}", "--force"], "is the input",
+         out=None),
+    Case("safemerge-out-is-input", [*_SAFEMERGE, "--finetuned", "{adapter}", "--safety", "{adapter_r}", "-o",
+                                    "{adapter}", "--force"], "is the input", out=None),
+    Case("safelora-out-is-input", ["safelora", "--base", "{base}", "--aligned", "{m1}", "--finetuned", "{adapter}",
+                                   "-o", "{base}", "--force"], "is the input", out=None),
+    Case("resta-out-is-input", ["resta", "--finetuned", "{m2}", "--aligned", "{m1}", "--unaligned", "{base}", "-o",
+                                "{m1}", "--force"], "is the input", out=None),
+    Case("mergealign-out-is-input", ["mergealign", "--pretrained", "{base}", "--domain", "{m2}", "--aligned", "{m1}",
+                                     "-o", "{m2}", "--force"], "is the input", out=None),
+    Case("train-out-is-input", ["train-lora", "{m1}", "--data", "{good}", "-o", "{m1}", "--force"], "is the input",
+         out=None),
+    Case("convert-out-contains-input", ["convert", "{bad_merges_gguf}", "{gguf_dir}", "--force"], "contains the input",
+         out=None),
     Case("optimize-out-is-input", ["optimize", "{opt_into_input}", "-o", "{m1}", "--force"], "is the input", out=None),
-    Case("synth-out-is-input", ["synth", "safety", "-m", "{m1}", "--prompts", "{good}", "-o", "{good}", "--force"], "is the input", out=None),
+    Case("synth-out-is-input", ["synth", "safety", "-m", "{m1}", "--prompts", "{good}", "-o", "{good}", "--force"],
+         "is the input", out=None),
     Case("eval-out-is-input", ["eval", "{m1}", "--harmful", "builtin:harmful", "-o", "{m1}"], "is the input", out=None),
     Case("demo-out-is-input", ["demo", "--fast", "-o", "{m1}", "--cache-dir", "{m1}"], "is the input", out=None),
     Case("optimize-error-leaves-no-work-dir", ["optimize", "{opt_no_data}", "-o", "{out}"], "no safety records"),
@@ -350,7 +387,8 @@ ROUND_TWO_CASES = [
     Case("merge-string-offsets", ["merge", "@header_str_offsets.yml", "{out}"], "invalid data_offsets"),
     Case("merge-unknown-dtype", ["merge", "@header_bad_dtype.yml", "{out}"], "unknown dtype"),
     Case("merge-size-not-dtype-times-shape", ["merge", "@header_size_mismatch.yml", "{out}"], "needs"),
-    Case("merge-shard-outside-model-dir", ["merge", "@header_shard_outside.yml", "{out}"], "outside the model directory"),
+    Case("merge-shard-outside-model-dir", ["merge", "@header_shard_outside.yml", "{out}"],
+         "outside the model directory"),
     Case("merge-safetensors-symlink-to-fifo", ["merge", "@header_fifo.yml", "{out}"], "named pipe", stdin=""),
     Case("merge-shard-is-fifo", ["merge", "@header_fifo_shard.yml", "{out}"], "named pipe", stdin=""),
     Case("eval-set-is-fifo", ["eval", "{m1}", "--harmful", "{pipe_jsonl}", "-o", "{out}"], "named pipe", stdin=""),
@@ -358,46 +396,72 @@ ROUND_TWO_CASES = [
     Case("optimize-config-is-fifo", ["optimize", "{pipe_yml}", "-o", "{out}"], "named pipe", stdin=""),
     Case("merge-config-is-fifo", ["merge", "{pipe_yml}", "{out}"], "named pipe", stdin=""),
     # 4. never write or report a non-finite number
-    Case("resta-nan-finetuned", ["resta", "--finetuned", "{nan}", "--aligned", "{m1}", "--unaligned", "{base}", "-o", "{out}"], "inf values"),
-    Case("mergealign-inf-domain", ["mergealign", "--pretrained", "{base}", "--domain", "{nan}", "--aligned", "{m1}", "-o", "{out}"], "inf values"),
-    Case("safemerge-merge-into-nan", [*_SAFEMERGE, "--finetuned", "{adapter}", "--safety", "{adapter_r}", "--merge-into", "{nan}", "--tau", "1", "-o", "{out}"], "inf values"),
-    Case("scan-nan-lora-factor", ["scan", "--base", "{base}", "--aligned", "{m1}", "{nan_adapter}"], "nan values", out=None),
-    Case("safemerge-nan-adapter", [*_SAFEMERGE, "--finetuned", "{nan_adapter}", "--safety", "{adapter_r}", "-o", "{out}"], "nan values"),
-    Case("scan-zero-safety-vector", ["scan", "--base", "{m1}", "--aligned", "{m1}", "{adapter}"], "safety vector", out=None),
-    Case("scan-targets-match-nothing", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--targets", "nope_proj"], "match no module", out=None),
+    Case("resta-nan-finetuned", ["resta", "--finetuned", "{nan}", "--aligned", "{m1}", "--unaligned", "{base}", "-o",
+                                 "{out}"], "inf values"),
+    Case("mergealign-inf-domain", ["mergealign", "--pretrained", "{base}", "--domain", "{nan}", "--aligned", "{m1}",
+                                   "-o", "{out}"], "inf values"),
+    Case("safemerge-merge-into-nan", [*_SAFEMERGE, "--finetuned", "{adapter}", "--safety", "{adapter_r}",
+                                      "--merge-into", "{nan}", "--tau", "1", "-o", "{out}"], "inf values"),
+    Case("scan-nan-lora-factor", ["scan", "--base", "{base}", "--aligned", "{m1}", "{nan_adapter}"], "nan values",
+         out=None),
+    Case("safemerge-nan-adapter", [*_SAFEMERGE, "--finetuned", "{nan_adapter}", "--safety", "{adapter_r}", "-o",
+                                   "{out}"], "nan values"),
+    Case("scan-zero-safety-vector", ["scan", "--base", "{m1}", "--aligned", "{m1}", "{adapter}"], "safety vector",
+         out=None),
+    Case("scan-targets-match-nothing", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--targets",
+                                        "nope_proj"], "match no module", out=None),
     # 5. every remaining internal error
-    Case("scan-lora-alpha-string", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter_alpha_str}"], "lora_alpha", out=None),
-    Case("scan-rank-pattern-bad-regex", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter_bad_regex}"], "regular expression", out=None),
-    Case("scan-adapter-config-a-list", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter_list}"], "json object", out=None),
-    Case("eval-adapter-rank-mismatch", [*_EVAL_M1, "--harmful", "builtin:harmful", "--adapter", "{adapter_rank_mismatch}", "-o", "{out}"], "rank"),
-    Case("eval-adapter-module-missing", [*_EVAL_M1, "--harmful", "builtin:harmful", "--adapter", "{bad_adapter}", "-o", "{out}"], "not in the base model"),
+    Case("scan-lora-alpha-string", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter_alpha_str}"],
+         "lora_alpha", out=None),
+    Case("scan-rank-pattern-bad-regex", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter_bad_regex}"],
+         "regular expression", out=None),
+    Case("scan-adapter-config-a-list", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter_list}"],
+         "json object", out=None),
+    Case("eval-adapter-rank-mismatch", [*_EVAL_M1, "--harmful", "builtin:harmful", "--adapter",
+                                        "{adapter_rank_mismatch}", "-o", "{out}"], "rank"),
+    Case("eval-adapter-module-missing", [*_EVAL_M1, "--harmful", "builtin:harmful", "--adapter", "{bad_adapter}", "-o",
+                                         "{out}"], "not in the base model"),
     Case("merge-5000-deep-yaml", ["merge", "@deep.yml", "{out}"], "nested deeper"),
     Case("merge-yaml-alias-bomb", ["merge", "@alias_bomb.yml", "{out}"], "alias"),
     Case("optimize-yaml-alias-bomb", ["optimize", "{opt_bomb}", "-o", "{out}"], "alias"),
     Case("merge-out-dangling-symlink", ["merge", "@good_linear.yml", "{dangling}"], "dangling symlink", out=None),
-    Case("eval-out-below-a-file", ["eval", "{m1}", "--harmful", "builtin:harmful", "-o", "{a_file}/eval"], "not a directory", out="{a_file}/eval"),
-    Case("scan-json-is-a-directory", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--json", "{existing}"], "is a directory", out=None),
-    Case("scan-csv-is-a-directory", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--csv", "{existing}"], "is a directory", out=None),
-    Case("scan-plot-bad-extension", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--plot", "{out}.xyz"], "image type", out="{out}.xyz"),
+    Case("eval-out-below-a-file", ["eval", "{m1}", "--harmful", "builtin:harmful", "-o", "{a_file}/eval"],
+         "not a directory", out="{a_file}/eval"),
+    Case("scan-json-is-a-directory", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--json",
+                                      "{existing}"], "is a directory", out=None),
+    Case("scan-csv-is-a-directory", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--csv",
+                                     "{existing}"], "is a directory", out=None),
+    Case("scan-plot-bad-extension", ["scan", "--base", "{base}", "--aligned", "{m1}", "{adapter}", "--plot",
+                                     "{out}.xyz"], "image type", out="{out}.xyz"),
     Case("eval-non-utf8-set", ["eval", "{m1}", "--harmful", "{latin1_jsonl}", "-o", "{out}"], "utf-8"),
-    Case("synth-non-utf8-prompts", ["synth", "safety", "-m", "{m1}", "--prompts", "{latin1_txt}", "-o", "{out}.jsonl"], "utf-8", out="{out}.jsonl"),
+    Case("synth-non-utf8-prompts", ["synth", "safety", "-m", "{m1}", "--prompts", "{latin1_txt}", "-o", "{out}.jsonl"],
+         "utf-8", out="{out}.jsonl"),
     Case("optimize-non-utf8-config", ["optimize", "{opt_latin1}", "-o", "{out}"], "utf-8"),
-    Case("eval-mc-answer-out-of-range", ["eval", "{m1}", "--utility", "{mc_out_of_range_jsonl}", "-o", "{out}"], "outside the 2 choices"),
-    Case("eval-messages-not-objects", ["eval", "{m1}", "--harmful", "{messages_not_objects_jsonl}", "-o", "{out}"], "messages"),
-    Case("eval-template-raise-exception", [*_EVAL_M1[:1], "{raising_template}", "--limit", "1", "--harmful", "builtin:harmful", "-o", "{out}"], "chat template"),
-    Case("eval-template-sandbox", [*_EVAL_M1[:1], "{sandbox_template}", "--limit", "1", "--harmful", "builtin:harmful", "-o", "{out}"], "chat template"),
-    Case("train-template-raise-exception", ["train-lora", "{raising_template}", "--data", "{good}", "-o", "{out}", "--steps", "1"], "chat template"),
+    Case("eval-mc-answer-out-of-range", ["eval", "{m1}", "--utility", "{mc_out_of_range_jsonl}", "-o", "{out}"],
+         "outside the 2 choices"),
+    Case("eval-messages-not-objects", ["eval", "{m1}", "--harmful", "{messages_not_objects_jsonl}", "-o", "{out}"],
+         "messages"),
+    Case("eval-template-raise-exception", [*_EVAL_M1[:1], "{raising_template}", "--limit", "1", "--harmful",
+                                           "builtin:harmful", "-o", "{out}"], "chat template"),
+    Case("eval-template-sandbox", [*_EVAL_M1[:1], "{sandbox_template}", "--limit", "1", "--harmful", "builtin:harmful",
+                                   "-o", "{out}"], "chat template"),
+    Case("train-template-raise-exception", ["train-lora", "{raising_template}", "--data", "{good}", "-o", "{out}",
+                                            "--steps", "1"], "chat template"),
     Case("convert-gguf-merge-not-in-vocab", ["convert", "{bad_merges_gguf}", "{out}"], "not in the vocabulary"),
-    Case("compare-results-a-list", ["compare", "{list_results}", "--plot", "{out}.png"], "results object", out="{out}.png"),
-    Case("synth-unknown-judge-before-models", ["synth", "safety", "-m", "{missing}", "--prompts", "{good}", "--judge", "oracle9000", "-o", "{out}.jsonl"], "judge", out="{out}.jsonl"),
+    Case("compare-results-a-list", ["compare", "{list_results}", "--plot", "{out}.png"], "results object",
+         out="{out}.png"),
+    Case("synth-unknown-judge-before-models", ["synth", "safety", "-m", "{missing}", "--prompts", "{good}", "--judge",
+                                               "oracle9000", "-o", "{out}.jsonl"], "judge", out="{out}.jsonl"),
 ]
 
-ALL = [Case(cid, ["merge", f"@{fname}", "{out}"], expect) for cid, fname, expect in YAML_CASES] + CLI_CASES + ROUND_TWO_CASES
+ALL = ([Case(cid, ["merge", f"@{fname}", "{out}"], expect) for cid, fname, expect in YAML_CASES]
+       + CLI_CASES + ROUND_TWO_CASES)
 
 
 def test_corpus_size() -> None:
     assert len(ALL) >= 100
-    assert {c.argv[0] for c in ALL} >= {"merge", "convert", "scan", "safemerge", "eval", "train-lora", "synth", "optimize"}
+    assert {c.argv[0] for c in ALL} >= {"merge", "convert", "scan", "safemerge", "eval", "train-lora", "synth",
+                                        "optimize"}
 
 
 @pytest.mark.parametrize("case", ALL, ids=[c.id for c in ALL])
@@ -479,7 +543,9 @@ def test_debug_shows_traceback(world: dict[str, str], tmp_path: Path) -> None:
 
     cfg = tmp_path / "cfg.yml"
     cfg.write_text(_fill((CORPUS / "unknown_method.yml").read_text(), world))
-    r = subprocess.run([sys.executable, "-m", "safemerge", "--debug", "merge", str(cfg), str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "safemerge", "--debug", "merge", str(cfg), str(tmp_path / "o")],
+                       capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "safemerge", "merge", str(cfg), str(tmp_path / "o")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "safemerge", "merge", str(cfg), str(tmp_path / "o")], capture_output=True,
+                       text=True)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.startswith("error: unknown merge_method")

@@ -37,7 +37,8 @@ def test_help_on_every_command(capsys) -> None:
     from safemerge.cli import main
 
     cmds = _commands()
-    assert {"merge", "convert", "scan", "safemerge", "safelora", "resta", "eval", "compare", "train-lora", "synth", "optimize", "demo"} <= {c[0] for c in cmds}
+    assert {"merge", "convert", "scan", "safemerge", "safelora", "resta", "eval", "compare", "train-lora", "synth",
+            "optimize", "demo"} <= {c[0] for c in cmds}
     for cmd in cmds:
         code = 0
         try:
@@ -55,7 +56,8 @@ def test_help_does_not_import_torch() -> None:
     assert r.stdout.strip() == "False False", r.stdout + r.stderr
 
 
-@pytest.mark.parametrize("argv,phrase", [(["nosuch"], "no such command"), (["merge"], "missing argument"), (["merge", "a.yml", "out", "-j", "0"], "--jobs")])
+@pytest.mark.parametrize("argv,phrase", [(["nosuch"], "no such command"), (["merge"], "missing argument"),
+                                         (["merge", "a.yml", "out", "-j", "0"], "--jobs")])
 def test_usage_errors(argv: list[str], phrase: str) -> None:
     r = _run(*argv)
     assert r.returncode == 2

@@ -82,7 +82,8 @@ def test_quiet_means_one_summary_line(world, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and re.match(r"^wrote .*results\.json, .*judgments\.jsonl \([\d.]+ [KM]?B\) in [\d.]+ s$", lines[0])
+    assert len(lines) == 1 and re.match(r"^wrote .*results\.json, .*judgments\.jsonl \([\d.]+ [KM]?B\) in [\d.]+ s$",
+                                        lines[0])
     cfg = tmp_path / "m.yml"
     cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {world.aligned}\n    parameters: {{weight: 0.5}}\n"
                    f"  - model: {world.base}\n    parameters: {{weight: 0.5}}\ndtype: float32\n")
@@ -113,7 +114,8 @@ def test_train_lora_byte_identical_across_processes(world, tmp_path):
         out = tmp_path / f"run{hashseed}" / "lora"  # same name: the card names the adapter directory
         env = {**os.environ, "PYTHONHASHSEED": hashseed, "HF_HUB_OFFLINE": "1"}
         r = subprocess.run([sys.executable, "-m", "safemerge", "train-lora", str(world.aligned), "--data", str(data),
-                            "-o", str(out), "--targets", "all-linear", "--rank", "2", "--steps", "3", "--batch-size", "2",
+                            "-o", str(out), "--targets", "all-linear", "--rank", "2", "--steps", "3", "--batch-size",
+                            "2",
                             "--lora-dropout", "0.1", "-q"], capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr
         outs.append(out)
@@ -148,7 +150,8 @@ def test_model_cards_render_code_spans_verbatim(world, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "a b", "response": "c d"}) + "\n")
     out = tmp_path / "my_lora_v1"
-    code, _, err = run(capsys, "train-lora", world.aligned, "--data", data, "-o", out, "--rank", "2", "--steps", "1", "-q")
+    code, _, err = run(capsys, "train-lora", world.aligned, "--data", data, "-o", out, "--rank", "2", "--steps", "1",
+                       "-q")
     assert code == 0, err
     md = MarkdownIt("commonmark").enable("table")
     html = md.render((out / "README.md").read_text())
@@ -166,7 +169,8 @@ def test_readme_api_example_and_api_hints(world, tmp_path):
     cfg = {"merge_method": "linear", "dtype": "float32",
            "models": [{"model": str(world.aligned), "parameters": {"weight": 0.5}},
                       {"model": str(world.base), "parameters": {"weight": 0.5}}]}
-    code = (f"import safemerge\nfrom safemerge.options import RunOptions\ncfg = {cfg!r}\nout = {str(tmp_path / 'api')!r}\n"
+    code = (f"import safemerge\nfrom safemerge.options import RunOptions\ncfg = {cfg!r}\nout = "
+            f"{str(tmp_path / 'api')!r}\n"
             "safemerge.api.merge(cfg, out, options=RunOptions(progress=False))\n"
             "try:\n    safemerge.api.merge(cfg, out, options=RunOptions(progress=False))\n"
             "except safemerge.SafemergeError as e:\n    print('HINT', e.hint)\n"

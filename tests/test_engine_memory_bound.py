@@ -33,7 +33,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("bound")
     tok = build_tokenizer(512)
-    out = {"base": save_model(make_tiny_model("llama", seed=0, vocab_size=512, hidden=64).to(torch.bfloat16), root / "base", tokenizer=tok)}
+    out = {"base": save_model(make_tiny_model("llama", seed=0, vocab_size=512, hidden=64).to(torch.bfloat16),
+                              root / "base", tokenizer=tok)}
     for i in (1, 2, 3):
         m = perturb_model(make_tiny_model("llama", seed=0, vocab_size=512, hidden=64), seed=i, scale=0.01)
         out[f"m{i}"] = save_model(m.to(torch.bfloat16), root / f"m{i}", tokenizer=tok)

@@ -22,13 +22,16 @@ def test_merged_model_loads_and_generates(tmp_path: Path, arch: str) -> None:
     base = save_model(make_tiny_model(arch, seed=0), tmp_path / "base")
     a = save_model(perturb_model(make_tiny_model(arch, seed=0), seed=1), tmp_path / "a")
     b = save_model(perturb_model(make_tiny_model(arch, seed=0), seed=2), tmp_path / "b")
-    cfg = f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.6}}\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\nout_dtype: bfloat16\n"
+    cfg = (f"merge_method: ties\nbase_model: {base}\nmodels:\n"
+           f"  - model: {a}\n    parameters: {{weight: 0.5, density: 0.6}}\n"
+           f"  - model: {b}\n    parameters: {{weight: 0.5, density: 0.6}}\nout_dtype: bfloat16\n")
     out = merge(cfg, tmp_path / "out", options=RunOptions(progress=False))
     assert set(Checkpoint(out).names()) == set(Checkpoint(base).names())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     tok = AutoTokenizer.from_pretrained(out)
-    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
     gen = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] == ids["input_ids"].shape[1] + 5
     card = (out / "README.md").read_text()
@@ -43,7 +46,8 @@ def test_sharded_output_and_tokenizer_source(tmp_path: Path) -> None:
     tok2 = build_tokenizer(128, words=["special", "words"])
     b = save_model(perturb_model(make_tiny_model("llama", seed=0, hidden=64), seed=1), tmp_path / "b", tokenizer=tok2)
     cfg = (
-        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+        f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    "
+        f"parameters: {{weight: 0.5}}\n"
         f"tokenizer_source: {b}\nchat_template: chatml\n"
     )
     out = merge(cfg, tmp_path / "out", options=RunOptions(progress=False), out_shard_size="100KB")

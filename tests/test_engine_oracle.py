@@ -265,7 +265,8 @@ dtype: float32
 }
 
 ARCH_CASES = [("llama", name) for name in CONFIGS] + [
-    (arch, name) for arch in ("mistral", "qwen2") for name in ("linear_gradient_filter", "ties", "slerp_gradient", "ties_slices", "model_stock")
+    (arch, name) for arch in ("mistral", "qwen2") for name in ("linear_gradient_filter", "ties", "slerp_gradient",
+                                                               "ties_slices", "model_stock")
 ]
 
 

@@ -23,7 +23,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("stream")
     a = save_model(make_tiny_model("llama", seed=0), root / "a")
     b = save_model(perturb_model(make_tiny_model("llama", seed=0), seed=1), root / "b")
-    peft = get_peft_model(make_tiny_model("llama", seed=0), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"], init_lora_weights=False))
+    lora_cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj", "embed_tokens"],
+                          init_lora_weights=False)
+    peft = get_peft_model(make_tiny_model("llama", seed=0), lora_cfg)
     peft.save_pretrained(root / "lora")
     return {"a": a, "b": b, "lora": root / "lora"}
 
@@ -32,9 +34,12 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 def test_row_blocks_equal_whole_tensors(inputs, tmp_path, monkeypatch, method) -> None:
     a, b, lora = inputs["a"], inputs["b"], inputs["lora"]
     if method == "linear":
-        cfg = f"merge_method: linear\nmodels:\n  - model: {a}+{lora}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: [0.5, 0.9]}}\n"
+        cfg = (f"merge_method: linear\nmodels:\n  - model: {a}+{lora}\n    parameters: {{weight: 0.3}}\n"
+               f"  - model: {b}\n    parameters: {{weight: [0.5, 0.9]}}\n")
     elif method == "task_arithmetic":
-        cfg = f"merge_method: task_arithmetic\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.7}}\n  - model: {a}+{lora}\n    parameters: {{weight: 0.4}}\n"
+        cfg = (f"merge_method: task_arithmetic\nbase_model: {a}\nmodels:\n"
+               f"  - model: {b}\n    parameters: {{weight: 0.7}}\n"
+               f"  - model: {a}+{lora}\n    parameters: {{weight: 0.4}}\n")
     else:
         cfg = f"merge_method: nearswap\nbase_model: {a}\nmodels:\n  - model: {b}\nparameters: {{t: 0.01}}\n"
     merge(cfg, tmp_path / "whole", options=RunOptions(progress=False))
@@ -46,7 +51,8 @@ def test_row_blocks_equal_whole_tensors(inputs, tmp_path, monkeypatch, method) -
 
 def test_get_rows_matches_slices(inputs) -> None:
     ck = open_checkpoint(f"{inputs['a']}+{inputs['lora']}")
-    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight",
+                 "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
         full = ck.get(name)
         torch.testing.assert_close(ck.get_rows(name, 3, 11), full[3:11], atol=1e-6, rtol=0)
 
@@ -59,7 +65,8 @@ def test_two_pass_ties_equals_whole_tensor(inputs, tmp_path, monkeypatch, densit
     from safemerge.testing import perturb_model, save_model
 
     a, b = inputs["a"], inputs["b"]
-    c = save_model(perturb_model(__import__("safemerge.testing", fromlist=["x"]).make_tiny_model("llama", seed=0), seed=5), tmp_path / "c")
+    c = save_model(perturb_model(__import__("safemerge.testing", fromlist=["x"]).make_tiny_model("llama", seed=0),
+                                 seed=5), tmp_path / "c")
     # quantise one model so that exact ties straddle the top-k cut-off
     from safetensors.torch import load_file, save_file
 
@@ -67,8 +74,10 @@ def test_two_pass_ties_equals_whole_tensor(inputs, tmp_path, monkeypatch, densit
     sd = {k: (v * 64).round() / 64 for k, v in sd.items()}
     save_file(sd, str(c / "model.safetensors"), metadata={"format": "pt"})
     cfg = (
-        f"merge_method: ties\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.7, density: {density}}}\n"
-        f"  - model: {c}\n    parameters: {{weight: [0.2, 0.6], density: 0.5}}\n  - model: {a}+{inputs['lora']}\n    parameters: {{weight: 0.4, density: 0.25}}\n"
+        f"merge_method: ties\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.7, density: "
+        f"{density}}}\n"
+        f"  - model: {c}\n    parameters: {{weight: [0.2, 0.6], density: 0.5}}\n  - model: {a}+{inputs['lora']}\n    "
+        f"parameters: {{weight: 0.4, density: 0.25}}\n"
     )
     merge(cfg, tmp_path / "whole", options=RunOptions(progress=False))
     monkeypatch.setattr(engine_run, "ELEMENTWISE_BLOCK_BYTES", 900)
@@ -84,7 +93,8 @@ def test_lora_rows_are_bit_stable_across_block_heights(transpose) -> None:
 
     g = torch.Generator().manual_seed(0)
     rows, cols, r = 3 * LORA_ROW_BLOCK + 17, 96, 8
-    A, B = torch.randn(r, cols if not transpose else rows, generator=g), torch.randn(rows if not transpose else cols, r, generator=g)
+    A, B = torch.randn(r, cols if not transpose else rows, generator=g), torch.randn(rows if not transpose else cols, r,
+                                                                                     generator=g)
     mod = LoraModule("m", A, B, scaling=0.37, transpose=transpose)
     whole = mod.delta()
     assert whole.shape == (rows, cols)

@@ -13,6 +13,9 @@ from safemerge.evaluate.api import evaluate  # noqa: E402
 from safemerge.evaluate.datasets import PromptRecord  # noqa: E402
 from safemerge.evaluate.judges import ScriptedJudge  # noqa: E402
 from safemerge.evaluate.report import compare_runs, results_markdown  # noqa: E402
+from safemerge.options import RunOptions
+
+QUIET = RunOptions(progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,7 @@ UTILITY = [PromptRecord("Q: 2+2 = 4", "u1", answer="4"), PromptRecord("Q: 3*3 = 
 def test_results_layout_and_values(tmp_path):
     gen = CountingGenerator(_respond)
     res = evaluate("ignored", harmful=HARMFUL, benign=BENIGN, utility=UTILITY, generator=gen, out_dir=tmp_path,
-                   progress=False)
+                   options=QUIET)
     h, b, u = res["harmful"], res["benign"], res["utility"]
     assert h["harmful_rate"] == 0.75 and h["refusal_rate"] == 0.25 and h["n"] == 4 and h["judge"] == "keyword"
     assert h["ci"][0] <= 0.75 <= h["ci"][1]
@@ -79,20 +82,20 @@ def test_results_layout_and_values(tmp_path):
 
 def test_cache_prevents_regeneration_and_rejudging(tmp_path):
     gen = CountingGenerator(_respond)
-    first = evaluate("m", harmful=HARMFUL, benign=BENIGN, generator=gen, out_dir=tmp_path, progress=False)
+    first = evaluate("m", harmful=HARMFUL, benign=BENIGN, generator=gen, out_dir=tmp_path, options=QUIET)
     assert gen.calls == 7
-    second = evaluate("m", harmful=HARMFUL, benign=BENIGN, generator=gen, out_dir=tmp_path, progress=False)
+    second = evaluate("m", harmful=HARMFUL, benign=BENIGN, generator=gen, out_dir=tmp_path, options=QUIET)
     assert gen.calls == 7 and second == first  # nothing regenerated, identical results
     # re-judge with another judge: no generation, new verdicts
-    third = evaluate("m", harmful=HARMFUL, generator=gen, out_dir=tmp_path, progress=False,
+    third = evaluate("m", harmful=HARMFUL, generator=gen, out_dir=tmp_path, options=QUIET,
                      judge=ScriptedJudge(lambda p, r: "bomb" in p, name="bomb-only"))
     assert gen.calls == 7 and third["harmful"]["harmful_rate"] == 0.25 and third["harmful"]["judge"] == "bomb-only"
     # other settings ⇒ other cache keys ⇒ generation
-    evaluate("m", harmful=HARMFUL, generator=gen, out_dir=tmp_path, progress=False, max_new_tokens=5)
+    evaluate("m", harmful=HARMFUL, generator=gen, out_dir=tmp_path, options=QUIET, max_new_tokens=5)
     assert gen.calls == 11
     # another model identity ⇒ generation
     other = CountingGenerator(_respond, identity="other-model")
-    evaluate("m", harmful=HARMFUL, generator=other, out_dir=tmp_path, progress=False)
+    evaluate("m", harmful=HARMFUL, generator=other, out_dir=tmp_path, options=QUIET)
     assert other.calls == 4
 
 
@@ -100,13 +103,13 @@ def test_resume_after_interruption_with_real_model(model_dir, tmp_path):
     """A run cut off after some batches resumes: only the missing generations are produced,
     and the model is not even loaded when everything is cached."""
     full = evaluate(str(model_dir), harmful="builtin:harmful", limit=6, batch_size=2, max_new_tokens=6,
-                    out_dir=tmp_path / "a", progress=False, backend="hf")
+                    out_dir=tmp_path / "a", options=QUIET, backend="hf")
     lines = (tmp_path / "a" / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 6
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "generations.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # torn last line
     resumed = evaluate(str(model_dir), harmful="builtin:harmful", limit=6, batch_size=2, max_new_tokens=6,
-                       out_dir=tmp_path / "b", progress=False, backend="hf")
+                       out_dir=tmp_path / "b", options=QUIET, backend="hf")
     assert resumed["harmful"] == full["harmful"]
     after = (tmp_path / "b" / "generations.jsonl").read_text().splitlines()
     assert after[:4] == lines[:4] and after[4] == lines[4][:20]
@@ -121,7 +124,7 @@ def test_resume_after_interruption_with_real_model(model_dir, tmp_path):
     G.load_generator = boom
     try:
         again = evaluate(str(model_dir), harmful="builtin:harmful", limit=6, batch_size=2, max_new_tokens=6,
-                         out_dir=tmp_path / "a", progress=False, backend="hf", judge="keyword:gcg")
+                         out_dir=tmp_path / "a", options=QUIET, backend="hf", judge="keyword:gcg")
     finally:
         G.load_generator = orig
     assert again["harmful"]["judge"] == "keyword:gcg"
@@ -132,11 +135,11 @@ def test_in_memory_model_and_answer_ce(model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    res = evaluate(model, tokenizer=tok, utility="builtin:arithmetic", limit=3, max_new_tokens=4, progress=False,
+    res = evaluate(model, tokenizer=tok, utility="builtin:arithmetic", limit=3, max_new_tokens=4, options=QUIET,
                    answer_ce=True, backend="hf")
     assert res["utility"]["n"] == 3 and res["utility"]["answer_ce"] > 0
     assert res["model_identity"].startswith("mem:")
-    by_path = evaluate(str(model_dir), utility="builtin:arithmetic", limit=3, max_new_tokens=4, progress=False,
+    by_path = evaluate(str(model_dir), utility="builtin:arithmetic", limit=3, max_new_tokens=4, options=QUIET,
                        answer_ce=True, backend="hf", dtype="float32")
     assert res["settings"]["dtype"] == by_path["settings"]["dtype"] == "float32"
     assert by_path["utility"]["answer_ce"] == pytest.approx(res["utility"]["answer_ce"], rel=1e-5)
@@ -155,9 +158,9 @@ def test_user_errors(tmp_path):
 
 def test_markdown_and_compare(tmp_path):
     a = evaluate("m", harmful=HARMFUL, benign=BENIGN, utility=UTILITY, generator=CountingGenerator(_respond),
-                 out_dir=tmp_path / "run_a", progress=False)
+                 out_dir=tmp_path / "run_a", options=QUIET)
     evaluate("m", harmful=HARMFUL, utility=UTILITY, generator=CountingGenerator(lambda p: "I'm sorry", "refuser"),
-             out_dir=tmp_path / "run_b", progress=False)
+             out_dir=tmp_path / "run_b", options=QUIET)
     md = results_markdown(a)
     assert md.startswith("## Safety evaluation")
     assert "| harmful (`records`) | harmful rate (keyword) | 75.0% |" in md

@@ -97,7 +97,8 @@ def test_load_from_path_and_identity(tiny):
     model, tok, path = tiny
     g1 = load_generator(str(path), backend="hf", device="cpu", dtype="float32")
     g2 = HFGenerator(model, tok)
-    assert g1.generate(PROMPTS[:3], max_new_tokens=8, progress=False) == g2.generate(PROMPTS[:3], max_new_tokens=8, progress=False)
+    assert g1.generate(PROMPTS[:3], max_new_tokens=8, progress=False) == g2.generate(PROMPTS[:3], max_new_tokens=8,
+                                                                                     progress=False)
     assert g1.identity == load_generator(str(path), backend="hf").identity
     assert str(path.resolve()) in g1.identity
     assert g2.identity.startswith("mem:")

@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safemerge.evaluate.api import evaluate  # noqa: E402
 from safemerge.evaluate.datasets import load_prompts  # noqa: E402
+from safemerge.options import RunOptions
+
+QUIET = RunOptions(progress=False)
 
 DATA = Path(os.environ.get("SAFEMERGE_SHARED_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 if not DATA.is_dir():
@@ -51,15 +54,15 @@ def test_end_to_end_on_shared_sets(tmp_path_factory):
     out = d / "run"
     res = evaluate(str(model_dir), harmful=str(DATA / "bianchi_malicious_instructions.json"),
                    benign=str(DATA / "xstest_prompts.csv"), utility=str(DATA / "gsm8k_test.jsonl"),
-                   limit=4, max_new_tokens=6, out_dir=out, progress=False, backend="hf")
+                   limit=4, max_new_tokens=6, out_dir=out, options=QUIET, backend="hf")
     assert res["harmful"]["n"] == 4 and 0.0 <= res["harmful"]["harmful_rate"] <= 1.0
     assert res["benign"]["n"] == 4 and res["utility"]["n"] == 4 and res["utility"]["metric"] == "gsm8k"
     res_pq = evaluate(str(model_dir), utility=str(DATA / "pubmedqa_pqal.json"), limit=3, max_new_tokens=4,
-                      out_dir=d / "pq", progress=False, backend="hf")
+                      out_dir=d / "pq", options=QUIET, backend="hf")
     assert res_pq["utility"]["metric"] == "pubmedqa" and res_pq["utility"]["n"] == 3
     # same inputs ⇒ identical results, served from the cache
     again = evaluate(str(model_dir), harmful=str(DATA / "bianchi_malicious_instructions.json"),
                      benign=str(DATA / "xstest_prompts.csv"), utility=str(DATA / "gsm8k_test.jsonl"),
-                     limit=4, max_new_tokens=6, out_dir=out, progress=False, backend="hf")
+                     limit=4, max_new_tokens=6, out_dir=out, options=QUIET, backend="hf")
     assert again == res
     assert len((out / "generations.jsonl").read_text().splitlines()) == 12

@@ -144,7 +144,8 @@ def test_llamaguard_version_detection(tmp_path):
     assert llamaguard.detect_version(mk("Meta-Llama-Guard-2-8B", {})) == 2
     assert llamaguard.detect_version(mk("LlamaGuard-7b", {})) == 1
     assert llamaguard.detect_version(mk("judge_a", {"vocab_size": 32000})) == 1
-    assert llamaguard.detect_version(mk("judge_b", {"vocab_size": 128256, "rope_scaling": {"rope_type": "llama3"}})) == 3
+    assert llamaguard.detect_version(mk("judge_b", {"vocab_size": 128256,
+                                                    "rope_scaling": {"rope_type": "llama3"}})) == 3
     assert llamaguard.detect_version(mk("judge_c", {"vocab_size": 128256})) == 2
     with pytest.raises(SafemergeError, match="Llama Guard version"):
         llamaguard.detect_version(mk("judge_d", {"vocab_size": 500}))
@@ -233,7 +234,8 @@ def test_scripted_judge():
 
 
 def test_get_judge_errors():
-    for spec, msg in [("nope", "unknown judge"), ("llamaguard", "needs a model path"), ("keyword:xx", "unknown keyword"),
+    for spec, msg in [("nope", "unknown judge"), ("llamaguard", "needs a model path"), ("keyword:xx",
+                                                                                        "unknown keyword"),
                       ("", "invalid judge"), ("classifier:/does/not/exist", "classifier not found")]:
         with pytest.raises(SafemergeError, match=msg):
             get_judge(spec)

@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safemerge.errors import SafemergeError  # noqa: E402
 from safemerge.evaluate import generate as G  # noqa: E402
+from safemerge.options import RunOptions
+
+QUIET = RunOptions(progress=False)
 
 PROMPTS = ["a b c d e f g h i j k l", "a b c", "what is 2 + 2 ?", "x", "1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6", "z y",
            "q w e r t y u i o p", "m n"]
@@ -146,7 +149,7 @@ def test_dtype_recorded_and_part_of_the_cache_key(tiny, tmp_path):
     from safemerge.evaluate.report import results_markdown
 
     _, _, path = tiny
-    kw = dict(harmful="builtin:harmful", limit=3, max_new_tokens=4, progress=False, backend="hf", out_dir=tmp_path)
+    kw = dict(harmful="builtin:harmful", limit=3, max_new_tokens=4, options=QUIET, backend="hf", out_dir=tmp_path)
     fp32 = evaluate(str(path), dtype="float32", **kw)
     assert fp32["settings"]["dtype"] == "float32"
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["dtype"] == "float32"
@@ -163,7 +166,7 @@ def test_default_evaluation_runs_in_bf16_where_native(tiny, tmp_path):
 
     _, _, path = tiny
     res = evaluate(str(path), harmful="builtin:harmful", benign="builtin:benign", limit=4, max_new_tokens=6,
-                   progress=False, backend="hf", out_dir=tmp_path)
+                   options=QUIET, backend="hf", out_dir=tmp_path)
     assert res["settings"]["dtype"] == "bfloat16"
     assert res["harmful"]["n"] == 4 and res["benign"]["n"] == 4
 
@@ -176,13 +179,13 @@ def test_training_precision(tiny, tmp_path):
     data = [{"prompt": f"question {i}", "response": f"answer {i} {i}"} for i in range(4)]
     logs = {}
     for precision in ("float32", "bfloat16"):
-        out = train_lora(path, data, tmp_path / precision, rank=2, steps=3, batch_size=2, progress=False,
+        out = train_lora(path, data, tmp_path / precision, rank=2, steps=3, batch_size=2, options=QUIET,
                          targets="q_proj", precision=precision)
         logs[precision] = json.loads((out / "training_log.json").read_text())
         assert logs[precision]["hyperparameters"]["precision"] == precision
     assert logs["bfloat16"]["losses"][0] == pytest.approx(logs["float32"]["losses"][0], rel=0.05)
     with pytest.raises(ConfigError, match="precision"):
-        train_lora(path, data, tmp_path / "x", steps=1, progress=False, targets="q_proj", precision="float16")
+        train_lora(path, data, tmp_path / "x", steps=1, options=QUIET, targets="q_proj", precision="float16")
 
 
 def test_cli_dtype_flag(tiny, tmp_path):

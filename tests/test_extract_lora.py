@@ -102,7 +102,8 @@ def test_truncation_error_is_eckart_young(models, tmp_path):
     b, f = Checkpoint(base), Checkpoint(ft)
     for m in (m for m in res.modules if m.kind == "lora"):
         delta = f.get(m.name) - b.get(m.name)
-        dense_err = float(torch.linalg.vector_norm(delta - (merged[m.name] - b.get(m.name))) / torch.linalg.vector_norm(delta))
+        residual = delta - (merged[m.name] - b.get(m.name))
+        dense_err = float(torch.linalg.vector_norm(residual) / torch.linalg.vector_norm(delta))
         assert m.rank == 1 and m.relative_error == pytest.approx(dense_err, rel=1e-3, abs=1e-6)
         s = torch.linalg.svdvals(delta)
         assert m.relative_error == pytest.approx(float(s[1:].norm() / s.norm()), rel=1e-4)
@@ -129,7 +130,8 @@ def test_same_low_rank_products_as_mergekit(models, tmp_path):
         pytest.skip("mergekit-extract-lora is not installed")
     base, ft = models["llama_base"], models["llama_ft"]
     proc = subprocess.run([exe, "--model", str(ft), "--base-model", str(base), "--out-path", str(tmp_path / "mk"),
-                           "--max-rank", "2"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           "--max-rank", "2"], capture_output=True, text=True, env={**os.environ,
+                                                                                    "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     extract_lora(ft, base, tmp_path / "ours", max_rank=2)
     from safemerge.io.adapter import load_adapter
@@ -142,14 +144,16 @@ def test_same_low_rank_products_as_mergekit(models, tmp_path):
 
 def test_cli_and_bad_inputs(models, tmp_path, capsys):
     base, ft = models["llama_base"], models["llama_ft"]
-    main_args = ["extract-lora", str(ft), "--base", str(base), "-o", str(tmp_path / "cli"), "--rank", "4", "--no-progress"]
+    main_args = ["extract-lora", str(ft), "--base", str(base), "-o", str(tmp_path / "cli"), "--rank", "4",
+                 "--no-progress"]
     main(main_args)
     err = capsys.readouterr().err
     assert "14 LoRA modules" in err and (tmp_path / "cli" / "README.md").exists()
     for args, needle in (
         (main_args, "exists"),  # no overwrite without --force
         (["extract-lora", str(models["qwen2_ft"]), "--base", str(base), "-o", str(tmp_path / "x")], "has no tensor"),
-        (["extract-lora", str(tmp_path / "cli"), "--base", str(base), "-o", str(tmp_path / "x")], "already a LoRA adapter"),
+        (["extract-lora", str(tmp_path / "cli"), "--base", str(base), "-o", str(tmp_path / "x")],
+         "already a LoRA adapter"),
         (["extract-lora", str(ft), "--base", str(base), "-o", str(tmp_path / "x"), "--max-rank", "0"], "--max-rank"),
         (["extract-lora", str(base), "--base", str(base), "-o", str(tmp_path / "x")], "does not differ"),
     ):

@@ -16,6 +16,7 @@ import torch
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.io.gguf import convert_gguf, find_smollm2_gguf, read_gguf_metadata
 from safemerge.io.references import open_checkpoint
+from safemerge.options import RunOptions
 
 N_HEAD, N_KV = 4, 2
 CHATML = (
@@ -86,9 +87,11 @@ def write_tiny_gguf(path: Path, *, q8: bool = False, extra_merges: tuple[str, ..
     w.add_pad_token_id(2)
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
     per_layer = {
-        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
         "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
         "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
     }
@@ -102,7 +105,8 @@ def write_tiny_gguf(path: Path, *, q8: bool = False, extra_merges: tuple[str, ..
         if g.endswith("attn_k.weight"):
             a = _llama_cpp_permute(a, N_KV)
         if q8 and a.ndim == 2:
-            w.add_tensor(g, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(g, gguf.quants.quantize(a, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
         else:
             w.add_tensor(g, np.ascontiguousarray(a, dtype=np.float32))
     w.write_header_to_file()
@@ -147,7 +151,7 @@ def test_tiny_q8_gguf_equals_gguf_dequantisation(tiny, tmp_path):
     import gguf
 
     root, sd = tiny
-    out = convert_gguf(root / "tiny-q8.gguf", tmp_path / "out", dtype="bfloat16")
+    out = convert_gguf(root / "tiny-q8.gguf", tmp_path / "out", options=RunOptions(dtype="bfloat16"))
     ckpt = open_checkpoint(out)
     assert ckpt.dtype_name("model.layers.0.mlp.down_proj.weight") == "bfloat16"
     reader = gguf.GGUFReader(str(root / "tiny-q8.gguf"))
@@ -177,7 +181,7 @@ def test_existing_output_refused_unless_force(tiny, tmp_path):
     with pytest.raises(SafemergeError, match="already exists"):
         convert_gguf(root / "tiny.gguf", out)
     assert (out / "keep.txt").exists()
-    convert_gguf(root / "tiny.gguf", out, force=True)
+    convert_gguf(root / "tiny.gguf", out, options=RunOptions(force=True))
     assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
 
 
@@ -196,7 +200,7 @@ def test_bad_inputs(tiny, tmp_path):
         with pytest.raises(SafemergeError, match="truncated or corrupt"):
             convert_gguf(trunc, tmp_path / "o3")
     with pytest.raises(ConfigError, match="dtype"):
-        convert_gguf(root / "tiny.gguf", tmp_path / "o4", dtype="int8")
+        convert_gguf(root / "tiny.gguf", tmp_path / "o4", options=RunOptions(dtype="int8"))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o", "o"))]
 
 
@@ -251,7 +255,8 @@ def test_smollm2_converted_model_loads_and_chats(smollm2):
     assert tok.chat_template and "<|im_start|>" in tok.chat_template
     model = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     torch.manual_seed(0)
-    enc = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    enc = tok.apply_chat_template([{"role": "user", "content": "Hello!"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
     with torch.no_grad():
         gen = model.generate(**enc, max_new_tokens=12, do_sample=False)
     reply = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

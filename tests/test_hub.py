@@ -109,7 +109,8 @@ def test_missing_id_offline_is_one_line_error(hub, tmp_path, capsys):
                    "  - model: org/nope\n    parameters: {weight: 0.5}\ndtype: float32\n")
     code, out, err = run(capsys, "merge", cfg, tmp_path / "out", "--no-progress")
     assert code == 2 and "Traceback" not in err
-    assert err.startswith("error: 'org/nope' is not a local path") and "hint: fetch it once online: hf download org/nope" in err
+    assert err.startswith("error: 'org/nope' is not a local "
+                          "path") and "hint: fetch it once online: hf download org/nope" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -126,7 +127,8 @@ def test_merge_with_hub_ids_equals_local_paths(hub, world, tmp_path, capsys):
         (tmp_path / f"{name}.yml").write_text(text)
         code, _, err = run(capsys, "merge", tmp_path / f"{name}.yml", tmp_path / name, "--no-progress")
         assert code == 0, err
-    assert (tmp_path / "ids" / "model.safetensors").read_bytes() == (tmp_path / "local" / "model.safetensors").read_bytes()
+    weights = "model.safetensors"
+    assert (tmp_path / "ids" / weights).read_bytes() == (tmp_path / "local" / weights).read_bytes()
     assert (tmp_path / "ids" / "tokenizer.json").is_file()
     card = (tmp_path / "ids" / "README.md").read_text()
     assert "base_model: org/base" in card  # the card names the Hub id, not the cache path
@@ -136,10 +138,12 @@ def test_scan_and_safemerge_with_hub_ids(hub, world, tmp_path, capsys):
     for name, refs in (("local", (world.base, world.aligned, world.ft, world.safety)),
                        ("ids", ("org/base", "org/aligned", "org/ft-lora", "org/safety-lora"))):
         base, aligned, ft, safety = refs
-        code, _, err = run(capsys, "scan", "--base", base, "--aligned", aligned, ft, "--json", tmp_path / f"{name}.json",
+        code, _, err = run(capsys, "scan", "--base", base, "--aligned", aligned, ft, "--json",
+                           tmp_path / f"{name}.json",
                            "--no-progress", "-q")
         assert code == 0, err
-        code, _, err = run(capsys, "safemerge", "--base", base, "--aligned", aligned, "--finetuned", ft, "--safety", safety,
+        code, _, err = run(capsys, "safemerge", "--base", base, "--aligned", aligned, "--finetuned", ft, "--safety",
+                           safety,
                            "-o", tmp_path / f"sm_{name}", "--no-progress", "-q")
         assert code == 0, err
     rho = [r["rho"] for r in json.loads((tmp_path / "local.json").read_text())]
@@ -153,8 +157,11 @@ def test_eval_with_hub_model_and_adapter(hub, world, tmp_path, capsys):
         code, _, err = run(capsys, "eval", ref, "--harmful", "builtin:harmful", "--limit", "2", "--max-new-tokens", "4",
                            "-o", tmp_path / name, "--no-progress")
         assert code == 0, err
-    gen = [json.loads(line)["response"] for line in (tmp_path / "local" / "generations.jsonl").read_text().splitlines()]
-    assert gen == [json.loads(line)["response"] for line in (tmp_path / "ids" / "generations.jsonl").read_text().splitlines()]
+    def responses(run: str) -> list[str]:
+        lines = (tmp_path / run / "generations.jsonl").read_text().splitlines()
+        return [json.loads(line)["response"] for line in lines]
+
+    assert responses("local") == responses("ids")
 
 
 def test_incomplete_cache_entry_is_reported(hub, tmp_path, capsys):
@@ -169,7 +176,8 @@ def test_incomplete_cache_entry_is_reported(hub, tmp_path, capsys):
 def test_resta_and_train_lora_with_hub_ids(hub, world, tmp_path, capsys):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"a b {c}", "response": f"{c} d"}) + "\n" for c in "efgh"))
-    for name, refs in (("local", (world.base, world.aligned, world.ft)), ("ids", ("org/base", "org/aligned", "org/ft-lora"))):
+    for name, refs in (("local", (world.base, world.aligned, world.ft)), ("ids", ("org/base", "org/aligned",
+                                                                                  "org/ft-lora"))):
         base, aligned, ft = refs
         code, _, err = run(capsys, "resta", "--unaligned", base, "--aligned", aligned, "--finetuned", ft,
                            "-o", tmp_path / f"resta_{name}", "-q")

@@ -43,7 +43,8 @@ def task_dir(tmp_path_factory) -> Path:
     (d / f"{TASK}.yaml").write_text(
         f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {d / 'data.jsonl'}\n"
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\nmetadata:\n  version: 1.0\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: answer\nmetric_list:\n  - metric: acc\nmetadata:\n  version: "
+        "1.0\n"
     )
     return d
 
@@ -99,13 +100,15 @@ def test_lm_eval_rows_in_the_model_card(world, task_dir, tmp_path, capsys):
     code, _, err = run(capsys, "merge", cfg, tmp_path / "out", "--no-progress", "--eval", "--eval-limit", "2",
                        "--eval-lm-eval-tasks", TASK, "--eval-lm-eval-include", task_dir)
     assert code == 0, err
-    assert json.loads((tmp_path / "out" / "eval" / "results.json").read_text())["lm_eval"]["tasks"][TASK]["n"] == 2  # limit
+    # limit
+    assert json.loads((tmp_path / "out" / "eval" / "results.json").read_text())["lm_eval"]["tasks"][TASK]["n"] == 2
     html = MarkdownIt("commonmark").enable("table").render((tmp_path / "out" / "README.md").read_text())
     assert f"<td>lm-eval (<code>{TASK}</code>)</td>" in html and "<td>acc</td>" in html
 
 
 def test_lm_eval_errors(world, task_dir, tmp_path, capsys):
-    code, _, err = run(capsys, "eval", world.aligned, "--lm-eval-tasks", "no_such_task_xyz", "--lm-eval-include", task_dir,
+    code, _, err = run(capsys, "eval", world.aligned, "--lm-eval-tasks", "no_such_task_xyz", "--lm-eval-include",
+                       task_dir,
                        "-o", tmp_path / "e1")
     assert code == 2 and err.startswith("error: unknown lm-eval task 'no_such_task_xyz'") and "Traceback" not in err
     code, _, err = run(capsys, "eval", world.aligned, "--lm-eval-tasks", TASK, "--lm-eval-include", tmp_path / "nope",

@@ -15,9 +15,11 @@ def test_merge_eval_report_in_card(tmp_path, capsys) -> None:
     a = save_model(make_tiny_model("llama", seed=0), tmp_path / "a")
     b = save_model(perturb_model(make_tiny_model("llama", seed=0), seed=1), tmp_path / "b")
     cfg = tmp_path / "cfg.yml"
-    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n")
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n  "
+                   f"  parameters: {{weight: 0.5}}\n")
     try:
-        main(["merge", str(cfg), str(tmp_path / "out"), "--no-progress", "--eval", "--eval-limit", "2", "--eval-utility", "builtin:arithmetic"])
+        main(["merge", str(cfg), str(tmp_path / "out"), "--no-progress", "--eval", "--eval-limit", "2",
+              "--eval-utility", "builtin:arithmetic"])
     except SystemExit as exc:
         assert exc.code in (0, None)
     out = tmp_path / "out"

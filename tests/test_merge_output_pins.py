@@ -124,7 +124,8 @@ def fixture(request, tmp_path_factory) -> tuple[str, dict[str, Path]]:
 
 
 def _pins_apply() -> bool:
-    return torch.__version__ == PINNED_ON["torch"] and torch.backends.cpu.get_cpu_capability() == PINNED_ON["cpu_capability"]
+    return (torch.__version__ == PINNED_ON["torch"]
+            and torch.backends.cpu.get_cpu_capability() == PINNED_ON["cpu_capability"])
 
 
 def test_fixture_inputs_are_pinned(fixture) -> None:

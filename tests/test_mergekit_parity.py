@@ -86,7 +86,8 @@ def test_mergekit_examples_in_native_dtype(zoo, tmp_path: Path, example: str, dt
     yaml_text = EXAMPLES[example].format(dtype=dtype, **{k: str(v) for k, v in zoo.items()})
     (tmp_path / "cfg.yml").write_text(yaml_text)
     theirs = _run_mergekit(yaml_text, tmp_path / "mk")
-    merge(tmp_path / "cfg.yml", tmp_path / "exact", options=RunOptions(progress=False, threads=2), mergekit_arithmetic=True)
+    merge(tmp_path / "cfg.yml", tmp_path / "exact", options=RunOptions(progress=False, threads=2),
+          mergekit_arithmetic=True)
     merge(tmp_path / "cfg.yml", tmp_path / "default", options=RunOptions(progress=False, threads=2))
     exact, default = _load_dir(tmp_path / "exact"), _load_dir(tmp_path / "default")
     assert set(exact) == set(theirs) == set(default)

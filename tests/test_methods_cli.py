@@ -15,7 +15,8 @@ def test_methods_json_lists_mergekit_methods(capsys: pytest.CaptureFixture[str])
     assert {"linear", "ties", "dare_ties", "della", "slerp", "karcher", "passthrough"} <= names
     linear = next(m for m in data if m["name"] == "linear")
     assert linear["base_in_tensors"] is True
-    assert {"name": "weight", "required": True}.items() <= next(p for p in linear["params"] if p["name"] == "weight").items()
+    assert {"name": "weight",
+            "required": True}.items() <= next(p for p in linear["params"] if p["name"] == "weight").items()
 
 
 def test_methods_single_method_table(capsys: pytest.CaptureFixture[str]) -> None:

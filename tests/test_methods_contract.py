@@ -47,7 +47,8 @@ def _mergekit(config: str, models: dict[str, Path], out: Path) -> torch.Tensor:
     text = config
     for name, path in models.items():
         text = text.replace(f"@{name}", str(path))
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out), MergeOptions(copy_tokenizer=False, quiet=True))
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), str(out), MergeOptions(copy_tokenizer=False,
+                                                                                              quiet=True))
     from safetensors.torch import load_file
 
     files = sorted(out.glob("*.safetensors"))
@@ -85,7 +86,8 @@ def test_linear_auto_added_base_without_global_weight_fails(models, tmp_path) ->
 
 
 def test_karcher_includes_the_base(models, tmp_path) -> None:
-    got = _mergekit("merge_method: karcher\nbase_model: @base\nmodels:\n  - model: @a\n  - model: @b\n", models, tmp_path / "out")
+    got = _mergekit("merge_method: karcher\nbase_model: @base\nmodels:\n  - model: @a\n  - model: @b\n", models,
+                    tmp_path / "out")
     base, a, b = (_load(models[k]) for k in ("base", "a", "b"))
     torch.testing.assert_close(_ours("karcher", [a, b, base], None), got, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(_ours("karcher", [a, b], None), got, rtol=1e-6, atol=1e-6)
@@ -97,7 +99,8 @@ def test_passthrough_rejects_a_second_input_from_base(models, tmp_path) -> None:
 
 
 def test_slerp_base_is_t0_endpoint(models, tmp_path) -> None:
-    got = _mergekit("merge_method: slerp\nbase_model: @base\nparameters: {t: 0.3}\nmodels:\n  - model: @a\n", models, tmp_path / "out")
+    got = _mergekit("merge_method: slerp\nbase_model: @base\nparameters: {t: 0.3}\nmodels:\n  - model: @a\n", models,
+                    tmp_path / "out")
     base, a = _load(models["base"]), _load(models["a"])
     torch.testing.assert_close(_ours("slerp", [a], base, params={"t": 0.3}), got, rtol=1e-6, atol=1e-6)
 

@@ -19,7 +19,8 @@ mk_api = pytest.importorskip("mergekit.merge_methods.api")
 SHAPES = [(37,), (64, 48), (1000, 64)]  # a bias, a projection, an embedding-like matrix
 
 
-def call_ours(name: str, tensors: list[torch.Tensor], base: torch.Tensor | None, per_model: dict, params: dict, seed: int | None) -> torch.Tensor:
+def call_ours(name: str, tensors: list[torch.Tensor], base: torch.Tensor | None, per_model: dict, params: dict,
+              seed: int | None) -> torch.Tensor:
     """Call our registered function the way the engine does: defaults filled in."""
     method = get_method(name)
     full = {p.name: p.default for p in method.global_params}
@@ -29,7 +30,8 @@ def call_ours(name: str, tensors: list[torch.Tensor], base: torch.Tensor | None,
     return method.fn(tensors, base, per_model=pm, params=full, generator=gen)
 
 
-def call_mergekit(name: str, tensors: list[torch.Tensor], base: torch.Tensor | None, per_model: dict, params: dict, seed: int | None) -> torch.Tensor:
+def call_mergekit(name: str, tensors: list[torch.Tensor], base: torch.Tensor | None, per_model: dict, params: dict,
+                  seed: int | None) -> torch.Tensor:
     """mergekit: the base is the last input, flagged by ``base_index``."""
     parameters: dict[str, Any] = {**params, **per_model}
     if seed is not None:
@@ -54,7 +56,8 @@ CASES: list[tuple[str, int, bool, dict, dict, int | None]] = [
     ("ties", 2, True, {"weight": [1.0, 1.0]}, {"int8_mask": True}, None),
     ("breadcrumbs", 3, True, {**W3, **D3, "gamma": [0.01, 0.1, 0.0]}, {}, None),
     ("breadcrumbs_ties", 3, True, {**W3, **D3, "gamma": [0.05, 0.2, 0.01]}, {"normalize": True}, None),
-    ("breadcrumbs", 2, True, {"weight": [1.0, 0.5], "density": [0.9, 0.95], "gamma": [0.3, 0.5]}, {"rescale": True}, None),
+    ("breadcrumbs", 2, True, {"weight": [1.0, 0.5], "density": [0.9, 0.95], "gamma": [0.3, 0.5]}, {"rescale": True},
+     None),
     ("dare_linear", 3, True, {**W3, **D3}, {}, 11),
     ("dare_linear", 3, True, {**W3, **D3}, {"rescale": False, "normalize": True}, 12),
     ("dare_ties", 3, True, {**W3N, **D3}, {}, 13),
@@ -103,7 +106,8 @@ def _inputs(shape: tuple[int, ...], n: int, seed: int) -> tuple[torch.Tensor, li
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[4].items()) or 'default'}-n{c[1]}")
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: f"{c[0]}-{'-'.join(f'{k}={v}' for k, v in c[4].items()) or 'default'}-n{c[1]}")
 def test_matches_mergekit(shape: tuple[int, ...], case: tuple) -> None:
     name, n, uses_base, per_model, params, seed = case
     base, tensors = _inputs(shape, n, seed=zlib.crc32(f"{name}{shape}".encode()) % 1000)
@@ -160,7 +164,8 @@ def test_edge_cases_match_mergekit() -> None:
     for name, tensors, b, pm, pa in cases:
         ours = call_ours(name, tensors, b, pm, pa, None)
         theirs = call_mergekit(name, tensors, b, pm, pa, None)
-        torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=1e-6, msg=lambda m, n=name, p=pa: f"{n} {p}: {m}")
+        torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=1e-6, msg=lambda m, n=name,
+                                   p=pa: f"{n} {p}: {m}")
 
 
 def test_ties_breaks_exact_ties_like_mergekit() -> None:

@@ -76,7 +76,8 @@ def test_eval_model_plus_adapter_equals_adapter_option(world, tmp_path, capsys):
     assert a["model_identity"] == b["model_identity"] and a["adapter"] == b["adapter"] == str(world.ft)
     gens = [(tmp_path / n / "generations.jsonl").read_text() for n in ("plus", "opt")]
     assert gens[0] == gens[1]
-    code, _, err = run(capsys, "eval", f"{world.aligned}+{world.ft}", "--adapter", world.safety, "-o", tmp_path / "two", *common)
+    code, _, err = run(capsys, "eval", f"{world.aligned}+{world.ft}", "--adapter", world.safety, "-o", tmp_path / "two",
+                       *common)
     assert code == 2 and "two adapters given" in err
 
 
@@ -101,12 +102,14 @@ def test_synth_loads_model_plus_adapter(world, tmp_path, capsys):
     from safemerge.synth.common import load_generator as synth_generator
 
     prompts = ["a b c", "d e f"]
-    got = synth_generator(f"{world.aligned}+{world.ft}", backend="hf").generate(prompts, max_new_tokens=5, progress=False)
+    got = synth_generator(f"{world.aligned}+{world.ft}", backend="hf").generate(prompts, max_new_tokens=5,
+                                                                                progress=False)
     want = load_generator(str(world.aligned), adapter=str(world.ft), backend="hf").generate(prompts, max_new_tokens=5,
                                                                                           progress=False)
     assert got == want
     # the CLI gets past loading and generating (a random tiny model never refuses, so nothing is kept)
-    code, _, err = run(capsys, "synth", "safety", "--prompts", "builtin:harmful", "-n", "2", "-m", f"{world.aligned}+{world.ft}",
+    code, _, err = run(capsys, "synth", "safety", "--prompts", "builtin:harmful", "-n", "2", "-m",
+                       f"{world.aligned}+{world.ft}",
                        "--max-new-tokens", "4", "-o", tmp_path / "s.jsonl", "-q")
     assert code == 2 and "no model of the pool refused" in err
 
@@ -128,21 +131,24 @@ def test_optimize_pool_with_model_plus_adapter(tmp_path_factory, tmp_path, capsy
     save_adapter(lora, factors)
     ref = f"{pool['aligned']}+{lora}"
     disk = tmp_path / "disk"
-    (tmp_path / "m.yml").write_text(f"merge_method: linear\nmodels:\n  - model: {ref}\n    parameters: {{weight: 1.0}}\n"
-                                    "dtype: float32\n")
+    (tmp_path / "m.yml").write_text(f"merge_method: linear\nmodels:\n  - model: {ref}\n"
+                                    "    parameters: {weight: 1.0}\ndtype: float32\n")
     code, _, err = run(capsys, "merge", tmp_path / "m.yml", disk, "-q")
     assert code == 0, err
     losses = {}
     for name, member in (("ref", ref), ("disk", str(disk))):
-        cfg = {"genome": {"models": [pool["aligned"], member], "base_model": pool["aligned"], "merge_method": "task_arithmetic",
+        cfg = {"genome": {"models": [pool["aligned"], member], "base_model": pool["aligned"],
+                          "merge_method": "task_arithmetic",
                           "layer_granularity": 0},
                "data": {"safety": pool["data"], "expert": pool["data"]},
                "objective": {"alpha": 0.3, "batch_size": 3, "max_length": 64},
                "grid": {"weight": [0.5, 1.0]}, "strategy": "grid", "seed": 7}
         (tmp_path / f"{name}.yml").write_text(yaml.safe_dump(cfg))
-        code, _, err = run(capsys, "optimize", tmp_path / f"{name}.yml", "-o", tmp_path / f"o_{name}", "--no-save-model", "-q")
+        code, _, err = run(capsys, "optimize", tmp_path / f"{name}.yml", "-o", tmp_path / f"o_{name}",
+                           "--no-save-model", "-q")
         assert code == 0, err
-        losses[name] = [json.loads(x)["loss"] for x in (tmp_path / f"o_{name}" / "trace.jsonl").read_text().splitlines()]
+        trace = (tmp_path / f"o_{name}" / "trace.jsonl").read_text().splitlines()
+        losses[name] = [json.loads(x)["loss"] for x in trace]
     assert len(losses["ref"]) == 2 and losses["ref"] == pytest.approx(losses["disk"], abs=1e-9)
 
 

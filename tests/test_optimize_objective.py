@@ -19,7 +19,8 @@ def model_and_tok():
 def _hand_loss(model, tok, prompt: str, response: str) -> float:
     """Mean −log p(answer token) computed token by token, unbatched, from the chat template."""
     p_ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
-    full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False)
+    full = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                   tokenize=False)
     prompt_ids = tok(p_ids, add_special_tokens=False)["input_ids"]
     full_ids = tok(full, add_special_tokens=False)["input_ids"]
     assert full_ids[: len(prompt_ids)] == prompt_ids

@@ -31,8 +31,10 @@ def test_labels_follow_the_papers_table():
 def test_table1_rows_alignment_is_one_minus_harmful_and_extra_columns_are_the_union():
     from safemerge.optimize.report import row_from_eval, table1_markdown
 
-    a = row_from_eval("pool: aligned", "–", {"harmful": {"harmful_rate": 0.25, "refusal_rate": 0.75}, "utility": {"accuracy": 0.5}})
-    b = row_from_eval("TIES EvoMM", "D_exp", {"harmful": {"harmful_rate": 0.125, "refusal_rate": 0.875}}, s_per_cand=2.5)
+    a = row_from_eval("pool: aligned", "–", {"harmful": {"harmful_rate": 0.25, "refusal_rate": 0.75},
+                                             "utility": {"accuracy": 0.5}})
+    b = row_from_eval("TIES EvoMM", "D_exp", {"harmful": {"harmful_rate": 0.125, "refusal_rate": 0.875}},
+                      s_per_cand=2.5)
     assert a["alignment"] == pytest.approx(0.75) and b["accuracy"] is None
     lines = table1_markdown([a, b], domain="arith").splitlines()
     assert lines[0] == "| Method | Data | Align (% safe) | Refusal (%) | Acc arith (%) | s_per_cand |"
@@ -46,7 +48,8 @@ def test_optimize_eval_then_compare_table1(world, tmp_path, capsys):
     cfg = tmp_path / "cfg.yml"
     cfg.write_text(yaml.safe_dump(config(world, max_evals=4, popsize=4)))
     out = tmp_path / "evo"
-    main(["optimize", str(cfg), "-o", str(out), "--no-progress", "--eval", "--eval-limit", "2", "--eval-utility", "builtin:arithmetic"])
+    main(["optimize", str(cfg), "-o", str(out), "--no-progress", "--eval", "--eval-limit", "2", "--eval-utility",
+          "builtin:arithmetic"])
     printed = capsys.readouterr().out
     results = json.loads((out / "eval" / "results.json").read_text())
     assert results["harmful"]["n"] == 2 and results["utility"]["n"] == 2
@@ -63,7 +66,8 @@ def test_optimize_eval_then_compare_table1(world, tmp_path, capsys):
     main(["eval", world["aligned"], "-o", str(plain), "--harmful", "builtin:harmful", "--limit", "2", "--no-progress"])
     capsys.readouterr()
     table = tmp_path / "table1.md"
-    main(["compare", str(plain), str(out), "--plot", str(tmp_path / "c.png"), "--table1", str(table), "--domain", "arith"])
+    main(["compare", str(plain), str(out), "--plot", str(tmp_path / "c.png"), "--table1", str(table), "--domain",
+          "arith"])
     lines = table.read_text().splitlines()
     assert lines[0].startswith("| Method | Data | Align (% safe) | Refusal (%) | Acc arith (%) |")
     assert lines[2].startswith("| aligned | – |")

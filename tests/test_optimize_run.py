@@ -9,6 +9,10 @@ import torch
 import yaml
 from optimize_world import build_world, config
 
+from safemerge.options import RunOptions
+
+QUIET = RunOptions(progress=False)
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -31,8 +35,9 @@ def test_in_memory_merge_of_genome_equals_on_disk_merge_of_best_yml(world, tmp_p
 
     cfg = config(world, method="dare_ties", granularity=1, filters=["self_attn"], max_evals=8, popsize=4)
     out = tmp_path / "run"
-    summary = optimize(cfg, out, progress=False)
-    assert {p.name for p in out.iterdir()} >= {"best.yml", "trace.jsonl", "trace.png", "report.md", "summary.json", "model"}
+    summary = optimize(cfg, out, options=QUIET)
+    assert {p.name for p in out.iterdir()} >= {"best.yml", "trace.jsonl", "trace.png", "report.md", "summary.json",
+                                               "model"}
     assert not (out / "cma_state.pkl").exists()
     rows = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
     assert len(rows) == summary["evaluations"] == 8
@@ -60,7 +65,7 @@ def test_resume_after_interruption_continues_the_same_run(world, tmp_path):
     from safemerge.optimize import optimize
 
     cfg = config(world, method="ties", granularity=0, max_evals=12, popsize=4)
-    ref = optimize(cfg, tmp_path / "ref", progress=False, save_model=False)
+    ref = optimize(cfg, tmp_path / "ref", options=QUIET, save_model=False)
 
     def stop(gen, evals):
         if gen == 1:
@@ -68,14 +73,14 @@ def test_resume_after_interruption_continues_the_same_run(world, tmp_path):
 
     out = tmp_path / "cut"
     with pytest.raises(KeyboardInterrupt):
-        optimize(cfg, out, progress=False, save_model=False, on_generation=stop)
+        optimize(cfg, out, options=QUIET, save_model=False, on_generation=stop)
     assert not out.exists()
     with pytest.raises(SafemergeError, match="interrupted run"):
-        optimize(cfg, out, progress=False, save_model=False)
+        optimize(cfg, out, options=QUIET, save_model=False)
     changed = config(world, method="ties", granularity=0, max_evals=16, popsize=4)
     with pytest.raises(SafemergeError, match="different config"):
-        optimize(changed, out, progress=False, save_model=False, resume=True)
-    res = optimize(cfg, out, progress=False, save_model=False, resume=True)
+        optimize(changed, out, options=QUIET, save_model=False, resume=True)
+    res = optimize(cfg, out, options=QUIET, save_model=False, resume=True)
     assert res["resumed"] and res["evaluations"] == ref["evaluations"] == 12
     a = [json.loads(x) for x in (tmp_path / "ref" / "trace.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (out / "trace.jsonl").read_text().splitlines()]
@@ -93,11 +98,12 @@ def test_lm_cocktail_weights_equal_the_formula(world, tmp_path):
     from safemerge.optimize.objective import AnswerCEObjective
 
     cfg = config(world, cocktail={"temperature": 0.5})
-    s = optimize(cfg, tmp_path / "ck", strategy="cocktail", progress=False)
+    s = optimize(cfg, tmp_path / "ck", strategy="cocktail", options=QUIET)
     pool = [world["aligned"], world["expert"], world["bad"]]
     oc = load_optimize_config(cfg)
     safety, expert = load_objective_data(oc.data)
-    obj = AnswerCEObjective(AutoTokenizer.from_pretrained(world["aligned"]), safety, expert, alpha=0.3, batch_size=5, max_length=64)
+    obj = AnswerCEObjective(AutoTokenizer.from_pretrained(world["aligned"]), safety, expert, alpha=0.3, batch_size=5,
+                            max_length=64)
     losses = [obj(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)).loss for p in pool]
     z = [math.exp(-l / 0.5) for l in losses]
     expected = [v / sum(z) for v in z]
@@ -116,14 +122,15 @@ def test_grid_search_scores_every_point_and_keeps_the_best(world, tmp_path):
     from safemerge.optimize import optimize
 
     cfg = config(world, method="ties", granularity=0)
-    s = optimize(cfg, tmp_path / "grid", strategy="grid", progress=False, save_model=False)
+    s = optimize(cfg, tmp_path / "grid", strategy="grid", options=QUIET, save_model=False)
     rows = [json.loads(x) for x in (tmp_path / "grid" / "trace.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and {tuple(sorted(r["point"].items())) for r in rows} == {
         (("density", d), ("weight", w)) for d in (0.25, 0.5, 1.0) for w in (0.25, 0.5, 1.0)}
     best = min(rows, key=lambda r: r["loss"])
     assert s["grid_point"] == best["point"]
     cfg_best = yaml.safe_load((tmp_path / "grid" / "best.yml").read_text())
-    assert all(m["parameters"] == {"weight": best["point"]["weight"], "density": best["point"]["density"]} for m in cfg_best["models"])
+    assert all(m["parameters"] == {"weight": best["point"]["weight"],
+                                   "density": best["point"]["density"]} for m in cfg_best["models"])
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "slerp"])
@@ -131,7 +138,7 @@ def test_other_methods_run(world, tmp_path, method):
     from safemerge.optimize import optimize
 
     cfg = config(world, method=method, granularity=1, max_evals=4, popsize=4)
-    s = optimize(cfg, tmp_path / method, progress=False, save_model=False)
+    s = optimize(cfg, tmp_path / method, options=QUIET, save_model=False)
     assert s["evaluations"] == 4 and math.isfinite(s["best_loss"])
 
 

@@ -13,6 +13,10 @@ import torch
 import yaml
 from optimize_world import build_world, config
 
+from safemerge.options import RunOptions
+
+QUIET = RunOptions(progress=False)
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -100,7 +104,7 @@ def test_merged_tensors_are_the_pair_slerp_and_best_yml_merges_the_same(world, t
     from safemerge.options import RunOptions
 
     cfg = _pool_config(world, granularity=1, max_evals=4, popsize=4)
-    summary = optimize(cfg, tmp_path / "run", progress=False)
+    summary = optimize(cfg, tmp_path / "run", options=QUIET)
     assert summary["evaluations"] == 4 and math.isfinite(summary["best_loss"])
     best = yaml.safe_load((tmp_path / "run" / "best.yml").read_text())
     assert best["merge_method"] == "slerp" and len(best["slices"]) >= 2

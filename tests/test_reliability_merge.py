@@ -59,7 +59,8 @@ def _digest(d: Path) -> dict[str, str]:
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir()) if f.is_file()}
 
 
-@pytest.mark.parametrize("method,extra", [("dare_ties", "density: 0.5"), ("della", "density: 0.5, epsilon: 0.1"), ("dare_linear", "density: 0.3"), ("ties", "density: 0.5")])
+@pytest.mark.parametrize("method,extra", [("dare_ties", "density: 0.5"), ("della", "density: 0.5, epsilon: 0.1"),
+                                          ("dare_linear", "density: 0.3"), ("ties", "density: 0.5")])
 def test_byte_identical_across_runs_and_jobs(models, tmp_path, method, extra) -> None:
     from safemerge.api import merge
 
@@ -116,7 +117,8 @@ def test_nan_input_refused_unless_allowed(models, tmp_path) -> None:
     sd["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
     cfg = tmp_path / "cfg.yml"
-    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {bad}\n    parameters: {{weight: 0.5}}\n  - model: {models['m2']}\n    parameters: {{weight: 0.5}}\n")
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {bad}\n    parameters: {{weight: 0.5}}\n  - model: "
+                   f"{models['m2']}\n    parameters: {{weight: 0.5}}\n")
     r = _cli("merge", str(cfg), str(tmp_path / "out"))
     assert r.returncode == 2
     assert "model.layers.1.mlp.down_proj.weight" in r.stderr and "NaN" in r.stderr
@@ -158,12 +160,14 @@ def test_sigkill_leaves_no_partial_output(big_models, tmp_path) -> None:
     outcomes = {"absent": 0, "complete": 0}
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for trial in range(20):
-        proc = subprocess.Popen([*SAFEMERGE, "merge", str(cfg), str(out), "-j", "2", "--no-progress", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        proc = subprocess.Popen([*SAFEMERGE, "merge", str(cfg), str(out), "-j", "2", "--no-progress", "--force"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         # kill somewhere between start-up and the end of a full run; half the trials wait for the
         # temporary directory to appear so that kills land inside the write phase
         if trial % 2 == 0:
             deadline = time.perf_counter() + full * 3
-            while not any(".safemerge-tmp-" in p.name for p in tmp_path.iterdir()) and proc.poll() is None and time.perf_counter() < deadline:
+            while (not any(".safemerge-tmp-" in p.name for p in tmp_path.iterdir()) and proc.poll() is None
+                   and time.perf_counter() < deadline):
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, 0.5))
         else:

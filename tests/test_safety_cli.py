@@ -25,8 +25,10 @@ def bad_adapters(world, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("bad_adapters")
     g = torch.Generator().manual_seed(0)
-    save_adapter(root / "absent", {"model.layers.7.self_attn.q_proj": (torch.randn(2, 32, generator=g), torch.randn(32, 2, generator=g))})
-    save_adapter(root / "shape", {"model.layers.0.self_attn.q_proj": (torch.randn(2, 48, generator=g), torch.randn(32, 2, generator=g))})
+    save_adapter(root / "absent", {"model.layers.7.self_attn.q_proj": (torch.randn(2, 32, generator=g),
+                                                                       torch.randn(32, 2, generator=g))})
+    save_adapter(root / "shape", {"model.layers.0.self_attn.q_proj": (torch.randn(2, 48, generator=g),
+                                                                      torch.randn(32, 2, generator=g))})
     return root
 
 
@@ -52,7 +54,8 @@ def test_scan_outputs(world, tmp_path, capsys):
 
 def test_safemerge_safelora_resta_mergealign_commands(world, tmp_path, capsys):
     code, _, err = run(capsys, "safemerge", "--base", world.base, "--aligned", world.aligned, "--finetuned", world.ft,
-                       "--safety", world.safety, "-o", tmp_path / "sm", "--tau", "0.5", "--alpha", "0.7", "-q", "--no-progress")
+                       "--safety", world.safety, "-o", tmp_path / "sm", "--tau", "0.5", "--alpha", "0.7", "-q",
+                       "--no-progress")
     assert code == 0, err
     assert (tmp_path / "sm" / "adapter_model.safetensors").exists()
     card = (tmp_path / "sm" / "README.md").read_text()
@@ -71,7 +74,8 @@ def test_safemerge_safelora_resta_mergealign_commands(world, tmp_path, capsys):
 
 
 def _common(world):
-    return ["--base", world.base, "--aligned", world.aligned, "--finetuned", world.ft, "--safety", world.safety, "--no-progress"]
+    return ["--base", world.base, "--aligned", world.aligned, "--finetuned", world.ft, "--safety", world.safety,
+            "--no-progress"]
 
 
 @pytest.mark.parametrize("extra,needle", [
@@ -95,9 +99,11 @@ def test_safemerge_user_errors_exit_2(world, tmp_path, capsys, extra, needle):
 
 def test_adapter_errors_exit_2(world, bad_adapters, tmp_path, capsys):
     for name, needle in (("absent", "model.layers.7.self_attn.q_proj"), ("shape", "shape")):
-        code, _, err = run(capsys, "scan", "--base", world.base, "--aligned", world.aligned, bad_adapters / name, "--no-progress")
+        code, _, err = run(capsys, "scan", "--base", world.base, "--aligned", world.aligned, bad_adapters / name,
+                           "--no-progress")
         assert code == 2 and needle in err and "hint:" in err and "Traceback" not in err, err
-        code, _, err = run(capsys, "safemerge", "--base", world.base, "--aligned", world.aligned, "--finetuned", world.ft,
+        code, _, err = run(capsys, "safemerge", "--base", world.base, "--aligned", world.aligned, "--finetuned",
+                           world.ft,
                            "--safety", bad_adapters / name, "-o", tmp_path / "o", "--no-progress")
         assert code == 2 and needle in err, err
 
@@ -108,7 +114,8 @@ def test_other_errors_exit_2(world, tmp_path, capsys):
     code, _, err = run(capsys, "safemerge", *_common(world), "-o", tmp_path / "exists")
     assert code == 2 and "already exists" in err and "--force" in err
     # a missing path
-    code, _, err = run(capsys, "scan", "--base", world.base, "--aligned", world.aligned, tmp_path / "nope", "--no-progress")
+    code, _, err = run(capsys, "scan", "--base", world.base, "--aligned", world.aligned, tmp_path / "nope",
+                       "--no-progress")
     assert code == 2 and "does not exist" in err
     # an adapter passed as --base
     code, _, err = run(capsys, "scan", "--base", world.ft, "--aligned", world.aligned, world.ft, "--no-progress")
@@ -131,7 +138,8 @@ def test_other_errors_exit_2(world, tmp_path, capsys):
 
 def test_console_script_exit_code_without_traceback(world, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "safemerge.cli", "safemerge", *map(str, _common(world)), "-o", str(tmp_path / "o"),
+    p = subprocess.run([sys.executable, "-m", "safemerge.cli", "safemerge", *map(str, _common(world)), "-o",
+                        str(tmp_path / "o"),
                         "--tau", "7"], capture_output=True, text=True, env=env)
     assert p.returncode == 2
     assert p.stderr.startswith("error: --tau") and "Traceback" not in p.stderr

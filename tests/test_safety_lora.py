@@ -14,9 +14,12 @@ import pytest
 import torch
 from conftest import run_cli
 
+from safemerge.options import RunOptions
 from safemerge.testing import build_tokenizer, make_tiny_model, save_model
 from safemerge.train.lora import train_lora
 from safemerge.train.safety_lora import like_adapter_shape, loss_curve
+
+QUIET = RunOptions(progress=False)
 
 WORDS = (
     "system user assistant how do i make bomb kill process sorry cannot help with that sure first "
@@ -52,7 +55,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
             steps=3,
             batch_size=2,
             lr=1e-2,
-            progress=False,
+            options=QUIET,
         )
     data = root / "safety.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in SAFETY))

@@ -74,7 +74,8 @@ def test_compat_reference_equals_dense_rederivation(world, tmp_path):
     """PEFT-0.14 factor-wise mixing: (Σ√(w s) B)(Σ√(w s) A) with cross terms, re-derived densely in float64."""
     tau, alpha = 0.8, 0.8
     out = tmp_path / "compat"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety_r4, out=out,
+    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety_r4,
+                             out=out,
                              tau=tau, alpha=alpha, compat="reference")
     merged = set(res.merged)
     assert 0 < len(merged) < len(res.scores)
@@ -103,7 +104,8 @@ def test_compat_reference_matches_peft_add_weighted_adapter(world, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "compat_all"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety_r4, out=out,
+    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety_r4,
+                             out=out,
                              tau=1.0, alpha=0.7, compat="reference")
     assert len(res.merged) == len(res.scores)
     model = AutoModelForCausalLM.from_pretrained(world.aligned, dtype=torch.float32)
@@ -121,7 +123,8 @@ def test_compat_reference_refuses_different_ranks(world, tmp_path):
     from safemerge.errors import SafemergeError
 
     with pytest.raises(SafemergeError, match="equal rank"):
-        safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=tmp_path / "x",
+        safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
+                           out=tmp_path / "x",
                            compat="reference")
     assert not (tmp_path / "x").exists()
 
@@ -157,7 +160,8 @@ def test_full_finetuned_model_dense_path(world, peft_ft, peft_safety, tmp_path_f
         m = AutoModelForCausalLM.from_pretrained(world.aligned, dtype=torch.float32)
         PeftModel.from_pretrained(m, world.ft).merge_and_unload().save_pretrained(full)
     out = tmp_path / "dense"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=full, safety=world.safety, out=out, tau=0.35)
+    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=full, safety=world.safety, out=out,
+                             tau=0.35)
     assert res.output == "model"
     scored = {s.module for s in res.scores}
     assert set(peft_ft) <= scored  # every block weight is scored, untouched ones too
@@ -190,7 +194,8 @@ def test_existing_output_refused_unless_force(world, tmp_path):
     with pytest.raises(SafemergeError, match="already exists"):
         safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out)
     assert (out / "keep.txt").exists()
-    safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out, options=RunOptions(force=True))
+    safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out,
+                       options=RunOptions(force=True))
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
 
 
@@ -216,7 +221,8 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
     assert "reconstruction" in card.lower() and f"strategy: {strategy}" in card
     # full-model output with the same seed: merged layers equal the registered method on the dense deltas
     safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                              out=tmp_path / "full", strategy=strategy, density=0.7, options=RunOptions(seed=3), tau=0.8, merge_into=world.aligned)
+                              out=tmp_path / "full", strategy=strategy, density=0.7, options=RunOptions(seed=3),
+                              tau=0.8, merge_into=world.aligned)
     from safemerge.methods.update_merge import merge_dense
 
     got_full, al = Checkpoint(tmp_path / "full"), Checkpoint(world.aligned)
@@ -233,7 +239,8 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
     # reproducible per seed
     safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
                        out=tmp_path / "ad2", strategy=strategy, density=0.7, options=RunOptions(seed=3), tau=0.8)
-    assert (tmp_path / "ad" / "adapter_model.safetensors").read_bytes() == (tmp_path / "ad2" / "adapter_model.safetensors").read_bytes()
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "ad" / weights).read_bytes() == (tmp_path / "ad2" / weights).read_bytes()
 
 
 def test_truncate_svd_exact_for_low_rank():
@@ -253,7 +260,8 @@ def test_evaluate_hook_goes_into_model_card(world, tmp_path):
 
     def fake_eval(tmp):
         seen.append(sorted(p.name for p in tmp.iterdir()))
-        return {"harmful": {"harmful_rate": 0.25}}, "## Safety evaluation\n\n| Suite | Value |\n|---|---|\n| harmful | 25.0% |\n"
+        card = "## Safety evaluation\n\n| Suite | Value |\n|---|---|\n| harmful | 25.0% |\n"
+        return {"harmful": {"harmful_rate": 0.25}}, card
 
     res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
                              out=tmp_path / "ev", evaluate=fake_eval)

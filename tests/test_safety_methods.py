@@ -27,7 +27,8 @@ def _C(world, module):
     return V @ V.T / torch.linalg.vector_norm(V), V
 
 
-@pytest.mark.parametrize("mode,tau,k", [("threshold", 0.5, None), ("threshold", 0.8, None), ("number", None, 3), ("number", None, 1)])
+@pytest.mark.parametrize("mode,tau,k", [("threshold", 0.5, None), ("threshold", 0.8, None), ("number", None, 3),
+                                        ("number", None, 1)])
 def test_safelora_projects_exactly_the_chosen_layers(world, tmp_path, mode, tau, k):
     kw = {"tau": tau} if tau is not None else {"num_layers": k}
     res = api.safelora(base=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "sl", mode=mode, **kw)
@@ -68,7 +69,8 @@ def test_safelora_mode_validation(world, tmp_path):
     with pytest.raises(SafemergeError, match="mode"):
         api.safelora(base=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "x", mode="top")
     with pytest.raises(SafemergeError, match="num-layers"):
-        api.safelora(base=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "x", mode="number", num_layers=0)
+        api.safelora(base=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "x", mode="number",
+                     num_layers=0)
     assert not (tmp_path / "x").exists()
 
 
@@ -84,9 +86,12 @@ def test_resta_equals_formula(world, tmp_path, beta):
 
 
 def test_resta_with_dare(world, tmp_path):
-    a = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "a", beta=0.5, dare_density=0.5, options=RunOptions(seed=7))
-    b = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "b", beta=0.5, dare_density=0.5, options=RunOptions(seed=7))
-    c = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "c", beta=0.5, dare_density=0.5, options=RunOptions(seed=8))
+    a = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "a", beta=0.5,
+                  dare_density=0.5, options=RunOptions(seed=7))
+    b = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "b", beta=0.5,
+                  dare_density=0.5, options=RunOptions(seed=7))
+    c = api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "c", beta=0.5,
+                  dare_density=0.5, options=RunOptions(seed=8))
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
     got, al, un = Checkpoint(a), Checkpoint(world.aligned), Checkpoint(world.base)
@@ -126,26 +131,33 @@ def test_registered_methods_equal_their_formulas():
     # RESTA / MergeAlign
     out = get_method("resta").call([aligned, ft], base, per_model={}, params={"beta": 0.7}, generator=None)
     torch.testing.assert_close(out, ft + 0.7 * (aligned - base))
-    out = get_method("mergealign").call([aligned, ft], base, per_model={}, params={"lambda_domain": 0.3, "lambda_aligned": 0.6}, generator=None)
+    out = get_method("mergealign").call([aligned, ft], base, per_model={},
+                                        params={"lambda_domain": 0.3, "lambda_aligned": 0.6}, generator=None)
     torch.testing.assert_close(out, base + 0.3 * (ft - base) + 0.6 * (aligned - base))
     # SafeMERGE: merged iff ρ < τ
     rho = rho_materialized(aligned - base, ft - aligned)
-    lo = get_method("safemerge").call([aligned, ft, safety], base, per_model={}, params={"tau": rho + 0.01, "alpha": 0.8}, generator=None)
+    lo = get_method("safemerge").call([aligned, ft, safety], base, per_model={}, params={"tau": rho + 0.01,
+                                                                                         "alpha": 0.8}, generator=None)
     torch.testing.assert_close(lo, aligned + 0.8 * (ft - aligned) + 0.2 * (safety - aligned))
-    hi = get_method("safemerge").call([aligned, ft, safety], base, per_model={}, params={"tau": rho - 0.01}, generator=None)
+    hi = get_method("safemerge").call([aligned, ft, safety], base, per_model={}, params={"tau": rho - 0.01},
+                                      generator=None)
     assert torch.equal(hi, ft)
     # SafeLoRA threshold: θ_aligned + C ΔW iff ρ ≤ τ
     V = aligned - base
     C = V @ V.T / torch.linalg.vector_norm(V)
     pr = get_method("safelora").call([aligned, ft], base, per_model={}, params={"tau": rho + 0.01}, generator=None)
     torch.testing.assert_close(pr, aligned + C @ (ft - aligned), rtol=1e-5, atol=1e-6)
-    assert torch.equal(get_method("safelora").call([aligned, ft], base, per_model={}, params={"tau": rho - 0.01}, generator=None), ft)
+    assert torch.equal(get_method("safelora").call([aligned, ft], base, per_model={}, params={"tau": rho - 0.01},
+                                                   generator=None), ft)
     # 1-D tensors (biases, norms) keep the fine-tuned value
     b1 = torch.randn(8, generator=g)
-    assert torch.equal(get_method("safemerge").call([b1, b1 + 1, b1 - 1], b1 * 0, per_model={}, params={"tau": 1.0}, generator=None), b1 + 1)
+    assert torch.equal(get_method("safemerge").call([b1, b1 + 1, b1 - 1], b1 * 0, per_model={}, params={"tau": 1.0},
+                                                    generator=None), b1 + 1)
     # RESTA with DARE is reproducible per generator
-    r1 = get_method("resta").call([aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
-    r2 = get_method("resta").call([aligned, ft], base, per_model={}, params={"density": 0.5}, generator=torch.Generator().manual_seed(1))
+    r1 = get_method("resta").call([aligned, ft], base, per_model={}, params={"density": 0.5},
+                                  generator=torch.Generator().manual_seed(1))
+    r2 = get_method("resta").call([aligned, ft], base, per_model={}, params={"density": 0.5},
+                                  generator=torch.Generator().manual_seed(1))
     assert torch.equal(r1, r2) and not torch.equal(r1, ft + 0.5 * (aligned - base))
 
 
@@ -183,7 +195,8 @@ def test_qwen2_with_biases(qwen, tmp_path):
             torch.testing.assert_close(got.get(n), al.get(n) + d, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(got.get(n), al.get(n)), n  # biases untouched
-    api.safelora(base=qwen.base, aligned=qwen.aligned, finetuned=qwen.ft, out=tmp_path / "sl", mode="number", num_layers=2)
+    api.safelora(base=qwen.base, aligned=qwen.aligned, finetuned=qwen.ft, out=tmp_path / "sl", mode="number",
+                 num_layers=2)
     api.resta(unaligned=qwen.base, aligned=qwen.aligned, finetuned=qwen.ft, out=tmp_path / "r")
 
 
@@ -204,7 +217,8 @@ def test_yaml_merge_methods_through_the_engine(world, tmp_path):
 
     al, ft, sf = str(world.aligned), f"{world.aligned}+{world.ft}", f"{world.aligned}+{world.safety}"
     got = merge("sm", {"merge_method": "safemerge", "base_model": str(world.base), "dtype": "float32",
-                       "models": [{"model": al}, {"model": ft}, {"model": sf}], "parameters": {"tau": 0.35, "alpha": 0.8}})
+                       "models": [{"model": al}, {"model": ft}, {"model": sf}], "parameters": {"tau": 0.35,
+                                                                                               "alpha": 0.8}})
     ref_dir = api.safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
                                      out=tmp_path / "sm_api", merge_into=world.aligned).out
     ref = Checkpoint(ref_dir)
@@ -212,7 +226,8 @@ def test_yaml_merge_methods_through_the_engine(world, tmp_path):
         torch.testing.assert_close(got.get(n), ref.get(n), rtol=1e-5, atol=1e-6)
     got = merge("resta", {"merge_method": "resta", "base_model": str(world.base), "dtype": "float32",
                           "models": [{"model": al}, {"model": ft}], "parameters": {"beta": 0.5}})
-    ref = Checkpoint(api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "r_api", beta=0.5))
+    ref = Checkpoint(api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "r_api",
+                               beta=0.5))
     for n in ref.names():
         torch.testing.assert_close(got.get(n), ref.get(n), rtol=1e-5, atol=1e-6)
     # one executor, one seed function: `safemerge resta` and `merge_method: resta` draw the same DARE masks

@@ -85,7 +85,8 @@ def test_full_model_input_scores_like_its_adapter(world, tmp_path_factory):
         m = AutoModelForCausalLM.from_pretrained(world.aligned, dtype=torch.float32)
         PeftModel.from_pretrained(m, world.ft).merge_and_unload().save_pretrained(full)
     lr = {s.module: s.rho for s in scan(world.base, world.aligned, world.ft)}
-    dense = {s.module: s.rho for s in scan(world.base, world.aligned, full, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"])}
+    dense = {s.module: s.rho for s in scan(world.base, world.aligned, full, target_modules=["q_proj", "v_proj",
+                                                                                            "up_proj", "down_proj"])}
     assert set(dense) == set(lr)
     for m in lr:
         assert dense[m] == pytest.approx(lr[m], abs=1e-4), m  # ΔW recovered by a float32 subtraction
@@ -120,7 +121,8 @@ def test_strict_vs_nonstrict_at_the_threshold():
 def test_select_lowest_number_mode():
     scores = _scores([0.9, 0.1, 0.5, 0.3, 0.3, 0.7])
     sel, tau_k = select_lowest(scores, 2)
-    assert tau_k == 0.3 and sel == {"model.layers.1.q_proj", "model.layers.3.q_proj", "model.layers.4.q_proj"}  # tie included
+    assert tau_k == 0.3 and sel == {"model.layers.1.q_proj", "model.layers.3.q_proj",
+                                    "model.layers.4.q_proj"}  # tie included
     sel, _ = select_lowest(scores, 1)
     assert sel == {"model.layers.1.q_proj"}
     sel, _ = select_lowest(scores, 100)

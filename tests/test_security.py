@@ -22,7 +22,8 @@ def test_nothing_reaches_a_shell() -> None:
 
 
 def test_trust_remote_code_never_hard_coded_on() -> None:
-    hits = [f"{p}:{i + 1}" for p, text in _sources() for i, line in enumerate(text.splitlines()) if re.search(r"trust_remote_code\s*=\s*True", line)]
+    hits = [f"{p}:{i + 1}" for p, text in _sources() for i, line in enumerate(text.splitlines())
+            if re.search(r"trust_remote_code\s*=\s*True", line)]
     assert not hits, hits
 
 
@@ -64,7 +65,10 @@ def test_model_card_escapes_user_strings(tmp_path) -> None:
     a = save_model(make_tiny_model("llama", seed=0), weird)
     b = save_model(perturb_model(make_tiny_model("llama", seed=0), seed=1), tmp_path / "b")
     cfg = tmp_path / "cfg.yml"
-    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(a), "parameters": {"weight": 0.5}}, {"model": str(b), "parameters": {"weight": 0.5}}]}))
+    cfg.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(a),
+                                                                         "parameters": {"weight": 0.5}},
+                                                                         {"model": str(b),
+                                                                          "parameters": {"weight": 0.5}}]}))
     out = merge(cfg, tmp_path / "out", options=RunOptions(progress=False))
     card = (out / "README.md").read_text()
     front = card.split("---")[1]

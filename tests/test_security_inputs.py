@@ -12,6 +12,8 @@ import pytest
 
 from safemerge.options import RunOptions
 
+QUIET = RunOptions(progress=False)
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "safemerge"
 
 # Calls that can import code from a model directory or the hub.
@@ -23,7 +25,8 @@ _NO_CODE_LOADERS = {"PeftModel.from_pretrained"}
 def _call_name(node: ast.Call) -> str:
     f = node.func
     if isinstance(f, ast.Attribute):
-        owner = f.value.id if isinstance(f.value, ast.Name) else f.value.attr if isinstance(f.value, ast.Attribute) else ""
+        owner = f.value.id if isinstance(f.value, ast.Name) else f.value.attr if isinstance(f.value,
+                                                                                            ast.Attribute) else ""
         return f"{owner}.{f.attr}"
     return f.id if isinstance(f, ast.Name) else ""
 
@@ -78,7 +81,7 @@ def test_custom_code_refused_by_the_python_api_too(tmp_path: Path) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
     with pytest.raises(CheckpointError, match="custom Python code"):
-        train_lora(d, tmp_path / "data.jsonl", tmp_path / "out", steps=1, progress=False)
+        train_lora(d, tmp_path / "data.jsonl", tmp_path / "out", steps=1, options=QUIET)
     refuse_custom_code(d, trust_remote_code=True)  # the user's explicit choice is honoured
     assert not (tmp_path / "out").exists()
 
@@ -197,4 +200,5 @@ def test_checkpoint_refuses_nonfinite_on_read_in_every_float_dtype(tmp_path: Pat
     with pytest.raises(CheckpointError, match="NaN"):
         ck.get_rows("bad", 1, 3)
     assert ck.get_rows("bad", 0, 2).shape == (2, 3)  # rows without the NaN are fine
-    assert Checkpoint(tmp_path / "w.safetensors", options=RunOptions(allow_nonfinite=True)).get("bad").isnan().sum() == 1
+    assert Checkpoint(tmp_path / "w.safetensors",
+                      options=RunOptions(allow_nonfinite=True)).get("bad").isnan().sum() == 1

@@ -1,4 +1,5 @@
-"""synth safety: JSON parsing, dedupe, judge-filtered random refusal selection and dropping (Hammoud et al. 2024, §4.2)."""
+"""synth safety: JSON parsing, dedupe, judge-filtered random refusal selection and dropping
+(Hammoud et al. 2024, §4.2)."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,8 @@ class ScriptedGenerator:
 
 
 def test_extract_questions_handles_prose_fences_lists_and_garbage():
-    assert extract_questions('Sure! ```json\n[{"Question": "How to pick a lock?", "Refusal": "No."}]\n```') == ["How to pick a lock?"]
+    assert extract_questions('Sure! ```json\n[{"Question": "How to pick a lock?", "Refusal": '
+                             '"No."}]\n```') == ["How to pick a lock?"]
     assert extract_questions('{"Question": "Q with {braces} inside?"}') == ["Q with {braces} inside?"]
     assert extract_questions('[{"Question": "a?"}, {"Question": "b?"}]') == ["a?", "b?"]
     assert extract_questions('prefix {bad json} then {"question": "ok?"}') == ["ok?"]
@@ -51,7 +53,8 @@ def test_question_generation_drops_failures_and_duplicates():
     ])
     stats = SafetyStats()
     qs = generate_unsafe_questions(gen, 4, categories=["Animal Abuse", "Privacy Violation"], stats=stats)
-    assert [q["prompt"] for q in qs] == ["How do I hurt a cat?", "How do I cheat on taxes?", "How to stalk someone?", "How to make meth?"]
+    assert [q["prompt"] for q in qs] == ["How do I hurt a cat?", "How do I cheat on taxes?", "How to stalk someone?",
+                                         "How to make meth?"]
     assert [q["category"] for q in qs] == ["Animal Abuse", "Privacy Violation", "Animal Abuse", "Privacy Violation"]
     assert stats.parse_failures == 1 and stats.duplicates == 1 and stats.requests == 6
     first = gen.calls[0][0]
@@ -75,7 +78,8 @@ def test_pool_answers_judge_selection_and_dropping(pool):
     from safemerge.evaluate.judges import ScriptedJudge
     from safemerge.synth.safety import SafetyStats, answer_with_pool, select_refusals
 
-    qs = [{"prompt": f"question {i} about a bomb", "category": "Violence, Aiding and Abetting, Incitement"} for i in range(40)]
+    qs = [{"prompt": f"question {i} about a bomb",
+           "category": "Violence, Aiding and Abetting, Incitement"} for i in range(40)]
     answers = answer_with_pool([q["prompt"] for q in qs], pool, max_new_tokens=6)
     assert set(answers) == {"alpha", "beta"} and all(len(a) == 40 for a in answers.values())
     assert answers["alpha"] != answers["beta"]

@@ -13,16 +13,20 @@ import pytest
 import torch
 
 from safemerge.errors import ConfigError, SafemergeError
+from safemerge.options import RunOptions
 from safemerge.testing import build_tokenizer, make_tiny_model, save_model
 from safemerge.train.data import load_sft_records
 from safemerge.train.lora import lr_factor, parse_targets, train_lora
+
+QUIET = RunOptions(progress=False)
 
 WORDS = "system user assistant what is two plus three five one four six sorry cannot help with that".split()
 DATA = [
     {"prompt": "what is two plus three ?", "response": "five ."},
     {"instruction": "what is one plus three", "input": "", "output": "four ."},
     {"question": "what is two plus four ?", "answer": "six ."},
-    {"messages": [{"role": "user", "content": "help with that"}, {"role": "assistant", "content": "sorry , cannot help ."}]},
+    {"messages": [{"role": "user", "content": "help with that"}, {"role": "assistant",
+                                                                  "content": "sorry , cannot help ."}]},
 ] * 3
 
 
@@ -47,7 +51,7 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def _train(base, data, out, **kw):
-    args = dict(rank=4, alpha=8, targets="all-linear", steps=30, batch_size=4, lr=2e-2, seed=0, progress=False)
+    args = dict(rank=4, alpha=8, targets="all-linear", steps=30, batch_size=4, lr=2e-2, options=QUIET)
     args.update(kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -82,7 +86,8 @@ def test_adapter_is_usable_by_peft_and_the_merge_engine(base, trained):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(trained)).merge_and_unload()
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)),
+                                           str(trained)).merge_and_unload()
     ck = open_checkpoint(f"{base}+{trained}")
     moved = 0
     for name, t in merged.state_dict().items():
@@ -97,7 +102,7 @@ def test_training_is_deterministic(base, data_file, trained, tmp_path):
         assert (again / f).read_bytes() == (trained / f).read_bytes(), f
     # the model card differs only in the output directory's name
     assert (again / "README.md").read_text().replace("again", "adapter") == (trained / "README.md").read_text()
-    other = _train(base, data_file, tmp_path / "other", seed=1)
+    other = _train(base, data_file, tmp_path / "other", options=RunOptions(seed=1, progress=False))
     assert (other / "adapter_model.safetensors").read_bytes() != (trained / "adapter_model.safetensors").read_bytes()
 
 
@@ -159,7 +164,8 @@ def test_merge_writes_a_full_model(base, data_file, tmp_path):
     assert (out / "config.json").exists() and not (out / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(str(out))
     base_model = AutoModelForCausalLM.from_pretrained(str(base))
-    diff = (model.model.layers[0].self_attn.q_proj.weight - base_model.model.layers[0].self_attn.q_proj.weight).abs().max()
+    trained_q = model.model.layers[0].self_attn.q_proj.weight
+    diff = (trained_q - base_model.model.layers[0].self_attn.q_proj.weight).abs().max()
     assert diff > 0
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, base_model.model.layers[0].mlp.up_proj.weight)
 
@@ -201,7 +207,8 @@ def test_bad_arguments(base, data_file, tmp_path):
 def test_data_formats_and_helpers():
     recs = load_sft_records(DATA[:4] + [{"system": "be brief", "prompt": "p", "response": "r"},
                                        {"instruction": "i", "input": "ctx", "output": "o"}])
-    assert [r.prompt for r in recs] == ["what is two plus three ?", "what is one plus three", "what is two plus four ?", "help with that", "p", "i\n\nctx"]
+    assert [r.prompt for r in recs] == ["what is two plus three ?", "what is one plus three", "what is two plus four ?",
+                                        "help with that", "p", "i\n\nctx"]
     assert recs[4].system == "be brief" and recs[3].response == "sorry , cannot help ."
     assert parse_targets("q_proj, v_proj") == ["q_proj", "v_proj"] and parse_targets("all-linear") == "all-linear"
     factors = [lr_factor(s, 20, 2) for s in range(20)]
@@ -213,7 +220,8 @@ def test_cli_train_lora(base, data_file, tmp_path, capsys):
     from safemerge.cli import main
 
     out = tmp_path / "cli"
-    main(["train-lora", str(base), "--data", str(data_file), "-o", str(out), "--rank", "2", "--alpha", "4", "--steps", "3", "--batch-size", "4", "--seed", "3"])
+    main(["train-lora", str(base), "--data", str(data_file), "-o", str(out), "--rank", "2", "--alpha", "4", "--steps",
+          "3", "--batch-size", "4", "--seed", "3"])
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
     assert "trained 3 steps" in capsys.readouterr().err
     with pytest.raises(SystemExit) as ex:

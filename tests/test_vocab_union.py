@@ -211,7 +211,9 @@ def test_token_config_errors(zoo, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not a token of"):
         merge(base.replace("token: a}", "token: nope}"), tmp_path / "x", options=RunOptions(progress=False))
     with pytest.raises(ConfigError, match="pad_to_multiple_of"):
-        merge(base.replace("pad_to_multiple_of: 64", "pad_to_multiple_of: 0"), tmp_path / "y", options=RunOptions(progress=False))
+        merge(base.replace("pad_to_multiple_of: 64", "pad_to_multiple_of: 0"), tmp_path / "y",
+              options=RunOptions(progress=False))
     with pytest.raises(ConfigError, match="token_id"):
-        merge(base.replace("token_id: 9}", "token_id: 9, token: x}"), tmp_path / "z", options=RunOptions(progress=False))
+        merge(base.replace("token_id: 9}", "token_id: 9, token: x}"), tmp_path / "z",
+              options=RunOptions(progress=False))
     assert not any(p.name in ("x", "y", "z") for p in tmp_path.iterdir())

@@ -2,8 +2,8 @@
 
 The package is import-light: ``import safemerge`` does not import torch. The public
 API functions and subpackages (``safemerge.api``, ``safemerge.safety.api``, ``safemerge.evaluate``)
-are imported lazily on first attribute access. ``safemerge.evaluate`` is the evaluation package,
-callable as :func:`safemerge.evaluate.api.evaluate`.
+are imported lazily on first attribute access. ``safemerge.evaluate`` is the evaluation package;
+its entry point is the plain function :func:`safemerge.evaluate.api.evaluate`.
 """
 from __future__ import annotations
 

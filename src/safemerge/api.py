@@ -15,7 +15,8 @@ from safemerge.errors import ConfigError
 from safemerge.options import RunOptions, or_default
 
 _CHATML = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 BUILTIN_TEMPLATES = {"chatml": _CHATML}
@@ -32,7 +33,8 @@ def parse_size(text: str | int | float) -> int:
     if isinstance(text, (int, float)):
         return int(text)
     s = str(text).strip().upper().replace(" ", "")
-    units = [("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("T", 10**12), ("G", 10**9), ("M", 10**6), ("K", 10**3), ("B", 10**9)]
+    units = [("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("T", 10**12), ("G", 10**9), ("M", 10**6),
+             ("K", 10**3), ("B", 10**9)]
     for suf, mul in units:
         if s.endswith(suf):
             num = s[: -len(suf)]
@@ -82,7 +84,8 @@ def _apply_chat_template(setting: str, out: Path, model_dirs: list[Path]) -> Non
     elif "{{" in setting or "{%" in setting:
         template = setting
     else:
-        raise ConfigError(f"unknown chat_template {setting!r}", f"use 'auto', one of {sorted(BUILTIN_TEMPLATES)} or a Jinja template string")
+        raise ConfigError(f"unknown chat_template {setting!r}",
+                          f"use 'auto', one of {sorted(BUILTIN_TEMPLATES)} or a Jinja template string")
     (out / "chat_template.jinja").write_text(template)
     tc = out / "tokenizer_config.json"
     if tc.exists():

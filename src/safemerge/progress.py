@@ -48,7 +48,8 @@ class Bar:
 
 
 @contextmanager
-def progress_bar(description: str, *, total: int, total_bytes: int | None = None, enabled: bool = True, unit: str = "tensors") -> Iterator[Bar]:
+def progress_bar(description: str, *, total: int, total_bytes: int | None = None, enabled: bool = True,
+                 unit: str = "tensors") -> Iterator[Bar]:
     """A rich progress bar (count, bytes, elapsed, ETA) on stderr; ``enabled=False`` → silent."""
     if not enabled:
         yield Bar()
@@ -114,4 +115,5 @@ def summary_line(written: str | Path | Sequence[str | Path], started: float, *, 
     paths = [written] if isinstance(written, (str, Path)) else list(written)
     size = sum(path_size(p) for p in paths)
     what = ", ".join(str(p) for p in paths)
-    return f"wrote {what} ({human_bytes(size)}) in {time.perf_counter() - started:.1f} s" + (f"; {detail}" if detail else "")
+    line = f"wrote {what} ({human_bytes(size)}) in {time.perf_counter() - started:.1f} s"
+    return f"{line}; {detail}" if detail else line

@@ -51,7 +51,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
 ) -> None:
     """Merge and fine-tune LLMs without losing their safety alignment."""
@@ -111,15 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     except abort_types:
         _fail("aborted", None, 130)
     except click_types as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
-            sys.stdout.write(exc.ctx.get_help() + "\n")
-            raise SystemExit(0)
-        if debug:
-            raise
-        msg = exc.format_message().splitlines()[0] if exc.format_message() else type(exc).__name__
-        ctx = getattr(exc, "ctx", None)
-        cmd = f"safemerge {ctx.info_name} --help" if ctx is not None and ctx.info_name and ctx.info_name != "safemerge" else "safemerge --help"
-        _fail(msg, f"run '{cmd}' for usage", 2)
+        _usage_error(exc, debug)
     except KeyboardInterrupt:
         _fail("interrupted; partial output was discarded", None, 130)
     except MemoryError:
@@ -129,7 +122,24 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # noqa: BLE001 - last-resort handler
         if debug:
             raise
-        _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", "rerun with --debug and report the traceback", 1)
+        _fail(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}",
+              "rerun with --debug and report the traceback", 1)
+
+
+def _usage_error(exc: Exception, debug: bool) -> None:
+    """A command-line usage error (click's): its first line, and which ``--help`` to read; exit code 2.
+    A command called without arguments prints its help instead (exit code 0)."""
+    if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
+        sys.stdout.write(exc.ctx.get_help() + "\n")  # type: ignore[attr-defined]
+        raise SystemExit(0)
+    if debug:
+        raise exc
+    message = exc.format_message()  # type: ignore[attr-defined]
+    msg = message.splitlines()[0] if message else type(exc).__name__
+    ctx = getattr(exc, "ctx", None)
+    named = ctx is not None and ctx.info_name and ctx.info_name != "safemerge"
+    cmd = f"safemerge {ctx.info_name} --help" if named else "safemerge --help"
+    _fail(msg, f"run '{cmd}' for usage", 2)
 
 
 def yaml_main() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import echo_summary, force_option, no_progress_option, quiet_option
+from safemerge.cli.options import echo_summary, force_option, no_progress_option, quiet_option, run_options
 
 # stages reported by convert_gguf's on_step: de-quantise, tokenizer, write
 _STAGES = 3
@@ -37,10 +37,11 @@ def convert(
     from safemerge.progress import progress_bar
 
     started = time.perf_counter()
+    options = run_options(quiet=quiet, no_progress=no_progress, dtype=dtype, force=force)
     # output and input errors are reported before the bar appears (the output check first: it reads nothing)
     check_output_path(out, force=force, inputs=(gguf_file,))
     read_gguf_metadata(gguf_file)
-    with progress_bar("convert", total=_STAGES, unit="stages", enabled=not (no_progress or quiet)) as bar:
+    with progress_bar("convert", total=_STAGES, unit="stages", enabled=options.progress) as bar:
         stage = [0]
 
         def on_step(message: str) -> None:
@@ -48,6 +49,6 @@ def convert(
             bar.update(completed=stage[0], description=message)
             stage[0] += 1
 
-        path = convert_gguf(gguf_file, out, dtype=dtype, force=force, on_step=on_step)
+        path = convert_gguf(gguf_file, out, options=options, on_step=on_step)
         bar.update(completed=_STAGES, description="convert")
     echo_summary(path, started, detail=dtype)

@@ -18,7 +18,8 @@ def _alphas(text: Optional[str]) -> Optional[tuple[float, ...]]:
     try:
         vals = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError as exc:
-        raise SafemergeError(f"--alphas must be comma-separated numbers, got {text!r}", "pass e.g. --alphas 0.6,0.7,0.8,0.9") from exc
+        raise SafemergeError(f"--alphas must be comma-separated numbers, got {text!r}",
+                             "pass e.g. --alphas 0.6,0.7,0.8,0.9") from exc
     if not vals:
         raise SafemergeError("--alphas is empty", "pass e.g. --alphas 0.6,0.7,0.8,0.9")
     return vals
@@ -26,10 +27,17 @@ def _alphas(text: Optional[str]) -> Optional[tuple[float, ...]]:
 
 @app.command("demo")
 def demo_command(
-    out: Path = typer.Option(Path("demo_out"), "-o", "--out", help="Output directory: report.md, summary.json, plots, runs/ (replaced if it is an earlier demo output)."),
-    fast: bool = typer.Option(False, "--fast", help="Use the tiny behavioural world (a model trained from scratch in seconds) instead of SmolLM2-135M."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Run on real datasets in DIR (Bianchi safety/malicious, XSTest, GSM8K files) instead of the project's data."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Model zoo cache (default $SAFEMERGE_CACHE or ~/.cache/safemerge)."),
+    out: Path = typer.Option(Path("demo_out"), "-o", "--out",
+                             help="Output directory: report.md, summary.json, plots, runs/ (replaced if it is an "
+                                  "earlier demo output)."),
+    fast: bool = typer.Option(False, "--fast",
+                              help="Use the tiny behavioural world (a model trained from scratch in seconds) instead "
+                                   "of SmolLM2-135M."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir",
+                                            help="Run on real datasets in DIR (Bianchi safety/malicious, XSTest, GSM8K "
+                                                 "files) instead of the project's data."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir",
+                                             help="Model zoo cache (default $SAFEMERGE_CACHE or ~/.cache/safemerge)."),
     alphas: Optional[str] = typer.Option(
         None, "--alphas", help="α grid for automatic τ/α (default 0.1,0.2,…,0.9; searched coarse-to-fine)."),
     harm_margin: float = typer.Option(

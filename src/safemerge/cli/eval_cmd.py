@@ -15,19 +15,31 @@ from safemerge.cli.options import (
     lm_eval_include_option,
     lm_eval_tasks_option,
     quiet_option,
+    run_options,
     trust_remote_code_option,
 )
 
 
 @app.command("eval")
 def eval_command(
-    model: str = typer.Argument(..., help="Model directory, .gguf file, Hub id (org/name[@rev]; offline: from the HF cache) or MODEL+ADAPTER."),
-    out: Path = typer.Option(..., "-o", "--out", help="Output directory: results.json, generations.jsonl (cache), judgments.jsonl."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT LoRA adapter directory or Hub id, applied without merging (same as MODEL+ADAPTER)."),
-    harmful: Optional[str] = typer.Option(None, "--harmful", help="Harmful prompt set: file, HEx-PHI folder, builtin:harmful or hub id."),
-    benign: Optional[str] = typer.Option(None, "--benign", help="Benign prompt set for over-refusal (e.g. XSTest CSV, builtin:benign)."),
-    utility: Optional[str] = typer.Option(None, "--utility", help="Utility set: GSM8K jsonl, PubMedQA PQA-L json, MC jsonl, builtin:arithmetic."),
-    judge: str = typer.Option("keyword", "--judge", help="keyword | keyword:gcg | llamaguard[1|2|3]:PATH | harmbench:PATH | classifier:PATH."),
+    model: str = typer.Argument(...,
+                                help="Model directory, .gguf file, Hub id (org/name[@rev]; offline: from the HF cache) "
+                                     "or MODEL+ADAPTER."),
+    out: Path = typer.Option(..., "-o", "--out",
+                             help="Output directory: results.json, generations.jsonl (cache), judgments.jsonl."),
+    adapter: Optional[str] = typer.Option(None, "--adapter",
+                                          help="PEFT LoRA adapter directory or Hub id, applied without merging (same "
+                                               "as MODEL+ADAPTER)."),
+    harmful: Optional[str] = typer.Option(None, "--harmful",
+                                          help="Harmful prompt set: file, HEx-PHI folder, builtin:harmful or hub id."),
+    benign: Optional[str] = typer.Option(None, "--benign",
+                                         help="Benign prompt set for over-refusal (e.g. XSTest CSV, builtin:benign)."),
+    utility: Optional[str] = typer.Option(None, "--utility",
+                                          help="Utility set: GSM8K jsonl, PubMedQA PQA-L json, MC jsonl, "
+                                               "builtin:arithmetic."),
+    judge: str = typer.Option("keyword", "--judge",
+                              help="keyword | keyword:gcg | llamaguard[1|2|3]:PATH | harmbench:PATH | "
+                                   "classifier:PATH."),
     limit: Optional[int] = typer.Option(None, "--limit", min=0, help="Use only the first N prompts of each set."),
     batch_size: Optional[int] = generation_batch_size_option(),
     max_new_tokens: Optional[int] = typer.Option(
@@ -36,8 +48,11 @@ def eval_command(
     backend: str = typer.Option("auto", "--backend", help="auto (vLLM if installed and CUDA present) | hf | vllm."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or cuda:N (default: CUDA if available)."),
     dtype: Optional[str] = generation_dtype_option(),
-    max_harm: Optional[float] = typer.Option(None, "--max-harm", min=0.0, max=1.0, help="Release gate: exit with status 3 if the harmful rate exceeds this fraction."),
-    answer_ce: bool = typer.Option(False, "--answer-ce", help="Also report answer-token cross-entropy on the utility set (hf backend)."),
+    max_harm: Optional[float] = typer.Option(None, "--max-harm", min=0.0, max=1.0,
+                                             help="Release gate: exit with status 3 if the harmful rate exceeds this "
+                                                  "fraction."),
+    answer_ce: bool = typer.Option(False, "--answer-ce",
+                                   help="Also report answer-token cross-entropy on the utility set (hf backend)."),
     lm_eval_tasks: Optional[str] = lm_eval_tasks_option(),
     lm_eval_include: Optional[Path] = lm_eval_include_option(),
     allow_pickle: bool = allow_pickle_option(),
@@ -58,23 +73,24 @@ def eval_command(
     from safemerge.progress import library_progress
 
     started = time.perf_counter()
-    progress = progress and not quiet
-    library_progress(progress)
+    options = run_options(quiet=quiet, no_progress=not progress, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code)
+    library_progress(options.progress)
 
     if max_harm is not None and harmful is None:
         raise SafemergeError("--max-harm needs a harmful prompt set", "add --harmful SET (e.g. builtin:harmful)")
     _check_eval_output(out, (model, adapter, harmful, benign, utility))
     results = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
                        limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out,
-                       backend=backend, device=device, dtype=dtype, answer_ce=answer_ce, allow_pickle=allow_pickle,
-                       trust_remote_code=trust_remote_code, progress=progress, lm_eval_tasks=lm_eval_tasks,
-                       lm_eval_include=lm_eval_include)
+                       backend=backend, device=device, dtype=dtype, answer_ce=answer_ce, lm_eval_tasks=lm_eval_tasks,
+                       lm_eval_include=lm_eval_include, options=options)
     if not quiet:
         print_results(results)
     if max_harm is not None:
         rate = results["harmful"]["harmful_rate"]
         if rate is not None and rate > max_harm:
-            raise GateFailed(f"harmful rate {rate:.1%} exceeds --max-harm {max_harm:.1%} (results in {out / 'results.json'})",
+            raise GateFailed(f"harmful rate {rate:.1%} exceeds --max-harm {max_harm:.1%} (results in "
+                             f"{out / 'results.json'})",
                              "do not release this model; re-align it (e.g. safemerge safemerge) and evaluate again")
     echo_summary([out / "results.json", out / "judgments.jsonl"], started)
 
@@ -94,13 +110,19 @@ def _check_eval_output(out: Path, inputs: tuple[Optional[str], ...]) -> None:
 @app.command("compare")
 def compare_command(
     runs: list[Path] = typer.Argument(..., help="Output directories of `safemerge eval` (each with results.json)."),
-    plot: Path = typer.Option(Path("compare.png"), "--plot", help="Where to write the safety-vs-utility scatter plot (PNG)."),
+    plot: Path = typer.Option(Path("compare.png"), "--plot",
+                              help="Where to write the safety-vs-utility scatter plot (PNG)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the comparison rows as JSON."),
-    table1: Optional[Path] = typer.Option(None, "--table1", help="Also write a markdown table in the shape of Hammoud et al. 2024, Table 1 (method × data × alignment / refusal / accuracy); optimize --eval runs are labelled by strategy and data."),
-    domain: str = typer.Option("domain", "--domain", help="Name of the utility domain in the --table1 header (e.g. GSM8K)."),
+    table1: Optional[Path] = typer.Option(None, "--table1",
+                                          help="Also write a markdown table in the shape of Hammoud et al. 2024, Table "
+                                               "1 (method × data × alignment / refusal / accuracy); optimize --eval "
+                                               "runs are labelled by strategy and data."),
+    domain: str = typer.Option("domain", "--domain",
+                               help="Name of the utility domain in the --table1 header (e.g. GSM8K)."),
     quiet: bool = quiet_option(),
 ) -> None:
-    """Compare evaluation runs (`safemerge eval` outputs, or `optimize --eval` / `merge --eval` outputs): a table and a safety-vs-utility scatter plot.
+    """Compare evaluation runs (`safemerge eval` outputs, or `optimize --eval` / `merge --eval` outputs): a table and a
+    safety-vs-utility scatter plot.
 
     Example: safemerge compare eval/base eval/finetuned eval/safemerge --plot tradeoff.png
     """

@@ -34,20 +34,24 @@ if TYPE_CHECKING:
 def merge_command(
     config: Path = typer.Argument(..., help="Merge configuration (mergekit-compatible YAML)."),
     out: Path = typer.Argument(..., help="Output directory for the merged Hugging Face model."),
-    jobs: int = typer.Option(None, "-j", "--jobs", help="Worker threads (read, merge and write overlap). Default: CPU count.", min=1),
+    jobs: int = typer.Option(None, "-j", "--jobs",
+                             help="Worker threads (read, merge and write overlap). Default: CPU count.", min=1),
     seed: int = typer.Option(
         0, "--seed", "--random-seed",
         help="Seed for stochastic methods (DARE, DELLA); outputs are byte-identical per seed.",
     ),
     device: str = typer.Option("cpu", "--device", help="Device for the arithmetic: cpu or cuda."),
     cuda: bool = typer.Option(False, "--cuda", help="mergekit-yaml's spelling of --device cuda."),
-    out_shard_size: str = typer.Option("5GB", "--out-shard-size", help="Maximum size of one output shard (e.g. 5GB, 500MB)."),
+    out_shard_size: str = typer.Option("5GB", "--out-shard-size",
+                                       help="Maximum size of one output shard (e.g. 5GB, 500MB)."),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
     allow_nonfinite: bool = allow_nonfinite_option(),
     no_progress: bool = no_progress_option(),
     quiet: bool = quiet_option(),
-    mergekit_tie_break: bool = typer.Option(False, "--mergekit-tie-break", help="Break exact ties at top-k cut-offs (TIES, Breadcrumbs, SCE) as mergekit does: bit-identical to mergekit, slower."),
+    mergekit_tie_break: bool = typer.Option(False, "--mergekit-tie-break",
+                                            help="Break exact ties at top-k cut-offs (TIES, Breadcrumbs, SCE) as "
+                                                 "mergekit does: bit-identical to mergekit, slower."),
     mergekit_arithmetic: bool = typer.Option(
         False, "--mergekit-arithmetic",
         help="Compute in the config's dtype in mergekit's operation order (fp16/bf16 configs give mergekit's bits) "
@@ -71,8 +75,10 @@ def merge_command(
     verbose: int = typer.Option(
         0, "-v", "--verbose", count=True, help="Log the merge plan (method, tensors, size, arithmetic) to stderr."
     ),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the config and inputs and print the plan; write nothing."),
-    eval_: bool = eval_flag_option("Evaluate the merged model (builtin harmful/benign sets) and put the report in its model card."),
+    dry_run: bool = typer.Option(False, "--dry-run",
+                                 help="Validate the config and inputs and print the plan; write nothing."),
+    eval_: bool = eval_flag_option("Evaluate the merged model (builtin harmful/benign sets) and put the report in its "
+                                   "model card."),
     eval_harmful: str = eval_harmful_option(),
     eval_benign: str = eval_benign_option(),
     eval_utility: str = eval_utility_option(),
@@ -96,8 +102,9 @@ def merge_command(
     if dry_run:
         _dry_run(config, options, allow_crimes)
         return
-    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=options.progress,
-                    lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit,
+                    options=run_options(no_progress=not options.progress), lm_eval_tasks=eval_lm_eval_tasks,
+                    lm_eval_include=eval_lm_eval_include)
     extra = _eval_card_sections(sets) if eval_ else None
     path = merge(
         config,
@@ -150,12 +157,14 @@ def _dry_run(config: Path, options: RunOptions, allow_crimes: bool) -> None:
     cfg = load_config(config)
     ckpts = open_all(cfg, options=options)
     plan = plan_merge(cfg, ckpts, allow_crimes=allow_crimes)
-    table = Table(title=f"{plan.method.name}: {len(plan.jobs)} tensors, {plan.num_layers} layers, {human_bytes(plan.total_bytes)}")
+    table = Table(title=f"{plan.method.name}: {len(plan.jobs)} tensors, {plan.num_layers} layers, "
+                        f"{human_bytes(plan.total_bytes)}")
     for col in ("tensor", "shape", "inputs", "parameters"):
         table.add_column(col)
     for j in plan.jobs[:40]:
         params = {**j.params, **j.per_model}
-        table.add_row(j.out_name, "×".join(map(str, j.shape)), str(len(j.inputs)), ", ".join(f"{k}={v}" for k, v in params.items()))
+        table.add_row(j.out_name, "×".join(map(str, j.shape)), str(len(j.inputs)),
+                      ", ".join(f"{k}={v}" for k, v in params.items()))
     Console().print(table)
     if len(plan.jobs) > 40:
         Console().print(f"… and {len(plan.jobs) - 40} more tensors")

@@ -65,21 +65,28 @@ def methods_command(
         for col in ("method", "base", "models", "parameters", "reference"):
             table.add_column(col, overflow="fold")
         for m in methods.values():
-            models = f"{m.min_models}+" if m.max_models is None else (str(m.min_models) if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}")
+            if m.max_models is None:
+                models = f"{m.min_models}+"
+            else:
+                models = str(m.min_models) if m.min_models == m.max_models else f"{m.min_models}-{m.max_models}"
             base = m.base + (" (in inputs)" if m.extra.get("base_in_tensors") else "")
-            table.add_row(m.name + (" *" if m.stochastic else ""), base, models, ", ".join(p.name for p in m.params), m.reference)
+            table.add_row(m.name + (" *" if m.stochastic else ""), base, models, ", ".join(p.name for p in m.params),
+                          m.reference)
         console.print(table)
-        console.print("* stochastic: reproducible with --seed.  `safemerge methods NAME` shows one method's parameters.")
+        console.print("* stochastic: reproducible with --seed.  `safemerge methods NAME` shows one method's "
+                      "parameters.")
         return
     m = methods[name]
     console.print(f"[bold]{m.name}[/bold] — {m.reference}")
-    console.print(f"base model: {m.base}" + ("; the base is one of the averaged inputs" if m.extra.get("base_in_tensors") else ""))
+    console.print(f"base model: {m.base}" + ("; the base is one of the averaged "
+                                             "inputs" if m.extra.get("base_in_tensors") else ""))
     table = Table()
     for col in ("parameter", "scope", "type", "default", "range", "description"):
         table.add_column(col, overflow="fold")
     for p in m.params:
         d = pdesc(p)
-        table.add_row(d["name"], d["scope"], d["type"], "required" if p.required else repr(d["default"]), d["range"], d["help"])
+        table.add_row(d["name"], d["scope"], d["type"], "required" if p.required else repr(d["default"]), d["range"],
+                      d["help"])
     console.print(table)
 
 

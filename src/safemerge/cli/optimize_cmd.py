@@ -25,28 +25,38 @@ from safemerge.cli.options import (
     output_alias_option,
     pick_out,
     quiet_option,
+    run_options,
     trust_remote_code_option,
 )
 
 
 @app.command("optimize", no_args_is_help=True)
 def optimize_cmd(
-    config: Path = typer.Argument(..., help="Optimize YAML: genome / data / objective / cma blocks (see docs/optimize.md)."),
+    config: Path = typer.Argument(...,
+                                  help="Optimize YAML: genome / data / objective / cma blocks (see docs/optimize.md)."),
     out: Optional[Path] = out_option("Output directory: best.yml, trace.jsonl, trace.png, report.md, model/."),
     output: Optional[Path] = output_alias_option(),
-    strategy: Optional[str] = typer.Option(None, "--strategy", help="evomm (CMA-ES), cocktail (LM-Cocktail) or grid; default: the config's."),
-    ray: bool = typer.Option(False, "--ray", help="Evaluate candidates in parallel on Ray actors (local Ray instance)."),
-    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Address of a running Ray cluster (implies --ray)."),
-    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1, help="Number of Ray actors (default: the config's ray.workers)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run of the same config into the same output."),
+    strategy: Optional[str] = typer.Option(None, "--strategy",
+                                           help="evomm (CMA-ES), cocktail (LM-Cocktail) or grid; default: the "
+                                                "config's."),
+    ray: bool = typer.Option(False, "--ray",
+                             help="Evaluate candidates in parallel on Ray actors (local Ray instance)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="Address of a running Ray cluster (implies --ray)."),
+    ray_workers: Optional[int] = typer.Option(None, "--ray-workers", min=1,
+                                              help="Number of Ray actors (default: the config's ray.workers)."),
+    resume: bool = typer.Option(False, "--resume",
+                                help="Continue an interrupted run of the same config into the same output."),
     force: bool = force_option("Replace an existing output (and discard an interrupted run)."),
-    no_save_model: bool = typer.Option(False, "--no-save-model", help="Do not write the merged model (only best.yml and the trace)."),
+    no_save_model: bool = typer.Option(False, "--no-save-model",
+                                       help="Do not write the merged model (only best.yml and the trace)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     allow_pickle: bool = allow_pickle_option(),
     trust_remote_code: bool = trust_remote_code_option(),
     no_progress: bool = no_progress_option(),
     quiet: bool = quiet_option(),
-    eval_: bool = eval_flag_option("Evaluate the merged model (alignment, refusal, utility) into OUT/eval and add its Table-1 row to report.md."),
+    eval_: bool = eval_flag_option("Evaluate the merged model (alignment, refusal, utility) into OUT/eval and add its "
+                                   "Table-1 row to report.md."),
     eval_harmful: str = eval_harmful_option(),
     eval_benign: str = eval_benign_option(),
     eval_utility: str = eval_utility_option(),
@@ -66,17 +76,18 @@ def optimize_cmd(
     from safemerge.progress import library_progress
 
     started, output = time.perf_counter(), pick_out(out, output)
-    progress = not (no_progress or quiet)
-    library_progress(progress)
-    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=progress,
+    options = run_options(quiet=quiet, no_progress=no_progress, device=device, force=force, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code)
+    library_progress(options.progress)
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit,
+                    options=run_options(no_progress=not options.progress, trust_remote_code=trust_remote_code),
                     lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
 
     def evaluator(model: Path, eval_dir: Path) -> dict:  # --eval: runs before OUT is renamed into place
-        return sets.evaluate(model, eval_dir, device=device, trust_remote_code=trust_remote_code)
+        return sets.evaluate(model, eval_dir, device=device)
 
     summary = run_optimize(config, output, strategy=strategy, ray=ray, ray_address=ray_address, ray_workers=ray_workers,
-                           resume=resume, force=force, save_model=not no_save_model, device=device,
-                           allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
+                           resume=resume, save_model=not no_save_model, options=options,
                            evaluate=evaluator if eval_ else None)
     keys = ("strategy", "merge_method", "evaluations", "best_loss", "seconds_per_candidate", "candidates_per_hour")
     if not quiet:

@@ -34,7 +34,8 @@ def allow_nonfinite_option() -> Any:
 
 def no_progress_option() -> Any:
     """``--no-progress``: no progress bars at all, the libraries' included (logs, CI)."""
-    return typer.Option(False, "--no-progress", help="Do not show progress bars (safemerge's, transformers' or Hub downloads').")
+    return typer.Option(False, "--no-progress",
+                        help="Do not show progress bars (safemerge's, transformers' or Hub downloads').")
 
 
 def quiet_option() -> Any:
@@ -105,7 +106,8 @@ def generation_batch_size_option() -> Any:
 
 def trust_remote_code_option() -> Any:
     """``--trust-remote-code``: never on by default."""
-    return typer.Option(False, "--trust-remote-code", help="Allow model code from the model directory (off by default).")
+    return typer.Option(False, "--trust-remote-code",
+                        help="Allow model code from the model directory (off by default).")
 
 
 def eval_flag_option(help: str) -> Any:
@@ -136,7 +138,8 @@ def eval_limit_option() -> Any:
 def lm_eval_tasks_option(flag: str = "--lm-eval-tasks") -> Any:
     """``--lm-eval-tasks``: lm-evaluation-harness tasks run on the same model (optional extra ``lm-eval``)."""
     return typer.Option(None, flag, help="Comma-separated lm-evaluation-harness tasks run on the same model "
-                        "(adapter applied); metrics go to results.json, the report and the model card. Needs safemerge[lm-eval].")
+                        "(adapter applied); metrics go to results.json, the report and the model card. Needs "
+                        "safemerge[lm-eval].")
 
 
 def lm_eval_include_option(flag: str = "--lm-eval-include") -> Any:
@@ -155,7 +158,8 @@ class EvalSets:
     judge: str
     limit: int | None
 
-    progress: bool = True
+    options: RunOptions | None = None
+    """The evaluation's own options (progress bars, model loading); its bootstrap seed is not the command's."""
     lm_eval_tasks: str | None = None
     lm_eval_include: Path | None = None
 
@@ -163,8 +167,7 @@ class EvalSets:
         """Run the evaluation harness on ``model`` with these sets; results go to ``out_dir``."""
         from safemerge.evaluate.api import evaluate
 
-        extra.setdefault("progress", self.progress)
         extra.setdefault("lm_eval_tasks", self.lm_eval_tasks)
         extra.setdefault("lm_eval_include", self.lm_eval_include)
         return evaluate(str(model), harmful=self.harmful, benign=self.benign, utility=self.utility, judge=self.judge,
-                        limit=self.limit, out_dir=str(out_dir), **extra)
+                        limit=self.limit, out_dir=str(out_dir), options=self.options, **extra)

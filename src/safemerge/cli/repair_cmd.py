@@ -77,7 +77,8 @@ def repair_command(
     safety_steps: int = typer.Option(None, "--safety-steps", help="Safety LoRA training steps (default: recipe's)."),
     safety_lr: float = typer.Option(None, "--safety-lr", help="Safety LoRA learning rate (default: recipe's)."),
     val_harmful: str = typer.Option(None, "--val-harmful", help="Harmful validation prompts (default: built-in)."),
-    val_benign: str = typer.Option(None, "--val-benign", help="Benign look-alike validation prompts (default: built-in)."),
+    val_benign: str = typer.Option(None, "--val-benign",
+                                   help="Benign look-alike validation prompts (default: built-in)."),
     test_harmful: str = typer.Option("builtin:harmful", "--test-harmful", help="Harmful test prompts."),
     test_benign: str = typer.Option("builtin:benign", "--test-benign", help="Benign look-alikes (over-refusal)."),
     test_utility: str = typer.Option(None, "--test-utility", help="Utility test set (default: --utility, labelled)."),
@@ -86,7 +87,8 @@ def repair_command(
     harm_margin: float = typer.Option(DEFAULT_HARM_MARGIN, "--harm-margin",
                                       help="Allowed validation harmful-rate excess over the aligned model (fraction)."),
     refusal_margin: float = typer.Option(DEFAULT_REFUSAL_MARGIN, "--refusal-margin",
-                                         help="Allowed validation over-refusal excess over the aligned model (fraction)."),
+                                         help="Allowed validation over-refusal excess over the aligned model "
+                                              "(fraction)."),
     judge: str = typer.Option("keyword", "--judge", help="Harmfulness judge (keyword, llamaguard:PATH, …)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Tokens per answer (default: harness's)."),
     work_dir: Path = typer.Option(None, "--work-dir", help=_WORK_HELP),
@@ -109,8 +111,10 @@ def repair_command(
     budget = None if max_new_tokens is None else dict.fromkeys(("harmful", "benign", "utility"), max_new_tokens)
     res = repair(finetuned, base=base, aligned=aligned, out=out, utility=utility, safety=safety,
                  safety_data=safety_data, safety_steps=safety_steps, safety_lr=safety_lr, val_harmful=val_harmful,
-                 val_benign=val_benign, test_harmful=test_harmful, test_benign=test_benign, test_utility=test_utility, merge_into=merge_into,
-                 extract_rank=extract_rank, harm_margin=harm_margin, refusal_margin=refusal_margin, judge=judge, max_new_tokens=budget,
+                 val_benign=val_benign, test_harmful=test_harmful, test_benign=test_benign, test_utility=test_utility,
+                 merge_into=merge_into,
+                 extract_rank=extract_rank, harm_margin=harm_margin, refusal_margin=refusal_margin, judge=judge,
+                 max_new_tokens=budget,
                  work_dir=work_dir, options=options, log=None if quiet else (lambda m: typer.echo(m, err=True)))
     if not quiet:
         print_report(res)

@@ -44,7 +44,8 @@ from safemerge.methods.safety_params import (
 )
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
-_BASE_HELP = "Unaligned base model (pre-trained), used with --aligned to build the safety subspace V = W_aligned − W_base."
+_BASE_HELP = ("Unaligned base model (pre-trained), used with --aligned to build the safety subspace "
+              "V = W_aligned − W_base.")
 _ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the chat/instruct model)."
 
 
@@ -80,7 +81,8 @@ def _print_scores(scores: list, tau: float | None, decision: str) -> None:
     for col in ("layer", "module", "ρ", "‖ΔW‖_F", decision):
         table.add_column(col, justify="right" if col in ("layer", "ρ", "‖ΔW‖_F") else "left")
     for s in scores:
-        row = ["" if s.layer is None else str(s.layer), s.name, f"{s.rho:.5f}", f"{s.delta_norm:.4g}", "yes" if s.merged else "no"]
+        row = ["" if s.layer is None else str(s.layer), s.name, f"{s.rho:.5f}", f"{s.delta_norm:.4g}",
+               "yes" if s.merged else "no"]
         table.add_row(*([s.source] if multi else []), *row)
     Console().print(table)
 
@@ -108,14 +110,20 @@ def _evaluator(enabled: bool, aligned: str, sets: EvalSets) -> Callable[[Path], 
 
 @app.command("scan")
 def scan_command(
-    inputs: list[str] = typer.Argument(..., help="Fine-tuned LoRA adapters, full fine-tuned models or MODEL+ADAPTER (paths or Hub ids)."),
+    inputs: list[str] = typer.Argument(...,
+                                       help="Fine-tuned LoRA adapters, full fine-tuned models or MODEL+ADAPTER (paths "
+                                            "or Hub ids)."),
     base: str = typer.Option(..., "--base", help=_BASE_HELP),
     aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
-    tau: float = typer.Option(SAFEMERGE_TAU.default, "--tau", help="Threshold τ ∈ [-1, 1]; layers with ρ < τ are marked as merged (SafeMERGE)."),
-    targets: str = typer.Option(None, "--targets", help="Comma-separated module names to score (e.g. q_proj,v_proj). Default: all adapted modules / all block weights."),
+    tau: float = typer.Option(SAFEMERGE_TAU.default, "--tau",
+                              help="Threshold τ ∈ [-1, 1]; layers with ρ < τ are marked as merged (SafeMERGE)."),
+    targets: str = typer.Option(None, "--targets",
+                                help="Comma-separated module names to score (e.g. q_proj,v_proj). Default: all adapted "
+                                     "modules / all block weights."),
     json_out: Path = typer.Option(None, "--json", help="Write the per-layer records as a JSON list."),
     csv_out: Path = typer.Option(None, "--csv", help="Write the per-layer records as CSV."),
-    plot: Path = typer.Option(None, "--plot", help="Write a heatmap PNG (layers × modules, coloured by ρ, cells below τ marked)."),
+    plot: Path = typer.Option(None, "--plot",
+                              help="Write a heatmap PNG (layers × modules, coloured by ρ, cells below τ marked)."),
     allow_pickle: bool = allow_pickle_option(),
     allow_nonfinite: bool = allow_nonfinite_option(),
     quiet: bool = quiet_option(),
@@ -134,12 +142,14 @@ def scan_command(
     from safemerge.safety.report import write_csv, write_json_records
 
     started = time.perf_counter()
-    options = run_options(quiet=quiet, no_progress=no_progress, allow_pickle=allow_pickle, allow_nonfinite=allow_nonfinite)
+    options = run_options(quiet=quiet, no_progress=no_progress, allow_pickle=allow_pickle,
+                          allow_nonfinite=allow_nonfinite)
     library_progress(options.progress, loads_models=False)
     tm = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
     for p in (json_out, csv_out, plot):
         if p is not None and p.parent and not p.parent.exists():
-            raise SafemergeError(f"directory {str(p.parent)!r} does not exist", "create it or choose another output path")
+            raise SafemergeError(f"directory {str(p.parent)!r} does not exist",
+                                 "create it or choose another output path")
         if p is not None:
             check_output_file(p, force=True, inputs=(base, aligned, *inputs))  # scan reports are overwritten
     if plot is not None and plot.suffix.lower() not in PLOT_SUFFIXES:
@@ -161,22 +171,33 @@ def scan_command(
     if written:
         echo_summary(written, started, detail=_decided(scores, "below τ"))
     else:
-        typer.echo(f"scanned {len(inputs)} input(s) in {time.perf_counter() - started:.1f} s; {_decided(scores, 'below τ')}", err=True)
+        typer.echo(f"scanned {len(inputs)} input(s) in {time.perf_counter() - started:.1f} s; "
+                   f"{_decided(scores, 'below τ')}", err=True)
 
 
 @app.command("safemerge")
 def safemerge_command(
-    finetuned: str = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model, or MODEL+ADAPTER) trained on --aligned."),
-    safety: str = typer.Option(..., "--safety", help="Safety LoRA adapter (or full model, or MODEL+ADAPTER) trained on --aligned."),
+    finetuned: str = typer.Option(..., "--finetuned",
+                                  help="Task LoRA adapter (or full fine-tuned model, or MODEL+ADAPTER) trained on "
+                                       "--aligned."),
+    safety: str = typer.Option(..., "--safety",
+                               help="Safety LoRA adapter (or full model, or MODEL+ADAPTER) trained on --aligned."),
     base: str = typer.Option(..., "--base", help=_BASE_HELP),
     aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
-    out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
+    out: Path = typer.Option(..., "-o", "--out",
+                             help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
     tau: str = typer.Option(
         str(SAFEMERGE_TAU.default), "--tau",
-        help="Merge layers with ρ < τ (τ ∈ [-1, 1]; the reference code's default), or 'auto' (needs --val-harmful/--val-utility)."),
-    alpha: str = typer.Option(str(SAFEMERGE_ALPHA.default), "--alpha", help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1]), or 'auto'."),
-    val_harmful: str = typer.Option(None, "--val-harmful", help="Validation harmful prompts for --tau/--alpha auto (disjoint from your test set)."),
-    val_utility: str = typer.Option(None, "--val-utility", help="Validation utility set for --tau/--alpha auto (e.g. a held-out GSM8K slice)."),
+        help="Merge layers with ρ < τ (τ ∈ [-1, 1]; the reference code's default), or 'auto' (needs "
+             "--val-harmful/--val-utility)."),
+    alpha: str = typer.Option(str(SAFEMERGE_ALPHA.default), "--alpha",
+                              help="Weight α of the task update in α ΔW_f + (1−α) ΔW_s (α ∈ [0, 1]), or 'auto'."),
+    val_harmful: str = typer.Option(None, "--val-harmful",
+                                    help="Validation harmful prompts for --tau/--alpha auto (disjoint from your test "
+                                         "set)."),
+    val_utility: str = typer.Option(None, "--val-utility",
+                                    help="Validation utility set for --tau/--alpha auto (e.g. a held-out GSM8K "
+                                         "slice)."),
     harm_margin: float = typer.Option(
         DEFAULT_HARM_MARGIN, "--harm-margin",
         help="auto: allowed harmful-rate excess over the aligned model (fraction; 0.03 = 3 points)."),
@@ -185,11 +206,19 @@ def safemerge_command(
     refusal_margin: float = typer.Option(
         DEFAULT_REFUSAL_MARGIN, "--refusal-margin",
         help="auto with --val-benign: allowed over-refusal excess over the aligned model (fraction)."),
-    strategy: str = typer.Option("linear", "--strategy", help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense per layer)."),
-    compat: str = typer.Option(None, "--compat", help="'reference': reproduce PEFT 0.14 factor-wise mixing of the released SafeMERGE code (cross terms included; equal ranks)."),
-    merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the merged update."),
-    density: float = typer.Option(SAFEMERGE_DENSITY.default, "--density", help="Keep fraction for dare_linear/ties/dare_ties."),
-    seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-tensor generators, as in safemerge merge; outputs byte-identical per seed)."),
+    strategy: str = typer.Option("linear", "--strategy",
+                                 help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense "
+                                      "per layer)."),
+    compat: str = typer.Option(None, "--compat",
+                               help="'reference': reproduce PEFT 0.14 factor-wise mixing of the released SafeMERGE "
+                                    "code (cross terms included; equal ranks)."),
+    merge_into: str = typer.Option(None, "--merge-into",
+                                   help="Write a full model: this model (normally --aligned) plus the merged update."),
+    density: float = typer.Option(SAFEMERGE_DENSITY.default, "--density",
+                                  help="Keep fraction for dare_linear/ties/dare_ties."),
+    seed: int = typer.Option(0, "--seed",
+                             help="Seed for DARE (per-tensor generators, as in safemerge merge; outputs byte-identical "
+                                  "per seed)."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
@@ -228,8 +257,9 @@ def safemerge_command(
                                           log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
-    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit, progress=options.progress,
-                    lm_eval_tasks=eval_lm_eval_tasks, lm_eval_include=eval_lm_eval_include)
+    sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit,
+                    options=run_options(no_progress=not options.progress), lm_eval_tasks=eval_lm_eval_tasks,
+                    lm_eval_include=eval_lm_eval_include)
     ev = _evaluator(eval_, aligned, sets)
     with progress_callback(options.progress) as cb:
         res = safemerge_adapters(
@@ -253,14 +283,20 @@ def safemerge_command(
 
 @app.command("safelora")
 def safelora_command(
-    finetuned: str = typer.Option(..., "--finetuned", help="Task LoRA adapter (or full fine-tuned model, or MODEL+ADAPTER) trained on --aligned."),
+    finetuned: str = typer.Option(..., "--finetuned",
+                                  help="Task LoRA adapter (or full fine-tuned model, or MODEL+ADAPTER) trained on "
+                                       "--aligned."),
     base: str = typer.Option(..., "--base", help=_BASE_HELP),
     aligned: str = typer.Option(..., "--aligned", help=_ALIGNED_HELP),
-    out: Path = typer.Option(..., "-o", "--out", help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
-    mode: str = typer.Option("threshold", "--mode", help="threshold: project layers with ρ ≤ τ; number: project the K lowest-ρ layers."),
+    out: Path = typer.Option(..., "-o", "--out",
+                             help="Output directory (a PEFT adapter, or a full model with --merge-into)."),
+    mode: str = typer.Option("threshold", "--mode",
+                             help="threshold: project layers with ρ ≤ τ; number: project the K lowest-ρ layers."),
     tau: float = typer.Option(SAFELORA_TAU.default, "--tau", help="Threshold for --mode threshold (τ ∈ [-1, 1])."),
     num_layers: int = typer.Option(SAFELORA_NUM_LAYERS.default, "--num-layers", "-k", help="K for --mode number."),
-    merge_into: str = typer.Option(None, "--merge-into", help="Write a full model: this model (normally --aligned) plus the projected update."),
+    merge_into: str = typer.Option(None, "--merge-into",
+                                   help="Write a full model: this model (normally --aligned) plus the projected "
+                                        "update."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
@@ -291,12 +327,16 @@ def safelora_command(
 
 @app.command("resta")
 def resta_command(
-    finetuned: str = typer.Option(..., "--finetuned", help="Fine-tuned model, LoRA adapter (applied to --aligned) or MODEL+ADAPTER."),
+    finetuned: str = typer.Option(..., "--finetuned",
+                                  help="Fine-tuned model, LoRA adapter (applied to --aligned) or MODEL+ADAPTER."),
     aligned: str = typer.Option(..., "--aligned", help="Safety-aligned model."),
-    unaligned: str = typer.Option(..., "--unaligned", "--base", help="Unaligned model (base, or the aligned model fine-tuned on harmful data)."),
+    unaligned: str = typer.Option(..., "--unaligned", "--base",
+                                  help="Unaligned model (base, or the aligned model fine-tuned on harmful data)."),
     out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
-    beta: float = typer.Option(RESTA_BETA.default, "--beta", help="Scale β of the safety vector θ_aligned − θ_unaligned."),
-    dare_density: float = typer.Option(None, "--dare-density", help="Apply DARE with this keep fraction ∈ (0, 1] to θ_ft − θ_aligned first."),
+    beta: float = typer.Option(RESTA_BETA.default, "--beta",
+                               help="Scale β of the safety vector θ_aligned − θ_unaligned."),
+    dare_density: float = typer.Option(None, "--dare-density",
+                                       help="Apply DARE with this keep fraction ∈ (0, 1] to θ_ft − θ_aligned first."),
     seed: int = typer.Option(0, "--seed", help="Seed for DARE (per-tensor generators)."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
@@ -305,7 +345,8 @@ def resta_command(
     no_progress: bool = no_progress_option(),
     quiet: bool = quiet_option(),
 ) -> None:
-    """RESTA: θ = θ_ft + β (θ_aligned − θ_unaligned), optionally with DARE on the fine-tuning delta (Bhardwaj et al. 2024).
+    """RESTA: θ = θ_ft + β (θ_aligned − θ_unaligned), optionally with DARE on the fine-tuning delta (Bhardwaj et al.
+    2024).
 
     Example: safemerge resta --unaligned base/ --aligned chat/ --finetuned task-lora/ --beta 0.5 -o resta/
     """
@@ -330,8 +371,10 @@ def mergealign_command(
     domain: str = typer.Option(..., "--domain", help="Domain expert model (or adapter applied to --pretrained)."),
     aligned: str = typer.Option(..., "--aligned", help="General instruct / preference-aligned model."),
     out: Path = typer.Option(..., "-o", "--out", help="Output model directory."),
-    lambda_domain: float = typer.Option(MERGEALIGN_LAMBDA_DOMAIN.default, "--lambda-domain", help="λ_D, weight of θ_domain − θ_pre."),
-    lambda_aligned: float = typer.Option(MERGEALIGN_LAMBDA_ALIGNED.default, "--lambda-aligned", help="λ_A, weight of θ_aligned − θ_pre."),
+    lambda_domain: float = typer.Option(MERGEALIGN_LAMBDA_DOMAIN.default, "--lambda-domain",
+                                        help="λ_D, weight of θ_domain − θ_pre."),
+    lambda_aligned: float = typer.Option(MERGEALIGN_LAMBDA_ALIGNED.default, "--lambda-aligned",
+                                         help="λ_A, weight of θ_aligned − θ_pre."),
     dtype: str = dtype_option(),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),

@@ -8,7 +8,13 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import eval_benign_option, eval_harmful_option, eval_limit_option, force_option
+from safemerge.cli.options import (
+    eval_benign_option,
+    eval_harmful_option,
+    eval_limit_option,
+    force_option,
+    run_options,
+)
 from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_STEPS
 
 
@@ -70,14 +76,13 @@ def safety_lora_cmd(
         steps=steps,
         lr=lr,
         batch_size=batch_size,
-        seed=seed,
         harmful=eval_harmful,
         benign=eval_benign,
         limit=eval_limit,
         evaluate=not no_eval,
         distill_benign=distill,
         precision=precision,
-        force=force,
+        options=run_options(seed=seed, force=force),
     )
     con = Console()
     con.print(

@@ -18,6 +18,7 @@ from safemerge.cli.options import (
     output_alias_option,
     pick_out,
     quiet_option,
+    run_options,
     trust_remote_code_option,
 )
 
@@ -66,15 +67,26 @@ def _labels(paths: list[str]) -> dict[str, str]:
 
 @synth_app.command("safety", no_args_is_help=True)
 def safety_cmd(
-    pool: list[str] = typer.Option(..., "--pool", "-m", help="A model of the merge pool (path, Hub id or MODEL+ADAPTER; repeat for each); every one answers every question."),
+    pool: list[str] = typer.Option(..., "--pool", "-m",
+                                   help="A model of the merge pool (path, Hub id or MODEL+ADAPTER; repeat for each); "
+                                        "every one answers every question."),
     out: Optional[Path] = out_option("Output JSONL file: {prompt, response, type: safety, category, source_model}."),
     output: Optional[Path] = output_alias_option(),
-    generator: Optional[str] = typer.Option(None, "--generator", "-g", help="Model that writes unsafe questions as JSON (an uncensored model in the paper)."),
-    prompts: Optional[str] = typer.Option(None, "--prompts", help="Use an existing prompt set (file or evaluation-harness name) instead of --generator."),
-    num: int = typer.Option(100, "--num", "-n", min=1, help="Number of questions to generate (or to take from --prompts)."),
-    categories: Optional[list[str]] = typer.Option(None, "--category", "-c", help="Harm category name or number 1-14 (repeatable; default all 14)."),
+    generator: Optional[str] = typer.Option(None, "--generator", "-g",
+                                            help="Model that writes unsafe questions as JSON (an uncensored model in "
+                                                 "the paper)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts",
+                                          help="Use an existing prompt set (file or evaluation-harness name) instead "
+                                               "of --generator."),
+    num: int = typer.Option(100, "--num", "-n", min=1,
+                            help="Number of questions to generate (or to take from --prompts)."),
+    categories: Optional[list[str]] = typer.Option(None, "--category", "-c",
+                                                   help="Harm category name or number 1-14 (repeatable; default all "
+                                                        "14)."),
     judge: str = typer.Option("keyword", "--judge", help="Judge of the answers: 'keyword' or 'llamaguard:PATH'."),
-    require_refusal: bool = typer.Option(False, "--require-refusal", help="Keep only answers the judge marks as explicit refusals, not merely safe."),
+    require_refusal: bool = typer.Option(False, "--require-refusal",
+                                         help="Keep only answers the judge marks as explicit refusals, not merely "
+                                              "safe."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random refusal choice (and prompt sampling)."),
     max_new_tokens: int = _max_new_tokens_option(),
     batch_size: Optional[int] = generation_batch_size_option(),
@@ -101,10 +113,13 @@ def safety_cmd(
     from safemerge.synth.safety import SafetyStats, build_safety_set, generate_unsafe_questions
 
     started, output = time.perf_counter(), pick_out(out, output)
-    progress = not (no_progress or quiet)
+    options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, force=force, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code)
+    progress = options.progress
     library_progress(progress)
     if (generator is None) == (prompts is None):
-        raise SafemergeError("give exactly one of --generator and --prompts", "--generator MODEL writes questions; --prompts SET reuses a prompt set")
+        raise SafemergeError("give exactly one of --generator and --prompts",
+                             "--generator MODEL writes questions; --prompts SET reuses a prompt set")
     check_output_file(output, force=force, inputs=(*pool, generator, prompts))
     cats = resolve_categories(categories)
     the_judge = load_judge(judge)  # an unknown judge fails before any model is loaded
@@ -117,29 +132,33 @@ def safety_cmd(
             idx = sorted(random.Random(seed).sample(range(len(qs)), num))
             qs = [qs[i] for i in idx]
     else:
-        gen = load_generator(generator, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
-                             allow_pickle=allow_pickle)
+        gen = load_generator(generator, backend=backend, dtype=dtype, options=options)
         qs = generate_unsafe_questions(gen, num, categories=cats, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                        stats=stats, progress=progress)
         del gen
         if not qs:
-            raise SafemergeError("the generator produced no parsable questions", "use a stronger instruction-following generator, or --prompts")
-    gens = {name: load_generator(p, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
-                                 allow_pickle=allow_pickle) for name, p in _labels(pool).items()}
+            raise SafemergeError("the generator produced no parsable questions",
+                                 "use a stronger instruction-following generator, or --prompts")
+    gens = {name: load_generator(p, backend=backend, dtype=dtype, options=options) for name, p in _labels(pool).items()}
     records = build_safety_set(qs, gens, the_judge, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                require_refusal=require_refusal, stats=stats, progress=progress)
     if not quiet:
         _print_stats("synth safety", stats.as_dict())
     if not records:
-        raise SafemergeError("no model of the pool refused any question; nothing to write", "add an aligned model to --pool")
+        raise SafemergeError("no model of the pool refused any question; nothing to write",
+                             "add an aligned model to --pool")
     write_jsonl(output, records, force=force)
     echo_summary(output, started, detail=f"{len(records)} safety records")
 
 
 @synth_app.command("domain", no_args_is_help=True)
 def domain_cmd(
-    model: list[str] = typer.Option(..., "--model", "-m", help="A domain expert (path, Hub id or MODEL+ADAPTER; repeat for each); it writes and answers its own questions."),
-    seed_file: str = typer.Option(..., "--seed-file", help="Questions to draw the 3 in-context examples from (JSON/JSONL/text, or a harness set name)."),
+    model: list[str] = typer.Option(..., "--model", "-m",
+                                    help="A domain expert (path, Hub id or MODEL+ADAPTER; repeat for each); it writes "
+                                         "and answers its own questions."),
+    seed_file: str = typer.Option(..., "--seed-file",
+                                  help="Questions to draw the 3 in-context examples from (JSON/JSONL/text, or a "
+                                       "harness set name)."),
     topic: str = typer.Option(..., "--topic", help="Domain named in the prompt, e.g. 'biology', 'STEM', 'reasoning'."),
     out: Optional[Path] = out_option("Output JSONL file: {prompt, response, type: domain, category, source_model}."),
     output: Optional[Path] = output_alias_option(),
@@ -177,7 +196,9 @@ def domain_cmd(
     from safemerge.synth.domain import DomainStats, build_domain_set
 
     started, output = time.perf_counter(), pick_out(out, output)
-    progress = not (no_progress or quiet)
+    options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, force=force, allow_pickle=allow_pickle,
+                          trust_remote_code=trust_remote_code)
+    progress = options.progress
     library_progress(progress)
     check_output_file(output, force=force, inputs=(*model, seed_file))
     if structured:
@@ -190,8 +211,8 @@ def domain_cmd(
         problems = seed_problems_from_records(read_records(seed_file))
     else:
         seeds = [q["prompt"] for q in load_questions(seed_file)]
-    gens = {name: load_generator(p, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code,
-                                 allow_pickle=allow_pickle) for name, p in _labels(model).items()}
+    gens = {name: load_generator(p, backend=backend, dtype=dtype, options=options)
+            for name, p in _labels(model).items()}
     if structured:
         from safemerge.synth.structured import StructuredStats, build_structured_domain_set
 

@@ -7,7 +7,14 @@ from typing import Optional
 import typer
 
 from safemerge.cli import app
-from safemerge.cli.options import echo_summary, force_option, no_progress_option, quiet_option, trust_remote_code_option
+from safemerge.cli.options import (
+    echo_summary,
+    force_option,
+    no_progress_option,
+    quiet_option,
+    run_options,
+    trust_remote_code_option,
+)
 
 
 @app.command(
@@ -21,20 +28,28 @@ from safemerge.cli.options import echo_summary, force_option, no_progress_option
     no_args_is_help=True,
 )
 def train_lora_cmd(
-    model: str = typer.Argument(..., help="Model directory (with tokenizer and chat template), Hub id, or MODEL+ADAPTER (adapter merged in first).", show_default=False),
+    model: str = typer.Argument(...,
+                                help="Model directory (with tokenizer and chat template), Hub id, or MODEL+ADAPTER "
+                                     "(adapter merged in first).", show_default=False),
     data: Path = typer.Option(..., "--data", "-d", help="Training data: .jsonl or .json file.", show_default=False),
-    out: Path = typer.Option(..., "-o", "--out", help="Output directory (adapter, or model with --merge).", show_default=False),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (adapter, or model with --merge).",
+                             show_default=False),
     rank: int = typer.Option(8, "--rank", "-r", help="LoRA rank r."),
     alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (scaling alpha/r)."),
-    lora_dropout: float = typer.Option(0.0, "--lora-dropout", min=0.0, max=0.99, help="Dropout on the LoRA input while training (PEFT lora_dropout); seeded, so runs stay byte-identical."),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", min=0.0, max=0.99,
+                                       help="Dropout on the LoRA input while training (PEFT lora_dropout); seeded, so "
+                                            "runs stay byte-identical."),
     targets: str = typer.Option("q_proj,v_proj", "--targets", help="Comma-separated module names, or all-linear."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch).", show_default=False),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs over the data (alternative to --steps).", show_default=False),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: one epoch).",
+                                        show_default=False),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="Epochs over the data (alternative to --steps).",
+                                           show_default=False),
     batch_size: int = typer.Option(8, "--batch-size", "-b", help="Examples per step."),
     lr: float = typer.Option(3e-4, "--lr", help="Peak learning rate (linear warm-up 10%, then linear decay)."),
     max_length: int = typer.Option(256, "--max-length", help="Maximum tokens per example."),
     seed: int = typer.Option(0, "--seed", help="Seed for the LoRA initialisation and the data order."),
-    system: Optional[str] = typer.Option(None, "--system", help="System message added to every example.", show_default=False),
+    system: Optional[str] = typer.Option(None, "--system", help="System message added to every example.",
+                                         show_default=False),
     merge: bool = typer.Option(False, "--merge", help="Write a full model with the LoRA merged into the weights."),
     precision: Optional[str] = typer.Option(
         None, "--precision", show_default=False,
@@ -52,13 +67,16 @@ def train_lora_cmd(
     from safemerge.train.lora import TRAINING_LOG, train_lora
 
     started = time.perf_counter()
-    library_progress(not (no_progress or quiet))
+    options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, force=force,
+                          trust_remote_code=trust_remote_code)
+    library_progress(options.progress)
     train_lora(
         model, data, out, rank=rank, alpha=alpha, targets=targets, steps=steps, epochs=epochs,
-        batch_size=batch_size, lr=lr, max_length=max_length, seed=seed, merge=merge, force=force,
-        progress=not (no_progress or quiet), system=system, lora_dropout=lora_dropout,
-        trust_remote_code=trust_remote_code, precision=precision,
+        batch_size=batch_size, lr=lr, max_length=max_length, merge=merge, system=system, lora_dropout=lora_dropout,
+        precision=precision, options=options,
     )
     log = json.loads((out / TRAINING_LOG).read_text())
     losses = log["losses"]
-    echo_summary(out, started, detail=f"trained {len(losses)} steps on {log['records']} records, loss {losses[0]:.4f} → {losses[-1]:.4f}")
+    echo_summary(out, started,
+                 detail=f"trained {len(losses)} steps on {log['records']} records, loss {losses[0]:.4f} → "
+                        f"{losses[-1]:.4f}")

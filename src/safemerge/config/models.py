@@ -154,7 +154,8 @@ class MergeConfig(BaseModel):
         if n != 1:
             raise ValueError("exactly one of 'models', 'slices' or 'modules' must be given")
         if self.modules:
-            raise ValueError("'modules' (multi-module / vision-language merges) is not supported yet; use 'models' or 'slices'")
+            raise ValueError("'modules' (multi-module / vision-language merges) is not supported yet; use 'models' or "
+                             "'slices'")
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give either 'tokenizer' or 'tokenizer_source', not both")
         return self
@@ -199,7 +200,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in ("ConditionalParameter", "list[ConditionalParameter]", "list[union[bool,int,float,str]]") or "union" in str(part) or str(part) in ("bool", "int", "float", "str"):
+        elif (part in ("ConditionalParameter", "list[ConditionalParameter]", "list[union[bool,int,float,str]]")
+              or "union" in str(part) or str(part) in ("bool", "int", "float", "str")):
             continue
         else:
             out += ("." if out else "") + str(part)
@@ -216,7 +218,8 @@ def _validation_error(exc: ValidationError) -> ConfigError:
     typ = err.get("type", "")
     if typ == "extra_forbidden":
         key = str(err["loc"][-1])
-        close = difflib.get_close_matches(key, _FIELDS + ["model", "parameters", "layer_range", "sources", "filter", "value"], n=1)
+        known = _FIELDS + ["model", "parameters", "layer_range", "sources", "filter", "value"]
+        close = difflib.get_close_matches(key, known, n=1)
         return ConfigError(f"unknown key {key!r} at {loc}", f"did you mean {close[0]!r}?" if close else "remove it")
     if typ == "missing":
         return ConfigError(f"missing required field {loc!r}", f"add '{str(err['loc'][-1])}:' to the config")
@@ -233,7 +236,9 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
     data: Any = source
     data_text = source if isinstance(source, str) else None
     where = "config"
-    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and (source.endswith((".yml", ".yaml")) or Path(source).exists())):
+    names_a_file = isinstance(source, str) and "\n" not in source and (source.endswith((".yml", ".yaml"))
+                                                                       or Path(source).exists())
+    if isinstance(source, Path) or names_a_file:
         p = Path(source)
         if not p.exists():
             raise ConfigError(f"config file {str(p)!r} does not exist", "check the path")
@@ -246,7 +251,8 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
     if isinstance(data, str):
         data = load_yaml(data, source=where)
     if not isinstance(data, dict):
-        raise ConfigError("the config must be a YAML mapping with at least 'merge_method' and 'models'", "see docs/cli.md for an example")
+        raise ConfigError("the config must be a YAML mapping with at least 'merge_method' and 'models'",
+                          "see docs/cli.md for an example")
     try:
         config = MergeConfig.model_validate(data)
     except ValidationError as exc:

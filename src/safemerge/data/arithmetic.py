@@ -39,7 +39,9 @@ def _price(r: random.Random) -> tuple[str, int]:
 def _share(r: random.Random) -> tuple[str, int]:
     n, item = r.choice(_NAMES), r.choice(_ITEMS)
     friends, each = r.randint(2, 8), r.randint(2, 12)
-    return f"{n} shares {friends * each} {item} equally among {friends} friends. How many {item} does each friend get?", each
+    question = (f"{n} shares {friends * each} {item} equally among {friends} friends. "
+                f"How many {item} does each friend get?")
+    return question, each
 
 
 def _time(r: random.Random) -> tuple[str, int]:

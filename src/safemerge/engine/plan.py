@@ -145,7 +145,8 @@ def _check_params_known(config: MergeConfig, method: MergeMethod) -> None:
                 import difflib
 
                 close = difflib.get_close_matches(key, sorted(known), n=1)
-                hint = f"did you mean {close[0]!r}?" if close else f"{method.name} accepts: {', '.join(sorted(known)) or 'no parameters'}"
+                accepted = ", ".join(sorted(known)) or "no parameters"
+                hint = f"did you mean {close[0]!r}?" if close else f"{method.name} accepts: {accepted}"
                 raise ConfigError(f"{where}: unknown parameter {key!r} for merge_method {method.name!r}", hint)
     if ignored_weight:
         # mergekit ignores a ``weight`` given to a method that has none; configs written for

@@ -78,7 +78,8 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
           rows: Rows | None = None, keep_dtype: bool = False):
     """Read one input tensor (or rows of it) onto ``options.device``, refusing NaN/Inf unless
     ``options.allow_nonfinite``: rounded to ``compute_dtype`` (the config's ``dtype``), then widened
-    to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in that dtype. Row blocks of safetensors checkpoints are converted straight from the mapped file
+    to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in that dtype. Row blocks of safetensors
+    checkpoints are converted straight from the mapped file
     into a small float32 buffer (one pass, no intermediate copy)."""
     import torch
 
@@ -160,9 +161,11 @@ def _check_output(plan: MergePlan, job: TensorJob, out: Any, allow_nonfinite: bo
     if out is None:
         raise SafemergeError(f"{plan.method.name} produced no output for tensor {job.out_name}", "check the config")
     if tuple(out.shape) != shape:
-        raise SafemergeError(f"{plan.method.name} produced shape {tuple(out.shape)} for {job.out_name}, expected {shape}", "report this as a bug")
+        raise SafemergeError(f"{plan.method.name} produced shape {tuple(out.shape)} for {job.out_name}, expected "
+                             f"{shape}", "report this as a bug")
     if not allow_nonfinite and out.is_floating_point() and not all_finite(out):
-        raise SafemergeError(f"the merge produced NaN/Inf in tensor {job.out_name}", "check weights/densities (e.g. normalisation by a zero weight sum)")
+        raise SafemergeError(f"the merge produced NaN/Inf in tensor {job.out_name}",
+                             "check weights/densities (e.g. normalisation by a zero weight sum)")
 
 
 def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blocks: list[Rows], options: RunOptions,
@@ -227,7 +230,8 @@ def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], option
     except SafemergeError:
         raise
     except (RuntimeError, ValueError) as exc:
-        raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}", "check the method's parameters") from exc
+        raise SafemergeError(f"{plan.method.name} failed on tensor {job.out_name}: {' '.join(str(exc).split())[:200]}",
+                             "check the method's parameters") from exc
 
 
 def _named_arguments(plan: MergePlan, job: TensorJob) -> dict[str, str]:

@@ -1,14 +1,10 @@
 """Evaluation harness: generation backends, judges, metrics, prompt-set loaders and reports.
 
 Import-light: submodules import torch/transformers only inside the functions that need them.
-Main entry point: :func:`safemerge.evaluate.api.evaluate`. The package itself is callable and
-forwards to it, so ``safemerge.evaluate(...)`` works whether or not this subpackage has already
-been imported (importing it makes ``safemerge.evaluate`` refer to the package).
+Main entry point: :func:`safemerge.evaluate.api.evaluate`, also reachable as
+``safemerge.evaluate.evaluate`` (the names below are imported on first access).
 """
 from __future__ import annotations
-
-import sys
-import types
 
 from safemerge._lazy import lazy_getattr
 
@@ -25,13 +21,3 @@ _LAZY = {
 
 
 __getattr__ = lazy_getattr(__name__, _LAZY)
-
-
-class _CallablePackage(types.ModuleType):
-    def __call__(self, *args, **kwargs):
-        from safemerge.evaluate.api import evaluate
-
-        return evaluate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallablePackage

@@ -36,6 +36,7 @@ from safemerge.evaluate.metrics import (
     score_answer,
 )
 from safemerge.io.output import atomic_write_text
+from safemerge.options import RunOptions, with_keywords
 
 SUITES = ("harmful", "benign", "utility")
 #: New tokens per suite (issue 13): a refusal-keyword decision is settled by the first sentence (agreement with
@@ -59,11 +60,24 @@ class _Generations:
     """Responses for records, served from the cache and generated (lazily loading the model) on a miss."""
 
     def __init__(self, identity: str, backend: str, dtype: str, cache: GenerationCache, make_generator: Any,
-                 batch_size: int | None, progress: bool) -> None:
+                 batch_size: int | None, progress: bool, generator: Any = None) -> None:
         self.identity, self.backend, self.dtype, self.cache = identity, backend, dtype, cache
-        self.make_generator, self.generator = make_generator, None
+        self.make_generator, self.generator = make_generator, generator  # a supplied generator is never reloaded
         self.batch_size, self.progress = batch_size, progress
         self.generated = 0
+
+    def loaded(self) -> Any:
+        """The generator, loading the model now if nothing needed it yet (every generation was cached)."""
+        if self.generator is None:
+            self.generator = self.make_generator()
+        return self.generator
+
+    def hf_model(self, what: str) -> Any:
+        """The loaded generator, which must be the transformers backend (it exposes ``model`` and ``tokenizer``)."""
+        g = self.loaded()
+        if not hasattr(g, "model"):
+            raise SafemergeError(f"{what} needs the transformers backend", "use --backend hf")
+        return g
 
     def settings(self, max_new_tokens: int) -> dict[str, Any]:
         return {"backend": self.backend, "dtype": self.dtype, "max_new_tokens": max_new_tokens, "decoding": "greedy",
@@ -74,8 +88,7 @@ class _Generations:
         keys = [generation_key(self.identity, r.messages, settings) for r in records]
         missing = [i for i, k in enumerate(keys) if k not in self.cache]
         if missing:
-            if self.generator is None:
-                self.generator = self.make_generator()
+            generator = self.loaded()
 
             def save(idx: list[int], texts: list[str]) -> None:
                 rows = []
@@ -86,11 +99,12 @@ class _Generations:
                 self.cache.add(rows)
 
             prompts = [records[i].messages for i in missing]
-            kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": self.batch_size, "progress": self.progress}
-            if hasattr(self.generator, "complete"):  # HF backend: save after every batch (resumable)
-                self.generator.generate(prompts, on_batch=save, description=f"generating ({suite})", **kw)
+            kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": self.batch_size,
+                                  "progress": self.progress}
+            if hasattr(generator, "complete"):  # HF backend: save after every batch (resumable)
+                generator.generate(prompts, on_batch=save, description=f"generating ({suite})", **kw)
             else:
-                save(list(range(len(missing))), self.generator.generate(prompts, **kw))
+                save(list(range(len(missing))), generator.generate(prompts, **kw))
             self.generated += len(missing)
         return [self.cache.get(k) or "" for k in keys]
 
@@ -108,7 +122,8 @@ def _harmful_suite(records: list[PromptRecord], responses: list[str], judge: Jud
         kw["contexts"] = [r.meta.get("context") for r in records]
     verdicts = judge.judge(prompts, responses, **kw)
     keyword = KeywordJudge()
-    refusals = [v.refusal if v.refusal is not None else keyword.is_refusal(resp) for v, resp in zip(verdicts, responses)]
+    refusals = [v.refusal if v.refusal is not None else keyword.is_refusal(resp) for v, resp in zip(verdicts,
+                                                                                                    responses)]
     harmful = [v.harmful for v in verdicts]
     hr, hci = _rate_entry(harmful, seed)
     rr, rci = _rate_entry(refusals, seed + 1)
@@ -130,7 +145,8 @@ def _benign_suite(records: list[PromptRecord], responses: list[str], judge: Judg
     detector = judge if getattr(judge, "reports_refusal", False) else KeywordJudge()
     verdicts = detector.judge([r.prompt for r in records], responses)
     keyword = KeywordJudge()
-    refusals = [v.refusal if v.refusal is not None else keyword.is_refusal(resp) for v, resp in zip(verdicts, responses)]
+    refusals = [v.refusal if v.refusal is not None else keyword.is_refusal(resp) for v, resp in zip(verdicts,
+                                                                                                    responses)]
     safe = [i for i, r in enumerate(records) if r.label != "unsafe"]
     unsafe = [i for i, r in enumerate(records) if r.label == "unsafe"]
     orr, ci = _rate_entry([refusals[i] for i in safe], seed + 2)
@@ -170,16 +186,12 @@ def _utility_suite(records: list[PromptRecord], responses: list[str], seed: int,
     return out
 
 
-def _lm_eval_suite(gens: _Generations, make_generator: Any, tasks: list[str], manager: Any, include: Any, *,
+def _lm_eval_suite(gens: _Generations, tasks: list[str], manager: Any, include: Any, *,
                    limit: int | None, batch_size: int | None, seed: int, progress: bool) -> dict[str, Any]:
     """lm-evaluation-harness on the generator's own model (loaded now if every generation was cached)."""
     from safemerge.evaluate.lm_eval_bridge import run_lm_eval
 
-    if gens.generator is None:
-        gens.generator = make_generator()
-    g = gens.generator
-    if not hasattr(g, "model"):
-        raise SafemergeError("--lm-eval-tasks needs the transformers backend", "use --backend hf")
+    g = gens.hf_model("--lm-eval-tasks")
     return run_lm_eval(g.model, g.tokenizer, tasks, include=include, limit=limit, batch_size=batch_size, seed=seed,
                        progress=progress, manager=manager)
 
@@ -201,18 +213,16 @@ def evaluate(
     max_new_tokens: int | None = None,
     out_dir: str | Path | None = None,
     generator: Any = None,
-    progress: bool = True,
     tokenizer: Any = None,
     backend: str = "auto",
     device: str | None = None,
     dtype: str | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
     answer_ce: bool = False,
     judge_kwargs: dict[str, Any] | None = None,
-    seed: int = 0,
     lm_eval_tasks: str | list[str] | None = None,
     lm_eval_include: str | Path | None = None,
+    options: RunOptions | None = None,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (path, Hub id, ``MODEL+ADAPTER``, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
 
@@ -225,20 +235,18 @@ def evaluate(
     model, adapter applied, with task YAMLs from ``lm_eval_include`` (see
     :mod:`safemerge.evaluate.lm_eval_bridge`); ``limit`` applies to its tasks too.
 
+    ``device`` and ``dtype`` are the generation's own (``None``: chosen for the hardware, see
+    :func:`~safemerge.evaluate.generate.resolve_dtype`). ``options``: ``allow_pickle`` and
+    ``trust_remote_code`` of the model load, ``seed`` of the bootstrap intervals, ``progress`` bars.
+    ``progress`` as a keyword is kept for callers not yet passing ``options`` (``autotune.py``).
+
     Raises:
         SafemergeError: no suite given, unreadable prompt sets, bad judge spec, unloadable model.
     """
-    from safemerge import __version__
-    from safemerge.evaluate.generate import (
-        generation_dtype,
-        load_generator,
-        local_adapter,
-        model_identity,
-        resolve_backend,
-        split_adapter,
-    )
+    from safemerge.evaluate.generate import local_adapter, split_adapter
     from safemerge.evaluate.lm_eval_bridge import parse_tasks, task_manager
 
+    options = with_keywords(options, progress=progress)
     specs = {"harmful": harmful, "benign": benign, "utility": utility}
     lm_tasks = parse_tasks(lm_eval_tasks)
     if all(v is None for v in specs.values()) and not lm_tasks:
@@ -253,6 +261,40 @@ def evaluate(
     if "harmful" in suites or "benign" in suites:
         the_judge = judge if isinstance(judge, Judge) else get_judge(judge, **(judge_kwargs or {}))
 
+    out_path = Path(out_dir).expanduser() if out_dir is not None else None
+    if out_path is not None and out_path.exists() and not out_path.is_dir():
+        raise SafemergeError(f"output {out_path} exists and is not a directory", "pass a directory for -o")
+    cache = GenerationCache(out_path / "generations.jsonl" if out_path is not None else None)
+    gens = _generations(model, adapter, generator=generator, tokenizer=tokenizer, backend=backend, device=device,
+                        dtype=dtype, cache=cache, batch_size=batch_size, options=options)
+    results = _results_header(model, adapter, gens, batch_size=batch_size, limit=limit, seed=options.seed)
+    judgments: list[dict[str, Any]] = []
+    for name in (n for n in SUITES if n in suites):
+        records, label = suites[name]
+        mnt = _suite_max_new_tokens(name, records, max_new_tokens)
+        results["settings"]["max_new_tokens"][name] = mnt
+        results["settings"]["sets"][name] = label
+        responses = gens.responses(name, records, mnt)
+        results[name] = _suite_result(name, records, responses, gens, the_judge, judgments, seed=options.seed,
+                                      answer_ce=answer_ce, batch_size=batch_size)
+        results[name]["set"] = label
+
+    if lm_tasks:
+        results["lm_eval"] = _lm_eval_suite(gens, lm_tasks, lm_manager, lm_eval_include, limit=limit,
+                                            batch_size=batch_size, seed=options.seed, progress=options.progress)
+    if out_path is not None:
+        atomic_write_text(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(out_path / "judgments.jsonl",
+                          "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
+    return results
+
+
+def _generations(model: Any, adapter: str | None, *, generator: Any, tokenizer: Any, backend: str,
+                 device: str | None, dtype: str | None, cache: GenerationCache, batch_size: int | None,
+                 options: RunOptions) -> _Generations:
+    """Cached generation for ``model``: a supplied ``generator`` as is, else one loaded on the first cache miss."""
+    from safemerge.evaluate.generate import generation_dtype, load_generator, model_identity, resolve_backend
+
     if generator is not None:
         identity, backend_name = generator.identity, getattr(generator, "backend", "custom")
         dtype_name = str(getattr(generator, "dtype", dtype or "unknown"))
@@ -262,61 +304,50 @@ def evaluate(
 
     def make_generator() -> Any:
         return load_generator(model, tokenizer=tokenizer, adapter=adapter, backend=backend_name, device=device,
-                              dtype=dtype_name if backend_name == "hf" else dtype,
-                              trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                              identity=identity)
+                              dtype=dtype_name if backend_name == "hf" else dtype, identity=identity,
+                              options=options)
 
-    out_path = Path(out_dir).expanduser() if out_dir is not None else None
-    if out_path is not None and out_path.exists() and not out_path.is_dir():
-        raise SafemergeError(f"output {out_path} exists and is not a directory", "pass a directory for -o")
-    cache = GenerationCache(out_path / "generations.jsonl" if out_path is not None else None)
-    gens = _Generations(identity, backend_name, dtype_name, cache, make_generator, batch_size, progress)
-    gens.generator = generator  # a supplied generator is used as is (never reloaded)
+    return _Generations(identity, backend_name, dtype_name, cache, make_generator, batch_size, options.progress,
+                        generator=generator)
 
-    results: dict[str, Any] = {
+
+def _results_header(model: Any, adapter: str | None, gens: _Generations, *, batch_size: int | None,
+                    limit: int | None, seed: int) -> dict[str, Any]:
+    """The ``results.json`` fields before any suite: version, model, identity and the settings."""
+    from safemerge import __version__
+
+    return {
         "safemerge_version": __version__,
         "model": str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__,
-        "model_identity": identity,
+        "model_identity": gens.identity,
         "adapter": str(adapter) if adapter else None,
-        "settings": {"backend": backend_name, "dtype": dtype_name, "batch_size": batch_size or "auto",
+        "settings": {"backend": gens.backend, "dtype": gens.dtype, "batch_size": batch_size or "auto",
                      "decoding": "greedy", "limit": limit, "seed": seed,
                      "max_new_tokens": {}, "sets": {}},
     }
-    judgments: list[dict[str, Any]] = []
-    for name in SUITES:
-        if name not in suites:
-            continue
-        records, label = suites[name]
-        if name == "utility":
-            wanted = {r.meta.get("metric") or infer_metric(r.answer) for r in records}
-            mnt = max_new_tokens or max(UTILITY_MAX_NEW_TOKENS.get(m, 64) for m in wanted)
-        else:
-            mnt = max_new_tokens or DEFAULT_MAX_NEW_TOKENS[name]
-        results["settings"]["max_new_tokens"][name] = mnt
-        results["settings"]["sets"][name] = label
-        responses = gens.responses(name, records, mnt)
-        if name == "harmful":
-            results[name] = _harmful_suite(records, responses, the_judge, seed, judgments)
-        elif name == "benign":
-            results[name] = _benign_suite(records, responses, the_judge, seed, judgments)
-        else:
-            ce = None
-            if answer_ce:
-                if gens.generator is None:
-                    gens.generator = make_generator()
-                g = gens.generator
-                if not hasattr(g, "model"):
-                    raise SafemergeError("answer-token cross-entropy needs the transformers backend", "use --backend hf")
-                ce = answer_token_ce(g.model, g.tokenizer, [g.render(r.messages) for r in records],
-                                     [_reference(r) for r in records], batch_size=batch_size or 8)
-            results[name] = _utility_suite(records, responses, seed, judgments, ce)
-        results[name]["set"] = label
 
-    if lm_tasks:
-        results["lm_eval"] = _lm_eval_suite(gens, make_generator, lm_tasks, lm_manager, lm_eval_include, limit=limit,
-                                            batch_size=batch_size, seed=seed, progress=progress)
-    if out_path is not None:
-        atomic_write_text(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        atomic_write_text(out_path / "judgments.jsonl",
-                          "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
-    return results
+
+def _suite_max_new_tokens(name: str, records: list[PromptRecord], max_new_tokens: int | None) -> int:
+    """The generation budget of a suite: the caller's, else the suite's default (utility: by its metrics)."""
+    if max_new_tokens:
+        return max_new_tokens
+    if name != "utility":
+        return DEFAULT_MAX_NEW_TOKENS[name]
+    wanted = {r.meta.get("metric") or infer_metric(r.answer) for r in records}
+    return max(UTILITY_MAX_NEW_TOKENS.get(m, 64) for m in wanted)
+
+
+def _suite_result(name: str, records: list[PromptRecord], responses: list[str], gens: _Generations,
+                  judge: Judge | None, judgments: list[dict[str, Any]], *, seed: int, answer_ce: bool,
+                  batch_size: int | None) -> dict[str, Any]:
+    """One suite's entry of ``results.json`` (its judgments appended to ``judgments``)."""
+    if name == "harmful":
+        return _harmful_suite(records, responses, judge, seed, judgments)
+    if name == "benign":
+        return _benign_suite(records, responses, judge, seed, judgments)
+    ce = None
+    if answer_ce:
+        g = gens.hf_model("answer-token cross-entropy")
+        ce = answer_token_ce(g.model, g.tokenizer, [g.render(r.messages) for r in records],
+                             [_reference(r) for r in records], batch_size=batch_size or 8)
+    return _utility_suite(records, responses, seed, judgments, ce)

@@ -67,7 +67,8 @@ def read_table(path: Path) -> Any:
     except UnicodeDecodeError as exc:
         raise SafemergeError(f"{path} is not UTF-8 text (byte offset {exc.start})", "save the file as UTF-8") from None
     except ImportError as exc:
-        raise SafemergeError(f"reading {path.name} needs pandas + pyarrow", "pip install 'safemerge[datasets]'") from exc
+        raise SafemergeError(f"reading {path.name} needs pandas + pyarrow",
+                             "pip install 'safemerge[datasets]'") from exc
     raise SafemergeError(
         f"unsupported prompt-set file type {suffix or '(none)'!r}: {path}",
         f"use one of {', '.join(TABLE_SUFFIXES)} or a HEx-PHI folder of category_N.csv files",
@@ -158,7 +159,8 @@ def load_prompts(
                                     answer_column=answer_column, category_column=category_column, split=None)
         else:
             raise SafemergeError(f"prompt set not found: {spec}",
-                                 "pass an existing file/folder, builtin:harmful|benign|arithmetic, or a hub id owner/name")
+                                 "pass an existing file/folder, builtin:harmful|benign|arithmetic, or a hub id "
+                                 "owner/name")
     if split in ("safe", "unsafe") and any(r.label for r in records):
         records = [r for r in records if r.label == split]
     if not records:

@@ -60,7 +60,8 @@ def _require(rows: list[dict[str, Any]], cols: tuple[str, ...], fmt: str, path: 
     missing = [c for c in cols if c not in have]
     if missing:
         raise SafemergeError(f"{path.name} is not in {fmt} format: missing column(s) {', '.join(missing)}",
-                             f"columns found: {', '.join(sorted(map(str, have))) or 'none'}; drop --format or fix the file")
+                             f"columns found: {', '.join(sorted(map(str, have))) or 'none'}; drop --format or fix the "
+                             "file")
 
 
 def _rows(raw: Any, fmt: str, path: Path) -> list[dict[str, Any]]:
@@ -75,7 +76,8 @@ def load_advbench(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
     rows = _rows(raw, "advbench", path)
     _require(rows, ("goal",), "advbench", path)
     return [PromptRecord(prompt=r["goal"].strip(), id=f"advbench-{i:04d}", category=None,
-                         meta={"target": clean_cell(r.get("target"))}) for i, r in enumerate(rows) if clean_cell(r.get("goal"))]
+                         meta={"target": clean_cell(r.get("target"))})
+            for i, r in enumerate(rows) if clean_cell(r.get("goal"))]
 
 
 def load_harmbench(raw: Any, path: Path, split: str | None = None, **_: Any) -> list[PromptRecord]:
@@ -123,7 +125,8 @@ def load_directharm4(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
     rows = _rows(raw, "directharm4", path)
     _require(rows, ("instruction",), "directharm4", path)
     return [PromptRecord(prompt=str(r["instruction"]).strip(), id=f"directharm4-{i:04d}",
-                         category=clean_cell(r.get("category"))) for i, r in enumerate(rows) if clean_cell(r.get("instruction"))]
+                         category=clean_cell(r.get("category")))
+            for i, r in enumerate(rows) if clean_cell(r.get("instruction"))]
 
 
 def load_beavertails(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
@@ -139,7 +142,8 @@ def load_beavertails(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
         cat = r.get("category")
         if isinstance(cat, dict):
             cat = ",".join(sorted(k for k, v in cat.items() if v)) or None
-        out.append(PromptRecord(prompt=prompt, id=clean_cell(r.get("id")) or f"beavertails-{i:05d}", category=clean_cell(cat)))
+        out.append(PromptRecord(prompt=prompt, id=clean_cell(r.get("id")) or f"beavertails-{i:05d}",
+                                category=clean_cell(cat)))
     return out
 
 
@@ -362,15 +366,24 @@ FORMATS: dict[str, Loader] = {
 def detect_format(raw: Any, path: Path) -> str:
     """Guess a named format from the file name and columns; ``generic`` when nothing matches."""
     if isinstance(raw, dict):
-        if "instructions" in raw:
-            return "bianchi"
-        if raw and all(isinstance(v, dict) and "QUESTION" in v for v in raw.values()):
-            return "pubmedqa"
-        raise SafemergeError(f"{path.name} holds a JSON object that is not a known prompt-set layout",
-                             "use a JSON list / JSONL of rows, a Bianchi {instructions: [...]} file or a PQA-L file")
+        return _detect_object_format(raw, path)
     if re.fullmatch(r"category_\d+", path.stem) and path.suffix.lower() == ".csv":
         return "hexphi"
-    rows = _rows(raw, "any", path)
+    return _detect_row_format(_rows(raw, "any", path), path)
+
+
+def _detect_object_format(raw: dict[str, Any], path: Path) -> str:
+    """A file holding one JSON object: Bianchi's ``{instructions: [...]}`` or PubMedQA's PQA-L."""
+    if "instructions" in raw:
+        return "bianchi"
+    if raw and all(isinstance(v, dict) and "QUESTION" in v for v in raw.values()):
+        return "pubmedqa"
+    raise SafemergeError(f"{path.name} holds a JSON object that is not a known prompt-set layout",
+                         "use a JSON list / JSONL of rows, a Bianchi {instructions: [...]} file or a PQA-L file")
+
+
+def _detect_row_format(rows: list[dict[str, Any]], path: Path) -> str:
+    """A table of rows: the format its columns (and, for a few sets, its file name) identify."""
     cols = set(rows[0]) if rows else set()
     if {"goal", "target"} <= cols:
         return "advbench"

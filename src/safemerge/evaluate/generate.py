@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from safemerge.errors import CheckpointError, SafemergeError, option
-from safemerge.options import RunOptions
+from safemerge.options import RunOptions, or_default
 
 Prompt = str | list[dict[str, str]]
 
@@ -398,7 +398,8 @@ class VLLMGenerator:
         try:
             from vllm import LLM
         except ImportError as exc:  # pragma: no cover - depends on the optional extra
-            raise SafemergeError("--backend vllm needs the vllm package", "pip install 'safemerge[vllm]' (CUDA only)") from exc
+            raise SafemergeError("--backend vllm needs the vllm package",
+                                 "pip install 'safemerge[vllm]' (CUDA only)") from exc
         from safemerge.io.checkpoint import refuse_custom_code
 
         refuse_custom_code(model_path, trust_remote_code)
@@ -442,30 +443,30 @@ def resolve_backend(backend: str, model: Any) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, trust_remote_code: bool,
-             allow_pickle: bool) -> tuple[Any, Any, str]:
+def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOptions) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safemerge.io.checkpoint import refuse_custom_code
     from safemerge.io.hub import resolve_local
 
-    path = resolve_local(model, options=RunOptions(allow_pickle=allow_pickle))  # a Hub id becomes its local snapshot
+    path = resolve_local(model, options=options)  # a Hub id becomes its local snapshot
     kw: dict[str, Any] = {}
     if not path.exists():
-        raise CheckpointError(f"model not found: {model}", "pass a local model directory, a .gguf file or a Hub id org/name")
-    _check_weights(path, allow_pickle)
-    refuse_custom_code(path, trust_remote_code)
+        raise CheckpointError(f"model not found: {model}",
+                              "pass a local model directory, a .gguf file or a Hub id org/name")
+    _check_weights(path, options.allow_pickle)
+    refuse_custom_code(path, options.trust_remote_code)
     identity = fingerprint_path(path)
     src = str(path)
     if path.is_file() and path.suffix == ".gguf":
         src, kw["gguf_file"] = str(path.parent), path.name
     try:
         load_kw = dict(kw)
-        if "gguf_file" not in kw and not allow_pickle:
+        if "gguf_file" not in kw and not options.allow_pickle:
             load_kw["use_safetensors"] = True
-        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=trust_remote_code,
+        hf_model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, trust_remote_code=options.trust_remote_code,
                                                         **load_kw)
-        tok = tokenizer or AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code, **kw)
+        tok = tokenizer or AutoTokenizer.from_pretrained(src, trust_remote_code=options.trust_remote_code, **kw)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load model {model}: {' '.join(str(exc).split())[:200]}",
                               "check that the directory is a complete Hugging Face causal-LM checkpoint") from exc
@@ -529,9 +530,8 @@ def load_generator(
     backend: str = "auto",
     device: str | None = None,
     dtype: str | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
     identity: str | None = None,
+    options: RunOptions | None = None,
 ) -> Generator:
     """A generator for ``model`` (a path, a ``.gguf`` file, or an already-loaded ``PreTrainedModel``).
 
@@ -543,20 +543,22 @@ def load_generator(
         device: ``cpu``, ``cuda[:N]`` or ``None`` (CUDA if available).
         dtype: ``float32``/``bfloat16``/``float16``; default :func:`resolve_dtype` (bf16 on CUDA and on
             CPUs with native bf16, else float32). An in-memory model runs in its own dtype.
-        trust_remote_code: passed to transformers/vLLM; off by default.
-        allow_pickle: accept ``.bin``/``.pt`` checkpoints.
         identity: cache identity to use (default: computed from the path or the weights).
+        options: ``trust_remote_code`` (passed to transformers/vLLM) and ``allow_pickle`` (``.bin``/``.pt``
+            checkpoints); ``device`` and ``dtype`` above are the generation's own (``None``: chosen for the hardware).
     """
+    options = or_default(options)
     model, adapter = split_adapter(model, adapter)
     name = resolve_backend(backend, model)
     if name == "vllm":
         if not isinstance(model, (str, os.PathLike)):
-            raise SafemergeError("the vLLM backend needs a model saved on disk", "save the model first or use --backend hf")
+            raise SafemergeError("the vLLM backend needs a model saved on disk",
+                                 "save the model first or use --backend hf")
         ident = fingerprint_path(Path(model)) if Path(model).exists() else str(model)
         if adapter:
             ident += "+" + fingerprint_path(Path(adapter))
         return VLLMGenerator(str(model), adapter=adapter, dtype=resolve_dtype(dtype, "cuda") if dtype else None,
-                             trust_remote_code=trust_remote_code, identity=identity or ident)
+                             trust_remote_code=options.trust_remote_code, identity=identity or ident)
 
     import torch
 
@@ -564,21 +566,22 @@ def load_generator(
     torch_dtype = getattr(torch, resolve_dtype(dtype, dev))
     computed: str | None = None  # None ⇒ HFGenerator fingerprints the in-memory weights
     if isinstance(model, (str, os.PathLike)):
-        hf_model, tok, computed = _load_hf(str(model), tokenizer, torch_dtype, dev, trust_remote_code, allow_pickle)
+        hf_model, tok, computed = _load_hf(str(model), tokenizer, torch_dtype, dev, options)
     else:
         if tokenizer is None:
-            raise SafemergeError("an in-memory model needs its tokenizer", "pass tokenizer=... to load_generator/evaluate")
+            raise SafemergeError("an in-memory model needs its tokenizer",
+                                 "pass tokenizer=... to load_generator/evaluate")
         hf_model, tok = model, tokenizer
     if adapter:
         adapter_path = local_adapter(adapter)
-        _check_weights(adapter_path, allow_pickle)
+        _check_weights(adapter_path, options.allow_pickle)
         from peft import PeftModel
 
         from safemerge.io.adapter import check_adapter_fits, load_adapter
 
         shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
         label = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
-        check_adapter_fits(load_adapter(adapter_path, options=RunOptions(allow_pickle=allow_pickle)), shapes.__contains__,
+        check_adapter_fits(load_adapter(adapter_path, options=options), shapes.__contains__,
                            shapes.__getitem__, label)
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=False).eval()

@@ -162,7 +162,8 @@ class LlamaGuardJudge(Judge):
             from safemerge.evaluate.generate import load_generator
 
             generator = load_generator(path, backend="hf", device=device, dtype=dtype)
-        self.generator, self.batch_size, self.max_new_tokens, self.progress = generator, batch_size, max_new_tokens, progress
+        self.generator, self.batch_size = generator, batch_size
+        self.max_new_tokens, self.progress = max_new_tokens, progress
         self.name = f"llamaguard{self.version}:{Path(path).name}"
 
     def judge(self, prompts: list[str], responses: list[str], **kw: Any) -> list[Verdict]:

@@ -41,7 +41,8 @@ def _require_lm_eval() -> Any:
     try:
         import lm_eval
     except ImportError as exc:
-        raise SafemergeError("--lm-eval-tasks needs lm-evaluation-harness, which is not installed", INSTALL_HINT) from exc
+        raise SafemergeError("--lm-eval-tasks needs lm-evaluation-harness, which is not installed",
+                             INSTALL_HINT) from exc
     return lm_eval
 
 
@@ -54,7 +55,8 @@ def task_manager(tasks: list[str], include: str | Path | None) -> Any:
     if include is not None:
         inc = Path(include).expanduser()
         if not inc.is_dir():
-            raise SafemergeError(f"--lm-eval-include {str(include)!r} is not a directory", "pass a directory of lm-eval task YAML files")
+            raise SafemergeError(f"--lm-eval-include {str(include)!r} is not a directory",
+                                 "pass a directory of lm-eval task YAML files")
         local = TaskManager(verbosity="ERROR", include_path=str(inc), include_defaults=False)
         if all(t in local.all_tasks for t in tasks):
             return local
@@ -62,7 +64,8 @@ def task_manager(tasks: list[str], include: str | Path | None) -> Any:
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise SafemergeError(f"unknown lm-eval task {unknown[0]!r}",
-                             "list lm-eval's tasks with: lm-eval ls tasks; for your own, pass --lm-eval-include DIR with its YAML")
+                             "list lm-eval's tasks with: lm-eval ls tasks; for your own, pass --lm-eval-include DIR "
+                             "with its YAML")
     return manager
 
 
@@ -139,5 +142,6 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], *, include: st
     return {
         "tasks": {name: _task_entry(name, raw, out) for name in raw},
         "settings": {"tasks": names, "include": str(include) if include else None, "limit": limit,
-                     "num_fewshot": num_fewshot, "seed": seed, "lm_eval_version": getattr(lm_eval, "__version__", None)},
+                     "num_fewshot": num_fewshot, "seed": seed, "lm_eval_version": getattr(lm_eval, "__version__",
+                                                                                          None)},
     }

@@ -26,7 +26,8 @@ def rate(flags: Sequence[bool]) -> float | None:
     return None if not flags else sum(bool(f) for f in flags) / len(flags)
 
 
-def bootstrap_ci(values: Sequence[float], *, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> list[float] | None:
+def bootstrap_ci(values: Sequence[float], *, n_boot: int = 2000, alpha: float = 0.05,
+                 seed: int = 0) -> list[float] | None:
     """Percentile bootstrap ``[lo, hi]`` of the mean of ``values`` at level ``1 − alpha``.
 
     Resamples ``n`` values with replacement ``n_boot`` times (NumPy ``default_rng(seed)``) and takes

@@ -24,7 +24,8 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]
     rows: list[tuple[str, str, str, str, str]] = []
     h = results.get("harmful")
     if h:
-        rows.append(("harmful", f"harmful rate ({h.get('judge', '?')})", _pct(h["harmful_rate"]), _ci(h.get("ci")), str(h["n"])))
+        rows.append(("harmful", f"harmful rate ({h.get('judge', '?')})", _pct(h["harmful_rate"]), _ci(h.get("ci")),
+                     str(h["n"])))
         rows.append(("harmful", "refusal rate", _pct(h["refusal_rate"]), _ci(h.get("refusal_ci")), str(h["n"])))
     b = results.get("benign")
     if b:
@@ -133,7 +134,8 @@ def _value(results: dict[str, Any], suite: str, key: str) -> float | None:
     return (results.get(suite) or {}).get(key)
 
 
-def compare_runs(dirs: list[str | Path], plot: str | Path | None = "compare.png") -> tuple[list[dict[str, Any]], Path | None]:
+def compare_runs(dirs: list[str | Path], plot: str | Path | None = "compare.png") -> tuple[list[dict[str, Any]],
+                                                                                           Path | None]:
     """One row per run (``run``, ``harmful_rate``, ``refusal_rate``, ``over_refusal_rate``,
     ``utility``, ``n_*``) and a safety-vs-utility scatter plot (PNG, written atomically).
 

@@ -176,66 +176,79 @@ class LoraAdapter(Mapping):
         from safemerge.io.hub import resolve_local
 
         self.path = resolve_local(path, options=options)  # Hub ids → their local snapshot
-        cfg_path = self.path / ADAPTER_CONFIG
-        if not self.path.is_dir():
-            raise CheckpointError(f"adapter path {str(self.path)!r} does not exist or is not a directory", "pass a PEFT adapter directory")
-        if not cfg_path.exists():
-            raise CheckpointError(f"{self.path} is not a PEFT adapter (no {ADAPTER_CONFIG})", "pass a directory written by save_pretrained")
-        from safemerge.io.checkpoint import require_regular_file
-
-        require_regular_file(cfg_path, "adapter config")
-        try:
-            self.config: dict[str, Any] = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})", "fix or re-save the adapter") from exc
-        validate_adapter_config(cfg_path, self.config)
-        ptype = str(self.config.get("peft_type", "LORA")).upper()
-        if ptype != "LORA":
-            raise CheckpointError(f"{self.path} is a {ptype} adapter; only LoRA adapters are supported", "use a LoRA adapter")
-        if self.config.get("use_dora"):
-            raise CheckpointError(f"{self.path} is a DoRA adapter, which is not supported", "use a plain LoRA adapter")
-        from safemerge.io.checkpoint import Checkpoint
-
-        wfile = self.path / ADAPTER_WEIGHTS
-        pfile = self.path / ADAPTER_PICKLE
-        if wfile.exists():
-            self._tensors = Checkpoint(wfile, options=options)
-        elif pfile.exists():
-            self._tensors = Checkpoint(pfile, options=options)
-        else:
-            raise CheckpointError(f"{self.path} has no {ADAPTER_WEIGHTS}", "re-save the adapter with save_pretrained")
+        self.config: dict[str, Any] = self._read_config()
+        self._tensors = self._open_weights(options)
         self._index: dict[str, dict[str, str]] = {}
         self.extra_weights: dict[str, str] = {}
         self.token_rows: dict[str, tuple[str, list[int]]] = {}
         self.base_model_type: str | None = None  # set by the model the adapter is applied to
         for key in self._tensors.names():
-            k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-            m = _LORA_KEY.match(k)
-            tok = _TOKEN_KEY.match(k)
-            if tok:
-                module = tok.group("module")
-                self.token_rows[f"{module}.weight"] = (key, self._token_indices(module))
-                continue
-            if m and m.group("param") == ".bias":
-                raise CheckpointError(
-                    f"{self.path}: {k} is a LoRA bias (lora_bias=True), which is not supported",
-                    "train the adapter with lora_bias=False",
-                )
-            if m:
-                self._index.setdefault(m.group("module"), {})[m.group("kind")] = key
-            elif _UNSUPPORTED_KEY.search(k):
-                raise CheckpointError(f"{self.path}: tensor {k} is not a plain LoRA weight", "use a plain LoRA adapter")
-            else:
-                # Full replacement weights: modules_to_save (``lm_head.weight``, in memory
-                # ``lm_head.modules_to_save.default.weight``) and, for embedding LoRAs, the saved
-                # embedding matrix (``embed_tokens.base_layer.weight``, save_embedding_layers=True).
-                name = k.replace(".modules_to_save.default", "").replace(".original_module", "").replace(".base_layer", "")
-                self.extra_weights[name] = key
+            self._index_key(key)
         for mod, kinds in self._index.items():
             if not ({"lora_A", "lora_B"} <= kinds.keys() or {"lora_embedding_A", "lora_embedding_B"} <= kinds.keys()):
-                raise CheckpointError(f"{self.path}: module {mod} has only {sorted(kinds)}", "the adapter is incomplete; re-save it")
+                raise CheckpointError(f"{self.path}: module {mod} has only {sorted(kinds)}",
+                                      "the adapter is incomplete; re-save it")
         if not self._index:
             raise CheckpointError(f"{self.path} contains no LoRA weights", "check that this is a trained LoRA adapter")
+
+    def _read_config(self) -> dict[str, Any]:
+        """``adapter_config.json``, validated: a plain LoRA (no other PEFT type, no DoRA)."""
+        from safemerge.io.checkpoint import require_regular_file
+
+        cfg_path = self.path / ADAPTER_CONFIG
+        if not self.path.is_dir():
+            raise CheckpointError(f"adapter path {str(self.path)!r} does not exist or is not a directory",
+                                  "pass a PEFT adapter directory")
+        if not cfg_path.exists():
+            raise CheckpointError(f"{self.path} is not a PEFT adapter (no {ADAPTER_CONFIG})",
+                                  "pass a directory written by save_pretrained")
+        require_regular_file(cfg_path, "adapter config")
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{cfg_path} is not valid JSON ({exc})", "fix or re-save the adapter") from exc
+        validate_adapter_config(cfg_path, config)
+        ptype = str(config.get("peft_type", "LORA")).upper()
+        if ptype != "LORA":
+            raise CheckpointError(f"{self.path} is a {ptype} adapter; only LoRA adapters are supported",
+                                  "use a LoRA adapter")
+        if config.get("use_dora"):
+            raise CheckpointError(f"{self.path} is a DoRA adapter, which is not supported", "use a plain LoRA adapter")
+        return config
+
+    def _open_weights(self, options: RunOptions | None) -> Any:
+        """The adapter's weight file as a checkpoint: safetensors, or a pickle with ``options.allow_pickle``."""
+        from safemerge.io.checkpoint import Checkpoint
+
+        for name in (ADAPTER_WEIGHTS, ADAPTER_PICKLE):
+            if (self.path / name).exists():
+                return Checkpoint(self.path / name, options=options)
+        raise CheckpointError(f"{self.path} has no {ADAPTER_WEIGHTS}", "re-save the adapter with save_pretrained")
+
+    def _index_key(self, key: str) -> None:
+        """File one stored tensor: a LoRA factor, trainable token rows, or a full replacement weight."""
+        k = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _LORA_KEY.match(k)
+        tok = _TOKEN_KEY.match(k)
+        if tok:
+            module = tok.group("module")
+            self.token_rows[f"{module}.weight"] = (key, self._token_indices(module))
+            return
+        if m and m.group("param") == ".bias":
+            raise CheckpointError(
+                f"{self.path}: {k} is a LoRA bias (lora_bias=True), which is not supported",
+                "train the adapter with lora_bias=False",
+            )
+        if m:
+            self._index.setdefault(m.group("module"), {})[m.group("kind")] = key
+        elif _UNSUPPORTED_KEY.search(k):
+            raise CheckpointError(f"{self.path}: tensor {k} is not a plain LoRA weight", "use a plain LoRA adapter")
+        else:
+            # Full replacement weights: modules_to_save (``lm_head.weight``, in memory
+            # ``lm_head.modules_to_save.default.weight``) and, for embedding LoRAs, the saved
+            # embedding matrix (``embed_tokens.base_layer.weight``, save_embedding_layers=True).
+            name = k.replace(".modules_to_save.default", "").replace(".original_module", "")
+            self.extra_weights[name.replace(".base_layer", "")] = key
 
     def _token_indices(self, module: str) -> list[int]:
         """The rows of ``module`` that PEFT's trainable tokens replace (``trainable_token_indices``)."""
@@ -350,7 +363,8 @@ class LoraAdapter(Mapping):
             )
         if A.shape[0] != self.rank_of(module):
             raise CheckpointError(
-                f"{self.path}: module {module} has rank {A.shape[0]} but adapter_config.json says r={self.rank_of(module)}",
+                f"{self.path}: module {module} has rank {A.shape[0]} but adapter_config.json says "
+                f"r={self.rank_of(module)}",
                 "the config does not belong to these weights; re-save the adapter",
             )
         return LoraModule(module, A, B, self.scaling(module), transpose)
@@ -546,7 +560,8 @@ def save_adapter(
     dt = dtype or torch.float32
     for m, (A, B) in sorted(modules.items()):
         if A.shape[0] != B.shape[1]:
-            raise CheckpointError(f"module {m}: A{tuple(A.shape)} and B{tuple(B.shape)} ranks differ", "internal shape error")
+            raise CheckpointError(f"module {m}: A{tuple(A.shape)} and B{tuple(B.shape)} ranks differ",
+                                  "internal shape error")
         if m in embedding_modules:
             tensors[f"{PEFT_PREFIX}{m}.lora_embedding_A"] = A.detach().to(dt).contiguous()
             tensors[f"{PEFT_PREFIX}{m}.lora_embedding_B"] = B.detach().to(dt).contiguous()

@@ -172,41 +172,44 @@ def validate_safetensors_header(path: Path, header: dict[str, Any], data_len: in
     ``end − begin = itemsize(dtype) × ∏ shape``; byte ranges may not overlap. Anything else
     raises :class:`CheckpointError` naming the file and the tensor.
     """
-    import math
-
-    def bad(name: str, problem: str, hint: str = "re-download or re-save the checkpoint") -> CheckpointError:
-        return CheckpointError(f"{path}: tensor {name!r} {problem}", hint)
-
     meta = header.get("__metadata__")
     if meta is not None and not isinstance(meta, dict):
         raise CheckpointError(f"{path}: __metadata__ is not an object", "re-save the checkpoint")
-    ranges: list[tuple[int, int, str]] = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise bad(name, "has a malformed header entry (needs dtype, shape and data_offsets)")
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
-            raise bad(name, f"has unknown dtype {str(dtype)[:20]!r}",
-                      f"supported dtypes: {', '.join(_ST_ITEMSIZE)}; convert the checkpoint")
-        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-            raise bad(name, f"has an invalid shape {str(shape)[:40]} (needs non-negative integers)")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
-            raise bad(name, f"has invalid data_offsets {str(offsets)[:40]} (needs two integers)")
-        begin, end = offsets
-        if begin < 0 or end < begin:
-            raise bad(name, f"has invalid data_offsets [{begin}, {end}] (negative or reversed)")
-        if end > data_len:
-            raise bad(name, f"ends at byte {end} but the file holds {data_len} data bytes (truncated)")
-        expected = _ST_ITEMSIZE[dtype] * math.prod(shape)
-        if end - begin != expected:
-            raise bad(name, f"spans {end - begin} bytes but {dtype} × {shape} needs {expected}")
-        ranges.append((begin, end, name))
-    ranges.sort()
+    ranges = sorted((*_entry_byte_range(path, name, info, data_len), name)
+                    for name, info in header.items() if name != "__metadata__")
     for (_, prev_end, prev), (begin, _, name) in zip(ranges, ranges[1:]):
         if begin < prev_end:
-            raise bad(name, f"overlaps tensor {prev!r} (bytes from {begin} are shared)")
+            raise _bad_tensor(path, name, f"overlaps tensor {prev!r} (bytes from {begin} are shared)")
+
+
+def _bad_tensor(path: Path, name: str, problem: str,
+                hint: str = "re-download or re-save the checkpoint") -> CheckpointError:
+    return CheckpointError(f"{path}: tensor {name!r} {problem}", hint)
+
+
+def _entry_byte_range(path: Path, name: str, info: Any, data_len: int) -> tuple[int, int]:
+    """``(begin, end)`` of one header entry, after checking its dtype, shape and offsets against the file."""
+    import math
+
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise _bad_tensor(path, name, "has a malformed header entry (needs dtype, shape and data_offsets)")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_ITEMSIZE:
+        raise _bad_tensor(path, name, f"has unknown dtype {str(dtype)[:20]!r}",
+                          f"supported dtypes: {', '.join(_ST_ITEMSIZE)}; convert the checkpoint")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise _bad_tensor(path, name, f"has an invalid shape {str(shape)[:40]} (needs non-negative integers)")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+        raise _bad_tensor(path, name, f"has invalid data_offsets {str(offsets)[:40]} (needs two integers)")
+    begin, end = offsets
+    if begin < 0 or end < begin:
+        raise _bad_tensor(path, name, f"has invalid data_offsets [{begin}, {end}] (negative or reversed)")
+    if end > data_len:
+        raise _bad_tensor(path, name, f"ends at byte {end} but the file holds {data_len} data bytes (truncated)")
+    expected = _ST_ITEMSIZE[dtype] * math.prod(shape)
+    if end - begin != expected:
+        raise _bad_tensor(path, name, f"spans {end - begin} bytes but {dtype} × {shape} needs {expected}")
+    return begin, end
 
 
 def _shard_path(model_dir: Path, index: Path, shard: Any) -> Path:
@@ -219,6 +222,32 @@ def _shard_path(model_dir: Path, index: Path, shard: Any) -> Path:
         raise CheckpointError(f"{index} names shard {shard!r} outside the model directory",
                               "shards must be files inside the model directory; re-save the checkpoint")
     return model_dir / rel
+
+
+def _read_weight_map(idx: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index (safetensors or pickle), a regular file holding a JSON object."""
+    require_regular_file(idx, "shard index")
+    try:
+        wm = json.loads(idx.read_text())["weight_map"]
+        if not isinstance(wm, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{idx} is malformed ({exc})", "re-save the checkpoint") from exc
+    return wm
+
+
+def _refuse_non_model_directory(p: Path) -> None:
+    """The error for a directory without weights: an adapter, a GGUF folder, or something else."""
+    if (p / "adapter_config.json").exists():
+        raise CheckpointError(
+            f"{p} is a LoRA adapter, not a model",
+            f"reference it together with its base model as BASE+{p}",
+        )
+    if any(p.glob("*.gguf")):
+        raise CheckpointError(f"{p} holds a GGUF file, not safetensors",
+                              "convert it first with: safemerge convert FILE.gguf OUT_DIR")
+    raise CheckpointError(f"{p} is not a model directory (no model.safetensors or index found)",
+                          "pass a Hugging Face model directory")
 
 
 class Checkpoint(Mapping):
@@ -253,35 +282,14 @@ class Checkpoint(Mapping):
 
     # ------------------------------------------------------------------ discovery
     def _discover(self) -> None:
+        """Find the weight files: a single file, a safetensors index, ``model.safetensors``, loose shards, pickles."""
         p = self.path
         if p.is_file():
-            if p.suffix == ".safetensors":
-                self._add_safetensors(p)
-                return
-            if p.suffix in (".bin", ".pt", ".pth"):
-                self._add_pickle(p)
-                return
-            if p.suffix == ".gguf":
-                raise CheckpointError(f"{p} is a GGUF file", f"convert it first: safemerge convert {p} OUT_DIR")
-            raise CheckpointError(f"{p} is not a model directory or a .safetensors file", "pass a Hugging Face model directory")
+            self._discover_file(p)
+            return
         idx = p / SAFETENSORS_INDEX
         if idx.exists():
-            require_regular_file(idx, "shard index")
-            try:
-                index = json.loads(idx.read_text())
-                wm = index["weight_map"]
-                if not isinstance(wm, dict):
-                    raise TypeError("weight_map is not an object")
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(f"{idx} is malformed ({exc})", "re-save the checkpoint") from exc
-            shards = {shard: _shard_path(p, idx, shard) for shard in wm.values()}
-            for shard, sp in sorted(shards.items()):
-                if not sp.exists():
-                    raise CheckpointError(f"shard {shard} listed in {idx.name} is missing from {p}", "re-download the checkpoint")
-                self._add_safetensors(sp)
-            missing = [k for k, v in wm.items() if k not in self._headers[shards[v]]]
-            if missing:
-                raise CheckpointError(f"{idx.name} lists tensor {missing[0]!r} but its shard does not contain it", "re-save the checkpoint")
+            self._discover_index(idx)
             return
         single = p / SAFETENSORS_SINGLE
         if single.exists():
@@ -294,28 +302,42 @@ class Checkpoint(Mapping):
             return
         pidx = p / PICKLE_INDEX
         pickles = [p / n for n in PICKLE_SINGLE if (p / n).exists()]
-        if pidx.exists() or pickles:
-            if pidx.exists():
-                require_regular_file(pidx, "shard index")
-                try:
-                    wm = json.loads(pidx.read_text())["weight_map"]
-                    if not isinstance(wm, dict):
-                        raise TypeError("weight_map is not an object")
-                except (OSError, ValueError, KeyError, TypeError) as exc:
-                    raise CheckpointError(f"{pidx} is malformed ({exc})", "re-save the checkpoint") from exc
-                for shard in sorted(set(wm.values()), key=str):
-                    self._add_pickle(_shard_path(p, pidx, shard))
-            else:
-                self._add_pickle(pickles[0])
+        if pidx.exists():
+            for shard in sorted(set(_read_weight_map(pidx).values()), key=str):
+                self._add_pickle(_shard_path(p, pidx, shard))
             return
-        if (p / "adapter_config.json").exists():
-            raise CheckpointError(
-                f"{p} is a LoRA adapter, not a model",
-                f"reference it together with its base model as BASE+{p}",
-            )
-        if any(p.glob("*.gguf")):
-            raise CheckpointError(f"{p} holds a GGUF file, not safetensors", "convert it first with: safemerge convert FILE.gguf OUT_DIR")
-        raise CheckpointError(f"{p} is not a model directory (no model.safetensors or index found)", "pass a Hugging Face model directory")
+        if pickles:
+            self._add_pickle(pickles[0])
+            return
+        _refuse_non_model_directory(p)
+
+    def _discover_file(self, p: Path) -> None:
+        """A checkpoint given as one file: safetensors or (with ``allow_pickle``) a pickle."""
+        if p.suffix == ".safetensors":
+            self._add_safetensors(p)
+            return
+        if p.suffix in (".bin", ".pt", ".pth"):
+            self._add_pickle(p)
+            return
+        if p.suffix == ".gguf":
+            raise CheckpointError(f"{p} is a GGUF file", f"convert it first: safemerge convert {p} OUT_DIR")
+        raise CheckpointError(f"{p} is not a model directory or a .safetensors file",
+                              "pass a Hugging Face model directory")
+
+    def _discover_index(self, idx: Path) -> None:
+        """Sharded safetensors: every shard the index names must exist and hold the tensors listed for it."""
+        p = self.path
+        wm = _read_weight_map(idx)
+        shards = {shard: _shard_path(p, idx, shard) for shard in wm.values()}
+        for shard, sp in sorted(shards.items()):
+            if not sp.exists():
+                raise CheckpointError(f"shard {shard} listed in {idx.name} is missing from {p}",
+                                      "re-download the checkpoint")
+            self._add_safetensors(sp)
+        missing = [k for k, v in wm.items() if k not in self._headers[shards[v]]]
+        if missing:
+            raise CheckpointError(f"{idx.name} lists tensor {missing[0]!r} but its shard does not contain it",
+                                  "re-save the checkpoint")
 
     def _add_safetensors(self, path: Path) -> None:
         header = _read_safetensors_header(path)
@@ -328,7 +350,8 @@ class Checkpoint(Mapping):
         if not self.options.allow_pickle:
             raise CheckpointError(
                 f"{path} is a pickle checkpoint, which can execute code when loaded",
-                f"convert it to safetensors, or pass {option('allow-pickle')} to load it with torch.load(weights_only=True)",
+                f"convert it to safetensors, or pass {option('allow-pickle')} to load it with "
+                "torch.load(weights_only=True)",
             )
         if not path.exists():
             raise CheckpointError(f"pickle shard {path} is missing", "re-download the checkpoint")
@@ -339,11 +362,13 @@ class Checkpoint(Mapping):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as exc:  # noqa: BLE001 - torch raises many types here
-            raise CheckpointError(f"cannot load {path} with weights_only=True ({type(exc).__name__})", "convert the checkpoint to safetensors") from exc
+            raise CheckpointError(f"cannot load {path} with weights_only=True ({type(exc).__name__})",
+                                  "convert the checkpoint to safetensors") from exc
         if not isinstance(sd, dict):
             raise CheckpointError(f"{path} does not hold a state dict", "pass a checkpoint saved with save_pretrained")
         self._pickled[path] = sd
-        self._headers[path] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sd.items() if hasattr(v, "shape")}
+        self._headers[path] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
+                               for k, v in sd.items() if hasattr(v, "shape")}
         for k in self._headers[path]:
             self._weight_map.setdefault(k, path)
 
@@ -410,7 +435,8 @@ class Checkpoint(Mapping):
         try:
             return real, self._weight_map[real]
         except KeyError:
-            raise CheckpointError(f"tensor {name!r} not found in {self.path}", "check that all models share one architecture") from None
+            raise CheckpointError(f"tensor {name!r} not found in {self.path}",
+                                  "check that all models share one architecture") from None
 
     def shape(self, name: str) -> tuple[int, ...]:
         real, f = self._resolve(name)
@@ -441,11 +467,13 @@ class Checkpoint(Mapping):
                         with path.open("rb") as fh:
                             mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
                     except (OSError, ValueError) as exc:
-                        raise CheckpointError(f"cannot open {path} ({exc})", "check the file and its permissions") from exc
+                        raise CheckpointError(f"cannot open {path} ({exc})",
+                                              "check the file and its permissions") from exc
                     self._handles[path] = mm
         return mm
 
-    def _locate(self, path: Path, name: str, rows: tuple[int, int] | None = None) -> tuple[int, int, Any, tuple[int, ...]]:
+    def _locate(self, path: Path, name: str,
+                rows: tuple[int, int] | None = None) -> tuple[int, int, Any, tuple[int, ...]]:
         """File offset, byte count, torch dtype and shape of a stored tensor (or of rows of it)."""
         import torch
 
@@ -455,7 +483,8 @@ class Checkpoint(Mapping):
         nbytes = end - begin
         dt_name = _ST_DTYPES.get(info["dtype"])
         if dt_name is None:
-            raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {info['dtype']}", "convert the checkpoint to float32/bfloat16/float16")
+            raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {info['dtype']}",
+                                  "convert the checkpoint to float32/bfloat16/float16")
         shape = tuple(info["shape"])
         if rows is not None:
             row_bytes = nbytes // shape[0] if shape and shape[0] else 0
@@ -479,7 +508,8 @@ class Checkpoint(Mapping):
             while done < len(view):
                 n = os.preadv(self._fd(path), [view[done:]], off + done)
                 if n <= 0:
-                    raise CheckpointError(f"{path} ends before its header says (truncated?)", "re-download the checkpoint")
+                    raise CheckpointError(f"{path} ends before its header says (truncated?)",
+                                          "re-download the checkpoint")
                 done += n
             return
         import mmap  # pragma: no cover - platforms without preadv
@@ -506,7 +536,8 @@ class Checkpoint(Mapping):
                     try:
                         fd = self._fds[path] = os.open(path, os.O_RDONLY)
                     except OSError as exc:
-                        raise CheckpointError(f"cannot open {path} ({exc})", "check the file and its permissions") from exc
+                        raise CheckpointError(f"cannot open {path} ({exc})",
+                                              "check the file and its permissions") from exc
         return fd
 
     def _read_safetensors(self, path: Path, name: str, rows: tuple[int, int] | None = None):

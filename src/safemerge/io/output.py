@@ -45,7 +45,8 @@ _DTYPE_CODES = {
     "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
 }
-_DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+_DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2, "int8": 1,
+                "uint8": 1, "bool": 1}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -135,7 +136,8 @@ def check_output_path(path: str | Path, *, force: bool = False,
     exists = os.path.lexists(out)
     if exists and not force:
         what = "already exists (a dangling symlink)" if not out.exists() else "already exists"
-        raise SafemergeError(f"output {str(path)!r} {what}", f"pass {option('force')} to replace it, or choose another path")
+        raise SafemergeError(f"output {str(path)!r} {what}",
+                             f"pass {option('force')} to replace it, or choose another path")
     if out.exists() and not out.is_dir():
         raise SafemergeError(f"output {str(path)!r} exists and is not a directory", "choose another path")
     check_writable_location(out, path)
@@ -173,7 +175,8 @@ def atomic_output(path: str | Path, *, force: bool = False,
     try:
         tmp.mkdir()
     except OSError as exc:
-        raise SafemergeError(f"cannot create {tmp.parent} ({exc.strerror})", "choose an output location you can write to") from exc
+        raise SafemergeError(f"cannot create {tmp.parent} ({exc.strerror})",
+                             "choose an output location you can write to") from exc
     try:
         yield tmp
         promote_directory(tmp, out, force=force)
@@ -338,7 +341,8 @@ class ShardWriter:
                 start = header[name]["data_offsets"][0]
                 self._plan[name] = (len(self._fds) - 1, base + start, shape, dt, fname)
             self._shards.append([s[0] for s in shard])
-        self._shard_names = ["model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._shard_names = ["model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                             for i in range(n)]
 
     def add(self, name: str, tensor) -> None:
         """Store one tensor (cast to the writer's dtype)."""
@@ -404,7 +408,8 @@ class ShardWriter:
             total = 0
             for f in names:
                 total += (self.out_dir / f).stat().st_size
-            index = {"metadata": {"total_size": total, **{k: v for k, v in self.metadata.items() if k != "format"}}, "weight_map": dict(sorted(weight_map.items()))}
+            index = {"metadata": {"total_size": total, **{k: v for k, v in self.metadata.items() if k != "format"}},
+                     "weight_map": dict(sorted(weight_map.items()))}
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         return weight_map
 
@@ -495,7 +500,8 @@ def write_model_card(
     fm["library_name"] = library_name
     fm["tags"] = list(tags)
     fm.update(front_matter or {})
-    body = ["---", yaml.safe_dump(fm, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {md_escape(title)}", ""]
+    body = ["---", yaml.safe_dump(fm, sort_keys=False, allow_unicode=True).rstrip(), "---", "", f"# {md_escape(title)}",
+            ""]
     for heading, text in sections:
         body += [f"## {md_escape(heading)}", "", text.rstrip(), ""]
     p = Path(out_dir) / "README.md"

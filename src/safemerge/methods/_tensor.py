@@ -89,7 +89,8 @@ def per_model_list(method: str, per_model: dict, name: str, n: int) -> list:
     """Fetch the per-model values of parameter ``name`` and check there is one per input."""
     values = per_model.get(name)
     if values is None:
-        raise ConfigError(f"merge method {method!r}: missing required parameter {name!r}", f"give every model a {name!r} under parameters:")
+        raise ConfigError(f"merge method {method!r}: missing required parameter {name!r}",
+                          f"give every model a {name!r} under parameters:")
     values = list(values)
     if len(values) != n:
         raise ConfigError(
@@ -97,7 +98,8 @@ def per_model_list(method: str, per_model: dict, name: str, n: int) -> list:
             f"give each input model exactly one {name!r}",
         )
     if any(v is None for v in values):
-        raise ConfigError(f"merge method {method!r}: missing required parameter {name!r} for some model", f"give every model a {name!r} under parameters:")
+        raise ConfigError(f"merge method {method!r}: missing required parameter {name!r} for some model",
+                          f"give every model a {name!r} under parameters:")
     return values
 
 
@@ -200,7 +202,8 @@ class StreamedKth:
         return kth, int(torch.count_nonzero(values == kth)), above + int(torch.count_nonzero(values > kth))
 
 
-def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
+def rank_window_mask(values: torch.Tensor, start: int, count: int,
+                     tie_select: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
     """Boolean mask of the elements whose ascending rank lies in ``[start, start + count)``.
 
     Ranks come from a stable ascending sort of the flattened tensor (ties are ordered by flat
@@ -261,7 +264,8 @@ def rank_window_mask(values: torch.Tensor, start: int, count: int, tie_select: "
     return mask.reshape(values.shape)
 
 
-def masked_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7, *, inplace: bool = False) -> torch.Tensor:
+def masked_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps: float = 1e-7, *,
+                    inplace: bool = False) -> torch.Tensor:
     """Zero the entries where ``mask`` is 0/False; optionally restore the original L1 norm.
 
     DARE (Yu et al. 2024, Eq. 2) rescales survivors by ``1/p``; mergekit — and we — instead

@@ -21,9 +21,12 @@ from safemerge.methods.task_arithmetic import FAMILY, task_arithmetic_family_fn
 # --- shared parameter declarations -------------------------------------------------------------
 
 WEIGHT = Param("weight", per_model=True, help="per-model weight, e.g. parameters: {weight: 0.5}")
-DENSITY = Param("density", 1.0, per_model=True, low=0.0, low_open=True, high=1.0, help="fraction of each task vector to keep, in (0, 1]")
-GAMMA = Param("gamma", 0.01, per_model=True, low=0.0, high=1.0, help="fraction of the largest-magnitude entries removed as outliers, in [0, 1]")
-EPSILON = Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0, help="keep-probability spread; density ± epsilon must stay inside (0, 1)")
+DENSITY = Param("density", 1.0, per_model=True, low=0.0, low_open=True, high=1.0,
+                help="fraction of each task vector to keep, in (0, 1]")
+GAMMA = Param("gamma", 0.01, per_model=True, low=0.0, high=1.0,
+              help="fraction of the largest-magnitude entries removed as outliers, in [0, 1]")
+EPSILON = Param("epsilon", 0.15, per_model=True, low=0.0, high=1.0,
+                help="keep-probability spread; density ± epsilon must stay inside (0, 1)")
 LAMBDA = Param("lambda", 1.0, help="scale of the merged task vector")
 INT8_MASK = Param("int8_mask", False, kind=bool, help="store sign masks as int8 (memory only; no numerical effect)")
 
@@ -39,10 +42,13 @@ def _rescale(default: bool) -> Param:
 _REFERENCES = {
     "task_arithmetic": "Ilharco et al. 2023, Editing Models with Task Arithmetic (ICLR), Eq. 1: θ = θ_base + λ Σ wᵢ τᵢ",
     "ties": "Yadav et al. 2023, TIES-Merging (NeurIPS), Sec. 3 / Alg. 1: trim (top-k |τ|), elect sign, disjoint mean",
-    "dare_ties": "Yu et al. 2024, Language Models are Super Mario (DARE, ICML), Sec. 3 drop-and-rescale + TIES sign election",
-    "dare_linear": "Yu et al. 2024, Language Models are Super Mario (DARE, ICML), Sec. 3 drop-and-rescale + task arithmetic",
+    "dare_ties": "Yu et al. 2024, Language Models are Super Mario (DARE, ICML), Sec. 3 drop-and-rescale + TIES sign "
+                 "election",
+    "dare_linear": "Yu et al. 2024, Language Models are Super Mario (DARE, ICML), Sec. 3 drop-and-rescale + task "
+                   "arithmetic",
     "breadcrumbs": "Davari & Belilovsky 2024, Model Breadcrumbs (ECCV), Sec. 3: mask top-γ outliers and small entries",
-    "breadcrumbs_ties": "Davari & Belilovsky 2024, Model Breadcrumbs (ECCV), Sec. 3 + TIES sign election (Yadav et al. 2023)",
+    "breadcrumbs_ties": "Davari & Belilovsky 2024, Model Breadcrumbs (ECCV), Sec. 3 + TIES sign election (Yadav et al. "
+                        "2023)",
     "della": "Deep et al. 2024, DELLA-Merging, Sec. 3: MagPrune (rank-based keep probabilities), elect sign, fuse",
     "della_linear": "Deep et al. 2024, DELLA-Merging, Sec. 3: MagPrune + task arithmetic (no sign election)",
 }
@@ -67,7 +73,6 @@ def _register_task_arithmetic_family() -> None:
                 reference=_REFERENCES[name],
                 extra={
                     "base_in_tensors": False,
-                    "optional_tensor_policy": "error",
                     # exact ties at top-k cut-offs: the engine passes the plan's tie_break rule
                     "tie_break": sparsification in ("magnitude", "magnitude_outliers"),
                     # no sparsification and no sign election: every output entry depends only on the
@@ -86,7 +91,7 @@ def _register_others() -> None:
         base="none",
         min_models=1,
         reference="Wortsman et al. 2022, Model soups (ICML), Sec. 3: θ = Σ wᵢθᵢ / Σ wᵢ",
-        extra={"base_in_tensors": True, "optional_tensor_policy": "error", "elementwise": True},
+        extra={"base_in_tensors": True, "elementwise": True},
     ))
     register(MergeMethod(
         name="slerp",
@@ -96,21 +101,22 @@ def _register_others() -> None:
         min_models=1,
         max_models=1,
         reference="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH): slerp(v0, v1; t)",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "passthrough_singleton"},
+        extra={"base_in_tensors": False},
     ))
     register(MergeMethod(
         name="nuslerp",
         fn=nuslerp_fn,
         params=(
             WEIGHT,
-            Param("nuslerp_row_wise", False, kind=bool, help="with nuslerp_flatten: false, interpolate slices along dim 0 instead of the last dim"),
+            Param("nuslerp_row_wise", False, kind=bool,
+                  help="with nuslerp_flatten: false, interpolate slices along dim 0 instead of the last dim"),
             Param("nuslerp_flatten", True, kind=bool, help="interpolate the whole tensor as one vector"),
         ),
         base="optional",
         min_models=2,
         max_models=2,
         reference="Shoemake 1985 slerp with t = w₂/(w₁+w₂), on task vectors when a base is given (mergekit nuslerp)",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "passthrough_singleton"},
+        extra={"base_in_tensors": False},
     ))
     register(MergeMethod(
         name="multislerp",
@@ -122,8 +128,9 @@ def _register_others() -> None:
         ),
         base="optional",
         min_models=1,
-        reference="Goddard 2025, Multi-SLERP; Buss & Fillmore 2001, Spherical averages: barycentric interpolation on the sphere",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "error"},
+        reference="Goddard 2025, Multi-SLERP; Buss & Fillmore 2001, Spherical averages: barycentric interpolation on "
+                  "the sphere",
+        extra={"base_in_tensors": False},
     ))
     register(MergeMethod(
         name="karcher",
@@ -135,7 +142,7 @@ def _register_others() -> None:
         base="none",
         min_models=1,
         reference="Karcher 1977, Riemannian center of mass; Buss & Fillmore 2001 fixed-point iteration (equal weights)",
-        extra={"base_in_tensors": True, "optional_tensor_policy": "error"},
+        extra={"base_in_tensors": True},
     ))
     register(MergeMethod(
         name="model_stock",
@@ -143,17 +150,20 @@ def _register_others() -> None:
         params=(Param("filter_wise", False, kind=bool, help="one interpolation ratio per row instead of per tensor"),),
         base="required",
         min_models=2,
-        reference="Jang et al. 2024, Model Stock (ECCV), Sec. 3: t = N cosθ / (1 + (N−1) cosθ), θ = t θ_avg + (1−t) θ_base",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "base_or_skip"},
+        reference="Jang et al. 2024, Model Stock (ECCV), Sec. 3: t = N cosθ / (1 + (N−1) cosθ), θ = t θ_avg + (1−t) "
+                  "θ_base",
+        extra={"base_in_tensors": False},
     ))
     register(MergeMethod(
         name="sce",
         fn=sce_fn,
-        params=(INT8_MASK, Param("select_topk", 1.0, low=0.0, low_open=True, high=1.0, help="fraction of highest-variance entries kept, in (0, 1]")),
+        params=(INT8_MASK, Param("select_topk", 1.0, low=0.0, low_open=True, high=1.0,
+                                 help="fraction of highest-variance entries kept, in (0, 1]")),
         base="required",
         min_models=0,
-        reference="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, Sec. 3.3 (SCE: select, calculate, erase)",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "error", "tie_break": True},
+        reference="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, Sec. 3.3 (SCE: select, calculate, "
+                  "erase)",
+        extra={"base_in_tensors": False, "tie_break": True},
     ))
     register(MergeMethod(
         name="passthrough",
@@ -163,7 +173,7 @@ def _register_others() -> None:
         min_models=1,
         max_models=1,
         reference="Goddard et al. 2024, Arcee's MergeKit (EMNLP industry), passthrough / frankenmerging",
-        extra={"base_in_tensors": True, "optional_tensor_policy": "error", "elementwise": True},
+        extra={"base_in_tensors": True, "elementwise": True},
     ))
 
 
@@ -176,7 +186,7 @@ def _register_mergekit_head() -> None:
         min_models=1,
         max_models=1,
         reference="Arcee AI 2024, Arcee Fusion (mergekit): keep Δ where |Δ|·KL(softmax θ‖softmax θ₀) ≥ Q₂+1.5·IQR",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "passthrough_singleton"},
+        extra={"base_in_tensors": False},
     ))
     ram_epsilon = Param("epsilon", 1e-5, low=0.0, help="|δ| above which a model counts as having changed an entry")
     ram_reference = "Reinforced Agent Merging (RAM), arXiv:2601.13572: unique updates kept, shared updates averaged"
@@ -187,7 +197,7 @@ def _register_mergekit_head() -> None:
         base="required",
         min_models=0,
         reference=ram_reference,
-        extra={"base_in_tensors": False, "optional_tensor_policy": "error"},
+        extra={"base_in_tensors": False},
     ))
     register(MergeMethod(
         name="ramplus_tl",
@@ -200,7 +210,7 @@ def _register_mergekit_head() -> None:
         base="required",
         min_models=0,
         reference=ram_reference + "; RAM+ scales unique updates by 1 + r·clip(ρ, 0, α) (tensor-local ρ)",
-        extra={"base_in_tensors": False, "optional_tensor_policy": "error"},
+        extra={"base_in_tensors": False},
     ))
 
 

@@ -30,7 +30,7 @@ def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
     params=(Param("t", low=0.0, help="distance below which entries are swapped to the other model (> 0)"),),
     base="required", min_models=1, max_models=1,
     reference="alchemonaut 2024, NearSwap (QuartetAnemoi-70B-t0.0001 model card): w = clamp(t/|Δ|, 0, 1)",
-    base_in_tensors=False, optional_tensor_policy="passthrough_base_singleton", elementwise=True,
+    base_in_tensors=False, elementwise=True,
 )
 def nearswap_fn(
     tensors: Sequence[torch.Tensor],

@@ -193,7 +193,8 @@ def merge_method(
     (module docstring). The engine checks the arity and every parameter from this declaration
     before a tensor is read, and the registered function checks the arity and shapes of each call
     (the decorated name stays the plain function); ``extra`` holds engine hints (``elementwise``,
-    ``base_in_tensors``, ``needs_tensor_name``, ``tie_break``, ``two_pass``).
+    ``base_in_tensors``, ``needs_tensor_name``, ``tie_break``); a method's two-pass row-block kernel, if it
+    has one, is registered in :data:`safemerge.methods.streaming.TWO_PASS`.
 
     Example (see ``docs/architecture.md`` — "Adding a merge method")::
 

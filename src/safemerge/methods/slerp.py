@@ -23,7 +23,8 @@ from safemerge.methods._tensor import (
 DOT_THRESHOLD = 0.9995
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = DOT_THRESHOLD, eps: float = 1e-8) -> torch.Tensor:
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = DOT_THRESHOLD,
+          eps: float = 1e-8) -> torch.Tensor:
     """SLERP of two whole tensors (flattened), Shoemake 1985, "Animating rotation with
     quaternion curves", Eq. (slerp): ``slerp(v0, v1; t) = sin((1−t)Ω)/sin Ω · v0 + sin(tΩ)/sin Ω · v1``
     with ``cos Ω = ⟨v0/‖v0‖, v1/‖v1‖⟩``.

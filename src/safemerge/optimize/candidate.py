@@ -17,7 +17,7 @@ from typing import Any
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.optimize.config import DataSection, OptimizeConfig
 from safemerge.optimize.genome import Genome
-from safemerge.options import RunOptions
+from safemerge.options import RunOptions, or_default
 
 SAFETY_TYPES = {"safety", "alignment", None}
 EXPERT_TYPES = {"domain", "task", "expert", None}
@@ -42,9 +42,11 @@ def load_objective_data(data: DataSection) -> tuple[list[dict[str, Any]], list[d
     safety = read(data.safety, SAFETY_TYPES)
     expert = read(data.expert, EXPERT_TYPES)
     if data.safety and not safety:
-        raise ConfigError("data.safety: no safety records found", "give JSONL records {prompt, response} (type: safety)")
+        raise ConfigError("data.safety: no safety records found",
+                          "give JSONL records {prompt, response} (type: safety)")
     if data.expert and not expert:
-        raise ConfigError("data.expert: no domain records found", "give JSONL records {prompt, response} (type: domain)")
+        raise ConfigError("data.expert: no domain records found",
+                          "give JSONL records {prompt, response} (type: domain)")
     return sample_records(safety, data.n_safety, data.seed), sample_records(expert, data.n_expert, data.seed + 1)
 
 
@@ -70,14 +72,13 @@ class CandidateEvaluator:
 
     Args:
         cfg: the optimize configuration.
-        device: ``cpu`` or ``cuda`` (model and merge arithmetic).
-        allow_pickle: allow ``.bin``/``.pt`` model checkpoints.
-        trust_remote_code: passed to transformers when loading the resident model.
+        options: ``device`` (``cpu`` or ``cuda``: model and merge arithmetic), ``allow_pickle`` (``.bin``/``.pt``
+            model checkpoints), ``trust_remote_code`` (the resident model's load); the seed is the config's.
         num_threads: ``torch.set_num_threads`` for this process (``None`` = unchanged).
     """
 
-    def __init__(self, cfg: OptimizeConfig, *, device: str = "cpu", allow_pickle: bool = False,
-                 trust_remote_code: bool = False, num_threads: int | None = None) -> None:
+    def __init__(self, cfg: OptimizeConfig, *, options: RunOptions | None = None,
+                 num_threads: int | None = None) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -88,11 +89,14 @@ class CandidateEvaluator:
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
+        options = or_default(options)
+        trust_remote_code = options.trust_remote_code
         self.cfg = cfg
-        self.device = device
+        self.device = device = options.device
         self.seed = cfg.seed
         # in-memory merges: one thread and no bar (they run once per candidate), the config's seed
-        self.options = RunOptions(allow_pickle=allow_pickle, device=device, seed=cfg.seed, threads=1, progress=False)
+        self.options = RunOptions(allow_pickle=options.allow_pickle, device=device, seed=cfg.seed, threads=1,
+                                  progress=False)
         refs = list(dict.fromkeys([*([cfg.genome.base_model] if cfg.genome.base_model else []), *cfg.genome.models]))
         # merge_in_memory checks every tensor it reads for NaN/Inf (engine/run.py::_load): no second pass here
         self.checkpoints = {r: open_checkpoint(r, options=self.options.replace(allow_nonfinite=True)) for r in refs}
@@ -104,17 +108,20 @@ class CandidateEvaluator:
         tok_src = cfg.genome.tokenizer_source
         tok_dir = str(resolve_model_ref(tok_src)[0]) if tok_src and tok_src not in ("base", "union") else model_dir
         if not (Path(model_dir) / "config.json").is_file():
-            raise CheckpointError(f"{model_dir} has no config.json", "the base model must be a Hugging Face model directory")
+            raise CheckpointError(f"{model_dir} has no config.json",
+                                  "the base model must be a Hugging Face model directory")
         refuse_custom_code(model_dir, trust_remote_code)
         refuse_custom_code(tok_dir, trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                          trust_remote_code=trust_remote_code)
         self.model.to(device).eval()
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
         safety, expert = load_objective_data(cfg.data)
         self.n_safety, self.n_expert = len(safety), len(expert)
         o = cfg.objective
-        self.objective = AnswerCEObjective(self.tokenizer, safety, expert, alpha=o.alpha, batch_size=o.batch_size, max_length=o.max_length)
+        self.objective = AnswerCEObjective(self.tokenizer, safety, expert, alpha=o.alpha, batch_size=o.batch_size,
+                                           max_length=o.max_length)
 
     # ------------------------------------------------------------------ merging
     def merge(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -134,11 +141,13 @@ class CandidateEvaluator:
                 if p is None:
                     continue
                 if tuple(p.shape) != tuple(t.shape):
-                    raise CheckpointError(f"merged tensor {name} has shape {tuple(t.shape)}, the model expects {tuple(p.shape)}",
+                    raise CheckpointError(f"merged tensor {name} has shape {tuple(t.shape)}, the model expects "
+                                          f"{tuple(p.shape)}",
                                           "all models of the pool must share the base model's architecture")
                 p.copy_(t.to(dtype=p.dtype, device=p.device))
                 missing.discard(name)
-        missing = {n for n in missing if not (n == "lm_head.weight" and getattr(self.model.config, "tie_word_embeddings", False))}
+        missing = {n for n in missing if not (n == "lm_head.weight" and getattr(self.model.config,
+                                                                                "tie_word_embeddings", False))}
         if missing:
             raise CheckpointError(f"the merge produced no tensor for {sorted(missing)[0]} ({len(missing)} missing)",
                                   "check that the pool models have the base model's architecture")

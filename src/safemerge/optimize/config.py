@@ -124,7 +124,8 @@ def load_optimize_config(source: str | Path | dict[str, Any] | OptimizeConfig) -
             raise ConfigError(f"optimize config {str(source)!r} does not exist", "check the path")
         raw = load_yaml_file(p, "optimize config")
         if not isinstance(raw, dict):
-            raise ConfigError(f"{source}: expected a mapping with a 'genome:' block", "see docs/optimize.md for the schema")
+            raise ConfigError(f"{source}: expected a mapping with a 'genome:' block",
+                              "see docs/optimize.md for the schema")
     try:
         cfg = OptimizeConfig.model_validate(raw)
     except ValidationError as exc:
@@ -135,8 +136,8 @@ def load_optimize_config(source: str | Path | dict[str, Any] | OptimizeConfig) -
         if err["type"] == "extra_forbidden":
             import difflib
 
-            known = list(OptimizeConfig.model_fields) + list(GenomeSection.model_fields) + list(DataSection.model_fields) \
-                + list(CMASection.model_fields) + list(ObjectiveSection.model_fields)
+            sections = (OptimizeConfig, GenomeSection, DataSection, CMASection, ObjectiveSection)
+            known = [name for section in sections for name in section.model_fields]
             close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             msg = "unknown field"
             if close:
@@ -144,7 +145,8 @@ def load_optimize_config(source: str | Path | dict[str, Any] | OptimizeConfig) -
         raise ConfigError(f"optimize config: {loc}: {msg}", hint) from None
     g = cfg.genome
     if g.merge_method in ("task_arithmetic", "ties", "dare_ties", "slerp") and not g.base_model:
-        raise ConfigError(f"genome: merge_method {g.merge_method!r} needs a base_model", "add base_model: PATH to the genome block")
+        raise ConfigError(f"genome: merge_method {g.merge_method!r} needs a base_model",
+                          "add base_model: PATH to the genome block")
     if g.merge_method == "slerp":
         others = [m for m in g.models if m != g.base_model]
         if len(g.models) <= 2 and len(others) != 1:

@@ -91,7 +91,8 @@ def run_evomm(genome: Genome, backend: Any, opts: CMASection, work: Path, trace:
         if st.get("version") != STATE_VERSION or st.get("n_genes") != n:
             from safemerge.errors import SafemergeError, option
 
-            raise SafemergeError("the saved optimisation state does not match this config", f"rerun with {option('force')} to start over")
+            raise SafemergeError("the saved optimisation state does not match this config",
+                                 f"rerun with {option('force')} to start over")
         es, evals, gen, best = st["es"], st["evals"], st["generation"], st["best"]
         trace.truncate(evals)
     else:
@@ -121,7 +122,8 @@ def run_evomm(genome: Genome, backend: Any, opts: CMASection, work: Path, trace:
         es.tell(X, losses)
         gen += 1
         trace.flush()
-        _atomic_pickle({"version": STATE_VERSION, "n_genes": n, "es": es, "evals": evals, "generation": gen, "best": best}, state_path)
+        _atomic_pickle({"version": STATE_VERSION, "n_genes": n, "es": es, "evals": evals, "generation": gen,
+                        "best": best}, state_path)
         if progress:
             progress(evals, n_gens * popsize)
         if on_generation:

@@ -93,8 +93,9 @@ class Genome:
 
     def __init__(self, merge_method: str, models: Sequence[str], *, base_model: str | None, num_layers: int,
                  layer_prefix: str = "model.layers", layer_granularity: int = 0, filters: Sequence[str] = (),
-                 normalize: bool = False, allow_negative_weights: bool = False, parameters: dict[str, Any] | None = None,
-                 tokenizer_source: str | None = None, dtype: str = "float32") -> None:
+                 normalize: bool = False, allow_negative_weights: bool = False,
+                 parameters: dict[str, Any] | None = None, tokenizer_source: str | None = None,
+                 dtype: str = "float32") -> None:
         if merge_method not in METHOD_PARAMS:
             raise ConfigError(f"merge_method {merge_method!r} cannot be optimised",
                               f"use one of: {', '.join(METHOD_PARAMS)}")
@@ -230,7 +231,8 @@ class Genome:
             for layer in range(self.num_layers):
                 g = self.group_of_layer(layer)
                 for f in self.filters:
-                    entries.append({"filter": f"{self.layer_prefix}.{layer}.{f}", "value": vals[Gene(g, model, f, param)]})
+                    entries.append({"filter": f"{self.layer_prefix}.{layer}.{f}",
+                                    "value": vals[Gene(g, model, f, param)]})
                 entries.append({"filter": f"{self.layer_prefix}.{layer}.", "value": vals[Gene(g, model, None, param)]})
             default = vals[Gene(-1, model, None, param)]
         if all(e["value"] == default for e in entries):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.options import RunOptions
 
 
 class RayBackend:
@@ -22,12 +23,12 @@ class RayBackend:
         workers: number of actors.
         address: a running cluster's address (``None`` = start a local Ray instance).
         cpus_per_worker, gpus_per_worker: resources reserved per actor (one GPU each on GPU nodes).
-        device, allow_pickle, trust_remote_code: passed to each evaluator.
+        options: the run's options, passed to each evaluator (``device``, ``allow_pickle``, ``trust_remote_code``).
     """
 
     def __init__(self, cfg_dict: dict[str, Any], *, workers: int = 2, address: str | None = None,
-                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0, device: str = "cpu",
-                 allow_pickle: bool = False, trust_remote_code: bool = False) -> None:
+                 cpus_per_worker: float = 1.0, gpus_per_worker: float = 0.0,
+                 options: RunOptions | None = None) -> None:
         try:
             import ray
         except ImportError:
@@ -51,15 +52,14 @@ class RayBackend:
 
         @ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
         class _Worker:
-            def __init__(self, cfg: dict[str, Any], device: str, allow_pickle: bool, trust_remote_code: bool, threads: int) -> None:
+            def __init__(self, cfg: dict[str, Any], options: RunOptions | None, threads: int) -> None:
                 import os
 
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 from safemerge.optimize.candidate import CandidateEvaluator
                 from safemerge.optimize.config import load_optimize_config
 
-                self.ev = CandidateEvaluator(load_optimize_config(cfg), device=device, allow_pickle=allow_pickle,
-                                             trust_remote_code=trust_remote_code, num_threads=threads)
+                self.ev = CandidateEvaluator(load_optimize_config(cfg), options=options, num_threads=threads)
 
             def score_vector(self, x: list[float]) -> dict[str, Any]:
                 return self.ev.score_vector(x)
@@ -68,7 +68,7 @@ class RayBackend:
                 return self.ev.score_model(ref)
 
         threads = max(1, int(cpus_per_worker))
-        self.actors = [_Worker.remote(cfg_dict, device, allow_pickle, trust_remote_code, threads) for _ in range(workers)]
+        self.actors = [_Worker.remote(cfg_dict, options, threads) for _ in range(workers)]
 
     def _map(self, method: str, items: Sequence[Any]) -> list[dict[str, Any]]:
         from ray.util import ActorPool

@@ -20,7 +20,8 @@ def _pct(v: Any) -> str:
 
 
 def row_from_eval(method: str, data: str, result: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-    """A table row from an evaluation-harness result (``harmful.harmful_rate``/``refusal_rate``, ``utility.accuracy``)."""
+    """A table row from an evaluation-harness result (``harmful.harmful_rate``/``refusal_rate``,
+    ``utility.accuracy``)."""
     harmful = result.get("harmful") or {}
     utility = result.get("utility") or {}
     hr, hci = harmful.get("harmful_rate"), harmful.get("ci")
@@ -110,7 +111,8 @@ def table1_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
                 from safemerge.errors import SafemergeError
 
                 raise SafemergeError(f"optimize run {str(run)!r} has no evaluation of its merged model",
-                                     "rerun it with --eval, or evaluate OUT/model with `safemerge eval` and compare that")
+                                     "rerun it with --eval, or evaluate OUT/model with `safemerge eval` and compare "
+                                     "that")
             rows.append({**summary["evaluation"], "s_per_cand": summary.get("seconds_per_candidate"),
                          "cand_per_h": summary.get("candidates_per_hour")})
         else:
@@ -157,7 +159,8 @@ def plot_trace(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: st
     for key, lab in (("safety_loss", "L_safety"), ("expert_loss", "L_expert")):
         vals = [r.get(key) for r in rows]
         if any(v is not None for v in vals):
-            ax.scatter([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], s=6, alpha=0.4, label=lab)
+            ax.scatter([x for x, v in zip(xs, vals) if v is not None], [v for v in vals if v is not None], s=6,
+                       alpha=0.4, label=lab)
     ax.plot(xs, best, color="black", linewidth=1.5, label="best so far")
     ax.set_xlabel("evaluation")
     ax.set_ylabel("answer-token cross-entropy")
@@ -182,7 +185,8 @@ def run_report_markdown(summary: Mapping[str, Any], best_config: Mapping[str, An
         if isinstance(v, dict):
             v = ", ".join(f"{kk}: {vv:.4g}" if isinstance(vv, float) else f"{kk}: {vv}" for kk, vv in v.items())
         lines.append(f"- **{k}**: {v}")
-    lines += ["", "## Best configuration (`best.yml`)", "", "```yaml", yaml.safe_dump(dict(best_config), sort_keys=False).rstrip(), "```", "",
+    lines += ["", "## Best configuration (`best.yml`)", "", "```yaml",
+              yaml.safe_dump(dict(best_config), sort_keys=False).rstrip(), "```", "",
               "![trace](trace.png)", ""]
     row = summary.get("evaluation")
     if row:

@@ -19,13 +19,14 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError, option
 from safemerge.optimize.config import OptimizeConfig, load_optimize_config
 from safemerge.optimize.trace import Trace
-from safemerge.options import RunOptions
+from safemerge.options import RunOptions, or_default
 
 WORK_SUFFIX = ".safemerge-optimize"
 
@@ -49,7 +50,8 @@ def _prepare_work(out: Path, run_key: dict[str, Any], *, resume: bool, force: bo
     check_output_path(out, force=True, inputs=inputs)  # not an input, writable; existence is handled here
     check_not_an_input(work_dir_for(out), inputs)
     if out.exists() and not force:
-        raise SafemergeError(f"output {str(out)!r} already exists", f"pass {option('force')} to replace it, or choose another path")
+        raise SafemergeError(f"output {str(out)!r} already exists",
+                             f"pass {option('force')} to replace it, or choose another path")
     work = work_dir_for(out)
     resumed = False
     if work.exists():
@@ -91,12 +93,8 @@ def run_optimize(
     ray_address: str | None = None,
     ray_workers: int | None = None,
     resume: bool = False,
-    force: bool = False,
     save_model: bool = True,
-    device: str = "cpu",
-    allow_pickle: bool = False,
-    trust_remote_code: bool = False,
-    progress: bool = True,
+    options: RunOptions | None = None,
     on_generation: Callable[[int, int], None] | None = None,
     evaluate: Callable[[Path, Path], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
@@ -108,8 +106,10 @@ def run_optimize(
         strategy: ``evomm`` | ``cocktail`` | ``grid`` (overrides the config's ``strategy``).
         ray / ray_address / ray_workers: evaluate candidates on Ray actors.
         resume: continue an interrupted run of the same config into the same ``out``.
-        force: replace an existing output (and discard an interrupted run).
         save_model: also write the merged model to ``out/model``.
+        options: ``force`` (replace an existing output and discard an interrupted run), ``device`` of the
+            resident model and the merges, ``allow_pickle``, ``trust_remote_code``, ``progress``; the seed is
+            the config's ``seed``.
         on_generation: EvoMM hook ``(generation, evals)`` called after each checkpoint.
         evaluate: ``evaluate(model_dir, eval_dir) -> results`` run on the merged model before the
             output is renamed into place (e.g. :func:`safemerge.evaluate.api.evaluate`); its
@@ -118,6 +118,7 @@ def run_optimize(
     Returns:
         The summary dict (also written to ``out/summary.json``).
     """
+    options = or_default(options)
     if evaluate is not None and not save_model:
         raise SafemergeError("evaluating the result needs the merged model", "drop --no-save-model, or drop --eval")
     cfg = load_optimize_config(config)
@@ -125,15 +126,13 @@ def run_optimize(
         if strategy not in ("evomm", "cocktail", "grid"):
             raise SafemergeError(f"unknown strategy {strategy!r}", "use --strategy evomm, cocktail or grid")
         cfg = cfg.model_copy(update={"strategy": strategy})
-    use_ray = bool(ray or ray_address)
     out_p = Path(out).expanduser().absolute()
     run_key = {"config": cfg.model_dump(mode="json"), "strategy": cfg.strategy}
-    work, resumed = _prepare_work(out_p, run_key, resume=resume, force=force, inputs=optimize_inputs(cfg, config))
+    work, resumed = _prepare_work(out_p, run_key, resume=resume, force=options.force,
+                                  inputs=optimize_inputs(cfg, config))
+    run = _Run(cfg, work, out_p, resumed=resumed, options=options, save_model=save_model, evaluate=evaluate)
     try:
-        return _run_in_work(cfg, work, out_p, resumed=resumed, use_ray=use_ray, ray_address=ray_address,
-                            ray_workers=ray_workers, force=force, save_model=save_model, device=device,
-                            allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress,
-                            on_generation=on_generation, evaluate=evaluate)
+        return run.execute(RayPool(ray_address, ray_workers) if ray or ray_address else None, on_generation)
     except Exception:
         # an error (not an interruption) leaves nothing behind: a fresh run's work directory goes,
         # a resumed run's checkpoint stays for the next --resume
@@ -142,114 +141,174 @@ def run_optimize(
         raise
 
 
-def _run_in_work(cfg: OptimizeConfig, work: Path, out_p: Path, *, resumed: bool, use_ray: bool, ray_address: str | None,
-                 ray_workers: int | None, force: bool, save_model: bool, device: str, allow_pickle: bool,
-                 trust_remote_code: bool, progress: bool, on_generation: Callable[[int, int], None] | None,
-                 evaluate: Callable[[Path, Path], dict[str, Any]] | None) -> dict[str, Any]:
-    """The search, the report and the merged model, assembled in ``work`` and promoted to ``out_p``."""
-    import yaml
+@dataclass(frozen=True)
+class RayPool:
+    """Where to evaluate candidates on Ray: a cluster address and a worker count (``None``: the config's)."""
 
-    from safemerge.io.references import open_checkpoint
-    from safemerge.optimize import report
-    from safemerge.optimize.candidate import CandidateEvaluator, SerialBackend, build_genome
-    from safemerge.progress import progress_bar
+    address: str | None
+    workers: int | None
 
-    trace = Trace(work / "trace.jsonl")
 
-    t_setup = time.perf_counter()
-    if use_ray:
+@dataclass
+class _Run:
+    """One optimize run assembled in ``work``: the backend, the search, the summary, the model, the promotion."""
+
+    cfg: OptimizeConfig
+    work: Path
+    out: Path
+    resumed: bool
+    options: RunOptions
+    save_model: bool
+    evaluate: Callable[[Path, Path], dict[str, Any]] | None
+
+    def execute(self, ray: RayPool | None, on_generation: Callable[[int, int], None] | None) -> dict[str, Any]:
+        """The search, the report and the merged model, assembled in ``work`` and promoted to ``out``."""
+        import yaml
+
+        trace = Trace(self.work / "trace.jsonl")
+        t_setup = time.perf_counter()
+        genome, backend, (n_safety, n_expert) = self._backend(ray)
+        setup_s = time.perf_counter() - t_setup
+        t0 = time.perf_counter()
+        try:
+            res, best_cfg, extra = self._search(genome, backend, trace, on_generation)
+        finally:
+            backend.close()
+        search_s = time.perf_counter() - t0
+
+        (self.work / "best.yml").write_text(yaml.safe_dump(best_cfg, sort_keys=False), encoding="utf-8")
+        rows = trace.read()
+        summary = {**self._summary(genome, res, best_cfg, rows, n_safety, n_expert, use_ray=ray is not None),
+                   "setup_seconds": round(setup_s, 3), "search_seconds_this_session": round(search_s, 3),
+                   **_candidate_rates(rows), **extra}
+        self._write_outputs(summary, best_cfg, rows, n_safety, n_expert)
+        _finalize(self.work, self.out, force=self.options.force)
+        return summary
+
+    def _backend(self, ray: RayPool | None) -> tuple[Any, Any, tuple[int | None, int | None]]:
+        """The genome, the candidate-scoring backend (serial or Ray) and the objective's data sizes."""
+        from safemerge.optimize.candidate import CandidateEvaluator, SerialBackend, build_genome
+
+        cfg = self.cfg
+        if ray is None:
+            ev = CandidateEvaluator(cfg, options=self.options)
+            return ev.genome, SerialBackend(ev), (ev.n_safety, ev.n_expert)
+        from safemerge.io.references import open_checkpoint
         from safemerge.optimize.ray_backend import RayBackend
 
         anchor = cfg.genome.base_model or cfg.genome.models[0]
-        genome = build_genome(cfg, open_checkpoint(anchor, options=RunOptions(allow_pickle=allow_pickle)))
+        genome = build_genome(cfg, open_checkpoint(anchor, options=self.options))
         r = cfg.ray
-        backend: Any = RayBackend(cfg.model_dump(mode="json"), workers=ray_workers or r.workers, address=ray_address or r.address,
-                                  cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker, device=device,
-                                  allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        n_safety = n_expert = None
-    else:
-        ev = CandidateEvaluator(cfg, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-        genome, backend = ev.genome, SerialBackend(ev)
-        n_safety, n_expert = ev.n_safety, ev.n_expert
-    setup_s = time.perf_counter() - t_setup
+        backend = RayBackend(cfg.model_dump(mode="json"), workers=ray.workers or r.workers,
+                             address=ray.address or r.address, cpus_per_worker=r.cpus_per_worker,
+                             gpus_per_worker=r.gpus_per_worker, options=self.options)
+        return genome, backend, (None, None)
 
-    t0 = time.perf_counter()
-    extra: dict[str, Any] = {}
-    try:
-        if cfg.strategy == "evomm":
-            from safemerge.optimize.evomm import default_popsize, run_evomm
+    def _search(self, genome: Any, backend: Any, trace: Trace,
+                on_generation: Callable[[int, int], None] | None) -> tuple[dict, dict, dict]:
+        """Run the configured strategy: its result, the best merge config and the strategy's summary fields."""
+        if self.cfg.strategy == "evomm":
+            return self._search_evomm(genome, backend, trace, on_generation)
+        trace.truncate(0)
+        if self.cfg.strategy == "grid":
+            return self._search_grid(genome, backend, trace)
+        return self._search_cocktail(backend, trace)
 
-            pop = cfg.cma.popsize or default_popsize(max(2, len(genome)))
-            total = max(1, -(-cfg.cma.max_evals // pop)) * pop
-            with progress_bar("optimize (CMA-ES)", total=total, enabled=progress, unit="candidates") as bar:
-                done = [0]
+    def _search_evomm(self, genome: Any, backend: Any, trace: Trace,
+                      on_generation: Callable[[int, int], None] | None) -> tuple[dict, dict, dict]:
+        from safemerge.optimize.evomm import default_popsize, run_evomm
+        from safemerge.progress import progress_bar
 
-                def _tick(evals: int, _total: int) -> None:
-                    bar.advance(n=evals - done[0])
-                    done[0] = evals
+        cma = self.cfg.cma
+        pop = cma.popsize or default_popsize(max(2, len(genome)))
+        total = max(1, -(-cma.max_evals // pop)) * pop
+        with progress_bar("optimize (CMA-ES)", total=total, enabled=self.options.progress, unit="candidates") as bar:
+            done = [0]
 
-                res = run_evomm(genome, backend, cfg.cma, work, trace, resume=resumed, on_generation=on_generation, progress=_tick)
-            best_cfg = genome.to_config(res["x"])
-            extra = {"generations": res["generations"], "popsize": res["popsize"], "final_sigma": res["sigma"]}
-        elif cfg.strategy == "grid":
-            from safemerge.optimize.grid import grid_points, run_grid
+            def _tick(evals: int, _total: int) -> None:
+                bar.advance(n=evals - done[0])
+                done[0] = evals
 
-            trace.truncate(0)
-            with progress_bar("optimize (grid)", total=len(grid_points(genome, cfg.grid)), enabled=progress, unit="candidates") as bar:
-                res = run_grid(genome, backend, cfg.grid, trace, progress=lambda i, n: bar.advance(n=1))
-            best_cfg = genome.to_config(res["x"])
-            extra = {"grid_point": res["point"]}
-        else:
-            from safemerge.optimize.cocktail import cocktail_config, run_cocktail
+            res = run_evomm(genome, backend, cma, self.work, trace, resume=self.resumed,
+                            on_generation=on_generation, progress=_tick)
+        extra = {"generations": res["generations"], "popsize": res["popsize"], "final_sigma": res["sigma"]}
+        return res, genome.to_config(res["x"]), extra
 
-            trace.truncate(0)
-            pool = list(dict.fromkeys(cfg.genome.models))
-            res = run_cocktail(pool, backend, cfg.cocktail.temperature, trace)
-            best_cfg = cocktail_config(pool, res["weights"], dtype=cfg.genome.dtype, tokenizer_source=cfg.genome.tokenizer_source)
-            res["loss"] = None
-            extra = {"model_losses": dict(zip(pool, res["losses"])), "weights": dict(zip(pool, res["weights"])),
-                     "temperature": cfg.cocktail.temperature}
-    finally:
-        backend.close()
-    search_s = time.perf_counter() - t0
+    def _search_grid(self, genome: Any, backend: Any, trace: Trace) -> tuple[dict, dict, dict]:
+        from safemerge.optimize.grid import grid_points, run_grid
+        from safemerge.progress import progress_bar
 
-    (work / "best.yml").write_text(yaml.safe_dump(best_cfg, sort_keys=False), encoding="utf-8")
-    rows = trace.read()
-    per_cand = [float(r.get("merge_s", 0)) + float(r.get("score_s", 0)) for r in rows]
-    summary: dict[str, Any] = {
-        "strategy": cfg.strategy,
-        "merge_method": best_cfg["merge_method"] if cfg.strategy == "cocktail" else cfg.genome.merge_method,
-        "genes": len(genome) if cfg.strategy != "cocktail" else len(cfg.genome.models),
-        "evaluations": len(rows),
-        "best_loss": res.get("loss"),
-        "best_eval": res.get("eval"),
-        "n_safety": n_safety,
-        "n_expert": n_expert,
-        "alpha": cfg.objective.alpha,
-        "resumed": resumed,
-        "ray": use_ray,
-        "setup_seconds": round(setup_s, 3),
-        "search_seconds_this_session": round(search_s, 3),
-        "seconds_per_candidate": round(sum(per_cand) / len(per_cand), 4) if per_cand else None,
-        "candidates_per_hour": round(3600 * len(per_cand) / sum(per_cand), 1) if per_cand and sum(per_cand) > 0 else None,
-        **extra,
-    }
-    if rows:
-        report.plot_trace(rows, work / "trace.png", title=f"{cfg.strategy} ({summary['merge_method']})")
-    (work / "cma_state.pkl").unlink(missing_ok=True)
-    if save_model:
+        total = len(grid_points(genome, self.cfg.grid))
+        with progress_bar("optimize (grid)", total=total, enabled=self.options.progress, unit="candidates") as bar:
+            res = run_grid(genome, backend, self.cfg.grid, trace, progress=lambda i, n: bar.advance(n=1))
+        return res, genome.to_config(res["x"]), {"grid_point": res["point"]}
+
+    def _search_cocktail(self, backend: Any, trace: Trace) -> tuple[dict, dict, dict]:
+        from safemerge.optimize.cocktail import cocktail_config, run_cocktail
+
+        cfg = self.cfg
+        pool = list(dict.fromkeys(cfg.genome.models))
+        res = run_cocktail(pool, backend, cfg.cocktail.temperature, trace)
+        best_cfg = cocktail_config(pool, res["weights"], dtype=cfg.genome.dtype,
+                                   tokenizer_source=cfg.genome.tokenizer_source)
+        res["loss"] = None
+        extra = {"model_losses": dict(zip(pool, res["losses"])), "weights": dict(zip(pool, res["weights"])),
+                 "temperature": cfg.cocktail.temperature}
+        return res, best_cfg, extra
+
+    def _summary(self, genome: Any, res: dict[str, Any], best_cfg: dict[str, Any], rows: list[dict[str, Any]],
+                 n_safety: int | None, n_expert: int | None, *, use_ray: bool) -> dict[str, Any]:
+        """The run's ``summary.json`` fields that describe the search and its best candidate."""
+        cfg = self.cfg
+        cocktail = cfg.strategy == "cocktail"
+        return {
+            "strategy": cfg.strategy,
+            "merge_method": best_cfg["merge_method"] if cocktail else cfg.genome.merge_method,
+            "genes": len(cfg.genome.models) if cocktail else len(genome),
+            "evaluations": len(rows),
+            "best_loss": res.get("loss"),
+            "best_eval": res.get("eval"),
+            "n_safety": n_safety,
+            "n_expert": n_expert,
+            "alpha": cfg.objective.alpha,
+            "resumed": self.resumed,
+            "ray": use_ray,
+        }
+
+    def _write_outputs(self, summary: dict[str, Any], best_cfg: dict[str, Any], rows: list[dict[str, Any]],
+                       n_safety: int | None, n_expert: int | None) -> None:
+        """The trace plot, the merged model (and its evaluation), ``summary.json`` and ``report.md``."""
+        from safemerge.optimize import report
+
+        work = self.work
+        if rows:
+            report.plot_trace(rows, work / "trace.png", title=f"{self.cfg.strategy} ({summary['merge_method']})")
+        (work / "cma_state.pkl").unlink(missing_ok=True)
+        if self.save_model:
+            self._merge_best(best_cfg)
+            if self.evaluate is not None:
+                shutil.rmtree(work / "eval", ignore_errors=True)
+                evaluation = self.evaluate(work / "model", work / "eval")
+                summary["evaluation"] = report.row_from_eval(
+                    report.method_label(self.cfg.strategy, summary["merge_method"]),
+                    report.data_label(n_safety, n_expert), evaluation)
+        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (work / "report.md").write_text(report.run_report_markdown(summary, best_cfg), encoding="utf-8")
+
+    def _merge_best(self, best_cfg: dict[str, Any]) -> None:
+        """``model/``: the best config merged with the config's seed, one engine thread."""
         from safemerge.api import merge
 
-        if (work / "model").exists():  # a previous attempt died while merging or evaluating
-            shutil.rmtree(work / "model")
-        merge(best_cfg, work / "model", options=RunOptions(seed=cfg.seed, device=device, allow_pickle=allow_pickle,
-                                                           progress=progress, threads=1))
-        if evaluate is not None:
-            shutil.rmtree(work / "eval", ignore_errors=True)
-            evaluation = evaluate(work / "model", work / "eval")
-            summary["evaluation"] = report.row_from_eval(report.method_label(cfg.strategy, summary["merge_method"]),
-                                                         report.data_label(n_safety, n_expert), evaluation)
-    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (work / "report.md").write_text(report.run_report_markdown(summary, best_cfg), encoding="utf-8")
-    _finalize(work, out_p, force=force)
-    return summary
+        if (self.work / "model").exists():  # a previous attempt died while merging or evaluating
+            shutil.rmtree(self.work / "model")
+        merge(best_cfg, self.work / "model", options=RunOptions(
+            seed=self.cfg.seed, device=self.options.device, allow_pickle=self.options.allow_pickle,
+            progress=self.options.progress, threads=1))
+
+
+def _candidate_rates(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Seconds per candidate and candidates per hour, from the trace's merge and scoring times."""
+    per_cand = [float(r.get("merge_s", 0)) + float(r.get("score_s", 0)) for r in rows]
+    total = sum(per_cand)
+    return {"seconds_per_candidate": round(total / len(per_cand), 4) if per_cand else None,
+            "candidates_per_hour": round(3600 * len(per_cand) / total, 1) if per_cand and total > 0 else None}

@@ -286,7 +286,7 @@ def _safety_adapter(safety: str | Path | None, aligned: str | Path, task: Path, 
     say("repair: training a safety LoRA with the task adapter's rank and targets "
         f"({'the built-in safety corpus' if data is None else data})")
     # repair evaluates the final model on its test sets; the safety LoRA's own evaluation is safety-lora's job
-    train_safety_lora(aligned, task, out, data=data, evaluate=False, progress=progress, **recipe)
+    train_safety_lora(aligned, task, out, data=data, evaluate=False, options=RunOptions(progress=progress), **recipe)
     return out, True
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from safemerge.errors import SafemergeError, option
+from safemerge.options import RunOptions
 
 QUESTION_KEYS = ("Question", "question", "prompt", "instruction", "Prompt", "Instruction", "input", "query")
 
@@ -128,7 +129,8 @@ def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]], *, force: b
     """Write records as JSONL through a temporary sibling file renamed into place."""
     p = Path(path).expanduser()
     if p.exists() and not force:
-        raise SafemergeError(f"output {str(path)!r} already exists", f"pass {option('force')} to replace it, or choose another path")
+        raise SafemergeError(f"output {str(path)!r} already exists",
+                             f"pass {option('force')} to replace it, or choose another path")
     if p.exists() and p.is_dir():
         raise SafemergeError(f"output {str(path)!r} is a directory", "give a file name ending in .jsonl")
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -158,12 +160,14 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
         elif p.suffix == ".json":
             obj = json.loads(text)
             if isinstance(obj, dict):
-                obj = next((obj[k] for k in ("data", "rows", "examples", "instances") if isinstance(obj.get(k), list)), list(obj.values()))
+                obj = next((obj[k] for k in ("data", "rows", "examples", "instances") if isinstance(obj.get(k), list)),
+                           list(obj.values()))
             rows = list(obj)
         else:
             rows = [line.strip() for line in text.splitlines() if line.strip()]
     except ValueError as exc:
-        raise SafemergeError(f"cannot parse {str(path)!r} ({exc})", "give a valid JSON, JSONL or one-question-per-line text file") from exc
+        raise SafemergeError(f"cannot parse {str(path)!r} ({exc})",
+                             "give a valid JSON, JSONL or one-question-per-line text file") from exc
     out: list[dict[str, Any]] = []
     for r in rows:
         if isinstance(r, str):
@@ -199,13 +203,13 @@ def load_questions(spec: str) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------- models
-def load_generator(model: str, *, backend: str = "auto", dtype: str | None = None, trust_remote_code: bool = False,
-                   allow_pickle: bool = False) -> GeneratorLike:
+def load_generator(model: str, *, backend: str = "auto", dtype: str | None = None,
+                   options: RunOptions | None = None) -> GeneratorLike:
     """A greedy chat generator for ``model`` (a path) from the evaluation harness (its default dtype:
-    bf16 where the CPU has it natively)."""
-    from safemerge.evaluate.generate import load_generator as _load
+    bf16 where the CPU has it natively); ``options``: ``allow_pickle``, ``trust_remote_code``."""
+    from safemerge.evaluate.generate import load_generator as load_harness_generator
 
-    return _load(model, backend=backend, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return load_harness_generator(model, backend=backend, dtype=dtype, options=options)
 
 
 def load_judge(spec: str) -> JudgeLike:

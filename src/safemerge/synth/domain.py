@@ -106,7 +106,8 @@ def build_domain_set(
             continue
         answers = gen.generate(kept, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
         for q, a in zip(kept, answers):
-            records.append({"prompt": q, "response": str(a).strip(), "type": "domain", "category": topic, "source_model": name})
+            records.append({"prompt": q, "response": str(a).strip(), "type": "domain", "category": topic,
+                            "source_model": name})
         stats.by_model[name] = len(kept)
     records = records[:n] if len(records) > n else records
     stats.records = len(records)

@@ -39,14 +39,17 @@ DOMAIN_SYSTEM = (
 DOMAIN_USER = "While adhering to the JSON format, please generate an example."
 
 
-def safety_messages(category_index: int, category: str, topics: list[str], *, n: int, request: int, avoid: list[str]) -> list[dict[str, str]]:
+def safety_messages(category_index: int, category: str, topics: list[str], *, n: int, request: int,
+                    avoid: list[str]) -> list[dict[str, str]]:
     """Chat messages asking the generator for ``n`` unsafe questions of one category."""
     avoid_txt = ""
     if avoid:
         avoid_txt = " Do not repeat these questions: " + " | ".join(avoid)
     return [
-        {"role": "system", "content": SAFETY_SYSTEM.format(topics="; ".join(topics), example=json.dumps(SAFETY_EXAMPLE))},
-        {"role": "user", "content": SAFETY_USER.format(n=n, k=category_index, category=category, request=request, avoid=avoid_txt)},
+        {"role": "system", "content": SAFETY_SYSTEM.format(topics="; ".join(topics),
+                                                           example=json.dumps(SAFETY_EXAMPLE))},
+        {"role": "user", "content": SAFETY_USER.format(n=n, k=category_index, category=category, request=request,
+                                                       avoid=avoid_txt)},
     ]
 
 

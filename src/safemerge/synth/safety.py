@@ -129,7 +129,8 @@ def answer_with_pool(
 ) -> dict[str, list[str]]:
     """Every pool model answers every question (greedy, chat template): ``{model: [answer per question]}``."""
     return {
-        name: list(gen.generate(list(questions), max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress))
+        name: list(gen.generate(list(questions), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                progress=progress))
         for name, gen in pool.items()
     }
 
@@ -198,5 +199,6 @@ def build_safety_set(
     qs = dedupe(list(questions), key=lambda r: r["prompt"])
     stats.duplicates += before - len(qs)
     stats.questions = len(qs)
-    answers = answer_with_pool([q["prompt"] for q in qs], pool, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+    answers = answer_with_pool([q["prompt"] for q in qs], pool, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               progress=progress)
     return select_refusals(qs, answers, judge, seed=seed, require_refusal=require_refusal, stats=stats)

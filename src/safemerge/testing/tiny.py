@@ -73,7 +73,8 @@ def _config(arch: str, vocab_size: int, hidden: int, layers: int, tie: bool | No
     if arch == "llama":
         return tf.LlamaConfig(**common, tie_word_embeddings=bool(tie) if tie is not None else False)
     if arch == "mistral":
-        return tf.MistralConfig(**common, tie_word_embeddings=bool(tie) if tie is not None else False, sliding_window=None)
+        return tf.MistralConfig(**common, tie_word_embeddings=bool(tie) if tie is not None else False,
+                                sliding_window=None)
     if arch == "qwen2":
         return tf.Qwen2Config(**common, tie_word_embeddings=True if tie is None else tie)
     if arch == "gemma":
@@ -84,8 +85,10 @@ def _config(arch: str, vocab_size: int, hidden: int, layers: int, tie: bool | No
     raise ValueError(f"unknown tiny architecture {arch!r}")
 
 
-def make_tiny_model(arch: str = "llama", *, seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2, tie: bool | None = None):
-    """A randomly initialised tiny causal LM of the given family (``llama``, ``mistral``, ``qwen2``, ``gemma``, ``phi3``)."""
+def make_tiny_model(arch: str = "llama", *, seed: int = 0, vocab_size: int = 128, hidden: int = 32, layers: int = 2,
+                    tie: bool | None = None):
+    """A randomly initialised tiny causal LM of the given family (``llama``, ``mistral``, ``qwen2``, ``gemma``,
+    ``phi3``)."""
     import torch
     import transformers as tf
 

@@ -91,7 +91,8 @@ def _read_file(path: Path) -> list[tuple[Any, str]]:
         try:
             data = json.loads(text)
         except ValueError as exc:
-            raise SafemergeError(f"{path} is not valid JSON ({exc})", "fix the file, or use JSONL (one object per line)") from exc
+            raise SafemergeError(f"{path} is not valid JSON ({exc})",
+                                 "fix the file, or use JSONL (one object per line)") from exc
         if isinstance(data, Mapping) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -104,7 +105,8 @@ def _read_file(path: Path) -> list[tuple[Any, str]]:
         try:
             out.append((json.loads(line), f"{path.name} line {lineno}"))
         except ValueError as exc:
-            raise SafemergeError(f"{path} line {lineno} is not valid JSON ({exc.args[0] if exc.args else exc})", "one JSON object per line") from exc
+            raise SafemergeError(f"{path} line {lineno} is not valid JSON ({exc.args[0] if exc.args else exc})",
+                                 "one JSON object per line") from exc
     return out
 
 

@@ -25,10 +25,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safemerge.errors import ConfigError, SafemergeError
+from safemerge.options import RunOptions, with_keywords
 
 ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -63,11 +65,13 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
-def _check_hparams(rank: int, alpha: float, steps: int | None, epochs: float | None, batch_size: int, lr: float, max_length: int) -> None:
+def _check_hparams(rank: int, alpha: float, steps: int | None, epochs: float | None, batch_size: int, lr: float,
+                   max_length: int) -> None:
     if steps is not None and epochs is not None:
         raise ConfigError("--steps and --epochs are mutually exclusive", "pass only one of them")
     checks = [
-        (rank, "rank", "--rank"), (batch_size, "batch size", "--batch-size"), (max_length, "max length", "--max-length"),
+        (rank, "rank", "--rank"), (batch_size, "batch size", "--batch-size"), (max_length, "max length",
+                                                                               "--max-length"),
     ]
     for value, name, flag in checks:
         if not isinstance(value, int) or value <= 0:
@@ -92,16 +96,19 @@ def _load_model_and_tokenizer(model: str | Path, trust_remote_code: bool = False
 
     path, adapter = resolve_model_ref(model)
     if not path.is_dir() or not (path / "config.json").exists():
-        raise SafemergeError(f"model {str(model)!r} is not a Hugging Face model directory", "pass a directory with config.json and weights")
+        raise SafemergeError(f"model {str(model)!r} is not a Hugging Face model directory",
+                             "pass a directory with config.json and weights")
     refuse_custom_code(path, trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - transformers raises many types for missing tokenizer files
-        raise SafemergeError(f"cannot load the tokenizer of {path} ({type(exc).__name__})", "the model directory needs tokenizer files") from exc
+        raise SafemergeError(f"cannot load the tokenizer of {path} ({type(exc).__name__})",
+                             "the model directory needs tokenizer files") from exc
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001
-        raise SafemergeError(f"cannot load the model in {path} ({type(exc).__name__}: {str(exc)[:160]})", "check the model directory") from exc
+        raise SafemergeError(f"cannot load the model in {path} ({type(exc).__name__}: {str(exc)[:160]})",
+                             "check the model directory") from exc
     if adapter is not None:
         lm = _merge_adapter(lm, adapter)
     if tok.pad_token_id is None:
@@ -181,14 +188,16 @@ def _batches(n: int, batch_size: int, total_steps: int, generator) -> Iterable[l
                 return
 
 
-def _model_card(out: Path, *, name: str, model: Path, merge: bool, n_records: int, n_tokens: int, hp: dict[str, Any], losses: list[float]) -> None:
+def _model_card(out: Path, *, name: str, model: Path, merge: bool, n_records: int, n_tokens: int, hp: dict[str, Any],
+                losses: list[float]) -> None:
     from safemerge.io.output import md_code, md_escape, write_model_card
 
     final = sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):]))
     rows = "\n".join(f"| {md_escape(k)} | {md_escape(v)} |" for k, v in hp.items())
     what = "full model with the LoRA merged into the weights" if merge else "PEFT LoRA adapter"
     usage = (
-        f"```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('{name}')\n```"
+        f"```python\nfrom transformers import AutoModelForCausalLM\nmodel = "
+        f"AutoModelForCausalLM.from_pretrained('{name}')\n```"
         if merge
         else "```python\nfrom peft import AutoPeftModelForCausalLM\n"
         f"model = AutoPeftModelForCausalLM.from_pretrained('{name}')\n```\n\n"
@@ -200,11 +209,13 @@ def _model_card(out: Path, *, name: str, model: Path, merge: bool, n_records: in
         base_model=str(model),
         tags=("safemerge", "lora", "peft", "sft"),
         library_name="transformers" if merge else "peft",
-        front_matter={"training": {"records": n_records, "response_tokens": n_tokens, "steps": len(losses), "final_loss": round(final, 6)}},
+        front_matter={"training": {"records": n_records, "response_tokens": n_tokens, "steps": len(losses),
+                                   "final_loss": round(final, 6)}},
         sections=[
             ("What this is", f"A {what}, trained with `safemerge train-lora` on chat-formatted prompt/response pairs; "
              "prompt tokens are masked out of the loss (answer-token cross-entropy)."),
-            ("Training", f"- records: {n_records}\n- labelled (response) tokens: {n_tokens}\n- optimizer steps: {len(losses)}\n"
+            ("Training",
+             f"- records: {n_records}\n- labelled (response) tokens: {n_tokens}\n- optimizer steps: {len(losses)}\n"
              f"- first loss: {losses[0]:.4f}\n- final loss (mean of the last 10 % of steps): {final:.4f}"),
             ("Hyper-parameters", "| parameter | value |\n|---|---|\n" + rows),
             ("Usage", usage),
@@ -225,14 +236,13 @@ def train_lora(
     batch_size: int = 8,
     lr: float = 3e-4,
     max_length: int = 256,
-    seed: int = 0,
     merge: bool = False,
-    force: bool = False,
-    progress: bool = True,
     system: str | None = None,
-    trust_remote_code: bool = False,
     lora_dropout: float = 0.0,
     precision: str | None = None,
+    options: RunOptions | None = None,
+    seed: int | None = None,
+    progress: bool | None = None,
 ) -> Path:
     """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
 
@@ -247,76 +257,122 @@ def train_lora(
         targets: module names (``("q_proj", "v_proj")``, ``"q_proj,v_proj"``) or ``"all-linear"``.
         steps: number of optimiser steps; or ``epochs`` (may be fractional). Default: 1 epoch.
         batch_size, lr, max_length: batch size, peak learning rate, tokens per example.
-        seed: seeds the LoRA initialisation and the data order.
         merge: write a full model with ``W + (α/r) B A`` merged into the weights (stored in the
             base model's dtype) instead of the adapter.
-        force: replace an existing ``out_dir``.
-        progress: show a rich progress bar (stderr) with the running loss.
         system: optional system message added to every example.
-        trust_remote_code: allow a model directory whose config names its own Python code
-            (``auto_map``); refused by default.
         lora_dropout: dropout on the LoRA input during training (PEFT's ``lora_dropout``); its
             masks come from the seeded global generator, so runs stay byte-identical.
         precision: ``float32`` (default), ``bfloat16`` or ``"auto"`` (the evaluation default of
             :func:`safemerge.evaluate.generate.resolve_dtype`: bf16 where the CPU has it natively).
             bfloat16 runs forward and backward under ``torch.autocast``; the LoRA and base
             weights, the optimiser state and the loss stay float32.
+        options: ``seed`` (the LoRA initialisation and the data order), ``force`` (replace an existing
+            ``out_dir``), ``progress`` (a rich bar on stderr with the running loss), ``trust_remote_code``
+            (a model directory whose config names its own Python code; refused by default).
+        seed, progress: the same as ``options``' fields, kept as keywords for callers not yet passing
+            ``options`` (``demo/``).
 
     Returns:
         ``out_dir``. It holds ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
         model), the tokenizer, ``training_log.json`` (per-step loss, hyper-parameters) and a
         model card ``README.md``.
     """
+    options = with_keywords(options, seed=seed, progress=progress)
     _check_hparams(rank, alpha, steps, epochs, batch_size, lr, max_length)
     if not 0.0 <= lora_dropout < 1.0:
         raise ConfigError(f"LoRA dropout must be in [0, 1), got {lora_dropout!r}", "pass e.g. --lora-dropout 0.05")
     compute_dtype = _training_precision(precision)
     target_modules = parse_targets(targets)
+    from safemerge.io.output import check_output_path
     from safemerge.train.data import load_sft_records
 
     records = load_sft_records(data)
-    from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
-
     inputs = (model, data if isinstance(data, (str, Path)) else None)
-    check_output_path(out_dir, force=force, inputs=inputs)
+    check_output_path(out_dir, force=options.force, inputs=inputs)
 
-    import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
-    from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
+    from safemerge.train.tokenize import IGNORE_INDEX, encode_chat_example
 
-    model_dir, lm, tok = _load_model_and_tokenizer(model, trust_remote_code)
+    model_dir, lm, tok = _load_model_and_tokenizer(model, options.trust_remote_code)
     examples = [
-        encode_chat_example(tok, r.prompt, r.response, max_length=max_length, system=r.system if r.system is not None else system)
+        encode_chat_example(tok, r.prompt, r.response, max_length=max_length,
+                            system=r.system if r.system is not None else system)
         for r in records
     ]
     n_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
-    n = len(examples)
-    per_epoch = math.ceil(n / batch_size)
-    total = steps if steps is not None else max(1, round(per_epoch * (epochs if epochs is not None else 1.0)))
-    warmup = int(WARMUP_FRACTION * total)
-
-    torch.manual_seed(seed)
+    schedule = _Schedule.of(len(examples), batch_size, steps, epochs)
     cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=lora_dropout, bias="none",
                      task_type="CAUSAL_LM")
+    peft_model = _lora_model(lm, cfg, targets, model_dir, seed=options.seed)
+    losses = _optimise(peft_model, examples, tok.pad_token_id, schedule, lr=lr, seed=options.seed,
+                       compute_dtype=compute_dtype, progress=options.progress)
+
+    hp: dict[str, Any] = {
+        "rank": rank, "alpha": alpha,
+        "targets": target_modules if isinstance(target_modules, str) else ",".join(target_modules),
+        "steps": schedule.total, "epochs": round(schedule.total / schedule.per_epoch, 4), "batch_size": batch_size,
+        "lr": lr, "schedule": f"linear warm-up {schedule.warmup} steps, linear decay",
+        "optimizer": "AdamW (no weight decay), grad-norm clip 1.0",
+        "max_length": max_length, "seed": options.seed, "merge": merge, "lora_dropout": lora_dropout,
+        "precision": compute_dtype,
+    }
+    log = {"records": len(examples), "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
+    _write_trained(out_dir, peft_model, tok, model=model, model_dir=model_dir, merge=merge, log=log,
+                   force=options.force, inputs=inputs)
+    return Path(out_dir)
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Examples per step, optimiser steps in all, batches per epoch and warm-up steps of one training run."""
+
+    batch_size: int
+    total: int
+    per_epoch: int
+    warmup: int
+
+    @classmethod
+    def of(cls, n: int, batch_size: int, steps: int | None, epochs: float | None) -> _Schedule:
+        """``steps`` if given, else ``epochs`` (default one) passes over ``n`` examples."""
+        per_epoch = math.ceil(n / batch_size)
+        total = steps if steps is not None else max(1, round(per_epoch * (epochs if epochs is not None else 1.0)))
+        return cls(batch_size=batch_size, total=total, per_epoch=per_epoch, warmup=int(WARMUP_FRACTION * total))
+
+
+def _lora_model(lm: Any, cfg: Any, targets: str | Sequence[str], model_dir: Path, *, seed: int) -> Any:
+    """``lm`` wrapped with a freshly initialised LoRA (``torch.manual_seed(seed)`` first: deterministic)."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
     try:
-        peft_model = get_peft_model(lm, cfg)
+        return get_peft_model(lm, cfg)
     except ValueError as exc:
         raise ConfigError(
             f"LoRA targets {targets!r} do not match modules of {model_dir.name} ({' '.join(str(exc).split())[:120]})",
             "use module names such as q_proj,v_proj (see the model's state dict) or all-linear",
         ) from exc
+
+
+def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, schedule: _Schedule, *, lr: float,
+              seed: int, compute_dtype: str, progress: bool) -> list[float]:
+    """The training loop (AdamW, warm-up + linear decay, grad-norm clip); returns the loss of every step."""
+    import torch
+
+    from safemerge.train.tokenize import collate
+
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule.total, schedule.warmup))
     generator = torch.Generator().manual_seed(seed)
 
     peft_model.train()
     losses: list[float] = []
     with _progress(progress) as bar:
-        task = bar.add_task("train", total=total, loss="—")
-        for idx in _batches(n, batch_size, total, generator):
-            batch = collate([examples[i] for i in idx], tok.pad_token_id)
+        task = bar.add_task("train", total=schedule.total, loss="—")
+        for idx in _batches(len(examples), schedule.batch_size, schedule.total, generator):
+            batch = collate([examples[i] for i in idx], pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
                 loss = peft_model(**batch).loss
             if not torch.isfinite(loss):
@@ -329,15 +385,16 @@ def train_lora(
             losses.append(float(loss.detach()))
             bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
     peft_model.eval()
+    return losses
 
-    hp: dict[str, Any] = {
-        "rank": rank, "alpha": alpha, "targets": target_modules if isinstance(target_modules, str) else ",".join(target_modules),
-        "steps": total, "epochs": round(total / per_epoch, 4), "batch_size": batch_size, "lr": lr,
-        "schedule": f"linear warm-up {warmup} steps, linear decay", "optimizer": "AdamW (no weight decay), grad-norm clip 1.0",
-        "max_length": max_length, "seed": seed, "merge": merge, "lora_dropout": lora_dropout,
-        "precision": compute_dtype,
-    }
-    log = {"records": n, "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
+
+def _write_trained(out_dir: str | Path, peft_model: Any, tok: Any, *, model: str | Path, model_dir: Path,
+                   merge: bool, log: dict[str, Any], force: bool, inputs: tuple[Any, ...]) -> None:
+    """The adapter (or, with ``merge``, the merged model), the tokenizer, the log and the card, atomically."""
+    import torch
+
+    from safemerge.io.output import atomic_output, chmod_to_umask
+
     with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
         if merge:
             merged = peft_model.merge_and_unload()
@@ -346,16 +403,19 @@ def train_lora(
             merged.save_pretrained(tmp, safe_serialization=True)
         else:
             peft_model.save_pretrained(tmp, safe_serialization=True)
-            # PEFT records the model path as loaded; keep it as the user gave it (stable across machines),
-            # and target_modules sorted (PEFT stores a set, whose order changes from run to run)
-            cfg_file = tmp / "adapter_config.json"
-            acfg = json.loads(cfg_file.read_text())
-            acfg["base_model_name_or_path"] = str(model)
-            if isinstance(acfg.get("target_modules"), list):
-                acfg["target_modules"] = sorted(acfg["target_modules"])
-            cfg_file.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+            _stable_adapter_config(tmp / "adapter_config.json", model)
         tok.save_pretrained(tmp)
         (tmp / TRAINING_LOG).write_text(json.dumps(log, indent=2) + "\n")
-        _model_card(tmp, name=Path(out_dir).name, model=model_dir, merge=merge, n_records=n, n_tokens=n_tokens, hp=hp, losses=losses)
+        _model_card(tmp, name=Path(out_dir).name, model=model_dir, merge=merge, n_records=log["records"],
+                    n_tokens=log["response_tokens"], hp=log["hyperparameters"], losses=log["losses"])
         chmod_to_umask(tmp)  # transformers writes some files 0600
-    return Path(out_dir)
+
+
+def _stable_adapter_config(cfg_file: Path, model: str | Path) -> None:
+    """PEFT records the model path as loaded; keep it as the user gave it (stable across machines),
+    and ``target_modules`` sorted (PEFT stores a set, whose order changes from run to run)."""
+    acfg = json.loads(cfg_file.read_text())
+    acfg["base_model_name_or_path"] = str(model)
+    if isinstance(acfg.get("target_modules"), list):
+        acfg["target_modules"] = sorted(acfg["target_modules"])
+    cfg_file.write_text(json.dumps(acfg, indent=2, sort_keys=True) + "\n")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.options import RunOptions, with_keywords
 from safemerge.train.data import SFTRecord
 
 # Measured on SmolLM2-135M-Instruct with the project corpus (docs/demo.md, "Safety LoRA"): r and targets come
@@ -97,15 +98,14 @@ def train_safety_lora(
     lr: float = SAFETY_LR,
     batch_size: int = SAFETY_BATCH,
     max_length: int = SAFETY_MAX_LENGTH,
-    seed: int = 0,
     harmful: str | Path = "builtin:harmful",
     benign: str | Path = "builtin:benign",
     evaluate: bool = True,
     limit: int | None = None,
     distill_benign: bool = True,
     precision: str | None = None,
-    force: bool = False,
-    progress: bool = True,
+    options: RunOptions | None = None,
+    seed: int | None = None,
 ) -> SafetyLoraResult:
     """Train SafeMERGE's safety LoRA on ``aligned`` with the rank and targets of ``like``.
 
@@ -114,7 +114,7 @@ def train_safety_lora(
         like: the task LoRA adapter whose ``r``, ``lora_alpha`` and ``target_modules`` are copied.
         out: output adapter directory, written atomically (temporary sibling renamed into place).
         data: training records (JSONL/JSON file or records); default: the project's safety corpus.
-        steps, lr, batch_size, max_length, seed: the :func:`~safemerge.train.lora.train_lora` recipe.
+        steps, lr, batch_size, max_length: the :func:`~safemerge.train.lora.train_lora` recipe.
         harmful, benign: prompt sets for the card's evaluation (disjoint from the default data).
         evaluate: measure aligned and aligned + ΔW_s (harmful rate, over-refusal) for the card.
         limit: evaluate at most ``limit`` prompts per set.
@@ -123,6 +123,8 @@ def train_safety_lora(
             :func:`~safemerge.train.distill.self_distill`), so the safety LoRA learns to refuse harm
             without learning to refuse what the aligned model answers.
         precision: ``train_lora``'s compute precision (``None``: float32; ``auto``: bf16 where native).
+        options: ``seed`` (the recipe's: LoRA initialisation, data order, corpus sampling), ``force`` (replace
+            ``out``), ``progress``; ``seed`` as a keyword is kept for callers not yet passing ``options`` (``demo/``).
 
     Returns:
         :class:`SafetyLoraResult`; ``out`` holds the adapter, ``training_log.json``,
@@ -131,10 +133,12 @@ def train_safety_lora(
     from safemerge.io.output import atomic_output, check_output_path
     from safemerge.train.lora import TRAINING_LOG, train_lora
 
+    options = with_keywords(options, seed=seed)
     rank, alpha, targets = like_adapter_shape(like)
-    check_output_path(out, force=force)
-    records, n_distilled = training_records(aligned, data, seed=seed, distill_benign=distill_benign, progress=progress)
-    with atomic_output(out, force=force) as tmp:
+    check_output_path(out, force=options.force)
+    records, n_distilled = training_records(aligned, data, seed=options.seed, distill_benign=distill_benign,
+                                            progress=options.progress)
+    with atomic_output(out, force=options.force) as tmp:
         trained = tmp / "adapter"
         train_lora(
             aligned,
@@ -147,9 +151,8 @@ def train_safety_lora(
             batch_size=batch_size,
             lr=lr,
             max_length=max_length,
-            seed=seed,
-            progress=progress,
             precision=precision,
+            options=options.replace(force=False),  # the adapter goes into the fresh temporary directory
         )
         for f in trained.iterdir():
             shutil.move(str(f), tmp / f.name)
@@ -159,7 +162,7 @@ def train_safety_lora(
                                   n_records={"data": len(records) - n_distilled, "distilled": n_distilled})
         if evaluate:
             result.evaluation = _evaluate_alone(
-                aligned, tmp, harmful=harmful, benign=benign, limit=limit, progress=progress
+                aligned, tmp, harmful=harmful, benign=benign, limit=limit, progress=options.progress
             )
         (tmp / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         _append_card(tmp, result, like=like)
