@@ -100,13 +100,13 @@ def family_two_pass(
     float32 tensors (rows ``None`` = all); each finished float32 block goes to ``emit(rows, block)``.
     ``generator``: the tensor's generator (:mod:`safemerge.methods.seeding`), consumed exactly as
     the whole-tensor function consumes it. Returns ``False`` (the caller falls back to the whole
-    tensor) for what it does not cover: no models, 1-D tensors, random masks off the CPU (CUDA's
-    generator does not draw block by block as it draws the whole tensor)."""
+    tensor) for what it does not cover: no models, 1-D tensors, random masks off the CPU (that
+    block-by-block draws equal the whole tensor's is established for the CPU generator only)."""
     if n == 0 or len(shape) < 2:
         return False
     s = FamilySettings.resolve(name, per_model, params, n)
     models = [_sparsifier(s, i, math.prod(shape)) for i in range(n)]
-    random = [m for m in models if m.mode in ("dare", "della")]
+    random = any(m.mode in ("dare", "della") for m in models)
     if random and (generator is None or generator.device.type != "cpu"):
         return False
     blocks = row_blocks(shape, block_bytes)
