@@ -9,6 +9,13 @@ already allocated.
 
     .venv/bin/python bench/methods.py --size 2048 --models 3 --repeats 3 --memory
 
+``--row-blocks`` adds, for the methods with a row-block kernel (``methods/streaming.py``), the
+same merge through that kernel in the engine's 512 KB blocks (inputs sliced and copied block by
+block, as the engine reads them): its time, peak extra memory (with ``--memory``) and whether its
+output is bit-identical to the whole-tensor function's (``same bits``).
+
+    .venv/bin/python bench/methods.py --methods ties,dare_ties,breadcrumbs,della --row-blocks --memory
+
 Prints a table and writes ``bench/results/methods.json``.
 """
 from __future__ import annotations
@@ -70,6 +77,30 @@ def run_ours(method, tensors, base, per_model, params, seed: int = 0) -> torch.T
     return method.fn(tensors, base, per_model=pm, params=full, generator=gen)
 
 
+def run_blocks(method, tensors, base, per_model, params, seed: int = 0) -> torch.Tensor:
+    """The same merge through the method's row-block kernel (``methods/streaming.py``), in the
+    engine's block size; each block read is a copy, as the engine's reads are."""
+    from safemerge.engine.run import ELEMENTWISE_BLOCK_BYTES
+    from safemerge.methods.streaming import TWO_PASS
+
+    full = {p.name: p.default for p in method.global_params}
+    full.update(params)
+    pm = {p.name: per_model.get(p.name, [p.default] * len(tensors)) for p in method.per_model_params}
+    gen = torch.Generator().manual_seed(seed) if method.stochastic else None
+    out = torch.empty_like(base)
+
+    def emit(rows, part):
+        out[rows[0] : rows[1]] = part
+
+    done = TWO_PASS[method.name](lambda i, rows: tensors[i][slice(*rows) if rows else slice(None)].clone(),
+                                 lambda rows: base[slice(*rows) if rows else slice(None)].clone(),
+                                 len(tensors), tuple(base.shape), pm, full, ELEMENTWISE_BLOCK_BYTES, emit,
+                                 generator=gen)
+    if not done:
+        raise RuntimeError(f"{method.name}: the row-block kernel declined these parameters")
+    return out
+
+
 def run_mergekit(name, tensors, base, per_model, params, seed: int = 0) -> torch.Tensor:
     from mergekit.merge_methods.api import merge_tensors
 
@@ -97,8 +128,8 @@ def peak_memory_child(name: str, impl: str, size: int, n_models: int) -> None:
     if impl == "mergekit":
         import mergekit.merge_methods  # noqa: F401  (import cost outside the measurement)
     before = _reset_peak_rss_kib()
-    out = run_ours(method, tensors, base, per_model, params) if impl == "ours" else run_mergekit(name, tensors, base,
-                                                                                                 per_model, params)
+    run = {"ours": run_ours, "blocks": run_blocks}.get(impl)
+    out = run(method, tensors, base, per_model, params) if run else run_mergekit(name, tensors, base, per_model, params)
     after = _peak_rss_kib()
     del out
     # the result itself is one tensor; report everything above the inputs, result included
@@ -140,6 +171,22 @@ def measure_memory(name: str, impl: str, size: int, n_models: int) -> float | No
     return float(json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mib"])
 
 
+def two_pass_methods() -> set[str]:
+    from safemerge.methods.streaming import TWO_PASS
+
+    return set(TWO_PASS)
+
+
+def block_row(name: str, method, tensors, base, per_model, params, args) -> dict:
+    """Time, bit-identity and (``--memory``) peak extra memory of the row-block kernel."""
+    row = {"blocks_s": time_call(lambda: run_blocks(method, tensors, base, per_model, params), args.repeats),
+           "blocks_same_bits": torch.equal(run_blocks(method, tensors, base, per_model, params),
+                                           run_ours(method, tensors, base, per_model, params))}
+    if args.memory:
+        row["blocks_peak_extra_mib"] = measure_memory(name, "blocks", args.size, args.models)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=2048, help="matrix side (default 2048 → 16 MiB per fp32 tensor)")
@@ -148,6 +195,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--memory", action="store_true", help="also measure peak extra RSS per call (subprocesses)")
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--row-blocks", action="store_true",
+                    help="also run the methods that have one through their row-block kernel (time, memory, same bits)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--impl", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -173,6 +222,11 @@ def main() -> None:
         line = f"{name:18s} {t_ours:8.3f} {t_mk:10.3f} {t_mk / t_ours:7.2f}x {diff:9.2e}"
         if args.memory:
             line += f" {row['ours_peak_extra_mib']:9.0f} {row['mergekit_peak_extra_mib']:8.0f}"
+        if args.row_blocks and base is not None and name in two_pass_methods():
+            row.update(block_row(name, method, tensors, base, per_model, params, args))
+            line += f"  row blocks: {row['blocks_s']:.3f} s, same bits {row['blocks_same_bits']}"
+            if args.memory:
+                line += f", {row['blocks_peak_extra_mib']:.0f} MiB"
         print(line, flush=True)
     result = {
         "benchmark": "methods",

@@ -3,10 +3,13 @@ input tensor in float32.
 
 Structural, not timing-based: with the row-block size lowered so that a tiny model's embedding
 spans many blocks, every read of an input tensor the executor streams is recorded. For the
-methods that stream (element-wise ones and TIES), no read may exceed one row block, and TIES
-must find its thresholds without the whole-tensor fallback. What stays in memory per tensor is
-then the output (in its storage dtype), a few float32 blocks per input and, for TIES, the
-threshold candidates — about 1/40 of a task vector (a ±8σ sample bracket), as measured here.
+methods that stream (element-wise ones and the TIES family), no read may exceed one row block,
+and the magnitude methods must find their thresholds without the whole-tensor fallback. What
+stays in memory per tensor is then the output (in its storage dtype), a few float32 blocks per
+input, the threshold candidates — about 1/40 of a task vector per cut (a ±8σ sample bracket), as
+measured here — and, for the L1 rescaling of DARE and DELLA, one float32 scratch buffer the size
+of the tensor. The last test measures it: the peak RSS growth of a 3-model merge of 16 MiB
+tensors, in a fresh process.
 """
 from __future__ import annotations
 
@@ -45,12 +48,16 @@ def _config(method: str, p: dict[str, Path]) -> str:
     if method == "linear":
         return "merge_method: linear\ndtype: bfloat16\nmodels:\n" + "".join(
             f"  - model: {p[f'm{i}']}\n    parameters: {{weight: {w}}}\n" for i, w in ((1, 0.5), (2, 0.3), (3, 0.2)))
-    dens = ", density: 0.5" if method == "ties" else ""
+    dens = ", density: 0.5" if method != "task_arithmetic" else ""
     return f"merge_method: {method}\ndtype: bfloat16\nbase_model: {p['base']}\nmodels:\n" + "".join(
         f"  - model: {p[f'm{i}']}\n    parameters: {{weight: {w}{dens}}}\n" for i, w in ((1, 0.5), (2, 0.3), (3, 0.2)))
 
 
-@pytest.mark.parametrize("method", ["ties", "linear", "task_arithmetic"])
+MAGNITUDE = ("ties", "breadcrumbs", "breadcrumbs_ties")
+FAMILY = (*MAGNITUDE, "dare_ties", "dare_linear", "della", "della_linear")
+
+
+@pytest.mark.parametrize("method", [*FAMILY, "linear", "task_arithmetic"])
 def test_streamed_methods_read_one_block_at_a_time(models, method, tmp_path, monkeypatch) -> None:
     reads: list[int] = []  # elements of the embedding per read
 
@@ -73,7 +80,7 @@ def test_streamed_methods_read_one_block_at_a_time(models, method, tmp_path, mon
     def result(self):  # noqa: ANN001, ANN202
         candidates.append(sum(v.numel() for v in self.values))
         found = scan(self)
-        assert found is not None, "TIES fell back to a whole-tensor threshold selection"
+        assert found is not None, f"{method} fell back to a whole-tensor threshold selection"
         return found
 
     monkeypatch.setattr(tensor_helpers.StreamedKth, "result", result)
@@ -81,9 +88,11 @@ def test_streamed_methods_read_one_block_at_a_time(models, method, tmp_path, mon
     block_elems = BLOCK_BYTES // 4
     assert reads and max(reads) <= block_elems, f"a read of {max(reads)} elements, block is {block_elems}"
     n_inputs = 4 if method != "linear" else 3
-    passes = 3 if method == "ties" else 1  # TIES: sample, threshold scan, merge
+    # magnitude methods: sample, threshold scan, merge; DARE/DELLA: the L1 norms (model and base, per
+    # model: 2·3 reads) and the merge (4) — at most 3 reads of each input in both cases
+    passes = 3 if method in FAMILY else 1
     assert sum(reads) <= passes * n_inputs * 512 * cols
-    if method == "ties":
+    if method in MAGNITUDE:
         # the candidates kept to pin each threshold exactly: a small fraction of the tensor
         assert candidates and max(candidates) <= 512 * cols // 4, candidates
 
@@ -99,3 +108,65 @@ def test_streamed_output_equals_whole_tensor_output(models, tmp_path, monkeypatc
     merge(cfg, tmp_path / "blocks", options=RunOptions(progress=False))
     x, y = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "blocks" / "model.safetensors")
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+PEAK_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import safemerge.engine.run as engine_run
+from safemerge.api import merge
+from safemerge.options import RunOptions
+
+def status(field):
+    return next(int(l.split()[1]) * 1024 for l in Path("/proc/self/status").read_text().splitlines()
+                if l.startswith(field + ":"))
+
+warm, big, out, *modes = sys.argv[1:]
+options = RunOptions(progress=False, threads=1)
+merge(Path(warm).read_text(), Path(out) / "warm", options=options)  # code and allocator warmed up
+growth = {}
+for mode in modes:
+    engine_run.ELEMENTWISE_BLOCK_BYTES = 1 << 40 if mode == "whole" else 512 << 10
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS counter (VmHWM)
+    before = status("VmRSS")
+    merge(Path(big).read_text(), Path(out) / mode, options=options)
+    growth[mode] = status("VmHWM") - before
+print(json.dumps(growth))
+"""
+
+BIG = (16384, 256)  # embed_tokens and lm_head: 16 MiB each in float32 (bfloat16 on disk)
+
+
+@pytest.fixture(scope="module")
+def big_models(tmp_path_factory) -> dict[str, Path]:
+    from safemerge.testing import make_tiny_model, perturb_model
+
+    root = tmp_path_factory.mktemp("big")
+    out = {}
+    for i in range(4):
+        model = make_tiny_model("llama", seed=0, vocab_size=BIG[0], hidden=BIG[1], layers=1)
+        if i:
+            perturb_model(model, seed=i, scale=0.01)
+        out["base" if i == 0 else f"m{i}"] = root / f"model{i}"
+        model.to(torch.bfloat16).save_pretrained(out["base" if i == 0 else f"m{i}"])
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_peak_memory_is_a_small_multiple_of_one_tensor(models, big_models, tmp_path) -> None:
+    """The peak RSS growth of a 3-model DARE-TIES merge (``-j 1``, L1 rescaling on) stays below 2×
+    one input tensor in float32 (output + scratch buffer + blocks; measured 1.4×, and 1.4× for
+    DELLA), where the whole-tensor path needs about N + 3 of them (measured 7.0×)."""
+    import json
+    import subprocess
+    import sys
+
+    tensor_bytes = 4 * BIG[0] * BIG[1]
+    (tmp_path / "warm.yml").write_text(_config("dare_ties", models))
+    (tmp_path / "big.yml").write_text(_config("dare_ties", big_models))
+    run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, tmp_path / "warm.yml", tmp_path / "big.yml",
+                          tmp_path / "out", "streamed", "whole"], capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    growth = json.loads(run.stdout.strip().splitlines()[-1])
+    assert growth["streamed"] <= 2 * tensor_bytes, growth
+    assert growth["whole"] >= 3 * tensor_bytes, growth  # a bound the whole-tensor path does not meet

@@ -9,7 +9,8 @@ torch = pytest.importorskip("torch")
 from safemerge.methods._tensor import ChunkedDots, StreamedKth, dot64, row_blocks  # noqa: E402
 from safemerge.methods.model_stock import model_stock, model_stock_two_pass  # noqa: E402
 from safemerge.methods.slerp import slerp, slerp_two_pass  # noqa: E402
-from safemerge.methods.task_arithmetic import _family_entry, ties_two_pass  # noqa: E402
+from safemerge.methods.task_arithmetic import _family_entry  # noqa: E402
+from safemerge.methods.task_arithmetic_two_pass import family_kernel  # noqa: E402
 
 SHAPE = (517, 389)  # 201,113 entries: three full 65,536-entry chunks and a tail
 
@@ -21,16 +22,20 @@ def _inputs(n: int, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base, models
 
 
-def _streamed(kernel, base, models, params, per_model=None, block_bytes=7 * 389 * 4 + 12):  # noqa: ANN001, ANN202
+def _streamed(kernel, base, models, params, per_model=None, block_bytes=7 * 389 * 4 + 12,  # noqa: ANN001, ANN202
+              generator=None):
     out = torch.full(SHAPE, float("nan"))
+    emitted: list[tuple[int, int]] = []
 
     def emit(rows, part):  # noqa: ANN001, ANN202
         out[rows[0] : rows[1]] = part
+        emitted.append(rows)
 
     done = kernel(lambda i, rows: (models[i] if rows is None else models[i][rows[0] : rows[1]]).clone(),
                   lambda rows: (base if rows is None else base[rows[0] : rows[1]]).clone(),
-                  len(models), SHAPE, per_model or {}, params, block_bytes, emit)
+                  len(models), SHAPE, per_model or {}, params, block_bytes, emit, generator=generator)
     assert done
+    assert len(emitted) > 10 and emitted[-1][1] == SHAPE[0]  # several blocks; the last one is partial
     return out
 
 
@@ -54,14 +59,73 @@ def test_model_stock_two_pass_is_bit_identical() -> None:
     assert torch.equal(_streamed(model_stock_two_pass, base, models, {}), model_stock(base, models))
 
 
-@pytest.mark.parametrize("quantised", [False, True])
-def test_ties_two_pass_is_bit_identical(quantised) -> None:
+FAMILY_PER_MODEL = {"weight": [0.5, 0.3, -0.2], "density": [0.5, 0.9, 0.2], "gamma": [0.05, 0.01, 0.3],
+                    "epsilon": [0.1, 0.05, 0.15]}
+
+
+def _family_both_ways(name: str, base, models, params, per_model=FAMILY_PER_MODEL, seed: int = 11):  # noqa: ANN001, ANN202
+    """(whole-tensor output, row-block output, generator states after each) of family method ``name``."""
+    g_whole, g_blocks = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    whole = _family_entry(name, [m.clone() for m in models], base, per_model=per_model, params=params,
+                          generator=g_whole)
+    blocks = _streamed(family_kernel(name), base, models, params, per_model, generator=g_blocks)
+    return whole, blocks, (g_whole.get_state(), g_blocks.get_state())
+
+
+FAMILY = ["ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"]
+
+
+@pytest.mark.parametrize("rescale", [None, True, False])
+@pytest.mark.parametrize("name", FAMILY)
+def test_family_two_pass_is_bit_identical(name, rescale) -> None:
+    """Every sparsifier with its default rescaling and with it forced on / off; exactly tied
+    magnitudes straddle the cut-offs across block boundaries (quantised task vectors)."""
     base, models = _inputs(3, seed=2)
-    if quantised:  # exactly tied magnitudes straddle the cut-offs, across block boundaries
-        models = [base + (m - base).mul(16).round().div(16) for m in models]
-    per_model = {"weight": [0.5, 0.3, -0.2], "density": [0.5, 0.9, 0.2]}
-    whole = _family_entry("ties", [m.clone() for m in models], base, per_model=per_model, params={})
-    assert torch.equal(_streamed(ties_two_pass, base, models, {}, per_model), whole)
+    models = [base + (m - base).mul(16).round().div(16) for m in models]
+    params = {} if rescale is None else {"rescale": rescale}
+    whole, blocks, (state_whole, state_blocks) = _family_both_ways(name, base, models, params)
+    assert torch.equal(blocks, whole)
+    assert torch.equal(state_whole, state_blocks)  # the tensor's generator is consumed as the whole path consumes it
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_family_two_pass_edge_settings(name) -> None:
+    """A model kept whole (density 1), λ and normalisation switched, continuous task vectors."""
+    base, models = _inputs(3, seed=5)
+    per_model = {**FAMILY_PER_MODEL, "density": [1.0, 0.6, 0.3]}
+    params = {"lambda": 0.7, "normalize": name in ("dare_linear", "breadcrumbs", "della_linear")}
+    whole, blocks, _ = _family_both_ways(name, base, models, params, per_model, seed=3)
+    assert torch.equal(blocks, whole)
+
+
+def test_breadcrumbs_window_of_ties_only() -> None:
+    """A rank window that starts and ends inside one run of equal magnitudes (both cut-offs at the
+    same value), and an empty window (density·n < 1), in row blocks."""
+    base, models = _inputs(2, seed=6)
+    models = [base + (m - base).sign() * 0.25 for m in models]  # every |δ| equal
+    per_model = {"weight": [0.6, 0.4], "density": [0.5, 1e-6], "gamma": [0.2, 0.01]}
+    whole, blocks, _ = _family_both_ways("breadcrumbs", base, models, {}, per_model)
+    assert torch.equal(blocks, whole)
+
+
+def test_family_two_pass_when_the_sample_bracket_misses(monkeypatch) -> None:
+    """The exact whole-tensor selection that replaces a missed bracket gives the same bits."""
+    import safemerge.methods.task_arithmetic_two_pass as two_pass
+
+    monkeypatch.setattr(two_pass.StreamedKth, "result", lambda self: None)
+    base, models = _inputs(3, seed=7)
+    for name in ("ties", "breadcrumbs_ties"):
+        whole, blocks, _ = _family_both_ways(name, base, models, {"rescale": True})
+        assert torch.equal(blocks, whole)
+
+
+def test_stochastic_family_needs_a_cpu_generator() -> None:
+    """Without the tensor's generator the random masks cannot be reproduced: whole-tensor fallback."""
+    base, models = _inputs(2, seed=8)
+    per_model = {"weight": [0.5, 0.5], "density": [0.5, 0.5]}
+    done = family_kernel("dare_ties")(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE,
+                                      per_model, {}, 4096, lambda rows, part: None, generator=None)
+    assert done is False
 
 
 def test_row_blocks_cover_the_tensor() -> None:

@@ -171,8 +171,9 @@ def _check_output(plan: MergePlan, job: TensorJob, out: Any, allow_nonfinite: bo
 def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blocks: list[Rows], options: RunOptions,
                   out_dtype: Any):
     """One tensor in row blocks, each block converted into the preallocated output as soon as it
-    is merged: element-wise methods block by block, methods with a ``two_pass`` kernel (TIES:
-    thresholds first) through it. ``None`` when the method cannot stream this tensor."""
+    is merged: element-wise methods block by block, methods with a ``two_pass`` kernel (the TIES
+    family: thresholds, generator states, L1 norms first) through it. ``None`` when the method
+    cannot stream this tensor."""
     import torch
 
     from safemerge.methods.streaming import TWO_PASS
@@ -193,8 +194,9 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
         def load_base(rows: Rows | None):  # noqa: ANN202
             return _load(ckpts, *job.base, plan.compute_dtype, options, rows)  # type: ignore[misc]
 
+        gen = tensor_generator(options.seed, job.out_name, options.device) if plan.method.stochastic else None
         done = two_pass(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params,
-                        ELEMENTWISE_BLOCK_BYTES, emit)
+                        ELEMENTWISE_BLOCK_BYTES, emit, generator=gen)
         return out if done else None
     if not plan.method.extra.get("elementwise"):
         return None

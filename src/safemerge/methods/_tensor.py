@@ -21,8 +21,9 @@ TIE_BREAKS = ("index", "mergekit")
 #: ``(first row, end row)`` of a row block of a tensor.
 Rows = tuple[int, int]
 #: A two-pass kernel (``methods/streaming.py``): ``fn(load, load_base, n, shape, per_model, params, block_bytes,
-#: emit) -> bool`` — ``load(i, rows)`` / ``load_base(rows)`` read float32 rows (``None``: all), ``emit(rows, block)``
-#: takes each merged float32 block; ``False`` means "not for these parameters" (whole-tensor fallback).
+#: emit, generator=None) -> bool`` — ``load(i, rows)`` / ``load_base(rows)`` read float32 rows (``None``: all),
+#: ``emit(rows, block)`` takes each merged float32 block, ``generator`` is a stochastic method's per-tensor
+#: generator; ``False`` means "not for these parameters" (whole-tensor fallback).
 RowLoader = Callable[[int, "Rows | None"], torch.Tensor]
 BaseRowLoader = Callable[["Rows | None"], torch.Tensor]
 BlockSink = Callable[[Rows, torch.Tensor], None]
@@ -286,10 +287,17 @@ def masked_rescaled(tensor: torch.Tensor, mask: torch.Tensor, rescale: bool, eps
         if not rescale:
             return masked
         before = tensor.abs().sum()
-    after = masked.abs().sum()
+    factor = l1_rescale_factor(before, masked.abs().sum(), eps)
+    return masked if factor is None else masked.mul_(factor)
+
+
+def l1_rescale_factor(before: torch.Tensor, after: torch.Tensor, eps: float = 1e-7) -> torch.Tensor | None:
+    """``‖δ‖₁ / ‖m ⊙ δ‖₁`` from the two float32 norms (0-d tensors) — the factor
+    :func:`masked_rescaled` multiplies the survivors by — or ``None`` (no rescaling) when either
+    norm is below ``eps``. The row-block kernels apply the same factor block by block."""
     if before < eps or after < eps:
-        return masked
-    return masked.mul_(before / after)
+        return None
+    return before / after
 
 
 _DOT_CHUNK = 1 << 16

@@ -69,6 +69,7 @@ def model_stock_two_pass(
     params: dict[str, Any],
     block_bytes: int,
     emit: BlockSink,
+    generator: torch.Generator | None = None,
 ) -> bool:
     """Model Stock of a large tensor in row blocks, bit-identical to :func:`model_stock`: pass 1
     accumulates the task vectors' norms and pairwise dot products over the same float64 chunks as

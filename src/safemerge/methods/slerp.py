@@ -69,6 +69,7 @@ def slerp_two_pass(
     params: dict[str, Any],
     block_bytes: int,
     emit: BlockSink,
+    generator: torch.Generator | None = None,
 ) -> bool:
     """``slerp`` of a large tensor in row blocks, bit-identical to :func:`slerp`: pass 1
     accumulates ‖θ_base‖², ‖θ‖² and ⟨θ_base, θ⟩ over the same float64 chunks as :func:`dot64`

@@ -63,14 +63,20 @@ def random_drop(
 
     Yu et al. 2024, "Language Models are Super Mario" (DARE), Eq. 2: ``m ~ Bernoulli(p)``,
     ``δ̃ = m ⊙ δ``, rescaled (here to the original L1 norm, as mergekit does). The mask is drawn
-    with one ``torch.bernoulli`` call on a tensor of probabilities, from ``generator`` — the same
-    draw sequence as mergekit, so equal seeds give equal masks. ``density ≥ 1`` returns ``delta``.
+    by :func:`dare_keep_mask` from ``generator`` — the same draw sequence as mergekit, so equal
+    seeds give equal masks. ``density ≥ 1`` returns ``delta``.
     """
     if density >= 1:
         return delta
-    mask = torch.full_like(delta, float(density))
-    mask.bernoulli_(mask, generator=generator)  # in place: p → sample, one temporary
-    return masked_rescaled(delta, mask, rescale)
+    return masked_rescaled(delta, dare_keep_mask(delta, density, generator), rescale)
+
+
+def dare_keep_mask(like: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """DARE's keep mask ``m ~ Bernoulli(density)`` shaped and typed like ``like`` (0/1), one
+    ``torch.bernoulli`` draw per entry in flat order: the masks of consecutive row blocks drawn
+    from one generator are the rows of the whole tensor's mask (the row-block kernels rely on it)."""
+    mask = torch.full_like(like, float(density))
+    return mask.bernoulli_(mask, generator=generator)  # in place: p → sample, one temporary
 
 
 def della_magprune(
@@ -94,13 +100,28 @@ def della_magprune(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
+    check_della_range(density, epsilon)
+    shape = delta.shape
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    return masked_rescaled(rows, della_keep_mask(rows, density, epsilon, generator), rescale).reshape(shape)
+
+
+def check_della_range(density: float, epsilon: float) -> None:
+    """DELLA's keep probabilities ``density ± ε`` must lie in (0, 1) (:class:`ConfigError` otherwise)."""
     if density + epsilon >= 1 or density - epsilon <= 0:
         raise ConfigError(
             f"della: density ± epsilon must lie in (0, 1), got density={density:g}, epsilon={epsilon:g}",
             "lower epsilon or move density away from 0 and 1",
         )
-    shape = delta.shape
-    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+
+
+def della_keep_mask(rows: torch.Tensor, density: float, epsilon: float,
+                    generator: torch.Generator | None) -> torch.Tensor:
+    """DELLA MagPrune's keep mask of ``rows`` (≥ 2-D; ranks along dim 1): ``m ~ Bernoulli(p_r)``
+    with ``p_r = (density − ε) + 2ε·(r − 1)/(n − 1)`` (Deep et al. 2024, Eq. 1–3), float32 0/1.
+
+    Ranks are taken within each row and the draws are made in flat order, so the masks of
+    consecutive row blocks drawn from one generator are the rows of the whole tensor's mask."""
     n = rows.shape[1]
     order = torch.sort(rows.abs(), dim=1, stable=True).indices
     probs = torch.empty(rows.shape, dtype=torch.float32, device=rows.device)
@@ -114,5 +135,4 @@ def della_magprune(
     else:
         probs.zero_()
     probs.mul_(2).mul_(epsilon).add_(density - epsilon)
-    probs.bernoulli_(probs, generator=generator)  # in place: p → sample
-    return masked_rescaled(rows, probs, rescale).reshape(shape)
+    return probs.bernoulli_(probs, generator=generator)  # in place: p → sample

@@ -1,10 +1,12 @@
 """Row-block ("two-pass") kernels of methods whose result needs whole-tensor statistics.
 
-``fn(load, load_base, n, shape, per_model, params, block_bytes, emit) -> bool``: pass 1 reads
-the inputs block by block (``load(i, rows)`` / ``load_base(rows)``, float32) and gathers the
-statistics (TIES thresholds, SLERP / Model Stock norms and dot products), pass 2 hands each
-merged float32 block to ``emit(rows, block)``. Every kernel gives the whole-tensor function's
-bits; ``False`` means "not for these parameters" and the engine falls back to the whole tensor.
+``fn(load, load_base, n, shape, per_model, params, block_bytes, emit, generator=None) -> bool``:
+pass 1 reads the inputs block by block (``load(i, rows)`` / ``load_base(rows)``, float32) and
+gathers the statistics (the TIES family's magnitude thresholds, random-generator states and L1
+norms; SLERP / Model Stock norms and dot products), pass 2 hands each merged float32 block to
+``emit(rows, block)``; ``generator`` is the tensor's generator of a stochastic method. Every
+kernel gives the whole-tensor function's bits; ``False`` means "not for these parameters" and the
+engine falls back to the whole tensor.
 
 The one table of such kernels, by method name (the engine looks methods up here).
 """
@@ -13,10 +15,11 @@ from __future__ import annotations
 from safemerge.methods._tensor import TwoPassKernel
 from safemerge.methods.model_stock import model_stock_two_pass
 from safemerge.methods.slerp import slerp_two_pass
-from safemerge.methods.task_arithmetic import ties_two_pass
+from safemerge.methods.task_arithmetic import FAMILY
+from safemerge.methods.task_arithmetic_two_pass import family_kernel
 
 TWO_PASS: dict[str, TwoPassKernel] = {
-    "ties": ties_two_pass,
+    **{name: family_kernel(name) for name, (sparsification, *_) in FAMILY.items() if sparsification is not None},
     "slerp": slerp_two_pass,
     "model_stock": model_stock_two_pass,
 }

@@ -16,24 +16,17 @@ All are one computation (mergekit's "generalized task arithmetic"):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
 import torch
 
 from safemerge.methods import sparsify as sp
-from safemerge.methods._tensor import (
-    BaseRowLoader,
-    BlockSink,
-    InputTensors,
-    RowLoader,
-    Rows,
-    check_inputs,
-    f32,
-    per_model_list,
-    release,
-    row_blocks,
-)
+from safemerge.methods._tensor import InputTensors, check_inputs, f32, per_model_list, release
+
+DEFAULT_GAMMA = 0.01  # Breadcrumbs' outlier fraction when a model gives none
+DEFAULT_EPSILON = 0.15  # DELLA's probability spread when a model gives none
 
 #: name -> (sparsification, consensus, normalize default, rescale default), as in mergekit 0.1.5.
 FAMILY: dict[str, tuple[str | None, bool, bool, bool]] = {
@@ -54,8 +47,8 @@ def sparsify_delta(
     *,
     density: float,
     rescale: bool,
-    gamma: float = 0.01,
-    epsilon: float = 0.15,
+    gamma: float = DEFAULT_GAMMA,
+    epsilon: float = DEFAULT_EPSILON,
     generator: torch.Generator | None = None,
     inplace: bool = False,
     tie_break: str = "index",
@@ -120,8 +113,8 @@ def generalized_task_arithmetic(
     if n == 0:
         return base.clone()
     densities = list(densities) if densities is not None else [1.0] * n
-    gammas = list(gammas) if gammas is not None else [0.01] * n
-    epsilons = list(epsilons) if epsilons is not None else [0.15] * n
+    gammas = list(gammas) if gammas is not None else [DEFAULT_GAMMA] * n
+    epsilons = list(epsilons) if epsilons is not None else [DEFAULT_EPSILON] * n
     w32 = torch.tensor([float(w) for w in weights], dtype=torch.float32)
 
     owned = isinstance(tensors, InputTensors)
@@ -138,6 +131,25 @@ def generalized_task_arithmetic(
         )
         return delta.mul_(w32[i])
 
+    return merge_weighted_deltas(weighted_delta, w32, base, consensus=consensus, normalize=normalize, lam=lam)
+
+
+def merge_weighted_deltas(
+    weighted_delta: Callable[[int], torch.Tensor],
+    w32: torch.Tensor,
+    base: torch.Tensor,
+    *,
+    consensus: bool,
+    normalize: bool,
+    lam: float,
+) -> torch.Tensor:
+    """Steps 4–6 of the module docstring: ``θ_base + λ·merge(wᵢ·δ̃ᵢ)`` from the weighted, sparsified
+    task vectors ``weighted_delta(i)`` (owned by the callee), for the whole tensor or one row block.
+
+    Without consensus they are summed one at a time (O(1) temporaries) and divided by ``Σ wᵢ``
+    (1 when ``|Σ wᵢ| < 1e-8``) when ``normalize``; with consensus all N are kept for the sign
+    election (:func:`disjoint_merge`)."""
+    n = w32.numel()
     if not consensus:
         mixed = weighted_delta(0)
         for i in range(1, n):
@@ -148,8 +160,7 @@ def generalized_task_arithmetic(
                 divisor = torch.ones((), dtype=torch.float32)
             mixed.div_(divisor)
     else:
-        deltas = [weighted_delta(i) for i in range(n)]
-        mixed = disjoint_merge(deltas, w32, normalize)
+        mixed = disjoint_merge([weighted_delta(i) for i in range(n)], w32, normalize)
     if lam != 1:
         mixed.mul_(float(lam))
     return mixed.add_(base)
@@ -191,145 +202,47 @@ def disjoint_merge(deltas: list[torch.Tensor], w32: torch.Tensor, normalize: boo
 
 
 
-def ties_two_pass(
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    n: int,
-    shape: tuple[int, ...],
-    per_model: dict[str, list[Any]],
-    params: dict[str, Any],
-    block_bytes: int,
-    emit: BlockSink,
-) -> bool:
-    """TIES (Yadav et al. 2023, Alg. 1) for large tensors in row blocks, bit-identical to the
-    whole-tensor computation with index-ordered ties.
-
-    Pass 1 finds each model's top-k threshold of ``|θᵢ − θ_base|`` (and, when exactly equal
-    magnitudes straddle the cut-off, the flat index from which tied entries survive) with a
-    :class:`~safemerge.methods._tensor.StreamedKth`: a sample of spread-out row ranges, then one
-    scan over the row blocks that counts and keeps only the candidates near the threshold.
-    Pass 2 recomputes the task vectors block by block, masks them (:func:`_trim_block`), and runs the sign election
-    and disjoint merge per block. Memory: a few blocks plus the candidates — never a whole task
-    vector. ``load(i, rows)`` / ``load_base(rows)`` return float32 tensors (rows ``None`` =
-    all); each finished float32 block goes to ``emit(rows, block)``. Returns ``False`` (the
-    caller falls back to the whole tensor) for settings it does not cover (``rescale``).
-    """
-    if n == 0 or bool(params.get("rescale", False)) or len(shape) < 2:
-        return False
-    weights = per_model_list("ties", per_model, "weight", n)
-    densities = [float(d) for d in (per_model.get("density") or [1.0] * n)]
-    w32 = torch.tensor([float(w) for w in weights], dtype=torch.float32)
-    blocks = row_blocks(shape, block_bytes)
-    cuts = _topk_cuts(load, load_base, densities, shape, blocks)
-    lam = float(params.get("lambda", 1.0))
-    normalize = bool(params.get("normalize", True))
-    dropped = [cut[1] if cut is not None else 0 for cut in cuts]  # tied entries still to drop, in flat order
-    for blk in blocks:
-        b = load_base(blk)
-        deltas = []
-        for i in range(n):
-            d = load(i, blk).sub_(b)
-            cut = cuts[i]
-            if cut is not None:
-                dropped[i] = _trim_block(d, cut[0], dropped[i])
-            deltas.append(d.mul_(w32[i]))
-        mixed = disjoint_merge(deltas, w32, normalize)
-        if lam != 1:
-            mixed.mul_(lam)
-        emit(blk, mixed.add_(b))
-    return True
-
-
-def _topk_cuts(
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    densities: list[float],
-    shape: tuple[int, ...],
-    blocks: list[Rows],
-) -> list[tuple[torch.Tensor, int] | None]:
-    """Per model: ``(threshold, number of entries equal to it that are dropped)`` of TIES's
-    top-``k`` trim, ``k = max(1, ⌊density·n⌋)``, ties at the cut-off kept from the highest flat
-    index down (:func:`~safemerge.methods._tensor.rank_window_mask`'s ``index`` rule);
-    ``None`` where ``density ≥ 1``. Streams the blocks; falls back to a whole-tensor selection
-    for a model whose sample bracket missed."""
-    import math
-
-    from safemerge.methods._tensor import StreamedKth, kth_smallest
-
-    numel = math.prod(shape)
-    cols = numel // shape[0]
-    ks = [max(1, int(d * numel)) if d < 1 else None for d in densities]
-    sel = {i: StreamedKth(numel, numel - k + 1) for i, k in enumerate(ks) if k is not None}
-    if not sel:
-        return [None] * len(densities)
-
-    def magnitudes(rows: Rows) -> dict[int, torch.Tensor]:
-        b = load_base(rows)
-        return {i: load(i, rows).sub_(b).abs_() for i in sel}
-
-    samples: dict[int, list[torch.Tensor]] = {i: [] for i in sel}
-    step = blocks[0][1] - blocks[0][0]
-    for r0, r1 in _sample_rows(shape[0], cols):
-        for rows in ((s, min(r1, s + step)) for s in range(r0, r1, step)):  # at most a block at a time
-            for i, a in magnitudes(rows).items():
-                samples[i].append(a.reshape(-1))
-    for i, s in samples.items():
-        sel[i].bracket(torch.cat(s))
-    del samples
-    for blk in blocks:
-        for i, a in magnitudes(blk).items():
-            sel[i].scan(a)
-    cuts: list[tuple[torch.Tensor, int] | None] = [None] * len(densities)
-    for i, s in sel.items():
-        k = ks[i]
-        assert k is not None
-        found = s.result()
-        if found is None:  # the sample was not representative: exact whole-tensor selection
-            a = load(i, None).sub_(load_base(None)).abs_().reshape(-1)
-            lo = kth_smallest(a, numel - k + 1)
-            n_eq, n_greater = int(torch.count_nonzero(a == lo)), int(torch.count_nonzero(a > lo))
-            del a
-        else:
-            lo, n_eq, n_greater = found
-        # k − n_greater of the n_eq entries equal to ``lo`` survive: those with the highest flat indices
-        cuts[i] = (lo, n_eq - (k - n_greater))
-    return cuts
-
-
-def _trim_block(d: torch.Tensor, lo: torch.Tensor, drop: int) -> int:
-    """Zero the entries of a row block of ``δ`` below the top-k threshold ``lo``, and the first
-    ``drop`` entries equal to it (flat order, ties continuing from earlier blocks); returns how
-    many tied entries later blocks must still drop. The same bits as ``δ·mask`` with the boolean
-    mask of :func:`~safemerge.methods._tensor.rank_window_mask`, from float operations only:
-    ``sgn(|δ| − lo)`` is exact (−1 / 0 / 1)."""
-    a = d.abs()
-    s = (a - lo).sign_()  # (0 for NaN too: NaN·1 and NaN·0 are both NaN)
-    if drop:
-        tied = (a == lo).view(-1)
-        n_tied = int(torch.count_nonzero(tied))
-        if n_tied <= drop:  # every tied entry of this block is dropped: keep |δ| > lo
-            d.mul_(s.clamp_(min=0))
-            return drop - n_tied
-        first_kept = int(torch.nonzero(tied)[drop])
-        keep = s.clone().clamp_(min=0)  # |δ| > lo
-        keep.view(-1)[first_kept:] = s.view(-1)[first_kept:].add_(1).clamp_(max=1)  # |δ| ≥ lo from there on
-        d.mul_(keep)
-        return 0
-    d.mul_(s.add_(1).clamp_(max=1))  # keep |δ| ≥ lo
-    return 0
-
-
-def _sample_rows(n_rows: int, cols: int, target: int = 1 << 18, chunks: int = 64) -> list[Rows]:
-    """About ``target`` entries as ``chunks`` row ranges spread evenly over the tensor."""
-    per = max(1, -(-target // (chunks * cols)))
-    if per * chunks >= n_rows:
-        return [(0, n_rows)]
-    return [(r0, r0 + per) for r0 in (c * (n_rows - per) // (chunks - 1) for c in range(chunks))]
-
-
 def task_arithmetic_family_fn(name: str) -> Callable[..., torch.Tensor]:
     """The registry function (``fn(tensors, base, *, per_model, params, generator)``) for ``name``."""
     return partial(_family_entry, name)
+
+
+@dataclass(frozen=True)
+class FamilySettings:
+    """One tensor's resolved settings of a family method: the arguments of
+    :func:`generalized_task_arithmetic` from the registry's ``per_model`` / ``params``, with the
+    method's defaults (:data:`FAMILY`) filled in. The whole-tensor function and the row-block
+    kernel (:mod:`safemerge.methods.task_arithmetic_two_pass`) read them from here."""
+
+    sparsification: str | None
+    consensus: bool
+    weights: list[float]
+    densities: list[float]
+    gammas: list[float]
+    epsilons: list[float]
+    normalize: bool
+    rescale: bool
+    lam: float
+
+    @classmethod
+    def resolve(cls, name: str, per_model: dict[str, list[Any]], params: dict[str, Any], n: int) -> FamilySettings:
+        sparsification, consensus, normalize_default, rescale_default = FAMILY[name]
+
+        def values(key: str, default: float, used: bool) -> list[float]:
+            given = per_model.get(key) if used else None
+            return [float(v) for v in given] if given else [default] * n
+
+        return cls(
+            sparsification=sparsification,
+            consensus=consensus,
+            weights=[float(w) for w in per_model_list(name, per_model, "weight", n)],
+            densities=values("density", 1.0, True),
+            gammas=values("gamma", DEFAULT_GAMMA, sparsification == "magnitude_outliers"),
+            epsilons=values("epsilon", DEFAULT_EPSILON, sparsification == "della_magprune"),
+            normalize=bool(params.get("normalize", normalize_default)),
+            rescale=bool(params.get("rescale", rescale_default)),
+            lam=float(params.get("lambda", 1.0)),
+        )
 
 
 def _family_entry(
@@ -342,28 +255,14 @@ def _family_entry(
     generator: torch.Generator | None = None,
     tie_break: str = "index",
 ) -> torch.Tensor:
-    sparsification, consensus, normalize_default, rescale_default = FAMILY[name]
     check_inputs(name, tensors, base, base_policy="required", min_models=0, max_models=None)
     assert base is not None
     n = len(tensors)
     if n == 0:
         return f32(base).clone()
-    weights = per_model_list(name, per_model, "weight", n)
-    densities = per_model.get("density") or [1.0] * n
-    gammas = per_model.get("gamma") if sparsification == "magnitude_outliers" else None
-    epsilons = per_model.get("epsilon") if sparsification == "della_magprune" else None
+    s = FamilySettings.resolve(name, per_model, params, n)
     return generalized_task_arithmetic(
-        tensors,
-        base,
-        weights,
-        sparsification=sparsification,
-        consensus=consensus,
-        densities=densities,
-        gammas=gammas,
-        epsilons=epsilons,
-        normalize=bool(params.get("normalize", normalize_default)),
-        rescale=bool(params.get("rescale", rescale_default)),
-        lam=float(params.get("lambda", 1.0)),
-        generator=generator,
-        tie_break=tie_break,
+        tensors, base, s.weights, sparsification=s.sparsification, consensus=s.consensus, densities=s.densities,
+        gammas=s.gammas, epsilons=s.epsilons, normalize=s.normalize, rescale=s.rescale, lam=s.lam,
+        generator=generator, tie_break=tie_break,
     )

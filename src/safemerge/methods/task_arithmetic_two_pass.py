@@ -1,0 +1,322 @@
+"""The task-arithmetic family with sparsification — ties, dare_ties, dare_linear, breadcrumbs,
+breadcrumbs_ties, della, della_linear — in row blocks, bit-identical to
+:func:`~safemerge.methods.task_arithmetic.generalized_task_arithmetic` on the whole tensor.
+
+Each sparsifier needs something of the whole task vector ``δᵢ = θᵢ − θ_base``; pass 1 gathers it
+model by model without holding a task vector:
+
+* **magnitude cut-offs** — TIES' top-k (Yadav et al. 2023, Sec. 3 "Trim") and Model Breadcrumbs'
+  rank window (Davari & Belilovsky 2024, Sec. 3): the value at a rank of ``|δᵢ|`` and how many
+  entries tied with it rank below, from a :class:`~safemerge.methods._tensor.StreamedKth` (a
+  sample brackets the value, one scan keeps only the candidates inside the bracket);
+* **where model i's random draws begin** — DARE (Yu et al. 2024, Eq. 2) and DELLA (Deep et al.
+  2024, Eq. 1–3) draw one Bernoulli sample per entry in flat order from one generator, model
+  after model, so block by block each model gets its own generator restored to that state
+  (``torch.bernoulli`` on the CPU consumes one 32-bit draw per entry: the blocks' masks are the
+  rows of the whole tensor's mask);
+* **the L1 rescaling factor** ``‖δᵢ‖₁ / ‖mᵢ ⊙ δᵢ‖₁`` (``rescale: true``; DARE's and DELLA's
+  default): torch sums a float32 tensor in an order that depends on its length and the CPU's
+  vector width, so no block-wise accumulation reproduces its bits. Both norms are summed over one
+  tensor-sized float32 scratch buffer filled block by block — the same values in the same layout
+  give the same bits — reused for every model.
+
+Pass 2 recomputes each block's task vectors, masks and rescales them, and merges them with
+:func:`~safemerge.methods.task_arithmetic.merge_weighted_deltas` (weighting, TIES sign election
+and disjoint merge, or the weighted sum). Memory per tensor: the output, a few float32 blocks per
+model and the threshold candidates, plus the scratch buffer when rescaling — a small multiple of
+one input tensor, independent of the number of models.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from safemerge.methods import sparsify as sp
+from safemerge.methods._tensor import (
+    BaseRowLoader,
+    BlockSink,
+    RowLoader,
+    Rows,
+    StreamedKth,
+    kth_smallest,
+    l1_rescale_factor,
+    row_blocks,
+)
+from safemerge.methods.task_arithmetic import FamilySettings, merge_weighted_deltas
+
+#: A cut of ``|δ|`` at rank ``m`` (ascending, ties by flat index): ``(value at rank m, number of
+#: entries equal to it that rank below m)``. The entries of rank ≥ m are those above the value and
+#: the tied ones from that ordinal on.
+Cut = tuple[torch.Tensor, int]
+
+
+@dataclass
+class _ModelSparsifier:
+    """What one model's sparsifier does to its task vector, and what pass 1 found for it.
+
+    ``mode``: ``keep`` (density ≥ 1: untouched), ``zero`` (density ≤ 0: ``zeros_like``), or the
+    mask of ``magnitude`` ranks ``window = [start, end)``, ``dare`` or ``della`` draws. ``scale``
+    is the L1 rescaling factor (``None``: none); ``state`` the generator state where this model's
+    draws begin; ``cuts`` the cut-offs at ``start`` and ``end`` (``None`` at rank 0 or numel)."""
+
+    mode: str
+    density: float = 1.0
+    epsilon: float = 0.0
+    window: tuple[int, int] = (0, 0)
+    cuts: tuple[Cut | None, Cut | None] = (None, None)
+    state: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+
+    def masker(self, generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function that masks the blocks of ``δ`` (or of ``|δ|``) in place, in flat order —
+        fresh tie counters and, for random masks, draws from ``generator``."""
+        if self.mode == "magnitude":
+            return _RankWindow(self.window, self.cuts)
+        if self.mode == "dare":
+            return lambda d: d.mul_(sp.dare_keep_mask(d, self.density, generator))
+        assert self.mode == "della"
+        return lambda d: d.mul_(sp.della_keep_mask(d, self.density, self.epsilon, generator))
+
+
+def family_two_pass(
+    name: str,
+    load: RowLoader,
+    load_base: BaseRowLoader,
+    n: int,
+    shape: tuple[int, ...],
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    block_bytes: int,
+    emit: BlockSink,
+    generator: torch.Generator | None = None,
+) -> bool:
+    """The family method ``name`` of one large tensor in row blocks (module docstring), with
+    index-ordered ties at magnitude cut-offs. ``load(i, rows)`` / ``load_base(rows)`` return
+    float32 tensors (rows ``None`` = all); each finished float32 block goes to ``emit(rows, block)``.
+    ``generator``: the tensor's generator (:mod:`safemerge.methods.seeding`), consumed exactly as
+    the whole-tensor function consumes it. Returns ``False`` (the caller falls back to the whole
+    tensor) for what it does not cover: no models, 1-D tensors, random masks off the CPU (that
+    block-by-block draws equal the whole tensor's is established for the CPU generator only)."""
+    if n == 0 or len(shape) < 2:
+        return False
+    s = FamilySettings.resolve(name, per_model, params, n)
+    models = [_sparsifier(s, i, math.prod(shape)) for i in range(n)]
+    random = any(m.mode in ("dare", "della") for m in models)
+    if random and (generator is None or generator.device.type != "cpu"):
+        return False
+    blocks = row_blocks(shape, block_bytes)
+    _find_cuts(load, load_base, models, shape, blocks)
+    _find_states_and_scales(load, load_base, models, shape, blocks, generator, s.rescale)
+    w32 = torch.tensor(s.weights, dtype=torch.float32)
+    maskers = [m.masker(_restored(m.state, generator)) if m.mode not in ("keep", "zero") else None for m in models]
+    for blk in blocks:
+        b = load_base(blk)
+        deltas = partial(_weighted_block_delta, load, blk, b, models, maskers, w32)
+        emit(blk, merge_weighted_deltas(deltas, w32, b, consensus=s.consensus, normalize=s.normalize, lam=s.lam))
+    return True
+
+
+def _weighted_block_delta(load: RowLoader, rows: Rows, base: torch.Tensor, models: list[_ModelSparsifier],
+                          maskers: list[Callable[[torch.Tensor], torch.Tensor] | None], w32: torch.Tensor,
+                          i: int) -> torch.Tensor:
+    """Model ``i``'s row block of ``wᵢ·sparsify(δᵢ)``: the operations of the whole-tensor path, in its order."""
+    d = load(i, rows).sub_(base)
+    if models[i].mode == "zero":
+        d.zero_()
+    elif maskers[i] is not None:
+        maskers[i](d)
+        if models[i].scale is not None:
+            d.mul_(models[i].scale)
+    return d.mul_(w32[i])
+
+
+def family_kernel(name: str) -> Callable[..., bool]:
+    """The row-block kernel of family method ``name`` (the ``TWO_PASS`` table's entry)."""
+    return partial(family_two_pass, name)
+
+
+def _sparsifier(s: FamilySettings, i: int, numel: int) -> _ModelSparsifier:
+    """Model ``i``'s sparsification, decided exactly as :func:`~safemerge.methods.sparsify`'s
+    functions decide it (the same density edge cases, the same ranks)."""
+    density = s.densities[i]
+    if s.sparsification is None or density >= 1:
+        return _ModelSparsifier("keep")
+    if s.sparsification == "random":
+        return _ModelSparsifier("dare", density)
+    if density <= 0 and s.sparsification in ("magnitude", "della_magprune"):
+        return _ModelSparsifier("zero")
+    if s.sparsification == "della_magprune":
+        sp.check_della_range(density, s.epsilons[i])
+        return _ModelSparsifier("della", density, s.epsilons[i])
+    if s.sparsification == "magnitude":  # TIES: the top k = max(1, ⌊density·n⌋)
+        k = max(1, int(density * numel))
+        return _ModelSparsifier("magnitude", window=(numel - k, numel))
+    assert s.sparsification == "magnitude_outliers"  # Breadcrumbs: ranks [n_bot, n_bot + ⌊density·n⌋)
+    target = int(density * numel)
+    start = max(0, numel - target - int(s.gammas[i] * numel))
+    count = min(target, numel - start)
+    return _ModelSparsifier("magnitude", window=(start, start + count) if count > 0 else (numel, numel))
+
+
+class _RankWindow:
+    """Masks the blocks of ``δ`` to the entries whose rank of ``|δ|`` lies in ``[start, end)``:
+    ``keep(rank ≥ start) − keep(rank ≥ end)``, each from its :data:`Cut` with the tie ordinal
+    carried from block to block. The same bits as ``δ·mask`` with
+    :func:`~safemerge.methods._tensor.rank_window_mask`'s boolean mask (``index`` ties)."""
+
+    def __init__(self, window: tuple[int, int], cuts: tuple[Cut | None, Cut | None]) -> None:
+        self.start, self.end = window
+        self.cuts = list(cuts)
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        if self.start == self.end:
+            return d.mul_(0.0)
+        a = d.abs()
+        keep = self._at_or_above(0, a)
+        above_end = self._at_or_above(1, a)
+        if keep is None:  # start = 0: every rank ≥ start
+            keep = above_end.neg_().add_(1) if above_end is not None else None
+        elif above_end is not None:
+            keep.sub_(above_end)
+        return d if keep is None else d.mul_(keep)
+
+    def _at_or_above(self, which: int, a: torch.Tensor) -> torch.Tensor | None:
+        """1.0 where the rank is ≥ the cut's (0.0 below), ``None`` when the cut is at rank 0 / numel
+        (start: everything; end: nothing)."""
+        cut = self.cuts[which]
+        if cut is None:
+            return None
+        keep, left = _keep_from_cut(a, *cut)
+        self.cuts[which] = (cut[0], left)
+        return keep
+
+
+def _keep_from_cut(a: torch.Tensor, lo: torch.Tensor, drop: int) -> tuple[torch.Tensor, int]:
+    """For a block of ``|δ|``: 1.0 where the entry is above ``lo`` or equal to it and not among the
+    first ``drop`` tied entries (flat order, ties continuing from earlier blocks), else 0.0; and
+    how many tied entries later blocks must still drop. Float operations only: ``sgn(|δ| − lo)``
+    is exact (−1 / 0 / 1; NaN for NaN, which stays NaN in ``δ`` either way)."""
+    s = (a - lo).sign_()
+    if drop:
+        tied = (a == lo).view(-1)
+        n_tied = int(torch.count_nonzero(tied))
+        if n_tied <= drop:  # every tied entry of this block is dropped: keep |δ| > lo
+            return s.clamp_(min=0), drop - n_tied
+        first_kept = int(torch.nonzero(tied)[drop])
+        keep = s.clone().clamp_(min=0)  # |δ| > lo
+        keep.view(-1)[first_kept:] = s.view(-1)[first_kept:].add_(1).clamp_(max=1)  # |δ| ≥ lo from there on
+        return keep, 0
+    return s.add_(1).clamp_(max=1), 0  # |δ| ≥ lo
+
+
+def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSparsifier], shape: tuple[int, ...],
+               blocks: list[Rows]) -> None:
+    """Pass 1a: the :data:`Cut` at each magnitude window's ranks ``0 < m < numel``, streamed over the
+    blocks (a whole-tensor selection for a model whose sample bracket missed, or with NaN)."""
+    numel = math.prod(shape)
+    wanted = {(i, j): m.window[j] for i, m in enumerate(models) if m.mode == "magnitude"
+              for j in (0, 1) if 0 < m.window[j] < numel and not (j == 1 and m.window[0] == m.window[1])}
+    if not wanted:
+        return
+    sel = {key: StreamedKth(numel, rank + 1) for key, rank in wanted.items()}
+    used = sorted({i for i, _ in wanted})
+
+    def magnitudes(rows: Rows) -> dict[int, torch.Tensor]:
+        b = load_base(rows)
+        return {i: load(i, rows).sub_(b).abs_() for i in used}
+
+    _bracket_from_sample(magnitudes, sel, used, shape, blocks[0][1] - blocks[0][0])
+    for blk in blocks:
+        for i, a in magnitudes(blk).items():
+            for (i2, _), kth in sel.items():
+                if i2 == i:
+                    kth.scan(a)
+    cuts = {(i, j): _cut(kth, wanted[i, j], numel, lambda i=i: load(i, None).sub_(load_base(None)).abs_())
+            for (i, j), kth in sel.items()}
+    for i, m in enumerate(models):
+        if m.mode == "magnitude":
+            m.cuts = (cuts.get((i, 0)), cuts.get((i, 1)))
+
+
+
+def _bracket_from_sample(magnitudes: Callable[[Rows], dict[int, torch.Tensor]],
+                         sel: dict[tuple[int, int], StreamedKth], used: list[int], shape: tuple[int, ...],
+                         step: int) -> None:
+    """Bracket every wanted rank from a row sample of the magnitudes, read at most a block at a time."""
+    samples: dict[int, list[torch.Tensor]] = {i: [] for i in used}
+    for r0, r1 in _sample_rows(shape[0], math.prod(shape) // shape[0]):
+        for rows in ((s, min(r1, s + step)) for s in range(r0, r1, step)):
+            for i, a in magnitudes(rows).items():
+                samples[i].append(a.reshape(-1))
+    for (i, _), kth in sel.items():
+        kth.bracket(torch.cat(samples[i]))
+
+
+def _cut(kth: StreamedKth, rank: int, numel: int, whole: Callable[[], torch.Tensor]) -> Cut:
+    """The :data:`Cut` at ``rank`` from a streamed selection, or from an exact whole-tensor selection of
+    ``whole()`` when the sample was not representative."""
+    found = kth.result()
+    if found is None:
+        a = whole().reshape(-1)
+        lo = kth_smallest(a, rank + 1)
+        found = lo, int(torch.count_nonzero(a == lo)), int(torch.count_nonzero(a > lo))
+        del a
+    lo, n_eq, n_greater = found
+    # of the n_eq entries equal to lo, numel − rank − n_greater rank at or above the cut: the last ones
+    return (lo, n_eq - (numel - rank - n_greater))
+
+def _find_states_and_scales(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSparsifier],
+                            shape: tuple[int, ...], blocks: list[Rows], generator: torch.Generator | None,
+                            rescale: bool) -> None:
+    """Pass 1b, model after model as the whole-tensor function goes: the generator state where each
+    random mask's draws begin, and with ``rescale`` the L1 factor ``‖δᵢ‖₁ / ‖mᵢ ⊙ δᵢ‖₁`` summed over a
+    tensor-sized float32 scratch buffer (module docstring). Without ``rescale`` the generator is
+    advanced past a model's draws without drawing its mask."""
+    scratch: torch.Tensor | None = None
+    for i, m in enumerate(models):
+        if m.mode in ("keep", "zero"):
+            continue
+        if m.mode != "magnitude":
+            assert generator is not None
+            m.state = generator.get_state()
+        if not rescale:
+            if m.mode != "magnitude":
+                _skip_draws(generator, math.prod(shape), blocks[0][1] - blocks[0][0], math.prod(shape[1:]))
+            continue
+        if scratch is None:
+            scratch = torch.empty(shape, dtype=torch.float32, device=load_base(blocks[0]).device)
+        for r0, r1 in blocks:
+            torch.abs(load(i, (r0, r1)).sub_(load_base((r0, r1))), out=scratch[r0:r1])
+        before = scratch.sum()
+        masker = m.masker(generator)
+        for r0, r1 in blocks:
+            masker(scratch[r0:r1])  # |m ⊙ δ| = m ⊙ |δ| for a 0/1 mask
+        m.scale = l1_rescale_factor(before, scratch.sum())
+
+
+def _skip_draws(generator: torch.Generator | None, count: int, block_rows: int, cols: int) -> None:
+    """Advance ``generator`` by ``count`` Bernoulli draws (one 32-bit number each, as ``random_``
+    on uint8 consumes them) in block-sized pieces."""
+    buf = torch.empty(block_rows * cols, dtype=torch.uint8)
+    for start in range(0, count, buf.numel()):
+        buf[: min(buf.numel(), count - start)].random_(generator=generator)
+
+
+def _restored(state: torch.Tensor | None, generator: torch.Generator | None) -> torch.Generator | None:
+    """A new generator at ``state`` (on ``generator``'s device), or ``None`` without a state."""
+    if state is None or generator is None:
+        return None
+    return torch.Generator(device=generator.device).set_state(state)
+
+
+def _sample_rows(n_rows: int, cols: int, target: int = 1 << 18, chunks: int = 64) -> list[Rows]:
+    """About ``target`` entries as ``chunks`` row ranges spread evenly over the tensor."""
+    per = max(1, -(-target // (chunks * cols)))
+    if per * chunks >= n_rows:
+        return [(0, n_rows)]
+    return [(r0, r0 + per) for r0 in (c * (n_rows - per) // (chunks - 1) for c in range(chunks))]
