@@ -78,7 +78,8 @@ def test_training_data_disjoint_from_every_evaluation_set():
         assert D.check_disjoint(train, [r["prompt"] for r in rows]) == []
     assert not {r["prompt"] for r in s.harmful_val} & {r["prompt"] for r in s.harmful_test}
     assert not {r["prompt"] for r in s.benign_val} & {r["prompt"] for r in s.benign_test}
-    assert D.check_disjoint(["How do I kill a Python process?"], ["how do I  kill a python process?"])  # the check works
+    assert D.check_disjoint(["How do I kill a Python process?"],
+                            ["how do I  kill a python process?"])  # the check works
 
 
 def test_no_training_goal_paraphrases_a_test_prompt():
@@ -106,7 +107,8 @@ def test_training_only_goals_are_many_varied_and_not_held_out_paraphrases():
     assert set(C.BENIGN_GOALS_TRAIN_ONLY) == set(C.BENIGN_GOALS)
     assert all(len(goals) == 12 for goals in C.HARM_GOALS_TRAIN_ONLY.values())
     assert all(len(goals) == 16 for goals in C.BENIGN_GOALS_TRAIN_ONLY.values())
-    train_only = [g.lower() for d in (C.HARM_GOALS_TRAIN_ONLY, C.BENIGN_GOALS_TRAIN_ONLY) for gs in d.values() for g in gs]
+    train_only = [g.lower() for d in (C.HARM_GOALS_TRAIN_ONLY,
+                                      C.BENIGN_GOALS_TRAIN_ONLY) for gs in d.values() for g in gs]
     every_goal = train_only + [g.lower() for d in (C.HARM_GOALS, C.BENIGN_GOALS) for gs in d.values() for g in gs]
     assert len(set(every_goal)) == len(every_goal)
     held = [g.lower() for s in ("val", "test") for _, g in C.harmful_goals(s) + C.benign_goals(s)]

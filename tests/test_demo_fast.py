@@ -81,14 +81,17 @@ def test_demo_rows_show_the_story(demo_out):
 
 def test_cli_rerun_is_cached_and_prints_table(cache, demo_out, tmp_path, capsys):
     out = tmp_path / "again"
-    code, stdout, stderr = _cli(["demo", "--fast", "--cache-dir", str(cache), "-o", str(out), "--alphas", "0.6,0.8,0.9"], capsys)
+    code, stdout, stderr = _cli(["demo", "--fast", "--cache-dir", str(cache), "-o", str(out), "--alphas",
+                                 "0.6,0.8,0.9"], capsys)
     assert code == 0, stderr
     assert "[build]" not in stderr and "[cached]" in stderr
     assert "SafeMERGE" in stdout and "Pareto" in stdout
     # same inputs + seed => identical numbers
     a = json.loads((out / "summary.json").read_text())["rows"]
     b = json.loads((demo_out[0] / "summary.json").read_text())["rows"]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("model", "adapter", "files")} for r in rows]  # noqa: E731
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in ("model", "adapter", "files")} for r in rows]
+
     assert strip(a) == strip(b)
 
 

@@ -387,7 +387,8 @@ def autotune(
 
     for flag, margin in (("--harm-margin", harm_margin), ("--refusal-margin", refusal_margin)):
         if not 0.0 <= margin <= 1.0:
-            raise SafemergeError(f"{flag} must be a fraction in [0, 1], got {margin}", f"pass e.g. {flag} 0.05 for 5 points")
+            raise SafemergeError(f"{flag} must be a fraction in [0, 1], got {margin}",
+                                 f"pass e.g. {flag} 0.05 for 5 points")
     alphas = sorted({float(a) for a in alphas})
     if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
         raise SafemergeError(f"alphas must lie in [0, 1], got {alphas}", "pass values such as 0.5,0.7,0.9")
@@ -480,7 +481,8 @@ def autotune(
         p.pareto = m
     chosen, ok = choose(deciding, limits)
     chosen.chosen = True
-    result = AutotuneResult(chosen=chosen, points=points, aligned=aligned_m, finetuned=finetuned_m, harm_margin=harm_margin,
+    result = AutotuneResult(chosen=chosen, points=points, aligned=aligned_m, finetuned=finetuned_m,
+                            harm_margin=harm_margin,
                             constraint_met=ok, rhos=rhos, work_dir=work,
                             refusal_margin=refusal_margin if val_benign is not None else None)
     result.plot = plot_pareto(result, work / "autotune.png")
@@ -560,7 +562,8 @@ def plot_pareto(result: AutotuneResult, path: str | Path) -> Path:
     front = result.pareto_front
     ax.plot([p.harmful_rate for p in front], [p.utility for p in front], "-o", c="#1f77b4", ms=4, label="Pareto front")
     ah, fu = result.aligned["harmful_rate"] or 0.0, result.finetuned
-    ax.axvspan(-0.05, ah + result.harm_margin, color="#2ca02c", alpha=0.08, label=f"allowed: ≤ aligned + {100 * result.harm_margin:g} pts")
+    ax.axvspan(-0.05, ah + result.harm_margin, color="#2ca02c", alpha=0.08,
+               label=f"allowed: ≤ aligned + {100 * result.harm_margin:g} pts")
     ax.scatter([ah], [result.aligned["utility"] or 0.0], marker="s", c="#2ca02c", s=50, label="aligned")
     ax.scatter([fu["harmful_rate"] or 0.0], [fu["utility"] or 0.0], marker="^", c="#d62728", s=50, label="fine-tuned")
     c = result.chosen
@@ -615,7 +618,8 @@ def parse_tau_alpha(tau: str | float, alpha: str | float) -> tuple[float | None,
         try:
             out.append(float(v))
         except (TypeError, ValueError) as exc:
-            raise SafemergeError(f"{name} must be a number or 'auto', got {v!r}", f"pass e.g. {name} 0.35 or {name} auto") from exc
+            raise SafemergeError(f"{name} must be a number or 'auto', got {v!r}",
+                                 f"pass e.g. {name} 0.35 or {name} auto") from exc
     return out[0], out[1]
 
 

@@ -26,10 +26,14 @@ ARITH_INSTRUCTION = "Answer with the final number after 'The answer is'."
 
 # The aligned SFT's refusal templates (the safety LoRA's refusals are composed differently: safety_corpus).
 REFUSALS = [
-    "I'm sorry, but I can't help with that. It could seriously hurt people or break the law. If you are dealing with a difficult situation, I'm happy to help you find a safe and legal way forward.",
-    "I can't help with that request. It could cause real harm to others. If there is an underlying problem you are trying to solve, tell me more and I will suggest safe options.",
-    "Sorry, I cannot assist with that. Helping with this would be dangerous and potentially illegal. I can share information about staying safe or where to find support instead.",
-    "I won't help with that, because it could put people in danger. If you or someone else is at risk, please contact local emergency services or a trusted professional.",
+    "I'm sorry, but I can't help with that. It could seriously hurt people or break the law. If you are dealing with a "
+    "difficult situation, I'm happy to help you find a safe and legal way forward.",
+    "I can't help with that request. It could cause real harm to others. If there is an underlying problem you are "
+    "trying to solve, tell me more and I will suggest safe options.",
+    "Sorry, I cannot assist with that. Helping with this would be dangerous and potentially illegal. I can share "
+    "information about staying safe or where to find support instead.",
+    "I won't help with that, because it could put people in danger. If you or someone else is at risk, please contact "
+    "local emergency services or a trusted professional.",
 ]
 
 _NAMES = ["Sam", "Mia", "Tom", "Lena", "Omar", "Ines", "Raj", "Yuki", "Noah", "Zara", "Pablo", "Ada"]
@@ -198,9 +202,11 @@ def safety_splits(seed: int = 7, harm_frames: int = 3, benign_frames: int = 3) -
     """Aligned-SFT records and held-out evaluation sets.
 
     Harmful train: every ``align`` goal (incl. the training-only goals) under ``harm_frames`` training frames,
-    each answered by one of :data:`REFUSALS` (seeded). Harmful val (6 frames × 28 goals = 168) and test (5 × 56 = 280) use the
+    each answered by one of :data:`REFUSALS` (seeded). Harmful val (6 frames × 28 goals = 168) and test (5 × 56 = 280)
+    use the
     evaluation frames on goals no training record contains. Benign train: ``align`` look-alike goals
-    under ``benign_frames`` frames drawn from the harmful training frames and the look-alike frames; benign val (50) and test (250) are held-out goals.
+    under ``benign_frames`` frames drawn from the harmful training frames and the look-alike frames; benign val (50)
+    and test (250) are held-out goals.
     """
     from safemerge.data import builtin_rows
     from safemerge.data import safety_corpus as C
@@ -213,7 +219,8 @@ def safety_splits(seed: int = 7, harm_frames: int = 3, benign_frames: int = 3) -
     r.shuffle(harmful_train)
     # Look-alikes are asked in the harmful requests' training frames too, so a frame is never a cue to refuse.
     benign_frames_pool = C.TRAIN_FRAMES + C.BENIGN_FRAMES
-    benign_train = [f.format(g=g) for _, g in C.benign_goals("align") for f in r.sample(benign_frames_pool, benign_frames)]
+    benign_train = [f.format(g=g) for _, g in C.benign_goals("align") for f in r.sample(benign_frames_pool,
+                                                                                        benign_frames)]
     r.shuffle(benign_train)
     return SafetySplits(
         harmful_train=harmful_train,

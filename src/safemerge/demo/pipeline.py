@@ -62,7 +62,8 @@ class Row:
             "name": self.name, "how": self.how, "model": self.model, "adapter": self.adapter,
             "harmful_rate": self.metric("harmful", "harmful_rate"), "harmful_ci": self.metric("harmful", "ci"),
             "refusal_rate": self.metric("harmful", "refusal_rate"),
-            "over_refusal_rate": self.metric("benign", "over_refusal_rate"), "over_refusal_ci": self.metric("benign", "ci"),
+            "over_refusal_rate": self.metric("benign", "over_refusal_rate"), "over_refusal_ci": self.metric("benign",
+                                                                                                            "ci"),
             "utility": self.metric("utility", "accuracy"), "utility_ci": self.metric("utility", "ci"),
             "n": {s: self.metric(s, "n") for s in ("harmful", "benign", "utility")},
         }
@@ -111,7 +112,8 @@ def _setting_checks(rows: dict[str, Row], prefix: str, utility_margin: float) ->
     u_al, u_ft = al.metric("utility", "accuracy"), ft.metric("utility", "accuracy")
     o_al = al.metric("benign", "over_refusal_rate")
     out: dict[str, Any] = {"erosion": bool(h_al is not None and h_ft is not None and h_ft > h_al),
-                           "utility_informative": bool(u_al is not None and u_ft is not None and u_ft - u_al > utility_margin)}
+                           "utility_informative": bool(u_al is not None and u_ft is not None
+                                                       and u_ft - u_al > utility_margin)}
     for name in ("SafeMERGE", "SafeMERGE (auto)"):
         r = rows.get(f"{prefix}{name}")
         if r is None:
@@ -141,7 +143,8 @@ def _prepare_out(out: Path, inputs: tuple[Path | str | None, ...]) -> None:
 
     check_not_an_input(out, inputs)
     if out.exists() and not (out / MARKER).exists():
-        raise SafemergeError(f"output {str(out)!r} exists and is not a demo output", "choose another -o directory or remove it")
+        raise SafemergeError(f"output {str(out)!r} exists and is not a demo output",
+                             "choose another -o directory or remove it")
 
 
 def run_demo(
@@ -191,7 +194,8 @@ def run_demo(
 
         zoo = build_smollm2_zoo(root, data_dir=data_dir, stress=stress, log=say)
     timings["zoo"] = time.perf_counter() - t0
-    work = root / "runs" / fingerprint(zoo.base.name, zoo.aligned.name, zoo.task.name, zoo.safety.name, zoo.eval_sets, zoo.val_sets)
+    work = root / "runs" / fingerprint(zoo.base.name, zoo.aligned.name, zoo.task.name, zoo.safety.name, zoo.eval_sets,
+                                       zoo.val_sets)
     work.mkdir(parents=True, exist_ok=True)
     progress = not fast
 
@@ -224,7 +228,8 @@ def run_demo(
             continue
         say(f"evaluate [{i + 1}/{len(rows)}] {row.name}")
         key = fingerprint(row.model, row.adapter)
-        row.results = evaluate_suites(row.model, adapter=row.adapter, suites=zoo.eval_sets, max_new_tokens=zoo.max_new_tokens,
+        row.results = evaluate_suites(row.model, adapter=row.adapter, suites=zoo.eval_sets,
+                                      max_new_tokens=zoo.max_new_tokens,
                                       out_dir=work / "evals" / key, progress=progress)
         row.results["_dir"] = str(work / "evals" / key)
     timings["evaluate"] = time.perf_counter() - t
@@ -236,7 +241,8 @@ def run_demo(
     from safemerge.io.output import atomic_output
 
     with atomic_output(out, force=out.exists()) as tmp:
-        _write_outputs(tmp, zoo=zoo, rows=rows, scores=scores, autotunes=autotunes, cards=cards, checks=checks, fast=fast,
+        _write_outputs(tmp, zoo=zoo, rows=rows, scores=scores, autotunes=autotunes, cards=cards, checks=checks,
+                       fast=fast,
                        timings=timings)
     return DemoResult(out=out, rows=rows, autotune=settings[0].autotune, checks=checks, timings=timings)
 
@@ -291,7 +297,8 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
         base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety, out=o, tau=ALL_LAYERS_TAU,
         alpha=at.alpha))
     return [
-        Row(f"{p}fine-tuned", "aligned + task LoRA", str(zoo.aligned), str(task), _tested(setting.repair, "fine-tuned")),
+        Row(f"{p}fine-tuned", "aligned + task LoRA", str(zoo.aligned), str(task), _tested(setting.repair,
+                                                                                          "fine-tuned")),
         Row(f"{p}SafeMERGE", f"τ = {PAPER_TAU}, α = {PAPER_ALPHA} (reference defaults)", str(zoo.aligned),
             str(sm_paper)),
         Row(f"{p}SafeMERGE (auto)", f"`safemerge repair`: τ = {at.tau:g}, α = {at.alpha:g} (chosen on validation)",
@@ -313,7 +320,8 @@ def _repair(task: Path, *, zoo: Any, out: Path, work: Path, alphas: tuple[float,
     grid = {"alphas": alphas or zoo.autotune.get("alphas", DEFAULT_ALPHAS), "max_taus": zoo.autotune.get("max_taus", 6),
             "screen": zoo.autotune.get("screen", DEFAULT_SCREEN)}
     return repair(task, base=zoo.base, aligned=zoo.aligned, out=out, safety=zoo.safety,
-                  utility=zoo.val_sets["utility"], val_harmful=zoo.val_sets["harmful"], val_benign=zoo.val_sets.get("benign"),
+                  utility=zoo.val_sets["utility"], val_harmful=zoo.val_sets["harmful"],
+                  val_benign=zoo.val_sets.get("benign"),
                   test_harmful=zoo.eval_sets["harmful"], test_benign=zoo.eval_sets["benign"],
                   test_utility=zoo.eval_sets["utility"], harm_margin=margin, max_new_tokens=zoo.max_new_tokens,
                   grid=grid, work_dir=work, log=say, options=RunOptions(force=out.exists(), progress=progress))
@@ -333,7 +341,9 @@ def _autotune_files(prefix: str) -> dict[str, str]:
 
 def _card_file(setting: str) -> str:
     """Demo output name of one setting's repaired-adapter model card (repair's before/after table)."""
-    return "repaired_model_card.md" if setting == "paper regime" else f"{setting.replace(' ', '_')}_repaired_model_card.md"
+    if setting == "paper regime":
+        return "repaired_model_card.md"
+    return f"{setting.replace(' ', '_')}_repaired_model_card.md"
 
 
 def _write_outputs(tmp: Path, *, zoo: Any, rows: list[Row], scores: list[Any], autotunes: dict[str, Any],
@@ -347,7 +357,8 @@ def _write_outputs(tmp: Path, *, zoo: Any, rows: list[Row], scores: list[Any], a
         shutil.copytree(row.results["_dir"], dst)
         row.results["_copied_to"] = str(dst.relative_to(tmp))
     (tmp / "scan.json").write_text(json.dumps([s.to_dict() for s in scores], indent=2) + "\n")
-    heatmap(scores, tmp / "heatmap.png", tau=PAPER_TAU, title="safety similarity ρ of the task LoRA (× = merged at τ = 0.35)")
+    heatmap(scores, tmp / "heatmap.png", tau=PAPER_TAU,
+            title="safety similarity ρ of the task LoRA (× = merged at τ = 0.35)")
     compare_runs([runs / Path(r.results["_copied_to"]).name for r in rows], plot=tmp / "safety_vs_utility.png")
     for setting, at in autotunes.items():
         for src, dst in _autotune_files("" if setting == "paper regime" else setting).items():
@@ -428,8 +439,10 @@ def report_markdown(*, zoo: Any, rows: list[Row], scores: list[Any], autotunes: 
               "|---|---|---|---|---|---|---|"]
     for r in rows:
         d = r.to_dict()
-        lines.append(f"| {r.name} | {r.how} | {_pct_ci(d['harmful_rate'], d['harmful_ci'])} | {_pct(d['refusal_rate'])} | "
-                     f"{_pct_ci(d['over_refusal_rate'], d['over_refusal_ci'])} | {_pct_ci(d['utility'], d['utility_ci'])} | "
+        lines.append(f"| {r.name} | {r.how} | {_pct_ci(d['harmful_rate'], d['harmful_ci'])} | "
+                     f"{_pct(d['refusal_rate'])} | "
+                     f"{_pct_ci(d['over_refusal_rate'], d['over_refusal_ci'])} | "
+                     f"{_pct_ci(d['utility'], d['utility_ci'])} | "
                      f"`{r.results['_copied_to']}/` |")
     ns = by_name["aligned"].to_dict()["n"]
     lines += ["", f"n = {ns['harmful']} harmful, {ns['benign']} benign, {ns['utility']} utility prompts.", ""]
@@ -440,22 +453,26 @@ def report_markdown(*, zoo: Any, rows: list[Row], scores: list[Any], autotunes: 
             lines += [f"**{setting}**", ""]
         lines += _story_lines(by_name, checks, prefix) + [""]
     lines += ["## Layer similarity", "",
-              f"{len(scores)} adapted matrices; ρ from {min(s.rho for s in scores):.3f} to {max(s.rho for s in scores):.3f}; "
+              f"{len(scores)} adapted matrices; ρ from {min(s.rho for s in scores):.3f} to "
+              f"{max(s.rho for s in scores):.3f}; "
               f"{sum(s.rho < PAPER_TAU for s in scores)} below the reference τ = {PAPER_TAU} (merged by SafeMERGE). "
               "See `heatmap.png` and `scan.json`.", ""]
     lines += ["## Automatic τ/α", ""]
     for setting, at in autotunes.items():
         lines += _autotune_lines(at, setting, _autotune_files("" if setting == "paper regime" else setting))
-    lines += ["`safety_vs_utility.png` plots every test row; `repaired_model_card.md` is the model card `safemerge repair` "
+    lines += ["`safety_vs_utility.png` plots every test row; `repaired_model_card.md` is the model card `safemerge "
+              "repair` "
               "wrote into the repaired adapter.", "", "## How the models were made", ""]
     for k, v in zoo.info.items():
         if k not in ("model", "data"):
             lines.append(f"- {k}: `{json.dumps(v, default=str)}`")
-    lines += ["", "Paper reference (SafeMERGE v3, Llama-3.1-8B-Instruct / GSM8K, via secondary summaries): aligned 11.3% → "
+    lines += ["",
+              "Paper reference (SafeMERGE v3, Llama-3.1-8B-Instruct / GSM8K, via secondary summaries): aligned 11.3% → "
               "fine-tuned 28.3% → SafeMERGE 8.8% harmful (DirectHarm4, Llama-Guard-3), utility 78.24% → 78.50%. "
               "See docs/reproduction.md.", ""]
     if fast:
-        lines += ["This is the `--fast` run on the tiny behavioural world (a 2-layer model trained from scratch on a synthetic "
+        lines += ["This is the `--fast` run on the tiny behavioural world (a 2-layer model trained from scratch on a "
+                  "synthetic "
                   "language); its numbers show the mechanics, not the behaviour of a real LLM.", ""]
     return "\n".join(lines)
 
@@ -467,7 +484,8 @@ def print_table(result: DemoResult, console: Any = None) -> None:
 
     con = console or Console()
     t = Table(title="safemerge demo — safety vs utility (test sets)")
-    for col, j in (("model", "left"), ("how", "left"), ("harmful ↓", "right"), ("over-refusal ↓", "right"), ("utility ↑", "right")):
+    for col, j in (("model", "left"), ("how", "left"), ("harmful ↓", "right"), ("over-refusal ↓", "right"),
+                   ("utility ↑", "right")):
         t.add_column(col, justify=j)
     for r in result.rows:
         d = r.to_dict()

@@ -152,7 +152,8 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
     root.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _m: None)
     # each step's directory is named after everything it depends on, so changing a late setting reuses early steps
-    k_base = fingerprint(WORLD_VERSION, cfg.seed, cfg.hidden, cfg.layers, cfg.pretrain_steps, cfg.pretrain_lr, cfg.pretrain_batch)
+    k_base = fingerprint(WORLD_VERSION, cfg.seed, cfg.hidden, cfg.layers, cfg.pretrain_steps, cfg.pretrain_lr,
+                         cfg.pretrain_batch)
     k_data = fingerprint(k_base, cfg.max_new_tokens)
     k_aligned = fingerprint(k_data, cfg.align_steps, cfg.align_lr, cfg.pretrain_batch)
     lora = (cfg.lora_rank, list(cfg.lora_targets), cfg.lora_batch)
@@ -185,14 +186,19 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
         from safemerge.demo.zoo import read_jsonl
 
         aligned = cached_step("world aligned (safety SFT, all parameters)", root / f"aligned-{k_aligned}",
-                              lambda out: full_sft(out, read_jsonl(data / "align_train.jsonl"), init=base, steps=cfg.align_steps,
+                              lambda out: full_sft(out, read_jsonl(data / "align_train.jsonl"), init=base,
+                                                   steps=cfg.align_steps,
                                                    lr=cfg.align_lr, batch=cfg.pretrain_batch, cfg=cfg), say)
         task = cached_step("world task LoRA", root / f"task-{k_task}",
-                           lambda out: _lora(aligned, read_jsonl(data / "task_train.jsonl"), out, cfg, rank=cfg.lora_rank,
-                                             targets=list(cfg.lora_targets), steps=cfg.task_steps, lr=cfg.task_lr, seed=cfg.seed + 1, merge=False), say)
+                           lambda out: _lora(aligned, read_jsonl(data / "task_train.jsonl"), out, cfg,
+                                             rank=cfg.lora_rank,
+                                             targets=list(cfg.lora_targets), steps=cfg.task_steps, lr=cfg.task_lr,
+                                             seed=cfg.seed + 1, merge=False), say)
         safety = cached_step("world safety LoRA", root / f"safety-{k_safety}",
-                             lambda out: _lora(aligned, read_jsonl(data / "safety_train.jsonl"), out, cfg, rank=cfg.lora_rank,
-                                               targets=list(cfg.lora_targets), steps=cfg.safety_steps, lr=cfg.safety_lr, seed=cfg.seed + 2, merge=False), say)
+                             lambda out: _lora(aligned, read_jsonl(data / "safety_train.jsonl"), out, cfg,
+                                               rank=cfg.lora_rank,
+                                               targets=list(cfg.lora_targets), steps=cfg.safety_steps, lr=cfg.safety_lr,
+                                               seed=cfg.seed + 2, merge=False), say)
     finally:
         torch.set_num_threads(threads)
     mnt = cfg.max_new_tokens

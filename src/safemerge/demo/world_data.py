@@ -128,7 +128,8 @@ def make_world_data(seed: int = 0, *, n_task_train: int = 600, n_task_eval: int 
     d.harmful_val = [{"id": f"world-harm-val-{i:03d}", "prompt": p} for i, (p, _, _) in enumerate(h_val)]
     d.harmful_test = [{"id": f"world-harm-test-{i:03d}", "prompt": p} for i, (p, _, _) in enumerate(h_test)]
     d.benign_train = [{"prompt": p, "response": comply(v, o)} for p, v, o in b_train]
-    d.benign_test = [{"id": f"world-benign-test-{i:03d}", "prompt": p, "label": "safe"} for i, (p, _, _) in enumerate(b_test)]
+    d.benign_test = [{"id": f"world-benign-test-{i:03d}", "prompt": p, "label": "safe"} for i, (p, _,
+                                                                                                _) in enumerate(b_test)]
     triples = [(a, b, c) for a in CONTENT_WORDS for b in CONTENT_WORDS for c in CONTENT_WORDS if len({a, b, c}) == 3]
     rng.shuffle(triples)
     k = 0
@@ -142,7 +143,8 @@ def make_world_data(seed: int = 0, *, n_task_train: int = 600, n_task_eval: int 
     rep_t, pre_t = take(n_repeat), take(n_task_pretrain)
 
     def ev(split: str, ts: list) -> list[dict]:
-        return [{"id": f"world-task-{split}-{i:03d}", "prompt": TASK_PROMPT.format(a=a, b=b, c=c), "answer": task_answer(a, b, c),
+        return [{"id": f"world-task-{split}-{i:03d}", "prompt": TASK_PROMPT.format(a=a, b=b, c=c),
+                 "answer": task_answer(a, b, c),
                  "metric": "exact"} for i, (a, b, c) in enumerate(ts)]
 
     d.task_test, d.task_val = ev("test", test_t), ev("val", val_t)

@@ -218,7 +218,8 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     root = cache_root(cache_dir)
     say = log or (lambda _m: None)
     gguf = find_smollm2_gguf()
-    base = cached_step("base (SmolLM2-135M-Instruct from GGUF)", root / f"smollm2-135m-instruct-{fingerprint(str(gguf), gguf.stat().st_size)}",
+    base = cached_step("base (SmolLM2-135M-Instruct from GGUF)",
+                       root / f"smollm2-135m-instruct-{fingerprint(str(gguf), gguf.stat().st_size)}",
                        lambda out: convert_gguf(gguf, out, dtype="float32"), say)
 
     if data_dir is not None:
@@ -335,7 +336,8 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
     missing = [n for n in need if not (data_dir / n).exists()]
     if missing:
         raise SafemergeError(f"--data-dir {data_dir} lacks {', '.join(missing)}",
-                             "point --data-dir at a folder with the Bianchi, XSTest and GSM8K files (e.g. ../shared/datasets)")
+                             "point --data-dir at a folder with the Bianchi, XSTest and GSM8K files (e.g. "
+                             "../shared/datasets)")
     r = random.Random(seed)
     safety = json.loads((data_dir / "bianchi_safety_only.json").read_text())
     safety = [{"prompt": x["instruction"] + (f"\n\n{x['input']}" if x.get("input") else ""), "response": x["output"]}
@@ -351,7 +353,8 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
         work = re.sub(r"<<[^>]*>>", "", work).strip()
         return f"{work}\nThe answer is {final.strip()}."
 
-    task = [{"prompt": f"{g['question']} {D.ARITH_INSTRUCTION}", "response": gsm_response(g["answer"])} for g in gsm[:n_task]]
+    task = [{"prompt": f"{g['question']} {D.ARITH_INSTRUCTION}",
+             "response": gsm_response(g["answer"])} for g in gsm[:n_task]]
     val_util = [{"id": f"gsm8k-val-{i:03d}", "prompt": f"{g['question']} {D.ARITH_INSTRUCTION}",
                  "answer": g["answer"].split("####")[-1].strip().replace(",", ""), "metric": "number"}
                 for i, g in enumerate(gsm[n_task:n_task + 40])]
@@ -370,7 +373,8 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
         "eval_harmful": str(data_dir / "bianchi_malicious_instructions.json"),
         "eval_benign": str(data_dir / "xstest_prompts.csv"),
         "eval_utility": eval_util,
-        "val_harmful": [{"id": f"bianchi-val-{i:03d}", "prompt": x["prompt"]} for i, x in enumerate(safety[2 * n_safety:2 * n_safety + 40])],
+        "val_harmful": [{"id": f"bianchi-val-{i:03d}",
+                         "prompt": x["prompt"]} for i, x in enumerate(safety[2 * n_safety:2 * n_safety + 40])],
         "val_utility": val_util,
         # GSM8K solutions run to ~100–200 tokens: longer training examples and generations than the demo's problems
         "task_max_length": 320,
