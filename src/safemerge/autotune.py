@@ -27,6 +27,7 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -382,16 +383,9 @@ def autotune(
         ``tau_sweep.png`` are written.
     """
     from safemerge.io.output import atomic_write_text
-    from safemerge.safety.api import safemerge_adapters, scan
-    from safemerge.safety.selection import select_below
+    from safemerge.safety.api import scan
 
-    for flag, margin in (("--harm-margin", harm_margin), ("--refusal-margin", refusal_margin)):
-        if not 0.0 <= margin <= 1.0:
-            raise SafemergeError(f"{flag} must be a fraction in [0, 1], got {margin}",
-                                 f"pass e.g. {flag} 0.05 for 5 points")
-    alphas = sorted({float(a) for a in alphas})
-    if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
-        raise SafemergeError(f"alphas must lie in [0, 1], got {alphas}", "pass values such as 0.5,0.7,0.9")
+    alphas = _checked_alphas(alphas, harm_margin, refusal_margin)
     say = log or (lambda _m: None)
     work = Path(work_dir).expanduser().absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -403,92 +397,132 @@ def autotune(
     scores = scan(base, aligned, [finetuned], tau=PAPER_TAU)
     rhos = {s.module: float(s.rho) for s in scores}
     grid_taus = sorted({float(t) for t in taus}) if taus else tau_candidates(list(rhos.values()), max_taus=max_taus)
-
-    def ev(name: str, adapter: str | Path | None, limit: tuple[int, int] | None) -> dict[str, Any]:
-        return evaluate_suites(aligned, adapter=adapter, suites=suites, max_new_tokens=max_new_tokens,
-                               out_dir=work / "evals" / name, judge=judge, batch_size=batch_size, progress=progress,
-                               limits=dict(zip(("harmful", "utility"), limit)) if limit else None)
-
-    def metrics(res: dict[str, Any]) -> dict[str, Any]:
-        m = {"harmful_rate": res["harmful"]["harmful_rate"], "utility": res["utility"]["accuracy"],
-             "over_refusal": None, "n": [res["harmful"]["n"], res["utility"]["n"]]}
-        if "benign" in res:
-            m["over_refusal"] = res["benign"]["over_refusal_rate"]
-            m["n"].append(res["benign"]["n"])
-        return m
-
-    aligned_m = metrics(ev("aligned", None, None))
-    finetuned_m = metrics(ev("finetuned", finetuned, None))
-    if aligned_m["harmful_rate"] is None:
+    search = _GridSearch(
+        models=(base, aligned, finetuned, safety), scores=scores, n_layers=len(rhos), work=work, strategy=strategy,
+        evaluate=partial(evaluate_suites, aligned, suites=suites, max_new_tokens=max_new_tokens, judge=judge,
+                         batch_size=batch_size, progress=progress), say=say)
+    if search.aligned["harmful_rate"] is None:
         raise SafemergeError("the validation harmful set is empty", "pass a non-empty --val-harmful set")
-    limits = Limits.around(aligned_m, harm_margin, refusal_margin if val_benign is not None else None)
-
-    points: list[GridPoint] = []
-    by_key: dict[str, GridPoint] = {}  # one evaluation per distinct model (same layers, same α)
-    done = [0]
-
-    def evaluate_point(tau: float, alpha: float, limit: tuple[int, int] | None) -> GridPoint:
-        merged = sorted(select_below(scores, tau))
-        key = _key(merged, alpha)
-        p = next((q for q in points if q.tau == tau and q.alpha == alpha), None)
-        if p is None:
-            p = GridPoint(tau, alpha, merged, label=f"τ={tau:g} α={alpha:g}")
-            points.append(p)
-        elif p.harmful_rate is not None and (limit is not None or p.rung == "full"):
-            return p  # already measured at this rung or a more precise one
-        if not merged or alpha == 1.0:  # identical to the fine-tuned model
-            p.harmful_rate, p.utility, p.n = finetuned_m["harmful_rate"], finetuned_m["utility"], finetuned_m["n"]
-            p.over_refusal = finetuned_m["over_refusal"]
-            p.adapter, p.eval_dir = str(finetuned), str(work / "evals" / "finetuned")
-            return p
-        twin = by_key.get(key)
-        if twin is not None and twin is not p and (limit is not None or twin.rung == "full"):
-            p.harmful_rate, p.utility, p.n, p.rung = twin.harmful_rate, twin.utility, twin.n, twin.rung
-            p.over_refusal = twin.over_refusal
-            p.adapter, p.eval_dir = twin.adapter, twin.eval_dir
-            return p
-        adapter = work / "merged" / key
-        if not adapter.exists():
-            safemerge_adapters(base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=adapter,
-                               tau=tau, alpha=alpha, strategy=strategy)
-        m = metrics(ev(key, adapter, limit))
-        p.harmful_rate, p.utility, p.n, p.over_refusal = m["harmful_rate"], m["utility"], m["n"], m["over_refusal"]
-        p.adapter, p.eval_dir, p.rung = str(adapter), str(work / "evals" / key), "screen" if limit else "full"
-        by_key[key] = p
-        done[0] += 1
-        refusal = "" if p.over_refusal is None else f", over-refusal {p.over_refusal:.3f}"
-        say(f"  {p.label} [{p.rung}]: merged {len(merged)}/{len(rhos)} layers, harmful {p.harmful_rate:.3f}, "
-            f"utility {p.utility:.3f}{refusal}")
-        return p
+    limits = Limits.around(search.aligned, harm_margin, refusal_margin if val_benign is not None else None)
 
     coarse = alphas[::2] if len(alphas) > 2 and screen else alphas
     if alphas[-1] not in coarse:
         coarse = [*coarse, alphas[-1]]
     say(f"autotune: τ ∈ {grid_taus}; α ∈ {coarse} (coarse) of {alphas}; screen {screen}, {finalists} finalists")
-    for tau in grid_taus:
-        for alpha in coarse:
-            evaluate_point(tau, alpha, screen)
-    if screen:
-        for p in distinct_leaders(points, limits, finalists):
-            for alpha in neighbours(p.alpha, alphas):
-                evaluate_point(p.tau, alpha, screen)
-        for p in distinct_leaders(points, limits, finalists):
-            evaluate_point(p.tau, p.alpha, None)
-    deciding = [p for p in points if p.rung == "full"]
-
+    search.run(grid_taus, coarse, alphas, screen, finalists, limits)
+    points = search.points
     mask = pareto_mask([(p.harmful_rate or 0.0, p.utility or 0.0) for p in points])
     for p, m in zip(points, mask):
         p.pareto = m
-    chosen, ok = choose(deciding, limits)
+    chosen, ok = choose([p for p in points if p.rung == "full"], limits)
     chosen.chosen = True
-    result = AutotuneResult(chosen=chosen, points=points, aligned=aligned_m, finetuned=finetuned_m,
-                            harm_margin=harm_margin,
-                            constraint_met=ok, rhos=rhos, work_dir=work,
+    result = AutotuneResult(chosen=chosen, points=points, aligned=search.aligned, finetuned=search.finetuned,
+                            harm_margin=harm_margin, constraint_met=ok, rhos=rhos, work_dir=work,
                             refusal_margin=refusal_margin if val_benign is not None else None)
     result.plot = plot_pareto(result, work / "autotune.png")
     result.sweep_plot = plot_tau_sweep(result, work / "tau_sweep.png")
     atomic_write_text(work / "autotune.json", json.dumps(result.to_dict(), indent=2) + "\n")
     return result
+
+
+def _checked_alphas(alphas: Sequence[float], harm_margin: float, refusal_margin: float) -> list[float]:
+    """The sorted α grid, after checking it and both margins (a clear error, never a traceback)."""
+    for flag, margin in (("--harm-margin", harm_margin), ("--refusal-margin", refusal_margin)):
+        if not 0.0 <= margin <= 1.0:
+            raise SafemergeError(f"{flag} must be a fraction in [0, 1], got {margin}",
+                                 f"pass e.g. {flag} 0.05 for 5 points")
+    grid = sorted({float(a) for a in alphas})
+    if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
+        raise SafemergeError(f"alphas must lie in [0, 1], got {grid}", "pass values such as 0.5,0.7,0.9")
+    return grid
+
+
+def _metrics(res: dict[str, Any]) -> dict[str, Any]:
+    """Harmful rate, utility, over-refusal (when a benign set ran) and item counts of one validation run."""
+    m = {"harmful_rate": res["harmful"]["harmful_rate"], "utility": res["utility"]["accuracy"],
+         "over_refusal": None, "n": [res["harmful"]["n"], res["utility"]["n"]]}
+    if "benign" in res:
+        m["over_refusal"] = res["benign"]["over_refusal_rate"]
+        m["n"].append(res["benign"]["n"])
+    return m
+
+
+class _GridSearch:
+    """The measured (τ, α) points of one :func:`autotune` call: one evaluation per distinct merge (same layers,
+    same α), merged adapters and generations cached under ``work``; the aligned and fine-tuned models are
+    measured first, on the whole validation sets."""
+
+    def __init__(self, *, models: tuple[str | Path, str | Path, str | Path, str | Path], scores: Sequence[Any],
+                 n_layers: int, work: Path, strategy: str, evaluate: Callable[..., dict[str, Any]], say: Log) -> None:
+        self.base, self.aligned_model, self.finetuned_model, self.safety = models
+        self.scores, self.n_layers, self.work, self.strategy, self._evaluate, self.say = (
+            scores, n_layers, work, strategy, evaluate, say)
+        self.points: list[GridPoint] = []
+        self.by_key: dict[str, GridPoint] = {}
+        self.aligned = self.measure("aligned", None, None)
+        self.finetuned = self.measure("finetuned", self.finetuned_model, None)
+
+    def measure(self, name: str, adapter: str | Path | None, limit: tuple[int, int] | None) -> dict[str, Any]:
+        limits = dict(zip(("harmful", "utility"), limit)) if limit else None
+        return _metrics(self._evaluate(adapter=adapter, out_dir=self.work / "evals" / name, limits=limits))
+
+    def run(self, taus: Sequence[float], coarse: Sequence[float], alphas: Sequence[float],
+            screen: tuple[int, int] | None, finalists: int, limits: Limits) -> None:
+        """Coarse-to-fine (see :func:`autotune`): the coarse grid on the screen, the α neighbours of the distinct
+        leaders on the screen, then the leaders on the whole validation sets."""
+        for tau in taus:
+            for alpha in coarse:
+                self.point(tau, alpha, screen)
+        if screen:
+            for p in distinct_leaders(self.points, limits, finalists):
+                for alpha in neighbours(p.alpha, alphas):
+                    self.point(p.tau, alpha, screen)
+            for p in distinct_leaders(self.points, limits, finalists):
+                self.point(p.tau, p.alpha, None)
+
+    def point(self, tau: float, alpha: float, limit: tuple[int, int] | None) -> GridPoint:
+        """Measure (τ, α) on the first ``limit`` validation items (``None``: all), reusing any measurement of the
+        same merge at this rung or a more precise one."""
+        from safemerge.safety.selection import select_below
+
+        merged = sorted(select_below(self.scores, tau))
+        key = _key(merged, alpha)
+        p = next((q for q in self.points if q.tau == tau and q.alpha == alpha), None)
+        if p is None:
+            p = GridPoint(tau, alpha, merged, label=f"τ={tau:g} α={alpha:g}")
+            self.points.append(p)
+        elif p.harmful_rate is not None and (limit is not None or p.rung == "full"):
+            return p  # already measured at this rung or a more precise one
+        if not merged or alpha == 1.0:  # identical to the fine-tuned model
+            self._copy(p, self.finetuned, str(self.finetuned_model), str(self.work / "evals" / "finetuned"), "full")
+            return p
+        twin = self.by_key.get(key)
+        if twin is not None and twin is not p and (limit is not None or twin.rung == "full"):
+            self._copy(p, {"harmful_rate": twin.harmful_rate, "utility": twin.utility, "n": twin.n,
+                           "over_refusal": twin.over_refusal}, twin.adapter, twin.eval_dir, twin.rung)
+            return p
+        adapter = self._merged(key, tau, alpha)
+        self._copy(p, self.measure(key, adapter, limit), str(adapter), str(self.work / "evals" / key),
+                   "screen" if limit else "full")
+        self.by_key[key] = p
+        refusal = "" if p.over_refusal is None else f", over-refusal {p.over_refusal:.3f}"
+        self.say(f"  {p.label} [{p.rung}]: merged {len(merged)}/{self.n_layers} layers, harmful "
+                 f"{p.harmful_rate:.3f}, utility {p.utility:.3f}{refusal}")
+        return p
+
+    def _merged(self, key: str, tau: float, alpha: float) -> Path:
+        from safemerge.safety.api import safemerge_adapters
+
+        adapter = self.work / "merged" / key
+        if not adapter.exists():
+            safemerge_adapters(base=self.base, aligned=self.aligned_model, finetuned=self.finetuned_model,
+                               safety=self.safety, out=adapter, tau=tau, alpha=alpha, strategy=self.strategy)
+        return adapter
+
+    @staticmethod
+    def _copy(p: GridPoint, m: Mapping[str, Any], adapter: str | None, eval_dir: str | None, rung: str) -> None:
+        p.harmful_rate, p.utility, p.n, p.over_refusal = m["harmful_rate"], m["utility"], m["n"], m["over_refusal"]
+        p.adapter, p.eval_dir, p.rung = adapter, eval_dir, rung
 
 
 # ----------------------------------------------------------------------------- reporting
