@@ -35,29 +35,21 @@ def _lookalike_framed_refusals(per_goal: int, seed: int = 0) -> list[dict[str, A
             for c, g in C.harmful_goals("align") for f in r.sample(frames, per_goal)]
 
 
-def _train(model: Path, rows: list[dict[str, Any]], out: Path, recipe: Any, *, merge: bool) -> None:
-    """``train_lora`` with a demo :class:`~safemerge.demo.zoo.LoraRecipe`."""
-    from safemerge.train.lora import train_lora
-
-    targets = recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets)
-    train_lora(model, rows, out, rank=recipe.rank, alpha=recipe.alpha, targets=targets, steps=recipe.steps,
-               batch_size=recipe.batch_size, lr=recipe.lr, max_length=recipe.max_length, seed=recipe.seed,
-               merge=merge, precision=recipe.precision)
-
-
 def _rates(model: Path, adapter: Path | None, data: Path, out: Path, external: Path | None) -> dict[str, Any]:
-    """Validation harmful rate / over-refusal (32 new tokens) and utility (64), plus the external sets."""
-    from safemerge.evaluate.api import evaluate
+    """Validation harmful rate, over-refusal and utility with the demo's per-suite token budgets, plus the external
+    sets (``autotune.evaluate_suites``, the evaluation automatic τ/α uses)."""
+    from safemerge.autotune import evaluate_suites
+    from safemerge.demo.zoo import SMOLLM2_MAX_NEW_TOKENS
 
-    kw: dict[str, Any] = {"adapter": str(adapter) if adapter else None, "progress": False}
-    r = evaluate(model, harmful=str(data / "val_harmful.jsonl"), benign=str(data / "val_benign.jsonl"),
-                 max_new_tokens=32, out_dir=out / "val-safety", **kw)
-    u = evaluate(model, utility=str(data / "val_utility.jsonl"), max_new_tokens=64, out_dir=out / "val-utility", **kw)
+    val = {name: str(data / f"val_{name}.jsonl") for name in ("harmful", "benign", "utility")}
+    r = evaluate_suites(model, adapter=adapter, suites=val, max_new_tokens=SMOLLM2_MAX_NEW_TOKENS, out_dir=out / "val")
     res = {"val_harmful": r["harmful"]["harmful_rate"], "val_over_refusal": r["benign"]["over_refusal_rate"],
-           "val_utility": u["utility"]["accuracy"]}
+           "val_utility": r["utility"]["accuracy"]}
     if external is not None:
-        x = evaluate(model, harmful=str(external / "bianchi_malicious_instructions.json"),
-                     benign=str(external / "xstest_prompts.csv"), max_new_tokens=32, out_dir=out / "external", **kw)
+        real = {"harmful": str(external / "bianchi_malicious_instructions.json"),
+                "benign": str(external / "xstest_prompts.csv")}
+        x = evaluate_suites(model, adapter=adapter, suites=real, max_new_tokens=SMOLLM2_MAX_NEW_TOKENS,
+                            out_dir=out / "external")
         res |= {"bianchi_malicious_harmful": x["harmful"]["harmful_rate"],
                 "xstest_over_refusal": x["benign"]["over_refusal_rate"]}
     return res
@@ -84,7 +76,7 @@ def main() -> None:
         rows = Z.read_jsonl(zoo.data / "align_train.jsonl") + _lookalike_framed_refusals(args.lookalike_framed_refusals)
         model = root / f"aligned-{Z.fingerprint(rows, asdict(recipe))}"
         if not model.exists():
-            _train(zoo.base, rows, model, recipe, merge=True)
+            Z.train_recipe(zoo.base, rows, model, recipe, merge=True)
         adapter, setting = None, {"lookalike_framed_refusals": args.lookalike_framed_refusals, "records": len(rows),
                                   "recipe": asdict(recipe)}
     else:
@@ -93,7 +85,7 @@ def main() -> None:
         rows = Z.read_jsonl(zoo.data / "task_train.jsonl")
         adapter = root / f"task-{Z.fingerprint(str(model), rows, asdict(recipe))}"
         if not adapter.exists():
-            _train(model, rows, adapter, recipe, merge=False)
+            Z.train_recipe(model, rows, adapter, recipe, merge=False)
         setting = {"aligned": str(model), "recipe": asdict(recipe)}
     train_s = time.perf_counter() - t0
     result = {"probe": args.probe, **setting, "train_s": round(train_s, 1),

@@ -49,8 +49,11 @@ class Bar:
 
 @contextmanager
 def progress_bar(description: str, *, total: int, total_bytes: int | None = None, enabled: bool = True,
-                 unit: str = "tensors") -> Iterator[Bar]:
-    """A rich progress bar (count, bytes, elapsed, ETA) on stderr; ``enabled=False`` → silent."""
+                 unit: str = "tensors", fields: tuple[str, ...] = ()) -> Iterator[Bar]:
+    """A rich progress bar (count, bytes, elapsed, ETA) on stderr; ``enabled=False`` → silent.
+
+    ``fields`` name extra status columns shown as ``name value`` (``—`` until ``Bar.advance(name=...)``
+    sets them), e.g. ``("loss",)`` for a training loop."""
     if not enabled:
         yield Bar()
         return
@@ -70,13 +73,14 @@ def progress_bar(description: str, *, total: int, total_bytes: int | None = None
         MofNCompleteColumn(),
         TextColumn(unit),
         TextColumn("{task.fields[size]}"),
+        *(TextColumn(f"{name} {{task.fields[{name}]}}") for name in fields),
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
     ]
     with Progress(*cols, console=Console(stderr=True), transient=False) as p:
         size = f"0 B/{human_bytes(total_bytes)}" if total_bytes else ""
-        t = p.add_task(description, total=total, size=size)
+        t = p.add_task(description, total=total, size=size, **dict.fromkeys(fields, "—"))
         try:
             yield Bar(p, t, total_bytes)
         except BaseException:

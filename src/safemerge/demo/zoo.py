@@ -180,7 +180,8 @@ SMOLLM2_MAX_NEW_TOKENS = {"harmful": 32, "benign": 32, "utility": 64}
 SMOLLM2_AUTOTUNE = {"max_taus": 3, "screen": (32, 24)}
 
 
-def _train(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRecipe, *, merge: bool) -> None:
+def train_recipe(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRecipe, *, merge: bool) -> None:
+    """``train_lora`` with one of the zoo's recipes (also used by ``bench/recipe_probe.py``)."""
     from safemerge.train.lora import train_lora
 
     train_lora(model, records, out, rank=recipe.rank, alpha=recipe.alpha,
@@ -252,18 +253,18 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     align_rows = read_jsonl(data / "align_train.jsonl")
     aligned = cached_step("aligned (safety SFT, LoRA merged)",
                           root / f"aligned-{fingerprint(base.name, align_rows, asdict(ALIGN_RECIPE))}",
-                          lambda out: _train(base, align_rows, out, ALIGN_RECIPE, merge=True), say)
+                          lambda out: train_recipe(base, align_rows, out, ALIGN_RECIPE, merge=True), say)
     task_rows = read_jsonl(data / "task_train.jsonl")
     max_length = sets.get("task_max_length", TASK_RECIPE.max_length)
     task_recipe, stress_recipe = (replace(r, max_length=max_length) for r in (TASK_RECIPE, STRESS_TASK_RECIPE))
     task = cached_step("task LoRA (utility fine-tune, paper regime)",
                        root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(task_recipe))}",
-                       lambda out: _train(aligned, task_rows, out, task_recipe, merge=False), say)
+                       lambda out: train_recipe(aligned, task_rows, out, task_recipe, merge=False), say)
     stress_task = None
     if stress:
         stress_task = cached_step("task LoRA (stress setting: aggressive fine-tune)",
                                   root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(stress_recipe))}",
-                                  lambda out: _train(aligned, task_rows, out, stress_recipe, merge=False), say)
+                                  lambda out: train_recipe(aligned, task_rows, out, stress_recipe, merge=False), say)
     safety_rows = read_jsonl(data / "safety_train.jsonl")
     safety = cached_step("safety LoRA (safemerge safety-lora: the corpus + the aligned model's own helpful answers)",
                          root / f"safety-lora-{fingerprint(aligned.name, task.name, safety_rows, SAFETY_SETTINGS)}",

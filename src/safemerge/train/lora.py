@@ -31,6 +31,7 @@ from typing import Any
 
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.options import RunOptions, with_keywords
+from safemerge.progress import progress_bar
 
 ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -145,30 +146,6 @@ def _stored_dtype(model_dir: Path) -> str:
         return "float32"
     d = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     return d if d in ("float32", "bfloat16", "float16") else "float32"
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]train-lora"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def _batches(n: int, batch_size: int, total_steps: int, generator) -> Iterable[list[int]]:
@@ -369,8 +346,7 @@ def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, sche
 
     peft_model.train()
     losses: list[float] = []
-    with _progress(progress) as bar:
-        task = bar.add_task("train", total=schedule.total, loss="—")
+    with progress_bar("train-lora", total=schedule.total, unit="steps", fields=("loss",), enabled=progress) as bar:
         for idx in _batches(len(examples), schedule.batch_size, schedule.total, generator):
             batch = collate([examples[i] for i in idx], pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
@@ -383,7 +359,7 @@ def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, sche
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-            bar.update(task, advance=1, loss=f"{losses[-1]:.4f}")
+            bar.advance(loss=f"{losses[-1]:.4f}")
     peft_model.eval()
     return losses
 
