@@ -5,9 +5,15 @@
         --lookalike-framed-refusals 1 --external ../shared/datasets
     # erosion of a task-LoRA learning rate (the demo's TASK_RECIPE otherwise) on an aligned model
     HF_HUB_OFFLINE=1 SAFEMERGE_CACHE=/work/cache-s17 .venv/bin/python bench/recipe_probe.py erosion --lr 6e-4
+    # the safety update's weight: aligned + w_f·ΔW_f + w_s·ΔW_s for a safety-LoRA variant (targets, steps), dense
+    HF_HUB_OFFLINE=1 SAFEMERGE_CACHE=/work/cache-s17 .venv/bin/python bench/recipe_probe.py safety \
+        --targets all-linear --steps 60 --weights 1:0.5,0.8:0.2
 
 Both use the zoo exactly as ``safemerge demo`` builds it (cached) and measure on the demo's **validation** sets
 (168 harmful, 50 look-alikes, 100 arithmetic; never the test sets), so a recipe is chosen before the demo runs.
+The ``safety`` probe asks whether SafeMERGE's convex weights are what bind: it trains (or reuses) a safety-LoRA
+variant on the zoo's safety data and measures aligned + w_f·ΔW_f + w_s·ΔW_s written as a full model (w_f = α,
+w_s = 1 − α is SafeMERGE on every layer; w_s > 1 − α is a stronger safety update than the convex weight allows).
 ``--external DIR`` adds a second opinion from real data: Bianchi et al. malicious instructions (100) and XSTest
 (250 safe prompts). Every probe appends one JSON line to ``-o`` (default ``bench/results/recipe_probe.jsonl``).
 """
@@ -55,12 +61,78 @@ def _rates(model: Path, adapter: Path | None, data: Path, out: Path, external: P
     return res
 
 
+def _safety_variant(zoo: Any, root: Path, targets: str | None, steps: int) -> Path:
+    """The zoo's safety LoRA (``targets`` None and the default steps) or a variant trained on the same records."""
+    from safemerge.demo import zoo as Z
+    from safemerge.options import RunOptions
+    from safemerge.train.lora import train_lora
+    from safemerge.train.safety_lora import training_records
+
+    if targets is None and steps == Z.SAFETY_SETTINGS["steps"]:
+        return zoo.safety
+    rows = Z.read_jsonl(zoo.data / "safety_train.jsonl")
+    s = Z.SAFETY_SETTINGS
+    out = root / f"safety-{Z.fingerprint(zoo.aligned.name, rows, s, targets, steps)}"
+    if not out.exists():
+        records, _ = training_records(zoo.aligned, rows, seed=s["seed"], distill_benign=s["distill_benign"],
+                                      progress=False)
+        like = Z.TASK_RECIPE
+        train_lora(zoo.aligned, records, out, rank=like.rank, alpha=like.alpha, targets=targets or list(like.targets),
+                   steps=steps, batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"],
+                   precision=s["precision"], options=RunOptions(seed=s["seed"], progress=False))
+    return out
+
+
+def _weighted_model(aligned: Path, task: Path, safety: Path, w_f: float, w_s: float, out: Path) -> Path:
+    """``aligned`` + w_f·ΔW_f + w_s·ΔW_s on every module either adapter touches, written as a full model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from safemerge.io.adapter import load_adapter
+    from safemerge.io.output import atomic_output
+
+    if out.exists():
+        return out
+    (weights,) = aligned.glob("*.safetensors")
+    tensors = load_file(str(weights))
+    for adapter, w in ((load_adapter(task), w_f), (load_adapter(safety), w_s)):
+        for module in adapter:
+            lora = adapter[module]
+            name = lora.weight_name
+            tensors[name] = (tensors[name].float() + w * lora.delta()).to(tensors[name].dtype)
+    with atomic_output(out) as tmp:
+        for f in aligned.iterdir():
+            if f.is_file() and f != weights:
+                shutil.copy2(f, tmp / f.name)
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp / weights.name), metadata={"format": "pt"})
+    return out
+
+
+def _safety_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[str, Any]]:
+    """One result per ``w_f:w_s`` point of ``--weights`` for the chosen safety-LoRA variant."""
+    from safemerge.demo import zoo as Z
+
+    safety = _safety_variant(zoo, root, args.targets, args.steps or Z.SAFETY_SETTINGS["steps"])
+    results = []
+    for point in args.weights.split(","):
+        w_f, w_s = (float(x) for x in point.split(":"))
+        model = _weighted_model(zoo.aligned, zoo.task, safety, w_f, w_s,
+                                root / f"weighted-{Z.fingerprint(safety.name, w_f, w_s)}")
+        results.append({"probe": "safety", "safety": str(safety), "targets": args.targets or "task LoRA's",
+                        "steps": args.steps or Z.SAFETY_SETTINGS["steps"], "w_f": w_f, "w_s": w_s,
+                        **_rates(model, None, zoo.data, model / "probe-evals", args.external)})
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("probe", choices=("aligned", "erosion"))
+    ap.add_argument("probe", choices=("aligned", "erosion", "safety"))
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--lookalike-framed-refusals", type=int, default=1, help="aligned: extra refusals per goal")
-    ap.add_argument("--steps", type=int, default=None, help="aligned: SFT steps (default: the demo's)")
+    ap.add_argument("--steps", type=int, default=None, help="aligned / safety: training steps (default: the demo's)")
+    ap.add_argument("--targets", default=None, help="safety: LoRA targets (default: the task LoRA's), e.g. all-linear")
+    ap.add_argument("--weights", default="0.8:0.2", help="safety: comma-separated w_f:w_s points")
     ap.add_argument("--lr", type=float, default=None, help="erosion: task-LoRA learning rate (default: the demo's)")
     ap.add_argument("--aligned", type=Path, default=None, help="erosion: aligned model (default: the zoo's)")
     ap.add_argument("--external", type=Path, default=None, help="directory with Bianchi malicious + XSTest")
@@ -71,6 +143,9 @@ def main() -> None:
     zoo = Z.build_smollm2_zoo(args.cache_dir, log=print)
     root = Z.cache_root(args.cache_dir) / "bench-recipe-probe"
     t0 = time.perf_counter()
+    if args.probe == "safety":
+        _write(_safety_probe(args, zoo, root), args.out)
+        return
     if args.probe == "aligned":
         recipe = replace(Z.ALIGN_RECIPE, steps=args.steps or Z.ALIGN_RECIPE.steps)
         rows = Z.read_jsonl(zoo.data / "align_train.jsonl") + _lookalike_framed_refusals(args.lookalike_framed_refusals)
@@ -90,10 +165,16 @@ def main() -> None:
     train_s = time.perf_counter() - t0
     result = {"probe": args.probe, **setting, "train_s": round(train_s, 1),
               **_rates(model, adapter, zoo.data, (adapter or model) / "probe-evals", args.external)}
-    print(json.dumps(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(result) + "\n")
+    _write([result], args.out)
+
+
+def _write(results: list[dict[str, Any]], out: Path) -> None:
+    """Print each result and append it as one JSON line to ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as fh:
+        for result in results:
+            print(json.dumps(result))
+            fh.write(json.dumps(result) + "\n")
 
 
 if __name__ == "__main__":
