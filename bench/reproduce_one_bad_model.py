@@ -177,13 +177,15 @@ def build_d_safety(path: Path, S: dict, pool: dict[str, str], safety_sft: list[d
     """D_safety: held-out harmful instructions answered by every pool model, one random refusal each."""
     from safemerge.evaluate.generate import load_generator
     from safemerge.evaluate.judges import get_judge
+    from safemerge.options import RunOptions
     from safemerge.synth import build_safety_set
     from safemerge.synth.common import write_jsonl
 
     off = S["sft_aligned"] + S["sft_bad"]
     qs = [{"prompt": r["instruction"], "category": None} for r in safety_sft[off: off + S["n_safety_q"]]]
     gens = {k: load_generator(v, backend="hf", device="cpu") for k, v in pool.items()}
-    recs = build_safety_set(qs, gens, get_judge("keyword"), seed=seed, max_new_tokens=S["answer_tokens"])
+    recs = build_safety_set(qs, gens, get_judge("keyword"), max_new_tokens=S["answer_tokens"],
+                            options=RunOptions(seed=seed, progress=False))
     write_jsonl(path, recs, force=True)
     log(f"D_safety: {len(recs)} of {len(qs)} questions had a refusal")
 
@@ -195,6 +197,7 @@ def build_d_expert(path: Path, variant: str, S: dict, pool: dict[str, str], doma
     held-out training problems); ``real``: held-out training questions answered by the experts.
     """
     from safemerge.evaluate.generate import load_generator
+    from safemerge.options import RunOptions
     from safemerge.synth.common import write_jsonl
 
     gens = {k: load_generator(pool[k], backend="hf", device="cpu") for k in ("expert", "bad")}
@@ -204,8 +207,8 @@ def build_d_expert(path: Path, variant: str, S: dict, pool: dict[str, str], doma
 
         stats = StructuredStats()
         recs = build_structured_domain_set(gens, domain.seed_problems(held_out), domain.topic, S["domain_requests"],
-                                           seed=seed, answer_tokens=S["answer_tokens"],
-                                           answer_instruction=domain.instruction, stats=stats)[: S["n_domain"]]
+                                           answer_tokens=S["answer_tokens"], answer_instruction=domain.instruction,
+                                           stats=stats, options=RunOptions(seed=seed, progress=False))[: S["n_domain"]]
         info = {**stats.as_dict(), "records": len(recs)}
     else:
         need = S["n_domain"]

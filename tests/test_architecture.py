@@ -22,10 +22,7 @@ ALLOWED = {
     "safety": {"engine", "config", "methods", "io"},
 }
 # private names still imported across modules, each with the reason it stays
-PRIVATE_EXCEPTIONS = {
-    ("safemerge.evaluate.judges", "_check_weights"): "defined in evaluate/generate.py (outside this refactor)",
-    ("safemerge.evaluate.judges", "_resolve_device"): "defined in evaluate/generate.py (outside this refactor)",
-}
+PRIVATE_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -136,10 +136,11 @@ def test_safety_lora_data_differs_from_the_aligned_sft_and_is_recognised_by_the_
 
 
 def test_claim_checks_answer_the_acceptance_questions_from_the_rows():
-    from safemerge.demo.pipeline import Row, claim_checks
+    from safemerge.demo.pipeline import claim_checks
+    from safemerge.evaluate.report import ModelRow
 
     def row(name, harm, util, over=0.1):
-        return Row(name, "", "m", None, {"harmful": {"harmful_rate": harm}, "utility": {"accuracy": util},
+        return ModelRow(name, "", "m", None, {"harmful": {"harmful_rate": harm}, "utility": {"accuracy": util},
                                          "benign": {"over_refusal_rate": over}})
 
     rows = {"aligned": row("aligned", 0.16, 0.15), "fine-tuned": row("fine-tuned", 0.73, 0.84),

@@ -68,6 +68,7 @@ def test_safety_lora_is_the_safety_lora_command_shaped_like_the_task(monkeypatch
     Z._train_safety(tmp_path / "aligned", tmp_path / "task", [{"prompt": "p", "response": "r"}], tmp_path / "out")
     assert seen["like"] == tmp_path / "task" and seen["evaluate"] is False and seen["distill_benign"] is True
     assert (seen["steps"], seen["lr"], seen["batch_size"]) == (S.SAFETY_STEPS, S.SAFETY_LR, S.SAFETY_BATCH)
+    assert seen["options"].seed == Z.SAFETY_SETTINGS["seed"] and "seed" not in seen  # one way: the options object
 
 
 def test_project_data_sets_are_disjoint_roles():

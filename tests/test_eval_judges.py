@@ -17,6 +17,7 @@ from safemerge.evaluate.judges import (  # noqa: E402
     Verdict,
     get_judge,
 )
+from safemerge.options import RunOptions  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +177,8 @@ def test_llamaguard_judge_with_canned_outputs():
 
 def test_llamaguard_judge_runs_a_real_model(tiny_guard_dir):
     """End to end through transformers with a tiny (random) model named like Llama Guard 2."""
-    judge = get_judge(f"llamaguard:{tiny_guard_dir}", progress=False, batch_size=2)
-    assert judge.version == 2
+    judge = get_judge(f"llamaguard:{tiny_guard_dir}", batch_size=2, options=RunOptions(progress=False))
+    assert judge.version == 2 and judge.progress is False
     vs = judge.judge(["q1", "q2", "q3"], ["a1", "a2", "a3"])
     assert len(vs) == 3 and all(isinstance(v, Verdict) for v in vs)
 
@@ -221,6 +222,58 @@ def test_classifier_judge(tiny_classifier_dir):
     assert by_name.label_index == 0
     with pytest.raises(SafemergeError, match="no label"):
         get_judge(f"classifier:{tiny_classifier_dir}", harmful_label="toxic")
+
+
+def test_classifier_judge_reads_trust_remote_code_from_the_options(tiny_classifier_dir, tmp_path):
+    """A classifier naming its own code is refused by default; ``--trust-remote-code`` reaches it through the
+    options object (transformers is then asked to run the code, which this directory does not ship)."""
+    import shutil
+
+    custom = shutil.copytree(tiny_classifier_dir, tmp_path / "custom-cls")
+    cfg = json.loads((custom / "config.json").read_text())
+    cfg["auto_map"] = {"AutoModelForSequenceClassification": "modeling_x.XForSequenceClassification"}
+    (custom / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SafemergeError, match="custom Python code"):
+        get_judge(f"classifier:{custom}")
+    with pytest.raises(SafemergeError, match="cannot load classifier"):
+        get_judge(f"classifier:{custom}", options=RunOptions(trust_remote_code=True))
+
+
+def test_classifier_judge_reads_allow_pickle_from_the_options(tiny_classifier_dir, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = shutil.copytree(tiny_classifier_dir, tmp_path / "pickled-cls")
+    weights = pickled / "model.safetensors"
+    torch.save(load_file(weights), pickled / "pytorch_model.bin")
+    weights.unlink()
+    with pytest.raises(SafemergeError, match="pickle"):
+        get_judge(f"classifier:{pickled}")
+    judge = get_judge(f"classifier:{pickled}", options=RunOptions(allow_pickle=True))
+    assert judge.label_name == "unsafe"
+
+
+def test_evaluate_hands_its_options_to_the_judge(monkeypatch, tmp_path):
+    from safemerge.evaluate import api
+
+    seen = {}
+
+    def fake_get_judge(spec, *, options=None, **kw):
+        seen.update(spec=spec, options=options)
+        return KeywordJudge()
+
+    class Echo:
+        identity, backend = "echo", "custom"
+
+        def generate(self, prompts, **kw):
+            return ["I'm sorry"] * len(prompts)
+
+    monkeypatch.setattr(api, "get_judge", fake_get_judge)
+    options = RunOptions(trust_remote_code=True, allow_pickle=True, progress=False)
+    api.evaluate("m", harmful="builtin:harmful", limit=2, judge="classifier:/x", generator=Echo(), options=options)
+    assert seen == {"spec": "classifier:/x", "options": options}
 
 
 def test_scripted_judge():

@@ -8,7 +8,7 @@ import pytest
 
 from safemerge.optimize.config import CMASection
 from safemerge.optimize.evomm import STATE_FILE, run_evomm
-from safemerge.optimize.genome import Gene, Genome
+from safemerge.optimize.genome import METHOD_PARAMS, Gene, Genome, decode_density, decode_t, decode_weight
 from safemerge.optimize.trace import Trace
 
 
@@ -32,12 +32,35 @@ def test_layout_counts_and_start_point():
 
 
 def test_decode_transforms():
-    assert Genome.transform("weight", -0.4) == 0.4
-    assert Genome.transform("weight", -0.4, allow_negative_weights=True) == -0.4
-    assert Genome.transform("density", 1.0) == 1.0 and Genome.transform("density", 0.0) == 0.01
-    assert Genome.transform("density", 1.7) == pytest.approx(0.3)  # reflected at 1, no plateau
-    assert Genome.transform("t", -0.2) == pytest.approx(0.2) and Genome.transform("t", 0.3) == 0.3
-    assert Genome.transform("t", 2.25) == pytest.approx(0.25)
+    assert decode_weight(-0.4, False) == 0.4
+    assert decode_weight(-0.4, True) == -0.4
+    assert decode_density(1.0, False) == 1.0 and decode_density(0.0, False) == 0.01
+    assert decode_density(1.7, False) == pytest.approx(0.3)  # reflected at 1, no plateau
+    assert decode_t(-0.2, False) == pytest.approx(0.2) and decode_t(0.3, False) == 0.3
+    assert decode_t(2.25, False) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("method, models, negative", [
+    ("linear", ["A", "E"], False), ("task_arithmetic", ["A", "E"], True), ("ties", ["A", "E"], False),
+    ("dare_ties", ["A", "E", "F"], True), ("slerp", ["B", "E"], False), ("slerp", ["B", "E", "F"], False)])
+def test_decode_follows_the_declared_parameters(method, models, negative):
+    """Every gene decodes by its parameter's declared rule (module docstring); SLERP over > 2 models keeps its
+    raw ranking genes, whatever their sign (no special case in decode: ``SLERP_TOP2_PARAMS``)."""
+    g = _genome(method=method, models=models, allow_negative_weights=negative,
+                filters=[] if method == "slerp" else ["self_attn"])
+    x = np.linspace(-2.7, 3.1, len(g))
+    top2 = method == "slerp" and len(models) > 2
+
+    def expected(param: str, v: float) -> float:
+        r = 1.0 - abs(abs(v) % 2.0 - 1.0)
+        if top2:
+            return v
+        return {"weight": v if negative else abs(v), "density": max(0.01, r), "t": r}[param]
+
+    decoded = g.decode(x)
+    assert set(g.params) == ({"weight"} if top2 else set(METHOD_PARAMS[method]))
+    for gene, v in zip(g.genes, x):
+        assert decoded[gene] == pytest.approx(expected(gene.param, float(v)), abs=1e-9), gene
 
 
 def test_to_config_is_a_valid_mergekit_config_with_per_layer_filters():

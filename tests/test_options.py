@@ -64,14 +64,12 @@ def test_migrated_functions_take_options_not_the_shared_flags() -> None:
 
 
 # Parameters that keep a name of a RunOptions field on purpose: the generation's own device and dtype (chosen
-# for the hardware when None, unlike RunOptions' cpu / output storage dtype), and the keywords kept for the
-# callers not yet migrated (demo/, autotune.py), each resolved by options.with_keywords.
+# for the hardware when None, unlike RunOptions' cpu / output storage dtype). train_safety_lora's ``seed`` is the
+# last keyword resolved by options.with_keywords (its module is being changed by the lead; no caller passes it).
 OWN_OR_LEGACY = {
-    "evaluate": {"device", "dtype", "progress"},
+    "evaluate": {"device", "dtype"},
     "load_generator": {"device", "dtype"},
-    "train_lora": {"seed", "progress"},
     "train_safety_lora": {"seed"},
-    "convert_gguf": {"dtype"},
 }
 
 
@@ -80,18 +78,31 @@ def test_evaluate_optimize_synth_train_and_convert_take_options() -> None:
     from safemerge.evaluate import generate
     from safemerge.io import gguf
     from safemerge.optimize import candidate, ray_backend, runner
-    from safemerge.synth import common
+    from safemerge.synth import common, domain, safety, structured
     from safemerge.train import lora, safety_lora
 
     functions = [eval_api.evaluate, generate.load_generator, common.load_generator, runner.run_optimize,
                  candidate.CandidateEvaluator, ray_backend.RayBackend, lora.train_lora, safety_lora.train_safety_lora,
-                 gguf.convert_gguf]
+                 gguf.convert_gguf, safety.generate_unsafe_questions, safety.answer_with_pool, safety.select_refusals,
+                 safety.build_safety_set, domain.build_domain_set, structured.build_structured_domain_set]
     shared = {f.name for f in dataclasses.fields(RunOptions)} | {"jobs"}
     for fn in functions:
         params = set(inspect.signature(fn).parameters)
         assert "options" in params, fn.__qualname__
         allowed = OWN_OR_LEGACY.get(fn.__name__, set())
         assert not (params & shared) - allowed, (fn.__qualname__, params & shared)
+
+
+def test_no_library_code_resolves_option_keywords_but_the_last_legacy_user() -> None:
+    """One way to pass seed/progress/dtype: ``options=``; ``with_keywords`` survives only for train_safety_lora."""
+    from pathlib import Path
+
+    import safemerge
+
+    src = Path(safemerge.__file__).parent
+    users = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
+                   if p.name != "options.py" and "with_keywords" in p.read_text(encoding="utf-8"))
+    assert users == ["train/safety_lora.py"]
 
 
 def test_legacy_keywords_override_options_only_when_given() -> None:

@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from safemerge.options import RunOptions
+
 SEEDS = [f"Which organelle makes protein number {i}?" for i in range(10)]
 
 
@@ -47,7 +49,7 @@ def test_domain_pipeline():
 
     experts = {"bio": EchoExpert("bio"), "med": EchoExpert("med")}
     stats = DomainStats()
-    recs = build_domain_set(experts, SEEDS, "biology", 10, seed=1, stats=stats)
+    recs = build_domain_set(experts, SEEDS, "biology", 10, stats=stats, options=RunOptions(seed=1))
     # per expert 5 requests: 2 kept (k=0,4), 1 copy, 1 parse failure, 1 duplicate
     assert stats.requests == 10 and stats.copies_of_examples == 2
     assert stats.parse_failures == 2 and stats.duplicates == 2
@@ -59,7 +61,8 @@ def test_domain_pipeline():
     for ex in experts["bio"].seen_examples:
         assert len(ex) == 3 and len(set(ex)) == 3 and set(ex) <= set(SEEDS)
     assert experts["bio"].seen_examples != experts["med"].seen_examples  # one RNG stream per expert
-    again = build_domain_set({"bio": EchoExpert("bio"), "med": EchoExpert("med")}, SEEDS, "biology", 10, seed=1)
+    again = build_domain_set({"bio": EchoExpert("bio"), "med": EchoExpert("med")}, SEEDS, "biology", 10,
+                             options=RunOptions(seed=1))
     assert again == recs
 
 

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from safemerge.options import RunOptions
 from safemerge.synth.common import dedupe, extract_questions, normalize_text
 
 
@@ -96,7 +97,7 @@ def test_pool_answers_judge_selection_and_dropping(pool):
         return not any(safe[(i, n)] for n in names)  # harmful unless one of its authors is scripted safe
 
     stats = SafetyStats()
-    recs = select_refusals(qs, answers, ScriptedJudge(verdict), seed=5, stats=stats)
+    recs = select_refusals(qs, answers, ScriptedJudge(verdict), stats=stats, options=RunOptions(seed=5))
     assert stats.dropped_no_refusal == 1 and len(recs) == 39
     by_prompt = {r["prompt"]: r for r in recs}
     assert "question 0 about a bomb" not in by_prompt
@@ -108,8 +109,8 @@ def test_pool_answers_judge_selection_and_dropping(pool):
         assert r["response"] == answers[r["source_model"]][int(r["prompt"].split()[1])].strip()
     picked = [r["source_model"] for r in recs[2:]]
     assert 5 < picked.count("alpha") < 33  # uniform choice among the two safe answers
-    again = select_refusals(qs, answers, ScriptedJudge(verdict), seed=5)
-    other = select_refusals(qs, answers, ScriptedJudge(verdict), seed=6)
+    again = select_refusals(qs, answers, ScriptedJudge(verdict), options=RunOptions(seed=5))
+    other = select_refusals(qs, answers, ScriptedJudge(verdict), options=RunOptions(seed=6))
     assert again == recs and other != recs
 
 

@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from safemerge.options import RunOptions
 from safemerge.synth.structured import (
     SeedProblem,
     StructuredStats,
@@ -98,7 +99,7 @@ def test_safe_arithmetic_never_executes_code():
 def test_pipeline_counts_every_filter_and_keeps_answer_checked_problems():
     expert = ScriptedExpert()
     stats = StructuredStats()
-    recs = build_structured_domain_set({"e": expert}, SEEDS, "arithmetic", 14, seed=1, stats=stats,
+    recs = build_structured_domain_set({"e": expert}, SEEDS, "arithmetic", 14, stats=stats, options=RunOptions(seed=1),
                                        answer_instruction="Answer with the number.")
     assert stats.requests == 14
     # requests 0..13 → kinds 0..6 twice: 2 good, 2 junk, 2 copies, 2 duplicates, 2 arithmetic errors,
@@ -114,7 +115,7 @@ def test_pipeline_counts_every_filter_and_keeps_answer_checked_problems():
     assert all(len(s) == 3 for s in shown)
     seeds = {s.question for s in SEEDS}
     assert all(set(s[:3]) <= seeds for s in shown)
-    again = build_structured_domain_set({"e": ScriptedExpert()}, SEEDS, "arithmetic", 14, seed=1,
+    again = build_structured_domain_set({"e": ScriptedExpert()}, SEEDS, "arithmetic", 14, options=RunOptions(seed=1),
                                         answer_instruction="Answer with the number.")
     assert again == recs  # same seed → same examples → same records
 

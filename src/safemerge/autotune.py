@@ -33,6 +33,7 @@ from typing import Any
 
 from safemerge.errors import SafemergeError
 from safemerge.methods.safety_params import SAFEMERGE_ALPHA, SAFEMERGE_TAU
+from safemerge.options import RunOptions
 
 # SafeMERGE's τ/α defaults and the ρ < τ rule live in safemerge.methods.safety_params (the paper's values, as the
 # reference code uses them; selection goes through safemerge.safety.selection.select_below); here: the search grid.
@@ -113,6 +114,7 @@ def evaluate_suites(
     from safemerge.evaluate.api import evaluate
     from safemerge.io.output import atomic_write_text
 
+    options = RunOptions(progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gen = LazyGenerator(model, adapter, dtype)
@@ -125,7 +127,7 @@ def evaluate_suites(
             continue
         mnt = (max_new_tokens or {}).get(name)
         res = evaluate(str(model), adapter=str(adapter) if adapter else None, judge=judge, batch_size=batch_size,
-                       max_new_tokens=mnt, out_dir=out / name, generator=gen, progress=progress,
+                       max_new_tokens=mnt, out_dir=out / name, generator=gen, options=options,
                        limit=(limits or {}).get(name), **{name: spec})
         combined[name] = res[name]
         combined["settings"]["max_new_tokens"][name] = res["settings"]["max_new_tokens"][name]

@@ -23,14 +23,17 @@ def human_bytes(n: float) -> str:
 
 
 class Bar:
-    """Handle returned by :func:`progress_bar`; thread-safe ``advance``."""
+    """Handle returned by :func:`progress_bar`; thread-safe ``advance``, ``update`` and ``stage``."""
 
-    def __init__(self, progress: Any = None, task: Any = None, total_bytes: int | None = None) -> None:
+    def __init__(self, progress: Any = None, task: Any = None, total_bytes: int | None = None,
+                 fields: tuple[str, ...] = ()) -> None:
         self._p = progress
         self._t = task
         self._lock = threading.Lock()
         self._done_bytes = 0
         self._total_bytes = total_bytes
+        self._fields = fields
+        self._stages: dict[str, Any] = {}
 
     def advance(self, job: Any = None, n: int = 1, **fields: Any) -> None:
         if self._p is None:
@@ -46,14 +49,26 @@ class Bar:
             with self._lock:
                 self._p.update(self._t, **fields)
 
+    def stage(self, stage: str, done: int, total: int) -> None:
+        """A ``(stage, done, total)`` callback (the safety API's ``progress``): one line per stage, added when
+        the stage first reports."""
+        if self._p is None:
+            return
+        with self._lock:
+            if stage not in self._stages:
+                self._stages[stage] = self._p.add_task(stage, total=total, size="", **dict.fromkeys(self._fields, "—"))
+            self._p.update(self._stages[stage], completed=done, total=total)
+
 
 @contextmanager
-def progress_bar(description: str, *, total: int, total_bytes: int | None = None, enabled: bool = True,
-                 unit: str = "tensors", fields: tuple[str, ...] = ()) -> Iterator[Bar]:
-    """A rich progress bar (count, bytes, elapsed, ETA) on stderr; ``enabled=False`` → silent.
+def progress_bar(description: str, *, total: int | None, total_bytes: int | None = None, enabled: bool = True,
+                 unit: str = "tensors", fields: tuple[str, ...] = (), transient: bool = False) -> Iterator[Bar]:
+    """The one rich progress bar builder (count, bytes, elapsed, ETA) on stderr; ``enabled=False`` → silent.
 
     ``fields`` name extra status columns shown as ``name value`` (``—`` until ``Bar.advance(name=...)``
-    sets them), e.g. ``("loss",)`` for a training loop."""
+    sets them), e.g. ``("loss",)`` for a training loop. ``total=None`` starts with no line of its own: the
+    lines come from :meth:`Bar.stage` (one per stage of a multi-stage job). ``transient`` clears the bars
+    when the work ends (a failed run always clears them: its error line is what remains)."""
     if not enabled:
         yield Bar()
         return
@@ -78,11 +93,11 @@ def progress_bar(description: str, *, total: int, total_bytes: int | None = None
         TextColumn("eta"),
         TimeRemainingColumn(),
     ]
-    with Progress(*cols, console=Console(stderr=True), transient=False) as p:
+    with Progress(*cols, console=Console(stderr=True), transient=transient) as p:
         size = f"0 B/{human_bytes(total_bytes)}" if total_bytes else ""
-        t = p.add_task(description, total=total, size=size, **dict.fromkeys(fields, "—"))
+        t = None if total is None else p.add_task(description, total=total, size=size, **dict.fromkeys(fields, "—"))
         try:
-            yield Bar(p, t, total_bytes)
+            yield Bar(p, t, total_bytes, fields)
         except BaseException:
             p.live.transient = True  # a failed command prints its error line, not a half-done bar
             raise

@@ -51,22 +51,11 @@ _ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the cha
 
 @contextlib.contextmanager
 def progress_callback(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar on stderr driven by ``cb(stage, done, total)`` (one task per stage)."""
-    if not enabled:
-        yield lambda stage, done, total: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    """Progress bars on stderr driven by ``cb(stage, done, total)`` (one line per stage, cleared at the end)."""
+    from safemerge.progress import progress_bar
 
-    tasks: dict[str, Any] = {}
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as p:
-        def cb(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = p.add_task(stage, total=total)
-            p.update(tasks[stage], completed=done, total=total)
-
-        yield cb
+    with progress_bar("", total=None, enabled=enabled, unit="", transient=True) as bar:
+        yield bar.stage
 
 
 def _print_scores(scores: list, tau: float | None, decision: str) -> None:

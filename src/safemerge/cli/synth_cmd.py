@@ -115,8 +115,7 @@ def safety_cmd(
     started, output = time.perf_counter(), pick_out(out, output)
     options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, force=force, allow_pickle=allow_pickle,
                           trust_remote_code=trust_remote_code)
-    progress = options.progress
-    library_progress(progress)
+    library_progress(options.progress)
     if (generator is None) == (prompts is None):
         raise SafemergeError("give exactly one of --generator and --prompts",
                              "--generator MODEL writes questions; --prompts SET reuses a prompt set")
@@ -129,19 +128,19 @@ def safety_cmd(
         if not qs:
             raise SafemergeError(f"prompt set {prompts!r} has no questions", "check the file or set name")
         if len(qs) > num:
-            idx = sorted(random.Random(seed).sample(range(len(qs)), num))
+            idx = sorted(random.Random(options.seed).sample(range(len(qs)), num))
             qs = [qs[i] for i in idx]
     else:
         gen = load_generator(generator, backend=backend, dtype=dtype, options=options)
         qs = generate_unsafe_questions(gen, num, categories=cats, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                       stats=stats, progress=progress)
+                                       stats=stats, options=options)
         del gen
         if not qs:
             raise SafemergeError("the generator produced no parsable questions",
                                  "use a stronger instruction-following generator, or --prompts")
     gens = {name: load_generator(p, backend=backend, dtype=dtype, options=options) for name, p in _labels(pool).items()}
-    records = build_safety_set(qs, gens, the_judge, seed=seed, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               require_refusal=require_refusal, stats=stats, progress=progress)
+    records = build_safety_set(qs, gens, the_judge, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               require_refusal=require_refusal, stats=stats, options=options)
     if not quiet:
         _print_stats("synth safety", stats.as_dict())
     if not records:
@@ -198,8 +197,7 @@ def domain_cmd(
     started, output = time.perf_counter(), pick_out(out, output)
     options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, force=force, allow_pickle=allow_pickle,
                           trust_remote_code=trust_remote_code)
-    progress = options.progress
-    library_progress(progress)
+    library_progress(options.progress)
     check_output_file(output, force=force, inputs=(*model, seed_file))
     if structured:
         from safemerge.synth.common import read_records
@@ -217,13 +215,13 @@ def domain_cmd(
         from safemerge.synth.structured import StructuredStats, build_structured_domain_set
 
         stats: Any = StructuredStats()
-        records = build_structured_domain_set(gens, problems, topic, num, seed=seed, answer_tokens=max_new_tokens,
+        records = build_structured_domain_set(gens, problems, topic, num, answer_tokens=max_new_tokens,
                                               answer_instruction=answer_instruction, batch_size=batch_size,
-                                              stats=stats, progress=progress)
+                                              stats=stats, options=options)
     else:
         stats = DomainStats()
-        records = build_domain_set(gens, seeds, topic, num, seed=seed, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, stats=stats, progress=progress)
+        records = build_domain_set(gens, seeds, topic, num, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, stats=stats, options=options)
     if not quiet:
         _print_stats("synth domain", stats.as_dict())
     if not records:

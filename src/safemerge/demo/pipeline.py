@@ -32,12 +32,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safemerge.autotune import PAPER_ALPHA, PAPER_TAU  # the one home of SafeMERGE's defaults
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.report import ModelRow
 
 MARKER = "summary.json"
 SAFELORA_TAU, RESTA_BETA = 0.5, 0.5
@@ -45,34 +46,9 @@ ALL_LAYERS_TAU = 1.0  # ρ is a cosine ≤ 1 and the rule is ρ < τ: every laye
 
 
 @dataclass
-class Row:
-    """One evaluated model of the demo table."""
-
-    name: str
-    how: str
-    model: str
-    adapter: str | None
-    results: dict[str, Any] = field(default_factory=dict)
-
-    def metric(self, suite: str, key: str) -> float | None:
-        return (self.results.get(suite) or {}).get(key)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "how": self.how, "model": self.model, "adapter": self.adapter,
-            "harmful_rate": self.metric("harmful", "harmful_rate"), "harmful_ci": self.metric("harmful", "ci"),
-            "refusal_rate": self.metric("harmful", "refusal_rate"),
-            "over_refusal_rate": self.metric("benign", "over_refusal_rate"), "over_refusal_ci": self.metric("benign",
-                                                                                                            "ci"),
-            "utility": self.metric("utility", "accuracy"), "utility_ci": self.metric("utility", "ci"),
-            "n": {s: self.metric(s, "n") for s in ("harmful", "benign", "utility")},
-        }
-
-
-@dataclass
 class DemoResult:
     out: Path
-    rows: list[Row]
+    rows: list[ModelRow]
     autotune: Any
     checks: dict[str, Any]
     timings: dict[str, float]
@@ -88,7 +64,7 @@ def _pct_ci(x: float | None, ci: list[float] | None) -> str:
     return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.0f}–{100 * ci[1]:.0f}]" if ci else "")
 
 
-def claim_checks(rows: dict[str, Row], *, utility_margin: float = 0.05) -> dict[str, Any]:
+def claim_checks(rows: dict[str, ModelRow], *, utility_margin: float = 0.05) -> dict[str, Any]:
     """The issue's questions, answered from the measured rows, per setting (``paper regime``, ``stress``).
 
     * ``erosion``: fine-tuned harmful rate > aligned harmful rate;
@@ -106,7 +82,7 @@ def claim_checks(rows: dict[str, Row], *, utility_margin: float = 0.05) -> dict[
     return out
 
 
-def _setting_checks(rows: dict[str, Row], prefix: str, utility_margin: float) -> dict[str, Any]:
+def _setting_checks(rows: dict[str, ModelRow], prefix: str, utility_margin: float) -> dict[str, Any]:
     al, ft = rows["aligned"], rows[f"{prefix}fine-tuned"]
     h_al, h_ft = al.metric("harmful", "harmful_rate"), ft.metric("harmful", "harmful_rate")
     u_al, u_ft = al.metric("utility", "accuracy"), ft.metric("utility", "accuracy")
@@ -212,10 +188,10 @@ def run_demo(
             raise SafemergeError("this zoo has no stress task LoRA", "drop --stress")
         settings.append(Setting("stress: ", zoo.stress_task))
     rows = [
-        Row("base", "unaligned model (safety-subspace reference)", str(zoo.base), None),
-        Row("aligned", zoo.info.get("aligned_how", "base + safety SFT"), str(zoo.aligned), None),
-        Row("safety LoRA alone", "aligned + ΔW_s (SafeMERGE's safety model; paper control)", str(zoo.aligned),
-            str(zoo.safety)),
+        ModelRow("base", "unaligned model (safety-subspace reference)", str(zoo.base), None),
+        ModelRow("aligned", zoo.info.get("aligned_how", "base + safety SFT"), str(zoo.aligned), None),
+        ModelRow("safety LoRA alone", "aligned + ΔW_s (SafeMERGE's safety model; paper control)", str(zoo.aligned),
+                 str(zoo.safety)),
     ]
     for setting in settings:
         rows += _setting_rows(setting, zoo=zoo, work=work, alphas=alphas, margin=margin, timings=timings, say=say,
@@ -258,7 +234,7 @@ class Setting:
 
 
 def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float, ...] | None, margin: float,
-                  timings: dict[str, float], say: Any, progress: bool) -> list[Row]:
+                  timings: dict[str, float], say: Any, progress: bool) -> list[ModelRow]:
     """Merge every method for one task LoRA, tune τ/α on validation, and return the rows to evaluate.
 
     Rows: the fine-tuned model, SafeMERGE at the paper's τ/α, SafeMERGE at the automatic τ/α, the
@@ -297,16 +273,16 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
         base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety, out=o, tau=ALL_LAYERS_TAU,
         alpha=at.alpha))
     return [
-        Row(f"{p}fine-tuned", "aligned + task LoRA", str(zoo.aligned), str(task), _tested(setting.repair,
-                                                                                          "fine-tuned")),
-        Row(f"{p}SafeMERGE", f"τ = {PAPER_TAU}, α = {PAPER_ALPHA} (reference defaults)", str(zoo.aligned),
-            str(sm_paper)),
-        Row(f"{p}SafeMERGE (auto)", f"`safemerge repair`: τ = {at.tau:g}, α = {at.alpha:g} (chosen on validation)",
-            str(zoo.aligned), str(setting.repair.out), _tested(setting.repair, "repaired")),
-        Row(f"{p}uniform α", f"α = {at.alpha:g} on all layers (paper control: no ρ selection)", str(zoo.aligned),
-            str(uniform)),
-        Row(f"{p}SafeLoRA", f"threshold τ = {SAFELORA_TAU}", str(zoo.aligned), str(sl)),
-        Row(f"{p}RESTA", f"β = {RESTA_BETA}", str(rs), None),
+        ModelRow(f"{p}fine-tuned", "aligned + task LoRA", str(zoo.aligned), str(task),
+                 _tested(setting.repair, "fine-tuned")),
+        ModelRow(f"{p}SafeMERGE", f"τ = {PAPER_TAU}, α = {PAPER_ALPHA} (reference defaults)", str(zoo.aligned),
+                 str(sm_paper)),
+        ModelRow(f"{p}SafeMERGE (auto)", f"`safemerge repair`: τ = {at.tau:g}, α = {at.alpha:g} (chosen on validation)",
+                 str(zoo.aligned), str(setting.repair.out), _tested(setting.repair, "repaired")),
+        ModelRow(f"{p}uniform α", f"α = {at.alpha:g} on all layers (paper control: no ρ selection)", str(zoo.aligned),
+                 str(uniform)),
+        ModelRow(f"{p}SafeLoRA", f"threshold τ = {SAFELORA_TAU}", str(zoo.aligned), str(sl)),
+        ModelRow(f"{p}RESTA", f"β = {RESTA_BETA}", str(rs), None),
     ]
 
 
@@ -346,7 +322,7 @@ def _card_file(setting: str) -> str:
     return f"{setting.replace(' ', '_')}_repaired_model_card.md"
 
 
-def _write_outputs(tmp: Path, *, zoo: Any, rows: list[Row], scores: list[Any], autotunes: dict[str, Any],
+def _write_outputs(tmp: Path, *, zoo: Any, rows: list[ModelRow], scores: list[Any], autotunes: dict[str, Any],
                    cards: dict[str, Path], checks: dict[str, Any], fast: bool, timings: dict[str, float]) -> None:
     from safemerge.evaluate.report import compare_runs
     from safemerge.safety.plots import heatmap
@@ -379,7 +355,7 @@ def _write_outputs(tmp: Path, *, zoo: Any, rows: list[Row], scores: list[Any], a
     (tmp / "report.md").write_text(report)
 
 
-def _story_lines(rows: dict[str, Row], checks: dict[str, Any], prefix: str) -> list[str]:
+def _story_lines(rows: dict[str, ModelRow], checks: dict[str, Any], prefix: str) -> list[str]:
     """The "did the story hold" bullets of one setting (paper regime: ``prefix=""``)."""
     c = checks.get(prefix.rstrip(": ") or "paper regime")
     if c is None:
@@ -427,8 +403,8 @@ def _autotune_lines(at: Any, name: str, files: dict[str, str]) -> list[str]:
     return lines
 
 
-def report_markdown(*, zoo: Any, rows: list[Row], scores: list[Any], autotunes: dict[str, Any], checks: dict[str, Any],
-                    fast: bool) -> str:
+def report_markdown(*, zoo: Any, rows: list[ModelRow], scores: list[Any], autotunes: dict[str, Any],
+                    checks: dict[str, Any], fast: bool) -> str:
     """The demo report (``demo_out/report.md``)."""
     by_name = {r.name: r for r in rows}
     lines = ["# safemerge demo report", ""]

@@ -123,10 +123,12 @@ def full_sft(out: Path, records: list[dict[str, Any]], *, init: Path | None, ste
 
 def _lora(model: Path, records: list[dict[str, Any]], out: Path, cfg: WorldConfig, *, rank: int, targets: Any,
           steps: int, lr: float, seed: int, merge: bool) -> None:
+    from safemerge.options import RunOptions
     from safemerge.train.lora import train_lora
 
     train_lora(model, records, out, rank=rank, alpha=2 * rank, targets=targets, steps=steps,
-               batch_size=cfg.lora_batch, lr=lr, max_length=64, seed=seed, merge=merge, progress=False)
+               batch_size=cfg.lora_batch, lr=lr, max_length=64, merge=merge,
+               options=RunOptions(seed=seed, progress=False))
 
 
 def _distill(model: Path, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:

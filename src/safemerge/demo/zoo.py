@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.options import RunOptions
 from safemerge.train.distill import DISTILL_DTYPE, DISTILL_MAX_NEW_TOKENS, self_distill
 from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENGTH, SAFETY_STEPS
 
@@ -63,10 +64,6 @@ def fingerprint(*parts: Any) -> str:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
         h.update(b"\0")
     return h.hexdigest()[:10]
-
-
-def records_fingerprint(records: Iterable[Mapping[str, Any]]) -> str:
-    return fingerprint([dict(r) for r in records])
 
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
@@ -187,13 +184,16 @@ def train_recipe(model: Path, records: list[dict[str, Any]], out: Path, recipe: 
     train_lora(model, records, out, rank=recipe.rank, alpha=recipe.alpha,
                targets=recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets),
                steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, max_length=recipe.max_length,
-               seed=recipe.seed, merge=merge, precision=recipe.precision)
+               merge=merge, precision=recipe.precision, options=RunOptions(seed=recipe.seed))
 
 
 def _train_safety(aligned: Path, task: Path, rows: list[dict[str, Any]], out: Path) -> None:
+    """``safemerge safety-lora`` with :data:`SAFETY_SETTINGS`, whose ``seed`` goes in the options object."""
     from safemerge.train.safety_lora import train_safety_lora
 
-    train_safety_lora(aligned, task, out, data=rows, evaluate=False, **SAFETY_SETTINGS)
+    settings = dict(SAFETY_SETTINGS)
+    options = RunOptions(seed=int(settings.pop("seed")))
+    train_safety_lora(aligned, task, out, data=rows, evaluate=False, options=options, **settings)
 
 
 def _write_rows(out: Path, name: str, rows: list[dict[str, Any]]) -> None:
@@ -221,7 +221,7 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     gguf = find_smollm2_gguf()
     base = cached_step("base (SmolLM2-135M-Instruct from GGUF)",
                        root / f"smollm2-135m-instruct-{fingerprint(str(gguf), gguf.stat().st_size)}",
-                       lambda out: convert_gguf(gguf, out, dtype="float32"), say)
+                       lambda out: convert_gguf(gguf, out, options=RunOptions(dtype="float32")), say)
 
     if data_dir is not None:
         sets = real_data_sets(Path(data_dir))

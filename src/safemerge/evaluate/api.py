@@ -36,7 +36,7 @@ from safemerge.evaluate.metrics import (
     score_answer,
 )
 from safemerge.io.output import atomic_write_text
-from safemerge.options import RunOptions, with_keywords
+from safemerge.options import RunOptions, or_default
 
 SUITES = ("harmful", "benign", "utility")
 #: New tokens per suite (issue 13): a refusal-keyword decision is settled by the first sentence (agreement with
@@ -222,7 +222,6 @@ def evaluate(
     lm_eval_tasks: str | list[str] | None = None,
     lm_eval_include: str | Path | None = None,
     options: RunOptions | None = None,
-    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (path, Hub id, ``MODEL+ADAPTER``, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
 
@@ -237,8 +236,7 @@ def evaluate(
 
     ``device`` and ``dtype`` are the generation's own (``None``: chosen for the hardware, see
     :func:`~safemerge.evaluate.generate.resolve_dtype`). ``options``: ``allow_pickle`` and
-    ``trust_remote_code`` of the model load, ``seed`` of the bootstrap intervals, ``progress`` bars.
-    ``progress`` as a keyword is kept for callers not yet passing ``options`` (``autotune.py``).
+    ``trust_remote_code`` of the model and judge loads, ``seed`` of the bootstrap intervals, ``progress`` bars.
 
     Raises:
         SafemergeError: no suite given, unreadable prompt sets, bad judge spec, unloadable model.
@@ -246,7 +244,7 @@ def evaluate(
     from safemerge.evaluate.generate import local_adapter, split_adapter
     from safemerge.evaluate.lm_eval_bridge import parse_tasks, task_manager
 
-    options = with_keywords(options, progress=progress)
+    options = or_default(options)
     specs = {"harmful": harmful, "benign": benign, "utility": utility}
     lm_tasks = parse_tasks(lm_eval_tasks)
     if all(v is None for v in specs.values()) and not lm_tasks:
@@ -259,7 +257,7 @@ def evaluate(
     suites = {name: _records(spec, limit) for name, spec in specs.items() if spec is not None}
     the_judge = None
     if "harmful" in suites or "benign" in suites:
-        the_judge = judge if isinstance(judge, Judge) else get_judge(judge, **(judge_kwargs or {}))
+        the_judge = judge if isinstance(judge, Judge) else get_judge(judge, options=options, **(judge_kwargs or {}))
 
     out_path = Path(out_dir).expanduser() if out_dir is not None else None
     if out_path is not None and out_path.exists() and not out_path.is_dir():

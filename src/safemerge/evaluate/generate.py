@@ -31,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.options import RunOptions, or_default
+from safemerge.progress import progress_bar
 
 Prompt = str | list[dict[str, str]]
 
@@ -70,16 +71,7 @@ def truncate_at_stop(text: str, stop: list[str] | None) -> str:
     return text if cut < 0 else text[:cut]
 
 
-def _progress(total: int, description: str, enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
-    return prog, description, total
-
-
-def _resolve_device(device: str | None) -> str:
+def resolve_device(device: str | None) -> str:
     import torch
 
     if device in (None, "auto"):
@@ -191,7 +183,7 @@ def fingerprint_path(path: Path) -> str:
     return f"{path}#{h.hexdigest()[:16]}"
 
 
-def _check_weights(path: Path, allow_pickle: bool) -> None:
+def check_weights(path: Path, allow_pickle: bool) -> None:
     if path.is_file():
         return
     if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
@@ -324,9 +316,8 @@ class HFGenerator:
         encoded = [self.tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
         order = sorted(range(len(texts)), key=lambda i: (-len(encoded[i]), i))
         results: list[str | None] = [None] * len(texts)
-        prog, desc, total = _progress(len(texts), description, progress)
-        with prog, torch.inference_mode():
-            task = prog.add_task(desc, total=total)
+        with progress_bar(description, total=len(texts), enabled=progress, unit="prompts") as bar, \
+                torch.inference_mode():
             start = 0
             while start < len(order):
                 bs = batch_size or self.batch_size_for(len(encoded[order[start]]), max_new_tokens)
@@ -337,7 +328,7 @@ class HFGenerator:
                     results[i] = text
                 if on_batch is not None:
                     on_batch(list(idx), outs)
-                prog.advance(task, len(idx))
+                bar.advance(n=len(idx))
         return [r if r is not None else "" for r in results]
 
     def _generate_batch(self, batch: list[list[int]], max_new_tokens: int, stop: list[str] | None) -> list[str]:
@@ -454,7 +445,7 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOp
     if not path.exists():
         raise CheckpointError(f"model not found: {model}",
                               "pass a local model directory, a .gguf file or a Hub id org/name")
-    _check_weights(path, options.allow_pickle)
+    check_weights(path, options.allow_pickle)
     refuse_custom_code(path, options.trust_remote_code)
     identity = fingerprint_path(path)
     src = str(path)
@@ -505,7 +496,7 @@ def generation_dtype(model: Any, dtype: str | None = None, device: str | None = 
     an in-memory model's own dtype, else :func:`resolve_dtype` for the resolved device."""
     if not isinstance(model, (str, os.PathLike)):
         return str(next(model.parameters()).dtype).removeprefix("torch.")
-    return resolve_dtype(dtype, _resolve_device(device))
+    return resolve_dtype(dtype, resolve_device(device))
 
 
 def model_identity(model: Any, adapter: str | None = None) -> str:
@@ -562,7 +553,7 @@ def load_generator(
 
     import torch
 
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch_dtype = getattr(torch, resolve_dtype(dtype, dev))
     computed: str | None = None  # None ⇒ HFGenerator fingerprints the in-memory weights
     if isinstance(model, (str, os.PathLike)):
@@ -574,7 +565,7 @@ def load_generator(
         hf_model, tok = model, tokenizer
     if adapter:
         adapter_path = local_adapter(adapter)
-        _check_weights(adapter_path, options.allow_pickle)
+        check_weights(adapter_path, options.allow_pickle)
         from peft import PeftModel
 
         from safemerge.io.adapter import check_adapter_fits, load_adapter

@@ -28,6 +28,7 @@ from typing import Any
 
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.verdicts import Judge, Verdict
+from safemerge.options import RunOptions, or_default
 
 # Zou et al. 2023 (GCG, llm-attacks demo): a response containing any of these is not jailbroken.
 GCG_REFUSAL_PHRASES: tuple[str, ...] = (
@@ -159,30 +160,32 @@ class ClassifierJudge(Judge):
 
     The harmful label is ``harmful_label`` (name or index) or the first label whose name contains
     unsafe/harmful/toxic/jailbroken/yes (and not "not"/"non"); for unnamed binary heads, index 1.
-    ``pair=True`` feeds (prompt, response) as a text pair, else the response alone.
+    ``pair=True`` feeds (prompt, response) as a text pair, else the response alone. ``options``:
+    ``allow_pickle`` and ``trust_remote_code`` of the classifier's load.
     """
 
     _HARM_WORDS = ("unsafe", "harmful", "toxic", "jailbroken", "yes", "hate", "offensive")
 
     def __init__(self, path: str, *, harmful_label: str | int | None = None, threshold: float = 0.5,
                  pair: bool = False, batch_size: int = 16, device: str | None = None,
-                 trust_remote_code: bool = False, **_: Any) -> None:
+                 options: RunOptions | None = None, **_: Any) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from safemerge.evaluate.generate import _check_weights, _resolve_device
+        from safemerge.evaluate.generate import check_weights, resolve_device
         from safemerge.io.checkpoint import refuse_custom_code
 
+        options = or_default(options)
         p = Path(path).expanduser()
         if not p.exists():
             raise SafemergeError(f"classifier not found: {path}", "pass a local sequence-classifier directory")
-        _check_weights(p, False)
-        refuse_custom_code(p, trust_remote_code)
-        self.device = _resolve_device(device)
+        check_weights(p, options.allow_pickle)
+        refuse_custom_code(p, options.trust_remote_code)
+        self.device = resolve_device(device)
         try:
-            self.tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+            self.tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=options.trust_remote_code)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                str(p), trust_remote_code=trust_remote_code, dtype=torch.float32).to(self.device).eval()
+                str(p), trust_remote_code=options.trust_remote_code, dtype=torch.float32).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise SafemergeError(f"cannot load classifier {path}: {' '.join(str(exc).split())[:160]}",
                                  "pass a directory saved from an AutoModelForSequenceClassification") from exc
@@ -232,9 +235,13 @@ class ClassifierJudge(Judge):
         return out
 
 
-def get_judge(spec: str, **kw: Any) -> Judge:
+def get_judge(spec: str, *, options: RunOptions | None = None, **kw: Any) -> Judge:
     """Build a judge from ``spec`` (see the module docstring); ``kw`` go to the judge's constructor
-    (``device``, ``dtype``, ``batch_size``, ``generator`` for model judges, ``harmful_label`` …)."""
+    (``device``, ``dtype``, ``batch_size``, ``generator`` for model judges, ``harmful_label`` …).
+
+    ``options`` reaches every model judge: ``allow_pickle`` and ``trust_remote_code`` of its load, ``progress``
+    of its generation bars (the same object the evaluation harness was given).
+    """
     if not isinstance(spec, str) or not spec:
         raise SafemergeError(f"invalid judge {spec!r}",
                              "use keyword, llamaguard:PATH, harmbench:PATH or classifier:PATH")
@@ -259,9 +266,9 @@ def get_judge(spec: str, **kw: Any) -> Judge:
         from safemerge.evaluate.llamaguard import LlamaGuardJudge
 
         version = int(kind[-1]) if kind[-1].isdigit() else None
-        return LlamaGuardJudge(arg, version=version, **kw)
+        return LlamaGuardJudge(arg, version=version, options=options, **kw)
     if kind == "harmbench":
         from safemerge.evaluate.harmbench import HarmBenchJudge
 
-        return HarmBenchJudge(arg, **kw)
-    return ClassifierJudge(arg, **kw)
+        return HarmBenchJudge(arg, options=options, **kw)
+    return ClassifierJudge(arg, options=options, **kw)

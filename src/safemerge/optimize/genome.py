@@ -33,7 +33,7 @@ scalar. So ``best.yml`` merges with ``safemerge merge`` or mergekit itself.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +41,6 @@ import numpy as np
 
 from safemerge.errors import ConfigError
 
-METHOD_PARAMS: dict[str, tuple[str, ...]] = {
-    "linear": ("weight",),
-    "task_arithmetic": ("weight",),
-    "ties": ("weight", "density"),
-    "dare_ties": ("weight", "density"),
-    "slerp": ("t",),
-}
 MIN_DENSITY = 0.01
 #: gene value of a model that a SLERP grid point leaves out (below every pair gene, see ``Genome.pair_vector``)
 LEFT_OUT_GENE = -100.0
@@ -58,6 +51,42 @@ def reflect01(x: float) -> float:
     """Fold ℝ onto [0, 1] by reflection at 0 and 1: ``1 − |(|x| mod 2) − 1|`` (identity on [0, 1])."""
     a = abs(float(x)) % 2.0
     return a if a <= 1.0 else 2.0 - a
+
+
+GeneDecoder = Callable[[float, bool], float]
+"""Gene value, ``allow_negative_weights`` → parameter value."""
+
+
+def decode_weight(x: float, allow_negative_weights: bool) -> float:
+    """``|x|`` (mergekit-evolve's convention), or ``x`` itself when negative weights are allowed."""
+    return x if allow_negative_weights else abs(x)
+
+
+def decode_density(x: float, allow_negative_weights: bool) -> float:
+    """``max(0.01, r(x))``: DARE/TIES need a positive density."""
+    return max(MIN_DENSITY, reflect01(x))
+
+
+def decode_t(x: float, allow_negative_weights: bool) -> float:
+    """``r(x)``, the reflection onto [0, 1]."""
+    return reflect01(x)
+
+
+def raw_gene(x: float, allow_negative_weights: bool) -> float:
+    """The gene itself: SLERP's per-model ranking genes, compared and soft-maxed in :meth:`Genome.slerp_pair`."""
+    return x
+
+
+#: the parameters searched for each method, and how a gene value becomes each one (module docstring)
+METHOD_PARAMS: dict[str, dict[str, GeneDecoder]] = {
+    "linear": {"weight": decode_weight},
+    "task_arithmetic": {"weight": decode_weight},
+    "ties": {"weight": decode_weight, "density": decode_density},
+    "dare_ties": {"weight": decode_weight, "density": decode_density},
+    "slerp": {"t": decode_t},
+}
+#: SLERP over more than two models (mergekit-evolve's ``_slerp_slices``): one raw ``weight`` gene per model and group
+SLERP_TOP2_PARAMS: dict[str, GeneDecoder] = {"weight": raw_gene}
 
 
 @dataclass(frozen=True)
@@ -122,7 +151,7 @@ class Genome:
         if self.slerp_top2 and self.filters:
             raise ConfigError("slerp over more than two models takes no genome filters",
                               "remove genome.filters (mergekit-evolve does not split slerp by sub-module)")
-        self.params = ("weight",) if self.slerp_top2 else METHOD_PARAMS[merge_method]
+        self.params: Mapping[str, GeneDecoder] = SLERP_TOP2_PARAMS if self.slerp_top2 else METHOD_PARAMS[merge_method]
         self.genes = self._layout()
         self._index = {g: i for i, g in enumerate(self.genes)}
 
@@ -163,26 +192,11 @@ class Genome:
         start = {"weight": 1.0 / max(1, len(self.models)), "density": 1.0, "t": 0.5}
         return np.array([start[g.param] for g in self.genes], dtype=np.float64)
 
-    @staticmethod
-    def transform(param: str, x: float, *, allow_negative_weights: bool = False) -> float:
-        """Gene value → parameter value (see module docstring)."""
-        x = float(x)
-        if param == "slerp_weight":
-            return x
-        if param == "weight":
-            return x if allow_negative_weights else abs(x)
-        if param == "density":
-            return max(MIN_DENSITY, reflect01(x))
-        if param == "t":
-            return reflect01(x)
-        raise ValueError(param)
-
     def decode(self, x: Sequence[float]) -> dict[Gene, float]:
-        """Parameter value of every gene."""
+        """Parameter value of every gene, by the decoder declared for its parameter (:data:`METHOD_PARAMS`)."""
         if len(x) != len(self.genes):
             raise ValueError(f"genome has {len(self.genes)} genes, got a vector of {len(x)}")
-        kind = "slerp_weight" if self.slerp_top2 else None
-        return {g: round(self.transform(kind or g.param, v, allow_negative_weights=self.allow_negative_weights), 10)
+        return {g: round(self.params[g.param](float(v), self.allow_negative_weights), 10)
                 for g, v in zip(self.genes, x)}
 
     def uniform_vector(self, values: dict[str, float]) -> np.ndarray:

@@ -27,44 +27,12 @@ from typing import Any
 
 from safemerge.autotune import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.report import ModelRow
 from safemerge.options import RunOptions, or_default
 
 Log = Callable[[str], None]
 DEFAULT_EXTRACT_RANK = 64
 AUTOTUNE_FILES = ("autotune.json", "autotune.png", "tau_sweep.png")
-
-
-@dataclass
-class ReportRow:
-    """One model of the before/after table and its ``results.json`` (test sets)."""
-
-    name: str
-    how: str
-    results: dict[str, Any]
-
-    def metric(self, suite: str, key: str) -> float | None:
-        return (self.results.get(suite) or {}).get(key)
-
-    def cells(self) -> tuple[str, str, str]:
-        """Harmful rate, over-refusal and utility as ``"12.5% [5.0, 22.5]"`` (— when not measured)."""
-        return (rate_with_ci(self.metric("harmful", "harmful_rate"), self.metric("harmful", "ci")),
-                rate_with_ci(self.metric("benign", "over_refusal_rate"), self.metric("benign", "ci")),
-                rate_with_ci(self.metric("utility", "accuracy"), self.metric("utility", "ci")))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "how": self.how,
-                "harmful_rate": self.metric("harmful", "harmful_rate"), "harmful_ci": self.metric("harmful", "ci"),
-                "over_refusal_rate": self.metric("benign", "over_refusal_rate"),
-                "over_refusal_ci": self.metric("benign", "ci"),
-                "utility": self.metric("utility", "accuracy"), "utility_ci": self.metric("utility", "ci"),
-                "n": {s: self.metric(s, "n") for s in ("harmful", "benign", "utility")}}
-
-
-def rate_with_ci(x: float | None, ci: list[float] | None) -> str:
-    """``0.125, [0.05, 0.225]`` → ``"12.5% [5.0, 22.5]"``."""
-    if x is None:
-        return "—"
-    return f"{100 * x:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
 @dataclass
@@ -79,7 +47,7 @@ class RepairResult:
     safety: Path
     extracted: bool
     trained_safety: bool
-    rows: list[ReportRow]
+    rows: list[ModelRow]
     autotune: Any
     merge: Any
     work_dir: Path
@@ -202,9 +170,10 @@ def repair(
                                out_dir=work / "test" / name, judge=judge, progress=progress)
 
     say("repair: evaluating the aligned and fine-tuned models on the test sets")
-    ft_eval = ev("finetuned", finetuned, None) if extracted else ev("finetuned", aligned, finetuned)
-    before = [ReportRow("aligned", "the aligned model", ev("aligned", aligned, None)),
-              ReportRow("fine-tuned", "full fine-tune" if extracted else "aligned + task LoRA", ft_eval)]
+    ft_where = (str(finetuned), None) if extracted else (str(aligned), str(finetuned))
+    before = [ModelRow("aligned", "the aligned model", str(aligned), None, ev("aligned", aligned, None)),
+              ModelRow("fine-tuned", "full fine-tune" if extracted else "aligned + task LoRA", *ft_where,
+                       ev("finetuned", *ft_where))]
     result = RepairResult(out=Path(out), output="model" if merge_into is not None else "adapter", tau=tuned.tau,
                           alpha=tuned.alpha, task_adapter=task, safety=safety_dir, extracted=extracted,
                           trained_safety=trained, rows=list(before), autotune=tuned, merge=None, work_dir=work,
@@ -215,7 +184,9 @@ def repair(
         say("repair: evaluating the repaired model on the test sets")
         model, adapter = (tmp, None) if merge_into is not None else (aligned, tmp)
         res = ev("repaired", model, adapter)
-        result.rows = [*before, ReportRow("repaired", f"SafeMERGE τ = {tuned.tau:g}, α = {tuned.alpha:g}", res)]
+        final = (str(out), None) if merge_into is not None else (str(aligned), str(out))  # where it is once renamed
+        result.rows = [*before, ModelRow("repaired", f"SafeMERGE τ = {tuned.tau:g}, α = {tuned.alpha:g}", *final,
+                                         res)]
         for name in AUTOTUNE_FILES:
             if (tuned.work_dir / name).exists():
                 shutil.copy2(tuned.work_dir / name, tmp / name)
@@ -290,7 +261,7 @@ def _safety_adapter(safety: str | Path | None, aligned: str | Path, task: Path, 
     return out, True
 
 
-def report_markdown(rows: list[ReportRow], tuned: Any, *, utility_is_validation: bool, extracted: bool,
+def report_markdown(rows: list[ModelRow], tuned: Any, *, utility_is_validation: bool, extracted: bool,
                     trained_safety: bool) -> str:
     """The model-card section: before/after table with 95% intervals, the choice and its rule, the Pareto front."""
     from safemerge.autotune import pareto_table, rule_text

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.options import RunOptions, or_default
 from safemerge.synth.common import GeneratorLike, extract_questions, normalize_text
 from safemerge.synth.prompts import domain_messages
 
@@ -66,19 +67,19 @@ def build_domain_set(
     topic: str,
     n: int,
     *,
-    seed: int = 0,
     max_new_tokens: int = 512,
     batch_size: int | None = None,
     stats: DomainStats | None = None,
-    progress: bool = False,
+    options: RunOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Generate about ``n`` (question, answer) pairs, ``⌈n / len(experts)⌉`` per expert.
 
     For each request, 3 seed questions are sampled without replacement by a RNG seeded with
-    ``seed`` (one stream per expert, in pool order). A generated question is dropped when it fails
+    ``options.seed`` (one stream per expert, in pool order). A generated question is dropped when it fails
     to parse, repeats an earlier question (of any expert) or equals one of the in-context examples
-    shown to produce it. Every expert then answers its own kept questions.
+    shown to produce it. Every expert then answers its own kept questions. ``options.progress``: generation bars.
     """
+    options = or_default(options)
     stats = stats if stats is not None else DomainStats()
     seeds = [s for s in (str(q).strip() for q in seed_questions) if s]
     if len(seeds) < N_EXAMPLES:
@@ -90,9 +91,9 @@ def build_domain_set(
         raise SafemergeError("no expert model given", "pass at least one --model")
     seen: set[str] = set()
     records: list[dict[str, Any]] = []
-    for name, gen, shown in expert_requests(experts, seeds, n, seed):
+    for name, gen, shown in expert_requests(experts, seeds, n, options.seed):
         texts = gen.generate([domain_messages(topic, ex) for ex in shown], max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=options.progress)
         stats.requests += len(texts)
         kept: list[str] = []
         for ex, text in zip(shown, texts):
@@ -104,7 +105,7 @@ def build_domain_set(
                 kept.append(qs[0])
         if not kept:
             continue
-        answers = gen.generate(kept, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress)
+        answers = gen.generate(kept, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=options.progress)
         for q, a in zip(kept, answers):
             records.append({"prompt": q, "response": str(a).strip(), "type": "domain", "category": topic,
                             "source_model": name})

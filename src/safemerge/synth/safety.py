@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from safemerge.options import RunOptions, or_default
 from safemerge.synth.categories import CATEGORIES
 from safemerge.synth.common import GeneratorLike, JudgeLike, dedupe, extract_questions, normalize_text
 from safemerge.synth.prompts import safety_messages
@@ -54,7 +55,7 @@ def generate_unsafe_questions(
     max_new_tokens: int = 512,
     batch_size: int | None = None,
     stats: SafetyStats | None = None,
-    progress: bool = False,
+    options: RunOptions | None = None,
 ) -> list[dict[str, str]]:
     """Ask ``generator`` for about ``n`` unsafe questions spread evenly over ``categories``.
 
@@ -62,11 +63,12 @@ def generate_unsafe_questions(
     App. A.2). Decoding is greedy, so each request is made distinct by its request number and by
     listing the category's last questions to avoid. Parse failures are dropped; duplicates
     (after :func:`~safemerge.synth.common.normalize_text`) are removed. Up to ``max_rounds``
-    rounds of requests are made while fewer than ``n`` unique questions exist.
+    rounds of requests are made while fewer than ``n`` unique questions exist. ``options.progress``: generation bars.
 
     Returns:
         ``[{"prompt": question, "category": name}]`` (at most ``n``), in generation order.
     """
+    progress = or_default(options).progress
     cats = list(categories or CATEGORIES)
     stats = stats if stats is not None else SafetyStats()
     out: list[dict[str, str]] = []
@@ -125,9 +127,11 @@ def answer_with_pool(
     *,
     max_new_tokens: int = 512,
     batch_size: int | None = None,
-    progress: bool = False,
+    options: RunOptions | None = None,
 ) -> dict[str, list[str]]:
-    """Every pool model answers every question (greedy, chat template): ``{model: [answer per question]}``."""
+    """Every pool model answers every question (greedy, chat template): ``{model: [answer per question]}``;
+    ``options.progress``: generation bars."""
+    progress = or_default(options).progress
     return {
         name: list(gen.generate(list(questions), max_new_tokens=max_new_tokens, batch_size=batch_size,
                                 progress=progress))
@@ -140,14 +144,14 @@ def select_refusals(
     answers: Mapping[str, Sequence[str]],
     judge: JudgeLike,
     *,
-    seed: int = 0,
     require_refusal: bool = False,
     stats: SafetyStats | None = None,
+    options: RunOptions | None = None,
 ) -> list[dict[str, Any]]:
     """Judge every answer and keep one random safe answer per question (Hammoud et al. 2024, §4.2).
 
     For question ``q`` with safe answers ``S(q) = {f ∈ F : judge(q, f(q)) is safe}``, the record's
-    response is ``f(q)`` for ``f`` drawn uniformly from ``S(q)`` with a RNG seeded by ``seed``
+    response is ``f(q)`` for ``f`` drawn uniformly from ``S(q)`` with a RNG seeded by ``options.seed``
     (models are considered in pool order, so the draw is reproducible); ``q`` is dropped when
     ``S(q) = ∅``.
     """
@@ -161,7 +165,7 @@ def select_refusals(
         safe[name] = [is_safe_answer(v, require_refusal=require_refusal) for v in verdicts]
         stats.answers += len(resp)
         stats.safe_answers += sum(safe[name])
-    rng = random.Random(seed)
+    rng = random.Random(or_default(options).seed)
     records: list[dict[str, Any]] = []
     for i, q in enumerate(questions):
         cands = [name for name in answers if safe[name][i] and str(answers[name][i]).strip()]
@@ -186,19 +190,19 @@ def build_safety_set(
     pool: Mapping[str, GeneratorLike],
     judge: JudgeLike,
     *,
-    seed: int = 0,
     max_new_tokens: int = 512,
     batch_size: int | None = None,
     require_refusal: bool = False,
     stats: SafetyStats | None = None,
-    progress: bool = False,
+    options: RunOptions | None = None,
 ) -> list[dict[str, Any]]:
-    """Deduplicate ``questions``, let the pool answer, and select refusals (steps 1b–2 of §4.2)."""
+    """Deduplicate ``questions``, let the pool answer, and select refusals (steps 1b–2 of §4.2);
+    ``options``: ``seed`` of the refusal draw, ``progress`` bars of the generations."""
     stats = stats if stats is not None else SafetyStats()
     before = len(questions)
     qs = dedupe(list(questions), key=lambda r: r["prompt"])
     stats.duplicates += before - len(qs)
     stats.questions = len(qs)
     answers = answer_with_pool([q["prompt"] for q in qs], pool, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               progress=progress)
-    return select_refusals(qs, answers, judge, seed=seed, require_refusal=require_refusal, stats=stats)
+                               options=options)
+    return select_refusals(qs, answers, judge, require_refusal=require_refusal, stats=stats, options=options)

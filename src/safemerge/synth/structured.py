@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.options import RunOptions, or_default
 from safemerge.synth.common import GeneratorLike
 from safemerge.synth.domain import N_EXAMPLES, DomainStats, expert_requests, is_new_question
 
@@ -165,13 +166,12 @@ def build_structured_domain_set(
     topic: str,
     n: int,
     *,
-    seed: int = 0,
     max_new_tokens: int = 96,
     answer_tokens: int = 256,
     answer_instruction: str = "",
     batch_size: int | None = None,
     stats: StructuredStats | None = None,
-    progress: bool = False,
+    options: RunOptions | None = None,
 ) -> list[dict[str, Any]]:
     """About ``n`` answer-checked (question, answer) pairs, ``⌈n / len(experts)⌉`` requests per expert.
 
@@ -179,10 +179,12 @@ def build_structured_domain_set(
     pool order), the expert continues :func:`fewshot_text`, and the continuation is parsed
     (:func:`parse_problem`). Dropped: unparsable, inconsistent arithmetic, copies of a shown
     example, repeats of an earlier question (any expert), and questions whose second decode — the
-    expert's chat answer to ``question + answer_instruction`` — ends in another number.
+    expert's chat answer to ``question + answer_instruction`` — ends in another number. ``options``: ``seed`` of
+    the draws, ``progress`` bars of the generations.
     """
     from safemerge.evaluate.metrics import extract_number
 
+    options = or_default(options)
     stats = stats if stats is not None else StructuredStats()
     seeds = [s for s in seed_problems if s.question.strip() and s.answer.strip()]
     if len(seeds) < N_EXAMPLES:
@@ -192,9 +194,9 @@ def build_structured_domain_set(
         raise SafemergeError("no expert model given", "pass at least one --model")
     seen: set[str] = set()
     records: list[dict[str, Any]] = []
-    for name, gen, shown in expert_requests(experts, seeds, n, seed):
+    for name, gen, shown in expert_requests(experts, seeds, n, options.seed):
         texts = _continue(gen, [fewshot_text(ex) for ex in shown], max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, progress=progress)
+                          batch_size=batch_size, progress=options.progress)
         stats.requests += len(texts)
         kept: list[tuple[str, str]] = []
         for ex, text in zip(shown, texts):
@@ -208,8 +210,8 @@ def build_structured_domain_set(
             elif is_new_question(question, [e.question for e in ex], seen, stats):
                 kept.append((question, number))
         prompts = [f"{q} {answer_instruction}".strip() for q, _ in kept]
-        answers = (gen.generate(prompts, max_new_tokens=answer_tokens, batch_size=batch_size, progress=progress)
-                   if kept else [])
+        answers = (gen.generate(prompts, max_new_tokens=answer_tokens, batch_size=batch_size,
+                                progress=options.progress) if kept else [])
         n_kept = 0
         for prompt, (_, number), answer in zip(prompts, kept, answers):
             if extract_number(str(answer)) != number:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import ConfigError, SafemergeError
-from safemerge.options import RunOptions, with_keywords
+from safemerge.options import RunOptions, or_default
 from safemerge.progress import progress_bar
 
 ALL_LINEAR = "all-linear"
@@ -218,8 +218,6 @@ def train_lora(
     lora_dropout: float = 0.0,
     precision: str | None = None,
     options: RunOptions | None = None,
-    seed: int | None = None,
-    progress: bool | None = None,
 ) -> Path:
     """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
 
@@ -246,15 +244,13 @@ def train_lora(
         options: ``seed`` (the LoRA initialisation and the data order), ``force`` (replace an existing
             ``out_dir``), ``progress`` (a rich bar on stderr with the running loss), ``trust_remote_code``
             (a model directory whose config names its own Python code; refused by default).
-        seed, progress: the same as ``options``' fields, kept as keywords for callers not yet passing
-            ``options`` (``demo/``).
 
     Returns:
         ``out_dir``. It holds ``adapter_config.json`` + ``adapter_model.safetensors`` (or a
         model), the tokenizer, ``training_log.json`` (per-step loss, hyper-parameters) and a
         model card ``README.md``.
     """
-    options = with_keywords(options, seed=seed, progress=progress)
+    options = or_default(options)
     _check_hparams(rank, alpha, steps, epochs, batch_size, lr, max_length)
     if not 0.0 <= lora_dropout < 1.0:
         raise ConfigError(f"LoRA dropout must be in [0, 1), got {lora_dropout!r}", "pass e.g. --lora-dropout 0.05")
