@@ -64,12 +64,11 @@ def test_migrated_functions_take_options_not_the_shared_flags() -> None:
 
 
 # Parameters that keep a name of a RunOptions field on purpose: the generation's own device and dtype (chosen
-# for the hardware when None, unlike RunOptions' cpu / output storage dtype). train_safety_lora's ``seed`` is the
-# last keyword resolved by options.with_keywords (its module is being changed by the lead; no caller passes it).
+# for the hardware when None, unlike RunOptions' cpu / output storage dtype).
 OWN_OR_LEGACY = {
     "evaluate": {"device", "dtype"},
     "load_generator": {"device", "dtype"},
-    "train_safety_lora": {"seed"},
+    "self_distill": {"dtype"},
 }
 
 
@@ -79,12 +78,13 @@ def test_evaluate_optimize_synth_train_and_convert_take_options() -> None:
     from safemerge.io import gguf
     from safemerge.optimize import candidate, ray_backend, runner
     from safemerge.synth import common, domain, safety, structured
-    from safemerge.train import lora, safety_lora
+    from safemerge.train import distill, lora, safety_lora
 
     functions = [eval_api.evaluate, generate.load_generator, common.load_generator, runner.run_optimize,
                  candidate.CandidateEvaluator, ray_backend.RayBackend, lora.train_lora, safety_lora.train_safety_lora,
                  gguf.convert_gguf, safety.generate_unsafe_questions, safety.answer_with_pool, safety.select_refusals,
-                 safety.build_safety_set, domain.build_domain_set, structured.build_structured_domain_set]
+                 safety.build_safety_set, domain.build_domain_set, structured.build_structured_domain_set,
+                 distill.self_distill]
     shared = {f.name for f in dataclasses.fields(RunOptions)} | {"jobs"}
     for fn in functions:
         params = set(inspect.signature(fn).parameters)
@@ -93,25 +93,14 @@ def test_evaluate_optimize_synth_train_and_convert_take_options() -> None:
         assert not (params & shared) - allowed, (fn.__qualname__, params & shared)
 
 
-def test_no_library_code_resolves_option_keywords_but_the_last_legacy_user() -> None:
-    """One way to pass seed/progress/dtype: ``options=``; ``with_keywords`` survives only for train_safety_lora."""
+def test_no_library_code_resolves_option_keywords() -> None:
+    """One way to pass seed/progress/dtype: ``options=``; the keyword path (``with_keywords``) is gone."""
     from pathlib import Path
 
     import safemerge
 
     src = Path(safemerge.__file__).parent
-    users = sorted(str(p.relative_to(src)) for p in src.rglob("*.py")
-                   if p.name != "options.py" and "with_keywords" in p.read_text(encoding="utf-8"))
-    assert users == ["train/safety_lora.py"]
-
-
-def test_legacy_keywords_override_options_only_when_given() -> None:
-    from safemerge.options import with_keywords
-
-    base = RunOptions(seed=3, progress=False)
-    assert with_keywords(base, seed=None, progress=None) is base
-    assert with_keywords(base, seed=5) == RunOptions(seed=5, progress=False)
-    assert with_keywords(None, progress=False) == RunOptions(progress=False)
+    assert not [p for p in src.rglob("*.py") if "with_keywords" in p.read_text(encoding="utf-8")]
 
 
 def test_eval_command_builds_one_options_object(monkeypatch, tmp_path) -> None:

@@ -66,13 +66,3 @@ DEFAULT = RunOptions()
 def or_default(options: RunOptions | None) -> RunOptions:
     """``options``, or the safe defaults when a caller passed none."""
     return DEFAULT if options is None else options
-
-
-def with_keywords(options: RunOptions | None, **keywords: object) -> RunOptions:
-    """``options`` (or the defaults) overridden by the option keywords a caller still passes one by one.
-
-    The last user is ``train.safety_lora.train_safety_lora(seed=)``, which no caller passes any more; it goes
-    when that keyword does. A keyword left at ``None`` is not given. New code passes ``options=RunOptions(...)``.
-    """
-    given = {name: value for name, value in keywords.items() if value is not None}
-    return or_default(options).replace(**given) if given else or_default(options)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safemerge.options import RunOptions, or_default
+
 DISTILL_MAX_NEW_TOKENS = 96
 # bf16 with batch 64 generates ~3x faster than float32/16 on a CPU (issue 13); answers are training targets only.
 DISTILL_DTYPE, DISTILL_BATCH = "auto", 64
@@ -33,9 +35,12 @@ def self_distill(
     *,
     max_new_tokens: int = DISTILL_MAX_NEW_TOKENS,
     dtype: str = DISTILL_DTYPE,
-    progress: bool = True,
+    options: RunOptions | None = None,
 ) -> list[dict[str, str]]:
     """Answer ``prompts`` with ``model`` itself (greedy) → ``{"prompt", "response"}`` records.
+
+    ``dtype`` is the generation's own compute dtype (``auto``: bf16 where native); ``options``: ``allow_pickle`` and
+    ``trust_remote_code`` of the model load, ``progress`` of the generation bar.
 
     Answers that are empty, loop (:func:`is_degenerate`) or that the keyword judge reads as refusals
     are dropped: a refusal to a harmless request is exactly what safety training must not learn.
@@ -43,9 +48,10 @@ def self_distill(
     from safemerge.evaluate.generate import load_generator
     from safemerge.evaluate.judges import KeywordJudge
 
-    gen = load_generator(str(model), backend="hf", device="cpu", dtype=dtype)
+    options = or_default(options)
+    gen = load_generator(str(model), backend="hf", device="cpu", dtype=dtype, options=options)
     outs = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=DISTILL_BATCH,
-                        description="self-distilling benign answers", progress=progress)
+                        description="self-distilling benign answers", progress=options.progress)
     judge = KeywordJudge()
     rows = []
     for p, r in zip(prompts, outs):

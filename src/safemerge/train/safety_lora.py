@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
-from safemerge.options import RunOptions, with_keywords
+from safemerge.options import RunOptions, or_default
 from safemerge.train.data import SFTRecord
 
 # Measured on SmolLM2-135M-Instruct with the project corpus (docs/demo.md, "Safety LoRA"): r and targets come
@@ -105,7 +105,6 @@ def train_safety_lora(
     distill_benign: bool = True,
     precision: str | None = None,
     options: RunOptions | None = None,
-    seed: int | None = None,
 ) -> SafetyLoraResult:
     """Train SafeMERGE's safety LoRA on ``aligned`` with the rank and targets of ``like``.
 
@@ -124,7 +123,7 @@ def train_safety_lora(
             without learning to refuse what the aligned model answers.
         precision: ``train_lora``'s compute precision (``None``: float32; ``auto``: bf16 where native).
         options: ``seed`` (the recipe's: LoRA initialisation, data order, corpus sampling), ``force`` (replace
-            ``out``), ``progress``; ``seed`` as a keyword is kept for callers not yet passing ``options`` (``demo/``).
+            ``out``), ``progress``.
 
     Returns:
         :class:`SafetyLoraResult`; ``out`` holds the adapter, ``training_log.json``,
@@ -133,7 +132,7 @@ def train_safety_lora(
     from safemerge.io.output import atomic_output, check_output_path
     from safemerge.train.lora import TRAINING_LOG, train_lora
 
-    options = with_keywords(options, seed=seed)
+    options = or_default(options)
     rank, alpha, targets = like_adapter_shape(like)
     check_output_path(out, force=options.force)
     records, n_distilled = training_records(aligned, data, seed=options.seed, distill_benign=distill_benign,
@@ -189,7 +188,7 @@ def training_records(
         return records, 0
     from safemerge.train.distill import self_distill
 
-    distilled = self_distill(aligned, benign_distill_prompts(seed=seed), progress=progress)
+    distilled = self_distill(aligned, benign_distill_prompts(seed=seed), options=RunOptions(progress=progress))
     return records + load_sft_records(distilled) if distilled else records, len(distilled)
 
 
