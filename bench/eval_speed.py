@@ -10,7 +10,15 @@ chat prompts from builtin:harmful and builtin:benign, greedy. One run, the same 
   native bf16), memory-sized batches;
 * ``ct2-int8`` / ``ct2-float32`` — CTranslate2, when the ``ctranslate2`` package is installed,
   with the conversion time counted (a merged model would be converted on the fly). CTranslate2
-  4.8 refuses ``bfloat16`` on CPUs ("do not support efficient bfloat16 computation").
+  4.8 refuses ``bfloat16`` on CPUs ("do not support efficient bfloat16 computation");
+* ``llama-f32`` / ``llama-bf16`` / ``llama-q8_0`` — llama.cpp through ``llama-cpp-python`` (built
+  from source: ``pip install llama-cpp-python``), when it is installed and llama.cpp's converter is
+  found (``--llama-convert PATH/convert_hf_to_gguf.py``, or ``$LLAMA_CPP_CONVERT``: the script ships
+  in the llama-cpp-python sdist under ``vendor/llama.cpp/``). The HF model directory is converted to
+  GGUF in that type by a subprocess (counted as conversion time), the prompts are rendered and
+  tokenised by the HF backend's own code and fed as token ids, greedy (``temp=0``), one sequence at
+  a time (llama-cpp-python's ``Llama`` has no multi-sequence batching) with the KV cache of the common
+  prefix reused, stopping at the HF backend's end-of-sequence ids.
 
 Each row: seconds (generation, and conversion where there is one), new tokens/s including
 conversion, agreement of keyword-judge refusal decisions with float32 (``old-default``), and the
@@ -44,7 +52,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ROWS = ("old-default", "hf-float32", "new-default", "ct2-int8", "ct2-float32")
+ROWS = ("old-default", "hf-float32", "new-default", "ct2-int8", "ct2-float32", "llama-f32", "llama-bf16",
+        "llama-q8_0")
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -144,6 +153,56 @@ def _ct2(model_dir: Path, prompts: list[Any], new_tokens: int, quant: str, cache
     return [[i for i in r.sequences_ids[0] if i not in eos] for r in res], seconds, conversion
 
 
+def _current_rss_mib() -> float:
+    """Resident set size now (``/proc/self/statm``), for the memory an engine adds to the process."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _llama_converter(args: argparse.Namespace) -> Path | None:
+    """llama.cpp's ``convert_hf_to_gguf.py``: ``--llama-convert`` or ``$LLAMA_CPP_CONVERT``."""
+    path = args.llama_convert or os.environ.get("LLAMA_CPP_CONVERT")
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def _llama_greedy(llm: Any, ids: list[int], new_tokens: int, eos: set[int]) -> list[int]:
+    """Greedy continuation of one prompt (``temp=0`` is llama.cpp's greedy sampler), without the end token."""
+    seq: list[int] = []
+    for token in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+        if token in eos:
+            break
+        seq.append(int(token))
+        if len(seq) == new_tokens:
+            break
+    return seq
+
+
+def _llama(model_dir: Path, prompts: list[Any], new_tokens: int, outtype: str, cache: Path, threads: int,
+           converter: Path) -> tuple[list[list[int]], float, float, float]:
+    """llama.cpp: convert to GGUF ``outtype`` (timed, a subprocess running llama.cpp's converter), then
+    greedy generation from the HF backend's token ids. Also returns the RSS the engine added (MiB)."""
+    from llama_cpp import Llama
+
+    from safemerge.evaluate.generate import load_generator
+
+    tok_gen = load_generator(str(model_dir), backend="hf", device="cpu", dtype="float32")
+    encoded = [tok_gen.tokenizer(tok_gen.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    eos = set(tok_gen._eos_ids())
+    with tempfile.TemporaryDirectory(prefix=f"llama-{outtype}-", dir=cache) as tmp:
+        gguf = Path(tmp) / f"model-{outtype}.gguf"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, str(converter), str(model_dir), "--outfile", str(gguf), "--outtype", outtype],
+                       check=True, stdout=subprocess.DEVNULL)
+        conversion = time.perf_counter() - t0
+        rss_before = _current_rss_mib()
+        llm = Llama(str(gguf), n_ctx=max(len(x) for x in encoded) + new_tokens + 8, n_batch=512, n_threads=threads,
+                    n_threads_batch=threads, seed=0, verbose=False)
+        t0 = time.perf_counter()
+        outs = [_llama_greedy(llm, ids, new_tokens, eos) for ids in encoded]
+        seconds = time.perf_counter() - t0
+    return outs, seconds, conversion, _current_rss_mib() - rss_before
+
+
 def _run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     """One row in this process: outputs (token ids), timings, peak RSS."""
     import torch
@@ -162,13 +221,33 @@ def _run_row(row: str, args: argparse.Namespace) -> dict[str, Any]:
     elif row == "new-default":
         dtype = resolve_dtype(None, "cpu")
         ids, gen_s, conv_s = _hf(model_dir, prompts, args.new_tokens, None)
+    elif row.startswith("llama-"):
+        dtype = row.removeprefix("llama-")
+        ids, gen_s, conv_s, engine_rss = _llama(model_dir, prompts, args.new_tokens, dtype, args.cache, args.threads,
+                                                _llama_converter(args))
     else:
         dtype = row.removeprefix("ct2-")
         ids, gen_s, conv_s = _ct2(model_dir, prompts, args.new_tokens, dtype, args.cache, args.threads)
     n = sum(len(x) for x in ids)
-    return {"row": row, "dtype": dtype, "generation_s": round(gen_s, 3), "conversion_s": round(conv_s, 3),
-            "new_tokens": n, "tokens_per_s": round(n / (gen_s + conv_s), 2),
-            "tokens_per_s_excl_conversion": round(n / gen_s, 2), "peak_rss_mib": round(_peak_rss_mib(), 1), "ids": ids}
+    entry = {"row": row, "dtype": dtype, "generation_s": round(gen_s, 3), "conversion_s": round(conv_s, 3),
+             "new_tokens": n, "tokens_per_s": round(n / (gen_s + conv_s), 2),
+             "tokens_per_s_excl_conversion": round(n / gen_s, 2), "peak_rss_mib": round(_peak_rss_mib(), 1),
+             "ids": ids}
+    if row.startswith("llama-"):
+        entry["engine_rss_mib"] = round(engine_rss, 1)
+    return entry
+
+
+def _missing_engine(row: str, args: argparse.Namespace) -> str | None:
+    """Why an engine row cannot run here (None when it can)."""
+    if row.startswith("ct2") and importlib.util.find_spec("ctranslate2") is None:
+        return "ctranslate2 not installed (pip install ctranslate2)"
+    if row.startswith("llama-"):
+        if importlib.util.find_spec("llama_cpp") is None:
+            return "llama_cpp not installed (pip install llama-cpp-python)"
+        if _llama_converter(args) is None:
+            return "llama.cpp converter not found (--llama-convert PATH/convert_hf_to_gguf.py)"
+    return None
 
 
 def _decisions(tok: Any, ids: list[list[int]], budget: int | None = None) -> list[bool]:
@@ -198,14 +277,17 @@ def _speed(args: argparse.Namespace) -> dict[str, Any]:
     res["cpu_bf16_feature"] = cpu_bf16_feature()
     outputs: dict[str, list[list[int]]] = {}
     for row in args.rows:
-        if row.startswith("ct2") and importlib.util.find_spec("ctranslate2") is None:
-            res["rows"].append({"row": row, "skipped": "pip install ctranslate2"})
-            print(f"{row:14s} skipped (ctranslate2 not installed)", flush=True)
+        missing = _missing_engine(row, args)
+        if missing is not None:
+            res["rows"].append({"row": row, "skipped": missing})
+            print(f"{row:14s} skipped ({missing})", flush=True)
             continue
         # a fresh process per row: peak RSS and warm-up state are the row's own
         with tempfile.NamedTemporaryFile("r", suffix=".json") as fh:
             cmd = [sys.executable, __file__, "--row", row, "--row-out", fh.name, "--prompts", str(args.prompts),
                    "--new-tokens", str(args.new_tokens), "--threads", str(args.threads), "--cache", str(args.cache)]
+            if args.llama_convert:
+                cmd += ["--llama-convert", str(args.llama_convert)]
             done = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
             if done.returncode != 0:
                 error = (done.stderr.strip().splitlines() or ["?"])[-1]
@@ -281,6 +363,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--budgets", type=int, nargs="+", default=[16, 24, 32, 48, 64])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "safemerge-bench")
+    ap.add_argument("--llama-convert", type=Path, default=None,
+                    help="llama.cpp's convert_hf_to_gguf.py (default: $LLAMA_CPP_CONVERT)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # internal: one row in a fresh process
     ap.add_argument("--row-out", type=Path, help=argparse.SUPPRESS)
