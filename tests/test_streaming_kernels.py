@@ -6,7 +6,14 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from safemerge.methods._tensor import ChunkedDots, StreamedKth, dot64, row_blocks  # noqa: E402
+from safemerge.methods._tensor import (  # noqa: E402
+    ChunkedDots,
+    StreamedKth,
+    dot64,
+    pack_mask,
+    row_blocks,
+    unpack_mask,
+)
 from safemerge.methods.model_stock import model_stock, model_stock_two_pass  # noqa: E402
 from safemerge.methods.slerp import slerp, slerp_two_pass  # noqa: E402
 from safemerge.methods.task_arithmetic import _family_entry  # noqa: E402
@@ -117,6 +124,45 @@ def test_family_two_pass_when_the_sample_bracket_misses(monkeypatch) -> None:
     for name in ("ties", "breadcrumbs_ties"):
         whole, blocks, _ = _family_both_ways(name, base, models, {"rescale": True})
         assert torch.equal(blocks, whole)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 2723, 65_536])
+def test_packed_masks_round_trip(numel) -> None:
+    g = torch.Generator().manual_seed(numel)
+    mask = torch.full((numel,), 0.4).bernoulli_(generator=g)
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-numel // 8)
+    assert torch.equal(unpack_mask(packed, mask), mask)
+    block = mask.reshape(1, numel)
+    assert torch.equal(unpack_mask(pack_mask(block.bool()), block), block)  # any 0/1 dtype, the shape of ``like``
+
+
+@pytest.mark.parametrize("name,draw", [("dare_ties", "dare_keep_mask"), ("della", "della_keep_mask")])
+def test_random_masks_are_drawn_once(name, draw, monkeypatch) -> None:
+    """With L1 rescaling, pass 2 reuses pass 1's masks (bit-packed) instead of drawing them again:
+    one draw per block and model, as many as without rescaling, and the same bits as the whole tensor."""
+    import safemerge.methods.sparsify as sp
+
+    calls = {"blocks": 0}
+    original = getattr(sp, draw)
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["blocks"] += 1
+        return original(*args, **kwargs)
+
+    base, models = _inputs(3, seed=4)
+    n_blocks = len(row_blocks(SHAPE, 7 * 389 * 4 + 12))
+    for rescale in (True, False):
+        g_whole, g_blocks = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        whole = _family_entry(name, [m.clone() for m in models], base, per_model=FAMILY_PER_MODEL,
+                              params={"rescale": rescale}, generator=g_whole)
+        monkeypatch.setattr(sp, draw, counted)
+        calls["blocks"] = 0
+        blocks = _streamed(family_kernel(name), base, models, {"rescale": rescale}, FAMILY_PER_MODEL,
+                           generator=g_blocks)
+        monkeypatch.setattr(sp, draw, original)
+        assert torch.equal(blocks, whole)
+        assert calls["blocks"] == 3 * n_blocks, (rescale, calls)
 
 
 def test_stochastic_family_needs_a_cpu_generator() -> None:

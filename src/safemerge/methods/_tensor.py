@@ -300,6 +300,30 @@ def l1_rescale_factor(before: torch.Tensor, after: torch.Tensor, eps: float = 1e
     return before / after
 
 
+_GATHER_BITS = 0x0102040810204080
+"""Multiplying a 64-bit word of eight 0/1 bytes by this moves byte k's bit to bit 56 + k (no carries)."""
+_SPREAD_BYTE = 0x0101010101010101
+"""Multiplying a byte by this copies it into all eight bytes of a 64-bit word."""
+_BIT_K_OF_BYTE_K = 0x8040201008040201 - (1 << 64)
+"""Bit k of byte k of a 64-bit word (as a signed 64-bit constant)."""
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask (any dtype, any shape) packed eight entries per byte, in flat order (uint8,
+    ``⌈numel/8⌉`` bytes: one 32nd of a float32 mask). Undone by :func:`unpack_mask`; the row-block
+    kernels keep the random masks of pass 1 this way instead of drawing them again."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    return flat.view(torch.int64).mul_(_GATHER_BITS).bitwise_right_shift_(56).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The mask :func:`pack_mask` packed, as 0.0/1.0 entries of ``like``'s shape, dtype and device."""
+    spread = packed.to(torch.int64).mul_(_SPREAD_BYTE).bitwise_and_(_BIT_K_OF_BYTE_K)
+    return spread.view(torch.uint8)[: like.numel()].to(like.dtype).clamp_(max=1).view(like.shape)
+
+
 _DOT_CHUNK = 1 << 16
 
 

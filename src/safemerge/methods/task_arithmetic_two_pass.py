@@ -45,7 +45,9 @@ from safemerge.methods._tensor import (
     StreamedKth,
     kth_smallest,
     l1_rescale_factor,
+    pack_mask,
     row_blocks,
+    unpack_mask,
 )
 from safemerge.methods.task_arithmetic import FamilySettings, merge_weighted_deltas
 
@@ -62,7 +64,9 @@ class _ModelSparsifier:
     ``mode``: ``keep`` (density ≥ 1: untouched), ``zero`` (density ≤ 0: ``zeros_like``), or the
     mask of ``magnitude`` ranks ``window = [start, end)``, ``dare`` or ``della`` draws. ``scale``
     is the L1 rescaling factor (``None``: none); ``state`` the generator state where this model's
-    draws begin; ``cuts`` the cut-offs at ``start`` and ``end`` (``None`` at rank 0 or numel)."""
+    draws begin; ``cuts`` the cut-offs at ``start`` and ``end`` (``None`` at rank 0 or numel);
+    ``masks`` the random masks pass 1 drew, block by block, bit-packed (:func:`pack_mask`), for
+    pass 2 to reuse instead of drawing them again (``None``: not kept)."""
 
     mode: str
     density: float = 1.0
@@ -71,16 +75,25 @@ class _ModelSparsifier:
     cuts: tuple[Cut | None, Cut | None] = (None, None)
     state: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    masks: list[torch.Tensor] | None = None
 
     def masker(self, generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
         """A function that masks the blocks of ``δ`` (or of ``|δ|``) in place, in flat order —
-        fresh tie counters and, for random masks, draws from ``generator``."""
+        fresh tie counters; for random masks the ones pass 1 kept, else draws from ``generator``."""
         if self.mode == "magnitude":
             return _RankWindow(self.window, self.cuts)
+        if self.masks is not None:
+            kept = iter(self.masks)
+            return lambda d: d.mul_(unpack_mask(next(kept), d))
+        draw = self.drawer(generator)
+        return lambda d: d.mul_(draw(d))
+
+    def drawer(self, generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function drawing the random keep mask (float32 0/1) of the next block of ``δ`` or ``|δ|``."""
         if self.mode == "dare":
-            return lambda d: d.mul_(sp.dare_keep_mask(d, self.density, generator))
+            return lambda d: sp.dare_keep_mask(d, self.density, generator)
         assert self.mode == "della"
-        return lambda d: d.mul_(sp.della_keep_mask(d, self.density, self.epsilon, generator))
+        return lambda d: sp.della_keep_mask(d, self.density, self.epsilon, generator)
 
 
 def family_two_pass(
@@ -293,10 +306,26 @@ def _find_states_and_scales(load: RowLoader, load_base: BaseRowLoader, models: l
         for r0, r1 in blocks:
             torch.abs(load(i, (r0, r1)).sub_(load_base((r0, r1))), out=scratch[r0:r1])
         before = scratch.sum()
-        masker = m.masker(generator)
-        for r0, r1 in blocks:
-            masker(scratch[r0:r1])  # |m ⊙ δ| = m ⊙ |δ| for a 0/1 mask
+        if m.mode == "magnitude":
+            masker = m.masker(generator)
+            for r0, r1 in blocks:
+                masker(scratch[r0:r1])  # |m ⊙ δ| = m ⊙ |δ| for a 0/1 mask
+        else:
+            m.masks = _draw_and_keep(m.drawer(generator), scratch, blocks)
         m.scale = l1_rescale_factor(before, scratch.sum())
+
+
+def _draw_and_keep(draw: Callable[[torch.Tensor], torch.Tensor], magnitudes: torch.Tensor,
+                   blocks: list[Rows]) -> list[torch.Tensor]:
+    """Draw a random mask block by block over ``|δ|`` (DELLA ranks by it), apply it in place
+    (``|m ⊙ δ| = m ⊙ |δ|`` for a 0/1 mask) and return the blocks' masks bit-packed, one byte per
+    eight entries, so that pass 2 neither draws nor ranks again."""
+    kept = []
+    for r0, r1 in blocks:
+        mask = draw(magnitudes[r0:r1])
+        kept.append(pack_mask(mask))
+        magnitudes[r0:r1].mul_(mask)
+    return kept
 
 
 def _skip_draws(generator: torch.Generator | None, count: int, block_rows: int, cols: int) -> None:
