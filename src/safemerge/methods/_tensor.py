@@ -203,6 +203,37 @@ class StreamedKth:
         return kth, int(torch.count_nonzero(values == kth)), above + int(torch.count_nonzero(values > kth))
 
 
+def sample_rows(n_rows: int, cols: int, target: int = 1 << 18, chunks: int = 64) -> list[tuple[int, int]]:
+    """About ``target`` entries as ``chunks`` row ranges spread evenly over a tensor of ``n_rows``
+    rows of ``cols`` entries (all rows when that is fewer): the sample that brackets a
+    :class:`StreamedKth`."""
+    per = max(1, -(-target // (chunks * cols)))
+    if per * chunks >= n_rows:
+        return [(0, n_rows)]
+    return [(r0, r0 + per) for r0 in (c * (n_rows - per) // (chunks - 1) for c in range(chunks))]
+
+
+def streamed_order_statistics(values: Callable[[tuple[int, int]], torch.Tensor], ks: Sequence[int],
+                              shape: Sequence[int], blocks: Sequence[tuple[int, int]]) -> list[torch.Tensor] | None:
+    """The ``k``-th smallest (1-based) entries, for every ``k`` in ``ks``, of a tensor of ``shape`` that
+    ``values(rows)`` computes row block by row block — exactly (the values ``kthvalue`` of the whole
+    tensor gives), bracketed from a row sample. ``None`` when a bracket missed or there were NaNs."""
+    import math
+
+    numel = math.prod(shape)
+    selections = [StreamedKth(numel, k) for k in ks]
+    sample = torch.cat([values(rows).reshape(-1) for rows in sample_rows(shape[0], numel // shape[0])])
+    for sel in selections:
+        sel.bracket(sample)
+    del sample
+    for rows in blocks:
+        block = values(rows)
+        for sel in selections:
+            sel.scan(block)
+    found = [sel.result() for sel in selections]
+    return None if any(f is None for f in found) else [f[0] for f in found]  # type: ignore[index]
+
+
 def rank_window_mask(values: torch.Tensor, start: int, count: int,
                      tie_select: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
     """Boolean mask of the elements whose ascending rank lies in ``[start, start + count)``.

@@ -47,6 +47,7 @@ from safemerge.methods._tensor import (
     l1_rescale_factor,
     pack_mask,
     row_blocks,
+    sample_rows,
     unpack_mask,
 )
 from safemerge.methods.task_arithmetic import FamilySettings, merge_weighted_deltas
@@ -262,7 +263,7 @@ def _bracket_from_sample(magnitudes: Callable[[Rows], dict[int, torch.Tensor]],
                          step: int) -> None:
     """Bracket every wanted rank from a row sample of the magnitudes, read at most a block at a time."""
     samples: dict[int, list[torch.Tensor]] = {i: [] for i in used}
-    for r0, r1 in _sample_rows(shape[0], math.prod(shape) // shape[0]):
+    for r0, r1 in sample_rows(shape[0], math.prod(shape) // shape[0]):
         for rows in ((s, min(r1, s + step)) for s in range(r0, r1, step)):
             for i, a in magnitudes(rows).items():
                 samples[i].append(a.reshape(-1))
@@ -341,11 +342,3 @@ def _restored(state: torch.Tensor | None, generator: torch.Generator | None) -> 
     if state is None or generator is None:
         return None
     return torch.Generator(device=generator.device).set_state(state)
-
-
-def _sample_rows(n_rows: int, cols: int, target: int = 1 << 18, chunks: int = 64) -> list[Rows]:
-    """About ``target`` entries as ``chunks`` row ranges spread evenly over the tensor."""
-    per = max(1, -(-target // (chunks * cols)))
-    if per * chunks >= n_rows:
-        return [(0, n_rows)]
-    return [(r0, r0 + per) for r0 in (c * (n_rows - per) // (chunks - 1) for c in range(chunks))]
