@@ -29,7 +29,7 @@ one input tensor, independent of the number of models.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -292,6 +292,7 @@ def _find_states_and_scales(load: RowLoader, load_base: BaseRowLoader, models: l
     tensor-sized float32 scratch buffer (module docstring). Without ``rescale`` the generator is
     advanced past a model's draws without drawing its mask."""
     scratch: torch.Tensor | None = None
+    stores = _mask_stores(models, shape, blocks) if rescale else iter(())
     for i, m in enumerate(models):
         if m.mode in ("keep", "zero"):
             continue
@@ -312,19 +313,31 @@ def _find_states_and_scales(load: RowLoader, load_base: BaseRowLoader, models: l
             for r0, r1 in blocks:
                 masker(scratch[r0:r1])  # |m ⊙ δ| = m ⊙ |δ| for a 0/1 mask
         else:
-            m.masks = _draw_and_keep(m.drawer(generator), scratch, blocks)
+            m.masks = _draw_and_keep(m.drawer(generator), scratch, blocks, next(stores))
         m.scale = l1_rescale_factor(before, scratch.sum())
 
 
+def _mask_stores(models: list[_ModelSparsifier], shape: tuple[int, ...], blocks: list[Rows]) -> Iterator[torch.Tensor]:
+    """One uint8 buffer per random mask for its blocks' packed bits (:func:`_draw_and_keep`), all
+    views of one allocation made before any block is read: many small long-lived allocations
+    between the blocks' temporaries fragment the heap (measured: +0.4× the tensor's float32 size of
+    peak RSS for three models, against the 0.09× the bits take)."""
+    cols = math.prod(shape[1:])
+    size = sum(-(-(r1 - r0) * cols // 8) for r0, r1 in blocks)
+    n_random = sum(m.mode in ("dare", "della") for m in models)
+    return iter(torch.empty(n_random * size, dtype=torch.uint8).split(size)) if n_random else iter(())
+
+
 def _draw_and_keep(draw: Callable[[torch.Tensor], torch.Tensor], magnitudes: torch.Tensor,
-                   blocks: list[Rows]) -> list[torch.Tensor]:
+                   blocks: list[Rows], store: torch.Tensor) -> list[torch.Tensor]:
     """Draw a random mask block by block over ``|δ|`` (DELLA ranks by it), apply it in place
-    (``|m ⊙ δ| = m ⊙ |δ|`` for a 0/1 mask) and return the blocks' masks bit-packed, one byte per
-    eight entries, so that pass 2 neither draws nor ranks again."""
-    kept = []
-    for r0, r1 in blocks:
+    (``|m ⊙ δ| = m ⊙ |δ|`` for a 0/1 mask) and keep the blocks' masks bit-packed in ``store``, one
+    byte per eight entries, so that pass 2 neither draws nor ranks again. Returns the blocks' views."""
+    cols = math.prod(magnitudes.shape[1:])
+    kept = list(store.split([-(-(r1 - r0) * cols // 8) for r0, r1 in blocks]))
+    for (r0, r1), packed in zip(blocks, kept):
         mask = draw(magnitudes[r0:r1])
-        kept.append(pack_mask(mask))
+        packed.copy_(pack_mask(mask))
         magnitudes[r0:r1].mul_(mask)
     return kept
 
