@@ -371,16 +371,16 @@ class ShardWriter:
             self._buffer_bytes += nbytes
 
     def add_rows(self, name: str, rows: tuple[int, int], block) -> None:
-        """Store rows ``[r0, r1)`` of planned tensor ``name`` (a block already in the planned dtype)
-        at their place in the shard, so that a tensor merged in row blocks is never assembled in
-        memory; the tensor counts as written once all its rows are."""
+        """Store rows ``[r0, r1)`` of planned tensor ``name`` (cast to the planned dtype: a no-op for
+        the engine's blocks, narrowed already) at their place in the shard, so that a tensor merged
+        in row blocks is never assembled in memory; the tensor counts as written once all its rows are."""
         import torch
 
         fd_i, offset, shape, dt, _ = self._planned(name)
         r0, r1 = rows
-        if block.dtype != getattr(torch, dt) or tuple(block.shape) != (r1 - r0, *shape[1:]):
-            raise RuntimeError(f"rows {r0}:{r1} of {name!r} are {block.dtype} {tuple(block.shape)}, "
-                               f"planned {dt} {shape}")
+        block = block.to(getattr(torch, dt))
+        if tuple(block.shape) != (r1 - r0, *shape[1:]):
+            raise RuntimeError(f"rows {r0}:{r1} of {name!r} have shape {tuple(block.shape)}, planned {shape}")
         row_bytes = block.element_size() * math.prod(shape[1:])
         self._pwrite_all(fd_i, tensor_bytes(block), offset + r0 * row_bytes)
         with self._lock:
