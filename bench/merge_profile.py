@@ -2,10 +2,12 @@
 
 Runs ``safemerge.api.merge`` in-process on a config with timers around the executor's phases:
 
-- ``read``      copying a tensor's bytes out of the memory-mapped checkpoint (``Checkpoint._read_safetensors``)
-- ``convert``   widening inputs to float32 and the NaN/Inf check (``engine.run._load`` minus ``read``)
-- ``kernel``    the method itself (``run_job`` minus its loads)
-- ``narrow``    the float32 → output dtype conversion and byte view (``ShardWriter.add`` minus ``write``)
+- ``read``      copying a tensor's (or a row block's) bytes out of the checkpoint file (``Checkpoint._read_into``)
+- ``convert``   widening inputs to float32 (``engine.run._load`` minus ``read`` and ``check``)
+- ``check``     the NaN/Inf checks of inputs and outputs (``engine.run.all_finite``)
+- ``kernel``    the method itself (``run_job`` minus its loads, checks and narrowing)
+- ``narrow``    the float32 → output dtype conversion: of each row block (``engine.run._narrow`` /
+                ``_narrow_into``), or of a whole tensor and its byte view (``ShardWriter.add`` minus ``write``)
 - ``write``     ``pwrite`` of the output bytes
 - ``idle``      worker-thread time not spent in any of the above while tensors are merged (waiting
                 for the pool, the GIL, …)
@@ -37,7 +39,7 @@ from typing import Any
 
 from safemerge.options import RunOptions
 
-PHASES = ("read", "convert", "kernel", "narrow", "write", "idle")
+PHASES = ("read", "convert", "check", "kernel", "narrow", "write", "idle")
 
 
 class Profiler:
@@ -79,8 +81,11 @@ def instrument(prof: Profiler) -> None:
     import safemerge.io.output as output
     from safemerge.io.checkpoint import Checkpoint
 
-    Checkpoint._read_safetensors = prof.wrap(Checkpoint._read_safetensors, "read")
+    Checkpoint._read_into = prof.wrap(Checkpoint._read_into, "read")
     run._load = prof.wrap(run._load, "convert")
+    run.all_finite = prof.wrap(run.all_finite, "check")
+    run._narrow_into = prof.wrap(run._narrow_into, "narrow")
+    run._narrow = prof.wrap(run._narrow, "narrow")
     inner = run.run_job
 
     def run_job(job: Any, *args: Any, **kwargs: Any) -> Any:

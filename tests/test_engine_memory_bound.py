@@ -153,20 +153,24 @@ def big_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
-def test_peak_memory_is_a_small_multiple_of_one_tensor(models, big_models, tmp_path) -> None:
-    """The peak RSS growth of a 3-model DARE-TIES merge (``-j 1``, L1 rescaling on) stays below 2×
-    one input tensor in float32 (output + scratch buffer + blocks; measured 1.4×, and 1.4× for
-    DELLA), where the whole-tensor path needs about N + 3 of them (measured 7.0×)."""
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_peak_memory_is_a_small_multiple_of_one_tensor(models, big_models, tmp_path, method) -> None:
+    """The peak RSS growth of a 3-model DARE-TIES / DELLA merge (``-j 1``, L1 rescaling on) stays below
+    2× one input tensor in float32: the scratch buffer (1×), the bit-packed masks (3/32×), a few
+    blocks and what the allocator keeps of their temporaries — no output tensor, whose row blocks
+    go straight into the shard (measured 1.4–1.5× for both; 1.4× before, with the bf16 output held
+    and no masks kept), where the whole-tensor path needs about N + 3 of them (measured 7–8×)."""
     import json
     import subprocess
     import sys
 
     tensor_bytes = 4 * BIG[0] * BIG[1]
-    (tmp_path / "warm.yml").write_text(_config("dare_ties", models))
-    (tmp_path / "big.yml").write_text(_config("dare_ties", big_models))
+    (tmp_path / "warm.yml").write_text(_config(method, models))
+    (tmp_path / "big.yml").write_text(_config(method, big_models))
     run = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, tmp_path / "warm.yml", tmp_path / "big.yml",
                           tmp_path / "out", "streamed", "whole"], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     growth = json.loads(run.stdout.strip().splitlines()[-1])
+    print(method, {mode: round(g / tensor_bytes, 2) for mode, g in growth.items()})
     assert growth["streamed"] <= 2 * tensor_bytes, growth
     assert growth["whole"] >= 3 * tensor_bytes, growth  # a bound the whole-tensor path does not meet

@@ -101,3 +101,26 @@ def test_lora_rows_are_bit_stable_across_block_heights(transpose) -> None:
     torch.testing.assert_close(whole, ((B @ A) * 0.37).T if transpose else (B @ A) * 0.37, rtol=1e-6, atol=1e-6)
     for start, stop in [(0, 1), (5, 70), (63, 65), (64, 128), (100, rows), (rows - 1, rows), (0, rows)]:
         assert torch.equal(mod.delta_rows(start, stop), whole[start:stop])
+
+
+def test_shard_writer_stores_row_blocks_in_place(tmp_path) -> None:
+    """``add_rows`` writes each block at its rows' offset; a tensor counts as written only once all
+    its rows are, and a block of the wrong shape is refused."""
+    from safemerge.io.output import ShardWriter
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    full = torch.arange(40, dtype=torch.float32).reshape(10, 4).to(torch.bfloat16)
+    writer = ShardWriter(tmp_path / "a", plan=[("w", (10, 4)), ("v", (3,))],
+                         plan_dtypes={"w": "bfloat16", "v": "float32"})
+    for rows in ((6, 10), (0, 3), (3, 6)):  # any order
+        writer.add_rows("w", rows, full[rows[0] : rows[1]])
+    with pytest.raises(RuntimeError, match="planned"):
+        writer.add_rows("w", (0, 2), full[0:3])
+    writer.add("v", torch.ones(3))
+    writer.finish()
+    assert torch.equal(load_file(tmp_path / "a" / "model.safetensors")["w"], full)
+    partial = ShardWriter(tmp_path / "b", plan=[("w", (10, 4))], plan_dtypes={"w": "bfloat16"})
+    partial.add_rows("w", (0, 5), full[0:5])
+    with pytest.raises(RuntimeError, match="never written"):
+        partial.finish()

@@ -65,15 +65,41 @@ OUTPUT_PINS = {
     ("breadcrumbs_ties/rescale", "bfloat16"): "e1edb82e882280cd13d060dabb0e0d3ab2b27e75bdf157f4067553a4fae57111",
     ("dare_linear/no-rescale", "bfloat16"): "6b8cbfb5a23bbb830664402740905262dda374da7323c71e62482769cb7f6a43",
     ("della/no-rescale", "bfloat16"): "5da04ca01ac3faa061bd70670aedd10570fd64c016a4d423a1024ea3e51d34eb",
+    # recorded on 131a3c2's code for these methods (whole-tensor path for all of them), before their row-block work
+    ("sce", "float32"): "132ee94cc0dc01a5193d049b35951d25d4dce45c2b1b5ff11247e1ba3a86d615",
+    ("nuslerp", "float32"): "6b4f2b1dca8faf3c9892367427e66c89fd2ff194cfb22b04d4fc16bbd4ca6e78",
+    ("nuslerp/rows", "float32"): "9e38f0eccd652e0f29c60ad31c939429fa95a468f12f7bb57f49cd2cff317f77",
+    ("multislerp", "float32"): "652a6be1be2d31f50a931fed6bb512a5f999ed5c4a0673c7c6bb709baa33f520",
+    ("arcee_fusion", "float32"): "2e33043a317bf2d6af32c827f5e7a7a0d2683ceb8619df5be0f2a628ed8ec041",
+    ("ram", "float32"): "2be6e0498d51a47ce59e8b8973b941846a5ca6c49c89806421c3e6e6a2605ec2",
+    ("ramplus_tl", "float32"): "5fc098968c9eb83a50a97cbcfaf35a0ad089d010776b6a3b67ec4084f358a305",
+    ("model_stock/filter-wise", "float32"): "e91734097e2c4e81f4a2b5c1b9eca43bb0873df02f2004ab067d0a24d15b4bcb",
+    ("karcher", "float32"): "67b3b49257dcbc0644ce10564fb87bf1e69f5d5f8c7252840e611aa682efd736",
+    ("sce", "bfloat16"): "c353023109dd4c7116b6067017bed073d10cfdb0ab34c2e660d949ff7cacccb4",
+    ("nuslerp", "bfloat16"): "176f549d78cd7804443b896d33df747c6c492d21095ad06219174682b0251078",
+    ("nuslerp/rows", "bfloat16"): "37568a213aed9bccf2d884a3f3a411166902849da1c63a88ee73ff6ba8d8d2e2",
+    ("multislerp", "bfloat16"): "bcb9ebd47e14bd34c4f1e8ce07956fd97cb8253e42c00ecdebdc85dd2d4cf16e",
+    ("arcee_fusion", "bfloat16"): "3aa494e9449622420a8330b8189671cc2763a0d4d3986102f08ef3449df54a4c",
+    ("ram", "bfloat16"): "018123ffb482c6cfd6a39b0e1f9ed1428c9e8642c34c7545858f8a7ff88acb8a",
+    ("ramplus_tl", "bfloat16"): "d166f80bb848c860c2e4624cbaf654c49bf2fb3a70c71dd0fd109b5968ead50d",
+    ("model_stock/filter-wise", "bfloat16"): "da08f6146af5155644b8ad20ae5ab109acc95ab0ee83305799a9dce7d323a0c8",
+    ("karcher", "bfloat16"): "c73cc9b0938256c53c5d8626647a140c8c6ab3342371206c6442c952d7bcf0ca",
 }
 
 METHODS = ["ties", "dare_ties", "linear", "slerp", "model_stock", "della", "breadcrumbs", "task_arithmetic",
            "dare_linear", "breadcrumbs_ties", "della_linear",
-           "ties/rescale", "breadcrumbs_ties/rescale", "dare_linear/no-rescale", "della/no-rescale"]
+           "ties/rescale", "breadcrumbs_ties/rescale", "dare_linear/no-rescale", "della/no-rescale",
+           "sce", "nuslerp", "nuslerp/rows", "multislerp", "arcee_fusion", "ram", "ramplus_tl",
+           "model_stock/filter-wise", "karcher"]
 """Cases: a method name, or ``method/variant`` for the same method with the global parameters of
 :data:`VARIANTS` (the L1 rescaling switched on / off, where the row-block kernels take other paths)."""
 
-VARIANTS = {"rescale": "parameters: {rescale: true}\n", "no-rescale": "parameters: {rescale: false}\n"}
+VARIANTS = {"rescale": "parameters: {rescale: true}\n", "no-rescale": "parameters: {rescale: false}\n",
+            "rows": "parameters: {nuslerp_flatten: false}\n", "filter-wise": "parameters: {filter_wise: true}\n"}
+
+OTHER_PARAMETERS = {"sce": "{select_topk: 0.5}", "ram": "{epsilon: 0.002}",
+                    "ramplus_tl": "{epsilon: 0.002, r: 0.5, alpha: 0.3}"}
+"""Global parameters of the methods outside the task-arithmetic family (cases pinned before their row-block work)."""
 
 
 def _integer_weights(model, seed: int, scale: int) -> None:
@@ -115,6 +141,8 @@ def _config(case: str, p: dict[str, Path], dtype: str) -> str:
         return head + f"base_model: {p['base']}\nmodels:\n  - model: {p['m1']}\nparameters: {{t: [0.1, 0.6, 0.9]}}\n"
     if method == "model_stock":
         return head + f"base_model: {p['base']}\nmodels:\n" + "".join(f"  - model: {m}\n" for m, _, _ in models3)
+    if method in ("sce", "ram", "ramplus_tl", "karcher", "arcee_fusion", "nuslerp", "multislerp"):
+        return head + _other_body(method, p, models3)
     extra = {"della": ", epsilon: 0.1", "breadcrumbs": ", gamma: 0.05"}.get(method.split("_")[0], "")
     density = {"task_arithmetic": None, "breadcrumbs": 0.8, "breadcrumbs_ties": 0.8}
     body = f"base_model: {p['base']}\nmodels:\n"
@@ -123,6 +151,19 @@ def _config(case: str, p: dict[str, Path], dtype: str) -> str:
         dens = f", density: {d}" if d is not None else ""
         body += f"  - model: {m}\n    parameters: {{weight: {w}{dens}{extra}}}\n"
     return head + body
+
+
+def _other_body(method: str, p: dict[str, Path], models3: list) -> str:
+    """The models (and global parameters) of a method outside the task-arithmetic family."""
+    if method == "karcher":
+        return "models:\n" + "".join(f"  - model: {m}\n" for m in (p["base"], p["m1"], p["m2"], p["m3"]))
+    body = f"base_model: {p['base']}\n"
+    if method in OTHER_PARAMETERS:
+        body += f"parameters: {OTHER_PARAMETERS[method]}\n"
+    chosen = {"arcee_fusion": models3[:1], "nuslerp": models3[:2]}.get(method, models3)
+    weighted = method in ("nuslerp", "multislerp")
+    return body + "models:\n" + "".join(f"  - model: {m}\n" + (f"    parameters: {{weight: {w}}}\n" if weighted else "")
+                                        for m, w, _ in chosen)
 
 
 def tensors_sha256(model_dir: Path) -> str:

@@ -6,9 +6,19 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from safemerge.methods._tensor import ChunkedDots, StreamedKth, dot64, row_blocks  # noqa: E402
+from safemerge.methods._tensor import (  # noqa: E402
+    ChunkedDots,
+    StreamedKth,
+    dot64,
+    pack_mask,
+    row_blocks,
+    unpack_mask,
+)
+from safemerge.methods.arcee_fusion import arcee_fusion, arcee_fusion_two_pass  # noqa: E402
 from safemerge.methods.model_stock import model_stock, model_stock_two_pass  # noqa: E402
-from safemerge.methods.slerp import slerp, slerp_two_pass  # noqa: E402
+from safemerge.methods.multislerp import multislerp_fn, multislerp_two_pass  # noqa: E402
+from safemerge.methods.ram import ram_two_pass, ramplus_tl_fn  # noqa: E402
+from safemerge.methods.slerp import nuslerp_fn, nuslerp_two_pass, slerp, slerp_two_pass  # noqa: E402
 from safemerge.methods.task_arithmetic import _family_entry  # noqa: E402
 from safemerge.methods.task_arithmetic_two_pass import family_kernel  # noqa: E402
 
@@ -57,6 +67,54 @@ def test_slerp_two_pass_is_bit_identical(t) -> None:
 def test_model_stock_two_pass_is_bit_identical() -> None:
     base, models = _inputs(3, seed=1)
     assert torch.equal(_streamed(model_stock_two_pass, base, models, {}), model_stock(base, models))
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_filter_wise_in_row_blocks(filter_wise) -> None:
+    base, models = _inputs(3, seed=9)
+    whole = model_stock(base, models, filter_wise=filter_wise)
+    assert torch.equal(_streamed(model_stock_two_pass, base, models, {"filter_wise": filter_wise}), whole)
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_nuslerp_two_pass_is_bit_identical(flatten) -> None:
+    base, models = _inputs(2, seed=10)
+    per_model, params = {"weight": [0.3, 0.8]}, {"nuslerp_flatten": flatten, "nuslerp_row_wise": False}
+    whole = nuslerp_fn([m.clone() for m in models], base, per_model=per_model, params=params)
+    assert torch.equal(_streamed(nuslerp_two_pass, base, models, params, per_model), whole)
+
+
+def test_nuslerp_slices_along_dim_0_stay_whole() -> None:
+    base, models = _inputs(2, seed=10)
+    params = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
+    assert not nuslerp_two_pass(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE,
+                                {"weight": [0.3, 0.8]}, params, 4096, lambda rows, part: None)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_multislerp_two_pass_is_bit_identical(normalize) -> None:
+    base, models = _inputs(3, seed=12)
+    per_model, params = {"weight": [0.5, 0.2, 0.6]}, {"normalize_weights": normalize, "eps": 1e-8}
+    whole = multislerp_fn([m.clone() for m in models], base, per_model=per_model, params=params)
+    assert torch.equal(_streamed(multislerp_two_pass, base, models, params, per_model), whole)
+
+
+def test_ramplus_two_pass_is_bit_identical() -> None:
+    """Quantised task vectors: entries changed by no, one and several models in every block."""
+    base, models = _inputs(3, seed=13)
+    models = [base + (m - base).mul(8).round().div(8) for m in models]
+    params = {"epsilon": 0.05, "r": 0.5, "alpha": 0.3}
+    whole = ramplus_tl_fn([m.clone() for m in models], base, per_model={}, params=params)
+    assert torch.equal(_streamed(ram_two_pass, base, models, params), whole)
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+def test_arcee_fusion_two_pass_is_bit_identical(quantised) -> None:
+    """Continuous and quantised task vectors (many tied importances at the quartiles)."""
+    base, (other,) = _inputs(1, seed=14)
+    if quantised:
+        other = base + (other - base).mul(4).round().div(4)
+    assert torch.equal(_streamed(arcee_fusion_two_pass, base, [other], {}), arcee_fusion(base, other))
 
 
 FAMILY_PER_MODEL = {"weight": [0.5, 0.3, -0.2], "density": [0.5, 0.9, 0.2], "gamma": [0.05, 0.01, 0.3],
@@ -117,6 +175,45 @@ def test_family_two_pass_when_the_sample_bracket_misses(monkeypatch) -> None:
     for name in ("ties", "breadcrumbs_ties"):
         whole, blocks, _ = _family_both_ways(name, base, models, {"rescale": True})
         assert torch.equal(blocks, whole)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 9, 2723, 65_536])
+def test_packed_masks_round_trip(numel) -> None:
+    g = torch.Generator().manual_seed(numel)
+    mask = torch.full((numel,), 0.4).bernoulli_(generator=g)
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == -(-numel // 8)
+    assert torch.equal(unpack_mask(packed, mask), mask)
+    block = mask.reshape(1, numel)
+    assert torch.equal(unpack_mask(pack_mask(block.bool()), block), block)  # any 0/1 dtype, the shape of ``like``
+
+
+@pytest.mark.parametrize("name,draw", [("dare_ties", "dare_keep_mask"), ("della", "della_keep_mask")])
+def test_random_masks_are_drawn_once(name, draw, monkeypatch) -> None:
+    """With L1 rescaling, pass 2 reuses pass 1's masks (bit-packed) instead of drawing them again:
+    one draw per block and model, as many as without rescaling, and the same bits as the whole tensor."""
+    import safemerge.methods.sparsify as sp
+
+    calls = {"blocks": 0}
+    original = getattr(sp, draw)
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls["blocks"] += 1
+        return original(*args, **kwargs)
+
+    base, models = _inputs(3, seed=4)
+    n_blocks = len(row_blocks(SHAPE, 7 * 389 * 4 + 12))
+    for rescale in (True, False):
+        g_whole, g_blocks = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        whole = _family_entry(name, [m.clone() for m in models], base, per_model=FAMILY_PER_MODEL,
+                              params={"rescale": rescale}, generator=g_whole)
+        monkeypatch.setattr(sp, draw, counted)
+        calls["blocks"] = 0
+        blocks = _streamed(family_kernel(name), base, models, {"rescale": rescale}, FAMILY_PER_MODEL,
+                           generator=g_blocks)
+        monkeypatch.setattr(sp, draw, original)
+        assert torch.equal(blocks, whole)
+        assert calls["blocks"] == 3 * n_blocks, (rescale, calls)
 
 
 def test_stochastic_family_needs_a_cpu_generator() -> None:

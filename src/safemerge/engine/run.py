@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from safemerge.engine.plan import MergePlan, TensorJob
@@ -134,9 +135,18 @@ def _row_blocks(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any]) -> li
     return row_blocks(job.shape, ELEMENTWISE_BLOCK_BYTES)
 
 
-def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, options: RunOptions, narrow: bool = False):
+RowWriter = Callable[[TensorJob, Rows, Any], None]
+"""``write_rows(job, rows, block)``: stores rows ``[r0, r1)`` of a job's output, already in its output
+dtype, at their final place (``ShardWriter.add_rows``)."""
+
+
+def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, options: RunOptions, narrow: bool = False,
+            write_rows: RowWriter | None = None):
     """Compute one output tensor (float32 on ``options.device``, or with ``narrow`` in the job's output
-    dtype, converted block by block; non-float tensors pass through)."""
+    dtype, converted block by block; non-float tensors pass through). With ``write_rows`` (and
+    ``narrow``) a tensor merged in row blocks is never assembled: each block goes to ``write_rows``
+    in the output dtype as soon as it is merged — no tensor-sized output buffer to allocate and
+    fault in, each block written while it is in the cache — and the result is ``None``."""
     import torch
 
     if job.passthrough:
@@ -144,14 +154,18 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, option
         return ckpts[ref].get(name, dtype=None)
     out_dtype = getattr(torch, job.out_dtype) if narrow and job.out_dtype else torch.float32
     blocks = _row_blocks(job, plan, ckpts)
-    out = None
     if blocks is not None:
-        out = _run_streamed(job, plan, ckpts, blocks, options, out_dtype)
-    if out is None:
-        out = _run_block(job, plan, ckpts, options, None)
-        _check_output(plan, job, out, options.allow_nonfinite)
-        if narrow and out.is_floating_point() and out.dtype != out_dtype:
-            out = out.to(out_dtype)
+        if write_rows is not None and narrow:
+            out, store = None, lambda rows, part: write_rows(job, rows, _narrow(part, out_dtype))
+        else:
+            out = torch.empty(job.shape, dtype=out_dtype, device=options.device)
+            store = partial(_narrow_into, out)
+        if _run_streamed(job, plan, ckpts, blocks, options, store):
+            return out
+    out = _run_block(job, plan, ckpts, options, None)
+    _check_output(plan, job, out, options.allow_nonfinite)
+    if narrow and out.is_floating_point() and out.dtype != out_dtype:
+        out = out.to(out_dtype)
     return out
 
 
@@ -169,24 +183,20 @@ def _check_output(plan: MergePlan, job: TensorJob, out: Any, allow_nonfinite: bo
 
 
 def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blocks: list[Rows], options: RunOptions,
-                  out_dtype: Any):
-    """One tensor in row blocks, each block converted into the preallocated output as soon as it
-    is merged: element-wise methods block by block, methods with a ``two_pass`` kernel (the TIES
-    family: thresholds, generator states, L1 norms first) through it. ``None`` when the method
-    cannot stream this tensor."""
-    import torch
-
+                  store: Callable[[Rows, Any], None]) -> bool:
+    """One tensor in row blocks, each merged float32 block checked and handed to ``store(rows, block)``
+    as soon as it is merged: element-wise methods block by block, methods with a ``two_pass`` kernel
+    (the TIES family: thresholds, generator states, L1 norms first) through it. ``False`` (nothing
+    stored) when the method cannot stream this tensor."""
     from safemerge.methods.streaming import TWO_PASS
-
-    out = torch.empty(job.shape, dtype=out_dtype, device=options.device)
 
     def emit(rows: Rows, part: Any) -> None:
         _check_output(plan, job, part, options.allow_nonfinite, rows)
-        out[rows[0] : rows[1]] = part
+        store(rows, part)
 
     two_pass = TWO_PASS.get(plan.method.name)
     if two_pass is not None and plan.tie_break != "index" and plan.method.extra.get("tie_break"):
-        return None  # mergekit's tie choice needs the whole-tensor sort
+        return False  # mergekit's tie choice needs the whole-tensor sort
     if two_pass is not None and job.base is not None:
         def load(i: int, rows: Rows | None):  # noqa: ANN202
             return _load(ckpts, *job.inputs[i], plan.compute_dtype, options, rows)
@@ -195,15 +205,24 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
             return _load(ckpts, *job.base, plan.compute_dtype, options, rows)  # type: ignore[misc]
 
         gen = tensor_generator(options.seed, job.out_name, options.device) if plan.method.stochastic else None
-        done = two_pass(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params,
-                        ELEMENTWISE_BLOCK_BYTES, emit, generator=gen)
-        return out if done else None
+        return bool(two_pass(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params,
+                             ELEMENTWISE_BLOCK_BYTES, emit, generator=gen))
     if not plan.method.extra.get("elementwise"):
-        return None
+        return False
     # each output entry depends only on the same entry of the inputs
     for rows in blocks:
         emit(rows, _run_block(job, plan, ckpts, options, rows))
-    return out
+    return True
+
+
+def _narrow_into(out: Any, rows: Rows, part: Any) -> None:
+    """Store a merged float32 block into rows ``[r0, r1)`` of the output (converted to its dtype)."""
+    out[rows[0] : rows[1]] = part
+
+
+def _narrow(part: Any, dtype: Any) -> Any:
+    """A merged float32 block in the output ``dtype`` (rounded as :func:`_narrow_into` rounds it)."""
+    return part.to(dtype)
 
 
 def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], options: RunOptions,
@@ -288,6 +307,7 @@ def execute_plan(
     options: RunOptions | None = None,
     description: str = "merging",
     narrow: bool = False,
+    write_rows: RowWriter | None = None,
 ) -> None:
     """Run every job of ``plan`` and hand each result to ``sink(job, tensor)`` (called from worker threads).
 
@@ -295,7 +315,9 @@ def execute_plan(
     ``allow_nonfinite``, ``progress`` (a bar on stderr).
 
     The tensors are float32, or with ``narrow`` already in each job's ``out_dtype`` (converted
-    block by block as they are merged: a writer then stores them without another pass)."""
+    block by block as they are merged: a writer then stores them without another pass). With
+    ``write_rows`` as well, tensors merged in row blocks go to it block by block instead
+    (:func:`run_job`) and ``sink`` gets ``None`` for them: the job is done, its rows are stored."""
     options = or_default(options)
     n_workers = max(1, int(options.threads or os.cpu_count() or 1))
     tune_allocator()
@@ -306,7 +328,7 @@ def execute_plan(
                                                   enabled=options.progress) as bar:
 
         def work(job: TensorJob) -> None:
-            out = run_job(job, plan, ckpts, options=options, narrow=narrow)
+            out = run_job(job, plan, ckpts, options=options, narrow=narrow, write_rows=write_rows)
             sink(job, out)
             bar.advance(job)
 

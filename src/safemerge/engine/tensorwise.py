@@ -139,12 +139,14 @@ def write_plan(tmp: Path, plan: MergePlan, ckpts: Mapping[str, Any], *, options:
                          plan_dtypes={j.out_name: j.out_dtype for j in plan.jobs}, metadata=metadata)
     lock, done = threading.Lock(), [0]
 
-    def sink(job: TensorJob, t: torch.Tensor) -> None:
-        writer.add(job.out_name, t)
+    def sink(job: TensorJob, t: torch.Tensor | None) -> None:
+        if t is not None:  # (None: streamed into the shard row block by row block)
+            writer.add(job.out_name, t)
         if progress is not None:
             with lock:
                 done[0] += 1
                 progress(done[0], len(plan.jobs))
 
-    execute_plan(plan, ckpts, sink, options=options, narrow=True)
+    execute_plan(plan, ckpts, sink, options=options, narrow=True,
+                 write_rows=lambda job, rows, block: writer.add_rows(job.out_name, rows, block))
     writer.finish()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -301,6 +302,7 @@ class ShardWriter:
         self._buffer_bytes = 0
         self._shards: list[list[str]] = []
         self._written: set[str] = set()
+        self._rows_written: dict[str, int] = {}
         self._plan = None
         if plan is not None:
             self._setup_plan(plan, plan_dtypes or {})
@@ -349,17 +351,11 @@ class ShardWriter:
         import torch
 
         if self._plan is not None:
-            try:
-                fd_i, offset, shape, dt, _ = self._plan[name]
-            except KeyError:
-                raise RuntimeError(f"tensor {name!r} is not in the write plan") from None
+            fd_i, offset, shape, dt, _ = self._planned(name)
             t = tensor.to(getattr(torch, dt))
             if tuple(t.shape) != shape:
                 raise RuntimeError(f"tensor {name!r} has shape {tuple(t.shape)}, planned {shape}")
-            data = tensor_bytes(t)
-            written = 0
-            while written < len(data):
-                written += os.pwrite(self._fds[fd_i], data[written:], offset + written)
+            self._pwrite_all(fd_i, tensor_bytes(t), offset)
             with self._lock:
                 self._written.add(name)
             return
@@ -373,6 +369,36 @@ class ShardWriter:
                 self._flush()
             self._buffer.append((name, t))
             self._buffer_bytes += nbytes
+
+    def add_rows(self, name: str, rows: tuple[int, int], block) -> None:
+        """Store rows ``[r0, r1)`` of planned tensor ``name`` (cast to the planned dtype: a no-op for
+        the engine's blocks, narrowed already) at their place in the shard, so that a tensor merged
+        in row blocks is never assembled in memory; the tensor counts as written once all its rows are."""
+        import torch
+
+        fd_i, offset, shape, dt, _ = self._planned(name)
+        r0, r1 = rows
+        block = block.to(getattr(torch, dt))
+        if tuple(block.shape) != (r1 - r0, *shape[1:]):
+            raise RuntimeError(f"rows {r0}:{r1} of {name!r} have shape {tuple(block.shape)}, planned {shape}")
+        row_bytes = block.element_size() * math.prod(shape[1:])
+        self._pwrite_all(fd_i, tensor_bytes(block), offset + r0 * row_bytes)
+        with self._lock:
+            self._rows_written[name] = self._rows_written.get(name, 0) + (r1 - r0)
+            if self._rows_written[name] == shape[0]:
+                self._written.add(name)
+
+    def _planned(self, name: str) -> tuple[int, int, tuple[int, ...], str, str]:
+        """``(shard index, byte offset, shape, dtype, file name)`` of a planned tensor."""
+        try:
+            return self._plan[name]  # type: ignore[index]
+        except KeyError:
+            raise RuntimeError(f"tensor {name!r} is not in the write plan") from None
+
+    def _pwrite_all(self, fd_i: int, data: memoryview, offset: int) -> None:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._fds[fd_i], data[written:], offset + written)
 
     def _flush(self) -> None:
         from safetensors.torch import save_file

@@ -203,6 +203,37 @@ class StreamedKth:
         return kth, int(torch.count_nonzero(values == kth)), above + int(torch.count_nonzero(values > kth))
 
 
+def sample_rows(n_rows: int, cols: int, target: int = 1 << 18, chunks: int = 64) -> list[tuple[int, int]]:
+    """About ``target`` entries as ``chunks`` row ranges spread evenly over a tensor of ``n_rows``
+    rows of ``cols`` entries (all rows when that is fewer): the sample that brackets a
+    :class:`StreamedKth`."""
+    per = max(1, -(-target // (chunks * cols)))
+    if per * chunks >= n_rows:
+        return [(0, n_rows)]
+    return [(r0, r0 + per) for r0 in (c * (n_rows - per) // (chunks - 1) for c in range(chunks))]
+
+
+def streamed_order_statistics(values: Callable[[tuple[int, int]], torch.Tensor], ks: Sequence[int],
+                              shape: Sequence[int], blocks: Sequence[tuple[int, int]]) -> list[torch.Tensor] | None:
+    """The ``k``-th smallest (1-based) entries, for every ``k`` in ``ks``, of a tensor of ``shape`` that
+    ``values(rows)`` computes row block by row block — exactly (the values ``kthvalue`` of the whole
+    tensor gives), bracketed from a row sample. ``None`` when a bracket missed or there were NaNs."""
+    import math
+
+    numel = math.prod(shape)
+    selections = [StreamedKth(numel, k) for k in ks]
+    sample = torch.cat([values(rows).reshape(-1) for rows in sample_rows(shape[0], numel // shape[0])])
+    for sel in selections:
+        sel.bracket(sample)
+    del sample
+    for rows in blocks:
+        block = values(rows)
+        for sel in selections:
+            sel.scan(block)
+    found = [sel.result() for sel in selections]
+    return None if any(f is None for f in found) else [f[0] for f in found]  # type: ignore[index]
+
+
 def rank_window_mask(values: torch.Tensor, start: int, count: int,
                      tie_select: "Callable[[torch.Tensor], torch.Tensor] | None" = None) -> torch.Tensor:
     """Boolean mask of the elements whose ascending rank lies in ``[start, start + count)``.
@@ -298,6 +329,30 @@ def l1_rescale_factor(before: torch.Tensor, after: torch.Tensor, eps: float = 1e
     if before < eps or after < eps:
         return None
     return before / after
+
+
+_GATHER_BITS = 0x0102040810204080
+"""Multiplying a 64-bit word of eight 0/1 bytes by this moves byte k's bit to bit 56 + k (no carries)."""
+_SPREAD_BYTE = 0x0101010101010101
+"""Multiplying a byte by this copies it into all eight bytes of a 64-bit word."""
+_BIT_K_OF_BYTE_K = 0x8040201008040201 - (1 << 64)
+"""Bit k of byte k of a 64-bit word (as a signed 64-bit constant)."""
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask (any dtype, any shape) packed eight entries per byte, in flat order (uint8,
+    ``⌈numel/8⌉`` bytes: one 32nd of a float32 mask). Undone by :func:`unpack_mask`; the row-block
+    kernels keep the random masks of pass 1 this way instead of drawing them again."""
+    flat = mask.reshape(-1).to(torch.uint8)
+    if flat.numel() % 8:
+        flat = torch.cat([flat, flat.new_zeros(8 - flat.numel() % 8)])
+    return flat.view(torch.int64).mul_(_GATHER_BITS).bitwise_right_shift_(56).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The mask :func:`pack_mask` packed, as 0.0/1.0 entries of ``like``'s shape, dtype and device."""
+    spread = packed.to(torch.int64).mul_(_SPREAD_BYTE).bitwise_and_(_BIT_K_OF_BYTE_K)
+    return spread.view(torch.uint8)[: like.numel()].to(like.dtype).clamp_(max=1).view(like.shape)
 
 
 _DOT_CHUNK = 1 << 16

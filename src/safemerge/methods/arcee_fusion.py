@@ -11,17 +11,26 @@ mergekit ``arcee_fusion`` (Arcee AI, "Arcee Fusion", mergekit ≥ 0.1). For one 
 
 mergekit estimates the quartiles from a random sample of 10⁶ entries when a tensor is larger;
 we always take the exact order statistics (``kthvalue``, O(n)), so the result is deterministic
-and equal to mergekit's wherever mergekit's is (tensors of up to 10⁶ entries).
+and equal to mergekit's wherever mergekit's is (tensors of up to 10⁶ entries). Large tensors run
+in row blocks (:func:`arcee_fusion_two_pass`) with the same bits.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from safemerge.methods._tensor import check_inputs
+from safemerge.methods._tensor import (
+    BaseRowLoader,
+    BlockSink,
+    RowLoader,
+    check_inputs,
+    row_blocks,
+    streamed_order_statistics,
+)
 
 _KL_EPS = 1e-8
 QUARTILES = (0.25, 0.5, 0.75)
@@ -49,6 +58,40 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     mask = (importance >= fusion_threshold(importance)).float()  # float32 mask: mergekit's type promotion
     del importance
     return base + (other - base) * mask
+
+
+def arcee_fusion_two_pass(
+    load: RowLoader,
+    load_base: BaseRowLoader,
+    n: int,
+    shape: tuple[int, ...],
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    block_bytes: int,
+    emit: BlockSink,
+    generator: torch.Generator | None = None,
+) -> bool:
+    """:func:`arcee_fusion` of a large tensor in row blocks, bit-identical to the whole tensor: the
+    importance of a row needs only that row (softmax and KL per row), so pass 1 streams it into
+    exact selections of the three quartiles (:func:`~safemerge.methods._tensor.streamed_order_statistics`)
+    and pass 2 recomputes it block by block to mask the task vector. Memory: a few float32 blocks,
+    the selections' candidates near each quartile and the output. ``False`` (whole tensor) when a
+    sample bracket missed."""
+    if n != 1 or len(shape) < 2:
+        return False
+    blocks = row_blocks(shape, block_bytes)
+    numel = math.prod(shape)
+    quartiles = streamed_order_statistics(lambda rows: fusion_importance(load(0, rows), load_base(rows)),
+                                          [int(q * (numel - 1)) + 1 for q in QUARTILES], shape, blocks)
+    if quartiles is None:
+        return False
+    q1, q2, q3 = quartiles
+    threshold = q2 + 1.5 * (q3 - q1)
+    for rows in blocks:
+        base, other = load_base(rows), load(0, rows)
+        mask = (fusion_importance(other, base) >= threshold).float()
+        emit(rows, base + (other - base) * mask)
+    return True
 
 
 def arcee_fusion_fn(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],

@@ -197,7 +197,7 @@ def _register_mergekit_head() -> None:
         base="required",
         min_models=0,
         reference=ram_reference,
-        extra={"base_in_tensors": False},
+        extra={"base_in_tensors": False, "elementwise": True},
     ))
     register(MergeMethod(
         name="ramplus_tl",

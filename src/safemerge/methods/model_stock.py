@@ -74,13 +74,17 @@ def model_stock_two_pass(
     """Model Stock of a large tensor in row blocks, bit-identical to :func:`model_stock`: pass 1
     accumulates the task vectors' norms and pairwise dot products over the same float64 chunks as
     :func:`dot64` (:class:`~safemerge.methods._tensor.ChunkedDots`), pass 2 writes
-    ``t·θ_avg + (1 − t)·θ_base`` block by block. ``filter_wise`` (one ratio per row) is left to
-    the whole-tensor path (``False``)."""
+    ``t·θ_avg + (1 − t)·θ_base`` block by block. With ``filter_wise`` (one ratio per slice along
+    the last dimension: per row) each block is merged on its own, in one pass."""
     from safemerge.methods._tensor import ChunkedDots, row_blocks
 
-    if n < 2 or len(shape) < 2 or bool(params.get("filter_wise", False)):
+    if n < 2 or len(shape) < 2:
         return False
     blocks = row_blocks(shape, block_bytes)
+    if bool(params.get("filter_wise", False)):
+        for rows in blocks:
+            emit(rows, model_stock(load_base(rows), [load(i, rows) for i in range(n)], filter_wise=True))
+        return True
     pairs = [(i, i) for i in range(n)] + [(i, j) for i in range(n) for j in range(i + 1, n)]
     acc = ChunkedDots(pairs)
     for rows in blocks:

@@ -7,7 +7,16 @@ from typing import Any
 import torch
 
 from safemerge.errors import SafemergeError
-from safemerge.methods._tensor import check_inputs, f32, nonzero_weight_sum, per_model_list
+from safemerge.methods._tensor import (
+    BaseRowLoader,
+    BlockSink,
+    RowLoader,
+    check_inputs,
+    f32,
+    nonzero_weight_sum,
+    per_model_list,
+    row_blocks,
+)
 
 
 def multislerp(
@@ -37,9 +46,7 @@ def multislerp(
     n = len(tensors)
     if n == 1:
         return f32(tensors[0]).clone()
-    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
-    if normalize_weights:
-        w = w / nonzero_weight_sum("multislerp", w, "normalize_weights")
+    w = multislerp_weights(weights, normalize_weights)
     b = f32(base) if base is not None else None
 
     def vec(i: int) -> torch.Tensor:
@@ -65,6 +72,54 @@ def multislerp(
     avg_norm = (torch.stack(norms) * w).sum()
     out = mean.mul_(avg_norm / mean_norm)
     return out.add_(b) if b is not None else out
+
+
+def multislerp_weights(weights: Sequence[float], normalize: bool) -> torch.Tensor:
+    """The weights as a float32 tensor, divided by their sum when ``normalize``."""
+    w = torch.tensor([float(x) for x in weights], dtype=torch.float32)
+    return w / nonzero_weight_sum("multislerp", w, "normalize_weights") if normalize else w
+
+
+def multislerp_two_pass(
+    load: RowLoader,
+    load_base: BaseRowLoader,
+    n: int,
+    shape: tuple[int, ...],
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    block_bytes: int,
+    emit: BlockSink,
+    generator: torch.Generator | None = None,
+) -> bool:
+    """:func:`multislerp` of N task vectors of a large tensor in row blocks, bit-identical to the
+    whole tensor: each ‖vᵢ‖ and then ‖M‖ are float32 norms over one tensor-sized scratch buffer
+    filled block by block (the reductions' bits depend on the tensor's length, not on how it was
+    filled), and ``M = Σ wᵢ vᵢ/(‖vᵢ‖ + eps)`` stays in that buffer until it is scaled and written
+    block by block. Reads every input twice; memory: the scratch buffer, a few blocks and the
+    output. A (near-)zero ``M`` is left to the whole tensor (its linear fallback or error)."""
+    if n < 2 or len(shape) < 2:
+        return False
+    w = multislerp_weights(per_model_list("multislerp", per_model, "weight", n),
+                           bool(params.get("normalize_weights", True)))
+    eps = float(params.get("eps", 1e-8))
+    blocks = row_blocks(shape, block_bytes)
+    mean = torch.empty(shape, dtype=torch.float32)
+    norms = []
+    for i in range(n):
+        for r0, r1 in blocks:
+            torch.sub(load(i, (r0, r1)), load_base((r0, r1)), out=mean[r0:r1])
+        norms.append(torch.linalg.vector_norm(mean.reshape(-1)))
+    for r0, r1 in blocks:
+        b, m = load_base((r0, r1)), mean[r0:r1].zero_()
+        for i in range(n):
+            m.add_(load(i, (r0, r1)).sub_(b).div_(norms[i] + eps).mul_(w[i]))
+    mean_norm = torch.linalg.vector_norm(mean.reshape(-1))
+    if mean_norm < eps:
+        return False
+    scale = (torch.stack(norms) * w).sum() / mean_norm
+    for r0, r1 in blocks:
+        emit((r0, r1), mean[r0:r1].mul_(scale).add_(load_base((r0, r1))))
+    return True
 
 
 def multislerp_fn(

@@ -13,7 +13,9 @@ RAM+ additionally rescales each model's unique updates by ``λᵢ = 1 + r·clip(
 
 :func:`ram` (the default kernel) streams the models in three passes — count the models that
 changed each entry, (RAM+) count each model's shared and unique entries, accumulate — so memory
-holds the base, the output, the counts and one task vector, whatever N. :func:`ram_stacked` is
+holds the base, the output, the counts and one task vector, whatever N. RAM is element-wise (the
+engine runs large tensors in row blocks); RAM+'s counts are integers, so :func:`ram_two_pass` adds
+them up over row blocks and gives the same bits. :func:`ram_stacked` is
 mergekit's order (all N task vectors stacked, reduced over the model axis, with its type
 promotion) for ``--mergekit-arithmetic``; in float32 the two agree to rounding (oracle tests).
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs
+from safemerge.methods._tensor import BaseRowLoader, BlockSink, RowLoader, check_inputs, row_blocks
 
 
 def _changed(t: torch.Tensor, base: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,16 +45,44 @@ def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: float =
     """
     if not tensors:
         return base.clone()
+    counts = change_counts(tensors, base, epsilon)
+    scales = [1.0] * len(tensors)
+    if r is not None:
+        tallies = shared_unique_tallies(tensors, base, epsilon, counts)
+        scales = [plus_scale(shared, unique, epsilon, r, alpha) for shared, unique in tallies]
+    return combine(tensors, base, epsilon, counts, scales)
+
+
+def change_counts(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """Per entry, the number ``c`` of models that changed it (``|δᵢ| > ε``; int32)."""
     counts = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
     for t in tensors:
         counts += _changed(t, base, epsilon)[1]
+    return counts
+
+
+def shared_unique_tallies(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float,
+                          counts: torch.Tensor) -> list[tuple[int, int]]:
+    """Per model, how many of the entries it changed are shared (``c > 1``) and unique (``c = 1``):
+    exact integer counts, so they add up over row blocks."""
     shared, unique = counts > 1, counts == 1
-    scales = [1.0] * len(tensors)
-    if r is not None:
-        for i, t in enumerate(tensors):
-            changed = _changed(t, base, epsilon)[1]
-            rho = float((changed & shared).sum()) / max(float((changed & unique).sum()), epsilon)
-            scales[i] = 1 + r * min(max(rho, 0.0), alpha)
+    tallies = []
+    for t in tensors:
+        changed = _changed(t, base, epsilon)[1]
+        tallies.append((int((changed & shared).sum()), int((changed & unique).sum())))
+    return tallies
+
+
+def plus_scale(shared: int, unique: int, epsilon: float, r: float, alpha: float) -> float:
+    """RAM+'s ``λᵢ = 1 + r·clip(ρᵢ, 0, α)`` with ``ρᵢ = #shared / max(#unique, ε)``."""
+    rho = float(shared) / max(float(unique), epsilon)
+    return 1 + r * min(max(rho, 0.0), alpha)
+
+
+def combine(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float, counts: torch.Tensor,
+            scales: Sequence[float]) -> torch.Tensor:
+    """``θ₀ + Σᵢ δᵢ·[|δᵢ| > ε]·(u·λᵢ + s/c)`` from the counts and the scales (element-wise)."""
+    shared, unique = counts > 1, counts == 1
     share = shared / counts.clamp(min=1)  # 1/c on shared entries, 0 elsewhere
     merged = torch.zeros_like(base, dtype=torch.promote_types(base.dtype, torch.float32))
     for t, scale in zip(tensors, scales):
@@ -60,6 +90,37 @@ def ram(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon: float =
         merged += delta * changed * (unique * scale + share)
     del share, counts
     return base + merged
+
+
+def ram_two_pass(
+    load: RowLoader,
+    load_base: BaseRowLoader,
+    n: int,
+    shape: tuple[int, ...],
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    block_bytes: int,
+    emit: BlockSink,
+    generator: torch.Generator | None = None,
+) -> bool:
+    """``ramplus_tl`` of a large tensor in row blocks, bit-identical to :func:`ram`: pass 1 adds
+    up each model's shared / unique counts block by block (integers: exact), pass 2 combines the
+    blocks with the scales. Memory: a few float32 blocks per model and the output."""
+    if n == 0 or len(shape) < 2:
+        return False
+    epsilon, r, alpha = float(params["epsilon"]), float(params["r"]), float(params["alpha"])
+    blocks = row_blocks(shape, block_bytes)
+    totals = [[0, 0] for _ in range(n)]
+    for rows in blocks:
+        b, ts = load_base(rows), [load(i, rows) for i in range(n)]
+        for total, tally in zip(totals, shared_unique_tallies(ts, b, epsilon, change_counts(ts, b, epsilon))):
+            total[0] += tally[0]
+            total[1] += tally[1]
+    scales = [plus_scale(shared, unique, epsilon, r, alpha) for shared, unique in totals]
+    for rows in blocks:
+        b, ts = load_base(rows), [load(i, rows) for i in range(n)]
+        emit(rows, combine(ts, b, epsilon, change_counts(ts, b, epsilon), scales))
+    return True
 
 
 def _contributions(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, ...]:

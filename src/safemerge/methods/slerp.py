@@ -2,7 +2,7 @@
 weights → t, optionally on task vectors, per row or flattened)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,6 +11,7 @@ from safemerge.methods._tensor import (
     BaseRowLoader,
     BlockSink,
     RowLoader,
+    Rows,
     check_inputs,
     dot64,
     f32,
@@ -129,20 +130,85 @@ def nuslerp(
         a, b = a.transpose(0, -1), b.transpose(0, -1)
     if a.shape[-1] == 0:
         return torch.lerp(f32(v0), f32(v1), float(t))
-    na = torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_(min=1e-7)
-    nb = torch.linalg.vector_norm(b, dim=-1, keepdim=True).clamp_(min=1e-7)
-    cos = ((a * b).sum(dim=-1, keepdim=True) / (na * nb)).clamp_(-1, 1)
+    ca, cb = nuslerp_coefficients(t, _slice_norm(a), _slice_norm(b), (a * b).sum(dim=-1, keepdim=True), eps=eps)
+    out = a * ca
+    out.add_(b * cb)
+    if not flatten and row_wise and out.dim() > 0:
+        out = out.transpose(0, -1)
+    return out.reshape(shape).contiguous()
+
+
+def _slice_norm(a: torch.Tensor) -> torch.Tensor:
+    """The Euclidean norm of every slice along the last dimension (float32), clamped at 1e-7."""
+    return torch.linalg.vector_norm(a, dim=-1, keepdim=True).clamp_(min=1e-7)
+
+
+def nuslerp_coefficients(t: float, na: torch.Tensor, nb: torch.Tensor, dot: torch.Tensor, *,
+                         eps: float = 1e-8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per slice, ``(sin((1−t)Ω)/sin Ω, sin(tΩ)/sin Ω)`` from the slices' norms and dot products —
+    ``(1−t, t)`` where ``1 − cos²Ω ≤ eps²`` (see :func:`nuslerp`)."""
+    cos = (dot / (na * nb)).clamp_(-1, 1)
     collinear = (1 - cos.square()) <= eps**2
     theta = torch.acos(torch.where(collinear, torch.zeros_like(cos), cos))
     sin_theta = torch.where(collinear, torch.ones_like(theta), torch.sin(theta))
     t = float(t)
     ca = torch.where(collinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin_theta)
     cb = torch.where(collinear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta)
-    out = a * ca
-    out.add_(b * cb)
-    if not flatten and row_wise and out.dim() > 0:
-        out = out.transpose(0, -1)
-    return out.reshape(shape).contiguous()
+    return ca, cb
+
+
+def nuslerp_two_pass(
+    load: RowLoader,
+    load_base: BaseRowLoader,
+    n: int,
+    shape: tuple[int, ...],
+    per_model: dict[str, list[Any]],
+    params: dict[str, Any],
+    block_bytes: int,
+    emit: BlockSink,
+    generator: torch.Generator | None = None,
+) -> bool:
+    """``nuslerp`` of two task vectors of a large tensor in row blocks, bit-identical to
+    :func:`nuslerp_fn`. Per row (``nuslerp_flatten: false``): one pass, each block on its own (the
+    slices are rows). Flattened (the default): pass 1 takes ‖a‖, ‖b‖ and Σ a⊙b of the task vectors
+    over one tensor-sized float32 scratch buffer filled block by block (the float32 reductions'
+    bits depend on the tensor's length, not on how it was filled), pass 2 writes ``ca·a + cb·b``
+    block by block. Slices along dimension 0 (``nuslerp_row_wise``) are left to the whole tensor."""
+    flatten = bool(params.get("nuslerp_flatten", True))
+    if n != 2 or len(shape) < 2 or (not flatten and bool(params.get("nuslerp_row_wise", False))):
+        return False
+    t = nuslerp_weights_to_t(*per_model_list("nuslerp", per_model, "weight", 2))
+    blocks = row_blocks(shape, block_bytes)
+
+    def task_vectors(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b = load_base(rows)
+        return load(0, rows).sub_(b), load(1, rows).sub_(b), b
+
+    if not flatten:
+        for rows in blocks:
+            a, b, base = task_vectors(rows)
+            emit(rows, nuslerp(t, a, b, flatten=False).add_(base))
+        return True
+    ca, cb = nuslerp_coefficients(t, *_flat_norms_and_dot(task_vectors, shape, blocks))
+    for rows in blocks:
+        a, b, base = task_vectors(rows)
+        emit(rows, a.mul_(ca).add_(b.mul_(cb)).add_(base))
+    return True
+
+
+def _flat_norms_and_dot(task_vectors: Callable[[Rows], tuple[torch.Tensor, ...]], shape: tuple[int, ...],
+                        blocks: list[Rows]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``‖a‖``, ``‖b‖`` (clamped as :func:`nuslerp` clamps them) and ``Σ a⊙b`` of the flattened task
+    vectors, each reduced over one tensor-sized scratch buffer filled block by block."""
+    scratch = torch.empty(shape, dtype=torch.float32)
+    flat = scratch.view(1, -1)
+    sums = []
+    for part in (lambda a, b: a, lambda a, b: b, torch.mul):
+        for r0, r1 in blocks:
+            a, b, _ = task_vectors((r0, r1))
+            scratch[r0:r1] = part(a, b)
+        sums.append(_slice_norm(flat) if len(sums) < 2 else flat.sum(dim=-1, keepdim=True))
+    return sums[0], sums[1], sums[2]
 
 
 def nuslerp_weights_to_t(w0: float, w1: float) -> float:

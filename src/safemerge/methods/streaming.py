@@ -13,8 +13,11 @@ The one table of such kernels, by method name (the engine looks methods up here)
 from __future__ import annotations
 
 from safemerge.methods._tensor import TwoPassKernel
+from safemerge.methods.arcee_fusion import arcee_fusion_two_pass
 from safemerge.methods.model_stock import model_stock_two_pass
-from safemerge.methods.slerp import slerp_two_pass
+from safemerge.methods.multislerp import multislerp_two_pass
+from safemerge.methods.ram import ram_two_pass
+from safemerge.methods.slerp import nuslerp_two_pass, slerp_two_pass
 from safemerge.methods.task_arithmetic import FAMILY
 from safemerge.methods.task_arithmetic_two_pass import family_kernel
 
@@ -22,4 +25,8 @@ TWO_PASS: dict[str, TwoPassKernel] = {
     **{name: family_kernel(name) for name, (sparsification, *_) in FAMILY.items() if sparsification is not None},
     "slerp": slerp_two_pass,
     "model_stock": model_stock_two_pass,
+    "nuslerp": nuslerp_two_pass,
+    "multislerp": multislerp_two_pass,
+    "ramplus_tl": ram_two_pass,
+    "arcee_fusion": arcee_fusion_two_pass,
 }
