@@ -31,6 +31,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from safemerge.errors import SafemergeError
 from safemerge.methods.safety_params import SAFEMERGE_ALPHA, SAFEMERGE_TAU
 from safemerge.options import RunOptions
@@ -550,8 +553,6 @@ def rule_text(result: AutotuneResult) -> str:
 
 def print_pareto(result: AutotuneResult, console: Any = None) -> None:
     """Print the Pareto front and the choice with rich."""
-    from rich.console import Console
-    from rich.table import Table
 
     con = console or Console(stderr=False)
     t = Table(title=f"automatic τ/α — Pareto front on validation ({rule_text(result)})")

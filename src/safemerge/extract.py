@@ -29,6 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from safemerge.errors import SafemergeError
 from safemerge.options import RunOptions, or_default
 
@@ -72,7 +75,6 @@ def truncated_factors(delta: Any, *, max_rank: int, sv_epsilon: float = 0.0) -> 
     ``r = min(max_rank, min(delta.shape))``, or fewer when only that many singular values exceed
     ``sv_epsilon``; ``A`` and ``B`` are empty (rank 0) when none does.
     """
-    import torch
 
     U, S, Vh = torch.linalg.svd(delta.to(torch.float32), full_matrices=False)
     rank = min(max_rank, int(S.shape[0]))
@@ -93,8 +95,6 @@ def _module_types(model_dir: Path) -> dict[str, str]:
     weights) to learn which weights belong to ``nn.Linear`` and ``nn.Embedding`` modules.
     ``trust_remote_code`` is always False.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
@@ -220,7 +220,6 @@ class _Accumulator:
     def add(self, name: str, ft: Any, bs: Any, kind: str, *, max_rank: int, sv_epsilon: float, embed_lora: bool,
             save_modules: Sequence[str], out_dtype: Any) -> None:
         """Read one tensor of the fine-tune and the base, and decide how it is written (mergekit's rules)."""
-        import torch
 
         module, _, leaf = name.rpartition(".")
         w_ft = ft.get(name, dtype=None)

@@ -10,6 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub.utils as hub_utils
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
 _SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
 
@@ -72,15 +76,6 @@ def progress_bar(description: str, *, total: int | None, total_bytes: int | None
     if not enabled:
         yield Bar()
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
 
     cols = [
         TextColumn("[bold]{task.description}"),
@@ -110,7 +105,6 @@ def library_progress(enabled: bool, *, loads_models: bool = True) -> None:
     progress; they would interleave with it); Hugging Face Hub download bars follow ``enabled``
     (``--no-progress``/``-q`` silence them). ``loads_models=False`` skips importing transformers.
     """
-    import huggingface_hub.utils as hub_utils
 
     if loads_models:
         from transformers.utils import logging as hf_logging

@@ -11,6 +11,7 @@ import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from safemerge.errors import ConfigError
@@ -184,7 +185,6 @@ class MergeConfig(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
     def to_yaml(self) -> str:
-        import yaml
 
         return yaml.safe_dump(self.to_yaml_dict(), sort_keys=False)
 

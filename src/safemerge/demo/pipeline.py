@@ -36,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from safemerge.autotune import PAPER_ALPHA, PAPER_TAU  # the one home of SafeMERGE's defaults
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.report import ModelRow
@@ -455,8 +458,6 @@ def report_markdown(*, zoo: Any, rows: list[ModelRow], scores: list[Any], autotu
 
 def print_table(result: DemoResult, console: Any = None) -> None:
     """The demo table on the terminal (rich)."""
-    from rich.console import Console
-    from rich.table import Table
 
     con = console or Console()
     t = Table(title="safemerge demo — safety vs utility (test sets)")

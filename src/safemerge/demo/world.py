@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from safemerge.demo.zoo import Log, ZooPaths, cached_step, fingerprint, write_jsonl
 
 WORLD_VERSION = 1
@@ -73,7 +75,6 @@ def world_tokenizer():
 
 
 def _seed_all(seed: int) -> None:
-    import torch
 
     random.seed(seed)
     torch.manual_seed(seed)
@@ -87,7 +88,6 @@ def full_sft(out: Path, records: list[dict[str, Any]], *, init: Path | None, ste
     scratch); otherwise from the model in ``init`` (the aligned model's safety SFT). The loss is
     the masked answer-token cross-entropy of :func:`safemerge.train.tokenize.encode_chat_example`.
     """
-    import torch
 
     from safemerge.io.output import atomic_output
     from safemerge.testing import make_tiny_model, save_model
@@ -145,7 +145,6 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
     Deterministic: the same ``cfg`` gives byte-identical models (single-threaded CPU training is
     seeded throughout). Returns the paths plus held-out evaluation and validation sets.
     """
-    import torch
 
     from safemerge.demo.world_data import make_world_data
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -328,7 +330,6 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
       validation for τ/α: held-out Bianchi safety-only prompts and GSM8K train problems not
       used for training.
     """
-    import random
 
     from safemerge.demo import data as D
 
@@ -348,7 +349,6 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
     r.shuffle(gsm)
 
     def gsm_response(ans: str) -> str:
-        import re
 
         work, final = ans.split("####")
         work = re.sub(r"<<[^>]*>>", "", work).strip()

@@ -14,6 +14,7 @@ Semantics follow mergekit 0.1.5:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,7 +82,6 @@ class MergePlan:
 
     @property
     def total_bytes(self) -> int:
-        import math
 
         sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
         return sum(math.prod(j.shape) * sizes.get(j.out_dtype, 4) for j in self.jobs)

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+import torch
+
 from safemerge.engine.plan import MergePlan, TensorJob
 from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.io.checkpoint import all_finite
@@ -57,7 +59,6 @@ def tune_allocator(mmap_threshold: int = 1 << 20, trim_threshold: int = 16 << 20
 
 @contextmanager
 def single_intraop_thread():
-    import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -82,7 +83,6 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
     to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in that dtype. Row blocks of safetensors
     checkpoints are converted straight from the mapped file
     into a small float32 buffer (one pass, no intermediate copy)."""
-    import torch
 
     ckpt, device = ckpts[ref], options.device
     fused = rows is not None and not keep_dtype and device == "cpu" and hasattr(ckpt, "copy_rows")
@@ -107,7 +107,6 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
 def _load_rows_f32(ckpt: Any, name: str, rows: Rows, compute_dtype: str | None):
     """Rows of a floating-point tensor as float32, rounded to ``compute_dtype`` as the
     whole-tensor path rounds them; other tensors as stored."""
-    import torch
 
     stored = ckpt.dtype_name(name)
     shape = ckpt.shape(name)
@@ -147,7 +146,6 @@ def run_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], *, option
     ``narrow``) a tensor merged in row blocks is never assembled: each block goes to ``write_rows``
     in the output dtype as soon as it is merged — no tensor-sized output buffer to allocate and
     fault in, each block written while it is in the cache — and the result is ``None``."""
-    import torch
 
     if job.passthrough:
         ref, name = job.base or job.inputs[0]
@@ -280,7 +278,6 @@ def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, g
     when set), the method's mergekit-order kernel in that dtype — or, for methods mergekit runs
     in float32 internally, the float32 kernel rounded back to that dtype. ``named``: the keyword
     arguments the method declares (:func:`_named_arguments`)."""
-    import torch
 
     from safemerge.methods.mergekit_order import KERNELS
 

@@ -23,6 +23,7 @@ tokenizer is saved with the model.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoTokenizer
 
 from safemerge.config.models import MergeConfig, ModelTokenSource, TokenEmbedding, ZeroSource
 from safemerge.errors import CheckpointError, ConfigError
@@ -51,7 +53,6 @@ def _tokenizer_dir(ref: str) -> Path:
 
 
 def _load_tokenizer(path: Path, what: str) -> Any:
-    from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
@@ -70,7 +71,6 @@ def union_tokenizer(base_tok: Any, tokenizers: Sequence[tuple[Any, int]]) -> Any
     token (settings from the first input that has it) of ``tokenizers`` (``(tokenizer,
     vocab_size)``, base first); ids at or beyond a model's ``vocab_size`` are skipped. The same
     vocabulary as mergekit's union; the ids of the new tokens are deterministic here."""
-    import copy
 
     regular: dict[str, None] = {}
     added: dict[str, Any] = {}

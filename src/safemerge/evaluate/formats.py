@@ -21,6 +21,7 @@ generic        any table; prompt/answer/category columns mapped or guessed
 from __future__ import annotations
 
 import csv
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -226,7 +227,6 @@ def load_gsm8k(raw: Any, path: Path, **_: Any) -> list[PromptRecord]:
 
 def load_pubmedqa(raw: Any, path: Path, split: str | None = None, **_: Any) -> list[PromptRecord]:
     """PubMedQA PQA-L; ``split="test"`` keeps the ids of a sibling ``*test_ground_truth.json``."""
-    import json
 
     if not isinstance(raw, dict) or not all(isinstance(v, dict) and "QUESTION" in v for v in raw.values()):
         raise SafemergeError(f"{path.name} is not a PubMedQA PQA-L file",

@@ -23,11 +23,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import inspect
 import os
 import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.options import RunOptions, or_default
@@ -72,7 +76,6 @@ def truncate_at_stop(text: str, stop: list[str] | None) -> str:
 
 
 def resolve_device(device: str | None) -> str:
-    import torch
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,7 +130,6 @@ def resolve_dtype(dtype: str | None, device: str) -> str:
 
 def _physical_memory_bytes(device: Any) -> int:
     """Total memory of ``device`` (a constant of the machine, so the batch size is reproducible)."""
-    import torch
 
     if device.type == "cuda":
         return int(torch.cuda.get_device_properties(device).total_memory)
@@ -162,7 +164,6 @@ def memory_batch_size(config: Any, element_bytes: int, prompt_tokens: int, new_t
 def fingerprint_model(model: Any) -> str:
     """A content fingerprint of an in-memory model: SHA-256 over each parameter's name, shape,
     sum and sum of squares (float64). Cheap, deterministic, and changes when any weight does."""
-    import torch
 
     h = hashlib.sha256()
     with torch.no_grad():
@@ -197,7 +198,6 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
 
 def left_pad(batch: list[list[int]], pad_id: int) -> tuple[Any, Any]:
     """``(input_ids, attention_mask)`` of ``batch`` left-padded to its longest row (CPU tensors)."""
-    import torch
 
     width = max(len(x) for x in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -212,7 +212,6 @@ def left_pad(batch: list[list[int]], pad_id: int) -> tuple[Any, Any]:
 def _cache_argument(model: Any) -> str:
     """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers ≥ 5.2x) or
     ``past_key_values`` (older releases); a PEFT wrapper forwards it to its base model."""
-    import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -309,7 +308,6 @@ class HFGenerator:
         Prompts are processed longest first (batches of similar length waste little compute on
         padding); ``batch_size=None`` sizes each batch from memory for its longest prompt.
         """
-        import torch
 
         if not texts:
             return []
@@ -343,7 +341,6 @@ class HFGenerator:
         emits EOS (or whose text contains a stop string) leaves the batch: its KV-cache rows,
         mask and position are dropped, so the remaining steps cost only what is still running.
         """
-        import torch
 
         eos = set(self._eos_ids())
         ids, mask = (t.to(self.device) for t in left_pad(batch, self._pad_id()))
@@ -429,13 +426,11 @@ def resolve_backend(backend: str, model: Any) -> str:
         return backend
     if not isinstance(model, (str, os.PathLike)) or importlib.util.find_spec("vllm") is None:
         return "hf"
-    import torch
 
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
 def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOptions) -> tuple[Any, Any, str]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safemerge.io.checkpoint import refuse_custom_code
     from safemerge.io.hub import resolve_local
@@ -551,7 +546,6 @@ def load_generator(
         return VLLMGenerator(str(model), adapter=adapter, dtype=resolve_dtype(dtype, "cuda") if dtype else None,
                              trust_remote_code=options.trust_remote_code, identity=identity or ident)
 
-    import torch
 
     dev = resolve_device(device)
     torch_dtype = getattr(torch, resolve_dtype(dtype, dev))

@@ -26,6 +26,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.verdicts import Judge, Verdict
 from safemerge.options import RunOptions, or_default
@@ -169,8 +172,6 @@ class ClassifierJudge(Judge):
     def __init__(self, path: str, *, harmful_label: str | int | None = None, threshold: float = 0.5,
                  pair: bool = False, batch_size: int = 16, device: str | None = None,
                  options: RunOptions | None = None, **_: Any) -> None:
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from safemerge.evaluate.generate import check_weights, resolve_device
         from safemerge.io.checkpoint import refuse_custom_code
@@ -219,7 +220,6 @@ class ClassifierJudge(Judge):
                              "pass harmful_label=NAME (e.g. --judge classifier:PATH with judge_kwargs)")
 
     def judge(self, prompts: list[str], responses: list[str], **kw: Any) -> list[Verdict]:
-        import torch
 
         self._check(prompts, responses)
         out: list[Verdict] = []

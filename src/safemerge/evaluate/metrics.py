@@ -18,6 +18,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import torch
+
 _NUM = re.compile(r"[-+]?\$?\d[\d,]*(?:\.\d+)?")
 
 
@@ -33,7 +36,6 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 2000, alpha: float = 
     Resamples ``n`` values with replacement ``n_boot`` times (NumPy ``default_rng(seed)``) and takes
     the ``alpha/2`` and ``1 − alpha/2`` quantiles of the resampled means. ``None`` when empty.
     """
-    import numpy as np
 
     x = np.asarray([float(v) for v in values], dtype=np.float64)
     if x.size == 0:
@@ -153,7 +155,6 @@ def answer_token_ce(model: Any, tokenizer: Any, prompts: Sequence[str], answers:
     reference continuations. Batches are right-padded, so positions of real tokens are unchanged
     and padded positions are excluded from both attention and the loss.
     """
-    import torch
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     device = next(model.parameters()).device

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from safemerge.errors import SafemergeError
 from safemerge.io.output import md_code
 
@@ -99,8 +102,6 @@ def _lm_eval_rows(lm: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 
 def print_results(results: dict[str, Any], console: Any = None) -> None:
     """Print :func:`summary_rows` as a rich table (plus per-category harmful rates)."""
-    from rich.console import Console
-    from rich.table import Table
 
     console = console or Console()
     settings = results.get("settings") or {}

@@ -21,6 +21,9 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors.torch import save_file
+
 from safemerge.errors import CheckpointError
 from safemerge.options import RunOptions
 
@@ -79,7 +82,6 @@ class LoraModule:
 
     def delta(self, dtype: Any = None):
         """The dense update ΔW in the base weight's layout (float32 unless ``dtype``)."""
-        import torch
 
         dt = dtype or torch.float32
         if dt == torch.float32:
@@ -97,7 +99,6 @@ class LoraModule:
         aligned to the tensor: a row's bits do not depend on which rows were asked for, so a
         row-blocked merge equals the whole-tensor merge bit for bit on every machine.
         """
-        import torch
 
         A, B = self.A.to(torch.float32), self.B.to(torch.float32)
         n = int(A.shape[1] if self.transpose else B.shape[0])
@@ -113,7 +114,6 @@ class LoraModule:
 
     def scaled_factors(self, dtype: Any = None):
         """``(A, s·B)``: factors whose plain product is ΔW (in the out × in orientation)."""
-        import torch
 
         dt = dtype or torch.float32
         return self.A.to(dt), self.B.to(dt) * self.scaling
@@ -287,7 +287,6 @@ class LoraAdapter(Mapping):
         modules_to_save and LoRA biases (``bias="lora_only"``/``"all"``) replace the tensor;
         trainable tokens overwrite their rows (``W.index_copy(0, indices, values)``, as PEFT merges).
         """
-        import torch
 
         out = None
         key = self.extra_weights.get(name)
@@ -470,7 +469,6 @@ class AdaptedCheckpoint(Mapping):
 
     def get_rows(self, name: str, start: int, stop: int, dtype: Any = "float32"):
         """Rows ``[start, stop)`` of base + ΔW, computing only those rows of the low-rank update."""
-        import torch
 
         real = self.base.aliases.get(name, name)
         if real in self.adapter.extra_weights or real in self.adapter.token_rows:
@@ -485,7 +483,6 @@ class AdaptedCheckpoint(Mapping):
 
     def get(self, name: str, dtype: Any = "float32", device: str = "cpu"):  # type: ignore[override]
         """Base tensor plus the adapter's ΔW (computed in float32, then cast to ``dtype``)."""
-        import torch
 
         real = self.base.aliases.get(name, name)
         key = self._replacement(name)
@@ -540,8 +537,6 @@ def save_adapter(
     LoRA, Hu et al. 2021, Eq. 3 with α = r). The directory loads with
     ``peft.PeftModel.from_pretrained``.
     """
-    import torch
-    from safetensors.torch import save_file
 
     if not modules:
         raise CheckpointError("refusing to write an adapter with no modules", "check the layer selection")

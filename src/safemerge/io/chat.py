@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+
 from safemerge.errors import SafemergeError
 
 
@@ -19,7 +21,6 @@ def render_chat_template(tokenizer: Any, messages: list[dict[str, str]], *, add_
         SafemergeError: the template raised (``raise_exception``), broke the sandbox's rules or
             does not parse.
     """
-    from jinja2.exceptions import TemplateError
 
     try:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -13,13 +13,20 @@ Mistral, Qwen2 (with q/k/v biases), Gemma and Phi-3 layouts all work without a t
 from __future__ import annotations
 
 import json
+import math
+import mmap
 import os
 import re
+import stat
+import struct
 import threading
 from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
 
 from safemerge.errors import CheckpointError, option
 from safemerge.io.hub import resolve_local, split_model_ref  # noqa: F401  (split_model_ref re-exported)
@@ -75,7 +82,6 @@ def require_regular_file(path: Path, what: str = "checkpoint file") -> int:
     Opening a named pipe or a character device blocks forever or reads endless bytes, so every
     file a checkpoint names is type-checked with ``stat`` before the first ``open``.
     """
-    import stat
 
     try:
         st = path.stat()
@@ -93,9 +99,7 @@ def all_finite(t: "torch.Tensor") -> bool:
     """True when ``t`` has no NaN/Inf. One summation pass (NaN and ±Inf propagate into the sum);
     only when the sum is not finite — a non-finite entry, or a finite overflow — is the exact
     element-wise test run. About 10× cheaper than ``isfinite(t).all()`` on large tensors."""
-    import math
 
-    import torch
 
     if t.numel() == 0 or not t.is_floating_point():
         return True
@@ -111,7 +115,6 @@ def _elementwise_safe(t: "torch.Tensor") -> "torch.Tensor":
 
 def refuse_nonfinite(t: "torch.Tensor", name: str, source: Any) -> None:
     """Raise :class:`CheckpointError` when tensor ``name`` of ``source`` holds NaN or Inf."""
-    import torch
 
     if not all_finite(t):
         bad = "NaN" if bool(torch.isnan(_elementwise_safe(t)).any()) else "Inf"
@@ -136,7 +139,6 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
     here (see :func:`validate_safetensors_header`); truncated files are reported at open time
     instead of half-way through a merge.
     """
-    import struct
 
     size = require_regular_file(path)
     try:
@@ -189,7 +191,6 @@ def _bad_tensor(path: Path, name: str, problem: str,
 
 def _entry_byte_range(path: Path, name: str, info: Any, data_len: int) -> tuple[int, int]:
     """``(begin, end)`` of one header entry, after checking its dtype, shape and offsets against the file."""
-    import math
 
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise _bad_tensor(path, name, "has a malformed header entry (needs dtype, shape and data_offsets)")
@@ -356,7 +357,6 @@ class Checkpoint(Mapping):
         if not path.exists():
             raise CheckpointError(f"pickle shard {path} is missing", "re-download the checkpoint")
         require_regular_file(path)
-        import torch
 
         self.format = "pickle"
         try:
@@ -449,7 +449,6 @@ class Checkpoint(Mapping):
         return _ST_DTYPES.get(d, d.replace("torch.", ""))
 
     def nbytes(self, name: str) -> int:
-        import math
 
         sizes = {"float64": 8, "float32": 4, "int64": 8, "int32": 4, "float16": 2, "bfloat16": 2, "int16": 2}
         return math.prod(self.shape(name)) * sizes.get(self.dtype_name(name), 1)
@@ -475,7 +474,6 @@ class Checkpoint(Mapping):
     def _locate(self, path: Path, name: str,
                 rows: tuple[int, int] | None = None) -> tuple[int, int, Any, tuple[int, ...]]:
         """File offset, byte count, torch dtype and shape of a stored tensor (or of rows of it)."""
-        import torch
 
         info = self._headers[path][name]
         begin, end = info["data_offsets"]
@@ -512,9 +510,7 @@ class Checkpoint(Mapping):
                                           "re-download the checkpoint")
                 done += n
             return
-        import mmap  # pragma: no cover - platforms without preadv
 
-        import numpy as np
 
         mm = self._mmap(path)
         for lo in range(0, len(view), _READ_CHUNK):
@@ -542,7 +538,6 @@ class Checkpoint(Mapping):
 
     def _read_safetensors(self, path: Path, name: str, rows: tuple[int, int] | None = None):
         """Read one tensor (or rows of it) in its stored dtype."""
-        import torch
 
         off, nbytes, dtype, shape = self._locate(path, name, rows)
         out = torch.empty(nbytes, dtype=torch.uint8)
@@ -568,7 +563,6 @@ class Checkpoint(Mapping):
 
     def get_rows(self, name: str, start: int, stop: int, dtype: Any = "float32"):
         """Rows ``[start, stop)`` of a tensor (first dimension), read without the rest of it."""
-        import torch
 
         real, f = self._resolve(name)
         if f in self._pickled:
@@ -585,7 +579,6 @@ class Checkpoint(Mapping):
         """Rows ``[start, stop)`` converted into ``out`` (shape ``(stop-start, *rest)``): read
         into a block-sized buffer and converted in one pass, without a tensor-sized allocation.
         Values are not checked for NaN/Inf (the engine checks the converted block itself)."""
-        import torch
 
         real, f = self._resolve(name)
         if f in self._pickled:
@@ -598,7 +591,6 @@ class Checkpoint(Mapping):
 
     def get(self, name: str, dtype: Any = "float32", device: str = "cpu"):  # type: ignore[override]
         """Read one tensor and cast it (float32 by default; ``dtype=None`` keeps the stored dtype)."""
-        import torch
 
         t = self[name]
         if dtype is not None:

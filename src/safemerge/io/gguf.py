@@ -23,6 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+from transformers.utils import logging as hf_logging
+
 from safemerge.errors import CheckpointError, ConfigError, SafemergeError
 from safemerge.options import RunOptions, or_default
 
@@ -74,7 +80,6 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     if magic != GGUF_MAGIC:
         raise CheckpointError(f"{p} is not a GGUF file (magic {magic!r}, expected b'GGUF')",
                               "pass a llama.cpp .gguf model file")
-    import numpy as np
     from gguf import GGUFReader
 
     try:
@@ -127,7 +132,6 @@ def _check_bpe_merges(fields: Any, path: Path) -> None:
 
 
 def _check_supported(arch: str, path: Path) -> None:
-    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
@@ -202,9 +206,6 @@ def convert_gguf(
     meta = read_gguf_metadata(src)
     _check_supported(str(meta["general.architecture"]), src)
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     step = on_step or (lambda _msg: None)
     verbosity = hf_logging.get_verbosity()

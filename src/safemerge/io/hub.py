@@ -19,6 +19,15 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
 from safemerge.errors import CheckpointError
 from safemerge.options import RunOptions, or_default
 
@@ -83,14 +92,6 @@ def download_snapshot(ref: str, *, options: RunOptions | None = None, patterns: 
     if parsed is None:
         raise CheckpointError(f"{ref!r} is not a Hugging Face Hub id", "use org/name or org/name@revision")
     repo, rev = parsed
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     pickles = PICKLE_PATTERNS if or_default(options).allow_pickle else ()
     allow = list(patterns) if patterns is not None else [*MODEL_PATTERNS, *pickles]

@@ -25,6 +25,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+import yaml
+from safetensors.torch import save_file
+
 from safemerge.errors import SafemergeError, option
 
 TMP_MARK = ".safemerge-tmp-"
@@ -258,7 +262,6 @@ def _dtype_name(dtype: Any) -> str:
 
 def tensor_bytes(t) -> memoryview:
     """A zero-copy little-endian byte view of a contiguous CPU tensor."""
-    import torch
 
     t = t.detach().to("cpu").contiguous()
     if t.dtype in (torch.bfloat16, torch.float16):
@@ -309,7 +312,6 @@ class ShardWriter:
 
     # ------------------------------------------------------------- planned mode
     def _setup_plan(self, plan: Sequence[tuple[str, Sequence[int]]], plan_dtypes: Mapping[str, str]) -> None:
-        import math
 
         default = _dtype_name(self.dtype) if self.dtype is not None else "float32"
         shards: list[list[tuple[str, tuple[int, ...], str, int]]] = [[]]
@@ -348,7 +350,6 @@ class ShardWriter:
 
     def add(self, name: str, tensor) -> None:
         """Store one tensor (cast to the writer's dtype)."""
-        import torch
 
         if self._plan is not None:
             fd_i, offset, shape, dt, _ = self._planned(name)
@@ -374,7 +375,6 @@ class ShardWriter:
         """Store rows ``[r0, r1)`` of planned tensor ``name`` (cast to the planned dtype: a no-op for
         the engine's blocks, narrowed already) at their place in the shard, so that a tensor merged
         in row blocks is never assembled in memory; the tensor counts as written once all its rows are."""
-        import torch
 
         fd_i, offset, shape, dt, _ = self._planned(name)
         r0, r1 = rows
@@ -401,7 +401,6 @@ class ShardWriter:
             written += os.pwrite(self._fds[fd_i], data[written:], offset + written)
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
 
         if not self._buffer:
             return
@@ -518,7 +517,6 @@ def write_model_card(
     safemerge (callers escape user strings inside them with :func:`md_escape`). The
     front-matter is emitted with ``yaml.safe_dump``, so arbitrary strings cannot break it.
     """
-    import yaml
 
     fm: dict[str, Any] = {}
     if base_model:

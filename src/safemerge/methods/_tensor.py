@@ -4,6 +4,7 @@ Everything here works on float32 and allocates at most a couple of tensor-sized 
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -125,7 +126,6 @@ def kth_smallest(flat: torch.Tensor, k: int) -> torch.Tensor:
     bracket is verified by the counts, so the result is exact; if it misses (it should not,
     with a ±6σ margin) or values are NaN, we fall back to ``torch.kthvalue``.
     """
-    import math
 
     n = flat.numel()
     if n < (1 << 15):
@@ -169,7 +169,6 @@ class StreamedKth:
 
     def bracket(self, sample: torch.Tensor) -> None:
         """Bounds that contain the answer with overwhelming probability (±8σ of the sample quantile)."""
-        import math
 
         sample = sample.reshape(-1)
         m = sample.numel()
@@ -218,7 +217,6 @@ def streamed_order_statistics(values: Callable[[tuple[int, int]], torch.Tensor],
     """The ``k``-th smallest (1-based) entries, for every ``k`` in ``ks``, of a tensor of ``shape`` that
     ``values(rows)`` computes row block by row block — exactly (the values ``kthvalue`` of the whole
     tensor gives), bracketed from a row sample. ``None`` when a bracket missed or there were NaNs."""
-    import math
 
     numel = math.prod(shape)
     selections = [StreamedKth(numel, k) for k in ks]
@@ -374,7 +372,6 @@ def dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def row_blocks(shape: Sequence[int], block_bytes: int) -> list[tuple[int, int]]:
     """Row ranges ``[r0, r1)`` of about ``block_bytes`` of float32 each, covering dimension 0."""
-    import math
 
     rows = max(1, int(block_bytes) // (4 * math.prod(shape[1:])))
     return [(r0, min(shape[0], r0 + rows)) for r0 in range(0, shape[0], rows)]

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.optimize.config import DataSection, OptimizeConfig
 from safemerge.optimize.genome import Genome
@@ -79,8 +82,6 @@ class CandidateEvaluator:
 
     def __init__(self, cfg: OptimizeConfig, *, options: RunOptions | None = None,
                  num_threads: int | None = None) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from safemerge.io.checkpoint import refuse_custom_code
         from safemerge.io.hub import resolve_model_ref
@@ -132,7 +133,6 @@ class CandidateEvaluator:
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Copy tensors into the resident model's parameters (tied parameters are written once per alias)."""
-        import torch
 
         missing = {n for n, p in self.model.named_parameters()}  # deduplicated names
         with torch.no_grad():

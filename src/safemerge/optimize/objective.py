@@ -23,6 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from safemerge.errors import SafemergeError
 
 IGNORE_INDEX = -100
@@ -104,7 +107,6 @@ class AnswerCEObjective:
 
         ``ℓ_i = (1/|A_i|) Σ_{t∈A_i} −log p_θ(x_{i,t} | x_{i,<t})`` with ``A_i`` the labelled positions.
         """
-        import torch.nn.functional as F
 
         dev = next(model.parameters()).device
         ids = batch["input_ids"].to(dev)
@@ -120,7 +122,6 @@ class AnswerCEObjective:
 
     def part_loss(self, model: Any, part: str) -> float | None:
         """``L_D`` for ``part`` ∈ {``safety``, ``expert``}: mean of the per-example losses, or ``None`` if empty."""
-        import torch
 
         batches = self._batches[part]
         if not batches:

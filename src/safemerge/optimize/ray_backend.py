@@ -8,6 +8,7 @@ produces the same trace as a serial one. Ray is imported only when this backend 
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,7 +54,6 @@ class RayBackend:
         @ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
         class _Worker:
             def __init__(self, cfg: dict[str, Any], options: RunOptions | None, threads: int) -> None:
-                import os
 
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 from safemerge.optimize.candidate import CandidateEvaluator

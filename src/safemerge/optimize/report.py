@@ -7,10 +7,14 @@ produced by :func:`safemerge.evaluate.api.evaluate`.
 """
 from __future__ import annotations
 
+import json
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 
 def _pct(v: Any) -> str:
@@ -49,7 +53,6 @@ def mean_over_seeds(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     The spread across seeds (SD, and ``*_range``) is the seed-to-seed variation of the whole pipeline
     (search + evaluation); the per-seed bootstrap intervals stay in the individual rows.
     """
-    import statistics
 
     if not rows:
         raise ValueError("no rows to average")
@@ -97,7 +100,6 @@ def data_label(n_safety: int, n_expert: int) -> str:
 def table1_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Table-1 rows from output directories: ``safemerge optimize --eval`` runs (the row stored in
     ``summary.json``) or ``safemerge eval`` runs (named by folder)."""
-    import json
 
     from safemerge.evaluate.report import load_results
 
@@ -176,7 +178,6 @@ def plot_trace(rows: Sequence[Mapping[str, Any]], path: str | Path, *, title: st
 def run_report_markdown(summary: Mapping[str, Any], best_config: Mapping[str, Any]) -> str:
     """``report.md`` of one optimize run: summary numbers, the best config, the trace plot and,
     after ``--eval``, the merged model's Table-1 row (``summary["evaluation"]``)."""
-    import yaml
 
     lines = [f"# safemerge optimize — {summary.get('strategy')}", ""]
     for k, v in summary.items():

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from safemerge.errors import SafemergeError, option
 from safemerge.optimize.config import OptimizeConfig, load_optimize_config
 from safemerge.optimize.trace import Trace
@@ -163,7 +165,6 @@ class _Run:
 
     def execute(self, ray: RayPool | None, on_generation: Callable[[int, int], None] | None) -> dict[str, Any]:
         """The search, the report and the merged model, assembled in ``work`` and promoted to ``out``."""
-        import yaml
 
         trace = Trace(self.work / "trace.jsonl")
         t_setup = time.perf_counter()

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from safemerge.autotune import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.report import ModelRow
@@ -288,8 +291,6 @@ def report_markdown(rows: list[ModelRow], tuned: Any, *, utility_is_validation: 
 
 def print_report(result: RepairResult, console: Any = None) -> None:
     """The before/after table on stdout (rich)."""
-    from rich.console import Console
-    from rich.table import Table
 
     con = console or Console()
     t = Table(title=f"safemerge repair — test sets, 95% intervals (τ = {result.tau:g}, α = {result.alpha:g})")

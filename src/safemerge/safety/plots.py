@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from safemerge.safety.selection import LayerScore
 
 
@@ -16,7 +18,6 @@ def heatmap(scores: list[LayerScore], path: str | Path, *, tau: float | None = N
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     sources = list(dict.fromkeys(s.source for s in scores))
     from safemerge.safety.deltas import MODULE_ORDER

@@ -7,6 +7,7 @@ inside a temporary directory from :func:`safemerge.io.output.atomic_output`.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,6 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 
 def copy_adapter_side_files(src_dir: Path, tmp: Path) -> None:
     """Copy the tokenizer files that sit next to an adapter (PEFT saves them there)."""
-    import shutil
 
     from safemerge.io.output import TOKENIZER_FILES
 

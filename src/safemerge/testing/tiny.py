@@ -10,6 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -26,8 +31,6 @@ def build_tokenizer(vocab_size: int = 128, words: list[str] | None = None):
     The vocabulary is the special tokens, ``words`` (if given), lower-case letters, digits and
     punctuation, padded with ``tok_i`` entries up to ``vocab_size``. A ChatML chat template is set.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
     for tok in _SPECIAL + list(words or []) + list("abcdefghijklmnopqrstuvwxyz0123456789.,?!:;'\"-+*/=()\n"):
@@ -56,7 +59,6 @@ def build_tokenizer(vocab_size: int = 128, words: list[str] | None = None):
 
 
 def _config(arch: str, vocab_size: int, hidden: int, layers: int, tie: bool | None) -> Any:
-    import transformers as tf
 
     common = dict(
         vocab_size=vocab_size,
@@ -89,8 +91,6 @@ def make_tiny_model(arch: str = "llama", *, seed: int = 0, vocab_size: int = 128
                     tie: bool | None = None):
     """A randomly initialised tiny causal LM of the given family (``llama``, ``mistral``, ``qwen2``, ``gemma``,
     ``phi3``)."""
-    import torch
-    import transformers as tf
 
     torch.manual_seed(seed)
     cfg = _config(arch, vocab_size, hidden, layers, tie)
@@ -104,7 +104,6 @@ def make_tiny_model(arch: str = "llama", *, seed: int = 0, vocab_size: int = 128
 
 def perturb_model(model, *, seed: int, scale: float = 0.01, only: str | None = None):
     """Add seeded Gaussian noise ``scale·N(0,1)`` to every parameter (or those whose name contains ``only``)."""
-    import torch
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.options import RunOptions, or_default
 from safemerge.progress import progress_bar
@@ -89,8 +92,6 @@ def _check_hparams(rank: int, alpha: float, steps: int | None, epochs: float | N
 
 def _load_model_and_tokenizer(model: str | Path, trust_remote_code: bool = False):
     """The model (a directory, Hub id, or ``MODEL+ADAPTER`` with the adapter merged in) and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from safemerge.io.checkpoint import refuse_custom_code
     from safemerge.io.hub import resolve_model_ref
@@ -153,7 +154,6 @@ def _batches(n: int, batch_size: int, total_steps: int, generator) -> Iterable[l
 
     The last batch of an epoch may be smaller; batches never straddle epochs.
     """
-    import torch
 
     done = 0
     while done < total_steps:
@@ -315,7 +315,6 @@ class _Schedule:
 
 def _lora_model(lm: Any, cfg: Any, targets: str | Sequence[str], model_dir: Path, *, seed: int) -> Any:
     """``lm`` wrapped with a freshly initialised LoRA (``torch.manual_seed(seed)`` first: deterministic)."""
-    import torch
     from peft import get_peft_model
 
     torch.manual_seed(seed)
@@ -331,7 +330,6 @@ def _lora_model(lm: Any, cfg: Any, targets: str | Sequence[str], model_dir: Path
 def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, schedule: _Schedule, *, lr: float,
               seed: int, compute_dtype: str, progress: bool) -> list[float]:
     """The training loop (AdamW, warm-up + linear decay, grad-norm clip); returns the loss of every step."""
-    import torch
 
     from safemerge.train.tokenize import collate
 
@@ -363,7 +361,6 @@ def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, sche
 def _write_trained(out_dir: str | Path, peft_model: Any, tok: Any, *, model: str | Path, model_dir: Path,
                    merge: bool, log: dict[str, Any], force: bool, inputs: tuple[Any, ...]) -> None:
     """The adapter (or, with ``merge``, the merged model), the tokenizer, the log and the card, atomically."""
-    import torch
 
     from safemerge.io.output import atomic_output, chmod_to_umask
 
