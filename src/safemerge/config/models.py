@@ -185,7 +185,6 @@ class MergeConfig(BaseModel):
         return self.model_dump(mode="json", exclude_none=True)
 
     def to_yaml(self) -> str:
-
         return yaml.safe_dump(self.to_yaml_dict(), sort_keys=False)
 
     @property

@@ -75,7 +75,6 @@ def world_tokenizer():
 
 
 def _seed_all(seed: int) -> None:
-
     random.seed(seed)
     torch.manual_seed(seed)
 

@@ -349,7 +349,6 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
     r.shuffle(gsm)
 
     def gsm_response(ans: str) -> str:
-
         work, final = ans.split("####")
         work = re.sub(r"<<[^>]*>>", "", work).strip()
         return f"{work}\nThe answer is {final.strip()}."

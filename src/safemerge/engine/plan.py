@@ -82,7 +82,6 @@ class MergePlan:
 
     @property
     def total_bytes(self) -> int:
-
         sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
         return sum(math.prod(j.shape) * sizes.get(j.out_dtype, 4) for j in self.jobs)
 

@@ -59,7 +59,6 @@ def tune_allocator(mmap_threshold: int = 1 << 20, trim_threshold: int = 16 << 20
 
 @contextmanager
 def single_intraop_thread():
-
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

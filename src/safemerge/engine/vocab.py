@@ -53,7 +53,6 @@ def _tokenizer_dir(ref: str) -> Path:
 
 
 def _load_tokenizer(path: Path, what: str) -> Any:
-
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:

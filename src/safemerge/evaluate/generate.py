@@ -76,7 +76,6 @@ def truncate_at_stop(text: str, stop: list[str] | None) -> str:
 
 
 def resolve_device(device: str | None) -> str:
-
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -431,7 +430,6 @@ def resolve_backend(backend: str, model: Any) -> str:
 
 
 def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOptions) -> tuple[Any, Any, str]:
-
     from safemerge.io.checkpoint import refuse_custom_code
     from safemerge.io.hub import resolve_local
 

@@ -220,7 +220,6 @@ class ClassifierJudge(Judge):
                              "pass harmful_label=NAME (e.g. --judge classifier:PATH with judge_kwargs)")
 
     def judge(self, prompts: list[str], responses: list[str], **kw: Any) -> list[Verdict]:
-
         self._check(prompts, responses)
         out: list[Verdict] = []
         with torch.inference_mode():

@@ -449,7 +449,6 @@ class Checkpoint(Mapping):
         return _ST_DTYPES.get(d, d.replace("torch.", ""))
 
     def nbytes(self, name: str) -> int:
-
         sizes = {"float64": 8, "float32": 4, "int64": 8, "int32": 4, "float16": 2, "bfloat16": 2, "int16": 2}
         return math.prod(self.shape(name)) * sizes.get(self.dtype_name(name), 1)
 

@@ -132,7 +132,6 @@ def _check_bpe_merges(fields: Any, path: Path) -> None:
 
 
 def _check_supported(arch: str, path: Path) -> None:
-
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise CheckpointError(
             f"{path}: GGUF architecture {arch!r} cannot be imported",

@@ -312,7 +312,6 @@ class ShardWriter:
 
     # ------------------------------------------------------------- planned mode
     def _setup_plan(self, plan: Sequence[tuple[str, Sequence[int]]], plan_dtypes: Mapping[str, str]) -> None:
-
         default = _dtype_name(self.dtype) if self.dtype is not None else "float32"
         shards: list[list[tuple[str, tuple[int, ...], str, int]]] = [[]]
         size = 0
@@ -401,7 +400,6 @@ class ShardWriter:
             written += os.pwrite(self._fds[fd_i], data[written:], offset + written)
 
     def _flush(self) -> None:
-
         if not self._buffer:
             return
         idx = len(self._shards)

@@ -54,7 +54,6 @@ class RayBackend:
         @ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)
         class _Worker:
             def __init__(self, cfg: dict[str, Any], options: RunOptions | None, threads: int) -> None:
-
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
                 from safemerge.optimize.candidate import CandidateEvaluator
                 from safemerge.optimize.config import load_optimize_config

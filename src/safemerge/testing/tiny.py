@@ -59,7 +59,6 @@ def build_tokenizer(vocab_size: int = 128, words: list[str] | None = None):
 
 
 def _config(arch: str, vocab_size: int, hidden: int, layers: int, tie: bool | None) -> Any:
-
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden,
