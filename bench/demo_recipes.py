@@ -38,9 +38,10 @@ def main() -> None:
     ap.add_argument("-o", "--out", default=None, help="write the measured rows as JSON")
     args = ap.parse_args()
 
-    from safemerge.autotune import evaluate_suites
+    from safemerge.cache import cache_root, fingerprint
     from safemerge.demo.pipeline import ALL_LAYERS_TAU
-    from safemerge.demo.zoo import build_smollm2_zoo, cache_root, fingerprint
+    from safemerge.demo.zoo import build_smollm2_zoo
+    from safemerge.evaluate.suites import evaluate_suites
     from safemerge.safety.api import safemerge_adapters
 
     t0 = time.perf_counter()

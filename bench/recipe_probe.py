@@ -28,6 +28,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from safemerge.cache import cache_root, fingerprint
+
 
 def _lookalike_framed_refusals(per_goal: int, seed: int = 0) -> list[dict[str, Any]]:
     """Refusals of every ``align`` harmful goal under ``per_goal`` of the look-alike frames that are neither
@@ -43,9 +45,9 @@ def _lookalike_framed_refusals(per_goal: int, seed: int = 0) -> list[dict[str, A
 
 def _rates(model: Path, adapter: Path | None, data: Path, out: Path, external: Path | None) -> dict[str, Any]:
     """Validation harmful rate, over-refusal and utility with the demo's per-suite token budgets, plus the external
-    sets (``autotune.evaluate_suites``, the evaluation automatic τ/α uses)."""
-    from safemerge.autotune import evaluate_suites
+    sets (``safemerge.evaluate.suites.evaluate_suites``, the evaluation automatic τ/α uses)."""
     from safemerge.demo.zoo import SMOLLM2_MAX_NEW_TOKENS
+    from safemerge.evaluate.suites import evaluate_suites
 
     val = {name: str(data / f"val_{name}.jsonl") for name in ("harmful", "benign", "utility")}
     r = evaluate_suites(model, adapter=adapter, suites=val, max_new_tokens=SMOLLM2_MAX_NEW_TOKENS, out_dir=out / "val")
@@ -72,7 +74,7 @@ def _safety_variant(zoo: Any, root: Path, targets: str | None, steps: int) -> Pa
         return zoo.safety
     rows = Z.read_jsonl(zoo.data / "safety_train.jsonl")
     s = Z.SAFETY_SETTINGS
-    out = root / f"safety-{Z.fingerprint(zoo.aligned.name, rows, s, targets, steps)}"
+    out = root / f"safety-{fingerprint(zoo.aligned.name, rows, s, targets, steps)}"
     if not out.exists():
         records, _ = training_records(zoo.aligned, rows, seed=s["seed"], distill_benign=s["distill_benign"],
                                       progress=False)
@@ -118,7 +120,7 @@ def _safety_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[s
     for point in args.weights.split(","):
         w_f, w_s = (float(x) for x in point.split(":"))
         model = _weighted_model(zoo.aligned, zoo.task, safety, w_f, w_s,
-                                root / f"weighted-{Z.fingerprint(safety.name, w_f, w_s)}")
+                                root / f"weighted-{fingerprint(safety.name, w_f, w_s)}")
         results.append({"probe": "safety", "safety": str(safety), "targets": args.targets or "task LoRA's",
                         "steps": args.steps or Z.SAFETY_SETTINGS["steps"], "w_f": w_f, "w_s": w_s,
                         **_rates(model, None, zoo.data, model / "probe-evals", args.external)})
@@ -141,7 +143,7 @@ def main() -> None:
 
     from safemerge.demo import zoo as Z
     zoo = Z.build_smollm2_zoo(args.cache_dir, log=print)
-    root = Z.cache_root(args.cache_dir) / "bench-recipe-probe"
+    root = cache_root(args.cache_dir) / "bench-recipe-probe"
     t0 = time.perf_counter()
     if args.probe == "safety":
         _write(_safety_probe(args, zoo, root), args.out)
@@ -149,7 +151,7 @@ def main() -> None:
     if args.probe == "aligned":
         recipe = replace(Z.ALIGN_RECIPE, steps=args.steps or Z.ALIGN_RECIPE.steps)
         rows = Z.read_jsonl(zoo.data / "align_train.jsonl") + _lookalike_framed_refusals(args.lookalike_framed_refusals)
-        model = root / f"aligned-{Z.fingerprint(rows, asdict(recipe))}"
+        model = root / f"aligned-{fingerprint(rows, asdict(recipe))}"
         if not model.exists():
             Z.train_recipe(zoo.base, rows, model, recipe, merge=True)
         adapter, setting = None, {"lookalike_framed_refusals": args.lookalike_framed_refusals, "records": len(rows),
@@ -158,7 +160,7 @@ def main() -> None:
         model = args.aligned or zoo.aligned
         recipe = replace(Z.TASK_RECIPE, lr=args.lr or Z.TASK_RECIPE.lr)
         rows = Z.read_jsonl(zoo.data / "task_train.jsonl")
-        adapter = root / f"task-{Z.fingerprint(str(model), rows, asdict(recipe))}"
+        adapter = root / f"task-{fingerprint(str(model), rows, asdict(recipe))}"
         if not adapter.exists():
             Z.train_recipe(model, rows, adapter, recipe, merge=False)
         setting = {"aligned": str(model), "recipe": asdict(recipe)}

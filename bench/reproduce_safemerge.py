@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from safemerge.autotune import print_pareto
     from safemerge.demo.pipeline import print_table, run_demo
+    from safemerge.tuning.report import print_pareto
 
     err = Console(stderr=True)
     t0 = time.perf_counter()

@@ -13,14 +13,27 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # the core layers and what each may import (besides itself and the leaf modules below)
-LEAVES = {"errors", "_lazy", "progress", "options"}
+LEAVES = {"errors", "_lazy", "progress", "options", "cache"}
+CORE = {"engine", "config", "methods", "io"}
 ALLOWED = {
     "io": set(),
     "methods": {"io"},
     "config": {"io"},
     "engine": {"config", "methods", "io"},
-    "safety": {"engine", "config", "methods", "io"},
+    "safety": CORE,
 }
+# the layers above the core and what each may import: the harness and training, then the workflows that combine
+# them (automatic τ/α, repair, the demo); "" is the package root (its version)
+WORKFLOW_ALLOWED = {
+    "evaluate": {"data", "io", ""},
+    "train": {"data", "evaluate", "io"},
+    "tuning": CORE | {"safety", "evaluate"},
+    "repair": CORE | {"safety", "evaluate", "train", "extract", "tuning"},
+    "demo": CORE | {"safety", "evaluate", "train", "extract", "tuning", "repair", "data", "testing"},
+}
+# the sideways imports issue 12 removed, named so that a regression says what it is
+FORBIDDEN = {("train", "tuning"), ("train", "demo"), ("train", "repair"), ("repair", "demo"), ("tuning", "repair"),
+             ("tuning", "demo"), ("evaluate", "tuning")}
 # private names still imported across modules, each with the reason it stays
 PRIVATE_EXCEPTIONS: dict[tuple[str, str], str] = {}
 
@@ -116,6 +129,18 @@ def test_core_layers_import_downward(structure):
     upward = sorted(f"{m} -> {t}" for m, targets in graph.items() if _area(m) in ALLOWED for t in targets
                     if _area(t) not in ALLOWED[_area(m)] | LEAVES | {_area(m), ""})
     assert upward == []
+
+
+def test_workflows_import_only_the_layers_below_them(structure):
+    """train → evaluate, tuning → safety/evaluate, repair → tuning/train, demo → repair: never sideways or up
+    (e.g. the safety LoRA's evaluation comes from ``evaluate.suites``, repair's cache keys from ``cache``)."""
+    graph, _, _ = structure
+    edges = {(m, t) for m, targets in graph.items() for t in targets}
+    sideways = sorted(f"{m} -> {t}" for m, t in edges if (_area(m), _area(t)) in FORBIDDEN)
+    assert sideways == []
+    outside = sorted(f"{m} -> {t}" for m, t in edges if _area(m) in WORKFLOW_ALLOWED
+                     and _area(t) not in WORKFLOW_ALLOWED[_area(m)] | LEAVES | {_area(m)})
+    assert outside == []
 
 
 def test_no_private_names_across_modules(structure):

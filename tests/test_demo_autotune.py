@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from safemerge.autotune import GridPoint, Limits, choose, pareto_mask, tau_candidates
+import safemerge.tuning.search as search_module
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.suites import PromptSets
+from safemerge.safety.selection import LayerScore
+from safemerge.tuning.grid import DEFAULT_ALPHAS, GridPoint, SearchSettings, neighbours, tau_candidates
+from safemerge.tuning.pareto import Limits, choose, distinct_leaders, pareto_mask, rank_points
+from safemerge.tuning.search import SafeMergeModels, autotune
 
 
 def test_tau_candidates_give_distinct_selections():
@@ -59,8 +64,6 @@ def test_choose_needs_scores():
 
 
 def test_rank_points_puts_feasible_by_utility_then_infeasible_by_harm():
-    from safemerge.autotune import rank_points
-
     pts = [_p(0.3, 0.9, 0.50, 0.95), _p(0.3, 0.5, 0.10, 0.60), _p(0.3, 0.7, 0.12, 0.80), _p(0.3, 0.8, 0.30, 0.90)]
     order = rank_points(pts, Limits.around({'harmful_rate': 0.10}, 0.03, None))
     assert [p.alpha for p in order] == [0.7, 0.5, 0.8, 0.9]
@@ -70,8 +73,6 @@ def test_rank_points_puts_feasible_by_utility_then_infeasible_by_harm():
 def test_screen_promotion_is_optimistic_by_one_standard_error_and_counts_distinct_merges():
     """A point one answer above the harm limit on a 32-item screen is promoted; twins (same layers, same α) count
     once among the finalists; the final choice stays strict."""
-    from safemerge.autotune import distinct_leaders, rank_points
-
     limits = Limits.around({"harmful_rate": 0.24}, 0.03, None)  # 27%
     def pt(tau, alpha, merged, h, u):
         return GridPoint(tau, alpha, merged, harmful_rate=h, utility=u, n=[32, 24])
@@ -111,8 +112,6 @@ def test_nothing_feasible_picks_the_smallest_excess_over_both_limits():
 
 
 def test_neighbours_on_the_alpha_grid():
-    from safemerge.autotune import DEFAULT_ALPHAS, neighbours
-
     assert DEFAULT_ALPHAS[0] <= 0.1 and DEFAULT_ALPHAS[-1] >= 0.9  # the whole of (0, 1), issue 17
     assert neighbours(0.5, DEFAULT_ALPHAS) == [0.4, 0.6]
     assert neighbours(0.1, DEFAULT_ALPHAS) == [0.2] and neighbours(0.9, DEFAULT_ALPHAS) == [0.8]
@@ -121,19 +120,15 @@ def test_neighbours_on_the_alpha_grid():
 def test_coarse_to_fine_screens_refines_and_decides_on_the_full_sets(tmp_path, monkeypatch):
     """With a synthetic evaluator (harm and utility both rise with α and with the number of merged layers
     left out): coarse α on the screen, neighbours of the best, finalists on the whole validation sets."""
-    import safemerge.autotune as A
-    import safemerge.safety.api as api
-    from safemerge.safety.selection import LayerScore
-
     scores = [LayerScore(f"m{i}", i, "q", rho, 1.0, 1.0) for i, rho in enumerate((0.1, 0.2, 0.3, 0.4))]
-    monkeypatch.setattr(api, "scan", lambda *a, **k: scores)
+    monkeypatch.setattr(search_module, "scan", lambda *a, **k: scores)
     merges: dict[str, tuple[float, float]] = {}
 
     def fake_merge(*, out, tau, alpha, **_):
         out.mkdir(parents=True)
         merges[str(out)] = (tau, alpha)
 
-    monkeypatch.setattr(api, "safemerge_adapters", fake_merge)
+    monkeypatch.setattr(search_module, "safemerge_adapters", fake_merge)
     calls: list[tuple[str | None, object]] = []
 
     def fake_eval(model, *, adapter=None, limits=None, **_):
@@ -149,9 +144,10 @@ def test_coarse_to_fine_screens_refines_and_decides_on_the_full_sets(tmp_path, m
         n = (limits or {}).get("harmful", 168), (limits or {}).get("utility", 100)
         return {"harmful": {"harmful_rate": h, "n": n[0]}, "utility": {"accuracy": u, "n": n[1]}}
 
-    monkeypatch.setattr(A, "evaluate_suites", fake_eval)
-    res = A.autotune(base="b", aligned="a", finetuned="task", safety="s", val_harmful="h", val_utility="u",
-                     work_dir=tmp_path, max_taus=4, screen=(32, 24), finalists=3, harm_margin=0.03)
+    monkeypatch.setattr(search_module, "evaluate_suites", fake_eval)
+    res = autotune(SafeMergeModels(base="b", aligned="a", finetuned="task", safety="s"),
+                   PromptSets(harmful="h", utility="u"), tmp_path,
+                   search=SearchSettings(max_taus=4, screen=(32, 24), finalists=3, harm_margin=0.03))
     screened = [p for p in res.points if p.rung == "screen"]
     full = [p for p in res.points if p.rung == "full"]
     assert len(full) == 3 and len(screened) > len(full)
@@ -166,3 +162,46 @@ def test_coarse_to_fine_screens_refines_and_decides_on_the_full_sets(tmp_path, m
     # each distinct merged model is evaluated once per rung
     keys = [(a, tuple(sorted(l.items())) if l else None) for a, l in calls]
     assert len(keys) == len(set(keys))
+
+
+def test_search_settings_are_checked_when_built_and_keep_alphas_sorted():
+    s = SearchSettings(alphas=[0.9, 0.1, 0.5, 0.5], taus=[0.4, 0.2])
+    assert s.alphas == (0.1, 0.5, 0.9) and s.taus == (0.2, 0.4)
+    assert s.coarse_alphas() == [0.1, 0.9] and SearchSettings(screen=None, alphas=(0.1, 0.5, 0.9)).coarse_alphas() \
+        == [0.1, 0.5, 0.9]
+    assert SearchSettings().coarse_alphas() == [0.1, 0.3, 0.5, 0.7, 0.9]
+    with pytest.raises(SafemergeError, match="--harm-margin"):
+        SearchSettings(harm_margin=3)
+    with pytest.raises(SafemergeError, match="--refusal-margin"):
+        SearchSettings(refusal_margin=-0.1)
+    with pytest.raises(SafemergeError, match=r"alphas must lie in \[0, 1\]"):
+        SearchSettings(alphas=(0.5, 1.5))
+    # a repair cache key sees only the grid fields that differ from the defaults
+    assert SearchSettings(harm_margin=0.1).grid_overrides() == {}
+    assert SearchSettings(max_taus=3, screen=(8, 8)).grid_overrides() == {"max_taus": 3, "screen": (8, 8)}
+
+
+def test_prompt_sets_fill_missing_suites_and_keep_given_ones():
+    given = PromptSets(harmful=[], utility="u")  # an empty record list is given, not missing
+    filled = given.filled(PromptSets("h", "b", "x"))
+    assert filled == PromptSets([], "b", "u") and filled.as_suites() == {"harmful": [], "benign": "b", "utility": "u"}
+
+
+def test_autotune_needs_harmful_and_utility_validation_sets(tmp_path):
+    with pytest.raises(SafemergeError, match="validation"):
+        autotune(SafeMergeModels("b", "a", "t", "s"), PromptSets(harmful="h"), tmp_path)
+
+
+def test_tau_alpha_numbers_pass_and_auto_needs_validation_sets(tmp_path, monkeypatch):
+    from safemerge.cli.tau_alpha import autotune_work_dir, parse_tau_alpha, resolve_tau_alpha
+
+    models = SafeMergeModels("b", "a", "t", "s")
+    assert parse_tau_alpha("auto", "0.7") == (None, 0.7)
+    assert resolve_tau_alpha("0.3", 0.8, models, PromptSets()) == (0.3, 0.8, None)
+    with pytest.raises(SafemergeError, match="need validation prompts"):
+        resolve_tau_alpha("auto", 0.8, models, PromptSets(harmful="h"))
+    monkeypatch.setenv("SAFEMERGE_CACHE", str(tmp_path))
+    key = autotune_work_dir(models, PromptSets("h", None, "u"), "keyword")
+    assert key.parent == tmp_path / "autotune" and key == autotune_work_dir(models, PromptSets("h", None, "u"),
+                                                                             "keyword")
+    assert key != autotune_work_dir(models, PromptSets("h", "b", "u"), "keyword")

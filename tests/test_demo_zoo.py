@@ -5,24 +5,25 @@ from pathlib import Path
 
 import pytest
 
+from safemerge.cache import cache_root, fingerprint
 from safemerge.demo import zoo as Z
 from safemerge.errors import SafemergeError
 
 
 def test_cache_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("SAFEMERGE_CACHE", str(tmp_path / "env"))
-    assert Z.cache_root() == tmp_path / "env"
-    assert Z.cache_root(tmp_path / "flag") == tmp_path / "flag"  # --cache-dir wins
+    assert cache_root() == tmp_path / "env"
+    assert cache_root(tmp_path / "flag") == tmp_path / "flag"  # --cache-dir wins
     monkeypatch.delenv("SAFEMERGE_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert Z.cache_root() == tmp_path / "home" / ".cache" / "safemerge"
+    assert cache_root() == tmp_path / "home" / ".cache" / "safemerge"
 
 
 def test_cache_root_unwritable(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(SafemergeError) as exc:
-        Z.cache_root(blocker / "sub")
+        cache_root(blocker / "sub")
     assert exc.value.hint and "--cache-dir" in exc.value.hint
 
 
@@ -54,8 +55,8 @@ def test_interrupted_step_leaves_nothing(tmp_path):
 
 
 def test_fingerprint_is_stable_and_sensitive():
-    assert Z.fingerprint({"a": 1, "b": [1, 2]}) == Z.fingerprint({"b": [1, 2], "a": 1})
-    assert Z.fingerprint(Z.asdict(Z.TASK_RECIPE)) != Z.fingerprint(Z.asdict(Z.STRESS_TASK_RECIPE))
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint(Z.asdict(Z.TASK_RECIPE)) != fingerprint(Z.asdict(Z.STRESS_TASK_RECIPE))
 
 
 def test_safety_lora_is_the_safety_lora_command_shaped_like_the_task(monkeypatch, tmp_path):

@@ -44,7 +44,7 @@ def _rows(out: Path) -> dict[str, dict]:
 
 
 def test_repair_adapter_restores_refusals_and_reports_its_own_numbers(world, tmp_path, capsys):
-    from safemerge.autotune import evaluate_suites
+    from safemerge.evaluate.suites import evaluate_suites
 
     out = tmp_path / "repaired"
     code, stdout, err = _run(capsys, "repair", world.task, "--base", world.base, "--aligned", world.aligned,

@@ -34,7 +34,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def measured(world, tmp_path_factory):
-    from safemerge.autotune import evaluate_suites
+    from safemerge.evaluate.suites import evaluate_suites
     from safemerge.safety.api import safemerge_adapters
 
     work = tmp_path_factory.mktemp("world-eval")

@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from safemerge.autotune import DEFAULT_HARM_MARGIN
 from safemerge.cli import app
+from safemerge.tuning.grid import DEFAULT_HARM_MARGIN
 
 
 def _alphas(text: Optional[str]) -> Optional[tuple[float, ...]]:
@@ -79,7 +79,7 @@ def demo_command(
                       harm_margin=harm_margin, stress=stress, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
     con = Console()
     print_table(result, con)
-    from safemerge.autotune import print_pareto
+    from safemerge.tuning.report import print_pareto
 
     print_pareto(result.autotune, con)
     yes = lambda ok: "yes" if ok else "no"  # noqa: E731

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import typer
 
-from safemerge.autotune import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN
 from safemerge.cli import app
 from safemerge.cli.options import (
     allow_pickle_option,
@@ -21,6 +20,7 @@ from safemerge.cli.options import (
     quiet_option,
     run_options,
 )
+from safemerge.tuning.grid import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN, SearchSettings
 
 _RANK_HELP = "Rank cap per module (mergekit's --max-rank; --rank is the older name)."
 _EMBED_HELP = "Extract embeddings and lm_head as LoRA instead of saving them at full rank (modules_to_save)."
@@ -102,19 +102,20 @@ def repair_command(
     Example: safemerge repair task-lora/ --base base/ --aligned chat/ --utility val.jsonl --test-utility test.jsonl
     -o repaired/
     """
+    from safemerge.evaluate.suites import PromptSets, SuiteSettings
     from safemerge.progress import library_progress
-    from safemerge.repair.pipeline import print_report, repair
+    from safemerge.repair.pipeline import RepairModels, RepairRecipe, print_report, repair
 
     started = time.perf_counter()
     options = run_options(quiet=quiet, no_progress=no_progress, force=force, allow_pickle=allow_pickle)
     library_progress(options.progress)
     budget = None if max_new_tokens is None else dict.fromkeys(("harmful", "benign", "utility"), max_new_tokens)
-    res = repair(finetuned, base=base, aligned=aligned, out=out, utility=utility, safety=safety,
-                 safety_data=safety_data, safety_steps=safety_steps, safety_lr=safety_lr, val_harmful=val_harmful,
-                 val_benign=val_benign, test_harmful=test_harmful, test_benign=test_benign, test_utility=test_utility,
-                 merge_into=merge_into,
-                 extract_rank=extract_rank, harm_margin=harm_margin, refusal_margin=refusal_margin, judge=judge,
-                 max_new_tokens=budget,
+    res = repair(RepairModels(finetuned, base, aligned, safety=safety, merge_into=merge_into), out,
+                 validation=PromptSets(val_harmful, val_benign, utility),
+                 test=PromptSets(test_harmful, test_benign, test_utility),
+                 recipe=RepairRecipe(extract_rank, safety_data, safety_steps, safety_lr),
+                 search=SearchSettings(harm_margin=harm_margin, refusal_margin=refusal_margin),
+                 settings=SuiteSettings(judge=judge, max_new_tokens=budget),
                  work_dir=work_dir, options=options, log=None if quiet else (lambda m: typer.echo(m, err=True)))
     if not quiet:
         print_report(res)

@@ -11,7 +11,6 @@ from typing import Any, Callable
 
 import typer
 
-from safemerge.autotune import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN
 from safemerge.cli import app
 from safemerge.cli.options import (
     EvalSets,
@@ -42,6 +41,7 @@ from safemerge.methods.safety_params import (
     SAFEMERGE_DENSITY,
     SAFEMERGE_TAU,
 )
+from safemerge.tuning.grid import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN, SearchSettings
 
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 _BASE_HELP = ("Unaligned base model (pre-trained), used with --aligned to build the safety subspace "
@@ -229,10 +229,13 @@ def safemerge_command(
     """
     import time
 
-    from safemerge.autotune import print_pareto, resolve_tau_alpha
+    from safemerge.cli.tau_alpha import resolve_tau_alpha
+    from safemerge.evaluate.suites import PromptSets
     from safemerge.io.output import check_output_path
     from safemerge.progress import library_progress
     from safemerge.safety.api import safemerge_adapters
+    from safemerge.tuning.report import print_pareto
+    from safemerge.tuning.search import SafeMergeModels
 
     started = time.perf_counter()
     options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, dtype=dtype, force=force,
@@ -240,10 +243,10 @@ def safemerge_command(
     library_progress(options.progress, loads_models=eval_ or "auto" in (tau, alpha))
     # fail before a (possibly long) automatic τ/α search
     check_output_path(out, force=options.force, inputs=(base, aligned, finetuned, safety, merge_into))
-    tau, alpha, tuned = resolve_tau_alpha(tau, alpha, base=base, aligned=aligned, finetuned=finetuned, safety=safety,
-                                          val_harmful=val_harmful, val_utility=val_utility, harm_margin=harm_margin,
-                                          val_benign=val_benign, refusal_margin=refusal_margin,
-                                          log=lambda m: typer.echo(m, err=True))
+    tau, alpha, tuned = resolve_tau_alpha(
+        tau, alpha, SafeMergeModels(base, aligned, finetuned, safety), PromptSets(val_harmful, val_benign, val_utility),
+        search=SearchSettings(harm_margin=harm_margin, refusal_margin=refusal_margin),
+        log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
     sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit,

@@ -39,9 +39,27 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from safemerge.autotune import PAPER_ALPHA, PAPER_TAU  # the one home of SafeMERGE's defaults
+from safemerge.cache import cache_root, fingerprint
+from safemerge.demo.world import build_world
+from safemerge.demo.zoo import build_smollm2_zoo
 from safemerge.errors import SafemergeError
-from safemerge.evaluate.report import ModelRow
+from safemerge.evaluate.report import ModelRow, compare_runs
+from safemerge.evaluate.suites import PromptSets, SuiteSettings, evaluate_suites
+from safemerge.io.output import atomic_output, check_not_an_input
+from safemerge.options import RunOptions
+from safemerge.repair.pipeline import RepairModels, repair
+from safemerge.safety.api import resta, safelora, safemerge_adapters, scan
+from safemerge.safety.plots import heatmap
+from safemerge.tuning.grid import (
+    DEFAULT_ALPHAS,
+    DEFAULT_HARM_MARGIN,
+    DEFAULT_MAX_TAUS,
+    DEFAULT_SCREEN,
+    PAPER_ALPHA,
+    PAPER_TAU,
+    SearchSettings,
+)
+from safemerge.tuning.report import pareto_table, rule_text
 
 MARKER = "summary.json"
 SAFELORA_TAU, RESTA_BETA = 0.5, 0.5
@@ -118,7 +136,6 @@ def _setting_checks(rows: dict[str, ModelRow], prefix: str, utility_margin: floa
 def _prepare_out(out: Path, inputs: tuple[Path | str | None, ...]) -> None:
     """Refuse an output that is, holds or lies in an input (the zoo cache, --data-dir), and one
     that would replace a directory that is not an earlier demo output."""
-    from safemerge.io.output import check_not_an_input
 
     check_not_an_input(out, inputs)
     if out.exists() and not (out / MARKER).exists():
@@ -145,13 +162,11 @@ def run_demo(
         fast: use the tiny behavioural world instead of SmolLM2-135M-Instruct (seconds, for tests).
         cache_dir: zoo cache root (default ``$SAFEMERGE_CACHE`` or ``~/.cache/safemerge``).
         data_dir: run the SmolLM2 pipeline on real datasets (``../shared/datasets`` layout).
-        alphas: α grid of automatic τ/α (default :data:`safemerge.autotune.DEFAULT_ALPHAS`).
+        alphas: α grid of automatic τ/α (default :data:`safemerge.tuning.grid.DEFAULT_ALPHAS`).
         harm_margin: automatic τ/α's allowed harmful-rate excess over ``aligned`` (fraction; default
-            :data:`safemerge.autotune.DEFAULT_HARM_MARGIN`).
+            :data:`safemerge.tuning.grid.DEFAULT_HARM_MARGIN`).
         stress: also run the stress setting (the zoo's aggressive task LoRA) and report its rows second.
     """
-    from safemerge.autotune import DEFAULT_HARM_MARGIN, evaluate_suites
-    from safemerge.demo.zoo import cache_root, fingerprint
 
     say = log or (lambda _m: None)
     out = Path(out).expanduser().absolute()
@@ -165,20 +180,14 @@ def run_demo(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     if fast:
-        from safemerge.demo.world import build_world
-
         zoo = build_world(root / "world", log=say)
     else:
-        from safemerge.demo.zoo import build_smollm2_zoo
-
         zoo = build_smollm2_zoo(root, data_dir=data_dir, stress=stress, log=say)
     timings["zoo"] = time.perf_counter() - t0
     work = root / "runs" / fingerprint(zoo.base.name, zoo.aligned.name, zoo.task.name, zoo.safety.name, zoo.eval_sets,
                                        zoo.val_sets)
     work.mkdir(parents=True, exist_ok=True)
     progress = not fast
-
-    from safemerge.safety.api import scan
 
     t = time.perf_counter()
     say("scan: per-layer safety similarity of the task LoRA")
@@ -217,7 +226,6 @@ def run_demo(
     checks = claim_checks(by_name)
     autotunes = {s.prefix.rstrip(": ") or "paper regime": s.autotune for s in settings}
     cards = {s.prefix.rstrip(": ") or "paper regime": s.repair.out / "README.md" for s in settings}
-    from safemerge.io.output import atomic_output
 
     with atomic_output(out, force=out.exists()) as tmp:
         _write_outputs(tmp, zoo=zoo, rows=rows, scores=scores, autotunes=autotunes, cards=cards, checks=checks,
@@ -244,8 +252,6 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
     same α on all layers (the paper's uniform control: is selecting layers by ρ what helps?),
     SafeLoRA and RESTA.
     """
-    from safemerge.demo.zoo import fingerprint
-    from safemerge.safety.api import resta, safelora, safemerge_adapters
 
     p, task = setting.prefix, setting.task
     methods = work / "methods" / fingerprint(task.name)
@@ -292,18 +298,14 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
 def _repair(task: Path, *, zoo: Any, out: Path, work: Path, alphas: tuple[float, ...] | None, margin: float,
             say: Any, progress: bool) -> Any:
     """``safemerge repair`` on the zoo's fine-tune: tune τ/α on validation, write, test (a rerun reuses its caches)."""
-    from safemerge.autotune import DEFAULT_ALPHAS, DEFAULT_SCREEN
-    from safemerge.options import RunOptions
-    from safemerge.repair.pipeline import repair
-
-    grid = {"alphas": alphas or zoo.autotune.get("alphas", DEFAULT_ALPHAS), "max_taus": zoo.autotune.get("max_taus", 6),
-            "screen": zoo.autotune.get("screen", DEFAULT_SCREEN)}
-    return repair(task, base=zoo.base, aligned=zoo.aligned, out=out, safety=zoo.safety,
-                  utility=zoo.val_sets["utility"], val_harmful=zoo.val_sets["harmful"],
-                  val_benign=zoo.val_sets.get("benign"),
-                  test_harmful=zoo.eval_sets["harmful"], test_benign=zoo.eval_sets["benign"],
-                  test_utility=zoo.eval_sets["utility"], harm_margin=margin, max_new_tokens=zoo.max_new_tokens,
-                  grid=grid, work_dir=work, log=say, options=RunOptions(force=out.exists(), progress=progress))
+    search = SearchSettings(alphas=alphas or zoo.autotune.get("alphas", DEFAULT_ALPHAS),
+                            max_taus=zoo.autotune.get("max_taus", DEFAULT_MAX_TAUS),
+                            screen=zoo.autotune.get("screen", DEFAULT_SCREEN), harm_margin=margin)
+    return repair(RepairModels(task, zoo.base, zoo.aligned, safety=zoo.safety), out,
+                  validation=PromptSets(zoo.val_sets["harmful"], zoo.val_sets.get("benign"), zoo.val_sets["utility"]),
+                  test=PromptSets(zoo.eval_sets["harmful"], zoo.eval_sets["benign"], zoo.eval_sets["utility"]),
+                  search=search, settings=SuiteSettings(max_new_tokens=zoo.max_new_tokens), work_dir=work, log=say,
+                  options=RunOptions(force=out.exists(), progress=progress))
 
 
 def _tested(rep: Any, name: str) -> dict[str, Any]:
@@ -327,8 +329,6 @@ def _card_file(setting: str) -> str:
 
 def _write_outputs(tmp: Path, *, zoo: Any, rows: list[ModelRow], scores: list[Any], autotunes: dict[str, Any],
                    cards: dict[str, Path], checks: dict[str, Any], fast: bool, timings: dict[str, float]) -> None:
-    from safemerge.evaluate.report import compare_runs
-    from safemerge.safety.plots import heatmap
 
     runs = tmp / "runs"
     for row in rows:
@@ -386,8 +386,6 @@ def _story_lines(rows: dict[str, ModelRow], checks: dict[str, Any], prefix: str)
 
 
 def _autotune_lines(at: Any, name: str, files: dict[str, str]) -> list[str]:
-    from safemerge.autotune import pareto_table, rule_text
-
     c = at.chosen
     items = "/".join(map(str, c.n)) if c.n else "?"
     lines = [f"### {name}", "",

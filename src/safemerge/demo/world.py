@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from safemerge.demo.zoo import Log, ZooPaths, cached_step, fingerprint, write_jsonl
+from safemerge.cache import fingerprint
+from safemerge.demo.zoo import Log, ZooPaths, cached_step, write_jsonl
 
 WORLD_VERSION = 1
 

@@ -20,9 +20,7 @@ hyper-parameters), so changing a setting never reuses a stale model.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -30,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from safemerge.cache import cache_root, fingerprint
 from safemerge.errors import SafemergeError
 from safemerge.options import RunOptions
 from safemerge.train.distill import DISTILL_DTYPE, DISTILL_MAX_NEW_TOKENS, self_distill
@@ -40,32 +39,6 @@ from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENG
 # under 3 phrasings each, 400-step safety SFT
 ZOO_VERSION = 5
 Log = Callable[[str], None]
-
-
-def cache_root(cache_dir: str | Path | None = None) -> Path:
-    """The zoo's root: ``cache_dir``, else ``$SAFEMERGE_CACHE``, else ``~/.cache/safemerge``."""
-    if cache_dir is not None:
-        root = Path(cache_dir)
-    elif os.environ.get("SAFEMERGE_CACHE"):
-        root = Path(os.environ["SAFEMERGE_CACHE"])
-    else:
-        root = Path.home() / ".cache" / "safemerge"
-    root = root.expanduser().absolute()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SafemergeError(f"cannot create the cache directory {root} ({exc.strerror})",
-                             "pass --cache-dir DIR or set SAFEMERGE_CACHE to a writable location") from exc
-    return root
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short, stable hash of JSON-serialisable parts (paths, settings, data records)."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:10]
 
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:

@@ -2,7 +2,7 @@
 
 Every caller — the registered YAML methods (:mod:`.safety`), ``safemerge.safety.api``, the CLI
 defaults and validation, layer selection (:mod:`safemerge.safety.selection`) and the automatic
-τ/α search (``safemerge.autotune``) — reads them from here. Each :class:`Param` declares its
+τ/α search (``safemerge.tuning``) — reads them from here. Each :class:`Param` declares its
 default and range; :meth:`Param.check` is the only validator (``check(value, "--tau")`` names the
 flag in the error).
 

@@ -7,7 +7,7 @@ The steps, each cached under the work directory so that a rerun redoes nothing:
 2. **Safety LoRA** ``ΔW_s``: ``--safety`` if given, else :func:`safemerge.train.safety_lora.train_safety_lora`
    (the ``safety-lora`` command's recipe and corpus) on the aligned model with the task adapter's rank and
    targets (SafeMERGE, Djuhera et al. 2025, §3).
-3. **Scan and tune.** :func:`safemerge.autotune.autotune` scans ρ_i = cos(C_i ΔW_f,i, ΔW_f,i)
+3. **Scan and tune.** :func:`safemerge.tuning.search.autotune` scans ρ_i = cos(C_i ΔW_f,i, ΔW_f,i)
    (SafeLoRA, Hsu et al. 2024, Eq. 2) once and picks (τ, α) on *validation* sets — built-in
    held-out harmful requests and look-alikes (or ``--val-harmful`` / ``--val-benign``) and the user's
    ``--utility`` set — as ``max utility s.t. harmful ≤ aligned + margin and over-refusal ≤ aligned + margin``.
@@ -20,22 +20,35 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from safemerge.autotune import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN
+from safemerge.cache import cache_root, fingerprint
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.generate import fingerprint_path
 from safemerge.evaluate.report import ModelRow
+from safemerge.evaluate.suites import PromptSets, SuiteSettings, evaluate_suites
+from safemerge.extract import extract_lora
+from safemerge.io.hub import resolve_local
+from safemerge.io.output import check_output_path
 from safemerge.options import RunOptions, or_default
+from safemerge.safety.api import safemerge_adapters
+from safemerge.train.safety_lora import train_safety_lora
+from safemerge.tuning.grid import SearchSettings
+from safemerge.tuning.report import pareto_table, rule_text
+from safemerge.tuning.result import AutotuneResult
+from safemerge.tuning.search import SafeMergeModels, autotune
 
 Log = Callable[[str], None]
 DEFAULT_EXTRACT_RANK = 64
 AUTOTUNE_FILES = ("autotune.json", "autotune.png", "tau_sweep.png")
+VALIDATION_DEFAULTS = PromptSets(harmful="builtin:harmful-val", benign="builtin:benign-val")
+TEST_DEFAULTS = ("builtin:harmful", "builtin:benign")  # harmful, benign; utility: the validation set, labelled
 
 
 @dataclass
@@ -51,7 +64,7 @@ class RepairResult:
     extracted: bool
     trained_safety: bool
     rows: list[ModelRow]
-    autotune: Any
+    autotune: AutotuneResult
     merge: Any
     work_dir: Path
     test_sets: dict[str, Any] = field(default_factory=dict)
@@ -71,8 +84,6 @@ def _spec_name(spec: Any) -> str:
 
 
 def _fingerprint(path: str | Path | None) -> str | None:
-    from safemerge.evaluate.generate import fingerprint_path
-
     return None if path is None else fingerprint_path(Path(str(path)).expanduser())
 
 
@@ -80,146 +91,152 @@ def _is_adapter(path: str | Path) -> bool:
     return (Path(str(path)) / "adapter_config.json").exists()
 
 
+@dataclass(frozen=True)
+class RepairModels:
+    """The models :func:`repair` reads.
+
+    Attributes:
+        finetuned: the task LoRA adapter, or a fully fine-tuned model directory.
+        base, aligned: the unaligned base and the aligned model (safety subspace V = W_aligned − W_base).
+        safety: an existing safety LoRA (``None``: one is trained, see :class:`RepairRecipe`).
+        merge_into: write a full model, this model + the repaired update (``None``: a PEFT adapter).
+    """
+
+    finetuned: str | Path
+    base: str | Path
+    aligned: str | Path
+    safety: str | Path | None = None
+    merge_into: str | Path | None = None
+
+
+@dataclass(frozen=True)
+class RepairRecipe:
+    """How :func:`repair` builds what it is not given: the rank cap of a LoRA extracted from a full fine-tune
+    (``--extract-rank``), and the safety LoRA's data, steps and learning rate (``None``: the built-in corpus and
+    the ``safety-lora`` recipe's values)."""
+
+    extract_rank: int = DEFAULT_EXTRACT_RANK
+    safety_data: str | Path | None = None
+    safety_steps: int | None = None
+    safety_lr: float | None = None
+
+    def safety_overrides(self) -> dict[str, Any]:
+        """``train_safety_lora`` keywords of the recipe values that are set."""
+        return {k: v for k, v in (("steps", self.safety_steps), ("lr", self.safety_lr)) if v is not None}
+
+
 def repair(
-    finetuned: str | Path,
-    *,
-    base: str | Path,
-    aligned: str | Path,
+    models: RepairModels,
     out: str | Path,
-    utility: Any,
-    safety: str | Path | None = None,
-    safety_data: str | Path | None = None,
-    val_harmful: Any = None,
-    val_benign: Any = None,
-    test_harmful: Any = "builtin:harmful",
-    test_benign: Any = "builtin:benign",
-    test_utility: Any = None,
-    merge_into: str | Path | None = None,
-    extract_rank: int = DEFAULT_EXTRACT_RANK,
-    safety_steps: int | None = None,
-    safety_lr: float | None = None,
-    harm_margin: float = DEFAULT_HARM_MARGIN,
-    refusal_margin: float = DEFAULT_REFUSAL_MARGIN,
-    judge: str = "keyword",
-    max_new_tokens: Mapping[str, int] | None = None,
-    grid: Mapping[str, Any] | None = None,
+    *,
+    validation: PromptSets,
+    test: PromptSets = PromptSets(),
+    recipe: RepairRecipe = RepairRecipe(),
+    search: SearchSettings = SearchSettings(),
+    settings: SuiteSettings = SuiteSettings(),
     work_dir: str | Path | None = None,
     options: RunOptions | None = None,
     log: Log | None = None,
 ) -> RepairResult:
-    """Repair the safety of ``finetuned`` (a LoRA adapter on ``aligned`` or a full fine-tune of it).
+    """Repair the safety of ``models.finetuned`` (a LoRA adapter on ``models.aligned`` or a full fine-tune of it).
 
     Args:
-        finetuned: the task LoRA adapter, or a fully fine-tuned model directory.
-        base, aligned: the unaligned base and the aligned model (safety subspace V = W_aligned − W_base).
-        out: output directory — the repaired adapter, or a full model with ``merge_into``.
-        utility: the user's utility validation set (prompt-set spec or records), used to tune α/τ.
-        safety: an existing safety LoRA; otherwise one is trained (``safety_data`` or the built-in data).
-        val_harmful: harmful validation prompts (default: the built-in held-out requests).
-        val_benign: benign look-alike validation prompts (default: the built-in held-out look-alikes); the
-            τ/α rule keeps over-refusal within ``refusal_margin`` of the aligned model's.
-        test_harmful, test_benign, test_utility: the before/after test sets (keep them disjoint from
-            validation); without ``test_utility`` the utility column is measured on ``utility`` and
-            labelled as the validation set.
-        extract_rank: ``--max-rank`` of the extraction of a full fine-tune.
-        safety_steps, safety_lr: override the safety LoRA recipe's steps / learning rate.
-        harm_margin: allowed validation harmful-rate excess over the aligned model (0.03 = 3 points).
-        refusal_margin: allowed validation over-refusal excess over the aligned model (0.05 = 5 points).
-        max_new_tokens: per-suite generation budgets (``{"harmful": 48, …}``).
-        grid: the τ/α search of :func:`safemerge.autotune.autotune` (``alphas``, ``max_taus``, ``screen``,
-            ``finalists``); its defaults where absent.
+        models: the fine-tune, base and aligned models (+ an existing safety LoRA, a full model to merge into).
+        out: output directory — the repaired adapter, or a full model with ``models.merge_into``.
+        validation: the sets τ/α are tuned on. ``utility`` (the user's utility validation set) is required;
+            ``harmful`` and ``benign`` default to the built-in held-out requests and look-alikes (the τ/α rule
+            keeps over-refusal within ``search.refusal_margin`` of the aligned model's).
+        test: the before/after test sets (keep them disjoint from validation); ``harmful`` / ``benign`` default
+            to ``builtin:harmful`` / ``builtin:benign``; without ``utility`` the utility column is measured on
+            the validation utility set and labelled as such.
+        recipe: the extraction rank of a full fine-tune and the safety LoRA's data / steps / learning rate.
+        search: the τ/α search of :func:`safemerge.tuning.search.autotune` and its margins (0.03 / 0.05).
+        settings: judge and per-suite generation budgets (``{"harmful": 48, …}``) of every evaluation.
         work_dir: cache (default ``<cache>/repair/<hash of the inputs>``).
         options: ``force`` (replace ``out``), ``allow_pickle`` (inputs), ``progress`` (bars while training and
             generating).
     """
-    from safemerge.autotune import autotune
-    from safemerge.io.hub import resolve_local
-    from safemerge.io.output import check_output_path
-
     options = or_default(options)
-    progress = options.progress
     say = log or (lambda _m: None)
-    check_output_path(out, force=options.force, inputs=(finetuned, base, aligned, safety, merge_into))
-    finetuned, base, aligned = (resolve_local(p, options=options) for p in (finetuned, base, aligned))
-    safety, merge_into = (None if p is None else resolve_local(p, options=options) for p in (safety, merge_into))
-    if utility is None:
+    check_output_path(out, force=options.force, inputs=(models.finetuned, models.base, models.aligned, models.safety,
+                                                       models.merge_into))
+    models = _resolved(models, options)
+    if validation.utility is None:
         raise SafemergeError("repair needs a utility validation set",
                              "pass --utility SET (e.g. a held-out slice of your task data)")
-    if not Path(str(finetuned)).exists():
-        raise SafemergeError(f"fine-tuned path {str(finetuned)!r} does not exist",
+    if not Path(str(models.finetuned)).exists():
+        raise SafemergeError(f"fine-tuned path {str(models.finetuned)!r} does not exist",
                              "pass a LoRA adapter or a fine-tuned model directory")
-    work = _work_dir(work_dir, finetuned, base, aligned, safety, safety_data, val_harmful, val_benign, utility,
-                     extract_rank, safety_steps, safety_lr, _grid(grid))
-    extracted = not _is_adapter(finetuned)
-    task = _task_adapter(finetuned, aligned, work, extract_rank, options, say)
-    recipe = {k: v for k, v in (("steps", safety_steps), ("lr", safety_lr)) if v is not None}
-    safety_dir, trained = _safety_adapter(safety, aligned, task, work, safety_data, recipe, progress, say)
+    work = _work_dir(work_dir, models.finetuned, models.base, models.aligned, models.safety, recipe.safety_data,
+                     validation.harmful, validation.benign, validation.utility, recipe.extract_rank,
+                     recipe.safety_steps, recipe.safety_lr, search.grid_overrides())
+    extracted = not _is_adapter(models.finetuned)
+    task = _task_adapter(models.finetuned, models.aligned, work, recipe.extract_rank, options, say)
+    safety_dir, trained = _safety_adapter(models.safety, models.aligned, task, work, recipe, options.progress, say)
 
-    val_sets = {"harmful": val_harmful if val_harmful is not None else "builtin:harmful-val",
-                "benign": val_benign if val_benign is not None else "builtin:benign-val",
-                "utility": utility}
-    tests = {"harmful": test_harmful, "benign": test_benign,
-             "utility": test_utility if test_utility is not None else utility}
+    val_sets = validation.filled(VALIDATION_DEFAULTS)
+    tests = test.filled(PromptSets(*TEST_DEFAULTS, utility=validation.utility))
     say("repair: tuning τ and α on the validation sets")
-    tuned = autotune(base=base, aligned=aligned, finetuned=task, safety=safety_dir, val_harmful=val_sets["harmful"],
-                     val_utility=val_sets["utility"], val_benign=val_sets["benign"], work_dir=work / "autotune",
-                     harm_margin=harm_margin, refusal_margin=refusal_margin, judge=judge,
-                     max_new_tokens=max_new_tokens, log=say, progress=progress, **_grid(grid))
-
-    def ev(name: str, model: str | Path, adapter: str | Path | None) -> dict[str, Any]:
-        from safemerge.autotune import evaluate_suites
-
-        return evaluate_suites(model, adapter=adapter, suites=tests, max_new_tokens=max_new_tokens,
-                               out_dir=work / "test" / name, judge=judge, progress=progress)
+    tuned = autotune(SafeMergeModels(models.base, models.aligned, task, safety_dir), val_sets, work / "autotune",
+                     search=search, settings=settings, log=say, progress=options.progress)
+    run = _TestRun(tests.as_suites(), settings, work / "test", options.progress)
 
     say("repair: evaluating the aligned and fine-tuned models on the test sets")
-    ft_where = (str(finetuned), None) if extracted else (str(aligned), str(finetuned))
-    before = [ModelRow("aligned", "the aligned model", str(aligned), None, ev("aligned", aligned, None)),
+    aligned = models.aligned
+    ft_where = (str(models.finetuned), None) if extracted else (str(aligned), str(models.finetuned))
+    before = [ModelRow("aligned", "the aligned model", str(aligned), None, run("aligned", aligned, None)),
               ModelRow("fine-tuned", "full fine-tune" if extracted else "aligned + task LoRA", *ft_where,
-                       ev("finetuned", *ft_where))]
-    result = RepairResult(out=Path(out), output="model" if merge_into is not None else "adapter", tau=tuned.tau,
-                          alpha=tuned.alpha, task_adapter=task, safety=safety_dir, extracted=extracted,
+                       run("finetuned", *ft_where))]
+    result = RepairResult(out=Path(out), output="model" if models.merge_into is not None else "adapter",
+                          tau=tuned.tau, alpha=tuned.alpha, task_adapter=task, safety=safety_dir, extracted=extracted,
                           trained_safety=trained, rows=list(before), autotune=tuned, merge=None, work_dir=work,
-                          test_sets=tests)
+                          test_sets=tests.as_suites())
 
-    def evaluate_output(tmp: Path) -> tuple[Any, str]:
+    def evaluate_output(tmp: Path) -> tuple[dict[str, Any], str]:
         """SafeMERGE's ``evaluate`` hook: test the finished output before it is renamed into place."""
         say("repair: evaluating the repaired model on the test sets")
-        model, adapter = (tmp, None) if merge_into is not None else (aligned, tmp)
-        res = ev("repaired", model, adapter)
-        final = (str(out), None) if merge_into is not None else (str(aligned), str(out))  # where it is once renamed
+        full = models.merge_into is not None
+        res = run("repaired", *((tmp, None) if full else (aligned, tmp)))
+        final = (str(out), None) if full else (str(aligned), str(out))  # where it is once renamed
         result.rows = [*before, ModelRow("repaired", f"SafeMERGE τ = {tuned.tau:g}, α = {tuned.alpha:g}", *final,
                                          res)]
         for name in AUTOTUNE_FILES:
             if (tuned.work_dir / name).exists():
                 shutil.copy2(tuned.work_dir / name, tmp / name)
         (tmp / "repair.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        return res, report_markdown(result.rows, tuned, utility_is_validation=test_utility is None,
+        return res, report_markdown(result.rows, tuned, utility_is_validation=test.utility is None,
                                     extracted=extracted, trained_safety=trained)
 
-    from safemerge.safety.api import safemerge_adapters
-
     say(f"repair: writing {out} (τ = {tuned.tau:g}, α = {tuned.alpha:g})")
-    result.merge = safemerge_adapters(base=base, aligned=aligned, finetuned=task, safety=safety_dir, out=out,
-                                      tau=tuned.tau, alpha=tuned.alpha, merge_into=merge_into, options=options,
+    result.merge = safemerge_adapters(base=models.base, aligned=aligned, finetuned=task, safety=safety_dir, out=out,
+                                      tau=tuned.tau, alpha=tuned.alpha, merge_into=models.merge_into, options=options,
                                       evaluate=evaluate_output)
     return result
 
 
-GRID_KEYS = ("alphas", "max_taus", "screen", "finalists")
+def _resolved(models: RepairModels, options: RunOptions) -> RepairModels:
+    """``models`` with Hub ids and ``~`` resolved to local paths."""
+    def local(p: str | Path | None) -> str | Path | None:
+        return None if p is None else resolve_local(p, options=options)
+
+    return RepairModels(*(local(getattr(models, f.name)) for f in fields(RepairModels)))
 
 
-def _grid(grid: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The τ/α search settings passed on to autotune; an unknown key is a programming error."""
-    unknown = set(grid or {}) - set(GRID_KEYS)
-    if unknown:
-        raise ValueError(f"unknown τ/α grid settings {sorted(unknown)}; known: {', '.join(GRID_KEYS)}")
-    return dict(grid or {})
+@dataclass(frozen=True)
+class _TestRun:
+    """One model on repair's test sets, cached under ``work/<name>``."""
+
+    suites: dict[str, Any]
+    settings: SuiteSettings
+    work: Path
+    progress: bool
+
+    def __call__(self, name: str, model: str | Path, adapter: str | Path | None) -> dict[str, Any]:
+        return evaluate_suites(model, adapter=adapter, suites=self.suites, max_new_tokens=self.settings.max_new_tokens,
+                               out_dir=self.work / name, judge=self.settings.judge, progress=self.progress)
 
 
 def _work_dir(work_dir: str | Path | None, *parts: Any) -> Path:
-    from safemerge.demo.zoo import cache_root, fingerprint
-
     if work_dir is not None:
         work = Path(work_dir).expanduser().absolute()
     else:
@@ -234,8 +251,6 @@ def _task_adapter(finetuned: str | Path, aligned: str | Path, work: Path, extrac
     """The task LoRA: ``finetuned`` itself, or its extraction against ``aligned`` (cached in ``work``)."""
     if _is_adapter(finetuned):
         return Path(str(finetuned))
-    from safemerge.extract import extract_lora
-
     out = work / f"extracted-r{extract_rank}"
     if out.exists():
         say(f"[cached] task LoRA extracted from the full fine-tune: {out}")
@@ -246,29 +261,26 @@ def _task_adapter(finetuned: str | Path, aligned: str | Path, work: Path, extrac
     return out
 
 
-def _safety_adapter(safety: str | Path | None, aligned: str | Path, task: Path, work: Path, data: Any,
-                    recipe: dict[str, Any], progress: bool, say: Log) -> tuple[Path, bool]:
+def _safety_adapter(safety: str | Path | None, aligned: str | Path, task: Path, work: Path, recipe: RepairRecipe,
+                    progress: bool, say: Log) -> tuple[Path, bool]:
     """``(safety LoRA, trained here?)``: the given one, or one trained with the task adapter's shape (cached)."""
     if safety is not None:
         return Path(str(safety)), False
-    from safemerge.train.safety_lora import train_safety_lora
-
     out = work / "safety-lora"
     if out.exists():
         say(f"[cached] safety LoRA: {out}")
         return out, True
     say("repair: training a safety LoRA with the task adapter's rank and targets "
-        f"({'the built-in safety corpus' if data is None else data})")
+        f"({'the built-in safety corpus' if recipe.safety_data is None else recipe.safety_data})")
     # repair evaluates the final model on its test sets; the safety LoRA's own evaluation is safety-lora's job
-    train_safety_lora(aligned, task, out, data=data, evaluate=False, options=RunOptions(progress=progress), **recipe)
+    train_safety_lora(aligned, task, out, data=recipe.safety_data, evaluate=False,
+                      options=RunOptions(progress=progress), **recipe.safety_overrides())
     return out, True
 
 
-def report_markdown(rows: list[ModelRow], tuned: Any, *, utility_is_validation: bool, extracted: bool,
+def report_markdown(rows: list[ModelRow], tuned: AutotuneResult, *, utility_is_validation: bool, extracted: bool,
                     trained_safety: bool) -> str:
     """The model-card section: before/after table with 95% intervals, the choice and its rule, the Pareto front."""
-    from safemerge.autotune import pareto_table, rule_text
-
     util = "utility (validation set, used for tuning)" if utility_is_validation else "utility ↑"
     lines = ["## Repair: before / after", "",
              "Test-set rates with 95% bootstrap intervals (τ and α were tuned on separate validation sets).", "",

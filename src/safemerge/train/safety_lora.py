@@ -196,8 +196,8 @@ def _evaluate_alone(
     aligned: str | Path, adapter: Path, *, harmful: str | Path, benign: str | Path, limit: int | None, progress: bool
 ) -> dict[str, Any]:
     """Harmful rate and over-refusal of the aligned model and of aligned + ΔW_s, with 95 % intervals."""
-    from safemerge.autotune import evaluate_suites
     from safemerge.evaluate.datasets import load_prompts
+    from safemerge.evaluate.suites import evaluate_suites
 
     suites = {"harmful": load_prompts(str(harmful), limit=limit), "benign": load_prompts(str(benign), limit=limit)}
     budget = {"harmful": EVAL_MAX_NEW_TOKENS, "benign": EVAL_MAX_NEW_TOKENS}

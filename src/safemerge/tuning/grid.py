@@ -1,0 +1,126 @@
+"""The (τ, α) grid of automatic τ/α: its defaults, its points, the search settings and the τ candidates.
+
+Torch-free (the command line reads the defaults at start-up). SafeMERGE's τ/α defaults and the ρ < τ rule live in
+:mod:`safemerge.methods.safety_params` (the paper's values, as the reference code uses them; selection goes
+through :func:`safemerge.safety.selection.select_below`); here: the search around them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from safemerge.errors import SafemergeError
+from safemerge.methods.safety_params import SAFEMERGE_ALPHA, SAFEMERGE_TAU
+
+PAPER_TAU = SAFEMERGE_TAU.default
+PAPER_ALPHA = SAFEMERGE_ALPHA.default
+DEFAULT_ALPHAS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+DEFAULT_HARM_MARGIN = 0.03
+DEFAULT_REFUSAL_MARGIN = 0.05
+DEFAULT_MAX_TAUS = 6
+# Screening: the first 48 harmful and 32 utility validation items; the 4 best points are refined and decided
+# on the whole validation sets (issue 17: >= 150 harmful and >= 100 utility items for the deciding points).
+DEFAULT_SCREEN: tuple[int, int] = (48, 32)
+DEFAULT_FINALISTS = 4
+GRID_FIELDS = ("alphas", "max_taus", "screen", "finalists")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What a τ/α search tries and how it decides: the grid, the screen, and the selection rule's margins.
+
+    Checked when built (a clear error, never a traceback); ``alphas`` is kept sorted and distinct.
+
+    Attributes:
+        taus: thresholds to try (``None``: :func:`tau_candidates` of the scanned ρ, at most ``max_taus``).
+        alphas: task weights to try (default 0.1 … 0.9).
+        screen: validation items ``(n_harmful, n_utility)`` for screening, or ``None`` for no screening.
+        finalists: how many screened points are refined and evaluated on the whole validation sets.
+        harm_margin: allowed harmful-rate excess over the aligned model, as a fraction (0.03 = 3 points).
+        refusal_margin: allowed over-refusal excess over the aligned model (0.05 = 5 points); used when a
+            benign validation set is given.
+    """
+
+    taus: tuple[float, ...] | None = None
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    max_taus: int = DEFAULT_MAX_TAUS
+    screen: tuple[int, int] | None = DEFAULT_SCREEN
+    finalists: int = DEFAULT_FINALISTS
+    harm_margin: float = DEFAULT_HARM_MARGIN
+    refusal_margin: float = DEFAULT_REFUSAL_MARGIN
+
+    def __post_init__(self) -> None:
+        for flag, margin in (("--harm-margin", self.harm_margin), ("--refusal-margin", self.refusal_margin)):
+            if not 0.0 <= margin <= 1.0:
+                raise SafemergeError(f"{flag} must be a fraction in [0, 1], got {margin}",
+                                     f"pass e.g. {flag} 0.05 for 5 points")
+        alphas = tuple(sorted({float(a) for a in self.alphas}))
+        if not alphas or any(not 0.0 <= a <= 1.0 for a in alphas):
+            raise SafemergeError(f"alphas must lie in [0, 1], got {list(alphas)}", "pass values such as 0.5,0.7,0.9")
+        object.__setattr__(self, "alphas", alphas)
+        if self.taus is not None:
+            object.__setattr__(self, "taus", tuple(sorted({float(t) for t in self.taus})))
+
+    def coarse_alphas(self) -> list[float]:
+        """The α of the first, screened pass: every other value of the grid (the largest always), all without
+        a screen."""
+        alphas = list(self.alphas)
+        coarse = alphas[::2] if len(alphas) > 2 and self.screen else alphas
+        return coarse if alphas[-1] in coarse else [*coarse, alphas[-1]]
+
+    def grid_overrides(self) -> dict[str, Any]:
+        """The grid fields that differ from the defaults (part of a cache key, stable when the defaults are kept)."""
+        default = {f.name: f.default for f in fields(SearchSettings)}
+        return {k: v for k, v in asdict(self).items() if k in GRID_FIELDS and v != default[k]}
+
+
+@dataclass
+class GridPoint:
+    """One evaluated (τ, α): which modules it merges and what it scores on validation."""
+
+    tau: float
+    alpha: float
+    merged: list[str]
+    harmful_rate: float | None = None
+    utility: float | None = None
+    over_refusal: float | None = None  # on the benign validation set, when there is one
+    adapter: str | None = None
+    eval_dir: str | None = None
+    feasible: bool = False
+    pareto: bool = False
+    chosen: bool = False
+    label: str = ""
+    n: list[int] = field(default_factory=list)  # validation items behind the rates: [harmful, utility(, benign)]
+    rung: str = "full"  # "screen" (first validation items only) or "full"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["n_merged"] = len(self.merged)
+        return d
+
+
+def tau_candidates(rhos: Sequence[float], *, max_taus: int = DEFAULT_MAX_TAUS,
+                   include: Sequence[float] = (PAPER_TAU,)) -> list[float]:
+    """Thresholds that give distinct layer selections under the strict rule ``ρ < τ``.
+
+    With sorted distinct similarities ``r_1 < … < r_n``, ``τ_k = (r_k + r_{k+1})/2`` merges exactly
+    the ``k`` least similar layers and ``τ_n = r_n + 0.01`` merges all of them. When there are more
+    than ``max_taus`` such thresholds, evenly spaced ones (by number of merged layers) are kept;
+    the values in ``include`` (the paper's 0.35) are always added.
+    """
+    rs = sorted({round(float(r), 6) for r in rhos})
+    if not rs:
+        return sorted({float(t) for t in include})
+    cands = [(rs[k] + rs[k + 1]) / 2 for k in range(len(rs) - 1)] + [min(1.0, rs[-1] + 0.01)]
+    if len(cands) > max_taus:
+        idx = sorted({round(i * (len(cands) - 1) / (max_taus - 1)) for i in range(max_taus)})
+        cands = [cands[i] for i in idx]
+    return sorted({round(t, 4) for t in cands} | {float(t) for t in include})
+
+
+def neighbours(alpha: float, alphas: Sequence[float]) -> list[float]:
+    """The grid values adjacent to ``alpha`` in the sorted α grid (the fine step of coarse-to-fine)."""
+    grid = sorted(set(alphas) | {alpha})
+    i = grid.index(alpha)
+    return [grid[j] for j in (i - 1, i + 1) if 0 <= j < len(grid)]
