@@ -65,7 +65,7 @@ def test_safety_lora_is_the_safety_lora_command_shaped_like_the_task(monkeypatch
     import safemerge.train.safety_lora as S
 
     seen = {}
-    monkeypatch.setattr(S, "train_safety_lora", lambda aligned, like, out, **kw: seen.update(like=like, **kw))
+    monkeypatch.setattr(Z, "train_safety_lora", lambda aligned, like, out, **kw: seen.update(like=like, **kw))
     Z._train_safety(tmp_path / "aligned", tmp_path / "task", [{"prompt": "p", "response": "r"}], tmp_path / "out")
     assert seen["like"] == tmp_path / "task" and seen["evaluate"] is False and seen["distill_benign"] is True
     assert (seen["steps"], seen["lr"], seen["batch_size"]) == (S.SAFETY_STEPS, S.SAFETY_LR, S.SAFETY_BATCH)

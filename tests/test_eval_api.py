@@ -115,18 +115,18 @@ def test_resume_after_interruption_with_real_model(model_dir, tmp_path):
     assert after[:4] == lines[:4] and after[4] == lines[4][:20]
     assert sorted(after[5:]) == sorted(lines[4:])  # only the two missing prompts were generated, identically
 
-    import safemerge.evaluate.generate as G
+    import safemerge.evaluate.api as A
 
     def boom(*a, **k):
         raise AssertionError("model loaded although every generation is cached")
 
-    orig = G.load_generator
-    G.load_generator = boom
+    orig = A.load_generator  # the name evaluate() calls
+    A.load_generator = boom
     try:
         again = evaluate(str(model_dir), harmful="builtin:harmful", limit=6, batch_size=2, max_new_tokens=6,
                          out_dir=tmp_path / "a", options=QUIET, backend="hf", judge="keyword:gcg")
     finally:
-        G.load_generator = orig
+        A.load_generator = orig
     assert again["harmful"]["judge"] == "keyword:gcg"
 
 

@@ -165,7 +165,6 @@ def test_like_adapter_shape_and_loss_curve(world):
 
 
 def test_self_distillation_keeps_only_helpful_answers(monkeypatch):
-    import safemerge.evaluate.generate as G
     from safemerge.train import distill
 
     answers = {
@@ -179,7 +178,7 @@ def test_self_distillation_keeps_only_helpful_answers(monkeypatch):
         def generate(self, prompts, **kw):
             return [answers[p] for p in prompts]
 
-    monkeypatch.setattr(G, "load_generator", lambda *a, **kw: Fake())
+    monkeypatch.setattr(distill, "load_generator", lambda *a, **kw: Fake())  # where self_distill looks it up
     rows = distill.self_distill("model", list(answers))
     assert rows == [{"prompt": "kill a process", "response": answers["kill a process"]}]
 

@@ -10,8 +10,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from safemerge.engine.run import merge_in_memory  # noqa: F401  (re-exported)
+from safemerge.config import load_config
+from safemerge.engine.plan import plan_merge
+from safemerge.engine.run import (
+    merge_in_memory,  # noqa: F401  (re-exported)
+    open_all,
+)
+from safemerge.engine.tensorwise import write_plan
 from safemerge.errors import ConfigError
+from safemerge.io.output import atomic_output, check_output_path, copy_model_files, md_escape, write_model_card
 from safemerge.options import RunOptions, or_default
 
 _CHATML = (
@@ -114,7 +121,6 @@ def _config_updates(plan: Any, ckpts: Mapping[str, Any]) -> dict[str, Any]:
 
 def _card_sections(cfg: Any, plan: Any, seed: int) -> list[tuple[str, str]]:
     """The merged model's card: method and paper, the models, the configuration verbatim."""
-    from safemerge.io.output import md_escape
 
     lines = [f"- {md_escape(m)}" + (" (base)" if m == cfg.base_model else "") for m in cfg.referenced_models()]
     reference = f" — {md_escape(plan.method.reference)}" if plan.method.reference else ""
@@ -163,11 +169,6 @@ def merge(
     Returns:
         The output path.
     """
-    from safemerge.config import load_config
-    from safemerge.engine.plan import plan_merge
-    from safemerge.engine.run import open_all
-    from safemerge.engine.tensorwise import write_plan
-    from safemerge.io.output import atomic_output, check_output_path, copy_model_files, write_model_card
 
     options = or_default(options)
     cfg = load_config(config)

@@ -32,8 +32,14 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from safemerge.engine.run import single_intraop_thread
 from safemerge.errors import SafemergeError
+from safemerge.io.adapter import PEFT_PREFIX, save_adapter
+from safemerge.io.checkpoint import Checkpoint
+from safemerge.io.hub import resolve_local
+from safemerge.io.output import atomic_output, check_output_path, md_escape, write_model_card
 from safemerge.options import RunOptions, or_default
+from safemerge.safety.writing import copy_adapter_side_files, params_markdown, torch_dtype, write_json
 
 DEFAULT_MAX_RANK = 128
 
@@ -149,12 +155,6 @@ def extract_lora(
     Returns an :class:`ExtractResult`; the adapter's model card lists every module's rank and
     relative reconstruction error.
     """
-    from safemerge.engine.run import single_intraop_thread
-    from safemerge.io.adapter import PEFT_PREFIX, save_adapter
-    from safemerge.io.checkpoint import Checkpoint
-    from safemerge.io.hub import resolve_local
-    from safemerge.io.output import atomic_output, check_output_path
-    from safemerge.safety.writing import copy_adapter_side_files, torch_dtype
 
     if not isinstance(max_rank, int) or max_rank <= 0:
         raise SafemergeError(f"--max-rank must be a positive integer, got {max_rank!r}", "pass e.g. --max-rank 64")
@@ -270,8 +270,6 @@ def _check_same_tensors(ft: Any, bs: Any, names: list[str]) -> None:
 
 def _write_card(tmp: Path, result: ExtractResult, *, finetuned: Any, base: Any, max_rank: int, sv_epsilon: float,
                 embed_lora: bool) -> None:
-    from safemerge.io.output import md_escape, write_model_card
-    from safemerge.safety.writing import params_markdown, write_json
 
     rows = ["| tensor | written as | rank | ‖ΔW‖_F | relative error ‖ΔW − BA‖_F/‖ΔW‖_F |",
             "|---|---|---:|---:|---:|"]

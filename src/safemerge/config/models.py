@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from safemerge.config.yaml_io import load_yaml
 from safemerge.errors import ConfigError
+from safemerge.io.text import read_utf8
 
 Scalar = Union[bool, int, float, str]
 
@@ -228,7 +230,6 @@ def _validation_error(exc: ValidationError) -> ConfigError:
 
 def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfig:
     """Parse a YAML file, a YAML string, a dict or a :class:`MergeConfig` into a validated config."""
-    from safemerge.config.yaml_io import load_yaml
 
     if isinstance(source, MergeConfig):
         return source
@@ -243,7 +244,6 @@ def load_config(source: str | Path | dict[str, Any] | MergeConfig) -> MergeConfi
             raise ConfigError(f"config file {str(p)!r} does not exist", "check the path")
         if p.is_dir():
             raise ConfigError(f"config path {str(p)!r} is a directory", "pass a YAML file")
-        from safemerge.io.text import read_utf8
 
         data = data_text = read_utf8(p, "config")
         where = str(p)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from safemerge.errors import ConfigError
+from safemerge.io.text import read_utf8
 
 MAX_DEPTH = 64  # nesting levels; real merge/optimize configs use fewer than 10
 MAX_EXPANDED_NODES = 200_000  # scalars + collections after alias expansion
@@ -86,6 +87,5 @@ def load_yaml(text: str, source: str = "config") -> Any:
 
 def load_yaml_file(path: str | Path, what: str) -> Any:
     """Read ``path`` as UTF-8 and parse it with :func:`load_yaml`."""
-    from safemerge.io.text import read_utf8
 
     return load_yaml(read_utf8(path, what), source=str(path))

@@ -22,6 +22,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from safemerge.data import builtin_rows
+from safemerge.data import safety_corpus as C
+
 ARITH_INSTRUCTION = "Answer with the final number after 'The answer is'."
 
 # The aligned SFT's refusal templates (the safety LoRA's refusals are composed differently: safety_corpus).
@@ -208,8 +211,6 @@ def safety_splits(seed: int = 7, harm_frames: int = 3, benign_frames: int = 3) -
     under ``benign_frames`` frames drawn from the harmful training frames and the look-alike frames; benign val (50)
     and test (250) are held-out goals.
     """
-    from safemerge.data import builtin_rows
-    from safemerge.data import safety_corpus as C
 
     r = random.Random(seed)
     harmful_train = [

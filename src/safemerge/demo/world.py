@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from safemerge.cache import fingerprint
-from safemerge.demo.zoo import Log, ZooPaths, cached_step, write_jsonl
+from safemerge.demo.world_data import make_world_data, world_words
+from safemerge.demo.zoo import Log, ZooPaths, cached_step, read_jsonl, write_jsonl
+from safemerge.evaluate.generate import load_generator
+from safemerge.io.output import atomic_output
+from safemerge.options import RunOptions
+from safemerge.testing import build_tokenizer, make_tiny_model, save_model
+from safemerge.train.lora import train_lora
+from safemerge.train.tokenize import collate, encode_chat_example
 
 WORLD_VERSION = 1
 
@@ -67,8 +74,6 @@ class WorldConfig:
 
 def world_tokenizer():
     """The world's word-level tokenizer (ChatML template; every world word is one token)."""
-    from safemerge.demo.world_data import world_words
-    from safemerge.testing import build_tokenizer
 
     words = world_words()
     n = len(words) + 6 + 60  # specials + characters of build_tokenizer
@@ -88,10 +93,6 @@ def full_sft(out: Path, records: list[dict[str, Any]], *, init: Path | None, ste
     scratch); otherwise from the model in ``init`` (the aligned model's safety SFT). The loss is
     the masked answer-token cross-entropy of :func:`safemerge.train.tokenize.encode_chat_example`.
     """
-
-    from safemerge.io.output import atomic_output
-    from safemerge.testing import make_tiny_model, save_model
-    from safemerge.train.tokenize import collate, encode_chat_example
 
     tok = world_tokenizer()
     _seed_all(cfg.seed)
@@ -123,8 +124,6 @@ def full_sft(out: Path, records: list[dict[str, Any]], *, init: Path | None, ste
 
 def _lora(model: Path, records: list[dict[str, Any]], out: Path, cfg: WorldConfig, *, rank: int, targets: Any,
           steps: int, lr: float, seed: int, merge: bool) -> None:
-    from safemerge.options import RunOptions
-    from safemerge.train.lora import train_lora
 
     train_lora(model, records, out, rank=rank, alpha=2 * rank, targets=targets, steps=steps,
                batch_size=cfg.lora_batch, lr=lr, max_length=64, merge=merge,
@@ -132,8 +131,6 @@ def _lora(model: Path, records: list[dict[str, Any]], out: Path, cfg: WorldConfi
 
 
 def _distill(model: Path, prompts: list[str], max_new_tokens: int) -> list[dict[str, str]]:
-    from safemerge.evaluate.generate import load_generator
-
     gen = load_generator(str(model), backend="hf", device="cpu")
     outs = gen.generate(prompts, max_new_tokens=max_new_tokens + 8, progress=False)
     return [{"prompt": p, "response": o.strip()} for p, o in zip(prompts, outs) if o.strip()]
@@ -145,8 +142,6 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
     Deterministic: the same ``cfg`` gives byte-identical models (single-threaded CPU training is
     seeded throughout). Returns the paths plus held-out evaluation and validation sets.
     """
-
-    from safemerge.demo.world_data import make_world_data
 
     cfg = cfg or WorldConfig()
     root = Path(root).expanduser().absolute()
@@ -170,8 +165,6 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
         data = root / f"data-{k_data}"
 
         def build_data(out: Path) -> None:
-            from safemerge.io.output import atomic_output
-
             benign = _distill(base, [r["prompt"] for r in d.benign_train], cfg.max_new_tokens)
             with atomic_output(out) as tmp:
                 write_jsonl(tmp / "align_train.jsonl", d.harmful_train + benign + d.repeat_train)
@@ -184,7 +177,6 @@ def build_world(root: str | Path, cfg: WorldConfig | None = None, *, log: Log | 
                 write_jsonl(tmp / "val_utility.jsonl", d.task_val)
 
         cached_step("world data (self-distilled benign answers)", data, build_data, say)
-        from safemerge.demo.zoo import read_jsonl
 
         aligned = cached_step("world aligned (safety SFT, all parameters)", root / f"aligned-{k_aligned}",
                               lambda out: full_sft(out, read_jsonl(data / "align_train.jsonl"), init=base,

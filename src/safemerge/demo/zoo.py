@@ -29,10 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.cache import cache_root, fingerprint
+from safemerge.data.safety_corpus import safety_lora_records
+from safemerge.demo import data as D
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.generate import resolve_dtype
+from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
+from safemerge.io.output import atomic_output, atomic_write_text
 from safemerge.options import RunOptions
 from safemerge.train.distill import DISTILL_DTYPE, DISTILL_MAX_NEW_TOKENS, self_distill
-from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENGTH, SAFETY_STEPS
+from safemerge.train.lora import train_lora
+from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENGTH, SAFETY_STEPS, train_safety_lora
 
 # 2: degenerate self-distilled answers are dropped; 3: safety corpus, bf16 self-distillation; 4: refusals dropped
 # from self-distilled answers, training-only goals, shared frames, longer safety SFT; 5: 210 + 230 training goals
@@ -43,7 +49,6 @@ Log = Callable[[str], None]
 
 def write_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> Path:
     """Write rows as JSON lines atomically (temporary file + rename)."""
-    from safemerge.io.output import atomic_write_text
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(dict(r), ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
@@ -154,7 +159,6 @@ SMOLLM2_AUTOTUNE = {"max_taus": 3, "screen": (32, 24)}
 
 def train_recipe(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRecipe, *, merge: bool) -> None:
     """``train_lora`` with one of the zoo's recipes (also used by ``bench/recipe_probe.py``)."""
-    from safemerge.train.lora import train_lora
 
     train_lora(model, records, out, rank=recipe.rank, alpha=recipe.alpha,
                targets=recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets),
@@ -164,7 +168,6 @@ def train_recipe(model: Path, records: list[dict[str, Any]], out: Path, recipe: 
 
 def _train_safety(aligned: Path, task: Path, rows: list[dict[str, Any]], out: Path) -> None:
     """``safemerge safety-lora`` with :data:`SAFETY_SETTINGS`, whose ``seed`` goes in the options object."""
-    from safemerge.train.safety_lora import train_safety_lora
 
     settings = dict(SAFETY_SETTINGS)
     options = RunOptions(seed=int(settings.pop("seed")))
@@ -173,7 +176,6 @@ def _train_safety(aligned: Path, task: Path, rows: list[dict[str, Any]], out: Pa
 
 def _write_rows(out: Path, name: str, rows: list[dict[str, Any]]) -> None:
     """One JSONL file in a new directory, written atomically."""
-    from safemerge.io.output import atomic_output
 
     with atomic_output(out) as tmp:
         write_jsonl(tmp / name, rows)
@@ -188,8 +190,6 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     XSTest for evaluation. Otherwise every record comes from :mod:`safemerge.demo.data`.
     With ``stress`` the aggressive task LoRA of the stress setting is built too.
     """
-    from safemerge.evaluate.generate import resolve_dtype
-    from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
 
     root = cache_root(cache_dir)
     say = log or (lambda _m: None)
@@ -212,8 +212,6 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     distilled = read_jsonl(distilled_dir / "distilled.jsonl")
 
     def build_data(out: Path) -> None:
-        from safemerge.io.output import atomic_output
-
         with atomic_output(out) as tmp:
             write_jsonl(tmp / "align_train.jsonl", sets["harmful_train"] + distilled)
             # look-alike answers reach the safety LoRA through train_safety_lora's own self-distillation
@@ -267,8 +265,6 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
 
 def project_data_sets() -> dict[str, Any]:
     """Train / validation / evaluation sets written by the project (no download)."""
-    from safemerge.data.safety_corpus import safety_lora_records
-    from safemerge.demo import data as D
 
     s = D.safety_splits()
     a = D.arithmetic_splits()
@@ -303,8 +299,6 @@ def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, 
       validation for τ/α: held-out Bianchi safety-only prompts and GSM8K train problems not
       used for training.
     """
-
-    from safemerge.demo import data as D
 
     need = ["bianchi_safety_only.json", "bianchi_malicious_instructions.json", "xstest_prompts.csv",
             "gsm8k_train.jsonl", "gsm8k_test.jsonl"]

@@ -21,6 +21,7 @@ from typing import Any
 
 from safemerge.config.models import MergeConfig
 from safemerge.config.params import resolve
+from safemerge.engine.vocab import build_alignment
 from safemerge.errors import CheckpointError, ConfigError
 from safemerge.io.checkpoint import split_layer_name
 from safemerge.methods.catalog import get_method
@@ -309,7 +310,6 @@ def plan_merge(config: MergeConfig, ckpts: Mapping[str, Any], *, allow_crimes: b
         allow_crimes: accept inputs whose ``config.json`` names different architectures
             (mergekit-yaml's ``--allow-crimes``); tensor names and shapes must still match.
     """
-    from safemerge.engine.vocab import build_alignment
 
     method = get_method(config.merge_method)
     _check_params_known(config, method)

@@ -19,12 +19,18 @@ from typing import Any
 
 import torch
 
-from safemerge.engine.plan import MergePlan, TensorJob
+from safemerge.config import load_config
+from safemerge.engine.plan import MergePlan, TensorJob, plan_merge
 from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.io.checkpoint import all_finite
-from safemerge.methods._tensor import Rows
+from safemerge.io.hub import prefetch_metadata
+from safemerge.io.references import open_checkpoint
+from safemerge.methods._tensor import InputTensors, Rows, row_blocks
+from safemerge.methods.mergekit_order import KERNELS
 from safemerge.methods.seeding import tensor_generator
+from safemerge.methods.streaming import TWO_PASS
 from safemerge.options import RunOptions, or_default
+from safemerge.progress import progress_bar
 
 _ALLOCATOR_TUNED = False
 
@@ -119,7 +125,6 @@ def _load_rows_f32(ckpt: Any, name: str, rows: Rows, compute_dtype: str | None):
 
 def _row_blocks(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any]) -> list[Rows] | None:
     """Row blocks for a tensor the executor may stream, or ``None`` (whole tensor)."""
-    from safemerge.methods._tensor import row_blocks
 
     refs = [r for r, _ in job.inputs] + ([job.base[0]] if job.base is not None else [])
     if (
@@ -185,7 +190,6 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
     as soon as it is merged: element-wise methods block by block, methods with a ``two_pass`` kernel
     (the TIES family: thresholds, generator states, L1 norms first) through it. ``False`` (nothing
     stored) when the method cannot stream this tensor."""
-    from safemerge.methods.streaming import TWO_PASS
 
     def emit(rows: Rows, part: Any) -> None:
         _check_output(plan, job, part, options.allow_nonfinite, rows)
@@ -225,8 +229,6 @@ def _narrow(part: Any, dtype: Any) -> Any:
 def _run_block(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], options: RunOptions,
                rows: tuple[int, int] | None):
 
-    from safemerge.methods._tensor import InputTensors
-
     def load(ref: str, name: str):  # noqa: ANN202
         return _load(ckpts, ref, name, plan.compute_dtype, options, rows, plan.mergekit_arithmetic)
 
@@ -262,7 +264,6 @@ def _named_arguments(plan: MergePlan, job: TensorJob) -> dict[str, str]:
 
 def _align_vocabulary(job: TensorJob, tensors: list, base):  # noqa: ANN001, ANN202
     """Re-index the rows of an embedding / ``lm_head`` job's inputs to the output vocabulary."""
-    from safemerge.methods._tensor import InputTensors
 
     loaded = {ref: t for (ref, _), t in zip(job.inputs, tensors)}
     if job.base is not None:
@@ -277,8 +278,6 @@ def _mergekit_arithmetic(plan: MergePlan, job: TensorJob, tensors: list, base, g
     when set), the method's mergekit-order kernel in that dtype — or, for methods mergekit runs
     in float32 internally, the float32 kernel rounded back to that dtype. ``named``: the keyword
     arguments the method declares (:func:`_named_arguments`)."""
-
-    from safemerge.methods.mergekit_order import KERNELS
 
     floats = [t for t in [*tensors, base] if t is not None and t.is_floating_point()]
     dtype = floats[0].dtype
@@ -318,7 +317,6 @@ def execute_plan(
     n_workers = max(1, int(options.threads or os.cpu_count() or 1))
     tune_allocator()
     total_bytes = plan.total_bytes
-    from safemerge.progress import progress_bar
 
     with single_intraop_thread(), progress_bar(description, total=len(plan.jobs), total_bytes=total_bytes,
                                                   enabled=options.progress) as bar:
@@ -365,8 +363,6 @@ def open_all(config: Any, *, options: RunOptions | None = None,
     Hub ids are checked for existence (config files only) before any of them downloads weights,
     and every safetensors header is validated as its model opens, before the plan reads a tensor.
     """
-    from safemerge.io.hub import prefetch_metadata
-    from safemerge.io.references import open_checkpoint
 
     refs = [r for r in config.referenced_models() if checkpoints is None or r not in checkpoints]
     prefetch_metadata(refs)
@@ -394,8 +390,6 @@ def merge_in_memory(
     ``checkpoints`` maps model references to already-open (possibly in-RAM) mappings so that
     repeated merges (e.g. CMA-ES candidates) do not re-open files.
     """
-    from safemerge.config import load_config
-    from safemerge.engine.plan import plan_merge
 
     cfg = load_config(config)
     options = IN_MEMORY if options is None else options

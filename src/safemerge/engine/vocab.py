@@ -35,6 +35,7 @@ from transformers import AutoTokenizer
 
 from safemerge.config.models import MergeConfig, ModelTokenSource, TokenEmbedding, ZeroSource
 from safemerge.errors import CheckpointError, ConfigError
+from safemerge.io.hub import resolve_local, split_model_ref
 
 LOG = logging.getLogger("safemerge")
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -47,7 +48,6 @@ def _model_dir(ckpt: Any) -> Path:
 
 def _tokenizer_dir(ref: str) -> Path:
     """The local directory of a ``tokenizer_source`` that is not among the merged models (a path or Hub id)."""
-    from safemerge.io.hub import resolve_local, split_model_ref
 
     return resolve_local(split_model_ref(ref)[0])
 

@@ -23,10 +23,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from safemerge import __version__
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.cache import GenerationCache, generation_key
 from safemerge.evaluate.datasets import PromptRecord, load_prompts
+from safemerge.evaluate.generate import (
+    generation_dtype,
+    load_generator,
+    local_adapter,
+    model_identity,
+    resolve_backend,
+    split_adapter,
+)
 from safemerge.evaluate.judges import Judge, KeywordJudge, get_judge
+from safemerge.evaluate.lm_eval_bridge import parse_tasks, run_lm_eval, task_manager
 from safemerge.evaluate.metrics import (
     answer_token_ce,
     bootstrap_ci,
@@ -189,7 +199,6 @@ def _utility_suite(records: list[PromptRecord], responses: list[str], seed: int,
 def _lm_eval_suite(gens: _Generations, tasks: list[str], manager: Any, include: Any, *,
                    limit: int | None, batch_size: int | None, seed: int, progress: bool) -> dict[str, Any]:
     """lm-evaluation-harness on the generator's own model (loaded now if every generation was cached)."""
-    from safemerge.evaluate.lm_eval_bridge import run_lm_eval
 
     g = gens.hf_model("--lm-eval-tasks")
     return run_lm_eval(g.model, g.tokenizer, tasks, include=include, limit=limit, batch_size=batch_size, seed=seed,
@@ -241,8 +250,6 @@ def evaluate(
     Raises:
         SafemergeError: no suite given, unreadable prompt sets, bad judge spec, unloadable model.
     """
-    from safemerge.evaluate.generate import local_adapter, split_adapter
-    from safemerge.evaluate.lm_eval_bridge import parse_tasks, task_manager
 
     options = or_default(options)
     specs = {"harmful": harmful, "benign": benign, "utility": utility}
@@ -291,7 +298,6 @@ def _generations(model: Any, adapter: str | None, *, generator: Any, tokenizer: 
                  device: str | None, dtype: str | None, cache: GenerationCache, batch_size: int | None,
                  options: RunOptions) -> _Generations:
     """Cached generation for ``model``: a supplied ``generator`` as is, else one loaded on the first cache miss."""
-    from safemerge.evaluate.generate import generation_dtype, load_generator, model_identity, resolve_backend
 
     if generator is not None:
         identity, backend_name = generator.identity, getattr(generator, "backend", "custom")
@@ -312,7 +318,6 @@ def _generations(model: Any, adapter: str | None, *, generator: Any, tokenizer: 
 def _results_header(model: Any, adapter: str | None, gens: _Generations, *, batch_size: int | None,
                     limit: int | None, seed: int) -> dict[str, Any]:
     """The ``results.json`` fields before any suite: version, model, identity and the settings."""
-    from safemerge import __version__
 
     return {
         "safemerge_version": __version__,

@@ -19,8 +19,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safemerge.data import BUILTIN_SETS, builtin_rows
 from safemerge.errors import SafemergeError
+from safemerge.evaluate import formats
 from safemerge.evaluate.records import PromptRecord
+from safemerge.io.checkpoint import require_regular_file
 
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -31,7 +34,6 @@ def read_table(path: Path) -> Any:
     Raises:
         SafemergeError: unreadable file, bad JSON/CSV, or an unsupported extension.
     """
-    from safemerge.io.checkpoint import require_regular_file
 
     suffix = path.suffix.lower()
     require_regular_file(path, "data file")  # never open a named pipe or device (it would block)
@@ -76,8 +78,6 @@ def read_table(path: Path) -> Any:
 
 
 def _load_builtin(name: str) -> list[PromptRecord]:
-    from safemerge.data import BUILTIN_SETS, builtin_rows
-
     try:
         rows = builtin_rows(name)
     except KeyError:
@@ -139,7 +139,6 @@ def load_prompts(
     Raises:
         SafemergeError: missing file, unknown format, missing columns, or an offline hub id.
     """
-    from safemerge.evaluate import formats
 
     if limit is not None and limit < 0:
         raise SafemergeError(f"--limit must be ≥ 0, got {limit}", "pass a positive number of prompts")

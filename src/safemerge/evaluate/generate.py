@@ -34,6 +34,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safemerge.errors import CheckpointError, SafemergeError, option
+from safemerge.io.adapter import check_adapter_fits, load_adapter
+from safemerge.io.chat import render_chat_template
+from safemerge.io.checkpoint import refuse_custom_code
+from safemerge.io.hub import resolve_local, split_model_ref
 from safemerge.options import RunOptions, or_default
 from safemerge.progress import progress_bar
 
@@ -246,8 +250,6 @@ class HFGenerator:
         ``User:/Assistant:`` transcript for tokenizers without a template (base models)."""
         msgs = as_messages(prompt)
         if getattr(self.tokenizer, "chat_template", None):
-            from safemerge.io.chat import render_chat_template
-
             return render_chat_template(self.tokenizer, msgs, add_generation_prompt=True)
         if len(msgs) == 1 and msgs[0]["role"] == "user":
             return msgs[0]["content"]
@@ -387,7 +389,6 @@ class VLLMGenerator:
         except ImportError as exc:  # pragma: no cover - depends on the optional extra
             raise SafemergeError("--backend vllm needs the vllm package",
                                  "pip install 'safemerge[vllm]' (CUDA only)") from exc
-        from safemerge.io.checkpoint import refuse_custom_code
 
         refuse_custom_code(model_path, trust_remote_code)
         self.adapter = adapter
@@ -430,9 +431,6 @@ def resolve_backend(backend: str, model: Any) -> str:
 
 
 def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOptions) -> tuple[Any, Any, str]:
-    from safemerge.io.checkpoint import refuse_custom_code
-    from safemerge.io.hub import resolve_local
-
     path = resolve_local(model, options=options)  # a Hub id becomes its local snapshot
     kw: dict[str, Any] = {}
     if not path.exists():
@@ -461,7 +459,6 @@ def split_adapter(model: Any, adapter: str | None) -> tuple[Any, str | None]:
     """``MODEL+ADAPTER`` (mergekit syntax) → ``(MODEL, ADAPTER)``; an explicit ``adapter`` too is an error."""
     if not isinstance(model, (str, os.PathLike)):
         return model, adapter
-    from safemerge.io.hub import split_model_ref
 
     base, ref_adapter = split_model_ref(str(model))
     if ref_adapter is None:
@@ -474,7 +471,6 @@ def split_adapter(model: Any, adapter: str | None) -> tuple[Any, str | None]:
 
 def local_adapter(adapter: str) -> Path:
     """A PEFT adapter directory (or Hub id, fetched) as a local path; a clear error when it is not one."""
-    from safemerge.io.hub import resolve_local
 
     path = resolve_local(adapter)
     if not (path / "adapter_config.json").is_file():
@@ -544,7 +540,6 @@ def load_generator(
         return VLLMGenerator(str(model), adapter=adapter, dtype=resolve_dtype(dtype, "cuda") if dtype else None,
                              trust_remote_code=options.trust_remote_code, identity=identity or ident)
 
-
     dev = resolve_device(device)
     torch_dtype = getattr(torch, resolve_dtype(dtype, dev))
     computed: str | None = None  # None ⇒ HFGenerator fingerprints the in-memory weights
@@ -559,8 +554,6 @@ def load_generator(
         adapter_path = local_adapter(adapter)
         check_weights(adapter_path, options.allow_pickle)
         from peft import PeftModel
-
-        from safemerge.io.adapter import check_adapter_fits, load_adapter
 
         shapes = {k: tuple(v.shape) for k, v in hf_model.state_dict().items()}
         label = model if isinstance(model, (str, os.PathLike)) else type(model).__name__

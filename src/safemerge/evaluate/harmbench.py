@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from safemerge.evaluate.generate import load_generator
 from safemerge.evaluate.verdicts import Judge, Verdict
 from safemerge.options import RunOptions, or_default
 
@@ -60,8 +61,6 @@ class HarmBenchJudge(Judge):
                  dtype: str | None = None, options: RunOptions | None = None, **_: Any) -> None:
         options = or_default(options)
         if generator is None:
-            from safemerge.evaluate.generate import load_generator
-
             generator = load_generator(path, backend="hf", device=device, dtype=dtype, options=options)
         self.generator, self.batch_size, self.progress = generator, batch_size, options.progress
         self.name = f"harmbench:{Path(path).name}"

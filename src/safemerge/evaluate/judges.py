@@ -30,7 +30,11 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.generate import check_weights, resolve_device
+from safemerge.evaluate.harmbench import HarmBenchJudge
+from safemerge.evaluate.llamaguard import LlamaGuardJudge
 from safemerge.evaluate.verdicts import Judge, Verdict
+from safemerge.io.checkpoint import refuse_custom_code
 from safemerge.options import RunOptions, or_default
 
 # Zou et al. 2023 (GCG, llm-attacks demo): a response containing any of these is not jailbroken.
@@ -173,9 +177,6 @@ class ClassifierJudge(Judge):
                  pair: bool = False, batch_size: int = 16, device: str | None = None,
                  options: RunOptions | None = None, **_: Any) -> None:
 
-        from safemerge.evaluate.generate import check_weights, resolve_device
-        from safemerge.io.checkpoint import refuse_custom_code
-
         options = or_default(options)
         p = Path(path).expanduser()
         if not p.exists():
@@ -262,12 +263,8 @@ def get_judge(spec: str, *, options: RunOptions | None = None, **kw: Any) -> Jud
     if not arg:
         raise SafemergeError(f"judge {spec!r} needs a model path", f"write it as {kind}:PATH")
     if kind in ("llamaguard", "llamaguard1", "llamaguard2", "llamaguard3"):
-        from safemerge.evaluate.llamaguard import LlamaGuardJudge
-
         version = int(kind[-1]) if kind[-1].isdigit() else None
         return LlamaGuardJudge(arg, version=version, options=options, **kw)
     if kind == "harmbench":
-        from safemerge.evaluate.harmbench import HarmBenchJudge
-
         return HarmBenchJudge(arg, options=options, **kw)
     return ClassifierJudge(arg, options=options, **kw)

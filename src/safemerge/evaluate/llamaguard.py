@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.generate import load_generator
 from safemerge.evaluate.verdicts import Judge, Verdict
 from safemerge.options import RunOptions, or_default
 
@@ -162,8 +163,6 @@ class LlamaGuardJudge(Judge):
         self.path = path
         self.version = version or detect_version(path)
         if generator is None:
-            from safemerge.evaluate.generate import load_generator
-
             generator = load_generator(path, backend="hf", device=device, dtype=dtype, options=options)
         self.generator, self.batch_size = generator, batch_size
         self.max_new_tokens, self.progress = max_new_tokens, options.progress

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from safemerge.errors import SafemergeError
-from safemerge.io.output import md_code
+from safemerge.io.output import atomic_save_figure, md_code
+from safemerge.io.text import read_utf8
 
 LM_EVAL_SUITE = "lm-eval"
 
@@ -159,7 +160,6 @@ def load_results(run: str | Path) -> dict[str, Any]:
         f = p / "eval" / "results.json"
     if not f.is_file():
         raise SafemergeError(f"no results.json in {run}", "pass output directories of `safemerge eval`")
-    from safemerge.io.text import read_utf8
 
     try:
         res = json.loads(read_utf8(f, "results file"))
@@ -236,7 +236,6 @@ def _scatter(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.set_title("safety vs utility")
     fig.tight_layout()
-    from safemerge.io.output import atomic_save_figure
 
     try:
         return atomic_save_figure(fig, path)

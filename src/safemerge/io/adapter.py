@@ -25,6 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 from safemerge.errors import CheckpointError
+from safemerge.io.checkpoint import Checkpoint, require_regular_file
+from safemerge.io.hub import resolve_local
 from safemerge.options import RunOptions
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -173,8 +175,6 @@ class LoraAdapter(Mapping):
     """A lazy mapping ``module path → LoraModule`` over a PEFT LoRA adapter directory."""
 
     def __init__(self, path: str | Path, *, options: RunOptions | None = None) -> None:
-        from safemerge.io.hub import resolve_local
-
         self.path = resolve_local(path, options=options)  # Hub ids → their local snapshot
         self.config: dict[str, Any] = self._read_config()
         self._tensors = self._open_weights(options)
@@ -193,7 +193,6 @@ class LoraAdapter(Mapping):
 
     def _read_config(self) -> dict[str, Any]:
         """``adapter_config.json``, validated: a plain LoRA (no other PEFT type, no DoRA)."""
-        from safemerge.io.checkpoint import require_regular_file
 
         cfg_path = self.path / ADAPTER_CONFIG
         if not self.path.is_dir():
@@ -218,7 +217,6 @@ class LoraAdapter(Mapping):
 
     def _open_weights(self, options: RunOptions | None) -> Any:
         """The adapter's weight file as a checkpoint: safetensors, or a pickle with ``options.allow_pickle``."""
-        from safemerge.io.checkpoint import Checkpoint
 
         for name in (ADAPTER_WEIGHTS, ADAPTER_PICKLE):
             if (self.path / name).exists():

@@ -100,7 +100,6 @@ def all_finite(t: "torch.Tensor") -> bool:
     only when the sum is not finite — a non-finite entry, or a finite overflow — is the exact
     element-wise test run. About 10× cheaper than ``isfinite(t).all()`` on large tensors."""
 
-
     if t.numel() == 0 or not t.is_floating_point():
         return True
     if math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
@@ -509,7 +508,6 @@ class Checkpoint(Mapping):
                                           "re-download the checkpoint")
                 done += n
             return
-
 
         mm = self._mmap(path)
         for lo in range(0, len(view), _READ_CHUNK):

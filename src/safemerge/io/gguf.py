@@ -30,6 +30,7 @@ from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURE
 from transformers.utils import logging as hf_logging
 
 from safemerge.errors import CheckpointError, ConfigError, SafemergeError
+from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask, md_code, md_escape, write_model_card
 from safemerge.options import RunOptions, or_default
 
 GGUF_MAGIC = b"GGUF"
@@ -152,8 +153,6 @@ def _clean_config(config: Any, dtype: str) -> Any:
 
 
 def _write_card(out: Path, src: Path, meta: dict[str, Any], dtype: str, n_params: int) -> None:
-    from safemerge.io.output import md_code, md_escape, write_model_card
-
     name = meta.get("general.name") or src.stem
     rows = [
         f"- source: {md_code(src.name)} ({', '.join(meta.get('_tensor_types', []))} tensors)",
@@ -199,12 +198,10 @@ def convert_gguf(
     if dtype not in OUTPUT_DTYPES:
         raise ConfigError(f"unsupported dtype {dtype!r}", f"use one of {', '.join(OUTPUT_DTYPES)}")
     src = Path(gguf_path).expanduser().absolute()
-    from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 
     check_output_path(out_dir, force=force, inputs=(src,))  # fail before the slow load
     meta = read_gguf_metadata(src)
     _check_supported(str(meta["general.architecture"]), src)
-
 
     step = on_step or (lambda _msg: None)
     verbosity = hf_logging.get_verbosity()

@@ -30,6 +30,7 @@ import yaml
 from safetensors.torch import save_file
 
 from safemerge.errors import SafemergeError, option
+from safemerge.io.checkpoint import split_model_ref
 
 TMP_MARK = ".safemerge-tmp-"
 OLD_MARK = ".safemerge-old-"
@@ -85,7 +86,6 @@ def _input_locations(ref: str | os.PathLike[str]) -> list[Path]:
     References that name nothing on disk (hub ids, ``builtin:`` sets) cannot be destroyed and
     are skipped.
     """
-    from safemerge.io.checkpoint import split_model_ref
 
     model, adapter = split_model_ref(os.fspath(ref))
     parts = [model] if adapter is None else [model, adapter]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from safemerge.errors import SafemergeError
+from safemerge.io.checkpoint import require_regular_file
 
 
 def read_utf8(path: str | Path, what: str) -> str:
@@ -14,7 +15,6 @@ def read_utf8(path: str | Path, what: str) -> str:
         path: the file.
         what: what the file is, for the message (``"optimize config"``, ``"prompt set"`` …).
     """
-    from safemerge.io.checkpoint import require_regular_file
 
     p = Path(path).expanduser()
     require_regular_file(p, what)  # a named pipe or device would block the read forever

@@ -7,7 +7,17 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import BaseRowLoader, BlockSink, RowLoader, check_inputs, dot64, f32, norm64
+from safemerge.methods._tensor import (
+    BaseRowLoader,
+    BlockSink,
+    ChunkedDots,
+    RowLoader,
+    check_inputs,
+    dot64,
+    f32,
+    norm64,
+    row_blocks,
+)
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
@@ -76,7 +86,6 @@ def model_stock_two_pass(
     :func:`dot64` (:class:`~safemerge.methods._tensor.ChunkedDots`), pass 2 writes
     ``t·θ_avg + (1 − t)·θ_base`` block by block. With ``filter_wise`` (one ratio per slice along
     the last dimension: per row) each block is merged on its own, in one pass."""
-    from safemerge.methods._tensor import ChunkedDots, row_blocks
 
     if n < 2 or len(shape) < 2:
         return False

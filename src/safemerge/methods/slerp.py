@@ -10,6 +10,7 @@ import torch
 from safemerge.methods._tensor import (
     BaseRowLoader,
     BlockSink,
+    ChunkedDots,
     RowLoader,
     Rows,
     check_inputs,
@@ -76,7 +77,6 @@ def slerp_two_pass(
     accumulates ‖θ_base‖², ‖θ‖² and ⟨θ_base, θ⟩ over the same float64 chunks as :func:`dot64`
     (:class:`~safemerge.methods._tensor.ChunkedDots`), pass 2 writes ``ca·θ_base + cb·θ`` block
     by block. Memory: two float32 blocks and the output. ``False`` when not applicable."""
-    from safemerge.methods._tensor import ChunkedDots
 
     if n != 1 or len(shape) < 2:
         return False

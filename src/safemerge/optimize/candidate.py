@@ -17,10 +17,16 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from safemerge.engine import merge_in_memory
 from safemerge.errors import CheckpointError, ConfigError
+from safemerge.io.checkpoint import refuse_custom_code, split_layer_name
+from safemerge.io.hub import resolve_model_ref
+from safemerge.io.references import open_checkpoint
 from safemerge.optimize.config import DataSection, OptimizeConfig
 from safemerge.optimize.genome import Genome
+from safemerge.optimize.objective import AnswerCEObjective, sample_records
 from safemerge.options import RunOptions, or_default
+from safemerge.synth.common import read_records
 
 SAFETY_TYPES = {"safety", "alignment", None}
 EXPERT_TYPES = {"domain", "task", "expert", None}
@@ -33,8 +39,6 @@ def load_objective_data(data: DataSection) -> tuple[list[dict[str, Any]], list[d
     (``safety``/``alignment`` vs ``domain``/``task``/``expert``). Samples are drawn with seeds
     ``data.seed`` (safety) and ``data.seed + 1`` (expert).
     """
-    from safemerge.optimize.objective import sample_records
-    from safemerge.synth.common import read_records
 
     def read(paths: Sequence[str], types: set[Any]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -55,7 +59,6 @@ def load_objective_data(data: DataSection) -> tuple[list[dict[str, Any]], list[d
 
 def build_genome(cfg: OptimizeConfig, base_ckpt: Any) -> Genome:
     """The genome of ``cfg.genome`` for the architecture of ``base_ckpt`` (layer count and prefix)."""
-    from safemerge.io.checkpoint import split_layer_name
 
     prefix, n_layers = "model.layers", 0
     for name in base_ckpt.names() if hasattr(base_ckpt, "names") else list(base_ckpt):
@@ -82,11 +85,6 @@ class CandidateEvaluator:
 
     def __init__(self, cfg: OptimizeConfig, *, options: RunOptions | None = None,
                  num_threads: int | None = None) -> None:
-
-        from safemerge.io.checkpoint import refuse_custom_code
-        from safemerge.io.hub import resolve_model_ref
-        from safemerge.io.references import open_checkpoint
-        from safemerge.optimize.objective import AnswerCEObjective
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -127,7 +125,6 @@ class CandidateEvaluator:
     # ------------------------------------------------------------------ merging
     def merge(self, config: dict[str, Any]) -> dict[str, Any]:
         """Merge ``config`` in memory (float32 tensors by name), reusing the opened checkpoints."""
-        from safemerge.engine import merge_in_memory
 
         return merge_in_memory(config, options=self.options, checkpoints=self.checkpoints)
 

@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from safemerge.config.yaml_io import load_yaml_file
 from safemerge.errors import ConfigError
 
 
@@ -117,8 +118,6 @@ def load_optimize_config(source: str | Path | dict[str, Any] | OptimizeConfig) -
     if isinstance(source, dict):
         raw = source
     else:
-        from safemerge.config.yaml_io import load_yaml_file
-
         p = Path(source).expanduser()
         if not p.exists():
             raise ConfigError(f"optimize config {str(source)!r} does not exist", "check the path")

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from safemerge.errors import SafemergeError, option
 from safemerge.optimize.config import CMASection
 from safemerge.optimize.genome import Genome
 from safemerge.optimize.trace import Trace
@@ -89,8 +90,6 @@ def run_evomm(genome: Genome, backend: Any, opts: CMASection, work: Path, trace:
         with state_path.open("rb") as fh:
             st = pickle.load(fh)  # our own file, written by _atomic_pickle below
         if st.get("version") != STATE_VERSION or st.get("n_genes") != n:
-            from safemerge.errors import SafemergeError, option
-
             raise SafemergeError("the saved optimisation state does not match this config",
                                  f"rerun with {option('force')} to start over")
         es, evals, gen, best = st["es"], st["evals"], st["generation"], st["best"]

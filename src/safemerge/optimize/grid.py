@@ -14,6 +14,7 @@ import itertools
 import math
 from typing import Any
 
+from safemerge.errors import ConfigError
 from safemerge.optimize.config import GridSection
 from safemerge.optimize.genome import Genome
 
@@ -30,8 +31,6 @@ def grid_points(genome: Genome, grid: GridSection) -> list[dict[str, float]]:
 def _nonempty(grid: GridSection, param: str) -> list[float]:
     vals = list(getattr(grid, param))
     if not vals:
-        from safemerge.errors import ConfigError
-
         raise ConfigError(f"grid.{param} is empty", f"give at least one value for grid.{param}")
     return vals
 

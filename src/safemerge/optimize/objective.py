@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from safemerge.errors import SafemergeError
+from safemerge.train.tokenize import collate, encode_chat_example
 
 IGNORE_INDEX = -100
 
@@ -81,7 +82,6 @@ class AnswerCEObjective:
 
     def __init__(self, tokenizer: Any, safety: Sequence[dict[str, Any]], expert: Sequence[dict[str, Any]], *,
                  alpha: float = 0.3, batch_size: int = 8, max_length: int = 512) -> None:
-        from safemerge.train.tokenize import collate, encode_chat_example
 
         if not safety and not expert:
             raise SafemergeError("the objective has no data", "give data.safety and/or data.expert files with records")

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.optimize.candidate import CandidateEvaluator
+from safemerge.optimize.config import load_optimize_config
 from safemerge.options import RunOptions
 
 
@@ -55,8 +57,6 @@ class RayBackend:
         class _Worker:
             def __init__(self, cfg: dict[str, Any], options: RunOptions | None, threads: int) -> None:
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-                from safemerge.optimize.candidate import CandidateEvaluator
-                from safemerge.optimize.config import load_optimize_config
 
                 self.ev = CandidateEvaluator(load_optimize_config(cfg), options=options, num_threads=threads)
 

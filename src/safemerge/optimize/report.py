@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from safemerge.errors import SafemergeError
+from safemerge.evaluate.report import load_results
+
 
 def _pct(v: Any) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -101,8 +104,6 @@ def table1_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
     """Table-1 rows from output directories: ``safemerge optimize --eval`` runs (the row stored in
     ``summary.json``) or ``safemerge eval`` runs (named by folder)."""
 
-    from safemerge.evaluate.report import load_results
-
     rows = []
     for run in runs:
         p = Path(run).expanduser()
@@ -110,8 +111,6 @@ def table1_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         if summary_f.is_file() and (p / "best.yml").is_file():
             summary = json.loads(summary_f.read_text(encoding="utf-8"))
             if not summary.get("evaluation"):
-                from safemerge.errors import SafemergeError
-
                 raise SafemergeError(f"optimize run {str(run)!r} has no evaluation of its merged model",
                                      "rerun it with --eval, or evaluate OUT/model with `safemerge eval` and compare "
                                      "that")

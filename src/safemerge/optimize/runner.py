@@ -25,10 +25,20 @@ from typing import Any
 
 import yaml
 
+from safemerge.api import merge
 from safemerge.errors import SafemergeError, option
+from safemerge.io.output import check_not_an_input, check_output_path, promote_directory
+from safemerge.io.references import open_checkpoint
+from safemerge.optimize import report
+from safemerge.optimize.candidate import CandidateEvaluator, SerialBackend, build_genome
+from safemerge.optimize.cocktail import cocktail_config, run_cocktail
 from safemerge.optimize.config import OptimizeConfig, load_optimize_config
+from safemerge.optimize.evomm import default_popsize, run_evomm
+from safemerge.optimize.grid import grid_points, run_grid
+from safemerge.optimize.ray_backend import RayBackend
 from safemerge.optimize.trace import Trace
 from safemerge.options import RunOptions, or_default
+from safemerge.progress import progress_bar
 
 WORK_SUFFIX = ".safemerge-optimize"
 
@@ -47,7 +57,6 @@ def optimize_inputs(cfg: OptimizeConfig, config: Any) -> list[Any]:
 
 def _prepare_work(out: Path, run_key: dict[str, Any], *, resume: bool, force: bool,
                   inputs: list[Any]) -> tuple[Path, bool]:
-    from safemerge.io.output import check_not_an_input, check_output_path
 
     check_output_path(out, force=True, inputs=inputs)  # not an input, writable; existence is handled here
     check_not_an_input(work_dir_for(out), inputs)
@@ -81,8 +90,6 @@ def _prepare_work(out: Path, run_key: dict[str, Any], *, resume: bool, force: bo
 
 
 def _finalize(work: Path, out: Path, *, force: bool) -> None:
-    from safemerge.io.output import promote_directory
-
     promote_directory(work, out, force=force)
 
 
@@ -188,14 +195,11 @@ class _Run:
 
     def _backend(self, ray: RayPool | None) -> tuple[Any, Any, tuple[int | None, int | None]]:
         """The genome, the candidate-scoring backend (serial or Ray) and the objective's data sizes."""
-        from safemerge.optimize.candidate import CandidateEvaluator, SerialBackend, build_genome
 
         cfg = self.cfg
         if ray is None:
             ev = CandidateEvaluator(cfg, options=self.options)
             return ev.genome, SerialBackend(ev), (ev.n_safety, ev.n_expert)
-        from safemerge.io.references import open_checkpoint
-        from safemerge.optimize.ray_backend import RayBackend
 
         anchor = cfg.genome.base_model or cfg.genome.models[0]
         genome = build_genome(cfg, open_checkpoint(anchor, options=self.options))
@@ -217,8 +221,6 @@ class _Run:
 
     def _search_evomm(self, genome: Any, backend: Any, trace: Trace,
                       on_generation: Callable[[int, int], None] | None) -> tuple[dict, dict, dict]:
-        from safemerge.optimize.evomm import default_popsize, run_evomm
-        from safemerge.progress import progress_bar
 
         cma = self.cfg.cma
         pop = cma.popsize or default_popsize(max(2, len(genome)))
@@ -236,17 +238,12 @@ class _Run:
         return res, genome.to_config(res["x"]), extra
 
     def _search_grid(self, genome: Any, backend: Any, trace: Trace) -> tuple[dict, dict, dict]:
-        from safemerge.optimize.grid import grid_points, run_grid
-        from safemerge.progress import progress_bar
-
         total = len(grid_points(genome, self.cfg.grid))
         with progress_bar("optimize (grid)", total=total, enabled=self.options.progress, unit="candidates") as bar:
             res = run_grid(genome, backend, self.cfg.grid, trace, progress=lambda i, n: bar.advance(n=1))
         return res, genome.to_config(res["x"]), {"grid_point": res["point"]}
 
     def _search_cocktail(self, backend: Any, trace: Trace) -> tuple[dict, dict, dict]:
-        from safemerge.optimize.cocktail import cocktail_config, run_cocktail
-
         cfg = self.cfg
         pool = list(dict.fromkeys(cfg.genome.models))
         res = run_cocktail(pool, backend, cfg.cocktail.temperature, trace)
@@ -279,7 +276,6 @@ class _Run:
     def _write_outputs(self, summary: dict[str, Any], best_cfg: dict[str, Any], rows: list[dict[str, Any]],
                        n_safety: int | None, n_expert: int | None) -> None:
         """The trace plot, the merged model (and its evaluation), ``summary.json`` and ``report.md``."""
-        from safemerge.optimize import report
 
         work = self.work
         if rows:
@@ -298,7 +294,6 @@ class _Run:
 
     def _merge_best(self, best_cfg: dict[str, Any]) -> None:
         """``model/``: the best config merged with the config's seed, one engine thread."""
-        from safemerge.api import merge
 
         if (self.work / "model").exists():  # a previous attempt died while merging or evaluating
             shutil.rmtree(self.work / "model")

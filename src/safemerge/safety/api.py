@@ -22,7 +22,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from safemerge.engine.tensorwise import plan_tensorwise
 from safemerge.errors import ConfigError, SafemergeError
+from safemerge.io.output import atomic_output, check_output_path, write_model_card
+from safemerge.methods.catalog import get_method
 from safemerge.methods.safety_params import (
     MERGEALIGN_LAMBDA_ALIGNED,
     MERGEALIGN_LAMBDA_DOMAIN,
@@ -34,10 +37,17 @@ from safemerge.methods.safety_params import (
     SAFEMERGE_DENSITY,
     SAFEMERGE_TAU,
 )
+from safemerge.methods.update_merge import check_strategy
 from safemerge.options import RunOptions, or_default
-from safemerge.safety.deltas import AdapterDeltas, DeltaSource
+from safemerge.safety.deltas import AdapterDeltas, DeltaSource, carried_over_parts, open_deltas
+from safemerge.safety.full_model import open_ref, write_model
+from safemerge.safety.merge_writer import build_layer_update, write_safemerge_output
 from safemerge.safety.results import SafeLoRAResult, SafeMergeResult
-from safemerge.safety.selection import LayerScore
+from safemerge.safety.safelora import run_safelora
+from safemerge.safety.scoring import score_sources
+from safemerge.safety.selection import LayerScore, mark, select_below
+from safemerge.safety.subspace import SafetySubspace, open_model
+from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
 Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; the CLI turns it into a rich progress bar."""
@@ -79,10 +89,6 @@ def scan(
     Returns a flat list of :class:`LayerScore` (``source`` names the input), in input order,
     then model order.
     """
-    from safemerge.safety.deltas import open_deltas
-    from safemerge.safety.scoring import score_sources
-    from safemerge.safety.selection import mark, select_below
-    from safemerge.safety.subspace import SafetySubspace
 
     tau = SAFEMERGE_TAU.check(tau, "--tau")
     paths = _as_list(targets)
@@ -156,13 +162,6 @@ def safemerge_adapters(
 
     Returns a :class:`SafeMergeResult`.
     """
-    from safemerge.io.output import atomic_output, check_output_path
-    from safemerge.methods.update_merge import check_strategy
-    from safemerge.safety.deltas import carried_over_parts, open_deltas
-    from safemerge.safety.scoring import score_sources
-    from safemerge.safety.selection import mark, select_below
-    from safemerge.safety.subspace import SafetySubspace, open_model
-    from safemerge.safety.writing import torch_dtype
 
     options = or_default(options)
     tau = SAFEMERGE_TAU.check(tau, "--tau")
@@ -201,7 +200,6 @@ def safemerge_adapters(
         seed=options.seed, density=density if strategy != "linear" else None, ignored_safety_modules=ignored,
         carried_over=carried,
     )
-    from safemerge.safety.merge_writer import build_layer_update, write_safemerge_output
 
     with atomic_output(out, force=options.force, inputs=inputs) as tmp:
         write_safemerge_output(
@@ -275,9 +273,6 @@ def safelora(
     factors in a single pass). A full fine-tuned model gets ``ΔW ← C ΔW`` on the chosen layers.
     ``options``: ``dtype`` of the output, ``force``, ``allow_pickle``, ``allow_nonfinite``.
     """
-    from safemerge.io.output import atomic_output
-    from safemerge.safety.safelora import run_safelora
-    from safemerge.safety.writing import torch_dtype
 
     if mode not in ("threshold", "number"):
         raise ConfigError(f"unknown SafeLoRA mode {mode!r}", "use --mode threshold or --mode number")
@@ -314,11 +309,6 @@ def resta(
     ``aligned``; DARE masks drawn per tensor from ``(options.seed, name)``, as ``merge_method: resta``); returns
     its path. ``options``: ``seed``, ``dtype`` of the output, ``force``, ``allow_pickle``, ``allow_nonfinite``.
     """
-    from safemerge.engine.tensorwise import plan_tensorwise
-    from safemerge.io.output import atomic_output, write_model_card
-    from safemerge.methods.catalog import get_method
-    from safemerge.safety.full_model import open_ref, write_model
-    from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
     options = or_default(options)
     seed = options.seed
@@ -369,11 +359,6 @@ def mergealign(
     by the engine on every tensor of ``pretrained``); returns its path. ``options``: ``dtype`` of the output,
     ``force``, ``allow_pickle``, ``allow_nonfinite``.
     """
-    from safemerge.engine.tensorwise import plan_tensorwise
-    from safemerge.io.output import atomic_output, write_model_card
-    from safemerge.methods.catalog import get_method
-    from safemerge.safety.full_model import open_ref, write_model
-    from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
     options = or_default(options)
     torch_dtype(options.dtype)

@@ -16,6 +16,10 @@ from typing import Any
 import torch
 
 from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.io.adapter import load_adapter
+from safemerge.io.checkpoint import layer_index
+from safemerge.io.hub import resolve_local, split_model_ref
+from safemerge.io.references import open_checkpoint
 from safemerge.options import RunOptions
 from safemerge.safety.subspace import SafetySubspace
 
@@ -58,7 +62,6 @@ class AdapterDeltas(DeltaSource):
 
     def __init__(self, path: str | Path, subspace: SafetySubspace, *, options: RunOptions | None = None,
                  role: str = "adapter") -> None:
-        from safemerge.io.adapter import load_adapter
 
         self.path = Path(path)
         self.adapter = load_adapter(self.path, options=options)
@@ -115,7 +118,6 @@ class ModelDeltas(DeltaSource):
         options: RunOptions | None = None,
         role: str = "model",
     ) -> None:
-        from safemerge.io.references import open_checkpoint
 
         self.path = Path(str(path))
         # a directory, Hub id or MODEL+ADAPTER
@@ -164,7 +166,6 @@ def carried_over_parts(src: DeltaSource, model: Any, *, role: str = "--finetuned
     """
     if not isinstance(src, AdapterDeltas):
         return {}
-    from safemerge.io.checkpoint import layer_index
 
     parts = src.adapter.non_lora_parts()
     stored = set(model.names())
@@ -189,7 +190,6 @@ MODULE_ORDER = {n: i for i, n in enumerate(
 
 def module_sort_key(module: str) -> tuple:
     """Model order: block index, then q, k, v, o, gate, up, down (others by name)."""
-    from safemerge.io.checkpoint import layer_index
 
     idx = layer_index(module + ".weight")
     return (idx if idx is not None else -1, MODULE_ORDER.get(module.rsplit(".", 1)[-1], len(MODULE_ORDER)), module)
@@ -209,7 +209,6 @@ def open_deltas(
     ``ALIGNED+ADAPTER`` (the adapter on the aligned model itself) is the adapter's exact low-rank
     update; ``OTHER+ADAPTER`` is a full model whose delta to the aligned model is taken densely.
     """
-    from safemerge.io.hub import resolve_local, split_model_ref
 
     model, adapter = split_model_ref(str(path))
     if adapter is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from safemerge.safety.deltas import MODULE_ORDER
 from safemerge.safety.selection import LayerScore
 
 
@@ -20,7 +21,6 @@ def heatmap(scores: list[LayerScore], path: str | Path, *, tau: float | None = N
     import matplotlib.pyplot as plt
 
     sources = list(dict.fromkeys(s.source for s in scores))
-    from safemerge.safety.deltas import MODULE_ORDER
 
     names = sorted(dict.fromkeys(s.name for s in scores),
                    key=lambda n: (MODULE_ORDER.get(n.rsplit(".", 1)[-1], len(MODULE_ORDER)), n))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from safemerge.errors import SafemergeError
+from safemerge.io.checkpoint import split_layer_name
 from safemerge.methods.similarity import V_NORM_EPS, rho_dense, rho_lowrank
 from safemerge.safety.deltas import DeltaSource, module_sort_key
 from safemerge.safety.selection import LayerScore
@@ -19,8 +20,6 @@ from safemerge.safety.subspace import SafetySubspace
 
 
 def block_name(module: str) -> tuple[int | None, str]:
-    from safemerge.io.checkpoint import split_layer_name
-
     parts = split_layer_name(module + ".weight")
     if parts is None:
         return None, module

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from safemerge.errors import CheckpointError, SafemergeError
+from safemerge.io.checkpoint import layer_index
+from safemerge.io.references import open_checkpoint
 from safemerge.options import RunOptions
 
 
@@ -26,7 +28,6 @@ def open_model(ref: Any, *, options: RunOptions | None = None, role: str = "mode
     """Open a model directory, Hub id or ``MODEL+ADAPTER`` (or pass a Checkpoint through), naming ``role`` in errors."""
     if hasattr(ref, "get") and hasattr(ref, "shape"):
         return ref
-    from safemerge.io.references import open_checkpoint
 
     p = Path(str(ref))
     if (p / "adapter_config.json").exists():
@@ -106,7 +107,6 @@ class SafetySubspace:
 
     def linear_modules(self) -> list[str]:
         """Every 2-D ``*.weight`` inside a repeated block (the candidates for full fine-tunes)."""
-        from safemerge.io.checkpoint import layer_index
 
         mods = []
         for n in self.aligned.names():

@@ -16,6 +16,7 @@ import torch
 
 from safemerge.engine.tensorwise import TensorUpdate
 from safemerge.errors import SafemergeError
+from safemerge.io.output import TOKENIZER_FILES, md_escape
 from safemerge.safety.deltas import DeltaSource
 from safemerge.safety.selection import LayerScore
 
@@ -34,8 +35,6 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
 def copy_adapter_side_files(src_dir: Path, tmp: Path) -> None:
     """Copy the tokenizer files that sit next to an adapter (PEFT saves them there)."""
 
-    from safemerge.io.output import TOKENIZER_FILES
-
     for name in TOKENIZER_FILES:
         f = Path(src_dir) / name
         if f.exists():
@@ -44,7 +43,6 @@ def copy_adapter_side_files(src_dir: Path, tmp: Path) -> None:
 
 def carried_over_section(parts: dict[str, str]) -> tuple[str, str] | None:
     """Model-card section listing the fine-tuned adapter's non-LoRA parts written unchanged."""
-    from safemerge.io.output import md_escape
 
     if not parts:
         return None
@@ -75,7 +73,6 @@ def adapter_update_fn(src: DeltaSource, lora_update: TensorUpdate) -> TensorUpda
 
 def scores_table_markdown(scores: Iterable[LayerScore], *, decision: str = "merged") -> str:
     """Markdown table: module, layer, ρ, ‖ΔW‖_F, decision (one row per layer)."""
-    from safemerge.io.output import md_escape
 
     rows = [f"| module | layer | ρ | ‖ΔW‖_F | {decision} |", "|---|---:|---:|---:|:---:|"]
     for s in scores:
@@ -86,8 +83,6 @@ def scores_table_markdown(scores: Iterable[LayerScore], *, decision: str = "merg
 
 
 def params_markdown(params: Sequence[tuple[str, Any]]) -> str:
-    from safemerge.io.output import md_escape
-
     rows = ["| parameter | value |", "|---|---|"]
     for k, v in params:
         rows.append(f"| {md_escape(k)} | {md_escape(v)} |")

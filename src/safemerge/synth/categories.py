@@ -6,6 +6,8 @@ BeaverTails taxonomy (Ji et al. 2023).
 """
 from __future__ import annotations
 
+from safemerge.errors import SafemergeError
+
 CATEGORIES: tuple[str, ...] = (
     "Animal Abuse",
     "Child Abuse",
@@ -30,7 +32,6 @@ def resolve_categories(names: list[str] | None) -> list[str]:
     Matching is case-insensitive on the full name or any comma-separated part of it
     (``"self-harm"``, ``"privacy violation"``, ``"11"``).
     """
-    from safemerge.errors import SafemergeError
 
     if not names:
         return list(CATEGORIES)

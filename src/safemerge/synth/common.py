@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from safemerge.errors import SafemergeError, option
+from safemerge.evaluate.generate import load_generator as load_harness_generator
+from safemerge.evaluate.judges import get_judge
+from safemerge.io.text import read_utf8
 from safemerge.options import RunOptions
 
 QUESTION_KEYS = ("Question", "question", "prompt", "instruction", "Prompt", "Instruction", "input", "query")
@@ -150,7 +153,6 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise SafemergeError(f"data file {str(path)!r} does not exist", "check the path")
-    from safemerge.io.text import read_utf8
 
     text = read_utf8(p, "data file")
     rows: list[Any]
@@ -207,14 +209,12 @@ def load_generator(model: str, *, backend: str = "auto", dtype: str | None = Non
                    options: RunOptions | None = None) -> GeneratorLike:
     """A greedy chat generator for ``model`` (a path) from the evaluation harness (its default dtype:
     bf16 where the CPU has it natively); ``options``: ``allow_pickle``, ``trust_remote_code``."""
-    from safemerge.evaluate.generate import load_generator as load_harness_generator
 
     return load_harness_generator(model, backend=backend, dtype=dtype, options=options)
 
 
 def load_judge(spec: str) -> JudgeLike:
     """A judge from the evaluation harness (``keyword`` or ``llamaguard:PATH``)."""
-    from safemerge.evaluate.judges import get_judge
 
     return get_judge(spec)
 

@@ -36,8 +36,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.metrics import extract_number, normalize_number
 from safemerge.options import RunOptions, or_default
-from safemerge.synth.common import GeneratorLike
+from safemerge.synth.common import GeneratorLike, record_question
 from safemerge.synth.domain import N_EXAMPLES, DomainStats, expert_requests, is_new_question
 
 #: continuations end at the first blank line (the end of one problem in the few-shot format)
@@ -113,7 +114,6 @@ def answer_number(answer: str) -> tuple[str | None, bool]:
     ``consistent`` is ``False`` when a stated result contradicts its expression; the number is
     ``None`` when the line is neither a number nor an arithmetic expression.
     """
-    from safemerge.evaluate.metrics import normalize_number
 
     text = answer.strip().rstrip(".")
     parts = [p.strip() for p in text.split("=")]
@@ -182,7 +182,6 @@ def build_structured_domain_set(
     expert's chat answer to ``question + answer_instruction`` — ends in another number. ``options``: ``seed`` of
     the draws, ``progress`` bars of the generations.
     """
-    from safemerge.evaluate.metrics import extract_number
 
     options = or_default(options)
     stats = stats if stats is not None else StructuredStats()
@@ -231,8 +230,6 @@ def seed_problems_from_records(records: Sequence[Mapping[str, Any]]) -> list[See
 
     GSM8K-style answers keep only their final number (after ``####``).
     """
-    from safemerge.evaluate.metrics import extract_number
-    from safemerge.synth.common import record_question
 
     out: list[SeedProblem] = []
     for rec in records:

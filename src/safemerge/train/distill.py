@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safemerge.evaluate.generate import load_generator
+from safemerge.evaluate.judges import KeywordJudge
 from safemerge.options import RunOptions, or_default
 
 DISTILL_MAX_NEW_TOKENS = 96
@@ -45,8 +47,6 @@ def self_distill(
     Answers that are empty, loop (:func:`is_degenerate`) or that the keyword judge reads as refusals
     are dropped: a refusal to a harmless request is exactly what safety training must not learn.
     """
-    from safemerge.evaluate.generate import load_generator
-    from safemerge.evaluate.judges import KeywordJudge
 
     options = or_default(options)
     gen = load_generator(str(model), backend="hf", device="cpu", dtype=dtype, options=options)

@@ -33,8 +33,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safemerge.errors import ConfigError, SafemergeError
+from safemerge.evaluate.generate import local_adapter, resolve_dtype
+from safemerge.io.checkpoint import refuse_custom_code
+from safemerge.io.hub import resolve_model_ref
+from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask, md_code, md_escape, write_model_card
 from safemerge.options import RunOptions, or_default
 from safemerge.progress import progress_bar
+from safemerge.train.data import load_sft_records
+from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
 
 ALL_LINEAR = "all-linear"
 DEFAULT_TARGETS = ("q_proj", "v_proj")
@@ -93,9 +99,6 @@ def _check_hparams(rank: int, alpha: float, steps: int | None, epochs: float | N
 def _load_model_and_tokenizer(model: str | Path, trust_remote_code: bool = False):
     """The model (a directory, Hub id, or ``MODEL+ADAPTER`` with the adapter merged in) and its tokenizer."""
 
-    from safemerge.io.checkpoint import refuse_custom_code
-    from safemerge.io.hub import resolve_model_ref
-
     path, adapter = resolve_model_ref(model)
     if not path.is_dir() or not (path / "config.json").exists():
         raise SafemergeError(f"model {str(model)!r} is not a Hugging Face model directory",
@@ -122,8 +125,6 @@ def _merge_adapter(lm: Any, adapter: Path) -> Any:
     """``MODEL+ADAPTER``: train on top of the adapted model, ``W + s·B A`` merged into the weights (PEFT)."""
     from peft import PeftModel
 
-    from safemerge.evaluate.generate import local_adapter
-
     return PeftModel.from_pretrained(lm, str(local_adapter(str(adapter))), is_trainable=False).merge_and_unload()
 
 
@@ -132,7 +133,6 @@ def _training_precision(precision: str | None) -> str:
     (:func:`~safemerge.evaluate.generate.resolve_dtype`). float32 stays the default because bf16
     autocast changes what a LoRA learns enough to move the tiny CI world's SafeMERGE result
     (docs/training.md)."""
-    from safemerge.evaluate.generate import resolve_dtype
 
     chosen = "float32" if precision is None else resolve_dtype(precision, "cpu")
     if chosen not in ("float32", "bfloat16"):
@@ -167,7 +167,6 @@ def _batches(n: int, batch_size: int, total_steps: int, generator) -> Iterable[l
 
 def _model_card(out: Path, *, name: str, model: Path, merge: bool, n_records: int, n_tokens: int, hp: dict[str, Any],
                 losses: list[float]) -> None:
-    from safemerge.io.output import md_code, md_escape, write_model_card
 
     final = sum(losses[-max(1, len(losses) // 10):]) / max(1, len(losses[-max(1, len(losses) // 10):]))
     rows = "\n".join(f"| {md_escape(k)} | {md_escape(v)} |" for k, v in hp.items())
@@ -256,16 +255,12 @@ def train_lora(
         raise ConfigError(f"LoRA dropout must be in [0, 1), got {lora_dropout!r}", "pass e.g. --lora-dropout 0.05")
     compute_dtype = _training_precision(precision)
     target_modules = parse_targets(targets)
-    from safemerge.io.output import check_output_path
-    from safemerge.train.data import load_sft_records
 
     records = load_sft_records(data)
     inputs = (model, data if isinstance(data, (str, Path)) else None)
     check_output_path(out_dir, force=options.force, inputs=inputs)
 
     from peft import LoraConfig
-
-    from safemerge.train.tokenize import IGNORE_INDEX, encode_chat_example
 
     model_dir, lm, tok = _load_model_and_tokenizer(model, options.trust_remote_code)
     examples = [
@@ -331,8 +326,6 @@ def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, sche
               seed: int, compute_dtype: str, progress: bool) -> list[float]:
     """The training loop (AdamW, warm-up + linear decay, grad-norm clip); returns the loss of every step."""
 
-    from safemerge.train.tokenize import collate
-
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule.total, schedule.warmup))
@@ -361,8 +354,6 @@ def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, sche
 def _write_trained(out_dir: str | Path, peft_model: Any, tok: Any, *, model: str | Path, model_dir: Path,
                    merge: bool, log: dict[str, Any], force: bool, inputs: tuple[Any, ...]) -> None:
     """The adapter (or, with ``merge``, the merged model), the tokenizer, the log and the card, atomically."""
-
-    from safemerge.io.output import atomic_output, chmod_to_umask
 
     with atomic_output(out_dir, force=force, inputs=inputs) as tmp:
         if merge:
