@@ -232,19 +232,20 @@ def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str,
     Returns ``(results, second)`` with ``second = {"judge", "alignment", "ci", **judge_agreement}`` where
     agreement is over "safe" verdicts on the harmful prompts.
     """
-    from safemerge.evaluate.api import evaluate
+    from safemerge.evaluate.api import GenerationSettings, evaluate
     from safemerge.evaluate.metrics import judge_agreement
+    from safemerge.evaluate.records import PromptSets
     from safemerge.options import RunOptions
 
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    kw = dict(limit=max(S["n_eval_util"], S["n_eval_harm"]), max_new_tokens=S["answer_tokens"], backend="hf",
-              device="cpu", options=RunOptions(progress=False, seed=seed))
-    first = evaluate(model, harmful=harmful, utility=utility, judge="keyword", out_dir=out_dir, **kw)
+    kw = dict(limit=max(S["n_eval_util"], S["n_eval_harm"]), options=RunOptions(progress=False, seed=seed),
+              generation=GenerationSettings(backend="hf", device="cpu", max_new_tokens=S["answer_tokens"]))
+    first = evaluate(model, PromptSets(harmful=harmful, utility=utility), judge="keyword", out_dir=out_dir, **kw)
     strict_dir = out_dir / "second_judge"
     strict_dir.mkdir()
     shutil.copy(out_dir / "generations.jsonl", strict_dir / "generations.jsonl")  # no regeneration: same answers
-    second = evaluate(model, harmful=harmful, judge=SECOND_JUDGE, out_dir=strict_dir, **kw)
+    second = evaluate(model, PromptSets(harmful=harmful), judge=SECOND_JUDGE, out_dir=strict_dir, **kw)
 
     def safe_by_id(d: Path) -> dict[str, bool]:
         rows = [json.loads(x) for x in (d / "judgments.jsonl").read_text().splitlines() if x.strip()]

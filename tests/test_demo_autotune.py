@@ -5,7 +5,7 @@ import pytest
 
 import safemerge.tuning.search as search_module
 from safemerge.errors import SafemergeError
-from safemerge.evaluate.suites import PromptSets
+from safemerge.evaluate.records import PromptSets
 from safemerge.safety.selection import LayerScore
 from safemerge.tuning.grid import DEFAULT_ALPHAS, GridPoint, SearchSettings, neighbours, tau_candidates
 from safemerge.tuning.pareto import Limits, choose, distinct_leaders, pareto_mask, rank_points

@@ -9,9 +9,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safemerge.errors import SafemergeError  # noqa: E402
-from safemerge.evaluate.api import evaluate  # noqa: E402
+from safemerge.evaluate.api import GenerationSettings, evaluate  # noqa: E402
 from safemerge.evaluate.datasets import PromptRecord  # noqa: E402
 from safemerge.evaluate.judges import ScriptedJudge  # noqa: E402
+from safemerge.evaluate.records import PromptSets  # noqa: E402
 from safemerge.evaluate.report import compare_runs, results_markdown  # noqa: E402
 from safemerge.options import RunOptions
 
@@ -63,8 +64,8 @@ UTILITY = [PromptRecord("Q: 2+2 = 4", "u1", answer="4"), PromptRecord("Q: 3*3 = 
 
 def test_results_layout_and_values(tmp_path):
     gen = CountingGenerator(_respond)
-    res = evaluate("ignored", harmful=HARMFUL, benign=BENIGN, utility=UTILITY, generator=gen, out_dir=tmp_path,
-                   options=QUIET)
+    res = evaluate("ignored", PromptSets(harmful=HARMFUL, benign=BENIGN, utility=UTILITY), generator=gen,
+                   out_dir=tmp_path, options=QUIET)
     h, b, u = res["harmful"], res["benign"], res["utility"]
     assert h["harmful_rate"] == 0.75 and h["refusal_rate"] == 0.25 and h["n"] == 4 and h["judge"] == "keyword"
     assert h["ci"][0] <= 0.75 <= h["ci"][1]
@@ -82,34 +83,35 @@ def test_results_layout_and_values(tmp_path):
 
 def test_cache_prevents_regeneration_and_rejudging(tmp_path):
     gen = CountingGenerator(_respond)
-    first = evaluate("m", harmful=HARMFUL, benign=BENIGN, generator=gen, out_dir=tmp_path, options=QUIET)
+    first = evaluate("m", PromptSets(harmful=HARMFUL, benign=BENIGN), generator=gen, out_dir=tmp_path, options=QUIET)
     assert gen.calls == 7
-    second = evaluate("m", harmful=HARMFUL, benign=BENIGN, generator=gen, out_dir=tmp_path, options=QUIET)
+    second = evaluate("m", PromptSets(harmful=HARMFUL, benign=BENIGN), generator=gen, out_dir=tmp_path, options=QUIET)
     assert gen.calls == 7 and second == first  # nothing regenerated, identical results
     # re-judge with another judge: no generation, new verdicts
-    third = evaluate("m", harmful=HARMFUL, generator=gen, out_dir=tmp_path, options=QUIET,
+    third = evaluate("m", PromptSets(harmful=HARMFUL), generator=gen, out_dir=tmp_path, options=QUIET,
                      judge=ScriptedJudge(lambda p, r: "bomb" in p, name="bomb-only"))
     assert gen.calls == 7 and third["harmful"]["harmful_rate"] == 0.25 and third["harmful"]["judge"] == "bomb-only"
     # other settings ⇒ other cache keys ⇒ generation
-    evaluate("m", harmful=HARMFUL, generator=gen, out_dir=tmp_path, options=QUIET, max_new_tokens=5)
+    evaluate("m", PromptSets(harmful=HARMFUL), generator=gen, out_dir=tmp_path, options=QUIET,
+             generation=GenerationSettings(max_new_tokens=5))
     assert gen.calls == 11
     # another model identity ⇒ generation
     other = CountingGenerator(_respond, identity="other-model")
-    evaluate("m", harmful=HARMFUL, generator=other, out_dir=tmp_path, options=QUIET)
+    evaluate("m", PromptSets(harmful=HARMFUL), generator=other, out_dir=tmp_path, options=QUIET)
     assert other.calls == 4
 
 
 def test_resume_after_interruption_with_real_model(model_dir, tmp_path):
     """A run cut off after some batches resumes: only the missing generations are produced,
     and the model is not even loaded when everything is cached."""
-    full = evaluate(str(model_dir), harmful="builtin:harmful", limit=6, batch_size=2, max_new_tokens=6,
-                    out_dir=tmp_path / "a", options=QUIET, backend="hf")
+    full = evaluate(str(model_dir), PromptSets(harmful="builtin:harmful"), limit=6, out_dir=tmp_path / "a",
+                    options=QUIET, generation=GenerationSettings(backend="hf", batch_size=2, max_new_tokens=6))
     lines = (tmp_path / "a" / "generations.jsonl").read_text().splitlines()
     assert len(lines) == 6
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "generations.jsonl").write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # torn last line
-    resumed = evaluate(str(model_dir), harmful="builtin:harmful", limit=6, batch_size=2, max_new_tokens=6,
-                       out_dir=tmp_path / "b", options=QUIET, backend="hf")
+    resumed = evaluate(str(model_dir), PromptSets(harmful="builtin:harmful"), limit=6, out_dir=tmp_path / "b",
+                       options=QUIET, generation=GenerationSettings(backend="hf", batch_size=2, max_new_tokens=6))
     assert resumed["harmful"] == full["harmful"]
     after = (tmp_path / "b" / "generations.jsonl").read_text().splitlines()
     assert after[:4] == lines[:4] and after[4] == lines[4][:20]
@@ -123,8 +125,9 @@ def test_resume_after_interruption_with_real_model(model_dir, tmp_path):
     orig = A.load_generator  # the name evaluate() calls
     A.load_generator = boom
     try:
-        again = evaluate(str(model_dir), harmful="builtin:harmful", limit=6, batch_size=2, max_new_tokens=6,
-                         out_dir=tmp_path / "a", options=QUIET, backend="hf", judge="keyword:gcg")
+        again = evaluate(str(model_dir), PromptSets(harmful="builtin:harmful"), limit=6, out_dir=tmp_path / "a",
+                         options=QUIET, judge="keyword:gcg",
+                         generation=GenerationSettings(backend="hf", batch_size=2, max_new_tokens=6))
     finally:
         A.load_generator = orig
     assert again["harmful"]["judge"] == "keyword:gcg"
@@ -135,12 +138,12 @@ def test_in_memory_model_and_answer_ce(model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    res = evaluate(model, tokenizer=tok, utility="builtin:arithmetic", limit=3, max_new_tokens=4, options=QUIET,
-                   answer_ce=True, backend="hf")
+    res = evaluate(model, PromptSets(utility="builtin:arithmetic"), tokenizer=tok, limit=3, options=QUIET,
+                   answer_ce=True, generation=GenerationSettings(backend="hf", max_new_tokens=4))
     assert res["utility"]["n"] == 3 and res["utility"]["answer_ce"] > 0
     assert res["model_identity"].startswith("mem:")
-    by_path = evaluate(str(model_dir), utility="builtin:arithmetic", limit=3, max_new_tokens=4, options=QUIET,
-                       answer_ce=True, backend="hf", dtype="float32")
+    by_path = evaluate(str(model_dir), PromptSets(utility="builtin:arithmetic"), limit=3, options=QUIET, answer_ce=True,
+                       generation=GenerationSettings(backend="hf", dtype="float32", max_new_tokens=4))
     assert res["settings"]["dtype"] == by_path["settings"]["dtype"] == "float32"
     assert by_path["utility"]["answer_ce"] == pytest.approx(res["utility"]["answer_ce"], rel=1e-5)
 
@@ -149,18 +152,19 @@ def test_user_errors(tmp_path):
     with pytest.raises(SafemergeError, match="nothing to evaluate"):
         evaluate("m", generator=CountingGenerator(_respond))
     with pytest.raises(SafemergeError, match="adapter not found"):
-        evaluate("m", adapter=str(tmp_path / "nope"), harmful=HARMFUL, generator=CountingGenerator(_respond))
+        evaluate("m", PromptSets(harmful=HARMFUL), adapter=str(tmp_path / "nope"),
+                 generator=CountingGenerator(_respond))
     f = tmp_path / "file"
     f.write_text("x")
     with pytest.raises(SafemergeError, match="not a directory"):
-        evaluate("m", harmful=HARMFUL, generator=CountingGenerator(_respond), out_dir=f)
+        evaluate("m", PromptSets(harmful=HARMFUL), generator=CountingGenerator(_respond), out_dir=f)
 
 
 def test_markdown_and_compare(tmp_path):
-    a = evaluate("m", harmful=HARMFUL, benign=BENIGN, utility=UTILITY, generator=CountingGenerator(_respond),
-                 out_dir=tmp_path / "run_a", options=QUIET)
-    evaluate("m", harmful=HARMFUL, utility=UTILITY, generator=CountingGenerator(lambda p: "I'm sorry", "refuser"),
-             out_dir=tmp_path / "run_b", options=QUIET)
+    a = evaluate("m", PromptSets(harmful=HARMFUL, benign=BENIGN, utility=UTILITY),
+                 generator=CountingGenerator(_respond), out_dir=tmp_path / "run_a", options=QUIET)
+    evaluate("m", PromptSets(harmful=HARMFUL, utility=UTILITY),
+             generator=CountingGenerator(lambda p: "I'm sorry", "refuser"), out_dir=tmp_path / "run_b", options=QUIET)
     md = results_markdown(a)
     assert md.startswith("## Safety evaluation")
     assert "| harmful (`records`) | harmful rate (keyword) | 75.0% |" in md

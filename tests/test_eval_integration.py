@@ -9,8 +9,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from safemerge.evaluate.api import evaluate  # noqa: E402
+from safemerge.evaluate.api import GenerationSettings, evaluate  # noqa: E402
 from safemerge.evaluate.datasets import load_prompts  # noqa: E402
+from safemerge.evaluate.records import PromptSets  # noqa: E402
 from safemerge.options import RunOptions
 
 QUIET = RunOptions(progress=False)
@@ -52,17 +53,16 @@ def test_end_to_end_on_shared_sets(tmp_path_factory):
     model_dir = save_model(perturb_model(make_tiny_model("qwen2", hidden=64), seed=2, scale=0.2), d / "model",
                            tokenizer=build_tokenizer(128))
     out = d / "run"
-    res = evaluate(str(model_dir), harmful=str(DATA / "bianchi_malicious_instructions.json"),
-                   benign=str(DATA / "xstest_prompts.csv"), utility=str(DATA / "gsm8k_test.jsonl"),
-                   limit=4, max_new_tokens=6, out_dir=out, options=QUIET, backend="hf")
+    sets = PromptSets(harmful=str(DATA / "bianchi_malicious_instructions.json"),
+                      benign=str(DATA / "xstest_prompts.csv"), utility=str(DATA / "gsm8k_test.jsonl"))
+    hf6 = GenerationSettings(backend="hf", max_new_tokens=6)
+    res = evaluate(str(model_dir), sets, limit=4, out_dir=out, options=QUIET, generation=hf6)
     assert res["harmful"]["n"] == 4 and 0.0 <= res["harmful"]["harmful_rate"] <= 1.0
     assert res["benign"]["n"] == 4 and res["utility"]["n"] == 4 and res["utility"]["metric"] == "gsm8k"
-    res_pq = evaluate(str(model_dir), utility=str(DATA / "pubmedqa_pqal.json"), limit=3, max_new_tokens=4,
-                      out_dir=d / "pq", options=QUIET, backend="hf")
+    res_pq = evaluate(str(model_dir), PromptSets(utility=str(DATA / "pubmedqa_pqal.json")), limit=3, out_dir=d / "pq",
+                      options=QUIET, generation=GenerationSettings(backend="hf", max_new_tokens=4))
     assert res_pq["utility"]["metric"] == "pubmedqa" and res_pq["utility"]["n"] == 3
     # same inputs ⇒ identical results, served from the cache
-    again = evaluate(str(model_dir), harmful=str(DATA / "bianchi_malicious_instructions.json"),
-                     benign=str(DATA / "xstest_prompts.csv"), utility=str(DATA / "gsm8k_test.jsonl"),
-                     limit=4, max_new_tokens=6, out_dir=out, options=QUIET, backend="hf")
+    again = evaluate(str(model_dir), sets, limit=4, out_dir=out, options=QUIET, generation=hf6)
     assert again == res
     assert len((out / "generations.jsonl").read_text().splitlines()) == 12

@@ -17,6 +17,7 @@ from safemerge.evaluate.judges import (  # noqa: E402
     Verdict,
     get_judge,
 )
+from safemerge.evaluate.records import PromptSets  # noqa: E402
 from safemerge.options import RunOptions  # noqa: E402
 
 
@@ -272,7 +273,8 @@ def test_evaluate_hands_its_options_to_the_judge(monkeypatch, tmp_path):
 
     monkeypatch.setattr(api, "get_judge", fake_get_judge)
     options = RunOptions(trust_remote_code=True, allow_pickle=True, progress=False)
-    api.evaluate("m", harmful="builtin:harmful", limit=2, judge="classifier:/x", generator=Echo(), options=options)
+    api.evaluate("m", PromptSets(harmful="builtin:harmful"), limit=2, judge="classifier:/x", generator=Echo(),
+                 options=options)
     assert seen == {"spec": "classifier:/x", "options": options}
 
 

@@ -145,16 +145,21 @@ def test_memory_batch_size(monkeypatch, tiny):
 
 
 def test_dtype_recorded_and_part_of_the_cache_key(tiny, tmp_path):
-    from safemerge.evaluate.api import evaluate
+    from safemerge.evaluate.api import GenerationSettings, evaluate
+    from safemerge.evaluate.records import PromptSets
     from safemerge.evaluate.report import results_markdown
 
     _, _, path = tiny
-    kw = dict(harmful="builtin:harmful", limit=3, max_new_tokens=4, options=QUIET, backend="hf", out_dir=tmp_path)
-    fp32 = evaluate(str(path), dtype="float32", **kw)
+    kw = dict(limit=3, options=QUIET, out_dir=tmp_path)
+    sets = PromptSets(harmful="builtin:harmful")
+    fp32 = evaluate(str(path), sets, generation=GenerationSettings(backend="hf", dtype="float32", max_new_tokens=4),
+                    **kw)
     assert fp32["settings"]["dtype"] == "float32"
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["dtype"] == "float32"
     assert "float32" in results_markdown(fp32)
-    bf16 = evaluate(str(path), dtype="bfloat16", **kw)  # emulated where not native: slow but correct
+    # emulated where not native: slow but correct
+    bf16 = evaluate(str(path), sets, generation=GenerationSettings(backend="hf", dtype="bfloat16", max_new_tokens=4),
+                    **kw)
     assert bf16["settings"]["dtype"] == "bfloat16"
     rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
     assert sorted(r["settings"]["dtype"] for r in rows) == ["bfloat16"] * 3 + ["float32"] * 3  # not served across
@@ -162,11 +167,12 @@ def test_dtype_recorded_and_part_of_the_cache_key(tiny, tmp_path):
 
 @pytest.mark.skipif(NATIVE_BF16 is None, reason="this CPU has no native bf16 (AVX512-BF16/AMX/ARM bf16)")
 def test_default_evaluation_runs_in_bf16_where_native(tiny, tmp_path):
-    from safemerge.evaluate.api import evaluate
+    from safemerge.evaluate.api import GenerationSettings, evaluate
+    from safemerge.evaluate.records import PromptSets
 
     _, _, path = tiny
-    res = evaluate(str(path), harmful="builtin:harmful", benign="builtin:benign", limit=4, max_new_tokens=6,
-                   options=QUIET, backend="hf", out_dir=tmp_path)
+    res = evaluate(str(path), PromptSets(harmful="builtin:harmful", benign="builtin:benign"), limit=4, options=QUIET,
+                   out_dir=tmp_path, generation=GenerationSettings(backend="hf", max_new_tokens=6))
     assert res["settings"]["dtype"] == "bfloat16"
     assert res["harmful"]["n"] == 4 and res["benign"]["n"] == 4
 

@@ -64,9 +64,9 @@ def test_migrated_functions_take_options_not_the_shared_flags() -> None:
 
 
 # Parameters that keep a name of a RunOptions field on purpose: the generation's own device and dtype (chosen
-# for the hardware when None, unlike RunOptions' cpu / output storage dtype).
+# for the hardware when None, unlike RunOptions' cpu / output storage dtype; evaluate() has them in its
+# GenerationSettings).
 OWN_OR_LEGACY = {
-    "evaluate": {"device", "dtype"},
     "load_generator": {"device", "dtype"},
     "self_distill": {"dtype"},
 }
@@ -110,7 +110,7 @@ def test_eval_command_builds_one_options_object(monkeypatch, tmp_path) -> None:
 
     seen = {}
 
-    def fake_evaluate(model, **kw):
+    def fake_evaluate(model, sets, **kw):
         seen.update(kw)
         return {"harmful": {"harmful_rate": 0.0, "refusal_rate": 1.0, "n": 1, "ci": None}}
 

@@ -68,7 +68,8 @@ def eval_command(
     import time
 
     from safemerge.errors import GateFailed, SafemergeError
-    from safemerge.evaluate.api import evaluate
+    from safemerge.evaluate.api import GenerationSettings, LmEvalTasks, evaluate
+    from safemerge.evaluate.records import PromptSets
     from safemerge.evaluate.report import print_results
     from safemerge.progress import library_progress
 
@@ -80,10 +81,11 @@ def eval_command(
     if max_harm is not None and harmful is None:
         raise SafemergeError("--max-harm needs a harmful prompt set", "add --harmful SET (e.g. builtin:harmful)")
     _check_eval_output(out, (model, adapter, harmful, benign, utility))
-    results = evaluate(model, adapter=adapter, harmful=harmful, benign=benign, utility=utility, judge=judge,
-                       limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, out_dir=out,
-                       backend=backend, device=device, dtype=dtype, answer_ce=answer_ce, lm_eval_tasks=lm_eval_tasks,
-                       lm_eval_include=lm_eval_include, options=options)
+    generation = GenerationSettings(backend=backend, device=device, dtype=dtype, batch_size=batch_size,
+                                    max_new_tokens=max_new_tokens)
+    results = evaluate(model, PromptSets(harmful, benign, utility), adapter=adapter, judge=judge, limit=limit,
+                       out_dir=out, generation=generation, lm_eval=LmEvalTasks(lm_eval_tasks, lm_eval_include),
+                       answer_ce=answer_ce, options=options)
     if not quiet:
         print_results(results)
     if max_harm is not None:

@@ -163,11 +163,14 @@ class EvalSets:
     lm_eval_tasks: str | None = None
     lm_eval_include: Path | None = None
 
-    def evaluate(self, model: str | Path, out_dir: str | Path, **extra: Any) -> dict[str, Any]:
-        """Run the evaluation harness on ``model`` with these sets; results go to ``out_dir``."""
-        from safemerge.evaluate.api import evaluate
+    def evaluate(self, model: str | Path, out_dir: str | Path, *, adapter: str | None = None,
+                 device: str | None = None) -> dict[str, Any]:
+        """Run the evaluation harness on ``model`` (+ ``adapter``, generating on ``device``) with these sets;
+        results go to ``out_dir``."""
+        from safemerge.evaluate.api import GenerationSettings, LmEvalTasks, evaluate
+        from safemerge.evaluate.records import PromptSets
 
-        extra.setdefault("lm_eval_tasks", self.lm_eval_tasks)
-        extra.setdefault("lm_eval_include", self.lm_eval_include)
-        return evaluate(str(model), harmful=self.harmful, benign=self.benign, utility=self.utility, judge=self.judge,
-                        limit=self.limit, out_dir=str(out_dir), options=self.options, **extra)
+        return evaluate(str(model), PromptSets(self.harmful, self.benign, self.utility), adapter=adapter,
+                        judge=self.judge, limit=self.limit, out_dir=str(out_dir),
+                        generation=GenerationSettings(device=device),
+                        lm_eval=LmEvalTasks(self.lm_eval_tasks, self.lm_eval_include), options=self.options)

@@ -102,7 +102,8 @@ def repair_command(
     Example: safemerge repair task-lora/ --base base/ --aligned chat/ --utility val.jsonl --test-utility test.jsonl
     -o repaired/
     """
-    from safemerge.evaluate.suites import PromptSets, SuiteSettings
+    from safemerge.evaluate.records import PromptSets
+    from safemerge.evaluate.suites import SuiteSettings
     from safemerge.progress import library_progress
     from safemerge.repair.pipeline import RepairModels, RepairRecipe, print_report, repair
 

@@ -230,7 +230,7 @@ def safemerge_command(
     import time
 
     from safemerge.cli.tau_alpha import resolve_tau_alpha
-    from safemerge.evaluate.suites import PromptSets
+    from safemerge.evaluate.records import PromptSets
     from safemerge.io.output import check_output_path
     from safemerge.progress import library_progress
     from safemerge.safety.api import safemerge_adapters

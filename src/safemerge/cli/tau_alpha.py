@@ -16,7 +16,8 @@ from safemerge.errors import SafemergeError
 from safemerge.tuning.grid import SearchSettings
 
 if TYPE_CHECKING:
-    from safemerge.evaluate.suites import PromptSets, SuiteSettings
+    from safemerge.evaluate.records import PromptSets
+    from safemerge.evaluate.suites import SuiteSettings
     from safemerge.tuning.result import AutotuneResult
     from safemerge.tuning.search import SafeMergeModels
 

@@ -43,8 +43,9 @@ from safemerge.cache import cache_root, fingerprint
 from safemerge.demo.world import build_world
 from safemerge.demo.zoo import build_smollm2_zoo
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.records import PromptSets
 from safemerge.evaluate.report import ModelRow, compare_runs
-from safemerge.evaluate.suites import PromptSets, SuiteSettings, evaluate_suites
+from safemerge.evaluate.suites import SuiteSettings, evaluate_suites
 from safemerge.io.output import atomic_output, check_not_an_input
 from safemerge.options import RunOptions
 from safemerge.repair.pipeline import RepairModels, repair

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,10 @@ from safemerge.evaluate.metrics import (
     rate,
     score_answer,
 )
+from safemerge.evaluate.records import SUITES, PromptSets
 from safemerge.io.output import atomic_write_text
 from safemerge.options import RunOptions, or_default
 
-SUITES = ("harmful", "benign", "utility")
 #: New tokens per suite (issue 13): a refusal-keyword decision is settled by the first sentence (agreement with
 #: 128 tokens measured in docs/evaluation.md); harmful keeps some more for model judges. The same for every judge,
 #: so re-judging cached generations with another judge regenerates nothing.
@@ -209,27 +210,47 @@ def _reference(r: PromptRecord) -> str:
     return str(r.meta.get("reference") or r.answer or "")
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How responses are generated.
+
+    Attributes:
+        backend: ``auto``, ``hf``, ``vllm`` or ``ct2``.
+        device, dtype: the generation's own (``None``: chosen for the hardware, see
+            :func:`~safemerge.evaluate.generate.resolve_dtype`), unlike ``RunOptions.device`` / ``dtype``.
+        batch_size: prompts per batch (``None``: sized from memory).
+        max_new_tokens: the budget of every suite (``None``: each suite's default, :data:`DEFAULT_MAX_NEW_TOKENS`).
+    """
+
+    backend: str = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    batch_size: int | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class LmEvalTasks:
+    """lm-evaluation-harness tasks run on the same loaded model: ``tasks`` (comma-separated or a list) and the
+    directory of their YAMLs (``include``, lm-eval's ``--include_path``)."""
+
+    tasks: str | list[str] | None = None
+    include: str | Path | None = None
+
+
 def evaluate(
     model: Any,
+    sets: PromptSets = PromptSets(),
     *,
     adapter: str | None = None,
-    harmful: Any = None,
-    benign: Any = None,
-    utility: Any = None,
     judge: str | Judge = "keyword",
     limit: int | None = None,
-    batch_size: int | None = None,
-    max_new_tokens: int | None = None,
     out_dir: str | Path | None = None,
+    generation: GenerationSettings = GenerationSettings(),
+    lm_eval: LmEvalTasks | None = None,
+    answer_ce: bool = False,
     generator: Any = None,
     tokenizer: Any = None,
-    backend: str = "auto",
-    device: str | None = None,
-    dtype: str | None = None,
-    answer_ce: bool = False,
-    judge_kwargs: dict[str, Any] | None = None,
-    lm_eval_tasks: str | list[str] | None = None,
-    lm_eval_include: str | Path | None = None,
     options: RunOptions | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (path, Hub id, ``MODEL+ADAPTER``, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
@@ -239,54 +260,62 @@ def evaluate(
     {accuracy, n, ci, metric, …}, "lm_eval": {tasks: {TASK: {metrics, stderr, n}}, settings}}`` (suites
     not requested are absent). Deterministic for the same inputs (greedy decoding, seeded bootstrap).
 
-    ``lm_eval_tasks`` (comma-separated or a list) runs lm-evaluation-harness on the same loaded
-    model, adapter applied, with task YAMLs from ``lm_eval_include`` (see
-    :mod:`safemerge.evaluate.lm_eval_bridge`); ``limit`` applies to its tasks too.
-
-    ``device`` and ``dtype`` are the generation's own (``None``: chosen for the hardware, see
-    :func:`~safemerge.evaluate.generate.resolve_dtype`). ``options``: ``allow_pickle`` and
-    ``trust_remote_code`` of the model and judge loads, ``seed`` of the bootstrap intervals, ``progress`` bars.
+    Args:
+        model: the model (``generator``: a ready generator whose ``identity`` keys the cache; ``tokenizer``: the
+            tokenizer of an in-memory model).
+        sets: the harmful, benign and utility prompt sets (spec strings or :class:`PromptRecord` lists).
+        judge: a judge spec (:func:`~safemerge.evaluate.judges.get_judge`) or a :class:`Judge` (one built with
+            its own keywords, e.g. ``get_judge("classifier:PATH", harmful_label="toxic")``).
+        limit: the first ``limit`` items of each set (and of each lm-eval task).
+        generation: backend, device, dtype, batch size and new-token budget of the generation.
+        lm_eval: lm-evaluation-harness tasks run on the same loaded model, adapter applied (see
+            :mod:`safemerge.evaluate.lm_eval_bridge`).
+        answer_ce: also report the answer-token cross-entropy of the utility set.
+        options: ``allow_pickle`` and ``trust_remote_code`` of the model and judge loads, ``seed`` of the
+            bootstrap intervals, ``progress`` bars.
 
     Raises:
         SafemergeError: no suite given, unreadable prompt sets, bad judge spec, unloadable model.
     """
 
     options = or_default(options)
-    specs = {"harmful": harmful, "benign": benign, "utility": utility}
-    lm_tasks = parse_tasks(lm_eval_tasks)
-    if all(v is None for v in specs.values()) and not lm_tasks:
+    specs = sets.as_suites()
+    lm = lm_eval or LmEvalTasks()
+    lm_tasks = parse_tasks(lm.tasks)
+    if not specs and not lm_tasks:
         raise SafemergeError("nothing to evaluate: no prompt set given",
                              "pass --harmful, --benign, --utility (e.g. builtin:harmful) and/or --lm-eval-tasks")
-    lm_manager = task_manager(lm_tasks, lm_eval_include) if lm_tasks else None  # unknown tasks fail before generating
+    lm_manager = task_manager(lm_tasks, lm.include) if lm_tasks else None  # unknown tasks fail before generating
     model, adapter = split_adapter(model, adapter)  # MODEL+ADAPTER, as in merge configs
     if adapter is not None:
         local_adapter(adapter)  # fail before any prompt set is read
-    suites = {name: _records(spec, limit) for name, spec in specs.items() if spec is not None}
+    suites = {name: _records(spec, limit) for name, spec in specs.items()}
     the_judge = None
     if "harmful" in suites or "benign" in suites:
-        the_judge = judge if isinstance(judge, Judge) else get_judge(judge, options=options, **(judge_kwargs or {}))
+        the_judge = judge if isinstance(judge, Judge) else get_judge(judge, options=options)
 
     out_path = Path(out_dir).expanduser() if out_dir is not None else None
     if out_path is not None and out_path.exists() and not out_path.is_dir():
         raise SafemergeError(f"output {out_path} exists and is not a directory", "pass a directory for -o")
     cache = GenerationCache(out_path / "generations.jsonl" if out_path is not None else None)
-    gens = _generations(model, adapter, generator=generator, tokenizer=tokenizer, backend=backend, device=device,
-                        dtype=dtype, cache=cache, batch_size=batch_size, options=options)
-    results = _results_header(model, adapter, gens, batch_size=batch_size, limit=limit, seed=options.seed)
+    gens = _generations(model, adapter, generator=generator, tokenizer=tokenizer, settings=generation, cache=cache,
+                        options=options)
+    results = _results_header(model, adapter, gens, batch_size=generation.batch_size, limit=limit, seed=options.seed)
     judgments: list[dict[str, Any]] = []
     for name in (n for n in SUITES if n in suites):
         records, label = suites[name]
-        mnt = _suite_max_new_tokens(name, records, max_new_tokens)
+        mnt = _suite_max_new_tokens(name, records, generation.max_new_tokens)
         results["settings"]["max_new_tokens"][name] = mnt
         results["settings"]["sets"][name] = label
         responses = gens.responses(name, records, mnt)
         results[name] = _suite_result(name, records, responses, gens, the_judge, judgments, seed=options.seed,
-                                      answer_ce=answer_ce, batch_size=batch_size)
+                                      answer_ce=answer_ce, batch_size=generation.batch_size)
         results[name]["set"] = label
 
     if lm_tasks:
-        results["lm_eval"] = _lm_eval_suite(gens, lm_tasks, lm_manager, lm_eval_include, limit=limit,
-                                            batch_size=batch_size, seed=options.seed, progress=options.progress)
+        results["lm_eval"] = _lm_eval_suite(gens, lm_tasks, lm_manager, lm.include, limit=limit,
+                                            batch_size=generation.batch_size, seed=options.seed,
+                                            progress=options.progress)
     if out_path is not None:
         atomic_write_text(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         atomic_write_text(out_path / "judgments.jsonl",
@@ -294,11 +323,10 @@ def evaluate(
     return results
 
 
-def _generations(model: Any, adapter: str | None, *, generator: Any, tokenizer: Any, backend: str,
-                 device: str | None, dtype: str | None, cache: GenerationCache, batch_size: int | None,
-                 options: RunOptions) -> _Generations:
+def _generations(model: Any, adapter: str | None, *, generator: Any, tokenizer: Any, settings: GenerationSettings,
+                 cache: GenerationCache, options: RunOptions) -> _Generations:
     """Cached generation for ``model``: a supplied ``generator`` as is, else one loaded on the first cache miss."""
-
+    backend, device, dtype = settings.backend, settings.device, settings.dtype
     if generator is not None:
         identity, backend_name = generator.identity, getattr(generator, "backend", "custom")
         dtype_name = str(getattr(generator, "dtype", dtype or "unknown"))
@@ -311,8 +339,8 @@ def _generations(model: Any, adapter: str | None, *, generator: Any, tokenizer: 
                               dtype=dtype_name if backend_name == "hf" else dtype, identity=identity,
                               options=options)
 
-    return _Generations(identity, backend_name, dtype_name, cache, make_generator, batch_size, options.progress,
-                        generator=generator)
+    return _Generations(identity, backend_name, dtype_name, cache, make_generator, settings.batch_size,
+                        options.progress, generator=generator)
 
 
 def _results_header(model: Any, adapter: str | None, gens: _Generations, *, batch_size: int | None,

@@ -218,7 +218,7 @@ class ClassifierJudge(Judge):
         if len(id2label) == 2:
             return 1
         raise SafemergeError("cannot tell which classifier label means harmful",
-                             "pass harmful_label=NAME (e.g. --judge classifier:PATH with judge_kwargs)")
+                             "pass get_judge(spec, harmful_label=NAME) as evaluate's judge")
 
     def judge(self, prompts: list[str], responses: list[str], **kw: Any) -> list[Verdict]:
         self._check(prompts, responses)

@@ -1,8 +1,11 @@
-"""The evaluation record every prompt source is turned into (shared by the loaders and the harness)."""
+"""The evaluation record every prompt source is turned into, and the prompt sets of one measurement (shared by the
+loaders, the harness and the workflows)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+SUITES = ("harmful", "benign", "utility")
 
 
 @dataclass
@@ -43,3 +46,21 @@ def clean_cell(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return text or None
+
+
+@dataclass(frozen=True)
+class PromptSets:
+    """The prompt sets of one measurement (validation or test): each a prompt-set spec, a record list or ``None``."""
+
+    harmful: Any = None
+    benign: Any = None
+    utility: Any = None
+
+    def filled(self, defaults: PromptSets) -> PromptSets:
+        """These sets, with ``defaults``' set for each suite not given here."""
+        return PromptSets(*(getattr(self, n) if getattr(self, n) is not None else getattr(defaults, n)
+                            for n in SUITES))
+
+    def as_suites(self) -> dict[str, Any]:
+        """``{suite: spec}`` of the sets given (the form :func:`safemerge.evaluate.suites.evaluate_suites` takes)."""
+        return {name: getattr(self, name) for name in SUITES if getattr(self, name) is not None}

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safemerge.evaluate.api import evaluate
+from safemerge.evaluate.api import GenerationSettings, evaluate
 from safemerge.evaluate.generate import Generator, generation_dtype, load_generator, model_identity
+from safemerge.evaluate.records import SUITES, PromptSets
 from safemerge.io.output import atomic_write_text
 from safemerge.options import RunOptions
 
@@ -23,25 +24,6 @@ from safemerge.options import RunOptions
 # cached under their own identity.
 EVAL_DTYPE: str | None = None
 EVAL_BATCH: int | None = None
-SUITE_ORDER = ("harmful", "benign", "utility")
-
-
-@dataclass(frozen=True)
-class PromptSets:
-    """The prompt sets of one measurement (validation or test): each a prompt-set spec, a record list or ``None``."""
-
-    harmful: Any = None
-    benign: Any = None
-    utility: Any = None
-
-    def filled(self, defaults: PromptSets) -> PromptSets:
-        """These sets, with ``defaults``' set for each suite not given here."""
-        return PromptSets(*(getattr(self, n) if getattr(self, n) is not None else getattr(defaults, n)
-                            for n in SUITE_ORDER))
-
-    def as_suites(self) -> dict[str, Any]:
-        """``{suite: spec}`` of the sets given, the form :func:`evaluate_suites` takes."""
-        return {name: getattr(self, name) for name in SUITE_ORDER if getattr(self, name) is not None}
 
 
 @dataclass(frozen=True)
@@ -109,14 +91,14 @@ def evaluate_suites(
     combined: dict[str, Any] = {"model": str(model), "adapter": str(adapter) if adapter else None,
                                 "model_identity": gen.identity,
                                 "settings": {"max_new_tokens": {}, "sets": {}, "dtype": dtype}}
-    for name in SUITE_ORDER:
+    for name in SUITES:
         spec = suites.get(name)
         if spec is None:
             continue
         mnt = (max_new_tokens or {}).get(name)
-        res = evaluate(str(model), adapter=str(adapter) if adapter else None, judge=judge, batch_size=batch_size,
-                       max_new_tokens=mnt, out_dir=out / name, generator=gen, options=options,
-                       limit=(limits or {}).get(name), **{name: spec})
+        res = evaluate(str(model), PromptSets(**{name: spec}), adapter=str(adapter) if adapter else None,
+                       judge=judge, generation=GenerationSettings(batch_size=batch_size, max_new_tokens=mnt),
+                       out_dir=out / name, generator=gen, options=options, limit=(limits or {}).get(name))
         combined[name] = res[name]
         combined["settings"]["max_new_tokens"][name] = res["settings"]["max_new_tokens"][name]
         combined["settings"]["sets"][name] = res["settings"]["sets"][name]

@@ -31,8 +31,9 @@ from rich.table import Table
 from safemerge.cache import cache_root, fingerprint
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.generate import fingerprint_path
+from safemerge.evaluate.records import PromptSets
 from safemerge.evaluate.report import ModelRow
-from safemerge.evaluate.suites import PromptSets, SuiteSettings, evaluate_suites
+from safemerge.evaluate.suites import SuiteSettings, evaluate_suites
 from safemerge.extract import extract_lora
 from safemerge.io.hub import resolve_local
 from safemerge.io.output import check_output_path

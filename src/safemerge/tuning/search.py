@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
-from safemerge.evaluate.suites import PromptSets, SuiteSettings, evaluate_suites
+from safemerge.evaluate.records import PromptSets
+from safemerge.evaluate.suites import SuiteSettings, evaluate_suites
 from safemerge.io.output import atomic_write_text
 from safemerge.safety.api import safemerge_adapters, scan
 from safemerge.safety.selection import LayerScore, select_below
