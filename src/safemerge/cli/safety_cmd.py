@@ -40,6 +40,8 @@ from safemerge.methods.safety_params import (
     SAFELORA_TAU,
     SAFEMERGE_ALPHA,
     SAFEMERGE_DENSITY,
+    SAFEMERGE_MIN_LAYER,
+    SAFEMERGE_SAFETY_GAIN,
     SAFEMERGE_TAU,
 )
 
@@ -195,6 +197,12 @@ def safemerge_command(
     refusal_margin: float = typer.Option(
         DEFAULT_REFUSAL_MARGIN, "--refusal-margin",
         help="auto with --val-benign: allowed over-refusal excess over the aligned model (fraction)."),
+    safety_gain: float = typer.Option(
+        SAFEMERGE_SAFETY_GAIN.default, "--safety-gain",
+        help="g: merged layers get α ΔW_f + g(1−α) ΔW_s (g ≥ 0; 1 = the paper's convex weights)."),
+    min_layer: int = typer.Option(
+        SAFEMERGE_MIN_LAYER.default, "--min-layer",
+        help="Merge only layers of blocks ≥ this index (0 = every block, the paper); e.g. the last 5 of 30: 25."),
     strategy: str = typer.Option("linear", "--strategy",
                                  help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense "
                                       "per layer)."),
@@ -253,8 +261,8 @@ def safemerge_command(
     with progress_callback(options.progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
-            strategy=strategy, compat=compat, merge_into=merge_into, density=density, options=options, evaluate=ev,
-            progress=cb,
+            strategy=strategy, compat=compat, merge_into=merge_into, density=density, safety_gain=safety_gain,
+            min_layer=min_layer, options=options, evaluate=ev, progress=cb,
         )
     if not quiet:
         _print_scores(res.scores, res.tau, "merged")
