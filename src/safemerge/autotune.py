@@ -17,6 +17,12 @@ Ties go to the lower harmful rate, then the larger ``α`` (closer to the fine-tu
 smaller ``τ`` (fewer merged layers). If no grid point meets the constraints, the point with the smallest
 total excess over the limits is chosen and the result says so.
 
+The grid holds the paper's rule (``ρ < τ``, convex weights) and, unless ``extensions=False``, the late-block
+extension of :mod:`safemerge.methods.safety_params`: every layer of the last sixth or third of the blocks
+(``min_layer``) merged with safety gain 1 or 2 (``α ΔW_f + g(1−α) ΔW_s``). It is there because on the demo's
+SmolLM2-135M fine-tune the erosion sits in the last blocks, which ρ does not single out (docs/demo.md, sixth
+session); which rule won is part of the result.
+
 Cost control: the scan (``ρ`` of every layer) is computed once; two grid points that select the
 same layers with the same ``α`` are the same model and are evaluated once; every merged adapter and
 every generation is cached under ``work_dir``, so a rerun regenerates nothing.
@@ -35,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 
 from safemerge.errors import SafemergeError
-from safemerge.methods.safety_params import SAFEMERGE_ALPHA, SAFEMERGE_TAU
+from safemerge.methods.safety_params import SAFEMERGE_ALPHA, SAFEMERGE_TAU, safemerge_weights
 from safemerge.options import RunOptions
 
 # SafeMERGE's τ/α defaults and the ρ < τ rule live in safemerge.methods.safety_params (the paper's values, as the
@@ -53,6 +59,11 @@ DEFAULT_FINALISTS = 4
 # is 3 points, so a point measured just above the harm limit may well meet it on the whole set (issue 17, fourth run:
 # the strict screen promoted only α ≤ 0.2 and the decision never saw the points that keep the skill).
 SCREEN_Z = 1.0
+# The late-block extension's candidates: the last sixth and third of the blocks, safety gain 1 and 2, every layer of
+# the band (τ above any ρ).
+LATE_FRACTIONS: tuple[float, ...] = (1 / 6, 1 / 3)
+LATE_GAINS: tuple[float, ...] = (1.0, 2.0)
+LATE_TAU = 1.0
 Log = Callable[[str], None]
 # Evaluation defaults of demo/autotune: the CPU-aware dtype decision (bf16 where native: ~3x faster than float32
 # batch 16, same keyword-judge decisions on >= 95% of prompts) and a batch sized from memory; bf16 generations are
@@ -160,11 +171,28 @@ class GridPoint:
     label: str = ""
     n: list[int] = field(default_factory=list)  # validation items behind the rates: [harmful, utility(, benign)]
     rung: str = "full"  # "screen" (first validation items only) or "full"
+    safety_gain: float = 1.0  # the extensions (safety_params): 1 and 0 are the paper's rule
+    min_layer: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["n_merged"] = len(self.merged)
         return d
+
+    @property
+    def paper_rule(self) -> bool:
+        return self.safety_gain == 1.0 and self.min_layer == 0
+
+    def merge_kwargs(self) -> dict[str, float | int]:
+        """The :func:`~safemerge.safety.api.safemerge_adapters` arguments that write this point."""
+        return {"tau": self.tau, "alpha": self.alpha, "safety_gain": self.safety_gain, "min_layer": self.min_layer}
+
+    def describe(self) -> str:
+        """``τ = 0.35, α = 0.8``, or the extension's ``blocks ≥ 25, α = 0.1, g = 2``."""
+        if self.paper_rule:
+            return f"τ = {self.tau:g}, α = {self.alpha:g}"
+        where = f"blocks ≥ {self.min_layer}" if self.min_layer else f"τ = {self.tau:g}"
+        return f"{where}, α = {self.alpha:g}" + (f", g = {self.safety_gain:g}" if self.safety_gain != 1.0 else "")
 
 
 @dataclass
@@ -196,6 +224,12 @@ class AutotuneResult:
     def alpha(self) -> float:
         return self.chosen.alpha
 
+    def merge_kwargs(self) -> dict[str, float | int]:
+        return self.chosen.merge_kwargs()
+
+    def describe(self) -> str:
+        return self.chosen.describe()
+
     @property
     def pareto_front(self) -> list[GridPoint]:
         return sorted((p for p in self.points if p.pareto), key=lambda p: (p.harmful_rate or 0.0, -(p.utility or 0.0)))
@@ -214,8 +248,9 @@ class AutotuneResult:
             "finetuned": self.finetuned,
             "rhos": self.rhos,
             "points": [p.to_dict() for p in self.points],
-            "pareto_front": [{"tau": p.tau, "alpha": p.alpha, "harmful_rate": p.harmful_rate, "utility": p.utility,
-                              "over_refusal": p.over_refusal} for p in self.pareto_front],
+            "pareto_front": [{"tau": p.tau, "alpha": p.alpha, "safety_gain": p.safety_gain, "min_layer": p.min_layer,
+                              "harmful_rate": p.harmful_rate, "utility": p.utility, "over_refusal": p.over_refusal}
+                             for p in self.pareto_front],
             "plot": str(self.plot) if self.plot else None,
             "sweep_plot": str(self.sweep_plot) if self.sweep_plot else None,
         }
@@ -298,9 +333,9 @@ def distinct_leaders(points: Sequence[GridPoint], limits: Limits, k: int, z: flo
     """The ``k`` best points of :func:`rank_points` (optimistic by ``z``) that are distinct models: two (τ, α)
     that merge the same layers with the same α count once, so ``k`` finalists are ``k`` different merges."""
     out: list[GridPoint] = []
-    seen: set[tuple[tuple[str, ...], float]] = set()
+    seen: set[tuple[tuple[str, ...], tuple[float, float]]] = set()
     for p in rank_points(points, limits, z):
-        model = (tuple(sorted(p.merged)), round(p.alpha, 6))
+        model = (tuple(sorted(p.merged)), tuple(round(w, 6) for w in safemerge_weights(p.alpha, p.safety_gain)))
         if model not in seen:
             seen.add(model)
             out.append(p)
@@ -319,8 +354,18 @@ def choose(points: Sequence[GridPoint], limits: Limits) -> tuple[GridPoint, bool
     return ranked[0], ranked[0].feasible
 
 
-def _key(merged: Sequence[str], alpha: float) -> str:
-    return hashlib.sha256(json.dumps([sorted(merged), round(alpha, 6)]).encode()).hexdigest()[:12]
+def _key(merged: Sequence[str], alpha: float, safety_gain: float = 1.0) -> str:
+    ident: list[Any] = [sorted(merged), round(alpha, 6)] + ([round(safety_gain, 6)] if safety_gain != 1.0 else [])
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
+
+
+def late_block_starts(scores: Sequence[Any], fractions: Sequence[float] = LATE_FRACTIONS) -> list[int]:
+    """``min_layer`` of the late-block candidates: the first block of the last ``fraction`` of the blocks."""
+    layers = [s.layer for s in scores if s.layer is not None]
+    if not layers:
+        return []
+    n = max(layers) + 1
+    return sorted({n - max(1, round(f * n)) for f in fractions if n > 1})
 
 
 def neighbours(alpha: float, alphas: Sequence[float]) -> list[float]:
@@ -351,6 +396,7 @@ def autotune(
     max_taus: int = 6,
     screen: tuple[int, int] | None = DEFAULT_SCREEN,
     finalists: int = DEFAULT_FINALISTS,
+    extensions: bool = True,
     log: Log | None = None,
     progress: bool = False,
 ) -> AutotuneResult:
@@ -381,6 +427,7 @@ def autotune(
         max_new_tokens: per-suite generation budgets (``{"harmful": 32, "utility": 64}``).
         screen: validation items per suite for screening, or ``None`` for no screening.
         finalists: how many screened points are refined and evaluated on the whole validation sets.
+        extensions: also search the late-block extension (:data:`LATE_FRACTIONS` × :data:`LATE_GAINS`).
         progress: show the evaluation harness's generation progress bars (stderr).
 
     Returns:
@@ -414,7 +461,10 @@ def autotune(
     if alphas[-1] not in coarse:
         coarse = [*coarse, alphas[-1]]
     say(f"autotune: τ ∈ {grid_taus}; α ∈ {coarse} (coarse) of {alphas}; screen {screen}, {finalists} finalists")
-    search.run(grid_taus, coarse, alphas, screen, finalists, limits)
+    late = late_block_starts(scores) if extensions else []
+    if late:
+        say(f"autotune: late-block extension: blocks ≥ {late}, safety gain {list(LATE_GAINS)}")
+    search.run(grid_taus, coarse, alphas, screen, finalists, limits, late=late)
     points = search.points
     mask = pareto_mask([(p.harmful_rate or 0.0, p.utility or 0.0) for p in points])
     for p, m in zip(points, mask):
@@ -472,29 +522,37 @@ class _GridSearch:
         return _metrics(self._evaluate(adapter=adapter, out_dir=self.work / "evals" / name, limits=limits))
 
     def run(self, taus: Sequence[float], coarse: Sequence[float], alphas: Sequence[float],
-            screen: tuple[int, int] | None, finalists: int, limits: Limits) -> None:
-        """Coarse-to-fine (see :func:`autotune`): the coarse grid on the screen, the α neighbours of the distinct
-        leaders on the screen, then the leaders on the whole validation sets."""
+            screen: tuple[int, int] | None, finalists: int, limits: Limits, late: Sequence[int] = ()) -> None:
+        """Coarse-to-fine (see :func:`autotune`): the coarse grid (the paper's rule, then the late-block candidates
+        ``late``) on the screen, the α neighbours of the distinct leaders on the screen, then the leaders on the
+        whole validation sets."""
         for tau in taus:
             for alpha in coarse:
                 self.point(tau, alpha, screen)
+        for min_layer in late:
+            for gain in LATE_GAINS:
+                for alpha in coarse:
+                    self.point(LATE_TAU, alpha, screen, gain, min_layer)
         if screen:
             for p in distinct_leaders(self.points, limits, finalists):
                 for alpha in neighbours(p.alpha, alphas):
-                    self.point(p.tau, alpha, screen)
+                    self.point(p.tau, alpha, screen, p.safety_gain, p.min_layer)
             for p in distinct_leaders(self.points, limits, finalists):
-                self.point(p.tau, p.alpha, None)
+                self.point(p.tau, p.alpha, None, p.safety_gain, p.min_layer)
 
-    def point(self, tau: float, alpha: float, limit: tuple[int, int] | None) -> GridPoint:
-        """Measure (τ, α) on the first ``limit`` validation items (``None``: all), reusing any measurement of the
-        same merge at this rung or a more precise one."""
+    def point(self, tau: float, alpha: float, limit: tuple[int, int] | None, safety_gain: float = 1.0,
+              min_layer: int = 0) -> GridPoint:
+        """Measure (τ, α[, g, min_layer]) on the first ``limit`` validation items (``None``: all), reusing any
+        measurement of the same merge at this rung or a more precise one."""
         from safemerge.safety.selection import select_below
 
-        merged = sorted(select_below(self.scores, tau))
-        key = _key(merged, alpha)
-        p = next((q for q in self.points if q.tau == tau and q.alpha == alpha), None)
+        merged = sorted(select_below(self.scores, tau, min_layer=min_layer))
+        key = _key(merged, alpha, safety_gain)
+        p = next((q for q in self.points if (q.tau, q.alpha, q.safety_gain, q.min_layer) == (tau, alpha, safety_gain,
+                                                                                                 min_layer)), None)
         if p is None:
-            p = GridPoint(tau, alpha, merged, label=f"τ={tau:g} α={alpha:g}")
+            p = GridPoint(tau, alpha, merged, safety_gain=safety_gain, min_layer=min_layer)
+            p.label = p.describe().replace(" = ", "=").replace(", ", " ")
             self.points.append(p)
         elif p.harmful_rate is not None and (limit is not None or p.rung == "full"):
             return p  # already measured at this rung or a more precise one
@@ -506,7 +564,7 @@ class _GridSearch:
             self._copy(p, {"harmful_rate": twin.harmful_rate, "utility": twin.utility, "n": twin.n,
                            "over_refusal": twin.over_refusal}, twin.adapter, twin.eval_dir, twin.rung)
             return p
-        adapter = self._merged(key, tau, alpha)
+        adapter = self._merged(key, p)
         self._copy(p, self.measure(key, adapter, limit), str(adapter), str(self.work / "evals" / key),
                    "screen" if limit else "full")
         self.by_key[key] = p
@@ -515,13 +573,13 @@ class _GridSearch:
                  f"{p.harmful_rate:.3f}, utility {p.utility:.3f}{refusal}")
         return p
 
-    def _merged(self, key: str, tau: float, alpha: float) -> Path:
+    def _merged(self, key: str, p: GridPoint) -> Path:
         from safemerge.safety.api import safemerge_adapters
 
         adapter = self.work / "merged" / key
         if not adapter.exists():
             safemerge_adapters(base=self.base, aligned=self.aligned_model, finetuned=self.finetuned_model,
-                               safety=self.safety, out=adapter, tau=tau, alpha=alpha, strategy=self.strategy)
+                               safety=self.safety, out=adapter, strategy=self.strategy, **p.merge_kwargs())
         return adapter
 
     @staticmethod
@@ -532,12 +590,15 @@ class _GridSearch:
 
 # ----------------------------------------------------------------------------- reporting
 def pareto_table(result: AutotuneResult) -> list[tuple[str, ...]]:
-    """Rows ``(τ, α, merged layers, harmful, utility, over-refusal)`` of the Pareto front, chosen point marked."""
+    """Rows ``(τ, α, merged layers, harmful, utility, over-refusal)`` of the Pareto front, chosen point marked; a
+    late-block point shows ``blocks ≥ K`` for τ and its safety gain after α."""
     rows = []
     for p in result.pareto_front:
         mark = " ← chosen" if p.chosen else ""
         refusal = "–" if p.over_refusal is None else f"{100 * p.over_refusal:.1f}%"
-        rows.append((f"{p.tau:g}", f"{p.alpha:g}", f"{len(p.merged)}/{len(result.rhos)}",
+        where = f"blocks ≥ {p.min_layer}" if p.min_layer else f"{p.tau:g}"
+        weight = f"{p.alpha:g}" + (f" (g {p.safety_gain:g})" if p.safety_gain != 1.0 else "")
+        rows.append((where, weight, f"{len(p.merged)}/{len(result.rhos)}",
                      f"{100 * (p.harmful_rate or 0):.1f}%", f"{100 * (p.utility or 0):.1f}%{mark}", refusal))
     return rows
 
@@ -564,7 +625,7 @@ def print_pareto(result: AutotuneResult, console: Any = None) -> None:
     c = result.chosen
     note = "" if result.constraint_met else " (no point met the constraints: the one closest to them chosen)"
     refusal = "" if c.over_refusal is None else f", over-refusal {100 * c.over_refusal:.1f}%"
-    con.print(f"chosen: τ = {c.tau:g}, α = {c.alpha:g} — validation harmful {100 * (c.harmful_rate or 0):.1f}%, "
+    con.print(f"chosen: {c.describe()} — validation harmful {100 * (c.harmful_rate or 0):.1f}%, "
               f"utility {100 * (c.utility or 0):.1f}%{refusal}{note}")
 
 
@@ -605,7 +666,7 @@ def plot_pareto(result: AutotuneResult, path: str | Path) -> Path:
     ax.scatter([fu["harmful_rate"] or 0.0], [fu["utility"] or 0.0], marker="^", c="#d62728", s=50, label="fine-tuned")
     c = result.chosen
     ax.scatter([c.harmful_rate], [c.utility], marker="*", c="gold", edgecolors="k", s=220, zorder=5,
-               label=f"chosen τ={c.tau:g} α={c.alpha:g}")
+               label=f"chosen {c.describe()}")
     ax.set_xlabel("validation harmful rate (lower is safer)")
     ax.set_ylabel("validation utility accuracy")
     ax.set_xlim(-0.05, 1.05)
@@ -625,8 +686,9 @@ def plot_tau_sweep(result: AutotuneResult, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.8), sharex=True)
-    for alpha in sorted({p.alpha for p in result.points}):
-        ps = sorted((p for p in result.points if p.alpha == alpha), key=lambda p: p.tau)
+    paper = [p for p in result.points if p.paper_rule]
+    for alpha in sorted({p.alpha for p in paper}):
+        ps = sorted((p for p in paper if p.alpha == alpha), key=lambda p: p.tau)
         a1.plot([p.tau for p in ps], [p.harmful_rate for p in ps], "-o", ms=3, label=f"α={alpha:g}")
         a2.plot([p.tau for p in ps], [p.utility for p in ps], "-o", ms=3, label=f"α={alpha:g}")
     c = result.chosen
@@ -677,7 +739,8 @@ def resolve_tau_alpha(
     work_dir: str | Path | None = None,
     log: Log | None = None,
 ) -> tuple[float, float, AutotuneResult | None]:
-    """Numbers pass through; ``auto`` for τ and/or α runs :func:`autotune` (the other one fixed).
+    """Numbers pass through; ``auto`` for τ and/or α runs :func:`autotune` (the other one fixed; the late-block
+    extension is searched only when τ is ``auto``, and the chosen point's ``merge_kwargs`` then hold its gain).
 
     Used by ``safemerge safemerge --tau auto --alpha auto --val-harmful SET --val-utility SET [--val-benign SET]``.
     The work directory defaults to ``<cache>/autotune/<hash of the inputs>`` so reruns are cached.
@@ -699,5 +762,5 @@ def resolve_tau_alpha(
     res = autotune(base=base, aligned=aligned, finetuned=finetuned, safety=safety, val_harmful=val_harmful,
                    val_utility=val_utility, work_dir=work_dir, taus=None if t is None else [t],
                    alphas=DEFAULT_ALPHAS if a is None else [a], harm_margin=harm_margin, val_benign=val_benign,
-                   refusal_margin=refusal_margin, judge=judge, log=log)
+                   refusal_margin=refusal_margin, judge=judge, extensions=t is None, log=log)
     return res.tau, res.alpha, res

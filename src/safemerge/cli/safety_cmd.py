@@ -254,6 +254,7 @@ def safemerge_command(
                                           log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
+        safety_gain, min_layer = tuned.chosen.safety_gain, tuned.chosen.min_layer  # the chosen rule
     sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit,
                     options=run_options(no_progress=not options.progress), lm_eval_tasks=eval_lm_eval_tasks,
                     lm_eval_include=eval_lm_eval_include)
