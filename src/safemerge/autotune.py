@@ -737,6 +737,7 @@ def resolve_tau_alpha(
     refusal_margin: float = DEFAULT_REFUSAL_MARGIN,
     judge: str = "keyword",
     work_dir: str | Path | None = None,
+    extensions: bool = True,
     log: Log | None = None,
 ) -> tuple[float, float, AutotuneResult | None]:
     """Numbers pass through; ``auto`` for τ and/or α runs :func:`autotune` (the other one fixed; the late-block
@@ -762,5 +763,6 @@ def resolve_tau_alpha(
     res = autotune(base=base, aligned=aligned, finetuned=finetuned, safety=safety, val_harmful=val_harmful,
                    val_utility=val_utility, work_dir=work_dir, taus=None if t is None else [t],
                    alphas=DEFAULT_ALPHAS if a is None else [a], harm_margin=harm_margin, val_benign=val_benign,
-                   refusal_margin=refusal_margin, judge=judge, extensions=t is None, log=log)
+                   refusal_margin=refusal_margin, judge=judge, extensions=extensions and t is None,
+                   log=log)
     return res.tau, res.alpha, res

@@ -203,6 +203,10 @@ def safemerge_command(
     min_layer: int = typer.Option(
         SAFEMERGE_MIN_LAYER.default, "--min-layer",
         help="Merge only layers of blocks ≥ this index (0 = every block, the paper); e.g. the last 5 of 30: 25."),
+    paper_rule_only: bool = typer.Option(
+        False, "--paper-rule-only",
+        help="With --tau auto: search only the paper's rule, not the late-block extension "
+             "(--min-layer, --safety-gain)."),
     strategy: str = typer.Option("linear", "--strategy",
                                  help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense "
                                       "per layer)."),
@@ -251,7 +255,7 @@ def safemerge_command(
     tau, alpha, tuned = resolve_tau_alpha(tau, alpha, base=base, aligned=aligned, finetuned=finetuned, safety=safety,
                                           val_harmful=val_harmful, val_utility=val_utility, harm_margin=harm_margin,
                                           val_benign=val_benign, refusal_margin=refusal_margin,
-                                          log=lambda m: typer.echo(m, err=True))
+                                          extensions=not paper_rule_only, log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
         safety_gain, min_layer = tuned.chosen.safety_gain, tuned.chosen.min_layer  # the chosen rule

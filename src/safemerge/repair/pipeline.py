@@ -127,7 +127,7 @@ def repair(
         refusal_margin: allowed validation over-refusal excess over the aligned model (0.05 = 5 points).
         max_new_tokens: per-suite generation budgets (``{"harmful": 48, …}``).
         grid: the τ/α search of :func:`safemerge.autotune.autotune` (``alphas``, ``max_taus``, ``screen``,
-            ``finalists``); its defaults where absent.
+            ``finalists``, ``extensions``); its defaults where absent.
         work_dir: cache (default ``<cache>/repair/<hash of the inputs>``).
         options: ``force`` (replace ``out``), ``allow_pickle`` (inputs), ``progress`` (bars while training and
             generating).
@@ -205,7 +205,7 @@ def repair(
     return result
 
 
-GRID_KEYS = ("alphas", "max_taus", "screen", "finalists")
+GRID_KEYS = ("alphas", "max_taus", "screen", "finalists", "extensions")
 
 
 def _grid(grid: Mapping[str, Any] | None) -> dict[str, Any]:
