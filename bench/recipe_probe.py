@@ -24,6 +24,7 @@ import argparse
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -43,16 +44,19 @@ def _lookalike_framed_refusals(per_goal: int, seed: int = 0) -> list[dict[str, A
             for c, g in C.harmful_goals("align") for f in r.sample(frames, per_goal)]
 
 
-def _rates(model: Path, adapter: Path | None, data: Path, out: Path, external: Path | None) -> dict[str, Any]:
-    """Validation harmful rate, over-refusal and utility with the demo's per-suite token budgets, plus the external
-    sets (``safemerge.evaluate.suites.evaluate_suites``, the evaluation automatic τ/α uses)."""
+def _rates(model: Path, adapter: Path | None, data: Path, out: Path, external: Path | None,
+           split: str = "val") -> dict[str, Any]:
+    """Harmful rate, over-refusal and utility on the ``split`` sets (``val``; ``eval``: the demo's test sets, only to
+    confirm a choice made on validation) with the demo's per-suite token budgets, plus the external sets
+    (``safemerge.evaluate.suites.evaluate_suites``, the evaluation automatic τ/α uses)."""
     from safemerge.demo.zoo import SMOLLM2_MAX_NEW_TOKENS
     from safemerge.evaluate.suites import evaluate_suites
 
-    val = {name: str(data / f"val_{name}.jsonl") for name in ("harmful", "benign", "utility")}
-    r = evaluate_suites(model, adapter=adapter, suites=val, max_new_tokens=SMOLLM2_MAX_NEW_TOKENS, out_dir=out / "val")
-    res = {"val_harmful": r["harmful"]["harmful_rate"], "val_over_refusal": r["benign"]["over_refusal_rate"],
-           "val_utility": r["utility"]["accuracy"]}
+    sets = {name: str(data / f"{split}_{name}.jsonl") for name in ("harmful", "benign", "utility")}
+    r = evaluate_suites(model, adapter=adapter, suites=sets, max_new_tokens=SMOLLM2_MAX_NEW_TOKENS, out_dir=out / split)
+    res = {f"{split}_harmful": r["harmful"]["harmful_rate"], f"{split}_over_refusal": r["benign"]["over_refusal_rate"],
+           f"{split}_utility": r["utility"]["accuracy"],
+           f"{split}_ci": {k: r[k]["ci"] for k in ("harmful", "benign", "utility")}}
     if external is not None:
         real = {"harmful": str(external / "bianchi_malicious_instructions.json"),
                 "benign": str(external / "xstest_prompts.csv")}
@@ -85,8 +89,12 @@ def _safety_variant(zoo: Any, root: Path, targets: str | None, steps: int) -> Pa
     return out
 
 
-def _weighted_model(aligned: Path, task: Path, safety: Path, w_f: float, w_s: float, out: Path) -> Path:
-    """``aligned`` + w_f·ΔW_f + w_s·ΔW_s on every module either adapter touches, written as a full model."""
+Weight = float | Callable[[str], float]
+
+
+def _weighted_model(aligned: Path, updates: list[tuple[Path, Weight]], out: Path) -> Path:
+    """``aligned`` + Σ w·ΔW over ``updates`` (adapter, w) on every module an adapter touches, as a full model; ``w``
+    is a number or a function of the module's name."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -98,11 +106,13 @@ def _weighted_model(aligned: Path, task: Path, safety: Path, w_f: float, w_s: fl
         return out
     (weights,) = aligned.glob("*.safetensors")
     tensors = load_file(str(weights))
-    for adapter, w in ((load_adapter(task), w_f), (load_adapter(safety), w_s)):
+    for path, w in updates:
+        adapter = load_adapter(path)
         for module in adapter:
             lora = adapter[module]
             name = lora.weight_name
-            tensors[name] = (tensors[name].float() + w * lora.delta()).to(tensors[name].dtype)
+            weight = w(module) if callable(w) else w
+            tensors[name] = (tensors[name].float() + weight * lora.delta()).to(tensors[name].dtype)
     with atomic_output(out) as tmp:
         for f in aligned.iterdir():
             if f.is_file() and f != weights:
@@ -119,25 +129,103 @@ def _safety_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[s
     results = []
     for point in args.weights.split(","):
         w_f, w_s = (float(x) for x in point.split(":"))
-        model = _weighted_model(zoo.aligned, zoo.task, safety, w_f, w_s,
+        model = _weighted_model(zoo.aligned, [(zoo.task, w_f), (safety, w_s)],
                                 root / f"weighted-{fingerprint(safety.name, w_f, w_s)}")
         results.append({"probe": "safety", "safety": str(safety), "targets": args.targets or "task LoRA's",
                         "steps": args.steps or Z.SAFETY_SETTINGS["steps"], "w_f": w_f, "w_s": w_s,
-                        **_rates(model, None, zoo.data, model / "probe-evals", args.external)})
+                        **_rates(model, None, zoo.data, model / "probe-evals", args.external, args.split)})
+    return results
+
+
+def _correction_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[str, Any]]:
+    """A safety LoRA trained on the fine-tune itself (aligned + ΔW_f merged), so ΔW_c learns to undo the erosion the
+    fine-tune has rather than refusals the aligned model already gives. As SafeMERGE's safety LoRA
+    ΔW_s = ΔW_f + ΔW_c (rank 2r), the convex merge α ΔW_f + (1−α) ΔW_s is ΔW_f + (1−α) ΔW_c: the task update is
+    kept whole. One result per ``w_f:w_c`` point of ``--weights``."""
+    from safemerge.demo import zoo as Z
+    from safemerge.options import RunOptions
+    from safemerge.train.lora import train_lora
+    from safemerge.train.safety_lora import training_records
+
+    s, like = Z.SAFETY_SETTINGS, Z.TASK_RECIPE
+    steps = args.steps or s["steps"]
+    fine = _weighted_model(zoo.aligned, [(zoo.task, 1.0)], root / f"fine-{fingerprint(zoo.task.name)}")
+    rows = Z.read_jsonl(zoo.data / "safety_train.jsonl")
+    replay = Z.read_jsonl(zoo.data / "task_train.jsonl")[: args.replay] if args.replay else []
+    key = (fine.name, rows, s, args.targets, steps) + ((replay,) if replay else ())
+    correction = root / f"correction-{fingerprint(*key)}"
+    t0 = time.perf_counter()
+    if not correction.exists():
+        records, _ = training_records(fine, rows + replay, seed=s["seed"], distill_benign=s["distill_benign"],
+                                      progress=False)
+        train_lora(fine, records, correction, rank=like.rank, alpha=like.alpha,
+                   targets=args.targets or list(like.targets), steps=steps, batch_size=s["batch_size"], lr=s["lr"],
+                   max_length=s["max_length"], precision=s["precision"], options=RunOptions(seed=s["seed"],
+                                                                                            progress=False))
+    train_s = time.perf_counter() - t0
+    results = []
+    for point in args.weights.split(","):
+        w_f, w_c = (float(x) for x in point.split(":"))
+        model = _weighted_model(zoo.aligned, [(zoo.task, w_f), (correction, w_c)],
+                                root / f"corrected-{fingerprint(correction.name, w_f, w_c)}")
+        results.append({"probe": "correction", "correction": str(correction), "targets": args.targets or "task LoRA's",
+                        "steps": steps, "replay": len(replay), "train_s": round(train_s, 1),
+                        "w_f": w_f, "w_c": w_c,
+                        **_rates(model, None, zoo.data, model / "probe-evals", args.external, args.split)})
+    return results
+
+
+def _module_selected(module: str, selector: str) -> bool:
+    """``selector``: ``all``, a layer range ``L0-9`` or a projection ``q_proj``; ``&`` joins terms that must all hold,
+    ``+`` joins alternatives (``L20-29&q_proj+L0-4``)."""
+    def term(t: str) -> bool:
+        if t == "all":
+            return True
+        if t.startswith("L"):
+            lo, hi = (int(x) for x in t[1:].split("-"))
+            return any(f"layers.{i}." in module for i in range(lo, hi + 1))
+        return t in module
+
+    return any(all(term(t) for t in alt.split("&")) for alt in selector.split("+"))
+
+
+def _layers_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[str, Any]]:
+    """Where harm and skill live: SafeMERGE's α ΔW_f + (1−α) ΔW_s (the zoo's safety LoRA) on the modules a selector
+    picks, ΔW_f elsewhere. One result per ``SELECTOR@ALPHA`` point of ``--select`` (e.g. ``L0-9@0.2,q_proj@0.2``);
+    ``SELECTOR@ALPHA:W_S`` weighs ΔW_s by W_S instead of 1 − α."""
+    from safemerge.io.adapter import load_adapter
+
+    results = []
+    for point in args.select.split(","):
+        selector, weights = point.rsplit("@", 1)
+        a, w_s = (float(x) for x in weights.split(":")) if ":" in weights else (float(weights), 1.0 - float(weights))
+        picked = [m for m in load_adapter(zoo.task) if _module_selected(m, selector)]
+        key = (zoo.task.name, zoo.safety.name, selector, a) + ((w_s,) if ":" in weights else ())
+        model = _weighted_model(
+            zoo.aligned,
+            [(zoo.task, lambda m: a if _module_selected(m, selector) else 1.0),
+             (zoo.safety, lambda m: w_s if _module_selected(m, selector) else 0.0)],
+            root / f"layers-{fingerprint(*key)}")
+        results.append({"probe": "layers", "selector": selector, "alpha": a, "w_s": w_s, "modules": len(picked),
+                        **_rates(model, None, zoo.data, model / "probe-evals", args.external, args.split)})
     return results
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("probe", choices=("aligned", "erosion", "safety"))
+    ap.add_argument("probe", choices=("aligned", "erosion", "safety", "correction", "layers"))
+    ap.add_argument("--select", default="all@0.8", help="layers: comma-separated SELECTOR@ALPHA points")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--lookalike-framed-refusals", type=int, default=1, help="aligned: extra refusals per goal")
     ap.add_argument("--steps", type=int, default=None, help="aligned / safety: training steps (default: the demo's)")
     ap.add_argument("--targets", default=None, help="safety: LoRA targets (default: the task LoRA's), e.g. all-linear")
     ap.add_argument("--weights", default="0.8:0.2", help="safety: comma-separated w_f:w_s points")
+    ap.add_argument("--replay", type=int, default=0, help="correction: task-training records mixed in")
     ap.add_argument("--lr", type=float, default=None, help="erosion: task-LoRA learning rate (default: the demo's)")
     ap.add_argument("--aligned", type=Path, default=None, help="erosion: aligned model (default: the zoo's)")
     ap.add_argument("--external", type=Path, default=None, help="directory with Bianchi malicious + XSTest")
+    ap.add_argument("--split", choices=("val", "eval"), default="val",
+                    help="the sets measured: validation (default) or the demo's test sets (to confirm a choice)")
     ap.add_argument("-o", "--out", type=Path, default=Path("bench/results/recipe_probe.jsonl"))
     args = ap.parse_args()
 
@@ -145,8 +233,9 @@ def main() -> None:
     zoo = Z.build_smollm2_zoo(args.cache_dir, log=print)
     root = cache_root(args.cache_dir) / "bench-recipe-probe"
     t0 = time.perf_counter()
-    if args.probe == "safety":
-        _write(_safety_probe(args, zoo, root), args.out)
+    probes = {"safety": _safety_probe, "correction": _correction_probe, "layers": _layers_probe}
+    if args.probe in probes:
+        _write(probes[args.probe](args, zoo, root), args.out)
         return
     if args.probe == "aligned":
         recipe = replace(Z.ALIGN_RECIPE, steps=args.steps or Z.ALIGN_RECIPE.steps)
@@ -166,7 +255,7 @@ def main() -> None:
         setting = {"aligned": str(model), "recipe": asdict(recipe)}
     train_s = time.perf_counter() - t0
     result = {"probe": args.probe, **setting, "train_s": round(train_s, 1),
-              **_rates(model, adapter, zoo.data, (adapter or model) / "probe-evals", args.external)}
+              **_rates(model, adapter, zoo.data, (adapter or model) / "probe-evals", args.external, args.split)}
     _write([result], args.out)
 
 

@@ -7,7 +7,15 @@ import safemerge.tuning.search as search_module
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.records import PromptSets
 from safemerge.safety.selection import LayerScore
-from safemerge.tuning.grid import DEFAULT_ALPHAS, GridPoint, SearchSettings, neighbours, tau_candidates
+from safemerge.tuning.grid import (
+    DEFAULT_ALPHAS,
+    LATE_TAU,
+    GridPoint,
+    SearchSettings,
+    late_block_starts,
+    neighbours,
+    tau_candidates,
+)
 from safemerge.tuning.pareto import Limits, choose, distinct_leaders, pareto_mask, rank_points
 from safemerge.tuning.search import SafeMergeModels, autotune
 
@@ -147,7 +155,8 @@ def test_coarse_to_fine_screens_refines_and_decides_on_the_full_sets(tmp_path, m
     monkeypatch.setattr(search_module, "evaluate_suites", fake_eval)
     res = autotune(SafeMergeModels(base="b", aligned="a", finetuned="task", safety="s"),
                    PromptSets(harmful="h", utility="u"), tmp_path,
-                   search=SearchSettings(max_taus=4, screen=(32, 24), finalists=3, harm_margin=0.03))
+                   search=SearchSettings(max_taus=4, screen=(32, 24), finalists=3, harm_margin=0.03,
+                                         extensions=False))
     screened = [p for p in res.points if p.rung == "screen"]
     full = [p for p in res.points if p.rung == "full"]
     assert len(full) == 3 and len(screened) > len(full)
@@ -205,3 +214,49 @@ def test_tau_alpha_numbers_pass_and_auto_needs_validation_sets(tmp_path, monkeyp
     assert key.parent == tmp_path / "autotune" and key == autotune_work_dir(models, PromptSets("h", None, "u"),
                                                                              "keyword")
     assert key != autotune_work_dir(models, PromptSets("h", "b", "u"), "keyword")
+
+def test_late_block_extension_is_searched_and_written(tmp_path, monkeypatch):
+    """The late-block candidates (last sixth / third of the blocks, gain 1 and 2) join the grid; when one wins, its
+    gain and min_layer reach the merge and the description; the paper's points stay on the grid."""
+    scores = [LayerScore(f"m{i}", i, "q", 0.1 + 0.01 * i, 1.0, 1.0) for i in range(12)]
+    monkeypatch.setattr(search_module, "scan", lambda *a, **k: scores)
+    merges: dict[str, dict] = {}
+
+    def fake_merge(*, out, **kw):
+        out.mkdir(parents=True)
+        merges[str(out)] = kw
+
+    monkeypatch.setattr(search_module, "safemerge_adapters", fake_merge)
+
+    def fake_eval(model, *, adapter=None, limits=None, **_):
+        if adapter is None:
+            h, u = 0.10, 0.2
+        elif str(adapter) == "task":
+            h, u = 0.4, 0.9
+        else:
+            kw = merges[str(adapter)]
+            late = kw["min_layer"] >= 10  # the harm sits in the last two blocks, the skill everywhere else
+            w_f, w_s = kw["alpha"], kw["safety_gain"] * (1 - kw["alpha"])
+            h = 0.4 - (0.3 * min(1.0, w_s) if late else 0.2 * (1 - w_f))
+            u = 0.9 - (0.05 if late else 0.7 * (1 - w_f))
+        n = (limits or {}).get("harmful", 168), (limits or {}).get("utility", 100)
+        return {"harmful": {"harmful_rate": h, "n": n[0]}, "utility": {"accuracy": u, "n": n[1]}}
+
+    monkeypatch.setattr(search_module, "evaluate_suites", fake_eval)
+    models, sets = SafeMergeModels(base="b", aligned="a", finetuned="task", safety="s"), PromptSets(harmful="h",
+                                                                                                    utility="u")
+    res = autotune(models, sets, tmp_path, search=SearchSettings(max_taus=3, screen=(32, 24), finalists=3))
+    assert late_block_starts(scores) == [8, 10]
+    late = [p for p in res.points if not p.paper_rule]
+    assert {(p.min_layer, p.safety_gain) for p in late} == {(8, 1.0), (8, 2.0), (10, 1.0), (10, 2.0)}
+    assert all(set(p.merged) == {f"m{i}" for i in range(p.min_layer, 12)} for p in late)
+    assert any(p.paper_rule for p in res.points)
+    c = res.chosen
+    assert res.constraint_met and c.min_layer == 10 and c.safety_gain == 2.0
+    assert res.merge_kwargs() == {"tau": LATE_TAU, "alpha": c.alpha, "safety_gain": 2.0, "min_layer": 10}
+    assert res.describe().startswith("blocks ≥ 10, α = ") and res.describe().endswith("g = 2")
+    written = [kw for kw in merges.values() if kw["min_layer"] == 10 and kw["safety_gain"] == 2.0]
+    assert written and all(kw["tau"] == LATE_TAU for kw in written)
+    off = autotune(models, sets, tmp_path / "paper",
+                   search=SearchSettings(max_taus=3, screen=(32, 24), finalists=3, extensions=False))
+    assert all(p.paper_rule for p in off.points)

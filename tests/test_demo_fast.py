@@ -149,7 +149,8 @@ def test_the_automatic_row_is_safemerge_repair(demo_out):
     chosen = summary["autotune"]["paper regime"]
     card = (out / "repaired_model_card.md").read_text()
     assert "## Repair: before / after" in card
-    assert f"τ = {chosen['tau']:g}, α = {chosen['alpha']:g}" in card
+    where = f"blocks ≥ {chosen['min_layer']}" if chosen["min_layer"] else f"τ = {chosen['tau']:g}"
+    assert f"{where}, α = {chosen['alpha']:g}" in card
     repair_json = json.loads((Path(auto.adapter) / "repair.json").read_text())
     by_name = {r["name"]: r for r in repair_json["rows"]}
     assert by_name["repaired"]["harmful_rate"] == auto.to_dict()["harmful_rate"]

@@ -65,10 +65,19 @@ def test_repair_adapter_restores_refusals_and_reports_its_own_numbers(world, tmp
     card = (out / "README.md").read_text()
     assert "Repair: before / after" in card and "Pareto front" in card
     assert (out / "adapter_config.json").exists() and (out / "autotune.json").exists()
-    assert "safemerge repair" in stdout and "repaired" in stdout and "repaired adapter, τ =" in err
+    assert "safemerge repair" in stdout and "repaired" in stdout and "repaired adapter, " in err
     tuned = json.loads((out / "autotune.json").read_text())
     rec = json.loads((out / "repair.json").read_text())
-    assert (rec["tau"], rec["alpha"]) == (tuned["chosen"]["tau"], tuned["chosen"]["alpha"])
+    keys = ("tau", "alpha", "safety_gain", "min_layer")
+    assert [rec[k] for k in keys] == [tuned["chosen"][k] for k in keys]
+    assert {(p["safety_gain"], p["min_layer"]) for p in tuned["points"]} - {(1.0, 0)}  # the extension was searched
+    # --paper-rule-only: the same search without the late-block candidates (generations reused from the work dir)
+    code, _, err = _run(capsys, "repair", world.task, "--base", world.base, "--aligned", world.aligned,
+                        "--safety", world.safety, "-o", tmp_path / "paper", "--work-dir", tmp_path / "work",
+                        "--paper-rule-only", "--no-progress", "-q", *_sets(world))
+    assert code == 0, err
+    paper = json.loads((tmp_path / "paper" / "autotune.json").read_text())
+    assert {(p["safety_gain"], p["min_layer"]) for p in paper["points"]} == {(1.0, 0)}
 
 
 def test_repair_full_finetune_with_trained_safety_lora(world, tmp_path, capsys):

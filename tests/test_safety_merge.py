@@ -228,7 +228,7 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
     got_full, al = Checkpoint(tmp_path / "full"), Checkpoint(world.aligned)
     peft_s = peft_deltas(world.aligned, world.safety)
     for m in merged:
-        want = merge_dense(peft_ft[m], peft_s[m], alpha=0.8, strategy=strategy, density=0.7, module=m, seed=3)
+        want = merge_dense(peft_ft[m], peft_s[m], weights=(0.8, 0.2), strategy=strategy, density=0.7, module=m, seed=3)
         w = f"{m}.weight"
         torch.testing.assert_close(got_full.get(w) - al.get(w), want, rtol=1e-4, atol=1e-6)
     # the SVD adapter's error is what it says
@@ -269,3 +269,31 @@ def test_evaluate_hook_goes_into_model_card(world, tmp_path):
     card = (tmp_path / "ev" / "README.md").read_text()
     assert "## Safety evaluation" in card and "| harmful | 25.0% |" in card
     assert res.evaluation == {"harmful": {"harmful_rate": 0.25}}
+
+
+def test_safety_gain_and_min_layer_are_exact(world, peft_ft, peft_safety, tmp_path):
+    """The two extensions: only blocks ≥ min_layer merge, and they get α ΔW_f + g(1−α) ΔW_s (g = safety_gain)."""
+    out = tmp_path / "ext"
+    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out,
+                             tau=1.0, alpha=0.2, safety_gain=2.0, min_layer=1)
+    merged = set(res.merged)
+    assert merged == {s.module for s in res.scores if s.rho < 1.0 and s.layer is not None and s.layer >= 1}
+    assert merged and merged != set(peft_ft)  # block 0 is left alone
+    got = peft_deltas(world.aligned, out)
+    for m, d_f in peft_ft.items():
+        want = 0.2 * d_f + 2.0 * 0.8 * peft_safety[m] if m in merged else d_f
+        torch.testing.assert_close(got[m], want, rtol=1e-5, atol=1e-7)
+    rec = json.loads((out / "safemerge.json").read_text())
+    assert rec["safety_gain"] == 2.0 and rec["min_layer"] == 1
+    card = (out / "README.md").read_text()
+    assert "in blocks ≥ 1" in card and "α ΔW_f + 2·(1−α) ΔW_s" in card
+
+
+def test_extensions_refused_out_of_range(world, tmp_path):
+    from safemerge.errors import SafemergeError
+
+    for kw in ({"safety_gain": -1.0}, {"min_layer": -2}):
+        with pytest.raises(SafemergeError):
+            safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
+                               out=tmp_path / "bad", **kw)
+        assert not (tmp_path / "bad").exists()

@@ -224,6 +224,15 @@ def test_yaml_merge_methods_through_the_engine(world, tmp_path):
     ref = Checkpoint(ref_dir)
     for n in ref.names():
         torch.testing.assert_close(got.get(n), ref.get(n), rtol=1e-5, atol=1e-6)
+    # the extensions (safety_gain, min_layer) mean the same through the YAML method and the API
+    got = merge("sm_ext", {"merge_method": "safemerge", "base_model": str(world.base), "dtype": "float32",
+                           "models": [{"model": al}, {"model": ft}, {"model": sf}],
+                           "parameters": {"tau": 1.0, "alpha": 0.2, "safety_gain": 2.0, "min_layer": 1}})
+    ref = Checkpoint(api.safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft,
+                                            safety=world.safety, out=tmp_path / "sm_ext_api", merge_into=world.aligned,
+                                            tau=1.0, alpha=0.2, safety_gain=2.0, min_layer=1).out)
+    for n in ref.names():
+        torch.testing.assert_close(got.get(n), ref.get(n), rtol=1e-5, atol=1e-6)
     got = merge("resta", {"merge_method": "resta", "base_model": str(world.base), "dtype": "float32",
                           "models": [{"model": al}, {"model": ft}], "parameters": {"beta": 0.5}})
     ref = Checkpoint(api.resta(unaligned=world.base, aligned=world.aligned, finetuned=world.ft, out=tmp_path / "r_api",

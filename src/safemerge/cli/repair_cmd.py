@@ -28,6 +28,8 @@ _FT_HELP = "Task LoRA adapter trained on --aligned, or a full fine-tune of --ali
 _UTILITY_HELP = "Your utility validation set (JSONL prompt/answer, or builtin:arithmetic), used to tune τ/α."
 _SAFETY_HELP = "An existing safety LoRA on --aligned; default: train one with the task adapter's rank and targets."
 _SAFETY_DATA_HELP = "Safety SFT data (JSONL prompt/response refusals) for the safety LoRA; default: the built-in set."
+_PAPER_RULE_HELP = ("Search only the paper's rule (ρ < τ, convex weights), not the late-block extension "
+                    "(min layer, safety gain).")
 _WORK_HELP = "Cache for extraction, safety LoRA, grid and generations (default: under $SAFEMERGE_CACHE/repair)."
 
 
@@ -92,6 +94,7 @@ def repair_command(
     judge: str = typer.Option("keyword", "--judge", help="Harmfulness judge (keyword, llamaguard:PATH, …)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Tokens per answer (default: harness's)."),
     work_dir: Path = typer.Option(None, "--work-dir", help=_WORK_HELP),
+    paper_rule_only: bool = typer.Option(False, "--paper-rule-only", help=_PAPER_RULE_HELP),
     force: bool = force_option(),
     allow_pickle: bool = allow_pickle_option(),
     quiet: bool = quiet_option(),
@@ -115,10 +118,11 @@ def repair_command(
                  validation=PromptSets(val_harmful, val_benign, utility),
                  test=PromptSets(test_harmful, test_benign, test_utility),
                  recipe=RepairRecipe(extract_rank, safety_data, safety_steps, safety_lr),
-                 search=SearchSettings(harm_margin=harm_margin, refusal_margin=refusal_margin),
+                 search=SearchSettings(harm_margin=harm_margin, refusal_margin=refusal_margin,
+                                       extensions=not paper_rule_only),
                  settings=SuiteSettings(judge=judge, max_new_tokens=budget),
                  work_dir=work_dir, options=options, log=None if quiet else (lambda m: typer.echo(m, err=True)))
     if not quiet:
         print_report(res)
-    echo_summary(res.out, started, detail=f"repaired {res.output}, τ = {res.tau:g}, α = {res.alpha:g}, "
+    echo_summary(res.out, started, detail=f"repaired {res.output}, {res.autotune.describe()}, "
                  f"{len(res.autotune.chosen.merged)} layers merged")

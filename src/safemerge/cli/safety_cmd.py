@@ -39,6 +39,8 @@ from safemerge.methods.safety_params import (
     SAFELORA_TAU,
     SAFEMERGE_ALPHA,
     SAFEMERGE_DENSITY,
+    SAFEMERGE_MIN_LAYER,
+    SAFEMERGE_SAFETY_GAIN,
     SAFEMERGE_TAU,
 )
 from safemerge.tuning.grid import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN, SearchSettings
@@ -195,6 +197,16 @@ def safemerge_command(
     refusal_margin: float = typer.Option(
         DEFAULT_REFUSAL_MARGIN, "--refusal-margin",
         help="auto with --val-benign: allowed over-refusal excess over the aligned model (fraction)."),
+    safety_gain: float = typer.Option(
+        SAFEMERGE_SAFETY_GAIN.default, "--safety-gain",
+        help="g: merged layers get α ΔW_f + g(1−α) ΔW_s (g ≥ 0; 1 = the paper's convex weights)."),
+    min_layer: int = typer.Option(
+        SAFEMERGE_MIN_LAYER.default, "--min-layer",
+        help="Merge only layers of blocks ≥ this index (0 = every block, the paper); e.g. the last 5 of 30: 25."),
+    paper_rule_only: bool = typer.Option(
+        False, "--paper-rule-only",
+        help="With --tau auto: search only the paper's rule, not the late-block extension "
+             "(--min-layer, --safety-gain)."),
     strategy: str = typer.Option("linear", "--strategy",
                                  help="linear (exact LoRA of rank r_f + r_s) | dare_linear | ties | dare_ties (dense "
                                       "per layer)."),
@@ -245,10 +257,11 @@ def safemerge_command(
     check_output_path(out, force=options.force, inputs=(base, aligned, finetuned, safety, merge_into))
     tau, alpha, tuned = resolve_tau_alpha(
         tau, alpha, SafeMergeModels(base, aligned, finetuned, safety), PromptSets(val_harmful, val_benign, val_utility),
-        search=SearchSettings(harm_margin=harm_margin, refusal_margin=refusal_margin),
+        search=SearchSettings(harm_margin=harm_margin, refusal_margin=refusal_margin, extensions=not paper_rule_only),
         log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
         print_pareto(tuned)
+        safety_gain, min_layer = tuned.chosen.safety_gain, tuned.chosen.min_layer  # the chosen rule
     sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit,
                     options=run_options(no_progress=not options.progress), lm_eval_tasks=eval_lm_eval_tasks,
                     lm_eval_include=eval_lm_eval_include)
@@ -256,8 +269,8 @@ def safemerge_command(
     with progress_callback(options.progress) as cb:
         res = safemerge_adapters(
             base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
-            strategy=strategy, compat=compat, merge_into=merge_into, density=density, options=options, evaluate=ev,
-            progress=cb,
+            strategy=strategy, compat=compat, merge_into=merge_into, density=density, safety_gain=safety_gain,
+            min_layer=min_layer, options=options, evaluate=ev, progress=cb,
         )
     if not quiet:
         _print_scores(res.scores, res.tau, "merged")

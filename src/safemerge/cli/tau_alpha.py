@@ -56,7 +56,8 @@ def resolve_tau_alpha(
     log: Callable[[str], None] | None = None,
 ) -> tuple[float, float, AutotuneResult | None]:
     """Numbers pass through; ``auto`` for τ and/or α runs :func:`safemerge.tuning.search.autotune` (the other
-    one fixed), in ``work_dir`` (default :func:`autotune_work_dir`, so reruns are cached).
+    one fixed), in ``work_dir`` (default :func:`autotune_work_dir`, so reruns are cached). The late-block extension
+    is searched only when τ is ``auto``; the chosen point's gain and ``min_layer`` are in the result.
 
     Used by ``safemerge safemerge --tau auto --alpha auto --val-harmful SET --val-utility SET [--val-benign SET]``.
     """
@@ -70,7 +71,8 @@ def resolve_tau_alpha(
         raise SafemergeError("--tau auto / --alpha auto need validation prompts",
                              "pass --val-harmful SET and --val-utility SET (keep them disjoint from your test sets)")
     settings = settings or SuiteSettings()
-    grid = replace(search, taus=search.taus if t is None else (t,), alphas=search.alphas if a is None else (a,))
+    grid = replace(search, taus=search.taus if t is None else (t,), alphas=search.alphas if a is None else (a,),
+                   extensions=search.extensions and t is None)  # the late-block extension replaces τ
     res = autotune(models, validation, work_dir or autotune_work_dir(models, validation, settings.judge),
                    search=grid, settings=settings, log=log)
     return res.tau, res.alpha, res

@@ -279,18 +279,19 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
                              alphas=alphas, margin=margin, say=say, progress=progress)
     at = setting.autotune = setting.repair.autotune
     timings[f"{p}repair"] = time.perf_counter() - t
-    uniform = merged(f"safemerge-all-layers-alpha{at.alpha:g}", lambda o: safemerge_adapters(
-        base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety, out=o, tau=ALL_LAYERS_TAU,
-        alpha=at.alpha))
+    gain = at.chosen.safety_gain
+    uniform = merged(f"safemerge-all-layers-alpha{at.alpha:g}" + (f"-gain{gain:g}" if gain != 1.0 else ""),
+                     lambda o: safemerge_adapters(base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety,
+                                                  out=o, tau=ALL_LAYERS_TAU, alpha=at.alpha, safety_gain=gain))
     return [
         ModelRow(f"{p}fine-tuned", "aligned + task LoRA", str(zoo.aligned), str(task),
                  _tested(setting.repair, "fine-tuned")),
         ModelRow(f"{p}SafeMERGE", f"τ = {PAPER_TAU}, α = {PAPER_ALPHA} (reference defaults)", str(zoo.aligned),
                  str(sm_paper)),
-        ModelRow(f"{p}SafeMERGE (auto)", f"`safemerge repair`: τ = {at.tau:g}, α = {at.alpha:g} (chosen on validation)",
+        ModelRow(f"{p}SafeMERGE (auto)", f"`safemerge repair`: {at.describe()} (chosen on validation)",
                  str(zoo.aligned), str(setting.repair.out), _tested(setting.repair, "repaired")),
-        ModelRow(f"{p}uniform α", f"α = {at.alpha:g} on all layers (paper control: no ρ selection)", str(zoo.aligned),
-                 str(uniform)),
+        ModelRow(f"{p}uniform α", f"α = {at.alpha:g}" + (f", g = {gain:g}" if gain != 1.0 else "")
+                 + " on all layers (paper control: no layer selection)", str(zoo.aligned), str(uniform)),
         ModelRow(f"{p}SafeLoRA", f"threshold τ = {SAFELORA_TAU}", str(zoo.aligned), str(sl)),
         ModelRow(f"{p}RESTA", f"β = {RESTA_BETA}", str(rs), None),
     ]
@@ -350,7 +351,7 @@ def _write_outputs(tmp: Path, *, zoo: Any, rows: list[ModelRow], scores: list[An
         "fast": fast,
         "rows": [r.to_dict() | {"files": r.results["_copied_to"]} for r in rows],
         "checks": checks,
-        "autotune": {name: {"tau": at.tau, "alpha": at.alpha, "constraint_met": at.constraint_met,
+        "autotune": {name: {**at.merge_kwargs(), "constraint_met": at.constraint_met,
                             "harm_margin": at.harm_margin} for name, at in autotunes.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
@@ -392,7 +393,7 @@ def _autotune_lines(at: Any, name: str, files: dict[str, str]) -> list[str]:
     lines = [f"### {name}", "",
              f"Rule: best validation utility with {rule_text(at)}, among the points evaluated on the whole "
              f"validation sets ({items} harmful/utility/benign items). "
-             f"Chosen: **τ = {at.tau:g}, α = {at.alpha:g}**"
+             f"Chosen: **{at.describe()}**"
              + ("" if at.constraint_met else " (no deciding point met the constraints; the closest was chosen)")
              + ".",
              "", f"{len(at.points)} (τ, α) points screened coarse-to-fine; Pareto front on validation "

@@ -44,9 +44,13 @@ from safemerge.methods.safety_params import (
     RESTA_DENSITY,
     SAFELORA_TAU,
     SAFEMERGE_ALPHA,
+    SAFEMERGE_MIN_LAYER,
+    SAFEMERGE_SAFETY_GAIN,
     SAFEMERGE_TAU,
     safelora_projects,
+    safemerge_in_scope,
     safemerge_merges,
+    safemerge_weights,
 )
 from safemerge.methods.similarity import project_dense, rho_dense
 from safemerge.methods.sparsify import random_drop
@@ -88,7 +92,8 @@ def mergealign_tensor(pre: torch.Tensor, domain: torch.Tensor, aligned: torch.Te
 
 
 @merge_method(
-    "safemerge", params=(SAFEMERGE_TAU, SAFEMERGE_ALPHA), base="required", min_models=3, max_models=3,
+    "safemerge", params=(SAFEMERGE_TAU, SAFEMERGE_ALPHA, SAFEMERGE_SAFETY_GAIN, SAFEMERGE_MIN_LAYER),
+    base="required", min_models=3, max_models=3,
     reference="SafeMERGE, Djuhera et al. 2025 (arXiv 2503.17239), merge rule with SafeLoRA's ρ "
               "(Hsu et al. 2024, Eq. 2)",
     needs_tensor_name=True,
@@ -96,19 +101,20 @@ def mergealign_tensor(pre: torch.Tensor, domain: torch.Tensor, aligned: torch.Te
 def safemerge_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_model: dict[str, list],
                      params: dict[str, float], generator: torch.Generator | None = None,
                      name: str | None = None) -> torch.Tensor:
-    """SafeMERGE per tensor (Djuhera et al. 2025): ``θ_aligned + α ΔW_f + (1−α) ΔW_s`` if ρ < τ, else ``θ_ft``.
+    """SafeMERGE per tensor (Djuhera et al. 2025): ``θ_aligned + α ΔW_f + g(1−α) ΔW_s`` if ρ < τ (and the tensor's
+    block is ≥ ``min_layer``), else ``θ_ft``; g = ``safety_gain`` (1 and ``min_layer`` 0: the paper).
 
     ρ = cos(C ΔW_f, ΔW_f) with C = V Vᵀ/‖V‖_F (Hsu et al. 2024, Eq. 2), computed without C.
     """
     aligned, ft, safety = tensors
-    if not _scored(ft, name):
+    if not _scored(ft, name) or not safemerge_in_scope(layer_index(name or ""), int(params["min_layer"])):
         return ft
     d_f = ft - aligned
     if _delta_is_zero(d_f):
         return ft
     if safemerge_merges(rho_dense(aligned - base, d_f), params["tau"]):
-        alpha = params["alpha"]
-        return aligned + alpha * d_f + (1.0 - alpha) * (safety - aligned)
+        w_f, w_s = safemerge_weights(params["alpha"], params["safety_gain"])
+        return aligned + w_f * d_f + w_s * (safety - aligned)
     return ft
 
 

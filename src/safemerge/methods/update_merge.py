@@ -34,18 +34,19 @@ COMPAT_MODES = ("reference",)
 
 
 def merge_linear_factors(A_f: torch.Tensor, sB_f: torch.Tensor, A_s: torch.Tensor, sB_s: torch.Tensor,
-                         alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         w_f: float, w_s: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact SafeMERGE linear merge as a LoRA of rank ``r_f + r_s``.
 
     Args:
         A_f, A_s: r × in down-projections; sB_f, sB_s: out × r up-projections with the LoRA
             scale already folded in (``ΔW = sB @ A``).
-        alpha: weight α of the fine-tuned update.
+        w_f, w_s: weights of the fine-tuned and safety updates (SafeMERGE: α and 1−α,
+            :func:`~safemerge.methods.safety_params.safemerge_weights`).
 
-    Returns ``(A', B')`` with ``B' @ A' = α ΔW_f + (1−α) ΔW_s`` exactly (scaling 1).
+    Returns ``(A', B')`` with ``B' @ A' = w_f ΔW_f + w_s ΔW_s`` exactly (scaling 1).
     """
     A = torch.cat([A_f, A_s], dim=0)
-    B = torch.cat([sB_f * alpha, sB_s * (1.0 - alpha)], dim=1)
+    B = torch.cat([sB_f * w_f, sB_s * w_s], dim=1)
     return A, B
 
 
@@ -69,21 +70,23 @@ def merge_reference_factors(
 
 
 def merge_dense(
-    delta_f: torch.Tensor, delta_s: torch.Tensor, *, alpha: float, strategy: str, density: float, module: str,
-    seed: int | None, extra_params: dict[str, float | bool] | None = None,
+    delta_f: torch.Tensor, delta_s: torch.Tensor, *, weights: tuple[float, float], strategy: str, density: float,
+    module: str, seed: int | None, extra_params: dict[str, float | bool] | None = None,
 ) -> torch.Tensor:
-    """Merge two dense layer deltas with a registered method (DARE / TIES), weights ``(α, 1−α)``.
+    """Merge two dense layer deltas with a registered method (DARE / TIES), ``weights = (w_f, w_s)`` (SafeMERGE:
+    ``(α, 1−α)``, :func:`~safemerge.methods.safety_params.safemerge_weights`).
 
     The method runs on a zero base, so its output *is* the merged delta. ``density`` is the
     per-model keep fraction; the RNG is the engine's for the module's weight tensor
     (:func:`~safemerge.methods.seeding.tensor_generator` of ``module.weight``).
     """
+    w_f, w_s = weights
     if strategy == "linear":
-        return delta_f * alpha + delta_s * (1.0 - alpha)
+        return delta_f * w_f + delta_s * w_s
     return get_method(strategy).call(
         [delta_f, delta_s],
         torch.zeros_like(delta_f),
-        per_model={"weight": [alpha, 1.0 - alpha], "density": [density, density]},
+        per_model={"weight": [w_f, w_s], "density": [density, density]},
         params=dict(extra_params or {}),
         generator=tensor_generator(seed, f"{module}.weight"),
     )

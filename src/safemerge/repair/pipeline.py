@@ -71,7 +71,7 @@ class RepairResult:
     test_sets: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": "safemerge-repair", "output": self.output, "tau": self.tau, "alpha": self.alpha,
+        return {"method": "safemerge-repair", "output": self.output, **self.autotune.merge_kwargs(),
                 "task_adapter": str(self.task_adapter), "extracted_from_full_finetune": self.extracted,
                 "safety": str(self.safety), "trained_safety_lora": self.trained_safety,
                 "test_sets": {k: _spec_name(v) for k, v in self.test_sets.items()},
@@ -199,8 +199,7 @@ def repair(
         full = models.merge_into is not None
         res = run("repaired", *((tmp, None) if full else (aligned, tmp)))
         final = (str(out), None) if full else (str(aligned), str(out))  # where it is once renamed
-        result.rows = [*before, ModelRow("repaired", f"SafeMERGE τ = {tuned.tau:g}, α = {tuned.alpha:g}", *final,
-                                         res)]
+        result.rows = [*before, ModelRow("repaired", f"SafeMERGE {tuned.describe()}", *final, res)]
         for name in AUTOTUNE_FILES:
             if (tuned.work_dir / name).exists():
                 shutil.copy2(tuned.work_dir / name, tmp / name)
@@ -208,10 +207,10 @@ def repair(
         return res, report_markdown(result.rows, tuned, utility_is_validation=test.utility is None,
                                     extracted=extracted, trained_safety=trained)
 
-    say(f"repair: writing {out} (τ = {tuned.tau:g}, α = {tuned.alpha:g})")
+    say(f"repair: writing {out} ({tuned.describe()})")
     result.merge = safemerge_adapters(base=models.base, aligned=aligned, finetuned=task, safety=safety_dir, out=out,
-                                      tau=tuned.tau, alpha=tuned.alpha, merge_into=models.merge_into, options=options,
-                                      evaluate=evaluate_output)
+                                      merge_into=models.merge_into, options=options, evaluate=evaluate_output,
+                                      **tuned.merge_kwargs())
     return result
 
 
@@ -289,7 +288,7 @@ def report_markdown(rows: list[ModelRow], tuned: AutotuneResult, *, utility_is_v
     for r in rows:
         lines.append(f"| {r.name} | {r.how} | " + " | ".join(r.cells()) + " |")
     c = tuned.chosen
-    lines += ["", f"Chosen on validation: τ = {c.tau:g}, α = {c.alpha:g} ({len(c.merged)} of {len(tuned.rhos)} layers "
+    lines += ["", f"Chosen on validation: {c.describe()} ({len(c.merged)} of {len(tuned.rhos)} layers "
               f"merged), validation harmful {100 * (c.harmful_rate or 0):.1f}%, utility {100 * (c.utility or 0):.1f}%.",
               f"Rule: maximum validation utility subject to {rule_text(tuned)}"
               + ("" if tuned.constraint_met else " — no grid point met it, so the closest point was chosen")
@@ -306,7 +305,7 @@ def print_report(result: RepairResult, console: Any = None) -> None:
     """The before/after table on stdout (rich)."""
 
     con = console or Console()
-    t = Table(title=f"safemerge repair — test sets, 95% intervals (τ = {result.tau:g}, α = {result.alpha:g})")
+    t = Table(title=f"safemerge repair — test sets, 95% intervals ({result.autotune.describe()})")
     for col in ("model", "how", "harmful ↓", "over-refusal ↓", "utility ↑"):
         t.add_column(col, justify="left" if col in ("model", "how") else "right")
     for r in result.rows:

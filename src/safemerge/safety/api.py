@@ -35,6 +35,8 @@ from safemerge.methods.safety_params import (
     SAFELORA_TAU,
     SAFEMERGE_ALPHA,
     SAFEMERGE_DENSITY,
+    SAFEMERGE_MIN_LAYER,
+    SAFEMERGE_SAFETY_GAIN,
     SAFEMERGE_TAU,
 )
 from safemerge.methods.update_merge import check_strategy
@@ -135,6 +137,8 @@ def safemerge_adapters(
     compat: str | None = None,
     merge_into: str | Path | None = None,
     density: float = SAFEMERGE_DENSITY.default,
+    safety_gain: float = SAFEMERGE_SAFETY_GAIN.default,
+    min_layer: int = SAFEMERGE_MIN_LAYER.default,
     options: RunOptions | None = None,
     evaluate: Callable[[Path], tuple[Any, str]] | None = None,
     progress: Progress | None = None,
@@ -155,6 +159,9 @@ def safemerge_adapters(
         compat: ``"reference"`` for PEFT 0.14 factor-wise mixing (linear only, equal ranks).
         merge_into: write a full model: this model's tensors plus the merged update.
         density: keep fraction for DARE/TIES.
+        safety_gain: g, merged layers get ``α ΔW_f + g(1−α) ΔW_s`` (1: the paper's convex weights).
+        min_layer: merge only layers of blocks ``≥ min_layer`` (0: every block, the paper). Both extensions
+            are measured on the demo in docs/demo.md.
         options: ``seed`` of DARE (per-tensor generators, :mod:`safemerge.methods.seeding`), ``dtype`` of
             the output (default: the inputs'), ``force``, ``allow_pickle``, ``allow_nonfinite``.
         evaluate: optional ``evaluate(out_tmp_dir) -> (results, markdown)``; the markdown goes
@@ -166,6 +173,8 @@ def safemerge_adapters(
     options = or_default(options)
     tau = SAFEMERGE_TAU.check(tau, "--tau")
     alpha = SAFEMERGE_ALPHA.check(alpha, "--alpha")
+    safety_gain = SAFEMERGE_SAFETY_GAIN.check(safety_gain, "--safety-gain")
+    min_layer = SAFEMERGE_MIN_LAYER.check(min_layer, "--min-layer")
     check_strategy(strategy, compat)
     if strategy != "linear":
         density = SAFEMERGE_DENSITY.check(density, "--density")
@@ -188,7 +197,7 @@ def safemerge_adapters(
         cb("score", done[0], n_mod)
 
     scores = score_sources(sub, [ft], on_module=tick)[0]
-    mark(scores, select_below(scores, tau, strict=True))
+    mark(scores, select_below(scores, tau, strict=True, min_layer=min_layer))
     merged = {s.module for s in scores if s.merged}
     ignored = _ignored_safety_parts(ft, sf)
     carried = carried_over_parts(ft, target if target is not None else sub.aligned)
@@ -197,15 +206,15 @@ def safemerge_adapters(
 
     result = SafeMergeResult(
         out=Path(out), output=output, scores=scores, tau=tau, alpha=alpha, strategy=strategy, compat=compat,
-        seed=options.seed, density=density if strategy != "linear" else None, ignored_safety_modules=ignored,
-        carried_over=carried,
+        seed=options.seed, density=density if strategy != "linear" else None, safety_gain=safety_gain,
+        min_layer=min_layer, ignored_safety_modules=ignored, carried_over=carried,
     )
 
     with atomic_output(out, force=options.force, inputs=inputs) as tmp:
         write_safemerge_output(
             tmp, result, ft=ft, sf=sf, merged=merged, target=target, aligned=sub.aligned, options=options,
             update_fn=build_layer_update(ft, sf, merged, alpha=alpha, strategy=strategy, compat=compat,
-                                         density=density, seed=options.seed),
+                                         density=density, seed=options.seed, safety_gain=safety_gain),
             progress=cb, finetuned=finetuned, safety=safety, base=base, aligned_path=aligned,
             evaluate=evaluate,
         )

@@ -17,6 +17,7 @@ from safemerge.engine.tensorwise import TensorUpdate
 from safemerge.errors import CheckpointError
 from safemerge.io.adapter import save_adapter
 from safemerge.io.output import markdown_section, md_escape, write_model_card
+from safemerge.methods.safety_params import safemerge_weights
 from safemerge.methods.update_merge import merge_dense, merge_linear_factors, merge_reference_factors, truncate_svd
 from safemerge.options import RunOptions
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource
@@ -52,14 +53,15 @@ class LayerUpdate:
 
 def build_layer_update(
     ft: DeltaSource, sf: DeltaSource, merged: set[str], *, alpha: float, strategy: str, compat: str | None,
-    density: float, seed: int | None,
+    density: float, seed: int | None, safety_gain: float = 1.0,
 ) -> Callable[[str], LayerUpdate]:
     """Return ``module → LayerUpdate`` implementing SafeMERGE's rule for one strategy.
 
-    Merged modules (ρ < τ) get ``α ΔW_f + (1−α) ΔW_s`` (``ΔW_s = 0`` where the safety adapter
-    does not adapt the module, as PEFT's weighted merge does); others keep ``ΔW_f``.
+    Merged modules (ρ < τ) get ``α ΔW_f + g(1−α) ΔW_s`` (g = ``safety_gain``, 1 in the paper; ``ΔW_s = 0``
+    where the safety adapter does not adapt the module, as PEFT's weighted merge does); others keep ``ΔW_f``.
     """
     sf_mods = set(sf.modules)
+    w_f, w_s = safemerge_weights(alpha, safety_gain)
 
     def raw(src: AdapterDeltas, m: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         mod = src.adapter[m]
@@ -74,8 +76,8 @@ def build_layer_update(
                 A_s, B_s, s_s = raw(sf, m)
             else:
                 A_s, B_s, s_s = torch.zeros_like(A_f), torch.zeros_like(B_f), 0.0
-            w_f, w_s = (alpha, 1.0 - alpha) if m in merged else (1.0, 0.0)
-            return LayerUpdate(factors=merge_reference_factors(A_f, B_f, s_f, A_s, B_s, s_s, w_f, w_s))
+            weights = (w_f, w_s) if m in merged else (1.0, 0.0)
+            return LayerUpdate(factors=merge_reference_factors(A_f, B_f, s_f, A_s, B_s, s_s, *weights))
         lr_f = ft.lowrank(m)
         if m not in merged:
             return LayerUpdate(factors=lr_f) if lr_f is not None else LayerUpdate(dense=ft.dense(m))
@@ -83,15 +85,31 @@ def build_layer_update(
         if strategy == "linear" and lr_f is not None and (lr_s is not None or not has_s):
             A_f, sB_f = lr_f
             if lr_s is None:
-                return LayerUpdate(factors=(A_f, sB_f * alpha))
-            return LayerUpdate(factors=merge_linear_factors(A_f, sB_f, lr_s[0], lr_s[1], alpha))
+                return LayerUpdate(factors=(A_f, sB_f * w_f))
+            return LayerUpdate(factors=merge_linear_factors(A_f, sB_f, lr_s[0], lr_s[1], w_f, w_s))
         D_f = ft.dense(m)
         D_s = sf.dense(m) if has_s else torch.zeros_like(D_f)
-        D = merge_dense(D_f, D_s, alpha=alpha, strategy=strategy, density=density, module=m, seed=seed)
+        D = merge_dense(D_f, D_s, weights=(w_f, w_s), strategy=strategy, density=density, module=m, seed=seed)
         r = (ft.rank(m) or 0) + ((sf.rank(m) or 0) if has_s else 0)
         return LayerUpdate(dense=D, svd_rank=r or None)
 
     return update
+
+
+def _extension_params(result: SafeMergeResult) -> list[tuple[str, float | int]]:
+    """Card rows for the extensions in use (none for the paper's rule)."""
+    names = {"safety_gain": "safety gain g (ΔW_s weighted g(1−α); the paper: 1)",
+             "min_layer": "min layer (only blocks ≥ it merged; the paper: 0)"}
+    return [(names[k], v) for k, v in result.extensions().items()]
+
+
+def _rule_sentence(result: SafeMergeResult) -> str:
+    """What was done to which layers, in the card's words."""
+    ext = result.extensions()
+    where = f" in blocks ≥ {ext['min_layer']}" if "min_layer" in ext else ""
+    update = f"α ΔW_f + {ext['safety_gain']:g}·(1−α) ΔW_s" if "safety_gain" in ext else "α ΔW_f + (1−α) ΔW_s"
+    return ("Layers whose safety similarity ρ = cos(C ΔW_f, ΔW_f), C = V Vᵀ/‖V‖_F, "
+            f"V = W_aligned − W_base, is below τ{where} were replaced by {update}; all other layers keep ΔW_f.")
 
 
 def _card(result: SafeMergeResult, *, finetuned: Any, safety: Any, base: Any, aligned: Any, merge_into: Any,
@@ -100,6 +118,7 @@ def _card(result: SafeMergeResult, *, finetuned: Any, safety: Any, base: Any, al
         ("method", "SafeMERGE (Djuhera et al. 2025)"),
         ("tau (merge where ρ < τ)", result.tau),
         ("alpha (weight of the task update)", result.alpha),
+        *_extension_params(result),
         ("strategy", result.strategy),
         ("compat", result.compat or "none (exact α ΔW_f + (1−α) ΔW_s)"),
         ("seed", result.seed),
@@ -112,9 +131,7 @@ def _card(result: SafeMergeResult, *, finetuned: Any, safety: Any, base: Any, al
         ("layers merged", f"{len(result.merged)} of {len(result.scores)}"),
     ]
     sections = [
-        ("SafeMERGE", "Layers whose safety similarity ρ = cos(C ΔW_f, ΔW_f), C = V Vᵀ/‖V‖_F, "
-         "V = W_aligned − W_base, is below τ were replaced by α ΔW_f + (1−α) ΔW_s; all other layers keep ΔW_f.\n\n"
-         + params_markdown(params)),
+        ("SafeMERGE", _rule_sentence(result) + "\n\n" + params_markdown(params)),
         ("Per-layer similarity", scores_table_markdown(result.scores, decision="merged")),
     ]
     if result.reconstruction_error:

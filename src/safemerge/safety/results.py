@@ -15,7 +15,8 @@ class SafeMergeResult:
     Attributes:
         out: output directory.
         output: ``"adapter"`` or ``"model"``.
-        scores: one :class:`LayerScore` per fine-tuned module (``merged`` = ρ < τ).
+        scores: one :class:`LayerScore` per fine-tuned module (``merged`` = ρ < τ, in a block ≥ ``min_layer``).
+        safety_gain, min_layer: the extensions of :mod:`safemerge.methods.safety_params` (1 and 0: the paper).
         reconstruction_error: module → ‖ΔW − B A‖_F/‖ΔW‖_F for SVD-truncated layers.
         ignored_safety_modules: safety-adapter modules the fine-tuned update does not touch, and the
             safety adapter's non-LoRA parts (never applied).
@@ -32,6 +33,8 @@ class SafeMergeResult:
     compat: str | None = None
     seed: int | None = None
     density: float | None = None
+    safety_gain: float = 1.0
+    min_layer: int = 0
     reconstruction_error: dict[str, float] = field(default_factory=dict)
     ignored_safety_modules: list[str] = field(default_factory=list)
     carried_over: dict[str, str] = field(default_factory=dict)
@@ -45,6 +48,15 @@ class SafeMergeResult:
     def merged(self) -> list[str]:
         return [s.module for s in self.scores if s.merged]
 
+    def extensions(self) -> dict[str, float | int]:
+        """The non-default extensions used (``safety_gain`` ≠ 1, ``min_layer`` > 0); empty for the paper's rule."""
+        ext: dict[str, float | int] = {}
+        if self.safety_gain != 1.0:
+            ext["safety_gain"] = self.safety_gain
+        if self.min_layer > 0:
+            ext["min_layer"] = self.min_layer
+        return ext
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": "safemerge",
@@ -55,6 +67,7 @@ class SafeMergeResult:
             "compat": self.compat,
             "seed": self.seed,
             "density": self.density,
+            **self.extensions(),
             "merged": len(self.merged),
             "layers": [s.to_dict() | self._svd_error(s.module) for s in self.scores],
             "ignored_safety_modules": self.ignored_safety_modules,

@@ -15,7 +15,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from safemerge.methods.safety_params import SAFELORA_NUM_LAYERS, SAFEMERGE_TAU, safelora_projects, safemerge_merges
+from safemerge.methods.safety_params import (
+    SAFELORA_NUM_LAYERS,
+    SAFEMERGE_TAU,
+    safelora_projects,
+    safemerge_in_scope,
+    safemerge_merges,
+)
 
 
 @dataclass
@@ -48,8 +54,9 @@ class LayerScore:
         return asdict(self)
 
 
-def select_below(scores: list[LayerScore], tau: float, *, strict: bool = True) -> set[str]:
-    """Modules with ``ρ < τ`` (SafeMERGE, ``strict``) or ``ρ ≤ τ`` (SafeLoRA threshold mode).
+def select_below(scores: list[LayerScore], tau: float, *, strict: bool = True, min_layer: int = 0) -> set[str]:
+    """Modules with ``ρ < τ`` (SafeMERGE, ``strict``) or ``ρ ≤ τ`` (SafeLoRA threshold mode), in blocks
+    ``≥ min_layer`` (the SafeMERGE extension :func:`~safemerge.methods.safety_params.safemerge_in_scope`; 0 = all).
 
     The rules are :func:`~safemerge.methods.safety_params.safemerge_merges` and
     :func:`~safemerge.methods.safety_params.safelora_projects`; ``tau`` is checked against its
@@ -57,7 +64,7 @@ def select_below(scores: list[LayerScore], tau: float, *, strict: bool = True) -
     """
     tau = SAFEMERGE_TAU.check(tau, "--tau")
     rule = safemerge_merges if strict else safelora_projects
-    return {s.module for s in scores if rule(s.rho, tau)}
+    return {s.module for s in scores if rule(s.rho, tau) and safemerge_in_scope(s.layer, min_layer)}
 
 
 def select_lowest(scores: list[LayerScore], k: int) -> tuple[set[str], float]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from safemerge.errors import SafemergeError
 from safemerge.methods.safety_params import SAFEMERGE_ALPHA, SAFEMERGE_TAU
+
+if TYPE_CHECKING:  # the grid stays torch-free: the CLI reads its defaults at start-up
+    from safemerge.safety.selection import LayerScore
 
 PAPER_TAU = SAFEMERGE_TAU.default
 PAPER_ALPHA = SAFEMERGE_ALPHA.default
@@ -23,7 +26,13 @@ DEFAULT_MAX_TAUS = 6
 # on the whole validation sets (issue 17: >= 150 harmful and >= 100 utility items for the deciding points).
 DEFAULT_SCREEN: tuple[int, int] = (48, 32)
 DEFAULT_FINALISTS = 4
-GRID_FIELDS = ("alphas", "max_taus", "screen", "finalists")
+# The late-block extension's candidates (safety_params: min_layer, safety_gain): every layer of the last sixth and
+# third of the blocks (τ above any ρ), safety gain 1 and 2. There because on the demo's SmolLM2-135M fine-tune the
+# erosion sits in the last blocks, which ρ does not single out (docs/demo.md, sixth session).
+LATE_FRACTIONS: tuple[float, ...] = (1 / 6, 1 / 3)
+LATE_GAINS: tuple[float, ...] = (1.0, 2.0)
+LATE_TAU = 1.0
+GRID_FIELDS = ("alphas", "max_taus", "screen", "finalists", "extensions")
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,8 @@ class SearchSettings:
         harm_margin: allowed harmful-rate excess over the aligned model, as a fraction (0.03 = 3 points).
         refusal_margin: allowed over-refusal excess over the aligned model (0.05 = 5 points); used when a
             benign validation set is given.
+        extensions: also search the late-block extension (:data:`LATE_FRACTIONS` × :data:`LATE_GAINS`);
+            ``False``: the paper's rule only.
     """
 
     taus: tuple[float, ...] | None = None
@@ -49,6 +60,7 @@ class SearchSettings:
     finalists: int = DEFAULT_FINALISTS
     harm_margin: float = DEFAULT_HARM_MARGIN
     refusal_margin: float = DEFAULT_REFUSAL_MARGIN
+    extensions: bool = True
 
     def __post_init__(self) -> None:
         for flag, margin in (("--harm-margin", self.harm_margin), ("--refusal-margin", self.refusal_margin)):
@@ -93,11 +105,37 @@ class GridPoint:
     label: str = ""
     n: list[int] = field(default_factory=list)  # validation items behind the rates: [harmful, utility(, benign)]
     rung: str = "full"  # "screen" (first validation items only) or "full"
+    safety_gain: float = 1.0  # the extensions (safety_params): 1 and 0 are the paper's rule
+    min_layer: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["n_merged"] = len(self.merged)
         return d
+
+    @property
+    def paper_rule(self) -> bool:
+        return self.safety_gain == 1.0 and self.min_layer == 0
+
+    def merge_kwargs(self) -> dict[str, float | int]:
+        """The :func:`~safemerge.safety.api.safemerge_adapters` arguments that write this point."""
+        return {"tau": self.tau, "alpha": self.alpha, "safety_gain": self.safety_gain, "min_layer": self.min_layer}
+
+    def describe(self) -> str:
+        """``τ = 0.35, α = 0.8``, or the extension's ``blocks ≥ 25, α = 0.1, g = 2``."""
+        if self.paper_rule:
+            return f"τ = {self.tau:g}, α = {self.alpha:g}"
+        where = f"blocks ≥ {self.min_layer}" if self.min_layer else f"τ = {self.tau:g}"
+        return f"{where}, α = {self.alpha:g}" + (f", g = {self.safety_gain:g}" if self.safety_gain != 1.0 else "")
+
+
+def late_block_starts(scores: Sequence[LayerScore], fractions: Sequence[float] = LATE_FRACTIONS) -> list[int]:
+    """``min_layer`` of the late-block candidates: the first block of the last ``fraction`` of the blocks."""
+    layers = [s.layer for s in scores if s.layer is not None]
+    if not layers:
+        return []
+    n = max(layers) + 1
+    return sorted({n - max(1, round(f * n)) for f in fractions if n > 1})
 
 
 def tau_candidates(rhos: Sequence[float], *, max_taus: int = DEFAULT_MAX_TAUS,

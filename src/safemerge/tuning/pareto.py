@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.methods.safety_params import safemerge_weights
 from safemerge.tuning.grid import GridPoint
 
 # Promotion from the screen is optimistic by one standard error of the screen's harmful rate: on 32 items one answer
@@ -77,9 +78,9 @@ def distinct_leaders(points: Sequence[GridPoint], limits: Limits, k: int, z: flo
     """The ``k`` best points of :func:`rank_points` (optimistic by ``z``) that are distinct models: two (τ, α)
     that merge the same layers with the same α count once, so ``k`` finalists are ``k`` different merges."""
     out: list[GridPoint] = []
-    seen: set[tuple[tuple[str, ...], float]] = set()
+    seen: set[tuple[tuple[str, ...], tuple[float, ...]]] = set()
     for p in rank_points(points, limits, z):
-        model = (tuple(sorted(p.merged)), round(p.alpha, 6))
+        model = (tuple(sorted(p.merged)), tuple(round(w, 6) for w in safemerge_weights(p.alpha, p.safety_gain)))
         if model not in seen:
             seen.add(model)
             out.append(p)

@@ -50,7 +50,7 @@ def plot_pareto(result: AutotuneResult, path: str | Path) -> Path:
     ax.scatter([fu["harmful_rate"] or 0.0], [fu["utility"] or 0.0], marker="^", c="#d62728", s=50, label="fine-tuned")
     c = result.chosen
     ax.scatter([c.harmful_rate], [c.utility], marker="*", c="gold", edgecolors="k", s=220, zorder=5,
-               label=f"chosen τ={c.tau:g} α={c.alpha:g}")
+               label=f"chosen {c.describe()}")
     ax.set_xlabel("validation harmful rate (lower is safer)")
     ax.set_ylabel("validation utility accuracy")
     ax.set_xlim(-0.05, 1.05)
@@ -65,8 +65,9 @@ def plot_pareto(result: AutotuneResult, path: str | Path) -> Path:
 def plot_tau_sweep(result: AutotuneResult, path: str | Path) -> Path:
     """Harmful rate and utility against τ, one line per α (the trade-off the user tunes)."""
     fig, (a1, a2) = _pyplot().subplots(1, 2, figsize=(9, 3.8), sharex=True)
-    for alpha in sorted({p.alpha for p in result.points}):
-        ps = sorted((p for p in result.points if p.alpha == alpha), key=lambda p: p.tau)
+    paper = [p for p in result.points if p.paper_rule]
+    for alpha in sorted({p.alpha for p in paper}):
+        ps = sorted((p for p in paper if p.alpha == alpha), key=lambda p: p.tau)
         a1.plot([p.tau for p in ps], [p.harmful_rate for p in ps], "-o", ms=3, label=f"α={alpha:g}")
         a2.plot([p.tau for p in ps], [p.utility for p in ps], "-o", ms=3, label=f"α={alpha:g}")
     c = result.chosen

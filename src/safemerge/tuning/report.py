@@ -8,12 +8,15 @@ from safemerge.tuning.result import AutotuneResult
 
 
 def pareto_table(result: AutotuneResult) -> list[tuple[str, ...]]:
-    """Rows ``(τ, α, merged layers, harmful, utility, over-refusal)`` of the Pareto front, chosen point marked."""
+    """Rows ``(τ, α, merged layers, harmful, utility, over-refusal)`` of the Pareto front, chosen point marked; a
+    late-block point shows ``blocks ≥ K`` for τ and its safety gain after α."""
     rows = []
     for p in result.pareto_front:
         mark = " ← chosen" if p.chosen else ""
         refusal = "–" if p.over_refusal is None else f"{100 * p.over_refusal:.1f}%"
-        rows.append((f"{p.tau:g}", f"{p.alpha:g}", f"{len(p.merged)}/{len(result.rhos)}",
+        where = f"blocks ≥ {p.min_layer}" if p.min_layer else f"{p.tau:g}"
+        weight = f"{p.alpha:g}" + (f" (g {p.safety_gain:g})" if p.safety_gain != 1.0 else "")
+        rows.append((where, weight, f"{len(p.merged)}/{len(result.rhos)}",
                      f"{100 * (p.harmful_rate or 0):.1f}%", f"{100 * (p.utility or 0):.1f}%{mark}", refusal))
     return rows
 
@@ -39,5 +42,5 @@ def print_pareto(result: AutotuneResult, console: Console | None = None) -> None
     c = result.chosen
     note = "" if result.constraint_met else " (no point met the constraints: the one closest to them chosen)"
     refusal = "" if c.over_refusal is None else f", over-refusal {100 * c.over_refusal:.1f}%"
-    con.print(f"chosen: τ = {c.tau:g}, α = {c.alpha:g} — validation harmful {100 * (c.harmful_rate or 0):.1f}%, "
+    con.print(f"chosen: {c.describe()} — validation harmful {100 * (c.harmful_rate or 0):.1f}%, "
               f"utility {100 * (c.utility or 0):.1f}%{refusal}{note}")

@@ -38,6 +38,12 @@ class AutotuneResult:
     def alpha(self) -> float:
         return self.chosen.alpha
 
+    def merge_kwargs(self) -> dict[str, float | int]:
+        return self.chosen.merge_kwargs()
+
+    def describe(self) -> str:
+        return self.chosen.describe()
+
     @property
     def pareto_front(self) -> list[GridPoint]:
         return sorted((p for p in self.points if p.pareto), key=lambda p: (p.harmful_rate or 0.0, -(p.utility or 0.0)))
@@ -56,8 +62,9 @@ class AutotuneResult:
             "finetuned": self.finetuned,
             "rhos": self.rhos,
             "points": [p.to_dict() for p in self.points],
-            "pareto_front": [{"tau": p.tau, "alpha": p.alpha, "harmful_rate": p.harmful_rate, "utility": p.utility,
-                              "over_refusal": p.over_refusal} for p in self.pareto_front],
+            "pareto_front": [{"tau": p.tau, "alpha": p.alpha, "safety_gain": p.safety_gain, "min_layer": p.min_layer,
+                              "harmful_rate": p.harmful_rate, "utility": p.utility, "over_refusal": p.over_refusal}
+                             for p in self.pareto_front],
             "plot": str(self.plot) if self.plot else None,
             "sweep_plot": str(self.sweep_plot) if self.sweep_plot else None,
         }

@@ -20,7 +20,16 @@ from safemerge.evaluate.suites import SuiteSettings, evaluate_suites
 from safemerge.io.output import atomic_write_text
 from safemerge.safety.api import safemerge_adapters, scan
 from safemerge.safety.selection import LayerScore, select_below
-from safemerge.tuning.grid import PAPER_TAU, GridPoint, SearchSettings, neighbours, tau_candidates
+from safemerge.tuning.grid import (
+    LATE_GAINS,
+    LATE_TAU,
+    PAPER_TAU,
+    GridPoint,
+    SearchSettings,
+    late_block_starts,
+    neighbours,
+    tau_candidates,
+)
 from safemerge.tuning.pareto import Limits, choose, distinct_leaders, mark_pareto_front
 from safemerge.tuning.plots import plot_pareto, plot_tau_sweep
 from safemerge.tuning.result import AutotuneResult
@@ -100,7 +109,10 @@ def autotune(
     coarse = search.coarse_alphas()
     say(f"autotune: τ ∈ {taus}; α ∈ {coarse} (coarse) of {list(search.alphas)}; screen {search.screen}, "
         f"{search.finalists} finalists")
-    grid.run(taus, coarse, search, limits)
+    late = late_block_starts(scores) if search.extensions else []
+    if late:
+        say(f"autotune: late-block extension: blocks ≥ {late}, safety gain {list(LATE_GAINS)}")
+    grid.run(taus, coarse, search, limits, late)
     mark_pareto_front(grid.points)
     chosen, ok = choose([p for p in grid.points if p.rung == "full"], limits)
     chosen.chosen = True
@@ -123,9 +135,11 @@ def _metrics(res: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def _merge_key(merged: Sequence[str], alpha: float) -> str:
-    """The cache name of one merge: the layers it merges and its α (two (τ, α) with the same key are one model)."""
-    return hashlib.sha256(json.dumps([sorted(merged), round(alpha, 6)]).encode()).hexdigest()[:12]
+def _merge_key(merged: Sequence[str], alpha: float, safety_gain: float = 1.0) -> str:
+    """The cache name of one merge: the layers it merges, its α and safety gain (two points with the same key are
+    one model; the paper's gain 1 keeps the key it always had)."""
+    ident: list[Any] = [sorted(merged), round(alpha, 6)] + ([round(safety_gain, 6)] if safety_gain != 1.0 else [])
+    return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:12]
 
 
 class _MeasuredGrid:
@@ -147,27 +161,36 @@ class _MeasuredGrid:
         limits = dict(zip(("harmful", "utility"), limit)) if limit else None
         return _metrics(self._evaluate(adapter=adapter, out_dir=self.work / "evals" / name, limits=limits))
 
-    def run(self, taus: Sequence[float], coarse: Sequence[float], search: SearchSettings, limits: Limits) -> None:
-        """Coarse-to-fine (see :func:`autotune`): the coarse grid on the screen, the α neighbours of the distinct
-        leaders on the screen, then the leaders on the whole validation sets."""
+    def run(self, taus: Sequence[float], coarse: Sequence[float], search: SearchSettings, limits: Limits,
+            late: Sequence[int] = ()) -> None:
+        """Coarse-to-fine (see :func:`autotune`): the coarse grid (the paper's rule, then the late-block candidates
+        ``late``) on the screen, the α neighbours of the distinct leaders on the screen, then the leaders on the
+        whole validation sets."""
         for tau in taus:
             for alpha in coarse:
                 self.point(tau, alpha, search.screen)
+        for min_layer in late:
+            for gain in LATE_GAINS:
+                for alpha in coarse:
+                    self.point(LATE_TAU, alpha, search.screen, gain, min_layer)
         if search.screen:
             for p in distinct_leaders(self.points, limits, search.finalists):
                 for alpha in neighbours(p.alpha, search.alphas):
-                    self.point(p.tau, alpha, search.screen)
+                    self.point(p.tau, alpha, search.screen, p.safety_gain, p.min_layer)
             for p in distinct_leaders(self.points, limits, search.finalists):
-                self.point(p.tau, p.alpha, None)
+                self.point(p.tau, p.alpha, None, p.safety_gain, p.min_layer)
 
-    def point(self, tau: float, alpha: float, limit: Screen) -> GridPoint:
-        """Measure (τ, α) on the first ``limit`` validation items (``None``: all), reusing any measurement of the
-        same merge at this rung or a more precise one."""
-        merged = sorted(select_below(self.scores, tau))
-        key = _merge_key(merged, alpha)
-        p = next((q for q in self.points if q.tau == tau and q.alpha == alpha), None)
+    def point(self, tau: float, alpha: float, limit: Screen, safety_gain: float = 1.0,
+              min_layer: int = 0) -> GridPoint:
+        """Measure (τ, α[, g, min_layer]) on the first ``limit`` validation items (``None``: all), reusing any
+        measurement of the same merge at this rung or a more precise one."""
+        merged = sorted(select_below(self.scores, tau, min_layer=min_layer))
+        key = _merge_key(merged, alpha, safety_gain)
+        ident = (tau, alpha, safety_gain, min_layer)
+        p = next((q for q in self.points if (q.tau, q.alpha, q.safety_gain, q.min_layer) == ident), None)
         if p is None:
-            p = GridPoint(tau, alpha, merged, label=f"τ={tau:g} α={alpha:g}")
+            p = GridPoint(tau, alpha, merged, safety_gain=safety_gain, min_layer=min_layer)
+            p.label = p.describe().replace(" = ", "=").replace(", ", " ")
             self.points.append(p)
         elif p.harmful_rate is not None and (limit is not None or p.rung == "full"):
             return p  # already measured at this rung or a more precise one
@@ -179,7 +202,7 @@ class _MeasuredGrid:
             self._copy(p, {"harmful_rate": twin.harmful_rate, "utility": twin.utility, "n": twin.n,
                            "over_refusal": twin.over_refusal}, twin.adapter, twin.eval_dir, twin.rung)
             return p
-        adapter = self._merged(key, tau, alpha)
+        adapter = self._merged(key, p)
         self._copy(p, self.measure(key, adapter, limit), str(adapter), str(self.work / "evals" / key),
                    "screen" if limit else "full")
         self.by_key[key] = p
@@ -188,12 +211,12 @@ class _MeasuredGrid:
                  f"{p.harmful_rate:.3f}, utility {p.utility:.3f}{refusal}")
         return p
 
-    def _merged(self, key: str, tau: float, alpha: float) -> Path:
+    def _merged(self, key: str, p: GridPoint) -> Path:
         adapter = self.work / "merged" / key
         if not adapter.exists():
             m = self.models
             safemerge_adapters(base=m.base, aligned=m.aligned, finetuned=m.finetuned, safety=m.safety, out=adapter,
-                               tau=tau, alpha=alpha, strategy=self.strategy)
+                               strategy=self.strategy, **p.merge_kwargs())
         return adapter
 
     @staticmethod
