@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 from safemerge.methods._tensor import (  # noqa: E402
     ChunkedDots,
     StreamedKth,
+    TwoPassJob,
     dot64,
     pack_mask,
     row_blocks,
@@ -41,9 +42,9 @@ def _streamed(kernel, base, models, params, per_model=None, block_bytes=7 * 389 
         out[rows[0] : rows[1]] = part
         emitted.append(rows)
 
-    done = kernel(lambda i, rows: (models[i] if rows is None else models[i][rows[0] : rows[1]]).clone(),
-                  lambda rows: (base if rows is None else base[rows[0] : rows[1]]).clone(),
-                  len(models), SHAPE, per_model or {}, params, block_bytes, emit, generator=generator)
+    done = kernel(TwoPassJob(lambda i, rows: (models[i] if rows is None else models[i][rows[0] : rows[1]]).clone(),
+                             lambda rows: (base if rows is None else base[rows[0] : rows[1]]).clone(),
+                             len(models), SHAPE, per_model or {}, params, block_bytes, emit, generator=generator))
     assert done
     assert len(emitted) > 10 and emitted[-1][1] == SHAPE[0]  # several blocks; the last one is partial
     return out
@@ -87,8 +88,8 @@ def test_nuslerp_two_pass_is_bit_identical(flatten) -> None:
 def test_nuslerp_slices_along_dim_0_stay_whole() -> None:
     base, models = _inputs(2, seed=10)
     params = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
-    assert not nuslerp_two_pass(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE,
-                                {"weight": [0.3, 0.8]}, params, 4096, lambda rows, part: None)
+    assert not nuslerp_two_pass(TwoPassJob(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE,
+                                           {"weight": [0.3, 0.8]}, params, 4096, lambda rows, part: None))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -220,8 +221,9 @@ def test_stochastic_family_needs_a_cpu_generator() -> None:
     """Without the tensor's generator the random masks cannot be reproduced: whole-tensor fallback."""
     base, models = _inputs(2, seed=8)
     per_model = {"weight": [0.5, 0.5], "density": [0.5, 0.5]}
-    done = family_kernel("dare_ties")(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE,
-                                      per_model, {}, 4096, lambda rows, part: None, generator=None)
+    job = TwoPassJob(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE, per_model, {}, 4096,
+                     lambda rows, part: None, generator=None)
+    done = family_kernel("dare_ties")(job)
     assert done is False
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -18,22 +20,49 @@ def f32(t: torch.Tensor) -> torch.Tensor:
 
 
 TIE_BREAKS = ("index", "mergekit")
-
-#: ``(first row, end row)`` of a row block of a tensor.
-Rows = tuple[int, int]
-#: A two-pass kernel (``methods/streaming.py``): ``fn(load, load_base, n, shape, per_model, params, block_bytes,
-#: emit, generator=None) -> bool`` — ``load(i, rows)`` / ``load_base(rows)`` read float32 rows (``None``: all),
-#: ``emit(rows, block)`` takes each merged float32 block, ``generator`` is a stochastic method's per-tensor
-#: generator; ``False`` means "not for these parameters" (whole-tensor fallback).
-RowLoader = Callable[[int, "Rows | None"], torch.Tensor]
-BaseRowLoader = Callable[["Rows | None"], torch.Tensor]
-BlockSink = Callable[[Rows, torch.Tensor], None]
-TwoPassKernel = Callable[..., bool]
 """How exactly-equal values straddling a top-k cut-off are resolved: ``index`` (default; the
 earlier flat index ranks lower — O(n), deterministic) or ``mergekit`` (the selection mergekit's
 full sort makes — bit-identical to mergekit, O(n log n) on tensors that have such ties).
 A field of the plan (``MergePlan.tie_break``, ``safemerge merge --mergekit-tie-break``) that the
 engine passes to the methods declaring ``extra["tie_break"]``, down to :func:`rank_window_mask`."""
+
+#: ``(first row, end row)`` of a row block of a tensor.
+Rows = tuple[int, int]
+#: ``load(i, rows)``: rows of input ``i`` (``None``: all of them) as a fresh float32 tensor the caller owns.
+RowLoader = Callable[[int, "Rows | None"], torch.Tensor]
+#: ``load_base(rows)``: rows of the base model's tensor, as :data:`RowLoader`.
+BaseRowLoader = Callable[["Rows | None"], torch.Tensor]
+#: ``emit(rows, block)``: takes each merged float32 row block, in row order.
+BlockSink = Callable[[Rows, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class TwoPassJob:
+    """Everything a row-block ("two-pass") kernel (``methods/streaming.py``) gets for one tensor.
+
+    ``load`` / ``load_base`` read float32 rows of the ``n`` inputs and of the base, ``shape`` is the
+    tensor's, ``per_model`` / ``params`` the method's resolved parameters, ``block_bytes`` the float32
+    size of a row block, ``emit`` takes each merged block, ``generator`` is a stochastic method's
+    per-tensor generator (:mod:`safemerge.methods.seeding`; ``None`` otherwise)."""
+
+    load: RowLoader
+    load_base: BaseRowLoader
+    n: int
+    shape: tuple[int, ...]
+    per_model: dict[str, list[Any]]
+    params: dict[str, Any]
+    block_bytes: int
+    emit: BlockSink
+    generator: torch.Generator | None = None
+
+    def blocks(self) -> list[Rows]:
+        """The row blocks of the tensor, in order (:func:`row_blocks`)."""
+        return row_blocks(self.shape, self.block_bytes)
+
+
+#: A two-pass kernel: ``kernel(job) -> bool``; ``False`` means "not for these parameters" (the engine
+#: falls back to the whole tensor, nothing emitted).
+TwoPassKernel = Callable[[TwoPassJob], bool]
 
 
 class InputTensors(list):

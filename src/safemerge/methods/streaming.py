@@ -1,10 +1,10 @@
 """Row-block ("two-pass") kernels of methods whose result needs whole-tensor statistics.
 
-``fn(load, load_base, n, shape, per_model, params, block_bytes, emit, generator=None) -> bool``:
-pass 1 reads the inputs block by block (``load(i, rows)`` / ``load_base(rows)``, float32) and
-gathers the statistics (the TIES family's magnitude thresholds, random-generator states and L1
-norms; SLERP / Model Stock norms and dot products), pass 2 hands each merged float32 block to
-``emit(rows, block)``; ``generator`` is the tensor's generator of a stochastic method. Every
+``kernel(job) -> bool`` with a :class:`~safemerge.methods._tensor.TwoPassJob`: pass 1 reads the
+inputs block by block (``job.load(i, rows)`` / ``job.load_base(rows)``, float32) and gathers the
+statistics (the TIES family's magnitude thresholds, random-generator states and L1 norms; SLERP /
+Model Stock norms and dot products), pass 2 hands each merged float32 block to
+``job.emit(rows, block)``; ``job.generator`` is the tensor's generator of a stochastic method. Every
 kernel gives the whole-tensor function's bits; ``False`` means "not for these parameters" and the
 engine falls back to the whole tensor.
 

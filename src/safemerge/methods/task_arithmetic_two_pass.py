@@ -32,21 +32,20 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 
 from safemerge.methods import sparsify as sp
 from safemerge.methods._tensor import (
     BaseRowLoader,
-    BlockSink,
     RowLoader,
     Rows,
     StreamedKth,
+    TwoPassJob,
+    TwoPassKernel,
     kth_smallest,
     l1_rescale_factor,
     pack_mask,
-    row_blocks,
     sample_rows,
     unpack_mask,
 )
@@ -97,33 +96,23 @@ class _ModelSparsifier:
         return lambda d: sp.della_keep_mask(d, self.density, self.epsilon, generator)
 
 
-def family_two_pass(
-    name: str,
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    n: int,
-    shape: tuple[int, ...],
-    per_model: dict[str, list[Any]],
-    params: dict[str, Any],
-    block_bytes: int,
-    emit: BlockSink,
-    generator: torch.Generator | None = None,
-) -> bool:
+def family_two_pass(name: str, job: TwoPassJob) -> bool:
     """The family method ``name`` of one large tensor in row blocks (module docstring), with
-    index-ordered ties at magnitude cut-offs. ``load(i, rows)`` / ``load_base(rows)`` return
-    float32 tensors (rows ``None`` = all); each finished float32 block goes to ``emit(rows, block)``.
-    ``generator``: the tensor's generator (:mod:`safemerge.methods.seeding`), consumed exactly as
+    index-ordered ties at magnitude cut-offs. ``job.load(i, rows)`` / ``job.load_base(rows)`` return
+    float32 tensors (rows ``None`` = all); each finished float32 block goes to ``job.emit(rows, block)``.
+    ``job.generator``: the tensor's generator (:mod:`safemerge.methods.seeding`), consumed exactly as
     the whole-tensor function consumes it. Returns ``False`` (the caller falls back to the whole
     tensor) for what it does not cover: no models, 1-D tensors, random masks off the CPU (that
     block-by-block draws equal the whole tensor's is established for the CPU generator only)."""
-    if n == 0 or len(shape) < 2:
+    load, load_base, shape, generator = job.load, job.load_base, job.shape, job.generator
+    if job.n == 0 or len(shape) < 2:
         return False
-    s = FamilySettings.resolve(name, per_model, params, n)
-    models = [_sparsifier(s, i, math.prod(shape)) for i in range(n)]
+    s = FamilySettings.resolve(name, job.per_model, job.params, job.n)
+    models = [_sparsifier(s, i, math.prod(shape)) for i in range(job.n)]
     random = any(m.mode in ("dare", "della") for m in models)
     if random and (generator is None or generator.device.type != "cpu"):
         return False
-    blocks = row_blocks(shape, block_bytes)
+    blocks = job.blocks()
     _find_cuts(load, load_base, models, shape, blocks)
     _find_states_and_scales(load, load_base, models, shape, blocks, generator, s.rescale)
     w32 = torch.tensor(s.weights, dtype=torch.float32)
@@ -131,7 +120,7 @@ def family_two_pass(
     for blk in blocks:
         b = load_base(blk)
         deltas = partial(_weighted_block_delta, load, blk, b, models, maskers, w32)
-        emit(blk, merge_weighted_deltas(deltas, w32, b, consensus=s.consensus, normalize=s.normalize, lam=s.lam))
+        job.emit(blk, merge_weighted_deltas(deltas, w32, b, consensus=s.consensus, normalize=s.normalize, lam=s.lam))
     return True
 
 
@@ -149,7 +138,7 @@ def _weighted_block_delta(load: RowLoader, rows: Rows, base: torch.Tensor, model
     return d.mul_(w32[i])
 
 
-def family_kernel(name: str) -> Callable[..., bool]:
+def family_kernel(name: str) -> TwoPassKernel:
     """The row-block kernel of family method ``name`` (the ``TWO_PASS`` table's entry)."""
     return partial(family_two_pass, name)
 
