@@ -9,9 +9,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from safemerge.errors import ConfigError
+
+_NUMPY_FLOATS = (torch.float32, torch.float64, torch.float16)
 
 
 def f32(t: torch.Tensor) -> torch.Tensor:
@@ -193,7 +196,7 @@ class StreamedKth:
     def __init__(self, numel: int, k: int) -> None:
         self.numel, self.k = int(numel), int(k)
         self.lo_v = self.hi_v = None
-        self.below = self.above = 0.0  # float sums: NaN-aware
+        self.below = self.above = 0
         self.values: list[torch.Tensor] = []
 
     def bracket(self, sample: torch.Tensor) -> None:
@@ -210,13 +213,20 @@ class StreamedKth:
         self.hi_v = torch.kthvalue(sample, r_hi).values if q + d < 1 else inf
 
     def scan(self, block: torch.Tensor) -> None:
-        """Count / collect the next block (blocks must come in flat order)."""
+        """Count / collect the next block (blocks must come in flat order). Comparisons only, so the
+        counts are exact; a NaN is neither below, inside nor above the bracket, so it makes the counts
+        fail the check in :meth:`result`."""
         flat = block.reshape(-1)
-        # sgn(x − v) is exact (−1 / 0 / 1, NaN for NaN): counting with float sums is cheaper than
-        # with boolean masks, and a NaN makes the counts fail the check in :meth:`result`
-        wide = torch.float64 if flat.numel() >= 1 << 24 else None  # float32 sums of ±1 are exact below 2²⁴
-        self.below -= float((flat - self.lo_v).sign_().clamp_(max=0).sum(dtype=wide))
-        self.above += float((flat - self.hi_v).sign_().clamp_(min=0).sum(dtype=wide))
+        if flat.device.type == "cpu" and flat.dtype in _NUMPY_FLOATS:
+            # numpy's comparisons, counts and boolean selection are vectorised; torch's CPU kernels for
+            # them are not (measured on a 128 Ki-entry float32 block: 0.6 ns vs 4.4 ns per entry)
+            x, lo, hi = flat.numpy(), self.lo_v.item(), self.hi_v.item()  # (float32 values: exact as floats)
+            self.below += int(np.count_nonzero(x < lo))
+            self.above += int(np.count_nonzero(x > hi))
+            self.values.append(torch.from_numpy(x[(x >= lo) & (x <= hi)]))
+            return
+        self.below += int(torch.count_nonzero(flat < self.lo_v))
+        self.above += int(torch.count_nonzero(flat > self.hi_v))
         self.values.append(flat[(flat >= self.lo_v).logical_and_(flat <= self.hi_v)])
 
     def result(self) -> tuple[torch.Tensor, int, int] | None:
@@ -225,10 +235,41 @@ class StreamedKth:
         values = torch.cat(self.values) if self.values else torch.empty(0)
         n_in = values.numel()
         if self.below + n_in + self.above != self.numel or not self.below < self.k <= self.below + n_in:
-            return None  # (a NaN count never passes)
-        below, above = int(self.below), int(self.above)
+            return None  # (NaNs are not counted: the counts fall short)
+        below, above = self.below, self.above
         kth = torch.kthvalue(values, self.k - below).values
         return kth, int(torch.count_nonzero(values == kth)), above + int(torch.count_nonzero(values > kth))
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray | None:
+    """``t`` as a numpy array sharing its memory (CPU, contiguous, a numpy float dtype), else ``None``."""
+    if t.device.type == "cpu" and t.dtype in _NUMPY_FLOATS and t.is_contiguous():
+        return t.numpy()
+    return None
+
+
+def at_least(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The boolean mask ``a ≥ v`` (``False`` at NaN). On the CPU with numpy's vectorised comparison
+    (torch's CPU comparison kernels cost 3× more per entry)."""
+    x = _numpy_view(a)
+    return a >= v if x is None else torch.from_numpy(x >= v.item())
+
+
+def flat_indices_equal(a: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The flat indices (ascending, int64) of the entries of ``a`` equal to ``v``."""
+    x = _numpy_view(a)
+    return torch.nonzero(a.reshape(-1) == v).squeeze(1) if x is None else torch.from_numpy(np.flatnonzero(x == v.item()))
+
+
+def multiply_by_mask(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``d ⊙ keep`` in place for a boolean ``keep``: ``d·1.0`` where kept, ``d·0.0`` (a zero with the sign of
+    ``d``; NaN stays NaN) elsewhere — the bits of multiplying by a float 0/1 mask. numpy's mixed-dtype
+    multiply is vectorised, torch's is not (0.18 vs 0.68 ns per entry)."""
+    x, m = _numpy_view(d), keep.numpy() if keep.device.type == "cpu" else None
+    if x is None or m is None:
+        return d.mul_(keep)
+    np.multiply(x, m.reshape(x.shape), out=x)
+    return d
 
 
 def sample_rows(n_rows: int, cols: int, target: int = 1 << 18, chunks: int = 64) -> list[tuple[int, int]]:

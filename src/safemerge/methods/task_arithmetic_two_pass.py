@@ -43,8 +43,11 @@ from safemerge.methods._tensor import (
     StreamedKth,
     TwoPassJob,
     TwoPassKernel,
+    at_least,
+    flat_indices_equal,
     kth_smallest,
     l1_rescale_factor,
+    multiply_by_mask,
     pack_mask,
     sample_rows,
     unpack_mask,
@@ -183,13 +186,13 @@ class _RankWindow:
         keep = self._at_or_above(0, a)
         above_end = self._at_or_above(1, a)
         if keep is None:  # start = 0: every rank ≥ start
-            keep = above_end.neg_().add_(1) if above_end is not None else None
+            keep = above_end.logical_not_() if above_end is not None else None
         elif above_end is not None:
-            keep.sub_(above_end)
-        return d if keep is None else d.mul_(keep)
+            keep.logical_and_(above_end.logical_not_())
+        return d if keep is None else multiply_by_mask(d, keep)
 
     def _at_or_above(self, which: int, a: torch.Tensor) -> torch.Tensor | None:
-        """1.0 where the rank is ≥ the cut's (0.0 below), ``None`` when the cut is at rank 0 / numel
+        """``True`` where the rank is ≥ the cut's, ``None`` when the cut is at rank 0 / numel
         (start: everything; end: nothing)."""
         cut = self.cuts[which]
         if cut is None:
@@ -200,21 +203,16 @@ class _RankWindow:
 
 
 def _keep_from_cut(a: torch.Tensor, lo: torch.Tensor, drop: int) -> tuple[torch.Tensor, int]:
-    """For a block of ``|δ|``: 1.0 where the entry is above ``lo`` or equal to it and not among the
-    first ``drop`` tied entries (flat order, ties continuing from earlier blocks), else 0.0; and
-    how many tied entries later blocks must still drop. Float operations only: ``sgn(|δ| − lo)``
-    is exact (−1 / 0 / 1; NaN for NaN, which stays NaN in ``δ`` either way)."""
-    s = (a - lo).sign_()
-    if drop:
-        tied = (a == lo).view(-1)
-        n_tied = int(torch.count_nonzero(tied))
-        if n_tied <= drop:  # every tied entry of this block is dropped: keep |δ| > lo
-            return s.clamp_(min=0), drop - n_tied
-        first_kept = int(torch.nonzero(tied)[drop])
-        keep = s.clone().clamp_(min=0)  # |δ| > lo
-        keep.view(-1)[first_kept:] = s.view(-1)[first_kept:].add_(1).clamp_(max=1)  # |δ| ≥ lo from there on
+    """For a block of ``|δ|``: a boolean mask, ``True`` where the entry is above ``lo`` or equal to it
+    and not among the first ``drop`` tied entries (flat order, ties continuing from earlier blocks);
+    and how many tied entries later blocks must still drop. A NaN entry is ``False`` — and stays NaN
+    in ``δ``, as ``NaN·0`` is NaN (:func:`~safemerge.methods._tensor.multiply_by_mask`)."""
+    keep = at_least(a, lo)
+    if not drop:
         return keep, 0
-    return s.add_(1).clamp_(max=1), 0  # |δ| ≥ lo
+    tied = flat_indices_equal(a, lo)
+    keep.view(-1)[tied[:drop]] = False
+    return keep, max(0, drop - tied.numel())
 
 
 def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSparsifier], shape: tuple[int, ...],
