@@ -17,6 +17,7 @@ from safemerge.methods.arcee_fusion import arcee_fusion_two_pass
 from safemerge.methods.model_stock import model_stock_two_pass
 from safemerge.methods.multislerp import multislerp_two_pass
 from safemerge.methods.ram import ram_two_pass
+from safemerge.methods.sce import sce_two_pass
 from safemerge.methods.slerp import nuslerp_two_pass, slerp_two_pass
 from safemerge.methods.task_arithmetic import FAMILY
 from safemerge.methods.task_arithmetic_two_pass import family_kernel
@@ -29,4 +30,5 @@ TWO_PASS: dict[str, TwoPassKernel] = {
     "multislerp": multislerp_two_pass,
     "ramplus_tl": ram_two_pass,
     "arcee_fusion": arcee_fusion_two_pass,
+    "sce": sce_two_pass,
 }

@@ -84,7 +84,7 @@ class _ModelSparsifier:
         """A function that masks the blocks of ``δ`` (or of ``|δ|``) in place, in flat order —
         fresh tie counters; for random masks the ones pass 1 kept, else draws from ``generator``."""
         if self.mode == "magnitude":
-            return _RankWindow(self.window, self.cuts)
+            return RankWindow(self.window, self.cuts)
         if self.masks is not None:
             kept = iter(self.masks)
             return lambda d: d.mul_(unpack_mask(next(kept), d))
@@ -169,7 +169,7 @@ def _sparsifier(s: FamilySettings, i: int, numel: int) -> _ModelSparsifier:
     return _ModelSparsifier("magnitude", window=(start, start + count) if count > 0 else (numel, numel))
 
 
-class _RankWindow:
+class RankWindow:
     """Masks the blocks of ``δ`` to the entries whose rank of ``|δ|`` lies in ``[start, end)``:
     ``keep(rank ≥ start) − keep(rank ≥ end)``, each from its :data:`Cut` with the tie ordinal
     carried from block to block. The same bits as ``δ·mask`` with
@@ -182,14 +182,17 @@ class _RankWindow:
     def __call__(self, d: torch.Tensor) -> torch.Tensor:
         if self.start == self.end:
             return d.mul_(0.0)
-        a = d.abs()
+        keep = self.keep(d.abs())
+        return d if keep is None else multiply_by_mask(d, keep)
+
+    def keep(self, a: torch.Tensor) -> torch.Tensor | None:
+        """The boolean mask of the next block of values ``a`` (flat order) whose rank lies in the window;
+        ``None`` when every entry does."""
         keep = self._at_or_above(0, a)
         above_end = self._at_or_above(1, a)
         if keep is None:  # start = 0: every rank ≥ start
-            keep = above_end.logical_not_() if above_end is not None else None
-        elif above_end is not None:
-            keep.logical_and_(above_end.logical_not_())
-        return d if keep is None else multiply_by_mask(d, keep)
+            return above_end.logical_not_() if above_end is not None else None
+        return keep if above_end is None else keep.logical_and_(above_end.logical_not_())
 
     def _at_or_above(self, which: int, a: torch.Tensor) -> torch.Tensor | None:
         """``True`` where the rank is ≥ the cut's, ``None`` when the cut is at rank 0 / numel
@@ -231,13 +234,13 @@ def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSpa
         b = load_base(rows)
         return {i: load(i, rows).sub_(b).abs_() for i in used}
 
-    _bracket_from_sample(magnitudes, sel, used, shape, blocks[0][1] - blocks[0][0])
+    bracket_from_sample(magnitudes, sel, used, shape, blocks[0][1] - blocks[0][0])
     for blk in blocks:
         for i, a in magnitudes(blk).items():
             for (i2, _), kth in sel.items():
                 if i2 == i:
                     kth.scan(a)
-    cuts = {(i, j): _cut(kth, wanted[i, j], numel, lambda i=i: load(i, None).sub_(load_base(None)).abs_())
+    cuts = {(i, j): streamed_cut(kth, wanted[i, j], numel, lambda i=i: load(i, None).sub_(load_base(None)).abs_())
             for (i, j), kth in sel.items()}
     for i, m in enumerate(models):
         if m.mode == "magnitude":
@@ -245,7 +248,7 @@ def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSpa
 
 
 
-def _bracket_from_sample(magnitudes: Callable[[Rows], dict[int, torch.Tensor]],
+def bracket_from_sample(magnitudes: Callable[[Rows], dict[int, torch.Tensor]],
                          sel: dict[tuple[int, int], StreamedKth], used: list[int], shape: tuple[int, ...],
                          step: int) -> None:
     """Bracket every wanted rank from a row sample of the magnitudes, read at most a block at a time."""
@@ -258,7 +261,7 @@ def _bracket_from_sample(magnitudes: Callable[[Rows], dict[int, torch.Tensor]],
         kth.bracket(torch.cat(samples[i]))
 
 
-def _cut(kth: StreamedKth, rank: int, numel: int, whole: Callable[[], torch.Tensor]) -> Cut:
+def streamed_cut(kth: StreamedKth, rank: int, numel: int, whole: Callable[[], torch.Tensor]) -> Cut:
     """The :data:`Cut` at ``rank`` from a streamed selection, or from an exact whole-tensor selection of
     ``whole()`` when the sample was not representative."""
     found = kth.result()
