@@ -289,7 +289,8 @@ def multiply_by_mask(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     x, m = _numpy_view(d), keep.numpy() if keep.device.type == "cpu" else None
     if x is None or m is None:
         return d.mul_(keep)
-    np.multiply(x, m.reshape(x.shape), out=x)
+    with np.errstate(invalid="ignore"):  # NaN·0 is NaN, as in torch, without numpy's warning
+        np.multiply(x, m.reshape(x.shape), out=x)
     return d
 
 

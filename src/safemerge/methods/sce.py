@@ -88,7 +88,7 @@ def sce_two_pass(job: TwoPassJob) -> bool:
         return False
     blocks = job.blocks()
     select = _streamed_selection(job, blocks, float(job.params.get("select_topk", 1.0)))
-    scratch = torch.empty(shape, dtype=torch.float32)
+    scratch = torch.empty(shape, dtype=torch.float32, device=job.load_base(blocks[0]).device)
     mean_squares = []
     for i in range(n):
         selected = select()
