@@ -81,6 +81,7 @@ def run_blocks(method, tensors, base, per_model, params, seed: int = 0) -> torch
     """The same merge through the method's row-block kernel (``methods/streaming.py``), in the
     engine's block size; each block read is a copy, as the engine's reads are."""
     from safemerge.engine.run import ELEMENTWISE_BLOCK_BYTES
+    from safemerge.methods._tensor import TwoPassJob
     from safemerge.methods.streaming import TWO_PASS
 
     full = {p.name: p.default for p in method.global_params}
@@ -92,10 +93,10 @@ def run_blocks(method, tensors, base, per_model, params, seed: int = 0) -> torch
     def emit(rows, part):
         out[rows[0] : rows[1]] = part
 
-    done = TWO_PASS[method.name](lambda i, rows: tensors[i][slice(*rows) if rows else slice(None)].clone(),
-                                 lambda rows: base[slice(*rows) if rows else slice(None)].clone(),
-                                 len(tensors), tuple(base.shape), pm, full, ELEMENTWISE_BLOCK_BYTES, emit,
-                                 generator=gen)
+    job = TwoPassJob(lambda i, rows: tensors[i][slice(*rows) if rows else slice(None)].clone(),
+                     lambda rows: base[slice(*rows) if rows else slice(None)].clone(),
+                     len(tensors), tuple(base.shape), pm, full, ELEMENTWISE_BLOCK_BYTES, emit, generator=gen)
+    done = TWO_PASS[method.name](job)
     if not done:
         raise RuntimeError(f"{method.name}: the row-block kernel declined these parameters")
     return out

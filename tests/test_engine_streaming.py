@@ -124,3 +124,22 @@ def test_shard_writer_stores_row_blocks_in_place(tmp_path) -> None:
     partial.add_rows("w", (0, 5), full[0:5])
     with pytest.raises(RuntimeError, match="never written"):
         partial.finish()
+
+
+def test_a_merge_of_local_models_imports_neither_transformers_nor_the_hub_client(inputs, tmp_path) -> None:
+    """transformers (0.4-0.7 s to import) and huggingface_hub's client (~0.1 s) are loaded only by a
+    merge that aligns vocabularies or resolves a Hub id: a plain merge of local models — what the
+    135M benchmark times end to end — must not pay for them."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "linear.yml"
+    cfg.write_text(f"merge_method: linear\nmodels:\n  - model: {inputs['a']}\n    parameters: {{weight: 0.4}}\n"
+                   f"  - model: {inputs['b']}\n    parameters: {{weight: 0.6}}\ndtype: float32\n")
+    code = ("import sys; import safemerge.api as api; from safemerge.options import RunOptions; "
+            f"api.merge({str(cfg)!r}, {str(tmp_path / 'out')!r}, options=RunOptions(progress=False)); "
+            "print('transformers' in sys.modules, 'huggingface_hub.hf_api' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "False"], r.stdout + r.stderr[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").is_file()

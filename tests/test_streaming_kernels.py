@@ -9,7 +9,11 @@ torch = pytest.importorskip("torch")
 from safemerge.methods._tensor import (  # noqa: E402
     ChunkedDots,
     StreamedKth,
+    TwoPassJob,
+    at_least,
     dot64,
+    flat_indices_equal,
+    multiply_by_mask,
     pack_mask,
     row_blocks,
     unpack_mask,
@@ -18,6 +22,7 @@ from safemerge.methods.arcee_fusion import arcee_fusion, arcee_fusion_two_pass  
 from safemerge.methods.model_stock import model_stock, model_stock_two_pass  # noqa: E402
 from safemerge.methods.multislerp import multislerp_fn, multislerp_two_pass  # noqa: E402
 from safemerge.methods.ram import ram_two_pass, ramplus_tl_fn  # noqa: E402
+from safemerge.methods.sce import sce, sce_two_pass  # noqa: E402
 from safemerge.methods.slerp import nuslerp_fn, nuslerp_two_pass, slerp, slerp_two_pass  # noqa: E402
 from safemerge.methods.task_arithmetic import _family_entry  # noqa: E402
 from safemerge.methods.task_arithmetic_two_pass import family_kernel  # noqa: E402
@@ -41,9 +46,9 @@ def _streamed(kernel, base, models, params, per_model=None, block_bytes=7 * 389 
         out[rows[0] : rows[1]] = part
         emitted.append(rows)
 
-    done = kernel(lambda i, rows: (models[i] if rows is None else models[i][rows[0] : rows[1]]).clone(),
-                  lambda rows: (base if rows is None else base[rows[0] : rows[1]]).clone(),
-                  len(models), SHAPE, per_model or {}, params, block_bytes, emit, generator=generator)
+    done = kernel(TwoPassJob(lambda i, rows: (models[i] if rows is None else models[i][rows[0] : rows[1]]).clone(),
+                             lambda rows: (base if rows is None else base[rows[0] : rows[1]]).clone(),
+                             len(models), SHAPE, per_model or {}, params, block_bytes, emit, generator=generator))
     assert done
     assert len(emitted) > 10 and emitted[-1][1] == SHAPE[0]  # several blocks; the last one is partial
     return out
@@ -87,8 +92,8 @@ def test_nuslerp_two_pass_is_bit_identical(flatten) -> None:
 def test_nuslerp_slices_along_dim_0_stay_whole() -> None:
     base, models = _inputs(2, seed=10)
     params = {"nuslerp_flatten": False, "nuslerp_row_wise": True}
-    assert not nuslerp_two_pass(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE,
-                                {"weight": [0.3, 0.8]}, params, 4096, lambda rows, part: None)
+    assert not nuslerp_two_pass(TwoPassJob(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE,
+                                           {"weight": [0.3, 0.8]}, params, 4096, lambda rows, part: None))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -220,8 +225,9 @@ def test_stochastic_family_needs_a_cpu_generator() -> None:
     """Without the tensor's generator the random masks cannot be reproduced: whole-tensor fallback."""
     base, models = _inputs(2, seed=8)
     per_model = {"weight": [0.5, 0.5], "density": [0.5, 0.5]}
-    done = family_kernel("dare_ties")(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE,
-                                      per_model, {}, 4096, lambda rows, part: None, generator=None)
+    job = TwoPassJob(lambda i, rows: models[i].clone(), lambda rows: base.clone(), 2, SHAPE, per_model, {}, 4096,
+                     lambda rows, part: None, generator=None)
+    done = family_kernel("dare_ties")(job)
     assert done is False
 
 
@@ -231,10 +237,25 @@ def test_row_blocks_cover_the_tensor() -> None:
     assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
 
 
-@pytest.mark.parametrize("k", [1, 1000, 100_000, 200_000, 201_113])
-def test_streamed_kth_is_exact(k) -> None:
+def _magnitudes(kind: str) -> torch.Tensor:
+    """|values| of SHAPE with many exact ties: rounded, bf16 task vectors (as the engine computes them
+    from bf16 checkpoints), or mostly zeros."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(SHAPE, generator=g).abs().mul_(64).round_()  # many exact ties
+    x = torch.randn(SHAPE, generator=g)
+    if kind == "rounded":
+        return x.abs().mul_(64).round_()
+    base = (x * 0.02).bfloat16()
+    if kind == "bf16_deltas":
+        return ((base.float() + 0.001 * torch.randn(SHAPE, generator=g)).bfloat16().float() - base.float()).abs_()
+    assert kind == "mostly_zero"
+    return x.abs().mul_((x.abs() > 2).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # numpy's comparisons / torch's (no numpy bf16)
+@pytest.mark.parametrize("kind", ["rounded", "bf16_deltas", "mostly_zero"])
+@pytest.mark.parametrize("k", [1, 1000, 100_000, 200_000, 201_113])
+def test_streamed_kth_is_exact(k, kind, dtype) -> None:
+    x = _magnitudes(kind).to(dtype)
     sel = StreamedKth(x.numel(), k)
     sel.bracket(x[::13].reshape(-1))
     for r0 in range(0, SHAPE[0], 50):
@@ -259,3 +280,40 @@ def test_streamed_kth_reports_a_missed_bracket_or_nan() -> None:
     sel.bracket(y[::7])
     sel.scan(y)
     assert sel.result() is None
+
+
+@pytest.mark.parametrize("contiguous", [True, False])  # numpy on contiguous CPU blocks, torch otherwise
+def test_block_masks_equal_the_float_mask_bits(contiguous) -> None:
+    """at_least / flat_indices_equal / multiply_by_mask (the row-block rank windows) against torch's
+    comparisons and a float 0/1 mask: the same entries and the same bits, NaN, ±inf and −0 included."""
+    g = torch.Generator().manual_seed(9)
+    d = torch.randn(64, 96, generator=g).mul_(8).round_().div_(8)  # exact ties
+    d[0, :6] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, -1e-45])
+    if not contiguous:
+        d = d.t()
+    a, v = d.abs(), torch.tensor(0.5)
+    assert torch.equal(at_least(a, v), a >= v)
+    assert torch.equal(flat_indices_equal(a, v), torch.nonzero(a.reshape(-1) == v).squeeze(1))
+    keep = torch.rand(d.shape, generator=g) > 0.4
+    expected = d * keep.float()
+    got = multiply_by_mask(d.clone(), keep)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+@pytest.mark.parametrize("quantised", [False, True])
+@pytest.mark.parametrize("select_topk", [1.0, 0.37, 1e-9, 0.0])  # all, a cut (ties across blocks), k = 0, none
+def test_sce_two_pass_is_bit_identical(select_topk, quantised) -> None:
+    base, models = _inputs(3, seed=15)
+    if quantised:
+        models = [base + (m - base).mul(8).round().div(8) for m in models]
+    whole = sce(base, [m.clone() for m in models], select_topk=select_topk)
+    assert torch.equal(_streamed(sce_two_pass, base, models, {"select_topk": select_topk}), whole)
+
+
+def test_sce_two_pass_when_the_sample_bracket_misses(monkeypatch) -> None:
+    import safemerge.methods.sce as sce_module
+
+    monkeypatch.setattr(sce_module.StreamedKth, "result", lambda self: None)
+    base, models = _inputs(2, seed=16)
+    whole = sce(base, [m.clone() for m in models], select_topk=0.5)
+    assert torch.equal(_streamed(sce_two_pass, base, models, {"select_topk": 0.5}), whole)

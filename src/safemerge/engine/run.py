@@ -25,7 +25,7 @@ from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.io.checkpoint import all_finite
 from safemerge.io.hub import prefetch_metadata
 from safemerge.io.references import open_checkpoint
-from safemerge.methods._tensor import InputTensors, Rows, row_blocks
+from safemerge.methods._tensor import InputTensors, Rows, TwoPassJob, row_blocks
 from safemerge.methods.mergekit_order import KERNELS
 from safemerge.methods.seeding import tensor_generator
 from safemerge.methods.streaming import TWO_PASS
@@ -206,8 +206,8 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
             return _load(ckpts, *job.base, plan.compute_dtype, options, rows)  # type: ignore[misc]
 
         gen = tensor_generator(options.seed, job.out_name, options.device) if plan.method.stochastic else None
-        return bool(two_pass(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params,
-                             ELEMENTWISE_BLOCK_BYTES, emit, generator=gen))
+        return bool(two_pass(TwoPassJob(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params,
+                                        ELEMENTWISE_BLOCK_BYTES, emit, generator=gen)))
     if not plan.method.extra.get("elementwise"):
         return False
     # each output entry depends only on the same entry of the inputs

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
 from safemerge.config.models import MergeConfig, ModelTokenSource, TokenEmbedding, ZeroSource
 from safemerge.errors import CheckpointError, ConfigError
@@ -53,6 +52,8 @@ def _tokenizer_dir(ref: str) -> Path:
 
 
 def _load_tokenizer(path: Path, what: str) -> Any:
+    from transformers import AutoTokenizer  # 0.4-0.7 s: only a merge that aligns vocabularies pays it
+
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, TypeError) as exc:

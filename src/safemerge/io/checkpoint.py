@@ -581,6 +581,10 @@ class Checkpoint(Mapping):
         if f in self._pickled:
             return out.copy_(self._pickled[f][real][start:stop])
         off, nbytes, dtype, _ = self._locate(f, real, (start, stop))
+        if dtype == out.dtype and out.is_contiguous():  # nothing to convert: read straight into ``out``
+            if nbytes:
+                self._read_into(f, off, out.view(-1).view(torch.uint8))
+            return out
         raw = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             self._read_into(f, off, raw)

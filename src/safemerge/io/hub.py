@@ -19,15 +19,6 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-
 from safemerge.errors import CheckpointError
 from safemerge.options import RunOptions, or_default
 
@@ -92,6 +83,15 @@ def download_snapshot(ref: str, *, options: RunOptions | None = None, patterns: 
     if parsed is None:
         raise CheckpointError(f"{ref!r} is not a Hugging Face Hub id", "use org/name or org/name@revision")
     repo, rev = parsed
+    # huggingface_hub's client (~0.1 s to import) only when a Hub id is resolved: not for local paths
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     pickles = PICKLE_PATTERNS if or_default(options).allow_pickle else ()
     allow = list(patterns) if patterns is not None else [*MODEL_PATTERNS, *pickles]

@@ -24,11 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from safemerge.methods._tensor import (
-    BaseRowLoader,
-    BlockSink,
-    RowLoader,
+    TwoPassJob,
     check_inputs,
-    row_blocks,
     streamed_order_statistics,
 )
 
@@ -60,37 +57,27 @@ def arcee_fusion(base: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return base + (other - base) * mask
 
 
-def arcee_fusion_two_pass(
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    n: int,
-    shape: tuple[int, ...],
-    per_model: dict[str, list[Any]],
-    params: dict[str, Any],
-    block_bytes: int,
-    emit: BlockSink,
-    generator: torch.Generator | None = None,
-) -> bool:
+def arcee_fusion_two_pass(job: TwoPassJob) -> bool:
     """:func:`arcee_fusion` of a large tensor in row blocks, bit-identical to the whole tensor: the
     importance of a row needs only that row (softmax and KL per row), so pass 1 streams it into
     exact selections of the three quartiles (:func:`~safemerge.methods._tensor.streamed_order_statistics`)
     and pass 2 recomputes it block by block to mask the task vector. Memory: a few float32 blocks,
     the selections' candidates near each quartile and the output. ``False`` (whole tensor) when a
     sample bracket missed."""
-    if n != 1 or len(shape) < 2:
+    if job.n != 1 or len(job.shape) < 2:
         return False
-    blocks = row_blocks(shape, block_bytes)
-    numel = math.prod(shape)
-    quartiles = streamed_order_statistics(lambda rows: fusion_importance(load(0, rows), load_base(rows)),
-                                          [int(q * (numel - 1)) + 1 for q in QUARTILES], shape, blocks)
+    blocks = job.blocks()
+    numel = math.prod(job.shape)
+    quartiles = streamed_order_statistics(lambda rows: fusion_importance(job.load(0, rows), job.load_base(rows)),
+                                          [int(q * (numel - 1)) + 1 for q in QUARTILES], job.shape, blocks)
     if quartiles is None:
         return False
     q1, q2, q3 = quartiles
     threshold = q2 + 1.5 * (q3 - q1)
     for rows in blocks:
-        base, other = load_base(rows), load(0, rows)
+        base, other = job.load_base(rows), job.load(0, rows)
         mask = (fusion_importance(other, base) >= threshold).float()
-        emit(rows, base + (other - base) * mask)
+        job.emit(rows, base + (other - base) * mask)
     return True
 
 

@@ -8,15 +8,12 @@ from typing import Any
 import torch
 
 from safemerge.methods._tensor import (
-    BaseRowLoader,
-    BlockSink,
     ChunkedDots,
-    RowLoader,
+    TwoPassJob,
     check_inputs,
     dot64,
     f32,
     norm64,
-    row_blocks,
 )
 
 
@@ -70,42 +67,33 @@ def average_towards_base(tensors: Sequence[torch.Tensor], b: torch.Tensor, t: to
 
 
 
-def model_stock_two_pass(
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    n: int,
-    shape: tuple[int, ...],
-    per_model: dict[str, list[Any]],
-    params: dict[str, Any],
-    block_bytes: int,
-    emit: BlockSink,
-    generator: torch.Generator | None = None,
-) -> bool:
+def model_stock_two_pass(job: TwoPassJob) -> bool:
     """Model Stock of a large tensor in row blocks, bit-identical to :func:`model_stock`: pass 1
     accumulates the task vectors' norms and pairwise dot products over the same float64 chunks as
     :func:`dot64` (:class:`~safemerge.methods._tensor.ChunkedDots`), pass 2 writes
     ``t·θ_avg + (1 − t)·θ_base`` block by block. With ``filter_wise`` (one ratio per slice along
     the last dimension: per row) each block is merged on its own, in one pass."""
 
-    if n < 2 or len(shape) < 2:
+    n, load = job.n, job.load
+    if n < 2 or len(job.shape) < 2:
         return False
-    blocks = row_blocks(shape, block_bytes)
-    if bool(params.get("filter_wise", False)):
+    blocks = job.blocks()
+    if bool(job.params.get("filter_wise", False)):
         for rows in blocks:
-            emit(rows, model_stock(load_base(rows), [load(i, rows) for i in range(n)], filter_wise=True))
+            job.emit(rows, model_stock(job.load_base(rows), [load(i, rows) for i in range(n)], filter_wise=True))
         return True
     pairs = [(i, i) for i in range(n)] + [(i, j) for i in range(n) for j in range(i + 1, n)]
     acc = ChunkedDots(pairs)
     for rows in blocks:
-        b = load_base(rows)
+        b = job.load_base(rows)
         acc.add([load(i, rows).sub_(b) for i in range(n)])
     totals = dict(zip(pairs, acc.finish()))
     norms = [totals[(i, i)].sqrt().float() for i in range(n)]
     t = interpolation_ratio(norms, {(i, j): totals[(i, j)].float() for i, j in pairs if i < j}, n)
     flatten = lambda x: x.reshape(-1)  # noqa: E731
     for rows in blocks:
-        b = load_base(rows)
-        emit(rows, average_towards_base([load(i, rows) for i in range(n)], flatten(b), t, flatten).view(b.shape))
+        b = job.load_base(rows)
+        job.emit(rows, average_towards_base([load(i, rows) for i in range(n)], flatten(b), t, flatten).view(b.shape))
     return True
 
 

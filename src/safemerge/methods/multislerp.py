@@ -8,14 +8,11 @@ import torch
 
 from safemerge.errors import SafemergeError
 from safemerge.methods._tensor import (
-    BaseRowLoader,
-    BlockSink,
-    RowLoader,
+    TwoPassJob,
     check_inputs,
     f32,
     nonzero_weight_sum,
     per_model_list,
-    row_blocks,
 )
 
 
@@ -80,30 +77,21 @@ def multislerp_weights(weights: Sequence[float], normalize: bool) -> torch.Tenso
     return w / nonzero_weight_sum("multislerp", w, "normalize_weights") if normalize else w
 
 
-def multislerp_two_pass(
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    n: int,
-    shape: tuple[int, ...],
-    per_model: dict[str, list[Any]],
-    params: dict[str, Any],
-    block_bytes: int,
-    emit: BlockSink,
-    generator: torch.Generator | None = None,
-) -> bool:
+def multislerp_two_pass(job: TwoPassJob) -> bool:
     """:func:`multislerp` of N task vectors of a large tensor in row blocks, bit-identical to the
     whole tensor: each ‖vᵢ‖ and then ‖M‖ are float32 norms over one tensor-sized scratch buffer
     filled block by block (the reductions' bits depend on the tensor's length, not on how it was
     filled), and ``M = Σ wᵢ vᵢ/(‖vᵢ‖ + eps)`` stays in that buffer until it is scaled and written
     block by block. Reads every input twice; memory: the scratch buffer, a few blocks and the
     output. A (near-)zero ``M`` is left to the whole tensor (its linear fallback or error)."""
-    if n < 2 or len(shape) < 2:
+    n, load, load_base = job.n, job.load, job.load_base
+    if n < 2 or len(job.shape) < 2:
         return False
-    w = multislerp_weights(per_model_list("multislerp", per_model, "weight", n),
-                           bool(params.get("normalize_weights", True)))
-    eps = float(params.get("eps", 1e-8))
-    blocks = row_blocks(shape, block_bytes)
-    mean = torch.empty(shape, dtype=torch.float32)
+    w = multislerp_weights(per_model_list("multislerp", job.per_model, "weight", n),
+                           bool(job.params.get("normalize_weights", True)))
+    eps = float(job.params.get("eps", 1e-8))
+    blocks = job.blocks()
+    mean = torch.empty(job.shape, dtype=torch.float32)
     norms = []
     for i in range(n):
         for r0, r1 in blocks:
@@ -118,7 +106,7 @@ def multislerp_two_pass(
         return False
     scale = (torch.stack(norms) * w).sum() / mean_norm
     for r0, r1 in blocks:
-        emit((r0, r1), mean[r0:r1].mul_(scale).add_(load_base((r0, r1))))
+        job.emit((r0, r1), mean[r0:r1].mul_(scale).add_(load_base((r0, r1))))
     return True
 
 

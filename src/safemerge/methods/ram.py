@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import BaseRowLoader, BlockSink, RowLoader, check_inputs, row_blocks
+from safemerge.methods._tensor import TwoPassJob, check_inputs
 
 
 def _changed(t: torch.Tensor, base: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,34 +92,25 @@ def combine(tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float,
     return base + merged
 
 
-def ram_two_pass(
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    n: int,
-    shape: tuple[int, ...],
-    per_model: dict[str, list[Any]],
-    params: dict[str, Any],
-    block_bytes: int,
-    emit: BlockSink,
-    generator: torch.Generator | None = None,
-) -> bool:
+def ram_two_pass(job: TwoPassJob) -> bool:
     """``ramplus_tl`` of a large tensor in row blocks, bit-identical to :func:`ram`: pass 1 adds
     up each model's shared / unique counts block by block (integers: exact), pass 2 combines the
     blocks with the scales. Memory: a few float32 blocks per model and the output."""
-    if n == 0 or len(shape) < 2:
+    n = job.n
+    if n == 0 or len(job.shape) < 2:
         return False
-    epsilon, r, alpha = float(params["epsilon"]), float(params["r"]), float(params["alpha"])
-    blocks = row_blocks(shape, block_bytes)
+    epsilon, r, alpha = float(job.params["epsilon"]), float(job.params["r"]), float(job.params["alpha"])
+    blocks = job.blocks()
     totals = [[0, 0] for _ in range(n)]
     for rows in blocks:
-        b, ts = load_base(rows), [load(i, rows) for i in range(n)]
+        b, ts = job.load_base(rows), [job.load(i, rows) for i in range(n)]
         for total, tally in zip(totals, shared_unique_tallies(ts, b, epsilon, change_counts(ts, b, epsilon))):
             total[0] += tally[0]
             total[1] += tally[1]
     scales = [plus_scale(shared, unique, epsilon, r, alpha) for shared, unique in totals]
     for rows in blocks:
-        b, ts = load_base(rows), [load(i, rows) for i in range(n)]
-        emit(rows, combine(ts, b, epsilon, change_counts(ts, b, epsilon), scales))
+        b, ts = job.load_base(rows), [job.load(i, rows) for i in range(n)]
+        job.emit(rows, combine(ts, b, epsilon, change_counts(ts, b, epsilon), scales))
     return True
 
 

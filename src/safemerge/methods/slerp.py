@@ -8,17 +8,14 @@ from typing import Any
 import torch
 
 from safemerge.methods._tensor import (
-    BaseRowLoader,
-    BlockSink,
     ChunkedDots,
-    RowLoader,
     Rows,
+    TwoPassJob,
     check_inputs,
     dot64,
     f32,
     norm64,
     per_model_list,
-    row_blocks,
 )
 
 #: |cos θ| above this → the inputs are treated as collinear and linearly interpolated.
@@ -62,33 +59,23 @@ def slerp_coefficients(t: float, na: torch.Tensor, nb: torch.Tensor, dot_ab: tor
 
 
 
-def slerp_two_pass(
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    n: int,
-    shape: tuple[int, ...],
-    per_model: dict[str, list[Any]],
-    params: dict[str, Any],
-    block_bytes: int,
-    emit: BlockSink,
-    generator: torch.Generator | None = None,
-) -> bool:
+def slerp_two_pass(job: TwoPassJob) -> bool:
     """``slerp`` of a large tensor in row blocks, bit-identical to :func:`slerp`: pass 1
     accumulates ‖θ_base‖², ‖θ‖² and ⟨θ_base, θ⟩ over the same float64 chunks as :func:`dot64`
     (:class:`~safemerge.methods._tensor.ChunkedDots`), pass 2 writes ``ca·θ_base + cb·θ`` block
     by block. Memory: two float32 blocks and the output. ``False`` when not applicable."""
 
-    if n != 1 or len(shape) < 2:
+    if job.n != 1 or len(job.shape) < 2:
         return False
-    blocks = row_blocks(shape, block_bytes)
+    blocks = job.blocks()
     dots = ChunkedDots([(0, 0), (1, 1), (0, 1)])
     for rows in blocks:
-        dots.add([load_base(rows), load(0, rows)])
+        dots.add([job.load_base(rows), job.load(0, rows)])
     aa, bb, ab = dots.finish()
-    ca, cb = slerp_coefficients(float(params["t"]), aa.sqrt(), bb.sqrt(), ab)
+    ca, cb = slerp_coefficients(float(job.params["t"]), aa.sqrt(), bb.sqrt(), ab)
     for rows in blocks:
-        out = load_base(rows).mul_(ca)  # (the same products as a * ca in :func:`slerp`)
-        emit(rows, out.add_(load(0, rows).mul_(cb)))
+        out = job.load_base(rows).mul_(ca)  # (the same products as a * ca in :func:`slerp`)
+        job.emit(rows, out.add_(job.load(0, rows).mul_(cb)))
     return True
 
 
@@ -157,42 +144,32 @@ def nuslerp_coefficients(t: float, na: torch.Tensor, nb: torch.Tensor, dot: torc
     return ca, cb
 
 
-def nuslerp_two_pass(
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    n: int,
-    shape: tuple[int, ...],
-    per_model: dict[str, list[Any]],
-    params: dict[str, Any],
-    block_bytes: int,
-    emit: BlockSink,
-    generator: torch.Generator | None = None,
-) -> bool:
+def nuslerp_two_pass(job: TwoPassJob) -> bool:
     """``nuslerp`` of two task vectors of a large tensor in row blocks, bit-identical to
     :func:`nuslerp_fn`. Per row (``nuslerp_flatten: false``): one pass, each block on its own (the
     slices are rows). Flattened (the default): pass 1 takes ‖a‖, ‖b‖ and Σ a⊙b of the task vectors
     over one tensor-sized float32 scratch buffer filled block by block (the float32 reductions'
     bits depend on the tensor's length, not on how it was filled), pass 2 writes ``ca·a + cb·b``
     block by block. Slices along dimension 0 (``nuslerp_row_wise``) are left to the whole tensor."""
-    flatten = bool(params.get("nuslerp_flatten", True))
-    if n != 2 or len(shape) < 2 or (not flatten and bool(params.get("nuslerp_row_wise", False))):
+    flatten = bool(job.params.get("nuslerp_flatten", True))
+    if job.n != 2 or len(job.shape) < 2 or (not flatten and bool(job.params.get("nuslerp_row_wise", False))):
         return False
-    t = nuslerp_weights_to_t(*per_model_list("nuslerp", per_model, "weight", 2))
-    blocks = row_blocks(shape, block_bytes)
+    t = nuslerp_weights_to_t(*per_model_list("nuslerp", job.per_model, "weight", 2))
+    blocks = job.blocks()
 
     def task_vectors(rows: Rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        b = load_base(rows)
-        return load(0, rows).sub_(b), load(1, rows).sub_(b), b
+        b = job.load_base(rows)
+        return job.load(0, rows).sub_(b), job.load(1, rows).sub_(b), b
 
     if not flatten:
         for rows in blocks:
             a, b, base = task_vectors(rows)
-            emit(rows, nuslerp(t, a, b, flatten=False).add_(base))
+            job.emit(rows, nuslerp(t, a, b, flatten=False).add_(base))
         return True
-    ca, cb = nuslerp_coefficients(t, *_flat_norms_and_dot(task_vectors, shape, blocks))
+    ca, cb = nuslerp_coefficients(t, *_flat_norms_and_dot(task_vectors, job.shape, blocks))
     for rows in blocks:
         a, b, base = task_vectors(rows)
-        emit(rows, a.mul_(ca).add_(b.mul_(cb)).add_(base))
+        job.emit(rows, a.mul_(ca).add_(b.mul_(cb)).add_(base))
     return True
 
 

@@ -32,21 +32,23 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import torch
 
 from safemerge.methods import sparsify as sp
 from safemerge.methods._tensor import (
     BaseRowLoader,
-    BlockSink,
     RowLoader,
     Rows,
     StreamedKth,
+    TwoPassJob,
+    TwoPassKernel,
+    at_least,
+    flat_indices_equal,
     kth_smallest,
     l1_rescale_factor,
+    multiply_by_mask,
     pack_mask,
-    row_blocks,
     sample_rows,
     unpack_mask,
 )
@@ -82,7 +84,7 @@ class _ModelSparsifier:
         """A function that masks the blocks of ``δ`` (or of ``|δ|``) in place, in flat order —
         fresh tie counters; for random masks the ones pass 1 kept, else draws from ``generator``."""
         if self.mode == "magnitude":
-            return _RankWindow(self.window, self.cuts)
+            return RankWindow(self.window, self.cuts)
         if self.masks is not None:
             kept = iter(self.masks)
             return lambda d: d.mul_(unpack_mask(next(kept), d))
@@ -97,33 +99,23 @@ class _ModelSparsifier:
         return lambda d: sp.della_keep_mask(d, self.density, self.epsilon, generator)
 
 
-def family_two_pass(
-    name: str,
-    load: RowLoader,
-    load_base: BaseRowLoader,
-    n: int,
-    shape: tuple[int, ...],
-    per_model: dict[str, list[Any]],
-    params: dict[str, Any],
-    block_bytes: int,
-    emit: BlockSink,
-    generator: torch.Generator | None = None,
-) -> bool:
+def family_two_pass(name: str, job: TwoPassJob) -> bool:
     """The family method ``name`` of one large tensor in row blocks (module docstring), with
-    index-ordered ties at magnitude cut-offs. ``load(i, rows)`` / ``load_base(rows)`` return
-    float32 tensors (rows ``None`` = all); each finished float32 block goes to ``emit(rows, block)``.
-    ``generator``: the tensor's generator (:mod:`safemerge.methods.seeding`), consumed exactly as
+    index-ordered ties at magnitude cut-offs. ``job.load(i, rows)`` / ``job.load_base(rows)`` return
+    float32 tensors (rows ``None`` = all); each finished float32 block goes to ``job.emit(rows, block)``.
+    ``job.generator``: the tensor's generator (:mod:`safemerge.methods.seeding`), consumed exactly as
     the whole-tensor function consumes it. Returns ``False`` (the caller falls back to the whole
     tensor) for what it does not cover: no models, 1-D tensors, random masks off the CPU (that
     block-by-block draws equal the whole tensor's is established for the CPU generator only)."""
-    if n == 0 or len(shape) < 2:
+    load, load_base, shape, generator = job.load, job.load_base, job.shape, job.generator
+    if job.n == 0 or len(shape) < 2:
         return False
-    s = FamilySettings.resolve(name, per_model, params, n)
-    models = [_sparsifier(s, i, math.prod(shape)) for i in range(n)]
+    s = FamilySettings.resolve(name, job.per_model, job.params, job.n)
+    models = [_sparsifier(s, i, math.prod(shape)) for i in range(job.n)]
     random = any(m.mode in ("dare", "della") for m in models)
     if random and (generator is None or generator.device.type != "cpu"):
         return False
-    blocks = row_blocks(shape, block_bytes)
+    blocks = job.blocks()
     _find_cuts(load, load_base, models, shape, blocks)
     _find_states_and_scales(load, load_base, models, shape, blocks, generator, s.rescale)
     w32 = torch.tensor(s.weights, dtype=torch.float32)
@@ -131,7 +123,7 @@ def family_two_pass(
     for blk in blocks:
         b = load_base(blk)
         deltas = partial(_weighted_block_delta, load, blk, b, models, maskers, w32)
-        emit(blk, merge_weighted_deltas(deltas, w32, b, consensus=s.consensus, normalize=s.normalize, lam=s.lam))
+        job.emit(blk, merge_weighted_deltas(deltas, w32, b, consensus=s.consensus, normalize=s.normalize, lam=s.lam))
     return True
 
 
@@ -149,7 +141,7 @@ def _weighted_block_delta(load: RowLoader, rows: Rows, base: torch.Tensor, model
     return d.mul_(w32[i])
 
 
-def family_kernel(name: str) -> Callable[..., bool]:
+def family_kernel(name: str) -> TwoPassKernel:
     """The row-block kernel of family method ``name`` (the ``TWO_PASS`` table's entry)."""
     return partial(family_two_pass, name)
 
@@ -177,7 +169,7 @@ def _sparsifier(s: FamilySettings, i: int, numel: int) -> _ModelSparsifier:
     return _ModelSparsifier("magnitude", window=(start, start + count) if count > 0 else (numel, numel))
 
 
-class _RankWindow:
+class RankWindow:
     """Masks the blocks of ``δ`` to the entries whose rank of ``|δ|`` lies in ``[start, end)``:
     ``keep(rank ≥ start) − keep(rank ≥ end)``, each from its :data:`Cut` with the tie ordinal
     carried from block to block. The same bits as ``δ·mask`` with
@@ -190,17 +182,20 @@ class _RankWindow:
     def __call__(self, d: torch.Tensor) -> torch.Tensor:
         if self.start == self.end:
             return d.mul_(0.0)
-        a = d.abs()
+        keep = self.keep(d.abs())
+        return d if keep is None else multiply_by_mask(d, keep)
+
+    def keep(self, a: torch.Tensor) -> torch.Tensor | None:
+        """The boolean mask of the next block of values ``a`` (flat order) whose rank lies in the window;
+        ``None`` when every entry does."""
         keep = self._at_or_above(0, a)
         above_end = self._at_or_above(1, a)
         if keep is None:  # start = 0: every rank ≥ start
-            keep = above_end.neg_().add_(1) if above_end is not None else None
-        elif above_end is not None:
-            keep.sub_(above_end)
-        return d if keep is None else d.mul_(keep)
+            return above_end.logical_not_() if above_end is not None else None
+        return keep if above_end is None else keep.logical_and_(above_end.logical_not_())
 
     def _at_or_above(self, which: int, a: torch.Tensor) -> torch.Tensor | None:
-        """1.0 where the rank is ≥ the cut's (0.0 below), ``None`` when the cut is at rank 0 / numel
+        """``True`` where the rank is ≥ the cut's, ``None`` when the cut is at rank 0 / numel
         (start: everything; end: nothing)."""
         cut = self.cuts[which]
         if cut is None:
@@ -211,21 +206,16 @@ class _RankWindow:
 
 
 def _keep_from_cut(a: torch.Tensor, lo: torch.Tensor, drop: int) -> tuple[torch.Tensor, int]:
-    """For a block of ``|δ|``: 1.0 where the entry is above ``lo`` or equal to it and not among the
-    first ``drop`` tied entries (flat order, ties continuing from earlier blocks), else 0.0; and
-    how many tied entries later blocks must still drop. Float operations only: ``sgn(|δ| − lo)``
-    is exact (−1 / 0 / 1; NaN for NaN, which stays NaN in ``δ`` either way)."""
-    s = (a - lo).sign_()
-    if drop:
-        tied = (a == lo).view(-1)
-        n_tied = int(torch.count_nonzero(tied))
-        if n_tied <= drop:  # every tied entry of this block is dropped: keep |δ| > lo
-            return s.clamp_(min=0), drop - n_tied
-        first_kept = int(torch.nonzero(tied)[drop])
-        keep = s.clone().clamp_(min=0)  # |δ| > lo
-        keep.view(-1)[first_kept:] = s.view(-1)[first_kept:].add_(1).clamp_(max=1)  # |δ| ≥ lo from there on
+    """For a block of ``|δ|``: a boolean mask, ``True`` where the entry is above ``lo`` or equal to it
+    and not among the first ``drop`` tied entries (flat order, ties continuing from earlier blocks);
+    and how many tied entries later blocks must still drop. A NaN entry is ``False`` — and stays NaN
+    in ``δ``, as ``NaN·0`` is NaN (:func:`~safemerge.methods._tensor.multiply_by_mask`)."""
+    keep = at_least(a, lo)
+    if not drop:
         return keep, 0
-    return s.add_(1).clamp_(max=1), 0  # |δ| ≥ lo
+    tied = flat_indices_equal(a, lo)
+    keep.view(-1)[tied[:drop]] = False
+    return keep, max(0, drop - tied.numel())
 
 
 def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSparsifier], shape: tuple[int, ...],
@@ -244,13 +234,13 @@ def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSpa
         b = load_base(rows)
         return {i: load(i, rows).sub_(b).abs_() for i in used}
 
-    _bracket_from_sample(magnitudes, sel, used, shape, blocks[0][1] - blocks[0][0])
+    bracket_from_sample(magnitudes, sel, used, shape, blocks[0][1] - blocks[0][0])
     for blk in blocks:
         for i, a in magnitudes(blk).items():
             for (i2, _), kth in sel.items():
                 if i2 == i:
                     kth.scan(a)
-    cuts = {(i, j): _cut(kth, wanted[i, j], numel, lambda i=i: load(i, None).sub_(load_base(None)).abs_())
+    cuts = {(i, j): streamed_cut(kth, wanted[i, j], numel, lambda i=i: load(i, None).sub_(load_base(None)).abs_())
             for (i, j), kth in sel.items()}
     for i, m in enumerate(models):
         if m.mode == "magnitude":
@@ -258,7 +248,7 @@ def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSpa
 
 
 
-def _bracket_from_sample(magnitudes: Callable[[Rows], dict[int, torch.Tensor]],
+def bracket_from_sample(magnitudes: Callable[[Rows], dict[int, torch.Tensor]],
                          sel: dict[tuple[int, int], StreamedKth], used: list[int], shape: tuple[int, ...],
                          step: int) -> None:
     """Bracket every wanted rank from a row sample of the magnitudes, read at most a block at a time."""
@@ -271,7 +261,7 @@ def _bracket_from_sample(magnitudes: Callable[[Rows], dict[int, torch.Tensor]],
         kth.bracket(torch.cat(samples[i]))
 
 
-def _cut(kth: StreamedKth, rank: int, numel: int, whole: Callable[[], torch.Tensor]) -> Cut:
+def streamed_cut(kth: StreamedKth, rank: int, numel: int, whole: Callable[[], torch.Tensor]) -> Cut:
     """The :data:`Cut` at ``rank`` from a streamed selection, or from an exact whole-tensor selection of
     ``whole()`` when the sample was not representative."""
     found = kth.result()
