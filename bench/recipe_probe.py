@@ -24,7 +24,7 @@ import argparse
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -121,16 +121,23 @@ def _weighted_model(aligned: Path, updates: list[tuple[Path, Weight]], out: Path
     return out
 
 
+def _weighted_points(args: argparse.Namespace, zoo: Any, root: Path, update: Path,
+                     prefix: str) -> Iterator[tuple[float, float, Path]]:
+    """``(w_f, w, model)`` for each ``w_f:w`` point of ``--weights``: aligned + w_f·ΔW_f + w·ΔW of ``update``, written
+    once under ``root/<prefix>-<hash>``."""
+    for point in args.weights.split(","):
+        w_f, w = (float(x) for x in point.split(":"))
+        yield w_f, w, _weighted_model(zoo.aligned, [(zoo.task, w_f), (update, w)],
+                                      root / f"{prefix}-{fingerprint(update.name, w_f, w)}")
+
+
 def _safety_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[str, Any]]:
     """One result per ``w_f:w_s`` point of ``--weights`` for the chosen safety-LoRA variant."""
     from safemerge.demo import zoo as Z
 
     safety = _safety_variant(zoo, root, args.targets, args.steps or Z.SAFETY_SETTINGS["steps"])
     results = []
-    for point in args.weights.split(","):
-        w_f, w_s = (float(x) for x in point.split(":"))
-        model = _weighted_model(zoo.aligned, [(zoo.task, w_f), (safety, w_s)],
-                                root / f"weighted-{fingerprint(safety.name, w_f, w_s)}")
+    for w_f, w_s, model in _weighted_points(args, zoo, root, safety, "weighted"):
         results.append({"probe": "safety", "safety": str(safety), "targets": args.targets or "task LoRA's",
                         "steps": args.steps or Z.SAFETY_SETTINGS["steps"], "w_f": w_f, "w_s": w_s,
                         **_rates(model, None, zoo.data, model / "probe-evals", args.external, args.split)})
@@ -164,10 +171,7 @@ def _correction_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[di
                                                                                             progress=False))
     train_s = time.perf_counter() - t0
     results = []
-    for point in args.weights.split(","):
-        w_f, w_c = (float(x) for x in point.split(":"))
-        model = _weighted_model(zoo.aligned, [(zoo.task, w_f), (correction, w_c)],
-                                root / f"corrected-{fingerprint(correction.name, w_f, w_c)}")
+    for w_f, w_c, model in _weighted_points(args, zoo, root, correction, "corrected"):
         results.append({"probe": "correction", "correction": str(correction), "targets": args.targets or "task LoRA's",
                         "steps": steps, "replay": len(replay), "train_s": round(train_s, 1),
                         "w_f": w_f, "w_c": w_c,
