@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.cache import cache_root, fingerprint
+from safemerge.io.checkpoint import layer_index
 
 
 def _lookalike_framed_refusals(per_goal: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -187,7 +188,8 @@ def _module_selected(module: str, selector: str) -> bool:
             return True
         if t.startswith("L"):
             lo, hi = (int(x) for x in t[1:].split("-"))
-            return any(f"layers.{i}." in module for i in range(lo, hi + 1))
+            layer = layer_index(f"{module}.weight")
+            return layer is not None and lo <= layer <= hi
         return t in module
 
     return any(all(term(t) for t in alt.split("&")) for alt in selector.split("+"))

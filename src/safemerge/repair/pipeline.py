@@ -58,8 +58,6 @@ class RepairResult:
 
     out: Path
     output: str
-    tau: float
-    alpha: float
     task_adapter: Path
     safety: Path
     extracted: bool
@@ -189,7 +187,7 @@ def repair(
               ModelRow("fine-tuned", "full fine-tune" if extracted else "aligned + task LoRA", *ft_where,
                        run("finetuned", *ft_where))]
     result = RepairResult(out=Path(out), output="model" if models.merge_into is not None else "adapter",
-                          tau=tuned.tau, alpha=tuned.alpha, task_adapter=task, safety=safety_dir, extracted=extracted,
+                          task_adapter=task, safety=safety_dir, extracted=extracted,
                           trained_safety=trained, rows=list(before), autotune=tuned, merge=None, work_dir=work,
                           test_sets=tests.as_suites())
 

@@ -190,7 +190,7 @@ class _MeasuredGrid:
         p = next((q for q in self.points if (q.tau, q.alpha, q.safety_gain, q.min_layer) == ident), None)
         if p is None:
             p = GridPoint(tau, alpha, merged, safety_gain=safety_gain, min_layer=min_layer)
-            p.label = p.describe().replace(" = ", "=").replace(", ", " ")
+            p.label = p.describe()
             self.points.append(p)
         elif p.harmful_rate is not None and (limit is not None or p.rung == "full"):
             return p  # already measured at this rung or a more precise one
