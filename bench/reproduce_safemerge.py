@@ -1,19 +1,22 @@
-"""Reproduce SafeMERGE's main table at 135M scale on real data (issue 5, item 4).
+"""Reproduce SafeMERGE's main table at 135M scale with real safety data (issues 5 and 17).
 
 The same pipeline as ``safemerge demo`` (SmolLM2-135M-Instruct zoo → scan → SafeMERGE, SafeLoRA,
-RESTA, automatic τ/α → evaluation), with every role filled from ``../shared/datasets``:
+RESTA, ``safemerge repair`` with automatic τ/α, the paper's controls → evaluation), with every safety
+role filled from ``../shared/datasets`` (``safemerge.demo.zoo.real_data_sets``):
 
-* safety SFT (``aligned``) and safety LoRA: two disjoint slices of Bianchi et al.'s
-  ``bianchi_safety_only.json`` (a training split), mixed with benign look-alikes self-distilled
-  from the base model;
-* task LoRA: GSM8K train (640 problems, worked solutions ending in "The answer is N.");
-* harmfulness: Bianchi malicious instructions (held out); over-refusal: XSTest (safe prompts;
-  the unsafe half is reported as ``unsafe_refusal_rate``); utility: GSM8K test (first 100);
-* automatic τ/α: validation on held-out Bianchi safety-only prompts and unused GSM8K train problems.
+* safety SFT (``aligned``) and safety LoRA: two disjoint slices (630 and 208 records) of Bianchi et
+  al.'s ``bianchi_safety_only.json`` (a training split), the SFT mixed with benign look-alikes
+  self-distilled from the base model;
+* harm test: Bianchi malicious instructions (100) + XSTest unsafe prompts (200); over-refusal test:
+  XSTest safe prompts (250); validation: 168 held-out Bianchi safety-only prompts + the project's 50
+  benign look-alikes;
+* utility: the project's arithmetic word problems (640 train, 100 validation, 200 independently
+  phrased test problems) — GSM8K is 0–3% for every row at 135M, so it cannot show utility kept.
 
 Prints the measured table beside the paper's (secondary-source) numbers and writes
-``bench/results/reproduce_safemerge.json``. Runs ~30+ minutes on 2 CPU cores on the first call;
-models and generations are cached (``--cache-dir``), so reruns only re-assemble the report.
+``bench/results/reproduce_safemerge.json``. About an hour on 2 CPU cores on the first call (the
+safety SFT is most of it); models and generations are cached (``--cache-dir``), so reruns only
+re-assemble the report.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_safemerge.py --data-dir ../shared/datasets
 """
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("-o", "--out", type=Path, default=here / "results" / "reproduce_safemerge_out")
     ap.add_argument("--json", type=Path, default=here / "results" / "reproduce_safemerge.json")
+    ap.add_argument("--stress", action="store_true", help="also repair the aggressive fine-tune (the stress setting)")
     args = ap.parse_args(argv)
 
     from rich.console import Console
@@ -54,28 +58,29 @@ def main(argv: list[str] | None = None) -> int:
 
     err = Console(stderr=True)
     t0 = time.perf_counter()
-    res = run_demo(out=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir,
+    res = run_demo(out=args.out, data_dir=args.data_dir, cache_dir=args.cache_dir, stress=args.stress,
                    log=lambda m: err.print(f"[dim]{escape(m)}[/dim]"))
     wall = time.perf_counter() - t0
     con = Console()
     print_table(res, con)
     print_pareto(res.autotune, con)
     rows = [r.to_dict() for r in res.rows]
-    print("\nmeasured (135M, keyword judge) vs paper (Llama-3.1-8B, Llama-Guard-3):")
-    print(f"{'row':<18} {'harmful %':>10} {'paper':>7} {'utility %':>10} {'paper':>7} {'over-refusal %':>15}")
+    print("\nmeasured (135M, keyword judge; utility = arithmetic) vs paper (Llama-3.1-8B, Llama-Guard-3; GSM8K):")
+    print(f"{'row':<24} {'harmful %':>10} {'paper':>7} {'utility %':>10} {'paper':>7} {'over-refusal %':>15}")
     for r in rows:
         p = PAPER.get(r["name"], {})
         f = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
-        print(f"{r['name']:<18} {f(r['harmful_rate']):>10} {p.get('harmful', '—')!s:>7} {f(r['utility']):>10} "
+        print(f"{r['name']:<24} {f(r['harmful_rate']):>10} {p.get('harmful', '—')!s:>7} {f(r['utility']):>10} "
               f"{p.get('utility', '—')!s:>7} {f(r['over_refusal_rate']):>15}")
-    # a cached rerun only re-assembles the report: keep the timings of the run that built everything
+    # a cached rerun only re-assembles the report (same rows): keep the timings of the run that built everything
     first_run = {"wall_s": round(wall, 1), "timings_s": {k: round(v, 1) for k, v in res.timings.items()}}
     if args.json.is_file():
         try:
             prev = json.loads(args.json.read_text())
-            first_run = prev.get("first_run") or first_run
         except ValueError:
-            pass
+            prev = {}
+        if prev.get("rows") == json.loads(json.dumps(rows, default=str)) and prev.get("first_run"):
+            first_run = prev["first_run"]
     out = {
         "first_run": first_run,
         "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_safemerge.py "

@@ -92,13 +92,19 @@ def test_real_data_dir_is_validated(tmp_path):
 
 def test_real_data_sets_from_shared_datasets():
     d = Path(__file__).resolve().parents[2] / "shared" / "datasets"
-    if not (d / "gsm8k_train.jsonl").exists():
+    if not (d / "bianchi_safety_only.json").exists():
         pytest.skip("../shared/datasets not present")
     s = Z.real_data_sets(d)
-    assert len(s["harmful_train"]) == 240 and len(s["task_train"]) == 640 and len(s["eval_utility"]) == 100
-    assert all(r["response"].rstrip().endswith(".") and "The answer is" in r["response"] for r in s["task_train"][:20])
-    assert not {r["prompt"] for r in s["harmful_train"]} & {r["prompt"] for r in s["safety_train"]}
-    assert not {r["prompt"] for r in s["val_harmful"]} & {r["prompt"] for r in s["harmful_train"] + s["safety_train"]}
+    # issue 17 item 7: >= 250 harmful / 250 benign / 200 utility test items, >= 150 + 100 validation items
+    assert len(s["harmful_train"]) == 630 and len(s["safety_train"]) == 208
+    assert len(s["eval_harmful"]) == 300 and len(s["eval_benign"]) == 250 and len(s["eval_utility"]) == 200
+    assert len(s["val_harmful"]) == 168 and len(s["val_utility"]) == 100 and len(s["val_benign"]) == 50
+    assert {r.get("label") for r in s["eval_benign"]} == {"safe"}
+    assert sum(r.get("label") == "unsafe" for r in s["eval_harmful"]) == 200
+    train = {r["prompt"] for r in s["harmful_train"]}
+    assert not train & {r["prompt"] for r in s["safety_train"]}
+    assert not {r["prompt"] for r in s["val_harmful"]} & (train | {r["prompt"] for r in s["safety_train"]})
+    assert not {r["prompt"] for r in s["task_train"]} & {r["prompt"] for r in s["eval_utility"] + s["val_utility"]}
 
 
 def test_degenerate_generations_are_detected():

