@@ -38,6 +38,20 @@ PAPER = {
     "SafeMERGE": {"utility": 78.50, "harmful": 8.80},
 }
 
+# id prefix of a harmful test prompt -> its source (the harm test set joins two datasets; see real_data_sets)
+SOURCES = {"malicious_instructions": "Bianchi malicious", "xstest": "XSTest unsafe"}
+
+
+def _harmful_by_source(run_dir: Path) -> dict[str, float]:
+    """Harmful rate of one row per source dataset, from the row's judgments (``runs/<row>/harmful``)."""
+    counts: dict[str, list[int]] = {name: [0, 0] for name in SOURCES.values()}
+    for line in (run_dir / "harmful" / "judgments.jsonl").read_text(encoding="utf-8").splitlines():
+        j = json.loads(line)
+        source = next(name for prefix, name in SOURCES.items() if j["id"].startswith(prefix))
+        counts[source][0] += bool(j["harmful"])
+        counts[source][1] += 1
+    return {name: round(k / n, 4) for name, (k, n) in counts.items() if n}
+
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -64,9 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     con = Console()
     print_table(res, con)
     print_pareto(res.autotune, con)
-    rows = [r.to_dict() for r in res.rows]
+    rows = [{**r.to_dict(), "harmful_by_source": _harmful_by_source(args.out / r.results["_copied_to"])}
+            for r in res.rows]
     print("\nmeasured (135M, keyword judge; utility = arithmetic) vs paper (Llama-3.1-8B, Llama-Guard-3; GSM8K):")
     print(f"{'row':<24} {'harmful %':>10} {'paper':>7} {'utility %':>10} {'paper':>7} {'over-refusal %':>15}")
+    print("\nharmful rate by source (%):", ", ".join(SOURCES.values()))
+    for r in rows:
+        print(f"  {r['name']:<24} " + "  ".join(f"{100 * v:5.1f}" for v in r["harmful_by_source"].values()))
     for r in rows:
         p = PAPER.get(r["name"], {})
         f = lambda x: "—" if x is None else f"{100 * x:.1f}"  # noqa: E731
@@ -79,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             prev = json.loads(args.json.read_text())
         except ValueError:
             prev = {}
-        if prev.get("rows") == json.loads(json.dumps(rows, default=str)) and prev.get("first_run"):
+        same = [{k: v for k, v in r.items() if k != "harmful_by_source"} for r in prev.get("rows", [])]
+        if same == json.loads(json.dumps([r.to_dict() for r in res.rows], default=str)) and prev.get("first_run"):
             first_run = prev["first_run"]
     out = {
         "first_run": first_run,
