@@ -71,6 +71,16 @@ def test_repair_adapter_restores_refusals_and_reports_its_own_numbers(world, tmp
     keys = ("tau", "alpha", "safety_gain", "min_layer")
     assert [rec[k] for k in keys] == [tuned["chosen"][k] for k in keys]
     assert {(p["safety_gain"], p["min_layer"]) for p in tuned["points"]} - {(1.0, 0)}  # the extension was searched
+    # a rerun into a new output reuses every generation: the written adapter equals the search's merge of the chosen
+    # point, whose stable path keeps the test generations cached (a fresh temporary directory would not)
+    cached = sorted((tmp_path / "work").rglob("generations.jsonl"))
+    lines = {f: f.read_bytes().count(b"\n") for f in cached}
+    code, _, err = _run(capsys, "repair", world.task, "--base", world.base, "--aligned", world.aligned,
+                        "--safety", world.safety, "-o", tmp_path / "again", "--work-dir", tmp_path / "work",
+                        "--no-progress", "-q", *_sets(world))
+    assert code == 0, err
+    assert {**_rows(tmp_path / "again")["repaired"], "adapter": None} == {**rep, "adapter": None}
+    assert {f: f.read_bytes().count(b"\n") for f in sorted((tmp_path / "work").rglob("generations.jsonl"))} == lines
     # --paper-rule-only: the same search without the late-block candidates (generations reused from the work dir)
     code, _, err = _run(capsys, "repair", world.task, "--base", world.base, "--aligned", world.aligned,
                         "--safety", world.safety, "-o", tmp_path / "paper", "--work-dir", tmp_path / "work",

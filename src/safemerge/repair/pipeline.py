@@ -18,6 +18,7 @@ The steps, each cached under the work directory so that a rerun redoes nothing:
 """
 from __future__ import annotations
 
+import filecmp
 import json
 import shutil
 from collections.abc import Callable
@@ -195,7 +196,7 @@ def repair(
         """SafeMERGE's ``evaluate`` hook: test the finished output before it is renamed into place."""
         say("repair: evaluating the repaired model on the test sets")
         full = models.merge_into is not None
-        res = run("repaired", *((tmp, None) if full else (aligned, tmp)))
+        res = run("repaired", *((tmp, None) if full else (aligned, _cached_twin(tmp, tuned.chosen.adapter))))
         final = (str(out), None) if full else (str(aligned), str(out))  # where it is once renamed
         result.rows = [*before, ModelRow("repaired", f"SafeMERGE {tuned.describe()}", *final, res)]
         for name in AUTOTUNE_FILES:
@@ -218,6 +219,21 @@ def _resolved(models: RepairModels, options: RunOptions) -> RepairModels:
         return None if p is None else resolve_local(p, options=options)
 
     return RepairModels(*(local(getattr(models, f.name)) for f in fields(RepairModels)))
+
+
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def _cached_twin(written: Path, twin: str | None) -> Path:
+    """The search's own merge of the chosen point (``twin``) when its adapter files equal the ``written`` ones byte for
+    byte, else ``written``. The test generations are cached by the model's path and file times, so evaluating the
+    twin — the same weights at a stable path — lets a rerun reuse them instead of regenerating for a new temporary
+    directory."""
+    if twin is None:
+        return written
+    same = all((written / f).is_file() and (Path(twin) / f).is_file()
+               and filecmp.cmp(written / f, Path(twin) / f, shallow=False) for f in ADAPTER_FILES)
+    return Path(twin) if same else written
 
 
 @dataclass(frozen=True)
