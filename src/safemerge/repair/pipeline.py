@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,8 @@ from safemerge.io.hub import resolve_local
 from safemerge.io.output import check_output_path
 from safemerge.options import RunOptions, or_default
 from safemerge.safety.api import safemerge_adapters
-from safemerge.train.safety_lora import train_safety_lora
+from safemerge.train.recipe import TrainingRecipe
+from safemerge.train.safety_lora import SAFETY_RECIPE, train_safety_lora
 from safemerge.tuning.grid import SearchSettings
 from safemerge.tuning.report import pareto_table, rule_text
 from safemerge.tuning.result import AutotuneResult
@@ -119,9 +120,10 @@ class RepairRecipe:
     safety_steps: int | None = None
     safety_lr: float | None = None
 
-    def safety_overrides(self) -> dict[str, Any]:
-        """``train_safety_lora`` keywords of the recipe values that are set."""
-        return {k: v for k, v in (("steps", self.safety_steps), ("lr", self.safety_lr)) if v is not None}
+    def safety_training(self) -> TrainingRecipe:
+        """The safety LoRA's ``train_safety_lora`` recipe: ``safety-lora``'s, with the values set here."""
+        given = {k: v for k, v in (("steps", self.safety_steps), ("lr", self.safety_lr)) if v is not None}
+        return replace(SAFETY_RECIPE, **given)
 
 
 def repair(
@@ -271,8 +273,8 @@ def _safety_adapter(safety: str | Path | None, aligned: str | Path, task: Path, 
     say("repair: training a safety LoRA with the task adapter's rank and targets "
         f"({'the built-in safety corpus' if recipe.safety_data is None else recipe.safety_data})")
     # repair evaluates the final model on its test sets; the safety LoRA's own evaluation is safety-lora's job
-    train_safety_lora(aligned, task, out, data=recipe.safety_data, evaluate=False,
-                      options=RunOptions(progress=progress), **recipe.safety_overrides())
+    train_safety_lora(aligned, task, out, data=recipe.safety_data, recipe=recipe.safety_training(), evaluate=False,
+                      options=RunOptions(progress=progress))
     return out, True
 
 
