@@ -39,12 +39,13 @@ from safemerge.io.hub import resolve_local
 from safemerge.io.output import check_output_path
 from safemerge.options import RunOptions, or_default
 from safemerge.safety.api import safemerge_adapters
+from safemerge.safety.settings import SafeMergeModels
 from safemerge.train.recipe import TrainingRecipe
 from safemerge.train.safety_lora import SAFETY_RECIPE, train_safety_lora
 from safemerge.tuning.grid import SearchSettings
 from safemerge.tuning.report import pareto_table, rule_text
 from safemerge.tuning.result import AutotuneResult
-from safemerge.tuning.search import SafeMergeModels, autotune
+from safemerge.tuning.search import autotune
 
 Log = Callable[[str], None]
 DEFAULT_EXTRACT_RANK = 64
@@ -178,7 +179,8 @@ def repair(
     val_sets = validation.filled(VALIDATION_DEFAULTS)
     tests = test.filled(PromptSets(*TEST_DEFAULTS, utility=validation.utility))
     say("repair: tuning τ and α on the validation sets")
-    tuned = autotune(SafeMergeModels(models.base, models.aligned, task, safety_dir), val_sets, work / "autotune",
+    merged_models = SafeMergeModels(models.base, models.aligned, task, safety_dir)
+    tuned = autotune(merged_models, val_sets, work / "autotune",
                      search=search, settings=settings, log=say, progress=options.progress)
     run = _TestRun(tests.as_suites(), settings, work / "test", options.progress)
 
@@ -208,9 +210,8 @@ def repair(
                                     extracted=extracted, trained_safety=trained)
 
     say(f"repair: writing {out} ({tuned.describe()})")
-    result.merge = safemerge_adapters(base=models.base, aligned=aligned, finetuned=task, safety=safety_dir, out=out,
-                                      merge_into=models.merge_into, options=options, evaluate=evaluate_output,
-                                      **tuned.merge_kwargs())
+    result.merge = safemerge_adapters(merged_models, out, settings=tuned.settings(), merge_into=models.merge_into,
+                                      options=options, evaluate=evaluate_output)
     return result
 
 

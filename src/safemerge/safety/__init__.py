@@ -29,6 +29,8 @@ _LAZY = {
     "resta": "safemerge.safety.api",
     "mergealign": "safemerge.safety.api",
     "LayerScore": "safemerge.safety.selection",
+    "SafeMergeModels": "safemerge.safety.settings",
+    "SafeMergeSettings": "safemerge.safety.settings",
 }
 
 
