@@ -26,6 +26,7 @@ from typing import Any
 from safemerge.engine.tensorwise import plan_tensorwise
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.io.output import atomic_output, check_output_path, write_model_card
+from safemerge.io.references import ModelRef, OpenedModel
 from safemerge.methods.catalog import get_method
 from safemerge.methods.safety_params import (
     MERGEALIGN_LAMBDA_ALIGNED,
@@ -56,7 +57,7 @@ def _noop(stage: str, done: int, total: int) -> None:  # pragma: no cover - triv
     return None
 
 
-def _as_list(x: Any) -> list[Any]:
+def _as_list(x: ModelRef | Sequence[ModelRef]) -> list[ModelRef]:
     if isinstance(x, (str, Path)):
         return [x]
     return list(x)
@@ -192,7 +193,7 @@ def safemerge_adapters(
     return result
 
 
-def _output_kind(ft: DeltaSource, sf: DeltaSource, target: Any, compat: str | None) -> str:
+def _output_kind(ft: DeltaSource, sf: DeltaSource, target: OpenedModel | None, compat: str | None) -> str:
     """``"adapter"`` (two LoRAs, no ``--merge-into``) or ``"model"``; refuses combinations that cannot be written."""
     both_adapters = isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
     if compat is not None and not both_adapters:

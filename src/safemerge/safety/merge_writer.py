@@ -17,6 +17,7 @@ from safemerge.engine.tensorwise import TensorUpdate
 from safemerge.errors import CheckpointError
 from safemerge.io.adapter import save_adapter
 from safemerge.io.output import markdown_section, md_escape, write_model_card
+from safemerge.io.references import ModelRef, OpenedModel
 from safemerge.methods.safety_params import safemerge_weights
 from safemerge.methods.update_merge import merge_dense, merge_linear_factors, merge_reference_factors, truncate_svd
 from safemerge.options import RunOptions
@@ -114,7 +115,7 @@ def _rule_sentence(result: SafeMergeResult) -> str:
             f"V = W_aligned − W_base, is below τ{where} were replaced by {update}; all other layers keep ΔW_f.")
 
 
-def _card(result: SafeMergeResult, models: SafeMergeModels, *, merge_into: Any,
+def _card(result: SafeMergeResult, models: SafeMergeModels, *, merge_into: str | Path | None,
           eval_md: str | None) -> tuple[dict, list]:
     params = [
         ("method", "SafeMERGE (Djuhera et al. 2025)"),
@@ -160,7 +161,7 @@ LayerUpdates = Callable[[str], LayerUpdate]
 
 
 def _write_adapter(tmp: Path, result: SafeMergeResult, ft: AdapterDeltas, update_fn: LayerUpdates, *,
-                   dtype: str | None, aligned_path: Any, progress: Progress) -> str:
+                   dtype: str | None, aligned_path: ModelRef, progress: Progress) -> str:
     """The merged adapter: exact factors, or dense layers truncated back to rank r_f + r_s by SVD.
 
     Records each truncated layer's relative error and rank in ``result``; returns the card's base model.
@@ -183,7 +184,7 @@ def _write_adapter(tmp: Path, result: SafeMergeResult, ft: AdapterDeltas, update
     return base_name
 
 
-def _check_target(model: Any, aligned: Any, modules: list[str]) -> None:
+def _check_target(model: OpenedModel, aligned: OpenedModel, modules: list[str]) -> None:
     """Every merged module's weight exists in the written model with the aligned model's shape."""
     for m in modules:
         w = f"{m}.weight"
@@ -217,7 +218,7 @@ def _model_update(ft: DeltaSource, merged: set[str], update_fn: LayerUpdates, *,
 
 def write_safemerge_output(
     tmp: Path, result: SafeMergeResult, ft: DeltaSource, update_fn: LayerUpdates, *, models: SafeMergeModels,
-    target: Any, aligned: Any, options: RunOptions, progress: Progress,
+    target: OpenedModel | None, aligned: OpenedModel, options: RunOptions, progress: Progress,
     evaluate: Callable[[Path], tuple[Any, str]] | None = None,
 ) -> None:
     """Write the adapter (exact factors / truncated SVD) or the full model (an engine plan), then the model card.
