@@ -43,6 +43,7 @@ def main() -> None:
     from safemerge.demo.zoo import build_smollm2_zoo
     from safemerge.evaluate.suites import evaluate_suites
     from safemerge.safety.api import safemerge_adapters
+    from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 
     t0 = time.perf_counter()
     zoo = build_smollm2_zoo(args.cache_dir, stress=args.stress, log=print)
@@ -70,15 +71,8 @@ def main() -> None:
             merged = root / "merged" / fingerprint(task.name, zoo.safety.name, a)
             if not merged.exists():
                 merged.parent.mkdir(parents=True, exist_ok=True)
-                safemerge_adapters(
-                    base=zoo.base,
-                    aligned=zoo.aligned,
-                    finetuned=task,
-                    safety=zoo.safety,
-                    out=merged,
-                    tau=ALL_LAYERS_TAU,
-                    alpha=a,
-                )
+                safemerge_adapters(SafeMergeModels(zoo.base, zoo.aligned, task, zoo.safety), merged,
+                                   settings=SafeMergeSettings(tau=ALL_LAYERS_TAU, alpha=a))
             rows.append((f"{prefix}uniform α={a:g}", zoo.aligned, merged))
     rows.append(("base", zoo.base, None))
     measured = []

@@ -68,6 +68,18 @@ def _rates(model: Path, adapter: Path | None, data: Path, out: Path, external: P
     return res
 
 
+def _safety_recipe(targets: str | None, steps: int) -> tuple[Any, Any]:
+    """The zoo's safety-LoRA training (shape of the task LoRA, ``SAFETY_SETTINGS``) with other targets / steps."""
+    from safemerge.demo import zoo as Z
+    from safemerge.train.recipe import LoraShape, TrainingRecipe
+
+    s, like = Z.SAFETY_SETTINGS, Z.TASK_RECIPE
+    shape = LoraShape(rank=like.rank, alpha=like.alpha, targets=targets or list(like.targets))
+    recipe = TrainingRecipe(steps=steps, batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"],
+                            precision=s["precision"])
+    return shape, recipe
+
+
 def _safety_variant(zoo: Any, root: Path, targets: str | None, steps: int) -> Path:
     """The zoo's safety LoRA (``targets`` None and the default steps) or a variant trained on the same records."""
     from safemerge.demo import zoo as Z
@@ -83,10 +95,9 @@ def _safety_variant(zoo: Any, root: Path, targets: str | None, steps: int) -> Pa
     if not out.exists():
         records, _ = training_records(zoo.aligned, rows, seed=s["seed"], distill_benign=s["distill_benign"],
                                       progress=False)
-        like = Z.TASK_RECIPE
-        train_lora(zoo.aligned, records, out, rank=like.rank, alpha=like.alpha, targets=targets or list(like.targets),
-                   steps=steps, batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"],
-                   precision=s["precision"], options=RunOptions(seed=s["seed"], progress=False))
+        shape, recipe = _safety_recipe(targets, steps)
+        train_lora(zoo.aligned, records, out, shape=shape, recipe=recipe,
+                   options=RunOptions(seed=s["seed"], progress=False))
     return out
 
 
@@ -155,7 +166,7 @@ def _correction_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[di
     from safemerge.train.lora import train_lora
     from safemerge.train.safety_lora import training_records
 
-    s, like = Z.SAFETY_SETTINGS, Z.TASK_RECIPE
+    s = Z.SAFETY_SETTINGS
     steps = args.steps or s["steps"]
     fine = _weighted_model(zoo.aligned, [(zoo.task, 1.0)], root / f"fine-{fingerprint(zoo.task.name)}")
     rows = Z.read_jsonl(zoo.data / "safety_train.jsonl")
@@ -166,10 +177,9 @@ def _correction_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[di
     if not correction.exists():
         records, _ = training_records(fine, rows + replay, seed=s["seed"], distill_benign=s["distill_benign"],
                                       progress=False)
-        train_lora(fine, records, correction, rank=like.rank, alpha=like.alpha,
-                   targets=args.targets or list(like.targets), steps=steps, batch_size=s["batch_size"], lr=s["lr"],
-                   max_length=s["max_length"], precision=s["precision"], options=RunOptions(seed=s["seed"],
-                                                                                            progress=False))
+        shape, recipe = _safety_recipe(args.targets, steps)
+        train_lora(fine, records, correction, shape=shape, recipe=recipe,
+                   options=RunOptions(seed=s["seed"], progress=False))
     train_s = time.perf_counter() - t0
     results = []
     for w_f, w_c, model in _weighted_points(args, zoo, root, correction, "corrected"):

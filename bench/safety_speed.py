@@ -222,6 +222,7 @@ def bench_smollm(layers: int, threads: int) -> dict:
 
     from safemerge.io.checkpoint import Checkpoint
     from safemerge.safety.api import safemerge_adapters, scan
+    from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 
     torch.set_num_threads(threads)
     res: dict = {"layers": layers, "threads": threads}
@@ -250,9 +251,8 @@ def bench_smollm(layers: int, threads: int) -> dict:
             diff_ref = max(abs(ref[m] - exact[m]) for m in exact)
             tau = sorted(s.rho for s in scores)[len(scores) // 2]  # merge half the layers
             t0 = time.perf_counter()
-            safemerge_adapters(base=paths["base"], aligned=paths["aligned"], finetuned=ft,
-                               safety=paths[f"{name}_safety"],
-                               out=root / f"out_{name}", tau=tau)
+            safemerge_adapters(SafeMergeModels(paths["base"], paths["aligned"], ft, paths[f"{name}_safety"]),
+                               root / f"out_{name}", settings=SafeMergeSettings(tau=tau))
             t_merge = time.perf_counter() - t0
             res[name] = {
                 "modules": len(mods),

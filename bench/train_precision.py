@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
     from safemerge.options import RunOptions
     from safemerge.train.lora import train_lora
+    from safemerge.train.recipe import LoraShape, TrainingRecipe
 
     torch.set_num_threads(args.threads)
     model = args.cache / "smollm2-135m-instruct"
@@ -54,9 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
         for name, precision, seed in (("float32", "float32", R.seed), ("bfloat16", "bfloat16", R.seed),
                                       ("float32-other-seed", "float32", R.seed + 100)):
             t0 = time.perf_counter()
-            out = train_lora(model, records, Path(tmp) / name, rank=R.rank, alpha=R.alpha, targets=list(R.targets),
-                             steps=args.steps, batch_size=R.batch_size, lr=R.lr, max_length=R.max_length,
-                             precision=precision, options=RunOptions(seed=seed, progress=False))
+            recipe = TrainingRecipe(steps=args.steps, batch_size=R.batch_size, lr=R.lr, max_length=R.max_length,
+                                    precision=precision)
+            out = train_lora(model, records, Path(tmp) / name, shape=LoraShape(rank=R.rank, alpha=R.alpha,
+                                                                                targets=R.targets),
+                             recipe=recipe, options=RunOptions(seed=seed, progress=False))
             seconds = time.perf_counter() - t0
             losses = json.loads((out / "training_log.json").read_text())["losses"]
             runs[name] = {"precision": precision, "seed": seed, "seconds": round(seconds, 1),

@@ -1,12 +1,15 @@
 """Automatic τ/α: candidate thresholds, Pareto front and the constrained choice."""
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 
 import safemerge.tuning.search as search_module
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.records import PromptSets
 from safemerge.safety.selection import LayerScore
+from safemerge.safety.settings import SafeMergeModels
 from safemerge.tuning.grid import (
     DEFAULT_ALPHAS,
     LATE_TAU,
@@ -17,7 +20,7 @@ from safemerge.tuning.grid import (
     tau_candidates,
 )
 from safemerge.tuning.pareto import Limits, choose, distinct_leaders, pareto_mask, rank_points
-from safemerge.tuning.search import SafeMergeModels, autotune
+from safemerge.tuning.search import autotune
 
 
 def test_tau_candidates_give_distinct_selections():
@@ -132,9 +135,9 @@ def test_coarse_to_fine_screens_refines_and_decides_on_the_full_sets(tmp_path, m
     monkeypatch.setattr(search_module, "scan", lambda *a, **k: scores)
     merges: dict[str, tuple[float, float]] = {}
 
-    def fake_merge(*, out, tau, alpha, **_):
+    def fake_merge(models, out, *, settings, **_):
         out.mkdir(parents=True)
-        merges[str(out)] = (tau, alpha)
+        merges[str(out)] = (settings.tau, settings.alpha)
 
     monkeypatch.setattr(search_module, "safemerge_adapters", fake_merge)
     calls: list[tuple[str | None, object]] = []
@@ -222,9 +225,9 @@ def test_late_block_extension_is_searched_and_written(tmp_path, monkeypatch):
     monkeypatch.setattr(search_module, "scan", lambda *a, **k: scores)
     merges: dict[str, dict] = {}
 
-    def fake_merge(*, out, **kw):
+    def fake_merge(models, out, *, settings, **_):
         out.mkdir(parents=True)
-        merges[str(out)] = kw
+        merges[str(out)] = asdict(settings)
 
     monkeypatch.setattr(search_module, "safemerge_adapters", fake_merge)
 

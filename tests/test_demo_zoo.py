@@ -59,6 +59,12 @@ def test_fingerprint_is_stable_and_sensitive():
     assert fingerprint(Z.asdict(Z.TASK_RECIPE)) != fingerprint(Z.asdict(Z.STRESS_TASK_RECIPE))
 
 
+def test_recipe_records_keep_their_cache_names():
+    """The zoo's expensive model cache is keyed by these records: a refactoring must not rename a directory."""
+    got = [fingerprint(Z.asdict(r)) for r in (Z.ALIGN_RECIPE, Z.TASK_RECIPE, Z.STRESS_TASK_RECIPE)]
+    assert got + [fingerprint(Z.SAFETY_SETTINGS)] == ["1bc16c34dd", "2e2d853a1d", "52473addd8", "95e35dddc8"]
+
+
 def test_safety_lora_is_the_safety_lora_command_shaped_like_the_task(monkeypatch, tmp_path):
     # SafeMERGE merges layer-wise: the zoo trains the safety LoRA with `safety-lora`'s function, which copies the
     # task LoRA's rank and targets (`--like`), with the command's defaults and the aligned model's own answers
@@ -68,7 +74,10 @@ def test_safety_lora_is_the_safety_lora_command_shaped_like_the_task(monkeypatch
     monkeypatch.setattr(Z, "train_safety_lora", lambda aligned, like, out, **kw: seen.update(like=like, **kw))
     Z._train_safety(tmp_path / "aligned", tmp_path / "task", [{"prompt": "p", "response": "r"}], tmp_path / "out")
     assert seen["like"] == tmp_path / "task" and seen["evaluate"] is False and seen["distill_benign"] is True
-    assert (seen["steps"], seen["lr"], seen["batch_size"]) == (S.SAFETY_STEPS, S.SAFETY_LR, S.SAFETY_BATCH)
+    r = seen["recipe"]
+    assert (r.steps, r.lr, r.batch_size, r.max_length) == (S.SAFETY_STEPS, S.SAFETY_LR, S.SAFETY_BATCH,
+                                                           S.SAFETY_MAX_LENGTH)
+    assert r.precision == Z.SAFETY_SETTINGS["precision"]
     assert seen["options"].seed == Z.SAFETY_SETTINGS["seed"] and "seed" not in seen  # one way: the options object
 
 

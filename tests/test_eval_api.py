@@ -136,9 +136,12 @@ def test_resume_after_interruption_with_real_model(model_dir, tmp_path):
 def test_in_memory_model_and_answer_ce(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safemerge.evaluate.generate import load_generator
+
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    res = evaluate(model, PromptSets(utility="builtin:arithmetic"), tokenizer=tok, limit=3, options=QUIET,
+    gen = load_generator(model, tokenizer=tok, backend="hf", options=QUIET)
+    res = evaluate(model, PromptSets(utility="builtin:arithmetic"), generator=gen, limit=3, options=QUIET,
                    answer_ce=True, generation=GenerationSettings(backend="hf", max_new_tokens=4))
     assert res["utility"]["n"] == 3 and res["utility"]["answer_ce"] > 0
     assert res["model_identity"].startswith("mem:")

@@ -180,18 +180,20 @@ def test_default_evaluation_runs_in_bf16_where_native(tiny, tmp_path):
 def test_training_precision(tiny, tmp_path):
     from safemerge.errors import ConfigError
     from safemerge.train.lora import train_lora
+    from safemerge.train.recipe import LoraShape, TrainingRecipe
 
     _, _, path = tiny
     data = [{"prompt": f"question {i}", "response": f"answer {i} {i}"} for i in range(4)]
     logs = {}
     for precision in ("float32", "bfloat16"):
-        out = train_lora(path, data, tmp_path / precision, rank=2, steps=3, batch_size=2, options=QUIET,
-                         targets="q_proj", precision=precision)
+        out = train_lora(path, data, tmp_path / precision, shape=LoraShape(rank=2, targets="q_proj"),
+                         recipe=TrainingRecipe(steps=3, batch_size=2, precision=precision), options=QUIET)
         logs[precision] = json.loads((out / "training_log.json").read_text())
         assert logs[precision]["hyperparameters"]["precision"] == precision
     assert logs["bfloat16"]["losses"][0] == pytest.approx(logs["float32"]["losses"][0], rel=0.05)
     with pytest.raises(ConfigError, match="precision"):
-        train_lora(path, data, tmp_path / "x", steps=1, options=QUIET, targets="q_proj", precision="float16")
+        train_lora(path, data, tmp_path / "x", shape=LoraShape(targets="q_proj"),
+                   recipe=TrainingRecipe(steps=1, precision="float16"), options=QUIET)
 
 
 def test_cli_dtype_flag(tiny, tmp_path):

@@ -6,16 +6,18 @@ import math
 import numpy as np
 import pytest
 
-from safemerge.optimize.config import CMASection
+from safemerge.optimize.config import CMASection, GenomeSection
 from safemerge.optimize.evomm import STATE_FILE, run_evomm
 from safemerge.optimize.genome import METHOD_PARAMS, Gene, Genome, decode_density, decode_t, decode_weight
 from safemerge.optimize.trace import Trace
 
 
 def _genome(**kw) -> Genome:
-    args = dict(base_model="B", num_layers=4, layer_granularity=2, filters=["self_attn"])
+    args = dict(merge_method=kw.pop("method", "ties"), models=["A", "E"], base_model="B", layer_granularity=2,
+                filters=["self_attn"])
     args.update(kw)
-    return Genome(args.pop("method", "ties"), args.pop("models", ["A", "E"]), **args)
+    num_layers = args.pop("num_layers", 4)
+    return Genome(GenomeSection(**args), num_layers=num_layers)
 
 
 def test_layout_counts_and_start_point():
@@ -155,7 +157,7 @@ def test_resume_after_interruption_continues_the_same_run(tmp_path):
 
 
 def test_one_gene_genome_runs(tmp_path):
-    g = Genome("linear", ["A"], base_model=None, num_layers=2)
+    g = Genome(GenomeSection(merge_method="linear", models=["A"]), num_layers=2)
     be = QuadraticBackend(g, {"weight": 0.3})
     res = run_evomm(g, be, CMASection(max_evals=60, seed=1), tmp_path, Trace(tmp_path / "t.jsonl"))
     assert math.isclose(g.decode(res["x"])[g.genes[0]], 0.3, abs_tol=0.05)

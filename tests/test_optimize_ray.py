@@ -22,11 +22,12 @@ def world(tmp_path_factory):
 
 def test_ray_local_mode_matches_serial(world, tmp_path):
     from safemerge.optimize import optimize
+    from safemerge.optimize.runner import RayPool
 
     cfg = config(world, method="dare_ties", granularity=1, max_evals=4, popsize=4, ray={"workers": 1,
                                                                                         "cpus_per_worker": 1})
     serial = optimize(cfg, tmp_path / "serial", options=QUIET, save_model=False)
-    par = optimize(cfg, tmp_path / "ray", ray=True, options=QUIET, save_model=False)
+    par = optimize(cfg, tmp_path / "ray", ray=RayPool(), options=QUIET, save_model=False)
     assert par["ray"] and not serial["ray"]
     a = [json.loads(x) for x in (tmp_path / "serial" / "trace.jsonl").read_text().splitlines()]
     b = [json.loads(x) for x in (tmp_path / "ray" / "trace.jsonl").read_text().splitlines()]

@@ -31,9 +31,11 @@ def _pool_config(world, **kw):
 
 
 def _genome(models=("A", "E", "B"), granularity=2, num_layers=4):
+    from safemerge.optimize.config import GenomeSection
     from safemerge.optimize.genome import Genome
 
-    return Genome("slerp", list(models), base_model=models[0], num_layers=num_layers, layer_granularity=granularity)
+    spec = GenomeSection(merge_method="slerp", models=list(models), base_model=models[0], layer_granularity=granularity)
+    return Genome(spec, num_layers=num_layers)
 
 
 def test_layout_has_one_raw_weight_per_group_and_model():
@@ -43,10 +45,12 @@ def test_layout_has_one_raw_weight_per_group_and_model():
     flat = _genome(granularity=0)
     assert len(flat) == 3
     from safemerge.errors import ConfigError
+    from safemerge.optimize.config import GenomeSection
     from safemerge.optimize.genome import Genome
 
     with pytest.raises(ConfigError, match="no genome filters"):
-        Genome("slerp", ["A", "E", "B"], base_model="A", num_layers=4, filters=["mlp"])
+        Genome(GenomeSection(merge_method="slerp", models=["A", "E", "B"], base_model="A", filters=["mlp"]),
+               num_layers=4)
 
 
 def test_decoding_matches_mergekit_evolve(world):

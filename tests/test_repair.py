@@ -94,10 +94,11 @@ def test_repair_full_finetune_with_trained_safety_lora(world, tmp_path, capsys):
     """A full fine-tune goes through extract-lora; the safety LoRA is trained with the task adapter's shape."""
     from safemerge.io.adapter import load_adapter
     from safemerge.safety.api import safemerge_adapters
+    from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 
     full = tmp_path / "full-finetune"  # aligned + task LoRA merged into the weights (α = 1 keeps ΔW_f only)
-    safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.task, safety=world.safety, out=full,
-                       tau=-1.0, alpha=1.0, merge_into=world.aligned)
+    safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.task, world.safety), full,
+                       settings=SafeMergeSettings(tau=-1.0, alpha=1.0), merge_into=world.aligned)
     out, work = tmp_path / "repaired-full", tmp_path / "work"
     code, _, err = _run(capsys, "repair", full, "--base", world.base, "--aligned", world.aligned,
                         "--merge-into", world.aligned, "--extract-rank", "8",

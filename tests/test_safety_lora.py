@@ -17,6 +17,7 @@ from conftest import run_cli
 from safemerge.options import RunOptions
 from safemerge.testing import build_tokenizer, make_tiny_model, save_model
 from safemerge.train.lora import train_lora
+from safemerge.train.recipe import LoraShape, TrainingRecipe
 from safemerge.train.safety_lora import like_adapter_shape, loss_curve
 
 QUIET = RunOptions(progress=False)
@@ -49,12 +50,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
             aligned,
             [{"prompt": "what is two plus three ?", "response": "five ."}] * 4,
             root / "task",
-            rank=4,
-            alpha=8,
-            targets=["k_proj", "v_proj"],
-            steps=3,
-            batch_size=2,
-            lr=1e-2,
+            shape=LoraShape(rank=4, alpha=8, targets=["k_proj", "v_proj"]),
+            recipe=TrainingRecipe(steps=3, batch_size=2, lr=1e-2),
             options=QUIET,
         )
     data = root / "safety.jsonl"
@@ -158,7 +155,7 @@ def test_user_errors_exit_2_and_write_nothing(world, capsys, tmp_path):
 
 
 def test_like_adapter_shape_and_loss_curve(world):
-    assert like_adapter_shape(world["task"]) == (4, 8.0, ["k_proj", "v_proj"])
+    assert like_adapter_shape(world["task"]) == LoraShape(rank=4, alpha=8.0, targets=["k_proj", "v_proj"])
     assert loss_curve([4.0, 2.0, 3.0, 1.0], points=2) == [(2, 3.0), (4, 2.0)]
     assert loss_curve([1.0, 2.0], points=10) == [(1, 1.0), (2, 2.0)]
     assert loss_curve([]) == []

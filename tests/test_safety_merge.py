@@ -12,6 +12,7 @@ from safety_world import build_world, peft_deltas
 from safemerge.io.checkpoint import Checkpoint
 from safemerge.options import RunOptions
 from safemerge.safety.api import safemerge_adapters
+from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,8 @@ def _rel(a, b) -> float:
 def test_linear_adapter_in_peft_is_exact(world, peft_ft, peft_safety, tmp_path, tau, alpha):
     """rsLoRA r=2 safety + plain r=4 task adapter: merged layers = α ΔW_f + (1−α) ΔW_s, others ΔW_f."""
     out = tmp_path / "merged"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out,
-                             tau=tau, alpha=alpha)
+    res = safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), out,
+                             settings=SafeMergeSettings(tau=tau, alpha=alpha))
     merged = set(res.merged)
     assert merged == {s.module for s in res.scores if s.rho < tau}
     assert 0 < len(merged) or tau < 0.2
@@ -74,9 +75,8 @@ def test_compat_reference_equals_dense_rederivation(world, tmp_path):
     """PEFT-0.14 factor-wise mixing: (Σ√(w s) B)(Σ√(w s) A) with cross terms, re-derived densely in float64."""
     tau, alpha = 0.8, 0.8
     out = tmp_path / "compat"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety_r4,
-                             out=out,
-                             tau=tau, alpha=alpha, compat="reference")
+    res = safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety_r4), out,
+                             settings=SafeMergeSettings(tau=tau, alpha=alpha, compat="reference"))
     merged = set(res.merged)
     assert 0 < len(merged) < len(res.scores)
     got = peft_deltas(world.aligned, out)
@@ -104,9 +104,8 @@ def test_compat_reference_matches_peft_add_weighted_adapter(world, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "compat_all"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety_r4,
-                             out=out,
-                             tau=1.0, alpha=0.7, compat="reference")
+    res = safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety_r4), out,
+                             settings=SafeMergeSettings(tau=1.0, alpha=0.7, compat="reference"))
     assert len(res.merged) == len(res.scores)
     model = AutoModelForCausalLM.from_pretrained(world.aligned, dtype=torch.float32)
     pm = PeftModel.from_pretrained(model, world.ft, adapter_name="ft")
@@ -123,16 +122,15 @@ def test_compat_reference_refuses_different_ranks(world, tmp_path):
     from safemerge.errors import SafemergeError
 
     with pytest.raises(SafemergeError, match="equal rank"):
-        safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                           out=tmp_path / "x",
-                           compat="reference")
+        safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), tmp_path / "x",
+                           settings=SafeMergeSettings(compat="reference"))
     assert not (tmp_path / "x").exists()
 
 
 def test_merge_into_writes_full_model(world, peft_ft, peft_safety, tmp_path):
     out = tmp_path / "full"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out,
-                             merge_into=world.aligned, tau=0.35, alpha=0.8)
+    res = safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), out,
+                             settings=SafeMergeSettings(tau=0.35, alpha=0.8), merge_into=world.aligned)
     merged = set(res.merged)
     assert merged
     got, al = Checkpoint(out), Checkpoint(world.aligned)
@@ -160,8 +158,8 @@ def test_full_finetuned_model_dense_path(world, peft_ft, peft_safety, tmp_path_f
         m = AutoModelForCausalLM.from_pretrained(world.aligned, dtype=torch.float32)
         PeftModel.from_pretrained(m, world.ft).merge_and_unload().save_pretrained(full)
     out = tmp_path / "dense"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=full, safety=world.safety, out=out,
-                             tau=0.35)
+    res = safemerge_adapters(SafeMergeModels(world.base, world.aligned, full, world.safety), out,
+                             settings=SafeMergeSettings(tau=0.35))
     assert res.output == "model"
     scored = {s.module for s in res.scores}
     assert set(peft_ft) <= scored  # every block weight is scored, untouched ones too
@@ -179,8 +177,8 @@ def test_full_finetuned_model_dense_path(world, peft_ft, peft_safety, tmp_path_f
 
 def test_outputs_are_deterministic(world, tmp_path):
     for name in ("a", "b"):
-        safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                           out=tmp_path / name, tau=0.5)
+        safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), tmp_path / name,
+                           settings=SafeMergeSettings(tau=0.5))
     for f in ("adapter_model.safetensors", "adapter_config.json", "README.md", "safemerge.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
@@ -192,9 +190,9 @@ def test_existing_output_refused_unless_force(world, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("x")
     with pytest.raises(SafemergeError, match="already exists"):
-        safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out)
+        safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), out)
     assert (out / "keep.txt").exists()
-    safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out,
+    safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), out,
                        options=RunOptions(force=True))
     assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").exists()
 
@@ -209,8 +207,9 @@ def _has_method(name: str) -> bool:
 def test_dense_strategies(world, peft_ft, tmp_path, strategy):
     if not _has_method(strategy):
         pytest.skip(f"merge method {strategy!r} is not registered yet")
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                             out=tmp_path / "ad", strategy=strategy, density=0.7, options=RunOptions(seed=3), tau=0.8)
+    res = safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), tmp_path / "ad",
+                             settings=SafeMergeSettings(strategy=strategy, density=0.7, tau=0.8),
+                             options=RunOptions(seed=3))
     merged = set(res.merged)
     assert merged and set(res.reconstruction_error) == merged
     assert all(0.0 <= e < 1.0 for e in res.reconstruction_error.values())
@@ -220,9 +219,9 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
     card = (tmp_path / "ad" / "README.md").read_text()
     assert "reconstruction" in card.lower() and f"strategy: {strategy}" in card
     # full-model output with the same seed: merged layers equal the registered method on the dense deltas
-    safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                              out=tmp_path / "full", strategy=strategy, density=0.7, options=RunOptions(seed=3),
-                              tau=0.8, merge_into=world.aligned)
+    safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), tmp_path / "full",
+                       settings=SafeMergeSettings(strategy=strategy, density=0.7, tau=0.8), options=RunOptions(seed=3),
+                       merge_into=world.aligned)
     from safemerge.methods.update_merge import merge_dense
 
     got_full, al = Checkpoint(tmp_path / "full"), Checkpoint(world.aligned)
@@ -237,8 +236,8 @@ def test_dense_strategies(world, peft_ft, tmp_path, strategy):
         d = got_full.get(w) - al.get(w)
         assert _rel(got[m], d) == pytest.approx(res.reconstruction_error[m], abs=1e-4)
     # reproducible per seed
-    safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                       out=tmp_path / "ad2", strategy=strategy, density=0.7, options=RunOptions(seed=3), tau=0.8)
+    safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), tmp_path / "ad2",
+                       settings=SafeMergeSettings(strategy=strategy, density=0.7, tau=0.8), options=RunOptions(seed=3))
     weights = "adapter_model.safetensors"
     assert (tmp_path / "ad" / weights).read_bytes() == (tmp_path / "ad2" / weights).read_bytes()
 
@@ -263,8 +262,8 @@ def test_evaluate_hook_goes_into_model_card(world, tmp_path):
         card = "## Safety evaluation\n\n| Suite | Value |\n|---|---|\n| harmful | 25.0% |\n"
         return {"harmful": {"harmful_rate": 0.25}}, card
 
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                             out=tmp_path / "ev", evaluate=fake_eval)
+    res = safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), tmp_path / "ev",
+                             evaluate=fake_eval)
     assert "adapter_model.safetensors" in seen[0]  # evaluated after the weights were written
     card = (tmp_path / "ev" / "README.md").read_text()
     assert "## Safety evaluation" in card and "| harmful | 25.0% |" in card
@@ -274,8 +273,8 @@ def test_evaluate_hook_goes_into_model_card(world, tmp_path):
 def test_safety_gain_and_min_layer_are_exact(world, peft_ft, peft_safety, tmp_path):
     """The two extensions: only blocks ≥ min_layer merge, and they get α ΔW_f + g(1−α) ΔW_s (g = safety_gain)."""
     out = tmp_path / "ext"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety, out=out,
-                             tau=1.0, alpha=0.2, safety_gain=2.0, min_layer=1)
+    res = safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), out,
+                             settings=SafeMergeSettings(tau=1.0, alpha=0.2, safety_gain=2.0, min_layer=1))
     merged = set(res.merged)
     assert merged == {s.module for s in res.scores if s.rho < 1.0 and s.layer is not None and s.layer >= 1}
     assert merged and merged != set(peft_ft)  # block 0 is left alone
@@ -293,7 +292,7 @@ def test_extensions_refused_out_of_range(world, tmp_path):
     from safemerge.errors import SafemergeError
 
     for kw in ({"safety_gain": -1.0}, {"min_layer": -2}):
-        with pytest.raises(SafemergeError):
-            safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                               out=tmp_path / "bad", **kw)
+        with pytest.raises(SafemergeError):  # refused when the settings are built, before anything is read
+            safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety), tmp_path / "bad",
+                               settings=SafeMergeSettings(**kw))
         assert not (tmp_path / "bad").exists()

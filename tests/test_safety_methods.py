@@ -9,6 +9,7 @@ from safemerge.io.checkpoint import Checkpoint
 from safemerge.methods.similarity import rho_materialized
 from safemerge.options import RunOptions
 from safemerge.safety import api
+from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +185,8 @@ def test_qwen2_with_biases(qwen, tmp_path):
         V = al.get(f"{s.module}.weight") - base.get(f"{s.module}.weight")
         assert s.rho == pytest.approx(rho_materialized(V, ft[s.module]), abs=1e-5)
     out = tmp_path / "q"
-    res = api.safemerge_adapters(base=qwen.base, aligned=qwen.aligned, finetuned=qwen.ft, safety=qwen.safety, out=out,
-                                 merge_into=qwen.aligned, tau=0.5)
+    res = api.safemerge_adapters(SafeMergeModels(qwen.base, qwen.aligned, qwen.ft, qwen.safety), out,
+                                 settings=SafeMergeSettings(tau=0.5), merge_into=qwen.aligned)
     got = Checkpoint(out)
     sd = peft_deltas(qwen.aligned, qwen.safety)
     for n in al.names():
@@ -219,8 +220,8 @@ def test_yaml_merge_methods_through_the_engine(world, tmp_path):
     got = merge("sm", {"merge_method": "safemerge", "base_model": str(world.base), "dtype": "float32",
                        "models": [{"model": al}, {"model": ft}, {"model": sf}], "parameters": {"tau": 0.35,
                                                                                                "alpha": 0.8}})
-    ref_dir = api.safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft, safety=world.safety,
-                                     out=tmp_path / "sm_api", merge_into=world.aligned).out
+    ref_dir = api.safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety),
+                                     tmp_path / "sm_api", merge_into=world.aligned).out
     ref = Checkpoint(ref_dir)
     for n in ref.names():
         torch.testing.assert_close(got.get(n), ref.get(n), rtol=1e-5, atol=1e-6)
@@ -228,9 +229,9 @@ def test_yaml_merge_methods_through_the_engine(world, tmp_path):
     got = merge("sm_ext", {"merge_method": "safemerge", "base_model": str(world.base), "dtype": "float32",
                            "models": [{"model": al}, {"model": ft}, {"model": sf}],
                            "parameters": {"tau": 1.0, "alpha": 0.2, "safety_gain": 2.0, "min_layer": 1}})
-    ref = Checkpoint(api.safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.ft,
-                                            safety=world.safety, out=tmp_path / "sm_ext_api", merge_into=world.aligned,
-                                            tau=1.0, alpha=0.2, safety_gain=2.0, min_layer=1).out)
+    extended = SafeMergeSettings(tau=1.0, alpha=0.2, safety_gain=2.0, min_layer=1)
+    ref = Checkpoint(api.safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.ft, world.safety),
+                                            tmp_path / "sm_ext_api", settings=extended, merge_into=world.aligned).out)
     for n in ref.names():
         torch.testing.assert_close(got.get(n), ref.get(n), rtol=1e-5, atol=1e-6)
     got = merge("resta", {"merge_method": "resta", "base_model": str(world.base), "dtype": "float32",

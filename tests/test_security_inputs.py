@@ -74,6 +74,7 @@ def test_custom_code_refused_by_the_python_api_too(tmp_path: Path) -> None:
     from safemerge.errors import CheckpointError
     from safemerge.io.checkpoint import refuse_custom_code
     from safemerge.train.lora import train_lora
+    from safemerge.train.recipe import TrainingRecipe
 
     d = _tiny(tmp_path, "m", 0)
     cfg = json.loads((d / "config.json").read_text())
@@ -81,7 +82,7 @@ def test_custom_code_refused_by_the_python_api_too(tmp_path: Path) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
     (tmp_path / "data.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
     with pytest.raises(CheckpointError, match="custom Python code"):
-        train_lora(d, tmp_path / "data.jsonl", tmp_path / "out", steps=1, options=QUIET)
+        train_lora(d, tmp_path / "data.jsonl", tmp_path / "out", recipe=TrainingRecipe(steps=1), options=QUIET)
     refuse_custom_code(d, trust_remote_code=True)  # the user's explicit choice is honoured
     assert not (tmp_path / "out").exists()
 

@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import json
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from safemerge.errors import ConfigError, SafemergeError
 from safemerge.options import RunOptions
 from safemerge.testing import build_tokenizer, make_tiny_model, save_model
 from safemerge.train.data import load_sft_records
-from safemerge.train.lora import lr_factor, parse_targets, train_lora
+from safemerge.train.lora import lr_factor, train_lora
+from safemerge.train.recipe import LoraShape, TrainingRecipe, parse_targets
 
 QUIET = RunOptions(progress=False)
 
@@ -51,11 +53,14 @@ def data_file(tmp_path_factory) -> Path:
 
 
 def _train(base, data, out, **kw):
+    """``train_lora`` with the tests' recipe; a keyword names a field of LoraShape, TrainingRecipe or train_lora."""
     args = dict(rank=4, alpha=8, targets="all-linear", steps=30, batch_size=4, lr=2e-2, options=QUIET)
     args.update(kw)
+    shape = LoraShape(**{f.name: args.pop(f.name) for f in fields(LoraShape) if f.name in args})
+    recipe = TrainingRecipe(**{f.name: args.pop(f.name) for f in fields(TrainingRecipe) if f.name in args})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return train_lora(base, data, out, **args)
+        return train_lora(base, data, out, shape=shape, recipe=recipe, **args)
 
 
 @pytest.fixture(scope="module")

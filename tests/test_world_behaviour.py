@@ -13,6 +13,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safemerge.demo.world import WORLD_ALPHA, WORLD_TAU, WORLD_UTILITY_MARGIN  # noqa: E402
+from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 
 
 def shared_cache(tmp_path_factory) -> "os.PathLike[str]":
@@ -39,8 +40,8 @@ def measured(world, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("world-eval")
     merged = work / "safemerge"
-    res = safemerge_adapters(base=world.base, aligned=world.aligned, finetuned=world.task, safety=world.safety,
-                             out=merged, tau=WORLD_TAU, alpha=WORLD_ALPHA)
+    res = safemerge_adapters(SafeMergeModels(world.base, world.aligned, world.task, world.safety), merged,
+                             settings=SafeMergeSettings(tau=WORLD_TAU, alpha=WORLD_ALPHA))
 
     def ev(name, adapter=None):
         return evaluate_suites(world.aligned, adapter=adapter, suites=world.eval_sets,

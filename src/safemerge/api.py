@@ -138,7 +138,6 @@ def merge(
     *,
     options: RunOptions | None = None,
     out_shard_size: int | str = 5_000_000_000,
-    progress: bool = True,
     copy_tokenizer: bool = True,
     checkpoints: Mapping[str, Any] | None = None,
     extra_card_sections: Callable[[Path], list[tuple[str, str]]] | None = None,

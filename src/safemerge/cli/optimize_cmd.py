@@ -72,7 +72,7 @@ def optimize_cmd(
     import json
     import time
 
-    from safemerge.optimize.runner import run_optimize
+    from safemerge.optimize.runner import RayPool, run_optimize
     from safemerge.progress import library_progress
 
     started, output = time.perf_counter(), pick_out(out, output)
@@ -86,9 +86,9 @@ def optimize_cmd(
     def evaluator(model: Path, eval_dir: Path) -> dict:  # --eval: runs before OUT is renamed into place
         return sets.evaluate(model, eval_dir, device=device)
 
-    summary = run_optimize(config, output, strategy=strategy, ray=ray, ray_address=ray_address, ray_workers=ray_workers,
-                           resume=resume, save_model=not no_save_model, options=options,
-                           evaluate=evaluator if eval_ else None)
+    pool = RayPool(ray_address, ray_workers) if ray or ray_address else None
+    summary = run_optimize(config, output, strategy=strategy, ray=pool, resume=resume, save_model=not no_save_model,
+                           options=options, evaluate=evaluator if eval_ else None)
     keys = ("strategy", "merge_method", "evaluations", "best_loss", "seconds_per_candidate", "candidates_per_hour")
     if not quiet:
         typer.echo(json.dumps({k: summary.get(k) for k in keys}))

@@ -246,8 +246,8 @@ def safemerge_command(
     from safemerge.io.output import check_output_path
     from safemerge.progress import library_progress
     from safemerge.safety.api import safemerge_adapters
+    from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
     from safemerge.tuning.report import print_pareto
-    from safemerge.tuning.search import SafeMergeModels
 
     started = time.perf_counter()
     options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, dtype=dtype, force=force,
@@ -255,8 +255,9 @@ def safemerge_command(
     library_progress(options.progress, loads_models=eval_ or "auto" in (tau, alpha))
     # fail before a (possibly long) automatic τ/α search
     check_output_path(out, force=options.force, inputs=(base, aligned, finetuned, safety, merge_into))
+    models = SafeMergeModels(base, aligned, finetuned, safety)
     tau, alpha, tuned = resolve_tau_alpha(
-        tau, alpha, SafeMergeModels(base, aligned, finetuned, safety), PromptSets(val_harmful, val_benign, val_utility),
+        tau, alpha, models, PromptSets(val_harmful, val_benign, val_utility),
         search=SearchSettings(harm_margin=harm_margin, refusal_margin=refusal_margin, extensions=not paper_rule_only),
         log=lambda m: typer.echo(m, err=True))
     if tuned is not None:
@@ -266,12 +267,11 @@ def safemerge_command(
                     options=run_options(no_progress=not options.progress), lm_eval_tasks=eval_lm_eval_tasks,
                     lm_eval_include=eval_lm_eval_include)
     ev = _evaluator(eval_, aligned, sets)
+    settings = SafeMergeSettings(tau=tau, alpha=alpha, strategy=strategy, compat=compat, density=density,
+                                 safety_gain=safety_gain, min_layer=min_layer)
     with progress_callback(options.progress) as cb:
-        res = safemerge_adapters(
-            base=base, aligned=aligned, finetuned=finetuned, safety=safety, out=out, tau=tau, alpha=alpha,
-            strategy=strategy, compat=compat, merge_into=merge_into, density=density, safety_gain=safety_gain,
-            min_layer=min_layer, options=options, evaluate=ev, progress=cb,
-        )
+        res = safemerge_adapters(models, out, settings=settings, merge_into=merge_into, options=options, evaluate=ev,
+                                 progress=cb)
     if not quiet:
         _print_scores(res.scores, res.tau, "merged")
     if res.reconstruction_error:

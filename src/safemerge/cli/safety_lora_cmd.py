@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -66,24 +67,14 @@ def safety_lora_cmd(
     """Train the safety LoRA and print its loss and stand-alone evaluation."""
     from rich.console import Console
 
-    from safemerge.train.safety_lora import train_safety_lora
+    from safemerge.evaluate.records import PromptSets
+    from safemerge.train.safety_lora import SAFETY_RECIPE, train_safety_lora
 
-    res = train_safety_lora(
-        aligned,
-        like,
-        out,
-        data=data,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        harmful=eval_harmful,
-        benign=eval_benign,
-        limit=eval_limit,
-        evaluate=not no_eval,
-        distill_benign=distill,
-        precision=precision,
-        options=run_options(seed=seed, force=force),
-    )
+    options = run_options(seed=seed, force=force)
+    recipe = replace(SAFETY_RECIPE, steps=steps, lr=lr, batch_size=batch_size, precision=precision)
+    res = train_safety_lora(aligned, like, out, data=data, recipe=recipe,
+                            sets=PromptSets(harmful=eval_harmful, benign=eval_benign), evaluate=not no_eval,
+                            limit=eval_limit, distill_benign=distill, options=options)
     con = Console()
     con.print(
         f"safety LoRA r={res.rank} targets={res.targets}: {res.n_records['data']} safety records + "

@@ -18,8 +18,8 @@ from safemerge.tuning.grid import SearchSettings
 if TYPE_CHECKING:
     from safemerge.evaluate.records import PromptSets
     from safemerge.evaluate.suites import SuiteSettings
+    from safemerge.safety.settings import SafeMergeModels
     from safemerge.tuning.result import AutotuneResult
-    from safemerge.tuning.search import SafeMergeModels
 
 
 def parse_tau_alpha(tau: str | float, alpha: str | float) -> tuple[float | None, float | None]:

@@ -65,16 +65,16 @@ def train_lora_cmd(
 
     from safemerge.progress import library_progress
     from safemerge.train.lora import TRAINING_LOG, train_lora
+    from safemerge.train.recipe import LoraShape, TrainingRecipe
 
     started = time.perf_counter()
     options = run_options(quiet=quiet, no_progress=no_progress, seed=seed, force=force,
                           trust_remote_code=trust_remote_code)
     library_progress(options.progress)
-    train_lora(
-        model, data, out, rank=rank, alpha=alpha, targets=targets, steps=steps, epochs=epochs,
-        batch_size=batch_size, lr=lr, max_length=max_length, merge=merge, system=system, lora_dropout=lora_dropout,
-        precision=precision, options=options,
-    )
+    shape = LoraShape(rank=rank, alpha=alpha, targets=targets)
+    recipe = TrainingRecipe(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, max_length=max_length,
+                            dropout=lora_dropout, precision=precision)
+    train_lora(model, data, out, shape=shape, recipe=recipe, merge=merge, system=system, options=options)
     log = json.loads((out / TRAINING_LOG).read_text())
     losses = log["losses"]
     echo_summary(out, started,

@@ -30,7 +30,6 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-SPLITS = ("align", "safety", "val", "test")
 # Of each category's 12 harmful goals: 3 for the safety SFT, 3 for the safety LoRA, 2 val, 4 test.
 HARM_SPLIT_SIZES = {"align": 3, "safety": 3, "val": 2, "test": 4}
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from safemerge.options import RunOptions
 from safemerge.repair.pipeline import RepairModels, repair
 from safemerge.safety.api import resta, safelora, safemerge_adapters, scan
 from safemerge.safety.plots import heatmap
+from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 from safemerge.tuning.grid import (
     DEFAULT_ALPHAS,
     DEFAULT_HARM_MARGIN,
@@ -265,8 +266,9 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
             build(path)
         return path
 
+    models = SafeMergeModels(zoo.base, zoo.aligned, task, zoo.safety)
     sm_paper = merged(f"safemerge-tau{PAPER_TAU}-alpha{PAPER_ALPHA}", lambda o: safemerge_adapters(
-        base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety, out=o, tau=PAPER_TAU, alpha=PAPER_ALPHA))
+        models, o, settings=SafeMergeSettings(tau=PAPER_TAU, alpha=PAPER_ALPHA)))
     sl = merged(f"safelora-tau{SAFELORA_TAU}", lambda o: safelora(
         base=zoo.base, aligned=zoo.aligned, finetuned=task, out=o, mode="threshold", tau=SAFELORA_TAU))
     rs = merged(f"resta-beta{RESTA_BETA}", lambda o: resta(
@@ -279,10 +281,10 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
                              alphas=alphas, margin=margin, say=say, progress=progress)
     at = setting.autotune = setting.repair.autotune
     timings[f"{p}repair"] = time.perf_counter() - t
-    gain = at.chosen.safety_gain
-    uniform = merged(f"safemerge-all-layers-alpha{at.alpha:g}" + (f"-gain{gain:g}" if gain != 1.0 else ""),
-                     lambda o: safemerge_adapters(base=zoo.base, aligned=zoo.aligned, finetuned=task, safety=zoo.safety,
-                                                  out=o, tau=ALL_LAYERS_TAU, alpha=at.alpha, safety_gain=gain))
+    control = replace(at.chosen, tau=ALL_LAYERS_TAU, min_layer=0)  # the chosen α and g, on every layer
+    gain = control.safety_gain
+    uniform = merged(f"safemerge-all-layers-alpha{control.alpha:g}" + (f"-gain{gain:g}" if gain != 1.0 else ""),
+                     lambda o: safemerge_adapters(models, o, settings=control.settings()))
     return [
         ModelRow(f"{p}fine-tuned", "aligned + task LoRA", str(zoo.aligned), str(task),
                  _tested(setting.repair, "fine-tuned")),
@@ -290,8 +292,8 @@ def _setting_rows(setting: Setting, *, zoo: Any, work: Path, alphas: tuple[float
                  str(sm_paper)),
         ModelRow(f"{p}SafeMERGE (auto)", f"`safemerge repair`: {at.describe()} (chosen on validation)",
                  str(zoo.aligned), str(setting.repair.out), _tested(setting.repair, "repaired")),
-        ModelRow(f"{p}uniform α", f"α = {at.alpha:g}" + (f", g = {gain:g}" if gain != 1.0 else "")
-                 + " on all layers (paper control: no layer selection)", str(zoo.aligned), str(uniform)),
+        ModelRow(f"{p}uniform α", f"{control.describe()} on all layers (paper control: no layer selection)",
+                 str(zoo.aligned), str(uniform)),
         ModelRow(f"{p}SafeLoRA", f"threshold τ = {SAFELORA_TAU}", str(zoo.aligned), str(sl)),
         ModelRow(f"{p}RESTA", f"β = {RESTA_BETA}", str(rs), None),
     ]

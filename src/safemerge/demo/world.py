@@ -33,6 +33,7 @@ from safemerge.io.output import atomic_output
 from safemerge.options import RunOptions
 from safemerge.testing import build_tokenizer, make_tiny_model, save_model
 from safemerge.train.lora import train_lora
+from safemerge.train.recipe import LoraShape, TrainingRecipe
 from safemerge.train.tokenize import collate, encode_chat_example
 
 WORLD_VERSION = 1
@@ -125,8 +126,8 @@ def full_sft(out: Path, records: list[dict[str, Any]], *, init: Path | None, ste
 def _lora(model: Path, records: list[dict[str, Any]], out: Path, cfg: WorldConfig, *, rank: int, targets: Any,
           steps: int, lr: float, seed: int, merge: bool) -> None:
 
-    train_lora(model, records, out, rank=rank, alpha=2 * rank, targets=targets, steps=steps,
-               batch_size=cfg.lora_batch, lr=lr, max_length=64, merge=merge,
+    train_lora(model, records, out, shape=LoraShape(rank=rank, alpha=2 * rank, targets=targets),
+               recipe=TrainingRecipe(steps=steps, batch_size=cfg.lora_batch, lr=lr, max_length=64), merge=merge,
                options=RunOptions(seed=seed, progress=False))
 
 

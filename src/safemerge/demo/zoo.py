@@ -39,6 +39,7 @@ from safemerge.io.output import atomic_output, atomic_write_text
 from safemerge.options import RunOptions
 from safemerge.train.distill import DISTILL_DTYPE, DISTILL_MAX_NEW_TOKENS, self_distill
 from safemerge.train.lora import train_lora
+from safemerge.train.recipe import LoraShape, TrainingRecipe
 from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENGTH, SAFETY_STEPS, train_safety_lora
 
 # 2: degenerate self-distilled answers are dropped; 3: safety corpus, bf16 self-distillation; 4: refusals dropped
@@ -120,7 +121,9 @@ class ZooPaths:
 
 @dataclass(frozen=True)
 class LoraRecipe:
-    """Hyper-parameters of one ``train_lora`` call (recorded in the step's hash)."""
+    """One zoo training step's hyper-parameters: the fields of the train layer's ``LoraShape`` and
+    ``TrainingRecipe`` it sets, and the run's seed (:func:`train_recipe` builds the three objects). A record of its
+    own because ``asdict`` of it names the step's cache directory: these fields and values must never change."""
 
     rank: int
     alpha: float
@@ -161,18 +164,20 @@ SMOLLM2_AUTOTUNE = {"max_taus": 3, "screen": (32, 24)}
 def train_recipe(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRecipe, *, merge: bool) -> None:
     """``train_lora`` with one of the zoo's recipes (also used by ``bench/recipe_probe.py``)."""
 
-    train_lora(model, records, out, rank=recipe.rank, alpha=recipe.alpha,
-               targets=recipe.targets if isinstance(recipe.targets, str) else list(recipe.targets),
-               steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, max_length=recipe.max_length,
-               merge=merge, precision=recipe.precision, options=RunOptions(seed=recipe.seed))
+    train_lora(model, records, out, shape=LoraShape(rank=recipe.rank, alpha=recipe.alpha, targets=recipe.targets),
+               recipe=TrainingRecipe(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr,
+                                     max_length=recipe.max_length, precision=recipe.precision),
+               merge=merge, options=RunOptions(seed=recipe.seed))
 
 
 def _train_safety(aligned: Path, task: Path, rows: list[dict[str, Any]], out: Path) -> None:
     """``safemerge safety-lora`` with :data:`SAFETY_SETTINGS`, whose ``seed`` goes in the options object."""
 
-    settings = dict(SAFETY_SETTINGS)
-    options = RunOptions(seed=int(settings.pop("seed")))
-    train_safety_lora(aligned, task, out, data=rows, evaluate=False, options=options, **settings)
+    s = SAFETY_SETTINGS
+    recipe = TrainingRecipe(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"],
+                            precision=s["precision"])
+    train_safety_lora(aligned, task, out, data=rows, recipe=recipe, evaluate=False, distill_benign=s["distill_benign"],
+                      options=RunOptions(seed=int(s["seed"])))
 
 
 def _write_rows(out: Path, name: str, rows: list[dict[str, Any]]) -> None:

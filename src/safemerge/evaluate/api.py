@@ -250,10 +250,10 @@ def evaluate(
     lm_eval: LmEvalTasks | None = None,
     answer_ce: bool = False,
     generator: Any = None,
-    tokenizer: Any = None,
     options: RunOptions | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``model`` (path, Hub id, ``MODEL+ADAPTER``, GGUF file or in-memory ``PreTrainedModel`` + ``tokenizer``).
+    """Evaluate ``model`` (path, Hub id, ``MODEL+ADAPTER``, GGUF file, or an in-memory ``PreTrainedModel`` with its
+    ``generator``).
 
     Returns the ``results.json`` object: ``{"model", "adapter", "settings", "harmful": {harmful_rate,
     refusal_rate, n, ci, categories, judge, …}, "benign": {over_refusal_rate, n, ci, …}, "utility":
@@ -261,8 +261,8 @@ def evaluate(
     not requested are absent). Deterministic for the same inputs (greedy decoding, seeded bootstrap).
 
     Args:
-        model: the model (``generator``: a ready generator whose ``identity`` keys the cache; ``tokenizer``: the
-            tokenizer of an in-memory model).
+        model: the model; ``generator``: a ready generator whose ``identity`` keys the cache — the way to
+            evaluate an in-memory model: ``generator=load_generator(model, tokenizer=tok, backend="hf")``.
         sets: the harmful, benign and utility prompt sets (spec strings or :class:`PromptRecord` lists).
         judge: a judge spec (:func:`~safemerge.evaluate.judges.get_judge`) or a :class:`Judge` (one built with
             its own keywords, e.g. ``get_judge("classifier:PATH", harmful_label="toxic")``).
@@ -298,8 +298,7 @@ def evaluate(
     if out_path is not None and out_path.exists() and not out_path.is_dir():
         raise SafemergeError(f"output {out_path} exists and is not a directory", "pass a directory for -o")
     cache = GenerationCache(out_path / "generations.jsonl" if out_path is not None else None)
-    gens = _generations(model, adapter, generator=generator, tokenizer=tokenizer, settings=generation, cache=cache,
-                        options=options)
+    gens = _generations(model, adapter, generator=generator, settings=generation, cache=cache, options=options)
     results = _results_header(model, adapter, gens, batch_size=generation.batch_size, limit=limit, seed=options.seed)
     judgments: list[dict[str, Any]] = []
     for name in (n for n in SUITES if n in suites):
@@ -323,7 +322,7 @@ def evaluate(
     return results
 
 
-def _generations(model: Any, adapter: str | None, *, generator: Any, tokenizer: Any, settings: GenerationSettings,
+def _generations(model: Any, adapter: str | None, *, generator: Any, settings: GenerationSettings,
                  cache: GenerationCache, options: RunOptions) -> _Generations:
     """Cached generation for ``model``: a supplied ``generator`` as is, else one loaded on the first cache miss."""
     backend, device, dtype = settings.backend, settings.device, settings.dtype
@@ -335,7 +334,7 @@ def _generations(model: Any, adapter: str | None, *, generator: Any, tokenizer: 
         dtype_name = generation_dtype(model, dtype, device) if backend_name == "hf" else (dtype or "auto")
 
     def make_generator() -> Any:
-        return load_generator(model, tokenizer=tokenizer, adapter=adapter, backend=backend_name, device=device,
+        return load_generator(model, adapter=adapter, backend=backend_name, device=device,
                               dtype=dtype_name if backend_name == "hf" else dtype, identity=identity,
                               options=options)
 

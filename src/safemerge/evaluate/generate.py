@@ -548,7 +548,7 @@ def load_generator(
     else:
         if tokenizer is None:
             raise SafemergeError("an in-memory model needs its tokenizer",
-                                 "pass tokenizer=... to load_generator/evaluate")
+                                 "pass load_generator(model, tokenizer=...) to evaluate as generator=")
         hf_model, tok = model, tokenizer
     if adapter:
         adapter_path = local_adapter(adapter)

@@ -12,8 +12,13 @@ from safemerge.io.checkpoint import Checkpoint
 from safemerge.io.hub import split_model_ref
 from safemerge.options import RunOptions
 
+OpenedModel = Checkpoint | AdaptedCheckpoint
+"""What :func:`open_checkpoint` returns: a model's tensors, read lazily (with an adapter applied on read)."""
+ModelRef = str | Path
+"""A model reference as the user gives it: a directory, a ``.safetensors`` file, a Hub id or ``MODEL+ADAPTER``."""
 
-def open_checkpoint(ref: str | Path, *, options: RunOptions | None = None) -> Checkpoint | AdaptedCheckpoint:
+
+def open_checkpoint(ref: ModelRef, *, options: RunOptions | None = None) -> OpenedModel:
     """Open a model reference: a directory, a ``.safetensors`` file, a Hub id, or ``MODEL+ADAPTER``.
 
     ``MODEL+ADAPTER`` (mergekit syntax) returns an :class:`~safemerge.io.adapter.AdaptedCheckpoint`

@@ -60,9 +60,15 @@ def _delta_is_zero(d: torch.Tensor) -> bool:
     return not bool(d.abs().max() > 0) if d.numel() else True
 
 
-def _scored(ft: torch.Tensor, name: str | None) -> bool:
-    """Whether a tensor is in the similarity methods' scope: a 2-D weight inside a repeated block."""
-    return ft.ndim == 2 and (name is None or layer_index(name) is not None)
+def _block(name: str | None) -> int | None:
+    """The block index of a tensor name (``None``: outside the repeated blocks, or no name given)."""
+    return None if name is None else layer_index(name)
+
+
+def _scored(ft: torch.Tensor, name: str | None, block: int | None) -> bool:
+    """Whether a tensor is in the similarity methods' scope: a 2-D weight inside a repeated block (``block``: the
+    name's block index, parsed once by the caller; a tensor without a name is scored)."""
+    return ft.ndim == 2 and (name is None or block is not None)
 
 
 def dare(delta: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -107,7 +113,8 @@ def safemerge_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_mod
     ρ = cos(C ΔW_f, ΔW_f) with C = V Vᵀ/‖V‖_F (Hsu et al. 2024, Eq. 2), computed without C.
     """
     aligned, ft, safety = tensors
-    if not _scored(ft, name) or not safemerge_in_scope(layer_index(name or ""), int(params["min_layer"])):
+    block = _block(name)
+    if not _scored(ft, name, block) or not safemerge_in_scope(block, int(params["min_layer"])):
         return ft
     d_f = ft - aligned
     if _delta_is_zero(d_f):
@@ -127,7 +134,7 @@ def safelora_method(tensors: list[torch.Tensor], base: torch.Tensor, *, per_mode
                     name: str | None = None) -> torch.Tensor:
     """SafeLoRA per tensor, threshold mode (Hsu et al. 2024, Eq. 3): ``θ_aligned + C ΔW`` if ρ ≤ τ, else ``θ_ft``."""
     aligned, ft = tensors
-    if not _scored(ft, name):
+    if not _scored(ft, name, _block(name)):
         return ft
     d_f = ft - aligned
     if _delta_is_zero(d_f):

@@ -20,6 +20,7 @@ Torch-free, so the CLI can read the defaults at import time.
 """
 from __future__ import annotations
 
+from safemerge.errors import ConfigError
 from safemerge.methods.registry import Param
 
 _TAU_HELP = "ρ threshold, a cosine in [-1, 1]"
@@ -62,3 +63,20 @@ def safemerge_weights(alpha: float, safety_gain: float = 1.0) -> tuple[float, fl
 def safelora_projects(rho: float, tau: float) -> bool:
     """SafeLoRA's threshold rule (Hsu et al. 2024, §3.2): a layer is projected iff ``ρ ≤ τ``."""
     return rho <= tau
+
+# How SafeMERGE combines the two updates of a merged layer (safemerge.methods.update_merge), and its compatibility
+# mode (PEFT 0.14's factor-wise mixing of equal-rank adapters).
+SAFEMERGE_STRATEGIES = ("linear", "dare_linear", "ties", "dare_ties")
+SAFEMERGE_COMPAT_MODES = ("reference",)
+
+
+def check_strategy(strategy: str, compat: str | None) -> None:
+    """A SafeMERGE ``--strategy`` and ``--compat`` mode that exist and go together (compat: linear only)."""
+    if strategy not in SAFEMERGE_STRATEGIES:
+        raise ConfigError(f"unknown strategy {strategy!r}", f"use one of: {', '.join(SAFEMERGE_STRATEGIES)}")
+    if compat is not None and compat not in SAFEMERGE_COMPAT_MODES:
+        raise ConfigError(f"unknown --compat mode {compat!r}",
+                          "the only mode is 'reference' (PEFT 0.14 factor-wise mixing)")
+    if compat is not None and strategy != "linear":
+        raise ConfigError("--compat reference only applies to --strategy linear",
+                          "drop --compat or use --strategy linear")

@@ -85,37 +85,65 @@ def agrees(delta: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, delta > 0, delta < 0)
 
 
+@dataclass(frozen=True)
+class FamilySettings:
+    """One tensor's resolved settings of a family method: the arguments of
+    :func:`generalized_task_arithmetic` from the registry's ``per_model`` / ``params``, with the
+    method's defaults (:data:`FAMILY`) filled in. The whole-tensor function and the row-block
+    kernel (:mod:`safemerge.methods.task_arithmetic_two_pass`) read them from here."""
+
+    sparsification: str | None
+    consensus: bool
+    weights: list[float]
+    densities: list[float]
+    gammas: list[float]
+    epsilons: list[float]
+    normalize: bool
+    rescale: bool
+    lam: float
+
+    @classmethod
+    def resolve(cls, name: str, per_model: dict[str, list[Any]], params: dict[str, Any], n: int) -> FamilySettings:
+        sparsification, consensus, normalize_default, rescale_default = FAMILY[name]
+
+        def values(key: str, default: float, used: bool) -> list[float]:
+            given = per_model.get(key) if used else None
+            return [float(v) for v in given] if given else [default] * n
+
+        return cls(
+            sparsification=sparsification,
+            consensus=consensus,
+            weights=[float(w) for w in per_model_list(name, per_model, "weight", n)],
+            densities=values("density", 1.0, True),
+            gammas=values("gamma", DEFAULT_GAMMA, sparsification == "magnitude_outliers"),
+            epsilons=values("epsilon", DEFAULT_EPSILON, sparsification == "della_magprune"),
+            normalize=bool(params.get("normalize", normalize_default)),
+            rescale=bool(params.get("rescale", rescale_default)),
+            lam=float(params.get("lambda", 1.0)),
+        )
+
+
 def generalized_task_arithmetic(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor,
-    weights: Sequence[float],
+    settings: FamilySettings,
     *,
-    sparsification: str | None = None,
-    consensus: bool = False,
-    densities: Sequence[float] | None = None,
-    gammas: Sequence[float] | None = None,
-    epsilons: Sequence[float] | None = None,
-    normalize: bool = False,
-    rescale: bool = False,
-    lam: float = 1.0,
     generator: torch.Generator | None = None,
     tie_break: str = "index",
 ) -> torch.Tensor:
     """``θ_base + λ · merge(wᵢ · sparsify(θᵢ − θ_base))`` — see the module docstring for the steps.
 
-    Without consensus the weighted deltas are accumulated one at a time (O(1) temporaries); with
-    consensus the N weighted deltas are kept until the sign is elected. The normaliser is
-    ``Σ wᵢ`` (replaced by 1 when ``|Σ wᵢ| < 1e-8``) without consensus, and the per-entry sum of
+    ``settings``: the family member's sparsification and consensus, the per-model weights, densities, γ and ε,
+    normalisation, rescaling and λ (:class:`FamilySettings`). Without consensus the weighted deltas are accumulated
+    one at a time (O(1) temporaries); with consensus the N weighted deltas are kept until the sign is elected. The
+    normaliser is ``Σ wᵢ`` (replaced by 1 when ``|Σ wᵢ| < 1e-8``) without consensus, and the per-entry sum of
     the agreeing weights (1 where none agree) with consensus, exactly as mergekit 0.1.5.
     """
     base = f32(base)
-    n = len(tensors)
-    if n == 0:
+    if len(tensors) == 0:
         return base.clone()
-    densities = list(densities) if densities is not None else [1.0] * n
-    gammas = list(gammas) if gammas is not None else [DEFAULT_GAMMA] * n
-    epsilons = list(epsilons) if epsilons is not None else [DEFAULT_EPSILON] * n
-    w32 = torch.tensor([float(w) for w in weights], dtype=torch.float32)
+    s = settings
+    w32 = torch.tensor(s.weights, dtype=torch.float32)
 
     owned = isinstance(tensors, InputTensors)
 
@@ -125,13 +153,13 @@ def generalized_task_arithmetic(
         delta = t.sub_(base) if owned and t is tensors[i] and t is not base else t - base
         release(tensors, i)
         delta = sparsify_delta(
-            delta, sparsification, density=float(densities[i]), rescale=rescale,
-            gamma=float(gammas[i]), epsilon=float(epsilons[i]), generator=generator, inplace=True,
+            delta, s.sparsification, density=s.densities[i], rescale=s.rescale,
+            gamma=s.gammas[i], epsilon=s.epsilons[i], generator=generator, inplace=True,
             tie_break=tie_break,
         )
         return delta.mul_(w32[i])
 
-    return merge_weighted_deltas(weighted_delta, w32, base, consensus=consensus, normalize=normalize, lam=lam)
+    return merge_weighted_deltas(weighted_delta, w32, base, consensus=s.consensus, normalize=s.normalize, lam=s.lam)
 
 
 def merge_weighted_deltas(
@@ -207,44 +235,6 @@ def task_arithmetic_family_fn(name: str) -> Callable[..., torch.Tensor]:
     return partial(_family_entry, name)
 
 
-@dataclass(frozen=True)
-class FamilySettings:
-    """One tensor's resolved settings of a family method: the arguments of
-    :func:`generalized_task_arithmetic` from the registry's ``per_model`` / ``params``, with the
-    method's defaults (:data:`FAMILY`) filled in. The whole-tensor function and the row-block
-    kernel (:mod:`safemerge.methods.task_arithmetic_two_pass`) read them from here."""
-
-    sparsification: str | None
-    consensus: bool
-    weights: list[float]
-    densities: list[float]
-    gammas: list[float]
-    epsilons: list[float]
-    normalize: bool
-    rescale: bool
-    lam: float
-
-    @classmethod
-    def resolve(cls, name: str, per_model: dict[str, list[Any]], params: dict[str, Any], n: int) -> FamilySettings:
-        sparsification, consensus, normalize_default, rescale_default = FAMILY[name]
-
-        def values(key: str, default: float, used: bool) -> list[float]:
-            given = per_model.get(key) if used else None
-            return [float(v) for v in given] if given else [default] * n
-
-        return cls(
-            sparsification=sparsification,
-            consensus=consensus,
-            weights=[float(w) for w in per_model_list(name, per_model, "weight", n)],
-            densities=values("density", 1.0, True),
-            gammas=values("gamma", DEFAULT_GAMMA, sparsification == "magnitude_outliers"),
-            epsilons=values("epsilon", DEFAULT_EPSILON, sparsification == "della_magprune"),
-            normalize=bool(params.get("normalize", normalize_default)),
-            rescale=bool(params.get("rescale", rescale_default)),
-            lam=float(params.get("lambda", 1.0)),
-        )
-
-
 def _family_entry(
     name: str,
     tensors: Sequence[torch.Tensor],
@@ -260,9 +250,5 @@ def _family_entry(
     n = len(tensors)
     if n == 0:
         return f32(base).clone()
-    s = FamilySettings.resolve(name, per_model, params, n)
-    return generalized_task_arithmetic(
-        tensors, base, s.weights, sparsification=s.sparsification, consensus=s.consensus, densities=s.densities,
-        gammas=s.gammas, epsilons=s.epsilons, normalize=s.normalize, rescale=s.rescale, lam=s.lam,
-        generator=generator, tie_break=tie_break,
-    )
+    settings = FamilySettings.resolve(name, per_model, params, n)
+    return generalized_task_arithmetic(tensors, base, settings, generator=generator, tie_break=tie_break)

@@ -25,12 +25,9 @@ import math
 
 import torch
 
-from safemerge.errors import ConfigError, SafemergeError
+from safemerge.errors import SafemergeError
 from safemerge.methods.catalog import get_method
 from safemerge.methods.seeding import tensor_generator
-
-STRATEGIES = ("linear", "dare_linear", "ties", "dare_ties")
-COMPAT_MODES = ("reference",)
 
 
 def merge_linear_factors(A_f: torch.Tensor, sB_f: torch.Tensor, A_s: torch.Tensor, sB_s: torch.Tensor,
@@ -111,14 +108,3 @@ def truncate_svd(D: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor
     dn = float(torch.linalg.vector_norm(D.double()))
     err = float(torch.linalg.vector_norm(D.double() - B.double() @ A.double())) / dn if dn > 0 else 0.0
     return A.contiguous(), B.contiguous(), err
-
-
-def check_strategy(strategy: str, compat: str | None) -> None:
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"unknown strategy {strategy!r}", f"use one of: {', '.join(STRATEGIES)}")
-    if compat is not None and compat not in COMPAT_MODES:
-        raise ConfigError(f"unknown --compat mode {compat!r}",
-                          "the only mode is 'reference' (PEFT 0.14 factor-wise mixing)")
-    if compat is not None and strategy != "linear":
-        raise ConfigError("--compat reference only applies to --strategy linear",
-                          "drop --compat or use --strategy linear")

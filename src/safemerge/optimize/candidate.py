@@ -66,11 +66,7 @@ def build_genome(cfg: OptimizeConfig, base_ckpt: Any) -> Genome:
         if parts is not None:
             prefix = parts[0]
             n_layers = max(n_layers, parts[1] + 1)
-    g = cfg.genome
-    return Genome(g.merge_method, g.models, base_model=g.base_model, num_layers=max(1, n_layers), layer_prefix=prefix,
-                  layer_granularity=g.layer_granularity, filters=g.filters, normalize=g.normalize,
-                  allow_negative_weights=g.allow_negative_weights, parameters=g.parameters,
-                  tokenizer_source=g.tokenizer_source, dtype=g.dtype)
+    return Genome(cfg.genome, num_layers=max(1, n_layers), layer_prefix=prefix)
 
 
 class CandidateEvaluator:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from safemerge.errors import ConfigError
+from safemerge.optimize.config import GenomeSection
 
 MIN_DENSITY = 0.01
 #: gene value of a model that a SLERP grid point leaves out (below every pair gene, see ``Genome.pair_vector``)
@@ -108,27 +109,22 @@ class Genome:
     """Genes of one merge method over a model pool, and their decoding into a merge config.
 
     Args:
-        merge_method: one of :data:`METHOD_PARAMS`.
-        models: the pool (for slerp: the base model and one other).
-        base_model: the base (required except for ``linear``).
+        spec: the config's ``genome`` section: ``merge_method`` (one of :data:`METHOD_PARAMS`), the ``models`` pool
+            (for slerp: the base model and one other), ``base_model`` (required except for ``linear``),
+            ``layer_granularity`` (blocks per group, 0 = whole network), ``filters`` (sub-module names directly
+            after the block index, e.g. ``self_attn``, ``mlp``), mergekit-evolve's ``normalize`` and
+            ``allow_negative_weights``, fixed global ``parameters`` written into every config, and the
+            ``tokenizer_source`` and ``dtype`` passed through to it.
         num_layers: number of transformer blocks of the architecture.
         layer_prefix: tensor-name prefix of the blocks (``"model.layers"``).
-        layer_granularity: blocks per group (0 = whole network).
-        filters: sub-module names directly after the block index (e.g. ``self_attn``, ``mlp``).
-        normalize, allow_negative_weights: mergekit-evolve's options.
-        parameters: fixed global parameters written into every config.
-        tokenizer_source, dtype: passed through to the config.
     """
 
-    def __init__(self, merge_method: str, models: Sequence[str], *, base_model: str | None, num_layers: int,
-                 layer_prefix: str = "model.layers", layer_granularity: int = 0, filters: Sequence[str] = (),
-                 normalize: bool = False, allow_negative_weights: bool = False,
-                 parameters: dict[str, Any] | None = None, tokenizer_source: str | None = None,
-                 dtype: str = "float32") -> None:
+    def __init__(self, spec: GenomeSection, *, num_layers: int, layer_prefix: str = "model.layers") -> None:
+        merge_method, filters = spec.merge_method, spec.filters
         if merge_method not in METHOD_PARAMS:
             raise ConfigError(f"merge_method {merge_method!r} cannot be optimised",
                               f"use one of: {', '.join(METHOD_PARAMS)}")
-        if layer_granularity < 0:
+        if spec.layer_granularity < 0:
             raise ConfigError("layer_granularity must be ≥ 0", "use 0 (whole network) or a positive block count")
         if num_layers < 1:
             raise ConfigError("the model has no transformer blocks", "check the base model")
@@ -136,17 +132,17 @@ class Genome:
             if not f.strip("."):
                 raise ConfigError(f"genome filter {f!r} is not a sub-module name", "use names such as self_attn or mlp")
         self.method = merge_method
-        self.models = list(models)
-        self.base_model = base_model
+        self.models = list(spec.models)
+        self.base_model = spec.base_model
         self.num_layers = int(num_layers)
         self.layer_prefix = layer_prefix
-        self.granularity = int(layer_granularity)
+        self.granularity = int(spec.layer_granularity)
         self.filters = [f.strip(".") for f in filters]
-        self.normalize = normalize
-        self.allow_negative_weights = allow_negative_weights
-        self.parameters = dict(parameters or {})
-        self.tokenizer_source = tokenizer_source
-        self.dtype = dtype
+        self.normalize = spec.normalize
+        self.allow_negative_weights = spec.allow_negative_weights
+        self.parameters = dict(spec.parameters)
+        self.tokenizer_source = spec.tokenizer_source
+        self.dtype = spec.dtype
         self.slerp_top2 = merge_method == "slerp" and len(self.models) > 2
         if self.slerp_top2 and self.filters:
             raise ConfigError("slerp over more than two models takes no genome filters",

@@ -93,14 +93,21 @@ def _finalize(work: Path, out: Path, *, force: bool) -> None:
     promote_directory(work, out, force=force)
 
 
+@dataclass(frozen=True)
+class RayPool:
+    """Evaluate candidates on Ray actors: a running cluster's ``address`` (``None``: a local Ray) and the number of
+    ``workers`` (``None``: the config's ``ray.workers``)."""
+
+    address: str | None = None
+    workers: int | None = None
+
+
 def run_optimize(
     config: str | Path | dict[str, Any] | OptimizeConfig,
     out: str | Path,
     *,
     strategy: str | None = None,
-    ray: bool = False,
-    ray_address: str | None = None,
-    ray_workers: int | None = None,
+    ray: RayPool | None = None,
     resume: bool = False,
     save_model: bool = True,
     options: RunOptions | None = None,
@@ -113,7 +120,7 @@ def run_optimize(
         config: optimize YAML path, dict or parsed config.
         out: output directory.
         strategy: ``evomm`` | ``cocktail`` | ``grid`` (overrides the config's ``strategy``).
-        ray / ray_address / ray_workers: evaluate candidates on Ray actors.
+        ray: evaluate candidates on Ray actors (:class:`RayPool`; ``None``: in this process).
         resume: continue an interrupted run of the same config into the same ``out``.
         save_model: also write the merged model to ``out/model``.
         options: ``force`` (replace an existing output and discard an interrupted run), ``device`` of the
@@ -141,21 +148,13 @@ def run_optimize(
                                   inputs=optimize_inputs(cfg, config))
     run = _Run(cfg, work, out_p, resumed=resumed, options=options, save_model=save_model, evaluate=evaluate)
     try:
-        return run.execute(RayPool(ray_address, ray_workers) if ray or ray_address else None, on_generation)
+        return run.execute(ray, on_generation)
     except Exception:
         # an error (not an interruption) leaves nothing behind: a fresh run's work directory goes,
         # a resumed run's checkpoint stays for the next --resume
         if not resumed:
             shutil.rmtree(work, ignore_errors=True)
         raise
-
-
-@dataclass(frozen=True)
-class RayPool:
-    """Where to evaluate candidates on Ray: a cluster address and a worker count (``None``: the config's)."""
-
-    address: str | None
-    workers: int | None
 
 
 @dataclass

@@ -22,7 +22,7 @@ import filecmp
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +40,13 @@ from safemerge.io.hub import resolve_local
 from safemerge.io.output import check_output_path
 from safemerge.options import RunOptions, or_default
 from safemerge.safety.api import safemerge_adapters
-from safemerge.train.safety_lora import train_safety_lora
+from safemerge.safety.settings import SafeMergeModels
+from safemerge.train.recipe import TrainingRecipe
+from safemerge.train.safety_lora import SAFETY_RECIPE, train_safety_lora
 from safemerge.tuning.grid import SearchSettings
 from safemerge.tuning.report import pareto_table, rule_text
 from safemerge.tuning.result import AutotuneResult
-from safemerge.tuning.search import SafeMergeModels, autotune
+from safemerge.tuning.search import autotune
 
 Log = Callable[[str], None]
 DEFAULT_EXTRACT_RANK = 64
@@ -120,9 +122,10 @@ class RepairRecipe:
     safety_steps: int | None = None
     safety_lr: float | None = None
 
-    def safety_overrides(self) -> dict[str, Any]:
-        """``train_safety_lora`` keywords of the recipe values that are set."""
-        return {k: v for k, v in (("steps", self.safety_steps), ("lr", self.safety_lr)) if v is not None}
+    def safety_training(self) -> TrainingRecipe:
+        """The safety LoRA's ``train_safety_lora`` recipe: ``safety-lora``'s, with the values set here."""
+        given = {k: v for k, v in (("steps", self.safety_steps), ("lr", self.safety_lr)) if v is not None}
+        return replace(SAFETY_RECIPE, **given)
 
 
 def repair(
@@ -177,7 +180,8 @@ def repair(
     val_sets = validation.filled(VALIDATION_DEFAULTS)
     tests = test.filled(PromptSets(*TEST_DEFAULTS, utility=validation.utility))
     say("repair: tuning τ and α on the validation sets")
-    tuned = autotune(SafeMergeModels(models.base, models.aligned, task, safety_dir), val_sets, work / "autotune",
+    merged_models = SafeMergeModels(models.base, models.aligned, task, safety_dir)
+    tuned = autotune(merged_models, val_sets, work / "autotune",
                      search=search, settings=settings, log=say, progress=options.progress)
     run = _TestRun(tests.as_suites(), settings, work / "test", options.progress)
 
@@ -207,9 +211,8 @@ def repair(
                                     extracted=extracted, trained_safety=trained)
 
     say(f"repair: writing {out} ({tuned.describe()})")
-    result.merge = safemerge_adapters(base=models.base, aligned=aligned, finetuned=task, safety=safety_dir, out=out,
-                                      merge_into=models.merge_into, options=options, evaluate=evaluate_output,
-                                      **tuned.merge_kwargs())
+    result.merge = safemerge_adapters(merged_models, out, settings=tuned.settings(), merge_into=models.merge_into,
+                                      options=options, evaluate=evaluate_output)
     return result
 
 
@@ -287,8 +290,8 @@ def _safety_adapter(safety: str | Path | None, aligned: str | Path, task: Path, 
     say("repair: training a safety LoRA with the task adapter's rank and targets "
         f"({'the built-in safety corpus' if recipe.safety_data is None else recipe.safety_data})")
     # repair evaluates the final model on its test sets; the safety LoRA's own evaluation is safety-lora's job
-    train_safety_lora(aligned, task, out, data=recipe.safety_data, evaluate=False,
-                      options=RunOptions(progress=progress), **recipe.safety_overrides())
+    train_safety_lora(aligned, task, out, data=recipe.safety_data, recipe=recipe.safety_training(), evaluate=False,
+                      options=RunOptions(progress=progress))
     return out, True
 
 

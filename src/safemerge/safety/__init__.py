@@ -9,6 +9,8 @@
 * :mod:`~safemerge.safety.safelora` — SafeLoRA (Hsu et al. 2024): scoring, projection, writing.
 * :mod:`~safemerge.safety.full_model` — full-model outputs as engine plans (RESTA, MergeAlign,
   SafeLoRA/SafeMERGE ``--merge-into`` and full fine-tunes).
+* :mod:`~safemerge.safety.settings` — what a SafeMERGE merge reads (``SafeMergeModels``) and how it merges
+  (``SafeMergeSettings``), built once by the command line.
 * :mod:`~safemerge.safety.api` — the public functions ``scan``, ``safemerge_adapters``,
   ``safelora``, ``resta`` and ``mergealign``.
 
@@ -29,6 +31,8 @@ _LAZY = {
     "resta": "safemerge.safety.api",
     "mergealign": "safemerge.safety.api",
     "LayerScore": "safemerge.safety.selection",
+    "SafeMergeModels": "safemerge.safety.settings",
+    "SafeMergeSettings": "safemerge.safety.settings",
 }
 
 

@@ -4,8 +4,9 @@
 
     from safemerge.safety import api
     scores = api.scan("base/", "aligned/", ["task-lora/"])   # SafeMERGE's default τ
-    res = api.safemerge_adapters(base="base/", aligned="aligned/", finetuned="task-lora/",
-                                 safety="safety-lora/", out="merged/")
+    res = api.safemerge_adapters(SafeMergeModels(base="base/", aligned="aligned/", finetuned="task-lora/",
+                                                 safety="safety-lora/"), "merged/",
+                                 settings=SafeMergeSettings(tau=0.35, alpha=0.8))
     api.safelora(base=..., aligned=..., finetuned=..., out=..., mode="number", num_layers=10)
     api.resta(unaligned=..., aligned=..., finetuned=..., out=..., beta=0.5)
     api.mergealign(pretrained=..., domain=..., aligned=..., out=..., lambda_domain=0.5, lambda_aligned=0.5)
@@ -25,6 +26,7 @@ from typing import Any
 from safemerge.engine.tensorwise import plan_tensorwise
 from safemerge.errors import ConfigError, SafemergeError
 from safemerge.io.output import atomic_output, check_output_path, write_model_card
+from safemerge.io.references import ModelRef, OpenedModel
 from safemerge.methods.catalog import get_method
 from safemerge.methods.safety_params import (
     MERGEALIGN_LAMBDA_ALIGNED,
@@ -33,13 +35,8 @@ from safemerge.methods.safety_params import (
     RESTA_DENSITY,
     SAFELORA_NUM_LAYERS,
     SAFELORA_TAU,
-    SAFEMERGE_ALPHA,
-    SAFEMERGE_DENSITY,
-    SAFEMERGE_MIN_LAYER,
-    SAFEMERGE_SAFETY_GAIN,
     SAFEMERGE_TAU,
 )
-from safemerge.methods.update_merge import check_strategy
 from safemerge.options import RunOptions, or_default
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource, carried_over_parts, open_deltas
 from safemerge.safety.full_model import open_ref, write_model
@@ -48,6 +45,7 @@ from safemerge.safety.results import SafeLoRAResult, SafeMergeResult
 from safemerge.safety.safelora import run_safelora
 from safemerge.safety.scoring import score_sources
 from safemerge.safety.selection import LayerScore, mark, select_below
+from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 from safemerge.safety.subspace import SafetySubspace, open_model
 from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
@@ -59,7 +57,7 @@ def _noop(stage: str, done: int, total: int) -> None:  # pragma: no cover - triv
     return None
 
 
-def _as_list(x: Any) -> list[Any]:
+def _as_list(x: ModelRef | Sequence[ModelRef]) -> list[ModelRef]:
     if isinstance(x, (str, Path)):
         return [x]
     return list(x)
@@ -125,20 +123,11 @@ def scan(
 
 # --------------------------------------------------------------------------- SafeMERGE
 def safemerge_adapters(
-    *,
-    base: str | Path,
-    aligned: str | Path,
-    finetuned: str | Path,
-    safety: str | Path,
+    models: SafeMergeModels,
     out: str | Path,
-    tau: float = SAFEMERGE_TAU.default,
-    alpha: float = SAFEMERGE_ALPHA.default,
-    strategy: str = "linear",
-    compat: str | None = None,
+    *,
+    settings: SafeMergeSettings = SafeMergeSettings(),
     merge_into: str | Path | None = None,
-    density: float = SAFEMERGE_DENSITY.default,
-    safety_gain: float = SAFEMERGE_SAFETY_GAIN.default,
-    min_layer: int = SAFEMERGE_MIN_LAYER.default,
     options: RunOptions | None = None,
     evaluate: Callable[[Path], tuple[Any, str]] | None = None,
     progress: Progress | None = None,
@@ -149,46 +138,38 @@ def safemerge_adapters(
     (see :mod:`safemerge.methods.update_merge` for the strategies and ``compat="reference"``).
 
     Args:
-        base, aligned: unaligned base and aligned model directories (the safety subspace).
-        finetuned, safety: the task and safety updates — PEFT adapters trained on ``aligned``,
-            or full fine-tuned model directories.
+        models: the unaligned ``base`` and ``aligned`` model directories (the safety subspace), the task
+            (``finetuned``) and ``safety`` updates — PEFT adapters trained on ``aligned``, or full fine-tuned
+            model directories.
         out: output directory (adapter, or full model with ``merge_into`` / full-model inputs).
-        tau: ρ threshold ∈ [−1, 1] (default: the reference code's, ``SAFEMERGE_TAU``).
-        alpha: weight of the task update ∈ [0, 1] (default ``SAFEMERGE_ALPHA``).
-        strategy: ``linear`` | ``dare_linear`` | ``ties`` | ``dare_ties``.
-        compat: ``"reference"`` for PEFT 0.14 factor-wise mixing (linear only, equal ranks).
+        settings: τ (merge where ρ < τ), α (weight of the task update), ``strategy`` (``linear`` |
+            ``dare_linear`` | ``ties`` | ``dare_ties``), ``density`` (keep fraction for DARE/TIES), ``compat``
+            (``"reference"``: PEFT 0.14 factor-wise mixing, linear only, equal ranks) and the extensions
+            ``safety_gain`` g (merged layers get ``α ΔW_f + g(1−α) ΔW_s``; 1: the paper's convex weights) and
+            ``min_layer`` (merge only blocks ``≥ min_layer``; 0: every block, the paper), measured on the demo in
+            docs/demo.md. Default: the reference code's τ = 0.35, α = 0.8.
         merge_into: write a full model: this model's tensors plus the merged update.
-        density: keep fraction for DARE/TIES.
-        safety_gain: g, merged layers get ``α ΔW_f + g(1−α) ΔW_s`` (1: the paper's convex weights).
-        min_layer: merge only layers of blocks ``≥ min_layer`` (0: every block, the paper). Both extensions
-            are measured on the demo in docs/demo.md.
         options: ``seed`` of DARE (per-tensor generators, :mod:`safemerge.methods.seeding`), ``dtype`` of
             the output (default: the inputs'), ``force``, ``allow_pickle``, ``allow_nonfinite``.
         evaluate: optional ``evaluate(out_tmp_dir) -> (results, markdown)``; the markdown goes
             into the model card.
+        progress: ``progress(stage, done, total)`` of the scoring and writing stages.
 
     Returns a :class:`SafeMergeResult`.
     """
 
     options = or_default(options)
-    tau = SAFEMERGE_TAU.check(tau, "--tau")
-    alpha = SAFEMERGE_ALPHA.check(alpha, "--alpha")
-    safety_gain = SAFEMERGE_SAFETY_GAIN.check(safety_gain, "--safety-gain")
-    min_layer = SAFEMERGE_MIN_LAYER.check(min_layer, "--min-layer")
-    check_strategy(strategy, compat)
-    if strategy != "linear":
-        density = SAFEMERGE_DENSITY.check(density, "--density")
     torch_dtype(options.dtype)
-    inputs = (base, aligned, finetuned, safety, merge_into)
+    inputs = (models.base, models.aligned, models.finetuned, models.safety, merge_into)
     check_output_path(out, force=options.force, inputs=inputs)
     cb = progress or _noop
 
-    sub = SafetySubspace(base, aligned, options=options)
-    ft = open_deltas(finetuned, sub, role="--finetuned", options=options)
-    sf = open_deltas(safety, sub, targets=None, role="--safety", options=options)
+    sub = SafetySubspace(models.base, models.aligned, options=options)
+    ft = open_deltas(models.finetuned, sub, role="--finetuned", options=options)
+    sf = open_deltas(models.safety, sub, targets=None, role="--safety", options=options)
     target = open_model(merge_into, role="merge-into", options=options) if merge_into is not None else None
 
-    output = _output_kind(ft, sf, target, compat)
+    output = _output_kind(ft, sf, target, settings.compat)
     n_mod = len(ft.modules)
     done = [0]
 
@@ -197,31 +178,22 @@ def safemerge_adapters(
         cb("score", done[0], n_mod)
 
     scores = score_sources(sub, [ft], on_module=tick)[0]
-    mark(scores, select_below(scores, tau, strict=True, min_layer=min_layer))
+    mark(scores, select_below(scores, settings.tau, strict=True, min_layer=settings.min_layer))
     merged = {s.module for s in scores if s.merged}
-    ignored = _ignored_safety_parts(ft, sf)
-    carried = carried_over_parts(ft, target if target is not None else sub.aligned)
-    if compat is not None:
+    if settings.compat is not None:
         _check_equal_ranks(ft, sf)
 
-    result = SafeMergeResult(
-        out=Path(out), output=output, scores=scores, tau=tau, alpha=alpha, strategy=strategy, compat=compat,
-        seed=options.seed, density=density if strategy != "linear" else None, safety_gain=safety_gain,
-        min_layer=min_layer, ignored_safety_modules=ignored, carried_over=carried,
-    )
-
+    result = SafeMergeResult.of(Path(out), output, scores, settings, seed=options.seed,
+                                ignored_safety_modules=_ignored_safety_parts(ft, sf),
+                                carried_over=carried_over_parts(ft, target if target is not None else sub.aligned))
+    updates = build_layer_update(ft, sf, merged, settings, seed=options.seed)
     with atomic_output(out, force=options.force, inputs=inputs) as tmp:
-        write_safemerge_output(
-            tmp, result, ft=ft, sf=sf, merged=merged, target=target, aligned=sub.aligned, options=options,
-            update_fn=build_layer_update(ft, sf, merged, alpha=alpha, strategy=strategy, compat=compat,
-                                         density=density, seed=options.seed, safety_gain=safety_gain),
-            progress=cb, finetuned=finetuned, safety=safety, base=base, aligned_path=aligned,
-            evaluate=evaluate,
-        )
+        write_safemerge_output(tmp, result, ft, updates, models=models, target=target, aligned=sub.aligned,
+                               options=options, progress=cb, evaluate=evaluate)
     return result
 
 
-def _output_kind(ft: DeltaSource, sf: DeltaSource, target: Any, compat: str | None) -> str:
+def _output_kind(ft: DeltaSource, sf: DeltaSource, target: OpenedModel | None, compat: str | None) -> str:
     """``"adapter"`` (two LoRAs, no ``--merge-into``) or ``"model"``; refuses combinations that cannot be written."""
     both_adapters = isinstance(ft, AdapterDeltas) and isinstance(sf, AdapterDeltas)
     if compat is not None and not both_adapters:

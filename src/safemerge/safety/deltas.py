@@ -11,7 +11,6 @@ model's shapes before any arithmetic (a wrong base model is a user error, not a 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -19,7 +18,7 @@ from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.io.adapter import load_adapter
 from safemerge.io.checkpoint import layer_index
 from safemerge.io.hub import resolve_local, split_model_ref
-from safemerge.io.references import open_checkpoint
+from safemerge.io.references import OpenedModel, open_checkpoint
 from safemerge.options import RunOptions
 from safemerge.safety.subspace import SafetySubspace
 
@@ -148,7 +147,7 @@ class ModelDeltas(DeltaSource):
         return self.ckpt.get(w) - self.aligned.get(w)
 
 
-def carried_over_parts(src: DeltaSource, model: Any, *, role: str = "--finetuned") -> dict[str, str]:
+def carried_over_parts(src: DeltaSource, model: OpenedModel, *, role: str = "--finetuned") -> dict[str, str]:
     """The fine-tuned adapter's non-LoRA parts, checked so that they can be carried over unchanged.
 
     ``modules_to_save`` (e.g. ``lm_head``), LoRA biases (``bias="lora_only"``/``"all"``) and

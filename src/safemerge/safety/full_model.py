@@ -10,18 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 from safemerge.engine.plan import MergePlan
 from safemerge.engine.tensorwise import Float32Reads, TensorUpdate, plan_tensorwise, update_method, write_plan
 from safemerge.errors import CheckpointError
 from safemerge.io.hub import resolve_local, split_model_ref
 from safemerge.io.output import copy_model_files
-from safemerge.io.references import open_checkpoint
+from safemerge.io.references import ModelRef, OpenedModel, open_checkpoint
 from safemerge.options import RunOptions, or_default
 
 
-def open_ref(ref: Any, *, on: Any = None, options: RunOptions | None, role: str) -> Any:
+def open_ref(ref: ModelRef, *, on: ModelRef | None = None, options: RunOptions | None, role: str) -> OpenedModel:
     """A model dir, ``MODEL+ADAPTER``, or an adapter dir applied to ``on`` (a model path)."""
     if split_model_ref(str(ref))[1] is not None:
         return open_checkpoint(str(ref), options=options)
@@ -40,7 +39,7 @@ SAFETY_JOBS = 1
 at a time (the commands have no ``-j`` yet; the bits do not depend on it)."""
 
 
-def write_model(tmp: Path, plan: MergePlan, ckpts: Mapping[str, Any], *, options: RunOptions | None = None,
+def write_model(tmp: Path, plan: MergePlan, ckpts: Mapping[str, OpenedModel], *, options: RunOptions | None = None,
                 progress: Callable[[int, int], None] | None = None) -> None:
     """Run ``plan`` into ``tmp`` (float32 reads, see :class:`Float32Reads`) and copy the reference model's files.
 
@@ -52,7 +51,7 @@ def write_model(tmp: Path, plan: MergePlan, ckpts: Mapping[str, Any], *, options
     copy_model_files(src if src.is_dir() else src.parent, tmp)
 
 
-def write_updated_model(tmp: Path, model: Any, update: TensorUpdate, *, method: str,
+def write_updated_model(tmp: Path, model: OpenedModel, update: TensorUpdate, *, method: str,
                         options: RunOptions | None = None, progress: Callable[[int, int], None] | None = None) -> None:
     """Every tensor of ``model`` into ``tmp``, replaced by ``update(name, tensor)`` where that is not ``None``
     (stored in ``options.dtype``, default the model's)."""

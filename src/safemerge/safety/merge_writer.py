@@ -17,12 +17,14 @@ from safemerge.engine.tensorwise import TensorUpdate
 from safemerge.errors import CheckpointError
 from safemerge.io.adapter import save_adapter
 from safemerge.io.output import markdown_section, md_escape, write_model_card
+from safemerge.io.references import ModelRef, OpenedModel
 from safemerge.methods.safety_params import safemerge_weights
 from safemerge.methods.update_merge import merge_dense, merge_linear_factors, merge_reference_factors, truncate_svd
 from safemerge.options import RunOptions
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource
 from safemerge.safety.full_model import write_updated_model
 from safemerge.safety.results import SafeMergeResult
+from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 from safemerge.safety.writing import (
     adapter_update_fn,
     carried_over_section,
@@ -52,16 +54,17 @@ class LayerUpdate:
 
 
 def build_layer_update(
-    ft: DeltaSource, sf: DeltaSource, merged: set[str], *, alpha: float, strategy: str, compat: str | None,
-    density: float, seed: int | None, safety_gain: float = 1.0,
+    ft: DeltaSource, sf: DeltaSource, merged: set[str], settings: SafeMergeSettings, *, seed: int | None,
 ) -> Callable[[str], LayerUpdate]:
-    """Return ``module → LayerUpdate`` implementing SafeMERGE's rule for one strategy.
+    """Return ``module → LayerUpdate`` implementing SafeMERGE's rule for ``settings.strategy``.
 
-    Merged modules (ρ < τ) get ``α ΔW_f + g(1−α) ΔW_s`` (g = ``safety_gain``, 1 in the paper; ``ΔW_s = 0``
+    Merged modules (ρ < τ) get ``α ΔW_f + g(1−α) ΔW_s`` (g = ``settings.safety_gain``, 1 in the paper; ``ΔW_s = 0``
     where the safety adapter does not adapt the module, as PEFT's weighted merge does); others keep ``ΔW_f``.
+    ``seed``: the DARE strategies' per-tensor generators.
     """
     sf_mods = set(sf.modules)
-    w_f, w_s = safemerge_weights(alpha, safety_gain)
+    w_f, w_s = safemerge_weights(settings.alpha, settings.safety_gain)
+    strategy, compat, density = settings.strategy, settings.compat, settings.density
 
     def raw(src: AdapterDeltas, m: str) -> tuple[torch.Tensor, torch.Tensor, float]:
         mod = src.adapter[m]
@@ -112,7 +115,7 @@ def _rule_sentence(result: SafeMergeResult) -> str:
             f"V = W_aligned − W_base, is below τ{where} were replaced by {update}; all other layers keep ΔW_f.")
 
 
-def _card(result: SafeMergeResult, *, finetuned: Any, safety: Any, base: Any, aligned: Any, merge_into: Any,
+def _card(result: SafeMergeResult, models: SafeMergeModels, *, merge_into: str | Path | None,
           eval_md: str | None) -> tuple[dict, list]:
     params = [
         ("method", "SafeMERGE (Djuhera et al. 2025)"),
@@ -123,10 +126,10 @@ def _card(result: SafeMergeResult, *, finetuned: Any, safety: Any, base: Any, al
         ("compat", result.compat or "none (exact α ΔW_f + (1−α) ΔW_s)"),
         ("seed", result.seed),
         ("density", result.density),
-        ("base (unaligned)", str(base)),
-        ("aligned", str(aligned)),
-        ("fine-tuned", str(finetuned)),
-        ("safety", str(safety)),
+        ("base (unaligned)", str(models.base)),
+        ("aligned", str(models.aligned)),
+        ("fine-tuned", str(models.finetuned)),
+        ("safety", str(models.safety)),
         ("merge-into", str(merge_into) if merge_into is not None else "none"),
         ("layers merged", f"{len(result.merged)} of {len(result.scores)}"),
     ]
@@ -158,7 +161,7 @@ LayerUpdates = Callable[[str], LayerUpdate]
 
 
 def _write_adapter(tmp: Path, result: SafeMergeResult, ft: AdapterDeltas, update_fn: LayerUpdates, *,
-                   dtype: str | None, aligned_path: Any, progress: Progress) -> str:
+                   dtype: str | None, aligned_path: ModelRef, progress: Progress) -> str:
     """The merged adapter: exact factors, or dense layers truncated back to rank r_f + r_s by SVD.
 
     Records each truncated layer's relative error and rank in ``result``; returns the card's base model.
@@ -181,7 +184,7 @@ def _write_adapter(tmp: Path, result: SafeMergeResult, ft: AdapterDeltas, update
     return base_name
 
 
-def _check_target(model: Any, aligned: Any, modules: list[str]) -> None:
+def _check_target(model: OpenedModel, aligned: OpenedModel, modules: list[str]) -> None:
     """Every merged module's weight exists in the written model with the aligned model's shape."""
     for m in modules:
         w = f"{m}.weight"
@@ -214,29 +217,32 @@ def _model_update(ft: DeltaSource, merged: set[str], update_fn: LayerUpdates, *,
 
 
 def write_safemerge_output(
-    tmp: Path, result: SafeMergeResult, *, ft: DeltaSource, sf: DeltaSource, merged: set[str], target: Any,
-    aligned: Any, options: RunOptions, update_fn: LayerUpdates, progress: Progress, finetuned: Any, safety: Any,
-    base: Any, aligned_path: Any, evaluate: Callable[[Path], tuple[Any, str]] | None = None,
+    tmp: Path, result: SafeMergeResult, ft: DeltaSource, update_fn: LayerUpdates, *, models: SafeMergeModels,
+    target: OpenedModel | None, aligned: OpenedModel, options: RunOptions, progress: Progress,
+    evaluate: Callable[[Path], tuple[Any, str]] | None = None,
 ) -> None:
-    """Write the adapter (exact factors / truncated SVD) or the full model (an engine plan), then the model card;
-    weights in ``options.dtype`` (default: the inputs')."""
+    """Write the adapter (exact factors / truncated SVD) or the full model (an engine plan), then the model card.
+
+    ``update_fn`` gives each module of ``ft`` its final ΔW (:func:`build_layer_update`; the layers merged are
+    ``result.merged``); ``target`` is the ``--merge-into`` model or ``None``, ``aligned`` the aligned checkpoint
+    (shapes checked against it), ``models`` the inputs named in the card. Weights in ``options.dtype`` (default:
+    the inputs')."""
     result.svd_ranks = {}
     if result.output == "adapter":
         assert isinstance(ft, AdapterDeltas)
-        base_model_card = _write_adapter(tmp, result, ft, update_fn, dtype=options.dtype, aligned_path=aligned_path,
-                                         progress=progress)
+        base_model_card = _write_adapter(tmp, result, ft, update_fn, dtype=options.dtype,
+                                         aligned_path=models.aligned, progress=progress)
     else:
         model = ft.ckpt if target is None else target  # type: ignore[attr-defined]
         _check_target(model, aligned, list(ft.modules))
-        update = _model_update(ft, merged, update_fn, onto_ft=target is None)
+        update = _model_update(ft, set(result.merged), update_fn, onto_ft=target is None)
         write_updated_model(tmp, model, adapter_update_fn(ft, update), method="safemerge", options=options,
                             progress=lambda d, n: progress("write", d, n))
         base_model_card = str(model.path)
     eval_md = None
     if evaluate is not None:
         result.evaluation, eval_md = evaluate(tmp)
-    fm, sections = _card(result, finetuned=finetuned, safety=safety, base=base, aligned=aligned_path,
-                         merge_into=None if target is None else target.path, eval_md=eval_md)
+    fm, sections = _card(result, models, merge_into=None if target is None else target.path, eval_md=eval_md)
     adapter = result.output == "adapter"
     write_model_card(tmp, title="SafeMERGE merge", base_model=base_model_card,
                      tags=["safemerge", "safety", "lora" if adapter else "merge"], front_matter=fm, sections=sections,

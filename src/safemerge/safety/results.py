@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.safety.selection import LayerScore
+from safemerge.safety.settings import SafeMergeSettings
 
 
 @dataclass
@@ -39,6 +40,16 @@ class SafeMergeResult:
     ignored_safety_modules: list[str] = field(default_factory=list)
     carried_over: dict[str, str] = field(default_factory=dict)
     evaluation: Any = None
+
+    @classmethod
+    def of(cls, out: Path, output: str, scores: list[LayerScore], settings: SafeMergeSettings, *, seed: int | None,
+           ignored_safety_modules: list[str], carried_over: dict[str, str]) -> SafeMergeResult:
+        """The result of a merge with ``settings`` (``density`` recorded for the DARE/TIES strategies only)."""
+        return cls(out=out, output=output, scores=scores, tau=settings.tau, alpha=settings.alpha,
+                   strategy=settings.strategy, compat=settings.compat, seed=seed,
+                   density=settings.density if settings.strategy != "linear" else None,
+                   safety_gain=settings.safety_gain, min_layer=settings.min_layer,
+                   ignored_safety_modules=ignored_safety_modules, carried_over=carried_over)
 
     def _svd_error(self, module: str) -> dict[str, float]:
         err = self.reconstruction_error.get(module)

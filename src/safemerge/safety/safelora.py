@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -20,6 +19,7 @@ from safemerge.engine.tensorwise import TensorUpdate
 from safemerge.errors import SafemergeError
 from safemerge.io.adapter import save_adapter
 from safemerge.io.output import write_model_card
+from safemerge.io.references import ModelRef
 from safemerge.methods.similarity import project_dense, rho_dense, rho_lowrank
 from safemerge.options import RunOptions
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource, carried_over_parts, open_deltas
@@ -81,7 +81,7 @@ def _final_factors(ft: AdapterDeltas, chosen: set[str], projected: dict[str, tor
 
 
 def _write_adapter(tmp: Path, ft: AdapterDeltas, chosen: set[str], projected: dict[str, torch.Tensor], *,
-                   dtype: str | None, finetuned: Any, aligned: Any) -> str:
+                   dtype: str | None, finetuned: ModelRef, aligned: ModelRef) -> str:
     """The projected adapter (exact factors, ``A`` unchanged); returns the base model named in the card."""
     factors = {m: _final_factors(ft, chosen, projected, m) for m in ft.modules}
     base_name = ft.adapter.base_model_name_or_path or str(aligned)
@@ -118,7 +118,7 @@ def _model_update(sub: SafetySubspace, ft: DeltaSource, chosen: set[str], projec
 
 
 def _write_card(tmp: Path, res: SafeLoRAResult, chosen: set[str], *, num_layers: int, card_base: str,
-                base: Any, aligned: Any, finetuned: Any) -> None:
+                base: ModelRef, aligned: ModelRef, finetuned: ModelRef) -> None:
     mode, used_tau = res.mode, res.tau
     params = [("method", "SafeLoRA (Hsu et al. 2024)"), ("mode", mode),
               ("tau" + (" (K-th smallest ρ)" if mode == "number" else " (project where ρ ≤ τ)"), f"{used_tau:.6g}"),
@@ -138,8 +138,8 @@ def _write_card(tmp: Path, res: SafeLoRAResult, chosen: set[str], *, num_layers:
 
 
 def run_safelora(
-    tmp: Path, *, base: Any, aligned: Any, finetuned: Any, mode: str, tau: float, num_layers: int,
-    merge_into: Any, options: RunOptions, progress: Progress,
+    tmp: Path, *, base: ModelRef, aligned: ModelRef, finetuned: ModelRef, mode: str, tau: float, num_layers: int,
+    merge_into: ModelRef | None, options: RunOptions, progress: Progress,
 ) -> SafeLoRAResult:
     """Score, select, project and write (adapter, or full model with ``merge_into`` / full-model input)
     in ``options.dtype`` (default: the inputs')."""

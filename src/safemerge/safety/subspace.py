@@ -14,17 +14,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from safemerge.errors import CheckpointError, SafemergeError
 from safemerge.io.checkpoint import layer_index
-from safemerge.io.references import open_checkpoint
+from safemerge.io.references import ModelRef, OpenedModel, open_checkpoint
 from safemerge.options import RunOptions
 
 
-def open_model(ref: Any, *, options: RunOptions | None = None, role: str = "model") -> Any:
+def open_model(ref: ModelRef | OpenedModel, *, options: RunOptions | None = None, role: str = "model") -> OpenedModel:
     """Open a model directory, Hub id or ``MODEL+ADAPTER`` (or pass a Checkpoint through), naming ``role`` in errors."""
     if hasattr(ref, "get") and hasattr(ref, "shape"):
         return ref
@@ -64,7 +63,8 @@ class SafetySubspace:
         options: ``allow_pickle`` (``.bin`` checkpoints), ``allow_nonfinite``.
     """
 
-    def __init__(self, base: Any, aligned: Any, *, options: RunOptions | None = None) -> None:
+    def __init__(self, base: ModelRef | OpenedModel, aligned: ModelRef | OpenedModel, *,
+                 options: RunOptions | None = None) -> None:
         self.base = open_model(base, options=options, role="base")
         self.aligned = open_model(aligned, options=options, role="aligned")
         ab, aa = self.base.architecture, self.aligned.architecture

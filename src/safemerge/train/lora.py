@@ -40,28 +40,12 @@ from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 from safemerge.options import RunOptions, or_default
 from safemerge.progress import progress_bar
 from safemerge.train.data import load_sft_records
+from safemerge.train.recipe import LoraShape, TrainingRecipe
 from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
 
-ALL_LINEAR = "all-linear"
-DEFAULT_TARGETS = ("q_proj", "v_proj")
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
 TRAINING_LOG = "training_log.json"
-
-
-def parse_targets(targets: str | Sequence[str]) -> str | list[str]:
-    """``"q_proj,v_proj"`` → ``["q_proj", "v_proj"]``; ``"all-linear"`` stays a string (PEFT's keyword)."""
-    if isinstance(targets, str):
-        if targets.strip() == ALL_LINEAR:
-            return ALL_LINEAR
-        items = [t.strip() for t in targets.split(",") if t.strip()]
-    else:
-        items = [str(t).strip() for t in targets if str(t).strip()]
-        if items == [ALL_LINEAR]:
-            return ALL_LINEAR
-    if not items:
-        raise ConfigError("no LoRA target modules given", "pass --targets q_proj,v_proj or --targets all-linear")
-    return items
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -73,27 +57,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / (warmup + 1)
     return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def _check_hparams(rank: int, alpha: float, steps: int | None, epochs: float | None, batch_size: int, lr: float,
-                   max_length: int) -> None:
-    if steps is not None and epochs is not None:
-        raise ConfigError("--steps and --epochs are mutually exclusive", "pass only one of them")
-    checks = [
-        (rank, "rank", "--rank"), (batch_size, "batch size", "--batch-size"), (max_length, "max length",
-                                                                               "--max-length"),
-    ]
-    for value, name, flag in checks:
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}", f"pass a positive {flag}")
-    if not alpha > 0:
-        raise ConfigError(f"alpha must be positive, got {alpha!r}", "pass a positive --alpha")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"learning rate must be positive, got {lr!r}", "pass a positive --lr such as 3e-4")
-    if steps is not None and (not isinstance(steps, int) or steps <= 0):
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}", "pass a positive --steps")
-    if epochs is not None and not epochs > 0:
-        raise ConfigError(f"epochs must be positive, got {epochs!r}", "pass a positive --epochs")
 
 
 def _load_model_and_tokenizer(model: str | Path, trust_remote_code: bool = False):
@@ -204,18 +167,10 @@ def train_lora(
     data: str | Path | Iterable[Any],
     out_dir: str | Path,
     *,
-    rank: int = 8,
-    alpha: float = 16,
-    targets: str | Sequence[str] = DEFAULT_TARGETS,
-    steps: int | None = None,
-    epochs: float | None = None,
-    batch_size: int = 8,
-    lr: float = 3e-4,
-    max_length: int = 256,
+    shape: LoraShape = LoraShape(),
+    recipe: TrainingRecipe = TrainingRecipe(),
     merge: bool = False,
     system: str | None = None,
-    lora_dropout: float = 0.0,
-    precision: str | None = None,
     options: RunOptions | None = None,
 ) -> Path:
     """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
@@ -227,21 +182,19 @@ def train_lora(
         data: JSONL/JSON file or iterable of records (prompt/response, instruction/input/output,
             question/answer or messages — see :mod:`safemerge.train.data`).
         out_dir: output directory, written atomically.
-        rank, alpha: LoRA rank ``r`` and ``lora_alpha`` (scaling ``α/r``).
-        targets: module names (``("q_proj", "v_proj")``, ``"q_proj,v_proj"``) or ``"all-linear"``.
-        steps: number of optimiser steps; or ``epochs`` (may be fractional). Default: 1 epoch.
-        batch_size, lr, max_length: batch size, peak learning rate, tokens per example.
+        shape: the adapter: rank ``r``, ``lora_alpha`` (scaling ``α/r``), target module names or
+            ``"all-linear"`` (:class:`~safemerge.train.recipe.LoraShape`).
+        recipe: steps or epochs (default: 1 epoch), batch size, peak learning rate, tokens per example, LoRA
+            dropout and precision (:class:`~safemerge.train.recipe.TrainingRecipe`). ``precision``: float32
+            (default), bfloat16 or ``"auto"`` (the evaluation default of
+            :func:`safemerge.evaluate.generate.resolve_dtype`: bf16 where the CPU has it natively); bfloat16 runs
+            forward and backward under ``torch.autocast``; the LoRA and base weights, the optimiser state and
+            the loss stay float32.
         merge: write a full model with ``W + (α/r) B A`` merged into the weights (stored in the
             base model's dtype) instead of the adapter.
         system: optional system message added to every example.
-        lora_dropout: dropout on the LoRA input during training (PEFT's ``lora_dropout``); its
-            masks come from the seeded global generator, so runs stay byte-identical.
-        precision: ``float32`` (default), ``bfloat16`` or ``"auto"`` (the evaluation default of
-            :func:`safemerge.evaluate.generate.resolve_dtype`: bf16 where the CPU has it natively).
-            bfloat16 runs forward and backward under ``torch.autocast``; the LoRA and base
-            weights, the optimiser state and the loss stay float32.
-        options: ``seed`` (the LoRA initialisation and the data order), ``force`` (replace an existing
-            ``out_dir``), ``progress`` (a rich bar on stderr with the running loss), ``trust_remote_code``
+        options: ``seed`` (the LoRA initialisation, the data order and dropout masks), ``force`` (replace an
+            existing ``out_dir``), ``progress`` (a rich bar on stderr with the running loss), ``trust_remote_code``
             (a model directory whose config names its own Python code; refused by default).
 
     Returns:
@@ -250,11 +203,8 @@ def train_lora(
         model card ``README.md``.
     """
     options = or_default(options)
-    _check_hparams(rank, alpha, steps, epochs, batch_size, lr, max_length)
-    if not 0.0 <= lora_dropout < 1.0:
-        raise ConfigError(f"LoRA dropout must be in [0, 1), got {lora_dropout!r}", "pass e.g. --lora-dropout 0.05")
-    compute_dtype = _training_precision(precision)
-    target_modules = parse_targets(targets)
+    compute_dtype = _training_precision(recipe.precision)
+    target_modules = shape.target_modules
 
     records = load_sft_records(data)
     inputs = (model, data if isinstance(data, (str, Path)) else None)
@@ -264,25 +214,26 @@ def train_lora(
 
     model_dir, lm, tok = _load_model_and_tokenizer(model, options.trust_remote_code)
     examples = [
-        encode_chat_example(tok, r.prompt, r.response, max_length=max_length,
+        encode_chat_example(tok, r.prompt, r.response, max_length=recipe.max_length,
                             system=r.system if r.system is not None else system)
         for r in records
     ]
     n_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
-    schedule = _Schedule.of(len(examples), batch_size, steps, epochs)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=lora_dropout, bias="none",
-                     task_type="CAUSAL_LM")
-    peft_model = _lora_model(lm, cfg, targets, model_dir, seed=options.seed)
-    losses = _optimise(peft_model, examples, tok.pad_token_id, schedule, lr=lr, seed=options.seed,
+    schedule = _Schedule.of(len(examples), recipe)
+    cfg = LoraConfig(r=shape.rank, lora_alpha=shape.alpha, target_modules=target_modules,
+                     lora_dropout=recipe.dropout, bias="none", task_type="CAUSAL_LM")
+    peft_model = _lora_model(lm, cfg, shape.targets, model_dir, seed=options.seed)
+    losses = _optimise(peft_model, examples, tok.pad_token_id, schedule, lr=recipe.lr, seed=options.seed,
                        compute_dtype=compute_dtype, progress=options.progress)
 
     hp: dict[str, Any] = {
-        "rank": rank, "alpha": alpha,
+        "rank": shape.rank, "alpha": shape.alpha,
         "targets": target_modules if isinstance(target_modules, str) else ",".join(target_modules),
-        "steps": schedule.total, "epochs": round(schedule.total / schedule.per_epoch, 4), "batch_size": batch_size,
-        "lr": lr, "schedule": f"linear warm-up {schedule.warmup} steps, linear decay",
+        "steps": schedule.total, "epochs": round(schedule.total / schedule.per_epoch, 4),
+        "batch_size": recipe.batch_size, "lr": recipe.lr,
+        "schedule": f"linear warm-up {schedule.warmup} steps, linear decay",
         "optimizer": "AdamW (no weight decay), grad-norm clip 1.0",
-        "max_length": max_length, "seed": options.seed, "merge": merge, "lora_dropout": lora_dropout,
+        "max_length": recipe.max_length, "seed": options.seed, "merge": merge, "lora_dropout": recipe.dropout,
         "precision": compute_dtype,
     }
     log = {"records": len(examples), "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
@@ -301,11 +252,13 @@ class _Schedule:
     warmup: int
 
     @classmethod
-    def of(cls, n: int, batch_size: int, steps: int | None, epochs: float | None) -> _Schedule:
-        """``steps`` if given, else ``epochs`` (default one) passes over ``n`` examples."""
-        per_epoch = math.ceil(n / batch_size)
-        total = steps if steps is not None else max(1, round(per_epoch * (epochs if epochs is not None else 1.0)))
-        return cls(batch_size=batch_size, total=total, per_epoch=per_epoch, warmup=int(WARMUP_FRACTION * total))
+    def of(cls, n: int, recipe: TrainingRecipe) -> _Schedule:
+        """``recipe.steps`` if given, else ``recipe.epochs`` (default one) passes over ``n`` examples."""
+        per_epoch = math.ceil(n / recipe.batch_size)
+        epochs = recipe.epochs if recipe.epochs is not None else 1.0
+        total = recipe.steps if recipe.steps is not None else max(1, round(per_epoch * epochs))
+        return cls(batch_size=recipe.batch_size, total=total, per_epoch=per_epoch,
+                   warmup=int(WARMUP_FRACTION * total))
 
 
 def _lora_model(lm: Any, cfg: Any, targets: str | Sequence[str], model_dir: Path, *, seed: int) -> Any:

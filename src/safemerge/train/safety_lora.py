@@ -25,12 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from safemerge.errors import SafemergeError
+from safemerge.evaluate.records import PromptSets
 from safemerge.options import RunOptions, or_default
 from safemerge.train.data import SFTRecord
+from safemerge.train.recipe import LoraShape, TrainingRecipe
 
 # Measured on SmolLM2-135M-Instruct with the project corpus (docs/demo.md, "Safety LoRA"): r and targets come
 # from the task adapter; these are the rest of the recipe.
 SAFETY_STEPS, SAFETY_LR, SAFETY_BATCH, SAFETY_MAX_LENGTH = 60, 1e-3, 8, 128
+SAFETY_RECIPE = TrainingRecipe(steps=SAFETY_STEPS, lr=SAFETY_LR, batch_size=SAFETY_BATCH, max_length=SAFETY_MAX_LENGTH)
+# The stand-alone evaluation of the card: harmful requests and benign look-alikes (disjoint from the default data).
+CARD_SETS = PromptSets(harmful="builtin:harmful", benign="builtin:benign")
 SUMMARY = "safety_lora.json"
 EVAL_MAX_NEW_TOKENS = 32  # a refusal shows in the first sentence (keyword judge)
 LOSS_CURVE_POINTS = 10
@@ -62,8 +67,8 @@ class SafetyLoraResult:
         return d
 
 
-def like_adapter_shape(like: str | Path) -> tuple[int, float, list[str] | str]:
-    """``(r, lora_alpha, target_modules)`` of the PEFT LoRA adapter ``like`` (the task LoRA)."""
+def like_adapter_shape(like: str | Path) -> LoraShape:
+    """The shape (``r``, ``lora_alpha``, ``target_modules``) of the PEFT LoRA adapter ``like`` (the task LoRA)."""
     from safemerge.io.adapter import load_adapter
 
     adapter = load_adapter(like)
@@ -73,9 +78,9 @@ def like_adapter_shape(like: str | Path) -> tuple[int, float, list[str] | str]:
             f"{like}: adapter_config.json names no target_modules",
             "pass the task LoRA written by PEFT / safemerge train-lora as --like",
         )
-    if isinstance(targets, str):
-        return adapter.r, adapter.lora_alpha, targets
-    return adapter.r, adapter.lora_alpha, sorted(str(t) for t in targets)
+    if not isinstance(targets, str):
+        targets = sorted(str(t) for t in targets)
+    return LoraShape(rank=adapter.r, alpha=adapter.lora_alpha, targets=targets)
 
 
 def loss_curve(losses: list[float], points: int = LOSS_CURVE_POINTS) -> list[tuple[int, float]]:
@@ -94,34 +99,30 @@ def train_safety_lora(
     out: str | Path,
     *,
     data: str | Path | Iterable[Any] | None = None,
-    steps: int = SAFETY_STEPS,
-    lr: float = SAFETY_LR,
-    batch_size: int = SAFETY_BATCH,
-    max_length: int = SAFETY_MAX_LENGTH,
-    harmful: str | Path = "builtin:harmful",
-    benign: str | Path = "builtin:benign",
+    recipe: TrainingRecipe = SAFETY_RECIPE,
+    sets: PromptSets = CARD_SETS,
     evaluate: bool = True,
     limit: int | None = None,
     distill_benign: bool = True,
-    precision: str | None = None,
     options: RunOptions | None = None,
 ) -> SafetyLoraResult:
     """Train SafeMERGE's safety LoRA on ``aligned`` with the rank and targets of ``like``.
 
     Args:
         aligned: the aligned model directory (the task LoRA's base).
-        like: the task LoRA adapter whose ``r``, ``lora_alpha`` and ``target_modules`` are copied.
+        like: the task LoRA adapter whose ``r``, ``lora_alpha`` and ``target_modules`` are copied
+            (:func:`like_adapter_shape`).
         out: output adapter directory, written atomically (temporary sibling renamed into place).
         data: training records (JSONL/JSON file or records); default: the project's safety corpus.
-        steps, lr, batch_size, max_length: the :func:`~safemerge.train.lora.train_lora` recipe.
-        harmful, benign: prompt sets for the card's evaluation (disjoint from the default data).
+        recipe: the :func:`~safemerge.train.lora.train_lora` optimisation (default :data:`SAFETY_RECIPE`;
+            ``precision`` ``None``: float32, ``auto``: bf16 where native).
+        sets: the ``harmful`` and ``benign`` prompt sets of the card's evaluation (disjoint from the default data).
         evaluate: measure aligned and aligned + ΔW_s (harmful rate, over-refusal) for the card.
         limit: evaluate at most ``limit`` prompts per set.
         distill_benign: add the aligned model's own helpful answers to the shipped look-alike prompts
             (:func:`~safemerge.data.safety_corpus.benign_distill_prompts`; refusals and loops dropped,
             :func:`~safemerge.train.distill.self_distill`), so the safety LoRA learns to refuse harm
             without learning to refuse what the aligned model answers.
-        precision: ``train_lora``'s compute precision (``None``: float32; ``auto``: bf16 where native).
         options: ``seed`` (the recipe's: LoRA initialisation, data order, corpus sampling), ``force`` (replace
             ``out``), ``progress``.
 
@@ -133,36 +134,23 @@ def train_safety_lora(
     from safemerge.train.lora import TRAINING_LOG, train_lora
 
     options = or_default(options)
-    rank, alpha, targets = like_adapter_shape(like)
+    shape = like_adapter_shape(like)
     check_output_path(out, force=options.force)
     records, n_distilled = training_records(aligned, data, seed=options.seed, distill_benign=distill_benign,
                                             progress=options.progress)
     with atomic_output(out, force=options.force) as tmp:
         trained = tmp / "adapter"
-        train_lora(
-            aligned,
-            records,
-            trained,
-            rank=rank,
-            alpha=alpha,
-            targets=targets,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            max_length=max_length,
-            precision=precision,
-            options=options.replace(force=False),  # the adapter goes into the fresh temporary directory
-        )
+        # the adapter goes into the fresh temporary directory
+        train_lora(aligned, records, trained, shape=shape, recipe=recipe, options=options.replace(force=False))
         for f in trained.iterdir():
             shutil.move(str(f), tmp / f.name)
         trained.rmdir()
         losses = json.loads((tmp / TRAINING_LOG).read_text())["losses"]
-        result = SafetyLoraResult(out=Path(out), rank=rank, alpha=alpha, targets=targets, losses=losses,
-                                  n_records={"data": len(records) - n_distilled, "distilled": n_distilled})
+        result = SafetyLoraResult(out=Path(out), rank=shape.rank, alpha=shape.alpha, targets=shape.targets,
+                                  losses=losses, n_records={"data": len(records) - n_distilled,
+                                                            "distilled": n_distilled})
         if evaluate:
-            result.evaluation = _evaluate_alone(
-                aligned, tmp, harmful=harmful, benign=benign, limit=limit, progress=options.progress
-            )
+            result.evaluation = _evaluate_alone(aligned, tmp, sets=sets, limit=limit, progress=options.progress)
         (tmp / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         _append_card(tmp, result, like=like)
     return result
@@ -192,13 +180,14 @@ def training_records(
     return records + load_sft_records(distilled) if distilled else records, len(distilled)
 
 
-def _evaluate_alone(
-    aligned: str | Path, adapter: Path, *, harmful: str | Path, benign: str | Path, limit: int | None, progress: bool
-) -> dict[str, Any]:
+def _evaluate_alone(aligned: str | Path, adapter: Path, *, sets: PromptSets, limit: int | None,
+                    progress: bool) -> dict[str, Any]:
     """Harmful rate and over-refusal of the aligned model and of aligned + ΔW_s, with 95 % intervals."""
     from safemerge.evaluate.datasets import load_prompts
     from safemerge.evaluate.suites import evaluate_suites
 
+    full = sets.filled(CARD_SETS)
+    harmful, benign = full.harmful, full.benign
     suites = {"harmful": load_prompts(str(harmful), limit=limit), "benign": load_prompts(str(benign), limit=limit)}
     budget = {"harmful": EVAL_MAX_NEW_TOKENS, "benign": EVAL_MAX_NEW_TOKENS}
     out: dict[str, Any] = {"sets": {"harmful": str(harmful), "benign": str(benign)}, "max_new_tokens": budget}

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from safemerge.errors import SafemergeError
 from safemerge.methods.safety_params import SAFEMERGE_ALPHA, SAFEMERGE_TAU
+from safemerge.safety.settings import SafeMergeSettings
 
 if TYPE_CHECKING:  # the grid stays torch-free: the CLI reads its defaults at start-up
     from safemerge.safety.selection import LayerScore
@@ -118,8 +119,12 @@ class GridPoint:
         return self.safety_gain == 1.0 and self.min_layer == 0
 
     def merge_kwargs(self) -> dict[str, float | int]:
-        """The :func:`~safemerge.safety.api.safemerge_adapters` arguments that write this point."""
+        """The point's SafeMERGE values (``tau``, ``alpha``, ``safety_gain``, ``min_layer``), as reports record them."""
         return {"tau": self.tau, "alpha": self.alpha, "safety_gain": self.safety_gain, "min_layer": self.min_layer}
+
+    def settings(self, strategy: str = "linear") -> SafeMergeSettings:
+        """The :func:`~safemerge.safety.api.safemerge_adapters` settings that write this point."""
+        return SafeMergeSettings(strategy=strategy, **self.merge_kwargs())
 
     def describe(self) -> str:
         """``τ = 0.35, α = 0.8``, or the extension's ``blocks ≥ 25, α = 0.1, g = 2``."""

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safemerge.safety.settings import SafeMergeSettings
 from safemerge.tuning.grid import GridPoint
 from safemerge.tuning.pareto import Limits
 
@@ -40,6 +41,10 @@ class AutotuneResult:
 
     def merge_kwargs(self) -> dict[str, float | int]:
         return self.chosen.merge_kwargs()
+
+    def settings(self, strategy: str = "linear") -> SafeMergeSettings:
+        """The chosen point's :class:`~safemerge.safety.settings.SafeMergeSettings`."""
+        return self.chosen.settings(strategy)
 
     def describe(self) -> str:
         return self.chosen.describe()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from safemerge.evaluate.suites import SuiteSettings, evaluate_suites
 from safemerge.io.output import atomic_write_text
 from safemerge.safety.api import safemerge_adapters, scan
 from safemerge.safety.selection import LayerScore, select_below
+from safemerge.safety.settings import SafeMergeModels
 from safemerge.tuning.grid import (
     LATE_GAINS,
     LATE_TAU,
@@ -36,17 +36,6 @@ from safemerge.tuning.result import AutotuneResult
 
 Log = Callable[[str], None]
 Screen = tuple[int, int] | None
-
-
-@dataclass(frozen=True)
-class SafeMergeModels:
-    """SafeMERGE's four inputs: the unaligned ``base`` and ``aligned`` models (the safety subspace), and the task
-    (``finetuned``) and ``safety`` LoRA adapters trained on ``aligned``."""
-
-    base: str | Path
-    aligned: str | Path
-    finetuned: str | Path
-    safety: str | Path
 
 
 def autotune(
@@ -214,9 +203,7 @@ class _MeasuredGrid:
     def _merged(self, key: str, p: GridPoint) -> Path:
         adapter = self.work / "merged" / key
         if not adapter.exists():
-            m = self.models
-            safemerge_adapters(base=m.base, aligned=m.aligned, finetuned=m.finetuned, safety=m.safety, out=adapter,
-                               strategy=self.strategy, **p.merge_kwargs())
+            safemerge_adapters(self.models, adapter, settings=p.settings(self.strategy))
         return adapter
 
     @staticmethod
