@@ -55,6 +55,7 @@ from safemerge.methods._tensor import (
 )
 from safemerge.methods.task_arithmetic import FamilySettings, merge_weighted_deltas
 
+
 @dataclass(frozen=True)
 class Cut:
     """A cut of ``|δ|`` at rank ``m`` (ascending, ties by flat index): the ``value`` at rank m and how many
