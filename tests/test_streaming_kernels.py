@@ -10,10 +10,12 @@ from safemerge.methods._tensor import (  # noqa: E402
     ChunkedDots,
     StreamedKth,
     TwoPassJob,
+    above,
     at_least,
     dot64,
     flat_indices_equal,
     multiply_by_mask,
+    order_statistics,
     pack_mask,
     row_blocks,
     unpack_mask,
@@ -268,6 +270,52 @@ def test_streamed_kth_is_exact(k, kind, dtype) -> None:
     assert found[1:] == (int((flat == kth).sum()), int((flat > kth).sum()))
 
 
+@pytest.mark.parametrize("kind", ["rounded", "bf16_deltas", "mostly_zero"])
+def test_order_statistics_equal_kthvalue(kind) -> None:
+    """numpy's selection gives kthvalue's values: ties, zeros, k = 1 and k = n, float32 and bfloat16 (torch)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        flat = _magnitudes(kind).to(dtype).reshape(-1)
+        ks = [1, 2, 1000, 100_000, flat.numel() - 1, flat.numel()]
+        got = order_statistics(flat, ks)
+        assert all(g.dtype == dtype and g.dim() == 0 for g in got)
+        assert all(torch.equal(g, torch.kthvalue(flat, k).values) for g, k in zip(got, ks))
+
+
+@pytest.mark.parametrize("kind", ["rounded", "bf16_deltas", "mostly_zero"])
+@pytest.mark.parametrize("k", [1, 100_000, 201_113])
+def test_streamed_kth_counts_the_ties_of_each_block(kind, k) -> None:
+    """ties_per_block: the entries equal to the answer in each scanned block, as counted in the blocks."""
+    x = _magnitudes(kind)
+    sel = StreamedKth(x.numel(), k)
+    sel.bracket(x[::13].reshape(-1))
+    blocks = [x[r0 : r0 + 50] for r0 in range(0, SHAPE[0], 50)]
+    for block in blocks:
+        sel.scan(block)
+    kth = sel.result()[0]
+    assert sel.ties_per_block(kth) == tuple(int((b == kth).sum()) for b in blocks)
+    assert sel.block_sizes == [b.numel() for b in blocks]
+
+
+def test_rank_window_with_block_tie_counts_equals_the_index_search() -> None:
+    """A cut whose tied entries span many blocks masks the same entries whether pass 1's per-block tie
+    counts are used (one comparison per block) or the tied entries are searched for in each block."""
+    from safemerge.methods.task_arithmetic_two_pass import Cut, RankWindow
+
+    a = _magnitudes("rounded")  # values 0, 1, 2, …: long runs of ties
+    blocks = [a[r0 : r0 + 23] for r0 in range(0, SHAPE[0], 23)]
+    flat = a.reshape(-1)
+    for rank in (1, 50_000, 150_000, flat.numel() - 1):
+        lo = torch.kthvalue(flat, rank + 1).values
+        drop = rank - int((flat < lo).sum())
+        ties = tuple(int((b == lo).sum()) for b in blocks)
+        sizes = tuple(b.numel() for b in blocks)
+        counted = RankWindow((rank, flat.numel()), (Cut(lo, drop, ties, sizes), None))
+        searched = RankWindow((rank, flat.numel()), (Cut(lo, drop), None))
+        got = torch.cat([counted.keep(b).reshape(-1) for b in blocks])
+        want = torch.cat([searched.keep(b).reshape(-1) for b in blocks])
+        assert torch.equal(got, want) and int(got.sum()) == flat.numel() - rank
+
+
 def test_streamed_kth_reports_a_missed_bracket_or_nan() -> None:
     x = torch.arange(10_000, dtype=torch.float32)
     sel = StreamedKth(x.numel(), 5_000)
@@ -293,6 +341,7 @@ def test_block_masks_equal_the_float_mask_bits(contiguous) -> None:
         d = d.t()
     a, v = d.abs(), torch.tensor(0.5)
     assert torch.equal(at_least(a, v), a >= v)
+    assert torch.equal(above(a, v), a > v)
     assert torch.equal(flat_indices_equal(a, v), torch.nonzero(a.reshape(-1) == v).squeeze(1))
     keep = torch.rand(d.shape, generator=g) > 0.4
     expected = d * keep.float()

@@ -82,9 +82,10 @@ fresh tensor-sized buffers cost more than the arithmetic done in them."""
 
 
 def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, options: RunOptions,
-          rows: Rows | None = None, keep_dtype: bool = False):
+          rows: Rows | None = None, keep_dtype: bool = False, check: bool = True):
     """Read one input tensor (or rows of it) onto ``options.device``, refusing NaN/Inf unless
-    ``options.allow_nonfinite``: rounded to ``compute_dtype`` (the config's ``dtype``), then widened
+    ``options.allow_nonfinite`` (or ``check`` is off: these rows were checked when first read): rounded to
+    ``compute_dtype`` (the config's ``dtype``), then widened
     to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in that dtype. Row blocks of safetensors
     checkpoints are converted straight from the mapped file
     into a small float32 buffer (one pass, no intermediate copy)."""
@@ -100,7 +101,7 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
             if compute_dtype is not None:
                 t = t.to(getattr(torch, compute_dtype))
             t = t.to(device=device, dtype=None if keep_dtype else torch.float32)
-        if not options.allow_nonfinite and not all_finite(t):
+        if check and not options.allow_nonfinite and not all_finite(t):
             bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
             raise CheckpointError(
                 f"tensor {name!r} of {ref} contains {bad} values",
@@ -199,11 +200,18 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
     if two_pass is not None and plan.tie_break != "index" and plan.method.extra.get("tie_break"):
         return False  # mergekit's tie choice needs the whole-tensor sort
     if two_pass is not None and job.base is not None:
+        checked: set[tuple[str, str, Rows | None]] = set()  # a kernel's later passes read the same rows again
+
+        def load_checked(ref: str, name: str, rows: Rows | None):  # noqa: ANN202
+            t = _load(ckpts, ref, name, plan.compute_dtype, options, rows, check=(ref, name, rows) not in checked)
+            checked.add((ref, name, rows))
+            return t
+
         def load(i: int, rows: Rows | None):  # noqa: ANN202
-            return _load(ckpts, *job.inputs[i], plan.compute_dtype, options, rows)
+            return load_checked(*job.inputs[i], rows)
 
         def load_base(rows: Rows | None):  # noqa: ANN202
-            return _load(ckpts, *job.base, plan.compute_dtype, options, rows)  # type: ignore[misc]
+            return load_checked(*job.base, rows)  # type: ignore[misc]
 
         gen = tensor_generator(options.seed, job.out_name, options.device) if plan.method.stochastic else None
         return bool(two_pass(TwoPassJob(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params,

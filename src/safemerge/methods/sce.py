@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -14,7 +14,9 @@ from safemerge.methods._tensor import (
     check_inputs,
     f32,
     multiply_by_mask,
+    pack_mask,
     rank_window_mask,
+    unpack_mask,
 )
 from safemerge.methods.task_arithmetic import agrees, majority_sign_positive
 from safemerge.methods.task_arithmetic_two_pass import RankWindow, bracket_from_sample, streamed_cut
@@ -81,72 +83,114 @@ def sce_two_pass(job: TwoPassJob) -> bool:
     the top-``k`` cut of the variance (:class:`~safemerge.methods._tensor.StreamedKth`, ties by flat index
     as :func:`~safemerge.methods._tensor.rank_window_mask` orders them) and each ``mean(δᵢ²)``, a float32
     mean over one tensor-sized scratch buffer filled block by block (a reduction's bits depend on the
-    tensor's length, not on how it was filled). Reads every input ``n + 1`` times (``n + 3`` with
-    ``select_topk < 1``); memory: the scratch buffer, a few blocks per model and the cut's candidates."""
+    tensor's length, not on how it was filled). The selection (which entries survive) is found once, in
+    the pass that fills model 1's squares, and kept bit-packed (1/32 of a float32 tensor): the other
+    models' squares read only that model and the base, and the last pass applies the kept selection
+    instead of computing the variance again. Reads: every input 3 times plus model ``i`` and the base once
+    more per further model with ``select_topk < 1`` (the count, the cut, the first squares, the merge), 1
+    time plus the same per model without; memory: the scratch buffer, the packed selection, a few blocks
+    per model and the cut's candidates."""
     n, shape = job.n, job.shape
     if n == 0 or len(shape) < 2:
         return False
     blocks = job.blocks()
-    select = _streamed_selection(job, blocks, float(job.params.get("select_topk", 1.0)))
+    selection = _streamed_selection(job, blocks, float(job.params.get("select_topk", 1.0)))
     scratch = torch.empty(shape, dtype=torch.float32, device=job.load_base(blocks[0]).device)
     mean_squares = []
     for i in range(n):
-        selected = select()
         for r0, r1 in blocks:
-            torch.square(selected((r0, r1))[0][i], out=scratch[r0:r1])
+            torch.square(selection.model_block(i, (r0, r1)), out=scratch[r0:r1])
         mean_squares.append(scratch.mean())
     del scratch
     weights = calculate_weights(mean_squares)
-    selected = select()
     for rows in blocks:
-        tvs, b = selected(rows)
+        tvs, b = selection.all_models(rows)
         job.emit(rows, erase(tvs, weights, b))
     return True
 
 
-SelectedRows = Callable[[Rows], tuple[list[torch.Tensor], torch.Tensor]]
+class _StreamedSelection:
+    """SCE's **Select** in row blocks: the task vectors of a block with the unselected entries zeroed
+    (exactly as :func:`sce` zeroes them), for all models at once (:meth:`all_models`) or one model
+    (:meth:`model_block`). ``window`` masks a block by the rank of its variance; ``None`` with
+    ``keep_all`` (``select_topk ≥ 1``) or for none kept (``k = 0``). Model 0's pass (row blocks in
+    order) computes the selection and keeps it bit-packed; every later call reuses it."""
+
+    def __init__(self, job: TwoPassJob, blocks: list[Rows], window: RankWindow | None, keep_all: bool) -> None:
+        self.job, self.window, self.keep_all = job, window, keep_all
+        cols = math.prod(job.shape[1:])
+        sizes = [0 if keep_all else -(-(r1 - r0) * cols // 8) for r0, r1 in blocks]
+        # one allocation for every block's bits (many small long-lived ones fragment the heap)
+        self.packed = dict(zip(blocks, torch.empty(sum(sizes), dtype=torch.uint8).split(sizes)))
+        self.known: set[Rows] = set()
+
+    def _task_vector(self, i: int, rows: Rows, b: torch.Tensor) -> torch.Tensor:
+        return self.job.load(i, rows).sub_(b)
+
+    def _select(self, rows: Rows, tvs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``tvs`` (a block's task vectors, all models) with the unselected entries zeroed; the selection is
+        computed from the variance on the block's first visit (in block order, as the rank window counts
+        its ties) and kept bit-packed."""
+        if self.window is None:  # nothing kept
+            keep = torch.zeros(tvs[0].shape, dtype=torch.bool)
+        else:
+            keep = self.window.keep(_variance(tvs))
+            keep = torch.ones(tvs[0].shape, dtype=torch.bool) if keep is None else keep
+        self.packed[rows].copy_(pack_mask(keep))
+        self.known.add(rows)
+        return [multiply_by_mask(tv, keep) for tv in tvs]
+
+    def model_block(self, i: int, rows: Rows) -> torch.Tensor:
+        """Model ``i``'s selected task vector on ``rows``; reads only that model and the base once the
+        block's selection is known."""
+        if not self.keep_all and rows not in self.known:
+            return self.all_models(rows)[0][i]
+        b = self.job.load_base(rows)
+        tv = self._task_vector(i, rows, b)
+        # a float 0/1 mask gives the bits of multiply_by_mask's boolean one
+        return tv if self.keep_all else tv.mul_(unpack_mask(self.packed[rows], tv))
+
+    def all_models(self, rows: Rows) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Every model's selected task vector on ``rows``, and the base block."""
+        b = self.job.load_base(rows)
+        tvs = [self._task_vector(i, rows, b) for i in range(self.job.n)]
+        if self.keep_all:
+            return tvs, b
+        if rows not in self.known:
+            return self._select(rows, tvs), b
+        return [tv.mul_(unpack_mask(self.packed[rows], tv)) for tv in tvs], b
 
 
-def _streamed_selection(job: TwoPassJob, blocks: list[Rows], select_topk: float) -> Callable[[], SelectedRows]:
-    """SCE's **Select** in row blocks: a factory of one pass over the blocks (in order), each call
-    ``selected(rows)`` returning the block's task vectors with the unselected entries zeroed (exactly as
-    :func:`sce` zeroes them) and the base block. The cut is found here, once."""
+def _variance(tvs: list[torch.Tensor]) -> torch.Tensor:
+    """The per-entry variance across the task vectors, as :func:`sce` computes it."""
+    return torch.var(torch.stack(tvs, dim=0), dim=0, correction=0)
 
-    def task_vectors(rows: Rows) -> tuple[list[torch.Tensor], torch.Tensor]:
+
+def _streamed_selection(job: TwoPassJob, blocks: list[Rows], select_topk: float) -> _StreamedSelection:
+    """SCE's **Select** for :func:`sce_two_pass`: the count of non-zero variances and the top-``k`` cut of
+    the variance are found here (two passes over the blocks), the selection itself on first use."""
+
+    def task_vectors(rows: Rows | None) -> list[torch.Tensor]:
         b = job.load_base(rows)
-        return [job.load(i, rows).sub_(b) for i in range(job.n)], b
+        return [job.load(i, rows).sub_(b) for i in range(job.n)]
 
     if select_topk >= 1:
-        return lambda: task_vectors
+        return _StreamedSelection(job, blocks, None, keep_all=True)
     if select_topk <= 0:
-        def zeroed(rows: Rows) -> tuple[list[torch.Tensor], torch.Tensor]:
-            tvs, b = task_vectors(rows)
-            return [tv.zero_() for tv in tvs], b
-
-        return lambda: zeroed
-    variance = lambda tvs: torch.var(torch.stack(tvs, dim=0), dim=0, correction=0)  # noqa: E731
+        return _StreamedSelection(job, blocks, None, keep_all=False)
     numel = math.prod(job.shape)
-    k = int(sum(int(torch.count_nonzero(variance(task_vectors(rows)[0]))) for rows in blocks) * select_topk)
+    k = int(sum(int(torch.count_nonzero(_variance(task_vectors(rows)))) for rows in blocks) * select_topk)
+    if k == 0:
+        return _StreamedSelection(job, blocks, None, keep_all=False)
     cut = None
-    if 0 < k < numel:
+    if k < numel:
         kth = StreamedKth(numel, numel - k + 1)
-        var_rows = lambda rows: {0: variance(task_vectors(rows)[0])}  # noqa: E731
+        var_rows = lambda rows: {0: _variance(task_vectors(rows))}  # noqa: E731
         bracket_from_sample(var_rows, {(0, 0): kth}, [0], job.shape, blocks[0][1] - blocks[0][0])
         for rows in blocks:
             kth.scan(var_rows(rows)[0])
-        cut = streamed_cut(kth, numel - k, numel, lambda: variance(task_vectors(None)[0]))
-
-    def one_pass() -> SelectedRows:
-        window = RankWindow((numel - k, numel), (cut, None))
-
-        def selected(rows: Rows) -> tuple[list[torch.Tensor], torch.Tensor]:
-            tvs, b = task_vectors(rows)
-            keep = window.keep(variance(tvs)) if k > 0 else torch.zeros(tvs[0].shape, dtype=torch.bool)
-            return (tvs if keep is None else [multiply_by_mask(tv, keep) for tv in tvs]), b
-
-        return selected
-
-    return one_pass
+        cut = streamed_cut(kth, numel - k, numel, lambda: _variance(task_vectors(None)))
+    return _StreamedSelection(job, blocks, RankWindow((numel - k, numel), (cut, None)), keep_all=False)
 
 
 def sce_fn(

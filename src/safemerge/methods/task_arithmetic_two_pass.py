@@ -43,6 +43,7 @@ from safemerge.methods._tensor import (
     StreamedKth,
     TwoPassJob,
     TwoPassKernel,
+    above,
     at_least,
     flat_indices_equal,
     kth_smallest,
@@ -54,10 +55,20 @@ from safemerge.methods._tensor import (
 )
 from safemerge.methods.task_arithmetic import FamilySettings, merge_weighted_deltas
 
-#: A cut of ``|δ|`` at rank ``m`` (ascending, ties by flat index): ``(value at rank m, number of
-#: entries equal to it that rank below m)``. The entries of rank ≥ m are those above the value and
-#: the tied ones from that ordinal on.
-Cut = tuple[torch.Tensor, int]
+
+@dataclass(frozen=True)
+class Cut:
+    """A cut of ``|δ|`` at rank ``m`` (ascending, ties by flat index): the ``value`` at rank m and how many
+    entries equal to it rank below m (``drop``). The entries of rank ≥ m are those above the value and the
+    tied ones from that ordinal on. ``ties``: how many entries of each row block equal the value, in block
+    order, when pass 1 counted them (:meth:`~safemerge.methods._tensor.StreamedKth.ties_per_block`; ``None``
+    otherwise), and ``sizes`` the blocks' entry counts: a block whose tied entries are all dropped or all
+    kept is then masked with one comparison, without looking for the tied entries."""
+
+    value: torch.Tensor
+    drop: int
+    ties: tuple[int, ...] | None = None
+    sizes: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -177,7 +188,9 @@ class RankWindow:
 
     def __init__(self, window: tuple[int, int], cuts: tuple[Cut | None, Cut | None]) -> None:
         self.start, self.end = window
-        self.cuts = list(cuts)
+        self.cuts = cuts
+        self.left = [c.drop if c is not None else 0 for c in cuts]  # tied entries still to drop, per cut
+        self.block = 0  # index of the next block
 
     def __call__(self, d: torch.Tensor) -> torch.Tensor:
         if self.start == self.end:
@@ -190,6 +203,7 @@ class RankWindow:
         ``None`` when every entry does."""
         keep = self._at_or_above(0, a)
         above_end = self._at_or_above(1, a)
+        self.block += 1
         if keep is None:  # start = 0: every rank ≥ start
             return above_end.logical_not_() if above_end is not None else None
         return keep if above_end is None else keep.logical_and_(above_end.logical_not_())
@@ -200,22 +214,28 @@ class RankWindow:
         cut = self.cuts[which]
         if cut is None:
             return None
-        keep, left = _keep_from_cut(a, *cut)
-        self.cuts[which] = (cut[0], left)
+        tied = None
+        if cut.ties is not None and cut.sizes is not None and self.block < len(cut.ties) \
+                and cut.sizes[self.block] == a.numel():
+            tied = cut.ties[self.block]
+        keep, self.left[which] = _keep_from_cut(a, cut.value, self.left[which], tied)
         return keep
 
 
-def _keep_from_cut(a: torch.Tensor, lo: torch.Tensor, drop: int) -> tuple[torch.Tensor, int]:
+def _keep_from_cut(a: torch.Tensor, lo: torch.Tensor, drop: int, tied: int | None = None) -> tuple[torch.Tensor, int]:
     """For a block of ``|δ|``: a boolean mask, ``True`` where the entry is above ``lo`` or equal to it
     and not among the first ``drop`` tied entries (flat order, ties continuing from earlier blocks);
-    and how many tied entries later blocks must still drop. A NaN entry is ``False`` — and stays NaN
-    in ``δ``, as ``NaN·0`` is NaN (:func:`~safemerge.methods._tensor.multiply_by_mask`)."""
-    keep = at_least(a, lo)
+    and how many tied entries later blocks must still drop. ``tied``: the number of entries of the block
+    equal to ``lo`` when known — all of them dropped (``tied ≤ drop``) is then ``a > lo``. A NaN entry is
+    ``False`` — and stays NaN in ``δ``, as ``NaN·0`` is NaN (:func:`~safemerge.methods._tensor.multiply_by_mask`)."""
     if not drop:
-        return keep, 0
-    tied = flat_indices_equal(a, lo)
-    keep.view(-1)[tied[:drop]] = False
-    return keep, max(0, drop - tied.numel())
+        return at_least(a, lo), 0
+    if tied is not None and tied <= drop:
+        return above(a, lo), drop - tied
+    keep = at_least(a, lo)
+    tied_at = flat_indices_equal(a, lo)
+    keep.view(-1)[tied_at[:drop]] = False
+    return keep, max(0, drop - tied_at.numel())
 
 
 def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSparsifier], shape: tuple[int, ...],
@@ -268,11 +288,12 @@ def streamed_cut(kth: StreamedKth, rank: int, numel: int, whole: Callable[[], to
     if found is None:
         a = whole().reshape(-1)
         lo = kth_smallest(a, rank + 1)
-        found = lo, int(torch.count_nonzero(a == lo)), int(torch.count_nonzero(a > lo))
+        n_eq, n_greater = int(torch.count_nonzero(a == lo)), int(torch.count_nonzero(a > lo))
         del a
+        return Cut(lo, n_eq - (numel - rank - n_greater))
     lo, n_eq, n_greater = found
     # of the n_eq entries equal to lo, numel − rank − n_greater rank at or above the cut: the last ones
-    return (lo, n_eq - (numel - rank - n_greater))
+    return Cut(lo, n_eq - (numel - rank - n_greater), kth.ties_per_block(lo), tuple(kth.block_sizes))
 
 def _find_states_and_scales(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSparsifier],
                             shape: tuple[int, ...], blocks: list[Rows], generator: torch.Generator | None,
