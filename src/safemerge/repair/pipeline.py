@@ -36,6 +36,7 @@ from safemerge.evaluate.records import PromptSets
 from safemerge.evaluate.report import ModelRow
 from safemerge.evaluate.suites import SuiteSettings, evaluate_suites
 from safemerge.extract import extract_lora
+from safemerge.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from safemerge.io.hub import resolve_local
 from safemerge.io.output import check_output_path
 from safemerge.options import RunOptions, or_default
@@ -224,9 +225,6 @@ def _resolved(models: RepairModels, options: RunOptions) -> RepairModels:
     return RepairModels(*(local(getattr(models, f.name)) for f in fields(RepairModels)))
 
 
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-
-
 def _cached_twin(written: Path, twin: str | None) -> Path:
     """The search's own merge of the chosen point (``twin``) when its adapter files equal the ``written`` ones byte for
     byte, else ``written``. The test generations are cached by the model's path and file times, so evaluating the
@@ -235,7 +233,7 @@ def _cached_twin(written: Path, twin: str | None) -> Path:
     if twin is None:
         return written
     same = all((written / f).is_file() and (Path(twin) / f).is_file()
-               and filecmp.cmp(written / f, Path(twin) / f, shallow=False) for f in ADAPTER_FILES)
+               and filecmp.cmp(written / f, Path(twin) / f, shallow=False) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
     return Path(twin) if same else written
 
 
