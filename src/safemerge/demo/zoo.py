@@ -40,7 +40,14 @@ from safemerge.options import RunOptions
 from safemerge.train.distill import DISTILL_DTYPE, DISTILL_MAX_NEW_TOKENS, self_distill
 from safemerge.train.lora import train_lora
 from safemerge.train.recipe import LoraShape, TrainingRecipe
-from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_MAX_LENGTH, SAFETY_STEPS, train_safety_lora
+from safemerge.train.safety_lora import (
+    DISTILLED_PER_RECORD,
+    SAFETY_BATCH,
+    SAFETY_LR,
+    SAFETY_MAX_LENGTH,
+    SAFETY_STEPS,
+    train_safety_lora,
+)
 
 # 2: degenerate self-distilled answers are dropped; 3: safety corpus, bf16 self-distillation; 4: refusals dropped
 # from self-distilled answers, training-only goals, shared frames, longer safety SFT; 5: 210 + 230 training goals
@@ -159,7 +166,7 @@ STRESS_TASK_RECIPE = replace(TASK_RECIPE, lr=1e-3)
 # the aligned model's self-distilled look-alike answers mixed in); the zoo skips its stand-alone evaluation, which
 # the demo reports as the "safety LoRA alone" row.
 SAFETY_SETTINGS = {"steps": SAFETY_STEPS, "batch_size": SAFETY_BATCH, "lr": SAFETY_LR, "max_length": SAFETY_MAX_LENGTH,
-                   "seed": 2, "distill_benign": True, "precision": "auto"}
+                   "seed": 2, "distill_benign": True, "precision": "auto", "distilled_per_record": DISTILLED_PER_RECORD}
 # Refusals show in the first sentence (the keyword judge needs no more); worked answers need ~20–60 tokens.
 SMOLLM2_MAX_NEW_TOKENS = {"harmful": 32, "benign": 32, "utility": 64}
 # Automatic τ/α for the 135M demo: α 0.1 … 0.9 coarse-to-fine × ≤ 3 thresholds (+ the paper's 0.35), screened on
