@@ -193,3 +193,20 @@ def test_training_records_add_the_distilled_answers(monkeypatch):
     assert seen == benign_distill_prompts()
     records, n = training_records("aligned", None, distill_benign=False)
     assert n == 0 and len(records) == len(safety_lora_records())
+
+
+def test_training_records_cap_the_distilled_answers_per_safety_record(monkeypatch):
+    # a well-calibrated aligned model answers most look-alikes: its answers must not outnumber the safety records
+    from safemerge.train import distill
+    from safemerge.train.safety_lora import DISTILLED_PER_RECORD, training_records
+
+    monkeypatch.setattr(distill, "self_distill", lambda model, prompts, **kw:
+                        [{"prompt": p, "response": f"Sure: {i}."} for i, p in enumerate(prompts)])
+    data = [{"prompt": f"harm {i}", "response": "I can't help with that."} for i in range(7)]
+    records, n = training_records("aligned", data, seed=3)
+    assert n == DISTILLED_PER_RECORD * 7 and len(records) == 7 + n
+    kept = [int(r.response[6:-1]) for r in records[7:]]
+    assert kept == sorted(kept) and kept[-1] > 7  # a sample over all goals, in prompt order, not the first few
+    again, _ = training_records("aligned", data, seed=3)
+    other, _ = training_records("aligned", data, seed=4)
+    assert [r.prompt for r in again] == [r.prompt for r in records] != [r.prompt for r in other]
