@@ -23,10 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from safemerge.methods._tensor import (
-    TwoPassJob,
-    streamed_order_statistics,
-)
+from safemerge.methods._tensor import streamed_order_statistics
+from safemerge.methods.blocks import TwoPassJob
 from safemerge.methods.registry import merge_method
 
 _KL_EPS = 1e-8

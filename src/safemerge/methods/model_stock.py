@@ -7,13 +7,8 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import (
-    ChunkedDots,
-    TwoPassJob,
-    dot64,
-    f32,
-    norm64,
-)
+from safemerge.methods._tensor import ChunkedDots, dot64, f32, norm64
+from safemerge.methods.blocks import TwoPassJob
 from safemerge.methods.registry import Param, merge_method
 
 

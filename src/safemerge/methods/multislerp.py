@@ -7,12 +7,8 @@ from typing import Any
 import torch
 
 from safemerge.errors import SafemergeError
-from safemerge.methods._tensor import (
-    TwoPassJob,
-    f32,
-    nonzero_weight_sum,
-    per_model_list,
-)
+from safemerge.methods._tensor import f32, nonzero_weight_sum, per_model_list
+from safemerge.methods.blocks import TwoPassJob
 from safemerge.methods.mergekit_params import WEIGHT
 from safemerge.methods.registry import Param, merge_method
 

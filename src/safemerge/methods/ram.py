@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import TwoPassJob, check_inputs
+from safemerge.methods._tensor import check_inputs
+from safemerge.methods.blocks import TwoPassJob
 from safemerge.methods.registry import Param, merge_method
 
 RAM_EPSILON = Param("epsilon", 1e-5, low=0.0, help="|δ| above which a model counts as having changed an entry")

@@ -7,16 +7,8 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import (
-    Rows,
-    StreamedKth,
-    TwoPassJob,
-    f32,
-    multiply_by_mask,
-    pack_mask,
-    rank_window_mask,
-    unpack_mask,
-)
+from safemerge.methods._tensor import StreamedKth, f32, multiply_by_mask, pack_mask, rank_window_mask, unpack_mask
+from safemerge.methods.blocks import Rows, TwoPassJob
 from safemerge.methods.mergekit_params import INT8_MASK
 from safemerge.methods.registry import Param, merge_method
 from safemerge.methods.task_arithmetic import agrees, majority_sign_positive

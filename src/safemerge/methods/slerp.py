@@ -7,15 +7,8 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import (
-    ChunkedDots,
-    Rows,
-    TwoPassJob,
-    dot64,
-    f32,
-    norm64,
-    per_model_list,
-)
+from safemerge.methods._tensor import ChunkedDots, dot64, f32, norm64, per_model_list
+from safemerge.methods.blocks import Rows, TwoPassJob
 from safemerge.methods.mergekit_params import WEIGHT
 from safemerge.methods.registry import Param, merge_method
 

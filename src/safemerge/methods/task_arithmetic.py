@@ -23,7 +23,8 @@ from typing import Any, Callable
 import torch
 
 from safemerge.methods import sparsify as sp
-from safemerge.methods._tensor import InputTensors, check_inputs, f32, per_model_list, release
+from safemerge.methods._tensor import check_inputs, f32, per_model_list
+from safemerge.methods.blocks import InputTensors, release
 from safemerge.methods.mergekit_params import (
     DENSITY,
     EPSILON,
