@@ -47,6 +47,7 @@ from safemerge.evaluate.records import PromptSets
 from safemerge.evaluate.report import ModelRow, compare_runs
 from safemerge.evaluate.suites import SuiteSettings, evaluate_suites
 from safemerge.io.output import atomic_output, check_not_an_input
+from safemerge.methods.safety_params import safemerge_merges
 from safemerge.options import RunOptions
 from safemerge.repair.pipeline import RepairModels, repair
 from safemerge.safety.api import resta, safelora, safemerge_adapters, scan
@@ -457,7 +458,8 @@ def report_markdown(*, zoo: Any, rows: list[ModelRow], scores: list[Any], autotu
     lines += ["## Layer similarity", "",
               f"{len(scores)} adapted matrices; ρ from {min(s.rho for s in scores):.3f} to "
               f"{max(s.rho for s in scores):.3f}; "
-              f"{sum(s.rho < PAPER_TAU for s in scores)} below the reference τ = {PAPER_TAU} (merged by SafeMERGE). "
+              f"{sum(safemerge_merges(s.rho, PAPER_TAU) for s in scores)} below the reference τ = {PAPER_TAU} "
+              "(merged by SafeMERGE). "
               "See `heatmap.png` and `scan.json`.", ""]
     lines += ["## Automatic τ/α", ""]
     for setting, at in autotunes.items():
