@@ -33,7 +33,7 @@ def measure(method: str, shape: tuple[int, int], reps: int) -> dict[str, float |
     import torch
 
     from safemerge.engine.run import tune_allocator
-    from safemerge.methods._tensor import TwoPassJob
+    from safemerge.methods.blocks import TwoPassJob
     from safemerge.methods.streaming import TWO_PASS
 
     torch.set_num_threads(1)

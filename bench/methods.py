@@ -81,7 +81,7 @@ def run_blocks(method, tensors, base, per_model, params, seed: int = 0) -> torch
     """The same merge through the method's row-block kernel (``methods/streaming.py``), in the
     engine's block size; each block read is a copy, as the engine's reads are."""
     from safemerge.engine.run import ELEMENTWISE_BLOCK_BYTES
-    from safemerge.methods._tensor import TwoPassJob
+    from safemerge.methods.blocks import TwoPassJob
     from safemerge.methods.streaming import TWO_PASS
 
     full = {p.name: p.default for p in method.global_params}

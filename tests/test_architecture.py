@@ -1,5 +1,6 @@
-"""The import structure of ``src/safemerge`` (issue 12): no circles, core layers import downward, no private names
-across modules, no module loaded by a string outside the lazy-attribute helper.
+"""The import structure of ``src/safemerge`` (issue 12): no circles, every layer imports only the layers below it
+(the leaves only leaves), no private names or private modules across modules, no module loaded by a string outside
+the lazy-attribute helper.
 
 Imports inside functions count too: a circle through a function-level import is still a circle.
 """
@@ -22,11 +23,18 @@ ALLOWED = {
     "engine": {"config", "methods", "io"},
     "safety": CORE,
 }
-# the layers above the core and what each may import: the harness and training, then the workflows that combine
-# them (automatic τ/α, repair, the demo); "" is the package root (its version)
+# the layers above the core and what each may import: the merge API, LoRA extraction, the data, the harness,
+# training, synthetic data and the optimizer, then the workflows that combine them (automatic τ/α, repair, the
+# demo); "" is the package root (its version)
 WORKFLOW_ALLOWED = {
+    "api": CORE,
+    "extract": CORE | {"safety"},
+    "data": set(),
+    "testing": set(),
     "evaluate": {"data", "io", ""},
     "train": {"data", "evaluate", "io"},
+    "synth": {"evaluate", "io"},
+    "optimize": CORE | {"api", "evaluate", "synth", "train"},
     "tuning": CORE | {"safety", "evaluate"},
     "repair": CORE | {"safety", "evaluate", "train", "extract", "tuning"},
     "demo": CORE | {"safety", "evaluate", "train", "extract", "tuning", "repair", "data", "testing"},
@@ -34,8 +42,12 @@ WORKFLOW_ALLOWED = {
 # the sideways imports issue 12 removed, named so that a regression says what it is
 FORBIDDEN = {("train", "tuning"), ("train", "demo"), ("train", "repair"), ("repair", "demo"), ("tuning", "repair"),
              ("tuning", "demo"), ("evaluate", "tuning")}
+# the one layer above everything: the command line (and ``python -m safemerge``), which may import any layer
+TOP = {"cli", "__main__"}
 # private names still imported across modules, each with the reason it stays
 PRIVATE_EXCEPTIONS: dict[tuple[str, str], str] = {}
+# private modules imported from another package, each with the reason it stays
+PRIVATE_MODULE_EXCEPTIONS = {"safemerge._lazy": "the lazy-attribute helper of the package __init__s (a leaf)"}
 
 
 def _modules() -> dict[str, Path]:
@@ -46,12 +58,21 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _is_private(module: str) -> bool:
+    return any(part.startswith("_") and not part.startswith("__") for part in module.split("."))
+
+
+def _package(module: str, path: Path) -> str:
+    return module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+
+
 def _imports(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[tuple[str, str, str]], list[str]]:
-    """Module graph, cross-module private imports, and safemerge module names written as strings."""
+    """Module graph, cross-module private imports (names, and private modules imported from another package), and
+    safemerge module names written as strings."""
     graph: dict[str, set[str]] = {m: set() for m in mods}
     private, by_string = [], []
     for m, p in mods.items():
-        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        pkg = _package(m, p)
         for node in ast.walk(ast.parse(p.read_text())):
             if isinstance(node, ast.ImportFrom):
                 base = node.module or ""
@@ -60,6 +81,8 @@ def _imports(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[tuple[str
                     base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
                 if not base.startswith("safemerge"):
                     continue
+                if base in mods and _is_private(base) and _package(base, mods[base]) != pkg:
+                    private.append((m, base, "(private module)"))
                 for alias in node.names:
                     target = f"{base}.{alias.name}" if f"{base}.{alias.name}" in mods else base
                     if target in mods and target != m:
@@ -68,6 +91,8 @@ def _imports(mods: dict[str, Path]) -> tuple[dict[str, set[str]], list[tuple[str
                         private.append((m, base, alias.name))
             elif isinstance(node, ast.Import):
                 graph[m] |= {a.name for a in node.names if a.name in mods and a.name != m}
+                private += [(m, a.name, "(private module)") for a in node.names
+                            if a.name in mods and _is_private(a.name) and _package(a.name, mods[a.name]) != pkg]
             elif isinstance(node, ast.Constant) and str(node.value).startswith("safemerge.") and node.value in mods \
                     and p.name != "__init__.py":
                 by_string.append(f"{m}: {node.value}")  # a module named in a string (package __init__: lazy attrs)
@@ -131,6 +156,20 @@ def test_core_layers_import_downward(structure):
     assert upward == []
 
 
+def test_leaves_import_only_leaves(structure):
+    """``errors``, ``options``, ``progress``, ``cache`` and ``_lazy`` sit below every layer: they import no layer."""
+    graph, _, _ = structure
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() if _area(m) in LEAVES for t in targets
+                    if _area(t) not in LEAVES)
+    assert upward == []
+
+
+def test_every_module_has_a_layer():
+    """A new package or top-level module is placed in the tables above (and so checked) before it is imported."""
+    placed = LEAVES | set(ALLOWED) | set(WORKFLOW_ALLOWED) | TOP | {""}
+    assert sorted({_area(m) for m in _modules()} - placed) == []
+
+
 def test_workflows_import_only_the_layers_below_them(structure):
     """train → evaluate, tuning → safety/evaluate, repair → tuning/train, demo → repair: never sideways or up
     (e.g. the safety LoRA's evaluation comes from ``evaluate.suites``, repair's cache keys from ``cache``)."""
@@ -144,8 +183,10 @@ def test_workflows_import_only_the_layers_below_them(structure):
 
 
 def test_no_private_names_across_modules(structure):
+    """No ``_name`` is imported from another module, and no ``_module`` from another package."""
     _, private, _ = structure
-    assert [x for x in private if (x[0], x[2]) not in PRIVATE_EXCEPTIONS] == []
+    assert [x for x in private if (x[0], x[2]) not in PRIVATE_EXCEPTIONS and x[1] not in PRIVATE_MODULE_EXCEPTIONS] \
+        == []
 
 
 def test_no_module_loaded_by_string(structure):

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from safemerge.errors import SafemergeError  # noqa: E402
-from safemerge.evaluate.api import GenerationSettings, evaluate  # noqa: E402
+from safemerge.evaluate.api import ExtraMetrics, GenerationSettings, evaluate  # noqa: E402
 from safemerge.evaluate.datasets import PromptRecord  # noqa: E402
 from safemerge.evaluate.judges import ScriptedJudge  # noqa: E402
 from safemerge.evaluate.records import PromptSets  # noqa: E402
@@ -142,10 +142,11 @@ def test_in_memory_model_and_answer_ce(model_dir):
     tok = AutoTokenizer.from_pretrained(model_dir)
     gen = load_generator(model, tokenizer=tok, backend="hf", options=QUIET)
     res = evaluate(model, PromptSets(utility="builtin:arithmetic"), generator=gen, limit=3, options=QUIET,
-                   answer_ce=True, generation=GenerationSettings(backend="hf", max_new_tokens=4))
+                   extra=ExtraMetrics(answer_ce=True), generation=GenerationSettings(backend="hf", max_new_tokens=4))
     assert res["utility"]["n"] == 3 and res["utility"]["answer_ce"] > 0
     assert res["model_identity"].startswith("mem:")
-    by_path = evaluate(str(model_dir), PromptSets(utility="builtin:arithmetic"), limit=3, options=QUIET, answer_ce=True,
+    by_path = evaluate(str(model_dir), PromptSets(utility="builtin:arithmetic"), limit=3, options=QUIET,
+                       extra=ExtraMetrics(answer_ce=True),
                        generation=GenerationSettings(backend="hf", dtype="float32", max_new_tokens=4))
     assert res["settings"]["dtype"] == by_path["settings"]["dtype"] == "float32"
     assert by_path["utility"]["answer_ce"] == pytest.approx(res["utility"]["answer_ce"], rel=1e-5)

@@ -9,7 +9,6 @@ torch = pytest.importorskip("torch")
 from safemerge.methods._tensor import (  # noqa: E402
     ChunkedDots,
     StreamedKth,
-    TwoPassJob,
     above,
     at_least,
     dot64,
@@ -17,10 +16,10 @@ from safemerge.methods._tensor import (  # noqa: E402
     multiply_by_mask,
     order_statistics,
     pack_mask,
-    row_blocks,
     unpack_mask,
 )
 from safemerge.methods.arcee_fusion import arcee_fusion, arcee_fusion_two_pass  # noqa: E402
+from safemerge.methods.blocks import TwoPassJob, row_blocks  # noqa: E402
 from safemerge.methods.model_stock import model_stock, model_stock_two_pass  # noqa: E402
 from safemerge.methods.multislerp import multislerp_fn, multislerp_two_pass  # noqa: E402
 from safemerge.methods.ram import ram_two_pass, ramplus_tl_fn  # noqa: E402

@@ -132,6 +132,37 @@ def _card_sections(cfg: Any, plan: Any, seed: int) -> list[tuple[str, str]]:
     ]
 
 
+
+def _input_paths(cfg: Any, config: Any) -> list[Any]:
+    """Everything a merge reads, which its output may neither replace nor lie in: the models, a tokenizer source
+    model and the config file (``None`` where there is none)."""
+    tok_ref = cfg.effective_tokenizer_source
+    return [*cfg.referenced_models(), tok_ref if tok_ref not in ("base", "union") else None,
+            config if isinstance(config, (str, Path)) and "\n" not in str(config) else None]
+
+
+def _check_device(device: str) -> None:
+    """A CUDA device asked for must exist (checked before any model is opened)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda was requested but no CUDA device is available", "use --device cpu")
+
+
+def _write_model_files(tmp: Path, cfg: Any, plan: Any, ckpts: Mapping[str, Any], *, copy_tokenizer: bool) -> None:
+    """Everything of the output but the weights and the card: ``config.json`` (and the reference model's other
+    files), the tokenizer, the chat template and the merge config (``mergekit_config.yml``)."""
+    # a re-indexed vocabulary comes with its own tokenizer, saved whatever --copy-tokenizer says (as mergekit)
+    copy_model_files(_model_dir(ckpts[plan.reference]), tmp, config_updates=_config_updates(plan, ckpts),
+                     copy_tokenizer=copy_tokenizer and plan.vocab is None)
+    if plan.vocab is not None:
+        plan.vocab.tokenizer.save_pretrained(str(tmp))
+    if cfg.chat_template:
+        _apply_chat_template(cfg.chat_template, tmp, [_model_dir(c) for c in ckpts.values()])
+    (tmp / MERGEKIT_CONFIG_NAME).write_text(cfg.source_text)
+
+
 def merge(
     config: Any,
     out_dir: str | Path,
@@ -171,15 +202,9 @@ def merge(
 
     options = or_default(options)
     cfg = load_config(config)
-    tok_ref = cfg.effective_tokenizer_source
-    inputs = [*cfg.referenced_models(), tok_ref if tok_ref not in ("base", "union") else None,
-              config if isinstance(config, (str, Path)) and "\n" not in str(config) else None]
+    inputs = _input_paths(cfg, config)
     check_output_path(out_dir, force=options.force, inputs=inputs)
-    if options.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda was requested but no CUDA device is available", "use --device cpu")
+    _check_device(options.device)
     max_shard = parse_size(out_shard_size)
     ckpts = open_all(cfg, options=options, checkpoints=checkpoints)
     plan = plan_merge(cfg, ckpts, allow_crimes=allow_crimes)
@@ -190,17 +215,9 @@ def merge(
         plan.method.name, len(plan.jobs), plan.num_layers, plan.total_bytes / 1e6,
         f"{plan.compute_dtype or 'input dtype'} (mergekit order)" if mergekit_arithmetic else "float32",
     )
-    ref_dir = _model_dir(ckpts[plan.reference])
     with atomic_output(out_dir, force=options.force, inputs=inputs) as tmp:
         write_plan(tmp, plan, ckpts, options=options, max_shard_bytes=max_shard, metadata={"producer": "safemerge"})
-        # a re-indexed vocabulary comes with its own tokenizer, saved whatever --copy-tokenizer says (as mergekit)
-        copy_model_files(ref_dir, tmp, config_updates=_config_updates(plan, ckpts),
-                         copy_tokenizer=copy_tokenizer and plan.vocab is None)
-        if plan.vocab is not None:
-            plan.vocab.tokenizer.save_pretrained(str(tmp))
-        if cfg.chat_template:
-            _apply_chat_template(cfg.chat_template, tmp, [_model_dir(c) for c in ckpts.values()])
-        (tmp / MERGEKIT_CONFIG_NAME).write_text(cfg.source_text)
+        _write_model_files(tmp, cfg, plan, ckpts, copy_tokenizer=copy_tokenizer)
         sections = _card_sections(cfg, plan, options.seed)
         if extra_card_sections is not None:
             sections += list(extra_card_sections(tmp))

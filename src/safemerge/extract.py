@@ -24,7 +24,7 @@ holds the low-rank factors and the full-rank saved modules until the adapter is 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from safemerge.io.checkpoint import Checkpoint
 from safemerge.io.hub import resolve_local
 from safemerge.io.output import atomic_output, check_output_path, md_escape, write_model_card
 from safemerge.options import RunOptions, or_default
+from safemerge.progress import StageCallback
 from safemerge.safety.writing import copy_adapter_side_files, params_markdown, torch_dtype, write_json
 
 DEFAULT_MAX_RANK = 128
@@ -137,7 +138,7 @@ def extract_lora(
     embed_lora: bool = False,
     save_modules: Sequence[str] = (),
     options: RunOptions | None = None,
-    progress: Callable[[str, int, int], None] | None = None,
+    progress: StageCallback | None = None,
 ) -> ExtractResult:
     """Extract a PEFT LoRA adapter ``base + adapter ≈ finetuned`` (see the module docstring).
 

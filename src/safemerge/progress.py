@@ -5,7 +5,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+StageCallback = Callable[[str, int, int], None]
+"""A ``(stage, done, total)`` progress report: what the safety API and LoRA extraction call as they work (the
+CLI draws it, :func:`safemerge.cli.safety_cmd.progress_callback`); not the bar switch ``RunOptions.progress``."""
 
 
 def human_bytes(n: float) -> str:

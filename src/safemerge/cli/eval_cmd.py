@@ -68,7 +68,7 @@ def eval_command(
     import time
 
     from safemerge.errors import GateFailed, SafemergeError
-    from safemerge.evaluate.api import GenerationSettings, LmEvalTasks, evaluate
+    from safemerge.evaluate.api import ExtraMetrics, GenerationSettings, evaluate
     from safemerge.evaluate.records import PromptSets
     from safemerge.evaluate.report import print_results
     from safemerge.progress import library_progress
@@ -84,8 +84,8 @@ def eval_command(
     generation = GenerationSettings(backend=backend, device=device, dtype=dtype, batch_size=batch_size,
                                     max_new_tokens=max_new_tokens)
     results = evaluate(model, PromptSets(harmful, benign, utility), adapter=adapter, judge=judge, limit=limit,
-                       out_dir=out, generation=generation, lm_eval=LmEvalTasks(lm_eval_tasks, lm_eval_include),
-                       answer_ce=answer_ce, options=options)
+                       out_dir=out, generation=generation, options=options,
+                       extra=ExtraMetrics(answer_ce, lm_eval_tasks, lm_eval_include))
     if not quiet:
         print_results(results)
     if max_harm is not None:

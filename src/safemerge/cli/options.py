@@ -167,10 +167,11 @@ class EvalSets:
                  device: str | None = None) -> dict[str, Any]:
         """Run the evaluation harness on ``model`` (+ ``adapter``, generating on ``device``) with these sets;
         results go to ``out_dir``."""
-        from safemerge.evaluate.api import GenerationSettings, LmEvalTasks, evaluate
+        from safemerge.evaluate.api import ExtraMetrics, GenerationSettings, evaluate
         from safemerge.evaluate.records import PromptSets
 
         return evaluate(str(model), PromptSets(self.harmful, self.benign, self.utility), adapter=adapter,
                         judge=self.judge, limit=self.limit, out_dir=str(out_dir),
                         generation=GenerationSettings(device=device),
-                        lm_eval=LmEvalTasks(self.lm_eval_tasks, self.lm_eval_include), options=self.options)
+                        extra=ExtraMetrics(lm_eval_tasks=self.lm_eval_tasks, lm_eval_include=self.lm_eval_include),
+                        options=self.options)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import typer
 
@@ -45,6 +45,9 @@ from safemerge.methods.safety_params import (
 )
 from safemerge.tuning.grid import DEFAULT_HARM_MARGIN, DEFAULT_REFUSAL_MARGIN, SearchSettings
 
+if TYPE_CHECKING:
+    from safemerge.progress import StageCallback
+
 PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 _BASE_HELP = ("Unaligned base model (pre-trained), used with --aligned to build the safety subspace "
               "V = W_aligned − W_base.")
@@ -52,7 +55,7 @@ _ALIGNED_HELP = "Safety-aligned model the adapters were trained on (e.g. the cha
 
 
 @contextlib.contextmanager
-def progress_callback(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+def progress_callback(enabled: bool) -> Iterator[StageCallback]:
     """Progress bars on stderr driven by ``cb(stage, done, total)`` (one line per stage, cleared at the end)."""
     from safemerge.progress import progress_bar
 

@@ -47,6 +47,7 @@ from safemerge.evaluate.records import PromptSets
 from safemerge.evaluate.report import ModelRow, compare_runs
 from safemerge.evaluate.suites import SuiteSettings, evaluate_suites
 from safemerge.io.output import atomic_output, check_not_an_input
+from safemerge.methods.safety_params import safemerge_merges
 from safemerge.options import RunOptions
 from safemerge.repair.pipeline import RepairModels, repair
 from safemerge.safety.api import resta, safelora, safemerge_adapters, scan
@@ -174,10 +175,7 @@ def run_demo(
     out = Path(out).expanduser().absolute()
     root = cache_root(cache_dir)
     _prepare_out(out, (root, data_dir))
-    if fast and data_dir is not None:
-        raise SafemergeError("--fast and --data-dir cannot be combined", "drop --fast to run on real data with SmolLM2")
-    if fast and stress:
-        raise SafemergeError("--fast has no stress setting", "drop --stress, or --fast to run SmolLM2")
+    _check_flags(fast=fast, data_dir=data_dir, stress=stress)
     margin = DEFAULT_HARM_MARGIN if harm_margin is None else harm_margin
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -196,32 +194,15 @@ def run_demo(
     scores = scan(zoo.base, zoo.aligned, [zoo.task], tau=PAPER_TAU)
     timings["scan"] = time.perf_counter() - t
 
-    settings = [Setting("", zoo.task)]
-    if stress:
-        if zoo.stress_task is None:
-            raise SafemergeError("this zoo has no stress task LoRA", "drop --stress")
-        settings.append(Setting("stress: ", zoo.stress_task))
-    rows = [
-        ModelRow("base", "unaligned model (safety-subspace reference)", str(zoo.base), None),
-        ModelRow("aligned", zoo.info.get("aligned_how", "base + safety SFT"), str(zoo.aligned), None),
-        ModelRow("safety LoRA alone", "aligned + ΔW_s (SafeMERGE's safety model; paper control)", str(zoo.aligned),
-                 str(zoo.safety)),
-    ]
+    settings = _settings(zoo, stress=stress)
+    rows = _reference_rows(zoo)
     for setting in settings:
         rows += _setting_rows(setting, zoo=zoo, work=work, alphas=alphas, margin=margin, timings=timings, say=say,
                               progress=progress)
     aligned_row = next(r for r in rows if r.name == "aligned")
     aligned_row.results = _tested(settings[0].repair, "aligned")  # repair measured it on the same test sets
     t = time.perf_counter()
-    for i, row in enumerate(rows):
-        if row.results:
-            continue
-        say(f"evaluate [{i + 1}/{len(rows)}] {row.name}")
-        key = fingerprint(row.model, row.adapter)
-        row.results = evaluate_suites(row.model, adapter=row.adapter, suites=zoo.eval_sets,
-                                      max_new_tokens=zoo.max_new_tokens,
-                                      out_dir=work / "evals" / key, progress=progress)
-        row.results["_dir"] = str(work / "evals" / key)
+    _evaluate_rows(rows, zoo=zoo, evals=work / "evals", say=say, progress=progress)
     timings["evaluate"] = time.perf_counter() - t
 
     by_name = {r.name: r for r in rows}
@@ -234,6 +215,47 @@ def run_demo(
                        fast=fast,
                        timings=timings)
     return DemoResult(out=out, rows=rows, autotune=settings[0].autotune, checks=checks, timings=timings)
+
+
+def _check_flags(*, fast: bool, data_dir: str | Path | None, stress: bool) -> None:
+    """``--fast`` (the tiny world) combines with neither real data nor the stress setting."""
+    if fast and data_dir is not None:
+        raise SafemergeError("--fast and --data-dir cannot be combined", "drop --fast to run on real data with SmolLM2")
+    if fast and stress:
+        raise SafemergeError("--fast has no stress setting", "drop --stress, or --fast to run SmolLM2")
+
+
+def _settings(zoo: Any, *, stress: bool) -> list[Setting]:
+    """The fine-tunes the demo repairs: the paper's regime, then (``stress``) the zoo's aggressive task LoRA."""
+    settings = [Setting("", zoo.task)]
+    if stress:
+        if zoo.stress_task is None:
+            raise SafemergeError("this zoo has no stress task LoRA", "drop --stress")
+        settings.append(Setting("stress: ", zoo.stress_task))
+    return settings
+
+
+def _reference_rows(zoo: Any) -> list[ModelRow]:
+    """The rows every setting is compared with: the unaligned base, the aligned model and the safety LoRA alone."""
+    return [
+        ModelRow("base", "unaligned model (safety-subspace reference)", str(zoo.base), None),
+        ModelRow("aligned", zoo.info.get("aligned_how", "base + safety SFT"), str(zoo.aligned), None),
+        ModelRow("safety LoRA alone", "aligned + ΔW_s (SafeMERGE's safety model; paper control)", str(zoo.aligned),
+                 str(zoo.safety)),
+    ]
+
+
+def _evaluate_rows(rows: list[ModelRow], *, zoo: Any, evals: Path, say: Any, progress: bool) -> None:
+    """Evaluate every row that repair has not measured yet, on the zoo's test sets (cached per model + adapter)."""
+    for i, row in enumerate(rows):
+        if row.results:
+            continue
+        say(f"evaluate [{i + 1}/{len(rows)}] {row.name}")
+        key = fingerprint(row.model, row.adapter)
+        row.results = evaluate_suites(row.model, adapter=row.adapter, suites=zoo.eval_sets,
+                                      max_new_tokens=zoo.max_new_tokens,
+                                      out_dir=evals / key, progress=progress)
+        row.results["_dir"] = str(evals / key)
 
 
 @dataclass
@@ -436,7 +458,8 @@ def report_markdown(*, zoo: Any, rows: list[ModelRow], scores: list[Any], autotu
     lines += ["## Layer similarity", "",
               f"{len(scores)} adapted matrices; ρ from {min(s.rho for s in scores):.3f} to "
               f"{max(s.rho for s in scores):.3f}; "
-              f"{sum(s.rho < PAPER_TAU for s in scores)} below the reference τ = {PAPER_TAU} (merged by SafeMERGE). "
+              f"{sum(safemerge_merges(s.rho, PAPER_TAU) for s in scores)} below the reference τ = {PAPER_TAU} "
+              "(merged by SafeMERGE). "
               "See `heatmap.png` and `scan.json`.", ""]
     lines += ["## Automatic τ/α", ""]
     for setting, at in autotunes.items():

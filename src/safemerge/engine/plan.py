@@ -79,7 +79,7 @@ class MergePlan:
     names a tokenizer source; its tokenizer is saved with the model."""
     tie_break: str = "index"
     """Exact ties at top-k cut-offs: ``index`` or ``mergekit`` (see
-    :data:`safemerge.methods._tensor.TIE_BREAKS`); passed to methods that declare ``extra["tie_break"]``."""
+    :data:`safemerge.methods.blocks.TIE_BREAKS`); passed to methods that declare ``extra["tie_break"]``."""
 
     @property
     def total_bytes(self) -> int:

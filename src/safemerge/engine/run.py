@@ -25,7 +25,7 @@ from safemerge.errors import CheckpointError, SafemergeError, option
 from safemerge.io.checkpoint import all_finite
 from safemerge.io.hub import prefetch_metadata
 from safemerge.io.references import open_checkpoint
-from safemerge.methods._tensor import InputTensors, Rows, TwoPassJob, row_blocks
+from safemerge.methods.blocks import InputTensors, Rows, TwoPassJob, row_blocks
 from safemerge.methods.mergekit_order import KERNELS
 from safemerge.methods.seeding import tensor_generator
 from safemerge.methods.streaming import TWO_PASS

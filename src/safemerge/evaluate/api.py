@@ -230,12 +230,20 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
-class LmEvalTasks:
-    """lm-evaluation-harness tasks run on the same loaded model: ``tasks`` (comma-separated or a list) and the
-    directory of their YAMLs (``include``, lm-eval's ``--include_path``)."""
+class ExtraMetrics:
+    """What is measured beyond the judged suites, on the same loaded model (adapter applied).
 
-    tasks: str | list[str] | None = None
-    include: str | Path | None = None
+    Attributes:
+        answer_ce: also report the utility set's answer-token cross-entropy (nats; the objective of Hammoud et
+            al. 2024, :func:`~safemerge.evaluate.metrics.answer_token_ce`).
+        lm_eval_tasks: lm-evaluation-harness tasks, comma-separated or a list (see
+            :mod:`safemerge.evaluate.lm_eval_bridge`).
+        lm_eval_include: the directory of their YAMLs (lm-eval's ``--include_path``).
+    """
+
+    answer_ce: bool = False
+    lm_eval_tasks: str | list[str] | None = None
+    lm_eval_include: str | Path | None = None
 
 
 def evaluate(
@@ -247,8 +255,7 @@ def evaluate(
     limit: int | None = None,
     out_dir: str | Path | None = None,
     generation: GenerationSettings = GenerationSettings(),
-    lm_eval: LmEvalTasks | None = None,
-    answer_ce: bool = False,
+    extra: ExtraMetrics = ExtraMetrics(),
     generator: Any = None,
     options: RunOptions | None = None,
 ) -> dict[str, Any]:
@@ -268,9 +275,8 @@ def evaluate(
             its own keywords, e.g. ``get_judge("classifier:PATH", harmful_label="toxic")``).
         limit: the first ``limit`` items of each set (and of each lm-eval task).
         generation: backend, device, dtype, batch size and new-token budget of the generation.
-        lm_eval: lm-evaluation-harness tasks run on the same loaded model, adapter applied (see
-            :mod:`safemerge.evaluate.lm_eval_bridge`).
-        answer_ce: also report the answer-token cross-entropy of the utility set.
+        extra: the utility set's answer-token cross-entropy and lm-evaluation-harness tasks, measured on the same
+            loaded model.
         options: ``allow_pickle`` and ``trust_remote_code`` of the model and judge loads, ``seed`` of the
             bootstrap intervals, ``progress`` bars.
 
@@ -280,12 +286,11 @@ def evaluate(
 
     options = or_default(options)
     specs = sets.as_suites()
-    lm = lm_eval or LmEvalTasks()
-    lm_tasks = parse_tasks(lm.tasks)
+    lm_tasks = parse_tasks(extra.lm_eval_tasks)
     if not specs and not lm_tasks:
         raise SafemergeError("nothing to evaluate: no prompt set given",
                              "pass --harmful, --benign, --utility (e.g. builtin:harmful) and/or --lm-eval-tasks")
-    lm_manager = task_manager(lm_tasks, lm.include) if lm_tasks else None  # unknown tasks fail before generating
+    lm_manager = task_manager(lm_tasks, extra.lm_eval_include) if lm_tasks else None  # unknown tasks fail first
     model, adapter = split_adapter(model, adapter)  # MODEL+ADAPTER, as in merge configs
     if adapter is not None:
         local_adapter(adapter)  # fail before any prompt set is read
@@ -293,10 +298,7 @@ def evaluate(
     the_judge = None
     if "harmful" in suites or "benign" in suites:
         the_judge = judge if isinstance(judge, Judge) else get_judge(judge, options=options)
-
-    out_path = Path(out_dir).expanduser() if out_dir is not None else None
-    if out_path is not None and out_path.exists() and not out_path.is_dir():
-        raise SafemergeError(f"output {out_path} exists and is not a directory", "pass a directory for -o")
+    out_path = _output_dir(out_dir)
     cache = GenerationCache(out_path / "generations.jsonl" if out_path is not None else None)
     gens = _generations(model, adapter, generator=generator, settings=generation, cache=cache, options=options)
     results = _results_header(model, adapter, gens, batch_size=generation.batch_size, limit=limit, seed=options.seed)
@@ -308,18 +310,30 @@ def evaluate(
         results["settings"]["sets"][name] = label
         responses = gens.responses(name, records, mnt)
         results[name] = _suite_result(name, records, responses, gens, the_judge, judgments, seed=options.seed,
-                                      answer_ce=answer_ce, batch_size=generation.batch_size)
+                                      answer_ce=extra.answer_ce, batch_size=generation.batch_size)
         results[name]["set"] = label
-
     if lm_tasks:
-        results["lm_eval"] = _lm_eval_suite(gens, lm_tasks, lm_manager, lm.include, limit=limit,
+        results["lm_eval"] = _lm_eval_suite(gens, lm_tasks, lm_manager, extra.lm_eval_include, limit=limit,
                                             batch_size=generation.batch_size, seed=options.seed,
                                             progress=options.progress)
     if out_path is not None:
-        atomic_write_text(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-        atomic_write_text(out_path / "judgments.jsonl",
-                          "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
+        _write_results(out_path, results, judgments)
     return results
+
+
+def _output_dir(out_dir: str | Path | None) -> Path | None:
+    """``evaluate``'s output directory (``None``: nothing written); an existing file there is a user error."""
+    out_path = Path(out_dir).expanduser() if out_dir is not None else None
+    if out_path is not None and out_path.exists() and not out_path.is_dir():
+        raise SafemergeError(f"output {out_path} exists and is not a directory", "pass a directory for -o")
+    return out_path
+
+
+def _write_results(out_path: Path, results: dict[str, Any], judgments: list[dict[str, Any]]) -> None:
+    """``results.json`` and ``judgments.jsonl``, each written atomically."""
+    atomic_write_text(out_path / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(out_path / "judgments.jsonl",
+                      "".join(json.dumps(j, ensure_ascii=False) + "\n" for j in judgments))
 
 
 def _generations(model: Any, adapter: str | None, *, generator: Any, settings: GenerationSettings,

@@ -543,25 +543,50 @@ def save_adapter(
         raise CheckpointError(f"embedding module {stray[0]!r} has no factors", "pass only modules present in `modules`")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    r0, pattern = _rank_pattern(modules)
+    tensors = _factor_tensors(modules, embedding_modules, dtype or torch.float32)
+    config = _lora_config(r0, pattern, task_type=task_type, base_model_name_or_path=base_model_name_or_path,
+                          fan_in_fan_out=fan_in_fan_out, target_modules=sorted(modules))
+    if extra_config:
+        config.update(extra_config)
+    for key, t in sorted((extra_tensors or {}).items()):
+        if key in tensors:
+            raise CheckpointError(f"adapter tensor {key!r} is both a LoRA factor and an extra tensor", "internal error")
+        tensors[key] = t.detach().contiguous()
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _rank_pattern(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[int, dict[str, int]]:
+    """The adapter's ``r`` (the most common rank; the smallest among equally common ones) and PEFT's
+    ``rank_pattern`` (escaped module name → rank) of the modules whose rank differs."""
     ranks = {m: int(A.shape[0]) for m, (A, B) in modules.items()}
     counts: dict[int, int] = {}
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
     r0 = max(sorted(counts), key=lambda r: counts[r])
-    pattern = {re.escape(m): r for m, r in sorted(ranks.items()) if r != r0}
-    tensors: dict[str, Any] = {}
-    dt = dtype or torch.float32
+    return r0, {re.escape(m): r for m, r in sorted(ranks.items()) if r != r0}
+
+
+def _factor_tensors(modules: Mapping[str, tuple[torch.Tensor, torch.Tensor]], embedding_modules: Collection[str],
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """PEFT's stored keys → factors in ``dtype`` (``lora_embedding_A/B`` for embedding modules); ranks checked."""
+    tensors: dict[str, torch.Tensor] = {}
     for m, (A, B) in sorted(modules.items()):
         if A.shape[0] != B.shape[1]:
             raise CheckpointError(f"module {m}: A{tuple(A.shape)} and B{tuple(B.shape)} ranks differ",
                                   "internal shape error")
-        if m in embedding_modules:
-            tensors[f"{PEFT_PREFIX}{m}.lora_embedding_A"] = A.detach().to(dt).contiguous()
-            tensors[f"{PEFT_PREFIX}{m}.lora_embedding_B"] = B.detach().to(dt).contiguous()
-        else:
-            tensors[f"{PEFT_PREFIX}{m}.lora_A.weight"] = A.detach().to(dt).contiguous()
-            tensors[f"{PEFT_PREFIX}{m}.lora_B.weight"] = B.detach().to(dt).contiguous()
-    config: dict[str, Any] = {
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if m in embedding_modules else ("lora_A.weight",
+                                                                                              "lora_B.weight")
+        tensors[f"{PEFT_PREFIX}{m}.{a_key}"] = A.detach().to(dtype).contiguous()
+        tensors[f"{PEFT_PREFIX}{m}.{b_key}"] = B.detach().to(dtype).contiguous()
+    return tensors
+
+
+def _lora_config(r0: int, pattern: dict[str, int], *, task_type: str, base_model_name_or_path: str | None,
+                 fan_in_fan_out: bool, target_modules: list[str]) -> dict[str, Any]:
+    """``adapter_config.json`` of a plain LoRA with ``lora_alpha == r`` for every module (PEFT scaling exactly 1)."""
+    return {
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path,
@@ -574,16 +599,8 @@ def save_adapter(
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": fan_in_fan_out,
-        "target_modules": sorted(modules),
+        "target_modules": target_modules,
         "modules_to_save": None,
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    if extra_config:
-        config.update(extra_config)
-    for key, t in sorted((extra_tensors or {}).items()):
-        if key in tensors:
-            raise CheckpointError(f"adapter tensor {key!r} is both a LoRA factor and an extra tensor", "internal error")
-        tensors[key] = t.detach().contiguous()
-    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -204,49 +205,11 @@ def convert_gguf(
     _check_supported(str(meta["general.architecture"]), src)
 
     step = on_step or (lambda _msg: None)
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        try:
-            step(f"de-quantising {src.name} ({', '.join(meta['_tensor_types'])})")
-            loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32,
-                                                          trust_remote_code=False)
-            step("reading the tokenizer")
-            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=False)
-        except (OSError, ValueError, KeyError, RuntimeError, IndexError, TypeError) as exc:
-            raise CheckpointError(
-                f"cannot load {src} with transformers' GGUF reader ({type(exc).__name__}: "
-                f"{' '.join(str(exc).split())[:200]})",
-                "check that the file is a complete causal-LM GGUF; re-export it with a recent llama.cpp",
-            ) from exc
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-    state = {k: v.detach().to(getattr(torch, dtype)) for k, v in loaded.state_dict().items()}
-    for k, v in state.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise CheckpointError(f"{src}: tensor {k} contains NaN or Inf after de-quantisation",
-                                  "the GGUF file is corrupt")
+    loaded, tokenizer = _load_gguf(src, meta, step)
+    state = _float_state(loaded, dtype, src)
     config = _clean_config(loaded.config, dtype)
-    generation_config = loaded.generation_config
-    model_cls = type(loaded)  # LlamaForCausalLM for Llama-family GGUFs (SmolLM2, Llama, Mistral-as-llama)
+    fresh = _fresh_model(loaded, state, config, src)
     del loaded
-    with torch.device("meta"):
-        fresh = model_cls(config)
-    missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{src}: de-quantised weights do not match the {model_cls.__name__} layout "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
-            "this GGUF variant is not supported; report the file's architecture",
-        )
-    if config.tie_word_embeddings:
-        fresh.tie_weights()
-    fresh.generation_config = generation_config
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     step(f"writing {dtype} safetensors")
@@ -259,6 +222,70 @@ def convert_gguf(
                        if not (config.tie_word_embeddings and k == "lm_head.weight"))
         _write_card(tmp, src, meta, dtype, n_params)
     return Path(out_dir)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off for the duration (the CLI reports the stages itself)."""
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_gguf(src: Path, meta: dict[str, Any], step: Callable[[str], None]) -> tuple[Any, Any]:
+    """The de-quantised float32 model and the tokenizer of ``src`` (transformers' GGUF reader); a clear error when
+    the file is not a complete causal-LM GGUF."""
+    with _quiet_transformers():
+        try:
+            step(f"de-quantising {src.name} ({', '.join(meta['_tensor_types'])})")
+            loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32,
+                                                          trust_remote_code=False)
+            step("reading the tokenizer")
+            tokenizer = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name, trust_remote_code=False)
+        except (OSError, ValueError, KeyError, RuntimeError, IndexError, TypeError) as exc:
+            raise CheckpointError(
+                f"cannot load {src} with transformers' GGUF reader ({type(exc).__name__}: "
+                f"{' '.join(str(exc).split())[:200]})",
+                "check that the file is a complete causal-LM GGUF; re-export it with a recent llama.cpp",
+            ) from exc
+    return loaded, tokenizer
+
+
+def _float_state(loaded: Any, dtype: str, src: Path) -> dict[str, torch.Tensor]:
+    """The loaded model's tensors in the output ``dtype``; NaN/Inf after de-quantisation means a corrupt file."""
+    state = {k: v.detach().to(getattr(torch, dtype)) for k, v in loaded.state_dict().items()}
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{src}: tensor {k} contains NaN or Inf after de-quantisation",
+                                  "the GGUF file is corrupt")
+    return state
+
+
+def _fresh_model(loaded: Any, state: dict[str, torch.Tensor], config: Any, src: Path) -> Any:
+    """A fresh model of the loaded class built from the cleaned ``config``, holding ``state`` (nothing of the GGUF
+    quantiser survives); its generation config is the loaded one's."""
+    model_cls = type(loaded)  # LlamaForCausalLM for Llama-family GGUFs (SmolLM2, Llama, Mistral-as-llama)
+    with torch.device("meta"):
+        fresh = model_cls(config)
+    missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (config.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{src}: de-quantised weights do not match the {model_cls.__name__} layout "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+            "this GGUF variant is not supported; report the file's architecture",
+        )
+    if config.tie_word_embeddings:
+        fresh.tie_weights()
+    fresh.generation_config = loaded.generation_config
+    return fresh
 
 
 def _scrub_saved_config(path: Path) -> None:

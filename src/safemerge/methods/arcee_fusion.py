@@ -23,11 +23,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from safemerge.methods._tensor import (
-    TwoPassJob,
-    check_inputs,
-    streamed_order_statistics,
-)
+from safemerge.methods._tensor import streamed_order_statistics
+from safemerge.methods.blocks import TwoPassJob
+from safemerge.methods.registry import merge_method
 
 _KL_EPS = 1e-8
 QUARTILES = (0.25, 0.5, 0.75)
@@ -81,9 +79,14 @@ def arcee_fusion_two_pass(job: TwoPassJob) -> bool:
     return True
 
 
+@merge_method(
+    "arcee_fusion",
+    base="required", min_models=1, max_models=1,
+    reference="Arcee AI 2024, Arcee Fusion (mergekit): keep Δ where |Δ|·KL(softmax θ‖softmax θ₀) ≥ Q₂+1.5·IQR",
+    base_in_tensors=False,
+)
 def arcee_fusion_fn(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
                     params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
     """Registry entry for ``arcee_fusion`` (the base + exactly one other model)."""
-    check_inputs("arcee_fusion", tensors, base, base_policy="required", min_models=1, max_models=1)
     assert base is not None
     return arcee_fusion(base, tensors[0])

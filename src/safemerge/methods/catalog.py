@@ -1,13 +1,22 @@
-"""Every merge method by its YAML name: mergekit's (:mod:`.builtin`) and the safety methods (:mod:`.safety`).
+"""Every merge method by its YAML name: each is declared beside its function (``@merge_method``, or the
+task-arithmetic family's table in :mod:`.task_arithmetic`); importing this module imports them all.
 
-Importing this module registers them; :mod:`.registry` below it only defines what a method is, so
-no module imports one that imports it back.
+:mod:`.registry` below it only defines what a method is, so no module imports one that imports it back.
 """
 from __future__ import annotations
 
-import safemerge.methods.builtin  # noqa: F401  (registers mergekit's methods)
-import safemerge.methods.nearswap  # noqa: F401  (declared with @merge_method beside its function)
-import safemerge.methods.safety  # noqa: F401  (registers the safety methods)
+# every module that declares merge methods
+import safemerge.methods.arcee_fusion  # noqa: F401
+import safemerge.methods.karcher  # noqa: F401
+import safemerge.methods.linear  # noqa: F401
+import safemerge.methods.model_stock  # noqa: F401
+import safemerge.methods.multislerp  # noqa: F401
+import safemerge.methods.nearswap  # noqa: F401
+import safemerge.methods.ram  # noqa: F401
+import safemerge.methods.safety  # noqa: F401
+import safemerge.methods.sce  # noqa: F401
+import safemerge.methods.slerp  # noqa: F401
+import safemerge.methods.task_arithmetic  # noqa: F401
 from safemerge.errors import ConfigError
 from safemerge.methods.registry import REGISTRY, MergeMethod
 

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, dot64, f32
+from safemerge.methods._tensor import dot64, f32
+from safemerge.methods.registry import Param, merge_method
 
 
 def karcher_mean(
@@ -72,6 +73,16 @@ def karcher_mean(
     return mean.mul_(scale)
 
 
+@merge_method(
+    "karcher",
+    params=(
+        Param("max_iter", 10, kind=int, low=0, help="maximum fixed-point iterations"),
+        Param("tol", 1e-5, low=0.0, help="convergence tolerance on the tangent norm"),
+    ),
+    base="none", min_models=1,
+    reference="Karcher 1977, Riemannian center of mass; Buss & Fillmore 2001 fixed-point iteration (equal weights)",
+    base_in_tensors=True,
+)
 def karcher_fn(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -81,5 +92,4 @@ def karcher_fn(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Registry entry for ``karcher``: equal weights over all inputs (base included, see docs)."""
-    check_inputs("karcher", tensors, None, base_policy="none", min_models=1, max_models=None)
     return karcher_mean(tensors, None, max_iter=int(params.get("max_iter", 10)), tol=float(params.get("tol", 1e-5)))

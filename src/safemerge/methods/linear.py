@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import check_inputs, f32, nonzero_weight_sum, per_model_list
+from safemerge.methods._tensor import f32, nonzero_weight_sum, per_model_list
+from safemerge.methods.mergekit_params import WEIGHT
+from safemerge.methods.registry import Param, merge_method
 
 
 def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, normalize: bool = True) -> torch.Tensor:
@@ -25,6 +27,13 @@ def linear_merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], *, n
     return out
 
 
+@merge_method(
+    "linear",
+    params=(WEIGHT, Param("normalize", True, kind=bool, help="divide by the sum of the weights")),
+    base="none", min_models=1,
+    reference="Wortsman et al. 2022, Model soups (ICML), Sec. 3: θ = Σ wᵢθᵢ / Σ wᵢ",
+    base_in_tensors=True, elementwise=True,
+)
 def linear_fn(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -34,11 +43,17 @@ def linear_fn(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Registry entry for ``linear``: ``tensors`` holds every input, the base included."""
-    check_inputs("linear", tensors, None, base_policy="none", min_models=1, max_models=None)
     weights = per_model_list("linear", per_model, "weight", len(tensors))
     return linear_merge(tensors, weights, normalize=bool(params.get("normalize", True)))
 
 
+@merge_method(
+    "passthrough",
+    params=(Param("scale", None, per_model=True, help="optional factor applied to the copied tensor"),),
+    base="none", min_models=1, max_models=1,
+    reference="Goddard et al. 2024, Arcee's MergeKit (EMNLP industry), passthrough / frankenmerging",
+    base_in_tensors=True, elementwise=True,
+)
 def passthrough_fn(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -53,7 +68,6 @@ def passthrough_fn(
     is copied unchanged unless a per-model ``scale`` is set (``θ = s·θ₁``). Returns a copy,
     never the input object.
     """
-    check_inputs("passthrough", tensors, None, base_policy="none", min_models=1, max_models=1)
     scale = (per_model.get("scale") or [None])[0]
     t = f32(tensors[0])
     return t.clone() if scale is None else t * float(scale)

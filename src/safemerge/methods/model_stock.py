@@ -7,14 +7,9 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import (
-    ChunkedDots,
-    TwoPassJob,
-    check_inputs,
-    dot64,
-    f32,
-    norm64,
-)
+from safemerge.methods._tensor import ChunkedDots, dot64, f32, norm64
+from safemerge.methods.blocks import TwoPassJob
+from safemerge.methods.registry import Param, merge_method
 
 
 def model_stock(base: torch.Tensor, tensors: Sequence[torch.Tensor], *, filter_wise: bool = False) -> torch.Tensor:
@@ -97,6 +92,14 @@ def model_stock_two_pass(job: TwoPassJob) -> bool:
     return True
 
 
+@merge_method(
+    "model_stock",
+    params=(Param("filter_wise", False, kind=bool, help="one interpolation ratio per row instead of per tensor"),),
+    base="required", min_models=2,
+    reference="Jang et al. 2024, Model Stock (ECCV), Sec. 3: t = N cosθ / (1 + (N−1) cosθ), θ = t θ_avg + (1−t) "
+              "θ_base",
+    base_in_tensors=False,
+)
 def model_stock_fn(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -106,6 +109,5 @@ def model_stock_fn(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Registry entry for ``model_stock`` (base + at least two models)."""
-    check_inputs("model_stock", tensors, base, base_policy="required", min_models=2, max_models=None)
     assert base is not None
     return model_stock(base, tensors, filter_wise=bool(params.get("filter_wise", False)))

@@ -7,13 +7,10 @@ from typing import Any
 import torch
 
 from safemerge.errors import SafemergeError
-from safemerge.methods._tensor import (
-    TwoPassJob,
-    check_inputs,
-    f32,
-    nonzero_weight_sum,
-    per_model_list,
-)
+from safemerge.methods._tensor import f32, nonzero_weight_sum, per_model_list
+from safemerge.methods.blocks import TwoPassJob
+from safemerge.methods.mergekit_params import WEIGHT
+from safemerge.methods.registry import Param, merge_method
 
 
 def multislerp(
@@ -110,6 +107,18 @@ def multislerp_two_pass(job: TwoPassJob) -> bool:
     return True
 
 
+@merge_method(
+    "multislerp",
+    params=(
+        WEIGHT,
+        Param("normalize_weights", True, kind=bool, help="divide the weights by their sum"),
+        Param("eps", 1e-8, low=0.0, help="small constant added to norms"),
+    ),
+    base="optional", min_models=1,
+    reference="Goddard 2025, Multi-SLERP; Buss & Fillmore 2001, Spherical averages: barycentric interpolation on "
+              "the sphere",
+    base_in_tensors=False,
+)
 def multislerp_fn(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -119,7 +128,6 @@ def multislerp_fn(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Registry entry for ``multislerp`` (≥ 1 model, base optional: task vectors when given)."""
-    check_inputs("multislerp", tensors, base, base_policy="optional", min_models=1, max_models=None)
     weights = per_model_list("multislerp", per_model, "weight", len(tensors))
     return multislerp(
         tensors, weights, base,

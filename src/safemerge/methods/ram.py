@@ -26,7 +26,12 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import TwoPassJob, check_inputs
+from safemerge.methods._tensor import check_inputs
+from safemerge.methods.blocks import TwoPassJob
+from safemerge.methods.registry import Param, merge_method
+
+RAM_EPSILON = Param("epsilon", 1e-5, low=0.0, help="|δ| above which a model counts as having changed an entry")
+RAM_REFERENCE = "Reinforced Agent Merging (RAM), arXiv:2601.13572: unique updates kept, shared updates averaged"
 
 
 def _changed(t: torch.Tensor, base: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,18 +147,32 @@ def ram_stacked(tensors: Sequence[torch.Tensor], base: torch.Tensor, *, epsilon:
 
 def _entry(kernel, name: str, tensors: Sequence[torch.Tensor], base: torch.Tensor | None,  # noqa: ANN001
            params: dict[str, Any]) -> torch.Tensor:
-    check_inputs(name, tensors, base, base_policy="required", min_models=0, max_models=None)
     assert base is not None
     plus = {"r": float(params["r"]), "alpha": float(params["alpha"])} if name == "ramplus_tl" else {}
     return kernel(tensors, base, epsilon=float(params["epsilon"]), **plus)
 
 
+@merge_method(
+    "ram", params=(RAM_EPSILON,), base="required", min_models=0, reference=RAM_REFERENCE,
+    base_in_tensors=False, elementwise=True,
+)
 def ram_fn(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
            params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
     """Registry entry for ``ram`` (streaming)."""
     return _entry(ram, "ram", tensors, base, params)
 
 
+@merge_method(
+    "ramplus_tl",
+    params=(
+        Param("r", 0.1, low=0.0, help="strength of the rescaling of unique updates"),
+        Param("alpha", 0.2, low=0.0, help="cap on the shared/unique ratio rho"),
+        RAM_EPSILON,
+    ),
+    base="required", min_models=0,
+    reference=RAM_REFERENCE + "; RAM+ scales unique updates by 1 + r·clip(ρ, 0, α) (tensor-local ρ)",
+    base_in_tensors=False,
+)
 def ramplus_tl_fn(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
                   params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
     """Registry entry for ``ramplus_tl`` (streaming)."""
@@ -163,6 +182,7 @@ def ramplus_tl_fn(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *,
 def ram_mergekit_order(tensors: Sequence[torch.Tensor], base: torch.Tensor | None, *, per_model: dict[str, list[Any]],
                        params: dict[str, Any], generator: torch.Generator | None = None) -> torch.Tensor:
     """mergekit-order kernel for ``ram`` (:mod:`safemerge.methods.mergekit_order`)."""
+    check_inputs("ram", tensors, base, base_policy="required", min_models=0, max_models=None)
     return _entry(ram_stacked, "ram", tensors, base, params)
 
 
@@ -170,4 +190,5 @@ def ramplus_tl_mergekit_order(tensors: Sequence[torch.Tensor], base: torch.Tenso
                               per_model: dict[str, list[Any]], params: dict[str, Any],
                               generator: torch.Generator | None = None) -> torch.Tensor:
     """mergekit-order kernel for ``ramplus_tl``."""
+    check_inputs("ramplus_tl", tensors, base, base_policy="required", min_models=0, max_models=None)
     return _entry(ram_stacked, "ramplus_tl", tensors, base, params)

@@ -7,17 +7,10 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import (
-    Rows,
-    StreamedKth,
-    TwoPassJob,
-    check_inputs,
-    f32,
-    multiply_by_mask,
-    pack_mask,
-    rank_window_mask,
-    unpack_mask,
-)
+from safemerge.methods._tensor import StreamedKth, f32, multiply_by_mask, pack_mask, rank_window_mask, unpack_mask
+from safemerge.methods.blocks import Rows, TwoPassJob
+from safemerge.methods.mergekit_params import INT8_MASK
+from safemerge.methods.registry import Param, merge_method
 from safemerge.methods.task_arithmetic import agrees, majority_sign_positive
 from safemerge.methods.task_arithmetic_two_pass import RankWindow, bracket_from_sample, streamed_cut
 
@@ -193,6 +186,14 @@ def _streamed_selection(job: TwoPassJob, blocks: list[Rows], select_topk: float)
     return _StreamedSelection(job, blocks, RankWindow((numel - k, numel), (cut, None)), keep_all=False)
 
 
+@merge_method(
+    "sce",
+    params=(INT8_MASK, Param("select_topk", 1.0, low=0.0, low_open=True, high=1.0,
+                             help="fraction of highest-variance entries kept, in (0, 1]")),
+    base="required", min_models=0,
+    reference="Wan et al. 2024, FuseChat: Knowledge Fusion of Chat Models, Sec. 3.3 (SCE: select, calculate, erase)",
+    base_in_tensors=False, tie_break=True,
+)
 def sce_fn(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -203,6 +204,5 @@ def sce_fn(
     tie_break: str = "index",
 ) -> torch.Tensor:
     """Registry entry for ``sce`` (base required; no per-model weights)."""
-    check_inputs("sce", tensors, base, base_policy="required", min_models=0, max_models=None)
     assert base is not None
     return sce(base, tensors, select_topk=float(params.get("select_topk", 1.0)), tie_break=tie_break)

@@ -7,16 +7,10 @@ from typing import Any
 
 import torch
 
-from safemerge.methods._tensor import (
-    ChunkedDots,
-    Rows,
-    TwoPassJob,
-    check_inputs,
-    dot64,
-    f32,
-    norm64,
-    per_model_list,
-)
+from safemerge.methods._tensor import ChunkedDots, dot64, f32, norm64, per_model_list
+from safemerge.methods.blocks import Rows, TwoPassJob
+from safemerge.methods.mergekit_params import WEIGHT
+from safemerge.methods.registry import Param, merge_method
 
 #: |cos θ| above this → the inputs are treated as collinear and linearly interpolated.
 DOT_THRESHOLD = 0.9995
@@ -79,6 +73,13 @@ def slerp_two_pass(job: TwoPassJob) -> bool:
     return True
 
 
+@merge_method(
+    "slerp",
+    params=(Param("t", low=0.0, high=1.0, help="interpolation factor: 0 = base, 1 = the other model"),),
+    base="required", min_models=1, max_models=1,
+    reference="Shoemake 1985, Animating rotation with quaternion curves (SIGGRAPH): slerp(v0, v1; t)",
+    base_in_tensors=False,
+)
 def slerp_fn(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -88,7 +89,6 @@ def slerp_fn(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Registry entry for ``slerp``: ``slerp(t, base, other)`` (exactly one non-base model)."""
-    check_inputs("slerp", tensors, base, base_policy="required", min_models=1, max_models=1)
     assert base is not None
     return slerp(float(params["t"]), base, tensors[0])
 
@@ -194,6 +194,18 @@ def nuslerp_weights_to_t(w0: float, w1: float) -> float:
     return 0.5 if abs(total) < 1e-6 else float(w1) / total
 
 
+@merge_method(
+    "nuslerp",
+    params=(
+        WEIGHT,
+        Param("nuslerp_row_wise", False, kind=bool,
+              help="with nuslerp_flatten: false, interpolate slices along dim 0 instead of the last dim"),
+        Param("nuslerp_flatten", True, kind=bool, help="interpolate the whole tensor as one vector"),
+    ),
+    base="optional", min_models=2, max_models=2,
+    reference="Shoemake 1985 slerp with t = w₂/(w₁+w₂), on task vectors when a base is given (mergekit nuslerp)",
+    base_in_tensors=False,
+)
 def nuslerp_fn(
     tensors: Sequence[torch.Tensor],
     base: torch.Tensor | None,
@@ -204,7 +216,6 @@ def nuslerp_fn(
 ) -> torch.Tensor:
     """Registry entry for ``nuslerp``: two models, ``t`` from their weights; with a base, SLERP
     of the task vectors ``θᵢ − θ_base`` added back to the base."""
-    check_inputs("nuslerp", tensors, base, base_policy="optional", min_models=2, max_models=2)
     w = per_model_list("nuslerp", per_model, "weight", 2)
     t = nuslerp_weights_to_t(w[0], w[1])
     row_wise = bool(params.get("nuslerp_row_wise", False))

@@ -1,6 +1,6 @@
 """Row-block ("two-pass") kernels of methods whose result needs whole-tensor statistics.
 
-``kernel(job) -> bool`` with a :class:`~safemerge.methods._tensor.TwoPassJob`: pass 1 reads the
+``kernel(job) -> bool`` with a :class:`~safemerge.methods.blocks.TwoPassJob`: pass 1 reads the
 inputs block by block (``job.load(i, rows)`` / ``job.load_base(rows)``, float32) and gathers the
 statistics (the TIES family's magnitude thresholds, random-generator states and L1 norms; SLERP /
 Model Stock norms and dot products), pass 2 hands each merged float32 block to
@@ -12,8 +12,8 @@ The one table of such kernels, by method name (the engine looks methods up here)
 """
 from __future__ import annotations
 
-from safemerge.methods._tensor import TwoPassKernel
 from safemerge.methods.arcee_fusion import arcee_fusion_two_pass
+from safemerge.methods.blocks import TwoPassKernel
 from safemerge.methods.model_stock import model_stock_two_pass
 from safemerge.methods.multislerp import multislerp_two_pass
 from safemerge.methods.ram import ram_two_pass

@@ -23,10 +23,22 @@ from typing import Any, Callable
 import torch
 
 from safemerge.methods import sparsify as sp
-from safemerge.methods._tensor import InputTensors, check_inputs, f32, per_model_list, release
+from safemerge.methods._tensor import check_inputs, f32, per_model_list
+from safemerge.methods.blocks import InputTensors, release
+from safemerge.methods.mergekit_params import (
+    DENSITY,
+    EPSILON,
+    GAMMA,
+    INT8_MASK,
+    LAMBDA,
+    WEIGHT,
+    normalize_param,
+    rescale_param,
+)
+from safemerge.methods.registry import MergeMethod, register
 
-DEFAULT_GAMMA = 0.01  # Breadcrumbs' outlier fraction when a model gives none
-DEFAULT_EPSILON = 0.15  # DELLA's probability spread when a model gives none
+DEFAULT_GAMMA = GAMMA.default  # Breadcrumbs' outlier fraction when a model gives none
+DEFAULT_EPSILON = EPSILON.default  # DELLA's probability spread when a model gives none
 
 #: name -> (sparsification, consensus, normalize default, rescale default), as in mergekit 0.1.5.
 FAMILY: dict[str, tuple[str | None, bool, bool, bool]] = {
@@ -39,6 +51,21 @@ FAMILY: dict[str, tuple[str | None, bool, bool, bool]] = {
     "della": ("della_magprune", True, True, True),
     "della_linear": ("della_magprune", False, False, True),
 }
+
+REFERENCES = {
+    "task_arithmetic": "Ilharco et al. 2023, Editing Models with Task Arithmetic (ICLR), Eq. 1: θ = θ_base + λ Σ wᵢ τᵢ",
+    "ties": "Yadav et al. 2023, TIES-Merging (NeurIPS), Sec. 3 / Alg. 1: trim (top-k |τ|), elect sign, disjoint mean",
+    "dare_ties": "Yu et al. 2024, Language Models are Super Mario (DARE, ICML), Sec. 3 drop-and-rescale + TIES sign "
+                 "election",
+    "dare_linear": "Yu et al. 2024, Language Models are Super Mario (DARE, ICML), Sec. 3 drop-and-rescale + task "
+                   "arithmetic",
+    "breadcrumbs": "Davari & Belilovsky 2024, Model Breadcrumbs (ECCV), Sec. 3: mask top-γ outliers and small entries",
+    "breadcrumbs_ties": "Davari & Belilovsky 2024, Model Breadcrumbs (ECCV), Sec. 3 + TIES sign election (Yadav et al. "
+                        "2023)",
+    "della": "Deep et al. 2024, DELLA-Merging, Sec. 3: MagPrune (rank-based keep probabilities), elect sign, fuse",
+    "della_linear": "Deep et al. 2024, DELLA-Merging, Sec. 3: MagPrune + task arithmetic (no sign election)",
+}
+"""name -> the paper (and section) each family member implements."""
 
 
 def sparsify_delta(
@@ -252,3 +279,29 @@ def _family_entry(
         return f32(base).clone()
     settings = FamilySettings.resolve(name, per_model, params, n)
     return generalized_task_arithmetic(tensors, base, settings, generator=generator, tie_break=tie_break)
+
+
+def _family_method(name: str) -> MergeMethod:
+    """The declaration of one family member, from its row of :data:`FAMILY` (mergekit 0.1.5's parameters)."""
+    sparsification, _consensus, normalize_default, rescale_default = FAMILY[name]
+    params = (INT8_MASK, normalize_param(normalize_default), rescale_param(rescale_default), LAMBDA, WEIGHT, DENSITY)
+    if sparsification == "magnitude_outliers":
+        params += (GAMMA,)
+    if sparsification == "della_magprune":
+        params += (EPSILON,)
+    return MergeMethod(
+        name=name, fn=task_arithmetic_family_fn(name), params=params, base="required", min_models=0,
+        stochastic=sparsification in ("random", "della_magprune"), reference=REFERENCES[name],
+        extra={
+            "base_in_tensors": False,
+            # exact ties at top-k cut-offs: the engine passes the plan's tie_break rule
+            "tie_break": sparsification in ("magnitude", "magnitude_outliers"),
+            # no sparsification and no sign election: every output entry depends only on the
+            # same entry of the inputs, so the engine may process large tensors in row blocks
+            "elementwise": name == "task_arithmetic",
+        },
+    )
+
+
+for _name in FAMILY:  # the family is declared here, beside its function, one record per row of FAMILY
+    register(_family_method(_name))

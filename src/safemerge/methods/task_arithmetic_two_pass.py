@@ -37,12 +37,7 @@ import torch
 
 from safemerge.methods import sparsify as sp
 from safemerge.methods._tensor import (
-    BaseRowLoader,
-    RowLoader,
-    Rows,
     StreamedKth,
-    TwoPassJob,
-    TwoPassKernel,
     above,
     at_least,
     flat_indices_equal,
@@ -53,6 +48,7 @@ from safemerge.methods._tensor import (
     sample_rows,
     unpack_mask,
 )
+from safemerge.methods.blocks import BaseRowLoader, RowLoader, Rows, TwoPassJob, TwoPassKernel
 from safemerge.methods.task_arithmetic import FamilySettings, merge_weighted_deltas
 
 

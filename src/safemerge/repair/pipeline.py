@@ -19,6 +19,7 @@ The steps, each cached under the work directory so that a rerun redoes nothing:
 from __future__ import annotations
 
 import filecmp
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -162,15 +163,7 @@ def repair(
     """
     options = or_default(options)
     say = log or (lambda _m: None)
-    check_output_path(out, force=options.force, inputs=(models.finetuned, models.base, models.aligned, models.safety,
-                                                       models.merge_into))
-    models = _resolved(models, options)
-    if validation.utility is None:
-        raise SafemergeError("repair needs a utility validation set",
-                             "pass --utility SET (e.g. a held-out slice of your task data)")
-    if not Path(str(models.finetuned)).exists():
-        raise SafemergeError(f"fine-tuned path {str(models.finetuned)!r} does not exist",
-                             "pass a LoRA adapter or a fine-tuned model directory")
+    models = _checked_models(models, out, validation, options)
     work = _work_dir(work_dir, models.finetuned, models.base, models.aligned, models.safety, recipe.safety_data,
                      validation.harmful, validation.benign, validation.utility, recipe.extract_rank,
                      recipe.safety_steps, recipe.safety_lr, search.grid_overrides())
@@ -187,34 +180,62 @@ def repair(
     run = _TestRun(tests.as_suites(), settings, work / "test", options.progress)
 
     say("repair: evaluating the aligned and fine-tuned models on the test sets")
-    aligned = models.aligned
-    ft_where = (str(models.finetuned), None) if extracted else (str(aligned), str(models.finetuned))
-    before = [ModelRow("aligned", "the aligned model", str(aligned), None, run("aligned", aligned, None)),
-              ModelRow("fine-tuned", "full fine-tune" if extracted else "aligned + task LoRA", *ft_where,
-                       run("finetuned", *ft_where))]
+    before = _before_rows(models, run, extracted=extracted)
     result = RepairResult(out=Path(out), output="model" if models.merge_into is not None else "adapter",
                           task_adapter=task, safety=safety_dir, extracted=extracted,
                           trained_safety=trained, rows=list(before), autotune=tuned, merge=None, work_dir=work,
                           test_sets=tests.as_suites())
-
-    def evaluate_output(tmp: Path) -> tuple[dict[str, Any], str]:
-        """SafeMERGE's ``evaluate`` hook: test the finished output before it is renamed into place."""
-        say("repair: evaluating the repaired model on the test sets")
-        full = models.merge_into is not None
-        res = run("repaired", *((tmp, None) if full else (aligned, _cached_twin(tmp, tuned.chosen.adapter))))
-        final = (str(out), None) if full else (str(aligned), str(out))  # where it is once renamed
-        result.rows = [*before, ModelRow("repaired", f"SafeMERGE {tuned.describe()}", *final, res)]
-        for name in AUTOTUNE_FILES:
-            if (tuned.work_dir / name).exists():
-                shutil.copy2(tuned.work_dir / name, tmp / name)
-        (tmp / "repair.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
-        return res, report_markdown(result.rows, tuned, utility_is_validation=test.utility is None,
-                                    extracted=extracted, trained_safety=trained)
-
+    evaluate_output = functools.partial(_evaluate_output, out=out, models=models, run=run, before=before,
+                                        result=result, utility_is_validation=test.utility is None, say=say)
     say(f"repair: writing {out} ({tuned.describe()})")
     result.merge = safemerge_adapters(merged_models, out, settings=tuned.settings(), merge_into=models.merge_into,
                                       options=options, evaluate=evaluate_output)
     return result
+
+
+def _checked_models(models: RepairModels, out: str | Path, validation: PromptSets,
+                    options: RunOptions) -> RepairModels:
+    """``models`` resolved to local paths, after the checks that must fail before any work: the output is not an
+    input, a utility validation set is given, the fine-tune exists."""
+    check_output_path(out, force=options.force, inputs=(models.finetuned, models.base, models.aligned, models.safety,
+                                                       models.merge_into))
+    models = _resolved(models, options)
+    if validation.utility is None:
+        raise SafemergeError("repair needs a utility validation set",
+                             "pass --utility SET (e.g. a held-out slice of your task data)")
+    if not Path(str(models.finetuned)).exists():
+        raise SafemergeError(f"fine-tuned path {str(models.finetuned)!r} does not exist",
+                             "pass a LoRA adapter or a fine-tuned model directory")
+    return models
+
+
+def _before_rows(models: RepairModels, run: _TestRun, *, extracted: bool) -> list[ModelRow]:
+    """The aligned and the fine-tuned model measured on the test sets (a full fine-tune as itself, a task LoRA on
+    the aligned model)."""
+    aligned = models.aligned
+    ft_where = (str(models.finetuned), None) if extracted else (str(aligned), str(models.finetuned))
+    return [ModelRow("aligned", "the aligned model", str(aligned), None, run("aligned", aligned, None)),
+            ModelRow("fine-tuned", "full fine-tune" if extracted else "aligned + task LoRA", *ft_where,
+                     run("finetuned", *ft_where))]
+
+
+def _evaluate_output(tmp: Path, *, out: str | Path, models: RepairModels, run: _TestRun, before: list[ModelRow],
+                     result: RepairResult, utility_is_validation: bool, say: Log) -> tuple[dict[str, Any], str]:
+    """SafeMERGE's ``evaluate`` hook: test the finished output in ``tmp`` before it is renamed into place, add the
+    repaired row to ``result``, put ``repair.json`` and the automatic τ/α files next to it; returns the results and
+    the model card's report."""
+    say("repair: evaluating the repaired model on the test sets")
+    tuned, aligned = result.autotune, models.aligned
+    full = models.merge_into is not None
+    res = run("repaired", *((tmp, None) if full else (aligned, _cached_twin(tmp, tuned.chosen.adapter))))
+    final = (str(out), None) if full else (str(aligned), str(out))  # where it is once renamed
+    result.rows = [*before, ModelRow("repaired", f"SafeMERGE {tuned.describe()}", *final, res)]
+    for name in AUTOTUNE_FILES:
+        if (tuned.work_dir / name).exists():
+            shutil.copy2(tuned.work_dir / name, tmp / name)
+    (tmp / "repair.json").write_text(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    return res, report_markdown(result.rows, tuned, utility_is_validation=utility_is_validation,
+                                extracted=result.extracted, trained_safety=result.trained_safety)
 
 
 def _resolved(models: RepairModels, options: RunOptions) -> RepairModels:

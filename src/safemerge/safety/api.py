@@ -38,6 +38,7 @@ from safemerge.methods.safety_params import (
     SAFEMERGE_TAU,
 )
 from safemerge.options import RunOptions, or_default
+from safemerge.progress import StageCallback
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource, carried_over_parts, open_deltas
 from safemerge.safety.full_model import open_ref, write_model
 from safemerge.safety.merge_writer import build_layer_update, write_safemerge_output
@@ -49,7 +50,6 @@ from safemerge.safety.settings import SafeMergeModels, SafeMergeSettings
 from safemerge.safety.subspace import SafetySubspace, open_model
 from safemerge.safety.writing import params_markdown, torch_dtype, write_json
 
-Progress = Callable[[str, int, int], None]
 """``progress(stage, done, total)``; the CLI turns it into a rich progress bar."""
 
 
@@ -72,7 +72,7 @@ def scan(
     tau: float = SAFEMERGE_TAU.default,
     target_modules: Sequence[str] | None = None,
     options: RunOptions | None = None,
-    progress: Progress | None = None,
+    progress: StageCallback | None = None,
 ) -> list[LayerScore]:
     """Per-layer safety similarity ρ of one or more fine-tuned adapters/models (SafeLoRA Eq. 2).
 
@@ -130,7 +130,7 @@ def safemerge_adapters(
     merge_into: str | Path | None = None,
     options: RunOptions | None = None,
     evaluate: Callable[[Path], tuple[Any, str]] | None = None,
-    progress: Progress | None = None,
+    progress: StageCallback | None = None,
 ) -> SafeMergeResult:
     """SafeMERGE (Djuhera et al. 2025): merge the safety update into the layers that drift from safety.
 
@@ -243,7 +243,7 @@ def safelora(
     num_layers: int = SAFELORA_NUM_LAYERS.default,
     merge_into: str | Path | None = None,
     options: RunOptions | None = None,
-    progress: Progress | None = None,
+    progress: StageCallback | None = None,
 ) -> SafeLoRAResult:
     """SafeLoRA (Hsu et al., NeurIPS 2024, Eq. 3): project ``B ← C B`` on low-ρ layers.
 
@@ -279,7 +279,7 @@ def resta(
     beta: float = RESTA_BETA.default,
     dare_density: float | None = None,
     options: RunOptions | None = None,
-    progress: Progress | None = None,
+    progress: StageCallback | None = None,
 ) -> Path:
     """RESTA (Bhardwaj et al., ACL 2024, §3): ``θ = θ_ft + β (θ_aligned − θ_unaligned)``.
 
@@ -331,7 +331,7 @@ def mergealign(
     lambda_domain: float = MERGEALIGN_LAMBDA_DOMAIN.default,
     lambda_aligned: float = MERGEALIGN_LAMBDA_ALIGNED.default,
     options: RunOptions | None = None,
-    progress: Progress | None = None,
+    progress: StageCallback | None = None,
 ) -> Path:
     """MergeAlign (arXiv 2411.06824): ``θ = θ_pre + λ_D (θ_domain − θ_pre) + λ_A (θ_aligned − θ_pre)``.
 

@@ -21,6 +21,7 @@ from safemerge.io.references import ModelRef, OpenedModel
 from safemerge.methods.safety_params import safemerge_weights
 from safemerge.methods.update_merge import merge_dense, merge_linear_factors, merge_reference_factors, truncate_svd
 from safemerge.options import RunOptions
+from safemerge.progress import StageCallback
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource
 from safemerge.safety.full_model import write_updated_model
 from safemerge.safety.results import SafeMergeResult
@@ -34,8 +35,6 @@ from safemerge.safety.writing import (
     torch_dtype,
     write_json,
 )
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -161,7 +160,7 @@ LayerUpdates = Callable[[str], LayerUpdate]
 
 
 def _write_adapter(tmp: Path, result: SafeMergeResult, ft: AdapterDeltas, update_fn: LayerUpdates, *,
-                   dtype: str | None, aligned_path: ModelRef, progress: Progress) -> str:
+                   dtype: str | None, aligned_path: ModelRef, progress: StageCallback) -> str:
     """The merged adapter: exact factors, or dense layers truncated back to rank r_f + r_s by SVD.
 
     Records each truncated layer's relative error and rank in ``result``; returns the card's base model.
@@ -218,7 +217,7 @@ def _model_update(ft: DeltaSource, merged: set[str], update_fn: LayerUpdates, *,
 
 def write_safemerge_output(
     tmp: Path, result: SafeMergeResult, ft: DeltaSource, update_fn: LayerUpdates, *, models: SafeMergeModels,
-    target: OpenedModel | None, aligned: OpenedModel, options: RunOptions, progress: Progress,
+    target: OpenedModel | None, aligned: OpenedModel, options: RunOptions, progress: StageCallback,
     evaluate: Callable[[Path], tuple[Any, str]] | None = None,
 ) -> None:
     """Write the adapter (exact factors / truncated SVD) or the full model (an engine plan), then the model card.

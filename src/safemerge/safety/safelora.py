@@ -10,7 +10,6 @@ the same pass that computes ρ — so no layer is projected twice (the PEFT port
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from safemerge.io.output import write_model_card
 from safemerge.io.references import ModelRef
 from safemerge.methods.similarity import project_dense, rho_dense, rho_lowrank
 from safemerge.options import RunOptions
+from safemerge.progress import StageCallback
 from safemerge.safety.deltas import AdapterDeltas, DeltaSource, carried_over_parts, open_deltas
 from safemerge.safety.full_model import write_updated_model
 from safemerge.safety.results import SafeLoRAResult
@@ -38,12 +38,11 @@ from safemerge.safety.writing import (
     write_json,
 )
 
-Progress = Callable[[str, int, int], None]
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 
 def score_and_project(sub: SafetySubspace, ft: DeltaSource,
-                      progress: Progress) -> tuple[list[LayerScore], dict[str, torch.Tensor]]:
+                      progress: StageCallback) -> tuple[list[LayerScore], dict[str, torch.Tensor]]:
     """One pass over V: every module's ρ and, for a LoRA, its projected up-projection ``C·(sB)``.
 
     Both come from the original factors, so no layer is projected twice (the PEFT port's bug).
@@ -139,7 +138,7 @@ def _write_card(tmp: Path, res: SafeLoRAResult, chosen: set[str], *, num_layers:
 
 def run_safelora(
     tmp: Path, *, base: ModelRef, aligned: ModelRef, finetuned: ModelRef, mode: str, tau: float, num_layers: int,
-    merge_into: ModelRef | None, options: RunOptions, progress: Progress,
+    merge_into: ModelRef | None, options: RunOptions, progress: StageCallback,
 ) -> SafeLoRAResult:
     """Score, select, project and write (adapter, or full model with ``merge_into`` / full-model input)
     in ``options.dtype`` (default: the inputs')."""
