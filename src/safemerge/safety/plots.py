@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from safemerge.methods.safety_params import safemerge_merges
 from safemerge.safety.deltas import MODULE_ORDER
 from safemerge.safety.selection import LayerScore
 
@@ -38,7 +39,9 @@ def heatmap(scores: list[LayerScore], path: str | Path, *, tau: float | None = N
                 grid[li[-1 if s.layer is None else s.layer], ni[s.name]] = s.rho
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         if tau is not None:
-            ys, xs = np.where(grid < tau)
+            marked = [(ni[s.name], li[-1 if s.layer is None else s.layer]) for s in scores
+                      if s.source == src and safemerge_merges(s.rho, tau)]
+            xs, ys = [x for x, _ in marked], [y for _, y in marked]
             ax.scatter(xs, ys, marker="x", c="red", s=30, linewidths=1.2, label=f"ρ < τ = {tau:g}")
             if len(xs):
                 ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
