@@ -28,20 +28,23 @@ def heatmap(scores: list[LayerScore], path: str | Path, *, tau: float | None = N
     layers = sorted({-1 if s.layer is None else s.layer for s in scores})
     li = {l: i for i, l in enumerate(layers)}
     ni = {n: i for i, n in enumerate(names)}
+
+    def row(s: LayerScore) -> int:
+        return li[-1 if s.layer is None else s.layer]
+
     width = max(4.0, 1.1 * len(names) * len(sources) + 1.5)
     height = max(3.0, 0.28 * len(layers) + 1.8)
     fig, axes = plt.subplots(1, len(sources), figsize=(width, height), squeeze=False)
     im = None
     for ax, src in zip(axes[0], sources):
         grid = np.full((len(layers), len(names)), np.nan)
-        for s in scores:
-            if s.source == src:
-                grid[li[-1 if s.layer is None else s.layer], ni[s.name]] = s.rho
+        panel = [s for s in scores if s.source == src]
+        for s in panel:
+            grid[row(s), ni[s.name]] = s.rho
         im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
         if tau is not None:
-            marked = [(ni[s.name], li[-1 if s.layer is None else s.layer]) for s in scores
-                      if s.source == src and safemerge_merges(s.rho, tau)]
-            xs, ys = [x for x, _ in marked], [y for _, y in marked]
+            marked = [s for s in panel if safemerge_merges(s.rho, tau)]
+            xs, ys = [ni[s.name] for s in marked], [row(s) for s in marked]
             ax.scatter(xs, ys, marker="x", c="red", s=30, linewidths=1.2, label=f"ρ < τ = {tau:g}")
             if len(xs):
                 ax.legend(loc="upper right", fontsize=7, framealpha=0.8)
