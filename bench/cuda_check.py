@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from safemerge.demo.zoo import read_jsonl
 from safemerge.testing.tiny import make_tiny_model, perturb_model, save_model
 
 METHODS = {
@@ -153,13 +154,7 @@ def check_eval(root: Path, models: dict[str, Path], device: str) -> list[dict]:
 
 def completions(out: Path) -> list[str]:
     """Every completion the eval wrote (generations*.jsonl, in file order)."""
-    texts = []
-    for f in sorted(out.rglob("*.jsonl")):
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            if "response" in rec:
-                texts.append(rec["response"])
-    return texts
+    return [rec["response"] for f in sorted(out.rglob("*.jsonl")) for rec in read_jsonl(f) if "response" in rec]
 
 
 def main() -> int:
