@@ -5,9 +5,12 @@
         --lookalike-framed-refusals 1 --external ../shared/datasets
     # erosion of a task-LoRA learning rate (the demo's TASK_RECIPE otherwise) on an aligned model
     HF_HUB_OFFLINE=1 SAFEMERGE_CACHE=/work/cache-s17 .venv/bin/python bench/recipe_probe.py erosion --lr 6e-4
-    # the safety update's weight: aligned + w_f·ΔW_f + w_s·ΔW_s for a safety-LoRA variant (targets, steps), dense
+    # the safety update's weight: aligned + w_f·ΔW_f + w_s·ΔW_s for a safety-LoRA variant (targets, steps, cap), dense
     HF_HUB_OFFLINE=1 SAFEMERGE_CACHE=/work/cache-s17 .venv/bin/python bench/recipe_probe.py safety \
         --targets all-linear --steps 60 --weights 1:0.5,0.8:0.2
+    # the safety LoRA alone (w_f 0, w_s 1) with two self-distilled look-alike answers per safety record
+    HF_HUB_OFFLINE=1 SAFEMERGE_CACHE=/work/cache-s17 .venv/bin/python bench/recipe_probe.py safety \
+        --distilled-per-record 2 --weights 0:1
 
 Both use the zoo exactly as ``safemerge demo`` builds it (cached) and measure on the demo's **validation** sets
 (168 harmful, 50 look-alikes, 100 arithmetic; never the test sets), so a recipe is chosen before the demo runs.
@@ -80,21 +83,22 @@ def _safety_recipe(targets: str | None, steps: int) -> tuple[Any, Any]:
     return shape, recipe
 
 
-def _safety_variant(zoo: Any, root: Path, targets: str | None, steps: int) -> Path:
-    """The zoo's safety LoRA (``targets`` None and the default steps) or a variant trained on the same records."""
+def _safety_variant(zoo: Any, root: Path, targets: str | None, steps: int, per_record: int | None = None) -> Path:
+    """The zoo's safety LoRA (``targets`` None, the default steps and cap) or a variant trained on the same records
+    with other targets, steps or ``per_record`` self-distilled answers per safety record."""
     from safemerge.demo import zoo as Z
     from safemerge.options import RunOptions
     from safemerge.train.lora import train_lora
     from safemerge.train.safety_lora import training_records
 
-    if targets is None and steps == Z.SAFETY_SETTINGS["steps"]:
+    s = Z.SAFETY_SETTINGS if per_record is None else {**Z.SAFETY_SETTINGS, "distilled_per_record": per_record}
+    if targets is None and steps == s["steps"] and s == Z.SAFETY_SETTINGS:
         return zoo.safety
     rows = Z.read_jsonl(zoo.data / "safety_train.jsonl")
-    s = Z.SAFETY_SETTINGS
     out = root / f"safety-{fingerprint(zoo.aligned.name, rows, s, targets, steps)}"
     if not out.exists():
         records, _ = training_records(zoo.aligned, rows, seed=s["seed"], distill_benign=s["distill_benign"],
-                                      progress=False)
+                                      distilled_per_record=s["distilled_per_record"], progress=False)
         shape, recipe = _safety_recipe(targets, steps)
         train_lora(zoo.aligned, records, out, shape=shape, recipe=recipe,
                    options=RunOptions(seed=s["seed"], progress=False))
@@ -147,11 +151,13 @@ def _safety_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[s
     """One result per ``w_f:w_s`` point of ``--weights`` for the chosen safety-LoRA variant."""
     from safemerge.demo import zoo as Z
 
-    safety = _safety_variant(zoo, root, args.targets, args.steps or Z.SAFETY_SETTINGS["steps"])
+    safety = _safety_variant(zoo, root, args.targets, args.steps or Z.SAFETY_SETTINGS["steps"],
+                             args.distilled_per_record)
     results = []
     for w_f, w_s, model in _weighted_points(args, zoo, root, safety, "weighted"):
         results.append({"probe": "safety", "safety": str(safety), "targets": args.targets or "task LoRA's",
                         "steps": args.steps or Z.SAFETY_SETTINGS["steps"], "w_f": w_f, "w_s": w_s,
+                        "distilled_per_record": args.distilled_per_record or Z.SAFETY_SETTINGS["distilled_per_record"],
                         **_rates(model, None, zoo.data, model / "probe-evals", args.external, args.split)})
     return results
 
@@ -176,7 +182,7 @@ def _correction_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[di
     t0 = time.perf_counter()
     if not correction.exists():
         records, _ = training_records(fine, rows + replay, seed=s["seed"], distill_benign=s["distill_benign"],
-                                      progress=False)
+                                      distilled_per_record=s["distilled_per_record"], progress=False)
         shape, recipe = _safety_recipe(args.targets, steps)
         train_lora(fine, records, correction, shape=shape, recipe=recipe,
                    options=RunOptions(seed=s["seed"], progress=False))
@@ -235,6 +241,8 @@ def main() -> None:
     ap.add_argument("--lookalike-framed-refusals", type=int, default=1, help="aligned: extra refusals per goal")
     ap.add_argument("--steps", type=int, default=None, help="aligned / safety: training steps (default: the demo's)")
     ap.add_argument("--targets", default=None, help="safety: LoRA targets (default: the task LoRA's), e.g. all-linear")
+    ap.add_argument("--distilled-per-record", type=int, default=None,
+                    help="safety: self-distilled answers kept per safety record (default: the demo's)")
     ap.add_argument("--weights", default="0.8:0.2", help="safety: comma-separated w_f:w_s points")
     ap.add_argument("--replay", type=int, default=0, help="correction: task-training records mixed in")
     ap.add_argument("--lr", type=float, default=None, help="erosion: task-LoRA learning rate (default: the demo's)")

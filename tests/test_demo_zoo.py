@@ -74,6 +74,7 @@ def test_safety_lora_is_the_safety_lora_command_shaped_like_the_task(monkeypatch
     monkeypatch.setattr(Z, "train_safety_lora", lambda aligned, like, out, **kw: seen.update(like=like, **kw))
     Z._train_safety(tmp_path / "aligned", tmp_path / "task", [{"prompt": "p", "response": "r"}], tmp_path / "out")
     assert seen["like"] == tmp_path / "task" and seen["evaluate"] is False and seen["distill_benign"] is True
+    assert seen["distilled_per_record"] == Z.SAFETY_SETTINGS["distilled_per_record"] == S.DISTILLED_PER_RECORD
     r = seen["recipe"]
     assert (r.steps, r.lr, r.batch_size, r.max_length) == (S.SAFETY_STEPS, S.SAFETY_LR, S.SAFETY_BATCH,
                                                            S.SAFETY_MAX_LENGTH)

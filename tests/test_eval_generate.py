@@ -100,8 +100,31 @@ def test_load_from_path_and_identity(tiny):
     assert g1.generate(PROMPTS[:3], max_new_tokens=8, progress=False) == g2.generate(PROMPTS[:3], max_new_tokens=8,
                                                                                      progress=False)
     assert g1.identity == load_generator(str(path), backend="hf").identity
-    assert str(path.resolve()) in g1.identity
+    assert g1.identity.startswith("sha256:")  # a small model: identified by its bytes
     assert g2.identity.startswith("mem:")
+
+
+def test_path_identity_follows_the_defining_bytes(tiny, tmp_path, monkeypatch):
+    # the generation cache's model identity: a copy or a renamed output is the same model (repair evaluates its
+    # output before renaming it into place), a model card is not part of it, new weights are a new model
+    import shutil
+
+    import safemerge.evaluate.generate as G
+
+    _, _, path = tiny
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    (copy / "README.md").write_text("a model card")
+    assert G.fingerprint_path(copy) == G.fingerprint_path(path)
+    (weights,) = copy.glob("*.safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert G.fingerprint_path(copy) != G.fingerprint_path(path)
+    # above the content limit: path, sizes and modification times
+    monkeypatch.setattr(G, "CONTENT_IDENTITY_MAX_BYTES", 0)
+    big = G.fingerprint_path(path)
+    assert str(path.resolve()) in big and big != G.fingerprint_path(copy)
 
 
 def test_adapter_applied_without_merging(tiny, tmp_path):

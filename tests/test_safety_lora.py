@@ -138,6 +138,7 @@ def test_user_errors_exit_2_and_write_nothing(world, capsys, tmp_path):
     cases = [
         (["--like", tmp_path / "missing"], "adapter"),
         (["--like", world["aligned"]], "adapter"),  # a model, not a LoRA adapter
+        (["--like", world["task"], "--distilled-per-record", 0], "distilled-per-record"),
     ]
     for extra, word in cases:
         out = tmp_path / "out"
@@ -210,3 +211,5 @@ def test_training_records_cap_the_distilled_answers_per_safety_record(monkeypatc
     again, _ = training_records("aligned", data, seed=3)
     other, _ = training_records("aligned", data, seed=4)
     assert [r.prompt for r in again] == [r.prompt for r in records] != [r.prompt for r in other]
+    _, n2 = training_records("aligned", data, seed=3, distilled_per_record=2)
+    assert n2 == 14

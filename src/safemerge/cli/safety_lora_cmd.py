@@ -16,7 +16,7 @@ from safemerge.cli.options import (
     force_option,
     run_options,
 )
-from safemerge.train.safety_lora import SAFETY_BATCH, SAFETY_LR, SAFETY_STEPS
+from safemerge.train.safety_lora import DISTILLED_PER_RECORD, SAFETY_BATCH, SAFETY_LR, SAFETY_STEPS
 
 
 @app.command(
@@ -59,6 +59,13 @@ def safety_lora_cmd(
         help="Mix in the aligned model's own helpful answers to the shipped benign look-alikes (refusals dropped), "
         "so the safety LoRA learns to refuse harm without refusing what the aligned model answers.",
     ),
+    distilled_per_record: int = typer.Option(
+        DISTILLED_PER_RECORD,
+        "--distilled-per-record",
+        min=1,
+        help="At most this many self-distilled answers per safety record (a seeded sample), so that helpful "
+        "answers do not outnumber the refusals.",
+    ),
     precision: str = typer.Option(
         "float32", "--precision", help="Training precision: float32, bfloat16 (autocast) or auto (bf16 where native)."
     ),
@@ -74,7 +81,8 @@ def safety_lora_cmd(
     recipe = replace(SAFETY_RECIPE, steps=steps, lr=lr, batch_size=batch_size, precision=precision)
     res = train_safety_lora(aligned, like, out, data=data, recipe=recipe,
                             sets=PromptSets(harmful=eval_harmful, benign=eval_benign), evaluate=not no_eval,
-                            limit=eval_limit, distill_benign=distill, options=options)
+                            limit=eval_limit, distill_benign=distill,
+                            distilled_per_record=distilled_per_record, options=options)
     con = Console()
     con.print(
         f"safety LoRA r={res.rank} targets={res.targets}: {res.n_records['data']} safety records + "

@@ -190,6 +190,7 @@ def _train_safety(aligned: Path, task: Path, rows: list[dict[str, Any]], out: Pa
     recipe = TrainingRecipe(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"],
                             precision=s["precision"])
     train_safety_lora(aligned, task, out, data=rows, recipe=recipe, evaluate=False, distill_benign=s["distill_benign"],
+                      distilled_per_record=int(s["distilled_per_record"]),
                       options=RunOptions(seed=int(s["seed"])))
 
 

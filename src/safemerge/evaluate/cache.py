@@ -1,10 +1,10 @@
 """``generations.jsonl``: an append-only cache of model responses.
 
 Each line is one generation: ``{"key", "suite", "id", "prompt", "response", "model", "settings"}``.
-The key is SHA-256 over the model identity (path + file sizes/mtimes, or a weight fingerprint
-for in-memory models, plus the adapter), the chat messages and the generation settings
-(backend, max_new_tokens, stop strings, greedy). Lines are appended and flushed after every
-batch, so an interrupted run resumes where it stopped, and re-judging reads the responses back
+The key is SHA-256 over the model identity (the contents of the files that define a model or adapter up to
+256 MiB, else its path + their sizes/mtimes; a weight fingerprint for in-memory models; plus the adapter's), the
+chat messages and the generation settings (backend, max_new_tokens, stop strings, greedy). Lines are appended and
+flushed after every batch, so an interrupted run resumes where it stopped, and re-judging reads the responses back
 without regenerating. A truncated last line (crash mid-write) is ignored.
 """
 from __future__ import annotations

@@ -176,13 +176,40 @@ def fingerprint_model(model: Any) -> str:
     return "mem:" + h.hexdigest()[:32]
 
 
-def fingerprint_path(path: Path) -> str:
-    """Identity of a model on disk: resolved path + name/size/mtime of its files (weights change ⇒ new id)."""
-    path = path.resolve()
-    h = hashlib.sha256(str(path).encode())
+# The files whose bytes decide what a model or adapter generates; model cards, logs and reports do not.
+_DEFINING_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf", ".model", ".jinja", ".index.json")
+_DEFINING_NAMES = frozenset({"config.json", "adapter_config.json", "generation_config.json", "tokenizer.json",
+                             "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                             "merges.txt"})
+# Up to this many bytes of defining files a model is identified by their contents (adapters, tiny models: the same
+# weights at another path hit the same cache rows); above it by path, sizes and modification times (hashing a
+# multi-gigabyte checkpoint on every evaluation would cost seconds).
+CONTENT_IDENTITY_MAX_BYTES = 256 * 2**20
+
+
+def _defining_files(path: Path) -> list[Path]:
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
-    for f in files:
-        st = f.stat()
+    return [f for f in files if f.name in _DEFINING_NAMES or f.name.endswith(_DEFINING_SUFFIXES)] or files
+
+
+def fingerprint_path(path: Path) -> str:
+    """Identity of a model or adapter on disk, from the files that define it (weights, configs, tokenizer): the hash
+    of their contents when they total at most :data:`CONTENT_IDENTITY_MAX_BYTES` (path-independent: a copy or a
+    renamed output is the same model), else the resolved path + their names, sizes and modification times."""
+    path = path.resolve()
+    files = _defining_files(path)
+    stats = [f.stat() for f in files]
+    if sum(st.st_size for st in stats) <= CONTENT_IDENTITY_MAX_BYTES:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f"{f.name}|".encode())
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+            h.update(b"\n")
+        return f"sha256:{h.hexdigest()[:32]}"
+    h = hashlib.sha256(str(path).encode())
+    for f, st in zip(files, stats):
         h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return f"{path}#{h.hexdigest()[:16]}"
 

@@ -18,7 +18,6 @@ The steps, each cached under the work directory so that a rerun redoes nothing:
 """
 from __future__ import annotations
 
-import filecmp
 import functools
 import json
 import shutil
@@ -37,7 +36,6 @@ from safemerge.evaluate.records import PromptSets
 from safemerge.evaluate.report import ModelRow
 from safemerge.evaluate.suites import SuiteSettings, evaluate_suites
 from safemerge.extract import extract_lora
-from safemerge.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from safemerge.io.hub import resolve_local
 from safemerge.io.output import check_output_path
 from safemerge.options import RunOptions, or_default
@@ -227,7 +225,7 @@ def _evaluate_output(tmp: Path, *, out: str | Path, models: RepairModels, run: _
     say("repair: evaluating the repaired model on the test sets")
     tuned, aligned = result.autotune, models.aligned
     full = models.merge_into is not None
-    res = run("repaired", *((tmp, None) if full else (aligned, _cached_twin(tmp, tuned.chosen.adapter))))
+    res = run("repaired", *((tmp, None) if full else (aligned, tmp)))  # an adapter's cache rows follow its bytes
     final = (str(out), None) if full else (str(aligned), str(out))  # where it is once renamed
     result.rows = [*before, ModelRow("repaired", f"SafeMERGE {tuned.describe()}", *final, res)]
     for name in AUTOTUNE_FILES:
@@ -244,18 +242,6 @@ def _resolved(models: RepairModels, options: RunOptions) -> RepairModels:
         return None if p is None else resolve_local(p, options=options)
 
     return RepairModels(*(local(getattr(models, f.name)) for f in fields(RepairModels)))
-
-
-def _cached_twin(written: Path, twin: str | None) -> Path:
-    """The search's own merge of the chosen point (``twin``) when its adapter files equal the ``written`` ones byte for
-    byte, else ``written``. The test generations are cached by the model's path and file times, so evaluating the
-    twin — the same weights at a stable path — lets a rerun reuse them instead of regenerating for a new temporary
-    directory."""
-    if twin is None:
-        return written
-    same = all((written / f).is_file() and (Path(twin) / f).is_file()
-               and filecmp.cmp(written / f, Path(twin) / f, shallow=False) for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG))
-    return Path(twin) if same else written
 
 
 @dataclass(frozen=True)

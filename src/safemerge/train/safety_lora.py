@@ -110,6 +110,7 @@ def train_safety_lora(
     evaluate: bool = True,
     limit: int | None = None,
     distill_benign: bool = True,
+    distilled_per_record: int = DISTILLED_PER_RECORD,
     options: RunOptions | None = None,
 ) -> SafetyLoraResult:
     """Train SafeMERGE's safety LoRA on ``aligned`` with the rank and targets of ``like``.
@@ -129,6 +130,8 @@ def train_safety_lora(
             (:func:`~safemerge.data.safety_corpus.benign_distill_prompts`; refusals and loops dropped,
             :func:`~safemerge.train.distill.self_distill`), so the safety LoRA learns to refuse harm
             without learning to refuse what the aligned model answers.
+        distilled_per_record: keep at most this many self-distilled answers per record of the safety data (a
+            seeded sample over all look-alike goals; default :data:`DISTILLED_PER_RECORD`).
         options: ``seed`` (the recipe's: LoRA initialisation, data order, corpus sampling), ``force`` (replace
             ``out``), ``progress``.
 
@@ -143,7 +146,7 @@ def train_safety_lora(
     shape = like_adapter_shape(like)
     check_output_path(out, force=options.force)
     records, n_distilled = training_records(aligned, data, seed=options.seed, distill_benign=distill_benign,
-                                            progress=options.progress)
+                                            distilled_per_record=distilled_per_record, progress=options.progress)
     with atomic_output(out, force=options.force) as tmp:
         trained = tmp / "adapter"
         # the adapter goes into the fresh temporary directory
@@ -168,10 +171,11 @@ def training_records(
     *,
     seed: int = 0,
     distill_benign: bool = True,
+    distilled_per_record: int = DISTILLED_PER_RECORD,
     progress: bool = True,
 ) -> tuple[list[SFTRecord], int]:
     """The safety LoRA's training set: ``data`` (default: the shipped corpus) + self-distilled look-alike answers,
-    at most :data:`DISTILLED_PER_RECORD` per record of ``data``.
+    at most ``distilled_per_record`` per record of ``data``.
 
     Returns the records and how many of them are self-distilled.
     """
@@ -184,7 +188,7 @@ def training_records(
     from safemerge.train.distill import self_distill
 
     distilled = self_distill(aligned, benign_distill_prompts(seed=seed), options=RunOptions(progress=progress))
-    keep = min(len(distilled), DISTILLED_PER_RECORD * len(records))  # a seeded sample over all look-alike goals
+    keep = min(len(distilled), distilled_per_record * len(records))  # a seeded sample over all look-alike goals
     distilled = [distilled[i] for i in sorted(random.Random(f"safety-lora-distilled-{seed}").sample(
         range(len(distilled)), keep))]
     return records + load_sft_records(distilled) if distilled else records, len(distilled)
