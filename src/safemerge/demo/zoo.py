@@ -347,7 +347,7 @@ def real_data_sets(data_dir: Path, *, n_align: int = 630, n_safety: int = 208, n
     malicious = load_prompts(str(data_dir / "bianchi_malicious_instructions.json"))
     s = D.safety_splits()
     a = D.arithmetic_splits()
-    return {
+    sets = {
         "description": f"real safety data from {data_dir}: Bianchi safety-only (aligned SFT, safety LoRA with the "
                        "project's safety corpus, half the harmful validation), Bianchi malicious instructions + "
                        "XSTest unsafe (harm test), XSTest safe (over-refusal test); the project's arithmetic task, "
@@ -364,8 +364,8 @@ def real_data_sets(data_dir: Path, *, n_align: int = 630, n_safety: int = 208, n
                        + random.Random(f"project-val-{seed}").sample(s.harmful_val, n_project_val),
         "val_benign": s.benign_val,
         "val_utility": a.val,
-        "fingerprint": fingerprint(str(data_dir), n_align, n_safety, n_val_harmful, seed, asdict(s), asdict(a)),
     }
+    return {**sets, "fingerprint": fingerprint(sets)}  # the records themselves: any change to a split re-keys the cache
 
 
 def _record_row(record: PromptRecord) -> dict[str, Any]:
