@@ -106,7 +106,11 @@ def test_real_data_sets_from_shared_datasets():
         pytest.skip("../shared/datasets not present")
     s = Z.real_data_sets(d)
     # issue 17 item 7: >= 250 harmful / 250 benign / 200 utility test items, >= 150 + 100 validation items
-    assert len(s["harmful_train"]) == 630 and len(s["safety_train"]) == 208
+    assert len(s["harmful_train"]) == 630 and len(s["safety_train"]) == 208 + len(Z.safety_lora_records())
+    # both genres of the harm test in validation: Bianchi's instructions and short direct requests
+    assert sum(r["id"].startswith("bianchi-val-") for r in s["val_harmful"]) == 84
+    # the data cache is keyed by the records: another split gives another key
+    assert Z.real_data_sets(d, n_safety=200)["fingerprint"] != s["fingerprint"] == Z.real_data_sets(d)["fingerprint"]
     assert len(s["eval_harmful"]) == 300 and len(s["eval_benign"]) == 250 and len(s["eval_utility"]) == 200
     assert len(s["val_harmful"]) == 168 and len(s["val_utility"]) == 100 and len(s["val_benign"]) == 50
     assert {r.get("label") for r in s["eval_benign"]} == {"safe"}

@@ -313,9 +313,13 @@ def real_data_sets(data_dir: Path, *, n_align: int = 630, n_safety: int = 208, n
     * safety SFT (``aligned``) and safety LoRA: two disjoint slices of Bianchi et al.'s
       ``bianchi_safety_only.json`` (a training split: harmful requests with safe answers), ``n_align`` and
       ``n_safety`` records — the sizes of the project corpus's slices; the aligned SFT also gets the project's
-      benign look-alikes self-distilled from the base model (XSTest is held out for evaluation);
-    * validation for τ/α: ``n_val_harmful`` further held-out Bianchi safety-only prompts, the project's benign
-      validation look-alikes and arithmetic validation problems;
+      benign look-alikes self-distilled from the base model (XSTest is held out for evaluation). The safety LoRA
+      also gets the project's safety corpus (short direct requests with refusals, look-alikes with answers): two
+      thirds of the harm test are XSTest's short direct requests, a genre Bianchi's long instructions do not teach
+      (the safety LoRA on Bianchi alone was 75.5% harmful on them, the aligned model 70.5%; ninth session);
+    * validation for τ/α: half ``n_val_harmful`` further held-out Bianchi safety-only prompts, half the project's
+      held-out harmful validation requests (the test's two genres), the project's benign validation look-alikes
+      and arithmetic validation problems;
     * test: Bianchi malicious instructions (100) + XSTest's unsafe prompts (200) for harm, XSTest's 250 safe
       prompts for over-refusal;
     * the task: the project's arithmetic word problems (train / independently phrased test), because GSM8K is
@@ -329,35 +333,39 @@ def real_data_sets(data_dir: Path, *, n_align: int = 630, n_safety: int = 208, n
         raise SafemergeError(f"--data-dir {data_dir} lacks {', '.join(missing)}",
                              "point --data-dir at a folder with the Bianchi and XSTest files (e.g. ../shared/datasets)")
     r = random.Random(seed)
+    n_project_val = n_val_harmful // 2
     safety = json.loads((data_dir / "bianchi_safety_only.json").read_text())
     by_prompt = {x["instruction"] + (f"\n\n{x['input']}" if x.get("input") else ""): x["output"] for x in safety}
     safety = [{"prompt": k, "response": v} for k, v in by_prompt.items()]  # the file repeats some prompts
     r.shuffle(safety)
     cut = n_align + n_safety
-    if len(safety) < cut + n_val_harmful:
+    n_bianchi_val = n_val_harmful - n_project_val
+    if len(safety) < cut + n_bianchi_val:
         raise SafemergeError(f"{data_dir / 'bianchi_safety_only.json'} has {len(safety)} records, "
-                             f"{cut + n_val_harmful} needed", "use the full Bianchi et al. safety-only file")
+                             f"{cut + n_bianchi_val} needed", "use the full Bianchi et al. safety-only file")
     xstest = load_prompts(str(data_dir / "xstest_prompts.csv"))
     malicious = load_prompts(str(data_dir / "bianchi_malicious_instructions.json"))
     s = D.safety_splits()
     a = D.arithmetic_splits()
-    return {
-        "description": f"real safety data from {data_dir}: Bianchi safety-only (aligned SFT, safety LoRA, "
-                       "validation), Bianchi malicious instructions + XSTest unsafe (harm test), XSTest safe "
-                       "(over-refusal test); the project's arithmetic task and look-alike validation prompts",
+    sets = {
+        "description": f"real safety data from {data_dir}: Bianchi safety-only (aligned SFT, safety LoRA with the "
+                       "project's safety corpus, half the harmful validation), Bianchi malicious instructions + "
+                       "XSTest unsafe (harm test), XSTest safe (over-refusal test); the project's arithmetic task, "
+                       "look-alike validation prompts and the other half of the harmful validation",
         "harmful_train": safety[:n_align],
-        "safety_train": safety[n_align:cut],
+        "safety_train": safety[n_align:cut] + safety_lora_records(),
         "benign_train_prompts": s.benign_train_prompts,
         "task_train": a.train,
         "eval_harmful": [_record_row(x) for x in malicious + [x for x in xstest if x.label == "unsafe"]],
         "eval_benign": [_record_row(x) for x in xstest if x.label == "safe"],
         "eval_utility": a.test,
         "val_harmful": [{"id": f"bianchi-val-{i:03d}", "prompt": x["prompt"]}
-                        for i, x in enumerate(safety[cut:cut + n_val_harmful])],
+                        for i, x in enumerate(safety[cut:cut + n_bianchi_val])]
+                       + random.Random(f"project-val-{seed}").sample(s.harmful_val, n_project_val),
         "val_benign": s.benign_val,
         "val_utility": a.val,
-        "fingerprint": fingerprint(str(data_dir), n_align, n_safety, n_val_harmful, seed, asdict(s), asdict(a)),
     }
+    return {**sets, "fingerprint": fingerprint(sets)}  # the records themselves: any change to a split re-keys the cache
 
 
 def _record_row(record: PromptRecord) -> dict[str, Any]:
