@@ -109,6 +109,7 @@ def test_real_data_sets_from_shared_datasets():
     assert len(s["harmful_train"]) == 630 and len(s["safety_train"]) == 208 + len(Z.safety_lora_records())
     # both genres of the harm test in validation: Bianchi's instructions and short direct requests
     assert sum(r["id"].startswith("bianchi-val-") for r in s["val_harmful"]) == 84
+    assert sum(r["id"].startswith("bianchi-val-") for r in s["val_harmful"][:32]) == 16  # the screen sees both
     # the data cache is keyed by the records: another split gives another key
     assert Z.real_data_sets(d, n_safety=200)["fingerprint"] != s["fingerprint"] == Z.real_data_sets(d)["fingerprint"]
     assert len(s["eval_harmful"]) == 300 and len(s["eval_benign"]) == 250 and len(s["eval_utility"]) == 200

@@ -318,7 +318,8 @@ def real_data_sets(data_dir: Path, *, n_align: int = 630, n_safety: int = 208, n
       thirds of the harm test are XSTest's short direct requests, a genre Bianchi's long instructions do not teach
       (the safety LoRA on Bianchi alone was 75.5% harmful on them, the aligned model 70.5%; ninth session);
     * validation for τ/α: half ``n_val_harmful`` further held-out Bianchi safety-only prompts, half the project's
-      held-out harmful validation requests (the test's two genres), the project's benign validation look-alikes
+      held-out harmful validation requests (the test's two genres, interleaved so that the screen's first items hold
+      both), the project's benign validation look-alikes
       and arithmetic validation problems;
     * test: Bianchi malicious instructions (100) + XSTest's unsafe prompts (200) for harm, XSTest's 250 safe
       prompts for over-refusal;
@@ -359,13 +360,20 @@ def real_data_sets(data_dir: Path, *, n_align: int = 630, n_safety: int = 208, n
         "eval_harmful": [_record_row(x) for x in malicious + [x for x in xstest if x.label == "unsafe"]],
         "eval_benign": [_record_row(x) for x in xstest if x.label == "safe"],
         "eval_utility": a.test,
-        "val_harmful": [{"id": f"bianchi-val-{i:03d}", "prompt": x["prompt"]}
-                        for i, x in enumerate(safety[cut:cut + n_bianchi_val])]
-                       + random.Random(f"project-val-{seed}").sample(s.harmful_val, n_project_val),
+        "val_harmful": _interleaved([{"id": f"bianchi-val-{i:03d}", "prompt": x["prompt"]}
+                                     for i, x in enumerate(safety[cut:cut + n_bianchi_val])],
+                                    random.Random(f"project-val-{seed}").sample(s.harmful_val, n_project_val)),
         "val_benign": s.benign_val,
         "val_utility": a.val,
     }
     return {**sets, "fingerprint": fingerprint(sets)}  # the records themselves: any change to a split re-keys the cache
+
+
+def _interleaved(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``a[0], b[0], a[1], b[1], …`` then the rest of the longer: automatic τ/α screens on the first validation items,
+    so every prefix must hold both genres."""
+    pairs = [x for pair in zip(a, b) for x in pair]
+    return pairs + a[len(b):] + b[len(a):]
 
 
 def _record_row(record: PromptRecord) -> dict[str, Any]:
