@@ -457,7 +457,8 @@ def resolve_backend(backend: str, model: Any) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
-def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOptions) -> tuple[Any, Any, str]:
+def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOptions) -> tuple[Any, Any, Path]:
+    """The model, its tokenizer and the local path it was loaded from (a Hub id resolved to its snapshot)."""
     path = resolve_local(model, options=options)  # a Hub id becomes its local snapshot
     kw: dict[str, Any] = {}
     if not path.exists():
@@ -465,7 +466,6 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOp
                               "pass a local model directory, a .gguf file or a Hub id org/name")
     check_weights(path, options.allow_pickle)
     refuse_custom_code(path, options.trust_remote_code)
-    identity = fingerprint_path(path)
     src = str(path)
     if path.is_file() and path.suffix == ".gguf":
         src, kw["gguf_file"] = str(path.parent), path.name
@@ -479,7 +479,7 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOp
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"cannot load model {model}: {' '.join(str(exc).split())[:200]}",
                               "check that the directory is a complete Hugging Face causal-LM checkpoint") from exc
-    return hf_model.to(device).eval(), tok, identity
+    return hf_model.to(device).eval(), tok, path
 
 
 def split_adapter(model: Any, adapter: str | None) -> tuple[Any, str | None]:
@@ -561,17 +561,17 @@ def load_generator(
         if not isinstance(model, (str, os.PathLike)):
             raise SafemergeError("the vLLM backend needs a model saved on disk",
                                  "save the model first or use --backend hf")
-        ident = fingerprint_path(Path(model)) if Path(model).exists() else str(model)
-        if adapter:
-            ident += "+" + fingerprint_path(Path(adapter))
+        if identity is None:
+            identity = fingerprint_path(Path(model)) if Path(model).exists() else str(model)
+            identity += f"+{fingerprint_path(Path(adapter))}" if adapter else ""
         return VLLMGenerator(str(model), adapter=adapter, dtype=resolve_dtype(dtype, "cuda") if dtype else None,
-                             trust_remote_code=options.trust_remote_code, identity=identity or ident)
+                             trust_remote_code=options.trust_remote_code, identity=identity)
 
     dev = resolve_device(device)
     torch_dtype = getattr(torch, resolve_dtype(dtype, dev))
-    computed: str | None = None  # None ⇒ HFGenerator fingerprints the in-memory weights
+    local: Path | None = None  # None ⇒ in memory: HFGenerator fingerprints the weights
     if isinstance(model, (str, os.PathLike)):
-        hf_model, tok, computed = _load_hf(str(model), tokenizer, torch_dtype, dev, options)
+        hf_model, tok, local = _load_hf(str(model), tokenizer, torch_dtype, dev, options)
     else:
         if tokenizer is None:
             raise SafemergeError("an in-memory model needs its tokenizer",
@@ -588,6 +588,6 @@ def load_generator(
                            shapes.__getitem__, label)
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=False).eval()
-        if computed is not None:
-            computed += "+" + fingerprint_path(adapter_path)
-    return HFGenerator(hf_model, tok, identity=identity or computed)
+    if identity is None and local is not None:  # callers that pass one (evaluate) skip hashing the files again
+        identity = fingerprint_path(local) + (f"+{fingerprint_path(adapter_path)}" if adapter else "")
+    return HFGenerator(hf_model, tok, identity=identity)
