@@ -188,3 +188,23 @@ def test_resta_and_train_lora_with_hub_ids(hub, world, tmp_path, capsys):
     for a, b in (("resta_local/model.safetensors", "resta_ids/model.safetensors"),
                  ("lora_local/adapter_model.safetensors", "lora_ids/adapter_model.safetensors")):
         assert (tmp_path / a).read_bytes() == (tmp_path / b).read_bytes(), a
+
+
+def test_a_hub_id_has_the_identity_of_its_snapshot_on_every_path(hub, world):
+    """The generation cache's identity of a Hub id is its snapshot's content fingerprint — the same as the local
+    copy's, whether computed before loading (evaluate) or by the loaded generator — and follows the revision."""
+    from safemerge.evaluate.generate import load_generator, model_identity
+
+    local = model_identity(world.aligned, world.ft)
+    assert model_identity("org/aligned", "org/ft-lora") == local
+    assert model_identity("org/aligned+org/ft-lora") == local
+    assert load_generator("org/aligned", adapter="org/ft-lora", backend="hf", device="cpu").identity == local
+    assert model_identity("org/aligned@v1") == model_identity(world.aligned)  # same files under another revision
+    assert model_identity("org/base") != model_identity("org/aligned")
+
+
+def test_identity_of_a_missing_model_is_a_clear_error(tmp_path):
+    from safemerge.evaluate.generate import model_identity
+
+    with pytest.raises(CheckpointError, match="model not found"):
+        model_identity(tmp_path / "nothing-here")

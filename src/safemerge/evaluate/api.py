@@ -344,7 +344,7 @@ def _generations(model: Any, adapter: str | None, *, generator: Any, settings: G
         identity, backend_name = generator.identity, getattr(generator, "backend", "custom")
         dtype_name = str(getattr(generator, "dtype", dtype or "unknown"))
     else:
-        identity, backend_name = model_identity(model, adapter), resolve_backend(backend, model)
+        identity, backend_name = model_identity(model, adapter, options=options), resolve_backend(backend, model)
         dtype_name = generation_dtype(model, dtype, device) if backend_name == "hf" else (dtype or "auto")
 
     def make_generator() -> Any:

@@ -515,13 +515,18 @@ def generation_dtype(model: Any, dtype: str | None = None, device: str | None = 
     return resolve_dtype(dtype, resolve_device(device))
 
 
-def model_identity(model: Any, adapter: str | None = None) -> str:
-    """The cache identity of ``model`` (+ ``adapter``) without loading it: a path fingerprint
-    (:func:`fingerprint_path`), ``hub:ID``, or a weight fingerprint of an in-memory model."""
+def model_identity(model: Any, adapter: str | None = None, *, options: RunOptions | None = None) -> str:
+    """The cache identity of ``model`` (+ ``adapter``) without loading it: the fingerprint
+    (:func:`fingerprint_path`) of its local files — a Hub id's snapshot, fetched if it is not cached, so the
+    identity follows the revision's content, not its name — or a weight fingerprint of an in-memory model.
+    The one identity every backend's generator carries (:func:`load_generator`)."""
     model, adapter = split_adapter(model, adapter)
     if isinstance(model, (str, os.PathLike)):
-        p = Path(model).expanduser()
-        ident = fingerprint_path(p) if p.exists() else f"hub:{model}"
+        path = resolve_local(str(model), options=options)
+        if not path.exists():
+            raise CheckpointError(f"model not found: {model}",
+                                  "pass a local model directory, a .gguf file or a Hub id org/name")
+        ident = fingerprint_path(path)
     else:
         ident = fingerprint_model(model)
     if adapter:
@@ -562,8 +567,7 @@ def load_generator(
             raise SafemergeError("the vLLM backend needs a model saved on disk",
                                  "save the model first or use --backend hf")
         if identity is None:
-            identity = fingerprint_path(Path(model)) if Path(model).exists() else str(model)
-            identity += f"+{fingerprint_path(Path(adapter))}" if adapter else ""
+            identity = model_identity(model, adapter, options=options)
         return VLLMGenerator(str(model), adapter=adapter, dtype=resolve_dtype(dtype, "cuda") if dtype else None,
                              trust_remote_code=options.trust_remote_code, identity=identity)
 
@@ -589,5 +593,5 @@ def load_generator(
 
         hf_model = PeftModel.from_pretrained(hf_model, str(adapter_path), is_trainable=False).eval()
     if identity is None and local is not None:  # callers that pass one (evaluate) skip hashing the files again
-        identity = fingerprint_path(local) + (f"+{fingerprint_path(adapter_path)}" if adapter else "")
+        identity = model_identity(local, adapter_path if adapter else None, options=options)
     return HFGenerator(hf_model, tok, identity=identity)
