@@ -35,17 +35,19 @@ from safemerge.progress import progress_bar
 _ALLOCATOR_TUNED = False
 
 
-def tune_allocator(mmap_threshold: int = 1 << 20, trim_threshold: int = 16 << 20) -> bool:
+def tune_allocator(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 20) -> bool:
     """Serve allocations ≥ ``mmap_threshold`` with mmap so freed tensors go back to the OS, and
     keep up to ``trim_threshold`` of freed smaller ones for reuse.
 
     glibc's default *dynamic* threshold grows to 32 MB after large frees, after which
-    tensor-sized buffers are carved from per-thread arenas and retained; with a fixed 1 MB
-    threshold peak RSS follows the tensors actually alive (measured on the SmolLM2 TIES
-    benchmark: 1.55 GB → 1.18 GB with -j 2). Setting it also freezes the trim threshold at
-    128 KB, so the row blocks' sub-MB temporaries (:data:`ELEMENTWISE_BLOCK_BYTES`) would be
-    handed back to the OS after every block and page-faulted in again (measured: 3–10× the cost
-    of the arithmetic on them); a 16 MB trim threshold keeps them. No-op on other C libraries.
+    tensor-sized buffers are carved from per-thread arenas and retained; with a fixed threshold
+    peak RSS follows the tensors actually alive (measured on the SmolLM2 TIES benchmark with a
+    1 MB threshold: 1.55 GB → 1.18 GB with -j 2). The threshold sits at twice the row block
+    (:data:`ELEMENTWISE_BLOCK_BYTES`), so a block's float32 temporaries come from the heap and are
+    reused rather than mapped and page-faulted in for every block. Setting it also freezes the
+    trim threshold at 128 KB, so those temporaries would be handed back to the OS after every
+    block (measured: 3–10× the cost of the arithmetic on them); a 32 MB trim threshold keeps
+    them. No-op on other C libraries.
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
@@ -73,11 +75,15 @@ def single_intraop_thread():
         torch.set_num_threads(old)
 
 
-ELEMENTWISE_BLOCK_BYTES = 512 << 10
+ELEMENTWISE_BLOCK_BYTES = 2 << 20
 """Methods that stream process tensors larger than this (in float32) in row blocks of about this
-size: small enough to stay in the CPU cache and below the allocator's mmap threshold
-(:func:`tune_allocator`), so a block's temporaries are reused instead of page-faulted in —
-fresh tensor-sized buffers cost more than the arithmetic done in them."""
+size: below the allocator's mmap threshold (:func:`tune_allocator`), so a block's temporaries are
+reused instead of page-faulted in — fresh tensor-sized buffers cost more than the arithmetic done
+in them — yet large enough that the Python between torch's operations (which holds the GIL) is
+small against the operations themselves (which release it), so two worker threads run in parallel.
+Measured on the 1.2B bf16 scale benchmark (2-core AMD EPYC, AVX2, ``-j 2``): 512 KiB blocks →
+TIES 43–49 s, linear 10.6 s (two threads barely faster than one: GIL hand-offs); 2 MiB → 26–28 s
+and 7.2 s; 4–6 MiB no better (the blocks no longer fit the CPU's caches)."""
 
 
 
