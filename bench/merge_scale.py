@@ -244,7 +244,7 @@ def bench_size(size: str, work: Path, *, jobs: int, mergekit: bool, env: dict[st
 def max_abs_diff_apart(a: Path, b: Path) -> float:
     """:func:`max_abs_diff` in a freshly spawned process: reading two outputs here would raise this process's peak
     RSS to a tensor pair's size, and every child measured afterwards would inherit it as its ``ru_maxrss``
-    (measured: the 1.2B linear merge reported 1054 MB after the TIES comparison, 416 MB without it)."""
+    (measured: the 1.2B linear merge reported 1054 MB after the TIES comparison, 291 MB without it)."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:

@@ -35,15 +35,15 @@ from safemerge.progress import progress_bar
 _ALLOCATOR_TUNED = False
 
 
-def tune_allocator(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 20) -> bool:
+def tune_allocator(mmap_threshold: int | None = None, trim_threshold: int = 32 << 20) -> bool:
     """Serve allocations ≥ ``mmap_threshold`` with mmap so freed tensors go back to the OS, and
     keep up to ``trim_threshold`` of freed smaller ones for reuse.
 
     glibc's default *dynamic* threshold grows to 32 MB after large frees, after which
     tensor-sized buffers are carved from per-thread arenas and retained; with a fixed threshold
     peak RSS follows the tensors actually alive (measured on the SmolLM2 TIES benchmark with a
-    1 MB threshold: 1.55 GB → 1.18 GB with -j 2). The threshold sits at twice the row block
-    (:data:`ELEMENTWISE_BLOCK_BYTES`), so a block's float32 temporaries come from the heap and are
+    1 MB threshold: 1.55 GB → 1.18 GB with -j 2). The threshold (default: twice the row block,
+    :data:`ELEMENTWISE_BLOCK_BYTES`) sits above the blocks, so a block's float32 temporaries come from the heap and are
     reused rather than mapped and page-faulted in for every block. Setting it also freezes the
     trim threshold at 128 KB, so those temporaries would be handed back to the OS after every
     block (measured: 3–10× the cost of the arithmetic on them); a 32 MB trim threshold keeps
@@ -56,6 +56,8 @@ def tune_allocator(mmap_threshold: int = 4 << 20, trim_threshold: int = 32 << 20
         import ctypes
         import ctypes.util
 
+        if mmap_threshold is None:
+            mmap_threshold = 2 * ELEMENTWISE_BLOCK_BYTES
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         _ALLOCATOR_TUNED = bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold)))
