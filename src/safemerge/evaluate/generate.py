@@ -459,11 +459,8 @@ def resolve_backend(backend: str, model: Any) -> str:
 
 def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOptions) -> tuple[Any, Any, Path]:
     """The model, its tokenizer and the local path it was loaded from (a Hub id resolved to its snapshot)."""
-    path = resolve_local(model, options=options)  # a Hub id becomes its local snapshot
+    path = local_model(model, options=options)
     kw: dict[str, Any] = {}
-    if not path.exists():
-        raise CheckpointError(f"model not found: {model}",
-                              "pass a local model directory, a .gguf file or a Hub id org/name")
     check_weights(path, options.allow_pickle)
     refuse_custom_code(path, options.trust_remote_code)
     src = str(path)
@@ -480,6 +477,15 @@ def _load_hf(model: str, tokenizer: Any, dtype: Any, device: str, options: RunOp
         raise CheckpointError(f"cannot load model {model}: {' '.join(str(exc).split())[:200]}",
                               "check that the directory is a complete Hugging Face causal-LM checkpoint") from exc
     return hf_model.to(device).eval(), tok, path
+
+
+def local_model(model: str, *, options: RunOptions | None = None) -> Path:
+    """A model reference as a local path (a Hub id becomes its snapshot); a clear error when there is none."""
+    path = resolve_local(model, options=options)
+    if not path.exists():
+        raise CheckpointError(f"model not found: {model}",
+                              "pass a local model directory, a .gguf file or a Hub id org/name")
+    return path
 
 
 def split_adapter(model: Any, adapter: str | None) -> tuple[Any, str | None]:
@@ -522,11 +528,7 @@ def model_identity(model: Any, adapter: str | None = None, *, options: RunOption
     The one identity every backend's generator carries (:func:`load_generator`)."""
     model, adapter = split_adapter(model, adapter)
     if isinstance(model, (str, os.PathLike)):
-        path = resolve_local(str(model), options=options)
-        if not path.exists():
-            raise CheckpointError(f"model not found: {model}",
-                                  "pass a local model directory, a .gguf file or a Hub id org/name")
-        ident = fingerprint_path(path)
+        ident = fingerprint_path(local_model(str(model), options=options))
     else:
         ident = fingerprint_model(model)
     if adapter:
