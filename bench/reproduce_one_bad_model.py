@@ -298,6 +298,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the pool, the data and the data-free rows")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds of the EvoMM rows (default: 0; full: 0,1,2)")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated merge methods: ties,dare_ties,slerp")
+    ap.add_argument("--max-evals", type=int, default=None,
+                    help="CMA-ES evaluations per EvoMM run (default: the size's; full: 100)")
     ap.add_argument("--d-expert", choices=("synthetic", "real", "both"), default=None,
                     help="D_expert variant: structured self-questioning, held-out training questions, or one "
                          "table each (default: synthetic for quick, both otherwise)")
@@ -309,7 +311,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     size = args.size or ("quick" if args.quick else "full")
-    S = SIZES[size]
+    S = dict(SIZES[size])
+    if args.max_evals is not None:
+        S["max_evals"] = args.max_evals
     seeds = [int(x) for x in (args.seeds or S["seeds"]).split(",") if x.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]

@@ -21,8 +21,8 @@ import torch
 
 from safemerge.config import load_config
 from safemerge.engine.plan import MergePlan, TensorJob, plan_merge
-from safemerge.errors import CheckpointError, SafemergeError, option
-from safemerge.io.checkpoint import all_finite
+from safemerge.errors import SafemergeError
+from safemerge.io.checkpoint import all_finite, require_finite
 from safemerge.io.hub import prefetch_metadata
 from safemerge.io.references import open_checkpoint
 from safemerge.methods.blocks import InputTensors, Rows, TwoPassJob, row_blocks
@@ -109,12 +109,8 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
             if compute_dtype is not None:
                 t = t.to(getattr(torch, compute_dtype))
             t = t.to(device=device, dtype=None if keep_dtype else torch.float32)
-        if check and not options.allow_nonfinite and not all_finite(t):
-            bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
-            raise CheckpointError(
-                f"tensor {name!r} of {ref} contains {bad} values",
-                f"fix the checkpoint, or pass {option('allow-nonfinite')} to merge it anyway",
-            )
+        if check and not options.allow_nonfinite:
+            require_finite(t, name, ref)
     return t
 
 

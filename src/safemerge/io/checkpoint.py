@@ -107,6 +107,16 @@ def all_finite(t: "torch.Tensor") -> bool:
     return bool(torch.isfinite(_elementwise_safe(t)).all())
 
 
+def require_finite(t: "torch.Tensor", name: str, ref: str) -> None:
+    """Raise a :class:`CheckpointError` when tensor ``name`` of model ``ref`` holds NaN/Inf (the one message
+    for every reader that refuses non-finite inputs)."""
+
+    if not all_finite(t):
+        bad = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        raise CheckpointError(f"tensor {name!r} of {ref} contains {bad} values",
+                              f"fix the checkpoint, or pass {option('allow-nonfinite')} to merge it anyway")
+
+
 def _elementwise_safe(t: "torch.Tensor") -> "torch.Tensor":
     """``t``, widened to float32 for float8 dtypes (torch has no isfinite/isnan for them)."""
     return t.float() if t.element_size() == 1 else t

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safemerge.engine import merge_in_memory
 from safemerge.errors import CheckpointError, ConfigError
-from safemerge.io.checkpoint import refuse_custom_code, split_layer_name
+from safemerge.io.checkpoint import refuse_custom_code, require_finite, split_layer_name
 from safemerge.io.hub import resolve_model_ref
 from safemerge.io.references import open_checkpoint
 from safemerge.optimize.config import DataSection, OptimizeConfig
@@ -57,6 +57,13 @@ def load_objective_data(data: DataSection) -> tuple[list[dict[str, Any]], list[d
     return sample_records(safety, data.n_safety, data.seed), sample_records(expert, data.n_expert, data.seed + 1)
 
 
+def require_finite_inputs(checkpoint: Any, ref: str) -> None:
+    """Refuse a pool model with a NaN/Inf tensor (checked once per search, one tensor at a time)."""
+
+    for name in checkpoint.names() if hasattr(checkpoint, "names") else list(checkpoint):
+        require_finite(checkpoint.get(name), name, ref)
+
+
 def build_genome(cfg: OptimizeConfig, base_ckpt: Any) -> Genome:
     """The genome of ``cfg.genome`` for the architecture of ``base_ckpt`` (layer count and prefix)."""
 
@@ -89,12 +96,16 @@ class CandidateEvaluator:
         self.cfg = cfg
         self.device = device = options.device
         self.seed = cfg.seed
-        # in-memory merges: one thread and no bar (they run once per candidate), the config's seed
-        self.options = RunOptions(allow_pickle=options.allow_pickle, device=device, seed=cfg.seed, threads=1,
-                                  progress=False)
+        # in-memory merges: the process's threads (the engine's workers; an actor of --ray has its own), no bar
+        # (they run once per candidate), the config's seed. The inputs are checked for NaN/Inf once, here, and
+        # not again by every candidate's merge (which still checks what it writes).
+        self.options = RunOptions(allow_pickle=options.allow_pickle, device=device, seed=cfg.seed,
+                                  threads=max(1, torch.get_num_threads()), progress=False, allow_nonfinite=True)
         refs = list(dict.fromkeys([*([cfg.genome.base_model] if cfg.genome.base_model else []), *cfg.genome.models]))
-        # merge_in_memory checks every tensor it reads for NaN/Inf (engine/run.py::_load): no second pass here
-        self.checkpoints = {r: open_checkpoint(r, options=self.options.replace(allow_nonfinite=True)) for r in refs}
+        self.checkpoints = {r: open_checkpoint(r, options=self.options) for r in refs}
+        if not options.allow_nonfinite:
+            for ref, ck in self.checkpoints.items():
+                require_finite_inputs(ck, ref)
         anchor = cfg.genome.base_model or cfg.genome.models[0]
         self.genome = build_genome(cfg, self.checkpoints[anchor])
         # the resident model is loaded from the anchor's model directory (a Hub id resolved to its snapshot);
