@@ -178,3 +178,30 @@ def test_cli_runs_and_writes_outputs(world, tmp_path, capsys):
     out = capsys.readouterr().out
     assert '"evaluations": 4' in out
     assert (tmp_path / "o" / "best.yml").is_file() and not (tmp_path / "o" / "model").exists()
+
+
+def test_a_pool_model_with_nan_is_refused_once_with_a_clear_error(world, tmp_path, capsys):
+    """The pool is checked for NaN/Inf once per search (not per candidate); the error names the tensor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from safemerge.cli import main
+
+    bad = tmp_path / "nan_expert"
+    shutil.copytree(world["expert"], bad)
+    sd = load_file(str(bad / "model.safetensors"))
+    name = sorted(n for n in sd if "mlp" in n)[0]
+    sd[name][0, 0] = float("nan")
+    save_file(sd, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config(world, max_evals=4, popsize=4)
+    cfg["genome"]["models"][1] = str(bad)
+    p = tmp_path / "cfg.yml"
+    p.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as e:
+        main(["optimize", str(p), "-o", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and name in err and "NaN" in err and "--allow-nonfinite" in err
+    assert not (tmp_path / "o").exists()
+    main(["optimize", str(p), "-o", str(tmp_path / "o"), "--no-progress", "--allow-nonfinite", "--no-save-model"])
+    assert (tmp_path / "o" / "best.yml").is_file()

@@ -9,6 +9,7 @@ import typer
 from safemerge.cli import app
 from safemerge.cli.options import (
     EvalSets,
+    allow_nonfinite_option,
     allow_pickle_option,
     echo_summary,
     eval_benign_option,
@@ -52,6 +53,7 @@ def optimize_cmd(
                                        help="Do not write the merged model (only best.yml and the trace)."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     allow_pickle: bool = allow_pickle_option(),
+    allow_nonfinite: bool = allow_nonfinite_option(),
     trust_remote_code: bool = trust_remote_code_option(),
     no_progress: bool = no_progress_option(),
     quiet: bool = quiet_option(),
@@ -77,7 +79,7 @@ def optimize_cmd(
 
     started, output = time.perf_counter(), pick_out(out, output)
     options = run_options(quiet=quiet, no_progress=no_progress, device=device, force=force, allow_pickle=allow_pickle,
-                          trust_remote_code=trust_remote_code)
+                          allow_nonfinite=allow_nonfinite, trust_remote_code=trust_remote_code)
     library_progress(options.progress)
     sets = EvalSets(eval_harmful, eval_benign, eval_utility, eval_judge, eval_limit,
                     options=run_options(no_progress=not options.progress, trust_remote_code=trust_remote_code),

@@ -124,8 +124,8 @@ def run_optimize(
         resume: continue an interrupted run of the same config into the same ``out``.
         save_model: also write the merged model to ``out/model``.
         options: ``force`` (replace an existing output and discard an interrupted run), ``device`` of the
-            resident model and the merges, ``allow_pickle``, ``trust_remote_code``, ``progress``; the seed is
-            the config's ``seed``.
+            resident model and the merges, ``allow_pickle``, ``allow_nonfinite`` (pool models with NaN/Inf),
+            ``trust_remote_code``, ``progress``; the seed is the config's ``seed``.
         on_generation: EvoMM hook ``(generation, evals)`` called after each checkpoint.
         evaluate: ``evaluate(model_dir, eval_dir) -> results`` run on the merged model before the
             output is renamed into place (e.g. :func:`safemerge.evaluate.api.evaluate`); its
@@ -298,7 +298,7 @@ class _Run:
             shutil.rmtree(self.work / "model")
         merge(best_cfg, self.work / "model", options=RunOptions(
             seed=self.cfg.seed, device=self.options.device, allow_pickle=self.options.allow_pickle,
-            progress=self.options.progress, threads=1))
+            allow_nonfinite=self.options.allow_nonfinite, progress=self.options.progress, threads=1))
 
 
 def _candidate_rates(rows: list[dict[str, Any]]) -> dict[str, float | None]:
