@@ -205,3 +205,33 @@ def test_a_pool_model_with_nan_is_refused_once_with_a_clear_error(world, tmp_pat
     assert not (tmp_path / "o").exists()
     main(["optimize", str(p), "-o", str(tmp_path / "o"), "--no-progress", "--allow-nonfinite", "--no-save-model"])
     assert (tmp_path / "o" / "best.yml").is_file()
+
+
+def test_objective_dtype_is_resolved_once_and_recorded(world, tmp_path):
+    """objective.dtype: "auto" becomes this machine's dtype in the run key and the summary; bfloat16 scores
+    candidates close to float32 (a search objective, not an exact number)."""
+    from safemerge.evaluate.generate import resolve_dtype
+    from safemerge.optimize import optimize
+
+    runs = {}
+    for dtype in ("auto", "float32", "bfloat16"):
+        cfg = config(world, max_evals=4, popsize=4)
+        cfg["objective"]["dtype"] = dtype
+        runs[dtype] = optimize(cfg, tmp_path / dtype, options=QUIET, save_model=False)
+        key = json.loads((tmp_path / dtype / "run.json").read_text())
+        assert key["config"]["objective"]["dtype"] == runs[dtype]["objective_dtype"]
+    assert runs["auto"]["objective_dtype"] == resolve_dtype("auto", "cpu")
+    assert runs["bfloat16"]["objective_dtype"] == "bfloat16"
+    trace = {d: [json.loads(x) for x in (tmp_path / d / "trace.jsonl").read_text().splitlines()] for d in runs}
+    first32, first16 = trace["float32"][0]["loss"], trace["bfloat16"][0]["loss"]
+    assert first16 == pytest.approx(first32, rel=0.03)
+
+
+def test_unknown_objective_dtype_is_a_config_error(world):
+    from safemerge.errors import ConfigError
+    from safemerge.optimize.config import load_optimize_config
+
+    cfg = config(world)
+    cfg["objective"]["dtype"] = "int8"
+    with pytest.raises(ConfigError, match="objective.dtype"):
+        load_optimize_config(cfg)

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safemerge.engine import merge_in_memory
 from safemerge.errors import CheckpointError, ConfigError
+from safemerge.evaluate.generate import resolve_dtype
 from safemerge.io.checkpoint import refuse_custom_code, require_finite, split_layer_name
 from safemerge.io.hub import resolve_model_ref
 from safemerge.io.references import open_checkpoint
@@ -119,7 +120,10 @@ class CandidateEvaluator:
         refuse_custom_code(model_dir, trust_remote_code)
         refuse_custom_code(tok_dir, trust_remote_code)
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+        # the scoring model's dtype (objective.dtype; "auto" is resolved by run_optimize, or here when the
+        # evaluator is built directly): every candidate's float32 merge is rounded into it when loaded
+        self.dtype = resolve_dtype(cfg.objective.dtype, device)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, self.dtype),
                                                           trust_remote_code=trust_remote_code)
         self.model.to(device).eval()
         self._params = dict(self.model.named_parameters(remove_duplicate=False))

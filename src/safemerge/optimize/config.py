@@ -72,6 +72,9 @@ class ObjectiveSection(_Strict):
     alpha: float = Field(0.3, ge=0)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(512, ge=8)
+    #: compute dtype of the scoring model: ``auto`` = bfloat16 where the device runs it natively, else float32
+    #: (:func:`safemerge.evaluate.generate.resolve_dtype`); resolved once per run and recorded in the summary
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 class CMASection(_Strict):

@@ -27,6 +27,7 @@ import yaml
 
 from safemerge.api import merge
 from safemerge.errors import SafemergeError, option
+from safemerge.evaluate.generate import resolve_dtype
 from safemerge.io.output import check_not_an_input, check_output_path, promote_directory
 from safemerge.io.references import open_checkpoint
 from safemerge.optimize import report
@@ -142,6 +143,9 @@ def run_optimize(
         if strategy not in ("evomm", "cocktail", "grid"):
             raise SafemergeError(f"unknown strategy {strategy!r}", "use --strategy evomm, cocktail or grid")
         cfg = cfg.model_copy(update={"strategy": strategy})
+    # "auto" becomes this machine's dtype here, once: the run key, Ray's actors and the summary all see it
+    cfg = cfg.model_copy(update={"objective": cfg.objective.model_copy(
+        update={"dtype": resolve_dtype(cfg.objective.dtype, options.device)})})
     out_p = Path(out).expanduser().absolute()
     run_key = {"config": cfg.model_dump(mode="json"), "strategy": cfg.strategy}
     work, resumed = _prepare_work(out_p, run_key, resume=resume, force=options.force,
@@ -268,6 +272,7 @@ class _Run:
             "n_safety": n_safety,
             "n_expert": n_expert,
             "alpha": cfg.objective.alpha,
+            "objective_dtype": cfg.objective.dtype,
             "resumed": self.resumed,
             "ray": use_ray,
         }
