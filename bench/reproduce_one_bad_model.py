@@ -259,6 +259,84 @@ def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str,
                    **judge_agreement([a[i] for i in ids], [b[i] for i in ids])}
 
 
+def search_limits(run_dir: Path, pool_parts: dict[str, dict] | None) -> dict:
+    """What the search reached in the objective's own terms (issue 15: "what limits it").
+
+    From ``trace.jsonl``: the loss and its two parts at the first evaluation, at the best one and the
+    per-generation best over the run; ``pool_parts`` are the pool models' parts on the same sample (the
+    LM-Cocktail run on D_exp ∪ D_safe scores each model once), so the best candidate's L_safety can be
+    read against the aligned model's: near it means the objective is satisfied and generation-level
+    alignment is what the CE misses; far above it means the search stopped short.
+    """
+    rows = [json.loads(x) for x in (run_dir / "trace.jsonl").read_text().splitlines() if x.strip()]
+    if not rows:
+        return {}
+
+    def parts(r: dict) -> dict:
+        return {k: r.get(k) for k in ("eval", "loss", "safety_loss", "expert_loss")}
+
+    best = min(rows, key=lambda r: r["loss"])
+    by_gen: dict[int, dict] = {}
+    for r in rows:
+        g = int(r.get("generation", 0))
+        if g not in by_gen or r["loss"] < by_gen[g]["loss"]:
+            by_gen[g] = r
+    return {"first": parts(rows[0]), "best": parts(best), "evaluations": len(rows),
+            "best_per_generation": [parts(by_gen[g]) for g in sorted(by_gen)],
+            "best_params": best.get("params"), "pool": pool_parts or {}}
+
+
+def cocktail_pool_parts(run_dir: Path, pool: dict[str, str]) -> dict[str, dict]:
+    """The pool models' objective parts from an LM-Cocktail trace (one line per model, in pool order)."""
+    rows = [json.loads(x) for x in (run_dir / "trace.jsonl").read_text().splitlines() if x.strip()]
+    names = {v: k for k, v in pool.items()}
+    return {names.get(r["model"], r["model"]): {k: r.get(k) for k in ("loss", "safety_loss", "expert_loss")}
+            for r in rows}
+
+
+def add_search_limits(runs: list[dict], variant: str, cocktail_dir: Path, pool: dict[str, str]) -> None:
+    """Attach :func:`search_limits` to every EvoMM run of ``variant`` (pool parts from ``cocktail_dir``)."""
+    pool_parts = cocktail_pool_parts(cocktail_dir, pool)
+    for entry in runs:
+        if entry["variant"] == variant and entry["strategy"] == "evomm":
+            entry["limits"] = search_limits(Path(entry["dir"]), pool_parts)
+
+
+def plot_search_limits(runs: list[dict], variant: str, path: Path) -> Path | None:
+    """One panel per EvoMM run on D_exp ∪ D_safe of ``variant``: the best-so-far L_safety and L_expert over the
+    evaluations, with the pool models' parts as horizontal lines (where the search stands against the aligned
+    model in the objective's own terms)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ours = [e for e in runs if e["variant"] == variant and e["strategy"] == "evomm" and e["data"] != "D_exp"]
+    if not ours:
+        return None
+    fig, axes = plt.subplots(1, len(ours), figsize=(4.2 * len(ours), 3.4), squeeze=False)
+    for ax, e in zip(axes[0], ours):
+        rows = [json.loads(x) for x in (Path(e["dir"]) / "trace.jsonl").read_text().splitlines() if x.strip()]
+        best, best_rows = float("inf"), []
+        for r in rows:
+            if r["loss"] < best:
+                best, cur = r["loss"], r
+            best_rows.append(cur)
+        for part, color in (("safety_loss", "tab:red"), ("expert_loss", "tab:blue")):
+            ax.plot([r[part] for r in best_rows], color=color, label=f"best-so-far {part.split('_')[0]}")
+            for (name, ref), style in zip(e.get("limits", {}).get("pool", {}).items(), (":", "--", "-.")):
+                ax.axhline(ref[part], color=color, linestyle=style, linewidth=0.8,
+                           label=f"{name} {part.split('_')[0]}")
+        ax.set_title(f"{e['label']} s{e['seed']}", fontsize=9)
+        ax.set_xlabel("evaluation")
+        ax.set_ylabel("answer-token CE")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def table_row(label: str, data: str, r: dict, second: dict, **extra) -> dict:
     from safemerge.optimize.report import row_from_eval
 
@@ -322,6 +400,11 @@ def main() -> None:
     variant_arg = args.d_expert or S["d_expert"]
     variants = ["synthetic", "real"] if variant_arg == "both" else [variant_arg]
     work = Path(args.work) / size
+    # a partial run (other methods, seeds or evaluations than the size's) gets its own result file
+    default_seeds = [int(x) for x in SIZES[size]["seeds"].split(",")]
+    partial = [("-".join(methods), methods != list(METHODS)), ("s" + "-".join(map(str, seeds)), seeds != default_seeds),
+               (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"])]
+    name = "_".join([size, args.domain] + [part for part, differs in partial if differs])
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
@@ -369,7 +452,8 @@ def main() -> None:
         row = table_row(label, data_lbl, r, second, s_per_cand=summ.get("seconds_per_candidate"),
                         cand_per_h=summ.get("candidates_per_hour"))
         results["runs"].append({"label": label, "data": data_lbl, "variant": variant, "method": method,
-                                "strategy": strategy, "seed": seed, "summary": summ, "optimize_seconds": opt_s,
+                                "strategy": strategy, "seed": seed, "dir": str(out), "summary": summ,
+                                "optimize_seconds": opt_s,
                                 "row": row, "second_judge": second,
                                 "eval": {k: r.get(k) for k in ("harmful", "utility")}})
         return row
@@ -392,12 +476,16 @@ def main() -> None:
                 rows += [run(label, data_lbl, "evomm", method, data, s, variant) for s in seeds]
         rows.append(run("LM-Cocktail", "D_exp", "cocktail", "ties", only, args.seed, variant))
         rows.append(run("LM-Cocktail (ours)", "D_exp ∪ D_safe", "cocktail", "ties", both, args.seed, variant))
+        add_search_limits(results["runs"], variant, work / "runs" / f"{variant}_ties_cocktail_both_s{args.seed}",
+                          pool)
+        plot_search_limits(results["runs"], variant,
+                           REPO / "bench" / "results" / f"one_bad_model_search_{name}_{variant}.png")
         table = table1_markdown(summarize(rows), domain=domain.name)
         results["tables"][variant] = table
         print(f"\nD_expert: {variant} ({results['d_expert'][variant]['records']} records)\n{table}")
 
     results["total_seconds"] = time.perf_counter() - t_all
-    out_json = REPO / "bench" / "results" / f"reproduce_one_bad_model_{size}_{args.domain}.json"
+    out_json = REPO / "bench" / "results" / f"reproduce_one_bad_model_{name}.json"
     out_json.write_text(json.dumps(results, indent=1, default=str))
     for n in results["notes"]:
         print("note:", n)
