@@ -226,6 +226,15 @@ def build_d_expert(path: Path, variant: str, S: dict, pool: dict[str, str], doma
     return info
 
 
+def cached_d_expert(path: Path, variant: str, S: dict, pool: dict[str, str], domain: Domain, seed: int) -> dict:
+    """:func:`build_d_expert` once per work directory: a later invocation (other methods or seeds over the same
+    pool) reuses the file and its statistics."""
+    stats_file = path.with_suffix(".stats.json")
+    if not stats_file.is_file():
+        stats_file.write_text(json.dumps(build_d_expert(path, variant, S, pool, domain, seed)))
+    return json.loads(stats_file.read_text())
+
+
 def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str, seed: int) -> tuple[dict, dict]:
     """The harness's results (keyword judge) and the second judge's verdicts on the same cached generations.
 
@@ -237,13 +246,13 @@ def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str,
     from safemerge.evaluate.records import PromptSets
     from safemerge.options import RunOptions
 
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+    # no rmtree: the harness caches generations under the model's identity (its files' fingerprint), so a
+    # pool model evaluated by an earlier invocation is re-judged, not regenerated, and a changed model is regenerated
     kw = dict(limit=max(S["n_eval_util"], S["n_eval_harm"]), options=RunOptions(progress=False, seed=seed),
               generation=GenerationSettings(backend="hf", device="cpu", max_new_tokens=S["answer_tokens"]))
     first = evaluate(model, PromptSets(harmful=harmful, utility=utility), judge="keyword", out_dir=out_dir, **kw)
     strict_dir = out_dir / "second_judge"
-    strict_dir.mkdir()
+    strict_dir.mkdir(exist_ok=True)
     shutil.copy(out_dir / "generations.jsonl", strict_dir / "generations.jsonl")  # no regeneration: same answers
     second = evaluate(model, PromptSets(harmful=harmful), judge=SECOND_JUDGE, out_dir=strict_dir, **kw)
 
@@ -462,7 +471,7 @@ def main() -> None:
 
     for variant in variants:
         d_exp = work / f"d_expert-{variant}-{args.domain}.jsonl"
-        results["d_expert"][variant] = build_d_expert(d_exp, variant, S, pool, domain, args.seed)
+        results["d_expert"][variant] = cached_d_expert(d_exp, variant, S, pool, domain, args.seed)
         if not d_exp.is_file():
             results["notes"].append(f"D_expert ({variant}): no record survived; its table is skipped")
             continue
