@@ -387,6 +387,9 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated merge methods: ties,dare_ties,slerp")
     ap.add_argument("--max-evals", type=int, default=None,
                     help="CMA-ES evaluations per EvoMM run (default: the size's; full: 100)")
+    ap.add_argument("--safety-tokens", type=int, default=None,
+                    help="objective.safety_tokens: L_safety over the first K answer tokens of each D_safety example "
+                         "(default: all, the paper's Eq. 4)")
     ap.add_argument("--d-expert", choices=("synthetic", "real", "both"), default=None,
                     help="D_expert variant: structured self-questioning, held-out training questions, or one "
                          "table each (default: synthetic for quick, both otherwise)")
@@ -412,7 +415,8 @@ def main() -> None:
     # a partial run (other methods, seeds or evaluations than the size's) gets its own result file
     default_seeds = [int(x) for x in SIZES[size]["seeds"].split(",")]
     partial = [("-".join(methods), methods != list(METHODS)), ("s" + "-".join(map(str, seeds)), seeds != default_seeds),
-               (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"])]
+               (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"]),
+               (f"st{args.safety_tokens}", args.safety_tokens is not None)]
     name = "_".join([size, args.domain] + [part for part, differs in partial if differs])
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -451,7 +455,7 @@ def main() -> None:
         genome = {"models": [pool["aligned"], pool["expert"], pool["bad"]], "base_model": pool["aligned"],
                   "merge_method": method, "layer_granularity": S["granularity"], "normalize": False}
         cfg = {"genome": genome, "data": {**data, "seed": seed}, "strategy": strategy,
-               "objective": {"alpha": 0.3, "batch_size": 4, "max_length": 384},
+               "objective": {"alpha": 0.3, "batch_size": 4, "max_length": 384, "safety_tokens": args.safety_tokens},
                "cma": {"max_evals": S["max_evals"], "popsize": S["popsize"], "seed": seed}, "seed": seed}
         log(f"[{variant}] {label} [{data_lbl}] seed {seed}")
         t0 = time.perf_counter()

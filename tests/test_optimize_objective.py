@@ -83,3 +83,31 @@ def test_bad_records_are_user_errors(model_and_tok):
     s1, s2 = sample_records(recs, 5, 0), sample_records(recs, 5, 0)
     assert s1 == s2 and len(s1) == 5 and [r["i"] for r in s1] == sorted(r["i"] for r in s1)
     assert sample_records(recs, None, 0) == recs
+
+
+def test_safety_tokens_limits_the_safety_loss_to_the_first_answer_tokens(model_and_tok):
+    """objective.safety_tokens = K: L_safety is the mean CE of each D_safety answer's first K tokens (computed by
+    hand here); L_expert keeps every answer token."""
+    import torch.nn.functional as F
+
+    from safemerge.optimize.objective import AnswerCEObjective
+    from safemerge.train.tokenize import encode_chat_example
+
+    model, tok = model_and_tok
+    k = 2
+
+    def first_k(prompt, response):
+        e = encode_chat_example(tok, prompt, response, max_length=64)
+        ids = torch.tensor([e["input_ids"]])
+        with torch.no_grad():
+            logp = F.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+        answer = [t for t, lab in enumerate(e["labels"]) if lab != -100][:k]
+        return sum(-float(logp[t - 1, e["input_ids"][t]]) for t in answer) / len(answer)
+
+    got = AnswerCEObjective(tok, _records(SAFETY), _records(EXPERT), batch_size=3, max_length=64,
+                            safety_tokens=k)(model)
+    full = AnswerCEObjective(tok, _records(SAFETY), _records(EXPERT), batch_size=3, max_length=64)(model)
+    assert got.safety == pytest.approx(sum(first_k(p, r) for p, r in SAFETY) / len(SAFETY), rel=1e-5)
+    assert got.expert == pytest.approx(full.expert, rel=1e-6)
+    with pytest.raises(Exception, match="safety_tokens"):
+        AnswerCEObjective(tok, _records(SAFETY), [], safety_tokens=0)

@@ -131,7 +131,7 @@ class CandidateEvaluator:
         self.n_safety, self.n_expert = len(safety), len(expert)
         o = cfg.objective
         self.objective = AnswerCEObjective(self.tokenizer, safety, expert, alpha=o.alpha, batch_size=o.batch_size,
-                                           max_length=o.max_length)
+                                           max_length=o.max_length, safety_tokens=o.safety_tokens)
 
     # ------------------------------------------------------------------ merging
     def merge(self, config: dict[str, Any]) -> dict[str, Any]:

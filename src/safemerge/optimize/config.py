@@ -75,6 +75,8 @@ class ObjectiveSection(_Strict):
     #: compute dtype of the scoring model: ``auto`` = bfloat16 where the device runs it natively, else float32
     #: (:func:`safemerge.evaluate.generate.resolve_dtype`); resolved once per run and recorded in the summary
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    #: L_safety over the first N answer tokens of each D_safety example (null: all of them, the paper's Eq. 4)
+    safety_tokens: int | None = Field(None, ge=1)
 
 
 class CMASection(_Strict):

@@ -5,6 +5,12 @@ Hammoud et al. 2024 ("One bad model spoils the bunch", arXiv 2406.14563), §4.4,
     L_D(θ)     = E_{(q,a)∼D} [ CE(f_θ(q), a) ]          (mean answer-token CE, prompt masked)
     L_merge(θ) = L_safety(θ) + α · L_expert(θ)            (α = 0.3 by default)
 
+**Deviation, opt-in** (``objective.safety_tokens: K``): L_safety over the first ``K`` answer tokens of each
+D_safety example. A refusal is decided in its first tokens; averaged over a 60-token refusal the decision is
+diluted by text any model predicts. Measured on the issue-15 pool (SmolLM2-135M, 24 D_safety examples,
+aligned / domain expert / bad expert, 98.8% / 47.5% / 3.7% safe): all answer tokens 0.686 / 0.692 / 0.799,
+the first 4 tokens 0.242 / 0.536 / 1.298. Default ``None``: every answer token, as the paper.
+
 Eq. 4 is printed as E[−L_ce]; like the authors' code we minimise the mean CE. Each example is
 rendered with the model's chat template (user = q, assistant = a) by
 :func:`safemerge.train.tokenize.encode_chat_example`; prompt tokens carry label −100. The
@@ -56,6 +62,16 @@ def _pairs(records: Sequence[dict[str, Any]], where: str) -> list[tuple[str, str
     return out
 
 
+def first_answer_tokens(example: dict[str, Any], k: int) -> dict[str, Any]:
+    """``example`` cut after its ``k``-th answer token: the loss covers the first ``k`` answer tokens only, and
+    the tokens after them are not computed at all."""
+    answer = [i for i, lab in enumerate(example["labels"]) if lab != IGNORE_INDEX]
+    if len(answer) <= k:
+        return example
+    end = answer[k - 1] + 1
+    return {**example, "input_ids": example["input_ids"][:end], "labels": example["labels"][:end]}
+
+
 @dataclass
 class LossParts:
     """One evaluation of the objective."""
@@ -81,7 +97,8 @@ class AnswerCEObjective:
     """
 
     def __init__(self, tokenizer: Any, safety: Sequence[dict[str, Any]], expert: Sequence[dict[str, Any]], *,
-                 alpha: float = 0.3, batch_size: int = 8, max_length: int = 512) -> None:
+                 alpha: float = 0.3, batch_size: int = 8, max_length: int = 512,
+                 safety_tokens: int | None = None) -> None:
 
         if not safety and not expert:
             raise SafemergeError("the objective has no data", "give data.safety and/or data.expert files with records")
@@ -89,12 +106,17 @@ class AnswerCEObjective:
             raise SafemergeError(f"objective.alpha must be ≥ 0, got {alpha}", "the paper uses alpha: 0.3")
         if batch_size < 1:
             raise SafemergeError(f"objective.batch_size must be ≥ 1, got {batch_size}", "use a positive batch size")
+        if safety_tokens is not None and safety_tokens < 1:
+            raise SafemergeError(f"objective.safety_tokens must be ≥ 1, got {safety_tokens}",
+                                 "use null for the whole answer (the paper's Eq. 4) or a small count such as 4")
         self.alpha = float(alpha)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.n_safety, self.n_expert = len(safety), len(expert)
         self._batches: dict[str, list[dict[str, Any]]] = {}
         for part, recs in (("safety", safety), ("expert", expert)):
             enc = [encode_chat_example(tokenizer, p, a, max_length=max_length) for p, a in _pairs(recs, f"data.{part}")]
+            if part == "safety" and safety_tokens is not None:
+                enc = [first_answer_tokens(e, safety_tokens) for e in enc]
             for i, e in enumerate(enc):
                 if not any(lab != IGNORE_INDEX for lab in e["labels"][1:]):
                     raise SafemergeError(f"data.{part}: record {i} has no answer tokens after truncation",

@@ -273,6 +273,7 @@ class _Run:
             "n_expert": n_expert,
             "alpha": cfg.objective.alpha,
             "objective_dtype": cfg.objective.dtype,
+            "safety_tokens": cfg.objective.safety_tokens,
             "resumed": self.resumed,
             "ray": use_ray,
         }
