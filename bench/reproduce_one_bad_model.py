@@ -32,8 +32,13 @@ domain's test split, each with the harness's 95% bootstrap interval; EvoMM rows 
 
     HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python bench/reproduce_one_bad_model.py --size quick
     HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python bench/reproduce_one_bad_model.py --size full  # hours on 2 cores
+    # one method with the issue's 100 evaluations and L_safety on the first 4 answer tokens (docs/reproduction.md)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --size medium --methods slerp --max-evals 100 \
+        --safety-tokens 4 --d-expert real
 
-Writes ``bench/results/reproduce_one_bad_model_{size}_{domain}.json`` and prints the tables.
+Writes ``bench/results/reproduce_one_bad_model_{size}_{domain}[_{parts}].json`` (``parts`` names what differs from
+the size's defaults: methods, seeds, ``e{max_evals}``, ``st{safety_tokens}``), one search plot per D_expert variant
+(``one_bad_model_search_*.png``), and prints the tables.
 """
 from __future__ import annotations
 
