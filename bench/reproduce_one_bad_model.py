@@ -422,7 +422,8 @@ def main() -> None:
     partial = [("-".join(methods), methods != list(METHODS)), ("s" + "-".join(map(str, seeds)), seeds != default_seeds),
                (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"]),
                (f"st{args.safety_tokens}", args.safety_tokens is not None)]
-    result_name = "_".join([size, args.domain] + [part for part, differs in partial if differs])
+    plot_name = "_".join([size, args.domain] + [part for part, differs in partial if differs])  # + _{variant}
+    result_name = plot_name + (f"_{variant_arg}" if variant_arg != SIZES[size]["d_expert"] else "")
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
@@ -497,7 +498,7 @@ def main() -> None:
         add_search_limits(results["runs"], variant, work / "runs" / f"{variant}_ties_cocktail_both_s{args.seed}",
                           pool)
         plot_search_limits(results["runs"], variant,
-                           REPO / "bench" / "results" / f"one_bad_model_search_{result_name}_{variant}.png")
+                           REPO / "bench" / "results" / f"one_bad_model_search_{plot_name}_{variant}.png")
         table = table1_markdown(summarize(rows), domain=domain.name)
         results["tables"][variant] = table
         print(f"\nD_expert: {variant} ({results['d_expert'][variant]['records']} records)\n{table}")
