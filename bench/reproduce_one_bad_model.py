@@ -273,6 +273,13 @@ def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str,
                    **judge_agreement([a[i] for i in ids], [b[i] for i in ids])}
 
 
+def read_trace(run_dir: Path) -> list[dict]:
+    """An optimize run's ``trace.jsonl`` (one row per evaluation), read by the optimizer's own reader."""
+    from safemerge.optimize.trace import Trace
+
+    return Trace(run_dir / "trace.jsonl").read()
+
+
 def search_limits(run_dir: Path, pool_parts: dict[str, dict] | None) -> dict:
     """What the search reached in the objective's own terms (issue 15: "what limits it").
 
@@ -282,7 +289,7 @@ def search_limits(run_dir: Path, pool_parts: dict[str, dict] | None) -> dict:
     read against the aligned model's: near it means the objective is satisfied and generation-level
     alignment is what the CE misses; far above it means the search stopped short.
     """
-    rows = [json.loads(x) for x in (run_dir / "trace.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_trace(run_dir)
     if not rows:
         return {}
 
@@ -302,7 +309,7 @@ def search_limits(run_dir: Path, pool_parts: dict[str, dict] | None) -> dict:
 
 def cocktail_pool_parts(run_dir: Path, pool: dict[str, str]) -> dict[str, dict]:
     """The pool models' objective parts from an LM-Cocktail trace (one line per model, in pool order)."""
-    rows = [json.loads(x) for x in (run_dir / "trace.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_trace(run_dir)
     names = {v: k for k, v in pool.items()}
     return {names.get(r["model"], r["model"]): {k: r.get(k) for k in ("loss", "safety_loss", "expert_loss")}
             for r in rows}
@@ -330,7 +337,7 @@ def plot_search_limits(runs: list[dict], variant: str, path: Path) -> Path | Non
         return None
     fig, axes = plt.subplots(1, len(ours), figsize=(4.2 * len(ours), 3.4), squeeze=False)
     for ax, e in zip(axes[0], ours):
-        rows = [json.loads(x) for x in (Path(e["dir"]) / "trace.jsonl").read_text().splitlines() if x.strip()]
+        rows = read_trace(Path(e["dir"]))
         best, best_rows = float("inf"), []
         for r in rows:
             if r["loss"] < best:
