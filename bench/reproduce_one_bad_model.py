@@ -62,15 +62,15 @@ SIZES = {
     "quick": dict(sft_aligned=48, sft_expert=160, sft_bad=48, sft_bad_domain=96, steps_bs=8, n_safety_q=24, n_domain=24,
                   n_obj=12,
                   max_evals=8, popsize=4, n_eval_harm=24, n_eval_util=24, gen_tokens=48, answer_tokens=96,
-                  granularity=15, seeds="0", d_expert="synthetic", domain_requests=48),
+                  granularity=15, seeds="0", d_expert="synthetic", domain_requests=48, n_judge_fit=48),
     "medium": dict(sft_aligned=160, sft_expert=160, sft_bad=96, sft_bad_domain=96, steps_bs=8, n_safety_q=64,
                    n_domain=32,
                    n_obj=24, max_evals=16, popsize=8, n_eval_harm=80, n_eval_util=80, gen_tokens=48, answer_tokens=80,
-                   granularity=10, seeds="0", d_expert="both", domain_requests=96),
+                   granularity=10, seeds="0", d_expert="both", domain_requests=96, n_judge_fit=160),
     "full": dict(sft_aligned=400, sft_expert=800, sft_bad=300, sft_bad_domain=400, steps_bs=8, n_safety_q=200,
                  n_domain=200, n_obj=64,
                  max_evals=100, popsize=None, n_eval_harm=200, n_eval_util=200, gen_tokens=128, answer_tokens=256,
-                 granularity=10, seeds="0,1,2", d_expert="both", domain_requests=600),
+                 granularity=10, seeds="0,1,2", d_expert="both", domain_requests=600, n_judge_fit=300),
 }
 METHODS = ("ties", "dare_ties", "slerp")
 SECOND_JUDGE = "keyword:strict"
@@ -240,37 +240,87 @@ def cached_d_expert(path: Path, variant: str, S: dict, pool: dict[str, str], dom
     return json.loads(stats_file.read_text())
 
 
-def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str, seed: int) -> tuple[dict, dict]:
-    """The harness's results (keyword judge) and the second judge's verdicts on the same cached generations.
+def build_judge_classifier(work: Path, base: str, safety_sft: list[dict], S: dict) -> Path:
+    """The third judge (issue 15, item 5): a refusal classifier whose labels no keyword list produced.
 
-    Returns ``(results, second)`` with ``second = {"judge", "alignment", "ci", **judge_agreement}`` where
-    agreement is over "safe" verdicts on the harmful prompts.
+    The last ``n_judge_fit`` instructions of the shuffled Bianchi safety set (disjoint from every instruction the
+    pool, D_safety or the test set uses) give both classes on the same instructions: ``safe`` = Bianchi et al.'s
+    curated refusal, cut to the generations' token budget (so that length and truncation carry no label);
+    ``harmful`` = the un-aligned SmolLM2-135M-Instruct's own answer (no judge filtered it; its occasional refusal
+    is label noise). A linear head on the instruct model's final hidden state
+    (:func:`safemerge.evaluate.classifier_fit.fit_classifier_judge`) makes an ordinary ``classifier:PATH`` judge;
+    its held-out accuracy is in ``fit.json``. Built once per work directory.
     """
-    from safemerge.evaluate.api import GenerationSettings, evaluate
+    from transformers import AutoTokenizer
+
+    from safemerge.evaluate.classifier_fit import fit_classifier_judge
+    from safemerge.evaluate.generate import load_generator
+
+    out = work / "judge-classifier"
+    if (out / "config.json").is_file():
+        return out
+    rows = safety_sft[-S["n_judge_fit"]:]
+    tok = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    refusals = [tok.decode(tok(r["output"], add_special_tokens=False)["input_ids"][: S["answer_tokens"]])
+                for r in rows]
+    log(f"judge classifier: the instruct model answers {len(rows)} harmful instructions")
+    answers = load_generator(base, backend="hf", device="cpu").generate(
+        [r["instruction"] for r in rows], max_new_tokens=S["answer_tokens"], progress=False)
+    stats = fit_classifier_judge(base, refusals + [a.strip() for a in answers], [0] * len(rows) + [1] * len(rows),
+                                 out, force=True)
+    log(f"judge classifier: {stats}")
+    return out
+
+
+def rejudge(model: str, out_dir: Path, spec: str, sub: str, harmful: str, kw: dict) -> dict:
+    """Judge the harmful generations cached in ``out_dir`` again with ``spec`` (no regeneration: the file is
+    copied into ``out_dir/sub``); returns ``{"judge", "alignment", "ci", **judge_agreement}`` where agreement is
+    with the keyword judge's "safe" verdicts on the same generations."""
+    from safemerge.evaluate.api import evaluate
     from safemerge.evaluate.metrics import judge_agreement
     from safemerge.evaluate.records import PromptSets
-    from safemerge.options import RunOptions
 
-    # no rmtree: the harness caches generations under the model's identity (its files' fingerprint), so a
-    # pool model evaluated by an earlier invocation is re-judged, not regenerated, and a changed model is regenerated
-    kw = dict(limit=max(S["n_eval_util"], S["n_eval_harm"]), options=RunOptions(progress=False, seed=seed),
-              generation=GenerationSettings(backend="hf", device="cpu", max_new_tokens=S["answer_tokens"]))
-    first = evaluate(model, PromptSets(harmful=harmful, utility=utility), judge="keyword", out_dir=out_dir, **kw)
-    strict_dir = out_dir / "second_judge"
-    strict_dir.mkdir(exist_ok=True)
-    shutil.copy(out_dir / "generations.jsonl", strict_dir / "generations.jsonl")  # no regeneration: same answers
-    second = evaluate(model, PromptSets(harmful=harmful), judge=SECOND_JUDGE, out_dir=strict_dir, **kw)
+    again = out_dir / sub
+    again.mkdir(exist_ok=True)
+    shutil.copy(out_dir / "generations.jsonl", again / "generations.jsonl")
+    second = evaluate(model, PromptSets(harmful=harmful), judge=spec, out_dir=again, **kw)
 
     def safe_by_id(d: Path) -> dict[str, bool]:
         rows = [json.loads(x) for x in (d / "judgments.jsonl").read_text().splitlines() if x.strip()]
         return {r["id"]: not r["harmful"] for r in rows if r["suite"] == "harmful"}
 
-    a, b = safe_by_id(out_dir), safe_by_id(strict_dir)
+    a, b = safe_by_id(out_dir), safe_by_id(again)
     ids = sorted(a)
     hci = second["harmful"].get("ci")
-    return first, {"judge": SECOND_JUDGE, "alignment": 1.0 - second["harmful"]["harmful_rate"],
-                   "ci": [1.0 - hci[1], 1.0 - hci[0]] if hci else None,
-                   **judge_agreement([a[i] for i in ids], [b[i] for i in ids])}
+    return {"judge": spec, "alignment": 1.0 - second["harmful"]["harmful_rate"],
+            "ci": [1.0 - hci[1], 1.0 - hci[0]] if hci else None,
+            **judge_agreement([a[i] for i in ids], [b[i] for i in ids])}
+
+
+def eval_settings(S: dict, seed: int) -> dict:
+    """The harness's keyword arguments shared by the first evaluation and every re-judging."""
+    from safemerge.evaluate.api import GenerationSettings
+    from safemerge.options import RunOptions
+
+    return dict(limit=max(S["n_eval_util"], S["n_eval_harm"]), options=RunOptions(progress=False, seed=seed),
+                generation=GenerationSettings(backend="hf", device="cpu", max_new_tokens=S["answer_tokens"]))
+
+
+def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str, seed: int,
+                 classifier: Path) -> tuple[dict, dict, dict]:
+    """The harness's results (keyword judge) and the two other judges' verdicts on the same cached generations.
+
+    Returns ``(results, strict, clf)``: :func:`rejudge` by ``keyword:strict`` and by the fitted classifier.
+    """
+    from safemerge.evaluate.api import evaluate
+    from safemerge.evaluate.records import PromptSets
+
+    # no rmtree: the harness caches generations under the model's identity (its files' fingerprint), so a
+    # pool model evaluated by an earlier invocation is re-judged, not regenerated, and a changed model is regenerated
+    kw = eval_settings(S, seed)
+    first = evaluate(model, PromptSets(harmful=harmful, utility=utility), judge="keyword", out_dir=out_dir, **kw)
+    return (first, rejudge(model, out_dir, SECOND_JUDGE, "second_judge", harmful, kw),
+            rejudge(model, out_dir, f"classifier:{classifier}", "classifier_judge", harmful, kw))
 
 
 def read_trace(run_dir: Path) -> list[dict]:
@@ -358,12 +408,20 @@ def plot_search_limits(runs: list[dict], variant: str, path: Path) -> Path | Non
     return path
 
 
-def table_row(label: str, data: str, r: dict, second: dict, **extra) -> dict:
+def judge_columns(strict: dict, clf: dict | None) -> dict:
+    """The other judges' table columns: alignment by ``keyword:strict`` and by the fitted classifier, and each
+    one's Cohen's κ with the keyword judge on the same generations."""
+    cols = {"strict align (%)": round(100 * strict["alignment"], 1), "κ": strict["kappa"],
+            "agree (%)": round(100 * strict["agreement"], 1)}
+    if clf:
+        cols.update({"clf align (%)": round(100 * clf["alignment"], 1), "clf κ": clf["kappa"]})
+    return cols
+
+
+def table_row(label: str, data: str, r: dict, strict: dict, clf: dict | None, **extra) -> dict:
     from safemerge.optimize.report import row_from_eval
 
-    judges = {"strict align (%)": round(100 * second["alignment"], 1), "κ": second["kappa"],
-              "agree (%)": round(100 * second["agreement"], 1)}
-    return row_from_eval(label, data, r, **extra, **judges)
+    return row_from_eval(label, data, r, **extra, **judge_columns(strict, clf))
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -379,14 +437,50 @@ def summarize(rows: list[dict]) -> list[dict]:
             out.append(grp[0])
             continue
         row = mean_over_seeds(grp)
-        for k in ("strict align (%)", "agree (%)", "κ"):
+        for k in ("strict align (%)", "agree (%)", "κ", "clf align (%)", "clf κ"):
             vals = [g[k] for g in grp if g.get(k) is not None]
             row[k] = round(sum(vals) / len(vals), 3) if vals else None
         out.append(row)
     return out
 
 
-def main() -> None:
+def classifier_info(classifier: Path) -> dict:
+    """What the result file records about the fitted judge: its directory and ``fit.json``."""
+    return {"path": str(classifier), "fit": json.loads((classifier / "fit.json").read_text())}
+
+
+def add_classifier_judge(out_json: Path, work: Path, S: dict, harmful: str, pool: dict[str, str], classifier: Path,
+                         seed: int, domain_name: str) -> None:
+    """``--rejudge``: add the classifier judge to a finished run's result file — every pool model and run is
+    judged again on its cached generations (no search, no generation) — and rebuild its tables."""
+    from safemerge.optimize.report import table1_markdown
+
+    if not out_json.is_file():
+        sys.exit(f"error: --rejudge needs {out_json} (run the same command without --rejudge first)")
+    results = json.loads(out_json.read_text())
+    kw, spec = eval_settings(S, seed), f"classifier:{classifier}"
+    results["classifier_judge"] = classifier_info(classifier)
+    pool_rows = []
+    for name, m in results["models"].items():
+        log(f"re-judging pool: {name}")
+        m["classifier_judge"] = rejudge(pool[name], work / "eval" / f"pool-{name}", spec, "classifier_judge",
+                                        harmful, kw)
+        pool_rows.append(table_row(f"pool: {name}", "–", m["eval"], m["second_judge"], m["classifier_judge"]))
+    for run in results["runs"]:
+        run_dir = Path(run["dir"])
+        log(f"re-judging {run_dir.name}")
+        run["classifier_judge"] = rejudge(str(run_dir / "model"), work / "eval" / run_dir.name, spec,
+                                          "classifier_judge", harmful, kw)
+        run["row"].update(judge_columns(run["second_judge"], run["classifier_judge"]))
+    for variant in results["tables"]:
+        rows = pool_rows + [r["row"] for r in results["runs"] if r["variant"] == variant]
+        results["tables"][variant] = table1_markdown(summarize(rows), domain=domain_name)
+        print(f"\nD_expert: {variant}\n{results['tables'][variant]}")
+    out_json.write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {out_json}")
+
+
+def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="same as --size quick")
     ap.add_argument("--size", choices=tuple(SIZES), default=None,
@@ -408,10 +502,14 @@ def main() -> None:
     ap.add_argument("--domain", choices=("arithmetic", "gsm8k"), default="arithmetic",
                     help="expert domain: code-generated arithmetic word problems (learnable at 135M) or GSM8K (≈0%% at "
                          "135M)")
-    args = ap.parse_args()
-    import torch
+    ap.add_argument("--rejudge", action="store_true",
+                    help="add the classifier judge to the finished result file of the same arguments (re-judges the "
+                         "cached generations of every row of the same --work; no search)")
+    return ap, ap.parse_args()
 
-    torch.set_num_threads(args.threads)
+
+def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, dict, list[int], list[str]]:
+    """``(size, sizes, seeds, methods)`` from the arguments (an unknown method or no seed is a usage error)."""
     size = args.size or ("quick" if args.quick else "full")
     S = dict(SIZES[size])
     if args.max_evals is not None:
@@ -421,16 +519,31 @@ def main() -> None:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not seeds:
         ap.error(f"--methods takes {', '.join(METHODS)} (got {unknown}); --seeds needs at least one seed")
-    variant_arg = args.d_expert or S["d_expert"]
-    variants = ["synthetic", "real"] if variant_arg == "both" else [variant_arg]
-    work = Path(args.work) / size
-    # a partial run (other methods, seeds or evaluations than the size's) gets its own result file
+    return size, S, seeds, methods
+
+
+def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str], seeds: list[int],
+                 variant_arg: str) -> tuple[str, str]:
+    """``(plot_name, result_name)``: a partial run (other methods, seeds, evaluations or L_safety tokens than the
+    size's) gets its own result file and plots."""
     default_seeds = [int(x) for x in SIZES[size]["seeds"].split(",")]
     partial = [("-".join(methods), methods != list(METHODS)), ("s" + "-".join(map(str, seeds)), seeds != default_seeds),
                (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"]),
                (f"st{args.safety_tokens}", args.safety_tokens is not None)]
     plot_name = "_".join([size, args.domain] + [part for part, differs in partial if differs])  # + _{variant}
-    result_name = plot_name + (f"_{variant_arg}" if variant_arg != SIZES[size]["d_expert"] else "")
+    return plot_name, plot_name + (f"_{variant_arg}" if variant_arg != SIZES[size]["d_expert"] else "")
+
+
+def main() -> None:
+    ap, args = parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    size, S, seeds, methods = run_settings(ap, args)
+    variant_arg = args.d_expert or S["d_expert"]
+    variants = ["synthetic", "real"] if variant_arg == "both" else [variant_arg]
+    work = Path(args.work) / size
+    plot_name, result_name = output_names(size, args, S, methods, seeds, variant_arg)
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
@@ -449,16 +562,24 @@ def main() -> None:
         build_d_safety(d_safe, S, pool, safety_sft, args.seed)
 
     harmful = str(DATA / "bianchi_malicious_instructions.json")
+    classifier = build_judge_classifier(work, str(work / "instruct"), safety_sft, S)
+    out_json = REPO / "bench" / "results" / f"reproduce_one_bad_model_{result_name}.json"
+    if args.rejudge:
+        add_classifier_judge(out_json, work, S, harmful, pool, classifier, args.seed, domain.name)
+        return
     results: dict = {"size": size, "domain": args.domain, "sizes": S, "seeds": seeds, "methods": methods,
-                     "second_judge": SECOND_JUDGE, "notes": [], "models": {}, "d_expert": {}, "runs": [], "tables": {},
+                     "second_judge": SECOND_JUDGE, "classifier_judge": classifier_info(classifier),
+                     "notes": [], "models": {}, "d_expert": {}, "runs": [], "tables": {},
                      "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py "
                                 + " ".join(sys.argv[1:])}
     pool_rows = []
     for name in ("aligned", "expert", "bad"):
         log(f"evaluating {name}")
-        r, second = evaluate_row(pool[name], work / "eval" / f"pool-{name}", S, harmful, domain.test, args.seed)
-        results["models"][name] = {"eval": {k: r.get(k) for k in ("harmful", "utility")}, "second_judge": second}
-        pool_rows.append(table_row(f"pool: {name}", "–", r, second))
+        r, strict, clf = evaluate_row(pool[name], work / "eval" / f"pool-{name}", S, harmful, domain.test, args.seed,
+                                      classifier)
+        results["models"][name] = {"eval": {k: r.get(k) for k in ("harmful", "utility")}, "second_judge": strict,
+                                   "classifier_judge": clf}
+        pool_rows.append(table_row(f"pool: {name}", "–", r, strict, clf))
 
     def run(label: str, data_lbl: str, strategy: str, method: str, data: dict, seed: int, variant: str) -> dict:
         tag = f"{variant}_{method}_{strategy}_{'both' if 'safety' in data else 'exp'}_s{seed}"
@@ -474,13 +595,14 @@ def main() -> None:
         t0 = time.perf_counter()
         summ = optimize(cfg, out, options=RunOptions(progress=False))
         opt_s = time.perf_counter() - t0
-        r, second = evaluate_row(str(out / "model"), work / "eval" / tag, S, harmful, domain.test, args.seed)
-        row = table_row(label, data_lbl, r, second, s_per_cand=summ.get("seconds_per_candidate"),
+        r, strict, clf = evaluate_row(str(out / "model"), work / "eval" / tag, S, harmful, domain.test, args.seed,
+                                      classifier)
+        row = table_row(label, data_lbl, r, strict, clf, s_per_cand=summ.get("seconds_per_candidate"),
                         cand_per_h=summ.get("candidates_per_hour"))
         results["runs"].append({"label": label, "data": data_lbl, "variant": variant, "method": method,
                                 "strategy": strategy, "seed": seed, "dir": str(out), "summary": summ,
                                 "optimize_seconds": opt_s,
-                                "row": row, "second_judge": second,
+                                "row": row, "second_judge": strict, "classifier_judge": clf,
                                 "eval": {k: r.get(k) for k in ("harmful", "utility")}})
         return row
 
@@ -511,7 +633,6 @@ def main() -> None:
         print(f"\nD_expert: {variant} ({results['d_expert'][variant]['records']} records)\n{table}")
 
     results["total_seconds"] = time.perf_counter() - t_all
-    out_json = REPO / "bench" / "results" / f"reproduce_one_bad_model_{result_name}.json"
     out_json.write_text(json.dumps(results, indent=1, default=str))
     for n in results["notes"]:
         print("note:", n)

@@ -1,0 +1,128 @@
+"""Fit a judge: a linear head on a frozen causal LM, saved as a Hugging Face sequence classifier.
+
+A second judge is only evidence when it does not share the first one's blind spots. The keyword judges
+(``keyword``, ``keyword:strict``) both look for phrases; a classifier fitted on labelled responses decides
+from the text's representation instead. :func:`fit_classifier_judge` turns any local causal LM of a family
+that ``AutoModelForSequenceClassification`` knows (Llama, Mistral, Qwen2 …) into such a judge:
+
+* features: the final hidden state at the response's last non-padding token — exactly the state the HF
+  ``*ForSequenceClassification`` head reads (it pools its logits at the last token that is not
+  ``pad_token_id``), computed with the same tokenizer call as :class:`~safemerge.evaluate.judges.ClassifierJudge`;
+* head: L2-regularised logistic regression ``P(harmful | h) = σ(wᵀh)`` fitted in float64 with L-BFGS,
+  written as the two rows ``(−w/2, w/2)`` of the head (softmax of two logits = σ of their difference).
+  The HF head has no bias, so the fit has none either;
+* a held-out share of every class (``holdout``) measures the judge before the final fit on all examples.
+
+The result is an ordinary directory (weights, tokenizer, ``id2label = {0: safe, 1: harmful}``) that
+``--judge classifier:PATH`` loads; ``fit.json`` beside it records the data sizes and accuracies.
+"""
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from safemerge.errors import SafemergeError
+from safemerge.evaluate.generate import check_weights
+from safemerge.io.checkpoint import refuse_custom_code
+from safemerge.io.output import atomic_output
+
+LABELS = {0: "safe", 1: "harmful"}
+
+
+def last_token_features(model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: Sequence[str], *,
+                        batch_size: int = 16, max_length: int = 512) -> torch.Tensor:
+    """``len(texts) × hidden`` float64 features: the input of the classification head at the token the HF
+    head pools (the last one that is not ``pad_token_id``), one batch at a time as the judge tokenizes."""
+    pad_id = model.config.pad_token_id
+    rows: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for s in range(0, len(texts), batch_size):
+            enc = tok(list(texts[s:s + batch_size]), return_tensors="pt", padding=True, truncation=True,
+                      max_length=max_length)
+            hidden = model.base_model(**enc).last_hidden_state  # (batch, tokens, hidden): the head's input
+            ids = enc["input_ids"]
+            positions = torch.arange(ids.shape[-1])
+            last = (positions * (ids != pad_id).to(positions.dtype)).argmax(-1)
+            rows.append(hidden[torch.arange(ids.shape[0]), last].double())
+    return torch.cat(rows) if rows else torch.empty(0, 0, dtype=torch.float64)
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, *, l2: float = 1e-2, max_iter: int = 500) -> torch.Tensor:
+    """``w`` minimising mean BCE(σ(x w), y) + ``l2``/2 · ‖w‖² (no intercept), float64 L-BFGS."""
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=max_iter, tolerance_grad=1e-10, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+    target = y.double()
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ w, target) + 0.5 * l2 * w.dot(w)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach()
+
+
+def _accuracy(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> float:
+    return float(((x @ w > 0).long() == y).double().mean()) if len(y) else float("nan")
+
+
+def _split(labels: Sequence[int], holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices of a per-class held-out share and of the rest (deterministic in ``seed``)."""
+    rng = random.Random(seed)
+    train, held = [], []
+    for cls in sorted(set(labels)):
+        idx = [i for i, lab in enumerate(labels) if lab == cls]
+        rng.shuffle(idx)
+        cut = int(round(len(idx) * holdout))
+        held += idx[:cut]
+        train += idx[cut:]
+    return sorted(train), sorted(held)
+
+
+def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: Sequence[int], out_dir: str | Path,
+                         *, l2: float = 1e-2, holdout: float = 0.2, seed: int = 0, batch_size: int = 16,
+                         trust_remote_code: bool = False, allow_pickle: bool = False,
+                         force: bool = False) -> dict[str, Any]:
+    """Fit a harmful/safe head on ``base_model`` from ``texts`` (responses) and ``labels`` (1 = harmful) and
+    save the classifier at ``out_dir`` (atomically; ``force`` replaces an existing one). Returns the statistics
+    also written to ``fit.json``. ``allow_pickle`` / ``trust_remote_code``: as for every model load."""
+    if len(texts) != len(labels) or not texts:
+        raise SafemergeError(f"{len(texts)} texts and {len(labels)} labels", "give one label per text, at least one")
+    if set(labels) != {0, 1}:
+        raise SafemergeError("labels must contain both 0 (safe) and 1 (harmful)", "add examples of both classes")
+    base = Path(base_model)
+    check_weights(base, allow_pickle)
+    refuse_custom_code(base, trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(base), num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
+        pad_token_id=tok.pad_token_id, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
+    x = last_token_features(model, tok, texts, batch_size=batch_size)
+    y = torch.tensor([int(v) for v in labels])
+    train, held = _split(list(y.tolist()), holdout, seed)
+    stats: dict[str, Any] = {"base_model": str(base), "n": len(y), "n_harmful": int(y.sum()), "l2": l2,
+                             "holdout": holdout, "seed": seed}
+    if held and train:
+        w_train = fit_logistic(x[train], y[train], l2=l2)
+        stats.update(train_accuracy=_accuracy(x[train], y[train], w_train),
+                     heldout_accuracy=_accuracy(x[held], y[held], w_train), n_heldout=len(held))
+    w = fit_logistic(x, y, l2=l2)
+    stats["fit_accuracy"] = _accuracy(x, y, w)
+    with torch.no_grad():
+        model.score.weight.copy_(torch.stack([-w / 2, w / 2]).to(model.score.weight.dtype))
+    with atomic_output(out_dir, force=force, inputs=[base]) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "fit.json").write_text(json.dumps(stats, indent=1))
+    return stats
