@@ -37,8 +37,8 @@ domain's test split, each with the harness's 95% bootstrap interval; EvoMM rows 
         --safety-tokens 4 --d-expert real
 
 Writes ``bench/results/reproduce_one_bad_model_{size}_{domain}[_{parts}].json`` (``parts`` names what differs from
-the size's defaults: methods, seeds, ``e{max_evals}``, ``st{safety_tokens}``), one search plot per D_expert variant
-(``one_bad_model_search_*.png``), and prints the tables.
+the size's defaults: methods, seeds, ``e{max_evals}``, ``st{safety_tokens}``, ``a{alpha}``), one search plot per
+D_expert variant (``one_bad_model_search_*.png``), and prints the tables.
 """
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ SIZES = {
 }
 METHODS = ("ties", "dare_ties", "slerp")
 SECOND_JUDGE = "keyword:strict"
+PAPER_ALPHA = 0.3  # L_merge = L_safety + α·L_expert (Hammoud et al. 2024, §4.4)
 
 
 def log(msg: str) -> None:
@@ -496,6 +497,9 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap.add_argument("--safety-tokens", type=int, default=None,
                     help="objective.safety_tokens: L_safety over the first K answer tokens of each D_safety example "
                          "(default: all, the paper's Eq. 4)")
+    ap.add_argument("--alpha", type=float, default=PAPER_ALPHA,
+                    help="α of L_merge = L_safety + α·L_expert (default 0.3, the paper's; its ablation: α = 1 → "
+                         "88.9%% safe / 73.4%% accuracy against 96.0 / 73.6 at 0.3)")
     ap.add_argument("--d-expert", choices=("synthetic", "real", "both"), default=None,
                     help="D_expert variant: structured self-questioning, held-out training questions, or one "
                          "table each (default: synthetic for quick, both otherwise)")
@@ -529,7 +533,8 @@ def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str
     default_seeds = [int(x) for x in SIZES[size]["seeds"].split(",")]
     partial = [("-".join(methods), methods != list(METHODS)), ("s" + "-".join(map(str, seeds)), seeds != default_seeds),
                (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"]),
-               (f"st{args.safety_tokens}", args.safety_tokens is not None)]
+               (f"st{args.safety_tokens}", args.safety_tokens is not None),
+               (f"a{args.alpha:g}", args.alpha != PAPER_ALPHA)]
     plot_name = "_".join([size, args.domain] + [part for part, differs in partial if differs])  # + _{variant}
     return plot_name, plot_name + (f"_{variant_arg}" if variant_arg != SIZES[size]["d_expert"] else "")
 
@@ -589,7 +594,8 @@ def main() -> None:
         genome = {"models": [pool["aligned"], pool["expert"], pool["bad"]], "base_model": pool["aligned"],
                   "merge_method": method, "layer_granularity": S["granularity"], "normalize": False}
         cfg = {"genome": genome, "data": {**data, "seed": seed}, "strategy": strategy,
-               "objective": {"alpha": 0.3, "batch_size": 4, "max_length": 384, "safety_tokens": args.safety_tokens},
+               "objective": {"alpha": args.alpha, "batch_size": 4, "max_length": 384,
+                             "safety_tokens": args.safety_tokens},
                "cma": {"max_evals": S["max_evals"], "popsize": S["popsize"], "seed": seed}, "seed": seed}
         log(f"[{variant}] {label} [{data_lbl}] seed {seed}")
         t0 = time.perf_counter()
