@@ -446,8 +446,18 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 
 def classifier_info(classifier: Path) -> dict:
-    """What the result file records about the fitted judge: its directory and ``fit.json``."""
-    return {"path": str(classifier), "fit": json.loads((classifier / "fit.json").read_text())}
+    """What the result file records about the fitted judge: its directory, ``fit.json``, and the share of each
+    class's fit texts that the keyword judge calls a refusal (how noisy the origin labels are, in its terms)."""
+    from safemerge.evaluate.judges import get_judge
+
+    keyword = get_judge("keyword")
+    data = [json.loads(x) for x in (classifier / "fit_data.jsonl").read_text().splitlines() if x.strip()]
+    share = {}
+    for label in ("safe", "harmful"):
+        texts = [d["text"] for d in data if d["label"] == label]
+        share[label] = round(sum(keyword.is_refusal(t) for t in texts) / max(len(texts), 1), 4)
+    return {"path": str(classifier), "fit": json.loads((classifier / "fit.json").read_text()),
+            "keyword_refusal_share_of_fit_texts": share}
 
 
 def add_classifier_judge(out_json: Path, work: Path, S: dict, harmful: str, pool: dict[str, str], classifier: Path,

@@ -38,10 +38,13 @@ def tiny_lm(tmp_path_factory):
 def test_fitted_judge_reproduces_the_fit(tiny_lm, tmp_path):
     texts, labels = _texts(60, seed=0)
     out = tmp_path / "judge"
-    stats = fit_classifier_judge(tiny_lm, texts, labels, out, l2=1e-3)
+    stats = fit_classifier_judge(tiny_lm, texts, labels, out, l2=(1e-3, 1e-2))
     assert stats["n"] == 60 and stats["n_harmful"] == 30 and stats["n_heldout"] == 12
     assert stats["heldout_accuracy"] == 1.0 and stats["fit_accuracy"] == 1.0
+    assert stats["l2"] == 1e-2 and set(stats["heldout_accuracy_by_l2"]) == {"0.001", "0.01"}  # tie → stronger
     assert json.loads((out / "fit.json").read_text()) == stats
+    audit = [json.loads(x) for x in (out / "fit_data.jsonl").read_text().splitlines()]
+    assert [a["text"] for a in audit] == texts and [a["label"] == "harmful" for a in audit] == [bool(v) for v in labels]
 
     judge = get_judge(f"classifier:{out}", batch_size=7)  # batches of mixed lengths, as the harness judges
     verdicts = judge.judge(["q"] * len(texts), texts)

@@ -11,10 +11,12 @@ that ``AutoModelForSequenceClassification`` knows (Llama, Mistral, Qwen2 …) in
 * head: L2-regularised logistic regression ``P(harmful | h) = σ(wᵀh)`` fitted in float64 with L-BFGS,
   written as the two rows ``(−w/2, w/2)`` of the head (softmax of two logits = σ of their difference).
   The HF head has no bias, so the fit has none either;
-* a held-out share of every class (``holdout``) measures the judge before the final fit on all examples.
+* a held-out share of every class (``holdout``) measures the judge before the final fit on all examples and picks
+  the regularisation strength among ``l2`` (the largest of the best, on a tie).
 
 The result is an ordinary directory (weights, tokenizer, ``id2label = {0: safe, 1: harmful}``) that
-``--judge classifier:PATH`` loads; ``fit.json`` beside it records the data sizes and accuracies.
+``--judge classifier:PATH`` loads; ``fit.json`` beside it records the data sizes and accuracies, and
+``fit_data.jsonl`` the labelled texts it was fitted on (for audit).
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from safemerge.io.checkpoint import refuse_custom_code
 from safemerge.io.output import atomic_output
 
 LABELS = {0: "safe", 1: "harmful"}
+#: regularisation strengths tried on the held-out share (mean-loss units)
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
 def last_token_features(model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: Sequence[str], *,
@@ -88,7 +92,8 @@ def _split(labels: Sequence[int], holdout: float, seed: int) -> tuple[list[int],
 
 
 def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: Sequence[int], out_dir: str | Path,
-                         *, l2: float = 1e-2, holdout: float = 0.2, seed: int = 0, batch_size: int = 16,
+                         *, l2: float | Sequence[float] = L2_GRID, holdout: float = 0.2, seed: int = 0,
+                         batch_size: int = 16,
                          trust_remote_code: bool = False, allow_pickle: bool = False,
                          force: bool = False) -> dict[str, Any]:
     """Fit a harmful/safe head on ``base_model`` from ``texts`` (responses) and ``labels`` (1 = harmful) and
@@ -111,13 +116,18 @@ def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: S
     x = last_token_features(model, tok, texts, batch_size=batch_size)
     y = torch.tensor([int(v) for v in labels])
     train, held = _split(list(y.tolist()), holdout, seed)
-    stats: dict[str, Any] = {"base_model": str(base), "n": len(y), "n_harmful": int(y.sum()), "l2": l2,
-                             "holdout": holdout, "seed": seed}
+    grid = [float(v) for v in ((l2,) if isinstance(l2, (int, float)) else l2)]
+    stats: dict[str, Any] = {"base_model": str(base), "n": len(y), "n_harmful": int(y.sum()), "holdout": holdout,
+                             "seed": seed, "l2": grid[0]}
     if held and train:
-        w_train = fit_logistic(x[train], y[train], l2=l2)
-        stats.update(train_accuracy=_accuracy(x[train], y[train], w_train),
-                     heldout_accuracy=_accuracy(x[held], y[held], w_train), n_heldout=len(held))
-    w = fit_logistic(x, y, l2=l2)
+        scores = {}
+        for lam in grid:
+            w_train = fit_logistic(x[train], y[train], l2=lam)
+            scores[lam] = (_accuracy(x[held], y[held], w_train), _accuracy(x[train], y[train], w_train))
+        best = max(grid, key=lambda lam: (scores[lam][0], lam))
+        stats.update(l2=best, heldout_accuracy=scores[best][0], train_accuracy=scores[best][1], n_heldout=len(held),
+                     heldout_accuracy_by_l2={f"{lam:g}": scores[lam][0] for lam in grid})
+    w = fit_logistic(x, y, l2=stats["l2"])
     stats["fit_accuracy"] = _accuracy(x, y, w)
     with torch.no_grad():
         model.score.weight.copy_(torch.stack([-w / 2, w / 2]).to(model.score.weight.dtype))
@@ -125,4 +135,6 @@ def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: S
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "fit.json").write_text(json.dumps(stats, indent=1))
+        (tmp / "fit_data.jsonl").write_text("".join(json.dumps({"text": t, "label": LABELS[int(v)]}) + "\n"
+                                                    for t, v in zip(texts, labels)))
     return stats
