@@ -273,10 +273,24 @@ def build_judge_classifier(work: Path, base: str, safety_sft: list[dict], S: dic
     return out
 
 
+class CachedGenerations:
+    """The generator of an evaluated model for re-judging its cached generations: the identity, backend and dtype
+    its ``results.json`` recorded (so the cache keys match even when the model's files are gone); generating is
+    an error."""
+
+    def __init__(self, results_json: Path) -> None:
+        r = json.loads(results_json.read_text())
+        self.identity, self.backend, self.dtype = r["model_identity"], r["settings"]["backend"], r["settings"]["dtype"]
+
+    def generate(self, *args: object, **kwargs: object) -> list[str]:
+        raise RuntimeError(f"{self.identity}: a generation is missing from the cache; re-judging never generates")
+
+
 def rejudge(model: str, out_dir: Path, spec: str, sub: str, harmful: str, kw: dict) -> dict:
     """Judge the harmful generations cached in ``out_dir`` again with ``spec`` (no regeneration: the file is
-    copied into ``out_dir/sub``); returns ``{"judge", "alignment", "ci", **judge_agreement}`` where agreement is
-    with the keyword judge's "safe" verdicts on the same generations."""
+    copied into ``out_dir/sub`` and read under the identity ``out_dir/results.json`` recorded); returns
+    ``{"judge", "alignment", "ci", **judge_agreement}`` where agreement is with the keyword judge's "safe" verdicts
+    on the same generations."""
     from safemerge.evaluate.api import evaluate
     from safemerge.evaluate.metrics import judge_agreement
     from safemerge.evaluate.records import PromptSets
@@ -284,7 +298,8 @@ def rejudge(model: str, out_dir: Path, spec: str, sub: str, harmful: str, kw: di
     again = out_dir / sub
     again.mkdir(exist_ok=True)
     shutil.copy(out_dir / "generations.jsonl", again / "generations.jsonl")
-    second = evaluate(model, PromptSets(harmful=harmful), judge=spec, out_dir=again, **kw)
+    second = evaluate(model, PromptSets(harmful=harmful), judge=spec, out_dir=again,
+                      generator=CachedGenerations(out_dir / "results.json"), **kw)
 
     def safe_by_id(d: Path) -> dict[str, bool]:
         rows = [json.loads(x) for x in (d / "judgments.jsonl").read_text().splitlines() if x.strip()]
@@ -480,8 +495,8 @@ def add_classifier_judge(out_json: Path, work: Path, S: dict, harmful: str, pool
     for run in results["runs"]:
         run_dir = Path(run["dir"])
         log(f"re-judging {run_dir.name}")
-        run["classifier_judge"] = rejudge(str(run_dir / "model"), work / "eval" / run_dir.name, spec,
-                                          "classifier_judge", harmful, kw)
+        eval_dir = Path(run.get("eval_dir", work / "eval" / run_dir.name))
+        run["classifier_judge"] = rejudge(str(run_dir / "model"), eval_dir, spec, "classifier_judge", harmful, kw)
         run["row"].update(judge_columns(run["second_judge"], run["classifier_judge"]))
     for variant in results["tables"]:
         rows = pool_rows + [r["row"] for r in results["runs"] if r["variant"] == variant]
@@ -616,7 +631,8 @@ def main() -> None:
         row = table_row(label, data_lbl, r, strict, clf, s_per_cand=summ.get("seconds_per_candidate"),
                         cand_per_h=summ.get("candidates_per_hour"))
         results["runs"].append({"label": label, "data": data_lbl, "variant": variant, "method": method,
-                                "strategy": strategy, "seed": seed, "dir": str(out), "summary": summ,
+                                "strategy": strategy, "seed": seed, "dir": str(out),
+                                "eval_dir": str(work / "eval" / tag), "summary": summ,
                                 "optimize_seconds": opt_s,
                                 "row": row, "second_judge": strict, "classifier_judge": clf,
                                 "eval": {k: r.get(k) for k in ("harmful", "utility")}})
