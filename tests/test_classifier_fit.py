@@ -78,6 +78,7 @@ def test_fit_refuses_bad_labels_and_leaves_no_output(tiny_lm, tmp_path):
         fit_classifier_judge(tiny_lm, ["a cannot"], [0, 1], out)
     with pytest.raises(SafemergeError):
         fit_classifier_judge(tiny_lm, *_texts(8, seed=1), tiny_lm / "inside")  # an output inside the input
+    (tmp_path / "not-a-model").mkdir()
     with pytest.raises(SafemergeError, match="no config.json"):
-        fit_classifier_judge(tmp_path, *_texts(8, seed=1), out)
+        fit_classifier_judge(tmp_path / "not-a-model", *_texts(8, seed=1), out)
     assert not out.exists() and not (tiny_lm / "inside").exists()

@@ -32,7 +32,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from safemerge.errors import SafemergeError
 from safemerge.evaluate.generate import check_weights
 from safemerge.io.checkpoint import refuse_custom_code
-from safemerge.io.output import atomic_output
+from safemerge.io.output import atomic_output, check_output_path
 
 LABELS = {0: "safe", 1: "harmful"}
 #: regularisation strengths tried on the held-out share (mean-loss units)
@@ -93,8 +93,7 @@ def _split(labels: Sequence[int], holdout: float, seed: int) -> tuple[list[int],
 
 def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: Sequence[int], out_dir: str | Path,
                          *, l2: float | Sequence[float] = L2_GRID, holdout: float = 0.2, seed: int = 0,
-                         batch_size: int = 16,
-                         trust_remote_code: bool = False, allow_pickle: bool = False,
+                         batch_size: int = 16, trust_remote_code: bool = False, allow_pickle: bool = False,
                          force: bool = False) -> dict[str, Any]:
     """Fit a harmful/safe head on ``base_model`` from ``texts`` (responses) and ``labels`` (1 = harmful) and
     save the classifier at ``out_dir`` (atomically; ``force`` replaces an existing one). Returns the statistics
@@ -104,6 +103,7 @@ def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: S
     if set(labels) != {0, 1}:
         raise SafemergeError("labels must contain both 0 (safe) and 1 (harmful)", "add examples of both classes")
     base = Path(base_model)
+    check_output_path(out_dir, force=force, inputs=[base])  # before the work, not after it
     check_weights(base, allow_pickle)
     refuse_custom_code(base, trust_remote_code)
     tok = AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust_remote_code)
