@@ -26,9 +26,10 @@ EvoMM on D_expert and EvoMM on D_expert ∪ D_safety (each under every ``--seeds
 objective sample and DARE masks), plus LM-Cocktail on both and the pool's own rows. The genome
 has per-layer-group genes (``layer_granularity`` blocks per group, as mergekit-evolve). Each merged
 model is evaluated with the evaluation harness: alignment = 1 − harmful rate on held-out harmful
-prompts (Bianchi "malicious instructions", keyword judge; a second judge, ``keyword:strict``, re-judges
-the same cached generations and Cohen's κ / % agreement are reported) and domain accuracy on the
-domain's test split, each with the harness's 95% bootstrap interval; EvoMM rows give mean ± SD over seeds.
+prompts (Bianchi "malicious instructions", keyword judge; ``keyword:strict`` and a classifier judge fitted
+without any keyword list (:func:`build_judge_classifier`) re-judge the same cached generations, with Cohen's κ
+against the keyword judge) and domain accuracy on the domain's test split, each with the harness's 95% bootstrap
+interval; EvoMM rows give mean ± SD over seeds.
 
     HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python bench/reproduce_one_bad_model.py --size quick
     HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python bench/reproduce_one_bad_model.py --size full  # hours on 2 cores
