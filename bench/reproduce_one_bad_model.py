@@ -53,9 +53,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+if TYPE_CHECKING:
+    from safemerge.evaluate.verdicts import Judge
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "datasets"
@@ -287,8 +291,8 @@ class CachedGenerations:
         raise RuntimeError(f"{self.identity}: a generation is missing from the cache; re-judging never generates")
 
 
-def rejudge(model: str, out_dir: Path, spec: str, sub: str, harmful: str, kw: dict) -> dict:
-    """Judge the harmful generations cached in ``out_dir`` again with ``spec`` (no regeneration: the file is
+def rejudge(model: str, out_dir: Path, judge: Judge, sub: str, harmful: str, kw: dict) -> dict:
+    """Judge the harmful generations cached in ``out_dir`` again with ``judge`` (no regeneration: the file is
     copied into ``out_dir/sub`` and read under the identity ``out_dir/results.json`` recorded); returns
     ``{"judge", "alignment", "ci", **judge_agreement}`` where agreement is with the keyword judge's "safe" verdicts
     on the same generations."""
@@ -299,7 +303,7 @@ def rejudge(model: str, out_dir: Path, spec: str, sub: str, harmful: str, kw: di
     again = out_dir / sub
     again.mkdir(exist_ok=True)
     shutil.copy(out_dir / "generations.jsonl", again / "generations.jsonl")
-    second = evaluate(model, PromptSets(harmful=harmful), judge=spec, out_dir=again,
+    second = evaluate(model, PromptSets(harmful=harmful), judge=judge, out_dir=again,
                       generator=CachedGenerations(out_dir / "results.json"), **kw)
 
     def safe_by_id(d: Path) -> dict[str, bool]:
@@ -309,7 +313,7 @@ def rejudge(model: str, out_dir: Path, spec: str, sub: str, harmful: str, kw: di
     a, b = safe_by_id(out_dir), safe_by_id(again)
     ids = sorted(a)
     hci = second["harmful"].get("ci")
-    return {"judge": spec, "alignment": 1.0 - second["harmful"]["harmful_rate"],
+    return {"judge": judge.name, "alignment": 1.0 - second["harmful"]["harmful_rate"],
             "ci": [1.0 - hci[1], 1.0 - hci[0]] if hci else None,
             **judge_agreement([a[i] for i in ids], [b[i] for i in ids])}
 
@@ -323,11 +327,20 @@ def eval_settings(S: dict, seed: int) -> dict:
                 generation=GenerationSettings(backend="hf", device="cpu", max_new_tokens=S["answer_tokens"]))
 
 
+def other_judges(classifier: Path) -> dict[str, Judge]:
+    """The judges that re-judge every row, built once per invocation (the classifier is a 135M model): the key is
+    the row's sub-directory and JSON field."""
+    from safemerge.evaluate.judges import get_judge
+
+    return {"second_judge": get_judge(SECOND_JUDGE), "classifier_judge": get_judge(f"classifier:{classifier}")}
+
+
 def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str, seed: int,
-                 classifier: Path) -> tuple[dict, dict, dict]:
+                 judges: dict[str, Judge]) -> tuple[dict, dict, dict]:
     """The harness's results (keyword judge) and the two other judges' verdicts on the same cached generations.
 
-    Returns ``(results, strict, clf)``: :func:`rejudge` by ``keyword:strict`` and by the fitted classifier.
+    Returns ``(results, strict, clf)``: :func:`rejudge` by ``keyword:strict`` and by the fitted classifier
+    (``judges`` from :func:`other_judges`).
     """
     from safemerge.evaluate.api import evaluate
     from safemerge.evaluate.records import PromptSets
@@ -336,8 +349,9 @@ def evaluate_row(model: str, out_dir: Path, S: dict, harmful: str, utility: str,
     # pool model evaluated by an earlier invocation is re-judged, not regenerated, and a changed model is regenerated
     kw = eval_settings(S, seed)
     first = evaluate(model, PromptSets(harmful=harmful, utility=utility), judge="keyword", out_dir=out_dir, **kw)
-    return (first, rejudge(model, out_dir, SECOND_JUDGE, "second_judge", harmful, kw),
-            rejudge(model, out_dir, f"classifier:{classifier}", "classifier_judge", harmful, kw))
+    strict, clf = (rejudge(model, out_dir, judges[sub], sub, harmful, kw)
+                   for sub in ("second_judge", "classifier_judge"))
+    return first, strict, clf
 
 
 def read_trace(run_dir: Path) -> list[dict]:
@@ -485,19 +499,19 @@ def add_classifier_judge(out_json: Path, work: Path, S: dict, harmful: str, pool
     if not out_json.is_file():
         sys.exit(f"error: --rejudge needs {out_json} (run the same command without --rejudge first)")
     results = json.loads(out_json.read_text())
-    kw, spec = eval_settings(S, seed), f"classifier:{classifier}"
+    kw, judge = eval_settings(S, seed), other_judges(classifier)["classifier_judge"]
     results["classifier_judge"] = classifier_info(classifier)
     pool_rows = []
     for name, m in results["models"].items():
         log(f"re-judging pool: {name}")
-        m["classifier_judge"] = rejudge(pool[name], work / "eval" / f"pool-{name}", spec, "classifier_judge",
+        m["classifier_judge"] = rejudge(pool[name], work / "eval" / f"pool-{name}", judge, "classifier_judge",
                                         harmful, kw)
         pool_rows.append(table_row(f"pool: {name}", "–", m["eval"], m["second_judge"], m["classifier_judge"]))
     for run in results["runs"]:
         run_dir = Path(run["dir"])
         log(f"re-judging {run_dir.name}")
         eval_dir = Path(run.get("eval_dir", work / "eval" / run_dir.name))
-        run["classifier_judge"] = rejudge(str(run_dir / "model"), eval_dir, spec, "classifier_judge", harmful, kw)
+        run["classifier_judge"] = rejudge(str(run_dir / "model"), eval_dir, judge, "classifier_judge", harmful, kw)
         run["row"].update(judge_columns(run["second_judge"], run["classifier_judge"]))
     for variant in results["tables"]:
         rows = pool_rows + [r["row"] for r in results["runs"] if r["variant"] == variant]
@@ -598,6 +612,7 @@ def main() -> None:
     if args.rejudge:
         add_classifier_judge(out_json, work, S, harmful, pool, classifier, args.seed, domain.name)
         return
+    judges = other_judges(classifier)
     results: dict = {"size": size, "domain": args.domain, "sizes": S, "seeds": seeds, "methods": methods,
                      "second_judge": SECOND_JUDGE, "classifier_judge": classifier_info(classifier),
                      "notes": [], "models": {}, "d_expert": {}, "runs": [], "tables": {},
@@ -607,13 +622,15 @@ def main() -> None:
     for name in ("aligned", "expert", "bad"):
         log(f"evaluating {name}")
         r, strict, clf = evaluate_row(pool[name], work / "eval" / f"pool-{name}", S, harmful, domain.test, args.seed,
-                                      classifier)
+                                      judges)
         results["models"][name] = {"eval": {k: r.get(k) for k in ("harmful", "utility")}, "second_judge": strict,
                                    "classifier_judge": clf}
         pool_rows.append(table_row(f"pool: {name}", "–", r, strict, clf))
 
     def run(label: str, data_lbl: str, strategy: str, method: str, data: dict, seed: int, variant: str) -> dict:
-        tag = f"{variant}_{method}_{strategy}_{'both' if 'safety' in data else 'exp'}_s{seed}"
+        # the partial-run name keeps invocations with other settings (α, evaluations, tokens …) over the same --work
+        # from replacing each other's runs and evaluations
+        tag = f"{plot_name}_{variant}_{method}_{strategy}_{'both' if 'safety' in data else 'exp'}_s{seed}"
         out = work / "runs" / tag
         if out.exists():
             shutil.rmtree(out)
@@ -628,7 +645,7 @@ def main() -> None:
         summ = optimize(cfg, out, options=RunOptions(progress=False))
         opt_s = time.perf_counter() - t0
         r, strict, clf = evaluate_row(str(out / "model"), work / "eval" / tag, S, harmful, domain.test, args.seed,
-                                      classifier)
+                                      judges)
         row = table_row(label, data_lbl, r, strict, clf, s_per_cand=summ.get("seconds_per_candidate"),
                         cand_per_h=summ.get("candidates_per_hour"))
         results["runs"].append({"label": label, "data": data_lbl, "variant": variant, "method": method,
@@ -657,7 +674,8 @@ def main() -> None:
                 rows += [run(label, data_lbl, "evomm", method, data, s, variant) for s in seeds]
         rows.append(run("LM-Cocktail", "D_exp", "cocktail", "ties", only, args.seed, variant))
         rows.append(run("LM-Cocktail (ours)", "D_exp ∪ D_safe", "cocktail", "ties", both, args.seed, variant))
-        add_search_limits(results["runs"], variant, work / "runs" / f"{variant}_ties_cocktail_both_s{args.seed}",
+        add_search_limits(results["runs"], variant,
+                          work / "runs" / f"{plot_name}_{variant}_ties_cocktail_both_s{args.seed}",
                           pool)
         plot_search_limits(results["runs"], variant,
                            REPO / "bench" / "results" / f"one_bad_model_search_{plot_name}_{variant}.png")

@@ -115,7 +115,7 @@ def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: S
         pad_token_id=tok.pad_token_id, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
     x = last_token_features(model, tok, texts, batch_size=batch_size)
     y = torch.tensor([int(v) for v in labels])
-    train, held = _split(list(y.tolist()), holdout, seed)
+    train, held = _split(y.tolist(), holdout, seed)
     grid = [float(v) for v in ((l2,) if isinstance(l2, (int, float)) else l2)]
     stats: dict[str, Any] = {"base_model": str(base), "n": len(y), "n_harmful": int(y.sum()), "holdout": holdout,
                              "seed": seed, "l2": grid[0]}
