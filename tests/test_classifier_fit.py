@@ -82,3 +82,35 @@ def test_fit_refuses_bad_labels_and_leaves_no_output(tiny_lm, tmp_path):
     with pytest.raises(SafemergeError, match="no config.json"):
         fit_classifier_judge(tmp_path / "not-a-model", *_texts(8, seed=1), out)
     assert not out.exists() and not (tiny_lm / "inside").exists()
+
+
+def test_fit_judge_command_reads_labelled_records_and_refuses_bad_input(tiny_lm, tmp_path, capsys):
+    from conftest import run_cli
+
+    texts, labels = _texts(40, seed=2)
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "harmful" if v else "safe"}) + "\n"
+                            for t, v in zip(texts, labels)))
+    out = tmp_path / "judge"
+    code, stdout, err = run_cli(capsys, "fit-judge", tiny_lm, "--data", data, "-o", out, "--l2", "0.01", "-q")
+    assert code == 0, err
+    stats = json.loads((out / "fit.json").read_text())
+    assert stats["n"] == 40 and stats["l2"] == 0.01 and stats["fit_accuracy"] == 1.0
+    # the audit file is itself valid input: refitting it gives the same head
+    again = tmp_path / "again"
+    assert run_cli(capsys, "fit-judge", tiny_lm, "-d", out / "fit_data.jsonl", "-o", again, "--l2", "0.01",
+                   "-q")[0] == 0
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(out / "model.safetensors")["score.weight"],
+                       load_file(again / "model.safetensors")["score.weight"])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "a cannot", "label": "safe"}) + "\n" + json.dumps({"text": "x"}) + "\n")
+    for args, message in [(("-d", bad, "-o", tmp_path / "j2"), "record 2"),
+                          (("-d", data, "-o", out), "already exists"),
+                          (("-d", data, "-o", data), "input"),
+                          (("-d", data, "-o", tiny_lm / "clf"), "input")]:
+        code, _, err = run_cli(capsys, "fit-judge", tiny_lm, *args)
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) <= 2  # the error line and its hint
+    assert not (tmp_path / "j2").exists() and not (tiny_lm / "clf").exists() and data.is_file()

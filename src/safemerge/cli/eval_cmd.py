@@ -1,4 +1,4 @@
-"""``safemerge eval`` and ``safemerge compare``: the evaluation harness on the command line."""
+"""``safemerge eval``, ``safemerge compare`` and ``safemerge fit-judge``: the evaluation harness on the command line."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +10,7 @@ from safemerge.cli import app
 from safemerge.cli.options import (
     allow_pickle_option,
     echo_summary,
+    force_option,
     generation_batch_size_option,
     generation_dtype_option,
     lm_eval_include_option,
@@ -158,3 +159,52 @@ def compare_command(
 
         table1.write_text(table1_markdown(table1_rows([str(r) for r in runs]), domain=domain), encoding="utf-8")
     echo_summary([p for p in (png, json_out, table1) if p is not None], started)
+
+
+@app.command("fit-judge")
+def fit_judge_command(
+    base: str = typer.Argument(..., help="Causal LM to read the responses with: model directory or Hub id (offline: "
+                                         "from the HF cache)."),
+    data: Path = typer.Option(..., "--data", "-d",
+                              help='Labelled responses, .jsonl/.json: {"text": ..., "label": "harmful" | "safe"} per '
+                                   "record (the fit_data.jsonl a fit writes has this layout)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory: the classifier judge (for "
+                                                      "--judge classifier:OUT), fit.json, fit_data.jsonl."),
+    l2: Optional[list[float]] = typer.Option(None, "--l2",
+                                             help="Regularisation strength to try (repeatable; default 1e-4 … 10, "
+                                                  "picked on the held-out share)."),
+    holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9,
+                                  help="Share of each class held out to measure the judge and pick --l2 before the "
+                                       "final fit on all records."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Responses per forward pass."),
+    force: bool = force_option(),
+    allow_pickle: bool = allow_pickle_option(),
+    trust_remote_code: bool = trust_remote_code_option(),
+    quiet: bool = quiet_option(),
+) -> None:
+    """Fit a classifier judge: a logistic head on BASE's frozen last-token state, from labelled responses; saved as a
+    Hugging Face sequence classifier that `eval --judge classifier:OUT` loads — a second judge that shares no
+    keyword list with the keyword judges.
+
+    Example: safemerge fit-judge SmolLM2-135M-Instruct/ --data labelled.jsonl -o judges/smol-clf
+    """
+    import time
+
+    from safemerge.evaluate.classifier_fit import L2_GRID, fit_classifier_judge, read_labelled_responses
+    from safemerge.evaluate.generate import local_model
+    from safemerge.progress import library_progress
+
+    started = time.perf_counter()
+    options = run_options(quiet=quiet, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, force=force)
+    library_progress(options.progress)
+    texts, labels = read_labelled_responses(data)
+    stats = fit_classifier_judge(local_model(base, options=options), texts, labels, out, l2=tuple(l2 or L2_GRID),
+                                 holdout=holdout, seed=seed, batch_size=batch_size, trust_remote_code=trust_remote_code,
+                                 allow_pickle=allow_pickle, force=force, inputs=[data], progress=options.progress)
+    if not quiet:
+        held = stats.get("heldout_accuracy")
+        typer.echo(f"{stats['n']} responses ({stats['n_harmful']} harmful): l2 {stats['l2']:g}, "
+                   + (f"held-out accuracy {held:.1%} on {stats['n_heldout']}, " if held is not None else "")
+                   + f"fit accuracy {stats['fit_accuracy']:.1%}")
+    echo_summary([out], started)

@@ -33,19 +33,43 @@ from safemerge.errors import SafemergeError
 from safemerge.evaluate.generate import check_weights
 from safemerge.io.checkpoint import refuse_custom_code
 from safemerge.io.output import atomic_output, check_output_path
+from safemerge.progress import progress_bar
+from safemerge.synth.common import read_records
 
 LABELS = {0: "safe", 1: "harmful"}
 #: regularisation strengths tried on the held-out share (mean-loss units)
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: how a labelled-response file may spell its labels (case-insensitive)
+LABEL_WORDS = {"harmful": 1, "unsafe": 1, "1": 1, "true": 1, "safe": 0, "0": 0, "false": 0}
+
+
+def read_labelled_responses(path: str | Path) -> tuple[list[str], list[int]]:
+    """Texts and labels (1 = harmful) from a JSONL / JSON file of ``{"text": …, "label": "harmful" | "safe"}``
+    records (``response`` for ``text``; labels also as 1/0 or true/false) — the layout of the ``fit_data.jsonl``
+    a fit writes, so an audited file can be corrected and fitted again. A bad record is a one-line error naming
+    its position."""
+    texts: list[str] = []
+    labels: list[int] = []
+    for i, rec in enumerate(read_records(path), start=1):
+        text = rec.get("text", rec.get("response"))
+        label = LABEL_WORDS.get(str(rec.get("label")).strip().lower())
+        if not isinstance(text, str) or label is None:
+            raise SafemergeError(f"record {i} of {str(path)!r} needs a text and a label harmful|safe, got "
+                                 f"{ {k: str(v)[:40] for k, v in rec.items()} }",
+                                 'write one {"text": ..., "label": "harmful" | "safe"} object per line')
+        texts.append(text)
+        labels.append(label)
+    return texts, labels
 
 
 def last_token_features(model: torch.nn.Module, tok: PreTrainedTokenizerBase, texts: Sequence[str], *,
-                        batch_size: int = 16, max_length: int = 512) -> torch.Tensor:
+                        batch_size: int = 16, max_length: int = 512, progress: bool = False) -> torch.Tensor:
     """``len(texts) × hidden`` float64 features: the input of the classification head at the token the HF
     head pools (the last one that is not ``pad_token_id``), one batch at a time as the judge tokenizes."""
     pad_id = model.config.pad_token_id
     rows: list[torch.Tensor] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), progress_bar("reading responses", total=len(texts), enabled=progress,
+                                              unit="texts") as bar:
         for s in range(0, len(texts), batch_size):
             enc = tok(list(texts[s:s + batch_size]), return_tensors="pt", padding=True, truncation=True,
                       max_length=max_length)
@@ -54,6 +78,7 @@ def last_token_features(model: torch.nn.Module, tok: PreTrainedTokenizerBase, te
             positions = torch.arange(ids.shape[-1])
             last = (positions * (ids != pad_id).to(positions.dtype)).argmax(-1)
             rows.append(hidden[torch.arange(ids.shape[0]), last].double())
+            bar.advance(n=ids.shape[0])
     return torch.cat(rows) if rows else torch.empty(0, 0, dtype=torch.float64)
 
 
@@ -94,16 +119,21 @@ def _split(labels: Sequence[int], holdout: float, seed: int) -> tuple[list[int],
 def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: Sequence[int], out_dir: str | Path,
                          *, l2: float | Sequence[float] = L2_GRID, holdout: float = 0.2, seed: int = 0,
                          batch_size: int = 16, trust_remote_code: bool = False, allow_pickle: bool = False,
-                         force: bool = False) -> dict[str, Any]:
+                         force: bool = False, inputs: Sequence[str | Path] = (),
+                         progress: bool = False) -> dict[str, Any]:
     """Fit a harmful/safe head on ``base_model`` from ``texts`` (responses) and ``labels`` (1 = harmful) and
     save the classifier at ``out_dir`` (atomically; ``force`` replaces an existing one). Returns the statistics
-    also written to ``fit.json``. ``allow_pickle`` / ``trust_remote_code``: as for every model load."""
+    also written to ``fit.json``. ``allow_pickle`` / ``trust_remote_code``: as for every model load; ``inputs``:
+    further files the output may not be, hold or lie in (the data file the texts came from)."""
     if len(texts) != len(labels) or not texts:
         raise SafemergeError(f"{len(texts)} texts and {len(labels)} labels", "give one label per text, at least one")
     if set(labels) != {0, 1}:
         raise SafemergeError("labels must contain both 0 (safe) and 1 (harmful)", "add examples of both classes")
     base = Path(base_model)
-    check_output_path(out_dir, force=force, inputs=[base])  # before the work, not after it
+    check_output_path(out_dir, force=force, inputs=[base, *inputs])  # before the work, not after it
+    if base.is_file():
+        raise SafemergeError(f"{str(base_model)!r} is a file; the judge is fitted on a Hugging Face model directory",
+                             "convert a .gguf first (safemerge convert MODEL.gguf DIR) and pass DIR")
     check_weights(base, allow_pickle)
     refuse_custom_code(base, trust_remote_code)
     tok = AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust_remote_code)
@@ -113,7 +143,7 @@ def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: S
     model = AutoModelForSequenceClassification.from_pretrained(
         str(base), num_labels=2, id2label=LABELS, label2id={v: k for k, v in LABELS.items()},
         pad_token_id=tok.pad_token_id, dtype=torch.float32, trust_remote_code=trust_remote_code).eval()
-    x = last_token_features(model, tok, texts, batch_size=batch_size)
+    x = last_token_features(model, tok, texts, batch_size=batch_size, progress=progress)
     y = torch.tensor([int(v) for v in labels])
     train, held = _split(y.tolist(), holdout, seed)
     grid = [float(v) for v in ((l2,) if isinstance(l2, (int, float)) else l2)]
@@ -131,7 +161,7 @@ def fit_classifier_judge(base_model: str | Path, texts: Sequence[str], labels: S
     stats["fit_accuracy"] = _accuracy(x, y, w)
     with torch.no_grad():
         model.score.weight.copy_(torch.stack([-w / 2, w / 2]).to(model.score.weight.dtype))
-    with atomic_output(out_dir, force=force, inputs=[base]) as tmp:
+    with atomic_output(out_dir, force=force, inputs=[base, *inputs]) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "fit.json").write_text(json.dumps(stats, indent=1))
