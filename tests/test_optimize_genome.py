@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from safemerge.errors import ConfigError
 from safemerge.optimize.config import CMASection, GenomeSection
 from safemerge.optimize.evomm import STATE_FILE, run_evomm
 from safemerge.optimize.genome import METHOD_PARAMS, Gene, Genome, decode_density, decode_t, decode_weight
@@ -161,3 +162,18 @@ def test_one_gene_genome_runs(tmp_path):
     be = QuadraticBackend(g, {"weight": 0.3})
     res = run_evomm(g, be, CMASection(max_evals=60, seed=1), tmp_path, Trace(tmp_path / "t.jsonl"))
     assert math.isclose(g.decode(res["x"])[g.genes[0]], 0.3, abs_tol=0.05)
+
+
+@pytest.mark.parametrize("method, models, negative, filters", [
+    ("ties", ["A", "E"], False, ["self_attn"]), ("dare_ties", ["B", "E", "F"], True, []),
+    ("slerp", ["B", "E"], False, []), ("slerp", ["B", "E", "F"], False, []), ("linear", ["A", "E"], False, [])])
+def test_a_recorded_candidate_merges_again_to_the_same_config(method, models, negative, filters):
+    """A trace row's decoded ``params`` give back the candidate's merge config (the decoders are idempotent)."""
+    g = _genome(method=method, models=models, allow_negative_weights=negative, filters=filters)
+    x = np.random.default_rng(1).normal(0.2, 1.3, len(g))  # out of every decoder's range: reflections, signs
+    recorded = g.summary(x)
+    again = g.vector_from_summary(recorded)
+    assert g.to_config(again) == g.to_config(x)
+    assert g.summary(again) == recorded
+    with pytest.raises(ConfigError, match="lacks 1 gene"):
+        g.vector_from_summary({k: v for k, v in list(recorded.items())[1:]})

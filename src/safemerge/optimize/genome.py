@@ -300,14 +300,15 @@ class Genome:
         cfg["dtype"] = self.dtype
         return cfg
 
+    def summary_key(self, g: Gene) -> str:
+        """The name of gene ``g`` in :meth:`summary` (``model/group[/filter]/param``, e.g. ``expert/g0/weight``)."""
+        who = "t" if g.model < 0 else self.models[g.model].rstrip("/").split("/")[-1]
+        grp = "all" if self.granularity == 0 else ("outside" if g.group < 0 else f"g{g.group}")
+        return "/".join(s for s in (who, grp, g.filter or "", g.param if g.model >= 0 else "") if s)
+
     def summary(self, x: Sequence[float]) -> dict[str, Any]:
         """Compact, JSON-ready view of the decoded values (for the trace)."""
-        out: dict[str, Any] = {}
-        for g, v in self.decode(x).items():
-            who = "t" if g.model < 0 else self.models[g.model].rstrip("/").split("/")[-1]
-            grp = "all" if self.granularity == 0 else ("outside" if g.group < 0 else f"g{g.group}")
-            key = "/".join(s for s in (who, grp, g.filter or "", g.param if g.model >= 0 else "") if s)
-            out[key] = v
+        out: dict[str, Any] = {self.summary_key(g): v for g, v in self.decode(x).items()}
         if self.slerp_top2:
             vals = self.decode(x)
             for group in range(self.n_layer_groups):
@@ -317,3 +318,14 @@ class Genome:
                 out[f"{grp}/slerp"] = f"{names[0]} -> {names[1]}"
                 out[f"{grp}/t"] = t
         return out
+
+    def vector_from_summary(self, values: Mapping[str, Any]) -> np.ndarray:
+        """The gene vector of a candidate recorded by :meth:`summary` (a trace row's ``params``), so that a recorded
+        candidate can be merged again: ``to_config(vector_from_summary(summary(x))) == to_config(x)``, because every
+        decoder is the identity on its own outputs (``|w|`` ≥ 0, densities in [0.01, 1], ``t`` in [0, 1], raw SLERP
+        genes). A gene the record lacks is a :class:`ConfigError`."""
+        missing = [self.summary_key(g) for g in self.genes if self.summary_key(g) not in values]
+        if missing:
+            raise ConfigError(f"the recorded candidate lacks {len(missing)} gene(s) of this genome, e.g. {missing[0]}",
+                              "use the trace of a run with the same genome (models, method, layer_granularity)")
+        return np.array([float(values[self.summary_key(g)]) for g in self.genes], dtype=np.float64)
