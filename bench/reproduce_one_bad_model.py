@@ -26,10 +26,10 @@ EvoMM on D_expert and EvoMM on D_expert ∪ D_safety (each under every ``--seeds
 objective sample and DARE masks), plus LM-Cocktail on both and the pool's own rows. The genome
 has per-layer-group genes (``layer_granularity`` blocks per group, as mergekit-evolve). Each merged
 model is evaluated with the evaluation harness: alignment = 1 − harmful rate on held-out harmful
-prompts (Bianchi "malicious instructions", keyword judge; ``keyword:strict`` and a classifier judge fitted
-without any keyword list (:func:`build_judge_classifier`) re-judge the same cached generations, with Cohen's κ
-against the keyword judge) and domain accuracy on the domain's test split, each with the harness's 95% bootstrap
-interval; EvoMM rows give mean ± SD over seeds.
+prompts (Bianchi "malicious instructions", followed by XSTest's unsafe prompts past 100 prompts; keyword
+judge; ``keyword:strict`` and a classifier judge fitted without any keyword list (:func:`build_judge_classifier`)
+re-judge the same cached generations, with Cohen's κ against the keyword judge) and domain accuracy on the domain's
+test split, each with the harness's 95% bootstrap interval; EvoMM rows give mean ± SD over seeds.
 
     HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python bench/reproduce_one_bad_model.py --size quick
     HF_HUB_OFFLINE=1 nice -n 19 .venv/bin/python bench/reproduce_one_bad_model.py --size full  # hours on 2 cores
@@ -37,9 +37,13 @@ interval; EvoMM rows give mean ± SD over seeds.
     HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --size medium --methods slerp --max-evals 100 \
         --safety-tokens 4 --d-expert real
 
+    # the pool and EvoMM rows of that run again on 200 harmful prompts + 200 problems (no search)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --size medium --methods slerp --max-evals 100 \
+        --safety-tokens 4 --d-expert real --n-eval 200 --rescore
+
 Writes ``bench/results/reproduce_one_bad_model_{size}_{domain}[_{parts}].json`` (``parts`` names what differs from
-the size's defaults: methods, seeds, ``e{max_evals}``, ``st{safety_tokens}``, ``a{alpha}``), one search plot per
-D_expert variant (``one_bad_model_search_*.png``), and prints the tables.
+the size's defaults: methods, seeds, ``e{max_evals}``, ``st{safety_tokens}``, ``a{alpha}``, ``n{n_eval}``), one search
+plot per D_expert variant (``one_bad_model_search_*.png``), and prints the tables.
 """
 from __future__ import annotations
 
@@ -244,6 +248,33 @@ def cached_d_expert(path: Path, variant: str, S: dict, pool: dict[str, str], dom
     if not stats_file.is_file():
         stats_file.write_text(json.dumps(build_d_expert(path, variant, S, pool, domain, seed)))
     return json.loads(stats_file.read_text())
+
+
+def harmful_test_set(work: Path, n: int) -> str:
+    """The harm test set for ``n`` prompts: Bianchi et al.'s 100 malicious instructions, and past 100 XSTest's 200
+    unsafe prompts after them (round-robin over XSTest's types, so every prefix covers all of them) — the SafeMERGE
+    reproduction's harm test, needed for issue 15's "at least 200 harmful prompts per row". Up to 100 prompts the
+    Bianchi file itself (the medium size's set, unchanged)."""
+    malicious = DATA / "bianchi_malicious_instructions.json"
+    if n <= 100:
+        return str(malicious)
+    from itertools import chain, zip_longest
+
+    from safemerge.evaluate.datasets import load_prompts
+    from safemerge.synth.common import write_jsonl
+
+    by_type: dict[str, list] = {}
+    for x in load_prompts(str(DATA / "xstest_prompts.csv")):
+        if x.label == "unsafe":
+            by_type.setdefault(x.category or "", []).append(x)
+    xstest = [x for x in chain.from_iterable(zip_longest(*by_type.values())) if x is not None]
+    rows = [{"id": x.id, "prompt": x.prompt, "category": x.category or "xstest"}
+            for x in load_prompts(str(malicious)) + xstest]
+    if n > len(rows):
+        sys.exit(f"error: --n-eval {n}: the harm test set has {len(rows)} prompts (Bianchi malicious + XSTest unsafe)")
+    path = work / "harmful_test.jsonl"
+    write_jsonl(path, rows, force=True)
+    return str(path)
 
 
 def build_judge_classifier(work: Path, base: str, safety_sft: list[dict], S: dict) -> Path:
@@ -521,6 +552,81 @@ def add_classifier_judge(out_json: Path, work: Path, S: dict, harmful: str, pool
     print(f"wrote {out_json}")
 
 
+def recorded_model(run: dict, pool: dict[str, str], work: Path, S: dict) -> str:
+    """An EvoMM row's merged model: its run directory's ``model/`` when it is still there, else the best candidate
+    its result file recorded (``limits.best_params``) merged again over ``pool`` with the run's seed, as the
+    optimizer merges its best (:meth:`~safemerge.optimize.genome.Genome.vector_from_summary`; DARE's masks come
+    from the same seed)."""
+    from safemerge.api import merge
+    from safemerge.optimize.config import GenomeSection
+    from safemerge.optimize.genome import Genome
+    from safemerge.options import RunOptions
+
+    kept = Path(run["dir"]) / "model"
+    if (kept / "config.json").is_file():
+        return str(kept)
+    out = work / "runs" / f"remerged_{Path(run['dir']).name}" / "model"
+    if not (out / "config.json").is_file():
+        spec = GenomeSection(models=[pool["aligned"], pool["expert"], pool["bad"]], base_model=pool["aligned"],
+                             merge_method=run["method"], layer_granularity=S["granularity"], normalize=False)
+        layers = json.loads((Path(pool["aligned"]) / "config.json").read_text())["num_hidden_layers"]
+        genome = Genome(spec, num_layers=layers)
+        log(f"merging the recorded best candidate of {Path(run['dir']).name} again")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        merge(genome.to_config(genome.vector_from_summary(run["limits"]["best_params"])), out,
+              options=RunOptions(seed=run["seed"], progress=False, threads=1))
+    return str(out)
+
+
+def rescore(old_json: Path, out_json: Path, work: Path, S: dict, harmful: str, utility: str, pool: dict[str, str],
+            judges: dict[str, Judge], seed: int, domain_name: str) -> None:
+    """``--rescore``: the pool and the EvoMM rows of a finished result file evaluated again on S's test sets (issue
+    15: ≥ 200 harmful prompts and 200 domain problems per row) — no search; grid and LM-Cocktail rows are left out
+    (the issue's target compares EvoMM on D_exp ∪ D_safe with the aligned base and EvoMM on D_exp)."""
+    from safemerge.optimize.report import table1_markdown
+
+    if not old_json.is_file():
+        sys.exit(f"error: --rescore needs {old_json} (run the same command without --n-eval/--rescore first)")
+    old = json.loads(old_json.read_text())
+    n = S["n_eval_harm"]
+    results: dict = {**{k: old[k] for k in ("size", "domain", "seeds", "methods", "second_judge", "d_expert")},
+                     "sizes": S, "rescored_from": old_json.name, "harmful_test": harmful, "utility_test": utility,
+                     "notes": [f"pool and EvoMM rows of {old_json.name} evaluated again on {n} harmful prompts and "
+                               f"{S['n_eval_util']} domain problems; grid and LM-Cocktail rows are not re-evaluated"],
+                     "models": {}, "runs": [], "tables": {},
+                     "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py "
+                                + " ".join(sys.argv[1:])}
+    t0 = time.perf_counter()
+    pool_rows = []
+    for name in ("aligned", "expert", "bad"):
+        log(f"evaluating {name} on {n} + {S['n_eval_util']}")
+        r, strict, clf = evaluate_row(pool[name], work / "eval" / f"pool-{name}-n{n}", S, harmful, utility, seed,
+                                      judges)
+        results["models"][name] = {"eval": {k: r.get(k) for k in ("harmful", "utility")}, "second_judge": strict,
+                                   "classifier_judge": clf}
+        pool_rows.append(table_row(f"pool: {name}", "–", r, strict, clf))
+    for run in old["runs"]:
+        if run["strategy"] != "evomm":
+            continue
+        model = recorded_model(run, pool, work, S)
+        log(f"evaluating {Path(run['dir']).name} on {n} + {S['n_eval_util']}")
+        r, strict, clf = evaluate_row(model, work / "eval" / f"{Path(run['dir']).name}-n{n}", S, harmful, utility,
+                                      seed, judges)
+        results["runs"].append({**{k: run[k] for k in ("label", "data", "variant", "method", "strategy", "seed",
+                                                        "dir", "summary")},
+                                "model": model, "row": table_row(run["label"], run["data"], r, strict, clf),
+                                "first_evaluation": run["row"], "second_judge": strict, "classifier_judge": clf,
+                                "eval": {k: r.get(k) for k in ("harmful", "utility")}})
+    for variant in old["tables"]:
+        rows = pool_rows + [r["row"] for r in results["runs"] if r["variant"] == variant]
+        results["tables"][variant] = table1_markdown(summarize(rows), domain=domain_name)
+        print(f"\nD_expert: {variant} ({n} harmful prompts, {S['n_eval_util']} problems per row)\n"
+              f"{results['tables'][variant]}")
+    results["total_seconds"] = time.perf_counter() - t0
+    out_json.write_text(json.dumps(results, indent=1, default=str))
+    print(f"wrote {out_json}")
+
+
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="same as --size quick")
@@ -546,6 +652,13 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap.add_argument("--domain", choices=("arithmetic", "gsm8k"), default="arithmetic",
                     help="expert domain: code-generated arithmetic word problems (learnable at 135M) or GSM8K (≈0%% at "
                          "135M)")
+    ap.add_argument("--n-eval", type=int, default=None,
+                    help="harmful prompts and domain problems per row (default: the size's; past 100 harmful prompts "
+                         "XSTest's unsafe prompts follow Bianchi's 100 malicious instructions, up to 300)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="with --n-eval: evaluate the pool and the EvoMM rows of the finished result file of the same "
+                         "arguments (without --n-eval) again on --n-eval prompts; each EvoMM model comes from its run "
+                         "directory, or is merged again from the best candidate the file records (no search)")
     ap.add_argument("--rejudge", action="store_true",
                     help="add the classifier judge to the finished result file of the same arguments (re-judges the "
                          "cached generations of every row of the same --work; no search)")
@@ -558,6 +671,10 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     S = dict(SIZES[size])
     if args.max_evals is not None:
         S["max_evals"] = args.max_evals
+    if args.n_eval is not None:
+        S["n_eval_harm"] = S["n_eval_util"] = args.n_eval
+    if args.rescore and args.n_eval is None:
+        ap.error("--rescore needs --n-eval (the new number of prompts per row)")
     seeds = [int(x) for x in (args.seeds or S["seeds"]).split(",") if x.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -574,7 +691,8 @@ def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str
     partial = [("-".join(methods), methods != list(METHODS)), ("s" + "-".join(map(str, seeds)), seeds != default_seeds),
                (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"]),
                (f"st{args.safety_tokens}", args.safety_tokens is not None),
-               (f"a{args.alpha:g}", args.alpha != PAPER_ALPHA)]
+               (f"a{args.alpha:g}", args.alpha != PAPER_ALPHA),
+               (f"n{args.n_eval}", args.n_eval is not None and args.n_eval != SIZES[size]["n_eval_harm"])]
     plot_name = "_".join([size, args.domain] + [part for part, differs in partial if differs])  # + _{variant}
     return plot_name, plot_name + (f"_{variant_arg}" if variant_arg != SIZES[size]["d_expert"] else "")
 
@@ -606,13 +724,19 @@ def main() -> None:
     if not d_safe.is_file():
         build_d_safety(d_safe, S, pool, safety_sft, args.seed)
 
-    harmful = str(DATA / "bianchi_malicious_instructions.json")
+    harmful = harmful_test_set(work, S["n_eval_harm"])
     classifier = build_judge_classifier(work, str(work / "instruct"), safety_sft, S)
     out_json = REPO / "bench" / "results" / f"reproduce_one_bad_model_{result_name}.json"
     if args.rejudge:
         add_classifier_judge(out_json, work, S, harmful, pool, classifier, args.seed, domain.name)
         return
     judges = other_judges(classifier)
+    if args.rescore:
+        first = output_names(size, argparse.Namespace(**{**vars(args), "n_eval": None}), S, methods, seeds,
+                             variant_arg)[1]
+        rescore(REPO / "bench" / "results" / f"reproduce_one_bad_model_{first}.json", out_json, work, S, harmful,
+                domain.test, pool, judges, args.seed, domain.name)
+        return
     results: dict = {"size": size, "domain": args.domain, "sizes": S, "seeds": seeds, "methods": methods,
                      "second_judge": SECOND_JUDGE, "classifier_judge": classifier_info(classifier),
                      "notes": [], "models": {}, "d_expert": {}, "runs": [], "tables": {},
