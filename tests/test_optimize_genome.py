@@ -177,3 +177,9 @@ def test_a_recorded_candidate_merges_again_to_the_same_config(method, models, ne
     assert g.summary(again) == recorded
     with pytest.raises(ConfigError, match="lacks 1 gene"):
         g.vector_from_summary({k: v for k, v in list(recorded.items())[1:]})
+
+
+def test_a_recorded_candidate_of_same_named_models_is_refused():
+    g = _genome(models=["x/model", "y/model"], filters=[])
+    with pytest.raises(ConfigError, match="share a directory name"):
+        g.vector_from_summary(g.summary(g.x0()))

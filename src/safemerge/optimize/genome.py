@@ -324,8 +324,12 @@ class Genome:
         candidate can be merged again: ``to_config(vector_from_summary(summary(x))) == to_config(x)``, because every
         decoder is the identity on its own outputs (``|w|`` ≥ 0, densities in [0.01, 1], ``t`` in [0, 1], raw SLERP
         genes). A gene the record lacks is a :class:`ConfigError`."""
-        missing = [self.summary_key(g) for g in self.genes if self.summary_key(g) not in values]
+        keys = [self.summary_key(g) for g in self.genes]
+        if len(set(keys)) < len(keys):
+            raise ConfigError("two pool models share a directory name, so a recorded candidate does not say which "
+                              "value is whose", "merge again from the trace's gene vector x (Genome.to_config(x))")
+        missing = [k for k in keys if k not in values]
         if missing:
             raise ConfigError(f"the recorded candidate lacks {len(missing)} gene(s) of this genome, e.g. {missing[0]}",
                               "use the trace of a run with the same genome (models, method, layer_granularity)")
-        return np.array([float(values[self.summary_key(g)]) for g in self.genes], dtype=np.float64)
+        return np.array([float(values[k]) for k in keys], dtype=np.float64)
