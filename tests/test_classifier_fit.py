@@ -114,3 +114,19 @@ def test_fit_judge_command_reads_labelled_records_and_refuses_bad_input(tiny_lm,
         assert code == 2 and message in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) <= 2  # the error line and its hint
     assert not (tmp_path / "j2").exists() and not (tiny_lm / "clf").exists() and data.is_file()
+
+
+def test_labelled_responses_are_read_from_jsonl_and_json(tmp_path):
+    from safemerge.evaluate.classifier_fit import read_labelled_responses
+
+    rows = [{"text": "a", "label": "Harmful"}, {"response": "b", "label": 0}, {"text": "c", "label": True}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    (tmp_path / "r.json").write_text(json.dumps(rows))
+    for name in ("r.jsonl", "r.json"):
+        assert read_labelled_responses(tmp_path / name) == (["a", "b", "c"], [1, 0, 1])
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    (tmp_path / "obj.json").write_text(json.dumps({"text": "a"}))
+    (tmp_path / "nolabel.jsonl").write_text(json.dumps("just a string") + "\n")
+    for name, message in (("bad.jsonl", "cannot parse"), ("obj.json", "not a list"), ("nolabel.jsonl", "record 1")):
+        with pytest.raises(SafemergeError, match=message):
+            read_labelled_responses(tmp_path / name)
