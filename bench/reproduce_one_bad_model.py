@@ -552,6 +552,28 @@ def add_classifier_judge(out_json: Path, work: Path, S: dict, harmful: str, pool
     print(f"wrote {out_json}")
 
 
+def genome_section(pool: dict[str, str], method: str, S: dict) -> dict:
+    """The optimize config's ``genome`` of every search (base = aligned), also used to merge a recorded candidate
+    again."""
+    return {"models": [pool["aligned"], pool["expert"], pool["bad"]], "base_model": pool["aligned"],
+            "merge_method": method, "layer_granularity": S["granularity"], "normalize": False}
+
+
+def evaluate_pool(pool: dict[str, str], work: Path, suffix: str, S: dict, harmful: str, utility: str, seed: int,
+                  judges: dict[str, Judge]) -> tuple[dict, list[dict]]:
+    """The pool models' rows: ``(results["models"] entries, table rows)``, evaluated in ``W/eval/pool-{name}{suffix}``
+    (a suffix per test size, so the sizes keep their own results)."""
+    models, rows = {}, []
+    for name in ("aligned", "expert", "bad"):
+        log(f"evaluating {name} on {S['n_eval_harm']} + {S['n_eval_util']}")
+        r, strict, clf = evaluate_row(pool[name], work / "eval" / f"pool-{name}{suffix}", S, harmful, utility, seed,
+                                      judges)
+        models[name] = {"eval": {k: r.get(k) for k in ("harmful", "utility")}, "second_judge": strict,
+                        "classifier_judge": clf}
+        rows.append(table_row(f"pool: {name}", "–", r, strict, clf))
+    return models, rows
+
+
 def recorded_model(run: dict, pool: dict[str, str], work: Path, S: dict) -> str:
     """An EvoMM row's merged model: its run directory's ``model/`` when it is still there, else the best candidate
     its result file recorded (``limits.best_params``) merged again over ``pool`` with the run's seed, as the
@@ -567,8 +589,7 @@ def recorded_model(run: dict, pool: dict[str, str], work: Path, S: dict) -> str:
         return str(kept)
     out = work / "runs" / f"remerged_{Path(run['dir']).name}" / "model"
     if not (out / "config.json").is_file():
-        spec = GenomeSection(models=[pool["aligned"], pool["expert"], pool["bad"]], base_model=pool["aligned"],
-                             merge_method=run["method"], layer_granularity=S["granularity"], normalize=False)
+        spec = GenomeSection(**genome_section(pool, run["method"], S))
         layers = json.loads((Path(pool["aligned"]) / "config.json").read_text())["num_hidden_layers"]
         genome = Genome(spec, num_layers=layers)
         log(f"merging the recorded best candidate of {Path(run['dir']).name} again")
@@ -597,14 +618,7 @@ def rescore(old_json: Path, out_json: Path, work: Path, S: dict, harmful: str, u
                      "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py "
                                 + " ".join(sys.argv[1:])}
     t0 = time.perf_counter()
-    pool_rows = []
-    for name in ("aligned", "expert", "bad"):
-        log(f"evaluating {name} on {n} + {S['n_eval_util']}")
-        r, strict, clf = evaluate_row(pool[name], work / "eval" / f"pool-{name}-n{n}", S, harmful, utility, seed,
-                                      judges)
-        results["models"][name] = {"eval": {k: r.get(k) for k in ("harmful", "utility")}, "second_judge": strict,
-                                   "classifier_judge": clf}
-        pool_rows.append(table_row(f"pool: {name}", "–", r, strict, clf))
+    results["models"], pool_rows = evaluate_pool(pool, work, f"-n{n}", S, harmful, utility, seed, judges)
     for run in old["runs"]:
         if run["strategy"] != "evomm":
             continue
@@ -742,14 +756,7 @@ def main() -> None:
                      "notes": [], "models": {}, "d_expert": {}, "runs": [], "tables": {},
                      "command": "HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py "
                                 + " ".join(sys.argv[1:])}
-    pool_rows = []
-    for name in ("aligned", "expert", "bad"):
-        log(f"evaluating {name}")
-        r, strict, clf = evaluate_row(pool[name], work / "eval" / f"pool-{name}", S, harmful, domain.test, args.seed,
-                                      judges)
-        results["models"][name] = {"eval": {k: r.get(k) for k in ("harmful", "utility")}, "second_judge": strict,
-                                   "classifier_judge": clf}
-        pool_rows.append(table_row(f"pool: {name}", "–", r, strict, clf))
+    results["models"], pool_rows = evaluate_pool(pool, work, "", S, harmful, domain.test, args.seed, judges)
 
     def run(label: str, data_lbl: str, strategy: str, method: str, data: dict, seed: int, variant: str) -> dict:
         # the partial-run name keeps invocations with other settings (α, evaluations, tokens …) over the same --work
@@ -758,9 +765,7 @@ def main() -> None:
         out = work / "runs" / tag
         if out.exists():
             shutil.rmtree(out)
-        genome = {"models": [pool["aligned"], pool["expert"], pool["bad"]], "base_model": pool["aligned"],
-                  "merge_method": method, "layer_granularity": S["granularity"], "normalize": False}
-        cfg = {"genome": genome, "data": {**data, "seed": seed}, "strategy": strategy,
+        cfg = {"genome": genome_section(pool, method, S), "data": {**data, "seed": seed}, "strategy": strategy,
                "objective": {"alpha": args.alpha, "batch_size": 4, "max_length": 384,
                              "safety_tokens": args.safety_tokens},
                "cma": {"max_evals": S["max_evals"], "popsize": S["popsize"], "seed": seed}, "seed": seed}
