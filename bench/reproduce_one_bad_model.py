@@ -188,16 +188,49 @@ def build_pool(work: Path, S: dict, domain: Domain, safety_sft: list[dict], doma
     return {"aligned": str(aligned), "expert": str(expert), "bad": str(bad_dir)}
 
 
-def build_d_safety(path: Path, S: dict, pool: dict[str, str], safety_sft: list[dict], seed: int) -> None:
-    """D_safety: held-out harmful instructions answered by every pool model, one random refusal each."""
+def corpus_requests(n: int, seed: int) -> list[dict]:
+    """``n`` short harmful requests of the project's safety corpus (:mod:`safemerge.data.safety_corpus`): the goals
+    of its ``align`` split, one training frame each ("How do I …?", "Quick question: how can I …?"), in a seeded
+    order that cycles through the categories. Written for safemerge; no test prompt of this benchmark (Bianchi's
+    malicious instructions, XSTest) is among them."""
+    from itertools import chain, zip_longest
+
+    from safemerge.data.safety_corpus import TRAIN_FRAMES, harmful_goals
+
+    r = random.Random(f"d-safety-corpus-{seed}")
+    by_cat: dict[str, list[dict]] = {}
+    for c, g in harmful_goals("align"):
+        by_cat.setdefault(c, []).append({"prompt": r.choice(TRAIN_FRAMES).format(g=g), "category": c})
+    for rows in by_cat.values():
+        r.shuffle(rows)
+    return [q for q in chain.from_iterable(zip_longest(*by_cat.values())) if q is not None][:n]
+
+
+def safety_questions(source: str, S: dict, safety_sft: list[dict], seed: int) -> list[dict]:
+    """D_safety's harmful questions, ``n_safety_q`` of them.
+
+    ``bianchi``: held-out instructions of Bianchi et al.'s safety set (disjoint from the pool's SFT and the judge's
+    fit). ``mixed``: half of those and half :func:`corpus_requests`, interleaved — two prompt styles, long
+    instructions and short everyday requests, as the paper's generated questions over 14 categories are (§4.2).
+    """
+    off = S["sft_aligned"] + S["sft_bad"]
+    n = S["n_safety_q"]
+    bianchi = [{"prompt": r["instruction"], "category": None} for r in safety_sft[off: off + n]]
+    if source == "bianchi":
+        return bianchi
+    short = corpus_requests(n - n // 2, seed)
+    return [q for pair in zip(bianchi[: n // 2], short) for q in pair] + short[n // 2:]
+
+
+def build_d_safety(path: Path, S: dict, pool: dict[str, str], questions: list[dict], seed: int) -> None:
+    """D_safety: harmful questions answered by every pool model, one random refusal each (§4.2)."""
     from safemerge.evaluate.generate import load_generator
     from safemerge.evaluate.judges import get_judge
     from safemerge.options import RunOptions
     from safemerge.synth import build_safety_set
     from safemerge.synth.common import write_jsonl
 
-    off = S["sft_aligned"] + S["sft_bad"]
-    qs = [{"prompt": r["instruction"], "category": None} for r in safety_sft[off: off + S["n_safety_q"]]]
+    qs = questions
     gens = {k: load_generator(v, backend="hf", device="cpu") for k, v in pool.items()}
     recs = build_safety_set(qs, gens, get_judge("keyword"), max_new_tokens=S["answer_tokens"],
                             options=RunOptions(seed=seed, progress=False))
@@ -427,11 +460,45 @@ def cocktail_pool_parts(run_dir: Path, pool: dict[str, str]) -> dict[str, dict]:
             for r in rows}
 
 
+def row_plan(methods: list[str], seeds: list[int], seed: int, rows: str) -> list[tuple[str, str, str, str, str, int]]:
+    """Table 1's searched rows in order: ``(label, data label, strategy, method, "only" | "both", seed)`` — per method
+    the grid search and EvoMM on D_exp and on D_exp ∪ D_safe under every seed, then LM-Cocktail both ways.
+    ``rows="safety"`` keeps the rows on D_exp ∪ D_safe only."""
+    from safemerge.optimize.report import method_label
+
+    plan = []
+    for method in methods:
+        plan.append((method_label("grid", method), "–", "grid", method, "only", seed))
+        for data_lbl, key, mark in (("D_exp", "only", ""), ("D_exp ∪ D_safe", "both", " (ours)")):
+            plan += [(method_label("evomm", method) + mark, data_lbl, "evomm", method, key, s) for s in seeds]
+    plan += [("LM-Cocktail", "D_exp", "cocktail", "ties", "only", seed),
+             ("LM-Cocktail (ours)", "D_exp ∪ D_safe", "cocktail", "ties", "both", seed)]
+    return plan if rows == "all" else [p for p in plan if p[4] == "both"]
+
+
+def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str], seeds: list[int],
+                 variant_arg: str) -> list[dict]:
+    """``--rows safety``: the grid and EvoMM-on-D_exp runs of the finished result file of the same arguments with the
+    default D_safety and all rows (a ``--rescore`` file when ``--n-eval`` is not the size's), each marked with
+    ``carried_from``; ``[]`` for ``--rows all``. These rows never see D_safety, so a search over another D_safety
+    would repeat them exactly."""
+    if args.rows == "all":
+        return []
+    name = output_names(size, argparse.Namespace(**{**vars(args), "d_safety": "bianchi", "rows": "all"}), S, methods,
+                        seeds, variant_arg)[1]
+    path = REPO / "bench" / "results" / f"reproduce_one_bad_model_{name}.json"
+    if not path.is_file():
+        sys.exit(f"error: --rows safety carries the D_exp rows over from {path}: run that first")
+    return [{**e, "carried_from": path.name} for e in json.loads(path.read_text())["runs"]
+            if e["data"] in ("–", "D_exp") and e["strategy"] in ("grid", "evomm")
+            and (e["strategy"] == "grid" or e["seed"] in seeds)]
+
+
 def add_search_limits(runs: list[dict], variant: str, cocktail_dir: Path, pool: dict[str, str]) -> None:
     """Attach :func:`search_limits` to every EvoMM run of ``variant`` (pool parts from ``cocktail_dir``)."""
     pool_parts = cocktail_pool_parts(cocktail_dir, pool)
     for entry in runs:
-        if entry["variant"] == variant and entry["strategy"] == "evomm":
+        if entry["variant"] == variant and entry["strategy"] == "evomm" and "carried_from" not in entry:
             entry["limits"] = search_limits(Path(entry["dir"]), pool_parts)
 
 
@@ -673,6 +740,13 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                     help="with --n-eval: evaluate the pool and the EvoMM rows of the finished result file of the same "
                          "arguments (without --n-eval) again on --n-eval prompts; each EvoMM model comes from its run "
                          "directory, or is merged again from the best candidate the file records (no search)")
+    ap.add_argument("--d-safety", choices=("bianchi", "mixed"), default="bianchi",
+                    help="D_safety's harmful questions: held-out Bianchi et al. instructions (default), or half of "
+                         "those and half short everyday requests of the project's safety corpus (two prompt styles)")
+    ap.add_argument("--rows", choices=("all", "safety"), default="all",
+                    help="safety: run only the rows that use D_safety (EvoMM and LM-Cocktail on D_exp ∪ D_safe); the "
+                         "grid and EvoMM-on-D_exp rows, which do not depend on D_safety, are carried over from the "
+                         "finished result file of the same arguments with --d-safety bianchi --rows all")
     ap.add_argument("--rejudge", action="store_true",
                     help="add the classifier judge to the finished result file of the same arguments (re-judges the "
                          "cached generations of every row of the same --work; no search)")
@@ -689,6 +763,8 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         S["n_eval_harm"] = S["n_eval_util"] = args.n_eval
     if args.rescore and args.n_eval is None:
         ap.error("--rescore needs --n-eval (the new number of prompts per row)")
+    if args.rows == "safety" and (args.rescore or args.rejudge):
+        ap.error("--rows safety runs searches; --rescore and --rejudge read a finished result file")
     seeds = [int(x) for x in (args.seeds or S["seeds"]).split(",") if x.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -706,7 +782,8 @@ def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str
                (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"]),
                (f"st{args.safety_tokens}", args.safety_tokens is not None),
                (f"a{args.alpha:g}", args.alpha != PAPER_ALPHA),
-               (f"n{args.n_eval}", args.n_eval is not None and args.n_eval != SIZES[size]["n_eval_harm"])]
+               (f"n{args.n_eval}", args.n_eval is not None and args.n_eval != SIZES[size]["n_eval_harm"]),
+               (f"ds{args.d_safety}", args.d_safety != "bianchi"), ("ours", args.rows == "safety")]
     plot_name = "_".join([size, args.domain] + [part for part, differs in partial if differs])  # + _{variant}
     return plot_name, plot_name + (f"_{variant_arg}" if variant_arg != SIZES[size]["d_expert"] else "")
 
@@ -734,9 +811,9 @@ def main() -> None:
     domain = load_domain(args.domain, rng, n_train=S["sft_expert"] + S["sft_bad_domain"] + 200 + S["n_domain"],
                          n_test=S["n_eval_util"])
     pool = build_pool(work, S, domain, safety_sft, args.domain)
-    d_safe = work / f"d_safety-{args.domain}.jsonl"
+    d_safe = work / f"d_safety-{'' if args.d_safety == 'bianchi' else args.d_safety + '-'}{args.domain}.jsonl"
     if not d_safe.is_file():
-        build_d_safety(d_safe, S, pool, safety_sft, args.seed)
+        build_d_safety(d_safe, S, pool, safety_questions(args.d_safety, S, safety_sft, args.seed), args.seed)
 
     harmful = harmful_test_set(work, S["n_eval_harm"])
     classifier = build_judge_classifier(work, str(work / "instruct"), safety_sft, S)
@@ -785,8 +862,7 @@ def main() -> None:
                                 "eval": {k: r.get(k) for k in ("harmful", "utility")}})
         return row
 
-    from safemerge.optimize.report import method_label
-
+    carried = carried_runs(args, size, S, methods, seeds, variant_arg)
     for variant in variants:
         d_exp = work / f"d_expert-{variant}-{args.domain}.jsonl"
         results["d_expert"][variant] = cached_d_expert(d_exp, variant, S, pool, domain, args.seed)
@@ -795,14 +871,11 @@ def main() -> None:
             continue
         only = {"expert": [str(d_exp)], "n_expert": S["n_obj"]}
         both = {"safety": [str(d_safe)], "expert": [str(d_exp)], "n_safety": S["n_obj"], "n_expert": S["n_obj"]}
-        rows = list(pool_rows)
-        for method in methods:
-            rows.append(run(method_label("grid", method), "–", "grid", method, only, args.seed, variant))
-            for data_lbl, data in (("D_exp", only), ("D_exp ∪ D_safe", both)):
-                label = method_label("evomm", method) + (" (ours)" if "safety" in data else "")
-                rows += [run(label, data_lbl, "evomm", method, data, s, variant) for s in seeds]
-        rows.append(run("LM-Cocktail", "D_exp", "cocktail", "ties", only, args.seed, variant))
-        rows.append(run("LM-Cocktail (ours)", "D_exp ∪ D_safe", "cocktail", "ties", both, args.seed, variant))
+        old = [e for e in carried if e["variant"] == variant]
+        results["runs"] += old
+        rows = list(pool_rows) + [e["row"] for e in old]
+        for label, data_lbl, strategy, method, key, seed in row_plan(methods, seeds, args.seed, args.rows):
+            rows.append(run(label, data_lbl, strategy, method, both if key == "both" else only, seed, variant))
         add_search_limits(results["runs"], variant,
                           work / "runs" / f"{plot_name}_{variant}_ties_cocktail_both_s{args.seed}",
                           pool)
