@@ -13,7 +13,8 @@ train/test splits from :func:`safemerge.demo.data.arithmetic_splits`) or GSM8K f
 ``../shared/datasets`` (a 135M model stays near 0% on GSM8K, so it gives no domain signal).
 
 Data: D_safety from ``safemerge.synth`` (harmful prompts answered by the pool, keyword judge,
-one random refusal per question). D_expert (``--d-expert``): ``synthetic`` = structured
+one random refusal per question; ``--d-safety``: held-out Bianchi et al. instructions, or ``mixed`` = half of those
+and half the project safety corpus's short everyday requests). D_expert (``--d-expert``): ``synthetic`` = structured
 self-questioning (``safemerge.synth.structured``: the experts continue a few-shot "Question: … /
 Answer: <number>" text drawn from held-out training problems; a question is kept only if the expert's
 second decode — its chat answer — ends in the same number), the paper's main setting; ``real`` =
@@ -41,8 +42,14 @@ test split, each with the harness's 95% bootstrap interval; EvoMM rows give mean
     HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --size medium --methods slerp --max-evals 100 \
         --safety-tokens 4 --d-expert real --n-eval 200 --rescore
 
+    # only the D_safety rows, with a D_safety of two prompt styles, scored on 200 + 200 (the D_exp rows are
+    # carried over from the --rescore file above)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --size medium --methods slerp --max-evals 100 \
+        --safety-tokens 4 --d-expert real --n-eval 200 --d-safety mixed --rows safety
+
 Writes ``bench/results/reproduce_one_bad_model_{size}_{domain}[_{parts}].json`` (``parts`` names what differs from
-the size's defaults: methods, seeds, ``e{max_evals}``, ``st{safety_tokens}``, ``a{alpha}``, ``n{n_eval}``), one search
+the size's defaults: methods, seeds, ``e{max_evals}``, ``st{safety_tokens}``, ``a{alpha}``, ``n{n_eval}``,
+``ds{d_safety}``, ``ours`` for ``--rows safety``), one search
 plot per D_expert variant (``one_bad_model_search_*.png``), and prints the tables.
 """
 from __future__ import annotations
@@ -222,7 +229,7 @@ def safety_questions(source: str, S: dict, safety_sft: list[dict], seed: int) ->
     return [q for pair in zip(bianchi[: n // 2], short) for q in pair] + short[n // 2:]
 
 
-def build_d_safety(path: Path, S: dict, pool: dict[str, str], questions: list[dict], seed: int) -> None:
+def build_d_safety(path: Path, S: dict, pool: dict[str, str], qs: list[dict], seed: int) -> None:
     """D_safety: harmful questions answered by every pool model, one random refusal each (§4.2)."""
     from safemerge.evaluate.generate import load_generator
     from safemerge.evaluate.judges import get_judge
@@ -230,7 +237,6 @@ def build_d_safety(path: Path, S: dict, pool: dict[str, str], questions: list[di
     from safemerge.synth import build_safety_set
     from safemerge.synth.common import write_jsonl
 
-    qs = questions
     gens = {k: load_generator(v, backend="hf", device="cpu") for k, v in pool.items()}
     recs = build_safety_set(qs, gens, get_judge("keyword"), max_new_tokens=S["answer_tokens"],
                             options=RunOptions(seed=seed, progress=False))
