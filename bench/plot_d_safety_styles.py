@@ -23,17 +23,13 @@ RUNS = {  # (method label, seed): (default D_safety file, mixed D_safety file)
 }
 
 
-def wilson(k: float, n: float, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion k / n, in percent."""
-    p = k / n
-    centre, half = (p + z * z / (2 * n)), z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5)
-    return 100.0 * (centre - half) / (1 + z * z / n), 100.0 * (centre + half) / (1 + z * z / n)
-
-
 def safe_by_source(harmful: dict) -> dict[str, float | tuple[float, float]]:
-    """% safe on each half of the harm test, with its Wilson interval (``"{half}_ci"``): XSTest's prompts carry its
+    """% safe on each half of the harm test, with the harness's 95% bootstrap interval (``"{half}_ci"``,
+    :func:`safemerge.evaluate.metrics.bootstrap_ci`, as on every other number): XSTest's prompts carry its
     ``contrast_*`` types as categories, Bianchi et al.'s malicious instructions their own (``crime``, ``hate``)."""
-    parts: dict[str, list[float]] = {"Bianchi": [0.0, 0.0], "XSTest": [0.0, 0.0]}
+    from safemerge.evaluate.metrics import bootstrap_ci
+
+    parts: dict[str, list[int]] = {"Bianchi": [0, 0], "XSTest": [0, 0]}
     for cat, c in harmful["categories"].items():
         part = parts["XSTest" if cat.startswith("contrast_") else "Bianchi"]
         part[0] += round(c["n"] * (1.0 - c["harmful_rate"]))
@@ -41,7 +37,8 @@ def safe_by_source(harmful: dict) -> dict[str, float | tuple[float, float]]:
     out: dict[str, float | tuple[float, float]] = {}
     for k, (safe, n) in parts.items():
         if n:
-            out[k], out[f"{k}_ci"] = 100.0 * safe / n, wilson(safe, n)
+            ci = bootstrap_ci([1.0] * safe + [0.0] * (n - safe))
+            out[k], out[f"{k}_ci"] = 100.0 * safe / n, (100.0 * ci[0], 100.0 * ci[1])
     return out
 
 

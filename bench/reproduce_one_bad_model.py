@@ -195,13 +195,19 @@ def build_pool(work: Path, S: dict, domain: Domain, safety_sft: list[dict], doma
     return {"aligned": str(aligned), "expert": str(expert), "bad": str(bad_dir)}
 
 
+def round_robin(groups: list[list]) -> list:
+    """The groups' items taken in turn (first of each, then second of each, …), so every prefix spans all groups."""
+    from itertools import chain, zip_longest
+
+    gap = object()
+    return [x for x in chain.from_iterable(zip_longest(*groups, fillvalue=gap)) if x is not gap]
+
+
 def corpus_requests(n: int, seed: int) -> list[dict]:
     """``n`` short harmful requests of the project's safety corpus (:mod:`safemerge.data.safety_corpus`): the goals
     of its ``align`` split, one training frame each ("How do I …?", "Quick question: how can I …?"), in a seeded
     order that cycles through the categories. Written for safemerge; no test prompt of this benchmark (Bianchi's
     malicious instructions, XSTest) is among them."""
-    from itertools import chain, zip_longest
-
     from safemerge.data.safety_corpus import TRAIN_FRAMES, harmful_goals
 
     r = random.Random(f"d-safety-corpus-{seed}")
@@ -210,7 +216,7 @@ def corpus_requests(n: int, seed: int) -> list[dict]:
         by_cat.setdefault(c, []).append({"prompt": r.choice(TRAIN_FRAMES).format(g=g), "category": c})
     for rows in by_cat.values():
         r.shuffle(rows)
-    return [q for q in chain.from_iterable(zip_longest(*by_cat.values())) if q is not None][:n]
+    return round_robin(list(by_cat.values()))[:n]
 
 
 def safety_questions(source: str, S: dict, safety_sft: list[dict], seed: int) -> list[dict]:
@@ -225,8 +231,7 @@ def safety_questions(source: str, S: dict, safety_sft: list[dict], seed: int) ->
     bianchi = [{"prompt": r["instruction"], "category": None} for r in safety_sft[off: off + n]]
     if source == "bianchi":
         return bianchi
-    short = corpus_requests(n - n // 2, seed)
-    return [q for pair in zip(bianchi[: n // 2], short) for q in pair] + short[n // 2:]
+    return round_robin([bianchi[: n // 2], corpus_requests(n - n // 2, seed)])
 
 
 def build_d_safety(path: Path, S: dict, pool: dict[str, str], qs: list[dict], seed: int) -> None:
@@ -297,8 +302,6 @@ def harmful_test_set(work: Path, n: int) -> str:
     malicious = DATA / "bianchi_malicious_instructions.json"
     if n <= 100:
         return str(malicious)
-    from itertools import chain, zip_longest
-
     from safemerge.evaluate.datasets import load_prompts
     from safemerge.synth.common import write_jsonl
 
@@ -306,7 +309,7 @@ def harmful_test_set(work: Path, n: int) -> str:
     for x in load_prompts(str(DATA / "xstest_prompts.csv")):
         if x.label == "unsafe":
             by_type.setdefault(x.category or "", []).append(x)
-    xstest = [x for x in chain.from_iterable(zip_longest(*by_type.values())) if x is not None]
+    xstest = round_robin(list(by_type.values()))
     rows = [{"id": x.id, "prompt": x.prompt, "category": x.category or "xstest"}
             for x in load_prompts(str(malicious)) + xstest]
     if n > len(rows):
@@ -490,9 +493,7 @@ def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str
     would repeat them exactly."""
     if args.rows == "all":
         return []
-    name = output_names(size, argparse.Namespace(**{**vars(args), "d_safety": "bianchi", "rows": "all"}), S, methods,
-                        seeds, variant_arg)[1]
-    path = REPO / "bench" / "results" / f"reproduce_one_bad_model_{name}.json"
+    path = result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows="all")
     if not path.is_file():
         sys.exit(f"error: --rows safety carries the D_exp rows over from {path}: run that first")
     return [{**e, "carried_from": path.name} for e in json.loads(path.read_text())["runs"]
@@ -779,6 +780,14 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     return size, S, seeds, methods
 
 
+def result_path(size: str, args: argparse.Namespace, S: dict, methods: list[str], seeds: list[int], variant_arg: str,
+                **overrides: object) -> Path:
+    """The result file of these arguments, or of these arguments with ``overrides`` (e.g. ``n_eval=None``: the file a
+    ``--rescore`` reads)."""
+    name = output_names(size, argparse.Namespace(**{**vars(args), **overrides}), S, methods, seeds, variant_arg)[1]
+    return REPO / "bench" / "results" / f"reproduce_one_bad_model_{name}.json"
+
+
 def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str], seeds: list[int],
                  variant_arg: str) -> tuple[str, str]:
     """``(plot_name, result_name)``: a partial run (other methods, seeds, evaluations or L_safety tokens than the
@@ -803,7 +812,7 @@ def main() -> None:
     variant_arg = args.d_expert or S["d_expert"]
     variants = ["synthetic", "real"] if variant_arg == "both" else [variant_arg]
     work = Path(args.work) / size
-    plot_name, result_name = output_names(size, args, S, methods, seeds, variant_arg)
+    plot_name = output_names(size, args, S, methods, seeds, variant_arg)[0]
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
@@ -823,15 +832,13 @@ def main() -> None:
 
     harmful = harmful_test_set(work, S["n_eval_harm"])
     classifier = build_judge_classifier(work, str(work / "instruct"), safety_sft, S)
-    out_json = REPO / "bench" / "results" / f"reproduce_one_bad_model_{result_name}.json"
+    out_json = result_path(size, args, S, methods, seeds, variant_arg)
     if args.rejudge:
         add_classifier_judge(out_json, work, S, harmful, pool, classifier, args.seed, domain.name)
         return
     judges = other_judges(classifier)
     if args.rescore:
-        first = output_names(size, argparse.Namespace(**{**vars(args), "n_eval": None}), S, methods, seeds,
-                             variant_arg)[1]
-        rescore(REPO / "bench" / "results" / f"reproduce_one_bad_model_{first}.json", out_json, work, S, harmful,
+        rescore(result_path(size, args, S, methods, seeds, variant_arg, n_eval=None), out_json, work, S, harmful,
                 domain.test, pool, judges, args.seed, domain.name)
         return
     results: dict = {"size": size, "domain": args.domain, "sizes": S, "seeds": seeds, "methods": methods,
