@@ -488,12 +488,13 @@ def row_plan(methods: list[str], seeds: list[int], seed: int, rows: str) -> list
 def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str], seeds: list[int],
                  variant_arg: str) -> list[dict]:
     """``--rows safety``: the grid and EvoMM-on-D_exp runs of the finished result file of the same arguments with the
-    default D_safety and all rows (a ``--rescore`` file when ``--n-eval`` is not the size's), each marked with
-    ``carried_from``; ``[]`` for ``--rows all``. These rows never see D_safety, so a search over another D_safety
-    would repeat them exactly."""
+    default D_safety, the paper's α and all rows (a ``--rescore`` file when ``--n-eval`` is not the size's), each
+    marked with ``carried_from``; ``[]`` for ``--rows all``. These rows never see D_safety, and α only scales a
+    D_exp-only objective (CMA-ES and the grid rank candidates), so a search over another D_safety or α would repeat
+    them exactly."""
     if args.rows == "all":
         return []
-    path = result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows="all")
+    path = result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows="all", alpha=PAPER_ALPHA)
     if not path.is_file():
         sys.exit(f"error: --rows safety carries the D_exp rows over from {path}: run that first")
     return [{**e, "carried_from": path.name} for e in json.loads(path.read_text())["runs"]
