@@ -488,13 +488,15 @@ def row_plan(methods: list[str], seeds: list[int], seed: int, rows: str) -> list
 def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str], seeds: list[int],
                  variant_arg: str) -> list[dict]:
     """``--rows safety``: the grid and EvoMM-on-D_exp runs of the finished result file of the same arguments with the
-    default D_safety, the paper's α and all rows (a ``--rescore`` file when ``--n-eval`` is not the size's), each
-    marked with ``carried_from``; ``[]`` for ``--rows all``. These rows never see D_safety, and α only scales a
-    D_exp-only objective (CMA-ES and the grid rank candidates), so a search over another D_safety or α would repeat
-    them exactly."""
+    default D_safety, the paper's α, the size's genome and all rows (a ``--rescore`` file when ``--n-eval`` is not the
+    size's), each marked with ``carried_from``; ``[]`` for ``--rows all``. These rows never see D_safety, and α only
+    scales a D_exp-only objective (CMA-ES and the grid rank candidates), so a search over another D_safety or α would
+    repeat them exactly. With ``--granularity``/``--filters`` the carried rows are the size's genome's: the reference
+    the target names (EvoMM on D_exp as the paper runs it), not a search over the finer genome."""
     if args.rows == "all":
         return []
-    path = result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows="all", alpha=PAPER_ALPHA)
+    path = result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows="all", alpha=PAPER_ALPHA,
+                       granularity=None, filters="")
     if not path.is_file():
         sys.exit(f"error: --rows safety carries the D_exp rows over from {path}: run that first")
     return [{**e, "carried_from": path.name} for e in json.loads(path.read_text())["runs"]
@@ -631,7 +633,8 @@ def genome_section(pool: dict[str, str], method: str, S: dict) -> dict:
     """The optimize config's ``genome`` of every search (base = aligned), also used to merge a recorded candidate
     again."""
     return {"models": [pool["aligned"], pool["expert"], pool["bad"]], "base_model": pool["aligned"],
-            "merge_method": method, "layer_granularity": S["granularity"], "normalize": False}
+            "merge_method": method, "layer_granularity": S["granularity"], "filters": S.get("filters", []),
+            "normalize": False}
 
 
 def evaluate_pool(pool: dict[str, str], work: Path, suffix: str, S: dict, harmful: str, utility: str, seed: int,
@@ -729,6 +732,11 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated merge methods: ties,dare_ties,slerp")
     ap.add_argument("--max-evals", type=int, default=None,
                     help="CMA-ES evaluations per EvoMM run (default: the size's; full: 100)")
+    ap.add_argument("--granularity", type=int, default=None,
+                    help="genome.layer_granularity: transformer blocks per gene group (default: the size's, 10)")
+    ap.add_argument("--filters", default="",
+                    help="comma-separated genome.filters, e.g. self_attn,mlp: separate genes per sub-module (TIES and "
+                         "DARE-TIES; mergekit-evolve's own option)")
     ap.add_argument("--safety-tokens", type=int, default=None,
                     help="objective.safety_tokens: L_safety over the first K answer tokens of each D_safety example "
                          "(default: all, the paper's Eq. 4)")
@@ -769,6 +777,9 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         S["max_evals"] = args.max_evals
     if args.n_eval is not None:
         S["n_eval_harm"] = S["n_eval_util"] = args.n_eval
+    if args.granularity is not None:
+        S["granularity"] = args.granularity
+    S["filters"] = [f.strip() for f in args.filters.split(",") if f.strip()]
     if args.rescore and args.n_eval is None:
         ap.error("--rescore needs --n-eval (the new number of prompts per row)")
     if args.rows == "safety" and (args.rescore or args.rejudge):
@@ -796,6 +807,8 @@ def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str
     default_seeds = [int(x) for x in SIZES[size]["seeds"].split(",")]
     partial = [("-".join(methods), methods != list(METHODS)), ("s" + "-".join(map(str, seeds)), seeds != default_seeds),
                (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"]),
+               (f"g{args.granularity}", args.granularity not in (None, SIZES[size]["granularity"])),
+               ("f" + "-".join(f.strip() for f in args.filters.split(",") if f.strip()), bool(args.filters.strip())),
                (f"st{args.safety_tokens}", args.safety_tokens is not None),
                (f"a{args.alpha:g}", args.alpha != PAPER_ALPHA),
                (f"n{args.n_eval}", args.n_eval is not None and args.n_eval != SIZES[size]["n_eval_harm"]),
