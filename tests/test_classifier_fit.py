@@ -127,6 +127,7 @@ def test_labelled_responses_are_read_from_jsonl_and_json(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     (tmp_path / "obj.json").write_text(json.dumps({"text": "a"}))
     (tmp_path / "nolabel.jsonl").write_text(json.dumps("just a string") + "\n")
-    for name, message in (("bad.jsonl", "cannot parse"), ("obj.json", "not a list"), ("nolabel.jsonl", "record 1")):
+    for name, message in (("bad.jsonl", "cannot parse"), ("obj.json", "not a list"),
+                          ("nolabel.jsonl", "nolabel.jsonl line 1")):
         with pytest.raises(SafemergeError, match=message):
             read_labelled_responses(tmp_path / name)

@@ -33,7 +33,7 @@ from safemerge.errors import SafemergeError
 from safemerge.evaluate.generate import check_weights
 from safemerge.io.checkpoint import refuse_custom_code
 from safemerge.io.output import atomic_output, check_output_path
-from safemerge.io.text import read_utf8
+from safemerge.io.text import read_json_records
 from safemerge.progress import progress_bar
 
 LABELS = {0: "safe", 1: "harmful"}
@@ -48,23 +48,15 @@ def read_labelled_responses(path: str | Path) -> tuple[list[str], list[int]]:
     records (``response`` for ``text``; labels also as 1/0 or true/false) — the layout of the ``fit_data.jsonl``
     a fit writes, so an audited file can be corrected and fitted again. A bad record is a one-line error naming
     its position."""
-    raw = read_utf8(path, "labelled-response file")
-    try:
-        records = json.loads(raw) if Path(path).suffix == ".json" else [json.loads(x) for x in raw.splitlines()
-                                                                         if x.strip()]
-    except ValueError as exc:
-        raise SafemergeError(f"cannot parse {str(path)!r} ({exc})", "give a JSONL file (or a .json list)") from None
-    if not isinstance(records, list):
-        raise SafemergeError(f"{str(path)!r} is not a list of records", "give a JSONL file (or a .json list)")
     texts: list[str] = []
     labels: list[int] = []
-    for i, rec in enumerate(records, start=1):
+    for rec, where in read_json_records(path, "labelled-response file"):
         if not isinstance(rec, dict):
             rec = {"text": rec}
         text = rec.get("text", rec.get("response"))
         label = LABEL_WORDS.get(str(rec.get("label")).strip().lower())
         if not isinstance(text, str) or label is None:
-            raise SafemergeError(f"record {i} of {str(path)!r} needs a text and a label harmful|safe, got "
+            raise SafemergeError(f"{where} needs a text and a label harmful|safe, got "
                                  f"{ {k: str(v)[:40] for k, v in rec.items()} }",
                                  'write one {"text": ..., "label": "harmful" | "safe"} object per line')
         texts.append(text)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from safemerge.errors import SafemergeError, option
 from safemerge.evaluate.generate import load_generator as load_harness_generator
 from safemerge.evaluate.judges import get_judge
-from safemerge.io.text import read_utf8
+from safemerge.io.text import read_json_records, read_utf8
 from safemerge.options import RunOptions
 
 QUESTION_KEYS = ("Question", "question", "prompt", "instruction", "Prompt", "Instruction", "input", "query")
@@ -146,37 +146,18 @@ def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]], *, force: b
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSONL, JSON (list, or dict with a list under ``data``/``rows``) or text file (one question per line).
+    """Read a JSONL or JSON file (:func:`safemerge.io.text.read_json_records`) or a text file (one question per line).
 
-    Text lines become ``{"prompt": line}``; JSON strings become ``{"prompt": s}``.
+    Text lines become ``{"prompt": line}``; JSON strings become ``{"prompt": s}``; other JSON values are skipped.
     """
     p = Path(path).expanduser()
     if not p.is_file():
         raise SafemergeError(f"data file {str(path)!r} does not exist", "check the path")
-
-    text = read_utf8(p, "data file")
-    rows: list[Any]
-    try:
-        if p.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        elif p.suffix == ".json":
-            obj = json.loads(text)
-            if isinstance(obj, dict):
-                obj = next((obj[k] for k in ("data", "rows", "examples", "instances") if isinstance(obj.get(k), list)),
-                           list(obj.values()))
-            rows = list(obj)
-        else:
-            rows = [line.strip() for line in text.splitlines() if line.strip()]
-    except ValueError as exc:
-        raise SafemergeError(f"cannot parse {str(path)!r} ({exc})",
-                             "give a valid JSON, JSONL or one-question-per-line text file") from exc
-    out: list[dict[str, Any]] = []
-    for r in rows:
-        if isinstance(r, str):
-            out.append({"prompt": r})
-        elif isinstance(r, dict):
-            out.append(r)
-    return out
+    if p.suffix.lower() in (".json", ".jsonl"):
+        rows = [rec for rec, _ in read_json_records(p, "data file")]
+    else:
+        rows = [line.strip() for line in read_utf8(p, "data file").splitlines() if line.strip()]
+    return [{"prompt": r} if isinstance(r, str) else r for r in rows if isinstance(r, (str, dict))]
 
 
 def record_question(rec: dict[str, Any]) -> str | None:

@@ -11,7 +11,6 @@ Accepted record shapes (one per line in JSONL, or a JSON list):
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,37 +76,12 @@ def _read_file(path: Path) -> list[tuple[Any, str]]:
         raise SafemergeError(f"data file {str(path)!r} does not exist", "check the --data path")
     if path.is_dir():
         raise SafemergeError(f"data path {str(path)!r} is a directory", "pass a .jsonl or .json file")
-    from safemerge.io.checkpoint import require_regular_file
+    from safemerge.io.text import read_json_records
 
-    require_regular_file(path, "data file")  # never open a named pipe or device (it would block)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SafemergeError(f"cannot read {path} ({exc})", "pass a UTF-8 .jsonl or .json file") from exc
-    if not text.strip():
+    records = read_json_records(path, "data file")
+    if not records:
         raise SafemergeError(f"data file {path} is empty", "add one JSON record per line")
-    stripped = text.lstrip()
-    if path.suffix == ".json" or stripped.startswith("["):
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise SafemergeError(f"{path} is not valid JSON ({exc})",
-                                 "fix the file, or use JSONL (one object per line)") from exc
-        if isinstance(data, Mapping) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise SafemergeError(f"{path}: expected a JSON list of records", "wrap the records in [ ... ]")
-        return [(rec, f"{path.name} record {i}") for i, rec in enumerate(data)]
-    out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append((json.loads(line), f"{path.name} line {lineno}"))
-        except ValueError as exc:
-            raise SafemergeError(f"{path} line {lineno} is not valid JSON ({exc.args[0] if exc.args else exc})",
-                                 "one JSON object per line") from exc
-    return out
+    return records
 
 
 def load_sft_records(data: str | Path | Iterable[Any]) -> list[SFTRecord]:
