@@ -472,7 +472,8 @@ def cocktail_pool_parts(run_dir: Path, pool: dict[str, str]) -> dict[str, dict]:
 def row_plan(methods: list[str], seeds: list[int], seed: int, rows: str) -> list[tuple[str, str, str, str, str, int]]:
     """Table 1's searched rows in order: ``(label, data label, strategy, method, "only" | "both", seed)`` — per method
     the grid search and EvoMM on D_exp and on D_exp ∪ D_safe under every seed, then LM-Cocktail both ways.
-    ``rows="safety"`` keeps the rows on D_exp ∪ D_safe only."""
+    ``rows="safety"`` keeps the rows on D_exp ∪ D_safe only, ``rows="evomm"`` only EvoMM's (no LM-Cocktail: its
+    run does not depend on the method or the EvoMM seeds)."""
     from safemerge.optimize.report import method_label
 
     plan = []
@@ -482,7 +483,9 @@ def row_plan(methods: list[str], seeds: list[int], seed: int, rows: str) -> list
             plan += [(method_label("evomm", method) + mark, data_lbl, "evomm", method, key, s) for s in seeds]
     plan += [("LM-Cocktail", "D_exp", "cocktail", "ties", "only", seed),
              ("LM-Cocktail (ours)", "D_exp ∪ D_safe", "cocktail", "ties", "both", seed)]
-    return plan if rows == "all" else [p for p in plan if p[4] == "both"]
+    if rows == "all":
+        return plan
+    return [p for p in plan if p[4] == "both" and (rows == "safety" or p[2] == "evomm")]
 
 
 def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str], seeds: list[int],
@@ -494,7 +497,7 @@ def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str
     repeat them exactly. With ``--granularity``/``--filters`` the carried rows are the size's genome's: the reference
     the target names (EvoMM on D_exp as the paper runs it), not a search over the finer genome."""
     if args.rows == "all":
-        return []
+        return []  # --rows safety / evomm
     path = result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows="all", alpha=PAPER_ALPHA,
                        granularity=None, filters="")
     if not path.is_file():
@@ -759,10 +762,11 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap.add_argument("--d-safety", choices=("bianchi", "mixed"), default="bianchi",
                     help="D_safety's harmful questions: held-out Bianchi et al. instructions (default), or half of "
                          "those and half short everyday requests of the project's safety corpus (two prompt styles)")
-    ap.add_argument("--rows", choices=("all", "safety"), default="all",
+    ap.add_argument("--rows", choices=("all", "safety", "evomm"), default="all",
                     help="safety: run only the rows that use D_safety (EvoMM and LM-Cocktail on D_exp ∪ D_safe); the "
                          "grid and EvoMM-on-D_exp rows, which do not depend on D_safety, are carried over from the "
-                         "finished result file of the same arguments with --d-safety bianchi --rows all")
+                         "finished result file of the same arguments with --d-safety bianchi --rows all; evomm: as "
+                         "safety without LM-Cocktail (more EvoMM seeds)")
     ap.add_argument("--rejudge", action="store_true",
                     help="add the classifier judge to the finished result file of the same arguments (re-judges the "
                          "cached generations of every row of the same --work; no search)")
@@ -782,7 +786,7 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     S["filters"] = [f.strip() for f in args.filters.split(",") if f.strip()]
     if args.rescore and args.n_eval is None:
         ap.error("--rescore needs --n-eval (the new number of prompts per row)")
-    if args.rows == "safety" and (args.rescore or args.rejudge):
+    if args.rows != "all" and (args.rescore or args.rejudge):
         ap.error("--rows safety runs searches; --rescore and --rejudge read a finished result file")
     seeds = [int(x) for x in (args.seeds or S["seeds"]).split(",") if x.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -800,6 +804,17 @@ def result_path(size: str, args: argparse.Namespace, S: dict, methods: list[str]
     return REPO / "bench" / "results" / f"reproduce_one_bad_model_{name}.json"
 
 
+def cocktail_dir(size: str, args: argparse.Namespace, S: dict, methods: list[str], variant_arg: str, variant: str,
+                 work: Path) -> Path:
+    """The LM-Cocktail (ours) run whose trace holds the pool models' objective parts: this invocation's, or with
+    ``--rows evomm`` (no LM-Cocktail) the one a ``--rows safety`` run of the same settings left in the work dir
+    (none: the search plot has no pool lines)."""
+    rows = "safety" if args.rows == "evomm" else args.rows
+    plot_name = output_names(size, argparse.Namespace(**{**vars(args), "rows": rows}), S, methods,
+                             [int(x) for x in SIZES[size]["seeds"].split(",")], variant_arg)[0]
+    return work / "runs" / f"{plot_name}_{variant}_ties_cocktail_both_s{args.seed}"
+
+
 def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str], seeds: list[int],
                  variant_arg: str) -> tuple[str, str]:
     """``(plot_name, result_name)``: a partial run (other methods, seeds, evaluations or L_safety tokens than the
@@ -812,7 +827,8 @@ def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str
                (f"st{args.safety_tokens}", args.safety_tokens is not None),
                (f"a{args.alpha:g}", args.alpha != PAPER_ALPHA),
                (f"n{args.n_eval}", args.n_eval is not None and args.n_eval != SIZES[size]["n_eval_harm"]),
-               (f"ds{args.d_safety}", args.d_safety != "bianchi"), ("ours", args.rows == "safety")]
+               (f"ds{args.d_safety}", args.d_safety != "bianchi"), ("ours", args.rows != "all"),
+               ("evomm", args.rows == "evomm")]
     plot_name = "_".join([size, args.domain] + [part for part, differs in partial if differs])  # + _{variant}
     return plot_name, plot_name + (f"_{variant_arg}" if variant_arg != SIZES[size]["d_expert"] else "")
 
@@ -903,8 +919,7 @@ def main() -> None:
         rows = list(pool_rows) + [e["row"] for e in old]
         for label, data_lbl, strategy, method, key, seed in row_plan(methods, seeds, args.seed, args.rows):
             rows.append(run(label, data_lbl, strategy, method, both if key == "both" else only, seed, variant))
-        add_search_limits(results["runs"], variant,
-                          work / "runs" / f"{plot_name}_{variant}_ties_cocktail_both_s{args.seed}",
+        add_search_limits(results["runs"], variant, cocktail_dir(size, args, S, methods, variant_arg, variant, work),
                           pool)
         plot_search_limits(results["runs"], variant,
                            REPO / "bench" / "results" / f"one_bad_model_search_{plot_name}_{variant}.png")
