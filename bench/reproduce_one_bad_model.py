@@ -783,11 +783,11 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         S["n_eval_harm"] = S["n_eval_util"] = args.n_eval
     if args.granularity is not None:
         S["granularity"] = args.granularity
-    S["filters"] = [f.strip() for f in args.filters.split(",") if f.strip()]
+    S["filters"] = filter_list(args.filters)
     if args.rescore and args.n_eval is None:
         ap.error("--rescore needs --n-eval (the new number of prompts per row)")
     if args.rows != "all" and (args.rescore or args.rejudge):
-        ap.error("--rows safety runs searches; --rescore and --rejudge read a finished result file")
+        ap.error("--rows safety|evomm runs searches; --rescore and --rejudge read a finished result file")
     seeds = [int(x) for x in (args.seeds or S["seeds"]).split(",") if x.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -804,14 +804,24 @@ def result_path(size: str, args: argparse.Namespace, S: dict, methods: list[str]
     return REPO / "bench" / "results" / f"reproduce_one_bad_model_{name}.json"
 
 
+def size_seeds(size: str) -> list[int]:
+    """The EvoMM seeds a size runs by default (``--seeds`` overrides)."""
+    return [int(x) for x in SIZES[size]["seeds"].split(",")]
+
+
+def filter_list(text: str) -> list[str]:
+    """``--filters``' comma-separated sub-module names."""
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
 def cocktail_dir(size: str, args: argparse.Namespace, S: dict, methods: list[str], variant_arg: str, variant: str,
                  work: Path) -> Path:
     """The LM-Cocktail (ours) run whose trace holds the pool models' objective parts: this invocation's, or with
     ``--rows evomm`` (no LM-Cocktail) the one a ``--rows safety`` run of the same settings left in the work dir
     (none: the search plot has no pool lines)."""
     rows = "safety" if args.rows == "evomm" else args.rows
-    plot_name = output_names(size, argparse.Namespace(**{**vars(args), "rows": rows}), S, methods,
-                             [int(x) for x in SIZES[size]["seeds"].split(",")], variant_arg)[0]
+    plot_name = output_names(size, argparse.Namespace(**{**vars(args), "rows": rows}), S, methods, size_seeds(size),
+                             variant_arg)[0]
     return work / "runs" / f"{plot_name}_{variant}_ties_cocktail_both_s{args.seed}"
 
 
@@ -819,11 +829,11 @@ def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str
                  variant_arg: str) -> tuple[str, str]:
     """``(plot_name, result_name)``: a partial run (other methods, seeds, evaluations or L_safety tokens than the
     size's) gets its own result file and plots."""
-    default_seeds = [int(x) for x in SIZES[size]["seeds"].split(",")]
-    partial = [("-".join(methods), methods != list(METHODS)), ("s" + "-".join(map(str, seeds)), seeds != default_seeds),
+    partial = [("-".join(methods), methods != list(METHODS)),
+               ("s" + "-".join(map(str, seeds)), seeds != size_seeds(size)),
                (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"]),
                (f"g{args.granularity}", args.granularity not in (None, SIZES[size]["granularity"])),
-               ("f" + "-".join(f.strip() for f in args.filters.split(",") if f.strip()), bool(args.filters.strip())),
+               ("f" + "-".join(filter_list(args.filters)), bool(filter_list(args.filters))),
                (f"st{args.safety_tokens}", args.safety_tokens is not None),
                (f"a{args.alpha:g}", args.alpha != PAPER_ALPHA),
                (f"n{args.n_eval}", args.n_eval is not None and args.n_eval != SIZES[size]["n_eval_harm"]),
