@@ -490,16 +490,17 @@ def row_plan(methods: list[str], seeds: list[int], seed: int, rows: str) -> list
 
 def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str], seeds: list[int],
                  variant_arg: str) -> list[dict]:
-    """``--rows safety``: the grid and EvoMM-on-D_exp runs of the finished result file of the same arguments with the
-    default D_safety, the paper's α, the size's genome and all rows (a ``--rescore`` file when ``--n-eval`` is not the
-    size's), each marked with ``carried_from``; ``[]`` for ``--rows all``. These rows never see D_safety, and α only
-    scales a D_exp-only objective (CMA-ES and the grid rank candidates), so a search over another D_safety or α would
-    repeat them exactly. With ``--granularity``/``--filters`` the carried rows are the size's genome's: the reference
-    the target names (EvoMM on D_exp as the paper runs it), not a search over the finer genome."""
+    """``--rows safety|evomm``: the grid and EvoMM-on-D_exp runs of the finished result file of the same arguments
+    with the default D_safety, the paper's α, the size's genome and D_safety sample and all rows (a ``--rescore`` file
+    when ``--n-eval`` is not the size's), each marked with ``carried_from``; ``[]`` for ``--rows all``. These rows
+    never see D_safety, and α only scales a D_exp-only objective (CMA-ES and the grid rank candidates), so a search
+    over another D_safety or α would repeat them exactly. With ``--granularity``/``--filters`` the carried rows are
+    the size's genome's: the reference the target names (EvoMM on D_exp as the paper runs it), not a search over the
+    finer genome."""
     if args.rows == "all":
         return []  # --rows safety / evomm
     path = result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows="all", alpha=PAPER_ALPHA,
-                       granularity=None, filters="")
+                       granularity=None, filters="", n_safety=None)
     if not path.is_file():
         sys.exit(f"error: --rows safety carries the D_exp rows over from {path}: run that first")
     return [{**e, "carried_from": path.name} for e in json.loads(path.read_text())["runs"]
@@ -740,6 +741,9 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap.add_argument("--filters", default="",
                     help="comma-separated genome.filters, e.g. self_attn,mlp: separate genes per sub-module (TIES and "
                          "DARE-TIES; mergekit-evolve's own option)")
+    ap.add_argument("--n-safety", type=int, default=None,
+                    help="D_safety examples in the objective's sample (data.n_safety; default: the size's n_obj, 24 "
+                         "of medium's 64; larger = less sampling noise in L_safety, slower candidates)")
     ap.add_argument("--safety-tokens", type=int, default=None,
                     help="objective.safety_tokens: L_safety over the first K answer tokens of each D_safety example "
                          "(default: all, the paper's Eq. 4)")
@@ -783,6 +787,7 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         S["n_eval_harm"] = S["n_eval_util"] = args.n_eval
     if args.granularity is not None:
         S["granularity"] = args.granularity
+    S["n_safety"] = args.n_safety or S["n_obj"]
     S["filters"] = filter_list(args.filters)
     if args.rescore and args.n_eval is None:
         ap.error("--rescore needs --n-eval (the new number of prompts per row)")
@@ -834,6 +839,7 @@ def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str
                (f"e{S['max_evals']}", S["max_evals"] != SIZES[size]["max_evals"]),
                (f"g{args.granularity}", args.granularity not in (None, SIZES[size]["granularity"])),
                ("f" + "-".join(filter_list(args.filters)), bool(filter_list(args.filters))),
+               (f"ns{args.n_safety}", args.n_safety not in (None, SIZES[size]["n_obj"])),
                (f"st{args.safety_tokens}", args.safety_tokens is not None),
                (f"a{args.alpha:g}", args.alpha != PAPER_ALPHA),
                (f"n{args.n_eval}", args.n_eval is not None and args.n_eval != SIZES[size]["n_eval_harm"]),
@@ -923,7 +929,8 @@ def main() -> None:
             results["notes"].append(f"D_expert ({variant}): no record survived; its table is skipped")
             continue
         only = {"expert": [str(d_exp)], "n_expert": S["n_obj"]}
-        both = {"safety": [str(d_safe)], "expert": [str(d_exp)], "n_safety": S["n_obj"], "n_expert": S["n_obj"]}
+        both = {"safety": [str(d_safe)], "expert": [str(d_exp)], "n_safety": S["n_safety"],
+                "n_expert": S["n_obj"]}
         old = [e for e in carried if e["variant"] == variant]
         results["runs"] += old
         rows = list(pool_rows) + [e["row"] for e in old]
