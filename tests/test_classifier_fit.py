@@ -106,7 +106,7 @@ def test_fit_judge_command_reads_labelled_records_and_refuses_bad_input(tiny_lm,
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "a cannot", "label": "safe"}) + "\n" + json.dumps({"text": "x"}) + "\n")
-    for args, message in [(("-d", bad, "-o", tmp_path / "j2"), "record 2"),
+    for args, message in [(("-d", bad, "-o", tmp_path / "j2"), "bad.jsonl line 2"),
                           (("-d", data, "-o", out), "already exists"),
                           (("-d", data, "-o", data), "input"),
                           (("-d", data, "-o", tiny_lm / "clf"), "input")]:
