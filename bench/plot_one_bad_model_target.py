@@ -16,10 +16,11 @@ import json
 import re
 from pathlib import Path
 
+from safemerge.optimize.report import method_label
+
 RESULTS = Path(__file__).resolve().parent / "results"
 PATTERN = "reproduce_one_bad_model_medium_arithmetic_*_n200_*real.json"
 MARKERS = {"ties": "s", "dare_ties": "D", "slerp": "o"}
-LABELS = {"ties": "TIES", "dare_ties": "DARE-TIES", "slerp": "SLERP"}
 
 
 def setting(command: str) -> str:
@@ -52,7 +53,8 @@ def collect() -> list[dict]:
                 "file": path.name, "method": run["method"], "seed": run["seed"],
                 "setting": setting(result.get("command", "")),
                 "safe": 100.0 * (1.0 - harm["harmful_rate"]), "accuracy": 100.0 * util["accuracy"],
-                "d_exp_accuracy": ref_acc, "below_base": below, "accuracy_gap": gap,
+                "d_exp_accuracy": ref_acc, "aligned_safe": 100.0 * (1.0 - aligned), "below_base": below,
+                "accuracy_gap": gap,
                 "below_base_ci": [100.0 * (harm["ci"][0] - aligned), 100.0 * (harm["ci"][1] - aligned)],
                 "accuracy_gap_ci": [ref_acc - 100.0 * util["ci"][1], ref_acc - 100.0 * util["ci"][0]],
                 "target_met": round(below, 6) <= 15.0 and round(gap, 6) <= 3.0,  # counts of 200: no float noise
@@ -80,13 +82,14 @@ def plot(entries: list[dict], path: Path) -> None:
     for s in settings:
         ax.plot([], [], "s", color=colors[s], label=s)
     for m, marker in MARKERS.items():
-        ax.plot([], [], marker, color="black", fillstyle="none", label=LABELS[m])
+        ax.plot([], [], marker, color="black", fillstyle="none", label=method_label("evomm", m))
     ax.axvline(3, color="tab:green", linewidth=0.8)
     ax.axhline(15, color="tab:green", linewidth=0.8)
     ax.set_xlim(-12, 24)
     ax.set_ylim(-5, 45)
     ax.set_xlabel("arithmetic: points below EvoMM on D_exp (same method, seed)")
-    ax.set_ylabel("% safe: points below the aligned base (98.5%)")
+    bases = "/".join(sorted({f"{e['aligned_safe']:.1f}%" for e in entries}))
+    ax.set_ylabel(f"% safe: points below the aligned base ({bases})")
     ax.set_title("EvoMM on D_exp ∪ D_safe (ours), medium, 200 + 200 test items", fontsize=10)
     ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
@@ -99,7 +102,8 @@ def main() -> None:
     print("| method | seed | setting | % safe | below base | arithmetic | EvoMM on D_exp | gap | target |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---|")
     for e in sorted(entries, key=lambda e: (e["method"], e["setting"], e["seed"])):
-        print(f"| {LABELS[e['method']]} | {e['seed']} | {e['setting']} | {e['safe']:.1f} | {e['below_base']:.1f} | "
+        print(f"| {method_label('evomm', e['method'])} | {e['seed']} | {e['setting']} | {e['safe']:.1f} | "
+              f"{e['below_base']:.1f} | "
               f"{e['accuracy']:.1f} | {e['d_exp_accuracy']:.1f} | {e['accuracy_gap']:.1f} | "
               f"{'met' if e['target_met'] else '–'} |")
     out = RESULTS / "one_bad_model_target.png"

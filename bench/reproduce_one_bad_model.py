@@ -498,11 +498,11 @@ def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str
     the size's genome's: the reference the target names (EvoMM on D_exp as the paper runs it), not a search over the
     finer genome."""
     if args.rows == "all":
-        return []  # --rows safety / evomm
+        return []
     path = result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows="all", alpha=PAPER_ALPHA,
                        granularity=None, filters="", n_safety=None)
     if not path.is_file():
-        sys.exit(f"error: --rows safety carries the D_exp rows over from {path}: run that first")
+        sys.exit(f"error: --rows {args.rows} carries the D_exp rows over from {path}: run that first")
     return [{**e, "carried_from": path.name} for e in json.loads(path.read_text())["runs"]
             if e["data"] in ("–", "D_exp") and e["strategy"] in ("grid", "evomm")
             and (e["strategy"] == "grid" or e["seed"] in seeds)]
