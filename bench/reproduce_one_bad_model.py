@@ -47,9 +47,15 @@ test split, each with the harness's 95% bootstrap interval; EvoMM rows give mean
     HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --size medium --methods slerp --max-evals 100 \
         --safety-tokens 4 --d-expert real --n-eval 200 --d-safety mixed --rows safety
 
+    # another seed: its EvoMM-on-D_exp reference first, then EvoMM on D_exp ∪ D_safe with the paper's α ablation
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --size medium --methods ties --max-evals 100 \
+        --safety-tokens 4 --d-expert real --n-eval 200 --seeds 1 --rows expert
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/reproduce_one_bad_model.py --size medium --methods ties --max-evals 100 \
+        --safety-tokens 4 --d-expert real --n-eval 200 --seeds 1 --d-safety mixed --alpha 1 --rows evomm
+
 Writes ``bench/results/reproduce_one_bad_model_{size}_{domain}[_{parts}].json`` (``parts`` names what differs from
 the size's defaults: methods, seeds, ``e{max_evals}``, ``st{safety_tokens}``, ``a{alpha}``, ``n{n_eval}``,
-``ds{d_safety}``, ``ours`` for ``--rows safety``), one search
+``ds{d_safety}``, ``ours`` for ``--rows safety|evomm``, ``evomm``, ``exp`` for ``--rows expert``), one search
 plot per D_expert variant (``one_bad_model_search_*.png``), and prints the tables.
 """
 from __future__ import annotations
@@ -473,7 +479,7 @@ def row_plan(methods: list[str], seeds: list[int], seed: int, rows: str) -> list
     """Table 1's searched rows in order: ``(label, data label, strategy, method, "only" | "both", seed)`` — per method
     the grid search and EvoMM on D_exp and on D_exp ∪ D_safe under every seed, then LM-Cocktail both ways.
     ``rows="safety"`` keeps the rows on D_exp ∪ D_safe only, ``rows="evomm"`` only EvoMM's (no LM-Cocktail: its
-    run does not depend on the method or the EvoMM seeds)."""
+    run does not depend on the method or the EvoMM seeds), ``rows="expert"`` only EvoMM's on D_exp."""
     from safemerge.optimize.report import method_label
 
     plan = []
@@ -485,6 +491,8 @@ def row_plan(methods: list[str], seeds: list[int], seed: int, rows: str) -> list
              ("LM-Cocktail (ours)", "D_exp ∪ D_safe", "cocktail", "ties", "both", seed)]
     if rows == "all":
         return plan
+    if rows == "expert":
+        return [p for p in plan if p[4] == "only" and p[2] == "evomm"]
     return [p for p in plan if p[4] == "both" and (rows == "safety" or p[2] == "evomm")]
 
 
@@ -492,17 +500,20 @@ def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str
                  variant_arg: str) -> list[dict]:
     """``--rows safety|evomm``: the grid and EvoMM-on-D_exp runs of the finished result file of the same arguments
     with the default D_safety, the paper's α, the size's genome and D_safety sample and all rows (a ``--rescore`` file
-    when ``--n-eval`` is not the size's), each marked with ``carried_from``; ``[]`` for ``--rows all``. These rows
+    when ``--n-eval`` is not the size's; else the ``--rows expert`` file of the same arguments), each marked with
+    ``carried_from``; ``[]`` for ``--rows all|expert``. These rows
     never see D_safety, and α only scales a D_exp-only objective (CMA-ES and the grid rank candidates), so a search
     over another D_safety or α would repeat them exactly. With ``--granularity``/``--filters`` the carried rows are
     the size's genome's: the reference the target names (EvoMM on D_exp as the paper runs it), not a search over the
     finer genome."""
-    if args.rows == "all":
+    if args.rows in ("all", "expert"):
         return []
-    path = result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows="all", alpha=PAPER_ALPHA,
-                       granularity=None, filters="", n_safety=None)
-    if not path.is_file():
-        sys.exit(f"error: --rows {args.rows} carries the D_exp rows over from {path}: run that first")
+    paths = [result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows=rows, alpha=PAPER_ALPHA,
+                         granularity=None, filters="", n_safety=None) for rows in ("all", "expert")]
+    path = next((p for p in paths if p.is_file()), None)
+    if path is None:
+        sys.exit(f"error: --rows {args.rows} carries the D_exp rows over from {paths[0]} (or {paths[1].name}): "
+                 "run that first")
     return [{**e, "carried_from": path.name} for e in json.loads(path.read_text())["runs"]
             if e["data"] in ("–", "D_exp") and e["strategy"] in ("grid", "evomm")
             and (e["strategy"] == "grid" or e["seed"] in seeds)]
@@ -766,11 +777,12 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap.add_argument("--d-safety", choices=("bianchi", "mixed"), default="bianchi",
                     help="D_safety's harmful questions: held-out Bianchi et al. instructions (default), or half of "
                          "those and half short everyday requests of the project's safety corpus (two prompt styles)")
-    ap.add_argument("--rows", choices=("all", "safety", "evomm"), default="all",
+    ap.add_argument("--rows", choices=("all", "safety", "evomm", "expert"), default="all",
                     help="safety: run only the rows that use D_safety (EvoMM and LM-Cocktail on D_exp ∪ D_safe); the "
                          "grid and EvoMM-on-D_exp rows, which do not depend on D_safety, are carried over from the "
-                         "finished result file of the same arguments with --d-safety bianchi --rows all; evomm: as "
-                         "safety without LM-Cocktail (more EvoMM seeds)")
+                         "finished result file of the same arguments with --d-safety bianchi --rows all (or, without "
+                         "it, --rows expert); evomm: as safety without LM-Cocktail (more EvoMM seeds); expert: only "
+                         "the EvoMM-on-D_exp rows (the reference of more seeds, for a later --rows evomm)")
     ap.add_argument("--rejudge", action="store_true",
                     help="add the classifier judge to the finished result file of the same arguments (re-judges the "
                          "cached generations of every row of the same --work; no search)")
@@ -792,7 +804,11 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     if args.rescore and args.n_eval is None:
         ap.error("--rescore needs --n-eval (the new number of prompts per row)")
     if args.rows != "all" and (args.rescore or args.rejudge):
-        ap.error("--rows safety|evomm runs searches; --rescore and --rejudge read a finished result file")
+        ap.error("--rows safety|evomm|expert runs searches; --rescore and --rejudge read a finished result file")
+    if args.rows == "expert" and (args.d_safety != "bianchi" or args.alpha != PAPER_ALPHA or args.n_safety
+                                  or args.granularity or args.filters):
+        ap.error("--rows expert runs the EvoMM-on-D_exp rows, the reference the target names: they never see "
+                 "D_safety, so leave --d-safety, --alpha, --n-safety, --granularity and --filters at their defaults")
     seeds = [int(x) for x in (args.seeds or S["seeds"]).split(",") if x.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -843,8 +859,8 @@ def output_names(size: str, args: argparse.Namespace, S: dict, methods: list[str
                (f"st{args.safety_tokens}", args.safety_tokens is not None),
                (f"a{args.alpha:g}", args.alpha != PAPER_ALPHA),
                (f"n{args.n_eval}", args.n_eval is not None and args.n_eval != SIZES[size]["n_eval_harm"]),
-               (f"ds{args.d_safety}", args.d_safety != "bianchi"), ("ours", args.rows != "all"),
-               ("evomm", args.rows == "evomm")]
+               (f"ds{args.d_safety}", args.d_safety != "bianchi"), ("ours", args.rows in ("safety", "evomm")),
+               ("evomm", args.rows == "evomm"), ("exp", args.rows == "expert")]
     plot_name = "_".join([size, args.domain] + [part for part, differs in partial if differs])  # + _{variant}
     return plot_name, plot_name + (f"_{variant_arg}" if variant_arg != SIZES[size]["d_expert"] else "")
 
