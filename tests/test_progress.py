@@ -53,3 +53,31 @@ def test_safety_commands_progress_callback_uses_the_builder(monkeypatch) -> None
     with progress_callback(True) as cb:
         cb("merge", 1, 2)
     assert seen["total"] is None and seen["transient"] is True and seen["enabled"] is True
+
+
+def test_a_log_file_gets_progress_lines_while_the_work_runs(monkeypatch, capsys) -> None:
+    """stderr is captured here, not a terminal: rich would print the bar only at the end, so the bar logs its
+    state as plain lines while it runs (every LOG_INTERVAL_S seconds; 0 here)."""
+    import safemerge.progress as P
+
+    monkeypatch.setattr(P, "LOG_INTERVAL_S", 0.0)
+    with progress_bar("train-lora", total=4, enabled=True, unit="steps", fields=("loss",)) as bar:
+        capsys.readouterr()
+        bar.advance(n=1, loss="2.500")
+        first = capsys.readouterr().err
+        bar.advance(n=1, loss="2.100")
+        second = capsys.readouterr().err
+    assert "train-lora" in first and "1/4" in first and "loss 2.500" in first
+    assert "2/4" in second and "loss 2.100" in second
+
+
+def test_a_log_file_is_not_flooded(monkeypatch, capsys) -> None:
+    import safemerge.progress as P
+
+    monkeypatch.setattr(P, "LOG_INTERVAL_S", 3600.0)
+    with progress_bar("generating", total=100, enabled=True, unit="prompts") as bar:
+        capsys.readouterr()
+        for _ in range(100):
+            bar.advance()
+        during = capsys.readouterr().err
+    assert during == ""

@@ -1,4 +1,8 @@
-"""Progress bars on stderr (rich), with a no-op variant for quiet runs and tests."""
+"""Progress bars on stderr (rich), with a no-op variant for quiet runs and tests.
+
+On a terminal the bars redraw in place. When stderr is a file or a pipe (``make demo > log``, CI) rich draws
+nothing until the work ends, so a 30-minute training step would leave the log silent: there the same bars are
+printed as plain lines at most every :data:`LOG_INTERVAL_S` seconds, and once more at the end."""
 from __future__ import annotations
 
 import math
@@ -15,6 +19,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 _SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+#: seconds between two progress lines when stderr is not a terminal (the bars are not redrawn there)
+LOG_INTERVAL_S = 60.0
 
 StageCallback = Callable[[str, int, int], None]
 """A ``(stage, done, total)`` progress report: what the safety API and LoRA extraction call as they work (the
@@ -42,6 +49,17 @@ class Bar:
         self._total_bytes = total_bytes
         self._fields = fields
         self._stages: dict[str, Any] = {}
+        # not a terminal: rich shows nothing until the end, so log the bars' state now and then
+        self._log_every = LOG_INTERVAL_S if progress is not None and not progress.console.is_terminal else None
+        self._last_log = time.monotonic()
+
+    def _log_if_due(self) -> None:
+        """Print the bars as plain lines when :data:`LOG_INTERVAL_S` has passed since the last (non-terminal
+        stderr only; called with the lock held)."""
+        if self._log_every is None or time.monotonic() - self._last_log < self._log_every:
+            return
+        self._last_log = time.monotonic()
+        self._p.console.print(self._p.get_renderable())
 
     def advance(self, job: Any = None, n: int = 1, **fields: Any) -> None:
         if self._p is None:
@@ -51,11 +69,13 @@ class Bar:
                 self._done_bytes += math.prod(job.shape) * _SIZES.get(getattr(job, "out_dtype", "float32"), 4)
                 fields["size"] = f"{human_bytes(self._done_bytes)}/{human_bytes(self._total_bytes)}"
             self._p.update(self._t, advance=n, **fields)
+            self._log_if_due()
 
     def update(self, **fields: Any) -> None:
         if self._p is not None:
             with self._lock:
                 self._p.update(self._t, **fields)
+                self._log_if_due()
 
     def stage(self, stage: str, done: int, total: int) -> None:
         """A ``(stage, done, total)`` callback (the safety API's ``progress``): one line per stage, added when
@@ -66,6 +86,7 @@ class Bar:
             if stage not in self._stages:
                 self._stages[stage] = self._p.add_task(stage, total=total, size="", **dict.fromkeys(self._fields, "—"))
             self._p.update(self._stages[stage], completed=done, total=total)
+            self._log_if_due()
 
 
 @contextmanager
