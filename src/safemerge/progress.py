@@ -50,7 +50,8 @@ class Bar:
         self._fields = fields
         self._stages: dict[str, Any] = {}
         # not a terminal: rich shows nothing until the end, so log the bars' state now and then
-        self._log_every = LOG_INTERVAL_S if progress is not None and not progress.console.is_terminal else None
+        redraws = progress is not None and (progress.console.is_terminal or progress.console.is_jupyter)
+        self._log_every = LOG_INTERVAL_S if progress is not None and not redraws else None
         self._last_log = time.monotonic()
 
     def _log_if_due(self) -> None:
