@@ -105,9 +105,12 @@ def test_lm_cocktail_weights_equal_the_formula(world, tmp_path):
     obj = AnswerCEObjective(AutoTokenizer.from_pretrained(world["aligned"]), safety, expert, alpha=0.3, batch_size=5,
                             max_length=64)
     losses = [obj(AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)).loss for p in pool]
-    z = [math.exp(-l / 0.5) for l in losses]
+    # the run's losses are the objective's (up to float32 kernel rounding: the run and this test load and batch
+    # the models their own ways, and the CPU's GEMM kernels round accordingly) ...
+    assert [s["model_losses"][p] for p in pool] == pytest.approx(losses, rel=1e-4)
+    # ... and its weights are exactly softmax(−L/T) of those losses
+    z = [math.exp(-s["model_losses"][p] / 0.5) for p in pool]
     expected = [v / sum(z) for v in z]
-    assert [s["model_losses"][p] for p in pool] == pytest.approx(losses, rel=1e-5)
     best = yaml.safe_load((tmp_path / "ck" / "best.yml").read_text())
     assert best["merge_method"] == "linear"
     assert [m["parameters"]["weight"] for m in best["models"]] == pytest.approx(expected, rel=1e-6)
