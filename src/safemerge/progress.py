@@ -50,17 +50,19 @@ class Bar:
         self._fields = fields
         self._stages: dict[str, Any] = {}
         # not a terminal: rich shows nothing until the end, so log the bars' state now and then
-        redraws = progress is not None and (progress.console.is_terminal or progress.console.is_jupyter)
-        self._log_every = LOG_INTERVAL_S if progress is not None and not redraws else None
+        console = progress.console if progress is not None else None
+        self._logs = console is not None and not (console.is_terminal or console.is_jupyter)
         self._last_log = time.monotonic()
 
     def _log_if_due(self) -> None:
         """Print the bars as plain lines when :data:`LOG_INTERVAL_S` has passed since the last (non-terminal
         stderr only; called with the lock held)."""
-        if self._log_every is None or time.monotonic() - self._last_log < self._log_every:
+        if not self._logs:
             return
-        self._last_log = time.monotonic()
-        self._p.console.print(self._p.get_renderable())
+        now = time.monotonic()
+        if now - self._last_log >= LOG_INTERVAL_S:
+            self._last_log = now
+            self._p.console.print(self._p.get_renderable())
 
     def advance(self, job: Any = None, n: int = 1, **fields: Any) -> None:
         if self._p is None:
