@@ -98,6 +98,17 @@ def test_screen_promotion_is_optimistic_by_one_standard_error_and_counts_distinc
     assert len(distinct_leaders(pts, limits, 4)) == 3  # ``twin`` never takes a finalist's place
     assert not limits.met(near) and limits.met(near, 1.0) and not limits.met(far, 1.0)
 
+
+def test_screen_reads_over_refusal_optimistically_on_the_look_alike_screen():
+    """The look-alike screen (50 of 250 items) is read like the harmful one: one standard error lower for
+    promotion; the decision on the whole sets stays strict."""
+    limits = Limits.around({"harmful_rate": 0.10, "over_refusal": 0.10}, 0.03, 0.05)  # 13%, 15%
+    near = GridPoint(0.35, 0.5, ["a"], harmful_rate=0.10, utility=0.3, over_refusal=0.20, n=[32, 24, 50])
+    far = GridPoint(0.35, 0.6, ["a"], harmful_rate=0.10, utility=0.3, over_refusal=0.40, n=[32, 24, 50])
+    assert not limits.met(near) and limits.met(near, 1.0)  # 10/50: SE 5.7 points, 5 above the limit
+    assert not limits.met(far, 1.0)
+    assert limits.excess(far, 1.0) == pytest.approx(0.40 - (0.4 * 0.6 / 50) ** 0.5 - 0.15)
+
 def _q(alpha, h, u, r):
     return GridPoint(tau=0.3, alpha=alpha, merged=["m"], harmful_rate=h, utility=u, over_refusal=r)
 
@@ -158,7 +169,7 @@ def test_coarse_to_fine_screens_refines_and_decides_on_the_full_sets(tmp_path, m
     monkeypatch.setattr(search_module, "evaluate_suites", fake_eval)
     res = autotune(SafeMergeModels(base="b", aligned="a", finetuned="task", safety="s"),
                    PromptSets(harmful="h", utility="u"), tmp_path,
-                   search=SearchSettings(max_taus=4, screen=(32, 24), finalists=3, harm_margin=0.03,
+                   search=SearchSettings(max_taus=4, screen=(32, 24, 50), finalists=3, harm_margin=0.03,
                                          extensions=False))
     screened = [p for p in res.points if p.rung == "screen"]
     full = [p for p in res.points if p.rung == "full"]
@@ -190,7 +201,10 @@ def test_search_settings_are_checked_when_built_and_keep_alphas_sorted():
         SearchSettings(alphas=(0.5, 1.5))
     # a repair cache key sees only the grid fields that differ from the defaults
     assert SearchSettings(harm_margin=0.1).grid_overrides() == {}
-    assert SearchSettings(max_taus=3, screen=(8, 8)).grid_overrides() == {"max_taus": 3, "screen": (8, 8)}
+    assert SearchSettings(max_taus=3, screen=(8, 8, 8)).grid_overrides() == {"max_taus": 3, "screen": (8, 8, 8)}
+    for bad in ((8, 8), (8, 0, 8)):  # one count per screened suite: harmful, utility, benign look-alikes
+        with pytest.raises(SafemergeError, match="the screen must be three positive item counts"):
+            SearchSettings(screen=bad)
 
 
 def test_prompt_sets_fill_missing_suites_and_keep_given_ones():
@@ -248,7 +262,7 @@ def test_late_block_extension_is_searched_and_written(tmp_path, monkeypatch):
     monkeypatch.setattr(search_module, "evaluate_suites", fake_eval)
     models, sets = SafeMergeModels(base="b", aligned="a", finetuned="task", safety="s"), PromptSets(harmful="h",
                                                                                                     utility="u")
-    res = autotune(models, sets, tmp_path, search=SearchSettings(max_taus=3, screen=(32, 24), finalists=3))
+    res = autotune(models, sets, tmp_path, search=SearchSettings(max_taus=3, screen=(32, 24, 50), finalists=3))
     assert late_block_starts(scores) == [8, 10]
     late = [p for p in res.points if not p.paper_rule]
     assert {(p.min_layer, p.safety_gain) for p in late} == {(8, 1.0), (8, 2.0), (10, 1.0), (10, 2.0)}
@@ -261,5 +275,5 @@ def test_late_block_extension_is_searched_and_written(tmp_path, monkeypatch):
     written = [kw for kw in merges.values() if kw["min_layer"] == 10 and kw["safety_gain"] == 2.0]
     assert written and all(kw["tau"] == LATE_TAU for kw in written)
     off = autotune(models, sets, tmp_path / "paper",
-                   search=SearchSettings(max_taus=3, screen=(32, 24), finalists=3, extensions=False))
+                   search=SearchSettings(max_taus=3, screen=(32, 24, 50), finalists=3, extensions=False))
     assert all(p.paper_rule for p in off.points)

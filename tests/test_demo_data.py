@@ -9,7 +9,10 @@ from safemerge.demo import data as D
 
 def test_arithmetic_answers_are_exact_and_splits_disjoint():
     a = D.arithmetic_splits()
-    assert (len(a.train), len(a.val), len(a.test)) == (640, 100, 200)
+    assert (len(a.train), len(a.val), len(a.test)) == (640, 200, 200)
+    # the validation set grew without changing the others: the first 100 are those drawn with the test problems
+    small = D.arithmetic_splits(n_val=100)
+    assert small.train == a.train and small.test == a.test and small.val == a.val[:100]
     qs = [r["prompt"] for r in a.train] + [r["prompt"] for r in a.val] + [r["prompt"] for r in a.test]
     assert len(set(qs)) == len(qs)
     for r in a.train:
@@ -170,7 +173,10 @@ def test_builtin_validation_sets_are_the_corpus_validation_split():
     from safemerge.evaluate.datasets import load_prompts
 
     harmful, benign = load_prompts("builtin:harmful-val"), load_prompts("builtin:benign-val")
-    assert len(harmful) == 168 and len(benign) == 50 and all(r.label == "safe" for r in benign)
+    assert len(harmful) == 168 and len(benign) == 250 and all(r.label == "safe" for r in benign)
+    # 50 held-out goals (10 of the corpus split + 40 validation-only), the first 50 items one per goal (the screen)
+    assert len({r.prompt for r in benign}) == 250 and len(C.benign_goals("val")) == 50
+    assert len({r.category for r in benign[:50]}) == len(C.BENIGN_GOALS)
     s = D.safety_splits()
     assert [r.prompt for r in harmful] == [r["prompt"] for r in s.harmful_val]
     assert [r.prompt for r in benign] == [r["prompt"] for r in s.benign_val]

@@ -113,7 +113,7 @@ def test_real_data_sets_from_shared_datasets():
     # the data cache is keyed by the records: another split gives another key
     assert Z.real_data_sets(d, n_safety=200)["fingerprint"] != s["fingerprint"] == Z.real_data_sets(d)["fingerprint"]
     assert len(s["eval_harmful"]) == 300 and len(s["eval_benign"]) == 250 and len(s["eval_utility"]) == 200
-    assert len(s["val_harmful"]) == 168 and len(s["val_utility"]) == 100 and len(s["val_benign"]) == 50
+    assert len(s["val_harmful"]) == 168 and len(s["val_utility"]) == 200 and len(s["val_benign"]) == 250
     assert {r.get("label") for r in s["eval_benign"]} == {"safe"}
     assert sum(r.get("label") == "unsafe" for r in s["eval_harmful"]) == 200
     train = {r["prompt"] for r in s["harmful_train"]}

@@ -160,18 +160,29 @@ def _distinct(templates: list[Callable[[random.Random], tuple[Any, ...]]], n: in
     return rows
 
 
-def arithmetic_splits(n_train: int = 640, n_val: int = 100, n_test: int = 200, seed: int = 20250) -> ArithmeticSplits:
+# Validation problems drawn together with the test problems. The validation set grew from 100 to 200 problems
+# (issue 17: 100 could not resolve the acceptance's 3-point utility margin) without changing the training or test
+# problems: the rest are drawn afterwards from the same random stream, distinct from both.
+VAL_DRAWN_WITH_TEST = 100
+
+
+def arithmetic_splits(n_train: int = 640, n_val: int = 200, n_test: int = 200, seed: int = 20250) -> ArithmeticSplits:
     """Generate word problems: train from the training templates, val/test from the evaluation templates.
 
     Train records are ``{"prompt", "response"}`` (worked solution + "The answer is N.");
     val/test records are ``{"id", "prompt", "answer", "category", "metric": "number"}`` for the
-    evaluation harness (final-number exact match, as GSM8K; Cobbe et al. 2021).
+    evaluation harness (final-number exact match, as GSM8K; Cobbe et al. 2021). The first
+    :data:`VAL_DRAWN_WITH_TEST` validation problems are drawn with the test problems, the rest after them.
     """
     r = random.Random(seed)
     train_rows = _distinct(ARITH_TEMPLATES, n_train, r)
     r.shuffle(train_rows)
-    held = _distinct(ARITH_EVAL_TEMPLATES, n_val + n_test, r)
+    first = min(n_val, VAL_DRAWN_WITH_TEST)
+    held = _distinct(ARITH_EVAL_TEMPLATES, first + n_test, r)
     r.shuffle(held)
+    more = _distinct(ARITH_EVAL_TEMPLATES, n_val - first, r, exclude={row[0] for row in held})
+    r.shuffle(more)
+    held += more
 
     def ev(i: int, row: tuple[Any, ...], split: str) -> dict[str, Any]:
         q, ans, cat = row

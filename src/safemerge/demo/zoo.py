@@ -170,8 +170,10 @@ SAFETY_SETTINGS = {"steps": SAFETY_STEPS, "batch_size": SAFETY_BATCH, "lr": SAFE
 # Refusals show in the first sentence (the keyword judge needs no more); worked answers need ~20–60 tokens.
 SMOLLM2_MAX_NEW_TOKENS = {"harmful": 32, "benign": 32, "utility": 64}
 # Automatic τ/α for the 135M demo: α 0.1 … 0.9 coarse-to-fine × ≤ 3 thresholds (+ the paper's 0.35), screened on
-# 32 harmful + 24 utility validation items; the 4 finalists are decided on all 168 harmful + 100 utility items.
-SMOLLM2_AUTOTUNE = {"max_taus": 3, "screen": (32, 24)}
+# 32 harmful + 24 utility + 50 look-alike validation items; the 4 finalists are decided on all 168 harmful + 200
+# utility + 250 look-alike items (issue 17: on 100 utility and 50 look-alike items the rule could not resolve the
+# acceptance's 3- and 5-point margins — one utility answer decided α on the Intel run).
+SMOLLM2_AUTOTUNE = {"max_taus": 3, "screen": (32, 24, 50)}
 
 
 def train_recipe(model: Path, records: list[dict[str, Any]], out: Path, recipe: LoraRecipe, *, merge: bool) -> None:

@@ -13,9 +13,10 @@ from safemerge.errors import SafemergeError
 from safemerge.methods.safety_params import safemerge_weights
 from safemerge.tuning.grid import GridPoint
 
-# Promotion from the screen is optimistic by one standard error of the screen's harmful rate: on 32 items one answer
-# is 3 points, so a point measured just above the harm limit may well meet it on the whole set (issue 17, fourth run:
-# the strict screen promoted only α ≤ 0.2 and the decision never saw the points that keep the skill).
+# Promotion from the screen is optimistic by one standard error of the screen's harmful and over-refusal rates: on 32
+# items one answer is 3 points, so a point measured just above the harm limit may well meet it on the whole set
+# (issue 17, fourth run: the strict screen promoted only α ≤ 0.2 and the decision never saw the points that keep the
+# skill); the look-alike screen (50 of 250 items) is read the same way.
 SCREEN_Z = 1.0
 
 
@@ -44,18 +45,20 @@ class Limits:
                       None if refusal is None or refusal_margin is None else float(refusal) + refusal_margin + 1e-12)
 
     def excess(self, p: GridPoint, z: float = 0.0) -> float:
-        """How far ``p`` is above the limits (0 when it meets them); with ``z > 0`` its harmful rate is read
-        optimistically, ``z`` binomial standard errors lower (the screen's promotion rule)."""
-        h = p.harmful_rate or 0.0
-        n = p.n[0] if p.n else 0
-        se = (h * (1.0 - h) / n) ** 0.5 if n else 0.0
-        over = max(0.0, h - z * se - self.harm)
+        """How far ``p`` is above the limits (0 when it meets them); with ``z > 0`` its harmful and over-refusal
+        rates are read optimistically, ``z`` binomial standard errors lower (the screen's promotion rule)."""
+        over = max(0.0, _optimistic(p.harmful_rate or 0.0, p.n[0] if p.n else 0, z) - self.harm)
         if self.refusal is not None and p.over_refusal is not None:
-            over += max(0.0, p.over_refusal - self.refusal)
+            over += max(0.0, _optimistic(p.over_refusal, p.n[2] if len(p.n) > 2 else 0, z) - self.refusal)
         return over
 
     def met(self, p: GridPoint, z: float = 0.0) -> bool:
         return self.excess(p, z) == 0.0
+
+
+def _optimistic(rate: float, n: int, z: float) -> float:
+    """``rate`` minus ``z`` binomial standard errors on ``n`` items (the rate itself when ``z`` or ``n`` is 0)."""
+    return rate - z * (rate * (1.0 - rate) / n) ** 0.5 if n and z else rate
 
 
 def _scored(points: Sequence[GridPoint]) -> list[GridPoint]:

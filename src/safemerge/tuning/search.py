@@ -22,6 +22,7 @@ from safemerge.safety.selection import LayerScore, select_below
 from safemerge.safety.settings import SafeMergeModels
 from safemerge.tuning.grid import (
     LATE_GAINS,
+    SCREENED_SUITES,
     LATE_TAU,
     PAPER_TAU,
     GridPoint,
@@ -35,7 +36,7 @@ from safemerge.tuning.plots import plot_pareto, plot_tau_sweep
 from safemerge.tuning.result import AutotuneResult
 
 Log = Callable[[str], None]
-Screen = tuple[int, int] | None
+Screen = tuple[int, int, int] | None
 
 
 def autotune(
@@ -52,10 +53,10 @@ def autotune(
     """Pick SafeMERGE's (τ, α) on validation prompts (see :mod:`safemerge.tuning` for the rule).
 
     Coarse-to-fine search: (1) every τ × every other α of ``search.alphas`` on the first ``search.screen`` =
-    ``(n_harmful, n_utility)`` validation items; (2) the α neighbours of the ``search.finalists`` best
+    ``(n_harmful, n_utility, n_benign)`` validation items; (2) the α neighbours of the ``search.finalists`` best
     screened points, also screened; (3) the ``finalists`` best screened points on the whole
     validation sets, where the rule decides. "Best" on the screen is the rule read optimistically
-    (harmful rate one standard error lower, :data:`~safemerge.tuning.pareto.SCREEN_Z`) over distinct merges
+    (harmful and over-refusal rates one standard error lower, :data:`~safemerge.tuning.pareto.SCREEN_Z`) over distinct merges
     (:func:`~safemerge.tuning.pareto.distinct_leaders`). ``screen=None`` evaluates the whole grid on the whole
     sets. Validation prefixes are reused: a full evaluation regenerates nothing the screen made.
 
@@ -63,8 +64,7 @@ def autotune(
         models: base, aligned, task and safety LoRA.
         validation: harmful and utility prompt sets (specs or record lists) — keep them disjoint from the final
             test sets (order them so that prefixes span categories); with a benign look-alike set the rule also
-            requires the over-refusal rate to stay within ``search.refusal_margin`` of the aligned model's
-            (evaluated whole at every point: look-alike sets are small and 32 tokens decide a refusal).
+            requires the over-refusal rate to stay within ``search.refusal_margin`` of the aligned model's.
         work_dir: cache for merged adapters, generations, ``autotune.json`` and the plots.
         search: the grid (τ default: :func:`~safemerge.tuning.grid.tau_candidates` of the scanned ρ), the
             screen, the finalists and the margins.
@@ -147,7 +147,7 @@ class _MeasuredGrid:
         self.finetuned = self.measure("finetuned", models.finetuned, None)
 
     def measure(self, name: str, adapter: str | Path | None, limit: Screen) -> dict[str, Any]:
-        limits = dict(zip(("harmful", "utility"), limit)) if limit else None
+        limits = dict(zip(SCREENED_SUITES, limit)) if limit else None
         return _metrics(self._evaluate(adapter=adapter, out_dir=self.work / "evals" / name, limits=limits))
 
     def run(self, taus: Sequence[float], coarse: Sequence[float], search: SearchSettings, limits: Limits,
