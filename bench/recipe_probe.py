@@ -13,7 +13,7 @@
         --distilled-per-record 2 --weights 0:1
 
 Both use the zoo exactly as ``safemerge demo`` builds it (cached) and measure on the demo's **validation** sets
-(168 harmful, 50 look-alikes, 100 arithmetic; never the test sets), so a recipe is chosen before the demo runs.
+(168 harmful, 250 look-alikes, 200 arithmetic; never the test sets), so a recipe is chosen before the demo runs.
 The ``safety`` probe asks whether SafeMERGE's convex weights are what bind: it trains (or reuses) a safety-LoRA
 variant on the zoo's safety data and measures aligned + w_f·ΔW_f + w_s·ΔW_s written as a full model (w_f = α,
 w_s = 1 − α is SafeMERGE on every layer; w_s > 1 − α is a stronger safety update than the convex weight allows).

@@ -197,7 +197,7 @@ def test_training_records_add_the_distilled_answers(monkeypatch):
 
 
 def test_training_records_cap_the_distilled_answers_per_safety_record(monkeypatch):
-    # a well-calibrated aligned model answers most look-alikes: its answers must not outnumber the safety records
+    # a well-calibrated aligned model answers most look-alikes: at most DISTILLED_PER_RECORD answers per safety record
     from safemerge.train import distill
     from safemerge.train.safety_lora import DISTILLED_PER_RECORD, training_records
 

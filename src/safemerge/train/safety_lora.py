@@ -38,7 +38,9 @@ SAFETY_RECIPE = TrainingRecipe(steps=SAFETY_STEPS, lr=SAFETY_LR, batch_size=SAFE
 # At most this many self-distilled look-alike answers per record of the safety data. A well-calibrated aligned model
 # answers most look-alikes, and uncapped its answers outnumbered the refusals 2.5 : 1 (522 of 730 records): the
 # demo's safety LoRA then learnt helpfulness more than refusal and alone was *less* safe than the aligned model
-# (24.6% vs 20.0% harmful, eighth demo run, docs/demo.md). One answer per record keeps the two sides even.
+# (24.6% vs 20.0% harmful, eighth demo run, docs/demo.md). One answer per record keeps the two sides even. Two per
+# record over-refuse less alone (validation 14.8% vs 24.8%; aligned 10.8%) but the update refuses less where SafeMERGE
+# merges it, and the demo's repair lost most of the skill to meet the harm limit (nineteenth session, docs/demo.md).
 DISTILLED_PER_RECORD = 1
 # The stand-alone evaluation of the card: harmful requests and benign look-alikes (disjoint from the default data).
 CARD_SETS = PromptSets(harmful="builtin:harmful", benign="builtin:benign")

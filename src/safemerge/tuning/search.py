@@ -22,9 +22,9 @@ from safemerge.safety.selection import LayerScore, select_below
 from safemerge.safety.settings import SafeMergeModels
 from safemerge.tuning.grid import (
     LATE_GAINS,
-    SCREENED_SUITES,
     LATE_TAU,
     PAPER_TAU,
+    SCREENED_SUITES,
     GridPoint,
     SearchSettings,
     late_block_starts,
@@ -55,8 +55,8 @@ def autotune(
     Coarse-to-fine search: (1) every τ × every other α of ``search.alphas`` on the first ``search.screen`` =
     ``(n_harmful, n_utility, n_benign)`` validation items; (2) the α neighbours of the ``search.finalists`` best
     screened points, also screened; (3) the ``finalists`` best screened points on the whole
-    validation sets, where the rule decides. "Best" on the screen is the rule read optimistically
-    (harmful and over-refusal rates one standard error lower, :data:`~safemerge.tuning.pareto.SCREEN_Z`) over distinct merges
+    validation sets, where the rule decides. "Best" on the screen is the rule read optimistically (harmful and
+    over-refusal rates one standard error lower, :data:`~safemerge.tuning.pareto.SCREEN_Z`) over distinct merges
     (:func:`~safemerge.tuning.pareto.distinct_leaders`). ``screen=None`` evaluates the whole grid on the whole
     sets. Validation prefixes are reused: a full evaluation regenerates nothing the screen made.
 
