@@ -1303,6 +1303,12 @@ def _split_goals(goals: Sequence[str], sizes: dict[str, int], seed: str) -> dict
     return out
 
 
+def _extra_goals(split: str, extra: dict[str, dict[str, tuple[str, ...]]]) -> list[tuple[str, str]]:
+    """The ``(category, goal)`` pairs that belong to ``split`` only (appended after the shuffled split, which they
+    leave unchanged)."""
+    return [(c, g) for c, goals in extra.get(split, {}).items() for g in goals]
+
+
 def harmful_goals(split: str) -> list[tuple[str, str]]:
     """``(category, goal)`` pairs of one split (``align``, ``safety``, ``val`` or ``test``)."""
     if split not in HARM_SPLIT_SIZES:
@@ -1310,9 +1316,7 @@ def harmful_goals(split: str) -> list[tuple[str, str]]:
     pairs = [
         (c, g) for c, goals in HARM_GOALS.items() for g in _split_goals(goals, HARM_SPLIT_SIZES, f"harm-{c}")[split]
     ]
-    if split == "align":
-        pairs += [(c, g) for c, goals in HARM_GOALS_TRAIN_ONLY.items() for g in goals]
-    return pairs
+    return pairs + _extra_goals(split, {"align": HARM_GOALS_TRAIN_ONLY})
 
 
 def benign_goals(split: str) -> list[tuple[str, str]]:
@@ -1325,11 +1329,7 @@ def benign_goals(split: str) -> list[tuple[str, str]]:
         for c, goals in BENIGN_GOALS.items()
         for g in _split_goals(goals, BENIGN_SPLIT_SIZES, f"benign-{c}")[split]
     ]
-    if split == "align":
-        pairs += [(c, g) for c, goals in BENIGN_GOALS_TRAIN_ONLY.items() for g in goals]
-    if split == "val":
-        pairs += [(c, g) for c, goals in BENIGN_GOALS_VAL_ONLY.items() for g in goals]
-    return pairs
+    return pairs + _extra_goals(split, {"align": BENIGN_GOALS_TRAIN_ONLY, "val": BENIGN_GOALS_VAL_ONLY})
 
 
 def compose_refusal(category: str, r: random.Random) -> str:
