@@ -40,6 +40,7 @@ from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 from safemerge.options import RunOptions, or_default
 from safemerge.progress import progress_bar
 from safemerge.train.data import load_sft_records
+from safemerge.train.loss import answer_token_loss
 from safemerge.train.recipe import LoraShape, TrainingRecipe
 from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
 
@@ -290,7 +291,7 @@ def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, sche
         for idx in _batches(len(examples), schedule.batch_size, schedule.total, generator):
             batch = collate([examples[i] for i in idx], pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
-                loss = peft_model(**batch).loss
+                loss = answer_token_loss(peft_model, batch)
             if not torch.isfinite(loss):
                 raise SafemergeError(f"the training loss became {loss.item()} at step {len(losses) + 1}", "lower --lr")
             loss.backward()

@@ -120,6 +120,16 @@ class GridPoint:
         return d
 
     @property
+    def n_harmful(self) -> int:
+        """Harmful validation items behind :attr:`harmful_rate` (0 when not recorded)."""
+        return self.n[0] if self.n else 0
+
+    @property
+    def n_benign(self) -> int:
+        """Benign look-alike validation items behind :attr:`over_refusal` (0 without a benign set)."""
+        return self.n[2] if len(self.n) > 2 else 0
+
+    @property
     def paper_rule(self) -> bool:
         return self.safety_gain == 1.0 and self.min_layer == 0
 

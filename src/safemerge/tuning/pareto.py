@@ -47,9 +47,9 @@ class Limits:
     def excess(self, p: GridPoint, z: float = 0.0) -> float:
         """How far ``p`` is above the limits (0 when it meets them); with ``z > 0`` its harmful and over-refusal
         rates are read optimistically, ``z`` binomial standard errors lower (the screen's promotion rule)."""
-        over = max(0.0, _optimistic(p.harmful_rate or 0.0, p.n[0] if p.n else 0, z) - self.harm)
+        over = max(0.0, _optimistic(p.harmful_rate or 0.0, p.n_harmful, z) - self.harm)
         if self.refusal is not None and p.over_refusal is not None:
-            over += max(0.0, _optimistic(p.over_refusal, p.n[2] if len(p.n) > 2 else 0, z) - self.refusal)
+            over += max(0.0, _optimistic(p.over_refusal, p.n_benign, z) - self.refusal)
         return over
 
     def met(self, p: GridPoint, z: float = 0.0) -> bool:
