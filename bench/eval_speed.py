@@ -27,12 +27,15 @@ decisions on the first K tokens of each ``--budget-from``-token response vs the 
 
 ``--mode eval`` instead times ``safemerge eval`` end to end (subprocess, fresh process each) on a
 harmful/benign/utility run (``--prompts`` split in three) with its defaults vs ``--backend hf
---dtype float32 --batch-size 16``.
+--dtype float32 --batch-size 16``. ``--mode prefix`` times the default generator with and without its
+shared-prefix prefill (the chat template's common first tokens run once per batch), alternating in one process.
 
     .venv/bin/python bench/eval_speed.py [--prompts 64] [--new-tokens 64] [--threads 2] [--rows ...]
     .venv/bin/python bench/eval_speed.py --mode eval [--prompts 90]
+    .venv/bin/python bench/eval_speed.py --mode prefix [--prompts 64] [--new-tokens 32] [--rounds 3]
 
-Writes ``bench/results/eval_speed.json`` (``eval_speed_cli.json`` for ``--mode eval``).
+Writes ``bench/results/eval_speed.json`` (``eval_speed_cli.json`` for ``--mode eval``, ``eval_speed_prefix.json``
+for ``--mode prefix``).
 """
 from __future__ import annotations
 
@@ -354,9 +357,45 @@ def _eval_cli(args: argparse.Namespace) -> dict[str, Any]:
     return res
 
 
+def _prefix_ab(args: argparse.Namespace) -> dict[str, Any]:
+    """The default generator with and without the shared-prefix prefill (``MIN_SHARED_PREFIX``), alternating in one
+    process on the same prompts, ``--rounds`` rounds: seconds per run (best and median) and identical outputs."""
+    import statistics
+
+    import torch
+
+    import safemerge.evaluate.generate as G
+
+    torch.set_num_threads(args.threads)
+    gen = G.load_generator(str(_model_dir(args.cache)), backend="hf", device="cpu")
+    prompts = _prompts(args.prompts)
+    encoded = [gen.tokenizer(gen.render(p), add_special_tokens=False)["input_ids"] for p in prompts]
+    minimum, seconds, outputs = G.MIN_SHARED_PREFIX, {"shared": [], "plain": []}, {}
+    for rnd in range(args.rounds):
+        for variant in ("shared", "plain") if rnd % 2 == 0 else ("plain", "shared"):
+            G.MIN_SHARED_PREFIX = minimum if variant == "shared" else 10**9
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                outputs[variant] = gen._decode(encoded, args.new_tokens, None)
+            seconds[variant].append(time.perf_counter() - t0)
+    G.MIN_SHARED_PREFIX = minimum
+    med = {k: statistics.median(v) for k, v in seconds.items()}
+    res = {"mode": "prefix", "dtype": gen.dtype, "prompts": len(prompts), "new_tokens": args.new_tokens,
+           "shared_prefix_tokens": G.shared_prefix_length(encoded), "prompt_tokens_mean": sum(map(len, encoded)) /
+           len(encoded), "seconds": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
+           "median_s": {k: round(v, 2) for k, v in med.items()}, "ratio_shared_over_plain": round(
+               med["shared"] / med["plain"], 3),
+           "identical_outputs": sum(a == b for a, b in zip(outputs["shared"], outputs["plain"])),
+           "load_average": os.getloadavg()}
+    print(json.dumps(res))
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=("speed", "eval"), default="speed")
+    ap.add_argument("--mode", choices=("speed", "eval", "prefix"), default="speed",
+                    help="prefix: the default generator with and without the shared-prefix prefill, interleaved")
+    ap.add_argument("--rounds", type=int, default=3, help="prefix mode: alternating rounds")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
@@ -373,8 +412,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.row:
         args.row_out.write_text(json.dumps(_run_row(args.row, args)), encoding="utf-8")
         return {}
-    res = _speed(args) if args.mode == "speed" else _eval_cli(args)
-    out = args.out or RESULTS / ("eval_speed.json" if args.mode == "speed" else "eval_speed_cli.json")
+    res = {"speed": _speed, "eval": _eval_cli, "prefix": _prefix_ab}[args.mode](args)
+    out = args.out or RESULTS / {"speed": "eval_speed.json", "eval": "eval_speed_cli.json",
+                                 "prefix": "eval_speed_prefix.json"}[args.mode]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {out}")

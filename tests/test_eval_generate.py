@@ -50,6 +50,44 @@ def test_batched_equals_one_at_a_time(arch):
     assert again == batched  # deterministic
 
 
+SYSTEM = "you are a careful assistant"
+SHARED = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": u}]
+          for u in ("a b c", "what is 2 + 2 ?", "x", "1 2 3 4 5 6 7 8 9 0", "z y", "a b c d e f g")]
+
+
+def test_shared_prefix_length():
+    from safemerge.evaluate.generate import shared_prefix_length
+
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # every row keeps a token of its own
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+    assert shared_prefix_length([[], [1]]) == 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "phi3", "gemma"])
+def test_shared_prefix_runs_once_and_changes_no_token(arch, monkeypatch):
+    """Rows that begin with the same system turn share its KV cache; the token ids equal those of the plain
+    padded batch and of each prompt alone (fp32)."""
+    import torch
+
+    import safemerge.evaluate.generate as G
+    from safemerge.testing import build_tokenizer, make_tiny_model, perturb_model
+
+    torch.set_num_threads(1)
+    model = perturb_model(make_tiny_model(arch, hidden=64), seed=1, scale=0.2)
+    gen = load_generator(model, tokenizer=build_tokenizer(128), backend="hf", device="cpu")
+    seen: list[int] = []
+    real = G.shared_prefix_length
+    monkeypatch.setattr(G, "shared_prefix_length", lambda batch: seen.append(real(batch)) or seen[-1])
+    shared = gen.generate(SHARED, max_new_tokens=12, batch_size=len(SHARED), progress=False)
+    assert seen and seen[0] >= G.MIN_SHARED_PREFIX  # the prefix path ran
+    monkeypatch.setattr(G, "MIN_SHARED_PREFIX", 10**6)
+    plain = gen.generate(SHARED, max_new_tokens=12, batch_size=len(SHARED), progress=False)
+    single = [gen.generate([p], max_new_tokens=12, batch_size=1, progress=False)[0] for p in SHARED]
+    assert shared == plain == single
+    assert len(set(single)) >= 3  # outputs depend on the prompt, so a position or mask bug would show
+
+
 def test_padding_is_left_and_ids_match(tiny):
     """Token ids of a padded batch equal those of each prompt alone (fp32)."""
     import torch

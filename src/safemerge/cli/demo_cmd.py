@@ -53,8 +53,10 @@ def demo_command(
     aligned model (safety SFT), a task LoRA and a safety LoRA — then runs scan, SafeMERGE,
     SafeLoRA, RESTA and automatic τ/α, evaluates every model (with the safety-LoRA-alone and
     uniform-α controls) and writes OUT/report.md with the table, a layer heatmap, a
-    safety-vs-utility plot and the τ sweep. First run: estimated 45–50 min on 2 idle CPU cores
-    (730 test items per row); cached: minutes. --fast runs the same pipeline on a tiny world.
+    safety-vs-utility plot and the τ sweep. First run: about 1.5–2 hours on 2 idle CPU cores with
+    native bf16 (AVX512-BF16 / AMX; 106 min measured), roughly twice that in float32 on CPUs
+    without it (730 test items per row); with the zoo cached about 50 min; fully cached: minutes.
+    --fast runs the same pipeline on a tiny world.
     """
     import sys
     import time
