@@ -65,13 +65,9 @@ def _peak_rss_mib() -> float:
 
 
 def _model_dir(cache: Path) -> Path:
-    from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
-    from safemerge.options import RunOptions
+    from safemerge.io.gguf import smollm2_float32
 
-    out = cache / "smollm2-135m-instruct"
-    if not (out / "config.json").is_file():
-        convert_gguf(find_smollm2_gguf(), out, options=RunOptions(dtype="float32"))
-    return out
+    return smollm2_float32(cache / "smollm2-135m-instruct")
 
 
 def _prompts(n: int) -> list[Any]:

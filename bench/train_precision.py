@@ -40,15 +40,13 @@ def main(argv: list[str] | None = None) -> dict:
     from safemerge.demo.data import arithmetic_splits
     from safemerge.demo.zoo import TASK_RECIPE as R
     from safemerge.evaluate.generate import cpu_bf16_feature
-    from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
+    from safemerge.io.gguf import smollm2_float32
     from safemerge.options import RunOptions
     from safemerge.train.lora import train_lora
     from safemerge.train.recipe import LoraShape, TrainingRecipe
 
     torch.set_num_threads(args.threads)
-    model = args.cache / "smollm2-135m-instruct"
-    if not (model / "config.json").is_file():
-        convert_gguf(find_smollm2_gguf(), model, options=RunOptions(dtype="float32"))
+    model = smollm2_float32(args.cache / "smollm2-135m-instruct")
     records = arithmetic_splits().train
     runs: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:

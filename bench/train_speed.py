@@ -58,15 +58,12 @@ def main(argv: list[str] | None = None) -> dict:
     from safemerge.demo.data import arithmetic_splits
     from safemerge.demo.zoo import ALIGN_RECIPE, TASK_RECIPE
     from safemerge.evaluate.generate import cpu_bf16_feature, resolve_dtype
-    from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
-    from safemerge.options import RunOptions
+    from safemerge.io.gguf import smollm2_float32
     from safemerge.train.loss import answer_token_loss
     from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
 
     torch.set_num_threads(args.threads)
-    model_dir = args.cache / "smollm2-135m-instruct"
-    if not (model_dir / "config.json").is_file():
-        convert_gguf(find_smollm2_gguf(), model_dir, options=RunOptions(dtype="float32"))
+    model_dir = smollm2_float32(args.cache / "smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
     dtype = resolve_dtype("auto", "cpu")
     data = {"aligned SFT shape (r=16, all-linear) on the safety corpus": (ALIGN_RECIPE, safety_lora_records()),

