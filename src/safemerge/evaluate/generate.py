@@ -424,26 +424,27 @@ class HFGenerator:
         turn), those run once and their cache is repeated for every row; each row's own tokens follow,
         left-padded after the prefix (padding masked, positions continuing at the prefix length)."""
         shared = shared_prefix_length(batch) if len(batch) > 1 else 0
-        cache = None
-        if shared >= MIN_SHARED_PREFIX:
-            prefix = torch.tensor([batch[0][:shared]], dtype=torch.long, device=self.device)
-            head = self.model(input_ids=prefix, attention_mask=torch.ones_like(prefix),
-                              position_ids=torch.arange(shared, device=self.device)[None], use_cache=True,
-                              logits_to_keep=1)
-            cache = _returned_cache(head)
-        if cache is None or not hasattr(cache, "batch_repeat_interleave"):  # no prefix, or a cache that cannot repeat
-            ids, mask = (t.to(self.device) for t in left_pad(batch, self._pad_id()))
-            positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1)
-            return out, mask, positions
-        cache.batch_repeat_interleave(len(batch))
+        cache = self._prefix_cache(batch[0][:shared], len(batch)) if shared >= MIN_SHARED_PREFIX else None
+        if cache is None:
+            shared = 0
         ids, own = (t.to(self.device) for t in left_pad([seq[shared:] for seq in batch], self._pad_id()))
         mask = torch.cat([own.new_ones((len(batch), shared)), own], dim=1)
         positions = (own.cumsum(-1) - 1 + shared).masked_fill(own == 0, 1)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                         **{self._cache_arg: cache})
+                         **({self._cache_arg: cache} if cache is not None else {}))
         return out, mask, positions
+
+    def _prefix_cache(self, prefix: list[int], rows: int) -> Any:
+        """The KV cache of ``prefix`` (positions ``0 … P−1``) repeated for ``rows`` rows, or ``None`` when this model's
+        cache cannot be repeated."""
+        ids = torch.tensor([prefix], dtype=torch.long, device=self.device)
+        cache = _returned_cache(self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                           position_ids=torch.arange(len(prefix), device=self.device)[None],
+                                           use_cache=True, logits_to_keep=1))
+        if not hasattr(cache, "batch_repeat_interleave"):
+            return None
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     def _hit_stop(self, tokens: list[int], stop: list[str] | None) -> bool:
         """Whether the decoded ``tokens`` contain a stop string."""

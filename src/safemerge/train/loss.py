@@ -30,10 +30,14 @@ from safemerge.train.tokenize import IGNORE_INDEX
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 
 
+def _causal_lm(model: Any) -> Any:
+    """The transformers model inside a PEFT wrapper (``model`` itself when it is not wrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def has_plain_head(model: Any) -> bool:
     """Whether :func:`answer_token_loss` may apply the LM head to the answer positions only (see the module)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS
+    return getattr(_causal_lm(model).config, "model_type", None) in PLAIN_HEAD_MODELS
 
 
 def answer_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -45,7 +49,7 @@ def answer_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
     """
     if not has_plain_head(model):
         return model(**batch).loss
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _causal_lm(model)
     hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     targets = batch["labels"][:, 1:]
     predicting = targets != IGNORE_INDEX  # position t−1 predicts token t
