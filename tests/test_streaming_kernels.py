@@ -172,6 +172,54 @@ def test_breadcrumbs_window_of_ties_only() -> None:
     assert torch.equal(blocks, whole)
 
 
+FUSED = ["ties", "breadcrumbs", "breadcrumbs_ties"]
+
+
+def _with_specials(base: torch.Tensor, models: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Inputs whose task vectors hold NaN, ±inf (an inf − inf entry too), ±0 and a −0 base entry, spread
+    over the blocks, and magnitudes tied at the cuts."""
+    base = base.clone()
+    models = [base + (m - base).mul(8).round().div(8) for m in models]
+    flat = [m.view(-1) for m in models]
+    for k, pos in enumerate(range(0, base.numel(), 7919)):
+        i = k % len(models)
+        flat[i][pos] = (float("nan"), float("inf"), -float("inf"), base.view(-1)[pos].item())[k % 4]
+        base.view(-1)[pos + 1] = -0.0
+        flat[(i + 1) % len(models)][pos + 1] = (-0.0, 0.0)[k % 2]
+    base.view(-1)[5] = float("inf")
+    flat[0][5] = float("inf")  # inf − inf: NaN
+    return base, models
+
+
+@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("params", [{}, {"rescale": True, "lambda": 0.7}, {"normalize": False}, {"normalize": True}])
+def test_fused_pass_two_equals_the_eager_one_bit_for_bit(name, params, monkeypatch) -> None:
+    """The fused loop (``_fused.merge_block``) gives the eager operations' bits, signed zeros and where
+    NaN and ±inf appear included, for every model mode: windowed, kept whole (density 1), zeroed (density 0)."""
+    import safemerge.methods.task_arithmetic_two_pass as two_pass
+
+    base, models = _with_specials(*_inputs(3, seed=12))
+    per_model = {**FAMILY_PER_MODEL, "density": [0.5, 1.0, 0.0] if name == "ties" else [0.5, 0.9, 0.2]}
+    fused = _streamed(family_kernel(name), base, models, params, per_model)
+    calls = {"n": 0}
+    original = two_pass._fused_merge
+
+    def counted(*args):  # noqa: ANN002, ANN202
+        merge = original(*args)
+        calls["n"] += merge is not None
+        return merge
+
+    monkeypatch.setattr(two_pass, "_fused_merge", counted)
+    _streamed(family_kernel(name), base, models, params, per_model)
+    assert calls["n"] == 1  # (the kernel above went through the fused path)
+    monkeypatch.setattr(two_pass, "_fused_merge", lambda *args: None)
+    eager = _streamed(family_kernel(name), base, models, params, per_model)
+    assert bool(fused.isnan().any())  # (breadcrumbs drops the infinite outliers)
+    nan = fused.isnan()
+    assert torch.equal(nan, eager.isnan())  # (a NaN's payload is the compiler's choice: LLVM may commute operands)
+    assert torch.equal(fused[~nan].view(torch.int32), eager[~nan].view(torch.int32))  # −0 and +0 told apart
+
+
 def test_family_two_pass_when_the_sample_bracket_misses(monkeypatch) -> None:
     """The exact whole-tensor selection that replaces a missed bracket gives the same bits."""
     import safemerge.methods.task_arithmetic_two_pass as two_pass

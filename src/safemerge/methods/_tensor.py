@@ -192,19 +192,44 @@ class StreamedKth:
         self.block_ends.append(self.n_in)
         self.block_sizes.append(flat.numel())
 
+    def scan_delta(self, model: torch.Tensor, base: torch.Tensor) -> None:
+        """:meth:`scan` of the block ``|model − base|``, on the CPU fused into one loop that never holds the
+        magnitudes (:func:`safemerge.methods._fused.scan_magnitudes`); the same counts and candidates."""
+        x, b = _numpy_view(model), _numpy_view(base)
+        if x is None or b is None or not x.dtype == b.dtype == np.float32 or self.candidates.dtype != torch.float32:
+            self.scan((model - base).abs_())
+            return
+        from safemerge.methods._fused import scan_magnitudes
+
+        x, b = x.reshape(-1), b.reshape(-1)
+        lo, hi = np.float32(self.lo_v.item()), np.float32(self.hi_v.item())
+        start = 0
+        while start < b.size:
+            below, above, self.n_in, start = scan_magnitudes(x, b, lo, hi, self.candidates.numpy(), self.n_in, start)
+            self.below += below
+            self.above += above
+            if start < b.size:
+                self._reserve(b.size - start)
+        self.block_ends.append(self.n_in)
+        self.block_sizes.append(b.size)
+
     def _block_masks(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Two boolean scratch arrays of ``size`` entries, reused from block to block."""
         if self._masks is None or self._masks[0].size < size:
             self._masks = (np.empty(size, dtype=bool), np.empty(size, dtype=bool))
         return self._masks[0][:size], self._masks[1][:size]
 
-    def _room(self, count: int) -> torch.Tensor:
-        """The next ``count`` free entries of the candidate buffer (doubled when full)."""
+    def _reserve(self, count: int) -> None:
+        """Room for ``count`` more candidates (the buffer doubled when full)."""
         if self.n_in + count > self.candidates.numel():
             grown = torch.empty(max(2 * self.candidates.numel(), self.n_in + count), dtype=self.candidates.dtype,
                                 device=self.candidates.device)
             grown[: self.n_in] = self.candidates[: self.n_in]
             self.candidates = grown
+
+    def _room(self, count: int) -> torch.Tensor:
+        """The next ``count`` free entries of the candidate buffer."""
+        self._reserve(count)
         self.n_in += count
         return self.candidates[self.n_in - count : self.n_in]
 

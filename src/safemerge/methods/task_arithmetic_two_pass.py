@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 
 from safemerge.methods import sparsify as sp
@@ -126,12 +127,55 @@ def family_two_pass(name: str, job: TwoPassJob) -> bool:
     _find_cuts(load, load_base, models, shape, blocks)
     _find_states_and_scales(load, load_base, models, shape, blocks, generator, s.rescale)
     w32 = torch.tensor(s.weights, dtype=torch.float32)
+    fused = _fused_merge(models, s, w32)
     maskers = [m.masker(_restored(m.state, generator)) if m.mode not in ("keep", "zero") else None for m in models]
     for blk in blocks:
         b = load_base(blk)
+        if fused is not None and b.device.type == "cpu":
+            job.emit(blk, fused([load(i, blk) for i in range(job.n)], b))
+            continue
         deltas = partial(_weighted_block_delta, load, blk, b, models, maskers, w32)
         job.emit(blk, merge_weighted_deltas(deltas, w32, b, consensus=s.consensus, normalize=s.normalize, lam=s.lam))
     return True
+
+
+def _fused_merge(models: list[_ModelSparsifier], s: FamilySettings, w32: torch.Tensor,
+                 ) -> Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None:
+    """Pass 2 as one fused loop per block (:func:`safemerge.methods._fused.merge_block`, the same bits as
+    :func:`_weighted_block_delta` + :func:`merge_weighted_deltas`): a function of the models' and the base's
+    float32 row blocks (CPU) returning the merged block. ``None`` when a model draws a random mask (DARE,
+    DELLA: their draws stay with torch's generator)."""
+    if any(m.mode in ("dare", "della") for m in models):
+        return None
+    from safemerge.methods import _fused
+
+    n = len(models)
+    mode = np.array([_FUSED_MODES[m.mode if m.window[0] != m.window[1] or m.mode != "magnitude" else "empty"]
+                     for m in models], dtype=np.int8)
+    cuts = [[m.cuts[j] for m in models] for j in (0, 1)]
+    value = [np.array([float(c.value) if c is not None else 0.0 for c in cs], dtype=np.float32) for cs in cuts]
+    has = [np.array([c is not None for c in cs]) for cs in cuts]
+    scale = np.array([float(m.scale) if m.scale is not None else 1.0 for m in models], dtype=np.float32)
+    has_scale = np.array([m.scale is not None for m in models])
+    weight = w32.numpy().copy()
+    weight_sum = w32.sum()
+    if weight_sum.abs() < 1e-8:
+        weight_sum = torch.ones((), dtype=torch.float32)
+    left = [np.array([c.drop if c is not None else 0 for c in cs], dtype=np.int64) for cs in cuts]
+
+    def merge(blocks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(base)
+        _fused.merge_block(tuple(t.numpy().reshape(-1) for t in blocks), base.numpy().reshape(-1),
+                           out.numpy().reshape(-1), mode, value[0], has[0], left[0], value[1], has[1], left[1],
+                           scale, has_scale, weight, s.consensus, s.normalize, np.float32(weight_sum),
+                           np.float32(s.lam), s.lam != 1)
+        return out
+
+    assert n == len(weight)
+    return merge
+
+
+_FUSED_MODES = {"keep": 0, "zero": 1, "magnitude": 2, "empty": 3}
 
 
 def _weighted_block_delta(load: RowLoader, rows: Rows, base: torch.Tensor, models: list[_ModelSparsifier],
@@ -252,10 +296,12 @@ def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSpa
 
     bracket_from_sample(magnitudes, sel, used, shape, blocks[0][1] - blocks[0][0])
     for blk in blocks:
-        for i, a in magnitudes(blk).items():
+        b = load_base(blk)
+        for i in used:
+            x = load(i, blk)
             for (i2, _), kth in sel.items():
                 if i2 == i:
-                    kth.scan(a)
+                    kth.scan_delta(x, b)
     cuts = {(i, j): streamed_cut(kth, wanted[i, j], numel, lambda i=i: load(i, None).sub_(load_base(None)).abs_())
             for (i, j), kth in sel.items()}
     for i, m in enumerate(models):
