@@ -1,15 +1,18 @@
-"""Fused row-block kernels of the task-arithmetic family (numba): one pass over memory per block.
+"""Fused row-block kernels of the task-arithmetic family (numba): each row block in cache-sized chunks.
 
 The eager PyTorch path of :mod:`safemerge.methods.task_arithmetic_two_pass` runs a few dozen whole-block
 operations per row block (subtract, magnitude, two comparisons, mask, weight, the TIES election sum,
-copysign, clamp, sign, the disjoint sums, divide, add the base), each one a pass over the block in memory.
-At 1.2B parameters that kernel, not the I/O, was the merge's time (issue 16: 44.5 of 65.9 s on one thread).
-Here every output entry is computed in one loop iteration from the same entry of the inputs, with the
-operations of the eager path **in its order and in float32**, so the bits are the same — including
-signed zeros and NaN: ``max(x, 0)`` of ``clamp_`` keeps NaN and −0, ``sign`` of NaN is 0, a dropped entry
-is ``δ·0`` (NaN stays NaN, −δ gives −0), ``copysign`` reads the sign bit. Compiled once per number of
-models and cached on disk (``cache=True``); the kernels release the GIL, so the executor's worker threads
-run them in parallel.
+copysign, clamp, sign, the disjoint sums, divide, add the base), each one a pass over the 2 MiB block in
+memory. At 1.2B parameters that kernel, not the I/O, was the merge's time (issue 16: 44.5 of 65.9 s on one
+thread). Here the same operations run **in the eager path's order and in float32** over chunks of
+:data:`CHUNK` entries that stay in the CPU's cache, as loops the compiler vectorises (comparisons become
+selects, not branches: a mispredicted branch per entry cost more than all the arithmetic), so the bits
+are the same: a dropped entry is ``δ·0`` (−δ gives −0), ``clamp_(min=0)`` is ``maximum(x, 0)`` (NaN stays;
+the sign of a zero it returns cannot reach the sum, which starts at +0), ``sign`` of NaN is 0, ``copysign``
+reads the sign bit; NaN and ±inf appear where the eager path has them (a NaN's payload bits are the
+compiler's choice). Compiled once per
+number of models and cached on disk (``cache=True``); the kernels release the GIL, so the executor's worker
+threads run them in parallel.
 
 Model modes (:data:`KEEP`, :data:`ZERO`, :data:`WINDOW`, :data:`EMPTY`) are those of
 ``task_arithmetic_two_pass._ModelSparsifier`` without random masks: untouched, ``density ≤ 0``, a rank
@@ -24,108 +27,174 @@ import numba
 import numpy as np
 
 KEEP, ZERO, WINDOW, EMPTY = 0, 1, 2, 3
+CHUNK = 1024
+"""Entries per chunk: the chunk's float32 scratch rows (one per model and four more) fit the L1/L2 cache."""
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _at_or_above(a: np.float32, cut: np.float32, left: np.ndarray, i: int) -> bool:
-    """``|δ|`` at or above a cut, the first ``left[i]`` entries equal to the cut (flat order, counted down
-    across blocks) ranking below it; ``False`` at NaN."""
-    if a > cut:
-        return True
-    if a == cut:
-        if left[i] > 0:
-            left[i] -= 1
-            return False
-        return True
-    return False
+@numba.njit(nogil=True, cache=True)
+def _at_or_above(a: np.ndarray, cut: np.float32, left: int, flag: np.ndarray) -> int:
+    """``flag[k] = aₖ ≥ cut`` for a chunk of magnitudes ``a`` (``False`` at NaN), the first ``left`` entries
+    equal to the cut (flat order, continuing from earlier chunks and blocks) ranking below it. Returns the
+    tied entries later chunks must still drop."""
+    for k in range(a.size):
+        flag[k] = a[k] >= cut
+    if left > 0:
+        for k in range(a.size):
+            if a[k] == cut:
+                flag[k] = False
+                left -= 1
+                if left == 0:
+                    break
+    return left
 
 
 @numba.njit(nogil=True, cache=True)
-def merge_block(models: tuple, base: np.ndarray, out: np.ndarray, mode: np.ndarray,
-                cut_lo: np.ndarray, has_lo: np.ndarray, left_lo: np.ndarray,
-                cut_hi: np.ndarray, has_hi: np.ndarray, left_hi: np.ndarray,
-                scale: np.ndarray, has_scale: np.ndarray, weight: np.ndarray,
+def _weighted_sparse_delta(x: np.ndarray, b: np.ndarray, d: np.ndarray, i: int, mode: np.ndarray, cuts: np.ndarray,
+                           has: np.ndarray, left: np.ndarray, scale: np.ndarray, has_scale: np.ndarray,
+                           weight: np.ndarray, mag: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    """``d = wᵢ·sparsify(x − b)`` for one chunk of model ``i``, ``_weighted_block_delta``'s operations:
+    ``cuts[j, i]`` / ``has[j, i]`` / ``left[j, i]`` the window's lower (j = 0) and upper (j = 1) cut
+    (``left`` updated); ``mag``, ``lo``, ``hi`` scratch."""
+    m = mode[i]
+    for k in range(d.size):
+        d[k] = x[k] - b[k]
+    if m == ZERO:
+        d[:] = _F0
+    elif m == EMPTY:
+        for k in range(d.size):
+            d[k] = d[k] * _F0
+    elif m == WINDOW and (has[0, i] or has[1, i]):
+        for k in range(d.size):
+            mag[k] = abs(d[k])
+        if has[0, i]:
+            left[0, i] = _at_or_above(mag, cuts[0, i], left[0, i], lo)
+        else:
+            lo[:] = True
+        if has[1, i]:
+            left[1, i] = _at_or_above(mag, cuts[1, i], left[1, i], hi)
+        else:
+            hi[:] = False
+        for k in range(d.size):
+            d[k] = d[k] * np.float32(lo[k] > hi[k])  # rank ≥ start and not ≥ end
+    if m != KEEP and m != ZERO and has_scale[i]:
+        s = scale[i]
+        for k in range(d.size):
+            d[k] = d[k] * s
+    w = weight[i]
+    for k in range(d.size):
+        d[k] = d[k] * w
+
+
+@numba.njit(nogil=True, cache=True)
+def _sum_rows(wd: np.ndarray, size: int, mixed: np.ndarray) -> None:
+    """``mixed = ((wd₀ + wd₁) + wd₂) + …`` over the first ``size`` entries of each row."""
+    first = wd[0, :size]
+    for k in range(size):
+        mixed[k] = first[k]
+    for i in range(1, wd.shape[0]):
+        row = wd[i, :size]
+        for k in range(size):
+            mixed[k] = mixed[k] + row[k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _disjoint_merge(wd: np.ndarray, size: int, weight: np.ndarray, normalize: bool, mixed: np.ndarray,
+                    sign: np.ndarray, divisor: np.ndarray) -> None:
+    """TIES "Elect" + "Disjoint merge" (Yadav et al. 2023, Sec. 3) of a chunk's weighted task vectors (the
+    rows of ``wd``, ``size`` entries) into ``mixed``, as ``task_arithmetic.disjoint_merge`` computes it:
+    ``γ = copysign(1, Σᵢ wdᵢ + 0)``, the sum of ``max(wdᵢ·γ, 0)`` times γ, divided by the agreeing weights
+    (1 where none agree) when ``normalize``."""
+    _sum_rows(wd, size, mixed)
+    for k in range(size):
+        sign[k] = np.copysign(_F1, mixed[k] + _F0)
+        mixed[k] = _F0
+        divisor[k] = _F0
+    for i in range(wd.shape[0]):
+        row = wd[i, :size]
+        w = weight[i]
+        for k in range(size):
+            c = np.maximum(row[k] * sign[k], _F0)
+            divisor[k] = divisor[k] + w * np.float32(c > _F0)  # + wᵢ·sign(c), c ≥ 0 or NaN
+            mixed[k] = mixed[k] + c
+    for k in range(size):
+        mixed[k] = mixed[k] * sign[k]
+    if normalize:
+        for k in range(size):
+            mixed[k] = mixed[k] / (divisor[k] + np.float32(divisor[k] == _F0))
+
+
+@numba.njit(nogil=True, cache=True)
+def merge_block(models: tuple, base: np.ndarray, out: np.ndarray, mode: np.ndarray, cuts: np.ndarray,
+                has: np.ndarray, left: np.ndarray, scale: np.ndarray, has_scale: np.ndarray, weight: np.ndarray,
                 consensus: bool, normalize: bool, weight_sum: np.float32, lam: np.float32, use_lam: bool) -> None:
-    """``out = θ_base + λ·merge(wᵢ·sparsify(δᵢ))`` for one flat float32 row block.
+    """``out = θ_base + λ·merge(wᵢ·sparsify(δᵢ))`` for one flat float32 row block, chunk by chunk.
 
     ``models`` are the blocks of the inputs, ``base`` the base's (all flat float32); per model ``i``:
-    ``mode[i]``, the window's cuts (``cut_lo`` / ``cut_hi`` with ``has_*``; ``left_*[i]`` the tied entries
-    each cut still drops, updated for the next block), the L1 factor ``scale[i]`` (``has_scale``) and the
+    ``mode[i]``, the window's cuts ``cuts[j, i]`` (``has[j, i]``; ``left[j, i]`` the tied entries each
+    cut still drops, updated for the next block), the L1 factor ``scale[i]`` (``has_scale``) and the
     weight. ``consensus``: TIES' sign election and disjoint mean (normalised by the agreeing weights when
     ``normalize``); without it the weighted sum, divided by ``weight_sum`` when ``normalize``. ``lam``
     multiplies the merge when ``use_lam``. Mirrors ``_weighted_block_delta`` and
-    ``task_arithmetic.merge_weighted_deltas`` / ``disjoint_merge`` operation by operation."""
+    ``task_arithmetic.merge_weighted_deltas`` operation by operation."""
     n = len(models)
-    wd = np.empty(n, dtype=np.float32)
-    for j in range(base.size):
-        b = base[j]
+    wd = np.empty((n, CHUNK), dtype=np.float32)
+    mixed_, sign_, divisor_ = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
+    lo_, hi_ = np.empty(CHUNK, np.bool_), np.empty(CHUNK, np.bool_)
+    for c0 in range(0, base.size, CHUNK):
+        size = min(base.size, c0 + CHUNK) - c0
+        b = base[c0 : c0 + size]
+        mixed, sign, divisor = mixed_[:size], sign_[:size], divisor_[:size]
         for i in range(n):
-            d = models[i][j] - b
-            m = mode[i]
-            if m == ZERO:
-                d = _F0
-            elif m == EMPTY:
-                d = d * _F0
-            elif m == WINDOW:
-                a = abs(d)
-                keep = True
-                if has_lo[i]:
-                    keep = _at_or_above(a, cut_lo[i], left_lo, i)
-                if has_hi[i]:  # (counted down whatever the lower cut decided, as the eager masks are)
-                    above_hi = _at_or_above(a, cut_hi[i], left_hi, i)
-                    keep = keep and not above_hi
-                if has_lo[i] or has_hi[i]:
-                    d = d * (_F1 if keep else _F0)
-            if m != KEEP and m != ZERO and has_scale[i]:
-                d = d * scale[i]
-            wd[i] = d * weight[i]
-        mixed = wd[0]
-        for i in range(1, n):
-            mixed = mixed + wd[i]
+            _weighted_sparse_delta(models[i][c0 : c0 + size], b, wd[i, :size], i, mode, cuts, has, left, scale,
+                                   has_scale, weight, divisor, lo_[:size], hi_[:size])
         if consensus:
-            sign = np.float32(math.copysign(1.0, mixed + _F0))
-            mixed = _F0
-            divisor = _F0
-            for i in range(n):
-                x = wd[i] * sign
-                c = _F0 if x < _F0 else x  # clamp_(min=0): NaN and −0 stay
-                if normalize:  # + wᵢ·sign(c): c ≥ 0, −0 or NaN, whose sign is 1 or 0
-                    divisor = divisor + weight[i] * (_F1 if c > _F0 else _F0)
-                mixed = mixed + c
-            mixed = mixed * sign
+            _disjoint_merge(wd, size, weight, normalize, mixed, sign, divisor)
+        else:
+            _sum_rows(wd, size, mixed)
             if normalize:
-                divisor = divisor + (_F1 if divisor == _F0 else _F0)
-                mixed = mixed / divisor
-        elif normalize:
-            mixed = mixed / weight_sum
+                for k in range(size):
+                    mixed[k] = mixed[k] / weight_sum
         if use_lam:
-            mixed = mixed * lam
-        out[j] = mixed + b
+            for k in range(size):
+                mixed[k] = mixed[k] * lam
+        o = out[c0 : c0 + size]
+        for k in range(size):
+            o[k] = mixed[k] + b[k]
+
+
+SUB = 32
+"""Entries per step of :func:`scan_magnitudes`: counted with vectorised comparisons, and looked at one by one
+only when some fall inside the bracket (a few percent of the steps)."""
 
 
 @numba.njit(nogil=True, cache=True)
 def scan_magnitudes(model: np.ndarray, base: np.ndarray, lo: np.float32, hi: np.float32, candidates: np.ndarray,
-                    n_in: int, start: int) -> tuple[int, int, int, int]:
-    """One block of a :class:`~safemerge.methods._tensor.StreamedKth` scan of ``|θ − θ_base|`` without
-    the magnitudes in memory: from flat entry ``start`` on, count the entries below ``lo`` and above ``hi``
-    and append the others (NaN included) to ``candidates`` after its first ``n_in``. Returns
-    ``(below, above, n_in, stop)``; ``stop < base.size`` when ``candidates`` is full (grow it, call again
-    from ``stop``)."""
+                    n_in: int) -> tuple[int, int, int]:
+    """One block of a :class:`~safemerge.methods._tensor.StreamedKth` scan of ``|θ − θ_base|`` without the
+    magnitudes in memory: count the entries below ``lo`` and above ``hi`` and append those inside
+    ``[lo, hi]`` to ``candidates`` after its first ``n_in`` (room for the whole block needed). Returns
+    ``(below, above, n_in)``. A NaN is counted nowhere, so the counts fall short and
+    :meth:`~safemerge.methods._tensor.StreamedKth.result` reports failure, as it does for the NaN the
+    eager scan keeps among the candidates."""
     below = 0
     above = 0
-    cap = candidates.size
-    for j in range(start, base.size):
-        a = abs(model[j] - base[j])
-        if a < lo:
-            below += 1
-        elif a > hi:
-            above += 1
-        else:
-            if n_in == cap:
-                return below, above, n_in, j
-            candidates[n_in] = a
-            n_in += 1
-    return below, above, n_in, base.size
+    size = base.size
+    for c0 in range(0, size, SUB):
+        c1 = min(size, c0 + SUB)
+        lt = 0
+        gt = 0
+        for j in range(c0, c1):
+            a = abs(model[j] - base[j])
+            lt += a < lo
+            gt += a > hi
+        below += lt
+        above += gt
+        if lt + gt < c1 - c0:
+            for j in range(c0, c1):  # branch-free: store every entry, advance past those inside
+                a = abs(model[j] - base[j])
+                candidates[n_in] = a
+                n_in += np.int64(a >= lo) & np.int64(a <= hi)
+    return below, above, n_in

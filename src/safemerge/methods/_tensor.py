@@ -202,14 +202,11 @@ class StreamedKth:
         from safemerge.methods._fused import scan_magnitudes
 
         x, b = x.reshape(-1), b.reshape(-1)
-        lo, hi = np.float32(self.lo_v.item()), np.float32(self.hi_v.item())
-        start = 0
-        while start < b.size:
-            below, above, self.n_in, start = scan_magnitudes(x, b, lo, hi, self.candidates.numpy(), self.n_in, start)
-            self.below += below
-            self.above += above
-            if start < b.size:
-                self._reserve(b.size - start)
+        self._reserve(b.size)
+        below, above, self.n_in = scan_magnitudes(x, b, np.float32(self.lo_v.item()), np.float32(self.hi_v.item()),
+                                                  self.candidates.numpy(), self.n_in)
+        self.below += below
+        self.above += above
         self.block_ends.append(self.n_in)
         self.block_sizes.append(b.size)
 

@@ -141,7 +141,7 @@ def family_two_pass(name: str, job: TwoPassJob) -> bool:
 
 def _fused_merge(models: list[_ModelSparsifier], s: FamilySettings, w32: torch.Tensor,
                  ) -> Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None:
-    """Pass 2 as one fused loop per block (:func:`safemerge.methods._fused.merge_block`, the same bits as
+    """Pass 2 in one compiled loop per block (:func:`safemerge.methods._fused.merge_block`, the same bits as
     :func:`_weighted_block_delta` + :func:`merge_weighted_deltas`): a function of the models' and the base's
     float32 row blocks (CPU) returning the merged block. ``None`` when a model draws a random mask (DARE,
     DELLA: their draws stay with torch's generator)."""
@@ -149,33 +149,29 @@ def _fused_merge(models: list[_ModelSparsifier], s: FamilySettings, w32: torch.T
         return None
     from safemerge.methods import _fused
 
-    n = len(models)
-    mode = np.array([_FUSED_MODES[m.mode if m.window[0] != m.window[1] or m.mode != "magnitude" else "empty"]
+    modes = {"keep": _fused.KEEP, "zero": _fused.ZERO, "magnitude": _fused.WINDOW}
+    mode = np.array([_fused.EMPTY if m.mode == "magnitude" and m.window[0] == m.window[1] else modes[m.mode]
                      for m in models], dtype=np.int8)
-    cuts = [[m.cuts[j] for m in models] for j in (0, 1)]
-    value = [np.array([float(c.value) if c is not None else 0.0 for c in cs], dtype=np.float32) for cs in cuts]
-    has = [np.array([c is not None for c in cs]) for cs in cuts]
+    cuts = np.array([[float(m.cuts[j].value) if m.cuts[j] is not None else 0.0 for m in models] for j in (0, 1)],
+                    dtype=np.float32)
+    has = np.array([[m.cuts[j] is not None for m in models] for j in (0, 1)])
+    left = np.array([[m.cuts[j].drop if m.cuts[j] is not None else 0 for m in models] for j in (0, 1)],
+                    dtype=np.int64)
     scale = np.array([float(m.scale) if m.scale is not None else 1.0 for m in models], dtype=np.float32)
     has_scale = np.array([m.scale is not None for m in models])
     weight = w32.numpy().copy()
     weight_sum = w32.sum()
-    if weight_sum.abs() < 1e-8:
+    if weight_sum.abs() < 1e-8:  # (merge_weighted_deltas' guard)
         weight_sum = torch.ones((), dtype=torch.float32)
-    left = [np.array([c.drop if c is not None else 0 for c in cs], dtype=np.int64) for cs in cuts]
 
     def merge(blocks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(base)
         _fused.merge_block(tuple(t.numpy().reshape(-1) for t in blocks), base.numpy().reshape(-1),
-                           out.numpy().reshape(-1), mode, value[0], has[0], left[0], value[1], has[1], left[1],
-                           scale, has_scale, weight, s.consensus, s.normalize, np.float32(weight_sum),
-                           np.float32(s.lam), s.lam != 1)
+                           out.numpy().reshape(-1), mode, cuts, has, left, scale, has_scale, weight, s.consensus,
+                           s.normalize, np.float32(weight_sum), np.float32(s.lam), s.lam != 1)
         return out
 
-    assert n == len(weight)
     return merge
-
-
-_FUSED_MODES = {"keep": 0, "zero": 1, "magnitude": 2, "empty": 3}
 
 
 def _weighted_block_delta(load: RowLoader, rows: Rows, base: torch.Tensor, models: list[_ModelSparsifier],
