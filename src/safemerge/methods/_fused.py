@@ -21,8 +21,6 @@ Davari & Belilovsky 2024, Sec. 3), an empty window.
 """
 from __future__ import annotations
 
-import math
-
 import numba
 import numpy as np
 
@@ -34,7 +32,7 @@ _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _at_or_above(a: np.ndarray, cut: np.float32, left: int, flag: np.ndarray) -> int:
     """``flag[k] = aₖ ≥ cut`` for a chunk of magnitudes ``a`` (``False`` at NaN), the first ``left`` entries
     equal to the cut (flat order, continuing from earlier chunks and blocks) ranking below it. Returns the
@@ -51,7 +49,47 @@ def _at_or_above(a: np.ndarray, cut: np.float32, left: int, flag: np.ndarray) ->
     return left
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _weighted_window(x: np.ndarray, b: np.ndarray, d: np.ndarray, lo: np.float32 | None, hi: np.float32 | None,
+                     scale: np.float32, w: np.float32) -> None:
+    """``d = ((δ·keep)·scale)·w`` with ``δ = x − b`` and ``keep = |δ| ≥ lo and not |δ| ≥ hi`` (a cut that is
+    ``None`` is no bound) — one loop, once no tied entries remain to drop at either cut (every block after
+    the one where the ties at a cut run out). ``scale`` is 1 without L1 rescaling (``x·1 = x``)."""
+    if hi is None:
+        for k in range(d.size):
+            t = x[k] - b[k]
+            d[k] = ((t * np.float32(abs(t) >= lo)) * scale) * w
+    elif lo is None:
+        for k in range(d.size):
+            t = x[k] - b[k]
+            d[k] = ((t * np.float32(not abs(t) >= hi)) * scale) * w
+    else:
+        for k in range(d.size):
+            t = x[k] - b[k]
+            a = abs(t)
+            d[k] = ((t * np.float32((a >= lo) > (a >= hi))) * scale) * w
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _mask_window_with_ties(d: np.ndarray, i: int, cuts: np.ndarray, has: np.ndarray, left: np.ndarray,
+                           mag: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
+    """``d = d·keep`` for model ``i``'s rank window while a cut still has tied entries to drop (``left``
+    counted down in flat order); ``mag``, ``lo``, ``hi`` scratch."""
+    for k in range(d.size):
+        mag[k] = abs(d[k])
+    if has[0, i]:
+        left[0, i] = _at_or_above(mag, cuts[0, i], left[0, i], lo)
+    else:
+        lo[:] = True
+    if has[1, i]:
+        left[1, i] = _at_or_above(mag, cuts[1, i], left[1, i], hi)
+    else:
+        hi[:] = False
+    for k in range(d.size):
+        d[k] = d[k] * np.float32(lo[k] > hi[k])  # rank ≥ start and not ≥ end
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _weighted_sparse_delta(x: np.ndarray, b: np.ndarray, d: np.ndarray, i: int, mode: np.ndarray, cuts: np.ndarray,
                            has: np.ndarray, left: np.ndarray, scale: np.ndarray, has_scale: np.ndarray,
                            weight: np.ndarray, mag: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> None:
@@ -59,6 +97,10 @@ def _weighted_sparse_delta(x: np.ndarray, b: np.ndarray, d: np.ndarray, i: int, 
     ``cuts[j, i]`` / ``has[j, i]`` / ``left[j, i]`` the window's lower (j = 0) and upper (j = 1) cut
     (``left`` updated); ``mag``, ``lo``, ``hi`` scratch."""
     m = mode[i]
+    if m == WINDOW and left[0, i] == 0 and left[1, i] == 0 and (has[0, i] or has[1, i]):
+        _weighted_window(x, b, d, cuts[0, i] if has[0, i] else None, cuts[1, i] if has[1, i] else None,
+                         scale[i] if has_scale[i] else _F1, weight[i])
+        return
     for k in range(d.size):
         d[k] = x[k] - b[k]
     if m == ZERO:
@@ -67,18 +109,7 @@ def _weighted_sparse_delta(x: np.ndarray, b: np.ndarray, d: np.ndarray, i: int, 
         for k in range(d.size):
             d[k] = d[k] * _F0
     elif m == WINDOW and (has[0, i] or has[1, i]):
-        for k in range(d.size):
-            mag[k] = abs(d[k])
-        if has[0, i]:
-            left[0, i] = _at_or_above(mag, cuts[0, i], left[0, i], lo)
-        else:
-            lo[:] = True
-        if has[1, i]:
-            left[1, i] = _at_or_above(mag, cuts[1, i], left[1, i], hi)
-        else:
-            hi[:] = False
-        for k in range(d.size):
-            d[k] = d[k] * np.float32(lo[k] > hi[k])  # rank ≥ start and not ≥ end
+        _mask_window_with_ties(d, i, cuts, has, left, mag, lo, hi)
     if m != KEEP and m != ZERO and has_scale[i]:
         s = scale[i]
         for k in range(d.size):
@@ -88,7 +119,7 @@ def _weighted_sparse_delta(x: np.ndarray, b: np.ndarray, d: np.ndarray, i: int, 
         d[k] = d[k] * w
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _sum_rows(wd: np.ndarray, size: int, mixed: np.ndarray) -> None:
     """``mixed = ((wd₀ + wd₁) + wd₂) + …`` over the first ``size`` entries of each row."""
     first = wd[0, :size]
@@ -100,7 +131,7 @@ def _sum_rows(wd: np.ndarray, size: int, mixed: np.ndarray) -> None:
             mixed[k] = mixed[k] + row[k]
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _disjoint_merge(wd: np.ndarray, size: int, weight: np.ndarray, normalize: bool, mixed: np.ndarray,
                     sign: np.ndarray, divisor: np.ndarray) -> None:
     """TIES "Elect" + "Disjoint merge" (Yadav et al. 2023, Sec. 3) of a chunk's weighted task vectors (the
@@ -126,7 +157,7 @@ def _disjoint_merge(wd: np.ndarray, size: int, weight: np.ndarray, normalize: bo
             mixed[k] = mixed[k] / (divisor[k] + np.float32(divisor[k] == _F0))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def merge_block(models: tuple, base: np.ndarray, out: np.ndarray, mode: np.ndarray, cuts: np.ndarray,
                 has: np.ndarray, left: np.ndarray, scale: np.ndarray, has_scale: np.ndarray, weight: np.ndarray,
                 consensus: bool, normalize: bool, weight_sum: np.float32, lam: np.float32, use_lam: bool) -> None:
@@ -170,7 +201,7 @@ SUB = 32
 only when some fall inside the bracket (a few percent of the steps)."""
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def scan_magnitudes(model: np.ndarray, base: np.ndarray, lo: np.float32, hi: np.float32, candidates: np.ndarray,
                     n_in: int) -> tuple[int, int, int]:
     """One block of a :class:`~safemerge.methods._tensor.StreamedKth` scan of ``|θ − θ_base|`` without the
