@@ -86,6 +86,36 @@ def test_two_pass_ties_equals_whole_tensor(inputs, tmp_path, monkeypatch, densit
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_bf16_rows_go_to_the_fused_kernel_unwidened(inputs, tmp_path, monkeypatch, method) -> None:
+    """Models stored in bfloat16: the TIES-family kernel reads their rows as stored (``TwoPassJob.load_bf16``,
+    widened inside the fused loop) and writes the whole-tensor merge's bits; tied magnitudes straddle the cuts."""
+    from safetensors.torch import save_file
+
+    models = {}
+    for key, scale in (("a", None), ("b", 64), ("c", 32)):
+        sd = load_file(inputs["a" if key == "c" else key] / "model.safetensors")
+        if key == "c":
+            sd = {k: v + torch.randn(v.shape, generator=torch.Generator().manual_seed(3)) * 0.05 for k, v in sd.items()}
+        sd = {k: ((v * scale).round() / scale if scale else v).to(torch.bfloat16) for k, v in sd.items()}
+        (tmp_path / key).mkdir()
+        save_file(sd, str(tmp_path / key / "model.safetensors"), metadata={"format": "pt"})
+        (tmp_path / key / "config.json").write_text((inputs["a"] / "config.json").read_text())
+        models[key] = tmp_path / key
+    cfg = (f"merge_method: {method}\nbase_model: {models['a']}\nmodels:\n"
+           f"  - model: {models['b']}\n    parameters: {{weight: 0.7, density: 0.4}}\n"
+           f"  - model: {models['c']}\n    parameters: {{weight: 0.3, density: 0.6}}\ndtype: bfloat16\n")
+    merge(cfg, tmp_path / "whole", options=RunOptions(progress=False))
+    stored_reads = []
+    original = engine_run._load_rows_stored
+    monkeypatch.setattr(engine_run, "_load_rows_stored", lambda *a: stored_reads.append(a[1]) or original(*a))
+    monkeypatch.setattr(engine_run, "ELEMENTWISE_BLOCK_BYTES", 900)
+    merge(cfg, tmp_path / "blocks", options=RunOptions(progress=False))
+    assert stored_reads  # (the bfloat16 path was taken)
+    x, y = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "blocks" / "model.safetensors")
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
 @pytest.mark.parametrize("transpose", [False, True])
 def test_lora_rows_are_bit_stable_across_block_heights(transpose) -> None:
     """Any row range of ΔW equals the same rows of the whole ΔW bit for bit (fixed, aligned blocks)."""

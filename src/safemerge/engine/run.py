@@ -204,28 +204,62 @@ def _run_streamed(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], blo
     if two_pass is not None and plan.tie_break != "index" and plan.method.extra.get("tie_break"):
         return False  # mergekit's tie choice needs the whole-tensor sort
     if two_pass is not None and job.base is not None:
-        checked: set[tuple[str, str, Rows | None]] = set()  # a kernel's later passes read the same rows again
-
-        def load_checked(ref: str, name: str, rows: Rows | None):  # noqa: ANN202
-            t = _load(ckpts, ref, name, plan.compute_dtype, options, rows, check=(ref, name, rows) not in checked)
-            checked.add((ref, name, rows))
-            return t
-
-        def load(i: int, rows: Rows | None):  # noqa: ANN202
-            return load_checked(*job.inputs[i], rows)
-
-        def load_base(rows: Rows | None):  # noqa: ANN202
-            return load_checked(*job.base, rows)  # type: ignore[misc]
-
-        gen = tensor_generator(options.seed, job.out_name, options.device) if plan.method.stochastic else None
-        return bool(two_pass(TwoPassJob(load, load_base, len(job.inputs), tuple(job.shape), job.per_model, job.params,
-                                        ELEMENTWISE_BLOCK_BYTES, emit, generator=gen)))
+        return bool(two_pass(_two_pass_job(job, plan, ckpts, options, emit)))
     if not plan.method.extra.get("elementwise"):
         return False
     # each output entry depends only on the same entry of the inputs
     for rows in blocks:
         emit(rows, _run_block(job, plan, ckpts, options, rows))
     return True
+
+
+def _two_pass_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], options: RunOptions,
+                  emit: Callable[[Rows, Any], None]) -> TwoPassJob:
+    """The :class:`TwoPassJob` of one tensor: row loaders (float32, and as stored bfloat16 where
+    :func:`_stored_bf16`) that check each row block for NaN/Inf the first time any pass reads it."""
+    checked: set[tuple[str, str, Rows | None]] = set()  # a kernel's later passes read the same rows again
+
+    def first_read(ref: str, name: str, rows: Rows | None) -> bool:
+        new = (ref, name, rows) not in checked
+        checked.add((ref, name, rows))
+        return new
+
+    def load_f32(ref: str, name: str, rows: Rows | None):  # noqa: ANN202
+        return _load(ckpts, ref, name, plan.compute_dtype, options, rows, check=first_read(ref, name, rows))
+
+    def load_stored(ref: str, name: str, rows: Rows | None):  # noqa: ANN202
+        t = _load_rows_stored(ckpts[ref], name, rows)
+        if first_read(ref, name, rows) and not options.allow_nonfinite:
+            require_finite(t, name, ref)
+        return t
+
+    base = job.base
+    assert base is not None
+    stored = _stored_bf16(job, plan, ckpts, options)
+    gen = tensor_generator(options.seed, job.out_name, options.device) if plan.method.stochastic else None
+    return TwoPassJob(lambda i, rows: load_f32(*job.inputs[i], rows), lambda rows: load_f32(*base, rows),
+                      len(job.inputs), tuple(job.shape), job.per_model, job.params, ELEMENTWISE_BLOCK_BYTES, emit,
+                      generator=gen,
+                      load_bf16=(lambda i, rows: load_stored(*job.inputs[i], rows)) if stored else None,
+                      load_base_bf16=(lambda rows: load_stored(*base, rows)) if stored else None)
+
+
+def _stored_bf16(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], options: RunOptions) -> bool:
+    """Whether a row-block kernel may read this job's rows as stored bfloat16 (``TwoPassJob.load_bf16``):
+    on the CPU, every input and the base stored in bfloat16 in a checkpoint that copies rows, and the
+    config's ``dtype`` rounding nothing (unset, bfloat16 or float32, which holds every bfloat16 exactly)."""
+    refs = [*job.inputs, *([job.base] if job.base is not None else [])]
+    return (options.device == "cpu" and plan.compute_dtype in (None, "bfloat16", "float32")
+            and all(hasattr(ckpts[ref], "copy_rows") and ckpts[ref].dtype_name(name) == "bfloat16"
+                    for ref, name in refs))
+
+
+def _load_rows_stored(ckpt: Any, name: str, rows: Rows | None) -> torch.Tensor:
+    """Rows of a tensor (``None``: all) read straight into a buffer of its stored dtype (no conversion)."""
+    shape = ckpt.shape(name)
+    r0, r1 = rows if rows is not None else (0, shape[0])
+    out = torch.empty((r1 - r0, *shape[1:]), dtype=getattr(torch, ckpt.dtype_name(name)))
+    return ckpt.copy_rows(name, r0, r1, out)
 
 
 def _narrow_into(out: Any, rows: Rows, part: Any) -> None:

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import torch
+from numba import types
+from numba.extending import overload
 
 KEEP, ZERO, WINDOW, EMPTY = 0, 1, 2, 3
 CHUNK = 1024
@@ -30,6 +33,39 @@ CHUNK = 1024
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
+
+
+def kernel_array(t: torch.Tensor) -> np.ndarray | None:
+    """A contiguous CPU tensor as the flat array the kernels take: float32 as is, bfloat16 as its ``uint16``
+    bits (:func:`as_float32`); ``None`` for anything else."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    flat = t.reshape(-1)
+    return flat.numpy() if t.dtype == torch.float32 else flat.view(torch.int16).numpy().view(np.uint16)
+
+
+def as_float32(x: np.ndarray, start: int, size: int, scratch: np.ndarray) -> np.ndarray:
+    """Entries ``[start, start + size)`` of a flat input as float32: a view of a float32 array, or a bfloat16
+    array (stored as ``uint16`` bits) widened into ``scratch`` — exactly, a bfloat16 is the upper half of
+    the float32 with the same value. Reading bfloat16 rows straight from the checkpoint moves half the bytes
+    through memory that widening them to float32 blocks first did (the merge is bound by that traffic
+    when two workers run)."""
+    raise NotImplementedError("compiled only: see the overload below")
+
+
+@overload(as_float32, jit_options={"nogil": True, "error_model": "numpy"})
+def _as_float32_impl(x, start, size, scratch):  # noqa: ANN001, ANN202
+    if isinstance(x.dtype, types.Integer):  # bfloat16 bits
+        def widen(x, start, size, scratch):  # noqa: ANN001, ANN202
+            bits = scratch.view(np.uint32)
+            for k in range(size):
+                bits[k] = np.uint32(x[start + k]) << np.uint32(16)
+            return scratch[:size]
+        return widen
+
+    def view(x, start, size, scratch):  # noqa: ANN001, ANN202
+        return x[start : start + size]
+    return view
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
@@ -163,7 +199,8 @@ def merge_block(models: tuple, base: np.ndarray, out: np.ndarray, mode: np.ndarr
                 consensus: bool, normalize: bool, weight_sum: np.float32, lam: np.float32, use_lam: bool) -> None:
     """``out = θ_base + λ·merge(wᵢ·sparsify(δᵢ))`` for one flat float32 row block, chunk by chunk.
 
-    ``models`` are the blocks of the inputs, ``base`` the base's (all flat float32); per model ``i``:
+    ``models`` are the blocks of the inputs, ``base`` the base's (all flat, float32 or all bfloat16 bits:
+    :func:`as_float32`); per model ``i``:
     ``mode[i]``, the window's cuts ``cuts[j, i]`` (``has[j, i]``; ``left[j, i]`` the tied entries each
     cut still drops, updated for the next block), the L1 factor ``scale[i]`` (``has_scale``) and the
     weight. ``consensus``: TIES' sign election and disjoint mean (normalised by the agreeing weights when
@@ -174,13 +211,14 @@ def merge_block(models: tuple, base: np.ndarray, out: np.ndarray, mode: np.ndarr
     wd = np.empty((n, CHUNK), dtype=np.float32)
     mixed_, sign_, divisor_ = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
     lo_, hi_ = np.empty(CHUNK, np.bool_), np.empty(CHUNK, np.bool_)
+    xs, bs = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
     for c0 in range(0, base.size, CHUNK):
         size = min(base.size, c0 + CHUNK) - c0
-        b = base[c0 : c0 + size]
+        b = as_float32(base, c0, size, bs)
         mixed, sign, divisor = mixed_[:size], sign_[:size], divisor_[:size]
         for i in range(n):
-            _weighted_sparse_delta(models[i][c0 : c0 + size], b, wd[i, :size], i, mode, cuts, has, left, scale,
-                                   has_scale, weight, divisor, lo_[:size], hi_[:size])
+            _weighted_sparse_delta(as_float32(models[i], c0, size, xs), b, wd[i, :size], i, mode, cuts, has, left,
+                                   scale, has_scale, weight, divisor, lo_[:size], hi_[:size])
         if consensus:
             _disjoint_merge(wd, size, weight, normalize, mixed, sign, divisor)
         else:
@@ -205,27 +243,30 @@ only when some fall inside the bracket (a few percent of the steps)."""
 def scan_magnitudes(model: np.ndarray, base: np.ndarray, lo: np.float32, hi: np.float32, candidates: np.ndarray,
                     n_in: int) -> tuple[int, int, int]:
     """One block of a :class:`~safemerge.methods._tensor.StreamedKth` scan of ``|θ − θ_base|`` without the
-    magnitudes in memory: count the entries below ``lo`` and above ``hi`` and append those inside
-    ``[lo, hi]`` to ``candidates`` after its first ``n_in`` (room for the whole block needed). Returns
-    ``(below, above, n_in)``. A NaN is counted nowhere, so the counts fall short and
-    :meth:`~safemerge.methods._tensor.StreamedKth.result` reports failure, as it does for the NaN the
-    eager scan keeps among the candidates."""
+    magnitudes in memory (float32 or bfloat16 bits: :func:`as_float32`): count the entries below
+    ``lo`` and above ``hi`` and append those inside ``[lo, hi]`` to ``candidates`` after its first
+    ``n_in`` (room for the whole block needed). Returns ``(below, above, n_in)``. A NaN is counted
+    nowhere, so the counts fall short and :meth:`~safemerge.methods._tensor.StreamedKth.result` reports
+    failure, as it does for the NaN the eager scan keeps among the candidates."""
     below = 0
     above = 0
-    size = base.size
-    for c0 in range(0, size, SUB):
-        c1 = min(size, c0 + SUB)
-        lt = 0
-        gt = 0
-        for j in range(c0, c1):
-            a = abs(model[j] - base[j])
-            lt += a < lo
-            gt += a > hi
-        below += lt
-        above += gt
-        if lt + gt < c1 - c0:
-            for j in range(c0, c1):  # branch-free: store every entry, advance past those inside
-                a = abs(model[j] - base[j])
-                candidates[n_in] = a
-                n_in += np.int64(a >= lo) & np.int64(a <= hi)
+    xs, bs = np.empty(CHUNK, np.float32), np.empty(CHUNK, np.float32)
+    for c0 in range(0, base.size, CHUNK):
+        size = min(base.size, c0 + CHUNK) - c0
+        x, b = as_float32(model, c0, size, xs), as_float32(base, c0, size, bs)
+        for s0 in range(0, size, SUB):
+            s1 = min(size, s0 + SUB)
+            lt = 0
+            gt = 0
+            for j in range(s0, s1):
+                a = abs(x[j] - b[j])
+                lt += a < lo
+                gt += a > hi
+            below += lt
+            above += gt
+            if lt + gt < s1 - s0:
+                for j in range(s0, s1):  # branch-free: store every entry, advance past those inside
+                    a = abs(x[j] - b[j])
+                    candidates[n_in] = a
+                    n_in += np.int64(a >= lo) & np.int64(a <= hi)
     return below, above, n_in

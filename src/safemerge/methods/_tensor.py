@@ -194,14 +194,14 @@ class StreamedKth:
 
     def scan_delta(self, model: torch.Tensor, base: torch.Tensor) -> None:
         """:meth:`scan` of the block ``|model − base|``, on the CPU fused into one loop that never holds the
-        magnitudes (:func:`safemerge.methods._fused.scan_magnitudes`); the same counts and candidates."""
-        x, b = _numpy_view(model), _numpy_view(base)
-        if x is None or b is None or not x.dtype == b.dtype == np.float32 or self.candidates.dtype != torch.float32:
-            self.scan((model - base).abs_())
-            return
-        from safemerge.methods._fused import scan_magnitudes
+        magnitudes (:func:`safemerge.methods._fused.scan_magnitudes`; float32 blocks, or both in bfloat16,
+        widened inside the loop); the same counts and candidates."""
+        from safemerge.methods._fused import kernel_array, scan_magnitudes
 
-        x, b = x.reshape(-1), b.reshape(-1)
+        x, b = kernel_array(model), kernel_array(base)
+        if x is None or b is None or x.dtype != b.dtype or self.candidates.dtype != torch.float32:
+            self.scan((model.float() - base.float()).abs_())
+            return
         self._reserve(b.size)
         below, above, self.n_in = scan_magnitudes(x, b, np.float32(self.lo_v.item()), np.float32(self.hi_v.item()),
                                                   self.candidates.numpy(), self.n_in)

@@ -39,7 +39,10 @@ class TwoPassJob:
     ``load`` / ``load_base`` read float32 rows of the ``n`` inputs and of the base, ``shape`` is the
     tensor's, ``per_model`` / ``params`` the method's resolved parameters, ``block_bytes`` the float32
     size of a row block, ``emit`` takes each merged block, ``generator`` is a stochastic method's
-    per-tensor generator (:mod:`safemerge.methods.seeding`; ``None`` otherwise)."""
+    per-tensor generator (:mod:`safemerge.methods.seeding`; ``None`` otherwise). ``load_bf16`` /
+    ``load_base_bf16``: the same rows as stored, in bfloat16, when every input and the base are stored in
+    bfloat16 on the CPU and computing in float32 changes nothing else (``None`` otherwise) — for kernels
+    that widen inside their own loop (:mod:`safemerge.methods._fused`) instead of reading float32 blocks."""
 
     load: RowLoader
     load_base: BaseRowLoader
@@ -50,6 +53,8 @@ class TwoPassJob:
     block_bytes: int
     emit: BlockSink
     generator: torch.Generator | None = None
+    load_bf16: RowLoader | None = None
+    load_base_bf16: BaseRowLoader | None = None
 
     def blocks(self) -> list[Rows]:
         """The row blocks of the tensor, in order (:func:`row_blocks`)."""

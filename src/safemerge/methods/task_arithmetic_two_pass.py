@@ -124,12 +124,15 @@ def family_two_pass(name: str, job: TwoPassJob) -> bool:
     if random and (generator is None or generator.device.type != "cpu"):
         return False
     blocks = job.blocks()
-    _find_cuts(load, load_base, models, shape, blocks)
+    _find_cuts(load, load_base, models, shape, blocks, job.load_bf16, job.load_base_bf16)
     _find_states_and_scales(load, load_base, models, shape, blocks, generator, s.rescale)
     w32 = torch.tensor(s.weights, dtype=torch.float32)
     fused = _fused_merge(models, s, w32)
     maskers = [m.masker(_restored(m.state, generator)) if m.mode not in ("keep", "zero") else None for m in models]
     for blk in blocks:
+        if fused is not None and job.load_bf16 is not None and job.load_base_bf16 is not None:
+            job.emit(blk, fused([job.load_bf16(i, blk) for i in range(job.n)], job.load_base_bf16(blk)))
+            continue
         b = load_base(blk)
         if fused is not None and b.device.type == "cpu":
             job.emit(blk, fused([load(i, blk) for i in range(job.n)], b))
@@ -143,8 +146,8 @@ def _fused_merge(models: list[_ModelSparsifier], s: FamilySettings, w32: torch.T
                  ) -> Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor] | None:
     """Pass 2 in one compiled loop per block (:func:`safemerge.methods._fused.merge_block`, the same bits as
     :func:`_weighted_block_delta` + :func:`merge_weighted_deltas`): a function of the models' and the base's
-    float32 row blocks (CPU) returning the merged block. ``None`` when a model draws a random mask (DARE,
-    DELLA: their draws stay with torch's generator)."""
+    row blocks (CPU; all float32, or all bfloat16 as stored) returning the merged float32 block. ``None``
+    when a model draws a random mask (DARE, DELLA: their draws stay with torch's generator)."""
     if any(m.mode in ("dare", "della") for m in models):
         return None
     from safemerge.methods import _fused
@@ -165,8 +168,8 @@ def _fused_merge(models: list[_ModelSparsifier], s: FamilySettings, w32: torch.T
         weight_sum = torch.ones((), dtype=torch.float32)
 
     def merge(blocks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(base)
-        _fused.merge_block(tuple(t.numpy().reshape(-1) for t in blocks), base.numpy().reshape(-1),
+        out = torch.empty(base.shape, dtype=torch.float32)
+        _fused.merge_block(tuple(_fused.kernel_array(t) for t in blocks), _fused.kernel_array(base),
                            out.numpy().reshape(-1), mode, cuts, has, left, scale, has_scale, weight, s.consensus,
                            s.normalize, np.float32(weight_sum), np.float32(s.lam), s.lam != 1)
         return out
@@ -275,9 +278,11 @@ def _keep_from_cut(a: torch.Tensor, lo: torch.Tensor, drop: int, tied: int | Non
 
 
 def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSparsifier], shape: tuple[int, ...],
-               blocks: list[Rows]) -> None:
+               blocks: list[Rows], load_bf16: RowLoader | None = None,
+               load_base_bf16: BaseRowLoader | None = None) -> None:
     """Pass 1a: the :data:`Cut` at each magnitude window's ranks ``0 < m < numel``, streamed over the
-    blocks (a whole-tensor selection for a model whose sample bracket missed, or with NaN)."""
+    blocks (a whole-tensor selection for a model whose sample bracket missed, or with NaN); the scan reads
+    bfloat16 rows when the job offers them (``TwoPassJob.load_bf16``)."""
     numel = math.prod(shape)
     wanted = {(i, j): m.window[j] for i, m in enumerate(models) if m.mode == "magnitude"
               for j in (0, 1) if 0 < m.window[j] < numel and not (j == 1 and m.window[0] == m.window[1])}
@@ -291,10 +296,11 @@ def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSpa
         return {i: load(i, rows).sub_(b).abs_() for i in used}
 
     bracket_from_sample(magnitudes, sel, used, shape, blocks[0][1] - blocks[0][0])
+    load_scanned, load_base_scanned = (load_bf16, load_base_bf16) if load_bf16 is not None else (load, load_base)
     for blk in blocks:
-        b = load_base(blk)
+        b = load_base_scanned(blk)
         for i in used:
-            x = load(i, blk)
+            x = load_scanned(i, blk)
             for (i2, _), kth in sel.items():
                 if i2 == i:
                     kth.scan_delta(x, b)
