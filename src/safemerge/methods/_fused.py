@@ -57,9 +57,9 @@ def as_float32(x: np.ndarray, start: int, size: int, scratch: np.ndarray) -> np.
 def _as_float32_impl(x, start, size, scratch):  # noqa: ANN001, ANN202
     if isinstance(x.dtype, types.Integer):  # bfloat16 bits
         def widen(x, start, size, scratch):  # noqa: ANN001, ANN202
-            bits = scratch.view(np.uint32)
-            for k in range(size):
-                bits[k] = np.uint32(x[start + k]) << np.uint32(16)
+            part, bits = x[start : start + size], scratch.view(np.uint32)
+            for k in range(size):  # (a product, not a shift: numba's shift checks its count, which stops LLVM
+                bits[k] = np.uint32(part[k]) * np.uint32(65536)  # from vectorising the loop)
             return scratch[:size]
         return widen
 
@@ -255,18 +255,18 @@ def scan_magnitudes(model: np.ndarray, base: np.ndarray, lo: np.float32, hi: np.
         size = min(base.size, c0 + CHUNK) - c0
         x, b = as_float32(model, c0, size, xs), as_float32(base, c0, size, bs)
         for s0 in range(0, size, SUB):
-            s1 = min(size, s0 + SUB)
-            lt = 0
+            xs_, bs_ = x[s0 : s0 + SUB], b[s0 : s0 + SUB]  # (slices: an index ``s0 + j`` of unknown sign would
+            lt = 0                                         # make numba wrap it around, entry by entry)
             gt = 0
-            for j in range(s0, s1):
-                a = abs(x[j] - b[j])
+            for j in range(xs_.size):
+                a = abs(xs_[j] - bs_[j])
                 lt += a < lo
                 gt += a > hi
             below += lt
             above += gt
-            if lt + gt < s1 - s0:
-                for j in range(s0, s1):  # branch-free: store every entry, advance past those inside
-                    a = abs(x[j] - b[j])
+            if lt + gt < xs_.size:
+                for j in range(xs_.size):  # branch-free: store every entry, advance past those inside
+                    a = abs(xs_[j] - bs_[j])
                     candidates[n_in] = a
                     n_in += np.int64(a >= lo) & np.int64(a <= hi)
     return below, above, n_in
