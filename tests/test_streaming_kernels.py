@@ -413,3 +413,20 @@ def test_sce_two_pass_when_the_sample_bracket_misses(monkeypatch) -> None:
     base, models = _inputs(2, seed=16)
     whole = sce(base, [m.clone() for m in models], select_topk=0.5)
     assert torch.equal(_streamed(sce_two_pass, base, models, {"select_topk": 0.5}), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_all_finite_finds_every_nan_and_inf(dtype) -> None:
+    """The one finiteness test (bfloat16 on the CPU: compiled, from the exponent bits) against ``isfinite``,
+    for a non-finite entry anywhere, ±0, subnormals and the largest finite values."""
+    from safemerge.io.checkpoint import all_finite
+
+    info = torch.finfo(dtype)
+    base = torch.tensor([0.0, -0.0, info.tiny / 4, -info.max, info.max, 1.5], dtype=dtype).repeat(700)
+    assert all_finite(base)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for pos in (0, 1_234, base.numel() - 1):
+            t = base.clone()
+            t[pos] = bad
+            assert not all_finite(t) and not all_finite(t.reshape(70, -1))
+    assert all_finite(base.reshape(70, -1)[:, ::2])  # (not contiguous: the general path)

@@ -98,10 +98,15 @@ def require_regular_file(path: Path, what: str = "checkpoint file") -> int:
 def all_finite(t: "torch.Tensor") -> bool:
     """True when ``t`` has no NaN/Inf. One summation pass (NaN and ±Inf propagate into the sum);
     only when the sum is not finite — a non-finite entry, or a finite overflow — is the exact
-    element-wise test run. About 10× cheaper than ``isfinite(t).all()`` on large tensors."""
+    element-wise test run. About 10× cheaper than ``isfinite(t).all()`` on large tensors. Contiguous
+    bfloat16 on the CPU: the exponent bits, compiled (:mod:`safemerge.io._bf16`, 5× cheaper than the sum)."""
 
     if t.numel() == 0 or not t.is_floating_point():
         return True
+    if t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous():
+        from safemerge.io._bf16 import bf16_all_finite
+
+        return bf16_all_finite(t)
     if math.isfinite(float(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
         return True
     return bool(torch.isfinite(_elementwise_safe(t)).all())
