@@ -150,10 +150,10 @@ def _fused_merge(models: list[_ModelSparsifier], s: FamilySettings, w32: torch.T
     when a model draws a random mask (DARE, DELLA: their draws stay with torch's generator)."""
     if any(m.mode in ("dare", "della") for m in models):
         return None
-    from safemerge.methods import _fused
+    from safemerge.methods._fused import EMPTY, KEEP, WINDOW, ZERO, kernel_array, merge_block
 
-    modes = {"keep": _fused.KEEP, "zero": _fused.ZERO, "magnitude": _fused.WINDOW}
-    mode = np.array([_fused.EMPTY if m.mode == "magnitude" and m.window[0] == m.window[1] else modes[m.mode]
+    modes = {"keep": KEEP, "zero": ZERO, "magnitude": WINDOW}
+    mode = np.array([EMPTY if m.mode == "magnitude" and m.window[0] == m.window[1] else modes[m.mode]
                      for m in models], dtype=np.int8)
     cuts = np.array([[float(m.cuts[j].value) if m.cuts[j] is not None else 0.0 for m in models] for j in (0, 1)],
                     dtype=np.float32)
@@ -169,9 +169,9 @@ def _fused_merge(models: list[_ModelSparsifier], s: FamilySettings, w32: torch.T
 
     def merge(blocks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         out = torch.empty(base.shape, dtype=torch.float32)
-        _fused.merge_block(tuple(_fused.kernel_array(t) for t in blocks), _fused.kernel_array(base),
-                           out.numpy().reshape(-1), mode, cuts, has, left, scale, has_scale, weight, s.consensus,
-                           s.normalize, np.float32(weight_sum), np.float32(s.lam), s.lam != 1)
+        merge_block(tuple(kernel_array(t) for t in blocks), kernel_array(base), out.numpy().reshape(-1), mode, cuts,
+                    has, left, scale, has_scale, weight, s.consensus, s.normalize, np.float32(weight_sum),
+                    np.float32(s.lam), s.lam != 1)
         return out
 
     return merge
