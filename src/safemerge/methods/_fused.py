@@ -10,9 +10,10 @@ selects, not branches: a mispredicted branch per entry cost more than all the ar
 are the same: a dropped entry is ``δ·0`` (−δ gives −0), ``clamp_(min=0)`` is ``maximum(x, 0)`` (NaN stays;
 the sign of a zero it returns cannot reach the sum, which starts at +0), ``sign`` of NaN is 0, ``copysign``
 reads the sign bit; NaN and ±inf appear where the eager path has them (a NaN's payload bits are the
-compiler's choice). Compiled once per
-number of models and cached on disk (``cache=True``); the kernels release the GIL, so the executor's worker
-threads run them in parallel.
+compiler's choice). Divisions follow IEEE (``error_model="numpy"``: numba's default zero check stops
+vectorisation) and loops index slices from 0 (an offset index of unknown sign is wrapped around entry by
+entry). Compiled once per number of models and input dtype and cached on disk (``cache=True``); the kernels
+release the GIL, so the executor's worker threads run them in parallel.
 
 Model modes (:data:`KEEP`, :data:`ZERO`, :data:`WINDOW`, :data:`EMPTY`) are those of
 ``task_arithmetic_two_pass._ModelSparsifier`` without random masks: untouched, ``density ≤ 0``, a rank
@@ -29,7 +30,7 @@ from numba.extending import overload
 
 KEEP, ZERO, WINDOW, EMPTY = 0, 1, 2, 3
 CHUNK = 1024
-"""Entries per chunk: the chunk's float32 scratch rows (one per model and four more) fit the L1/L2 cache."""
+"""Entries per chunk: the chunk's float32 scratch rows (one per model and a few more) stay in the L1/L2 cache."""
 
 _F0 = np.float32(0.0)
 _F1 = np.float32(1.0)
