@@ -107,8 +107,15 @@ def test_bf16_rows_go_to_the_fused_kernel_unwidened(inputs, tmp_path, monkeypatc
            f"  - model: {models['c']}\n    parameters: {{weight: 0.3, density: 0.6}}\ndtype: bfloat16\n")
     merge(cfg, tmp_path / "whole", options=RunOptions(progress=False))
     stored_reads = []
-    original = engine_run._load_rows_stored
-    monkeypatch.setattr(engine_run, "_load_rows_stored", lambda *a: stored_reads.append(a[1]) or original(*a))
+    original = engine_run._load_rows
+
+    def spied(*args):  # noqa: ANN002, ANN202
+        rows = original(*args)
+        if rows.dtype == torch.bfloat16:
+            stored_reads.append(args[1])
+        return rows
+
+    monkeypatch.setattr(engine_run, "_load_rows", spied)
     monkeypatch.setattr(engine_run, "ELEMENTWISE_BLOCK_BYTES", 900)
     merge(cfg, tmp_path / "blocks", options=RunOptions(progress=False))
     assert stored_reads  # (the bfloat16 path was taken)

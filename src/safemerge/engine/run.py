@@ -90,18 +90,20 @@ and 7.2 s; 4–6 MiB no better (the blocks no longer fit the CPU's caches)."""
 
 
 def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | None, options: RunOptions,
-          rows: Rows | None = None, keep_dtype: bool = False, check: bool = True):
+          rows: Rows | None = None, keep_dtype: bool = False, check: bool = True, as_stored: bool = False):
     """Read one input tensor (or rows of it) onto ``options.device``, refusing NaN/Inf unless
     ``options.allow_nonfinite`` (or ``check`` is off: these rows were checked when first read): rounded to
     ``compute_dtype`` (the config's ``dtype``), then widened
     to float32 — or, with ``keep_dtype`` (mergekit arithmetic), left in that dtype. Row blocks of safetensors
     checkpoints are converted straight from the mapped file
-    into a small float32 buffer (one pass, no intermediate copy)."""
+    into a small float32 buffer (one pass, no intermediate copy) — or, with ``as_stored`` (rows on the CPU
+    whose stored dtype the compute dtype does not round: :func:`_stored_bf16`), read into a buffer of the
+    stored dtype, unconverted."""
 
     ckpt, device = ckpts[ref], options.device
     fused = rows is not None and not keep_dtype and device == "cpu" and hasattr(ckpt, "copy_rows")
     if fused:
-        t = _load_rows_f32(ckpt, name, rows, compute_dtype)  # type: ignore[arg-type]
+        t = _load_rows(ckpt, name, rows, compute_dtype, as_stored)  # type: ignore[arg-type]
     else:
         t = ckpt.get(name, dtype=None) if rows is None else ckpt.get_rows(name, rows[0], rows[1], dtype=None)
     if t.is_floating_point():
@@ -114,16 +116,18 @@ def _load(ckpts: Mapping[str, Any], ref: str, name: str, compute_dtype: str | No
     return t
 
 
-def _load_rows_f32(ckpt: Any, name: str, rows: Rows, compute_dtype: str | None):
+def _load_rows(ckpt: Any, name: str, rows: Rows, compute_dtype: str | None, as_stored: bool = False):
     """Rows of a floating-point tensor as float32, rounded to ``compute_dtype`` as the
-    whole-tensor path rounds them; other tensors as stored."""
+    whole-tensor path rounds them (with ``as_stored``: in the stored dtype, unrounded); other tensors as
+    stored."""
 
     stored = ckpt.dtype_name(name)
     shape = ckpt.shape(name)
     if not getattr(torch, stored, torch.int64).is_floating_point:
         return ckpt.get_rows(name, rows[0], rows[1], dtype=None)
-    t = ckpt.copy_rows(name, rows[0], rows[1], torch.empty((rows[1] - rows[0], *shape[1:]), dtype=torch.float32))
-    if compute_dtype not in (None, "float32", stored):
+    dtype = getattr(torch, stored) if as_stored else torch.float32
+    t = ckpt.copy_rows(name, rows[0], rows[1], torch.empty((rows[1] - rows[0], *shape[1:]), dtype=dtype))
+    if not as_stored and compute_dtype not in (None, "float32", stored):
         t.copy_(t.to(getattr(torch, compute_dtype)))  # stored → compute rounding, as the whole-tensor path
     return t
 
@@ -228,10 +232,8 @@ def _two_pass_job(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], opt
         return _load(ckpts, ref, name, plan.compute_dtype, options, rows, check=first_read(ref, name, rows))
 
     def load_stored(ref: str, name: str, rows: Rows | None):  # noqa: ANN202
-        t = _load_rows_stored(ckpts[ref], name, rows)
-        if first_read(ref, name, rows) and not options.allow_nonfinite:
-            require_finite(t, name, ref)
-        return t
+        return _load(ckpts, ref, name, plan.compute_dtype, options, rows, check=first_read(ref, name, rows),
+                     as_stored=True)
 
     base = job.base
     assert base is not None
@@ -252,14 +254,6 @@ def _stored_bf16(job: TensorJob, plan: MergePlan, ckpts: Mapping[str, Any], opti
     return (options.device == "cpu" and plan.compute_dtype in (None, "bfloat16", "float32")
             and all(hasattr(ckpts[ref], "copy_rows") and ckpts[ref].dtype_name(name) == "bfloat16"
                     for ref, name in refs))
-
-
-def _load_rows_stored(ckpt: Any, name: str, rows: Rows | None) -> torch.Tensor:
-    """Rows of a tensor (``None``: all) read straight into a buffer of its stored dtype (no conversion)."""
-    shape = ckpt.shape(name)
-    r0, r1 = rows if rows is not None else (0, shape[0])
-    out = torch.empty((r1 - r0, *shape[1:]), dtype=getattr(torch, ckpt.dtype_name(name)))
-    return ckpt.copy_rows(name, r0, r1, out)
 
 
 def _narrow_into(out: Any, rows: Rows, part: Any) -> None:

@@ -56,6 +56,15 @@ class TwoPassJob:
     load_bf16: RowLoader | None = None
     load_base_bf16: BaseRowLoader | None = None
 
+    def kernel_rows(self, i: int, rows: Rows) -> torch.Tensor:
+        """Rows of input ``i`` for a compiled kernel that takes float32 or bfloat16: as stored when the job
+        offers them (``load_bf16``), else float32."""
+        return (self.load_bf16 or self.load)(i, rows)
+
+    def kernel_base_rows(self, rows: Rows) -> torch.Tensor:
+        """The base's rows for a compiled kernel, as :meth:`kernel_rows`."""
+        return (self.load_base_bf16 or self.load_base)(rows)
+
     def blocks(self) -> list[Rows]:
         """The row blocks of the tensor, in order (:func:`row_blocks`)."""
         return row_blocks(self.shape, self.block_bytes)

@@ -210,15 +210,18 @@ def merge_weighted_deltas(
         for i in range(1, n):
             mixed.add_(weighted_delta(i))
         if normalize:
-            divisor = w32.sum()
-            if divisor.abs() < 1e-8:
-                divisor = torch.ones((), dtype=torch.float32)
-            mixed.div_(divisor)
+            mixed.div_(weight_sum_divisor(w32))
     else:
         mixed = disjoint_merge([weighted_delta(i) for i in range(n)], w32, normalize)
     if lam != 1:
         mixed.mul_(float(lam))
     return mixed.add_(base)
+
+
+def weight_sum_divisor(w32: torch.Tensor) -> torch.Tensor:
+    """``Σ wᵢ``, the normaliser of a merge without consensus — 1 when ``|Σ wᵢ| < 1e-8``."""
+    divisor = w32.sum()
+    return torch.ones((), dtype=torch.float32) if divisor.abs() < 1e-8 else divisor
 
 
 def disjoint_merge(deltas: list[torch.Tensor], w32: torch.Tensor, normalize: bool) -> torch.Tensor:

@@ -50,7 +50,7 @@ from safemerge.methods._tensor import (
     unpack_mask,
 )
 from safemerge.methods.blocks import BaseRowLoader, RowLoader, Rows, TwoPassJob, TwoPassKernel
-from safemerge.methods.task_arithmetic import FamilySettings, merge_weighted_deltas
+from safemerge.methods.task_arithmetic import FamilySettings, merge_weighted_deltas, weight_sum_divisor
 
 
 @dataclass(frozen=True)
@@ -124,18 +124,15 @@ def family_two_pass(name: str, job: TwoPassJob) -> bool:
     if random and (generator is None or generator.device.type != "cpu"):
         return False
     blocks = job.blocks()
-    _find_cuts(load, load_base, models, shape, blocks, job.load_bf16, job.load_base_bf16)
+    _find_cuts(job, models, blocks)
     _find_states_and_scales(load, load_base, models, shape, blocks, generator, s.rescale)
     w32 = torch.tensor(s.weights, dtype=torch.float32)
     fused = _fused_merge(models, s, w32)
     maskers = [m.masker(_restored(m.state, generator)) if m.mode not in ("keep", "zero") else None for m in models]
     for blk in blocks:
-        if fused is not None and job.load_bf16 is not None and job.load_base_bf16 is not None:
-            job.emit(blk, fused([job.load_bf16(i, blk) for i in range(job.n)], job.load_base_bf16(blk)))
-            continue
-        b = load_base(blk)
+        b = job.kernel_base_rows(blk) if fused is not None else load_base(blk)  # (bfloat16 only on the CPU)
         if fused is not None and b.device.type == "cpu":
-            job.emit(blk, fused([load(i, blk) for i in range(job.n)], b))
+            job.emit(blk, fused([job.kernel_rows(i, blk) for i in range(job.n)], b))
             continue
         deltas = partial(_weighted_block_delta, load, blk, b, models, maskers, w32)
         job.emit(blk, merge_weighted_deltas(deltas, w32, b, consensus=s.consensus, normalize=s.normalize, lam=s.lam))
@@ -163,9 +160,7 @@ def _fused_merge(models: list[_ModelSparsifier], s: FamilySettings, w32: torch.T
     scale = np.array([float(m.scale) if m.scale is not None else 1.0 for m in models], dtype=np.float32)
     has_scale = np.array([m.scale is not None for m in models])
     weight = w32.numpy().copy()
-    weight_sum = w32.sum()
-    if weight_sum.abs() < 1e-8:  # (merge_weighted_deltas' guard)
-        weight_sum = torch.ones((), dtype=torch.float32)
+    weight_sum = weight_sum_divisor(w32)
 
     def merge(blocks: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         out = torch.empty(base.shape, dtype=torch.float32)
@@ -277,12 +272,11 @@ def _keep_from_cut(a: torch.Tensor, lo: torch.Tensor, drop: int, tied: int | Non
     return keep, max(0, drop - tied_at.numel())
 
 
-def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSparsifier], shape: tuple[int, ...],
-               blocks: list[Rows], load_bf16: RowLoader | None = None,
-               load_base_bf16: BaseRowLoader | None = None) -> None:
+def _find_cuts(job: TwoPassJob, models: list[_ModelSparsifier], blocks: list[Rows]) -> None:
     """Pass 1a: the :data:`Cut` at each magnitude window's ranks ``0 < m < numel``, streamed over the
     blocks (a whole-tensor selection for a model whose sample bracket missed, or with NaN); the scan reads
-    bfloat16 rows when the job offers them (``TwoPassJob.load_bf16``)."""
+    bfloat16 rows when the job offers them (:meth:`TwoPassJob.kernel_rows`)."""
+    load, load_base, shape = job.load, job.load_base, job.shape
     numel = math.prod(shape)
     wanted = {(i, j): m.window[j] for i, m in enumerate(models) if m.mode == "magnitude"
               for j in (0, 1) if 0 < m.window[j] < numel and not (j == 1 and m.window[0] == m.window[1])}
@@ -296,11 +290,10 @@ def _find_cuts(load: RowLoader, load_base: BaseRowLoader, models: list[_ModelSpa
         return {i: load(i, rows).sub_(b).abs_() for i in used}
 
     bracket_from_sample(magnitudes, sel, used, shape, blocks[0][1] - blocks[0][0])
-    load_scanned, load_base_scanned = (load_bf16, load_base_bf16) if load_bf16 is not None else (load, load_base)
     for blk in blocks:
-        b = load_base_scanned(blk)
+        b = job.kernel_base_rows(blk)
         for i in used:
-            x = load_scanned(i, blk)
+            x = job.kernel_rows(i, blk)
             for (i2, _), kth in sel.items():
                 if i2 == i:
                     kth.scan_delta(x, b)
