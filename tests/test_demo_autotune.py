@@ -12,6 +12,7 @@ from safemerge.safety.selection import LayerScore
 from safemerge.safety.settings import SafeMergeModels
 from safemerge.tuning.grid import (
     DEFAULT_ALPHAS,
+    LATE_GAINS,
     LATE_TAU,
     GridPoint,
     SearchSettings,
@@ -233,7 +234,7 @@ def test_tau_alpha_numbers_pass_and_auto_needs_validation_sets(tmp_path, monkeyp
     assert key != autotune_work_dir(models, PromptSets("h", "b", "u"), "keyword")
 
 def test_late_block_extension_is_searched_and_written(tmp_path, monkeypatch):
-    """The late-block candidates (last sixth / third of the blocks, gain 1 and 2) join the grid; when one wins, its
+    """The late-block candidates (last sixth / third of the blocks, gain 1, 1.5 and 2) join the grid; when one wins, its
     gain and min_layer reach the merge and the description; the paper's points stay on the grid."""
     scores = [LayerScore(f"m{i}", i, "q", 0.1 + 0.01 * i, 1.0, 1.0) for i in range(12)]
     monkeypatch.setattr(search_module, "scan", lambda *a, **k: scores)
@@ -265,7 +266,8 @@ def test_late_block_extension_is_searched_and_written(tmp_path, monkeypatch):
     res = autotune(models, sets, tmp_path, search=SearchSettings(max_taus=3, screen=(32, 24, 50), finalists=3))
     assert late_block_starts(scores) == [8, 10]
     late = [p for p in res.points if not p.paper_rule]
-    assert {(p.min_layer, p.safety_gain) for p in late} == {(8, 1.0), (8, 2.0), (10, 1.0), (10, 2.0)}
+    assert {(p.min_layer, p.safety_gain) for p in late} == {(m, g) for m in (8, 10) for g in LATE_GAINS}
+    assert set(LATE_GAINS) == {1.0, 1.5, 2.0}
     assert all(set(p.merged) == {f"m{i}" for i in range(p.min_layer, 12)} for p in late)
     assert any(p.paper_rule for p in res.points)
     c = res.chosen

@@ -30,10 +30,11 @@ DEFAULT_SCREEN: tuple[int, int, int] = (48, 32, 50)
 SCREENED_SUITES = ("harmful", "utility", "benign")
 DEFAULT_FINALISTS = 4
 # The late-block extension's candidates (safety_params: min_layer, safety_gain): every layer of the last sixth and
-# third of the blocks (τ above any ρ), safety gain 1 and 2. There because on the demo's SmolLM2-135M fine-tune the
-# erosion sits in the last blocks, which ρ does not single out (docs/demo.md, sixth session).
+# third of the blocks (τ above any ρ), safety gain 1, 1.5 and 2. There because on the demo's SmolLM2-135M fine-tune
+# the erosion sits in the last blocks, which ρ does not single out (docs/demo.md, sixth session); gain 1.5 because
+# gain 2 over-refuses and gain 1 leaves harm (docs/demo.md, nineteenth and twenty-second sessions).
 LATE_FRACTIONS: tuple[float, ...] = (1 / 6, 1 / 3)
-LATE_GAINS: tuple[float, ...] = (1.0, 2.0)
+LATE_GAINS: tuple[float, ...] = (1.0, 1.5, 2.0)
 LATE_TAU = 1.0
 GRID_FIELDS = ("alphas", "max_taus", "screen", "finalists", "extensions")
 
