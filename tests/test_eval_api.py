@@ -101,6 +101,47 @@ def test_cache_prevents_regeneration_and_rejudging(tmp_path):
     assert other.calls == 4
 
 
+class BatchSensitiveGenerator(CountingGenerator):
+    """Batches of two in input order, like the transformers backend's ``generate(..., on_batch, skip)``; each response
+    names its batch — as a bf16 response can depend on the rows it was padded and multiplied with."""
+
+    def complete(self, texts, **kw):  # marks the batching backend
+        raise NotImplementedError
+
+    def generate(self, prompts, *, on_batch=None, skip=None, description="", **kw):
+        texts = [p[-1]["content"] for p in prompts]
+        out = [""] * len(texts)
+        for start in range(0, len(texts), 2):
+            idx = list(range(start, min(start + 2, len(texts))))
+            if skip is not None and skip(idx):
+                continue
+            self.calls += len(idx)
+            batch = "+".join(texts[i] for i in idx)
+            for i in idx:
+                out[i] = f"Sure: {texts[i]} (batch {batch})"
+            on_batch(idx, [out[i] for i in idx])
+        return out
+
+
+def test_texts_do_not_depend_on_what_a_smaller_request_left_in_the_cache(tmp_path):
+    """An evaluation of 4 prompts after one of their first 3 gives the texts of an evaluation of 4 from an empty
+    cache: the 3-prompt request's last batch (prompt 3 alone) is not the 4-prompt request's (prompts 3 and 4)."""
+    paired = ScriptedJudge(lambda p, r: "+" in r, name="generated-in-a-pair")  # which batch made each text
+    fresh = evaluate("m", PromptSets(harmful=HARMFUL), generator=BatchSensitiveGenerator(_respond),
+                     out_dir=tmp_path / "fresh", options=QUIET, judge=paired)
+    assert fresh["harmful"]["harmful_rate"] == 1.0
+    gen = BatchSensitiveGenerator(_respond)
+    smaller = evaluate("m", PromptSets(harmful=HARMFUL[:3]), generator=gen, out_dir=tmp_path / "grown",
+                       options=QUIET, judge=paired)
+    assert smaller["harmful"]["harmful_rate"] == pytest.approx(2 / 3)  # its third prompt ran alone
+    grown = evaluate("m", PromptSets(harmful=HARMFUL), generator=gen, out_dir=tmp_path / "grown", options=QUIET,
+                     judge=paired)
+    assert grown["harmful"] == fresh["harmful"]
+    assert gen.calls == 3 + 4  # the smaller request's responses serve only itself
+    evaluate("m", PromptSets(harmful=HARMFUL), generator=gen, out_dir=tmp_path / "grown", options=QUIET)
+    assert gen.calls == 7  # the same request again: everything cached
+
+
 def test_resume_after_interruption_with_real_model(model_dir, tmp_path):
     """A run cut off after some batches resumes: only the missing generations are produced,
     and the model is not even loaded when everything is cached."""

@@ -26,7 +26,7 @@ from typing import Any
 
 from safemerge import __version__
 from safemerge.errors import SafemergeError
-from safemerge.evaluate.cache import GenerationCache, generation_key
+from safemerge.evaluate.cache import GenerationCache, generation_key, request_digest
 from safemerge.evaluate.datasets import PromptRecord, load_prompts
 from safemerge.evaluate.generate import (
     generation_dtype,
@@ -90,33 +90,33 @@ class _Generations:
             raise SafemergeError(f"{what} needs the transformers backend", "use --backend hf")
         return g
 
-    def settings(self, max_new_tokens: int) -> dict[str, Any]:
+    def settings(self, max_new_tokens: int, request: str) -> dict[str, Any]:
         return {"backend": self.backend, "dtype": self.dtype, "max_new_tokens": max_new_tokens, "decoding": "greedy",
-                "stop": None}
+                "stop": None, "request": request}
 
     def responses(self, suite: str, records: list[PromptRecord], max_new_tokens: int) -> list[str]:
-        settings = self.settings(max_new_tokens)
+        """The responses to ``records``, in order. Generated and cached per request (:func:`request_digest`): the
+        transformers backend forms its batches over the whole request and skips only the batches whose every
+        response is cached, so the texts are those of an uninterrupted run from an empty cache."""
+        settings = self.settings(max_new_tokens, request_digest([r.messages for r in records]))
         keys = [generation_key(self.identity, r.messages, settings) for r in records]
         missing = [i for i, k in enumerate(keys) if k not in self.cache]
         if missing:
             generator = self.loaded()
 
             def save(idx: list[int], texts: list[str]) -> None:
-                rows = []
-                for j, text in zip(idx, texts):
-                    i = missing[j]
-                    rows.append({"key": keys[i], "suite": suite, "id": records[i].id, "prompt": records[i].prompt,
-                                 "response": text, "model": self.identity, "settings": settings})
-                self.cache.add(rows)
+                self.cache.add([{"key": keys[i], "suite": suite, "id": records[i].id, "prompt": records[i].prompt,
+                                 "response": text, "model": self.identity, "settings": settings}
+                                for i, text in zip(idx, texts)])
+                self.generated += len(idx)
 
-            prompts = [records[i].messages for i in missing]
             kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": self.batch_size,
                                   "progress": self.progress}
             if hasattr(generator, "complete"):  # HF backend: save after every batch (resumable)
-                generator.generate(prompts, on_batch=save, description=f"generating ({suite})", **kw)
+                generator.generate([r.messages for r in records], on_batch=save, description=f"generating ({suite})",
+                                   skip=lambda idx: all(keys[i] in self.cache for i in idx), **kw)
             else:
-                save(list(range(len(missing))), generator.generate(prompts, **kw))
-            self.generated += len(missing)
+                save(missing, generator.generate([records[i].messages for i in missing], **kw))
         return [self.cache.get(k) or "" for k in keys]
 
 

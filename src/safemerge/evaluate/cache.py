@@ -3,9 +3,13 @@
 Each line is one generation: ``{"key", "suite", "id", "prompt", "response", "model", "settings"}``.
 The key is SHA-256 over the model identity (the contents of the files that define a model or adapter up to
 256 MiB, else its path + their sizes/mtimes; a weight fingerprint for in-memory models; plus the adapter's), the
-chat messages and the generation settings (backend, max_new_tokens, stop strings, greedy). Lines are appended and
-flushed after every batch, so an interrupted run resumes where it stopped, and re-judging reads the responses back
-without regenerating. A truncated last line (crash mid-write) is ignored.
+chat messages and the generation settings (backend, max_new_tokens, stop strings, greedy) — among them the
+request the response was generated in (:func:`request_digest`: the ordered prompts of one evaluation run): in bf16 a
+response depends on the batch it shared (padding width, matmul shapes), so a cached response is reused only by the
+same request, which forms the same batches, and an evaluation's texts never depend on what an earlier, differently
+sized one left in the cache. Lines are appended and flushed after every batch, so an interrupted run resumes where
+it stopped, and re-judging reads the responses back without regenerating. A truncated last line (crash mid-write)
+is ignored.
 """
 from __future__ import annotations
 
@@ -20,6 +24,12 @@ def generation_key(identity: str, messages: list[dict[str, str]], settings: dict
     blob = json.dumps({"model": identity, "messages": messages, "settings": settings}, sort_keys=True,
                       ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def request_digest(prompts: list[list[dict[str, str]]]) -> str:
+    """SHA-256 of the ordered chat prompts of one request — part of each of its generations' settings, so responses
+    are shared only by requests that batch them alike."""
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 class GenerationCache:

@@ -336,26 +336,30 @@ class HFGenerator:
     def generate(self, prompts: list[Prompt], *, max_new_tokens: int = 128, batch_size: int | None = None,
                  stop: list[str] | None = None, progress: bool = True,
                  on_batch: Callable[[list[int], list[str]], None] | None = None,
-                 description: str = "generating") -> list[str]:
+                 description: str = "generating", skip: Callable[[list[int]], bool] | None = None) -> list[str]:
         """Greedy continuations of ``prompts`` (chat template applied), in input order.
 
         ``on_batch(indices, texts)`` is called after every batch (the evaluation cache uses it to
-        save finished generations as it goes).
+        save finished generations as it goes); ``skip``: see :meth:`complete`.
         """
         texts = [self.render(p) for p in prompts]
         special = not bool(getattr(self.tokenizer, "chat_template", None))
         return self.complete(texts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop,
                              progress=progress, add_special_tokens=special, description=description,
-                             on_batch=on_batch)
+                             on_batch=on_batch, skip=skip)
 
     def complete(self, texts: list[str], *, max_new_tokens: int = 128, batch_size: int | None = None,
                  stop: list[str] | None = None, progress: bool = True, add_special_tokens: bool = True,
                  description: str = "generating",
-                 on_batch: Callable[[list[int], list[str]], None] | None = None) -> list[str]:
+                 on_batch: Callable[[list[int], list[str]], None] | None = None,
+                 skip: Callable[[list[int]], bool] | None = None) -> list[str]:
         """Greedy continuations of raw ``texts`` (no chat template): the primitive judges use.
 
         Prompts are processed longest first (batches of similar length waste little compute on
-        padding); ``batch_size=None`` sizes each batch from memory for its longest prompt.
+        padding); ``batch_size=None`` sizes each batch from memory for its longest prompt. The batches
+        depend on ``texts`` alone; a batch whose indices ``skip`` accepts (the caller has their texts) is
+        not generated and its rows come back empty, so a resumed run generates what it lacks in the
+        batches an uninterrupted one would have used.
         """
 
         if not texts:
@@ -370,6 +374,9 @@ class HFGenerator:
                 bs = batch_size or self.batch_size_for(len(encoded[order[start]]), max_new_tokens)
                 idx = order[start:start + max(1, int(bs))]
                 start += len(idx)
+                if skip is not None and skip(list(idx)):
+                    bar.advance(n=len(idx))
+                    continue
                 outs = self._generate_batch([encoded[i] for i in idx], max_new_tokens, stop)
                 for i, text in zip(idx, outs):
                     results[i] = text
