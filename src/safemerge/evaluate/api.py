@@ -98,7 +98,8 @@ class _Generations:
         """The responses to ``records``, in order. Generated and cached per request (:func:`request_digest`): the
         transformers backend forms its batches over the whole request and skips only the batches whose every
         response is cached, so the texts are those of an uninterrupted run from an empty cache."""
-        settings = self.settings(max_new_tokens, request_digest([r.messages for r in records]))
+        prompts = [r.messages for r in records]
+        settings = self.settings(max_new_tokens, request_digest(prompts))
         keys = [generation_key(self.identity, r.messages, settings) for r in records]
         missing = [i for i, k in enumerate(keys) if k not in self.cache]
         if missing:
@@ -113,10 +114,10 @@ class _Generations:
             kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "batch_size": self.batch_size,
                                   "progress": self.progress}
             if hasattr(generator, "complete"):  # HF backend: save after every batch (resumable)
-                generator.generate([r.messages for r in records], on_batch=save, description=f"generating ({suite})",
+                generator.generate(prompts, on_batch=save, description=f"generating ({suite})",
                                    skip=lambda idx: all(keys[i] in self.cache for i in idx), **kw)
             else:
-                save(missing, generator.generate([records[i].messages for i in missing], **kw))
+                save(missing, generator.generate([prompts[i] for i in missing], **kw))
         return [self.cache.get(k) or "" for k in keys]
 
 
