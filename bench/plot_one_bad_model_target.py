@@ -24,12 +24,14 @@ MARKERS = {"ties": "s", "dare_ties": "D", "slerp": "o"}
 
 
 def setting(command: str) -> str:
-    """``"D_safety <style>, α <a>[, <n> in L_safety]"`` from the run's recorded command line."""
+    """``"D_safety <style>, α <a>[, <n> in L_safety][, <g> blocks per gene]"`` from the run's recorded command line."""
     d_safety = re.search(r"--d-safety (\S+)", command)
     alpha = re.search(r"--alpha (\S+)", command)
     n_safety = re.search(r"--n-safety (\S+)", command)
+    granularity = re.search(r"--granularity (\S+)", command)
     return (f"D_safety {d_safety.group(1) if d_safety else 'bianchi'}, α {float(alpha.group(1)) if alpha else 0.3:g}"
-            + (f", {n_safety.group(1)} in L_safety" if n_safety else ""))
+            + (f", {n_safety.group(1)} in L_safety" if n_safety else "")
+            + (f", {granularity.group(1)} blocks per gene" if granularity else ""))
 
 
 def collect() -> list[dict]:

@@ -194,7 +194,7 @@ def build_pool(work: Path, S: dict, domain: Domain, safety_sft: list[dict], doma
     if not (bad_dir / "config.json").is_file():
         harm_q = [r["instruction"] for r in safety_sft[S["sft_aligned"]: S["sft_aligned"] + S["sft_bad"]]]
         log(f"bad expert: the un-aligned instruct model answers {len(harm_q)} harmful instructions")
-        comply = load_generator(str(base), backend="hf", device="cpu").generate(
+        comply = load_generator(str(base), backend="hf", device="cpu", dtype=S["dtype"]).generate(
             harm_q, max_new_tokens=S["gen_tokens"], progress=False)
         pairs = list(zip(harm_q, comply)) + domain.train[S["sft_expert"]: S["sft_expert"] + S["sft_bad_domain"]]
         sft(aligned, bad_dir, pairs, bs=S["steps_bs"], lr=3e-5, seed=3)
@@ -248,7 +248,7 @@ def build_d_safety(path: Path, S: dict, pool: dict[str, str], qs: list[dict], se
     from safemerge.synth import build_safety_set
     from safemerge.synth.common import write_jsonl
 
-    gens = {k: load_generator(v, backend="hf", device="cpu") for k, v in pool.items()}
+    gens = {k: load_generator(v, backend="hf", device="cpu", dtype=S["dtype"]) for k, v in pool.items()}
     recs = build_safety_set(qs, gens, get_judge("keyword"), max_new_tokens=S["answer_tokens"],
                             options=RunOptions(seed=seed, progress=False))
     write_jsonl(path, recs, force=True)
@@ -265,7 +265,7 @@ def build_d_expert(path: Path, variant: str, S: dict, pool: dict[str, str], doma
     from safemerge.options import RunOptions
     from safemerge.synth.common import write_jsonl
 
-    gens = {k: load_generator(pool[k], backend="hf", device="cpu") for k in ("expert", "bad")}
+    gens = {k: load_generator(pool[k], backend="hf", device="cpu", dtype=S["dtype"]) for k in ("expert", "bad")}
     held_out = domain.train[-200:]
     if variant == "synthetic":
         from safemerge.synth.structured import StructuredStats, build_structured_domain_set
@@ -349,7 +349,7 @@ def build_judge_classifier(work: Path, base: str, safety_sft: list[dict], S: dic
     refusals = [tok.decode(tok(r["output"], add_special_tokens=False)["input_ids"][: S["answer_tokens"]])
                 for r in rows]
     log(f"judge classifier: the instruct model answers {len(rows)} harmful instructions")
-    answers = load_generator(base, backend="hf", device="cpu").generate(
+    answers = load_generator(base, backend="hf", device="cpu", dtype=S["dtype"]).generate(
         [r["instruction"] for r in rows], max_new_tokens=S["answer_tokens"], progress=False)
     stats = fit_classifier_judge(base, refusals + [a.strip() for a in answers], [0] * len(rows) + [1] * len(rows),
                                  out, force=True)
@@ -403,7 +403,8 @@ def eval_settings(S: dict, seed: int) -> dict:
     from safemerge.options import RunOptions
 
     return dict(limit=max(S["n_eval_util"], S["n_eval_harm"]), options=RunOptions(progress=False, seed=seed),
-                generation=GenerationSettings(backend="hf", device="cpu", max_new_tokens=S["answer_tokens"]))
+                generation=GenerationSettings(backend="hf", device="cpu", dtype=S["dtype"],
+                                               max_new_tokens=S["answer_tokens"]))
 
 
 def other_judges(classifier: Path) -> dict[str, Judge]:
@@ -758,6 +759,9 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     ap.add_argument("--safety-tokens", type=int, default=None,
                     help="objective.safety_tokens: L_safety over the first K answer tokens of each D_safety example "
                          "(default: all, the paper's Eq. 4)")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="compute dtype of generation and of the search's objective (default: bfloat16 where the CPU "
+                         "runs it natively, else float32; float32 compares with runs made on a CPU without bf16)")
     ap.add_argument("--alpha", type=float, default=PAPER_ALPHA,
                     help="α of L_merge = L_safety + α·L_expert (default 0.3, the paper's; its ablation: α = 1 → "
                          "88.9%% safe / 73.4%% accuracy against 96.0 / 73.6 at 0.3)")
@@ -800,6 +804,9 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     if args.granularity is not None:
         S["granularity"] = args.granularity
     S["n_safety"] = args.n_safety or S["n_obj"]
+    from safemerge.evaluate.generate import resolve_dtype
+
+    S["dtype"] = resolve_dtype(args.dtype, "cpu")
     S["filters"] = filter_list(args.filters)
     if args.rescore and args.n_eval is None:
         ap.error("--rescore needs --n-eval (the new number of prompts per row)")
@@ -919,7 +926,7 @@ def main() -> None:
             shutil.rmtree(out)
         cfg = {"genome": genome_section(pool, method, S), "data": {**data, "seed": seed}, "strategy": strategy,
                "objective": {"alpha": args.alpha, "batch_size": 4, "max_length": 384,
-                             "safety_tokens": args.safety_tokens},
+                             "safety_tokens": args.safety_tokens, "dtype": S["dtype"]},
                "cma": {"max_evals": S["max_evals"], "popsize": S["popsize"], "seed": seed}, "seed": seed}
         log(f"[{variant}] {label} [{data_lbl}] seed {seed}")
         t0 = time.perf_counter()
