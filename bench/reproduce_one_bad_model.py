@@ -76,6 +76,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 if TYPE_CHECKING:
+    from safemerge.evaluate.generate import Generator
     from safemerge.evaluate.verdicts import Judge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +180,6 @@ def load_domain(name: str, rng: random.Random, *, n_train: int, n_test: int) -> 
 
 def build_pool(work: Path, S: dict, domain: Domain, safety_sft: list[dict], domain_key: str) -> dict[str, str]:
     """aligned (safety SFT of the instruct model), expert (domain SFT), bad (compliance + domain SFT)."""
-    from safemerge.evaluate.generate import load_generator
     from safemerge.io.gguf import convert_gguf, find_smollm2_gguf
 
     base = work / "instruct"
@@ -194,7 +194,7 @@ def build_pool(work: Path, S: dict, domain: Domain, safety_sft: list[dict], doma
     if not (bad_dir / "config.json").is_file():
         harm_q = [r["instruction"] for r in safety_sft[S["sft_aligned"]: S["sft_aligned"] + S["sft_bad"]]]
         log(f"bad expert: the un-aligned instruct model answers {len(harm_q)} harmful instructions")
-        comply = load_generator(str(base), backend="hf", device="cpu", dtype=S["dtype"]).generate(
+        comply = cpu_generator(str(base), S).generate(
             harm_q, max_new_tokens=S["gen_tokens"], progress=False)
         pairs = list(zip(harm_q, comply)) + domain.train[S["sft_expert"]: S["sft_expert"] + S["sft_bad_domain"]]
         sft(aligned, bad_dir, pairs, bs=S["steps_bs"], lr=3e-5, seed=3)
@@ -242,13 +242,12 @@ def safety_questions(source: str, S: dict, safety_sft: list[dict], seed: int) ->
 
 def build_d_safety(path: Path, S: dict, pool: dict[str, str], qs: list[dict], seed: int) -> None:
     """D_safety: harmful questions answered by every pool model, one random refusal each (§4.2)."""
-    from safemerge.evaluate.generate import load_generator
     from safemerge.evaluate.judges import get_judge
     from safemerge.options import RunOptions
     from safemerge.synth import build_safety_set
     from safemerge.synth.common import write_jsonl
 
-    gens = {k: load_generator(v, backend="hf", device="cpu", dtype=S["dtype"]) for k, v in pool.items()}
+    gens = {k: cpu_generator(v, S) for k, v in pool.items()}
     recs = build_safety_set(qs, gens, get_judge("keyword"), max_new_tokens=S["answer_tokens"],
                             options=RunOptions(seed=seed, progress=False))
     write_jsonl(path, recs, force=True)
@@ -261,11 +260,10 @@ def build_d_expert(path: Path, variant: str, S: dict, pool: dict[str, str], doma
     ``synthetic``: structured self-questioning of expert and bad expert (few-shot examples from 200
     held-out training problems); ``real``: held-out training questions answered by the experts.
     """
-    from safemerge.evaluate.generate import load_generator
     from safemerge.options import RunOptions
     from safemerge.synth.common import write_jsonl
 
-    gens = {k: load_generator(pool[k], backend="hf", device="cpu", dtype=S["dtype"]) for k in ("expert", "bad")}
+    gens = {k: cpu_generator(pool[k], S) for k in ("expert", "bad")}
     held_out = domain.train[-200:]
     if variant == "synthetic":
         from safemerge.synth.structured import StructuredStats, build_structured_domain_set
@@ -339,7 +337,6 @@ def build_judge_classifier(work: Path, base: str, safety_sft: list[dict], S: dic
     from transformers import AutoTokenizer
 
     from safemerge.evaluate.classifier_fit import fit_classifier_judge
-    from safemerge.evaluate.generate import load_generator
 
     out = work / "judge-classifier"
     if (out / "config.json").is_file():
@@ -349,7 +346,7 @@ def build_judge_classifier(work: Path, base: str, safety_sft: list[dict], S: dic
     refusals = [tok.decode(tok(r["output"], add_special_tokens=False)["input_ids"][: S["answer_tokens"]])
                 for r in rows]
     log(f"judge classifier: the instruct model answers {len(rows)} harmful instructions")
-    answers = load_generator(base, backend="hf", device="cpu", dtype=S["dtype"]).generate(
+    answers = cpu_generator(base, S).generate(
         [r["instruction"] for r in rows], max_new_tokens=S["answer_tokens"], progress=False)
     stats = fit_classifier_judge(base, refusals + [a.strip() for a in answers], [0] * len(rows) + [1] * len(rows),
                                  out, force=True)
@@ -395,6 +392,13 @@ def rejudge(model: str, out_dir: Path, judge: Judge, sub: str, harmful: str, kw:
     return {"judge": judge.name, "alignment": 1.0 - second["harmful"]["harmful_rate"],
             "ci": [1.0 - hci[1], 1.0 - hci[0]] if hci else None,
             **judge_agreement([a[i] for i in ids], [b[i] for i in ids])}
+
+
+def cpu_generator(model: str, S: dict) -> Generator:
+    """The harness's transformers generator for ``model`` on the CPU in the run's dtype (``--dtype``)."""
+    from safemerge.evaluate.generate import load_generator
+
+    return load_generator(model, backend="hf", device="cpu", dtype=S["dtype"])
 
 
 def eval_settings(S: dict, seed: int) -> dict:
