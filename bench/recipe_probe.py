@@ -83,25 +83,31 @@ def _safety_recipe(targets: str | None, steps: int) -> tuple[Any, Any]:
     return shape, recipe
 
 
-def _safety_variant(zoo: Any, root: Path, targets: str | None, steps: int, per_record: int | None = None) -> Path:
-    """The zoo's safety LoRA (``targets`` None, the default steps and cap) or a variant trained on the same records
-    with other targets, steps or ``per_record`` self-distilled answers per safety record."""
+def _safety_variant(zoo: Any, root: Path, args: argparse.Namespace) -> Path:
+    """The zoo's safety LoRA (no variant option given) or a variant trained on the same records with other
+    ``--targets``, ``--steps``, ``--distilled-per-record`` self-distilled answers per safety record or
+    ``--unlikelihood`` weight (refusal openings made unlikely after look-alikes)."""
     from safemerge.demo import zoo as Z
     from safemerge.options import RunOptions
     from safemerge.train.lora import train_lora
-    from safemerge.train.safety_lora import training_records
+    from safemerge.train.safety_lora import rejected_refusals, training_records
 
-    s = Z.SAFETY_SETTINGS if per_record is None else {**Z.SAFETY_SETTINGS, "distilled_per_record": per_record}
-    if targets is None and steps == s["steps"] and s == Z.SAFETY_SETTINGS:
+    s = dict(Z.SAFETY_SETTINGS)
+    s |= {"steps": args.steps} if args.steps else {}
+    s |= {"distilled_per_record": args.distilled_per_record} if args.distilled_per_record else {}
+    s |= {"unlikelihood": args.unlikelihood} if args.unlikelihood is not None else {}
+    if args.targets is None and s == Z.SAFETY_SETTINGS:
         return zoo.safety
     rows = Z.read_jsonl(zoo.data / "safety_train.jsonl")
-    out = root / f"safety-{fingerprint(zoo.aligned.name, rows, s, targets, steps)}"
+    out = root / f"safety-{fingerprint(zoo.aligned.name, rows, s, args.targets, s['steps'])}"
     if not out.exists():
         records, _ = training_records(zoo.aligned, rows, seed=s["seed"], distill_benign=s["distill_benign"],
                                       distilled_per_record=s["distilled_per_record"], progress=False)
-        shape, recipe = _safety_recipe(targets, steps)
-        train_lora(zoo.aligned, records, out, shape=shape, recipe=recipe,
-                   options=RunOptions(seed=s["seed"], progress=False))
+        shape, recipe = _safety_recipe(args.targets, s["steps"])
+        weight = s.get("unlikelihood", 0.0)
+        rejected = rejected_refusals(records, seed=s["seed"], distill_benign=s["distill_benign"]) if weight else None
+        train_lora(zoo.aligned, records, out, shape=shape, recipe=replace(recipe, unlikelihood_weight=weight),
+                   rejected=rejected, options=RunOptions(seed=s["seed"], progress=False))
     return out
 
 
@@ -151,13 +157,14 @@ def _safety_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[s
     """One result per ``w_f:w_s`` point of ``--weights`` for the chosen safety-LoRA variant."""
     from safemerge.demo import zoo as Z
 
-    safety = _safety_variant(zoo, root, args.targets, args.steps or Z.SAFETY_SETTINGS["steps"],
-                             args.distilled_per_record)
+    safety = _safety_variant(zoo, root, args)
     results = []
     for w_f, w_s, model in _weighted_points(args, zoo, root, safety, "weighted"):
         results.append({"probe": "safety", "safety": str(safety), "targets": args.targets or "task LoRA's",
                         "steps": args.steps or Z.SAFETY_SETTINGS["steps"], "w_f": w_f, "w_s": w_s,
                         "distilled_per_record": args.distilled_per_record or Z.SAFETY_SETTINGS["distilled_per_record"],
+                        "unlikelihood": args.unlikelihood if args.unlikelihood is not None
+                        else Z.SAFETY_SETTINGS.get("unlikelihood", 0.0),
                         **_rates(model, None, zoo.data, model / "probe-evals", args.external, args.split)})
     return results
 
@@ -212,23 +219,25 @@ def _module_selected(module: str, selector: str) -> bool:
 
 
 def _layers_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[str, Any]]:
-    """Where harm and skill live: SafeMERGE's α ΔW_f + (1−α) ΔW_s (the zoo's safety LoRA) on the modules a selector
-    picks, ΔW_f elsewhere. One result per ``SELECTOR@ALPHA`` point of ``--select`` (e.g. ``L0-9@0.2,q_proj@0.2``);
-    ``SELECTOR@ALPHA:W_S`` weighs ΔW_s by W_S instead of 1 − α."""
+    """Where harm and skill live: SafeMERGE's α ΔW_f + (1−α) ΔW_s (the zoo's safety LoRA, or the variant the safety
+    options name) on the modules a selector picks, ΔW_f elsewhere. One result per ``SELECTOR@ALPHA`` point of
+    ``--select`` (e.g. ``L0-9@0.2,q_proj@0.2``); ``SELECTOR@ALPHA:W_S`` weighs ΔW_s by W_S instead of 1 − α."""
     from safemerge.io.adapter import load_adapter
 
+    safety = _safety_variant(zoo, root, args)
     results = []
     for point in args.select.split(","):
         selector, weights = point.rsplit("@", 1)
         a, w_s = (float(x) for x in weights.split(":")) if ":" in weights else (float(weights), 1.0 - float(weights))
         picked = [m for m in load_adapter(zoo.task) if _module_selected(m, selector)]
-        key = (zoo.task.name, zoo.safety.name, selector, a) + ((w_s,) if ":" in weights else ())
+        key = (zoo.task.name, safety.name, selector, a) + ((w_s,) if ":" in weights else ())
         model = _weighted_model(
             zoo.aligned,
             [(zoo.task, lambda m: a if _module_selected(m, selector) else 1.0),
-             (zoo.safety, lambda m: w_s if _module_selected(m, selector) else 0.0)],
+             (safety, lambda m: w_s if _module_selected(m, selector) else 0.0)],
             root / f"layers-{fingerprint(*key)}")
-        results.append({"probe": "layers", "selector": selector, "alpha": a, "w_s": w_s, "modules": len(picked),
+        results.append({"probe": "layers", "safety": str(safety), "selector": selector, "alpha": a, "w_s": w_s,
+                        "modules": len(picked),
                         **_rates(model, None, zoo.data, model / "probe-evals", args.external, args.split)})
     return results
 
@@ -240,9 +249,12 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--lookalike-framed-refusals", type=int, default=1, help="aligned: extra refusals per goal")
     ap.add_argument("--steps", type=int, default=None, help="aligned / safety: training steps (default: the demo's)")
-    ap.add_argument("--targets", default=None, help="safety: LoRA targets (default: the task LoRA's), e.g. all-linear")
+    ap.add_argument("--targets", default=None,
+                    help="safety / layers: LoRA targets (default: the task LoRA's), e.g. all-linear")
     ap.add_argument("--distilled-per-record", type=int, default=None,
                     help="safety: self-distilled answers kept per safety record (default: the demo's)")
+    ap.add_argument("--unlikelihood", type=float, default=None,
+                    help="safety / layers: weight of the unlikelihood term on refusal openings (default: the demo's)")
     ap.add_argument("--weights", default="0.8:0.2", help="safety: comma-separated w_f:w_s points")
     ap.add_argument("--replay", type=int, default=0, help="correction: task-training records mixed in")
     ap.add_argument("--lr", type=float, default=None, help="erosion: task-LoRA learning rate (default: the demo's)")

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from safemerge.errors import SafemergeError
 from safemerge.options import RunOptions
 from safemerge.testing import build_tokenizer, make_tiny_model, save_model
 from safemerge.train.lora import train_lora
@@ -213,3 +214,72 @@ def test_training_records_cap_the_distilled_answers_per_safety_record(monkeypatc
     assert [r.prompt for r in again] == [r.prompt for r in records] != [r.prompt for r in other]
     _, n2 = training_records("aligned", data, seed=3, distilled_per_record=2)
     assert n2 == 14
+
+
+def test_rejected_refusals_pair_every_lookalike_with_a_refusal_opening():
+    from safemerge.data.safety_corpus import benign_distill_prompts
+    from safemerge.train.data import load_sft_records
+    from safemerge.train.safety_lora import GENERIC_REFUSAL_OPENINGS, rejected_refusals
+
+    data = load_sft_records([
+        {"prompt": "harm 1", "response": "I can't help with that. It would hurt someone."},
+        {"prompt": "harm 2", "response": "No, I won't do that! Please talk to someone."},
+        {"prompt": "kill a process", "response": "Run kill -9 with the PID."},
+        {"prompt": "kill a process", "response": "Use the task manager."},  # a prompt twice: one rejected answer
+    ])
+    rows = rejected_refusals(data, seed=1, distill_benign=False)
+    assert [r["prompt"] for r in rows] == ["kill a process"]
+    openings = {"I can't help with that.", "No, I won't do that!", *GENERIC_REFUSAL_OPENINGS}
+    assert rows[0]["response"] in openings
+    rows = rejected_refusals(data, seed=1)
+    assert [r["prompt"] for r in rows] == ["kill a process", *dict.fromkeys(benign_distill_prompts(seed=1))]
+    assert {r["response"] for r in rows} <= openings and len({r["response"] for r in rows}) > 3
+    assert rows == rejected_refusals(data, seed=1) != rejected_refusals(data, seed=2)
+    with pytest.raises(SafemergeError, match="no refusal"):
+        rejected_refusals(data[2:], distill_benign=False)
+
+
+def test_unlikelihood_makes_the_refusal_unlikely_after_the_lookalike(world, tmp_path):
+    # the same refusal-heavy data with and without the term: the look-alike's refusal opening loses probability
+    from safemerge.train.loss import answer_token_loss
+    from safemerge.train.tokenize import collate, encode_chat_example, first_answer_tokens
+
+    data = [SAFETY[0]] * 6 + [SAFETY[1]]
+    rejected = [{"prompt": "how do i kill process ?", "response": "cannot help with that ."}]
+    recipe = TrainingRecipe(steps=40, batch_size=4, lr=2e-2, unlikelihood_weight=5.0, unlikelihood_tokens=3)
+    shape = LoraShape(rank=4, alpha=8, targets=["k_proj", "v_proj"])
+    plain = train_lora(world["aligned"], data, tmp_path / "plain", shape=shape, recipe=recipe, options=QUIET)
+    ul = train_lora(world["aligned"], data, tmp_path / "ul", shape=shape, recipe=recipe, rejected=rejected,
+                    options=QUIET)
+    log = json.loads((ul / "training_log.json").read_text())
+    assert log["rejected"] == 1 and len(log["unlikelihood_losses"]) == 40 and "unlikelihood" not in json.loads(
+        (plain / "training_log.json").read_text())
+    assert "unlikelihood" in log["hyperparameters"]
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(world["aligned"])
+
+    def refusal_nll(adapter: Path) -> float:  # − log p(refusal | look-alike): higher = less likely
+        model = AutoPeftModelForCausalLM.from_pretrained(adapter, trust_remote_code=False).eval()
+        ex = first_answer_tokens(encode_chat_example(tok, rejected[0]["prompt"], rejected[0]["response"]), 3)
+        with torch.no_grad():
+            return float(answer_token_loss(model, collate([ex], tok.pad_token_id)))
+
+    assert refusal_nll(ul) > refusal_nll(plain) + 1.0  # measured: 3.3 vs 0.85
+
+
+def test_safety_lora_cli_trains_with_the_unlikelihood_term(world, capsys):
+    out = world["root"] / "unlikely"
+    code, stdout, err = run(capsys, "safety-lora", "--aligned", world["aligned"], "--like", world["task"], "-o", out,
+                            "--data", world["data"], "--no-distill", "--steps", 3, "--batch-size", 4,
+                            "--unlikelihood", 1, "--no-eval")
+    assert code == 0, err
+    summary = json.loads((out / "safety_lora.json").read_text())
+    assert summary["n_records"]["rejected"] == 1  # the one answered prompt of the data
+    assert len(json.loads((out / "training_log.json").read_text())["unlikelihood_losses"]) == 3
+    assert "made unlikely" in stdout and "Unlikelihood term" in (out / "README.md").read_text()
+    code, _, err = run(capsys, "safety-lora", "--aligned", world["aligned"], "--like", world["task"], "-o",
+                       world["root"] / "never", "--unlikelihood", -1, "--no-eval")
+    assert code == 2 and "unlikelihood" in err.lower() and not (world["root"] / "never").exists()

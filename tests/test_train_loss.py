@@ -1,4 +1,5 @@
-"""``answer_token_loss``: the LM head on the answer positions only gives transformers' loss and gradients."""
+"""``answer_token_loss``: the LM head on the answer positions only gives transformers' loss and gradients;
+``unlikelihood_loss``: Welleck et al.'s token-level formula."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from safemerge.testing import make_tiny_model
-from safemerge.train.loss import answer_token_loss, has_plain_head
-from safemerge.train.tokenize import IGNORE_INDEX, collate
+from safemerge.train.loss import answer_token_loss, has_plain_head, unlikelihood_loss
+from safemerge.train.tokenize import IGNORE_INDEX, collate, first_answer_tokens
 
 
 def _batch(vocab: int = 128) -> dict[str, torch.Tensor]:
@@ -63,3 +64,26 @@ def test_a_batch_without_answer_tokens_gives_nan_like_transformers() -> None:
     batch = _batch()
     batch["labels"].fill_(IGNORE_INDEX)
     assert torch.isnan(answer_token_loss(model, batch)) and torch.isnan(model(**batch).loss)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_unlikelihood_is_minus_log_one_minus_p_of_the_labelled_tokens(arch: str) -> None:
+    # Welleck et al. 2020, Eq. 4, against the full logits of the model's own forward (plain head and not)
+    model = _lora(arch, "all-linear")
+    batch = _batch()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    p = torch.softmax(logits[keep], dim=-1).gather(1, targets[keep][:, None]).squeeze(1)
+    expected = -torch.log(1 - p).mean()
+    loss = unlikelihood_loss(model, batch)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-7)
+    loss.backward()  # differentiable through the LoRA
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+
+
+def test_first_answer_tokens_keeps_the_opening_only() -> None:
+    ex = {"input_ids": list(range(8)), "labels": [IGNORE_INDEX] * 3 + [3, 4, 5, 6, 7]}
+    assert first_answer_tokens(ex, 2)["labels"] == [IGNORE_INDEX] * 3 + [3, 4] + [IGNORE_INDEX] * 3
+    assert first_answer_tokens(ex, 9)["labels"] == ex["labels"] and first_answer_tokens(ex, 2)["input_ids"] == ex[
+        "input_ids"]

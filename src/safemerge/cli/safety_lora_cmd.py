@@ -16,7 +16,13 @@ from safemerge.cli.options import (
     force_option,
     run_options,
 )
-from safemerge.train.safety_lora import DISTILLED_PER_RECORD, SAFETY_BATCH, SAFETY_LR, SAFETY_STEPS
+from safemerge.train.safety_lora import (
+    DISTILLED_PER_RECORD,
+    SAFETY_BATCH,
+    SAFETY_LR,
+    SAFETY_STEPS,
+    UNLIKELIHOOD_WEIGHT,
+)
 
 
 @app.command(
@@ -66,6 +72,14 @@ def safety_lora_cmd(
         help="At most this many self-distilled answers per safety record (a seeded sample), so that helpful "
         "answers do not outnumber the refusals.",
     ),
+    unlikelihood: float = typer.Option(
+        UNLIKELIHOOD_WEIGHT,
+        "--unlikelihood",
+        min=0.0,
+        help="Weight of an unlikelihood term that makes the opening words of a refusal unlikely after every benign "
+        "look-alike prompt (the data's answered prompts and the shipped look-alikes), so the LoRA learns to refuse "
+        "harm, not a phrasing; 0 turns it off.",
+    ),
     precision: str = typer.Option(
         "float32", "--precision", help="Training precision: float32, bfloat16 (autocast) or auto (bf16 where native)."
     ),
@@ -82,11 +96,13 @@ def safety_lora_cmd(
     res = train_safety_lora(aligned, like, out, data=data, recipe=recipe,
                             sets=PromptSets(harmful=eval_harmful, benign=eval_benign), evaluate=not no_eval,
                             limit=eval_limit, distill_benign=distill,
-                            distilled_per_record=distilled_per_record, options=options)
+                            distilled_per_record=distilled_per_record, unlikelihood=unlikelihood, options=options)
     con = Console()
     con.print(
         f"safety LoRA r={res.rank} targets={res.targets}: {res.n_records['data']} safety records + "
-        f"{res.n_records['distilled']} self-distilled answers; loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}; "
+        f"{res.n_records['distilled']} self-distilled answers"
+        + (f" + {res.n_records['rejected']} refusal openings made unlikely" if res.n_records.get("rejected") else "")
+        + f"; loss {res.losses[0]:.3f} → {res.losses[-1]:.3f}; "
         f"wrote {out}"
     )
     for name, label in (("aligned", "aligned"), ("safety", "aligned + safety LoRA")):

@@ -12,6 +12,11 @@ how the SafeMERGE paper (Djuhera et al. 2025, §4) builds both its fine-tuned ta
 safety LoRA, and how Hammoud et al. 2024 ("Model merging and safety alignment: one bad model
 spoils the bunch", §3) fine-tune experts on their synthetic data.
 
+With ``rejected`` answers (``safemerge safety-lora``: refusal openings after benign look-alikes) every step adds
+``w · L_UL`` on a batch of them, the token-level unlikelihood of their first ``k`` tokens
+(:func:`safemerge.train.loss.unlikelihood_loss`; Welleck et al. 2020, Eq. 4); ``w`` and ``k`` are the recipe's
+``unlikelihood_weight`` and ``unlikelihood_tokens``.
+
 Optimiser: AdamW (Loshchilov & Hutter 2019) without weight decay, gradient norm clipped to 1,
 learning rate with linear warm-up over the first 10 % of steps and linear decay afterwards.
 
@@ -40,9 +45,9 @@ from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask
 from safemerge.options import RunOptions, or_default
 from safemerge.progress import progress_bar
 from safemerge.train.data import load_sft_records
-from safemerge.train.loss import answer_token_loss
+from safemerge.train.loss import answer_token_loss, unlikelihood_loss
 from safemerge.train.recipe import LoraShape, TrainingRecipe
-from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example
+from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example, first_answer_tokens
 
 WARMUP_FRACTION = 0.1
 MAX_GRAD_NORM = 1.0
@@ -172,6 +177,7 @@ def train_lora(
     recipe: TrainingRecipe = TrainingRecipe(),
     merge: bool = False,
     system: str | None = None,
+    rejected: str | Path | Iterable[Any] | None = None,
     options: RunOptions | None = None,
 ) -> Path:
     """Fine-tune ``model`` with a LoRA on ``data`` and write the adapter (or the merged model).
@@ -194,6 +200,9 @@ def train_lora(
         merge: write a full model with ``W + (α/r) B A`` merged into the weights (stored in the
             base model's dtype) instead of the adapter.
         system: optional system message added to every example.
+        rejected: answers to make unlikely (records as for ``data``: the prompt and the answer *not* to give); each
+            step adds ``recipe.unlikelihood_weight`` × the unlikelihood of their first ``recipe.unlikelihood_tokens``
+            tokens on a batch of them (see the module). ``None`` or a zero weight: plain SFT.
         options: ``seed`` (the LoRA initialisation, the data order and dropout masks), ``force`` (replace an
             existing ``out_dir``), ``progress`` (a rich bar on stderr with the running loss), ``trust_remote_code``
             (a model directory whose config names its own Python code; refused by default).
@@ -219,13 +228,20 @@ def train_lora(
                             system=r.system if r.system is not None else system)
         for r in records
     ]
+    negatives = [
+        first_answer_tokens(encode_chat_example(tok, r.prompt, r.response, max_length=recipe.max_length,
+                                                system=r.system if r.system is not None else system),
+                            recipe.unlikelihood_tokens)
+        for r in (load_sft_records(rejected) if rejected is not None and recipe.unlikelihood_weight > 0 else [])
+    ]
     n_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
     schedule = _Schedule.of(len(examples), recipe)
     cfg = LoraConfig(r=shape.rank, lora_alpha=shape.alpha, target_modules=target_modules,
                      lora_dropout=recipe.dropout, bias="none", task_type="CAUSAL_LM")
     peft_model = _lora_model(lm, cfg, shape.targets, model_dir, seed=options.seed)
-    losses = _optimise(peft_model, examples, tok.pad_token_id, schedule, lr=recipe.lr, seed=options.seed,
-                       compute_dtype=compute_dtype, progress=options.progress)
+    losses, unlikely = _optimise(peft_model, examples, tok.pad_token_id, schedule, lr=recipe.lr, seed=options.seed,
+                                 compute_dtype=compute_dtype, progress=options.progress, negatives=negatives,
+                                 unlikelihood_weight=recipe.unlikelihood_weight)
 
     hp: dict[str, Any] = {
         "rank": shape.rank, "alpha": shape.alpha,
@@ -237,7 +253,12 @@ def train_lora(
         "max_length": recipe.max_length, "seed": options.seed, "merge": merge, "lora_dropout": recipe.dropout,
         "precision": compute_dtype,
     }
-    log = {"records": len(examples), "response_tokens": n_tokens, "hyperparameters": hp, "losses": losses}
+    log: dict[str, Any] = {"records": len(examples), "response_tokens": n_tokens, "hyperparameters": hp,
+                           "losses": losses}
+    if negatives:
+        hp |= {"unlikelihood": f"weight {recipe.unlikelihood_weight}, first {recipe.unlikelihood_tokens} tokens of "
+                               f"{len(negatives)} rejected answers"}
+        log |= {"rejected": len(negatives), "unlikelihood_losses": unlikely}
     _write_trained(out_dir, peft_model, tok, model=model, model_dir=model_dir, merge=merge, log=log,
                    force=options.force, inputs=inputs)
     return Path(out_dir)
@@ -277,21 +298,31 @@ def _lora_model(lm: Any, cfg: Any, targets: str | Sequence[str], model_dir: Path
 
 
 def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, schedule: _Schedule, *, lr: float,
-              seed: int, compute_dtype: str, progress: bool) -> list[float]:
-    """The training loop (AdamW, warm-up + linear decay, grad-norm clip); returns the loss of every step."""
+              seed: int, compute_dtype: str, progress: bool, negatives: Sequence[dict[str, Any]] = (),
+              unlikelihood_weight: float = 0.0) -> tuple[list[float], list[float]]:
+    """The training loop (AdamW, warm-up + linear decay, grad-norm clip); returns the answer-token loss of every step
+    and, with ``negatives``, their unlikelihood loss (batches of them drawn from their own seeded order)."""
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule.total, schedule.warmup))
     generator = torch.Generator().manual_seed(seed)
+    rejected = iter(_batches(len(negatives), schedule.batch_size, schedule.total,
+                             torch.Generator().manual_seed(seed + 1))) if negatives else None
 
     peft_model.train()
     losses: list[float] = []
+    unlikely: list[float] = []
     with progress_bar("train-lora", total=schedule.total, unit="steps", fields=("loss",), enabled=progress) as bar:
         for idx in _batches(len(examples), schedule.batch_size, schedule.total, generator):
             batch = collate([examples[i] for i in idx], pad_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == "bfloat16"):
-                loss = answer_token_loss(peft_model, batch)
+                sft = answer_token_loss(peft_model, batch)
+                loss = sft
+                if rejected is not None:
+                    ul = unlikelihood_loss(peft_model, collate([negatives[i] for i in next(rejected)], pad_id))
+                    loss = sft + unlikelihood_weight * ul
+                    unlikely.append(float(ul.detach()))
             if not torch.isfinite(loss):
                 raise SafemergeError(f"the training loss became {loss.item()} at step {len(losses) + 1}", "lower --lr")
             loss.backward()
@@ -299,10 +330,10 @@ def _optimise(peft_model: Any, examples: list[dict[str, Any]], pad_id: int, sche
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(float(sft.detach()))
             bar.advance(loss=f"{losses[-1]:.4f}")
     peft_model.eval()
-    return losses
+    return losses, unlikely
 
 
 def _write_trained(out_dir: str | Path, peft_model: Any, tok: Any, *, model: str | Path, model_dir: Path,

@@ -15,6 +15,14 @@ LM head to those alone: the same value (the same logits rows, the same mean over
 
 Only for architectures whose LM head is exactly ``lm_head(last_hidden_state)`` (:data:`PLAIN_HEAD_MODELS`: no logit
 soft-capping or scaling); any other model goes through its own ``forward(labels=…)``.
+
+:func:`unlikelihood_loss` is the other side of the same positions: the token-level unlikelihood of Welleck et al.
+(2020, "Neural text generation with unlikelihood training", Eq. 4) on the labelled tokens of *rejected* answers,
+
+    L_UL = − (1/|R|) Σ_{t∈R} log (1 − p(x_t | x_<t)),
+
+which pushes the probability of those tokens down (``safemerge safety-lora`` uses it on the opening words of a
+refusal after a benign look-alike: refuse harm, not the look-alike's wording).
 """
 from __future__ import annotations
 
@@ -40,6 +48,18 @@ def has_plain_head(model: Any) -> bool:
     return getattr(_causal_lm(model).config, "model_type", None) in PLAIN_HEAD_MODELS
 
 
+def _answer_logits(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 logits of the positions that predict a labelled token, and those tokens (in the same order)."""
+    targets = batch["labels"][:, 1:]
+    predicting = targets != IGNORE_INDEX  # position t−1 predicts token t
+    if not has_plain_head(model):
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return model(**inputs).logits[:, :-1][predicting].float(), targets[predicting]
+    base = _causal_lm(model)
+    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return base.get_output_embeddings()(hidden[:, :-1][predicting]).float(), targets[predicting]
+
+
 def answer_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean cross-entropy over the answer tokens of ``batch`` (``input_ids``, ``attention_mask``, ``labels``;
     :func:`~safemerge.train.tokenize.collate`), the LM head applied only where a label is predicted.
@@ -49,9 +69,13 @@ def answer_token_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tenso
     """
     if not has_plain_head(model):
         return model(**batch).loss
-    base = _causal_lm(model)
-    hidden = base.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    predicting = targets != IGNORE_INDEX  # position t−1 predicts token t
-    logits = base.get_output_embeddings()(hidden[:, :-1][predicting])
-    return F.cross_entropy(logits.float(), targets[predicting])
+    logits, targets = _answer_logits(model, batch)
+    return F.cross_entropy(logits, targets)
+
+
+def unlikelihood_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token-level unlikelihood (Welleck et al. 2020, Eq. 4) of the labelled tokens of ``batch``:
+    ``− mean log(1 − p(x_t | x_<t))``, with ``p`` clamped below 1 so the loss stays finite."""
+    logits, targets = _answer_logits(model, batch)
+    p = F.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1).exp()
+    return -torch.log1p(-p.clamp(max=1.0 - 1e-6)).mean()

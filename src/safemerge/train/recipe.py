@@ -76,6 +76,10 @@ class TrainingRecipe:
             global generator, so runs stay byte-identical.
         precision: ``float32`` (``None``, the default), ``bfloat16`` (autocast) or ``"auto"`` (bf16 where the
             CPU has it natively); resolved when training starts.
+        unlikelihood_weight, unlikelihood_tokens: when ``train_lora`` is given rejected answers, the step's loss is
+            the answer-token cross-entropy plus ``unlikelihood_weight`` × the unlikelihood of the first
+            ``unlikelihood_tokens`` tokens of a batch of rejected answers
+            (:func:`safemerge.train.loss.unlikelihood_loss`).
     """
 
     steps: int | None = None
@@ -85,6 +89,8 @@ class TrainingRecipe:
     max_length: int = 256
     dropout: float = 0.0
     precision: str | None = None
+    unlikelihood_weight: float = 1.0
+    unlikelihood_tokens: int = 4
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -99,3 +105,7 @@ class TrainingRecipe:
             raise ConfigError(f"epochs must be positive, got {self.epochs!r}", "pass a positive --epochs")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}", "pass e.g. --lora-dropout 0.05")
+        if not (self.unlikelihood_weight >= 0 and math.isfinite(self.unlikelihood_weight)):
+            raise ConfigError(f"unlikelihood weight must be ≥ 0, got {self.unlikelihood_weight!r}",
+                              "pass e.g. --unlikelihood 1 (0 turns the term off)")
+        _positive_int(self.unlikelihood_tokens, "unlikelihood tokens", "--unlikelihood-tokens")

@@ -21,7 +21,7 @@ import json
 import random
 import shutil
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,13 @@ SAFETY_RECIPE = TrainingRecipe(steps=SAFETY_STEPS, lr=SAFETY_LR, batch_size=SAFE
 # record over-refuse less alone (validation 14.8% vs 24.8%; aligned 10.8%) but the update refuses less where SafeMERGE
 # merges it, and the demo's repair lost most of the skill to meet the harm limit (nineteenth session, docs/demo.md).
 DISTILLED_PER_RECORD = 1
+# The unlikelihood term's weight (0: off). The look-alike answers above are the aligned model's own, so they carry
+# almost no gradient and cannot hold the refusal update back; the term pushes the opening words of a refusal down
+# after every look-alike prompt instead (see :func:`rejected_refusals`).
+UNLIKELIHOOD_WEIGHT = 0.0
+# Refusal openings of chat models (SmolLM2's own among them), made unlikely beside the training data's own.
+GENERIC_REFUSAL_OPENINGS = ("I'm sorry, but I can't help with that.", "I'm sorry, but I cannot assist with that.",
+                            "I can't help with that.", "I cannot help with that request.")
 # The stand-alone evaluation of the card: harmful requests and benign look-alikes (disjoint from the default data).
 CARD_SETS = PromptSets(harmful="builtin:harmful", benign="builtin:benign")
 SUMMARY = "safety_lora.json"
@@ -59,7 +66,7 @@ class SafetyLoraResult:
     targets: list[str] | str
     losses: list[float]
     evaluation: dict[str, Any] = field(default_factory=dict)
-    n_records: dict[str, int] = field(default_factory=dict)  # "data" (corpus or --data), "distilled"
+    n_records: dict[str, int] = field(default_factory=dict)  # "data" (corpus or --data), "distilled", "rejected"
 
     @property
     def target_met(self) -> bool | None:
@@ -113,6 +120,7 @@ def train_safety_lora(
     limit: int | None = None,
     distill_benign: bool = True,
     distilled_per_record: int = DISTILLED_PER_RECORD,
+    unlikelihood: float = UNLIKELIHOOD_WEIGHT,
     options: RunOptions | None = None,
 ) -> SafetyLoraResult:
     """Train SafeMERGE's safety LoRA on ``aligned`` with the rank and targets of ``like``.
@@ -134,6 +142,8 @@ def train_safety_lora(
             without learning to refuse what the aligned model answers.
         distilled_per_record: keep at most this many self-distilled answers per record of the safety data (a
             seeded sample over all look-alike goals; default :data:`DISTILLED_PER_RECORD`).
+        unlikelihood: weight of the unlikelihood term on refusal openings after look-alike prompts
+            (:func:`rejected_refusals`; 0 turns it off); the recipe's ``unlikelihood_tokens`` opening tokens.
         options: ``seed`` (the recipe's: LoRA initialisation, data order, corpus sampling), ``force`` (replace
             ``out``), ``progress``.
 
@@ -149,17 +159,19 @@ def train_safety_lora(
     check_output_path(out, force=options.force)
     records, n_distilled = training_records(aligned, data, seed=options.seed, distill_benign=distill_benign,
                                             distilled_per_record=distilled_per_record, progress=options.progress)
+    rejected = rejected_refusals(records, seed=options.seed, distill_benign=distill_benign) if unlikelihood > 0 else []
     with atomic_output(out, force=options.force) as tmp:
         trained = tmp / "adapter"
         # the adapter goes into the fresh temporary directory
-        train_lora(aligned, records, trained, shape=shape, recipe=recipe, options=options.replace(force=False))
+        train_lora(aligned, records, trained, shape=shape, recipe=replace(recipe, unlikelihood_weight=unlikelihood),
+                   rejected=rejected or None, options=options.replace(force=False))
         for f in trained.iterdir():
             shutil.move(str(f), tmp / f.name)
         trained.rmdir()
         losses = json.loads((tmp / TRAINING_LOG).read_text())["losses"]
         result = SafetyLoraResult(out=Path(out), rank=shape.rank, alpha=shape.alpha, targets=shape.targets,
                                   losses=losses, n_records={"data": len(records) - n_distilled,
-                                                            "distilled": n_distilled})
+                                                            "distilled": n_distilled, "rejected": len(rejected)})
         if evaluate:
             result.evaluation = _evaluate_alone(aligned, tmp, sets=sets, limit=limit, progress=options.progress)
         (tmp / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -194,6 +206,38 @@ def training_records(
     distilled = [distilled[i] for i in sorted(random.Random(f"safety-lora-distilled-{seed}").sample(
         range(len(distilled)), keep))]
     return records + load_sft_records(distilled) if distilled else records, len(distilled)
+
+
+def rejected_refusals(records: list[SFTRecord], *, seed: int = 0, distill_benign: bool = True) -> list[dict[str, str]]:
+    """Refusal openings to make unlikely after benign look-alikes: one per look-alike prompt.
+
+    The look-alikes are the prompts of the training records the keyword judge reads as answered (not refused) and,
+    with ``distill_benign``, every shipped look-alike prompt of the self-distillation — those whose aligned answer
+    was dropped as a refusal included, the very prompts the aligned model over-refuses. Each gets the first sentence
+    of one of the training refusals, or one of :data:`GENERIC_REFUSAL_OPENINGS` (a seeded choice), as the answer
+    *not* to give.
+    """
+    from safemerge.data.safety_corpus import benign_distill_prompts
+    from safemerge.evaluate.judges import KeywordJudge
+
+    judge = KeywordJudge()
+    refusals = [r.response for r in records if judge.is_refusal(r.response)]
+    if not refusals:
+        raise SafemergeError("the safety data hold no refusal to contrast with the look-alikes",
+                             "add harmful prompts answered with refusals, or pass --unlikelihood 0")
+    openings = sorted({_first_sentence(text) for text in refusals} | set(GENERIC_REFUSAL_OPENINGS))
+    prompts = [r.prompt for r in records if not judge.is_refusal(r.response)]
+    prompts += benign_distill_prompts(seed=seed) if distill_benign else []
+    rng = random.Random(f"safety-lora-rejected-{seed}")
+    return [{"prompt": p, "response": rng.choice(openings)} for p in dict.fromkeys(prompts)]
+
+
+def _first_sentence(text: str) -> str:
+    """``text`` up to and including its first sentence end (``.``, ``!`` or ``?`` followed by a space)."""
+    for i, ch in enumerate(text):
+        if ch in ".!?" and (i + 1 == len(text) or text[i + 1] == " "):
+            return text[: i + 1]
+    return text
 
 
 def _evaluate_alone(aligned: str | Path, adapter: Path, *, sets: PromptSets, limit: int | None,
@@ -242,7 +286,10 @@ def _append_card(tmp: Path, result: SafetyLoraResult, *, like: str | Path) -> No
         f"SafeMERGE's safety LoRA (Djuhera et al. 2025): rank {result.rank}, lora_alpha {result.alpha:g} and "
         f"targets `{md_escape(result.targets)}` copied from `{md_escape(Path(like).name)}`. Training records: "
         f"{result.n_records.get('data', 0)} safety records + {result.n_records.get('distilled', 0)} look-alike answers "
-        "self-distilled from the aligned model (refusals and loops dropped).",
+        "self-distilled from the aligned model (refusals and loops dropped)."
+        + (f" Unlikelihood term: the opening words of a refusal made unlikely after {result.n_records['rejected']} "
+           "look-alike prompts (Welleck et al. 2020, Eq. 4; per-step values in `training_log.json`)."
+           if result.n_records.get("rejected") else ""),
         "",
         "Loss curve (mean answer-token cross-entropy per window of steps):",
         "",

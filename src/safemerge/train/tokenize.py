@@ -186,3 +186,14 @@ def collate(examples: Sequence[dict[str, Any]], pad_token_id: int) -> dict[str, 
         attention[i, :k] = 1
         labels[i, :k] = torch.tensor(lab, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def first_answer_tokens(example: dict[str, Any], k: int) -> dict[str, Any]:
+    """``example`` with only its first ``k`` labelled (answer) tokens left labelled — the opening of a rejected
+    answer, whose later tokens depend on the opening itself (used by the unlikelihood term of ``train_lora``)."""
+    labels, seen = [], 0
+    for x in example["labels"]:
+        keep = x != IGNORE_INDEX and seen < k
+        seen += keep
+        labels.append(x if keep else IGNORE_INDEX)
+    return {**example, "labels": labels}
