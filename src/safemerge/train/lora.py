@@ -44,7 +44,7 @@ from safemerge.io.hub import resolve_model_ref
 from safemerge.io.output import atomic_output, check_output_path, chmod_to_umask, md_code, md_escape, write_model_card
 from safemerge.options import RunOptions, or_default
 from safemerge.progress import progress_bar
-from safemerge.train.data import load_sft_records
+from safemerge.train.data import SFTRecord, load_sft_records
 from safemerge.train.loss import answer_token_loss, unlikelihood_loss
 from safemerge.train.recipe import LoraShape, TrainingRecipe
 from safemerge.train.tokenize import IGNORE_INDEX, collate, encode_chat_example, first_answer_tokens
@@ -223,17 +223,14 @@ def train_lora(
     from peft import LoraConfig
 
     model_dir, lm, tok = _load_model_and_tokenizer(model, options.trust_remote_code)
-    examples = [
-        encode_chat_example(tok, r.prompt, r.response, max_length=recipe.max_length,
-                            system=r.system if r.system is not None else system)
-        for r in records
-    ]
-    negatives = [
-        first_answer_tokens(encode_chat_example(tok, r.prompt, r.response, max_length=recipe.max_length,
-                                                system=r.system if r.system is not None else system),
-                            recipe.unlikelihood_tokens)
-        for r in (load_sft_records(rejected) if rejected is not None and recipe.unlikelihood_weight > 0 else [])
-    ]
+    def encode(r: SFTRecord) -> dict[str, Any]:
+        return encode_chat_example(tok, r.prompt, r.response, max_length=recipe.max_length,
+                                   system=r.system if r.system is not None else system)
+
+    examples = [encode(r) for r in records]
+    use_rejected = rejected is not None and recipe.unlikelihood_weight > 0
+    negatives = [first_answer_tokens(encode(r), recipe.unlikelihood_tokens)
+                 for r in (load_sft_records(rejected) if use_rejected else [])]
     n_tokens = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in examples)
     schedule = _Schedule.of(len(examples), recipe)
     cfg = LoraConfig(r=shape.rank, lora_alpha=shape.alpha, target_modules=target_modules,

@@ -108,4 +108,4 @@ class TrainingRecipe:
         if not (self.unlikelihood_weight >= 0 and math.isfinite(self.unlikelihood_weight)):
             raise ConfigError(f"unlikelihood weight must be ≥ 0, got {self.unlikelihood_weight!r}",
                               "pass e.g. --unlikelihood 1 (0 turns the term off)")
-        _positive_int(self.unlikelihood_tokens, "unlikelihood tokens", "--unlikelihood-tokens")
+        _positive_int(self.unlikelihood_tokens, "unlikelihood tokens", "TrainingRecipe(unlikelihood_tokens=…)")

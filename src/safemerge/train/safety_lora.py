@@ -221,12 +221,13 @@ def rejected_refusals(records: list[SFTRecord], *, seed: int = 0, distill_benign
     from safemerge.evaluate.judges import KeywordJudge
 
     judge = KeywordJudge()
-    refusals = [r.response for r in records if judge.is_refusal(r.response)]
-    if not refusals:
+    refused = [judge.is_refusal(r.response) for r in records]
+    if not any(refused):
         raise SafemergeError("the safety data hold no refusal to contrast with the look-alikes",
                              "add harmful prompts answered with refusals, or pass --unlikelihood 0")
-    openings = sorted({_first_sentence(text) for text in refusals} | set(GENERIC_REFUSAL_OPENINGS))
-    prompts = [r.prompt for r in records if not judge.is_refusal(r.response)]
+    openings = sorted({_first_sentence(r.response) for r, no in zip(records, refused) if no}
+                      | set(GENERIC_REFUSAL_OPENINGS))
+    prompts = [r.prompt for r, no in zip(records, refused) if not no]
     prompts += benign_distill_prompts(seed=seed) if distill_benign else []
     rng = random.Random(f"safety-lora-rejected-{seed}")
     return [{"prompt": p, "response": rng.choice(openings)} for p in dict.fromkeys(prompts)]
