@@ -89,8 +89,7 @@ def _safety_variant(zoo: Any, root: Path, args: argparse.Namespace) -> Path:
     ``--unlikelihood`` weight (refusal openings made unlikely after look-alikes)."""
     from safemerge.demo import zoo as Z
     from safemerge.options import RunOptions
-    from safemerge.train.lora import train_lora
-    from safemerge.train.safety_lora import rejected_refusals, training_records
+    from safemerge.train.safety_lora import fit_safety_adapter, training_records
 
     s = dict(Z.SAFETY_SETTINGS)
     s |= {"steps": args.steps} if args.steps else {}
@@ -104,10 +103,9 @@ def _safety_variant(zoo: Any, root: Path, args: argparse.Namespace) -> Path:
         records, _ = training_records(zoo.aligned, rows, seed=s["seed"], distill_benign=s["distill_benign"],
                                       distilled_per_record=s["distilled_per_record"], progress=False)
         shape, recipe = _safety_recipe(args.targets, s["steps"])
-        weight = s.get("unlikelihood", 0.0)
-        rejected = rejected_refusals(records, seed=s["seed"], distill_benign=s["distill_benign"]) if weight else None
-        train_lora(zoo.aligned, records, out, shape=shape, recipe=replace(recipe, unlikelihood_weight=weight),
-                   rejected=rejected, options=RunOptions(seed=s["seed"], progress=False))
+        fit_safety_adapter(zoo.aligned, records, out, shape=shape, recipe=recipe,
+                           unlikelihood=s.get("unlikelihood", 0.0), distill_benign=s["distill_benign"],
+                           options=RunOptions(seed=s["seed"], progress=False))
     return out
 
 

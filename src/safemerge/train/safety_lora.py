@@ -152,19 +152,18 @@ def train_safety_lora(
         ``safety_lora.json`` (loss curve, evaluation) and a model card reporting both.
     """
     from safemerge.io.output import atomic_output, check_output_path
-    from safemerge.train.lora import TRAINING_LOG, train_lora
+    from safemerge.train.lora import TRAINING_LOG
 
     options = or_default(options)
     shape = like_adapter_shape(like)
     check_output_path(out, force=options.force)
     records, n_distilled = training_records(aligned, data, seed=options.seed, distill_benign=distill_benign,
                                             distilled_per_record=distilled_per_record, progress=options.progress)
-    rejected = rejected_refusals(records, seed=options.seed, distill_benign=distill_benign) if unlikelihood > 0 else []
     with atomic_output(out, force=options.force) as tmp:
         trained = tmp / "adapter"
         # the adapter goes into the fresh temporary directory
-        train_lora(aligned, records, trained, shape=shape, recipe=replace(recipe, unlikelihood_weight=unlikelihood),
-                   rejected=rejected or None, options=options.replace(force=False))
+        rejected = fit_safety_adapter(aligned, records, trained, shape=shape, recipe=recipe, unlikelihood=unlikelihood,
+                                      distill_benign=distill_benign, options=options.replace(force=False))
         for f in trained.iterdir():
             shutil.move(str(f), tmp / f.name)
         trained.rmdir()
@@ -177,6 +176,30 @@ def train_safety_lora(
         (tmp / SUMMARY).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         _append_card(tmp, result, like=like)
     return result
+
+
+def fit_safety_adapter(
+    aligned: str | Path,
+    records: list[SFTRecord],
+    out: str | Path,
+    *,
+    shape: LoraShape,
+    recipe: TrainingRecipe,
+    unlikelihood: float,
+    distill_benign: bool,
+    options: RunOptions,
+) -> list[dict[str, str]]:
+    """Train the safety LoRA's adapter on ``records`` into ``out`` (:func:`~safemerge.train.lora.train_lora`), with
+    the unlikelihood term on refusal openings after look-alikes when ``unlikelihood`` > 0 (:func:`rejected_refusals`).
+
+    Returns the rejected (prompt, refusal opening) pairs the term used (empty when it is off).
+    """
+    from safemerge.train.lora import train_lora
+
+    rejected = rejected_refusals(records, seed=options.seed, distill_benign=distill_benign) if unlikelihood > 0 else []
+    train_lora(aligned, records, out, shape=shape, recipe=replace(recipe, unlikelihood_weight=unlikelihood),
+               rejected=rejected or None, options=options)
+    return rejected
 
 
 def training_records(
