@@ -12,7 +12,9 @@ C) — depend on the BLAS kernel the CPU gets (an Intel Sapphire Rapids machine'
 from an AMD EPYC's), so they are not compared with the pins: :data:`GEMM_DEPENDENT` lists them, and the test
 instead runs those cases a second time and requires the same bytes (deterministic on one machine); their
 values are checked against dense formulas with tolerances in ``test_safety_*``. Every other file is pinned.
-Text files have the temporary directory replaced by ``<ROOT>`` before hashing.
+Text files have the temporary directory replaced by ``<ROOT>`` and the ``transformers_version`` that
+``save_pretrained`` stamps into ``config.json`` / ``generation_config.json`` replaced by ``<VERSION>`` before hashing
+(a transformers release changes that string and nothing else: 5.24.0 → 5.25.0 was checked file by file).
 
 Regenerate (only with a justification in the commit message)::
 
@@ -24,6 +26,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -35,6 +38,7 @@ PINS = Path(__file__).parent / "fixtures" / "output_pins.json"
 #: ``case/file`` patterns whose bytes depend on the CPU's float32 GEMM kernel (see the module docstring)
 GEMM_DEPENDENT = ("safelora_*/*", "safemerge_*/safemerge.json", "safemerge_*/README.md")
 TEXT_SUFFIXES = {".json", ".md", ".yml", ".yaml", ".jinja", ".txt"}
+TRANSFORMERS_VERSION = re.compile(rb'"transformers_version": "[^"]*"')
 
 
 def _lora(g: torch.Generator, out_dim: int, in_dim: int, r: int, steer: torch.Tensor | None) -> tuple:
@@ -131,6 +135,7 @@ def _digest(path: Path, root: Path) -> str:
     data = path.read_bytes()
     if path.suffix in TEXT_SUFFIXES:
         data = data.replace(str(root).encode(), b"<ROOT>")
+        data = TRANSFORMERS_VERSION.sub(rb'"transformers_version": "<VERSION>"', data)
     return hashlib.sha256(data).hexdigest()
 
 
