@@ -74,13 +74,11 @@ def _rates(model: Path, adapter: Path | None, data: Path, out: Path, external: P
 def _safety_recipe(targets: str | None, steps: int) -> tuple[Any, Any]:
     """The zoo's safety-LoRA training (shape of the task LoRA, ``SAFETY_SETTINGS``) with other targets / steps."""
     from safemerge.demo import zoo as Z
-    from safemerge.train.recipe import LoraShape, TrainingRecipe
+    from safemerge.train.recipe import LoraShape
 
-    s, like = Z.SAFETY_SETTINGS, Z.TASK_RECIPE
+    like = Z.TASK_RECIPE
     shape = LoraShape(rank=like.rank, alpha=like.alpha, targets=targets or list(like.targets))
-    recipe = TrainingRecipe(steps=steps, batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"],
-                            precision=s["precision"])
-    return shape, recipe
+    return shape, replace(Z.safety_training_recipe(), steps=steps)
 
 
 def _safety_variant(zoo: Any, root: Path, args: argparse.Namespace) -> Path:
@@ -103,8 +101,9 @@ def _safety_variant(zoo: Any, root: Path, args: argparse.Namespace) -> Path:
         records, _ = training_records(zoo.aligned, rows, seed=s["seed"], distill_benign=s["distill_benign"],
                                       distilled_per_record=s["distilled_per_record"], progress=False)
         shape, recipe = _safety_recipe(args.targets, s["steps"])
-        fit_safety_adapter(zoo.aligned, records, out, shape=shape, recipe=recipe,
-                           unlikelihood=s.get("unlikelihood", 0.0), distill_benign=s["distill_benign"],
+        fit_safety_adapter(zoo.aligned, records, out, shape=shape,
+                           recipe=replace(recipe, unlikelihood_weight=s.get("unlikelihood", 0.0)),
+                           distill_benign=s["distill_benign"],
                            options=RunOptions(seed=s["seed"], progress=False))
     return out
 

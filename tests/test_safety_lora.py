@@ -283,3 +283,21 @@ def test_safety_lora_cli_trains_with_the_unlikelihood_term(world, capsys):
     code, _, err = run(capsys, "safety-lora", "--aligned", world["aligned"], "--like", world["task"], "-o",
                        world["root"] / "never", "--unlikelihood", -1, "--no-eval")
     assert code == 2 and "unlikelihood" in err.lower() and not (world["root"] / "never").exists()
+
+
+def test_the_recipe_alone_holds_the_unlikelihood_weight(world, tmp_path):
+    # one place holds the weight: SAFETY_RECIPE's 0 trains without the term, a recipe with a weight > 0 with it
+    from dataclasses import replace
+
+    from safemerge.train.safety_lora import SAFETY_RECIPE, train_safety_lora
+
+    assert SAFETY_RECIPE.unlikelihood_weight == TrainingRecipe().unlikelihood_weight == 0.0
+    short = replace(SAFETY_RECIPE, steps=2, batch_size=4)
+    logs = {}
+    for name, recipe in (("off", short), ("on", replace(short, unlikelihood_weight=0.5))):
+        res = train_safety_lora(world["aligned"], world["task"], tmp_path / name, data=world["data"], recipe=recipe,
+                                evaluate=False, distill_benign=False, options=QUIET)
+        logs[name] = (res.n_records["rejected"], json.loads((tmp_path / name / "training_log.json").read_text()))
+    assert logs["off"][0] == 0 and "unlikelihood_losses" not in logs["off"][1]
+    assert logs["on"][0] == 1 and len(logs["on"][1]["unlikelihood_losses"]) == 2
+    assert "weight 0.5" in logs["on"][1]["hyperparameters"]["unlikelihood"]

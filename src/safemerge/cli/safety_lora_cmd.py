@@ -20,8 +20,8 @@ from safemerge.train.safety_lora import (
     DISTILLED_PER_RECORD,
     SAFETY_BATCH,
     SAFETY_LR,
+    SAFETY_RECIPE,
     SAFETY_STEPS,
-    UNLIKELIHOOD_WEIGHT,
 )
 
 
@@ -73,7 +73,7 @@ def safety_lora_cmd(
         "answers do not outnumber the refusals.",
     ),
     unlikelihood: float = typer.Option(
-        UNLIKELIHOOD_WEIGHT,
+        SAFETY_RECIPE.unlikelihood_weight,
         "--unlikelihood",
         min=0.0,
         help="Weight of an unlikelihood term that makes the opening words of a refusal unlikely after every benign "
@@ -89,14 +89,15 @@ def safety_lora_cmd(
     from rich.console import Console
 
     from safemerge.evaluate.records import PromptSets
-    from safemerge.train.safety_lora import SAFETY_RECIPE, train_safety_lora
+    from safemerge.train.safety_lora import train_safety_lora
 
     options = run_options(seed=seed, force=force)
-    recipe = replace(SAFETY_RECIPE, steps=steps, lr=lr, batch_size=batch_size, precision=precision)
+    recipe = replace(SAFETY_RECIPE, steps=steps, lr=lr, batch_size=batch_size, precision=precision,
+                     unlikelihood_weight=unlikelihood)
     res = train_safety_lora(aligned, like, out, data=data, recipe=recipe,
                             sets=PromptSets(harmful=eval_harmful, benign=eval_benign), evaluate=not no_eval,
                             limit=eval_limit, distill_benign=distill,
-                            distilled_per_record=distilled_per_record, unlikelihood=unlikelihood, options=options)
+                            distilled_per_record=distilled_per_record, options=options)
     con = Console()
     con.print(
         f"safety LoRA r={res.rank} targets={res.targets}: {res.n_records['data']} safety records + "

@@ -185,13 +185,19 @@ def train_recipe(model: Path, records: list[dict[str, Any]], out: Path, recipe: 
                merge=merge, options=RunOptions(seed=recipe.seed))
 
 
+def safety_training_recipe() -> TrainingRecipe:
+    """The ``train_safety_lora`` recipe of :data:`SAFETY_SETTINGS` (also used by ``bench/recipe_probe.py``)."""
+    s = SAFETY_SETTINGS
+    return TrainingRecipe(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"],
+                          precision=s["precision"])
+
+
 def _train_safety(aligned: Path, task: Path, rows: list[dict[str, Any]], out: Path) -> None:
     """``safemerge safety-lora`` with :data:`SAFETY_SETTINGS`, whose ``seed`` goes in the options object."""
 
     s = SAFETY_SETTINGS
-    recipe = TrainingRecipe(steps=s["steps"], batch_size=s["batch_size"], lr=s["lr"], max_length=s["max_length"],
-                            precision=s["precision"])
-    train_safety_lora(aligned, task, out, data=rows, recipe=recipe, evaluate=False, distill_benign=s["distill_benign"],
+    train_safety_lora(aligned, task, out, data=rows, recipe=safety_training_recipe(), evaluate=False,
+                      distill_benign=s["distill_benign"],
                       distilled_per_record=int(s["distilled_per_record"]),
                       options=RunOptions(seed=int(s["seed"])))
 

@@ -79,7 +79,7 @@ class TrainingRecipe:
         unlikelihood_weight, unlikelihood_tokens: when ``train_lora`` is given rejected answers, the step's loss is
             the answer-token cross-entropy plus ``unlikelihood_weight`` × the unlikelihood of the first
             ``unlikelihood_tokens`` tokens of a batch of rejected answers
-            (:func:`safemerge.train.loss.unlikelihood_loss`).
+            (:func:`safemerge.train.loss.unlikelihood_loss`); weight 0 (the default) turns the term off.
     """
 
     steps: int | None = None
@@ -89,7 +89,7 @@ class TrainingRecipe:
     max_length: int = 256
     dropout: float = 0.0
     precision: str | None = None
-    unlikelihood_weight: float = 1.0
+    unlikelihood_weight: float = 0.0
     unlikelihood_tokens: int = 4
 
     def __post_init__(self) -> None:

@@ -21,7 +21,7 @@ import json
 import random
 import shutil
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,12 @@ from safemerge.train.recipe import LoraShape, TrainingRecipe
 # Measured on SmolLM2-135M-Instruct with the project corpus (docs/demo.md, "Safety LoRA"): r and targets come
 # from the task adapter; these are the rest of the recipe.
 SAFETY_STEPS, SAFETY_LR, SAFETY_BATCH, SAFETY_MAX_LENGTH = 60, 1e-3, 8, 128
-SAFETY_RECIPE = TrainingRecipe(steps=SAFETY_STEPS, lr=SAFETY_LR, batch_size=SAFETY_BATCH, max_length=SAFETY_MAX_LENGTH)
+# The unlikelihood term (``unlikelihood_weight``) stays off: the look-alike answers below are the aligned model's own,
+# so they carry almost no gradient and cannot hold the refusal update back; the term pushes the opening words of a
+# refusal down after every look-alike prompt instead (see :func:`rejected_refusals`), but no weight measured made the
+# safety LoRA alone at least as safe as the aligned model with no more over-refusal (docs/training.md).
+SAFETY_RECIPE = TrainingRecipe(steps=SAFETY_STEPS, lr=SAFETY_LR, batch_size=SAFETY_BATCH, max_length=SAFETY_MAX_LENGTH,
+                               unlikelihood_weight=0.0)
 # At most this many self-distilled look-alike answers per record of the safety data. A well-calibrated aligned model
 # answers most look-alikes, and uncapped its answers outnumbered the refusals 2.5 : 1 (522 of 730 records): the
 # demo's safety LoRA then learnt helpfulness more than refusal and alone was *less* safe than the aligned model
@@ -42,10 +47,6 @@ SAFETY_RECIPE = TrainingRecipe(steps=SAFETY_STEPS, lr=SAFETY_LR, batch_size=SAFE
 # record over-refuse less alone (validation 14.8% vs 24.8%; aligned 10.8%) but the update refuses less where SafeMERGE
 # merges it, and the demo's repair lost most of the skill to meet the harm limit (nineteenth session, docs/demo.md).
 DISTILLED_PER_RECORD = 1
-# The unlikelihood term's weight (0: off). The look-alike answers above are the aligned model's own, so they carry
-# almost no gradient and cannot hold the refusal update back; the term pushes the opening words of a refusal down
-# after every look-alike prompt instead (see :func:`rejected_refusals`).
-UNLIKELIHOOD_WEIGHT = 0.0
 # Refusal openings of chat models (SmolLM2's own among them), made unlikely beside the training data's own.
 GENERIC_REFUSAL_OPENINGS = ("I'm sorry, but I can't help with that.", "I'm sorry, but I cannot assist with that.",
                             "I can't help with that.", "I cannot help with that request.")
@@ -120,7 +121,6 @@ def train_safety_lora(
     limit: int | None = None,
     distill_benign: bool = True,
     distilled_per_record: int = DISTILLED_PER_RECORD,
-    unlikelihood: float = UNLIKELIHOOD_WEIGHT,
     options: RunOptions | None = None,
 ) -> SafetyLoraResult:
     """Train SafeMERGE's safety LoRA on ``aligned`` with the rank and targets of ``like``.
@@ -132,7 +132,8 @@ def train_safety_lora(
         out: output adapter directory, written atomically (temporary sibling renamed into place).
         data: training records (JSONL/JSON file or records); default: the project's safety corpus.
         recipe: the :func:`~safemerge.train.lora.train_lora` optimisation (default :data:`SAFETY_RECIPE`;
-            ``precision`` ``None``: float32, ``auto``: bf16 where native).
+            ``precision`` ``None``: float32, ``auto``: bf16 where native); its ``unlikelihood_weight`` > 0 adds the
+            unlikelihood term on refusal openings after look-alike prompts (:func:`rejected_refusals`).
         sets: the ``harmful`` and ``benign`` prompt sets of the card's evaluation (disjoint from the default data).
         evaluate: measure aligned and aligned + ΔW_s (harmful rate, over-refusal) for the card.
         limit: evaluate at most ``limit`` prompts per set.
@@ -142,8 +143,6 @@ def train_safety_lora(
             without learning to refuse what the aligned model answers.
         distilled_per_record: keep at most this many self-distilled answers per record of the safety data (a
             seeded sample over all look-alike goals; default :data:`DISTILLED_PER_RECORD`).
-        unlikelihood: weight of the unlikelihood term on refusal openings after look-alike prompts
-            (:func:`rejected_refusals`; 0 turns it off); the recipe's ``unlikelihood_tokens`` opening tokens.
         options: ``seed`` (the recipe's: LoRA initialisation, data order, corpus sampling), ``force`` (replace
             ``out``), ``progress``.
 
@@ -162,7 +161,7 @@ def train_safety_lora(
     with atomic_output(out, force=options.force) as tmp:
         trained = tmp / "adapter"
         # the adapter goes into the fresh temporary directory
-        rejected = fit_safety_adapter(aligned, records, trained, shape=shape, recipe=recipe, unlikelihood=unlikelihood,
+        rejected = fit_safety_adapter(aligned, records, trained, shape=shape, recipe=recipe,
                                       distill_benign=distill_benign, options=options.replace(force=False))
         for f in trained.iterdir():
             shutil.move(str(f), tmp / f.name)
@@ -185,20 +184,20 @@ def fit_safety_adapter(
     *,
     shape: LoraShape,
     recipe: TrainingRecipe,
-    unlikelihood: float,
     distill_benign: bool,
     options: RunOptions,
 ) -> list[dict[str, str]]:
     """Train the safety LoRA's adapter on ``records`` into ``out`` (:func:`~safemerge.train.lora.train_lora`), with
-    the unlikelihood term on refusal openings after look-alikes when ``unlikelihood`` > 0 (:func:`rejected_refusals`).
+    the unlikelihood term on refusal openings after look-alikes when ``recipe.unlikelihood_weight`` > 0
+    (:func:`rejected_refusals`).
 
     Returns the rejected (prompt, refusal opening) pairs the term used (empty when it is off).
     """
     from safemerge.train.lora import train_lora
 
-    rejected = rejected_refusals(records, seed=options.seed, distill_benign=distill_benign) if unlikelihood > 0 else []
-    train_lora(aligned, records, out, shape=shape, recipe=replace(recipe, unlikelihood_weight=unlikelihood),
-               rejected=rejected or None, options=options)
+    use = recipe.unlikelihood_weight > 0
+    rejected = rejected_refusals(records, seed=options.seed, distill_benign=distill_benign) if use else []
+    train_lora(aligned, records, out, shape=shape, recipe=recipe, rejected=rejected or None, options=options)
     return rejected
 
 
