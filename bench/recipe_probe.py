@@ -71,14 +71,16 @@ def _rates(model: Path, adapter: Path | None, data: Path, out: Path, external: P
     return res
 
 
-def _safety_recipe(targets: str | None, steps: int) -> tuple[Any, Any]:
-    """The zoo's safety-LoRA training (shape of the task LoRA, ``SAFETY_SETTINGS``) with other targets / steps."""
+def _safety_recipe(targets: str | None, steps: int, unlikelihood: float | None = None) -> tuple[Any, Any]:
+    """The zoo's safety-LoRA training (shape of the task LoRA, ``SAFETY_SETTINGS``) with other targets / steps /
+    unlikelihood weight (``None``: the zoo's)."""
     from safemerge.demo import zoo as Z
     from safemerge.train.recipe import LoraShape
 
     like = Z.TASK_RECIPE
     shape = LoraShape(rank=like.rank, alpha=like.alpha, targets=targets or list(like.targets))
-    return shape, replace(Z.safety_training_recipe(), steps=steps)
+    recipe = replace(Z.safety_training_recipe(), steps=steps)
+    return shape, recipe if unlikelihood is None else replace(recipe, unlikelihood_weight=unlikelihood)
 
 
 def _safety_variant(zoo: Any, root: Path, args: argparse.Namespace) -> Path:
@@ -100,10 +102,8 @@ def _safety_variant(zoo: Any, root: Path, args: argparse.Namespace) -> Path:
     if not out.exists():
         records, _ = training_records(zoo.aligned, rows, seed=s["seed"], distill_benign=s["distill_benign"],
                                       distilled_per_record=s["distilled_per_record"], progress=False)
-        shape, recipe = _safety_recipe(args.targets, s["steps"])
-        fit_safety_adapter(zoo.aligned, records, out, shape=shape,
-                           recipe=replace(recipe, unlikelihood_weight=s.get("unlikelihood", 0.0)),
-                           distill_benign=s["distill_benign"],
+        shape, recipe = _safety_recipe(args.targets, s["steps"], args.unlikelihood)
+        fit_safety_adapter(zoo.aligned, records, out, shape=shape, recipe=recipe, distill_benign=s["distill_benign"],
                            options=RunOptions(seed=s["seed"], progress=False))
     return out
 
@@ -160,8 +160,8 @@ def _safety_probe(args: argparse.Namespace, zoo: Any, root: Path) -> list[dict[s
         results.append({"probe": "safety", "safety": str(safety), "targets": args.targets or "task LoRA's",
                         "steps": args.steps or Z.SAFETY_SETTINGS["steps"], "w_f": w_f, "w_s": w_s,
                         "distilled_per_record": args.distilled_per_record or Z.SAFETY_SETTINGS["distilled_per_record"],
-                        "unlikelihood": args.unlikelihood if args.unlikelihood is not None
-                        else Z.SAFETY_SETTINGS.get("unlikelihood", 0.0),
+                        "unlikelihood": Z.safety_training_recipe().unlikelihood_weight
+                        if args.unlikelihood is None else args.unlikelihood,
                         **_rates(model, None, zoo.data, model / "probe-evals", args.external, args.split)})
     return results
 
