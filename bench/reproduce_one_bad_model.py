@@ -64,6 +64,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -510,11 +511,11 @@ def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str
     never see D_safety, and α only scales a D_exp-only objective (CMA-ES and the grid rank candidates), so a search
     over another D_safety or α would repeat them exactly. With ``--granularity``/``--filters`` the carried rows are
     the size's genome's: the reference the target names (EvoMM on D_exp as the paper runs it), not a search over the
-    finer genome."""
+    finer genome. ``--safety-tokens`` only shapes L_safety, so a file of the same arguments with another value is
+    carried when none with this one exists (:func:`d_exp_reference_paths`)."""
     if args.rows in ("all", "expert"):
         return []
-    paths = [result_path(size, args, S, methods, seeds, variant_arg, d_safety="bianchi", rows=rows, alpha=PAPER_ALPHA,
-                         granularity=None, filters="", n_safety=None) for rows in ("all", "expert")]
+    paths = d_exp_reference_paths(size, args, S, methods, seeds, variant_arg)
     path = next((p for p in paths if p.is_file()), None)
     if path is None:
         sys.exit(f"error: --rows {args.rows} carries the D_exp rows over from {paths[0]} (or {paths[1].name}): "
@@ -522,6 +523,24 @@ def carried_runs(args: argparse.Namespace, size: str, S: dict, methods: list[str
     return [{**e, "carried_from": path.name} for e in json.loads(path.read_text())["runs"]
             if e["data"] in ("–", "D_exp") and e["strategy"] in ("grid", "evomm")
             and (e["strategy"] == "grid" or e["seed"] in seeds)]
+
+
+def d_exp_reference_paths(size: str, args: argparse.Namespace, S: dict, methods: list[str], seeds: list[int],
+                          variant_arg: str) -> list[Path]:
+    """The result files :func:`carried_runs` may take the D_exp rows from, in order of preference: ``--rows all``
+    then ``--rows expert`` with this ``--safety-tokens``, then the same two with any other ``--safety-tokens`` (in
+    name order; the D_exp rows never see L_safety, so they are the same search)."""
+    reference = {"d_safety": "bianchi", "alpha": PAPER_ALPHA, "granularity": None, "filters": "", "n_safety": None}
+    exact = [result_path(size, args, S, methods, seeds, variant_arg, rows=rows, **reference)
+             for rows in ("all", "expert")]
+    others = []
+    for rows in ("all", "expert"):
+        pattern = result_path(size, args, S, methods, seeds, variant_arg, rows=rows, safety_tokens="*", **reference)
+        unset = result_path(size, args, S, methods, seeds, variant_arg, rows=rows, safety_tokens=None, **reference)
+        digits = re.escape(pattern.name).replace(r"\*", r"\d+")
+        matches = [p for p in pattern.parent.glob(pattern.name) if re.fullmatch(digits, p.name)]
+        others += sorted(p for p in [*matches, unset] if p not in exact)
+    return exact + [p for i, p in enumerate(others) if p not in others[:i]]
 
 
 def add_search_limits(runs: list[dict], variant: str, cocktail_dir: Path, pool: dict[str, str]) -> None:
