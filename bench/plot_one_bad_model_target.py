@@ -24,14 +24,17 @@ MARKERS = {"ties": "s", "dare_ties": "D", "slerp": "o"}
 
 
 def setting(command: str) -> str:
-    """``"D_safety <style>, α <a>[, <n> in L_safety][, <g> blocks per gene]"`` from the run's recorded command line."""
+    """``"D_safety <style>, α <a>[, <n> in L_safety][, <g> blocks per gene][, first <k> tokens]"`` from the run's
+    recorded command line (the token count is named when it is not the first 4 answer tokens every other run used)."""
     d_safety = re.search(r"--d-safety (\S+)", command)
     alpha = re.search(r"--alpha (\S+)", command)
     n_safety = re.search(r"--n-safety (\S+)", command)
     granularity = re.search(r"--granularity (\S+)", command)
+    tokens = re.search(r"--safety-tokens (\S+)", command)
     return (f"D_safety {d_safety.group(1) if d_safety else 'bianchi'}, α {float(alpha.group(1)) if alpha else 0.3:g}"
             + (f", {n_safety.group(1)} in L_safety" if n_safety else "")
-            + (f", {granularity.group(1)} blocks per gene" if granularity else ""))
+            + (f", {granularity.group(1)} blocks per gene" if granularity else "")
+            + (f", first {tokens.group(1)} tokens" if tokens and tokens.group(1) != "4" else ""))
 
 
 def collect() -> list[dict]:
@@ -73,7 +76,8 @@ def plot(entries: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.2, 5.0))
     ax.add_patch(plt.Rectangle((-20, -5), 23, 20, color="tab:green", alpha=0.12, label="target (≤ 3, ≤ 15)"))
     settings = sorted({e["setting"] for e in entries})
-    colors = dict(zip(settings, ("tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:orange")))
+    colors = dict(zip(settings, ("tab:gray", "tab:blue", "tab:red", "tab:purple", "tab:orange", "tab:brown",
+                                     "tab:pink", "tab:olive", "tab:cyan")))
     for e in entries:
         x, y = e["accuracy_gap"], e["below_base"]
         ax.errorbar(x, y, xerr=[[x - e["accuracy_gap_ci"][0]], [e["accuracy_gap_ci"][1] - x]],

@@ -529,8 +529,10 @@ def d_exp_reference_paths(size: str, args: argparse.Namespace, S: dict, methods:
                           variant_arg: str) -> list[Path]:
     """The result files :func:`carried_runs` may take the D_exp rows from, in order of preference: ``--rows all``
     then ``--rows expert`` with this ``--safety-tokens``, then the same two with any other ``--safety-tokens`` (in
-    name order; the D_exp rows never see L_safety, so they are the same search)."""
+    name order; the D_exp rows never see L_safety, so they are the same search). ``--d-exp-evals`` names the
+    reference's search budget when it is not ``--max-evals``."""
     reference = {"d_safety": "bianchi", "alpha": PAPER_ALPHA, "granularity": None, "filters": "", "n_safety": None}
+    S = {**S, "max_evals": args.d_exp_evals or S["max_evals"]}
     exact = [result_path(size, args, S, methods, seeds, variant_arg, rows=rows, **reference)
              for rows in ("all", "expert")]
     others = []
@@ -810,6 +812,10 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
                          "finished result file of the same arguments with --d-safety bianchi --rows all (or, without "
                          "it, --rows expert); evomm: as safety without LM-Cocktail (more EvoMM seeds); expert: only "
                          "the EvoMM-on-D_exp rows (the reference of more seeds, for a later --rows evomm)")
+    ap.add_argument("--d-exp-evals", type=int, default=None,
+                    help="with --rows safety|evomm: carry the EvoMM-on-D_exp rows from the result file of this search "
+                         "budget instead of --max-evals' (a larger search for the D_safety rows against the same "
+                         "reference; the table names the file the rows come from)")
     ap.add_argument("--rejudge", action="store_true",
                     help="add the classifier judge to the finished result file of the same arguments (re-judges the "
                          "cached generations of every row of the same --work; no search)")
@@ -820,6 +826,8 @@ def run_settings(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     """``(size, sizes, seeds, methods)`` from the arguments (an unknown method or no seed is a usage error)."""
     size = args.size or ("quick" if args.quick else "full")
     S = dict(SIZES[size])
+    if args.d_exp_evals is not None and args.rows not in ("safety", "evomm"):
+        ap.error("--d-exp-evals names the carried reference's budget: it needs --rows safety or --rows evomm")
     if args.max_evals is not None:
         S["max_evals"] = args.max_evals
     if args.n_eval is not None:
