@@ -24,17 +24,20 @@ MARKERS = {"ties": "s", "dare_ties": "D", "slerp": "o"}
 
 
 def setting(command: str) -> str:
-    """``"D_safety <style>, α <a>[, <n> in L_safety][, <g> blocks per gene][, first <k> tokens]"`` from the run's
-    recorded command line (the token count is named when it is not the first 4 answer tokens every other run used)."""
+    """``"D_safety <style>, α <a>[, <n> in L_safety][, <g> blocks per gene][, first <k> tokens][, <n> evaluations]"``
+    from the run's recorded command line (the token count and the search budget are named when they are not the first 4
+    answer tokens and the 100 evaluations every other run used)."""
     d_safety = re.search(r"--d-safety (\S+)", command)
     alpha = re.search(r"--alpha (\S+)", command)
     n_safety = re.search(r"--n-safety (\S+)", command)
     granularity = re.search(r"--granularity (\S+)", command)
     tokens = re.search(r"--safety-tokens (\S+)", command)
+    evals = re.search(r"--max-evals (\S+)", command)
     return (f"D_safety {d_safety.group(1) if d_safety else 'bianchi'}, α {float(alpha.group(1)) if alpha else 0.3:g}"
             + (f", {n_safety.group(1)} in L_safety" if n_safety else "")
             + (f", {granularity.group(1)} blocks per gene" if granularity else "")
-            + (f", first {tokens.group(1)} tokens" if tokens and tokens.group(1) != "4" else ""))
+            + (f", first {tokens.group(1)} tokens" if tokens and tokens.group(1) != "4" else "")
+            + (f", {evals.group(1)} evaluations" if evals and evals.group(1) != "100" else ""))
 
 
 def collect() -> list[dict]:
@@ -92,7 +95,7 @@ def plot(entries: list[dict], path: Path) -> None:
     ax.axvline(3, color="tab:green", linewidth=0.8)
     ax.axhline(15, color="tab:green", linewidth=0.8)
     ax.set_xlim(-12, 24)
-    ax.set_ylim(-5, 45)
+    ax.set_ylim(-5, max(45.0, 5.0 + max(e["below_base_ci"][1] for e in entries)))
     ax.set_xlabel("arithmetic: points below EvoMM on D_exp (same method, seed)")
     bases = "/".join(sorted({f"{e['aligned_safe']:.1f}%" for e in entries}))
     ax.set_ylabel(f"% safe: points below the aligned base ({bases})")

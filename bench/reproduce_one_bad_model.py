@@ -542,7 +542,7 @@ def d_exp_reference_paths(size: str, args: argparse.Namespace, S: dict, methods:
         digits = re.escape(pattern.name).replace(r"\*", r"\d+")
         matches = [p for p in pattern.parent.glob(pattern.name) if re.fullmatch(digits, p.name)]
         others += sorted(p for p in [*matches, unset] if p not in exact)
-    return exact + [p for i, p in enumerate(others) if p not in others[:i]]
+    return exact + list(dict.fromkeys(others))
 
 
 def add_search_limits(runs: list[dict], variant: str, cocktail_dir: Path, pool: dict[str, str]) -> None:
